@@ -1,0 +1,1 @@
+"""Frontend: tracing with torch.export, split markers, graph splitting into a Pipe."""

@@ -1,0 +1,1 @@
+"""Runtime: stages, point-to-point communication, the executor and the schedule classes."""

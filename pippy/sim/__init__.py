@@ -1,0 +1,1 @@
+"""Simulator: cost model, event simulation and renderers for schedules and real-run timelines."""
