@@ -1,0 +1,72 @@
+"""Tied and shared parameters: give each read of a tied tensor the FQN of the module that reads it.
+
+torch.export keeps one ``get_attr`` for a tensor registered under several names (GPT-2's
+``transformer.wte.weight`` is ``lm_head.weight``). Each read is re-pointed at the alias owned by
+the module doing the read, so every stage's ``state_dict`` uses the names the user expects.
+
+    >>> # retarget_aliases(exported_gm)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["alias_groups", "retarget_aliases"]
+
+
+def alias_groups(gm: torch.nn.Module) -> dict[int, list[str]]:
+    """Names of every tensor registered under more than one FQN, keyed by ``id(tensor)``.
+
+        >>> lin = torch.nn.Linear(2, 2); m = torch.nn.ModuleDict({"a": lin, "b": lin})
+        >>> list(alias_groups(m).values())
+        [['a.weight', 'b.weight'], ['a.bias', 'b.bias']]
+    """
+    names: dict[int, list[str]] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _owner_depth(alias: str, stack: list[str]) -> int:
+    owner = alias.rsplit(".", 1)[0] if "." in alias else ""
+    return len(owner) if owner in stack else -1
+
+
+def retarget_aliases(gm: fx.GraphModule) -> None:
+    """Point each reader of a tied tensor at the alias whose owning module encloses that reader."""
+    groups = alias_groups(gm)
+    if not groups:
+        return
+    resolved: dict[str, int] = {}
+    for key, names in groups.items():
+        for n in names:
+            resolved[n] = key
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or str(node.target) not in resolved:
+            continue
+        aliases = groups[resolved[str(node.target)]]
+        new_nodes: dict[str, fx.Node] = {str(node.target): node}
+        for user in list(node.users):
+            stack = [str(v[0]) for v in user.meta.get("nn_module_stack", {}).values()]
+            best = max(aliases, key=lambda a: _owner_depth(a, stack))
+            if _owner_depth(best, stack) < 0 or best == node.target:
+                continue
+            if best not in new_nodes:
+                with graph.inserting_after(node):
+                    new_nodes[best] = graph.get_attr(best)
+                    new_nodes[best].meta = dict(node.meta)
+            user.replace_input_with(node, new_nodes[best])
+    graph.lint()
+    gm.recompile()
+
+
+def tensor_at(gm: torch.nn.Module, target: str) -> Any:
+    """The attribute at dotted path ``target``."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,301 @@
+"""The Pipe: a traced model cut into stage modules, with the data flow between them, and ``pipeline()``.
+
+    >>> import torch
+    >>> from pippy import pipeline, SplitPoint
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> pipe = pipeline(net, 2, example_args=(torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
+    >>> pipe.num_stages
+    2
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from pippy.frontend.params import retarget_aliases, tensor_at
+from pippy.frontend.split import USER, StageInfo, ValueMeta, assign_by_markers, split_graph
+from pippy.frontend.trace import PipeTraceError, SplitPoint, _wrap_forward, export_module
+from pippy.microbatch import split_batch
+
+if TYPE_CHECKING:
+    from pippy.runtime.stage import PipelineStage
+
+__all__ = ["Pipe", "SharedParam", "SplitPolicy", "ValueMeta", "pipeline"]
+
+SplitPolicy = Callable[[fx.GraphModule], Mapping[fx.Node, int]]
+"""A split policy maps the traced graph to ``{compute node: stage}`` (see pippy.frontend.policies)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedParam:
+    """One tensor read by several stages (tied weights), as ``(stage, fqn)`` pairs."""
+
+    uses: tuple[tuple[int, str], ...]
+    requires_grad: bool
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The stages that hold a copy, ascending."""
+        return tuple(sorted({s for s, _ in self.uses}))
+
+
+class Pipe:
+    """A model split into ``num_stages`` stage modules plus the edges between them.
+
+    Build it with :func:`pipeline`. ``get_stage_module(i)`` returns a module whose ``state_dict``
+    keys are the original model's FQNs; ``build_stage(i, device)`` makes the runtime stage.
+
+        >>> # pipe = pipeline(model, 4, example_args=(x,)); print(pipe); stage = pipe.build_stage(0, "cpu")
+    """
+
+    def __init__(
+        self,
+        stages: list[StageInfo],
+        *,
+        num_chunks: int,
+        in_spec: pytree.TreeSpec,
+        out_spec: pytree.TreeSpec,
+        example_leaves: list[Any],
+        shared: list[SharedParam],
+        model_name: str = "model",
+        args_chunk_spec: Any = None,
+        kwargs_chunk_spec: Any = None,
+    ) -> None:
+        self.stage_infos = stages
+        self.num_chunks = num_chunks
+        self.in_spec = in_spec
+        self.out_spec = out_spec
+        self.example_leaves = example_leaves
+        self.shared = shared
+        self.model_name = model_name
+        self.args_chunk_spec = args_chunk_spec
+        self.kwargs_chunk_spec = kwargs_chunk_spec
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages."""
+        return len(self.stage_infos)
+
+    def get_stage_module(self, i: int) -> fx.GraphModule:
+        """Stage ``i``'s module (shares parameters with the traced model; keys are original FQNs)."""
+        self._check_index(i)
+        return self.stage_infos[i].module
+
+    def build_stage(self, i: int, device: torch.device | str, group: Any = None) -> PipelineStage:
+        """The runtime stage ``i`` on ``device`` with its own copy of its parameters.
+
+            >>> # stage = pipe.build_stage(dist.get_rank(), torch.device("cpu"))
+        """
+        from pippy.runtime.stage import PipelineStage
+
+        return PipelineStage(self, i, device, group)
+
+    def deps(self) -> dict[int, tuple[int, ...]]:
+        """For each stage, the stages it reads from (skip edges included)."""
+        return {info.index: info.producer_stages for info in self.stage_infos}
+
+    def flatten_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """Flatten one micro-batch's ``(args, kwargs)`` in the traced order, checking the structure."""
+        expected_kw = _kwarg_keys(self.in_spec)
+        if set(kwargs) != set(expected_kw):
+            raise ValueError(
+                f"the pipeline was traced with keyword arguments {sorted(expected_kw)} but got {sorted(kwargs)}; "
+                "call it with the same arguments as example_args/example_kwargs (re-trace for others)"
+            )
+        kwargs = {k: kwargs[k] for k in expected_kw}
+        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
+        if spec != self.in_spec:
+            raise ValueError(
+                f"input structure differs from the traced example.\n expected: {self.in_spec}\n got: {spec}\n"
+                "Pass inputs with the same nesting as example_args/example_kwargs."
+            )
+        for k, (got, ex) in enumerate(zip(leaves, self.example_leaves)):
+            if isinstance(ex, torch.Tensor):
+                if not isinstance(got, torch.Tensor):
+                    raise ValueError(f"input leaf {k}: expected a tensor like the example, got {type(got).__name__}")
+                if tuple(got.shape) != tuple(ex.shape) or got.dtype != ex.dtype:
+                    raise ValueError(
+                        f"input leaf {k}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but the pipeline was "
+                        f"traced for {tuple(ex.shape)} {ex.dtype} (full batch / num_chunks). Shapes are static: "
+                        "use the traced batch size and micro-batch count, or build a new pipeline for this shape."
+                    )
+            elif got != ex:
+                raise ValueError(
+                    f"input leaf {k} is the constant {got!r} but the pipeline was traced with {ex!r}; non-tensor "
+                    "inputs are baked into the graph, so re-trace to change them"
+                )
+        return leaves
+
+    def split_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> list[list[Any]]:
+        """Split a full batch into ``n`` micro-batches, each flattened for stage 0."""
+        mbs = split_batch(args, kwargs, n, self.args_chunk_spec, self.kwargs_chunk_spec)
+        return [self.flatten_inputs(a, k) for a, k in mbs]
+
+    def unflatten_output(self, flat: tuple[Any, ...] | list[Any]) -> Any:
+        """Turn the last stage's flat outputs into the model's output structure."""
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < self.num_stages:
+            raise IndexError(f"stage index {i} out of range: this pipe has stages 0..{self.num_stages - 1}")
+
+    def __repr__(self) -> str:
+        return _describe(self)
+
+
+def _kwarg_keys(in_spec: pytree.TreeSpec) -> list[str]:
+    kw_spec = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
+    return list(kw_spec.context) if kw_spec.context else []
+
+
+def _describe(pipe: Pipe) -> str:
+    lines = [f"Pipe({pipe.model_name}: {pipe.num_stages} stages, {pipe.num_chunks} chunks)"]
+    names: dict[tuple[int, int], str] = {}
+    user = [f"in{k}" for k in range(len(pipe.example_leaves))]
+    lines.append(f"def forward(self, {', '.join(user)}):")
+    for info in pipe.stage_infos:
+        args = []
+        for ref in info.inputs:
+            args.append(user[ref.index] if ref.src_stage == USER else names[(ref.src_stage, ref.index)])
+        outs = []
+        for j, _ in enumerate(info.outputs):
+            names[(info.index, j)] = f"s{info.index}_{j}"
+            outs.append(names[(info.index, j)])
+        n_params = sum(p.numel() for p in info.module.parameters())
+        target = ", ".join(outs) if outs else "_"
+        lines.append(f"    ({target},) = self.submod_{info.index}({', '.join(args)})  # {n_params:,} params")
+    last = pipe.stage_infos[-1]
+    lines.append(f"    return unflatten(({', '.join(names[(last.index, j)] for j in range(len(last.outputs)))},))")
+    lines.append("edges:")
+    for info in pipe.stage_infos:
+        for j, cons in enumerate(info.consumers):
+            meta = info.outputs[j]
+            grad = " +grad" if meta.requires_grad else ""
+            for dst, _ in cons:
+                skip = " (skip)" if dst > info.index + 1 else ""
+                lines.append(f"  submod_{info.index} -> submod_{dst}: {info.output_names[j]} {meta.describe()}{grad}{skip}")
+    for sp in pipe.shared:
+        lines.append(f"  shared: {', '.join(f'submod_{s}.{f}' for s, f in sp.uses)}")
+    return "\n".join(lines)
+
+
+def _shared_params(stages: list[StageInfo], gm: fx.GraphModule) -> list[SharedParam]:
+    by_id: dict[int, list[tuple[int, str]]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for info in stages:
+        for node in info.module.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            obj = tensor_at(gm, str(node.target))
+            if isinstance(obj, torch.Tensor):
+                by_id.setdefault(id(obj), []).append((info.index, str(node.target)))
+                tensors[id(obj)] = obj
+    out = []
+    for key, uses in by_id.items():
+        if len({s for s, _ in uses}) > 1:
+            out.append(SharedParam(tuple(sorted(set(uses))), bool(tensors[key].requires_grad)))
+    return out
+
+
+def pipeline(
+    module: nn.Module,
+    num_chunks: int,
+    example_args: tuple[Any, ...] = (),
+    example_kwargs: dict[str, Any] | None = None,
+    split_spec: Mapping[str, SplitPoint] | None = None,
+    split_policy: SplitPolicy | None = None,
+    *,
+    args_chunk_spec: Any = None,
+    kwargs_chunk_spec: Any = None,
+) -> Pipe:
+    """Trace ``module`` on one micro-batch of the example batch and split it into stages.
+
+    Split points come from ``pipe_split()`` calls in ``forward``, ``annotate_split_points``, a
+    ``split_spec`` mapping (applied only while tracing) or a ``split_policy``. ``example_args`` is
+    the full batch; it must split into ``num_chunks`` equal micro-batches.
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> pipe = pipeline(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
+        >>> print(pipe.num_stages)
+        2
+    """
+    if not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+    if not isinstance(example_args, tuple):
+        example_args = (example_args,)
+    kwargs = dict(example_kwargs or {})
+    mb_args, mb_kwargs = split_batch(example_args, kwargs, num_chunks, args_chunk_spec, kwargs_chunk_spec)[0]
+    saved = _apply_split_spec(module, split_spec)
+    try:
+        ep = export_module(module, mb_args, mb_kwargs)
+    finally:
+        _restore_forwards(saved)
+    gm = ep.module()
+    _drop_guards(gm)
+    retarget_aliases(gm)
+    if split_policy is not None:
+        assignment = dict(split_policy(gm))
+    else:
+        assignment = assign_by_markers(gm)
+    num_stages = max(assignment.values(), default=0) + 1
+    stages = split_graph(gm, assignment, num_stages)
+    leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
+    return Pipe(
+        stages,
+        num_chunks=num_chunks,
+        in_spec=ep.call_spec.in_spec,
+        out_spec=ep.call_spec.out_spec,
+        example_leaves=[_example_leaf(x) for x in leaves],
+        shared=_shared_params(stages, gm),
+        model_name=type(module).__name__,
+        args_chunk_spec=args_chunk_spec,
+        kwargs_chunk_spec=kwargs_chunk_spec,
+    )
+
+
+def _example_leaf(x: Any) -> Any:
+    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else copy.copy(x)
+
+
+def _apply_split_spec(module: nn.Module, spec: Mapping[str, SplitPoint] | None) -> list[tuple[nn.Module, Any, Any]]:
+    saved: list[tuple[nn.Module, Any, Any]] = []
+    if not spec:
+        return saved
+    from pippy.frontend.trace import annotate_split_points
+
+    for fqn in spec:
+        try:
+            sub = module.get_submodule(fqn)
+        except AttributeError:
+            continue  # annotate_split_points raises the helpful error below
+        saved.append((sub, sub.__dict__.get("forward"), sub.__dict__.get("_pippy_split_marks")))
+    try:
+        annotate_split_points(module, spec)
+    except PipeTraceError:
+        _restore_forwards(saved)
+        raise
+    return saved
+
+
+def _restore_forwards(saved: list[tuple[nn.Module, Any, Any]]) -> None:
+    for sub, fwd, marks in saved:
+        for key, val in (("forward", fwd), ("_pippy_split_marks", marks)):
+            if val is None:
+                sub.__dict__.pop(key, None)
+            else:
+                sub.__dict__[key] = val
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+    gm.recompile()
+

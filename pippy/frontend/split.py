@@ -1,0 +1,266 @@
+"""Cut a traced graph into stage GraphModules that keep the original FQNs, with any-to-any edges.
+
+Every node gets a stage. Placeholders (the user's flattened inputs) belong to stage 0 and the
+graph output to the last stage; a value produced in stage ``a`` and used in stage ``b > a`` becomes
+an output of ``a`` and an input of ``b`` (an edge, not only between neighbours). Parameters and
+buffers are never sent: every stage that reads one gets its own copy under the same FQN, and a
+tensor read by several stages is recorded as shared (tied) so its gradients can be summed.
+
+    >>> # pipe = split_graph(gm, assignment, num_stages)   (see pippy.frontend.pipe.build_pipe)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from pippy.frontend.params import tensor_at
+from pippy.frontend.trace import is_split_marker
+
+__all__ = ["InputRef", "StageInfo", "ValueMeta", "assign_by_markers", "split_graph"]
+
+USER = -1  # InputRef.src_stage of a user input
+
+
+@dataclass(frozen=True, slots=True)
+class ValueMeta:
+    """What travels on an edge: a tensor's shape/dtype/grad flag, or a constant non-tensor value.
+
+        >>> ValueMeta((2, 3), torch.float32, True).numel
+        6
+    """
+
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    requires_grad: bool = False
+    const: Any = None
+
+    @property
+    def is_tensor(self) -> bool:
+        """True for a tensor value (False for a constant such as an int or None)."""
+        return self.dtype is not None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements (0 for constants)."""
+        n = 1
+        for d in self.shape or ():
+            n *= d
+        return n if self.is_tensor else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes (0 for constants)."""
+        return self.numel * self.dtype.itemsize if self.dtype is not None else 0
+
+    def describe(self) -> str:
+        """Short human form, e.g. ``f32[4, 16]``."""
+        if not self.is_tensor:
+            return f"const {self.const!r}"
+        return f"{str(self.dtype).replace('torch.', '')}{list(self.shape or ())}"
+
+
+@dataclass(frozen=True, slots=True)
+class InputRef:
+    """Where a stage input comes from: output ``index`` of ``src_stage``, or user input ``index``."""
+
+    src_stage: int
+    index: int
+
+
+@dataclass(slots=True)
+class StageInfo:
+    """One stage of a Pipe: its graph module and its edges.
+
+    ``module(*inputs)`` returns a tuple with one entry per ``outputs``. ``consumers[j]`` lists the
+    ``(stage, input_index)`` pairs that read output ``j``; the last stage's outputs are the model's
+    flattened outputs.
+    """
+
+    index: int
+    module: fx.GraphModule
+    inputs: list[InputRef]
+    input_meta: list[ValueMeta]
+    input_names: list[str]
+    outputs: list[ValueMeta]
+    output_names: list[str]
+    consumers: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def producer_stages(self) -> tuple[int, ...]:
+        """Stages this stage reads from (user inputs excluded)."""
+        return tuple(sorted({r.src_stage for r in self.inputs if r.src_stage != USER}))
+
+    @property
+    def consumer_stages(self) -> tuple[int, ...]:
+        """Stages that read this stage's outputs."""
+        return tuple(sorted({s for cons in self.consumers for s, _ in cons}))
+
+    def param_fqns(self) -> list[str]:
+        """FQNs of the parameters this stage holds (original model names)."""
+        return [n for n, _ in self.module.named_parameters(remove_duplicate=False)]
+
+
+def assign_by_markers(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Stage of each compute node = number of ``pipe_split()`` markers before it.
+
+        >>> # assign_by_markers(exported_gm) -> {node: stage}
+    """
+    stage = 0
+    out: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if is_split_marker(node):
+            stage += 1
+        elif node.op in ("call_function", "call_method", "call_module"):
+            out[node] = stage
+    return out
+
+
+def _meta_of(node: Any, requires_grad: bool) -> ValueMeta:
+    if not isinstance(node, fx.Node):
+        return ValueMeta(None, None, False, node)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        rg = requires_grad and (val.is_floating_point() or val.is_complex())
+        return ValueMeta(tuple(int(d) for d in val.shape), val.dtype, rg)
+    return ValueMeta(None, None, False, val)
+
+
+_NO_GRAD_TARGETS = {
+    "aten.detach.default",
+    "aten.zeros_like.default",
+    "aten.ones_like.default",
+    "aten.empty_like.default",
+    "aten.full_like.default",
+    "aten.rand_like.default",
+    "aten.randn_like.default",
+    "aten.lift_fresh_copy.default",
+}
+
+
+def infer_requires_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Which node values may carry a gradient (floating output of a node that reads a trainable tensor).
+
+    An over-estimate is safe (a zero gradient is sent); an under-estimate would lose gradients,
+    so every op not known to cut the graph propagates.
+    """
+    rg: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            rg[node] = bool(isinstance(val, torch.Tensor) and val.requires_grad)
+        elif node.op == "get_attr":
+            obj = tensor_at(gm, str(node.target))
+            rg[node] = bool(isinstance(obj, torch.Tensor) and obj.requires_grad)
+        elif node.op == "output":
+            continue
+        elif str(node.target) in _NO_GRAD_TARGETS:
+            rg[node] = False
+        else:
+            rg[node] = any(rg.get(n, False) for n in node.all_input_nodes)
+    return rg
+
+
+def split_graph(gm: fx.GraphModule, assignment: Mapping[fx.Node, int], num_stages: int) -> list[StageInfo]:
+    """Build one GraphModule per stage from ``gm`` and a ``{node: stage}`` assignment.
+
+    Edges may only go forward (producer stage <= consumer stage); a backward edge is an error.
+    """
+    nodes = [n for n in gm.graph.nodes if not is_split_marker(n)]
+    last = num_stages - 1
+    stage_of: dict[fx.Node, int] = {}
+    for n in nodes:
+        if n.op == "placeholder":
+            stage_of[n] = 0
+        elif n.op == "output":
+            stage_of[n] = last
+        elif n.op != "get_attr":
+            s = assignment.get(n)
+            if s is None or not 0 <= s < num_stages:
+                raise ValueError(f"node {n.name} ({n.target}) has no stage in 0..{last} (got {s})")
+            stage_of[n] = s
+    rg = infer_requires_grad(gm)
+
+    # Pass 1: which values cross stages.
+    outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
+    inputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
+    for n in nodes:
+        if n not in stage_of:
+            continue
+        dst = stage_of[n]
+        for src_node in n.all_input_nodes:
+            if src_node.op == "get_attr":
+                continue
+            src = stage_of[src_node]
+            if src > dst:
+                raise ValueError(
+                    f"backward edge: {src_node.name} is computed in stage {src} but used by {n.name} in stage {dst}; "
+                    "stages must be contiguous in graph order"
+                )
+            if src != dst:
+                if src_node not in outputs[src]:
+                    outputs[src].append(src_node)
+                if src_node not in inputs[dst]:
+                    inputs[dst].append(src_node)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    inputs[0] = placeholders + [n for n in inputs[0] if n.op != "placeholder"]
+
+    # Pass 2: build graphs.
+    infos: list[StageInfo] = []
+    out_node = next(n for n in nodes if n.op == "output")
+    for s in range(num_stages):
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        refs: list[InputRef] = []
+        for src_node in inputs[s]:
+            env[src_node] = g.placeholder(src_node.name)
+            env[src_node].meta = dict(src_node.meta)
+            if s == 0 and src_node.op == "placeholder":
+                refs.append(InputRef(USER, placeholders.index(src_node)))
+            else:
+                p = stage_of[src_node]
+                refs.append(InputRef(p, outputs[p].index(src_node)))
+
+        def lookup(x: fx.Node, _env: dict[fx.Node, fx.Node] = env, _g: fx.Graph = g) -> fx.Node:
+            if x not in _env and x.op == "get_attr":
+                _env[x] = _g.get_attr(str(x.target))
+                _env[x].meta = dict(x.meta)
+            return _env[x]
+
+        for n in nodes:
+            if stage_of.get(n) == s and n.op not in ("placeholder", "output"):
+                env[n] = g.node_copy(n, lookup)
+        if s == last:
+            flat_out = out_node.args[0]
+            res = fx.node.map_arg(flat_out, lookup)
+            g.output(tuple(res) if isinstance(res, list | tuple) else (res,))
+            out_vals = list(flat_out) if isinstance(flat_out, list | tuple) else [flat_out]
+            out_meta = [_meta_of(v, rg.get(v, False) if isinstance(v, fx.Node) else False) for v in out_vals]
+            out_names = [v.name if isinstance(v, fx.Node) else repr(v) for v in out_vals]
+        else:
+            g.output(tuple(env[o] for o in outputs[s]))
+            out_meta = [_meta_of(o, rg.get(o, False)) for o in outputs[s]]
+            out_names = [o.name for o in outputs[s]]
+        g.lint()
+        mod = fx.GraphModule(gm, g, class_name=f"submod_{s}")
+        infos.append(
+            StageInfo(
+                index=s,
+                module=mod,
+                inputs=refs,
+                input_meta=[_meta_of(n, rg.get(n, False)) for n in inputs[s]],
+                input_names=[n.name for n in inputs[s]],
+                outputs=out_meta,
+                output_names=out_names,
+                consumers=[[] for _ in out_meta],
+            )
+        )
+    for info in infos:
+        for k, ref in enumerate(info.inputs):
+            if ref.src_stage != USER:
+                infos[ref.src_stage].consumers[ref.index].append((info.index, k))
+    return infos

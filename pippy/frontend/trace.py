@@ -1,0 +1,123 @@
+"""Capture a model with torch.export; the ``pipe_split()`` marker op and ``annotate_split_points``.
+
+    >>> import torch
+    >>> from pippy import annotate_split_points, SplitPoint
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    >>> annotate_split_points(net, {"0": SplitPoint.END})
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = ["PipeTraceError", "SplitPoint", "annotate_split_points", "export_module", "is_split_marker", "pipe_split"]
+
+_LIB = torch.library.Library("pippy", "DEF")  # noqa: TOR901 - a namespace of our own
+_LIB.define("pipe_split() -> ()")
+_LIB.impl("pipe_split", lambda: None, "CompositeExplicitAutograd")
+_LIB.impl("pipe_split", lambda: None, "Meta")
+_MARKER = torch.ops.pippy.pipe_split.default
+fx.node.has_side_effect(_MARKER)
+
+
+def pipe_split() -> None:
+    """Mark a stage boundary inside ``forward``; a no-op when run eagerly.
+
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         x = self.a(x)
+        ...         pipe_split()          # everything below runs in the next stage
+        ...         return self.b(x)
+    """
+    torch.ops.pippy.pipe_split()
+
+
+def is_split_marker(node: fx.Node) -> bool:
+    """True when ``node`` is a traced ``pipe_split()`` call."""
+    return node.op == "call_function" and node.target is _MARKER
+
+
+class SplitPoint(Enum):
+    """Where a split goes relative to the named submodule."""
+
+    BEGINNING = "beginning"
+    END = "end"
+
+
+class PipeTraceError(RuntimeError):
+    """torch.export could not capture the model (or a split point is wrong)."""
+
+
+def annotate_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> None:
+    """Insert ``pipe_split()`` before or after the named submodules' ``forward``.
+
+    The model's code is unchanged: each named submodule's ``forward`` is wrapped in place.
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+        >>> annotate_split_points(net, {"1": SplitPoint.END})
+    """
+    names = [n for n, _ in module.named_modules() if n]
+    for fqn, point in spec.items():
+        try:
+            sub = module.get_submodule(fqn)
+        except AttributeError:
+            close = difflib.get_close_matches(fqn, names, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise PipeTraceError(
+                f"split point {fqn!r} names no submodule of {type(module).__name__}.{hint} "
+                f"Use a name from model.named_modules(), e.g. {names[:4]}."
+            ) from None
+        if not isinstance(point, SplitPoint):
+            raise PipeTraceError(f"split point for {fqn!r} must be SplitPoint.BEGINNING or SplitPoint.END, got {point!r}")
+        _wrap_forward(sub, point)
+
+
+def _wrap_forward(sub: nn.Module, point: SplitPoint) -> None:
+    marks: set[SplitPoint] = sub.__dict__.setdefault("_pippy_split_marks", set())
+    if point in marks:
+        return
+    marks.add(point)
+    inner = sub.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if point is SplitPoint.BEGINNING:
+            pipe_split()
+        out = inner(*args, **kwargs)
+        if point is SplitPoint.END:
+            pipe_split()
+        return out
+
+    sub.forward = forward  # type: ignore[method-assign]
+
+
+def export_module(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> torch.export.ExportedProgram:
+    """Capture ``module`` with non-strict ``torch.export`` on one micro-batch of example input.
+
+        >>> ep = export_module(torch.nn.Linear(2, 2), (torch.randn(3, 2),))
+    """
+    try:
+        return torch.export.export(module, args, kwargs or {}, strict=False)
+    except Exception as exc:  # torch.export raises many types; we wrap them all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipeTraceError(
+            f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: {first}\n"
+            "How to fix: make forward traceable (no data-dependent Python control flow on tensor values, "
+            "no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move the "
+            "data-dependent part outside the model, replace `if x.sum() > 0:` with torch.where or torch.cond, "
+            "pass configuration as Python values, or split around the offending code with pipe_split() / "
+            "annotate_split_points so it lands in a stage you can trace separately. "
+            f"Full export error above (chained as __cause__)."
+        ) from exc

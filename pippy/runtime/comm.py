@@ -1,0 +1,203 @@
+"""Point-to-point transport between ranks: torch.distributed (gloo/NCCL) or in-process, every wait bounded.
+
+Waits are generators so that one executor serves both transports: over torch.distributed a
+wait blocks (with a timeout) and never yields; in-process, a wait yields until the message is
+there, which lets one process drive every rank cooperatively (tests, profiling).
+
+    >>> t = LocalTransport.world(2)
+    >>> h = t[0].isend(torch.ones(2), peer=1, tag=7)
+    >>> buf = torch.empty(2); r = t[1].irecv(buf, peer=0, tag=7)
+    >>> for _ in t[1].wait(r, WaitContext(1, 1, "RECV_F", 0, 0)): pass
+    >>> buf.tolist()
+    [1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DistTransport",
+    "LocalTransport",
+    "PipeTimeoutError",
+    "Transport",
+    "WaitContext",
+    "default_timeout",
+]
+
+DEFAULT_TIMEOUT = 300.0
+
+
+def default_timeout() -> float:
+    """Seconds a blocking wait may take: ``PIPPY_TIMEOUT`` from the environment, else 300."""
+    return float(os.environ.get("PIPPY_TIMEOUT", DEFAULT_TIMEOUT))
+
+
+class PipeTimeoutError(RuntimeError):
+    """A pipeline wait ran out of time; the message says who waited for what."""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitContext:
+    """Who waits for what, for error messages.
+
+        >>> WaitContext(1, 2, "RECV_B", 3, 0, "grad of output 0").describe()
+        'rank 1, stage 2, action 2RECV_B3 (micro-batch 3), peer rank 0: grad of output 0'
+    """
+
+    rank: int
+    stage: int
+    action: str
+    mb: int
+    peer: int
+    what: str = ""
+
+    def describe(self) -> str:
+        """One line naming rank, stage, action, micro-batch and peer."""
+        tail = f": {self.what}" if self.what else ""
+        return (
+            f"rank {self.rank}, stage {self.stage}, action {self.stage}{self.action}{self.mb} "
+            f"(micro-batch {self.mb}), peer rank {self.peer}{tail}"
+        )
+
+
+class Transport(Protocol):
+    """What the executor needs from a transport."""
+
+    rank: int
+    timeout: float
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        """Start sending ``tensor`` to ``peer``; never blocks."""
+
+    def irecv(self, buffer: torch.Tensor, peer: int, tag: int) -> Any:
+        """Start receiving into ``buffer`` from ``peer``."""
+
+    def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
+        """Wait for ``handle``; raises PipeTimeoutError naming ``ctx`` after ``timeout`` seconds."""
+
+    def done(self, handle: Any) -> bool:
+        """True when ``handle`` has completed (non-blocking)."""
+
+
+def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
+    kind = "activations" if ctx.action.endswith("F") else "gradients"
+    return (
+        f"pipeline wait timed out after {timeout:g}s at {ctx.describe()}. Expected {kind} from rank {ctx.peer}, "
+        f"got nothing. Likely causes: rank {ctx.peer} failed or is still in an earlier step (see its own error), "
+        "ranks run different schedules or micro-batch counts, or step() was not called on every rank. "
+        f"Raise the limit with timeout=... or PIPPY_TIMEOUT if a stage is just slow. [{cause}]"
+    )
+
+
+class DistTransport:
+    """P2P over a torch.distributed process group (ranks are group ranks).
+
+        >>> # t = DistTransport(group=None, timeout=60.0)
+    """
+
+    def __init__(self, group: Any = None, timeout: float | None = None) -> None:
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.timeout = default_timeout() if timeout is None else float(timeout)
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        """Start an asynchronous send."""
+        return dist.isend(tensor, group=self.group, tag=tag, group_dst=peer)
+
+    def irecv(self, buffer: torch.Tensor, peer: int, tag: int) -> Any:
+        """Start an asynchronous receive."""
+        return dist.irecv(buffer, group=self.group, tag=tag, group_src=peer)
+
+    def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
+        """Block until done or ``timeout`` seconds pass (then raise PipeTimeoutError)."""
+        try:
+            ok = handle.wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise PipeTimeoutError(_timeout_message(ctx, self.timeout, str(exc).splitlines()[0])) from exc
+        if ok is False:
+            raise PipeTimeoutError(_timeout_message(ctx, self.timeout, "wait returned False"))
+        return iter(())
+
+    def done(self, handle: Any) -> bool:
+        """Whether the work has completed."""
+        return bool(handle.is_completed())
+
+
+class _LocalHandle:
+    __slots__ = ("buffer", "done", "key")
+
+    def __init__(self, key: tuple[int, int, int], buffer: torch.Tensor | None, done: bool) -> None:
+        self.key, self.buffer, self.done = key, buffer, done
+
+
+class LocalTransport:
+    """In-process transport: every rank lives in this process and is driven cooperatively.
+
+    ``LocalTransport.world(n)`` returns one transport per rank sharing one mailbox.
+    """
+
+    def __init__(
+        self, rank: int, world_size: int, mailbox: dict[tuple[int, int, int], deque[torch.Tensor]], timeout: float
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+        self._mailbox = mailbox
+        self.waiting: WaitContext | None = None
+
+    @classmethod
+    def world(cls, n: int, timeout: float | None = None) -> list[LocalTransport]:
+        """One transport per rank 0..n-1, connected."""
+        box: dict[tuple[int, int, int], deque[torch.Tensor]] = {}
+        t = default_timeout() if timeout is None else timeout
+        return [cls(r, n, box, t) for r in range(n)]
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        """Post a copy of ``tensor`` for ``peer``; completes at once."""
+        self._mailbox.setdefault((self.rank, peer, tag), deque()).append(tensor.detach().clone())
+        return _LocalHandle((self.rank, peer, tag), None, True)
+
+    def irecv(self, buffer: torch.Tensor, peer: int, tag: int) -> Any:
+        """Register a receive; it completes when the matching send has been posted."""
+        h = _LocalHandle((peer, self.rank, tag), buffer, False)
+        self._poll(h)
+        return h
+
+    def _poll(self, h: _LocalHandle) -> None:
+        q = self._mailbox.get(h.key)
+        if not h.done and q:
+            msg = q.popleft()
+            if h.buffer is not None:
+                if msg.shape != h.buffer.shape or msg.dtype != h.buffer.dtype:
+                    raise RuntimeError(
+                        f"rank {self.rank}: message from rank {h.key[0]} (tag {h.key[2]}) is {msg.dtype}{list(msg.shape)}, "
+                        f"receive buffer is {h.buffer.dtype}{list(h.buffer.shape)}"
+                    )
+                h.buffer.copy_(msg)
+            h.done = True
+
+    def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
+        """Yield until the message is there; the driver detects a stall across all ranks."""
+        while True:
+            self._poll(handle)
+            if handle.done:
+                self.waiting = None
+                return
+            self.waiting = ctx
+            yield
+
+    def done(self, handle: Any) -> bool:
+        """Whether the handle has completed."""
+        self._poll(handle)
+        return bool(handle.done)

@@ -1,0 +1,340 @@
+"""The one executor: runs a lowered schedule's actions for the stages this rank owns, and records a trace.
+
+Any schedule (GPipe, 1F1B, interleaved, zero-bubble, a user's CSV) runs through ``Executor.run``.
+Activations go stage to stage over any edge (skip connections too); a value whose consumer is
+on the same rank is handed over directly, otherwise it is sent.
+
+    >>> # ex = Executor(stages, lowered_schedule, transport); gen = ex.run(StepInputs(...))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pippy.frontend.split import USER
+from pippy.runtime.comm import Transport, WaitContext
+from pippy.runtime.stage import PipelineStage, StageError
+from pippy.schedules.ir import Action, Kind, Schedule
+
+__all__ = ["Executor", "StepInputs", "StepResult", "TraceEvent"]
+
+_SHARED_TAG_BASE = 1 << 29
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """What one step needs on this rank (only the ranks holding the first/last stage get data)."""
+
+    microbatches: list[list[Any]] | None
+    targets: list[Any] | None
+    loss_fn: Callable[..., torch.Tensor] | None
+    training: bool
+    loss_scale: float = 1.0
+
+
+@dataclass(slots=True)
+class TraceEvent:
+    """One executed action with wall-clock start and end (seconds, ``time.perf_counter``)."""
+
+    rank: int
+    action: Action
+    start: float
+    end: float
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Per-micro-batch outputs (last stage only), unscaled losses, and the trace if recorded."""
+
+    outputs: list[Any] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    events: list[TraceEvent] = field(default_factory=list)
+    peak_live: dict[int, int] = field(default_factory=dict)
+
+
+class Executor:
+    """Runs ``schedule`` (lowered) for ``stages`` (this rank's) over ``transport``.
+
+        >>> # for _ in Executor(stages, sched, transport).run(inputs): pass
+    """
+
+    def __init__(self, stages: Sequence[PipelineStage], schedule: Schedule, transport: Transport, *, trace: bool = False):
+        self.stages = {st.index: st for st in stages}
+        self.schedule = schedule
+        self.transport = transport
+        self.rank = transport.rank
+        self.trace = trace
+        self.actions = schedule.actions[self.rank]
+        self.stage_to_rank = schedule.stage_to_rank
+        pipe = stages[0].pipe
+        self.infos = pipe.stage_infos
+        self.pipe = pipe
+        self.last = pipe.num_stages - 1
+        self._edge_id: dict[tuple[int, int, int, int], int] = {}
+        for info in self.infos:
+            for j, cons in enumerate(info.consumers):
+                for d, k in cons:
+                    self._edge_id[(info.index, j, d, k)] = len(self._edge_id)
+        split = {a.stage for a in self.actions if a.kind is Kind.I}
+        self.split_backward = split
+        for st in stages:
+            st.rank_hint = self.rank
+
+    # ------------------------------------------------------------------ helpers
+    def _tag(self, src: int, j: int, dst: int, k: int, backward: bool, mb: int, m: int) -> int:
+        return (self._edge_id[(src, j, dst, k)] * 2 + int(backward)) * m + mb
+
+    def _ctx(self, a: Action, peer: int, what: str) -> WaitContext:
+        return WaitContext(self.rank, a.stage, a.kind.value, a.mb, peer, what)
+
+    # ------------------------------------------------------------------ run
+    def run(self, inp: StepInputs) -> Iterator[None]:
+        """Generator running this rank's actions; returns a StepResult (``StopIteration.value``)."""
+        m = self.schedule.n_microbatches
+        res = StepResult()
+        recv_f: dict[tuple[int, int], dict[int, Any]] = {}
+        grad_acc: dict[tuple[int, int], list[torch.Tensor | None]] = {}
+        in_grads: dict[tuple[int, int], list[torch.Tensor | None]] = {}
+        pending: list[tuple[Any, WaitContext]] = []
+        outputs_by_mb: dict[int, Any] = {}
+        self._eval_cache = {}
+        dev = next(iter(self.stages.values())).device
+        for a in self.actions:
+            t0 = time.perf_counter() if self.trace else 0.0
+            s, i = a.stage, a.mb
+            info = self.infos[s]
+            stage = self.stages.get(s)
+            if stage is None:
+                raise StageError(
+                    f"rank {self.rank}: schedule action {a} is for stage {s}, which this rank does not hold "
+                    f"(it holds {sorted(self.stages)}); pass the stages the schedule places on this rank"
+                )
+            kind = a.kind
+            if kind is Kind.F:
+                ins = self._gather_inputs(a, info, inp, recv_f.pop((s, i), {}))
+                outs = stage.forward(i, ins, training=inp.training, split_backward=s in self.split_backward)
+                if not inp.training:
+                    self._eval_cache[(s, i)] = outs
+                if s == self.last:
+                    out = self.pipe.unflatten_output(outs)
+                    if inp.training:
+                        loss = self._loss(a, out, inp)
+                        stage.set_loss(i, loss * inp.loss_scale)
+                        res.losses.append(loss.detach())
+                    outputs_by_mb[i] = _detach(out)
+                if inp.training:
+                    live = sum(st.live_microbatches() for st in self.stages.values())
+                    res.peak_live[self.rank] = max(res.peak_live.get(self.rank, 0), live)
+            elif kind is Kind.SEND_F:
+                for j, cons in enumerate(info.consumers):
+                    meta = info.outputs[j]
+                    for d, k in cons:
+                        peer = self.stage_to_rank[d]
+                        if peer != self.rank and meta.is_tensor:
+                            t = stage.output(i, j) if inp.training else self._eval_out(stage, i, j)
+                            t = t.detach().contiguous()
+                            self._check_meta(a, t, meta, f"output {j} ({info.output_names[j]}) for stage {d}")
+                            h = self.transport.isend(t, peer, self._tag(s, j, d, k, False, i, m))
+                            pending.append((h, self._ctx(a, peer, f"send output {j} to stage {d}")))
+            elif kind is Kind.RECV_F:
+                got: dict[int, Any] = {}
+                waits = []
+                for k, ref in enumerate(info.inputs):
+                    if ref.src_stage == USER:
+                        continue
+                    peer = self.stage_to_rank[ref.src_stage]
+                    meta = info.input_meta[k]
+                    if peer == self.rank:
+                        continue
+                    if not meta.is_tensor:
+                        got[k] = meta.const
+                        continue
+                    buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
+                    h = self.transport.irecv(buf, peer, self._tag(ref.src_stage, ref.index, s, k, False, i, m))
+                    waits.append((h, self._ctx(a, peer, f"input {k} ({info.input_names[k]}) from stage {ref.src_stage}")))
+                    got[k] = buf
+                for h, ctx in waits:
+                    yield from self.transport.wait(h, ctx)
+                recv_f[(s, i)] = got
+            elif kind is Kind.RECV_B:
+                acc = grad_acc.setdefault((s, i), [None] * len(info.outputs))
+                waits = []
+                for j, cons in enumerate(info.consumers):
+                    meta = info.outputs[j]
+                    for d, k in cons:
+                        peer = self.stage_to_rank[d]
+                        if peer == self.rank or not meta.requires_grad:
+                            continue
+                        buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
+                        h = self.transport.irecv(buf, peer, self._tag(s, j, d, k, True, i, m))
+                        waits.append((h, self._ctx(a, peer, f"grad of output {j} from stage {d}"), j, buf))
+                for h, ctx, j, buf in waits:
+                    yield from self.transport.wait(h, ctx)
+                    acc[j] = buf if acc[j] is None else acc[j] + buf
+            elif kind in (Kind.B, Kind.I):
+                grads = grad_acc.pop((s, i), None)
+                if s != self.last and grads is None and any(o.requires_grad for o in info.outputs):
+                    grads = [None] * len(info.outputs)
+                gin = stage.backward(i, grads) if kind is Kind.B else stage.backward_input(i, grads)
+                for k, ref in enumerate(info.inputs):
+                    g = gin[k]
+                    if ref.src_stage == USER or g is None:
+                        continue
+                    if self.stage_to_rank[ref.src_stage] == self.rank:
+                        pacc = grad_acc.setdefault((ref.src_stage, i), [None] * len(self.infos[ref.src_stage].outputs))
+                        pacc[ref.index] = g if pacc[ref.index] is None else pacc[ref.index] + g
+                in_grads[(s, i)] = gin
+            elif kind is Kind.W:
+                stage.backward_weight(i)
+            elif kind is Kind.SEND_B:
+                gin = in_grads.pop((s, i), None)
+                if gin is None:
+                    raise StageError(f"rank {self.rank}: {a} has no input gradients; SEND_B must follow B or I")
+                for k, ref in enumerate(info.inputs):
+                    meta = info.input_meta[k]
+                    if ref.src_stage == USER or not meta.requires_grad:
+                        continue
+                    peer = self.stage_to_rank[ref.src_stage]
+                    if peer == self.rank:
+                        continue
+                    g = gin[k]
+                    g = torch.zeros(meta.shape or (), dtype=meta.dtype, device=dev) if g is None else g.contiguous()
+                    h = self.transport.isend(g, peer, self._tag(ref.src_stage, ref.index, s, k, True, i, m))
+                    pending.append((h, self._ctx(a, peer, f"send grad of input {k} to stage {ref.src_stage}")))
+            if kind in (Kind.B, Kind.I) and not self._has_send_b(s):
+                in_grads.pop((s, i), None)
+            if len(pending) > 64:
+                pending = [(h, c) for h, c in pending if not self.transport.done(h)]
+            if self.trace:
+                res.events.append(TraceEvent(self.rank, a, t0, time.perf_counter()))
+        for h, ctx in pending:
+            yield from self.transport.wait(h, ctx)
+        if self.last in self.stages:
+            res.outputs = [outputs_by_mb[i] for i in sorted(outputs_by_mb)]
+        if inp.training and self.pipe.shared:
+            yield from self._sync_shared()
+        self._eval_cache = {}
+        return res
+
+    def _has_send_b(self, s: int) -> bool:
+        return any(
+            r.src_stage != USER and self.stage_to_rank[r.src_stage] != self.rank and m.requires_grad
+            for r, m in zip(self.infos[s].inputs, self.infos[s].input_meta)
+        )
+
+    # ------------------------------------------------------------------ forward details
+    _eval_cache: dict[tuple[int, int], tuple[Any, ...]]
+
+    def _eval_out(self, stage: PipelineStage, i: int, j: int) -> Any:
+        return self._eval_cache[(stage.index, i)][j]
+
+    def _gather_inputs(self, a: Action, info: Any, inp: StepInputs, received: dict[int, Any]) -> list[Any]:
+        ins: list[Any] = []
+        for k, ref in enumerate(info.inputs):
+            if ref.src_stage == USER:
+                if inp.microbatches is None:
+                    raise StageError(
+                        f"rank {self.rank}, stage {a.stage}, micro-batch {a.mb}, action {a}: this stage reads the "
+                        "model's inputs but none were given; call step(x, ...) / eval(x) / stage(x) with the batch "
+                        "on the rank that holds stage 0"
+                    )
+                ins.append(inp.microbatches[a.mb][ref.index])
+            elif self.stage_to_rank[ref.src_stage] == self.rank:
+                if inp.training:
+                    ins.append(self.stages[ref.src_stage].output(a.mb, ref.index))
+                else:
+                    ins.append(self._eval_cache[(ref.src_stage, a.mb)][ref.index])
+            elif k in received:
+                ins.append(received[k])
+            else:
+                raise StageError(
+                    f"rank {self.rank}: {a} needs input {k} from stage {ref.src_stage} on rank "
+                    f"{self.stage_to_rank[ref.src_stage]}, but no RECV_F ran before it; lower the schedule first"
+                )
+        return ins
+
+    def _loss(self, a: Action, out: Any, inp: StepInputs) -> torch.Tensor:
+        where = f"rank {self.rank}, stage {a.stage}, micro-batch {a.mb}, action {a}"
+        if inp.loss_fn is not None:
+            if inp.targets is None:
+                raise StageError(f"{where}: loss_fn is set but no target was given; call step(..., target=y) here")
+            loss = inp.loss_fn(out, inp.targets[a.mb])
+        else:
+            loss = _loss_from_output(out)
+            if loss is None:
+                raise StageError(
+                    f"{where}: step() needs a scalar loss: pass loss_fn=... to the schedule, or make the model "
+                    f"return a 0-dim tensor (or an output with a 'loss' field); got {type(out).__name__}"
+                )
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise StageError(f"{where}: loss_fn must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+        return loss.reshape(())
+
+    @staticmethod
+    def _check_meta(a: Action, t: torch.Tensor, meta: Any, what: str) -> None:
+        if tuple(t.shape) != tuple(meta.shape or ()) or t.dtype != meta.dtype:
+            raise StageError(
+                f"{a}: {what} is {t.dtype}{list(t.shape)} but the traced pipe expects {meta.describe()}; "
+                "shapes are fixed at trace time (use the traced micro-batch size)"
+            )
+
+    # ------------------------------------------------------------------ tied parameters
+    def _sync_shared(self) -> Iterator[None]:
+        """Sum gradients of tensors held by several stages (tied weights) so every copy has the total."""
+        for gi, sp in enumerate(self.pipe.shared):
+            if not sp.requires_grad:
+                continue
+            mine = [(s, f) for s, f in sp.uses if s in self.stages]
+            if not mine:
+                continue
+            ranks = sorted({self.stage_to_rank[s] for s, _ in sp.uses})
+            params = [self.stages[s].submod.get_parameter(f) for s, f in mine]
+            seen: set[int] = set()
+            local: torch.Tensor | None = None
+            for p in params:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                local = g.clone() if local is None else local + g
+            assert local is not None
+            total = local
+            leader = ranks[0]
+            tag = _SHARED_TAG_BASE + gi
+            a = Action(mine[0][0], Kind.W, 0)
+            if len(ranks) > 1:
+                if self.rank == leader:
+                    for peer in ranks[1:]:
+                        buf = torch.empty_like(local)
+                        h = self.transport.irecv(buf, peer, tag)
+                        yield from self.transport.wait(h, self._ctx(a, peer, f"tied-weight grad {sp.uses[0][1]}"))
+                        total = total + buf
+                    hs = [self.transport.isend(total, peer, tag) for peer in ranks[1:]]
+                    for peer, h in zip(ranks[1:], hs):
+                        yield from self.transport.wait(h, self._ctx(a, peer, "send summed tied-weight grad"))
+                else:
+                    h = self.transport.isend(local, leader, tag)
+                    yield from self.transport.wait(h, self._ctx(a, leader, "send tied-weight grad"))
+                    total = torch.empty_like(local)
+                    h = self.transport.irecv(total, leader, tag)
+                    yield from self.transport.wait(h, self._ctx(a, leader, f"summed tied-weight grad {sp.uses[0][1]}"))
+            for p in {id(p): p for p in params}.values():
+                p.grad = total.clone()
+
+
+def _detach(x: Any) -> Any:
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
+
+
+def _loss_from_output(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor) and out.numel() == 1:
+        return out
+    loss = out.get("loss") if hasattr(out, "get") else getattr(out, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None

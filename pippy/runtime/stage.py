@@ -1,0 +1,272 @@
+"""One pipeline stage at run time: forward, input-grad and weight-grad per micro-batch; knows no schedule.
+
+    >>> # stage = PipelineStage(pipe, rank, torch.device("cpu"))
+    >>> # out = stage(x) if rank == 0 else stage()      # forward-only pipeline of pipe.num_chunks
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+
+from pippy.frontend.params import tensor_at
+from pippy.frontend.split import StageInfo
+
+if TYPE_CHECKING:
+    from pippy.frontend.pipe import Pipe
+
+__all__ = ["PipelineStage", "StageError"]
+
+
+class StageError(RuntimeError):
+    """A stage was used wrongly; the message names stage, rank, micro-batch and action."""
+
+
+@dataclass(slots=True)
+class _MbState:
+    inputs: list[Any]
+    outputs: tuple[Any, ...]
+    taps: list[Any] = field(default_factory=list)
+    loss: torch.Tensor | None = None
+    roots: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    tap_grads: list[torch.Tensor | None] | None = None
+
+
+def _materialize(module: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """A copy of ``module`` on ``device`` with its own parameters (aliasing inside it kept)."""
+    mod = copy.deepcopy(module)
+    return mod.to(device)
+
+
+def _tap_nodes(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, list[str]]], bool]:
+    """Nodes that read a trainable tensor directly (with the FQNs they read), and whether per-op
+    weight grads are exact.
+
+    Exact means every trainable tensor is read by one node only; otherwise a weight-grad pass
+    from one tap could also reach the tensor through another reader and count a path twice, so
+    the stage falls back to a second traversal from the stage outputs.
+    """
+    readers: dict[int, set[fx.Node]] = {}
+    reads: dict[fx.Node, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        obj = tensor_at(gm, str(node.target))
+        if isinstance(obj, torch.Tensor) and obj.requires_grad:
+            readers.setdefault(id(obj), set()).update(node.users)
+            for u in node.users:
+                reads.setdefault(u, []).append(str(node.target))
+    exact = all(len(users) == 1 for users in readers.values())
+    return list(reads.items()), exact
+
+
+def _with_taps(gm: fx.GraphModule, taps: list[fx.Node]) -> fx.GraphModule:
+    """A copy of ``gm`` that also returns the values of ``taps`` (after the normal outputs)."""
+    g = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in g.nodes}
+    out = next(n for n in g.nodes if n.op == "output")
+    out.args = ((*out.args[0], *(by_name[t.name] for t in taps)),)
+    return fx.GraphModule(gm, g)
+
+
+def _grad_leaves(values: list[Any]) -> list[torch.Tensor]:
+    """Tensor leaves of ``values`` that carry autograd history (or all of them, in order, when flattened)."""
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+class PipelineStage:
+    """Stage ``stage_index`` of ``pipe`` on ``device``: its module and per-micro-batch state.
+
+    Calling it runs a forward-only pipeline of ``pipe.num_chunks`` micro-batches over all ranks of
+    ``group`` (one stage per rank): ``stage(x)`` on the first rank, ``stage()`` on the others; the
+    last rank gets the merged output, the others ``None``.
+
+        >>> # stage = PipelineStage(pipe, dist.get_rank(), torch.device("cpu"))
+    """
+
+    def __init__(self, pipe: Pipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None) -> None:
+        pipe._check_index(stage_index)
+        self.pipe = pipe
+        self.index = stage_index
+        self.device = torch.device(device)
+        self.group = group
+        self.info: StageInfo = pipe.stage_infos[stage_index]
+        self.submod: fx.GraphModule = _materialize(self.info.module, self.device)
+        self._tapped: fx.GraphModule | None = None
+        self._tap_params: list[list[nn.Parameter]] = []
+        self._exact_w = False
+        self._state: dict[int, _MbState] = {}
+        self.rank_hint: int | None = None  # set by the executor, for messages
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def num_stages(self) -> int:
+        """Stages in the whole pipe."""
+        return self.pipe.num_stages
+
+    @property
+    def is_first(self) -> bool:
+        """True for stage 0."""
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        """True for the last stage."""
+        return self.index == self.pipe.num_stages - 1
+
+    def parameters(self) -> Any:
+        """This stage's parameters (for an optimizer)."""
+        return self.submod.parameters()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This stage's state, keyed by the original model's FQNs."""
+        return self.submod.state_dict()
+
+    def live_microbatches(self) -> int:
+        """Micro-batches whose activations this stage still holds."""
+        return len(self._state)
+
+    def _where(self, mb: int, action: str) -> str:
+        rank = "?" if self.rank_hint is None else str(self.rank_hint)
+        return f"stage {self.index} (rank {rank}), micro-batch {mb}, action {self.index}{action}{mb}"
+
+    # ----------------------------------------------------------------- compute
+    def forward(self, mb: int, inputs: Sequence[Any], *, training: bool, split_backward: bool = False) -> tuple[Any, ...]:
+        """Run the stage on one micro-batch; keep what backward needs when ``training``."""
+        if len(inputs) != len(self.info.inputs):
+            raise StageError(
+                f"{self._where(mb, 'F')}: expected {len(self.info.inputs)} inputs "
+                f"({', '.join(self.info.input_names)}), got {len(inputs)}"
+            )
+        if not training:
+            with torch.no_grad():
+                return tuple(self.submod(*inputs))
+        if mb in self._state:
+            raise StageError(f"{self._where(mb, 'F')}: forward ran twice for this micro-batch without a backward")
+        leaves = []
+        for x, meta in zip(inputs, self.info.input_meta):
+            if isinstance(x, torch.Tensor):
+                x = x.detach().requires_grad_(meta.requires_grad)
+            leaves.append(x)
+        if split_backward:
+            if self._tapped is None:
+                taps, self._exact_w = _tap_nodes(self.submod)
+                self._tapped = _with_taps(self.submod, [n for n, _ in taps])
+                self._tap_params = [[self.submod.get_parameter(f) for f in fqns] for _, fqns in taps]
+            res = tuple(self._tapped(*leaves))
+            n_out = len(self.info.outputs)
+            outs = res[:n_out]
+            self._state[mb] = _MbState(leaves, outs, list(res[n_out:]))
+        else:
+            outs = tuple(self.submod(*leaves))
+            self._state[mb] = _MbState(leaves, outs)
+        return outs
+
+    def set_loss(self, mb: int, loss: torch.Tensor) -> None:
+        """Attach the (already scaled) loss of micro-batch ``mb``; the last stage's backward starts there."""
+        self._get(mb, "B").loss = loss
+
+    def output(self, mb: int, j: int) -> Any:
+        """Output ``j`` of micro-batch ``mb`` (kept until its backward)."""
+        return self._get(mb, "F").outputs[j]
+
+    def _get(self, mb: int, action: str) -> _MbState:
+        st = self._state.get(mb)
+        if st is None:
+            raise StageError(f"{self._where(mb, action)}: no forward state for this micro-batch (was F run first?)")
+        return st
+
+    def _roots(self, mb: int, st: _MbState, grads: Sequence[torch.Tensor | None] | None) -> tuple[list, list]:
+        if st.loss is not None:
+            return [st.loss], [torch.ones_like(st.loss)]
+        outs, gs = [], []
+        for j, (o, meta) in enumerate(zip(st.outputs, self.info.outputs)):
+            g = grads[j] if grads is not None and j < len(grads) else None
+            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None:
+                if g.shape != o.shape:
+                    raise StageError(
+                        f"{self._where(mb, 'B')}: gradient for output {j} ({self.info.output_names[j]}) has shape "
+                        f"{list(g.shape)}, expected {list(o.shape)}"
+                    )
+                outs.append(o)
+                gs.append(g)
+        return outs, gs
+
+    def _input_grads(self, st: _MbState) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for x, meta in zip(st.inputs, self.info.input_meta):
+            if not meta.requires_grad:
+                out.append(None)
+            elif isinstance(x, torch.Tensor) and x.grad is not None:
+                out.append(x.grad)
+            else:
+                out.append(torch.zeros_like(x) if isinstance(x, torch.Tensor) else None)
+        return out
+
+    def backward(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+        """Full backward (B) of ``mb``: accumulate parameter grads, return the input grads."""
+        st = self._get(mb, "B")
+        outs, gs = self._roots(mb, st, grads)
+        if outs:
+            torch.autograd.backward(outs, gs)
+        res = self._input_grads(st)
+        del self._state[mb]
+        return res
+
+    def backward_input(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+        """Input-gradient backward (I) of ``mb``; the weight part waits for :meth:`backward_weight`."""
+        st = self._get(mb, "I")
+        outs, gs = self._roots(mb, st, grads)
+        st.roots = (outs, gs)
+        want = [x for x, m in zip(st.inputs, self.info.input_meta) if m.requires_grad and isinstance(x, torch.Tensor)]
+        tap_leaves = _grad_leaves(st.taps) if self._exact_w else []
+        targets = want + tap_leaves
+        if outs and targets:
+            got = torch.autograd.grad(outs, targets, gs, retain_graph=True, allow_unused=True)
+            for x, g in zip(want, got[: len(want)]):
+                x.grad = g
+            st.tap_grads = list(got[len(want) :])
+        return self._input_grads(st)
+
+    def backward_weight(self, mb: int) -> None:
+        """Weight-gradient backward (W) of ``mb``: accumulate parameter grads, free the micro-batch."""
+        st = self._get(mb, "W")
+        if st.roots is None:
+            raise StageError(f"{self._where(mb, 'W')}: W ran before I for this micro-batch")
+        outs, gs = st.roots
+        params = [p for p in self.submod.parameters() if p.requires_grad]
+        if self._exact_w and st.tap_grads is not None:
+            grads = iter(st.tap_grads)
+            for tap, tparams in zip(st.taps, self._tap_params):
+                leaves = _grad_leaves([tap])
+                pairs = [(t, g) for t, g in zip(leaves, [next(grads) for _ in leaves]) if g is not None]
+                if pairs:  # one call per reader: only its own parameters, so no path counts twice
+                    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs], inputs=tparams)
+        elif outs and params:
+            torch.autograd.backward(outs, gs, inputs=params)
+        del self._state[mb]
+
+    def clear(self) -> None:
+        """Drop all per-micro-batch state (e.g. after an error)."""
+        self._state.clear()
+
+    # ----------------------------------------------------------------- forward-only pipeline
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from pippy.runtime.api import run_forward_pipeline
+
+        return run_forward_pipeline(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"PipelineStage(index={self.index}, of={self.num_stages}, device={self.device})"
+
+
+def module_of(stage: PipelineStage) -> nn.Module:
+    """The stage's ``nn.Module`` (its ``state_dict`` keys are original FQNs)."""
+    return stage.submod
