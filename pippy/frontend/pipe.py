@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from pippy.frontend.params import retarget_aliases, tensor_at
 from pippy.frontend.split import USER, StageInfo, ValueMeta, assign_by_markers, split_graph
-from pippy.frontend.trace import PipeTraceError, SplitPoint, _wrap_forward, export_module
+from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module
 from pippy.microbatch import split_batch
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 __all__ = ["PipeTraceError", "SplitPoint", "annotate_split_points", "export_module", "is_split_marker", "pipe_split"]
 
-_LIB = torch.library.Library("pippy", "DEF")  # noqa: TOR901 - a namespace of our own
+_LIB = torch.library.Library("pippy", "DEF")
 _LIB.define("pipe_split() -> ()")
 _LIB.impl("pipe_split", lambda: None, "CompositeExplicitAutograd")
 _LIB.impl("pipe_split", lambda: None, "Meta")

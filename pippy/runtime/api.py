@@ -87,8 +87,10 @@ class PipelineSchedule:
         compute = schedule if schedule is not None else self._generate()
         compute = compute.with_deps(self.pipe.deps())
         self._check_placement(compute)
-        validate(compute)
-        self.schedule = lower(compute)
+        self.schedule: Schedule | None = None
+        if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):
+            validate(compute)
+            self.schedule = lower(compute)
         self._eval_schedule = lower(gen.forward_only(compute.stage_to_rank, n_microbatches).with_deps(self.pipe.deps()))
 
     # ------------------------------------------------------------------ subclass hooks
@@ -177,6 +179,8 @@ class PipelineSchedule:
         Gradients accumulate into each stage's parameters (call ``optimizer.zero_grad()`` between
         steps). Returns the merged output on the rank holding the last stage, else None.
         """
+        if self.schedule is None:
+            raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
         res = self._run(self.schedule, self._inputs(args, kwargs, target, True))
         return self._finish(res, losses)
 

@@ -10,7 +10,7 @@ on the same rank is handed over directly, otherwise it is sent.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +93,7 @@ class Executor:
         return WaitContext(self.rank, a.stage, a.kind.value, a.mb, peer, what)
 
     # ------------------------------------------------------------------ run
-    def run(self, inp: StepInputs) -> Iterator[None]:
+    def run(self, inp: StepInputs) -> Generator[None, None, StepResult]:
         """Generator running this rank's actions; returns a StepResult (``StopIteration.value``)."""
         m = self.schedule.n_microbatches
         res = StepResult()
@@ -163,7 +163,7 @@ class Executor:
                 recv_f[(s, i)] = got
             elif kind is Kind.RECV_B:
                 acc = grad_acc.setdefault((s, i), [None] * len(info.outputs))
-                waits = []
+                bwaits: list[tuple[Any, WaitContext, int, torch.Tensor]] = []
                 for j, cons in enumerate(info.consumers):
                     meta = info.outputs[j]
                     for d, k in cons:
@@ -172,12 +172,12 @@ class Executor:
                             continue
                         buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
                         h = self.transport.irecv(buf, peer, self._tag(s, j, d, k, True, i, m))
-                        waits.append((h, self._ctx(a, peer, f"grad of output {j} from stage {d}"), j, buf))
-                for h, ctx, j, buf in waits:
+                        bwaits.append((h, self._ctx(a, peer, f"grad of output {j} from stage {d}"), j, buf))
+                for h, ctx, j, buf in bwaits:
                     yield from self.transport.wait(h, ctx)
                     acc[j] = buf if acc[j] is None else acc[j] + buf
             elif kind in (Kind.B, Kind.I):
-                grads = grad_acc.pop((s, i), None)
+                grads: list[torch.Tensor | None] | None = grad_acc.pop((s, i)) if (s, i) in grad_acc else None
                 if s != self.last and grads is None and any(o.requires_grad for o in info.outputs):
                     grads = [None] * len(info.outputs)
                 gin = stage.backward(i, grads) if kind is Kind.B else stage.backward_input(i, grads)
@@ -192,9 +192,9 @@ class Executor:
             elif kind is Kind.W:
                 stage.backward_weight(i)
             elif kind is Kind.SEND_B:
-                gin = in_grads.pop((s, i), None)
-                if gin is None:
+                if (s, i) not in in_grads:
                     raise StageError(f"rank {self.rank}: {a} has no input gradients; SEND_B must follow B or I")
+                gin = in_grads.pop((s, i))
                 for k, ref in enumerate(info.inputs):
                     meta = info.input_meta[k]
                     if ref.src_stage == USER or not meta.requires_grad:
@@ -222,10 +222,8 @@ class Executor:
         return res
 
     def _has_send_b(self, s: int) -> bool:
-        return any(
-            r.src_stage != USER and self.stage_to_rank[r.src_stage] != self.rank and m.requires_grad
-            for r, m in zip(self.infos[s].inputs, self.infos[s].input_meta)
-        )
+        # mirrors lower(): a SEND_B follows whenever any producer is remote (it may carry no gradient)
+        return any(r.src_stage != USER and self.stage_to_rank[r.src_stage] != self.rank for r in self.infos[s].inputs)
 
     # ------------------------------------------------------------------ forward details
     _eval_cache: dict[tuple[int, int], tuple[Any, ...]]

@@ -76,12 +76,14 @@ class LocalPipeline:
             first, last = sch._holds(0), sch._holds(n - 1)
             inp = sch._inputs(args if first else (), kwargs if first else {}, target if last else None, training)
             plan = sch.schedule if training else sch._eval_schedule
+            if plan is None:
+                raise ValueError(f"{type(sch).__name__} has no training schedule; use eval()")
             runs.append((sch, Executor(sch.stages, plan, sch.transport, trace=sch.trace).run(inp)))
         results: dict[int, StepResult] = {}
         try:
             while len(results) < len(runs):
                 progressed = False
-                for r, (sch, gen) in enumerate(runs):
+                for r, (_sch, gen) in enumerate(runs):
                     if r in results:
                         continue
                     before = self.transports[r].waiting

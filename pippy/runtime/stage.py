@@ -187,7 +187,7 @@ class PipelineStage:
         if st.loss is not None:
             return [st.loss], [torch.ones_like(st.loss)]
         outs, gs = [], []
-        for j, (o, meta) in enumerate(zip(st.outputs, self.info.outputs)):
+        for j, o in enumerate(st.outputs):
             g = grads[j] if grads is not None and j < len(grads) else None
             if isinstance(o, torch.Tensor) and o.requires_grad and g is not None:
                 if g.shape != o.shape:

@@ -1,0 +1,241 @@
+"""Lowering (insert SEND/RECV from ``deps`` and placement) and CSV read / write of schedules.
+
+    >>> from pippy.schedules.generators import one_f_one_b
+    >>> print(lower(one_f_one_b(2, 1)))
+    1f1b: 2 ranks, 2 stages, 1 microbatches
+    rank 0:      0F0 0SEND_F0 0RECV_B0      0B0
+    rank 1: 1RECV_F0      1F0      1B0 1SEND_B0
+
+CSV format (``to_csv`` writes it, ``from_csv`` reads it)::
+
+    # pippy-schedule v1
+    # name: 1f1b
+    # ranks: 2
+    # microbatches: 1
+    # stage_to_rank: 0 1
+    # deps: 1<0
+    0F0,0SEND_F0,0RECV_B0,0B0
+    1RECV_F0,1F0,1B0,1SEND_B0
+
+Row ``r`` (after the ``#`` lines) is rank ``r``'s program; each cell is a compact action. The
+``#`` header lines are optional: without them ``ranks`` is the number of rows, ``stage_to_rank``
+is inferred from which row runs each stage, ``microbatches`` is the largest micro-batch + 1 and
+``deps`` is a chain. ``deps`` lists edges ``consumer<producer`` separated by spaces. Empty cells
+are ignored, so rows may be padded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+
+from pippy.schedules.ir import Action, Kind, Schedule, chain_deps
+
+__all__ = ["from_csv", "from_csv_string", "lower", "to_csv", "to_csv_string"]
+
+_MAGIC = "pippy-schedule v1"
+
+
+def lower(schedule: Schedule) -> Schedule:
+    """Return a copy of a compute-only ``schedule`` with the communication inserted.
+
+    For each action on rank ``r`` of stage ``s``, micro-batch ``i``, per ``schedule.deps``:
+
+    - ``RECV_F(s, i)`` right before ``F(s, i)`` if a producer of ``s`` is on another rank;
+    - ``SEND_F(s, i)`` right after ``F(s, i)`` if a consumer of ``s`` is on another rank (one
+      send carries ``s``'s outputs to every remote consumer);
+    - ``RECV_B(s, i)`` right before ``B``/``I(s, i)`` if a consumer is on another rank;
+    - ``SEND_B(s, i)`` right after ``B``/``I(s, i)`` if a producer is on another rank.
+
+    Stages on the same rank exchange nothing. A schedule that already holds SEND/RECV is
+    returned unchanged (as a copy), so lowering twice is a no-op; call ``.compute_only()`` first
+    to re-lower one. Lowering keeps every rank's compute order, so a compute-only schedule that
+    passes :func:`~pippy.schedules.validate.validate` lowers to one that passes too.
+
+        >>> from pippy.schedules.generators import gpipe
+        >>> [str(a) for a in lower(gpipe(2, 1)).actions[0]]
+        ['0F0', '0SEND_F0', '0RECV_B0', '0B0']
+    """
+    copy = [list(acts) for acts in schedule.actions]
+    if any(a.kind.is_comm for acts in copy for a in acts):
+        return Schedule(schedule.name, copy, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
+    where = schedule.stage_to_rank
+    consumers = schedule.consumers()
+    remote_prod = {s: any(where[d] != where[s] for d in schedule.deps.get(s, ())) for s in range(len(where))}
+    remote_cons = {s: any(where[c] != where[s] for c in consumers.get(s, ())) for s in range(len(where))}
+    out: list[list[Action]] = []
+    for acts in copy:
+        row: list[Action] = []
+        for a in acts:
+            s, i = a.stage, a.mb
+            if a.kind is Kind.F:
+                row += [Action(s, Kind.RECV_F, i)] if remote_prod.get(s) else []
+                row.append(a)
+                row += [Action(s, Kind.SEND_F, i)] if remote_cons.get(s) else []
+            elif a.kind in (Kind.B, Kind.I):
+                row += [Action(s, Kind.RECV_B, i)] if remote_cons.get(s) else []
+                row.append(a)
+                row += [Action(s, Kind.SEND_B, i)] if remote_prod.get(s) else []
+            else:
+                row.append(a)
+        out.append(row)
+    return Schedule(schedule.name, out, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
+
+
+def _format_deps(deps: Mapping[int, Sequence[int]]) -> str:
+    return " ".join(f"{s}<{d}" for s in sorted(deps) for d in sorted(deps[s]))
+
+
+def to_csv_string(schedule: Schedule) -> str:
+    """The CSV text of ``schedule`` (format in the module docstring).
+
+        >>> from pippy.schedules.generators import gpipe
+        >>> print(to_csv_string(gpipe(1, 2)), end="")
+        # pippy-schedule v1
+        # name: gpipe
+        # ranks: 1
+        # microbatches: 2
+        # stage_to_rank: 0
+        # deps:
+        0F0,0F1,0B1,0B0
+    """
+    buf = io.StringIO()
+    buf.write(f"# {_MAGIC}\n# name: {schedule.name}\n# ranks: {schedule.num_ranks}\n")
+    buf.write(f"# microbatches: {schedule.n_microbatches}\n")
+    buf.write(f"# stage_to_rank: {' '.join(str(r) for r in schedule.stage_to_rank)}\n")
+    buf.write(f"# deps: {_format_deps(schedule.deps)}".rstrip() + "\n")
+    writer = csv.writer(buf, lineterminator="\n")
+    for acts in schedule.actions:
+        writer.writerow([str(a) for a in acts])
+    return buf.getvalue()
+
+
+def to_csv(schedule: Schedule, path_or_file: str | os.PathLike[str] | TextIO) -> None:
+    """Write ``schedule`` as CSV to a path or an open text file.
+
+        >>> import io
+        >>> from pippy.schedules.generators import gpipe
+        >>> f = io.StringIO(); to_csv(gpipe(2, 1), f); f.getvalue().splitlines()[-1]
+        '1F0,1B0'
+    """
+    text = to_csv_string(schedule)
+    if isinstance(path_or_file, (str, os.PathLike)):
+        with open(path_or_file, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    else:
+        path_or_file.write(text)
+
+
+def _parse_deps(text: str) -> dict[int, tuple[int, ...]]:
+    deps: dict[int, list[int]] = {}
+    for edge in text.split():
+        dst, sep, src = edge.partition("<")
+        if not sep or not dst.strip().isdigit() or not src.strip().isdigit():
+            raise ValueError(f"bad deps edge {edge!r} in CSV header: expected 'consumer<producer', e.g. '2<0'")
+        deps.setdefault(int(dst), []).append(int(src))
+    return {s: tuple(sorted(v)) for s, v in deps.items()}
+
+
+def from_csv_string(
+    text: str,
+    *,
+    name: str | None = None,
+    stage_to_rank: Sequence[int] | None = None,
+    n_microbatches: int | None = None,
+    deps: Mapping[int, Sequence[int]] | None = None,
+) -> Schedule:
+    """Parse CSV text into a Schedule; keyword arguments override the header or the inference.
+
+        >>> s = from_csv_string("0F0,0F1,0B0,0B1\\n1F0,1B0,1F1,1B1\\n")
+        >>> s.stage_to_rank, s.n_microbatches, s.name
+        ((0, 1), 2, 'csv')
+    """
+    return _parse(text, name, "csv", stage_to_rank, n_microbatches, deps)
+
+
+def _parse(
+    text: str,
+    name: str | None,
+    default_name: str,
+    stage_to_rank: Sequence[int] | None,
+    n_microbatches: int | None,
+    deps: Mapping[int, Sequence[int]] | None,
+) -> Schedule:
+    header: dict[str, str] = {}
+    body: list[str] = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            key, sep, value = line.lstrip()[1:].partition(":")
+            if sep:
+                header[key.strip().lower()] = value.strip()
+        else:
+            body.append(line)
+    while body and not body[-1].strip().strip(","):
+        body.pop()  # trailing blank lines (a rank with no actions is kept via the 'ranks' header)
+    rows: list[list[Action]] = []
+    for lineno, cells in enumerate(csv.reader(body), start=1):
+        try:
+            rows.append([Action.parse(c) for c in cells if c.strip()])
+        except ValueError as e:
+            raise ValueError(f"CSV row {lineno} (rank {lineno - 1}): {e}") from e
+    n_ranks = int(header.get("ranks", len(rows)))
+    if len(rows) > n_ranks:
+        raise ValueError(f"CSV has {len(rows)} rows but its header says ranks: {n_ranks}; fix one of them")
+    rows += [[] for _ in range(n_ranks - len(rows))]
+    if stage_to_rank is None and header.get("stage_to_rank"):
+        stage_to_rank = [int(x) for x in header["stage_to_rank"].split()]
+    if stage_to_rank is None:
+        stage_to_rank = _infer_placement(rows)
+    if n_microbatches is None:
+        n_microbatches = int(header["microbatches"]) if header.get("microbatches") else \
+            1 + max((a.mb for r in rows for a in r), default=0)
+    if deps is None:
+        deps = _parse_deps(header["deps"]) if "deps" in header else chain_deps(len(stage_to_rank))
+    full = {s: tuple(deps.get(s, ())) for s in range(len(stage_to_rank))}
+    return Schedule(name or header.get("name") or default_name, rows, tuple(stage_to_rank), n_microbatches, full)
+
+
+def _infer_placement(rows: list[list[Action]]) -> list[int]:
+    home: dict[int, int] = {}
+    for r, acts in enumerate(rows):
+        for a in acts:
+            if home.setdefault(a.stage, r) != r:
+                raise ValueError(
+                    f"stage {a.stage} has actions on ranks {home[a.stage]} and {r}; a stage lives on one rank. "
+                    "Move its actions to one row, or pass stage_to_rank= explicitly"
+                )
+    n = 1 + max(home, default=-1)
+    gaps = [s for s in range(n) if s not in home]
+    if gaps:
+        raise ValueError(f"stages {gaps} never appear in the CSV, so their rank is unknown; pass stage_to_rank=")
+    return [home[s] for s in range(n)]
+
+
+def from_csv(
+    path_or_file: str | os.PathLike[str] | TextIO,
+    *,
+    name: str | None = None,
+    stage_to_rank: Sequence[int] | None = None,
+    n_microbatches: int | None = None,
+    deps: Mapping[int, Sequence[int]] | None = None,
+) -> Schedule:
+    """Read a schedule from a CSV path or open text file (see the module docstring).
+
+    A hand-written CSV of compute actions only loads too (placement and micro-batch count
+    are inferred); pass it to :func:`lower` to add the communication.
+
+        >>> import io
+        >>> lower(from_csv(io.StringIO("0F0,0B0\\n1F0,1B0\\n"))).actions[1][0]
+        Action(stage=1, kind=<Kind.RECV_F: 'RECV_F'>, mb=0)
+    """
+    default = "csv"
+    if isinstance(path_or_file, (str, os.PathLike)):
+        with open(path_or_file, encoding="utf-8", newline="") as f:
+            text = f.read()
+        default = os.path.splitext(os.path.basename(os.fspath(path_or_file)))[0] or default
+    else:
+        text = path_or_file.read()
+    return _parse(text, name, default, stage_to_rank, n_microbatches, deps)

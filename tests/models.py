@@ -1,0 +1,112 @@
+"""Small models shared by the tests (float64, deterministic, no downloads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pippy import pipe_split
+
+
+class MLPStack(nn.Module):
+    """``n`` residual Linear-ReLU-Linear blocks then a head; split points named ``blocks.i``."""
+
+    def __init__(self, n: int = 4, d: int = 8, hidden: int = 16, out: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d)) for _ in range(n))
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+class MarkedMLP(MLPStack):
+    """MLPStack with ``pipe_split()`` after every ``per_stage`` blocks."""
+
+    def __init__(self, n: int = 4, per_stage: int = 1, **kw: Any) -> None:
+        super().__init__(n, **kw)
+        self.per_stage = per_stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, b in enumerate(self.blocks):
+            x = x + b(x)
+            if (i + 1) % self.per_stage == 0 and i + 1 < len(self.blocks):
+                pipe_split()
+        return self.head(x)
+
+
+class SkipNet(nn.Module):
+    """``n_stages`` stages; stage 0's output also feeds the last stage directly (a skip edge)."""
+
+    def __init__(self, n_stages: int = 3, d: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.mids = nn.ModuleList(nn.Linear(d, d) for _ in range(n_stages - 2))
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = torch.tanh(self.inp(x))
+        h = h0
+        for m in self.mids:
+            pipe_split()
+            h = torch.tanh(m(h))
+        pipe_split()
+        return self.out(h + h0)
+
+
+class TwoInputs(nn.Module):
+    """Two positional inputs and a keyword tensor; the keyword is read only by the last stage."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.b = nn.Linear(d, d)
+        self.c = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, bias: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x) + y)
+        pipe_split()
+        h = torch.relu(self.b(h))
+        pipe_split()
+        return self.c(h) + bias
+
+
+class MyNetwork(nn.Module):
+    """The PiPPy README network: three Linear+ReLU blocks and an output projection."""
+
+    def __init__(self, in_dim: int = 16, out_dim: int = 4) -> None:
+        super().__init__()
+        self.layer0 = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU())
+        self.layer1 = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU())
+        self.output_proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_proj(self.layer2(self.layer1(self.layer0(x))))
+
+
+def gpt2(n_layer: int = 2, width: int = 32, vocab: int = 96, seq: int = 16) -> nn.Module:
+    """GPT-2 LM from config: random init, no dropout, no cache, float64."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=width, n_head=2, vocab_size=vocab, n_positions=seq, use_cache=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).double()
+
+
+def lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of an HF causal-LM output against token targets."""
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error."""
+    return F.mse_loss(out, target)
