@@ -18,11 +18,12 @@ from pippy.runtime.api import (
     ScheduleZBH2,
     ScheduleZBV,
 )
-from pippy.runtime.comm import PipeTimeoutError
+from pippy.runtime.comm import PipeCommError, PipeTimeoutError
 from pippy.runtime.stage import PipelineStage, StageError
 
 __all__ = [
     "Pipe",
+    "PipeCommError",
     "PipeTimeoutError",
     "PipeTraceError",
     "PipelineSchedule",

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Pipe", "SharedParam", "SplitPolicy", "ValueMeta", "pipeline"]
 
-SplitPolicy = Callable[[fx.GraphModule], Mapping[fx.Node, int]]
-"""A split policy maps the traced graph to ``{compute node: stage}`` (see pippy.frontend.policies)."""
+SplitPolicy = Callable[[fx.GraphModule, Sequence[Any]], Mapping[fx.Node, int]]
+"""A split policy maps the traced graph and one micro-batch of flat example inputs (in placeholder
+order) to ``{compute node: stage}`` for every call_function node (see pippy.frontend.policies)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,12 @@ class Pipe:
         """Turn the last stage's flat outputs into the model's output structure."""
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
+    def split_report(self) -> str:
+        """Each stage's cost, parameter bytes and the bytes it sends to every other stage."""
+        from pippy.frontend.report import split_report
+
+        return split_report(self)
+
     def _check_index(self, i: int) -> None:
         if not 0 <= i < self.num_stages:
             raise IndexError(f"stage index {i} out of range: this pipe has stages 0..{self.num_stages - 1}")
@@ -240,13 +247,13 @@ def pipeline(
     gm = ep.module()
     _drop_guards(gm)
     retarget_aliases(gm)
+    leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
     if split_policy is not None:
-        assignment = dict(split_policy(gm))
+        assignment = dict(split_policy(gm, leaves))
     else:
         assignment = assign_by_markers(gm)
     num_stages = max(assignment.values(), default=0) + 1
     stages = split_graph(gm, assignment, num_stages)
-    leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
     return Pipe(
         stages,
         num_chunks=num_chunks,

@@ -11,19 +11,22 @@ every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. F
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pippy.microbatch import merge_chunks, split_value
 from pippy.runtime.comm import DistTransport, Transport
-from pippy.runtime.executor import Executor, StepInputs, StepResult, TraceEvent
+from pippy.runtime.executor import Executor, StepInputs, StepResult
 from pippy.runtime.stage import PipelineStage, StageError
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement, v_placement
 from pippy.schedules.lower import lower
 from pippy.schedules.validate import validate
+from pippy.sim.timeline import Event, Timeline
 
 __all__ = [
     "PipelineSchedule",
@@ -62,7 +65,7 @@ class PipelineSchedule:
         target_chunk_spec: Any = None,
         output_merge_spec: Any = None,
         timeout: float | None = None,
-        trace: bool = False,
+        trace: bool | str = False,
         transport: Transport | None = None,
         schedule: Schedule | None = None,
     ) -> None:
@@ -81,8 +84,12 @@ class PipelineSchedule:
         self.output_merge_spec = output_merge_spec
         self.transport = transport if transport is not None else DistTransport(self.stages[0].group, timeout)
         self.rank = self.transport.rank
-        self.trace = trace
-        self.last_events: list[TraceEvent] = []
+        env_trace = os.environ.get("PIPPY_TRACE")
+        self.trace_path: str | None = trace if isinstance(trace, str) else (env_trace or None)
+        self.trace = bool(trace) or bool(env_trace)
+        self.last_events: list[Event] = []
+        self.last_timeline: Timeline | None = None
+        self._executors: dict[int, Executor] = {}
         self.last_peak_live: dict[int, int] = {}
         compute = schedule if schedule is not None else self._generate()
         compute = compute.with_deps(self.pipe.deps())
@@ -98,8 +105,6 @@ class PipelineSchedule:
         group_size = getattr(self.transport, "world_size", None)
         if group_size is not None:
             return int(group_size)
-        import torch.distributed as dist
-
         return dist.get_world_size(self.stages[0].group)
 
     def _generate(self) -> Schedule:
@@ -155,7 +160,9 @@ class PipelineSchedule:
         return StepInputs(mbs, targets, self.loss_fn, training, scale)
 
     def _run(self, sched: Schedule, inp: StepInputs) -> StepResult:
-        ex = Executor(self.stages, sched, self.transport, trace=self.trace)
+        if self.trace and isinstance(self.transport, DistTransport):
+            dist.barrier(group=self.transport.group)  # a common origin for every rank's clock
+        ex = self._executor(sched)
         try:
             gen_ = ex.run(inp)
             while True:
@@ -167,6 +174,12 @@ class PipelineSchedule:
                 st.clear()
             raise
         return res
+
+    def _executor(self, sched: Schedule) -> Executor:
+        ex = self._executors.get(id(sched))
+        if ex is None:
+            ex = self._executors[id(sched)] = Executor(self.stages, sched, self.transport, trace=self.trace)
+        return ex
 
     def _merge(self, res: StepResult) -> Any:
         if not self._holds(self.pipe.num_stages - 1):
@@ -187,9 +200,26 @@ class PipelineSchedule:
     def _finish(self, res: StepResult, losses: list[Any] | None) -> Any:
         self.last_events = res.events
         self.last_peak_live = res.peak_live
+        if self.trace and isinstance(self.transport, DistTransport):
+            self._gather_trace(res.events)
         if losses is not None and self._holds(self.pipe.num_stages - 1):
             losses.extend(res.losses)
         return self._merge(res)
+
+    def _gather_trace(self, events: list[Event]) -> None:
+        """Collect every rank's events on rank 0; write the Chrome trace there when a path is set."""
+        assert isinstance(self.transport, DistTransport)
+        group = self.transport.group
+        world = dist.get_world_size(group)
+        gathered: list[Any] = [None] * world if self.rank == 0 else []
+        dist.gather_object(events, gathered if self.rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
+        if self.rank != 0:
+            return
+        self.last_timeline = Timeline.from_events([e for evs in gathered for e in evs], world, name=self.name)
+        if self.trace_path:
+            from pippy.sim.render import write_chrome_trace
+
+            write_chrome_trace(self.last_timeline, self.trace_path)
 
     @classmethod
     def placement(cls, num_ranks: int, stages_per_rank: int = 1) -> tuple[int, ...]:
@@ -293,6 +323,21 @@ class ScheduleLoopedBFS(_MultiStage):
 
 
 class _VShape(_MultiStage):
+    def _gather_trace(self, events: list[Event]) -> None:
+        """Collect every rank's events on rank 0; write the Chrome trace there when a path is set."""
+        assert isinstance(self.transport, DistTransport)
+        group = self.transport.group
+        world = dist.get_world_size(group)
+        gathered: list[Any] = [None] * world if self.rank == 0 else []
+        dist.gather_object(events, gathered if self.rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
+        if self.rank != 0:
+            return
+        self.last_timeline = Timeline.from_events([e for evs in gathered for e in evs], world, name=self.name)
+        if self.trace_path:
+            from pippy.sim.render import write_chrome_trace
+
+            write_chrome_trace(self.last_timeline, self.trace_path)
+
     @classmethod
     def placement(cls, num_ranks: int, stages_per_rank: int = 2) -> tuple[int, ...]:
         """Rank r holds stages r and 2p-1-r."""

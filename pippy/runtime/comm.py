@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DistTransport",
     "LocalTransport",
+    "PipeCommError",
     "PipeTimeoutError",
     "Transport",
     "WaitContext",
@@ -42,7 +43,11 @@ def default_timeout() -> float:
     return float(os.environ.get("PIPPY_TIMEOUT", DEFAULT_TIMEOUT))
 
 
-class PipeTimeoutError(RuntimeError):
+class PipeCommError(RuntimeError):
+    """A pipeline send/receive failed; the message says who waited for what."""
+
+
+class PipeTimeoutError(PipeCommError):
     """A pipeline wait ran out of time; the message says who waited for what."""
 
 
@@ -124,7 +129,13 @@ class DistTransport:
         try:
             ok = handle.wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as exc:
-            raise PipeTimeoutError(_timeout_message(ctx, self.timeout, str(exc).splitlines()[0])) from exc
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "timeout" in cause.lower() or "timed out" in cause.lower():
+                raise PipeTimeoutError(_timeout_message(ctx, self.timeout, cause)) from exc
+            raise PipeCommError(
+                f"pipeline communication failed at {ctx.describe()}: {cause}. The peer rank {ctx.peer} probably "
+                "exited or crashed first; look for its own error above."
+            ) from exc
         if ok is False:
             raise PipeTimeoutError(_timeout_message(ctx, self.timeout, "wait returned False"))
         return iter(())

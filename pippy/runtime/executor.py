@@ -20,8 +20,9 @@ from pippy.frontend.split import USER
 from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.stage import PipelineStage, StageError
 from pippy.schedules.ir import Action, Kind, Schedule
+from pippy.sim.timeline import Event
 
-__all__ = ["Executor", "StepInputs", "StepResult", "TraceEvent"]
+__all__ = ["Executor", "StepInputs", "StepResult"]
 
 _SHARED_TAG_BASE = 1 << 29
 
@@ -38,22 +39,12 @@ class StepInputs:
 
 
 @dataclass(slots=True)
-class TraceEvent:
-    """One executed action with wall-clock start and end (seconds, ``time.perf_counter``)."""
-
-    rank: int
-    action: Action
-    start: float
-    end: float
-
-
-@dataclass(slots=True)
 class StepResult:
     """Per-micro-batch outputs (last stage only), unscaled losses, and the trace if recorded."""
 
     outputs: list[Any] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)
-    events: list[TraceEvent] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     peak_live: dict[int, int] = field(default_factory=dict)
 
 
@@ -69,6 +60,7 @@ class Executor:
         self.transport = transport
         self.rank = transport.rank
         self.trace = trace
+        self.t_origin = 0.0
         self.actions = schedule.actions[self.rank]
         self.stage_to_rank = schedule.stage_to_rank
         pipe = stages[0].pipe
@@ -93,8 +85,12 @@ class Executor:
         return WaitContext(self.rank, a.stage, a.kind.value, a.mb, peer, what)
 
     # ------------------------------------------------------------------ run
-    def run(self, inp: StepInputs) -> Generator[None, None, StepResult]:
-        """Generator running this rank's actions; returns a StepResult (``StopIteration.value``)."""
+    def run(self, inp: StepInputs, origin: float | None = None) -> Generator[None, None, StepResult]:
+        """Generator running this rank's actions; returns a StepResult (``StopIteration.value``).
+
+        Trace times are seconds since ``origin`` (a ``time.perf_counter()`` value; default: now).
+        """
+        self.t_origin = time.perf_counter() if origin is None else origin
         m = self.schedule.n_microbatches
         res = StepResult()
         recv_f: dict[tuple[int, int], dict[int, Any]] = {}
@@ -211,7 +207,7 @@ class Executor:
             if len(pending) > 64:
                 pending = [(h, c) for h, c in pending if not self.transport.done(h)]
             if self.trace:
-                res.events.append(TraceEvent(self.rank, a, t0, time.perf_counter()))
+                res.events.append(Event(self.rank, a, t0 - self.t_origin, time.perf_counter() - self.t_origin))
         for h, ctx in pending:
             yield from self.transport.wait(h, ctx)
         if self.last in self.stages:

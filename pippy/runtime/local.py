@@ -8,6 +8,7 @@ The same schedule classes and executor run as under torchrun; only the transport
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch
 from pippy.frontend.pipe import Pipe
 from pippy.runtime.api import PipelineSchedule
 from pippy.runtime.comm import LocalTransport
-from pippy.runtime.executor import Executor, StepResult
+from pippy.runtime.executor import StepResult
 from pippy.runtime.stage import PipelineStage
+from pippy.sim.timeline import Timeline
 
 __all__ = ["LocalPipeline", "PipelineDeadlockError"]
 
@@ -43,8 +45,9 @@ class LocalPipeline:
         device: torch.device | str = "cpu",
         **options: Any,
     ) -> None:
+        sch = options.get("schedule")
         spr = max(1, pipe.num_stages // num_ranks)
-        placement = schedule_cls.placement(num_ranks, spr)
+        placement = sch.stage_to_rank if sch is not None else schedule_cls.placement(num_ranks, spr)
         if len(placement) != pipe.num_stages:
             raise ValueError(
                 f"{schedule_cls.__name__} on {num_ranks} ranks places {len(placement)} stages, pipe has {pipe.num_stages}"
@@ -53,12 +56,10 @@ class LocalPipeline:
         self.stages = [PipelineStage(pipe, s, device) for s in range(pipe.num_stages)]
         self.transports = LocalTransport.world(num_ranks)
         self.schedules: list[PipelineSchedule] = []
+        self.last_timeline: Timeline | None = None
         for r in range(num_ranks):
             mine = [self.stages[s] for s in range(pipe.num_stages) if placement[s] == r]
-            arg: Any = mine[0] if len(mine) == 1 and not schedule_cls.multi_stage else mine
-            self.schedules.append(
-                schedule_cls(arg, n_microbatches, loss_fn, transport=self.transports[r], **options)
-            )
+            self.schedules.append(schedule_cls(mine, n_microbatches, loss_fn, transport=self.transports[r], **options))
 
     def step(self, *args: Any, target: Any = None, losses: list[Any] | None = None, **kwargs: Any) -> Any:
         """A training step over all ranks; returns the merged output."""
@@ -72,13 +73,14 @@ class LocalPipeline:
     def _drive(self, args: tuple, kwargs: dict, target: Any, losses: list[Any] | None, training: bool) -> Any:
         n = self.pipe.num_stages
         runs: list[tuple[PipelineSchedule, Iterator[None]]] = []
+        origin = time.perf_counter()
         for sch in self.schedules:
             first, last = sch._holds(0), sch._holds(n - 1)
             inp = sch._inputs(args if first else (), kwargs if first else {}, target if last else None, training)
             plan = sch.schedule if training else sch._eval_schedule
             if plan is None:
                 raise ValueError(f"{type(sch).__name__} has no training schedule; use eval()")
-            runs.append((sch, Executor(sch.stages, plan, sch.transport, trace=sch.trace).run(inp)))
+            runs.append((sch, sch._executor(plan).run(inp, origin)))
         results: dict[int, StepResult] = {}
         try:
             while len(results) < len(runs):
@@ -104,6 +106,9 @@ class LocalPipeline:
             for st in self.stages:
                 st.clear()
             raise
+        if self.schedules[0].trace:
+            events = [e for r in sorted(results) for e in results[r].events]
+            self.last_timeline = Timeline.from_events(events, len(runs), name=self.schedules[0].name)
         out = None
         for r, (sch, _) in enumerate(runs):
             merged = sch._finish(results[r], losses)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,3 +117,25 @@ def readme_example(rank: int, world: int) -> float:
         return float((out - ref(x)).abs().max())
     assert out is None
     return 0.0
+
+
+def error_cases(rank: int, world: int) -> dict[str, str]:
+    """Errors under a real process group: wrong world size, and a peer that never answers (timeout)."""
+    out: dict[str, str] = {}
+    model, args, _, target, loss_fn, opts = build("mlp_spec", 3)
+    pipe3 = pipeline(model, 2, example_args=args, **opts)
+    try:
+        pippy.Schedule1F1B(pipe3.build_stage(rank, "cpu"), 2, loss_fn=loss_fn)
+    except pippy.StageError as exc:
+        out["world"] = str(exc)
+    model, args, _, target, loss_fn, opts = build("mlp_spec", 2)
+    pipe = pipeline(model, 2, example_args=args, **opts)
+    sched = pippy.ScheduleGPipe(pipe.build_stage(rank, "cpu"), 2, loss_fn=loss_fn, timeout=1.0)
+    if rank == 1:  # rank 0 never calls step(): rank 1 must time out with a useful message, not hang
+        try:
+            sched.step(target=target)
+        except pippy.PipeTimeoutError as exc:
+            out["timeout"] = str(exc)
+    else:
+        time.sleep(4)  # stay connected while rank 1 times out (a timed-out gloo pair cannot be reused)
+    return out

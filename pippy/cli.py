@@ -1,0 +1,297 @@
+"""Command line: ``python -m pippy {show,simulate,compare,tune,trace-compare} --help``.
+
+    >>> main(["show", "gpipe", "--ranks", "2", "--microbatches", "2"])  # doctest: +NORMALIZE_WHITESPACE
+    step     0   1   2   3
+    rank 0 0F0 0F1 0B1 0B0
+    rank 1 1F0 1F1 1B1 1B0
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from pippy.schedules.ir import Schedule
+    from pippy.sim.cost import CostModel
+    from pippy.sim.simulate import SimResult
+
+__all__ = ["main", "parse_size"]
+
+# the registry's names, kept here so that --help and errors need no imports
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb_h1", "zb_h2", "zbv", "dualpipev")
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 2**10, "kib": 2**10, "kb": 10**3,
+    "m": 2**20, "mib": 2**20, "mb": 10**6,
+    "g": 2**30, "gib": 2**30, "gb": 10**9,
+    "t": 2**40, "tib": 2**40, "tb": 10**12,
+}
+
+
+def parse_size(text: str) -> float:
+    """Parse a byte size: ``8GiB``, ``512MiB``, ``1e9``, ``2GB`` (decimal), ``4G`` (binary).
+
+        >>> parse_size("8GiB"), parse_size("512MiB"), parse_size("1e9"), parse_size("2GB")
+        (8589934592.0, 536870912.0, 1000000000.0, 2000000000.0)
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse size {text!r}: use a number with an optional unit B, KiB, MiB, GiB, TiB, KB, MB, GB, TB")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``prog: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _schedule_name(text: str) -> str:
+    key = text.strip().lower().replace("-", "_")
+    if key not in SCHEDULE_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown schedule {text!r}; valid names: {', '.join(SCHEDULE_NAMES)}")
+    return key
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4,8; got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4,8; got {text!r}")
+    return vals
+
+
+def _size(text: str) -> float:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(prog="pippy", description="Pipeline schedules: show, simulate, compare and tune them.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def shape(sp: argparse.ArgumentParser, need_ranks: bool = True) -> None:
+        sp.add_argument("--ranks", "-p", type=_positive, required=need_ranks, help="pipeline ranks (devices)")
+        sp.add_argument("--microbatches", "-m", type=_positive, required=True, help="micro-batches per step")
+
+    names = ", ".join(SCHEDULE_NAMES)
+    sp = sub.add_parser("show", help="print a schedule as a rank x step grid", description="Print a schedule as a rank x step grid.")
+    sp.add_argument("schedule", type=_schedule_name, help=f"one of: {names}")
+    shape(sp)
+    sp.add_argument("--lowered", action="store_true", help="show the schedule with SEND/RECV actions inserted")
+
+    sp = sub.add_parser("simulate", help="predict one step: timeline, bubble, memory", description="Simulate one training step.")
+    sp.add_argument("schedule", type=_schedule_name, help=f"one of: {names}")
+    shape(sp)
+    sp.add_argument("--costs", help="cost model JSON (default: unit costs F=I=W=1 per rank, B=2)")
+    sp.add_argument("--png", help="also draw the timeline to this PNG file (needs matplotlib)")
+    sp.add_argument("--trace", help="also write a Chrome/Perfetto trace JSON here")
+    sp.add_argument("--save-timeline", help="also write the predicted timeline JSON here (for trace-compare)")
+    sp.add_argument("--no-color", action="store_true", help="plain text without ANSI colours (also when not a terminal)")
+    sp.add_argument("--width", type=_positive, default=None, help="timeline width in characters (default: fit, at most 160)")
+
+    sp = sub.add_parser("compare", help="simulate every schedule side by side", description="Simulate every schedule.")
+    shape(sp)
+    sp.add_argument("--costs", help="cost model JSON (default: unit costs)")
+
+    sp = sub.add_parser("tune", help="pick schedule and micro-batch count under a memory limit",
+                        description="Recommend the fastest schedule and micro-batch count within a memory limit.")
+    sp.add_argument("--costs", required=True, help="cost model JSON (e.g. from pippy.sim.profile)")
+    sp.add_argument("--memory-limit", type=_size, required=True, help="per-rank limit, e.g. 8GiB, 512MiB, 1e9")
+    sp.add_argument("--ranks", "-p", type=_positive, help="pipeline ranks (default: stages in the cost model)")
+    sp.add_argument("--microbatches-choices", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64],
+                    help="micro-batch counts to try, comma separated (default 1,2,4,...,64)")
+
+    sp = sub.add_parser("trace-compare", help="predicted vs measured timeline table",
+                        description="Compare two timeline JSON files (predicted, measured).")
+    sp.add_argument("predicted", help="timeline JSON (simulate --save-timeline)")
+    sp.add_argument("measured", help="timeline JSON of a real run")
+    return p
+
+
+def _make(name: str, p: int, m: int) -> Schedule:
+    from pippy.schedules.generators import make_schedule
+
+    return make_schedule(name, p, m)
+
+
+def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
+    """Load (or default) costs, scale to the micro-batch count and fit the schedule's stage count."""
+    from pippy.sim.cost import CostModel
+
+    base = CostModel.from_json(path) if path else CostModel.uniform(ranks)
+    costs = base.for_microbatches(sch.n_microbatches) if path else base
+    return costs.rebin(sch.num_stages)
+
+
+def _sim(sch: Schedule, costs: CostModel) -> SimResult:
+    from pippy.sim.simulate import simulate
+
+    return simulate(sch, costs)
+
+
+def _fmt_list(xs: Sequence[float], fmt: str = "{:.1f}", limit: int = 16) -> str:
+    shown = [fmt.format(x) for x in xs[:limit]]
+    return "[" + ", ".join(shown) + (f", ... ({len(xs)} ranks)" if len(xs) > limit else "") + "]"
+
+
+def _cmd_show(a: argparse.Namespace) -> int:
+    from pippy.schedules.render_grid import grid
+
+    sch = _make(a.schedule, a.ranks, a.microbatches)
+    if a.lowered:
+        from pippy.schedules.lower import lower
+
+        sch = lower(sch)
+    print(grid(sch))
+    return 0
+
+
+def _cmd_simulate(a: argparse.Namespace) -> int:
+    from pippy.sim.render import format_bytes, format_time, render_png, render_text, write_chrome_trace
+
+    sch = _make(a.schedule, a.ranks, a.microbatches)
+    res = _sim(sch, _costs_for(a.costs, sch, a.ranks))
+    tl = res.timeline
+    color = not a.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(render_text(tl, width=a.width, color=color))
+    print(f"\n{sch.name}: {sch.num_ranks} ranks, {sch.num_stages} stages, {sch.n_microbatches} micro-batches")
+    print(f"step time: {format_time(res.step_time)}   mean bubble: {100 * res.mean_bubble:.1f}%")
+    print(f"{'rank':>6} {'busy':>10} {'bubble %':>9} {'peak memory':>12}")
+    for r in range(sch.num_ranks):
+        print(f"{r:>6} {format_time(res.busy[r]):>10} {100 * res.bubble[r]:>9.1f} {format_bytes(res.peak_memory[r]):>12}")
+    if a.png:
+        render_png(tl, a.png)
+        print(f"wrote {a.png}")
+    if a.trace:
+        write_chrome_trace(tl, a.trace)
+        print(f"wrote {a.trace}")
+    if a.save_timeline:
+        tl.to_json(a.save_timeline)
+        print(f"wrote {a.save_timeline}")
+    return 0
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from pippy.sim.render import format_bytes, format_time
+
+    rows, notes = [], []
+    for name in SCHEDULE_NAMES:
+        try:
+            sch = _make(name, a.ranks, a.microbatches)
+        except ValueError as e:
+            notes.append(f"{name}: skipped ({e})")
+            continue
+        res = _sim(sch, _costs_for(a.costs, sch, a.ranks))
+        rows.append((name, res))
+    print(f"{a.ranks} ranks, {a.microbatches} micro-batches, costs: {a.costs or 'unit (F=I=W=1 per rank, B=2)'}")
+    head = f"{'schedule':<17} {'step time':>10} {'bubble %':>9} {'max peak':>9}  peak memory per rank"
+    print(head)
+    print("-" * len(head))
+    best = min((r.step_time for _, r in rows), default=0.0)
+    for name, res in rows:
+        star = " *" if res.step_time == best else ""
+        print(f"{name:<17} {format_time(res.step_time):>10} {100 * res.mean_bubble:>9.1f} "
+              f"{format_bytes(max(res.peak_memory)):>9}  {_fmt_list([float(x) for x in res.peak_memory], '{:.4g}')}{star}")
+    print("(* fastest; bubble % is the mean over ranks)")
+    for n in notes:
+        print(n)
+    return 0
+
+
+def _cmd_tune(a: argparse.Namespace) -> int:
+    from pippy.sim.cost import CostModel
+    from pippy.sim.render import format_bytes, format_time
+
+    base = CostModel.from_json(a.costs)
+    ranks = a.ranks or base.num_stages
+    ok: list[tuple[float, str, int, float]] = []
+    over: list[tuple[str, int, float, float]] = []
+    invalid: list[str] = []
+    for name in SCHEDULE_NAMES:
+        for m in a.microbatches_choices:
+            try:
+                sch = _make(name, ranks, m)
+            except ValueError:
+                invalid.append(f"{name}/m={m}")
+                continue
+            res = _sim(sch, base.for_microbatches(m).rebin(sch.num_stages))
+            peak = max(res.peak_memory)
+            if peak <= a.memory_limit:
+                ok.append((res.step_time, name, m, peak))
+            else:
+                over.append((name, m, peak, res.step_time))
+    limit = format_bytes(a.memory_limit)
+    if not ok:
+        low = min(over, key=lambda x: x[2]) if over else None  # (name, m, peak, step)
+        print(f"no schedule fits {limit} per rank on {ranks} ranks" + (f"; the smallest peak is {low[0]} with m={low[1]}: {format_bytes(low[2])}" if low else ""))
+        return 1
+    ok.sort()
+    t, name, m, peak = ok[0]
+    print(f"recommended: {name} with {m} micro-batches on {ranks} ranks")
+    print(f"  predicted step time {format_time(t)}, peak memory {format_bytes(peak)} per rank (limit {limit})")
+    if len(ok) > 1:
+        print("  it beat (fastest alternatives within the limit):")
+        for t2, n2, m2, p2 in ok[1:6]:
+            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
+    if over:
+        faster = sorted((x for x in over if x[3] < t), key=lambda x: x[3])
+        print(f"  rejected for memory (> {limit}): {len(over)} configurations"
+              + (", of which faster than the pick:" if faster else ", none of them faster than the pick"))
+        for n2, m2, p2, t2 in faster[:5]:
+            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
+    if invalid:
+        print(f"  not possible for {ranks} ranks: {', '.join(invalid[:8])}" + (" ..." if len(invalid) > 8 else ""))
+    return 0
+
+
+def _cmd_trace_compare(a: argparse.Namespace) -> int:
+    from pippy.sim.render import compare_table
+    from pippy.sim.timeline import Timeline
+
+    print(compare_table(Timeline.from_json(a.predicted), Timeline.from_json(a.measured)))
+    return 0
+
+
+_COMMANDS = {"show": _cmd_show, "simulate": _cmd_simulate, "compare": _cmd_compare, "tune": _cmd_tune, "trace-compare": _cmd_trace_compare}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for a bad argument).
+
+        >>> main(["show", "nope", "-p", "2", "-m", "2"])  # doctest: +SKIP
+        pippy show: error: argument schedule: unknown schedule 'nope'; valid names: gpipe, 1f1b, ...
+        2
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"pippy {args.command}: error: {msg}", file=sys.stderr)
+        return 2

@@ -1,0 +1,225 @@
+"""Renderers for a Timeline (simulated or measured): terminal text, PNG, Chrome/Perfetto trace, compare table.
+
+    >>> from pippy.schedules.ir import Action
+    >>> from pippy.sim.timeline import Event
+    >>> t = Timeline([Event(0, Action.parse("0F0"), 0.0, 1.0), Event(1, Action.parse("1F0"), 1.0, 2.0)], 2)
+    >>> print(render_text(t, width=8, color=False))
+    rank 0 |F0  ....|
+    rank 1 |....F0  |
+            0     2s
+    legend: F forward, B backward, I input-grad, W weight-grad, . idle; lower case = a later stage on the rank
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pippy.schedules.ir import Kind
+from pippy.sim.timeline import Event, Timeline
+
+__all__ = ["compare_table", "format_bytes", "format_time", "render_png", "render_text", "to_chrome_trace", "write_chrome_trace"]
+
+_ANSI = {Kind.F: "\x1b[30;46m", Kind.B: "\x1b[30;45m", Kind.I: "\x1b[30;43m", Kind.W: "\x1b[30;42m"}
+_RESET = "\x1b[0m"
+_MPL_COLORS = {Kind.F: "#4db6d0", Kind.B: "#c77dcf", Kind.I: "#e8c547", Kind.W: "#6abf69"}
+_LEGEND = "legend: F forward, B backward, I input-grad, W weight-grad, . idle; lower case = a later stage on the rank"
+
+
+def format_time(seconds: float) -> str:
+    """Short human form of a duration: ``1.5s``, ``12.3ms``, ``40us``.
+
+        >>> format_time(0.0123), format_time(33.0)
+        ('12.3ms', '33s')
+    """
+    a = abs(seconds)
+    if a >= 1 or a == 0:
+        return f"{seconds:.4g}s"
+    if a >= 1e-3:
+        return f"{seconds * 1e3:.3g}ms"
+    return f"{seconds * 1e6:.3g}us"
+
+
+def format_bytes(n: float) -> str:
+    """Short human form of a size in binary units: ``1.5GiB``; plain numbers below 1 KiB.
+
+        >>> format_bytes(3 * 2**30), format_bytes(8)
+        ('3GiB', '8')
+    """
+    for unit, k in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= k:
+            return f"{n / k:.4g}{unit}"
+    return f"{n:.4g}"
+
+
+def _first_stage(tl: Timeline) -> dict[int, int]:
+    first: dict[int, int] = {}
+    for e in tl.events:
+        if e.rank not in first or e.action.stage < first[e.rank]:
+            first[e.rank] = e.action.stage
+    return first
+
+
+def render_text(tl: Timeline, *, width: int | None = None, color: bool = True, max_width: int = 160) -> str:
+    """One row per rank; compute actions as blocks labelled ``<kind><micro-batch>``, idle as dots.
+
+    ``width`` is the number of character cells for the whole step (default: about four cells per
+    action of the busiest rank, at most ``max_width``). With ``color`` the blocks get ANSI
+    backgrounds; without, the output is plain text. Kind letters are upper case for a rank's
+    first stage and lower case for its later stages (interleaved and V schedules).
+
+        >>> render_text(Timeline([], 1), color=False)
+        'rank 0 ||\\n(empty timeline)'
+    """
+    tl = tl.normalized()
+    step = tl.step_time
+    if step <= 0:
+        return "\n".join(f"rank {r} ||" for r in range(tl.num_ranks)) + "\n(empty timeline)"
+    per_rank = [0] * tl.num_ranks
+    for e in tl.events:
+        if e.action.kind.is_compute and 0 <= e.rank < tl.num_ranks:
+            per_rank[e.rank] += 1
+    if width is None:
+        width = min(max_width, max(20, 4 * max(per_rank, default=1)))
+    width = max(1, width)
+    scale = width / step
+    first = _first_stage(tl)
+    label_w = len(f"rank {tl.num_ranks - 1}")
+    by_rank: list[list[Event]] = [[] for _ in range(tl.num_ranks)]
+    for e in tl.events:
+        if e.action.kind.is_compute and 0 <= e.rank < tl.num_ranks:
+            by_rank[e.rank].append(e)
+    rows = []
+    for r in range(tl.num_ranks):
+        chars = ["."] * width
+        kinds: list[Kind | None] = [None] * width
+        for e in by_rank[r]:
+            lo = min(width - 1, round(e.start * scale))
+            hi = max(lo + 1, min(width, round(e.end * scale)))
+            letter = e.action.kind.value if e.action.stage == first.get(r) else e.action.kind.value.lower()
+            text = f"{letter}{e.action.mb}"
+            n = hi - lo
+            cells = (text + " " * n)[:n] if n >= len(text) else letter * n
+            for j in range(n):
+                chars[lo + j] = cells[j]
+                kinds[lo + j] = e.action.kind
+        rows.append(f"{f'rank {r}':<{label_w}} |{_paint(chars, kinds) if color else ''.join(chars)}|")
+    end_label = format_time(step)
+    axis = " " * (label_w + 2) + "0" + " " * max(1, width - 1 - len(end_label)) + end_label
+    return "\n".join([*rows, axis, _LEGEND])
+
+
+def _paint(chars: list[str], kinds: list[Kind | None]) -> str:
+    out: list[str] = []
+    cur: Kind | None = None
+    for ch, k in zip(chars, kinds):
+        if k is not cur:
+            if cur is not None:
+                out.append(_RESET)
+            if k is not None:
+                out.append(_ANSI.get(k, ""))
+            cur = k
+        out.append(ch)
+    if cur is not None:
+        out.append(_RESET)
+    return "".join(out)
+
+
+def render_png(tl: Timeline, path: str | Path, *, title: str | None = None) -> None:
+    """Draw the timeline as a Gantt chart PNG (needs matplotlib: ``pip install pippy[viz]``).
+
+        >>> render_png(Timeline([], 1), "/tmp/pippy_doctest.png")  # doctest: +SKIP
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("PNG output needs matplotlib: pip install pippy[viz]") from e
+    tl = tl.normalized()
+    step = tl.step_time or 1.0
+    fig_w = min(40.0, max(8.0, 0.25 * len(tl.events) / max(1, tl.num_ranks)))
+    fig, ax = plt.subplots(figsize=(fig_w, 0.5 * tl.num_ranks + 1.5))
+    first = _first_stage(tl)
+    bars: dict[tuple[int, Kind, bool], list[tuple[float, float]]] = {}
+    compute = [ev for ev in tl.events if ev.action.kind.is_compute]
+    for ev in compute:  # one bar collection per (rank, kind, stage group): fast for many events
+        bars.setdefault((ev.rank, ev.action.kind, ev.action.stage != first.get(ev.rank)), []).append((ev.start, ev.duration))
+    for (rank, kind, later), spans in bars.items():
+        ax.broken_barh(spans, (rank - 0.4, 0.8), facecolors=_MPL_COLORS.get(kind, "grey"),
+                       edgecolors="black", linewidth=0.3, alpha=0.65 if later else 1.0)
+    if len(compute) <= 600:
+        for ev in compute:
+            if ev.duration / step > 0.012:
+                ax.text(ev.start + ev.duration / 2, ev.rank, str(ev.action.mb), ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(tl.num_ranks), [f"rank {r}" for r in range(tl.num_ranks)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, step)
+    ax.set_xlabel("time (s)")
+    ax.set_title(title or tl.name or "pipeline timeline")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=k.value) for k, c in _MPL_COLORS.items()], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+
+
+def to_chrome_trace(tl: Timeline) -> dict[str, Any]:
+    """Chrome/Perfetto trace: one thread track per rank, ``"X"`` events, ts/dur in microseconds.
+
+        >>> from pippy.schedules.ir import Action
+        >>> from pippy.sim.timeline import Event
+        >>> d = to_chrome_trace(Timeline([Event(0, Action.parse("0F0"), 0.0, 1e-3)], 1))
+        >>> [e["dur"] for e in d["traceEvents"] if e["ph"] == "X"]
+        [1000.0]
+    """
+    o = tl.origin
+    ev: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": tl.name or "pipeline"}}]
+    for r in range(tl.num_ranks):
+        ev.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}})
+        ev.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": r, "args": {"sort_index": r}})
+    for e in tl.events:
+        a = e.action
+        ev.append({
+            "name": str(a), "cat": a.kind.value, "ph": "X", "pid": 0, "tid": e.rank,
+            "ts": (e.start - o) * 1e6, "dur": max(0.0, e.end - e.start) * 1e6,
+            "args": {"stage": a.stage, "microbatch": a.mb, "kind": a.kind.value},
+        })
+    return {"traceEvents": ev, "displayTimeUnit": "ms"}
+
+
+def write_chrome_trace(tl: Timeline, path: str | Path) -> None:
+    """Write ``to_chrome_trace(tl)`` to ``path`` (open in ui.perfetto.dev or chrome://tracing)."""
+    Path(path).write_text(json.dumps(to_chrome_trace(tl)) + "\n")
+
+
+def _err(pred: float, meas: float) -> str:
+    if meas == 0:
+        return "n/a" if pred != 0 else "0.0%"
+    return f"{100.0 * (pred - meas) / meas:+.1f}%"
+
+
+def compare_table(predicted: Timeline, measured: Timeline) -> str:
+    """Step time and per-rank bubble, predicted vs measured, with the relative error.
+
+        >>> from pippy.schedules.ir import Action
+        >>> from pippy.sim.timeline import Event
+        >>> a = Timeline([Event(0, Action.parse("0F0"), 0.0, 1.0)], 1)
+        >>> print(compare_table(a, a).splitlines()[2])
+        step time       1s            1s            +0.0%
+    """
+    n = max(predicted.num_ranks, measured.num_ranks)
+    head = f"{'metric':<15} {'predicted':<13} {'measured':<13} error"
+    lines = [head, "-" * len(head)]
+    ps, ms = predicted.step_time, measured.step_time
+    lines.append(f"{'step time':<15} {format_time(ps):<13} {format_time(ms):<13} {_err(ps, ms)}")
+    pb = predicted.bubbles() + [0.0] * (n - predicted.num_ranks)
+    mb = measured.bubbles() + [0.0] * (n - measured.num_ranks)
+    for r in range(n):
+        lines.append(f"{f'bubble rank {r}':<15} {100 * pb[r]:<13.1f} {100 * mb[r]:<13.1f} {_err(pb[r], mb[r])}")
+    lines.append("(bubble in % of the step; error = (predicted - measured) / measured)")
+    return "\n".join(lines)
+

@@ -1,0 +1,84 @@
+"""Bad input gets errors that say what was expected, what came, and how to fix it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import MarkedMLP, MLPStack, mse
+
+import pippy
+from pippy import PipeTraceError, SplitPoint, StageError, pipeline
+from pippy.runtime.comm import LocalTransport
+from pippy.runtime.local import LocalPipeline
+
+
+def test_split_point_naming_missing_module() -> None:
+    with pytest.raises(PipeTraceError, match=r"'blocks\.9' names no submodule.*Did you mean"):
+        pipeline(MLPStack(4).double(), 2, (torch.randn(4, 8, dtype=torch.float64),), split_spec={"blocks.9": SplitPoint.END})
+
+
+def test_split_spec_leaves_model_untouched() -> None:
+    model = MLPStack(2)
+    pipeline(model, 2, (torch.randn(4, 8),), split_spec={"blocks.0": SplitPoint.END})
+    assert "forward" not in model.blocks[0].__dict__
+
+
+def test_batch_smaller_than_microbatches() -> None:
+    with pytest.raises(ValueError, match=r"size 2 along dim 0, smaller than the 4 micro-batches"):
+        pipeline(MarkedMLP(2, 1).double(), 4, (torch.randn(2, 8, dtype=torch.float64),))
+    pipe = pipeline(MarkedMLP(2, 1).double(), 2, (torch.randn(4, 8, dtype=torch.float64),))
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=mse)
+    with pytest.raises(ValueError, match=r"smaller than the 4 micro-batches"):
+        lp.step(torch.randn(2, 8, dtype=torch.float64), target=torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_batch_not_divisible() -> None:
+    with pytest.raises(ValueError, match=r"does not split into 3 equal micro-batches.*multiple of 3"):
+        pipeline(MarkedMLP(2, 1), 3, (torch.randn(8, 8),))
+
+
+def test_target_missing_with_loss_fn() -> None:
+    pipe = pipeline(MarkedMLP(2, 1).double(), 2, (torch.randn(4, 8, dtype=torch.float64),))
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    with pytest.raises(StageError, match=r"rank 1, stage 1 \(last\): loss_fn is set but target is None"):
+        lp.step(torch.randn(4, 8, dtype=torch.float64))
+
+
+def test_wrong_microbatch_shape_names_the_leaf() -> None:
+    pipe = pipeline(MarkedMLP(2, 1).double(), 2, (torch.randn(4, 8, dtype=torch.float64),))
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    with pytest.raises(ValueError, match=r"micro-batch has shape \(3, 8\).*traced for \(2, 8\)"):
+        lp.step(torch.randn(6, 8, dtype=torch.float64), target=torch.randn(6, 4, dtype=torch.float64))
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.lin(x)
+        return -self.lin(x)
+
+
+def test_untraceable_model_suggests_pipe_split() -> None:
+    with pytest.raises(PipeTraceError, match=r"(?s)could not trace DataDependent.*data-dependent.*pipe_split"):
+        pipeline(DataDependent(), 2, (torch.randn(4, 4),))
+
+
+def test_no_loss_and_no_scalar_output() -> None:
+    pipe = pipeline(MarkedMLP(2, 1).double(), 2, (torch.randn(4, 8, dtype=torch.float64),))
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2)
+    with pytest.raises(StageError, match=r"needs a scalar loss: pass loss_fn"):
+        lp.step(torch.randn(4, 8, dtype=torch.float64))
+
+
+def test_wrong_stage_placement_for_multi_stage() -> None:
+    pipe = pipeline(MarkedMLP(4, 1).double(), 2, (torch.randn(4, 8, dtype=torch.float64),))
+    t = LocalTransport.world(2)
+    stages = [pipe.build_stage(0, "cpu"), pipe.build_stage(1, "cpu")]
+    with pytest.raises(StageError, match=r"rank 0 was given stages \[0, 1\] but the schedule places stages \[0, 2\]"):
+        pippy.ScheduleInterleaved1F1B(stages, 4, mse, transport=t[0])
+    with pytest.raises(StageError, match=r"world size is 2 but the pipe has 4 stages"):
+        pippy.Schedule1F1B(stages[0], 4, mse, transport=t[0])

@@ -1,0 +1,120 @@
+"""In-process (all ranks in one process) checks: every schedule is transparent, memory counts, CSV schedules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import MarkedMLP, SkipNet, mse
+
+import pippy
+from pippy import pipeline
+from pippy.runtime.api import PipelineSchedule
+from pippy.runtime.local import LocalPipeline
+from pippy.schedules.generators import make_schedule
+from pippy.schedules.lower import from_csv, to_csv
+
+SCHEDULES = [
+    (pippy.ScheduleGPipe, 4),
+    (pippy.Schedule1F1B, 4),
+    (pippy.ScheduleZBH1, 4),
+    (pippy.ScheduleZBH2, 4),
+    (pippy.ScheduleInterleaved1F1B, 2),
+    (pippy.ScheduleLoopedBFS, 2),
+    (pippy.ScheduleZBV, 2),
+    (pippy.ScheduleDualPipeV, 2),
+]
+
+
+def _setup(model: torch.nn.Module, n_mb: int, batch: int = 8):
+    torch.manual_seed(1)
+    ref = copy.deepcopy(model)
+    x = torch.randn(batch, 8, dtype=torch.float64)
+    out = ref(x)
+    tgt = torch.randn_like(out)
+    loss = mse(out, tgt)
+    loss.backward()
+    return ref, x, tgt, out, loss, pipeline(model, n_mb, (x,))
+
+
+def _check(lp: LocalPipeline, ref: torch.nn.Module, got_out, out, losses, loss) -> None:
+    assert torch.allclose(got_out, out, atol=1e-12, rtol=0)
+    assert len(losses) == lp.schedules[0].n_microbatches
+    assert abs(float(torch.stack(losses).mean() - loss)) < 1e-12
+    grads = lp.named_grads()
+    for name, p in ref.named_parameters():
+        assert grads[name] is not None, name
+        assert torch.allclose(grads[name], p.grad, atol=1e-12, rtol=0), name
+
+
+@pytest.mark.parametrize("model_fn", [lambda: MarkedMLP(4, 1), lambda: SkipNet(4)], ids=["mlp", "skip"])
+@pytest.mark.parametrize(("cls", "ranks"), SCHEDULES, ids=[c.__name__ for c, _ in SCHEDULES])
+def test_every_schedule_transparent(model_fn, cls, ranks) -> None:
+    torch.manual_seed(0)
+    ref, x, tgt, out, loss, pipe = _setup(model_fn().double(), 4)
+    lp = LocalPipeline(pipe, cls, num_ranks=ranks, n_microbatches=4, loss_fn=mse)
+    losses: list[torch.Tensor] = []
+    got = lp.step(x, target=tgt, losses=losses)
+    _check(lp, ref, got, out, losses, loss)
+    assert torch.allclose(lp.eval(x), out, atol=1e-12, rtol=0)
+    assert all(st.live_microbatches() == 0 for st in lp.stages)
+
+
+def test_more_microbatches_than_traced_chunks() -> None:
+    """The schedule's micro-batch count may differ from num_chunks when the micro-batch size matches."""
+    torch.manual_seed(0)
+    model = MarkedMLP(4, 1).double()
+    ref = copy.deepcopy(model)
+    pipe = pipeline(model, 2, (torch.randn(4, 8, dtype=torch.float64),))
+    x = torch.randn(16, 8, dtype=torch.float64)
+    tgt = torch.randn(16, 4, dtype=torch.float64)
+    loss = mse(ref(x), tgt)
+    loss.backward()
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=4, n_microbatches=8, loss_fn=mse)
+    losses: list[torch.Tensor] = []
+    lp.step(x, target=tgt, losses=losses)
+    assert abs(float(torch.stack(losses).mean() - loss)) < 1e-12
+    for name, p in ref.named_parameters():
+        assert torch.allclose(lp.named_grads()[name], p.grad, atol=1e-12), name
+
+
+@pytest.mark.parametrize(("cls", "expected"), [(pippy.Schedule1F1B, 4), (pippy.ScheduleGPipe, 8), (pippy.ScheduleZBH1, 4)])
+def test_live_activation_counts_rank0(cls, expected) -> None:
+    """1F1B holds at most p micro-batches on rank 0, GPipe all m (counts, not bytes)."""
+    torch.manual_seed(0)
+    model = MarkedMLP(4, 1).double()
+    pipe = pipeline(model, 8, (torch.randn(16, 8, dtype=torch.float64),))
+    lp = LocalPipeline(pipe, cls, num_ranks=4, n_microbatches=8, loss_fn=mse)
+    lp.step(torch.randn(16, 8, dtype=torch.float64), target=torch.randn(16, 4, dtype=torch.float64))
+    assert lp.schedules[0].last_peak_live[0] == expected
+
+
+def test_schedule_from_csv_runs(tmp_path) -> None:
+    torch.manual_seed(0)
+    ref, x, tgt, out, loss, pipe = _setup(SkipNet(4).double(), 4)
+    path = tmp_path / "zbv.csv"
+    to_csv(make_schedule("zbv", 2, 4), path)
+    sched = from_csv(path)
+    lp = LocalPipeline(pipe, PipelineSchedule, num_ranks=2, n_microbatches=4, loss_fn=mse, schedule=sched)
+    losses: list[torch.Tensor] = []
+    got = lp.step(x, target=tgt, losses=losses)
+    _check(lp, ref, got, out, losses, loss)
+
+
+def test_sum_reduction_matches_sum_loss() -> None:
+    torch.manual_seed(0)
+    model = MarkedMLP(2, 1).double()
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 8, dtype=torch.float64)
+    tgt = torch.randn(8, 4, dtype=torch.float64)
+
+    def sum_mse(o, t):
+        return torch.nn.functional.mse_loss(o, t, reduction="sum")
+
+    sum_mse(ref(x), tgt).backward()
+    pipe = pipeline(model, 4, (x,))
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=sum_mse, loss_reduction="sum")
+    lp.step(x, target=tgt)
+    for name, p in ref.named_parameters():
+        assert torch.allclose(lp.named_grads()[name], p.grad, atol=1e-11), name

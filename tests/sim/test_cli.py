@@ -1,0 +1,97 @@
+"""CLI: every command runs in-process and prints what it documents; bad arguments fail in one line."""
+
+import json
+
+import pytest
+
+from pippy.cli import main, parse_size
+from pippy.sim.cost import CostModel, StageCost
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("cmd", ["show", "simulate", "compare", "tune", "trace-compare"])
+def test_help(capsys, cmd: str) -> None:
+    rc, out, _ = _run(capsys, cmd, "--help")
+    assert rc == 0 and "usage: pippy " + cmd in out
+    assert _run(capsys, "--help")[0] == 0
+
+
+def test_show(capsys) -> None:
+    rc, out, _ = _run(capsys, "show", "1f1b", "--ranks", "4", "--microbatches", "8")
+    assert rc == 0
+    assert out.splitlines()[1].startswith("rank 0 0F0 0F1 0F2 0F3 0B0")
+    rc, out, _ = _run(capsys, "show", "1f1b", "--ranks", "2", "--microbatches", "2", "--lowered")
+    assert rc == 0 and "SEND_F" in out
+
+
+def test_simulate(capsys, tmp_path) -> None:
+    png, trace, tl = tmp_path / "a.png", tmp_path / "a.json", tmp_path / "tl.json"
+    rc, out, _ = _run(capsys, "simulate", "zbv", "--ranks", "8", "--microbatches", "32", "--no-color",
+                      "--png", str(png), "--trace", str(trace), "--save-timeline", str(tl))
+    assert rc == 0
+    assert sum(1 for ln in out.splitlines() if ln.startswith("rank ")) == 8
+    assert "\x1b[" not in out and "step time:" in out and "peak memory" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(trace.read_text())["traceEvents"]
+    rc, out, _ = _run(capsys, "trace-compare", str(tl), str(tl))
+    assert rc == 0 and "+0.0%" in out
+
+
+def test_simulate_with_costs_file(capsys, tmp_path) -> None:
+    p = tmp_path / "c.json"
+    CostModel(stages=[StageCost(f=0.01, i=0.01, w=0.01, act_bytes=2**30)] * 4, microbatches=8).to_json(p)
+    rc, out, _ = _run(capsys, "simulate", "1f1b", "-p", "4", "-m", "8", "--costs", str(p))
+    assert rc == 0 and "GiB" in out and "ms" in out
+
+
+def test_compare(capsys) -> None:
+    rc, out, _ = _run(capsys, "compare", "--ranks", "4", "--microbatches", "8")
+    assert rc == 0
+    for name in ("gpipe", "1f1b", "zb_h1", "zbv", "dualpipev"):
+        assert any(ln.startswith(name + " ") for ln in out.splitlines())
+
+
+def test_compare_skips_impossible(capsys) -> None:
+    rc, out, _ = _run(capsys, "compare", "--ranks", "4", "--microbatches", "1")
+    assert rc == 0 and "skipped" in out
+
+
+def test_tune(capsys, tmp_path) -> None:
+    p = tmp_path / "c.json"
+    CostModel(stages=[StageCost(f=0.01, i=0.01, w=0.01, act_bytes=2**30)] * 4, microbatches=1, latency=1e-3).to_json(p)
+    rc, out, _ = _run(capsys, "tune", "--costs", str(p), "--memory-limit", "900MiB", "--microbatches-choices", "1,2,4,8")
+    assert rc == 0
+    assert out.startswith("recommended: ")
+    assert "rejected for memory" in out and "it beat" in out
+    rc, out, _ = _run(capsys, "tune", "--costs", str(p), "--memory-limit", "1MiB")
+    assert rc == 1 and "no schedule fits" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["show", "nope", "-p", "2", "-m", "2"], "valid names: gpipe, 1f1b"),
+        (["simulate", "1f1b", "-p", "0", "-m", "2"], "--ranks"),
+        (["tune", "--costs", "x.json", "--memory-limit", "8 parsecs"], "--memory-limit"),
+        (["tune", "--costs", "x.json", "--memory-limit", "1G", "--microbatches-choices", "a,b"], "--microbatches-choices"),
+        (["frobnicate"], "invalid choice"),
+        (["simulate", "1f1b", "-p", "2", "-m", "2", "--costs", "/nonexistent.json"], "nonexistent"),
+    ],
+)
+def test_bad_arguments_one_line(capsys, argv: list[str], needle: str) -> None:
+    rc, _out, err = _run(capsys, *argv)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_parse_size() -> None:
+    assert parse_size("8GiB") == 8 * 2**30
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1e9") == 1e9
+    with pytest.raises(ValueError):
+        parse_size("lots")

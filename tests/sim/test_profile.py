@@ -1,0 +1,24 @@
+"""profile(): a two-stage Pipe gives a CostModel with positive times and sizes."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_profile_two_stages(tmp_path) -> None:
+    from pippy import SplitPoint, pipeline
+    from pippy.sim.cost import CostModel
+    from pippy.sim.profile import profile
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    pipe = pipeline(net, 2, example_args=(x,), split_spec={"2": SplitPoint.BEGINNING})
+    c = profile(pipe, (x,), repeats=1)
+    assert c.num_stages == 2 and c.microbatches == 2
+    assert all(s.f > 0 for s in c.stages)
+    assert c.stages[1].i > 0  # stage 1's input comes from stage 0 and needs a gradient
+    assert c.stages[0].send_bytes == 4 * 32 * 4  # micro-batch of 4 rows x 32 float32
+    assert c.stages[1].send_bytes == 0
+    assert c.stages[0].act_bytes > 0 and c.stages[0].static_bytes == 2 * 4 * (16 * 32 + 32)
+    c.to_json(tmp_path / "c.json")
+    assert CostModel.from_json(tmp_path / "c.json") == c
