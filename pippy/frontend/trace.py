@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
+import sys
+import traceback
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
@@ -112,12 +115,40 @@ def export_module(
         return torch.export.export(module, args, kwargs or {}, strict=False)
     except Exception as exc:  # torch.export raises many types; we wrap them all
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = _user_frame(exc)
+        at = f"\n  at {where}" if where else ""
         raise PipeTraceError(
-            f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: {first}\n"
-            "How to fix: make forward traceable (no data-dependent Python control flow on tensor values, "
-            "no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move the "
+            f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: {first}{at}\n"
+            f"{_kind_hint(exc)}How to fix: make forward traceable (no data-dependent Python control flow on tensor "
+            "values, no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move the "
             "data-dependent part outside the model, replace `if x.sum() > 0:` with torch.where or torch.cond, "
             "pass configuration as Python values, or split around the offending code with pipe_split() / "
             "annotate_split_points so it lands in a stage you can trace separately. "
             f"Full export error above (chained as __cause__)."
         ) from exc
+
+
+_LIB_DIRS = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (torch, sys.modules[__name__.split(".")[0]]))
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """``file:line in func: code`` of the innermost traceback frame outside torch and pippy, if any."""
+    found = None
+    for fr in traceback.extract_tb(exc.__traceback__):
+        fname = os.path.abspath(fr.filename)
+        if fname.startswith(_LIB_DIRS) or fr.filename.startswith("<") or os.sep + "functools.py" in fname:
+            continue
+        found = f"{fr.filename}:{fr.lineno} in {fr.name}: {(fr.line or '').strip()}"
+    return found
+
+
+def _kind_hint(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if "DataDependent" in name or "data-dependent" in str(exc):
+        return (
+            "The failing construct is data-dependent control flow: Python branched on a tensor's value "
+            "(`if tensor...`, bool(tensor), .item()), which a trace cannot record.\n"
+        )
+    if "Unsupported" in name:
+        return "The failing construct is Python the tracer does not support.\n"
+    return ""
