@@ -72,6 +72,14 @@ class Executor:
             for j, cons in enumerate(info.consumers):
                 for d, k in cons:
                     self._edge_id[(info.index, j, d, k)] = len(self._edge_id)
+        # receive prefetch: each RECV is posted just before the compute action preceding it
+        self._prefetch_at: dict[int, list[int]] = {}
+        last_compute = -1
+        for idx, act in enumerate(self.actions):
+            if act.kind.is_compute:
+                last_compute = idx
+            elif act.kind in (Kind.RECV_F, Kind.RECV_B) and last_compute >= 0:
+                self._prefetch_at.setdefault(last_compute, []).append(idx)
         split = {a.stage for a in self.actions if a.kind is Kind.I}
         self.split_backward = split
         for st in stages:
@@ -100,7 +108,10 @@ class Executor:
         outputs_by_mb: dict[int, Any] = {}
         self._eval_cache = {}
         dev = next(iter(self.stages.values())).device
-        for a in self.actions:
+        prefetched: dict[int, list[tuple[Any, WaitContext, int, Any]]] = {}
+        for idx, a in enumerate(self.actions):
+            for j in self._prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
+                prefetched[j] = self._post(self.actions[j], dev)
             t0 = time.perf_counter() if self.trace else 0.0
             s, i = a.stage, a.mb
             info = self.infos[s]
@@ -139,37 +150,14 @@ class Executor:
                             pending.append((h, self._ctx(a, peer, f"send output {j} to stage {d}")))
             elif kind is Kind.RECV_F:
                 got: dict[int, Any] = {}
-                waits = []
-                for k, ref in enumerate(info.inputs):
-                    if ref.src_stage == USER:
-                        continue
-                    peer = self.stage_to_rank[ref.src_stage]
-                    meta = info.input_meta[k]
-                    if peer == self.rank:
-                        continue
-                    if not meta.is_tensor:
-                        got[k] = meta.const
-                        continue
-                    buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
-                    h = self.transport.irecv(buf, peer, self._tag(ref.src_stage, ref.index, s, k, False, i, m))
-                    waits.append((h, self._ctx(a, peer, f"input {k} ({info.input_names[k]}) from stage {ref.src_stage}")))
+                for h, ctx, k, buf in prefetched.pop(idx, None) or self._post(a, dev):
+                    if h is not None:
+                        yield from self.transport.wait(h, ctx)
                     got[k] = buf
-                for h, ctx in waits:
-                    yield from self.transport.wait(h, ctx)
                 recv_f[(s, i)] = got
             elif kind is Kind.RECV_B:
                 acc = grad_acc.setdefault((s, i), [None] * len(info.outputs))
-                bwaits: list[tuple[Any, WaitContext, int, torch.Tensor]] = []
-                for j, cons in enumerate(info.consumers):
-                    meta = info.outputs[j]
-                    for d, k in cons:
-                        peer = self.stage_to_rank[d]
-                        if peer == self.rank or not meta.requires_grad:
-                            continue
-                        buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
-                        h = self.transport.irecv(buf, peer, self._tag(s, j, d, k, True, i, m))
-                        bwaits.append((h, self._ctx(a, peer, f"grad of output {j} from stage {d}"), j, buf))
-                for h, ctx, j, buf in bwaits:
+                for h, ctx, j, buf in prefetched.pop(idx, None) or self._post(a, dev):
                     yield from self.transport.wait(h, ctx)
                     acc[j] = buf if acc[j] is None else acc[j] + buf
             elif kind in (Kind.B, Kind.I):
@@ -216,6 +204,36 @@ class Executor:
             yield from self._sync_shared()
         self._eval_cache = {}
         return res
+
+    def _post(self, a: Action, dev: torch.device) -> list[tuple[Any, WaitContext, int, Any]]:
+        """Post the receives of a RECV_F / RECV_B action: (handle or None, context, slot, buffer)."""
+        m = self.schedule.n_microbatches
+        s, i = a.stage, a.mb
+        info = self.infos[s]
+        out: list[tuple[Any, WaitContext, int, Any]] = []
+        if a.kind is Kind.RECV_F:
+            for k, ref in enumerate(info.inputs):
+                if ref.src_stage == USER or self.stage_to_rank[ref.src_stage] == self.rank:
+                    continue
+                peer = self.stage_to_rank[ref.src_stage]
+                meta = info.input_meta[k]
+                ctx = self._ctx(a, peer, f"input {k} ({info.input_names[k]}) from stage {ref.src_stage}")
+                if not meta.is_tensor:
+                    out.append((None, ctx, k, meta.const))
+                    continue
+                buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
+                out.append((self.transport.irecv(buf, peer, self._tag(ref.src_stage, ref.index, s, k, False, i, m)), ctx, k, buf))
+        else:
+            for j, cons in enumerate(info.consumers):
+                meta = info.outputs[j]
+                for d, k in cons:
+                    peer = self.stage_to_rank[d]
+                    if peer == self.rank or not meta.requires_grad:
+                        continue
+                    buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
+                    h = self.transport.irecv(buf, peer, self._tag(s, j, d, k, True, i, m))
+                    out.append((h, self._ctx(a, peer, f"grad of output {j} from stage {d}"), j, buf))
+        return out
 
     def _has_send_b(self, s: int) -> bool:
         # mirrors lower(): a SEND_B follows whenever any producer is remote (it may carry no gradient)

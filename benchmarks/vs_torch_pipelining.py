@@ -1,0 +1,188 @@
+"""pippy vs torch.distributed.pipelining: same model, same split, same batch, same schedule, alternating steps.
+
+Run:  .venv/bin/torchrun --nproc-per-node 2 benchmarks/vs_torch_pipelining.py [--steps 12] [--workloads mlp,gpt2]
+      [--schedules gpipe,1f1b,interleaved_1f1b,looped_bfs,zbv,dualpipev]
+
+Both runtimes execute the very same stage modules (pippy's traced and split GraphModules, deep
+copied), so the comparison isolates the pipeline runtime: scheduling, communication, backward
+splitting. Each rank uses one thread. Rank 0 prints the median step time of each side and the
+ratio pippy/peer (below 1.0 means pippy is faster). Multi-stage schedules use 2 stages per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import pipelining as peer
+
+import pippy
+from pippy import SplitPoint, pipeline
+
+
+class Block(nn.Module):
+    """Residual Linear(d, 4d) -> ReLU -> Linear(4d, d)."""
+
+    def __init__(self, d: int = 512, h: int = 2048) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class MLP(nn.Module):
+    """8 residual blocks."""
+
+    def __init__(self, n: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block() for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def mlp_workload(n_stages: int) -> tuple[nn.Module, tuple, torch.Tensor, Callable, dict, int]:
+    """MLP stack, batch 64, 8 micro-batches."""
+    torch.manual_seed(0)
+    model = MLP()
+    per = 8 // n_stages
+    spec = {f"blocks.{per * (i + 1) - 1}": SplitPoint.END for i in range(n_stages - 1)}
+    x, y = torch.randn(64, 512), torch.randn(64, 512)
+    return model, (x,), y, F.mse_loss, spec, 8
+
+
+def gpt2_workload(n_stages: int) -> tuple[nn.Module, tuple, torch.Tensor, Callable, dict, int]:
+    """GPT-2 from config: 4 layers, width 256, sequence 128, batch 16, 4 micro-batches."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2048, n_positions=128, use_cache=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    per = 4 // n_stages
+    spec = {f"transformer.h.{per * (i + 1) - 1}": SplitPoint.END for i in range(n_stages - 1)}
+    x, y = torch.randint(0, 2048, (16, 128)), torch.randint(0, 2048, (16, 128))
+
+    def loss(out: Any, t: torch.Tensor) -> torch.Tensor:
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1))
+
+    return model, (x,), y, loss, spec, 4
+
+
+WORKLOADS = {"mlp": mlp_workload, "gpt2": gpt2_workload}
+# name -> (pippy class, peer class, stages per rank)
+SCHEDULES: dict[str, tuple[Any, Any, int]] = {
+    "gpipe": (pippy.ScheduleGPipe, peer.ScheduleGPipe, 1),
+    "1f1b": (pippy.Schedule1F1B, peer.Schedule1F1B, 1),
+    "interleaved_1f1b": (pippy.ScheduleInterleaved1F1B, peer.ScheduleInterleaved1F1B, 2),
+    "looped_bfs": (pippy.ScheduleLoopedBFS, peer.ScheduleLoopedBFS, 2),
+    "zbv": (pippy.ScheduleZBV, peer.ScheduleZBVZeroBubble, 2),
+    "dualpipev": (pippy.ScheduleDualPipeV, peer.ScheduleDualPipeV, 2),
+}
+
+
+class _PeerWrap(nn.Module):
+    """Peer stages pass tensors positionally and want a tensor (or tuple) back; unwrap 1-tuples."""
+
+    def __init__(self, gm: nn.Module, last: bool, unflatten: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.gm, self.last, self.unflatten = gm, last, unflatten
+
+    def forward(self, *xs: torch.Tensor) -> Any:
+        out = self.gm(*xs)
+        if self.last:
+            res = self.unflatten(out)
+            return res.logits if hasattr(res, "logits") else res
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple[float, float] | None:
+    """Median step seconds (pippy, peer) for one workload and schedule."""
+    ours_cls, peer_cls, spr = SCHEDULES[sched]
+    n_stages = world * spr
+    model, args, target, loss_fn, spec, n_mb = WORKLOADS[workload](n_stages)
+    pipe = pipeline(model, n_mb, example_args=args, split_spec=spec)
+    placement = ours_cls.placement(world, spr)
+    mine = [s for s in range(n_stages) if placement[s] == rank]
+    ours_stages = [pipe.build_stage(s, "cpu") for s in mine]
+    ours = ours_cls(ours_stages[0] if spr == 1 else ours_stages, n_mb, loss_fn=loss_fn)
+
+    def peer_loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss_fn(out, t)
+
+    mb_args = tuple(a.chunk(n_mb)[0] for a in args)
+    peer_stages = []
+    for s in mine:
+        gm = copy.deepcopy(pipe.get_stage_module(s))
+        mod = _PeerWrap(gm, s == n_stages - 1, pipe.unflatten_output)
+        peer_stages.append(peer.PipelineStage(mod, s, n_stages, torch.device("cpu")))
+    # infer shapes: the peer runs a metadata exchange on first use; give it a micro-batch
+    del mb_args
+    theirs = peer_cls(peer_stages[0] if spr == 1 else peer_stages, n_mb, loss_fn=peer_loss)
+    first, last = placement[0] == rank, placement[-1] == rank
+
+    def run_ours() -> None:
+        for st in ours_stages:
+            st.submod.zero_grad()
+        ours.step(*(args if first else ()), target=target if last else None)
+
+    def run_theirs() -> None:
+        for st in peer_stages:
+            st.submod.zero_grad()
+        theirs.step(*(args if first else ()), target=target if last else None)
+
+    t_ours, t_theirs = [], []
+    for i in range(steps + 2):
+        for fn, acc in ((run_ours, t_ours), (run_theirs, t_theirs)) if i % 2 == 0 else ((run_theirs, t_theirs), (run_ours, t_ours)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            if i >= 2:  # warm-up
+                acc.append(time.perf_counter() - t0)
+    return statistics.median(t_ours), statistics.median(t_theirs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--workloads", default="mlp,gpt2")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    rows = []
+    for w in a.workloads.split(","):
+        for s in a.schedules.split(","):
+            try:
+                res = bench(w, s, a.steps, rank, world)
+            except Exception as exc:  # report and go on: one failing peer schedule must not hide the rest
+                if rank == 0:
+                    print(f"{w:5s} {s:17s} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}", flush=True)
+                dist.barrier()
+                continue
+            if rank == 0 and res is not None:
+                ours, theirs = res
+                rows.append((w, s, ours, theirs))
+                print(f"{w:5s} {s:17s} pippy {ours * 1e3:8.1f} ms   torch.distributed.pipelining {theirs * 1e3:8.1f} ms   "
+                      f"ratio {ours / theirs:5.2f}", flush=True)
+    if rank == 0:
+        print("\nworkload schedule           pippy ms   peer ms   ratio (pippy/peer, <1 is faster)")
+        for w, s, o, t in rows:
+            print(f"{w:8s} {s:17s} {o * 1e3:9.1f} {t * 1e3:9.1f}   {o / t:5.2f}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
