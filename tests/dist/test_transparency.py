@@ -18,6 +18,11 @@ def _check(reports: list[dict[str, dict[str, float]]], expect_keys: list[str]) -
         assert len(last) == 1, key
         assert last[0]["out"] < TOL and last[0]["loss"] < TOL and last[0]["eval"] < TOL, (key, last[0])
         assert last[0]["n_losses"] == 4
+        sched = key.split("/")[1]
+        if sched == "gpipe":  # GPipe keeps every micro-batch's activations; 1F1B at most p on rank 0
+            assert reports[0][key]["peak_live"] == 4
+        elif sched == "1f1b":
+            assert reports[0][key]["peak_live"] == len(reports)
 
 
 def test_world2_single_stage_schedules(tmp_path: pytest.TempPathFactory) -> None:

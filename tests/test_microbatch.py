@@ -1,0 +1,40 @@
+"""Micro-batch split / merge round trips over pytrees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pippy.microbatch import Replicate, Sum, TensorChunkSpec, merge_chunks, split_batch, split_value
+
+
+def test_split_merge_round_trip_nested() -> None:
+    value = {"a": torch.arange(12).view(4, 3), "b": [torch.ones(4, 2), (torch.zeros(4), "tag")], "c": 3}
+    parts = split_value(value, 2)
+    assert parts[0]["a"].shape == (2, 3) and parts[1]["b"][1][1] == "tag" and parts[0]["c"] == 3
+    merged = merge_chunks(parts)
+    assert torch.equal(merged["a"], value["a"]) and torch.equal(merged["b"][0], value["b"][0])
+
+
+def test_split_along_other_dim_and_replicate() -> None:
+    x = torch.arange(24).view(2, 12)
+    mbs = split_batch((x, torch.ones(3)), {"k": torch.zeros(6)}, 3, args_spec=(TensorChunkSpec(1), Replicate()))
+    assert mbs[0][0][0].shape == (2, 4) and mbs[2][0][1].shape == (3,) and mbs[1][1]["k"].shape == (2,)
+    assert torch.equal(merge_chunks([m[0][0] for m in mbs], TensorChunkSpec(1)), x)
+
+
+def test_scalar_outputs_merge_as_mean_or_sum() -> None:
+    chunks = [torch.tensor(1.0), torch.tensor(3.0)]
+    assert merge_chunks(chunks).item() == 2.0
+    assert merge_chunks(chunks, Sum()).item() == 4.0
+
+
+@pytest.mark.parametrize(("size", "n", "msg"), [(2, 4, "smaller than the 4"), (10, 4, "multiple of 4")])
+def test_bad_batch_sizes(size: int, n: int, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        split_value(torch.zeros(size, 2), n)
+
+
+def test_spec_structure_mismatch() -> None:
+    with pytest.raises(ValueError, match="chunk spec"):
+        split_batch((torch.zeros(4), torch.zeros(4)), {}, 2, args_spec=(TensorChunkSpec(0),))
