@@ -182,19 +182,29 @@ class PipelineSchedule:
         return ex
 
     def _merge(self, res: StepResult) -> Any:
-        if not self._holds(self.pipe.num_stages - 1):
+        if not self._holds(self.pipe.num_stages - 1) or not res.outputs:
             return None
         return merge_chunks(res.outputs, self.output_merge_spec)
 
-    def step(self, *args: Any, target: Any = None, losses: list[Any] | None = None, **kwargs: Any) -> Any:
+    def step(
+        self,
+        *args: Any,
+        target: Any = None,
+        losses: list[Any] | None = None,
+        return_outputs: bool = True,
+        **kwargs: Any,
+    ) -> Any:
         """One training step over the batch: forward and backward of every micro-batch.
 
         Gradients accumulate into each stage's parameters (call ``optimizer.zero_grad()`` between
-        steps). Returns the merged output on the rank holding the last stage, else None.
+        steps). Returns the merged output on the rank holding the last stage, else None;
+        ``return_outputs=False`` saves the memory of keeping every micro-batch's output.
         """
         if self.schedule is None:
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
-        res = self._run(self.schedule, self._inputs(args, kwargs, target, True))
+        inp = self._inputs(args, kwargs, target, True)
+        inp.keep_outputs = return_outputs
+        res = self._run(self.schedule, inp)
         return self._finish(res, losses)
 
     def _finish(self, res: StepResult, losses: list[Any] | None) -> Any:

@@ -36,6 +36,7 @@ class StepInputs:
     loss_fn: Callable[..., torch.Tensor] | None
     training: bool
     loss_scale: float = 1.0
+    keep_outputs: bool = True
 
 
 @dataclass(slots=True)
@@ -80,6 +81,10 @@ class Executor:
                 last_compute = idx
             elif act.kind in (Kind.RECV_F, Kind.RECV_B) and last_compute >= 0:
                 self._prefetch_at.setdefault(last_compute, []).append(idx)
+        # mirrors lower(): a SEND_B follows B/I whenever any producer is remote (it may carry no gradient)
+        self._send_b_stages = {
+            s for s in self.stages if any(r.src_stage != USER and self.stage_to_rank[r.src_stage] != self.rank for r in self.infos[s].inputs)
+        }
         split = {a.stage for a in self.actions if a.kind is Kind.I}
         self.split_backward = split
         for st in stages:
@@ -133,7 +138,8 @@ class Executor:
                         loss = self._loss(a, out, inp)
                         stage.set_loss(i, loss * inp.loss_scale)
                         res.losses.append(loss.detach())
-                    outputs_by_mb[i] = _detach(out)
+                    if inp.keep_outputs:
+                        outputs_by_mb[i] = _detach(out)
                 if inp.training:
                     live = sum(st.live_microbatches() for st in self.stages.values())
                     res.peak_live[self.rank] = max(res.peak_live.get(self.rank, 0), live)
@@ -190,7 +196,7 @@ class Executor:
                     g = torch.zeros(meta.shape or (), dtype=meta.dtype, device=dev) if g is None else g.contiguous()
                     h = self.transport.isend(g, peer, self._tag(ref.src_stage, ref.index, s, k, True, i, m))
                     pending.append((h, self._ctx(a, peer, f"send grad of input {k} to stage {ref.src_stage}")))
-            if kind in (Kind.B, Kind.I) and not self._has_send_b(s):
+            if kind in (Kind.B, Kind.I) and s not in self._send_b_stages:
                 in_grads.pop((s, i), None)
             if len(pending) > 64:
                 pending = [(h, c) for h, c in pending if not self.transport.done(h)]
@@ -198,7 +204,7 @@ class Executor:
                 res.events.append(Event(self.rank, a, t0 - self.t_origin, time.perf_counter() - self.t_origin))
         for h, ctx in pending:
             yield from self.transport.wait(h, ctx)
-        if self.last in self.stages:
+        if self.last in self.stages and outputs_by_mb:
             res.outputs = [outputs_by_mb[i] for i in sorted(outputs_by_mb)]
         if inp.training and self.pipe.shared:
             yield from self._sync_shared()
@@ -212,9 +218,13 @@ class Executor:
         info = self.infos[s]
         out: list[tuple[Any, WaitContext, int, Any]] = []
         if a.kind is Kind.RECV_F:
-            for k, ref in enumerate(info.inputs):
-                if ref.src_stage == USER or self.stage_to_rank[ref.src_stage] == self.rank:
-                    continue
+            # edge-id order = the order the producer's SEND_F posts them (NCCL matches in order per pair)
+            remote = [
+                (self._edge_id[(ref.src_stage, ref.index, s, k)], k, ref)
+                for k, ref in enumerate(info.inputs)
+                if ref.src_stage != USER and self.stage_to_rank[ref.src_stage] != self.rank
+            ]
+            for _, k, ref in sorted(remote):
                 peer = self.stage_to_rank[ref.src_stage]
                 meta = info.input_meta[k]
                 ctx = self._ctx(a, peer, f"input {k} ({info.input_names[k]}) from stage {ref.src_stage}")
@@ -234,10 +244,6 @@ class Executor:
                     h = self.transport.irecv(buf, peer, self._tag(s, j, d, k, True, i, m))
                     out.append((h, self._ctx(a, peer, f"grad of output {j} from stage {d}"), j, buf))
         return out
-
-    def _has_send_b(self, s: int) -> bool:
-        # mirrors lower(): a SEND_B follows whenever any producer is remote (it may carry no gradient)
-        return any(r.src_stage != USER and self.stage_to_rank[r.src_stage] != self.rank for r in self.infos[s].inputs)
 
     # ------------------------------------------------------------------ forward details
     _eval_cache: dict[tuple[int, int], tuple[Any, ...]]

@@ -38,8 +38,15 @@ class _MbState:
 
 
 def _materialize(module: fx.GraphModule, device: torch.device) -> fx.GraphModule:
-    """A copy of ``module`` on ``device`` with its own parameters (aliasing inside it kept)."""
+    """A copy of ``module`` on ``device`` with its own parameters (aliasing inside it kept).
+
+    Meta tensors (a model built under ``torch.device("meta")``) become NaN placeholders on
+    ``device``: fill them with ``pippy.frontend.materialize.materialize_stage``.
+    """
+    from pippy.frontend.materialize import replace_meta
+
     mod = copy.deepcopy(module)
+    replace_meta(mod, device)
     return mod.to(device)
 
 
