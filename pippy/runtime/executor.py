@@ -85,6 +85,13 @@ class Executor:
         self._send_b_stages = {
             s for s in self.stages if any(r.src_stage != USER and self.stage_to_rank[r.src_stage] != self.rank for r in self.infos[s].inputs)
         }
+        self._send_b_order = {  # edge-id order, matching the producer's RECV_B
+            s: sorted(
+                ((k, r) for k, r in enumerate(self.infos[s].inputs) if r.src_stage != USER),
+                key=lambda kr, s=s: self._edge_id[(kr[1].src_stage, kr[1].index, s, kr[0])],
+            )
+            for s in self.stages
+        }
         split = {a.stage for a in self.actions if a.kind is Kind.I}
         self.split_backward = split
         for st in stages:
@@ -185,7 +192,7 @@ class Executor:
                 if (s, i) not in in_grads:
                     raise StageError(f"rank {self.rank}: {a} has no input gradients; SEND_B must follow B or I")
                 gin = in_grads.pop((s, i))
-                for k, ref in enumerate(info.inputs):
+                for k, ref in self._send_b_order[s]:
                     meta = info.input_meta[k]
                     if ref.src_stage == USER or not meta.requires_grad:
                         continue
