@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pippy.frontend.split import USER
+from pippy.frontend.split import USER, InputRef
 from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.stage import PipelineStage, StageError
 from pippy.schedules.ir import Action, Kind, Schedule
@@ -85,13 +85,10 @@ class Executor:
         self._send_b_stages = {
             s for s in self.stages if any(r.src_stage != USER and self.stage_to_rank[r.src_stage] != self.rank for r in self.infos[s].inputs)
         }
-        self._send_b_order = {  # edge-id order, matching the producer's RECV_B
-            s: sorted(
-                ((k, r) for k, r in enumerate(self.infos[s].inputs) if r.src_stage != USER),
-                key=lambda kr, s=s: self._edge_id[(kr[1].src_stage, kr[1].index, s, kr[0])],
-            )
-            for s in self.stages
-        }
+        self._send_b_order: dict[int, list[tuple[int, InputRef]]] = {}  # edge-id order, as the producer's RECV_B
+        for s in self.stages:
+            ins = [(self._edge_id[(r.src_stage, r.index, s, k)], k, r) for k, r in enumerate(self.infos[s].inputs) if r.src_stage != USER]
+            self._send_b_order[s] = [(k, r) for _, k, r in sorted(ins, key=lambda e: e[0])]
         split = {a.stage for a in self.actions if a.kind is Kind.I}
         self.split_backward = split
         for st in stages:
