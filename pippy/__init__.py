@@ -1,25 +1,34 @@
 """pippy: pipeline parallelism for PyTorch — trace an unchanged nn.Module, split it into stages, run any schedule.
 
     >>> from pippy import pipeline, annotate_split_points, pipe_split, Pipe, SplitPoint
+
+The public names are imported lazily (PEP 562), so ``python -m pippy --help`` and the schedule
+and simulator modules start without importing torch.
 """
 
-from pippy.frontend.pipe import Pipe, pipeline
-from pippy.frontend.trace import PipeTraceError, SplitPoint, annotate_split_points, pipe_split
-from pippy.microbatch import Replicate, Sum, TensorChunkSpec
-from pippy.runtime.api import (
-    PipelineSchedule,
-    Schedule1F1B,
-    ScheduleDualPipeV,
-    ScheduleFromCSV,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleLoopedBFS,
-    ScheduleZBH1,
-    ScheduleZBH2,
-    ScheduleZBV,
-)
-from pippy.runtime.comm import PipeCommError, PipeTimeoutError
-from pippy.runtime.stage import PipelineStage, StageError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pippy.frontend.pipe import Pipe, pipeline
+    from pippy.frontend.trace import PipeTraceError, SplitPoint, annotate_split_points, pipe_split
+    from pippy.microbatch import Replicate, Sum, TensorChunkSpec
+    from pippy.runtime.api import (
+        PipelineSchedule,
+        Schedule1F1B,
+        ScheduleDualPipeV,
+        ScheduleFromCSV,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+        ScheduleLoopedBFS,
+        ScheduleZBH1,
+        ScheduleZBH2,
+        ScheduleZBV,
+    )
+    from pippy.runtime.comm import PipeCommError, PipeTimeoutError
+    from pippy.runtime.stage import PipelineStage, StageError
 
 __all__ = [
     "Pipe",
@@ -46,3 +55,36 @@ __all__ = [
     "pipe_split",
     "pipeline",
 ]
+
+# public name -> module that defines it
+_WHERE = {
+    "Pipe": "pippy.frontend.pipe",
+    "pipeline": "pippy.frontend.pipe",
+    "PipeTraceError": "pippy.frontend.trace",
+    "SplitPoint": "pippy.frontend.trace",
+    "annotate_split_points": "pippy.frontend.trace",
+    "pipe_split": "pippy.frontend.trace",
+    "Replicate": "pippy.microbatch",
+    "Sum": "pippy.microbatch",
+    "TensorChunkSpec": "pippy.microbatch",
+    "PipeCommError": "pippy.runtime.comm",
+    "PipeTimeoutError": "pippy.runtime.comm",
+    "PipelineStage": "pippy.runtime.stage",
+    "StageError": "pippy.runtime.stage",
+    **{n: "pippy.runtime.api" for n in __all__ if n.startswith("Schedule") or n == "PipelineSchedule"},
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use (PEP 562) and cache it in the package namespace."""
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'pippy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """Module attributes plus the lazily imported public names."""
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pippy {show,simulate,compare,tune,trace-compare} --help``.
+"""Command line: ``python -m pippy {show,simulate,compare,tune,trace-compare,profile} --help``.
 
     >>> main(["show", "gpipe", "--ranks", "2", "--microbatches", "2"])  # doctest: +NORMALIZE_WHITESPACE
     step     0   1   2   3
@@ -124,9 +124,21 @@ def _build_parser() -> _Parser:
                     help="micro-batch counts to try, comma separated (default 1,2,4,...,64)")
 
     sp = sub.add_parser("trace-compare", help="predicted vs measured timeline table",
-                        description="Compare two timeline JSON files (predicted, measured).")
-    sp.add_argument("predicted", help="timeline JSON (simulate --save-timeline)")
-    sp.add_argument("measured", help="timeline JSON of a real run")
+                        description="Compare two timelines (predicted, measured): timeline JSON or Chrome trace JSON.")
+    sp.add_argument("predicted", help="timeline JSON (simulate --save-timeline) or Chrome trace")
+    sp.add_argument("measured", help="trace of a real run: Chrome JSON from trace='run.json' / PIPPY_TRACE, or timeline JSON")
+    sp.add_argument("--per-action", action="store_true", help="also compare the median time of each stage's F/B/I/W")
+
+    sp = sub.add_parser("profile", help="measure per-stage costs (demo model, or how to profile yours)",
+                        description="Without --demo: print how to profile your own model with pippy.sim.profile. "
+                                    "With --demo mlp: profile a built-in residual MLP in this process.")
+    sp.add_argument("--demo", choices=["mlp"], help="profile a built-in model (needs torch)")
+    sp.add_argument("--stages", type=_positive, default=2, help="stages to cut the demo model into (default 2)")
+    sp.add_argument("--microbatches", "-m", type=_positive, default=4, help="micro-batches per step (default 4)")
+    sp.add_argument("--threads", type=_positive, default=1, help="torch threads while timing (default 1)")
+    sp.add_argument("--repeats", type=_positive, default=3, help="timed runs per stage (default 3)")
+    sp.add_argument("--split-backward", action="store_true", help="time F/I/W as zero-bubble schedules run them")
+    sp.add_argument("--out", "-o", help="write the cost model JSON here (for simulate/compare/tune --costs)")
     return p
 
 
@@ -267,14 +279,71 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 
 
 def _cmd_trace_compare(a: argparse.Namespace) -> int:
+    from pippy.sim.compare import kind_table, load_timeline
     from pippy.sim.render import compare_table
-    from pippy.sim.timeline import Timeline
 
-    print(compare_table(Timeline.from_json(a.predicted), Timeline.from_json(a.measured)))
+    pred, meas = load_timeline(a.predicted), load_timeline(a.measured)
+    print(compare_table(pred, meas))
+    if a.per_action:
+        print()
+        print(kind_table(pred, meas))
     return 0
 
 
-_COMMANDS = {"show": _cmd_show, "simulate": _cmd_simulate, "compare": _cmd_compare, "tune": _cmd_tune, "trace-compare": _cmd_trace_compare}
+_PROFILE_HOWTO = """\
+Profile your own model (in Python, with the thread count of the run):
+
+    from pippy import pipeline
+    from pippy.sim.profile import profile
+    pipe = pipeline(model, n_microbatches, example_args=(x,))
+    costs = profile(pipe, (x,), loss_fn=loss_fn, target=y, threads=1)   # split_backward=True for zb_*/zbv
+    costs.to_json("costs.json")
+
+Under torchrun, pippy.sim.profile.profile_ranks(pipe, (x,), placement, ...) times each rank's stages
+on that rank and adds the measured link latency and bandwidth. Then:
+
+    python -m pippy compare -p 2 -m 8 --costs costs.json
+    python -m pippy simulate 1f1b -p 2 -m 8 --costs costs.json --save-timeline pred.json
+    python -m pippy trace-compare pred.json run.json     # run.json: trace="run.json" of a real step
+
+Try it on a built-in model: python -m pippy profile --demo mlp -o costs.json"""
+
+
+def _cmd_profile(a: argparse.Namespace) -> int:
+    if a.demo is None:
+        print(_PROFILE_HOWTO)
+        return 0
+    import torch
+
+    from pippy import SplitPoint, pipeline
+    from pippy.sim.profile import profile
+    from pippy.sim.render import format_bytes, format_time
+
+    torch.manual_seed(0)
+    d, h, per = 256, 1024, 2
+    layers: list[torch.nn.Module] = []
+    for _ in range(a.stages * per):
+        layers += [torch.nn.Linear(d, h), torch.nn.ReLU(), torch.nn.Linear(h, d)]
+    model = torch.nn.Sequential(*layers)
+    x, y = torch.randn(8 * a.microbatches, d), torch.randn(8 * a.microbatches, d)
+    spec = {str(3 * per * k): SplitPoint.BEGINNING for k in range(1, a.stages)}
+    pipe = pipeline(model, a.microbatches, example_args=(x,), split_spec=spec)
+    costs = profile(pipe, (x,), loss_fn=torch.nn.functional.mse_loss, target=y, threads=a.threads,
+                    repeats=a.repeats, split_backward=a.split_backward)
+    print(f"demo MLP ({a.stages * per} blocks of Linear({d},{h})-ReLU-Linear({h},{d}), batch {len(x)}), "
+          f"{a.stages} stages, {a.microbatches} micro-batches, {a.threads} thread(s); per micro-batch:")
+    print(f"{'stage':>5} {'F':>9} {'I':>9} {'W':>9} {'activations':>12} {'sent':>9}")
+    for s, c in enumerate(costs.stages):
+        print(f"{s:>5} {format_time(c.f):>9} {format_time(c.i):>9} {format_time(c.w):>9} "
+              f"{format_bytes(c.act_bytes):>12} {format_bytes(c.send_bytes):>9}")
+    if a.out:
+        costs.to_json(a.out)
+        print(f"wrote {a.out}")
+    return 0
+
+
+_COMMANDS = {"show": _cmd_show, "simulate": _cmd_simulate, "compare": _cmd_compare, "tune": _cmd_tune,
+             "trace-compare": _cmd_trace_compare, "profile": _cmd_profile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,107 +1,183 @@
-"""Measure a Pipe's per-stage costs on this machine and return a CostModel for the simulator.
+"""Measure a Pipe's per-stage costs and the rank-to-rank link, and return a CostModel for the simulator.
 
-    >>> # pipe = pipeline(model, 4, example_args=(x,)); profile(pipe, (x,)).to_json("costs.json")
+    >>> # pipe = pipeline(model, 4, example_args=(x,)); profile(pipe, (x,), loss_fn=F.mse_loss, target=y).to_json("c.json")
 
-What is measured, per stage, on one micro-batch of the example (median of ``repeats`` runs after
-one warm-up): ``f`` the forward; ``i`` a backward that only asks for the gradients of the stage's
-inputs; ``w = B - i`` where ``B`` is a full backward (inputs and parameters) — the share that the
-weight gradient adds; ``act_bytes`` the bytes autograd saves for backward (each storage once);
-``send_bytes`` the bytes of outputs read by other stages; ``static_bytes`` parameters plus their
-gradients (optimizer state is not included). Latency and bandwidth are left at 0 / infinite: set
-them for your interconnect.
+Each stage is timed through the runtime's own :class:`~pippy.runtime.stage.PipelineStage`, so
+the profile measures exactly what the executor runs: ``F`` is ``stage.forward`` (plus the loss on
+the last stage), ``B`` is ``stage.backward`` and, for split-backward schedules, ``I`` and ``W``
+are ``stage.backward_input`` / ``stage.backward_weight`` after a forward with weight-grad taps.
+Times are medians over ``repeats`` runs on the first micro-batch after ``warmup`` runs, with
+``torch.set_num_threads(threads)`` during the measurement (use the thread count of the run).
+
+Which times go into the model (``split_backward``):
+
+* ``False`` — for schedules with a full backward (GPipe, 1F1B, interleaved): ``f`` and ``i + w``
+  equal the measured F and B; ``i`` is the measured I and ``w = B - I``.
+* ``True`` — for zero-bubble schedules: ``f``, ``i`` and ``w`` are the tapped forward, I and W.
+
+Sizes: ``act_bytes`` the bytes autograd saves in a forward (each storage once); ``send_bytes``
+the outputs read by stages on other ranks and ``grad_bytes`` those of them that carry gradients;
+``static_bytes`` parameters plus their gradients (no optimizer state). :func:`measure_link` times
+a gloo/NCCL ping-pong for ``latency`` and ``bandwidth``; :func:`profile_ranks` does it all under
+a process group, each rank timing its own stages while the others time theirs, as in the run.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from pippy.sim.cost import CostModel, StageCost
 
-__all__ = ["profile"]
+__all__ = ["measure_link", "profile", "profile_ranks"]
 
 _USER = -1
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
-
-
 def _tensors(xs: Any) -> list[torch.Tensor]:
-    if isinstance(xs, torch.Tensor):
-        return [xs]
-    if isinstance(xs, (list, tuple)):
-        return [t for x in xs for t in _tensors(x)]
-    return []
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves(xs) if isinstance(t, torch.Tensor)]
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return int(t.numel() * t.element_size())
 
 
-def _run_forward(pipe: Any, s: int, inputs: list[Any]) -> tuple[Any, ...]:
-    if hasattr(pipe, "run_stage_forward"):
-        out = pipe.run_stage_forward(s, inputs)
+class _Bench:
+    """Times one stage the way the executor runs it, on one micro-batch."""
+
+    def __init__(self, pipe: Any, s: int, inputs: list[Any], target: Any, loss_fn: Callable[..., Any] | None,
+                 device: str | torch.device) -> None:
+        self.pipe, self.s = pipe, s
+        self.last = s == pipe.num_stages - 1
+        self.stage = pipe.build_stage(s, device)
+        self.inputs, self.target, self.loss_fn = inputs, target, loss_fn
+        info = pipe.stage_infos[s]
+        with torch.no_grad():
+            outs = self.stage.forward(0, inputs, training=False)
+        # the gradient a consumer would send back for each output (None: no gradient flows)
+        self.grads: list[torch.Tensor | None] = [
+            torch.randn_like(o) if isinstance(o, torch.Tensor) and meta.requires_grad and o.is_floating_point() else None
+            for o, meta in zip(outs, info.outputs)
+        ]
+        self.outputs = outs
+
+    def forward(self, split: bool) -> None:
+        outs = self.stage.forward(0, self.inputs, training=True, split_backward=split)
+        if self.last:
+            out = self.pipe.unflatten_output(outs)
+            if self.loss_fn is not None and self.target is not None:
+                loss = self.loss_fn(out, self.target)
+            else:  # no loss given: backward from the sum of the outputs
+                loss = sum((t.float().sum() for t in _tensors(out) if t.requires_grad), torch.zeros(()))
+            self.stage.set_loss(0, loss.reshape(()))
+
+    def backward_grads(self) -> list[torch.Tensor | None] | None:
+        return None if self.last else self.grads
+
+    def times(self, split: bool) -> dict[str, float]:
+        """One forward + backward; seconds per phase."""
+        t0 = time.perf_counter()
+        self.forward(split)
+        t1 = time.perf_counter()
+        if split:
+            self.stage.backward_input(0, self.backward_grads())
+            t2 = time.perf_counter()
+            self.stage.backward_weight(0)
+            t3 = time.perf_counter()
+            return {"F": t1 - t0, "I": t2 - t1, "W": t3 - t2}
+        self.stage.backward(0, self.backward_grads())
+        return {"F": t1 - t0, "B": time.perf_counter() - t1}
+
+    def act_bytes(self) -> float:
+        saved: dict[Any, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:
+                key: Any = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                key = id(t)
+            saved[key] = max(saved.get(key, 0), _nbytes(t))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.forward(False)
+        self.stage.clear()
+        return float(sum(saved.values()))
+
+
+def _stage_inputs(pipe: Any, s: int, user: list[Any], outputs: dict[int, tuple[Any, ...]]) -> list[Any]:
+    raw: list[Any] = []
+    for ref in pipe.stage_infos[s].inputs:
+        v = user[ref.index] if ref.src_stage == _USER else outputs[ref.src_stage][ref.index]
+        raw.append(v.detach() if isinstance(v, torch.Tensor) else v)
+    return raw
+
+
+def _measure(bench: _Bench, split_backward: bool, repeats: int, warmup: int, place: Sequence[int] | None) -> StageCost:
+    modes = [True] if split_backward else [False, True]
+    runs: dict[bool, list[dict[str, float]]] = {m: [] for m in modes}
+    for k in range(warmup + max(1, repeats)):
+        for m in modes:  # interleaved, so that both modes see the same machine conditions
+            t = bench.times(m)
+            if k >= warmup:
+                runs[m].append(t)
+
+    def med(m: bool, key: str) -> float:
+        return float(statistics.median(r[key] for r in runs[m]))
+
+    if split_backward:
+        f, i, w = med(True, "F"), med(True, "I"), med(True, "W")
     else:
-        out = pipe.stage_infos[s].module(*inputs)
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def _first_microbatch(pipe: Any, example_args: Sequence[Any], example_kwargs: dict[str, Any]) -> list[Any]:
-    n = int(getattr(pipe, "num_chunks", 1) or 1)
-    if hasattr(pipe, "split_inputs"):
-        return list(pipe.split_inputs(tuple(example_args), dict(example_kwargs), n)[0])
-    return list(example_args) + list(example_kwargs.values())
-
-
-def _stage_cost(pipe: Any, s: int, raw: list[Any], repeats: int) -> tuple[StageCost, tuple[Any, ...]]:
-    """Measure stage ``s`` on inputs ``raw``; returns its cost and its outputs."""
-    info = pipe.stage_infos[s]
-    grad_inputs = [v for v in raw if isinstance(v, torch.Tensor) and v.requires_grad]
-    params = [p for p in info.module.parameters() if p.requires_grad] if hasattr(info.module, "parameters") else []
-    f = _median_time(lambda: _run_forward(pipe, s, raw), repeats)
-    saved: dict[Any, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            key: Any = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            key = id(t)
-        saved[key] = max(saved.get(key, 0), _nbytes(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = _run_forward(pipe, s, raw)
-    diff = [o for o in _tensors(out) if o.requires_grad]
-    grads = [torch.ones_like(o) for o in diff]
-
-    def backward(wrt: list[torch.Tensor]) -> Callable[[], Any]:
-        return lambda: torch.autograd.grad(diff, wrt, grads, retain_graph=True, allow_unused=True)
-
-    full = grad_inputs + params
-    b = _median_time(backward(full), repeats) if diff and full else 0.0
-    i = _median_time(backward(grad_inputs), repeats) if diff and grad_inputs else 0.0
-    consumers = getattr(info, "consumers", None) or []
-    sent = 0
-    for j, o in enumerate(out):
-        readers = consumers[j] if j < len(consumers) else []
-        if isinstance(o, torch.Tensor) and any(c != s for c, _ in readers):
+        f, i = med(False, "F"), med(True, "I")
+        w = max(0.0, med(False, "B") - i)
+    info = bench.pipe.stage_infos[bench.s]
+    sent = grad = 0
+    for j, o in enumerate(bench.outputs):
+        readers = info.consumers[j] if j < len(info.consumers) else []
+        remote = any((place[c] != place[bench.s]) if place else c != bench.s for c, _ in readers)
+        if isinstance(o, torch.Tensor) and remote:
             sent += _nbytes(o)
-    cost = StageCost(
-        f=f, i=i, w=max(0.0, b - i), act_bytes=float(sum(saved.values())),
-        send_bytes=float(sent), static_bytes=float(2 * sum(_nbytes(p) for p in params)),
-    )
-    return cost, out
+            grad += _nbytes(o) if bench.grads[j] is not None else 0
+    params = [p for p in bench.stage.parameters() if p.requires_grad]
+    return StageCost(f=f, i=i, w=w, act_bytes=bench.act_bytes(), send_bytes=float(sent), grad_bytes=float(grad),
+                     static_bytes=float(2 * sum(_nbytes(p) for p in params)))
+
+
+def _profile_stages(pipe: Any, example_args: Sequence[Any], example_kwargs: dict[str, Any] | None, *,
+                    which: Iterable[int], loss_fn: Callable[..., Any] | None, target: Any, repeats: int,
+                    warmup: int, threads: int | None, split_backward: bool, device: str | torch.device,
+                    place: Sequence[int] | None = None) -> dict[int, StageCost]:
+    from pippy.microbatch import split_value
+
+    infos = getattr(pipe, "stage_infos", None)
+    if infos is None or not hasattr(pipe, "num_stages") or not hasattr(pipe, "build_stage"):
+        raise TypeError("profile() needs a Pipe (see pippy.pipeline): num_stages, stage_infos, build_stage")
+    n = int(getattr(pipe, "num_chunks", 1) or 1)
+    user = list(pipe.split_inputs(tuple(example_args), dict(example_kwargs or {}), n)[0])
+    tgt = split_value(target, n)[0] if target is not None else None
+    want = set(which)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        outputs: dict[int, tuple[Any, ...]] = {}
+        costs: dict[int, StageCost] = {}
+        for s in range(int(pipe.num_stages)):
+            if s > max(want, default=-1):
+                break
+            bench = _Bench(pipe, s, _stage_inputs(pipe, s, user, outputs), tgt, loss_fn, device)
+            outputs[s] = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in bench.outputs)
+            if s in want:
+                costs[s] = _measure(bench, split_backward, repeats, warmup, place)
+        return costs
+    finally:
+        torch.set_num_threads(old_threads)
 
 
 def profile(
@@ -109,33 +185,110 @@ def profile(
     example_args: Sequence[Any],
     example_kwargs: dict[str, Any] | None = None,
     *,
-    repeats: int = 3,
+    loss_fn: Callable[..., Any] | None = None,
+    target: Any = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    threads: int | None = None,
+    split_backward: bool = False,
+    device: str | torch.device = "cpu",
 ) -> CostModel:
-    """Time each stage of ``pipe`` on one micro-batch of the example and size its tensors.
+    """Time each stage of ``pipe`` on one micro-batch of the example, in this process, and size its tensors.
 
-    ``pipe`` needs ``num_stages`` and ``stage_infos[s]`` with ``inputs`` (refs with
-    ``src_stage``/``index``; ``src_stage == -1`` is a user input), ``outputs`` and ``module``
-    (or a ``run_stage_forward(s, inputs)`` method). The returned model's ``microbatches`` is the
-    pipe's ``num_chunks``, so ``CostModel.for_microbatches`` can rescale it.
+    ``loss_fn`` and ``target`` (the full-batch target) make the last stage's F and backward
+    include the loss as in ``step()``. ``threads`` sets torch's thread count while timing. See the
+    module docstring for ``split_backward``. Latency and bandwidth stay 0 / infinite: set them, or
+    use :func:`profile_ranks`. The model's ``microbatches`` is the pipe's ``num_chunks``.
 
-        >>> # costs = profile(pipe, (x,), repeats=5); costs.to_json("costs.json")
+        >>> # costs = profile(pipe, (x,), loss_fn=F.mse_loss, target=y, threads=1); costs.to_json("c.json")
     """
-    infos = getattr(pipe, "stage_infos", None)
-    if infos is None or not hasattr(pipe, "num_stages"):
-        raise TypeError("profile() needs a Pipe with num_stages and stage_infos (see pippy.pipeline)")
-    user = _first_microbatch(pipe, example_args, example_kwargs or {})
-    outputs: dict[int, tuple[Any, ...]] = {}
-    stages: list[StageCost] = []
-    for s in range(int(pipe.num_stages)):
-        raw: list[Any] = []
-        for ref in infos[s].inputs:
-            v = user[ref.index] if ref.src_stage == _USER else outputs[ref.src_stage][ref.index]
-            if isinstance(v, torch.Tensor):
-                v = v.detach()
-                if ref.src_stage != _USER and v.is_floating_point():
-                    v.requires_grad_(True)
-            raw.append(v)
-        cost, out = _stage_cost(pipe, s, raw, repeats)
-        outputs[s] = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
-        stages.append(cost)
-    return CostModel(stages=stages, microbatches=int(getattr(pipe, "num_chunks", 1) or 1))
+    n = int(pipe.num_stages)
+    got = _profile_stages(pipe, example_args, example_kwargs, which=range(n), loss_fn=loss_fn, target=target,
+                          repeats=repeats, warmup=warmup, threads=threads, split_backward=split_backward, device=device)
+    return CostModel(stages=[got[s] for s in range(n)], microbatches=int(getattr(pipe, "num_chunks", 1) or 1))
+
+
+def measure_link(group: Any = None, *, ranks: tuple[int, int] = (0, 1), nbytes: int = 1 << 20,
+                 repeats: int = 20) -> tuple[float, float]:
+    """``(latency s, bandwidth B/s)`` of one message between group ranks ``ranks``, by ping-pong.
+
+    Collective over ``group``: every rank calls it and gets the same answer. One-way time is half
+    a round trip (median of ``repeats``); latency is that of a 4-byte message, bandwidth comes from
+    the extra time an ``nbytes`` message takes. Tensors are float32 on the CPU (gloo).
+
+        >>> # latency, bandwidth = measure_link()     # under torchrun, on every rank
+    """
+    import torch.distributed as dist
+
+    me = dist.get_rank(group)
+    a, b = ranks
+    peer = {a: b, b: a}.get(me)
+
+    def glob(r: int) -> int:
+        return r if group is None else int(dist.get_global_rank(group, r))
+
+    def one_way(numel: int) -> float:
+        buf = torch.zeros(numel)
+        times = []
+        for k in range(repeats + 3):
+            t0 = time.perf_counter()
+            if me == a:
+                dist.send(buf, glob(b), group=group)
+                dist.recv(buf, glob(b), group=group)
+            else:
+                dist.recv(buf, glob(a), group=group)
+                dist.send(buf, glob(a), group=group)
+            if k >= 3:
+                times.append((time.perf_counter() - t0) / 2)
+        return float(statistics.median(times))
+
+    res: list[Any] = [None]
+    if peer is not None:
+        small, big = one_way(1), one_way(max(2, nbytes // 4))
+        bw = (nbytes - 4) / (big - small) if big > small else float("inf")
+        res = [(small, bw)]
+    dist.broadcast_object_list(res, src=glob(a), group=group)
+    lat, bw = res[0]
+    return float(lat), float(bw)
+
+
+def profile_ranks(
+    pipe: Any,
+    example_args: Sequence[Any],
+    placement: Sequence[int],
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    group: Any = None,
+    loss_fn: Callable[..., Any] | None = None,
+    target: Any = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    threads: int | None = None,
+    split_backward: bool = False,
+    device: str | torch.device = "cpu",
+) -> CostModel:
+    """Collective :func:`profile`: each rank times the stages ``placement`` puts on it, concurrently.
+
+    Every rank of ``group`` needs the example (and the target, for the last stage's loss); all
+    return the same model, with ``latency`` and ``bandwidth`` from :func:`measure_link` between
+    the ranks of stages 0 and 1 (when they differ). ``send_bytes`` count only outputs read on
+    another rank.
+
+        >>> # costs = profile_ranks(pipe, (x,), Schedule1F1B.placement(2), loss_fn=F.mse_loss, target=y, threads=1)
+    """
+    import torch.distributed as dist
+
+    me = dist.get_rank(group)
+    mine = [s for s, r in enumerate(placement) if r == me]
+    got = _profile_stages(pipe, example_args, example_kwargs, which=mine, loss_fn=loss_fn, target=target,
+                          repeats=repeats, warmup=warmup, threads=threads, split_backward=split_backward,
+                          device=device, place=placement)
+    world = dist.get_world_size(group)
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, got, group=group)
+    merged = {s: c for part in parts for s, c in part.items()}
+    a, b = placement[0], next((r for r in placement if r != placement[0]), placement[0])
+    lat, bw = measure_link(group, ranks=(a, b)) if a != b else (0.0, float("inf"))
+    n = int(pipe.num_stages)
+    return CostModel(stages=[merged[s] for s in range(n)], latency=lat, bandwidth=bw,
+                     microbatches=int(getattr(pipe, "num_chunks", 1) or 1))

@@ -22,3 +22,19 @@ def test_profile_two_stages(tmp_path) -> None:
     assert c.stages[0].act_bytes > 0 and c.stages[0].static_bytes == 2 * 4 * (16 * 32 + 32)
     c.to_json(tmp_path / "c.json")
     assert CostModel.from_json(tmp_path / "c.json") == c
+
+
+def test_profile_through_the_runtime_stage() -> None:
+    from pippy import SplitPoint, pipeline
+    from pippy.sim.profile import profile
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    pipe = pipeline(net, 2, example_args=(x,), split_spec={"2": SplitPoint.BEGINNING})
+    threads = torch.get_num_threads()
+    for split in (False, True):
+        c = profile(pipe, (x,), loss_fn=torch.nn.functional.mse_loss, target=y, repeats=1, warmup=0, threads=1,
+                    split_backward=split)
+        assert torch.get_num_threads() == threads  # restored
+        assert all(s.f > 0 and s.w > 0 for s in c.stages)  # every stage has weights
+        assert c.stages[1].i > 0 and c.stages[0].grad_bytes == c.stages[0].send_bytes == 4 * 64 * 4
