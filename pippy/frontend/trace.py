@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 __all__ = ["PipeTraceError", "SplitPoint", "annotate_split_points", "export_module", "is_split_marker", "pipe_split"]
 
@@ -109,10 +110,16 @@ def export_module(
 ) -> torch.export.ExportedProgram:
     """Capture ``module`` with non-strict ``torch.export`` on one micro-batch of example input.
 
+    A module whose tensors are on the meta device is traced with its example inputs moved to meta.
+
         >>> ep = export_module(torch.nn.Linear(2, 2), (torch.randn(3, 2),))
     """
+    kwargs = kwargs or {}
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        # a model built on the meta device traces with meta inputs (no data is read, devices agree)
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     try:
-        return torch.export.export(module, args, kwargs or {}, strict=False)
+        return torch.export.export(module, args, kwargs, strict=False)
     except Exception as exc:  # torch.export raises many types; we wrap them all
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = _user_frame(exc)

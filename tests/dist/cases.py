@@ -80,6 +80,7 @@ def transparency(rank: int, world: int, cases: list[tuple[str, str, int]], n_mb:
         first, last = placement[0] == rank, placement[-1] == rank
         losses: list[torch.Tensor] = []
         out = sched.step(*(args if first else ()), target=target if last else None, losses=losses, **(kwargs if first else {}))
+        peak = float(sched.last_peak_live.get(rank, 0))
         ev = sched.eval(*(args if first else ()), **(kwargs if first else {}))
         key = f"{model_name}/{sched_name}/{spr}"
         r: dict[str, float] = {}
@@ -97,7 +98,7 @@ def transparency(rank: int, world: int, cases: list[tuple[str, str, int]], n_mb:
                 n_checked += 1
         r["grad"] = g_err
         r["n_params"] = float(n_checked)
-        r["peak_live"] = float(sched.last_peak_live.get(rank, 0))
+        r["peak_live"] = peak
         report[key] = r
         dist.barrier()
     return report

@@ -1,0 +1,190 @@
+"""Pipeline checkpoints: each rank saves and loads its own stages by original FQN; ``merge`` rebuilds the model's.
+
+Two formats. ``"torch"`` writes ``stage_<i>.pt`` per stage (plain ``torch.save`` state_dicts), so a
+rank touches only its own files. ``"dcp"`` writes one torch.distributed.checkpoint under
+``<dir>/dcp`` keyed by FQN; it can be loaded into a different split. Either way every stage also
+writes ``stage_<i>.json`` (its keys and the tied-weight alias groups it knows about), which
+``merge`` uses to give every alias of a tied tensor its value, so the result loads with
+``strict=True`` into the unpipelined model.
+
+    >>> # save(my_stages, "ckpt")                       # on every rank
+    >>> # model.load_state_dict(merge("ckpt"), strict=True)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pippy.runtime.stage import PipelineStage
+
+__all__ = ["load", "merge", "save"]
+
+_FORMATS = ("torch", "dcp")
+
+
+def _as_list(stages: PipelineStage | Sequence[PipelineStage]) -> list[PipelineStage]:
+    return [stages] if isinstance(stages, PipelineStage) else list(stages)
+
+
+_CONSTANT = re.compile(r"(lifted_tensor|_tensor_constant)_?\d+")
+
+
+def _model_state(stage: PipelineStage) -> dict[str, torch.Tensor]:
+    """The stage's state_dict without the constants torch.export lifted into buffers (not model state)."""
+    return {k: v for k, v in stage.submod.state_dict().items() if not _CONSTANT.fullmatch(k)}
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in _FORMATS:
+        raise ValueError(f"format must be one of {_FORMATS}, got {fmt!r}")
+
+
+def _alias_groups(stage: PipelineStage, model: nn.Module | None) -> list[list[str]]:
+    groups: list[list[str]] = [sorted({f for _, f in sp.uses}) for sp in stage.pipe.shared]
+    if model is not None:
+        by_id: dict[int, list[str]] = {}
+        for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            by_id.setdefault(id(t), []).append(n)
+        groups += [sorted(v) for v in by_id.values() if len(v) > 1]
+    mine = set(_model_state(stage))
+    return [g for g in groups if mine.intersection(g)]
+
+
+def save(
+    stages: PipelineStage | Sequence[PipelineStage],
+    path: str | os.PathLike[str],
+    *,
+    format: str = "torch",
+    model: nn.Module | None = None,
+) -> None:
+    """Save this rank's ``stages`` under directory ``path`` (call on every rank).
+
+    ``model`` (optional, may be on the meta device) adds alias names the pipe cannot see, such as
+    a tied tensor no stage reads under that name (T5's ``shared.weight``).
+
+        >>> # save(stage, "ckpt", format="dcp")
+    """
+    _check_format(format)
+    stages = _as_list(stages)
+    os.makedirs(path, exist_ok=True)
+    merged: dict[str, torch.Tensor] = {}
+    for st in stages:
+        sd = _model_state(st)
+        side = {"stage": st.index, "num_stages": st.num_stages, "format": format, "keys": sorted(sd),
+                "aliases": _alias_groups(st, model)}
+        with open(os.path.join(path, f"stage_{st.index}.json"), "w") as f:
+            json.dump(side, f, indent=1)
+        if format == "torch":
+            torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(path, f"stage_{st.index}.pt"))
+        else:
+            merged.update(sd)
+    if format == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(merged, checkpoint_id=os.path.join(path, "dcp"))
+
+
+def load(
+    stages: PipelineStage | Sequence[PipelineStage],
+    path: str | os.PathLike[str],
+    *,
+    format: str = "torch",
+) -> None:
+    """Load this rank's ``stages`` in place from a checkpoint written by :func:`save`.
+
+    The ``"torch"`` format needs the same split; ``"dcp"`` loads by FQN into any split. To load a
+    merged (unpipelined) state_dict instead, use ``materialize_stage(stage, checkpoint=sd)``.
+
+        >>> # load(stage, "ckpt")
+    """
+    _check_format(format)
+    for st in _as_list(stages):
+        if format == "dcp":
+            import torch.distributed.checkpoint as dcp
+
+            sd = _model_state(st)
+            dcp.load(sd, checkpoint_id=os.path.join(path, "dcp"))
+            continue
+        side = _read_side(path, st.index)
+        if side["num_stages"] != st.num_stages:
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} was saved from {side['num_stages']} stages but this pipe has "
+                f"{st.num_stages}; load merge(path) with materialize_stage(stage, checkpoint=...) or use format='dcp'"
+            )
+        sd = torch.load(os.path.join(path, f"stage_{st.index}.pt"), map_location=st.device, weights_only=True)
+        missing, unexpected = st.submod.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not _CONSTANT.fullmatch(k)]
+        if missing or unexpected:
+            raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _read_side(path: str | os.PathLike[str], i: int) -> dict[str, Any]:
+    fname = os.path.join(path, f"stage_{i}.json")
+    if not os.path.exists(fname):
+        raise FileNotFoundError(f"{fname} is missing: was save() called on the rank holding stage {i}?")
+    with open(fname) as f:
+        side: dict[str, Any] = json.load(f)
+    return side
+
+
+def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """One state_dict for the unpipelined model from every stage's files, each tied alias filled in.
+
+    With ``model``, aliases are also taken from it and the result is checked against
+    ``model.state_dict()``'s keys (a parameter no stage reads, because the traced forward never
+    used it, cannot be in a pipeline checkpoint: the error names it).
+
+        >>> # model.load_state_dict(merge("ckpt"), strict=True)
+    """
+    indices = sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "stage_*.json"))
+                     if (m := re.search(r"stage_(\d+)\.json$", f)))
+    if not indices:
+        raise FileNotFoundError(f"no stage_<i>.json under {os.fspath(path)!r}; is it a pippy checkpoint?")
+    sides = [_read_side(path, i) for i in range(_read_side(path, indices[0])["num_stages"])]
+    out: dict[str, torch.Tensor] = {}
+    if sides[0]["format"] == "dcp":
+        out = _read_dcp(os.path.join(path, "dcp"))
+    else:
+        for side in sides:
+            sd = torch.load(os.path.join(path, f"stage_{side['stage']}.pt"), map_location="cpu", weights_only=True)
+            for k, v in sd.items():
+                out.setdefault(k, v)
+    groups = [g for side in sides for g in side["aliases"]]
+    if model is not None:
+        by_id: dict[int, list[str]] = {}
+        for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            by_id.setdefault(id(t), []).append(n)
+        groups += [v for v in by_id.values() if len(v) > 1]
+    for _ in range(2):  # groups may chain through each other
+        for g in groups:
+            have = next((out[n] for n in g if n in out), None)
+            if have is not None:
+                for n in g:
+                    out.setdefault(n, have)
+    if model is not None:
+        missing = sorted(set(model.state_dict()) - set(out))
+        if missing:
+            raise KeyError(
+                f"the pipeline checkpoint lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}: no stage reads "
+                "them in the traced forward, so no stage holds them; take them from the original model"
+            )
+    return out
+
+
+def _read_dcp(dcp_dir: str) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fname = os.path.join(tmp, "merged.pt")
+        dcp_to_torch_save(dcp_dir, fname)
+        sd: dict[str, torch.Tensor] = torch.load(fname, map_location="cpu", weights_only=True)
+    return sd

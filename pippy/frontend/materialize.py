@@ -1,0 +1,259 @@
+"""Deferred initialization: a pipe traced on the meta device; each rank fills only its own stage's tensors.
+
+Build the model under ``torch.device("meta")`` (no memory), trace it with ``pipeline()``, build your
+stage: its meta tensors become NaN placeholders on the stage's device. Then fill them, by original
+FQN, from a full checkpoint (a ``torch.save`` state_dict, a ``.safetensors`` file or a sharded
+``*.safetensors.index.json``; only this stage's tensors are read) or by running the model's own
+initialization (``init_fn(module)`` or each module's ``reset_parameters``) on the stage's modules.
+
+    >>> # with torch.device("meta"): model = LlamaForCausalLM(cfg)
+    >>> # pipe = pipeline(model, 4, (ids,), split_spec=spec)
+    >>> # stage = pipe.build_stage(rank, "cpu")
+    >>> # materialize_stage(stage, checkpoint="model.safetensors", model=model)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+
+if TYPE_CHECKING:
+    from pippy.runtime.stage import PipelineStage
+
+__all__ = ["materialize_stage", "pending_tensors", "replace_meta"]
+
+_PENDING = "_pippy_pending"
+Checkpoint = str | os.PathLike[str] | Mapping[str, torch.Tensor]
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    params = [(n, t, True) for n, t in module.named_parameters(remove_duplicate=False)]
+    bufs = [(n, t, False) for n, t in module.named_buffers(remove_duplicate=False)]
+    return params + bufs
+
+
+def _set(module: nn.Module, fqn: str, value: torch.Tensor, is_param: bool) -> None:
+    owner, _, name = fqn.rpartition(".")
+    mod = module.get_submodule(owner) if owner else module
+    if is_param:
+        mod._parameters[name] = value  # type: ignore[assignment]
+    else:
+        mod._buffers[name] = value
+
+
+def replace_meta(module: nn.Module, device: torch.device | str) -> bool:
+    """Swap every meta tensor of ``module`` for a NaN-filled one on ``device`` (ties kept); True if any.
+
+    Graph ops traced on the meta device (``torch.arange(..., device=meta)``) are re-pointed at
+    ``device``. The names still to fill are listed by :func:`pending_tensors`.
+
+        >>> with torch.device("meta"):
+        ...     lin = torch.nn.Linear(2, 2)
+        >>> replace_meta(lin, "cpu"), bool(lin.weight.isnan().all()), pending_tensors(lin)
+        (True, True, ['weight', 'bias'])
+    """
+    device = torch.device(device)
+    made: dict[int, torch.Tensor] = {}
+    pending: list[str] = []
+    for fqn, t, is_param in _named_tensors(module):
+        if not t.is_meta:
+            continue
+        if id(t) not in made:
+            fill = float("nan") if t.is_floating_point() or t.is_complex() else 0
+            real = torch.full(t.shape, fill, dtype=t.dtype, device=device)
+            made[id(t)] = nn.Parameter(real, requires_grad=t.requires_grad) if is_param else real
+        _set(module, fqn, made[id(t)], is_param)
+        pending.append(fqn)
+    graph_changed = _retarget_devices(module, device) if isinstance(module, fx.GraphModule) else False
+    if pending:
+        setattr(module, _PENDING, pending)
+    return bool(pending) or graph_changed
+
+
+def _retarget_devices(gm: fx.GraphModule, device: torch.device) -> bool:
+    meta = torch.device("meta")
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, torch.device) and v == meta:
+            return device
+        if isinstance(v, tuple | list):
+            return type(v)(fix(x) for x in v)
+        return v
+
+    changed = False
+    for node in gm.graph.nodes:
+        new_args, new_kwargs = fix(node.args), {k: fix(v) for k, v in node.kwargs.items()}
+        if new_args != node.args or new_kwargs != node.kwargs:
+            node.args, node.kwargs = new_args, new_kwargs
+            changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def pending_tensors(module: nn.Module) -> list[str]:
+    """FQNs of tensors created by :func:`replace_meta` and not yet filled (empty when fully materialized)."""
+    return list(getattr(module, _PENDING, []))
+
+
+def materialize_stage(
+    stage: PipelineStage | nn.Module,
+    device: torch.device | str | None = None,
+    *,
+    checkpoint: Checkpoint | None = None,
+    init_fn: Callable[[nn.Module], None] | None = None,
+    model: nn.Module | None = None,
+) -> nn.Module:
+    """Fill a stage's meta-born tensors from ``checkpoint`` and/or by initialization; return its module.
+
+    ``stage`` is a :class:`PipelineStage` (its module is filled in place) or a stage module such as
+    ``pipe.get_stage_module(i)`` (moved off meta to ``device`` first). Checkpoint keys are the
+    original model's FQNs; a tied tensor is found under any of its names. Tensors the checkpoint
+    lacks (e.g. non-persistent buffers such as rotary ``inv_freq``), or all of them when no
+    checkpoint is given, are initialized: ``init_fn(module)`` (e.g. Hugging Face's
+    ``model._init_weights``) or else ``module.reset_parameters()`` runs on each original module
+    of ``model`` (the meta model you traced) that owns such a tensor, writing into this stage's
+    copies only.
+
+        >>> # materialize_stage(stage, checkpoint="full.pt", model=meta_model)
+        >>> # materialize_stage(stage, init_fn=meta_model._init_weights, model=meta_model)
+    """
+    from pippy.runtime.stage import PipelineStage
+
+    module: nn.Module = stage.submod if isinstance(stage, PipelineStage) else stage
+    if device is None:
+        device = stage.device if isinstance(stage, PipelineStage) else "cpu"
+    replace_meta(module, device)
+    pending = pending_tensors(module)
+    todo = set(pending) or ({n for n, _, _ in _named_tensors(module)} if init_fn is not None else set())
+    if checkpoint is not None:
+        names = pending or [n for n, _, _ in _named_tensors(module)]  # reload everything if nothing is pending
+        todo -= _load(module, checkpoint, names, _aliases(stage, model))
+    if todo:
+        _initialize(module, sorted(todo), init_fn, model)
+    setattr(module, _PENDING, [])
+    return module
+
+
+def _aliases(stage: Any, model: nn.Module | None) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for sp in getattr(getattr(stage, "pipe", None), "shared", []):
+        names = [f for _, f in sp.uses]
+        for n in names:
+            groups.setdefault(n, []).extend(names)
+    if model is not None:
+        by_id: dict[int, list[str]] = {}
+        for n, t, _ in _named_tensors(model):
+            by_id.setdefault(id(t), []).append(n)
+        for names in by_id.values():
+            for n in names:
+                groups.setdefault(n, []).extend(names)
+    return groups
+
+
+def _load(module: nn.Module, checkpoint: Checkpoint, names: Iterable[str], aliases: dict[str, list[str]]) -> set[str]:
+    """Copy checkpoint tensors into ``module`` by FQN (or a tied alias); return the names filled."""
+    reader = _open(checkpoint)
+    tensors = {n: t for n, t, _ in _named_tensors(module)}
+    done: set[str] = set()
+    with torch.no_grad():
+        for fqn in names:
+            key = next((k for k in [fqn, *aliases.get(fqn, [])] if k in reader.keys), None)
+            if key is None:
+                continue
+            src, dst = reader.get(key), tensors[fqn]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"checkpoint tensor {key!r} has shape {list(src.shape)} but the stage's {fqn!r} is "
+                    f"{list(dst.shape)}; is the checkpoint from the same model config?"
+                )
+            dst.copy_(src)
+            done.add(fqn)
+    return done
+
+
+class _Reader:
+    """Lazy access to a checkpoint's tensors by key (only the requested ones are read)."""
+
+    def __init__(self, keys: set[str], get: Callable[[str], torch.Tensor]) -> None:
+        self.keys = keys
+        self.get = get
+
+
+def _open(checkpoint: Checkpoint) -> _Reader:
+    if isinstance(checkpoint, Mapping):
+        sd = checkpoint
+        return _Reader(set(sd), lambda k: sd[k])
+    path = os.fspath(checkpoint)
+    if path.endswith(".safetensors") or path.endswith(".index.json"):
+        from safetensors import safe_open
+
+        if path.endswith(".index.json"):
+            with open(path) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            root = os.path.dirname(path)
+            files = {k: os.path.join(root, v) for k, v in weight_map.items()}
+        else:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                files = dict.fromkeys(f.keys(), path)
+        handles: dict[str, Any] = {}
+
+        def get(key: str) -> torch.Tensor:
+            fname = files[key]
+            if fname not in handles:
+                handles[fname] = safe_open(fname, framework="pt", device="cpu")
+            return handles[fname].get_tensor(key)
+
+        return _Reader(set(files), get)
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return _Reader(set(sd), lambda k: sd[k])
+
+
+def _initialize(
+    module: nn.Module, names: list[str], init_fn: Callable[[nn.Module], None] | None, model: nn.Module | None
+) -> None:
+    if model is None:
+        raise ValueError(
+            f"{len(names)} stage tensors still need values (e.g. {names[:3]}): pass a checkpoint that holds them, "
+            "or model=<the model you traced> so its modules' init_fn / reset_parameters can initialize them"
+        )
+    by_owner: dict[str, list[str]] = {}
+    for fqn in names:
+        owner, _, field = fqn.rpartition(".")
+        by_owner.setdefault(owner, []).append(field)
+    tensors = {n: t for n, t, _ in _named_tensors(module)}
+    with torch.no_grad():
+        for owner, fields in by_owner.items():
+            orig = model.get_submodule(owner) if owner else model
+            view = copy.copy(orig)  # same class and config, but this stage's tensors
+            view.__dict__["_parameters"] = dict(orig._parameters)
+            view.__dict__["_buffers"] = dict(orig._buffers)
+            for f in fields:
+                t = tensors[f"{owner}.{f}" if owner else f]
+                if f in orig._parameters:
+                    view._parameters[f] = t  # type: ignore[assignment]
+                else:
+                    view._buffers[f] = t
+            if init_fn is not None:
+                init_fn(view)
+            elif hasattr(view, "reset_parameters"):
+                view.reset_parameters()
+            else:
+                raise ValueError(
+                    f"{type(orig).__name__} at {owner!r} has no reset_parameters(); pass init_fn=... "
+                    "(e.g. model._init_weights for Hugging Face models) or a checkpoint holding "
+                    f"{', '.join(fields)}"
+                )
+    left = [n for n in names if _has_nan(tensors[n])]
+    if left:
+        raise ValueError(f"initialization left {left[:5]} unset (still NaN); extend init_fn to cover them")
+
+
+def _has_nan(t: torch.Tensor) -> bool:
+    return bool(t.is_floating_point() and t.numel() > 0 and torch.isnan(t).any())

@@ -1,0 +1,113 @@
+"""Deferred init: trace a meta-device model; each stage loads or initializes only its own tensors."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from models import MLPStack
+
+from pippy import Schedule1F1B, SplitPoint, pipeline
+from pippy.frontend.materialize import materialize_stage, pending_tensors, replace_meta
+from pippy.runtime.local import LocalPipeline
+
+pytest.importorskip("transformers")
+import transformers as T
+
+LLAMA = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, max_position_embeddings=32, use_cache=False)
+GPT2 = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, use_cache=False, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+SPEC = {"model.layers.0": SplitPoint.END}
+
+
+def _grads_equal(ref: torch.nn.Module, lp: LocalPipeline) -> float:
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    return max(float((g - ref_params[n].grad).abs().max()) for n, g in lp.named_grads().items() if g is not None)
+
+
+def test_meta_llama_loads_from_full_state_dict_and_trains_transparently(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    real = T.LlamaForCausalLM(T.LlamaConfig(**LLAMA)).double()
+    torch.save(real.state_dict(), tmp_path / "full.pt")
+    with torch.device("meta"):
+        meta = T.LlamaForCausalLM(T.LlamaConfig(**LLAMA)).double()
+    ids = torch.randint(0, 64, (4, 8))
+    pipe = pipeline(meta, 2, (ids,), {"labels": ids}, split_spec=SPEC)
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2)
+    assert all(pending_tensors(st.submod) for st in lp.stages)  # NaN placeholders until filled
+    for st in lp.stages:
+        # rotary inv_freq is a non-persistent buffer (not in the state_dict): init_fn computes it
+        materialize_stage(st, checkpoint=tmp_path / "full.pt", init_fn=meta._init_weights, model=meta)
+        assert pending_tensors(st.submod) == []
+    want = {**dict(real.named_parameters()), **dict(real.named_buffers())}
+    held = [n for st in lp.stages for n in st.submod.state_dict()]
+    assert set(want) - {"model.rotary_emb.original_inv_freq"} == set(held)
+    for st in lp.stages:
+        for name, t in st.submod.state_dict().items():
+            assert torch.equal(t, want[name]), name
+    # each stage holds only its own layers
+    assert not any("layers.1" in n for n in lp.stages[0].submod.state_dict())
+    real(ids, labels=ids).loss.backward()
+    lp.step(ids, labels=ids)
+    assert _grads_equal(real, lp) < 1e-10
+
+
+def test_meta_gpt2_from_save_pretrained_safetensors_with_tied_head(tmp_path: Path) -> None:
+    """save_pretrained stores the tied lm_head.weight once (as transformer.wte.weight); the alias is found."""
+    torch.manual_seed(0)
+    real = T.GPT2LMHeadModel(T.GPT2Config(**GPT2)).double()
+    real.save_pretrained(tmp_path)
+    ckpt = tmp_path / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    with torch.device("meta"):
+        meta = T.GPT2LMHeadModel(T.GPT2Config(**GPT2)).double()
+    ids = torch.randint(0, 64, (4, 8))
+    pipe = pipeline(meta, 2, (ids,), {"labels": ids}, split_spec={"transformer.h.0": SplitPoint.END})
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2)
+    for st in lp.stages:
+        materialize_stage(st, checkpoint=ckpt, model=meta)
+    assert torch.equal(lp.stages[1].submod.get_parameter("lm_head.weight"), real.lm_head.weight)
+    real(ids, labels=ids).loss.backward()
+    lp.step(ids, labels=ids)
+    assert _grads_equal(real, lp) < 1e-10
+
+
+def test_init_without_checkpoint_uses_the_models_own_init() -> None:
+    with torch.device("meta"):
+        meta = T.LlamaForCausalLM(T.LlamaConfig(**LLAMA)).double()
+    ids = torch.randint(0, 64, (4, 8))
+    pipe = pipeline(meta, 2, (ids,), {"labels": ids}, split_spec=SPEC)
+    stage = pipe.build_stage(1, "cpu")
+    materialize_stage(stage, init_fn=meta._init_weights, model=meta)
+    sd = stage.submod.state_dict()
+    assert all(not t.isnan().any() for t in sd.values())
+    assert torch.equal(sd["model.norm.weight"], torch.ones(32, dtype=torch.float64))
+    assert 0.005 < float(sd["lm_head.weight"].std()) < 0.05  # normal(0, initializer_range=0.02)
+    first = pipe.build_stage(0, "cpu")
+    materialize_stage(first, init_fn=meta._init_weights, model=meta)
+    inv = dict(first.submod.named_buffers())["model.rotary_emb.inv_freq"]  # non-persistent, computed by init
+    assert torch.allclose(inv.float(), T.LlamaForCausalLM(T.LlamaConfig(**LLAMA)).model.rotary_emb.inv_freq)
+
+
+def test_reset_parameters_and_errors() -> None:
+    with torch.device("meta"):
+        meta = MLPStack(n=2).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    pipe = pipeline(meta, 2, (x,), split_spec={"blocks.0": SplitPoint.END})
+    stage = pipe.build_stage(0, "cpu")
+    with pytest.raises(ValueError, match="model="):
+        materialize_stage(copy.deepcopy(pipe.get_stage_module(1)))
+    materialize_stage(stage, model=meta)  # nn.Linear.reset_parameters on this stage's layers
+    w = stage.submod.get_parameter("blocks.0.0.weight")
+    assert not w.isnan().any() and float(w.abs().max()) <= 1 / 8**0.5 + 1e-12 and float(w.abs().sum()) > 0
+    with torch.device("meta"):
+        lin = torch.nn.Linear(3, 3)
+    assert replace_meta(lin, "cpu") and pending_tensors(lin) == ["weight", "bias"]
+    with pytest.raises(ValueError, match="shape"):
+        materialize_stage(lin, checkpoint={"weight": torch.zeros(2, 2), "bias": torch.zeros(3)})
