@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,7 @@ class Pipe:
         self.model_name = model_name
         self.args_chunk_spec = args_chunk_spec
         self.kwargs_chunk_spec = kwargs_chunk_spec
+        self._source: weakref.ref[nn.Module] | None = None
 
     @property
     def num_stages(self) -> int:
@@ -89,14 +91,42 @@ class Pipe:
         self._check_index(i)
         return self.stage_infos[i].module
 
-    def build_stage(self, i: int, device: torch.device | str, group: Any = None) -> PipelineStage:
+    def build_stage(
+        self,
+        i: int,
+        device: torch.device | str,
+        group: Any = None,
+        *,
+        checkpoint: Any = None,
+        init_fn: Callable[[nn.Module], None] | None = None,
+        recompute: bool = False,
+    ) -> PipelineStage:
         """The runtime stage ``i`` on ``device`` with its own copy of its parameters.
 
+        For a model traced on the meta device, ``checkpoint`` (a state_dict, a ``torch.save`` or
+        ``.safetensors`` file of the full model, keyed by original FQNs) and/or ``init_fn`` (called
+        on the original modules, e.g. HF's ``model._init_weights``; default ``reset_parameters``)
+        fill only this stage's tensors (without either, meta tensors stay as NaN placeholders until
+        ``pippy.frontend.materialize.materialize_stage``). ``recompute=True`` recomputes activations in backward.
+
             >>> # stage = pipe.build_stage(dist.get_rank(), torch.device("cpu"))
+            >>> # stage = pipe.build_stage(rank, "cuda", checkpoint="model.safetensors")
         """
+        from pippy.frontend.materialize import materialize_stage
         from pippy.runtime.stage import PipelineStage
 
-        return PipelineStage(self, i, device, group)
+        stage = PipelineStage(self, i, device, group)
+        if checkpoint is not None or init_fn is not None:
+            materialize_stage(stage, checkpoint=checkpoint, init_fn=init_fn, model=self.source_model())
+        if recompute:
+            from pippy.recompute import enable_recompute
+
+            enable_recompute(stage)
+        return stage
+
+    def source_model(self) -> nn.Module | None:
+        """The model this pipe was traced from, while it is alive (held weakly)."""
+        return self._source() if self._source is not None else None
 
     def deps(self) -> dict[int, tuple[int, ...]]:
         """For each stage, the stages it reads from (skip edges included)."""
@@ -254,7 +284,7 @@ def pipeline(
         assignment = assign_by_markers(gm)
     num_stages = max(assignment.values(), default=0) + 1
     stages = split_graph(gm, assignment, num_stages)
-    return Pipe(
+    pipe = Pipe(
         stages,
         num_chunks=num_chunks,
         in_spec=ep.call_spec.in_spec,
@@ -265,6 +295,8 @@ def pipeline(
         args_chunk_spec=args_chunk_spec,
         kwargs_chunk_spec=kwargs_chunk_spec,
     )
+    pipe._source = weakref.ref(module)
+    return pipe
 
 
 def _example_leaf(x: Any) -> Any:

@@ -81,6 +81,12 @@ def _with_taps(gm: fx.GraphModule, taps: list[fx.Node]) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
+def _is_lifted_constant(name: str) -> bool:
+    """torch.export turns tensor constants into buffers named like these; they are not model state."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith(("lifted_tensor_", "_tensor_constant"))
+
+
 def _grad_leaves(values: list[Any]) -> list[torch.Tensor]:
     """Tensor leaves of ``values`` that carry autograd history (or all of them, in order, when flattened)."""
     from torch.utils import _pytree as pytree
@@ -133,8 +139,8 @@ class PipelineStage:
         return self.submod.parameters()
 
     def state_dict(self) -> dict[str, Any]:
-        """This stage's state, keyed by the original model's FQNs."""
-        return self.submod.state_dict()
+        """This stage's state, keyed by the original model's FQNs (export's lifted constants left out)."""
+        return {k: v for k, v in self.submod.state_dict().items() if not _is_lifted_constant(k)}
 
     def live_microbatches(self) -> int:
         """Micro-batches whose activations this stage still holds."""

@@ -111,3 +111,24 @@ def test_reset_parameters_and_errors() -> None:
     assert replace_meta(lin, "cpu") and pending_tensors(lin) == ["weight", "bias"]
     with pytest.raises(ValueError, match="shape"):
         materialize_stage(lin, checkpoint={"weight": torch.zeros(2, 2), "bias": torch.zeros(3)})
+
+
+def test_build_stage_loads_checkpoint_for_meta_model(tmp_path) -> None:
+    """pipe.build_stage(i, device, checkpoint=...) fills only stage i, by original FQN."""
+    from models import MLPStack
+
+    from pippy import SplitPoint, pipeline
+
+    torch.manual_seed(0)
+    real = MLPStack(4)
+    path = tmp_path / "full.pt"
+    torch.save(real.state_dict(), path)
+    with torch.device("meta"):
+        meta = MLPStack(4)
+    pipe = pipeline(meta, 2, (torch.randn(4, 8),), split_spec={"blocks.1": SplitPoint.END})
+    full = real.state_dict()
+    for i in range(pipe.num_stages):
+        stage = pipe.build_stage(i, "cpu", checkpoint=str(path))
+        sd = stage.state_dict()
+        assert sd and all(torch.equal(v, full[k]) for k, v in sd.items())
+        assert not any(t.is_meta for t in stage.submod.parameters())
