@@ -251,12 +251,14 @@ def pipeline(
     *,
     args_chunk_spec: Any = None,
     kwargs_chunk_spec: Any = None,
+    tied_weights: str = "replicate",
 ) -> Pipe:
     """Trace ``module`` on one micro-batch of the example batch and split it into stages.
 
     Split points come from ``pipe_split()`` calls in ``forward``, ``annotate_split_points``, a
     ``split_spec`` mapping (applied only while tracing) or a ``split_policy``. ``example_args`` is
-    the full batch; it must split into ``num_chunks`` equal micro-batches.
+    the full batch; it must split into ``num_chunks`` equal micro-batches. ``tied_weights``
+    ("replicate" or "transmit") says how a weight read by several stages is kept (see split_graph).
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> pipe = pipeline(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
@@ -283,7 +285,7 @@ def pipeline(
     else:
         assignment = assign_by_markers(gm)
     num_stages = max(assignment.values(), default=0) + 1
-    stages = split_graph(gm, assignment, num_stages)
+    stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights)
     pipe = Pipe(
         stages,
         num_chunks=num_chunks,

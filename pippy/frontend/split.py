@@ -165,11 +165,44 @@ def infer_requires_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
     return rg
 
 
-def split_graph(gm: fx.GraphModule, assignment: Mapping[fx.Node, int], num_stages: int) -> list[StageInfo]:
+def _own_shared(gm: fx.GraphModule, stage_of: dict[fx.Node, int]) -> None:
+    """Give each trainable tensor read by several stages one owner: the first stage that reads it.
+
+    Readers through other names (aliases) are re-pointed at the owner's ``get_attr``; the splitter
+    then treats that node as a value of the owning stage, sent to later stages like an activation.
+    """
+    groups: dict[int, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            obj = tensor_at(gm, str(node.target))
+            if isinstance(obj, torch.Tensor) and obj.requires_grad:
+                groups.setdefault(id(obj), []).append(node)
+    for readers in groups.values():
+        users = [u for n in readers for u in n.users if u in stage_of]
+        stages = {stage_of[u] for u in users}
+        if len(stages) < 2:
+            continue
+        first = min(stages)
+        owner = next(n for n in readers if any(stage_of.get(u) == first for u in n.users))
+        for other in readers:
+            if other is not owner:
+                for u in list(other.users):
+                    u.replace_input_with(other, owner)
+        stage_of[owner] = first
+
+
+def split_graph(
+    gm: fx.GraphModule, assignment: Mapping[fx.Node, int], num_stages: int, *, tied_weights: str = "replicate"
+) -> list[StageInfo]:
     """Build one GraphModule per stage from ``gm`` and a ``{node: stage}`` assignment.
 
     Edges may only go forward (producer stage <= consumer stage); a backward edge is an error.
+    ``tied_weights``: "replicate" copies a trainable tensor into every stage that reads it (its
+    gradients are summed after backward); "transmit" keeps it in the first stage that reads it
+    and sends it along each micro-batch like an activation (its gradient comes back the same way).
     """
+    if tied_weights not in ("replicate", "transmit"):
+        raise ValueError(f"tied_weights must be 'replicate' or 'transmit', got {tied_weights!r}")
     nodes = [n for n in gm.graph.nodes if not is_split_marker(n)]
     last = num_stages - 1
     stage_of: dict[fx.Node, int] = {}
@@ -183,6 +216,8 @@ def split_graph(gm: fx.GraphModule, assignment: Mapping[fx.Node, int], num_stage
             if s is None or not 0 <= s < num_stages:
                 raise ValueError(f"node {n.name} ({n.target}) has no stage in 0..{last} (got {s})")
             stage_of[n] = s
+    if tied_weights == "transmit":
+        _own_shared(gm, stage_of)
     rg = infer_requires_grad(gm)
 
     # Pass 1: which values cross stages.
@@ -193,8 +228,8 @@ def split_graph(gm: fx.GraphModule, assignment: Mapping[fx.Node, int], num_stage
             continue
         dst = stage_of[n]
         for src_node in n.all_input_nodes:
-            if src_node.op == "get_attr":
-                continue
+            if src_node.op == "get_attr" and src_node not in stage_of:
+                continue  # copied into each stage that reads it
             src = stage_of[src_node]
             if src > dst:
                 raise ValueError(

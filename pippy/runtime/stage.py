@@ -67,8 +67,9 @@ def _tap_nodes(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, list[str]]], boo
         if isinstance(obj, torch.Tensor) and obj.requires_grad:
             readers.setdefault(id(obj), set()).update(node.users)
             for u in node.users:
-                reads.setdefault(u, []).append(str(node.target))
-    exact = all(len(users) == 1 for users in readers.values())
+                if u.op != "output":  # a tensor sent on as-is (tied, transmit mode) is no tap
+                    reads.setdefault(u, []).append(str(node.target))
+    exact = all(len(users) == 1 and next(iter(users)).op != "output" for users in readers.values())
     return list(reads.items()), exact
 
 

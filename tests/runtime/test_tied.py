@@ -1,0 +1,92 @@
+"""Tied weights across stages, both modes: replicate (copies + summed grads) and transmit (one owner, sent along)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import gpt2, lm_loss, mse
+from torch import nn
+
+import pippy
+from pippy import SplitPoint, pipe_split, pipeline
+from pippy.runtime.local import LocalPipeline
+
+
+class TiedEnds(nn.Module):
+    """First and last layers share one weight across 3 stages (an autoencoder-style tie)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.first = nn.Linear(d, d, bias=False)
+        self.mid = nn.Linear(d, d)
+        self.last = nn.Linear(d, d, bias=False)
+        self.last.weight = self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        pipe_split()
+        h = torch.tanh(self.mid(h))
+        pipe_split()
+        return self.last(h)
+
+
+def _train(lp: LocalPipeline, x, y, steps: int) -> None:
+    opts = [torch.optim.SGD(list(st.parameters()), lr=0.1) for st in lp.stages if list(st.parameters())]
+    for _ in range(steps):
+        for o in opts:
+            o.zero_grad()
+        lp.step(x, target=y)
+        for o in opts:
+            o.step()
+
+
+@pytest.mark.parametrize("mode", ["replicate", "transmit"])
+@pytest.mark.parametrize("sched", [pippy.Schedule1F1B, pippy.ScheduleZBH1], ids=["1f1b", "zb_h1"])
+def test_tied_first_last_three_stages_train_like_plain(mode: str, sched) -> None:
+    torch.manual_seed(0)
+    model = TiedEnds().double()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    pipe = pipeline(model, 4, (x,), tied_weights=mode)
+    if mode == "transmit":
+        assert not pipe.shared and "last.weight" not in pipe.get_stage_module(2).state_dict()
+    else:
+        assert [sp.stages for sp in pipe.shared] == [(0, 2)]
+    lp = LocalPipeline(pipe, sched, num_ranks=3, n_microbatches=4, loss_fn=mse)
+    _train(lp, x, y, 3)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        mse(ref(x), y).backward()
+        opt.step()
+    for st in lp.stages:
+        for name, p in st.submod.named_parameters():
+            assert torch.allclose(p, ref.get_parameter(name), atol=1e-12), (mode, name)
+
+
+@pytest.mark.parametrize("mode", ["replicate", "transmit"])
+def test_gpt2_tied_head_both_modes(mode: str) -> None:
+    torch.manual_seed(0)
+    model = gpt2(n_layer=2)
+    ref = copy.deepcopy(model)
+    x, y = torch.randint(0, 96, (4, 16)), torch.randint(0, 96, (4, 16))
+    lm_loss(ref(x), y).backward()
+    pipe = pipeline(model, 2, (x,), split_spec={"transformer.h.0": SplitPoint.END}, tied_weights=mode)
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=lm_loss)
+    lp.step(x, target=y)
+    grads = lp.named_grads()
+    wte = ref.transformer.wte.weight.grad
+    assert torch.allclose(grads["transformer.wte.weight"], wte, atol=1e-12)
+    if mode == "replicate":
+        assert torch.allclose(grads["lm_head.weight"], wte, atol=1e-12)
+    else:
+        assert "lm_head.weight" not in grads  # one owner: stage 0 sends it along
+    for name, p in ref.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-12), name
+
+
+def test_bad_tied_mode() -> None:
+    with pytest.raises(ValueError, match="tied_weights must be 'replicate' or 'transmit'"):
+        pipeline(TiedEnds(), 2, (torch.randn(4, 8),), tied_weights="share")
