@@ -27,13 +27,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
 from typing import Any
 
 import torch
 
 from pippy.sim.cost import CostModel, StageCost
 
-__all__ = ["measure_link", "profile", "profile_ranks"]
+__all__ = ["measure_link", "median_costs", "profile", "profile_ranks"]
 
 _USER = -1
 
@@ -208,7 +209,7 @@ def profile(
     return CostModel(stages=[got[s] for s in range(n)], microbatches=int(getattr(pipe, "num_chunks", 1) or 1))
 
 
-def measure_link(group: Any = None, *, ranks: tuple[int, int] = (0, 1), nbytes: int = 1 << 20,
+def measure_link(group: Any = None, *, ranks: tuple[int, int] = (0, 1), nbytes: int = 4 << 20,
                  repeats: int = 20) -> tuple[float, float]:
     """``(latency s, bandwidth B/s)`` of one message between group ranks ``ranks``, by ping-pong.
 
@@ -292,3 +293,32 @@ def profile_ranks(
     n = int(pipe.num_stages)
     return CostModel(stages=[merged[s] for s in range(n)], latency=lat, bandwidth=bw,
                      microbatches=int(getattr(pipe, "num_chunks", 1) or 1))
+
+
+def median_costs(models: Sequence[CostModel]) -> CostModel:
+    """Field-wise median of profiles of the same pipe taken at different times.
+
+    On a shared or noisy machine, profiling in short rounds interleaved with the measured steps
+    (rather than once, before them) lets both see the same conditions; this merges the rounds.
+
+        >>> a, b, c = (CostModel.uniform(1, f=t) for t in (1.0, 5.0, 2.0))
+        >>> median_costs([a, b, c]).stages[0].f
+        2.0
+    """
+    if not models:
+        raise ValueError("median_costs needs at least one CostModel")
+    n = models[0].num_stages
+    if any(m.num_stages != n for m in models):
+        raise ValueError(f"median_costs: models disagree on the stage count: {[m.num_stages for m in models]}")
+
+    def med(xs: Iterable[float | None]) -> float | None:
+        vals = [x for x in xs if x is not None]
+        return float(statistics.median(vals)) if vals else None
+
+    stages = []
+    for s in range(n):
+        kw = {f.name: med(getattr(m.stages[s], f.name) for m in models) for f in fields(StageCost)}
+        stages.append(StageCost(**kw))  # type: ignore[arg-type]
+    bw = statistics.median(m.bandwidth for m in models)  # inf (unmeasured) sorts last
+    return CostModel(stages=stages, latency=float(statistics.median(m.latency for m in models)), bandwidth=float(bw),
+                     microbatches=models[0].microbatches)

@@ -36,5 +36,22 @@ def test_profile_through_the_runtime_stage() -> None:
         c = profile(pipe, (x,), loss_fn=torch.nn.functional.mse_loss, target=y, repeats=1, warmup=0, threads=1,
                     split_backward=split)
         assert torch.get_num_threads() == threads  # restored
-        assert all(s.f > 0 and s.w > 0 for s in c.stages)  # every stage has weights
+        assert all(s.f > 0 and s.w >= 0 and (s.w > 0 or not split) for s in c.stages)  # W is timed when split
         assert c.stages[1].i > 0 and c.stages[0].grad_bytes == c.stages[0].send_bytes == 4 * 64 * 4
+
+
+def test_median_costs_is_fieldwise() -> None:
+    import math
+
+    from pippy.sim.cost import CostModel, StageCost
+    from pippy.sim.profile import median_costs
+
+    models = [
+        CostModel(stages=[StageCost(f=f, grad_bytes=g)], latency=lat, bandwidth=bw, microbatches=4)
+        for f, g, lat, bw in ((1.0, None, 1e-4, 1e9), (3.0, 8.0, 3e-4, math.inf), (2.0, 4.0, 2e-4, 2e9))
+    ]
+    m = median_costs(models)
+    assert m.stages[0].f == 2.0 and m.stages[0].grad_bytes == 6.0  # None entries are skipped
+    assert m.latency == 2e-4 and m.bandwidth == 2e9 and m.microbatches == 4
+    with pytest.raises(ValueError, match="stage count"):
+        median_costs([models[0], CostModel.uniform(2)])

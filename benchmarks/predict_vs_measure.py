@@ -1,0 +1,132 @@
+"""Simulator vs reality: profile the stages, predict a step, run it traced, and print both side by side.
+
+Run:  .venv/bin/torchrun --nproc-per-node 2 benchmarks/predict_vs_measure.py [--steps 10] [--warmup 2]
+      [--workloads mlp,gpt2] [--schedules gpipe,1f1b,zb_h1] [--repeats 10]
+
+The workloads are those of ``benchmarks/vs_torch_pipelining.py`` (imported from it): an MLP stack
+(8 residual blocks Linear(512, 2048)-ReLU-Linear(2048, 512), batch 64, 8 micro-batches) and
+GPT-2 from config (4 layers, width 256, sequence 128, batch 16, 4 micro-batches), each split in
+the middle over 2 ranks with one thread per rank. For each workload and schedule:
+
+1. the schedule runs ``--warmup`` + ``--steps`` traced steps (``trace=True``); the measured step
+   is the traced step with the median step time (first action start to last action end);
+2. after each measured step, ``pippy.sim.profile.profile_ranks`` times every stage on its own
+   rank (both ranks at once, as in the run; F/B, or F/I/W for split-backward schedules, through
+   the runtime's PipelineStage; ``--repeats`` runs) and measures the gloo link by ping-pong. The
+   rounds are merged by ``median_costs``: interleaving makes profile and run see the same
+   machine (on a shared machine the load drifts between a profile taken first and the run);
+3. ``pippy.sim.simulate`` predicts the step of the very schedule object the runtime executes;
+4. rank 0 prints ``predict_vs_measure`` (step time, bubble per rank, per-action medians).
+
+No fudge factors: the prediction uses only the profile. Not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_torch_pipelining import gpt2_workload, mlp_workload  # the same workloads
+
+import pippy
+from pippy import pipeline
+from pippy.sim.compare import predict_vs_measure
+from pippy.sim.profile import median_costs, profile_ranks
+from pippy.sim.render import format_time
+from pippy.sim.simulate import simulate
+from pippy.sim.timeline import Timeline
+
+WORKLOADS = {"mlp": mlp_workload, "gpt2": gpt2_workload}
+SCHEDULES: dict[str, Any] = {"gpipe": pippy.ScheduleGPipe, "1f1b": pippy.Schedule1F1B, "zb_h1": pippy.ScheduleZBH1}
+
+
+def run_one(workload: str, sched_name: str, a: argparse.Namespace, rank: int, world: int) -> dict[str, Any] | None:
+    """Profile, predict and measure one (workload, schedule); rank 0 gets the figures."""
+    cls = SCHEDULES[sched_name]
+    model, args, target, loss_fn, spec, n_mb = WORKLOADS[workload](world)
+    pipe = pipeline(model, n_mb, example_args=args, split_spec=spec)
+    placement = cls.placement(world)
+    stage = pipe.build_stage(rank, "cpu")
+    sched = cls(stage, n_mb, loss_fn=loss_fn, trace=True)
+    assert sched.schedule is not None
+    split = sched.schedule.uses_split_backward()
+    first, last = rank == placement[0], rank == placement[-1]
+    profiles = []
+    timelines: list[Timeline] = []
+    walls: list[float] = []
+    for k in range(a.warmup + a.steps):
+        stage.submod.zero_grad(set_to_none=True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        sched.step(*(args if first else ()), target=target if last else None)
+        wall = time.perf_counter() - t0
+        if k >= a.warmup and rank == 0:
+            assert sched.last_timeline is not None
+            timelines.append(sched.last_timeline)
+            walls.append(wall)
+        if k >= a.warmup:
+            profiles.append(profile_ranks(pipe, args, placement, loss_fn=loss_fn, target=target, threads=1,
+                                          repeats=a.repeats, warmup=1, split_backward=split))
+    if rank != 0:
+        return None
+    costs = median_costs(profiles)
+    timelines.sort(key=lambda t: t.step_time)
+    measured = timelines[len(timelines) // 2]
+    pred = simulate(sched.schedule, costs)
+    return {
+        "workload": workload, "schedule": sched_name, "pred": pred.step_time, "meas": measured.step_time,
+        "pred_bubble": pred.bubble, "meas_bubble": measured.bubbles(), "wall": statistics.median(walls),
+        "spread": (timelines[0].step_time, timelines[-1].step_time), "latency": costs.latency,
+        "bandwidth": costs.bandwidth, "table": predict_vs_measure(sched.schedule, costs, measured),
+        "stages": [(c.f, c.i, c.w, c.send_bytes) for c in costs.stages],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10, help="measured steps after the warm-up (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--repeats", type=int, default=2, help="profile runs per stage after each step (default 2)")
+    ap.add_argument("--workloads", default="mlp,gpt2")
+    ap.add_argument("--schedules", default="gpipe,1f1b,zb_h1")
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    rows = []
+    for w in a.workloads.split(","):
+        for s in a.schedules.split(","):
+            res = run_one(w, s, a, rank, world)
+            if res is None:
+                continue
+            rows.append(res)
+            lat, bw = res["latency"], res["bandwidth"]
+            print(f"\n=== {w} / {s}: link latency {format_time(lat)}, bandwidth {bw / 1e9:.2f} GB/s; per micro-batch "
+                  + "; ".join(f"stage {i}: F {format_time(f)} I {format_time(ii)} W {format_time(ww)}"
+                              for i, (f, ii, ww, _) in enumerate(res["stages"])), flush=True)
+            lo, hi = res["spread"]
+            print(f"measured over {a.steps} steps: min {format_time(lo)}, median {format_time(res['meas'])}, "
+                  f"max {format_time(hi)}; median wall time of step() {format_time(res['wall'])}")
+            print(res["table"], flush=True)
+        dist.barrier()
+    if rank == 0:
+        print(f"\nsummary ({world} ranks, 1 thread each; bubble in % of the step, predicted/measured)")
+        print(f"{'workload':<9} {'schedule':<7} {'predicted':>10} {'measured':>10} {'error':>7}  bubble per rank")
+        for r in rows:
+            err = 100 * (r["pred"] - r["meas"]) / r["meas"]
+            bub = "  ".join(f"r{i} {100 * p:4.1f}/{100 * m:4.1f}" for i, (p, m) in enumerate(zip(r["pred_bubble"], r["meas_bubble"])))
+            print(f"{r['workload']:<9} {r['schedule']:<7} {format_time(r['pred']):>10} {format_time(r['meas']):>10} "
+                  f"{err:+6.1f}%  {bub}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Traced real runs inside spawned ranks: the gathered timeline and the Chrome JSON of one step."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed as dist
+from cases import MULTI, SINGLE, build
+
+from pippy import pipeline
+
+
+def traced_steps(rank: int, world: int, cases: list[tuple[str, int]], out_dir: str, n_mb: int = 4) -> dict[str, Any]:
+    """For each (schedule, stages_per_rank): one traced step of ``mlp_spec``.
+
+    Every rank returns the ``(rank, action)`` strings of its own ``last_events``; rank 0 also
+    returns those of the gathered ``last_timeline`` and of the lowered schedule, and the path of
+    the Chrome JSON it wrote.
+    """
+    report: dict[str, Any] = {}
+    for sched_name, spr in cases:
+        n_stages = world * spr
+        model, args, _, target, loss_fn, opts = build("mlp_spec", n_stages)
+        pipe = pipeline(model, n_mb, example_args=args, **opts)
+        cls = SINGLE.get(sched_name) or MULTI[sched_name]
+        placement = cls.placement(world, spr)
+        mine = [pipe.build_stage(s, "cpu") for s in range(n_stages) if placement[s] == rank]
+        path = os.path.join(out_dir, f"{sched_name}.json")
+        sched = cls(mine[0] if spr == 1 else mine, n_mb, loss_fn=loss_fn, trace=path)
+        first, last = placement[0] == rank, placement[-1] == rank
+        for _ in range(2):  # the second step must replace, not extend, the first step's trace
+            sched.step(*(args if first else ()), target=target if last else None)
+        r: dict[str, Any] = {"own": sorted(f"{e.rank}:{e.action}" for e in sched.last_events)}
+        if rank == 0:
+            tl = sched.last_timeline
+            assert tl is not None, f"{sched_name}: rank 0 has no last_timeline after a traced step"
+            assert sched.schedule is not None
+            r["timeline"] = sorted(f"{e.rank}:{e.action}" for e in tl.events)
+            r["schedule"] = sorted(f"{rk}:{a}" for rk, acts in enumerate(sched.schedule.actions) for a in acts)
+            r["num_ranks"] = tl.num_ranks
+            r["ordered"] = all(e.end >= e.start >= 0.0 for e in tl.events)
+            r["chrome"] = path
+        else:
+            assert sched.last_timeline is None, "only rank 0 gathers the timeline"
+        report[sched_name] = r
+        dist.barrier()
+    return report
+
+
+def ranked_profile(rank: int, world: int) -> dict[str, Any]:
+    """``profile_ranks`` on a 2-stage ``mlp_spec``: every rank returns the merged model as a dict."""
+    from pippy.sim.profile import profile_ranks
+
+    model, args, _, target, loss_fn, opts = build("mlp_spec", world)
+    pipe = pipeline(model, 2, example_args=args, **opts)
+    placement = SINGLE["1f1b"].placement(world)
+    costs = profile_ranks(pipe, args, placement, loss_fn=loss_fn, target=target, threads=1, repeats=1, warmup=0)
+    split = profile_ranks(pipe, args, placement, loss_fn=loss_fn, target=target, repeats=1, warmup=0, split_backward=True)
+    sent = sum(m.nbytes for m in pipe.stage_infos[0].outputs)
+    return {"costs": costs.to_dict(), "split": split.to_dict(), "sent": float(sent)}
