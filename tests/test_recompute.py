@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from models import gpt2, lm_loss
+from models import MarkedMLP, gpt2, lm_loss
 
 from pippy import Schedule1F1B, SplitPoint, pipeline
 from pippy.recompute import disable_recompute, enable_recompute
@@ -49,3 +49,24 @@ def test_disable_recompute_restores_forward() -> None:
     assert "forward" in lin.__dict__
     disable_recompute(lin)
     assert "forward" not in lin.__dict__
+
+
+def test_measured_activation_bytes_drop_with_recompute() -> None:
+    """The runtime's activation-byte count: GPipe keeps more than 1F1B, recompute keeps less than either."""
+    import pippy
+    from pippy.runtime.local import LocalPipeline
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    y = torch.randn(16, 4, dtype=torch.float64)
+    peaks = {}
+    for name, cls, rc in (("gpipe", pippy.ScheduleGPipe, False), ("1f1b", pippy.Schedule1F1B, False), ("1f1b_rc", pippy.Schedule1F1B, True)):
+        pipe = pipeline(MarkedMLP(4, 1).double(), 8, (x,))
+        lp = LocalPipeline(pipe, cls, num_ranks=4, n_microbatches=8, loss_fn=torch.nn.functional.mse_loss)
+        for st in lp.stages:
+            st.measure_activations = True
+            if rc:
+                enable_recompute(st)
+        lp.step(x, target=y)
+        peaks[name] = lp.schedules[0].last_peak_bytes[0]
+    assert peaks["gpipe"] > peaks["1f1b"] > peaks["1f1b_rc"] > 0

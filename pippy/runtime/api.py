@@ -91,6 +91,7 @@ class PipelineSchedule:
         self.last_timeline: Timeline | None = None
         self._executors: dict[int, Executor] = {}
         self.last_peak_live: dict[int, int] = {}
+        self.last_peak_bytes: dict[int, int] = {}
         compute = schedule if schedule is not None else self._generate()
         compute = compute.with_deps(self.pipe.deps())
         self._check_placement(compute)
@@ -209,7 +210,9 @@ class PipelineSchedule:
 
     def _finish(self, res: StepResult, losses: list[Any] | None) -> Any:
         self.last_events = res.events
-        self.last_peak_live = res.peak_live
+        if res.peak_live or not self.last_peak_live:  # eval() keeps the last training step's counts
+            self.last_peak_live = res.peak_live
+            self.last_peak_bytes = res.peak_bytes
         if self.trace and isinstance(self.transport, DistTransport):
             self._gather_trace(res.events)
         if losses is not None and self._holds(self.pipe.num_stages - 1):

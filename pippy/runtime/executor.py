@@ -47,6 +47,7 @@ class StepResult:
     losses: list[torch.Tensor] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     peak_live: dict[int, int] = field(default_factory=dict)
+    peak_bytes: dict[int, int] = field(default_factory=dict)
 
 
 class Executor:
@@ -147,6 +148,9 @@ class Executor:
                 if inp.training:
                     live = sum(st.live_microbatches() for st in self.stages.values())
                     res.peak_live[self.rank] = max(res.peak_live.get(self.rank, 0), live)
+                    if stage.measure_activations:
+                        nbytes = sum(st.live_activation_bytes() for st in self.stages.values())
+                        res.peak_bytes[self.rank] = max(res.peak_bytes.get(self.rank, 0), nbytes)
             elif kind is Kind.SEND_F:
                 for j, cons in enumerate(info.consumers):
                     meta = info.outputs[j]

@@ -33,6 +33,7 @@ class _MbState:
     outputs: tuple[Any, ...]
     taps: list[Any] = field(default_factory=list)
     loss: torch.Tensor | None = None
+    saved_bytes: int = 0
     roots: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     tap_grads: list[torch.Tensor | None] | None = None
 
@@ -82,6 +83,24 @@ def _with_taps(gm: fx.GraphModule, taps: list[fx.Node]) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
+class _SavedBytes:
+    """saved_tensors_hooks pair counting the bytes autograd keeps, each storage once, parameters excluded."""
+
+    def __init__(self, skip: set[int]) -> None:
+        self.seen = set(skip)
+        self.total = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.seen:
+            self.seen.add(ptr)
+            self.total += t.untyped_storage().nbytes()
+        return t
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
 def _is_lifted_constant(name: str) -> bool:
     """torch.export turns tensor constants into buffers named like these; they are not model state."""
     leaf = name.rsplit(".", 1)[-1]
@@ -117,6 +136,7 @@ class PipelineStage:
         self._tap_params: list[list[nn.Parameter]] = []
         self._exact_w = False
         self._state: dict[int, _MbState] = {}
+        self.measure_activations = False  # count bytes autograd saves per micro-batch (small overhead)
         self.rank_hint: int | None = None  # set by the executor, for messages
 
     # ----------------------------------------------------------------- properties
@@ -169,19 +189,31 @@ class PipelineStage:
             if isinstance(x, torch.Tensor):
                 x = x.detach().requires_grad_(meta.requires_grad)
             leaves.append(x)
-        if split_backward:
-            if self._tapped is None:
-                taps, self._exact_w = _tap_nodes(self.submod)
-                self._tapped = _with_taps(self.submod, [n for n, _ in taps])
-                self._tap_params = [[self.submod.get_parameter(f) for f in fqns] for _, fqns in taps]
-            res = tuple(self._tapped(*leaves))
-            n_out = len(self.info.outputs)
-            outs = res[:n_out]
-            self._state[mb] = _MbState(leaves, outs, list(res[n_out:]))
+        if split_backward and self._tapped is None:
+            taps, self._exact_w = _tap_nodes(self.submod)
+            self._tapped = _with_taps(self.submod, [n for n, _ in taps])
+            self._tap_params = [[self.submod.get_parameter(f) for f in fqns] for _, fqns in taps]
+        fn = self._tapped if split_backward and self._tapped is not None else self.submod
+        if self.measure_activations:
+            counter = _SavedBytes({p.untyped_storage().data_ptr() for p in self.submod.parameters()})
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                res = tuple(fn(*leaves))
         else:
-            outs = tuple(self.submod(*leaves))
-            self._state[mb] = _MbState(leaves, outs)
+            res = tuple(fn(*leaves))
+        n_out = len(self.info.outputs)
+        outs = res[:n_out]
+        self._state[mb] = _MbState(leaves, outs, list(res[n_out:]))
+        if self.measure_activations:
+            self._state[mb].saved_bytes = counter.total
         return outs
+
+    def live_activation_bytes(self) -> int:
+        """Bytes autograd saved for the live micro-batches (0 unless ``measure_activations`` is set).
+
+        Counts each storage once per micro-batch and leaves parameters out, so it is the
+        activation memory the schedule keeps alive, comparable with the simulator's memory model.
+        """
+        return sum(st.saved_bytes for st in self._state.values())
 
     def set_loss(self, mb: int, loss: torch.Tensor) -> None:
         """Attach the (already scaled) loss of micro-batch ``mb``; the last stage's backward starts there."""
