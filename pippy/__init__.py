@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pippy.frontend.pipe import Pipe, pipeline
+    from pippy.frontend.policies import autosplit, graphsplit, split_by_names, split_equal_layers, split_equal_params
     from pippy.frontend.trace import PipeTraceError, SplitPoint, annotate_split_points, pipe_split
     from pippy.microbatch import Replicate, Sum, TensorChunkSpec
     from pippy.runtime.api import (
@@ -52,14 +53,20 @@ __all__ = [
     "Sum",
     "TensorChunkSpec",
     "annotate_split_points",
+    "autosplit",
+    "graphsplit",
     "pipe_split",
     "pipeline",
+    "split_by_names",
+    "split_equal_layers",
+    "split_equal_params",
 ]
 
 # public name -> module that defines it
 _WHERE = {
     "Pipe": "pippy.frontend.pipe",
     "pipeline": "pippy.frontend.pipe",
+    **{n: "pippy.frontend.policies" for n in ("autosplit", "graphsplit", "split_by_names", "split_equal_layers", "split_equal_params")},
     "PipeTraceError": "pippy.frontend.trace",
     "SplitPoint": "pippy.frontend.trace",
     "annotate_split_points": "pippy.frontend.trace",

@@ -1,0 +1,335 @@
+"""Per-node costs of a traced graph for the split policies: measured time, estimated FLOPs or parameter bytes.
+
+    >>> # gc = graph_costs(gm, example_inputs, "flops"); gc.cost[i] is node gc.nodes[i]'s cost
+
+``graph_costs`` returns the compute nodes in topological order with, for each, its cost, the bytes
+of the parameters/buffers it reads, plus the cut data the partitioners need: ``live_bytes[k]`` is
+the size of the values that cross a cut placed before node ``k`` (produced before ``k``, used at or
+after it; user inputs count as produced before node 0, the graph output as a use after the last
+node) and ``cuttable[k]`` is False where a value that cannot be sent (a list of tensors, say) would
+cross that cut. ``tail`` is cost outside the graph that the last stage bears: for ``"time"``, a
+softmax-cross-entropy-like loss over the floating outputs (forward + backward), since pipelines
+compute the loss on the last stage.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from pippy.frontend.params import tensor_at
+
+__all__ = ["COST_KINDS", "GraphCosts", "graph_costs", "node_flops"]
+
+COST_KINDS: dict[str, str] = {
+    "time": "s",
+    "flops": "FLOP",
+    "params": "B",
+}
+"""Cost kinds a policy accepts, with the unit of each (time: measured forward + backward seconds)."""
+
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+COST_META = "pippy_cost"
+"""``node.meta`` key where policies record ``(kind, cost)`` so ``split_report`` can sum it per stage."""
+TAIL_META = "pippy_tail_cost"
+"""``node.meta`` key holding ``GraphCosts.tail`` (the same on every node); the report adds it to the last stage."""
+
+_FREE = {
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "slice", "select", "unsqueeze",
+    "squeeze", "detach", "alias", "as_strided", "unflatten", "flatten", "split", "chunk", "unbind", "getitem",
+    "_assert_tensor_metadata", "lift_fresh_copy", "sym_size", "dropout", "expand_as", "view_as", "narrow",
+}
+
+
+@dataclass(slots=True)
+class GraphCosts:
+    """Costs of the compute nodes of one traced graph, in topological order (see the module docstring).
+
+        >>> # gc = graph_costs(gm, leaves, "params"); gc.cost.sum() == gc.param_bytes.sum()
+    """
+
+    nodes: list[fx.Node]
+    cost: np.ndarray
+    param_bytes: np.ndarray
+    live_bytes: np.ndarray
+    cuttable: np.ndarray
+    kind: str
+    tail: float = 0.0
+
+    @property
+    def unit(self) -> str:
+        """Unit of ``cost`` (``s``, ``FLOP`` or ``B``)."""
+        return COST_KINDS[self.kind]
+
+    def record(self) -> None:
+        """Store each node's cost in ``node.meta`` so stage modules (which copy meta) can report it."""
+        for node, c in zip(self.nodes, self.cost):
+            node.meta[COST_META] = (self.kind, float(c))
+            node.meta[TAIL_META] = self.tail
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    name = getattr(t, "__name__", str(t))
+    return name.split(".")[0]
+
+
+def _val(x: Any) -> Any:
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    v = _val(x)
+    return tuple(int(d) for d in v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def _numel(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return int(v.numel())
+    if isinstance(v, list | tuple):
+        return sum(_numel(x) for x in v)
+    return 0
+
+
+def _nbytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return int(v.numel()) * v.element_size()
+    if isinstance(v, list | tuple):
+        return sum(_nbytes(x) for x in v)
+    return 0
+
+
+def node_flops(node: fx.Node) -> float:
+    """Forward FLOPs of one aten node from its FakeTensor metadata (a multiply-add counts 2).
+
+    Matrix products count ``2 * out_numel * k``, attention ``2 * B*L*S*(E+Ev)``, a convolution
+    ``2 * out_numel * (C_in/groups * kernel)``, views 0, anything else one FLOP per output element.
+
+        >>> # node_flops(linear_node) == 2 * batch * out_features * in_features
+    """
+    if node.op not in COMPUTE_OPS:
+        return 0.0
+    name = _op_name(node)
+    out = _numel(node.meta.get("val"))
+    if name in _FREE:
+        return 0.0
+    args = node.args
+    if name in ("linear", "mm", "bmm", "matmul"):
+        k = _shape(args[0])[-1] if _shape(args[0]) else 1
+        return 2.0 * out * k
+    if name in ("addmm", "baddbmm", "addbmm"):
+        k = _shape(args[1])[-1] if _shape(args[1]) else 1
+        return 2.0 * out * k + out
+    if name in ("convolution", "conv1d", "conv2d", "conv3d", "_convolution"):
+        w = _shape(args[1])
+        groups = node.kwargs.get("groups", args[-1] if name == "convolution" and len(args) > 8 else 1)
+        groups = groups if isinstance(groups, int) else 1
+        per_out = w[1] * int(np.prod(w[2:])) if len(w) > 2 else 1  # C_in/groups * kernel
+        transposed = name == "convolution" and len(args) > 6 and bool(args[6])
+        if transposed:
+            per_out = w[0] // max(groups, 1) * int(np.prod(w[2:]))
+        return 2.0 * out * per_out
+    if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention"):
+        qs, ks, vs = (_shape(a) for a in args[:3])
+        if len(qs) >= 2 and len(ks) >= 2 and len(vs) >= 1:
+            batch = int(np.prod(qs[:-2]))
+            return 2.0 * batch * qs[-2] * ks[-2] * (qs[-1] + vs[-1])
+    if name in ("embedding", "index_select", "gather", "index"):
+        return float(out)
+    return float(out)
+
+
+def _param_bytes(gm: fx.GraphModule, node: fx.Node, cache: dict[str, int]) -> int:
+    total = 0
+    for src in node.all_input_nodes:
+        if src.op == "get_attr":
+            key = str(src.target)
+            if key not in cache:
+                obj = tensor_at(gm, key)
+                cache[key] = int(obj.numel()) * obj.element_size() if isinstance(obj, torch.Tensor) else 0
+            total += cache[key]
+    return total
+
+
+def _liveness(graph: fx.Graph, index: dict[fx.Node, int], n: int) -> tuple[np.ndarray, np.ndarray]:
+    live = np.zeros(n + 2, dtype=np.float64)
+    bad = np.zeros(n + 2, dtype=np.int64)
+    for node in graph.nodes:
+        if node.op in ("get_attr", "output"):
+            continue
+        p = -1 if node.op == "placeholder" else index[node]
+        last = max((n if u.op == "output" else index.get(u, -1) for u in node.users), default=-1)
+        if last <= p:
+            continue
+        val = node.meta.get("val")
+        # a cut k in (p, last] separates the producer from a user
+        if isinstance(val, torch.Tensor):
+            live[p + 1] += _nbytes(val)
+            live[last + 1] -= _nbytes(val)
+        elif isinstance(val, list | tuple) and node.op != "placeholder":
+            bad[p + 1] += 1
+            bad[last + 1] -= 1
+    return np.cumsum(live)[: n + 1], np.cumsum(bad)[: n + 1] == 0
+
+
+def graph_costs(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], kind: str = "flops", *, repeats: int = 5, loss_tail: bool = True
+) -> GraphCosts:
+    """Cost every compute node of ``gm``; ``kind`` is ``"time"``, ``"flops"`` or ``"params"``.
+
+    ``"time"`` runs the graph node by node on the real example inputs and parameters: the median
+    forward time of ``repeats`` runs plus the median time autograd spends in the node's backward.
+    Buffers and the RNG state are restored afterwards and no ``.grad`` is touched. With
+    ``loss_tail`` the time of a log-softmax loss over the outputs becomes ``tail`` (see above).
+
+        >>> # graph_costs(gm, leaves, "time").cost.sum()   # seconds for one micro-batch fwd + bwd
+    """
+    if kind not in COST_KINDS:
+        raise ValueError(f"unknown cost kind {kind!r}; use one of {sorted(COST_KINDS)}")
+    nodes = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+    index = {n: i for i, n in enumerate(nodes)}
+    cache: dict[str, int] = {}
+    pbytes = np.array([_param_bytes(gm, n, cache) for n in nodes], dtype=np.float64)
+    if kind == "flops":
+        cost = np.array([node_flops(n) for n in nodes], dtype=np.float64)
+    elif kind == "params":
+        cost = pbytes.copy()
+    else:
+        times = measure_node_times(gm, example_inputs, repeats)
+        cost = np.array([times.get(n, 0.0) for n in nodes], dtype=np.float64)
+    tail = _loss_time(gm, example_inputs, repeats) if kind == "time" and loss_tail else 0.0
+    live, cuttable = _liveness(gm.graph, index, len(nodes))
+    return GraphCosts(nodes, cost, pbytes, live, cuttable, kind, tail)
+
+
+def _loss_time(gm: fx.GraphModule, example_inputs: Sequence[Any], repeats: int) -> float:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = [v.meta.get("val") for v in out.all_input_nodes]
+    shapes = [(tuple(v.shape), v.dtype) for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not shapes:
+        return 0.0
+    xs = [torch.zeros(s, dtype=d, requires_grad=True) for s, d in shapes if len(s) >= 1]  # values do not matter
+
+    def run() -> None:
+        loss = sum(torch.log_softmax(x, dim=-1).mean() for x in xs)
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
+
+    times = []
+    for _ in range(max(1, repeats) + 1):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times[1:]))
+
+
+class _TimingInterpreter(fx.Interpreter):  # type: ignore[misc]
+    def __init__(self, gm: fx.GraphModule, repeats: int) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.repeats = max(1, repeats)
+        self.fwd: dict[fx.Node, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op not in COMPUTE_OPS:
+            return super().run_node(n)
+        schema = getattr(n.target, "_schema", None)
+        mutates = bool(schema is not None and schema.is_mutable)
+        times = []
+        for _ in range(1 if mutates else self.repeats):
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            times.append(time.perf_counter() - t0)
+        self.fwd[n] = float(statistics.median(times))
+        return out
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, list | tuple):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+def measure_node_times(gm: fx.GraphModule, example_inputs: Sequence[Any], repeats: int = 5) -> dict[fx.Node, float]:
+    """Median forward + backward seconds of every compute node of ``gm`` on the real example inputs.
+
+        >>> # measure_node_times(gm, leaves)[node]
+    """
+    buffers = {k: b.detach().clone() for k, b in gm.named_buffers()}
+    rng = torch.random.get_rng_state()
+    interp = _TimingInterpreter(gm, repeats)
+    try:
+        with torch.enable_grad():
+            interp.run(*example_inputs)
+            bwd = _backward_times(gm, interp, repeats)
+    finally:
+        torch.random.set_rng_state(rng)
+        with torch.no_grad():
+            for k, b in gm.named_buffers():
+                if k in buffers:
+                    b.copy_(buffers[k])
+    return {n: t + bwd.get(n, 0.0) for n, t in interp.fwd.items()}
+
+
+def _backward_times(gm: fx.GraphModule, interp: _TimingInterpreter, repeats: int) -> dict[fx.Node, float]:
+    # A composite op (linear -> t, mm, view) makes several autograd nodes: a node owns every autograd
+    # node reachable from its outputs that no earlier node owns.
+    owner: dict[Any, fx.Node] = {}
+    for node in interp.fwd:  # execution order
+        todo = [t.grad_fn for t in _tensors(interp.env.get(node)) if t.grad_fn is not None]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in owner or type(fn).__name__ == "AccumulateGrad":
+                continue
+            owner[fn] = node
+            todo.extend(nxt for nxt, _ in fn.next_functions)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    roots = [t for t in _tensors(fx.node.map_arg(out_node.args, lambda x: interp.env[x])) if t.grad_fn is not None]
+    params = [p for p in gm.parameters() if p.requires_grad]
+    leaves = params + [t for t in _tensors(list(interp.env.values())) if t.requires_grad and t.grad_fn is None]
+    leaves = list({id(t): t for t in leaves}.values())
+    if not roots or not leaves:
+        return {}
+    samples: dict[fx.Node, list[float]] = {n: [] for n in set(owner.values())}
+    start: dict[Any, float] = {}
+    acc: dict[fx.Node, float] = {}
+
+    def pre(fn: Any) -> Any:
+        def hook(_grads: Any) -> None:
+            start[fn] = time.perf_counter()
+
+        return hook
+
+    def post(fn: Any, node: fx.Node) -> Any:
+        def hook(_gi: Any, _go: Any) -> None:
+            acc[node] = acc.get(node, 0.0) + time.perf_counter() - start.pop(fn, time.perf_counter())
+
+        return hook
+
+    handles = []
+    for fn, node in owner.items():
+        handles.append(fn.register_prehook(pre(fn)))
+        handles.append(fn.register_hook(post(fn, node)))
+    try:
+        grads = [torch.ones_like(t) for t in roots]
+        for _ in range(max(1, repeats)):
+            acc.clear()
+            torch.autograd.grad(roots, leaves, grads, retain_graph=True, allow_unused=True)
+            for node in samples:
+                samples[node].append(acc.get(node, 0.0))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: float(statistics.median(v)) for n, v in samples.items()}

@@ -1,0 +1,384 @@
+"""Split policies for ``pipeline(..., split_policy=...)``: equal params, equal layers, autosplit, graphsplit.
+
+    >>> from pippy.frontend.policies import autosplit
+    >>> # pipe = pipeline(model, 4, example_args=(x,), split_policy=autosplit(2, cost="flops"))
+    >>> # print(pipe.split_report())
+
+A policy is called as ``policy(gm, example_inputs)`` on the traced graph and one micro-batch of
+flat example inputs, and returns ``{compute node: stage}``. Every policy records the cost it
+balanced in ``node.meta`` (so ``Pipe.split_report()`` can show it) and keeps ``stage_costs``,
+``cost_kind`` and ``last_assignment`` (stage by node name) for inspection.
+
+Measured costs (``cost="time"``) and time-limited solves differ from process to process. When
+``torch.distributed`` is initialized, rank 0 computes the split and broadcasts it, so every rank
+builds the same pipe (every rank must then call ``pipeline()``, as usual).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from pippy.frontend.costs import COMPUTE_OPS, COST_KINDS, COST_META, TAIL_META, GraphCosts, graph_costs
+from pippy.frontend.graphsplit import solve_graphsplit
+from pippy.frontend.partition import best_contiguous, cut_positions
+
+__all__ = [
+    "SplitPolicyBase",
+    "autosplit",
+    "graphsplit",
+    "split_by_names",
+    "split_equal_layers",
+    "split_equal_params",
+]
+
+_Result = tuple[dict[str, int], dict[str, float], str, float]  # stage by name, cost by name, kind, tail
+
+
+class SplitPolicyBase:
+    """Base of the policies: ``policy(gm, example_inputs) -> {node: stage}`` plus what it balanced.
+
+        >>> p = split_equal_params(2)
+        >>> # pipe = pipeline(model, 4, example_args=(x,), split_policy=p); p.stage_costs
+    """
+
+    label = "policy"
+    deterministic = True
+
+    def __init__(self, num_stages: int) -> None:
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(
+                f"{self.label}(num_stages={num_stages!r}): the number of stages must be an int >= 1, "
+                "e.g. the number of pipeline ranks (times stages per rank for interleaved schedules)"
+            )
+        self.num_stages = num_stages
+        self.stage_costs: list[float] | None = None
+        self.cost_kind: str | None = None
+        self.last_assignment: dict[str, int] = {}
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, int]:
+        """Assign every compute node of ``gm`` to a stage in ``0..num_stages-1``."""
+        result = _shared(lambda: self._compute(gm, list(example_inputs)), self.deterministic)
+        by_name, costs, kind, tail = result
+        nodes = [v for v in gm.graph.nodes if v.op in COMPUTE_OPS]
+        missing = [v.name for v in nodes if v.name not in by_name]
+        if missing:
+            raise ValueError(
+                f"{self.label}: no stage for nodes {missing[:5]}: this graph differs from the one the split was "
+                "computed on; use the same model, config and example input shapes"
+            )
+        out = {v: by_name[v.name] for v in nodes}
+        stage_costs = [0.0] * (max(out.values(), default=0) + 1)
+        for v in nodes:
+            c = costs.get(v.name, 0.0)
+            v.meta[COST_META] = (kind, c)
+            v.meta[TAIL_META] = tail
+            stage_costs[out[v]] += c
+        stage_costs[-1] += tail
+        self.stage_costs, self.cost_kind, self.last_assignment = stage_costs, kind, by_name
+        return out
+
+    def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{self.label}({self.num_stages})"
+
+
+def _shared(compute: Any, deterministic: bool) -> _Result:
+    import torch.distributed as dist
+
+    if deterministic or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()  # type: ignore[no-any-return]
+    box: list[Any] = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[no-any-return]
+
+
+def _result(gc: GraphCosts, stages: Sequence[int]) -> _Result:
+    return (
+        {v.name: int(s) for v, s in zip(gc.nodes, stages)},
+        {v.name: float(c) for v, c in zip(gc.nodes, gc.cost)},
+        gc.kind,
+        gc.tail,
+    )
+
+
+def _stages_from_starts(num: int, starts: Sequence[int]) -> list[int]:
+    out = np.zeros(num, dtype=np.int64)
+    for s, k in enumerate(starts):
+        out[k:] = s
+    return [int(x) for x in out]
+
+
+def _check_kind(label: str, cost: str) -> None:
+    if cost not in COST_KINDS:
+        raise ValueError(f"{label}(cost={cost!r}): unknown cost kind; use one of {sorted(COST_KINDS)}")
+
+
+def _too_many(label: str, n: int, gc: GraphCosts) -> None:
+    most = len(cut_positions(gc)) - 1
+    if n > most:
+        raise ValueError(
+            f"{label}({n}): the traced graph has {len(gc.nodes)} compute nodes and allows at most {most} stages "
+            f"(cuts that would send a list of tensors are not allowed). Use num_stages <= {most}."
+        )
+
+
+class _EqualParams(SplitPolicyBase):
+    label = "split_equal_params"
+
+    def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
+        gc = graph_costs(gm, inputs, "params")
+        n = self.num_stages
+        _too_many(self.label, n, gc)
+        pos = cut_positions(gc)
+        prefix = np.concatenate([[0.0], np.cumsum(gc.param_bytes)])[pos]
+        total = float(prefix[-1])
+        if total <= 0:
+            raise ValueError(f"{self.label}({n}): the model reads no parameters; use autosplit({n}, cost='flops')")
+        starts, last = [0], 0
+        for k in range(1, n):
+            lo, hi = last + 1, len(pos) - 1 - (n - k)  # leave room for the stages after this one
+            i = lo + int(np.argmin(np.abs(prefix[lo : hi + 1] - k * total / n)))
+            starts.append(int(pos[i]))
+            last = i
+        return _result(gc, _stages_from_starts(len(gc.nodes), starts))
+
+
+def split_equal_params(num_stages: int) -> SplitPolicyBase:
+    """Cut so that each stage reads about ``1/num_stages`` of the parameter bytes (topological order).
+
+        >>> # pipeline(model, 4, example_args=(x,), split_policy=split_equal_params(2))
+    """
+    return _EqualParams(num_stages)
+
+
+_IDX = re.compile(r"^(.*)\.(\d+)$")
+
+
+def _norm_path(path: str) -> str:
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules", "").strip(".")
+
+
+def _layers_of(nodes: list[fx.Node]) -> tuple[str, dict[fx.Node, str]]:
+    """The container with the most repeated children (``h``, ``layers``, ...) and each node's child index."""
+    children: dict[str, set[str]] = {}
+    types: dict[str, set[str]] = {}  # container -> class names of its numbered children
+    per_node: list[list[tuple[str, str]]] = []
+    for v in nodes:
+        found: list[tuple[str, str]] = []
+        for entry in (v.meta.get("nn_module_stack") or {}).values():
+            m = _IDX.match(_norm_path(str(entry[0])))
+            if m:
+                found.append((m.group(1), m.group(2)))
+                children.setdefault(m.group(1), set()).add(m.group(2))
+                types.setdefault(m.group(1), set()).add(str(entry[1]))
+        per_node.append(found)
+    stacks = [k for k, c in children.items() if len(c) >= 2 and len(types[k]) == 1]  # same class: layers
+    if not stacks:
+        return "", {}
+    best = max(stacks, key=lambda k: (len(children[k]), -len(k)))
+    member = {v: idx for v, found in zip(nodes, per_node) for cont, idx in found if cont == best}
+    return best, member
+
+
+class _EqualLayers(SplitPolicyBase):
+    label = "split_equal_layers"
+
+    def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
+        n = self.num_stages
+        gc = graph_costs(gm, inputs, "flops")
+        container, member = _layers_of(gc.nodes)
+        if not container:
+            raise ValueError(
+                f"{self.label}({n}): no repeated layers found (no module path like 'layers.0', 'layers.1' in the "
+                "traced graph's nn_module_stack). Use autosplit(n) or split_equal_params(n) for this model."
+            )
+        order = list(dict.fromkeys(member[v] for v in gc.nodes if v in member))
+        layers = len(order)
+        if layers < n:
+            raise ValueError(
+                f"{self.label}({n}): found only {layers} repeated layers under {container!r}, so at most {layers} "
+                f"stages. Use num_stages <= {layers}, or autosplit({n}) which can cut inside layers."
+            )
+        counts = [layers // n] * n
+        prefer = [*range(1, n - 1), 0, n - 1]  # extra layers go to middle stages, then the first
+        for r in range(layers % n):
+            counts[prefer[r % len(prefer)]] += 1
+        layer_stage: dict[str, int] = {}
+        it = iter(order)
+        for s, c in enumerate(counts):
+            for _ in range(c):
+                layer_stage[next(it)] = s
+        index = {v: i for i, v in enumerate(gc.nodes)}
+        stages = [0] * len(gc.nodes)
+        for i, v in enumerate(gc.nodes):
+            s = layer_stage[member[v]] if v in member else 0
+            stages[i] = max([s, *(stages[index[u]] for u in v.all_input_nodes if u in index)])
+        return _result(gc, stages)
+
+
+def split_equal_layers(num_stages: int) -> SplitPolicyBase:
+    """Give each stage the same number of repeated layers (``h.0``, ``layers.3``, ...).
+
+    Whatever runs before the first layer goes with the first stage, whatever runs after the last
+    (final norm, head) with the last stage. Remainder layers go to the middle stages first.
+
+        >>> # pipeline(gpt, 4, example_args=(ids,), split_policy=split_equal_layers(2))
+    """
+    return _EqualLayers(num_stages)
+
+
+def _check_costing(label: str, cost: str, repeats: int) -> None:
+    _check_kind(label, cost)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"{label}(repeats={repeats!r}): repeats must be an int >= 1 (timing runs per node)")
+
+
+class _AutoSplit(SplitPolicyBase):
+    label = "autosplit"
+
+    def __init__(self, n: int, cost: str, memory_limit: float | None, tolerance: float | None, repeats: int) -> None:
+        super().__init__(n)
+        _check_costing(self.label, cost, repeats)
+        if memory_limit is not None and (isinstance(memory_limit, bool) or not memory_limit > 0):
+            raise ValueError(f"autosplit(memory_limit={memory_limit!r}): give a positive number of bytes, or None")
+        if tolerance is not None and not tolerance >= 0:
+            raise ValueError(f"autosplit(tolerance={tolerance!r}): give a number >= 0, e.g. 0.01 for 1%")
+        self.cost, self.memory_limit, self.repeats = cost, memory_limit, repeats
+        self.tolerance = tolerance if tolerance is not None else (0.02 if cost == "time" else 0.0)
+        self.deterministic = cost != "time"
+
+    def costs(self, gm: fx.GraphModule, inputs: list[Any]) -> GraphCosts:
+        gc = graph_costs(gm, inputs, self.cost, repeats=self.repeats)
+        _too_many(self.label, self.num_stages, gc)
+        return gc
+
+    def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
+        gc = self.costs(gm, inputs)
+        starts, _ = best_contiguous(gc, self.num_stages, memory_limit=self.memory_limit, tolerance=self.tolerance)
+        return _result(gc, _stages_from_starts(len(gc.nodes), starts))
+
+
+def autosplit(
+    num_stages: int,
+    cost: str = "time",
+    memory_limit: float | None = None,
+    *,
+    tolerance: float | None = None,
+    repeats: int = 5,
+) -> SplitPolicyBase:
+    """Contiguous stages (topological order) that minimize the slowest stage, exactly.
+
+    ``cost``: ``"time"`` (each node's forward + backward measured on the example micro-batch, median
+    of ``repeats``), ``"flops"`` (estimated from shapes) or ``"params"`` (parameter bytes read).
+    A dynamic program finds the optimal bottleneck; among splits within ``1 + tolerance`` of it
+    (default 2% for time, as timings are noisy; exact otherwise) it takes the one cutting the fewest live bytes. With
+    ``"time"`` the last stage is also charged a log-softmax loss over the outputs (it computes the loss).
+    ``memory_limit`` (bytes per stage) bounds parameter bytes plus the live activation bytes at the
+    stage's two cuts (see ``pippy.frontend.partition``); if nothing fits, the error names the
+    smallest limit that does.
+
+        >>> # pipe = pipeline(gpt, 4, example_args=(ids,), split_policy=autosplit(2, cost="flops"))
+    """
+    return _AutoSplit(num_stages, cost, memory_limit, tolerance, repeats)
+
+
+class _GraphSplit(_AutoSplit):
+    label = "graphsplit"
+    deterministic = False
+
+    def __init__(self, n: int, balance: float, time_limit: float, cost: str, repeats: int) -> None:
+        super().__init__(n, cost, None, 0.0, repeats)
+        if isinstance(balance, bool) or not isinstance(balance, int | float) or not balance >= 0:
+            raise ValueError(f"graphsplit(balance={balance!r}): give a number >= 0, e.g. 0.02 (stage cost <= 1.02x)")
+        if isinstance(time_limit, bool) or not isinstance(time_limit, int | float) or not time_limit > 0:
+            raise ValueError(f"graphsplit(time_limit={time_limit!r}): give the solver's limit in seconds, > 0")
+        self.balance, self.time_limit = float(balance), float(time_limit)
+        self.deterministic = False
+        self.solver_status: str = ""
+
+    def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
+        gc = self.costs(gm, inputs)
+        n = self.num_stages
+        starts, costs = best_contiguous(gc, n, tolerance=0.0)
+        fallback = _result(gc, _stages_from_starts(len(gc.nodes), starts))
+        cap = max(costs) * (1.0 + self.balance) + 1e-9 * max(float(gc.cost.sum() + gc.tail), 1.0)
+        try:
+            res = solve_graphsplit(gc, n, cap=cap, forced=set(starts), time_limit=self.time_limit)
+        except Exception as exc:  # a solver error must not break pipeline(); autosplit's answer is valid
+            warnings.warn(f"graphsplit: the MILP solver failed ({exc!r}); using autosplit's split", stacklevel=3)
+            self.solver_status = f"failed: {exc!r}"
+            return fallback
+        self.solver_status = res.message
+        if res.stages is None or not _valid(gc, res.stages, n, cap):
+            warnings.warn(
+                f"graphsplit: the MILP gave no usable solution within {self.time_limit:g}s ({res.message}); "
+                "using autosplit's split. Raise time_limit or balance to let the solver finish.",
+                stacklevel=3,
+            )
+            return fallback
+        if not res.optimal:
+            warnings.warn(f"graphsplit: solver stopped early ({res.message}); using its best split", stacklevel=3)
+        return _result(gc, res.stages)
+
+
+def _valid(gc: GraphCosts, stages: list[int], n: int, cap: float) -> bool:
+    index = {v: i for i, v in enumerate(gc.nodes)}
+    if sorted(set(stages)) != list(range(n)):
+        return False
+    for i, v in enumerate(gc.nodes):
+        if any(stages[index[u]] > stages[i] for u in v.all_input_nodes if u in index):
+            return False
+    loads = np.bincount(np.array(stages), weights=gc.cost, minlength=n)
+    loads[-1] += gc.tail
+    return bool(loads.max() <= cap * (1 + 1e-6))
+
+
+def graphsplit(
+    num_stages: int, balance: float = 0.02, time_limit: float = 5.0, *, cost: str = "time", repeats: int = 5
+) -> SplitPolicyBase:
+    """Stages from a MILP over the traced graph: fewest bytes crossing stages, balanced, edges forward.
+
+    Each stage's cost stays within ``(1 + balance)`` times autosplit's optimal bottleneck; stages
+    need not be contiguous in node order (a node may move to where its value is used). Solved with
+    ``scipy.optimize.milp`` (HiGHS) on super-nodes (runs of one leaf module) within ``time_limit``
+    seconds; if it finds nothing usable it warns and returns autosplit's split. The model is in
+    ``pippy.frontend.graphsplit``.
+
+        >>> # pipe = pipeline(bert, 4, example_args=(ids,), split_policy=graphsplit(2, balance=0.05))
+    """
+    return _GraphSplit(num_stages, balance, time_limit, cost, repeats)
+
+
+class _ByNames(SplitPolicyBase):
+    label = "split_by_names"
+
+    def __init__(self, stages: Mapping[str, int]) -> None:
+        values = list(stages.values())
+        super().__init__(max(values, default=0) + 1)
+        if any(not isinstance(s, int) or s < 0 for s in values):
+            raise ValueError("split_by_names: stages must be ints >= 0")
+        self.stages = dict(stages)
+
+    def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
+        gc = graph_costs(gm, inputs, "flops")
+        return self.stages, _result(gc, [0] * len(gc.nodes))[1], gc.kind, 0.0
+
+
+def split_by_names(stages: Mapping[str, int]) -> SplitPolicyBase:
+    """Replay a split given as ``{node name: stage}``, e.g. another policy's ``last_assignment``.
+
+    Node names are stable for the same model, config and input shapes, so a split computed once
+    (in a parent process, or saved to JSON) can be rebuilt anywhere.
+
+        >>> # p = autosplit(2); pipeline(m, 4, (x,), split_policy=p); again = split_by_names(p.last_assignment)
+    """
+    return _ByNames(stages)
