@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from pippy.frontend.params import tensor_at
+from pippy.frontend.remat import remat_plan, worth_recomputing
 from pippy.frontend.trace import is_split_marker
 
 __all__ = ["InputRef", "StageInfo", "ValueMeta", "assign_by_markers", "split_graph"]
@@ -192,7 +193,12 @@ def _own_shared(gm: fx.GraphModule, stage_of: dict[fx.Node, int]) -> None:
 
 
 def split_graph(
-    gm: fx.GraphModule, assignment: Mapping[fx.Node, int], num_stages: int, *, tied_weights: str = "replicate"
+    gm: fx.GraphModule,
+    assignment: Mapping[fx.Node, int],
+    num_stages: int,
+    *,
+    tied_weights: str = "replicate",
+    recompute_inputs: bool = True,
 ) -> list[StageInfo]:
     """Build one GraphModule per stage from ``gm`` and a ``{node: stage}`` assignment.
 
@@ -200,6 +206,8 @@ def split_graph(
     ``tied_weights``: "replicate" copies a trainable tensor into every stage that reads it (its
     gradients are summed after backward); "transmit" keeps it in the first stage that reads it
     and sends it along each micro-batch like an activation (its gradient comes back the same way).
+    ``recompute_inputs``: a value built only from user inputs and constants (an attention mask)
+    is rebuilt in the consuming stage when that sends fewer bytes than the value itself.
     """
     if tied_weights not in ("replicate", "transmit"):
         raise ValueError(f"tied_weights must be 'replicate' or 'transmit', got {tied_weights!r}")
@@ -220,27 +228,37 @@ def split_graph(
         _own_shared(gm, stage_of)
     rg = infer_requires_grad(gm)
 
-    # Pass 1: which values cross stages.
+    # Pass 1: which values cross stages (or are rebuilt in the consumer, see remat.py).
     outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     inputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
+    rebuilt: list[set[fx.Node]] = [set() for _ in range(num_stages)]
+
+    def need(src_node: fx.Node, dst: int, user: fx.Node) -> None:
+        if src_node.op == "get_attr" and src_node not in stage_of:
+            return  # copied into each stage that reads it
+        src = stage_of[src_node]
+        if src == dst or src_node in rebuilt[dst]:
+            return
+        if src > dst:
+            raise ValueError(
+                f"backward edge: {src_node.name} is computed in stage {src} but used by {user.name} in stage {dst}; "
+                "stages must be contiguous in graph order"
+            )
+        plan = remat_plan(src_node, rg) if recompute_inputs else None
+        if plan is not None and worth_recomputing(src_node, plan[1], set(inputs[dst])):
+            rebuilt[dst].update(plan[0])
+            for leaf in plan[1]:
+                need(leaf, dst, src_node)
+            return
+        if src_node not in outputs[src]:
+            outputs[src].append(src_node)
+        if src_node not in inputs[dst]:
+            inputs[dst].append(src_node)
+
     for n in nodes:
-        if n not in stage_of:
-            continue
-        dst = stage_of[n]
-        for src_node in n.all_input_nodes:
-            if src_node.op == "get_attr" and src_node not in stage_of:
-                continue  # copied into each stage that reads it
-            src = stage_of[src_node]
-            if src > dst:
-                raise ValueError(
-                    f"backward edge: {src_node.name} is computed in stage {src} but used by {n.name} in stage {dst}; "
-                    "stages must be contiguous in graph order"
-                )
-            if src != dst:
-                if src_node not in outputs[src]:
-                    outputs[src].append(src_node)
-                if src_node not in inputs[dst]:
-                    inputs[dst].append(src_node)
+        if n in stage_of:
+            for src_node in n.all_input_nodes:
+                need(src_node, stage_of[n], n)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     inputs[0] = placeholders + [n for n in inputs[0] if n.op != "placeholder"]
 
@@ -267,7 +285,7 @@ def split_graph(
             return _env[x]
 
         for n in nodes:
-            if stage_of.get(n) == s and n.op not in ("placeholder", "output"):
+            if (stage_of.get(n) == s or n in rebuilt[s]) and n.op not in ("placeholder", "output"):
                 env[n] = g.node_copy(n, lookup)
         if s == last:
             flat_out = out_node.args[0]

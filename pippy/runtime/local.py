@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from pippy.frontend.pipe import Pipe
-from pippy.runtime.api import PipelineSchedule
 from pippy.runtime.comm import LocalTransport
 from pippy.runtime.executor import StepResult
+from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import PipelineStage
 from pippy.sim.timeline import Timeline
 

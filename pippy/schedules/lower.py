@@ -34,7 +34,7 @@ from typing import TextIO
 
 from pippy.schedules.ir import Action, Kind, Schedule, chain_deps
 
-__all__ = ["from_csv", "from_csv_string", "lower", "to_csv", "to_csv_string"]
+__all__ = ["from_csv", "from_csv_string", "fuse_adjacent_iw", "lower", "to_csv", "to_csv_string"]
 
 _MAGIC = "pippy-schedule v1"
 
@@ -83,6 +83,34 @@ def lower(schedule: Schedule) -> Schedule:
                 row.append(a)
         out.append(row)
     return Schedule(schedule.name, out, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
+
+
+def fuse_adjacent_iw(schedule: Schedule) -> Schedule:
+    """Run ``I`` directly followed by its own ``W`` (same stage and micro-batch, same rank) as one ``B``.
+
+    The math is the same; one autograd pass is cheaper than two, and nothing could run between
+    them anyway. Works on compute-only schedules (comm actions in between prevent fusion).
+
+        >>> from pippy.schedules.ir import Action, Kind, Schedule
+        >>> s = Schedule("s", [[Action(0, Kind.F, 0), Action(0, Kind.I, 0), Action(0, Kind.W, 0)]], (0,), 1)
+        >>> [str(a) for a in fuse_adjacent_iw(s).actions[0]]
+        ['0F0', '0B0']
+    """
+    rows: list[list[Action]] = []
+    for acts in schedule.actions:
+        row: list[Action] = []
+        k = 0
+        while k < len(acts):
+            a = acts[k]
+            nxt = acts[k + 1] if k + 1 < len(acts) else None
+            if a.kind is Kind.I and nxt is not None and nxt.kind is Kind.W and (nxt.stage, nxt.mb) == (a.stage, a.mb):
+                row.append(Action(a.stage, Kind.B, a.mb))
+                k += 2
+            else:
+                row.append(a)
+                k += 1
+        rows.append(row)
+    return Schedule(schedule.name, rows, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
 
 
 def _format_deps(deps: Mapping[int, Sequence[int]]) -> str:

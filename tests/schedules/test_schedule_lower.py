@@ -86,3 +86,21 @@ def test_lowered_action_counts() -> None:
 def test_hand_written_compute_only_lowers() -> None:
     s = Schedule("hand", [as_actions("0F0 0F1 0B0 0B1".split()), as_actions("1F0 1B0 1F1 1B1".split())], (0, 1), 2)
     validate(lower(s))
+
+
+def test_fuse_adjacent_iw_keeps_validity_and_counts() -> None:
+    from pippy.schedules.generators import make_schedule
+    from pippy.schedules.ir import Kind
+    from pippy.schedules.lower import fuse_adjacent_iw
+    from pippy.schedules.validate import validate
+
+    for name in ("zb_h1", "zb_h2", "zbv", "dualpipev"):
+        sch = make_schedule(name, 3, 6)
+        fused = fuse_adjacent_iw(sch)
+        validate(fused)
+        validate(lower(fused))
+        for before, after in zip(sch.actions, fused.actions):
+            n_b = sum(a.kind is Kind.B for a in after)
+            assert len(after) == len(before) - n_b  # each B replaced one I and one W
+            assert sum(a.kind is Kind.F for a in after) == sum(a.kind is Kind.F for a in before)
+    assert any(a.kind is Kind.B for r in fuse_adjacent_iw(make_schedule("dualpipev", 2, 8)).actions for a in r)

@@ -1,0 +1,238 @@
+"""The schedule driver every schedule class shares: split the batch, run the executor, merge, trace.
+
+Gradient rule: with ``loss_reduction="mean"`` (default) each micro-batch loss is scaled by
+``1/n_microbatches`` before backward, so for a mean-reduced ``loss_fn`` and equal micro-batches
+every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. For a sum-reduced
+``loss_fn`` pass ``loss_reduction="sum"``: losses are not scaled and grads equal the full-batch sum.
+
+    >>> # class MySchedule(PipelineSchedule): _generate = lambda self: my_generator(...)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pippy.microbatch import merge_chunks, split_value
+from pippy.runtime.comm import DistTransport, Transport
+from pippy.runtime.executor import Executor, StepInputs, StepResult
+from pippy.runtime.stage import PipelineStage, StageError
+from pippy.schedules import generators as gen
+from pippy.schedules.ir import Schedule, loop_placement
+from pippy.schedules.lower import fuse_adjacent_iw, lower
+from pippy.schedules.validate import validate
+from pippy.sim.timeline import Event, Timeline
+
+__all__ = ["PipelineSchedule"]
+
+
+class PipelineSchedule:
+    """Base of all schedule classes: splits the batch, runs the executor, merges outputs.
+
+    ``stages`` is this rank's stage (or list of stages for multi-stage schedules). Pass
+    ``transport`` only to drive ranks in-process (see ``pippy.runtime.local``). With
+    ``fuse_backward`` (default) an I directly followed by its own W runs as one B; the schedule
+    actually run is ``self.schedule`` (lowered), which is also what to simulate.
+
+        >>> # ScheduleGPipe(stage, 8, loss_fn=F.cross_entropy).step(x, target=y)
+    """
+
+    name = "custom"
+    multi_stage = False
+
+    def __init__(
+        self,
+        stages: PipelineStage | Sequence[PipelineStage],
+        n_microbatches: int,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        *,
+        loss_reduction: str = "mean",
+        target_chunk_spec: Any = None,
+        output_merge_spec: Any = None,
+        timeout: float | None = None,
+        trace: bool | str = False,
+        transport: Transport | None = None,
+        schedule: Schedule | None = None,
+        fuse_backward: bool = True,
+    ) -> None:
+        self.stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
+        if not self.stages:
+            raise ValueError("a schedule needs at least one stage")
+        if not isinstance(n_microbatches, int) or n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.pipe = self.stages[0].pipe
+        self.n_microbatches = n_microbatches
+        self.loss_fn = loss_fn
+        self.loss_reduction = loss_reduction
+        self.target_chunk_spec = target_chunk_spec
+        self.output_merge_spec = output_merge_spec
+        self.transport = transport if transport is not None else DistTransport(self.stages[0].group, timeout)
+        self.rank = self.transport.rank
+        env_trace = os.environ.get("PIPPY_TRACE")
+        self.trace_path: str | None = trace if isinstance(trace, str) else (env_trace or None)
+        self.trace = bool(trace) or bool(env_trace)
+        self.last_events: list[Event] = []
+        self.last_timeline: Timeline | None = None
+        self._executors: dict[int, Executor] = {}
+        self.last_peak_live: dict[int, int] = {}
+        self.last_peak_bytes: dict[int, int] = {}
+        compute = schedule if schedule is not None else self._generate()
+        compute = compute.with_deps(self.pipe.deps())
+        if fuse_backward:
+            compute = fuse_adjacent_iw(compute)
+        self._check_placement(compute)
+        self.schedule: Schedule | None = None
+        if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):
+            validate(compute)
+            self.schedule = lower(compute)
+        self._eval_schedule = lower(gen.forward_only(compute.stage_to_rank, n_microbatches).with_deps(self.pipe.deps()))
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _num_ranks(self) -> int:
+        group_size = getattr(self.transport, "world_size", None)
+        if group_size is not None:
+            return int(group_size)
+        return dist.get_world_size(self.stages[0].group)
+
+    def _generate(self) -> Schedule:
+        raise NotImplementedError
+
+    def _check_placement(self, sch: Schedule) -> None:
+        if sch.num_stages != self.pipe.num_stages:
+            raise StageError(
+                f"{self.name}: the schedule has {sch.num_stages} stages but the pipe has {self.pipe.num_stages}; "
+                f"{self._placement_hint(sch)}"
+            )
+        want = sch.stages_of(self.rank)
+        have = sorted(st.index for st in self.stages)
+        if want != have:
+            raise StageError(
+                f"{self.name}: rank {self.rank} was given stages {have} but the schedule places stages {want} on it "
+                f"(placement stage->rank {list(sch.stage_to_rank)}). {self._placement_hint(sch)}"
+            )
+
+    def _placement_hint(self, sch: Schedule) -> str:
+        return (
+            f"Build the pipe with {sch.num_stages} stages for {sch.num_ranks} ranks and pass each rank the stages "
+            f"the schedule places on it (world size must equal the number of ranks the schedule uses)."
+        )
+
+    # ------------------------------------------------------------------ running
+    def _holds(self, stage_index: int) -> bool:
+        return any(st.index == stage_index for st in self.stages)
+
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool) -> StepInputs:
+        m = self.n_microbatches
+        mbs = None
+        if self._holds(0):
+            if not args and not kwargs:
+                raise StageError(
+                    f"rank {self.rank} holds stage 0 but step()/eval() got no inputs; pass the batch here"
+                )
+            mbs = self.pipe.split_inputs(args, kwargs, m)
+        elif args or kwargs:
+            raise StageError(
+                f"rank {self.rank} does not hold stage 0 but got inputs; call step()/eval() without the batch here"
+            )
+        targets = None
+        if training and self._holds(self.pipe.num_stages - 1):
+            if self.loss_fn is not None and target is None:
+                raise StageError(
+                    f"rank {self.rank}, stage {self.pipe.num_stages - 1} (last): loss_fn is set but target is None; "
+                    "call step(..., target=y) on the rank holding the last stage"
+                )
+            if target is not None:
+                targets = split_value(target, m, self.target_chunk_spec, what="target")
+        scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
+        return StepInputs(mbs, targets, self.loss_fn, training, scale)
+
+    def _run(self, sched: Schedule, inp: StepInputs) -> StepResult:
+        if self.trace and isinstance(self.transport, DistTransport):
+            dist.barrier(group=self.transport.group)  # a common origin for every rank's clock
+        ex = self._executor(sched)
+        try:
+            gen_ = ex.run(inp)
+            while True:
+                next(gen_)
+        except StopIteration as stop:
+            res: StepResult = stop.value
+        except BaseException:
+            for st in self.stages:
+                st.clear()
+            raise
+        return res
+
+    def _executor(self, sched: Schedule) -> Executor:
+        ex = self._executors.get(id(sched))
+        if ex is None:
+            ex = self._executors[id(sched)] = Executor(self.stages, sched, self.transport, trace=self.trace)
+        return ex
+
+    def _merge(self, res: StepResult) -> Any:
+        if not self._holds(self.pipe.num_stages - 1) or not res.outputs:
+            return None
+        return merge_chunks(res.outputs, self.output_merge_spec)
+
+    def step(
+        self,
+        *args: Any,
+        target: Any = None,
+        losses: list[Any] | None = None,
+        return_outputs: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """One training step over the batch: forward and backward of every micro-batch.
+
+        Gradients accumulate into each stage's parameters (call ``optimizer.zero_grad()`` between
+        steps). Returns the merged output on the rank holding the last stage, else None;
+        ``return_outputs=False`` saves the memory of keeping every micro-batch's output.
+        """
+        if self.schedule is None:
+            raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
+        inp = self._inputs(args, kwargs, target, True)
+        inp.keep_outputs = return_outputs
+        res = self._run(self.schedule, inp)
+        return self._finish(res, losses)
+
+    def _finish(self, res: StepResult, losses: list[Any] | None) -> Any:
+        self.last_events = res.events
+        if res.peak_live or not self.last_peak_live:  # eval() keeps the last training step's counts
+            self.last_peak_live = res.peak_live
+            self.last_peak_bytes = res.peak_bytes
+        if self.trace and isinstance(self.transport, DistTransport):
+            self._gather_trace(res.events)
+        if losses is not None and self._holds(self.pipe.num_stages - 1):
+            losses.extend(res.losses)
+        return self._merge(res)
+
+    def _gather_trace(self, events: list[Event]) -> None:
+        """Collect every rank's events on rank 0; write the Chrome trace there when a path is set."""
+        assert isinstance(self.transport, DistTransport)
+        group = self.transport.group
+        world = dist.get_world_size(group)
+        gathered: list[Any] = [None] * world if self.rank == 0 else []
+        dist.gather_object(events, gathered if self.rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
+        if self.rank != 0:
+            return
+        self.last_timeline = Timeline.from_events([e for evs in gathered for e in evs], world, name=self.name)
+        if self.trace_path:
+            from pippy.sim.render import write_chrome_trace
+
+            write_chrome_trace(self.last_timeline, self.trace_path)
+
+    @classmethod
+    def placement(cls, num_ranks: int, stages_per_rank: int = 1) -> tuple[int, ...]:
+        """Where this schedule puts stages: ``placement[s]`` is the rank of stage ``s``."""
+        return loop_placement(num_ranks, stages_per_rank)
+
+    def eval(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward only, keeping no autograd graph; merged output on the last stage's rank, else None."""
+        with torch.no_grad():
+            res = self._run(self._eval_schedule, self._inputs(args, kwargs, None, False))
+        return self._finish(res, None)
