@@ -73,7 +73,7 @@ def gpt2_workload(n_stages: int) -> tuple[nn.Module, tuple, torch.Tensor, Callab
     x, y = torch.randint(0, 2048, (16, 128)), torch.randint(0, 2048, (16, 128))
 
     def loss(out: Any, t: torch.Tensor) -> torch.Tensor:
-        logits = out.logits if hasattr(out, "logits") else out[0]
+        logits = out.logits if hasattr(out, "logits") else out
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1))
 
     return model, (x,), y, loss, spec, 4
@@ -167,11 +167,10 @@ def main() -> None:
         for s in a.schedules.split(","):
             try:
                 res = bench(w, s, a.steps, rank, world)
-            except Exception as exc:  # report and go on: one failing peer schedule must not hide the rest
-                if rank == 0:
-                    print(f"{w:5s} {s:17s} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}", flush=True)
-                dist.barrier()
-                continue
+            except Exception as exc:  # report on every rank; the other ranks' waits then fail or time out
+                print(f"rank {rank}: {w:5s} {s:17s} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                      flush=True)
+                raise
             if rank == 0 and res is not None:
                 ours, theirs = res
                 rows.append((w, s, ours, theirs))

@@ -80,6 +80,7 @@ class Pipe:
         self.args_chunk_spec = args_chunk_spec
         self.kwargs_chunk_spec = kwargs_chunk_spec
         self._source: weakref.ref[nn.Module] | None = None
+        self.traced_trainable: dict[str, bool] = {}  # requires_grad of every parameter when traced
 
     @property
     def num_stages(self) -> int:
@@ -252,13 +253,15 @@ def pipeline(
     args_chunk_spec: Any = None,
     kwargs_chunk_spec: Any = None,
     tied_weights: str = "replicate",
+    recompute_inputs: bool = True,
 ) -> Pipe:
     """Trace ``module`` on one micro-batch of the example batch and split it into stages.
 
     Split points come from ``pipe_split()`` calls in ``forward``, ``annotate_split_points``, a
     ``split_spec`` mapping (applied only while tracing) or a ``split_policy``. ``example_args`` is
     the full batch; it must split into ``num_chunks`` equal micro-batches. ``tied_weights``
-    ("replicate" or "transmit") says how a weight read by several stages is kept (see split_graph).
+    ("replicate" or "transmit") says how a weight read by several stages is kept (see split_graph);
+    ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of sending them.
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> pipe = pipeline(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
@@ -285,7 +288,7 @@ def pipeline(
     else:
         assignment = assign_by_markers(gm)
     num_stages = max(assignment.values(), default=0) + 1
-    stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights)
+    stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
     pipe = Pipe(
         stages,
         num_chunks=num_chunks,
@@ -298,6 +301,7 @@ def pipeline(
         kwargs_chunk_spec=kwargs_chunk_spec,
     )
     pipe._source = weakref.ref(module)
+    pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     return pipe
 
 

@@ -11,6 +11,7 @@ tensor read by several stages is recorded as shared (tied) so its gradients can 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,6 +225,11 @@ def split_graph(
             if s is None or not 0 <= s < num_stages:
                 raise ValueError(f"node {n.name} ({n.target}) has no stage in 0..{last} (got {s})")
             stage_of[n] = s
+    for n in nodes:  # a tuple never crosses: its getitem users join the producer (a free op)
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            src = n.args[0]
+            if src in stage_of and n in stage_of and stage_of[src] < stage_of[n]:
+                stage_of[n] = stage_of[src]
     if tied_weights == "transmit":
         _own_shared(gm, stage_of)
     rg = infer_requires_grad(gm)
@@ -239,6 +245,12 @@ def split_graph(
         src = stage_of[src_node]
         if src == dst or src_node in rebuilt[dst]:
             return
+        if isinstance(src_node.meta.get("val"), list | tuple):
+            raise ValueError(
+                f"stage {dst} reads {src_node.name} ({src_node.target}), a tuple of values made in stage {src}; only "
+                "tensors and Python scalars can cross stages. Move the split point so the tuple is unpacked in the "
+                "stage that makes it."
+            )
         if src > dst:
             raise ValueError(
                 f"backward edge: {src_node.name} is computed in stage {src} but used by {user.name} in stage {dst}; "

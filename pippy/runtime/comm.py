@@ -15,6 +15,7 @@ there, which lets one process drive every rank cooperatively (tests, profiling).
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,9 +97,12 @@ class Transport(Protocol):
 
 def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
     kind = "activations" if ctx.action.endswith("F") else "gradients"
+    if ctx.action.startswith("SEND"):
+        expect = f"Expected rank {ctx.peer} to receive {kind} sent from here; it never took them"
+    else:
+        expect = f"Expected {kind} from rank {ctx.peer}, got nothing"
     return (
-        f"pipeline wait timed out after {timeout:g}s at {ctx.describe()}. Expected {kind} from rank {ctx.peer}, "
-        f"got nothing. Likely causes: rank {ctx.peer} failed or is still in an earlier step (see its own error), "
+        f"pipeline wait timed out after {timeout:g}s at {ctx.describe()}. {expect}. Likely causes: rank {ctx.peer} failed or is still in an earlier step (see its own error), "
         "ranks run different schedules or micro-batch counts, or step() was not called on every rank. "
         f"Raise the limit with timeout=... or PIPPY_TIMEOUT if a stage is just slow. [{cause}]"
     )
@@ -110,10 +114,23 @@ class DistTransport:
         >>> # t = DistTransport(group=None, timeout=60.0)
     """
 
+    _warned = False
+
     def __init__(self, group: Any = None, timeout: float | None = None) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
+        backend = str(dist.get_backend(self.group)).lower()
+        # gloo matches messages by tag; NCCL and others match them in posting order per rank pair
+        self.ordered = "gloo" not in backend
+        if self.ordered and not DistTransport._warned:
+            DistTransport._warned = True
+            warnings.warn(
+                f"pippy on backend {backend!r}: messages between two ranks are matched in posting order, not by tag. "
+                "Receive prefetch is off; schedules with several edges between the same two ranks (skip "
+                "connections, multi-stage placements) are verified on gloo only and may wait until the timeout.",
+                stacklevel=2,
+            )
         self.timeout = default_timeout() if timeout is None else float(timeout)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
@@ -173,6 +190,11 @@ class LocalTransport:
         box: dict[tuple[int, int, int], deque[torch.Tensor]] = {}
         t = default_timeout() if timeout is None else timeout
         return [cls(r, n, box, t) for r in range(n)]
+
+    def reset(self) -> None:
+        """Drop every undelivered message (after a failed step)."""
+        self._mailbox.clear()
+        self.waiting = None
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
         """Post a copy of ``tensor`` for ``peer``; completes at once."""

@@ -69,6 +69,8 @@ class Executor:
         self.infos = pipe.stage_infos
         self.pipe = pipe
         self.last = pipe.num_stages - 1
+        self._shared_before: dict[int, torch.Tensor] = {}
+        self.started = False  # set once this step posted a message (an error after that may leave some in flight)
         self._edge_id: dict[tuple[int, int, int, int], int] = {}
         for info in self.infos:
             for j, cons in enumerate(info.consumers):
@@ -77,7 +79,8 @@ class Executor:
         # receive prefetch: each RECV is posted just before the compute action preceding it
         self._prefetch_at: dict[int, list[int]] = {}
         last_compute = -1
-        for idx, act in enumerate(self.actions):
+        ordered = bool(getattr(transport, "ordered", False))  # in-order matching: never post a recv early
+        for idx, act in enumerate([] if ordered else self.actions):
             if act.kind.is_compute:
                 last_compute = idx
             elif act.kind in (Kind.RECV_F, Kind.RECV_B) and last_compute >= 0:
@@ -110,6 +113,8 @@ class Executor:
         """
         self.t_origin = time.perf_counter() if origin is None else origin
         m = self.schedule.n_microbatches
+        self._shared_before = self._snapshot_shared() if inp.training else {}
+        self.started = False
         res = StepResult()
         recv_f: dict[tuple[int, int], dict[int, Any]] = {}
         grad_acc: dict[tuple[int, int], list[torch.Tensor | None]] = {}
@@ -121,8 +126,11 @@ class Executor:
         prefetched: dict[int, list[tuple[Any, WaitContext, int, Any]]] = {}
         for idx, a in enumerate(self.actions):
             for j in self._prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
+                self.started = True
                 prefetched[j] = self._post(self.actions[j], dev)
             t0 = time.perf_counter() if self.trace else 0.0
+            if a.kind.is_comm:
+                self.started = True
             s, i = a.stage, a.mb
             info = self.infos[s]
             stage = self.stages.get(s)
@@ -298,7 +306,15 @@ class Executor:
                     f"return a 0-dim tensor (or an output with a 'loss' field); got {type(out).__name__}"
                 )
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise StageError(f"{where}: loss_fn must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+            raise StageError(
+                f"{where}: loss_fn must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}; "
+                "reduce it (reduction='mean' or 'sum')"
+            )
+        if not loss.requires_grad:
+            raise StageError(
+                f"{where}: the loss does not require grad, so there is nothing to backpropagate; check that "
+                "loss_fn uses the model output (not a detached copy) and that the last stage has trainable inputs"
+            )
         return loss.reshape(())
 
     @staticmethod
@@ -310,6 +326,17 @@ class Executor:
             )
 
     # ------------------------------------------------------------------ tied parameters
+    def _snapshot_shared(self) -> dict[int, torch.Tensor]:
+        """Grads that tied copies already hold before this step (equal on every copy after a sync)."""
+        out: dict[int, torch.Tensor] = {}
+        for sp in self.pipe.shared:
+            for s, f in sp.uses:
+                if s in self.stages:
+                    p = self.stages[s].submod.get_parameter(f)
+                    if p.grad is not None:
+                        out[id(p)] = p.grad.detach().clone()
+        return out
+
     def _sync_shared(self) -> Iterator[None]:
         """Sum gradients of tensors held by several stages (tied weights) so every copy has the total."""
         for gi, sp in enumerate(self.pipe.shared):
@@ -327,12 +354,14 @@ class Executor:
                     continue
                 seen.add(id(p))
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
+                prev = self._shared_before.get(id(p))
+                g = g - prev if prev is not None else g  # only this step's share (grads may accumulate)
                 local = g.clone() if local is None else local + g
             assert local is not None
             total = local
             leader = ranks[0]
             tag = _SHARED_TAG_BASE + gi
-            a = Action(mine[0][0], Kind.W, 0)
+            a = Action(mine[0][0], Kind.W, 0)  # errors name the stage's weight-grad step
             if len(ranks) > 1:
                 if self.rank == leader:
                     for peer in ranks[1:]:
@@ -350,7 +379,8 @@ class Executor:
                     h = self.transport.irecv(total, leader, tag)
                     yield from self.transport.wait(h, self._ctx(a, leader, f"summed tied-weight grad {sp.uses[0][1]}"))
             for p in {id(p): p for p in params}.values():
-                p.grad = total.clone()
+                prev = self._shared_before.get(id(p))
+                p.grad = total.clone() if prev is None else prev + total
 
 
 def _detach(x: Any) -> Any:
@@ -360,7 +390,7 @@ def _detach(x: Any) -> Any:
 
 
 def _loss_from_output(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor) and out.numel() == 1:
+    if isinstance(out, torch.Tensor) and out.dim() == 0:
         return out
     loss = out.get("loss") if hasattr(out, "get") else getattr(out, "loss", None)
     return loss if isinstance(loss, torch.Tensor) else None

@@ -105,6 +105,8 @@ class LocalPipeline:
         except BaseException:
             for st in self.stages:
                 st.clear()
+            for t in self.transports:
+                t.reset()
             raise
         if self.schedules[0].trace:
             events = [e for r in sorted(results) for e in results[r].events]

@@ -67,6 +67,14 @@ class PipelineSchedule:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.pipe = self.stages[0].pipe
+        for st in self.stages:
+            for name, prm in st.submod.named_parameters():
+                if prm.requires_grad and not self.pipe.traced_trainable.get(name, True):
+                    raise StageError(
+                        f"stage {st.index}: parameter {name} was frozen (requires_grad=False) when the model was "
+                        "traced but is trainable now; gradient edges are planned at trace time, so call pipeline() "
+                        "again after changing requires_grad"
+                    )
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
         self.loss_reduction = loss_reduction
@@ -80,6 +88,7 @@ class PipelineSchedule:
         self.last_events: list[Event] = []
         self.last_timeline: Timeline | None = None
         self._executors: dict[int, Executor] = {}
+        self._broken: str | None = None
         self.last_peak_live: dict[int, int] = {}
         self.last_peak_bytes: dict[int, int] = {}
         compute = schedule if schedule is not None else self._generate()
@@ -152,6 +161,14 @@ class PipelineSchedule:
         scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
         return StepInputs(mbs, targets, self.loss_fn, training, scale)
 
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise StageError(
+                f"rank {self.rank}: an earlier step failed here ({self._broken}); messages of that step may still be "
+                "in flight, so this schedule refuses to run again. Fix the cause, then build a new schedule (and, "
+                "for a timed-out gloo pair, a new process group)."
+            )
+
     def _run(self, sched: Schedule, inp: StepInputs) -> StepResult:
         if self.trace and isinstance(self.transport, DistTransport):
             dist.barrier(group=self.transport.group)  # a common origin for every rank's clock
@@ -162,9 +179,11 @@ class PipelineSchedule:
                 next(gen_)
         except StopIteration as stop:
             res: StepResult = stop.value
-        except BaseException:
+        except BaseException as exc:
             for st in self.stages:
                 st.clear()
+            if ex.started:  # errors before any message was posted leave nothing in flight
+                self._broken = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             raise
         return res
 
@@ -195,6 +214,7 @@ class PipelineSchedule:
         """
         if self.schedule is None:
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
+        self._check_usable()
         inp = self._inputs(args, kwargs, target, True)
         inp.keep_outputs = return_outputs
         res = self._run(self.schedule, inp)
@@ -233,6 +253,7 @@ class PipelineSchedule:
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only, keeping no autograd graph; merged output on the last stage's rank, else None."""
+        self._check_usable()
         with torch.no_grad():
             res = self._run(self._eval_schedule, self._inputs(args, kwargs, None, False))
         return self._finish(res, None)

@@ -7,7 +7,7 @@ import torch
 from models import MarkedMLP, MLPStack, mse
 
 import pippy
-from pippy import PipeTraceError, SplitPoint, StageError, pipeline
+from pippy import PipeTraceError, SplitPoint, StageError, pipe_split, pipeline
 from pippy.runtime.comm import LocalTransport
 from pippy.runtime.local import LocalPipeline
 
@@ -82,3 +82,39 @@ def test_wrong_stage_placement_for_multi_stage() -> None:
         pippy.ScheduleInterleaved1F1B(stages, 4, mse, transport=t[0])
     with pytest.raises(StageError, match=r"world size is 2 but the pipe has 4 stages"):
         pippy.Schedule1F1B(stages[0], 4, mse, transport=t[0])
+
+
+def test_unfreezing_after_trace_is_refused() -> None:
+    model = MarkedMLP(2, 1).double()
+    model.blocks[0][0].weight.requires_grad_(False)
+    pipe = pipeline(model, 2, (torch.randn(4, 8, dtype=torch.float64),))
+    stage = pipe.build_stage(0, "cpu")
+    stage.submod.get_parameter("blocks.0.0.weight").requires_grad_(True)  # unfrozen after tracing
+    with pytest.raises(StageError, match=r"blocks\.0\.0\.weight was frozen .* call pipeline\(\) again"):
+        pippy.Schedule1F1B(stage, 2, mse, transport=LocalTransport.world(2)[0])
+
+
+class TupleAcross(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(self.lin(x), 4, dim=-1)  # a tuple; its unpacking lands after the split point
+        pipe_split()
+        return parts[0] * parts[1]
+
+
+def test_tuple_is_unpacked_in_the_stage_that_makes_it() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    model = TupleAcross().double()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    mse(ref(x), y).backward()
+    pipe = pipeline(model, 2, (x,))
+    assert all(m.is_tensor for m in pipe.stage_infos[0].outputs)
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    lp.step(x, target=y)
+    assert torch.allclose(lp.named_grads()["lin.weight"], ref.lin.weight.grad, atol=1e-12)

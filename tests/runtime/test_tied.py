@@ -90,3 +90,19 @@ def test_gpt2_tied_head_both_modes(mode: str) -> None:
 def test_bad_tied_mode() -> None:
     with pytest.raises(ValueError, match="tied_weights must be 'replicate' or 'transmit'"):
         pipeline(TiedEnds(), 2, (torch.randn(4, 8),), tied_weights="share")
+
+
+def test_tied_grads_accumulate_over_steps_without_zero_grad() -> None:
+    """Two steps without zero_grad give twice one step's gradient on every tied copy."""
+    torch.manual_seed(0)
+    model = TiedEnds().double()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    for _ in range(2):
+        mse(ref(x), y).backward()
+    lp = LocalPipeline(pipeline(model, 4, (x,)), pippy.Schedule1F1B, num_ranks=3, n_microbatches=4, loss_fn=mse)
+    lp.step(x, target=y)
+    lp.step(x, target=y)
+    for st in lp.stages:
+        for name, p in st.submod.named_parameters():
+            assert torch.allclose(p.grad, ref.get_parameter(name).grad, atol=1e-12), name
