@@ -330,6 +330,8 @@ class Executor:
         """Grads that tied copies already hold before this step (equal on every copy after a sync)."""
         out: dict[int, torch.Tensor] = {}
         for sp in self.pipe.shared:
+            if not sp.requires_grad:
+                continue  # buffers and frozen tensors are not synchronized
             for s, f in sp.uses:
                 if s in self.stages:
                     p = self.stages[s].submod.get_parameter(f)
