@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.runtime.stage import PipelineStage
 
 __all__ = ["load", "merge", "save"]
@@ -35,28 +36,14 @@ def _as_list(stages: PipelineStage | Sequence[PipelineStage]) -> list[PipelineSt
     return [stages] if isinstance(stages, PipelineStage) else list(stages)
 
 
-_CONSTANT = re.compile(r"(lifted_tensor|_tensor_constant)_?\d+")
-
-
-def _model_state(stage: PipelineStage) -> dict[str, torch.Tensor]:
-    """The stage's state_dict without the constants torch.export lifted into buffers (not model state)."""
-    return {k: v for k, v in stage.submod.state_dict().items() if not _CONSTANT.fullmatch(k)}
-
-
 def _check_format(fmt: str) -> None:
     if fmt not in _FORMATS:
         raise ValueError(f"format must be one of {_FORMATS}, got {fmt!r}")
 
 
 def _alias_groups(stage: PipelineStage, model: nn.Module | None) -> list[list[str]]:
-    groups: list[list[str]] = [sorted({f for _, f in sp.uses}) for sp in stage.pipe.shared]
-    if model is not None:
-        by_id: dict[int, list[str]] = {}
-        for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            by_id.setdefault(id(t), []).append(n)
-        groups += [sorted(v) for v in by_id.values() if len(v) > 1]
-    mine = set(_model_state(stage))
-    return [g for g in groups if mine.intersection(g)]
+    mine = set(stage.state_dict())
+    return [g for g in name_groups(stage.pipe, model) if mine.intersection(g)]
 
 
 def save(
@@ -78,7 +65,7 @@ def save(
     os.makedirs(path, exist_ok=True)
     merged: dict[str, torch.Tensor] = {}
     for st in stages:
-        sd = _model_state(st)
+        sd = st.state_dict()
         side = {"stage": st.index, "num_stages": st.num_stages, "format": format, "keys": sorted(sd),
                 "aliases": _alias_groups(st, model)}
         with open(os.path.join(path, f"stage_{st.index}.json"), "w") as f:
@@ -111,7 +98,7 @@ def load(
         if format == "dcp":
             import torch.distributed.checkpoint as dcp
 
-            sd = _model_state(st)
+            sd = st.state_dict()
             dcp.load(sd, checkpoint_id=os.path.join(path, "dcp"))
             continue
         side = _read_side(path, st.index)
@@ -122,7 +109,7 @@ def load(
             )
         sd = torch.load(os.path.join(path, f"stage_{st.index}.pt"), map_location=st.device, weights_only=True)
         missing, unexpected = st.submod.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not _CONSTANT.fullmatch(k)]
+        missing = [k for k in missing if not is_lifted_constant(k)]
         if missing or unexpected:
             raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

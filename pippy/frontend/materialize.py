@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
+from pippy.frontend.params import name_groups
+
 if TYPE_CHECKING:
     from pippy.runtime.stage import PipelineStage
 
@@ -143,17 +145,9 @@ def materialize_stage(
 
 def _aliases(stage: Any, model: nn.Module | None) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
-    for sp in getattr(getattr(stage, "pipe", None), "shared", []):
-        names = [f for _, f in sp.uses]
+    for names in name_groups(getattr(stage, "pipe", None), model):
         for n in names:
             groups.setdefault(n, []).extend(names)
-    if model is not None:
-        by_id: dict[int, list[str]] = {}
-        for n, t, _ in _named_tensors(model):
-            by_id.setdefault(id(t), []).append(n)
-        for names in by_id.values():
-            for n in names:
-                groups.setdefault(n, []).extend(names)
     return groups
 
 

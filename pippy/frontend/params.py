@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["alias_groups", "retarget_aliases"]
+__all__ = ["alias_groups", "is_lifted_constant", "name_groups", "retarget_aliases", "tensor_at"]
 
 
 def alias_groups(gm: torch.nn.Module) -> dict[int, list[str]]:
@@ -28,6 +28,27 @@ def alias_groups(gm: torch.nn.Module) -> dict[int, list[str]]:
     for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
         names.setdefault(id(t), []).append(name)
     return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def name_groups(pipe: Any, model: torch.nn.Module | None = None) -> list[list[str]]:
+    """Groups of FQNs that denote one tensor: a pipe's shared (tied) tensors, plus ``model``'s aliases.
+
+        >>> # name_groups(pipe, model) -> [['lm_head.weight', 'transformer.wte.weight'], ...]
+    """
+    groups = [sorted({f for _, f in sp.uses}) for sp in getattr(pipe, "shared", [])]
+    if model is not None:
+        groups += [sorted(v) for v in alias_groups(model).values()]
+    return groups
+
+
+def is_lifted_constant(name: str) -> bool:
+    """torch.export turns tensor constants into buffers named like ``lifted_tensor_0``; they are not model state.
+
+        >>> is_lifted_constant("encoder._tensor_constant0"), is_lifted_constant("lin.weight")
+        (True, False)
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith(("lifted_tensor_", "_tensor_constant"))
 
 
 def _owner_depth(alias: str, stack: list[str]) -> int:

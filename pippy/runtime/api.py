@@ -11,6 +11,7 @@ every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. F
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -185,9 +186,12 @@ class _ForwardOnly(_SingleStage):
         return gen.forward_only(tuple(range(p)), self.n_microbatches)
 
 
+_CALL_SCHEDULES: weakref.WeakKeyDictionary[PipelineStage, PipelineSchedule] = weakref.WeakKeyDictionary()
+
+
 def _stage_call_schedule(stage: PipelineStage) -> PipelineSchedule:
-    cached = getattr(stage, "_call_schedule", None)
-    if cached is None:
-        cached = _ForwardOnly(stage, stage.pipe.num_chunks)
-        stage._call_schedule = cached  # type: ignore[attr-defined]
-    return cached
+    """The forward-only schedule behind ``stage(x)``, built once per stage (the stage itself holds none)."""
+    sched = _CALL_SCHEDULES.get(stage)
+    if sched is None:
+        sched = _CALL_SCHEDULES[stage] = _ForwardOnly(stage, stage.pipe.num_chunks)
+    return sched

@@ -70,6 +70,13 @@ class Executor:
         self.pipe = pipe
         self.last = pipe.num_stages - 1
         self._shared_before: dict[int, torch.Tensor] = {}
+        self._eval_cache: dict[tuple[int, int], tuple[Any, ...]] = {}
+        self._eval_left: dict[tuple[int, int], int] = {}
+        self._readers: dict[int, int] = {}  # per local stage: its SEND_F (if any) + local consumer stages
+        for st in stages:
+            readers = self.infos[st.index].consumer_stages
+            remote = any(self.stage_to_rank[d] != self.rank for d in readers)
+            self._readers[st.index] = int(remote) + sum(1 for d in readers if self.stage_to_rank[d] == self.rank)
         self.started = False  # set once this step posted a message (an error after that may leave some in flight)
         self._edge_id: dict[tuple[int, int, int, int], int] = {}
         for info in self.infos:
@@ -121,7 +128,7 @@ class Executor:
         in_grads: dict[tuple[int, int], list[torch.Tensor | None]] = {}
         pending: list[tuple[Any, WaitContext]] = []
         outputs_by_mb: dict[int, Any] = {}
-        self._eval_cache = {}
+        self._eval_cache, self._eval_left = {}, {}
         dev = next(iter(self.stages.values())).device
         prefetched: dict[int, list[tuple[Any, WaitContext, int, Any]]] = {}
         for idx, a in enumerate(self.actions):
@@ -143,8 +150,9 @@ class Executor:
             if kind is Kind.F:
                 ins = self._gather_inputs(a, info, inp, recv_f.pop((s, i), {}))
                 outs = stage.forward(i, ins, training=inp.training, split_backward=s in self.split_backward)
-                if not inp.training:
-                    self._eval_cache[(s, i)] = outs
+                if not inp.training and self._readers[s]:
+                    self._eval_cache[(s, i)] = outs  # until its SEND_F and local consumers have read it
+                    self._eval_left[(s, i)] = self._readers[s]
                 if s == self.last:
                     out = self.pipe.unflatten_output(outs)
                     if inp.training:
@@ -170,6 +178,8 @@ class Executor:
                             self._check_meta(a, t, meta, f"output {j} ({info.output_names[j]}) for stage {d}")
                             h = self.transport.isend(t, peer, self._tag(s, j, d, k, False, i, m))
                             pending.append((h, self._ctx(a, peer, f"send output {j} to stage {d}")))
+                if not inp.training:
+                    self._eval_read(s, i)
             elif kind is Kind.RECV_F:
                 got: dict[int, Any] = {}
                 for h, ctx, k, buf in prefetched.pop(idx, None) or self._post(a, dev):
@@ -262,12 +272,20 @@ class Executor:
         return out
 
     # ------------------------------------------------------------------ forward details
-    _eval_cache: dict[tuple[int, int], tuple[Any, ...]]
-
     def _eval_out(self, stage: PipelineStage, i: int, j: int) -> Any:
         return self._eval_cache[(stage.index, i)][j]
 
+    def _eval_read(self, s: int, i: int) -> None:
+        """One reader of stage ``s``'s eval outputs for micro-batch ``i`` is done; free them after the last."""
+        left = self._eval_left.get((s, i), 0) - 1
+        if left <= 0:
+            self._eval_cache.pop((s, i), None)
+            self._eval_left.pop((s, i), None)
+        else:
+            self._eval_left[(s, i)] = left
+
     def _gather_inputs(self, a: Action, info: Any, inp: StepInputs, received: dict[int, Any]) -> list[Any]:
+        local_read: set[int] = set()
         ins: list[Any] = []
         for k, ref in enumerate(info.inputs):
             if ref.src_stage == USER:
@@ -283,6 +301,7 @@ class Executor:
                     ins.append(self.stages[ref.src_stage].output(a.mb, ref.index))
                 else:
                     ins.append(self._eval_cache[(ref.src_stage, a.mb)][ref.index])
+                    local_read.add(ref.src_stage)
             elif k in received:
                 ins.append(received[k])
             else:
@@ -290,6 +309,8 @@ class Executor:
                     f"rank {self.rank}: {a} needs input {k} from stage {ref.src_stage} on rank "
                     f"{self.stage_to_rank[ref.src_stage]}, but no RECV_F ran before it; lower the schedule first"
                 )
+        for p in local_read:
+            self._eval_read(p, a.mb)
         return ins
 
     def _loss(self, a: Action, out: Any, inp: StepInputs) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
-from pippy.frontend.params import tensor_at
+from pippy.frontend.params import is_lifted_constant, tensor_at
 from pippy.frontend.split import StageInfo
 
 if TYPE_CHECKING:
@@ -101,12 +101,6 @@ class _SavedBytes:
         return t
 
 
-def _is_lifted_constant(name: str) -> bool:
-    """torch.export turns tensor constants into buffers named like these; they are not model state."""
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf.startswith(("lifted_tensor_", "_tensor_constant"))
-
-
 def _grad_leaves(values: list[Any]) -> list[torch.Tensor]:
     """Tensor leaves of ``values`` that carry autograd history (or all of them, in order, when flattened)."""
     from torch.utils import _pytree as pytree
@@ -161,7 +155,7 @@ class PipelineStage:
 
     def state_dict(self) -> dict[str, Any]:
         """This stage's state, keyed by the original model's FQNs (export's lifted constants left out)."""
-        return {k: v for k, v in self.submod.state_dict().items() if not _is_lifted_constant(k)}
+        return {k: v for k, v in self.submod.state_dict().items() if not is_lifted_constant(k)}
 
     def live_microbatches(self) -> int:
         """Micro-batches whose activations this stage still holds."""
