@@ -60,13 +60,17 @@ def mlp_workload(n_stages: int) -> tuple[nn.Module, tuple, torch.Tensor, Callabl
     return model, (x,), y, F.mse_loss, spec, 8
 
 
+TIED = True  # --untied: GPT-2 without the tied LM head (the peer never sums tied-weight grads; pippy does)
+
+
 def gpt2_workload(n_stages: int) -> tuple[nn.Module, tuple, torch.Tensor, Callable, dict, int]:
     """GPT-2 from config: 4 layers, width 256, sequence 128, batch 16, 4 micro-batches."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2048, n_positions=128, use_cache=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                     tie_word_embeddings=TIED)
     model = GPT2LMHeadModel(cfg)
     per = 4 // n_stages
     spec = {f"transformer.h.{per * (i + 1) - 1}": SplitPoint.END for i in range(n_stages - 1)}
@@ -158,7 +162,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--workloads", default="mlp,gpt2")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--untied", action="store_true", help="GPT-2 without tied embeddings (see TIED)")
     a = ap.parse_args()
+    global TIED
+    TIED = not a.untied
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
