@@ -34,6 +34,7 @@ class _MbState:
     taps: list[Any] = field(default_factory=list)
     loss: torch.Tensor | None = None
     saved_bytes: int = 0
+    aux: list[Any] = field(default_factory=list)
     roots: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     tap_grads: list[torch.Tensor | None] | None = None
 
@@ -74,6 +75,43 @@ def _tap_nodes(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, list[str]]], boo
     return list(reads.items()), exact
 
 
+_LINEAR = "aten.linear.default"
+_ADDMM = "aten.addmm.default"
+_LAYER_NORM = "aten.layer_norm.default"
+
+
+def _fast_weight_grad(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node, str, str | None, float] | None:
+    """For ``linear(x, W, b)`` / ``addmm(b, x, W)`` reading trainable W (and b): (kind, x, W fqn, b fqn).
+
+    Their weight gradients are one matmul and one sum from the saved input and the output grad,
+    which is much cheaper than another autograd pass; anything else goes through autograd.
+    """
+    def param(a: Any) -> str | None:
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            t = tensor_at(gm, str(a.target))
+            if isinstance(t, nn.Parameter) and t.requires_grad:
+                return str(a.target)
+        return None
+
+    if node.kwargs or not isinstance(node.args[0], fx.Node):
+        return None
+    if str(node.target) == _LINEAR and len(node.args) >= 2:
+        w = param(node.args[1])
+        b = param(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+        if w is not None and (len(node.args) < 3 or node.args[2] is None or b is not None):
+            return ("linear", node.args[0], w, b, 0.0)
+    if str(node.target) == _ADDMM and len(node.args) == 3 and isinstance(node.args[1], fx.Node):
+        w, b = param(node.args[2]), param(node.args[0])
+        if w is not None and b is not None and tensor_at(gm, b).dim() == 1:
+            return ("addmm", node.args[1], w, b, 0.0)
+    if str(node.target) == _LAYER_NORM and len(node.args) >= 4 and len(node.args[1]) == 1:  # type: ignore[arg-type]
+        w, b = param(node.args[2]), param(node.args[3])
+        if w is not None and b is not None:
+            eps = float(node.args[4]) if len(node.args) > 4 else 1e-5  # type: ignore[arg-type]
+            return ("layer_norm", node.args[0], w, b, eps)
+    return None
+
+
 def _with_taps(gm: fx.GraphModule, taps: list[fx.Node]) -> fx.GraphModule:
     """A copy of ``gm`` that also returns the values of ``taps`` (after the normal outputs)."""
     g = copy.deepcopy(gm.graph)
@@ -99,6 +137,30 @@ class _SavedBytes:
 
     def unpack(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+
+def _accumulate(p: nn.Parameter, g: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad += g
+
+
+def _linear_weight_grad(
+    fast: tuple[str, nn.Parameter, nn.Parameter | None, float], x: torch.Tensor, g: torch.Tensor
+) -> None:
+    """dW, db of ``linear`` (W: [out, in]), ``addmm`` (W: [in, out]) or ``layer_norm`` from input ``x`` and output grad ``g``."""
+    kind, w, b, eps = fast
+    with torch.no_grad():
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        if kind == "layer_norm":  # dW = sum(g * x_hat), db = sum(g); x_hat recomputed from x (cheap)
+            var, mean = torch.var_mean(x2, dim=-1, keepdim=True, correction=0)
+            _accumulate(w, (g2 * ((x2 - mean) * torch.rsqrt(var + eps))).sum(0))
+        else:
+            _accumulate(w, g2.t().mm(x2) if kind == "linear" else x2.t().mm(g2))
+        if b is not None:
+            _accumulate(b, g2.sum(0))
 
 
 def _grad_leaves(values: list[Any]) -> list[torch.Tensor]:
@@ -128,6 +190,8 @@ class PipelineStage:
         self.submod: fx.GraphModule = _materialize(self.info.module, self.device)
         self._tapped: fx.GraphModule | None = None
         self._tap_params: list[list[nn.Parameter]] = []
+        self._tap_fast: list[tuple[str, nn.Parameter, nn.Parameter | None, float] | None] = []
+        self._n_taps = 0
         self._exact_w = False
         self._state: dict[int, _MbState] = {}
         self.measure_activations = False  # count bytes autograd saves per micro-batch (small overhead)
@@ -185,8 +249,17 @@ class PipelineStage:
             leaves.append(x)
         if split_backward and self._tapped is None:
             taps, self._exact_w = _tap_nodes(self.submod)
-            self._tapped = _with_taps(self.submod, [n for n, _ in taps])
+            fast = [_fast_weight_grad(n, self.submod) if self._exact_w else None for n, _ in taps]
+            aux = [f[1] for f in fast if f is not None]  # inputs of linear/addmm, already saved by autograd
+            self._tapped = _with_taps(self.submod, [n for n, _ in taps] + aux)
+            self._n_taps = len(taps)
             self._tap_params = [[self.submod.get_parameter(f) for f in fqns] for _, fqns in taps]
+            self._tap_fast = [
+                None
+                if f is None
+                else (f[0], self.submod.get_parameter(f[2]), None if f[3] is None else self.submod.get_parameter(f[3]), f[4])
+                for f in fast
+            ]
         fn = self._tapped if split_backward and self._tapped is not None else self.submod
         if self.measure_activations:
             counter = _SavedBytes({p.untyped_storage().data_ptr() for p in self.submod.parameters()})
@@ -196,7 +269,10 @@ class PipelineStage:
             res = tuple(fn(*leaves))
         n_out = len(self.info.outputs)
         outs = res[:n_out]
-        self._state[mb] = _MbState(leaves, outs, list(res[n_out:]))
+        extra = list(res[n_out:])
+        self._state[mb] = _MbState(leaves, outs, extra[: self._n_taps] if fn is self._tapped else extra)
+        if fn is self._tapped:
+            self._state[mb].aux = extra[self._n_taps :]
         if self.measure_activations:
             self._state[mb].saved_bytes = counter.total
         return outs
@@ -269,7 +345,9 @@ class PipelineStage:
         tap_leaves = _grad_leaves(st.taps) if self._exact_w else []
         targets = want + tap_leaves
         if outs and targets:
-            got = torch.autograd.grad(outs, targets, gs, retain_graph=True, allow_unused=True)
+            # the graph is needed again in W only for weights without a closed-form gradient
+            retain = not (self._exact_w and all(f is not None for f in self._tap_fast))
+            got = torch.autograd.grad(outs, targets, gs, retain_graph=retain, allow_unused=True)
             for x, g in zip(want, got[: len(want)]):
                 x.grad = g
             st.tap_grads = list(got[len(want) :])
@@ -284,10 +362,14 @@ class PipelineStage:
         params = [p for p in self.submod.parameters() if p.requires_grad]
         if self._exact_w and st.tap_grads is not None:
             grads = iter(st.tap_grads)
-            for tap, tparams in zip(st.taps, self._tap_params):
+            aux = iter(st.aux)
+            for tap, tparams, fast in zip(st.taps, self._tap_params, self._tap_fast):
                 leaves = _grad_leaves([tap])
                 pairs = [(t, g) for t, g in zip(leaves, [next(grads) for _ in leaves]) if g is not None]
-                if pairs:  # one call per reader: only its own parameters, so no path counts twice
+                x = next(aux) if fast is not None else None
+                if pairs and fast is not None and isinstance(x, torch.Tensor):
+                    _linear_weight_grad(fast, x, pairs[0][1])
+                elif pairs:  # one call per reader: only its own parameters, so no path counts twice
                     torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs], inputs=tparams)
         elif outs and params:
             torch.autograd.backward(outs, gs, inputs=params)
