@@ -102,10 +102,6 @@ class StageInfo:
         """Stages that read this stage's outputs."""
         return tuple(sorted({s for cons in self.consumers for s, _ in cons}))
 
-    def param_fqns(self) -> list[str]:
-        """FQNs of the parameters this stage holds (original model names)."""
-        return [n for n, _ in self.module.named_parameters(remove_duplicate=False)]
-
 
 def assign_by_markers(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Stage of each compute node = number of ``pipe_split()`` markers before it.

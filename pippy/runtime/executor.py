@@ -194,8 +194,6 @@ class Executor:
                     acc[j] = buf if acc[j] is None else acc[j] + buf
             elif kind in (Kind.B, Kind.I):
                 grads: list[torch.Tensor | None] | None = grad_acc.pop((s, i)) if (s, i) in grad_acc else None
-                if s != self.last and grads is None and any(o.requires_grad for o in info.outputs):
-                    grads = [None] * len(info.outputs)
                 gin = stage.backward(i, grads) if kind is Kind.B else stage.backward_input(i, grads)
                 for k, ref in enumerate(info.inputs):
                     g = gin[k]

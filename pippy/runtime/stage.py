@@ -388,7 +388,3 @@ class PipelineStage:
     def __repr__(self) -> str:
         return f"PipelineStage(index={self.index}, of={self.num_stages}, device={self.device})"
 
-
-def module_of(stage: PipelineStage) -> nn.Module:
-    """The stage's ``nn.Module`` (its ``state_dict`` keys are original FQNs)."""
-    return stage.submod

@@ -55,7 +55,6 @@ class Kind(str, Enum):
         return self.value
 
 
-COMPUTE_KINDS = (Kind.F, Kind.B, Kind.I, Kind.W)
 _ACTION_RE = re.compile(r"^\s*(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)\s*$")
 
 
