@@ -10,12 +10,15 @@ the middle over 2 ranks with one thread per rank. For each workload and schedule
 
 1. the schedule runs ``--warmup`` + ``--steps`` traced steps (``trace=True``); the measured step
    is the traced step with the median step time (first action start to last action end);
-2. after each measured step, ``pippy.sim.profile.profile_ranks`` times every stage on its own
-   rank (both ranks at once, as in the run; F/B, or F/I/W for split-backward schedules, through
-   the runtime's PipelineStage; ``--repeats`` runs) and measures the gloo link by ping-pong. The
-   rounds are merged by ``median_costs``: interleaving makes profile and run see the same
-   machine (on a shared machine the load drifts between a profile taken first and the run);
-3. ``pippy.sim.simulate`` predicts the step of the very schedule object the runtime executes;
+2. before the first measured step and after each one, ``pippy.sim.profile.profile_ranks``
+   times every stage on its own rank (both ranks at once, as in the run; plain F and one-pass B,
+   tapped F, I and W, through the runtime's PipelineStage; ``--repeats`` runs) and measures the
+   gloo link by ping-pong;
+3. ``pippy.sim.simulate`` predicts the step of the very schedule object the runtime executes:
+   each measured step from the two profile rounds that bracket it (``median_costs``), since
+   this shared machine's speed drifts by tens of percent within a minute; the paired errors'
+   median is the ``paired`` column. The ``predicted`` column simulates the median of all rounds
+   and compares with the median measured step;
 4. rank 0 prints ``predict_vs_measure`` (step time, bubble per rank, per-action medians).
 
 No fudge factors: the prediction uses only the profile. Not a test: it asserts nothing.
@@ -57,12 +60,18 @@ def run_one(workload: str, sched_name: str, a: argparse.Namespace, rank: int, wo
     stage = pipe.build_stage(rank, "cpu")
     sched = cls(stage, n_mb, loss_fn=loss_fn, trace=True)
     assert sched.schedule is not None
-    split = sched.schedule.uses_split_backward()
     first, last = rank == placement[0], rank == placement[-1]
     profiles = []
     timelines: list[Timeline] = []
     walls: list[float] = []
+
+    def profile_round() -> None:
+        profiles.append(profile_ranks(pipe, args, placement, loss_fn=loss_fn, target=target, threads=1,
+                                      repeats=a.repeats, warmup=1))
+
     for k in range(a.warmup + a.steps):
+        if k == a.warmup:
+            profile_round()
         stage.submod.zero_grad(set_to_none=True)
         dist.barrier()
         t0 = time.perf_counter()
@@ -73,20 +82,21 @@ def run_one(workload: str, sched_name: str, a: argparse.Namespace, rank: int, wo
             timelines.append(sched.last_timeline)
             walls.append(wall)
         if k >= a.warmup:
-            profiles.append(profile_ranks(pipe, args, placement, loss_fn=loss_fn, target=target, threads=1,
-                                          repeats=a.repeats, warmup=1, split_backward=split))
+            profile_round()
     if rank != 0:
         return None
+    paired = [(simulate(sched.schedule, median_costs(profiles[k:k + 2])).step_time - t.step_time) / t.step_time
+              for k, t in enumerate(timelines)]
     costs = median_costs(profiles)
     timelines.sort(key=lambda t: t.step_time)
     measured = timelines[len(timelines) // 2]
     pred = simulate(sched.schedule, costs)
-    return {
+    return {"paired": statistics.median(paired), "paired_max": max(paired, key=abs),
         "workload": workload, "schedule": sched_name, "pred": pred.step_time, "meas": measured.step_time,
         "pred_bubble": pred.bubble, "meas_bubble": measured.bubbles(), "wall": statistics.median(walls),
         "spread": (timelines[0].step_time, timelines[-1].step_time), "latency": costs.latency,
         "bandwidth": costs.bandwidth, "table": predict_vs_measure(sched.schedule, costs, measured),
-        "stages": [(c.f, c.i, c.w, c.send_bytes) for c in costs.stages],
+        "stages": [(c.f, c.b, c.forward_time(True), c.i, c.w) for c in costs.stages],
     }
 
 
@@ -110,8 +120,9 @@ def main() -> None:
             rows.append(res)
             lat, bw = res["latency"], res["bandwidth"]
             print(f"\n=== {w} / {s}: link latency {format_time(lat)}, bandwidth {bw / 1e9:.2f} GB/s; per micro-batch "
-                  + "; ".join(f"stage {i}: F {format_time(f)} I {format_time(ii)} W {format_time(ww)}"
-                              for i, (f, ii, ww, _) in enumerate(res["stages"])), flush=True)
+                  + "; ".join(f"stage {i}: F {format_time(f)} B {format_time(b)} | tapped F {format_time(sf)} "
+                              f"I {format_time(ii)} W {format_time(ww)}"
+                              for i, (f, b, sf, ii, ww) in enumerate(res["stages"])), flush=True)
             lo, hi = res["spread"]
             print(f"measured over {a.steps} steps: min {format_time(lo)}, median {format_time(res['meas'])}, "
                   f"max {format_time(hi)}; median wall time of step() {format_time(res['wall'])}")
@@ -119,12 +130,15 @@ def main() -> None:
         dist.barrier()
     if rank == 0:
         print(f"\nsummary ({world} ranks, 1 thread each; bubble in % of the step, predicted/measured)")
-        print(f"{'workload':<9} {'schedule':<7} {'predicted':>10} {'measured':>10} {'error':>7}  bubble per rank")
+        print("(paired: median over steps of the error of each step against the profile rounds around it; "
+              "worst: the largest such error)")
+        print(f"{'workload':<9} {'schedule':<7} {'predicted':>10} {'measured':>10} {'error':>7} {'paired':>7} "
+              f"{'worst':>7}  bubble per rank")
         for r in rows:
             err = 100 * (r["pred"] - r["meas"]) / r["meas"]
             bub = "  ".join(f"r{i} {100 * p:4.1f}/{100 * m:4.1f}" for i, (p, m) in enumerate(zip(r["pred_bubble"], r["meas_bubble"])))
             print(f"{r['workload']:<9} {r['schedule']:<7} {format_time(r['pred']):>10} {format_time(r['meas']):>10} "
-                  f"{err:+6.1f}%  {bub}")
+                  f"{err:+6.1f}% {100 * r['paired']:+6.1f}% {100 * r['paired_max']:+6.1f}%  {bub}")
     dist.destroy_process_group()
 
 

@@ -137,7 +137,6 @@ def _build_parser() -> _Parser:
     sp.add_argument("--microbatches", "-m", type=_positive, default=4, help="micro-batches per step (default 4)")
     sp.add_argument("--threads", type=_positive, default=1, help="torch threads while timing (default 1)")
     sp.add_argument("--repeats", type=_positive, default=3, help="timed runs per stage (default 3)")
-    sp.add_argument("--split-backward", action="store_true", help="time F/I/W as zero-bubble schedules run them")
     sp.add_argument("--out", "-o", help="write the cost model JSON here (for simulate/compare/tune --costs)")
     return p
 
@@ -296,7 +295,7 @@ Profile your own model (in Python, with the thread count of the run):
     from pippy import pipeline
     from pippy.sim.profile import profile
     pipe = pipeline(model, n_microbatches, example_args=(x,))
-    costs = profile(pipe, (x,), loss_fn=loss_fn, target=y, threads=1)   # split_backward=True for zb_*/zbv
+    costs = profile(pipe, (x,), loss_fn=loss_fn, target=y, threads=1)   # F, B and split F/I/W
     costs.to_json("costs.json")
 
 Under torchrun, pippy.sim.profile.profile_ranks(pipe, (x,), placement, ...) times each rank's stages
@@ -329,13 +328,13 @@ def _cmd_profile(a: argparse.Namespace) -> int:
     spec = {str(3 * per * k): SplitPoint.BEGINNING for k in range(1, a.stages)}
     pipe = pipeline(model, a.microbatches, example_args=(x,), split_spec=spec)
     costs = profile(pipe, (x,), loss_fn=torch.nn.functional.mse_loss, target=y, threads=a.threads,
-                    repeats=a.repeats, split_backward=a.split_backward)
+                    repeats=a.repeats)
     print(f"demo MLP ({a.stages * per} blocks of Linear({d},{h})-ReLU-Linear({h},{d}), batch {len(x)}), "
           f"{a.stages} stages, {a.microbatches} micro-batches, {a.threads} thread(s); per micro-batch:")
-    print(f"{'stage':>5} {'F':>9} {'I':>9} {'W':>9} {'activations':>12} {'sent':>9}")
+    print(f"{'stage':>5} {'F':>9} {'B':>9} {'F split':>9} {'I':>9} {'W':>9} {'activations':>12} {'sent':>9}")
     for s, c in enumerate(costs.stages):
-        print(f"{s:>5} {format_time(c.f):>9} {format_time(c.i):>9} {format_time(c.w):>9} "
-              f"{format_bytes(c.act_bytes):>12} {format_bytes(c.send_bytes):>9}")
+        print(f"{s:>5} {format_time(c.f):>9} {format_time(c.b):>9} {format_time(c.forward_time(True)):>9} "
+              f"{format_time(c.i):>9} {format_time(c.w):>9} {format_bytes(c.act_bytes):>12} {format_bytes(c.send_bytes):>9}")
     if a.out:
         costs.to_json(a.out)
         print(f"wrote {a.out}")

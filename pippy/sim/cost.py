@@ -3,8 +3,11 @@
 Conventions (the simulator and the runtime agree on them):
 
 * Times are seconds per micro-batch; sizes are bytes per micro-batch.
-* A full backward ``B`` costs ``I + W``. Schedules with ``B`` run it as one action of that
-  length; split schedules run ``I`` and ``W`` separately.
+* A full backward ``B`` costs ``fused_b`` when measured, else ``I + W`` (one autograd pass is
+  usually cheaper than the two of a split backward). Schedules with ``B`` run it as one action;
+  split schedules run ``I`` and ``W`` separately. A stage whose backward a schedule splits (it
+  has an ``I`` action) runs its forwards in ``split_f`` (the forward that records weight-grad
+  taps), every other stage in ``f``.
 * Memory: the activation of (stage s, micro-batch i) is allocated when ``F(s, i)`` ends. With a
   full backward it is freed when ``B(s, i)`` ends. With the split, ``act_bytes - w_act_bytes``
   are freed when ``I(s, i)`` ends and the remaining ``w_act_bytes`` (default: all of it) when
@@ -20,7 +23,8 @@ JSON format (``CostModel.to_json`` / ``CostModel.from_json``)::
       "microbatches": 8,             # micro-batches the batch was cut into when measured (default 1)
       "stages": [                    # one object per stage; missing keys take the defaults
         {"f": 0.01, "i": 0.01, "w": 0.008, "act_bytes": 2e8, "send_bytes": 4e6,
-         "grad_bytes": null, "w_act_bytes": null, "static_bytes": 1e9}
+         "grad_bytes": null, "w_act_bytes": null, "static_bytes": 1e9,
+         "fused_b": 0.016, "split_f": 0.011}
       ]
     }
 
@@ -53,7 +57,7 @@ class StageCost:
     i: float = 1.0
     """Input-gradient backward time (``I``) in seconds."""
     w: float = 1.0
-    """Weight-gradient backward time (``W``) in seconds; a full backward ``B`` costs ``i + w``."""
+    """Weight-gradient backward time (``W``) in seconds."""
     act_bytes: float = 0.0
     """Activation bytes one micro-batch keeps from the end of ``F`` until its backward frees them."""
     send_bytes: float = 0.0
@@ -65,11 +69,24 @@ class StageCost:
     """Of ``act_bytes``, the bytes still held between ``I`` end and ``W`` end; ``None`` means all."""
     static_bytes: float = 0.0
     """Bytes the stage always holds (parameters, gradients, optimizer state); added to peak memory."""
+    fused_b: float | None = None
+    """Time of a full backward ``B`` run as one pass; ``None`` means ``i + w``."""
+    split_f: float | None = None
+    """Forward time when the schedule splits this stage's backward (weight-grad taps recorded);
+    ``None`` means ``f``."""
 
     @property
     def b(self) -> float:
-        """Full backward time: ``i + w``."""
-        return float(self.i + self.w)
+        """Full backward time: ``fused_b`` if measured, else ``i + w``."""
+        return float(self.i + self.w if self.fused_b is None else self.fused_b)
+
+    def forward_time(self, split: bool) -> float:
+        """Forward time of a stage whose backward is split (``split_f``) or not (``f``).
+
+            >>> StageCost(f=1.0, split_f=1.25).forward_time(True)
+            1.25
+        """
+        return float(self.split_f if split and self.split_f is not None else self.f)
 
     @property
     def grad_out_bytes(self) -> float:
@@ -100,6 +117,8 @@ class StageCost:
             send_bytes=self.send_bytes * factor,
             grad_bytes=mul(self.grad_bytes),
             w_act_bytes=mul(self.w_act_bytes),
+            fused_b=mul(self.fused_b),
+            split_f=mul(self.split_f),
         )
 
 
@@ -189,9 +208,11 @@ class CostModel:
             return replace(self, stages=list(self.stages))
         out: list[StageCost] = []
         width = old / num_stages
+        measured_b = any(s.fused_b is not None for s in self.stages)
+        measured_sf = any(s.split_f is not None for s in self.stages)
         for j in range(num_stages):
             lo, hi = j * width, (j + 1) * width
-            acc = {"f": 0.0, "i": 0.0, "w": 0.0, "act_bytes": 0.0, "static_bytes": 0.0, "w_act": 0.0}
+            acc = {"f": 0.0, "i": 0.0, "w": 0.0, "act_bytes": 0.0, "static_bytes": 0.0, "w_act": 0.0, "b": 0.0, "sf": 0.0}
             for k in range(math.floor(lo), min(old, math.ceil(hi))):
                 frac = max(0.0, min(hi, k + 1) - max(lo, k))
                 s = self.stages[k]
@@ -201,6 +222,8 @@ class CostModel:
                 acc["act_bytes"] += s.act_bytes * frac
                 acc["static_bytes"] += s.static_bytes * frac
                 acc["w_act"] += s.held_until_w * frac
+                acc["b"] += s.b * frac
+                acc["sf"] += s.forward_time(True) * frac
             last = self.stages[min(old - 1, max(0, math.ceil(hi) - 1))]
             out.append(
                 StageCost(
@@ -212,6 +235,8 @@ class CostModel:
                     grad_bytes=last.grad_bytes,
                     w_act_bytes=acc["w_act"],
                     static_bytes=acc["static_bytes"],
+                    fused_b=acc["b"] if measured_b else None,
+                    split_f=acc["sf"] if measured_sf else None,
                 )
             )
         return replace(self, stages=out)

@@ -9,11 +9,10 @@ are ``stage.backward_input`` / ``stage.backward_weight`` after a forward with we
 Times are medians over ``repeats`` runs on the first micro-batch after ``warmup`` runs, with
 ``torch.set_num_threads(threads)`` during the measurement (use the thread count of the run).
 
-Which times go into the model (``split_backward``):
-
-* ``False`` — for schedules with a full backward (GPipe, 1F1B, interleaved): ``f`` and ``i + w``
-  equal the measured F and B; ``i`` is the measured I and ``w = B - I``.
-* ``True`` — for zero-bubble schedules: ``f``, ``i`` and ``w`` are the tapped forward, I and W.
+Which times go into the model: ``f`` and ``fused_b`` are the plain forward and the full
+backward (one autograd pass, what GPipe/1F1B and every fused ``I``+``W`` run); ``split_f``,
+``i`` and ``w`` are the forward with weight-grad taps and the split backward of zero-bubble
+schedules. The simulator picks per stage: a stage the schedule splits forwards in ``split_f``.
 
 Sizes: ``act_bytes`` the bytes autograd saves in a forward (each storage once); ``send_bytes``
 the outputs read by stages on other ranks and ``grad_bytes`` those of them that carry gradients;
@@ -98,15 +97,21 @@ class _Bench:
     def act_bytes(self) -> float:
         saved: dict[Any, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor) -> int:
             try:
                 key: Any = t.untyped_storage().data_ptr()
             except (RuntimeError, NotImplementedError):
                 key = id(t)
             saved[key] = max(saved.get(key, 0), _nbytes(t))
-            return t
+            # Keep only a size, never the tensor: a saved output held by its own graph node is a
+            # reference cycle through C++ that Python's GC cannot see; with no backward to
+            # release it, every profile round would leak its activations.
+            return 0
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        def unpack(_: int) -> torch.Tensor:
+            raise RuntimeError("pippy.sim.profile: the activation-size forward has no backward")
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             self.forward(False)
         self.stage.clear()
         return float(sum(saved.values()))
@@ -120,8 +125,8 @@ def _stage_inputs(pipe: Any, s: int, user: list[Any], outputs: dict[int, tuple[A
     return raw
 
 
-def _measure(bench: _Bench, split_backward: bool, repeats: int, warmup: int, place: Sequence[int] | None) -> StageCost:
-    modes = [True] if split_backward else [False, True]
+def _measure(bench: _Bench, repeats: int, warmup: int, place: Sequence[int] | None) -> StageCost:
+    modes = [False, True]
     runs: dict[bool, list[dict[str, float]]] = {m: [] for m in modes}
     for k in range(warmup + max(1, repeats)):
         for m in modes:  # interleaved, so that both modes see the same machine conditions
@@ -132,11 +137,6 @@ def _measure(bench: _Bench, split_backward: bool, repeats: int, warmup: int, pla
     def med(m: bool, key: str) -> float:
         return float(statistics.median(r[key] for r in runs[m]))
 
-    if split_backward:
-        f, i, w = med(True, "F"), med(True, "I"), med(True, "W")
-    else:
-        f, i = med(False, "F"), med(True, "I")
-        w = max(0.0, med(False, "B") - i)
     info = bench.pipe.stage_infos[bench.s]
     sent = grad = 0
     for j, o in enumerate(bench.outputs):
@@ -146,14 +146,14 @@ def _measure(bench: _Bench, split_backward: bool, repeats: int, warmup: int, pla
             sent += _nbytes(o)
             grad += _nbytes(o) if bench.grads[j] is not None else 0
     params = [p for p in bench.stage.parameters() if p.requires_grad]
-    return StageCost(f=f, i=i, w=w, act_bytes=bench.act_bytes(), send_bytes=float(sent), grad_bytes=float(grad),
-                     static_bytes=float(2 * sum(_nbytes(p) for p in params)))
+    return StageCost(f=med(False, "F"), i=med(True, "I"), w=med(True, "W"), fused_b=med(False, "B"),
+                     split_f=med(True, "F"), act_bytes=bench.act_bytes(), send_bytes=float(sent),
+                     grad_bytes=float(grad), static_bytes=float(2 * sum(_nbytes(p) for p in params)))
 
 
 def _profile_stages(pipe: Any, example_args: Sequence[Any], example_kwargs: dict[str, Any] | None, *,
                     which: Iterable[int], loss_fn: Callable[..., Any] | None, target: Any, repeats: int,
-                    warmup: int, threads: int | None, split_backward: bool, device: str | torch.device,
-                    place: Sequence[int] | None = None) -> dict[int, StageCost]:
+                    warmup: int, threads: int | None, device: str | torch.device, place: Sequence[int] | None = None) -> dict[int, StageCost]:
     from pippy.microbatch import split_value
 
     infos = getattr(pipe, "stage_infos", None)
@@ -175,7 +175,7 @@ def _profile_stages(pipe: Any, example_args: Sequence[Any], example_kwargs: dict
             bench = _Bench(pipe, s, _stage_inputs(pipe, s, user, outputs), tgt, loss_fn, device)
             outputs[s] = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in bench.outputs)
             if s in want:
-                costs[s] = _measure(bench, split_backward, repeats, warmup, place)
+                costs[s] = _measure(bench, repeats, warmup, place)
         return costs
     finally:
         torch.set_num_threads(old_threads)
@@ -191,21 +191,20 @@ def profile(
     repeats: int = 5,
     warmup: int = 2,
     threads: int | None = None,
-    split_backward: bool = False,
     device: str | torch.device = "cpu",
 ) -> CostModel:
     """Time each stage of ``pipe`` on one micro-batch of the example, in this process, and size its tensors.
 
     ``loss_fn`` and ``target`` (the full-batch target) make the last stage's F and backward
-    include the loss as in ``step()``. ``threads`` sets torch's thread count while timing. See the
-    module docstring for ``split_backward``. Latency and bandwidth stay 0 / infinite: set them, or
+    include the loss as in ``step()``. ``threads`` sets torch's thread count while timing. Each
+    stage is timed both ways (full and split backward; see the module docstring). Latency and bandwidth stay 0 / infinite: set them, or
     use :func:`profile_ranks`. The model's ``microbatches`` is the pipe's ``num_chunks``.
 
         >>> # costs = profile(pipe, (x,), loss_fn=F.mse_loss, target=y, threads=1); costs.to_json("c.json")
     """
     n = int(pipe.num_stages)
     got = _profile_stages(pipe, example_args, example_kwargs, which=range(n), loss_fn=loss_fn, target=target,
-                          repeats=repeats, warmup=warmup, threads=threads, split_backward=split_backward, device=device)
+                          repeats=repeats, warmup=warmup, threads=threads, device=device)
     return CostModel(stages=[got[s] for s in range(n)], microbatches=int(getattr(pipe, "num_chunks", 1) or 1))
 
 
@@ -265,7 +264,6 @@ def profile_ranks(
     repeats: int = 5,
     warmup: int = 2,
     threads: int | None = None,
-    split_backward: bool = False,
     device: str | torch.device = "cpu",
 ) -> CostModel:
     """Collective :func:`profile`: each rank times the stages ``placement`` puts on it, concurrently.
@@ -282,8 +280,7 @@ def profile_ranks(
     me = dist.get_rank(group)
     mine = [s for s, r in enumerate(placement) if r == me]
     got = _profile_stages(pipe, example_args, example_kwargs, which=mine, loss_fn=loss_fn, target=target,
-                          repeats=repeats, warmup=warmup, threads=threads, split_backward=split_backward,
-                          device=device, place=placement)
+                          repeats=repeats, warmup=warmup, threads=threads, device=device, place=placement)
     world = dist.get_world_size(group)
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, got, group=group)

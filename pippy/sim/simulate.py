@@ -4,7 +4,9 @@ Each rank runs its actions in order. An action starts when its rank is free and 
 arrived: an input made on another rank arrives ``latency + bytes / bandwidth`` after its producer
 ends (or, in a lowered schedule, after the producer's SEND); inputs from the same rank are ready
 when their action has ended. ``RECV`` actions block until their message arrives; ``SEND`` actions
-take no time. Compute-only and lowered schedules are both accepted.
+take no time. Compute-only and lowered schedules are both accepted. Durations come from the
+CostModel: ``B`` takes ``b``, ``I`` and ``W`` their own, and ``F`` takes ``split_f`` on the stages
+whose backward the schedule splits (those with an ``I`` action), ``f`` elsewhere.
 
     >>> from pippy.schedules.ir import Schedule, as_actions
     >>> from pippy.sim.cost import CostModel
@@ -98,6 +100,7 @@ def _templates(schedule: Schedule, costs: CostModel, lowered: bool) -> dict[str,
         return costs.transfer_time(nbytes)
 
     table: dict[str, list[tuple]] = {k.value: [] for k in Kind if lowered or k.is_compute}
+    split = {a.stage for acts in schedule.actions for a in acts if a.kind is Kind.I}
     for s in range(S):
         c = costs.stages[s]
         r = place[s]
@@ -112,7 +115,7 @@ def _templates(schedule: Schedule, costs: CostModel, lowered: bool) -> dict[str,
         ]
         f_remote = tuple(x for d, x in zip(schedule.deps.get(s, ()), f_in) if place[d] != r)
         g_remote = tuple(x for q, x in zip(cons.get(s, ()), g_in) if place[q] != r)
-        table["F"].append((r, c.f, base(s, _F), tuple(f_in), c.act_bytes))
+        table["F"].append((r, c.forward_time(s in split), base(s, _F), tuple(f_in), c.act_bytes))
         table["B"].append((r, c.b, base(s, _G), ((base(s, _F), 0.0), *g_in), -c.act_bytes))
         table["I"].append((r, c.i, base(s, _G), ((base(s, _F), 0.0), *g_in), -(c.act_bytes - c.held_until_w)))
         table["W"].append((r, c.w, base(s, _W), ((base(s, _G), 0.0),), -c.held_until_w))

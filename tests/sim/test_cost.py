@@ -16,6 +16,16 @@ def test_uniform_and_b_is_i_plus_w() -> None:
     assert c.transfer_time(100) == 0.0
 
 
+def test_measured_full_backward_and_tapped_forward() -> None:
+    c = StageCost(f=1, i=2, w=3, fused_b=4, split_f=1.5)
+    assert c.b == 4.0 and c.forward_time(False) == 1.0 and c.forward_time(True) == 1.5
+    assert StageCost(f=1, i=2, w=3).forward_time(True) == 1.0  # unmeasured: the plain forward
+    half = c.scaled(0.5)
+    assert (half.b, half.forward_time(True)) == (2.0, 0.75)
+    merged = CostModel(stages=[c, StageCost(f=1, i=1, w=1)]).rebin(1).stages[0]
+    assert merged.b == 6.0 and merged.forward_time(True) == 2.5  # the unmeasured stage adds i + w and f
+
+
 def test_transfer_time() -> None:
     c = CostModel(stages=[StageCost()], latency=0.5, bandwidth=10.0)
     assert c.transfer_time(20) == pytest.approx(2.5)
@@ -24,7 +34,8 @@ def test_transfer_time() -> None:
 
 def test_json_round_trip(tmp_path) -> None:
     c = CostModel(
-        stages=[StageCost(f=1, i=2, w=3, act_bytes=4, send_bytes=5, grad_bytes=6, w_act_bytes=1, static_bytes=9)],
+        stages=[StageCost(f=1, i=2, w=3, act_bytes=4, send_bytes=5, grad_bytes=6, w_act_bytes=1, static_bytes=9,
+                          fused_b=4, split_f=1.5)],
         latency=1e-5,
         bandwidth=1e9,
         microbatches=4,

@@ -129,12 +129,24 @@ def test_skip_connection_deps(engine: str) -> None:
     assert chain.step_time == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_split_stages_use_tapped_forward_and_fused_b(engine: str) -> None:
+    # stage 0's backward is split (it has I), stage 1's is not: 0F takes split_f, 1B takes fused_b
+    sch = Schedule("mix", [as_actions(["0F0", "0I0", "0W0"]), as_actions(["1F0", "1B0"])], (0, 1), 1)
+    c = CostModel(stages=[StageCost(f=1, split_f=2, i=1, w=1, fused_b=1.5),
+                          StageCost(f=1, split_f=5, i=3, w=3, fused_b=4)])
+    ev = {str(e.action): (e.start, e.end) for e in simulate(sch, c, engine=engine).timeline.events}
+    assert ev["0F0"] == (0.0, 2.0) and ev["1F0"] == (2.0, 3.0) and ev["1B0"] == (3.0, 7.0)
+    assert ev["0I0"] == (7.0, 8.0) and ev["0W0"] == (8.0, 9.0)
+
+
 def test_engines_agree_random_costs() -> None:
     rng = random.Random(0)
     for name in SCHEDULES:
         sch = make_schedule(name, 4, 8)
         c = CostModel(
             stages=[StageCost(f=rng.uniform(0.5, 2), i=rng.uniform(0.5, 2), w=rng.uniform(0.1, 1),
+                              fused_b=rng.uniform(0.5, 2), split_f=rng.uniform(0.5, 2),
                               act_bytes=rng.uniform(1, 5), send_bytes=rng.uniform(0, 50)) for _ in range(sch.num_stages)],
             latency=0.05, bandwidth=100.0,
         )
