@@ -141,10 +141,14 @@ def _build_parser() -> _Parser:
     return p
 
 
-def _make(name: str, p: int, m: int) -> Schedule:
+def _make(name: str, p: int, m: int, costs_path: str | None = None) -> Schedule:
+    """The named schedule; ZB-V picks its order under the given costs (see ``zbv``)."""
     from pippy.schedules.generators import make_schedule
 
-    return make_schedule(name, p, m)
+    sch = make_schedule(name, p, m)
+    if costs_path and sch.name == "zbv":
+        sch = make_schedule(name, p, m, costs=_costs_for(costs_path, sch, p))
+    return sch
 
 
 def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
@@ -157,9 +161,11 @@ def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
 
 
 def _sim(sch: Schedule, costs: CostModel) -> SimResult:
+    """Simulate ``sch`` as the runtime runs it: an I directly followed by its W is one B."""
+    from pippy.schedules.lower import fuse_adjacent_iw
     from pippy.sim.simulate import simulate
 
-    return simulate(sch, costs)
+    return simulate(fuse_adjacent_iw(sch), costs)
 
 
 def _fmt_list(xs: Sequence[float], fmt: str = "{:.1f}", limit: int = 16) -> str:
@@ -182,7 +188,7 @@ def _cmd_show(a: argparse.Namespace) -> int:
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from pippy.sim.render import format_bytes, format_time, render_png, render_text, write_chrome_trace
 
-    sch = _make(a.schedule, a.ranks, a.microbatches)
+    sch = _make(a.schedule, a.ranks, a.microbatches, a.costs)
     res = _sim(sch, _costs_for(a.costs, sch, a.ranks))
     tl = res.timeline
     color = not a.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
@@ -210,7 +216,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     rows, notes = [], []
     for name in SCHEDULE_NAMES:
         try:
-            sch = _make(name, a.ranks, a.microbatches)
+            sch = _make(name, a.ranks, a.microbatches, a.costs)
         except ValueError as e:
             notes.append(f"{name}: skipped ({e})")
             continue
@@ -243,7 +249,7 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     for name in SCHEDULE_NAMES:
         for m in a.microbatches_choices:
             try:
-                sch = _make(name, ranks, m)
+                sch = _make(name, ranks, m, a.costs)
             except ValueError:
                 invalid.append(f"{name}/m={m}")
                 continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import PipelineStage, StageError
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, v_placement
+
+if TYPE_CHECKING:
+    from pippy.sim.cost import CostModel
 
 __all__ = [
     "PipelineSchedule",
@@ -134,12 +137,23 @@ class _VShape(_MultiStage):
 
 
 class ScheduleZBV(_VShape):
-    """ZB-V: two stages per rank in a V, split backward."""
+    """ZB-V: two stages per rank in a V, split backward.
+
+    ``costs`` (a :class:`~pippy.sim.cost.CostModel`, e.g. from ``pippy.sim.profile``) pick the
+    faster of ZB-V's two orders for your hardware; see :func:`pippy.schedules.zero_bubble.zbv`.
+
+        >>> # ScheduleZBV([stage_a, stage_b], 8, loss_fn=F.cross_entropy, costs=profiled).step(x, target=y)
+    """
 
     name = "zbv"
 
+    def __init__(self, stages: Any, n_microbatches: int, loss_fn: Callable[..., torch.Tensor] | None = None, *,
+                 costs: CostModel | None = None, **kwargs: Any) -> None:
+        self.costs = costs
+        super().__init__(stages, n_microbatches, loss_fn, **kwargs)
+
     def _make(self, p: int) -> Schedule:
-        return gen.zbv(p, self.n_microbatches)
+        return gen.zbv(p, self.n_microbatches, self.costs)
 
 
 class ScheduleDualPipeV(_VShape):

@@ -23,7 +23,7 @@ from pippy.runtime.executor import Executor, StepInputs, StepResult
 from pippy.runtime.stage import PipelineStage, StageError
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
-from pippy.schedules.lower import fuse_adjacent_iw, lower
+from pippy.schedules.lower import defer_gradless_backward, fuse_adjacent_iw, lower
 from pippy.schedules.validate import validate
 from pippy.sim.timeline import Event, Timeline
 
@@ -35,8 +35,10 @@ class PipelineSchedule:
 
     ``stages`` is this rank's stage (or list of stages for multi-stage schedules). Pass
     ``transport`` only to drive ranks in-process (see ``pippy.runtime.local``). With
-    ``fuse_backward`` (default) an I directly followed by its own W runs as one B; the schedule
-    actually run is ``self.schedule`` (lowered), which is also what to simulate.
+    ``fuse_backward`` (default) an I directly followed by its own W runs as one B, and a stage
+    whose inputs need no gradient (the first, usually) runs a whole B at each W's place instead
+    of I then W; the schedule actually run is ``self.schedule`` (lowered), which is also what to
+    simulate.
 
         >>> # ScheduleGPipe(stage, 8, loss_fn=F.cross_entropy).step(x, target=y)
     """
@@ -94,7 +96,8 @@ class PipelineSchedule:
         compute = schedule if schedule is not None else self._generate()
         compute = compute.with_deps(self.pipe.deps())
         if fuse_backward:
-            compute = fuse_adjacent_iw(compute)
+            gradless = [s for s, info in enumerate(self.pipe.stage_infos) if not any(m.requires_grad for m in info.input_meta)]
+            compute = fuse_adjacent_iw(defer_gradless_backward(compute, gradless))
         self._check_placement(compute)
         self.schedule: Schedule | None = None
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):

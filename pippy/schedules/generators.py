@@ -12,6 +12,7 @@ The zero-bubble family (I/W split backward) lives in :mod:`pippy.schedules.zero_
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from pippy.schedules._checks import bad_args, check_pm, check_v
 from pippy.schedules.ir import Action, Kind, Schedule, loop_placement
@@ -190,10 +191,11 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
 """Training schedules by name; each is called as ``fn(p, m, **options)``."""
 
 
-def make_schedule(name: str, p: int, m: int, **options: int) -> Schedule:
+def make_schedule(name: str, p: int, m: int, **options: Any) -> Schedule:
     """Build the schedule registered as ``name`` (see :data:`SCHEDULES`) for ``p`` ranks, ``m`` mbs.
 
-    ``options`` go to the generator (e.g. ``v=4`` for ``interleaved_1f1b`` and ``looped_bfs``).
+    ``options`` go to the generator (e.g. ``v=4`` for ``interleaved_1f1b`` and ``looped_bfs``,
+    ``costs=`` for ``zbv``).
 
         >>> make_schedule("zbv", 2, 4).stage_to_rank
         (0, 1, 1, 0)

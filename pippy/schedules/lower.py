@@ -29,12 +29,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TextIO
 
 from pippy.schedules.ir import Action, Kind, Schedule, chain_deps
 
-__all__ = ["from_csv", "from_csv_string", "fuse_adjacent_iw", "lower", "to_csv", "to_csv_string"]
+__all__ = ["defer_gradless_backward", "from_csv", "from_csv_string", "fuse_adjacent_iw", "lower", "to_csv", "to_csv_string"]
 
 _MAGIC = "pippy-schedule v1"
 
@@ -110,6 +110,28 @@ def fuse_adjacent_iw(schedule: Schedule) -> Schedule:
                 row.append(a)
                 k += 1
         rows.append(row)
+    return Schedule(schedule.name, rows, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
+
+
+def defer_gradless_backward(schedule: Schedule, stages: Iterable[int]) -> Schedule:
+    """For ``stages`` whose inputs need no gradient, drop each ``I`` and run a whole ``B`` at its ``W``.
+
+    Such a stage's ``I`` feeds nobody (the first stage's token ids, say), so splitting its
+    backward only costs a second pass; the whole backward at the ``W``'s place does the same
+    math once, no later than the weight gradients were due. Other stages are untouched.
+
+        >>> from pippy.schedules.ir import Schedule, as_actions
+        >>> s = Schedule("s", [as_actions(["0F0", "0I0", "0F1", "0W0", "0I1", "0W1"])], (0,), 2)
+        >>> [str(a) for a in defer_gradless_backward(s, [0]).actions[0]]
+        ['0F0', '0F1', '0B0', '0B1']
+    """
+    which = set(stages)
+    has_w = {(a.stage, a.mb) for acts in schedule.actions for a in acts if a.kind is Kind.W and a.stage in which}
+    rows = [
+        [Action(a.stage, Kind.B, a.mb) if a.kind is Kind.W and a.stage in which else a
+         for a in acts if not (a.kind is Kind.I and (a.stage, a.mb) in has_w)]
+        for acts in schedule.actions
+    ]
     return Schedule(schedule.name, rows, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
 
 

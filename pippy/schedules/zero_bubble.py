@@ -12,9 +12,13 @@ fill a bubble. All unit-time figures below take F = I = W = 1.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from pippy.schedules._checks import bad_args, check_pm
 from pippy.schedules.ir import Action, Kind, Schedule, v_placement
+
+if TYPE_CHECKING:
+    from pippy.sim.cost import CostModel
 
 __all__ = ["dualpipev", "zb_h1", "zb_h2", "zbv"]
 
@@ -76,16 +80,20 @@ def zb_h2(p: int, m: int) -> Schedule:
         ['0F0', '0F1', '0I0', '0W0', '0I1', '0W1']
     """
     check_pm("zb_h2", p, m)
-    return _greedy("zb_h2", p, m, tuple(range(p)), 2 * p - 1)
+    return _greedy("zb_h2", p, m, tuple(range(p)), 2 * p - 1, whole_backward=False)
 
 
-def _greedy(name: str, p: int, m: int, placement: tuple[int, ...], cap: int) -> Schedule:
+def _greedy(name: str, p: int, m: int, placement: tuple[int, ...], cap: int, *, whole_backward: bool) -> Schedule:
     """Build a schedule by running it: a unit-time list scheduler with zero-bubble priorities.
 
     Every time unit each rank starts one ready action: the oldest ready I (ties: the later
     stage), else a ready F while fewer than ``cap`` micro-batch chunks sit between F and W on
     the rank (the later stage first, then the oldest micro-batch), else its oldest pending W.
-    The order each rank ran in is the schedule; it cannot deadlock, since this run completes.
+    With ``whole_backward``, while the rank still has forwards to run, an I is followed at once
+    by its own W (the runtime fuses the pair into one cheaper B) and a finished backward by a
+    forward when one is ready (1F1B's alternation); only the cool-down splits, with W's filling
+    the gaps. The order each rank ran in is the schedule; it cannot deadlock, since this run
+    completes.
     """
     n = len(placement)
     deps = {s: ((s - 1,) if s else ()) for s in range(n)}
@@ -107,7 +115,15 @@ def _greedy(name: str, p: int, m: int, placement: tuple[int, ...], cap: int) -> 
                        and (s == n - 1 or done(s + 1, next_i[s], IG))]
             ready_f = [(-s, next_f[s]) for s in local[r] if next_f[s] < m
                        and all(done(d, next_f[s], F) for d in deps[s])]
-            if ready_i:
+            last = acts[r][-1] if acts[r] else None
+            steady = whole_backward and last is not None and any(next_f[s] < m for s in local[r])
+            if steady and last is not None and last.kind is IG:
+                pending_w[r].remove((last.stage, last.mb))
+                a = Action(last.stage, W, last.mb)
+            elif steady and last is not None and last.kind is W and ready_f and in_flight[r] < cap:
+                neg_s, i = min(ready_f)
+                a = Action(-neg_s, F, i)
+            elif ready_i:
                 i, neg_s = min(ready_i)
                 a = Action(-neg_s, IG, i)
             elif ready_f and in_flight[r] < cap:
@@ -136,20 +152,48 @@ def _greedy(name: str, p: int, m: int, placement: tuple[int, ...], cap: int) -> 
     return Schedule(name, acts, placement, m)
 
 
-def zbv(p: int, m: int) -> Schedule:
+def zbv(p: int, m: int, costs: CostModel | None = None) -> Schedule:
     """ZB-V: V placement (rank ``r`` holds stages ``r`` and ``2p-1-r``) with split backward.
 
-    Built by a unit-time list scheduler with the zero-bubble priorities (I first, then F while
-    at most ``2p`` stage-micro-batches are live on the rank — the activation memory of 1F1B,
-    since a V stage is half a 1F1B stage — then the oldest W). With F = I = W the bubble is
-    close to zero for ``m >= 2p``. Constraints: ``p >= 1``, ``m >= 1``.
+    Two unit-time list schedules (see :func:`_greedy`), both keeping at most ``2p``
+    stage-micro-batches live on a rank between F and W (1F1B's activation memory, since a V
+    stage is half a 1F1B stage), and the one that simulates faster under ``costs`` wins:
+
+    * *whole*: while a rank still has forwards to run it alternates forwards with whole
+      backwards (I directly followed by its W, which the runtime runs as one cheaper B); only
+      the cool-down splits, I's first, W's filling the gaps;
+    * *split*: every backward split, I first, W's deferred to fill every gap (zero bubble when
+      F = I = W and a split costs nothing).
+
+    ``costs`` (per stage, see :class:`~pippy.sim.cost.CostModel`) default to F = I = W = 1 with a
+    whole backward B = 1.5: on this project's CPU runtime a split backward costs 10-35% more
+    than a whole one (GPT-2 block: I + W 46 ms, B 34 ms). Under that default *whole* wins for
+    ``m >= 2p`` (5-12% faster) and *split* below. Pass measured costs (``pippy.sim.profile``) to
+    decide for your hardware. Constraints: ``p >= 1``, ``m >= 1``.
 
         >>> s = zbv(2, 2)
         >>> s.stage_to_rank, [str(a) for a in s.actions[1]][:5]
         ((0, 1, 1, 0), ['1F0', '2F0', '1F1', '2F1', '2I0'])
+        >>> [str(a) for a in zbv(2, 4).actions[0]][:7]
+        ['0F0', '0F1', '0F2', '3F0', '3I0', '3W0', '3F1']
     """
     check_pm("zbv", p, m)
-    return _greedy("zbv", p, m, v_placement(p), 2 * p)
+    place = v_placement(p)
+    cands = [_greedy("zbv", p, m, place, 2 * p, whole_backward=w) for w in (True, False)]
+    return min(cands, key=lambda sch: _predicted_step(sch, costs))
+
+
+def _predicted_step(schedule: Schedule, costs: CostModel | None) -> float:
+    """Simulated step time of ``schedule`` as the runtime runs it (adjacent I+W fused into B)."""
+    from pippy.schedules.lower import fuse_adjacent_iw
+    from pippy.sim.cost import CostModel, StageCost
+    from pippy.sim.simulate import simulate
+
+    if costs is None:
+        costs = CostModel(stages=[StageCost(f=1.0, i=1.0, w=1.0, fused_b=1.5) for _ in range(schedule.num_stages)])
+    elif costs.num_stages != schedule.num_stages:
+        costs = costs.rebin(schedule.num_stages)
+    return simulate(fuse_adjacent_iw(schedule), costs).step_time
 
 
 def dualpipev(p: int, m: int) -> Schedule:

@@ -118,3 +118,20 @@ def test_sum_reduction_matches_sum_loss() -> None:
     lp.step(x, target=tgt)
     for name, p in ref.named_parameters():
         assert torch.allclose(lp.named_grads()[name], p.grad, atol=1e-11), name
+
+
+@pytest.mark.parametrize(("cls", "ranks"), [(pippy.ScheduleZBH1, 4), (pippy.ScheduleZBV, 2), (pippy.ScheduleDualPipeV, 2)],
+                         ids=["zb_h1", "zbv", "dualpipev"])
+def test_stage_without_input_grads_runs_whole_backward(cls, ranks) -> None:
+    """Stage 0's inputs need no gradient: its I would feed nobody, so it runs one B at each W's place."""
+    torch.manual_seed(0)
+    ref, x, tgt, out, loss, pipe = _setup(MarkedMLP(4, 1).double(), 4)
+    lp = LocalPipeline(pipe, cls, num_ranks=ranks, n_microbatches=4, loss_fn=mse)
+    sch = lp.schedules[0].schedule
+    assert sch is not None
+    kinds = {(a.stage, a.kind.value) for acts in sch.actions for a in acts if a.kind.is_compute}
+    assert (0, "I") not in kinds and (0, "W") not in kinds and (0, "B") in kinds
+    assert any(k == "I" for _, k in kinds)  # the other stages still split
+    losses: list[torch.Tensor] = []
+    got = lp.step(x, target=tgt, losses=losses)
+    _check(lp, ref, got, out, losses, loss)

@@ -104,3 +104,19 @@ def test_fuse_adjacent_iw_keeps_validity_and_counts() -> None:
             assert len(after) == len(before) - n_b  # each B replaced one I and one W
             assert sum(a.kind is Kind.F for a in after) == sum(a.kind is Kind.F for a in before)
     assert any(a.kind is Kind.B for r in fuse_adjacent_iw(make_schedule("dualpipev", 2, 8)).actions for a in r)
+
+
+@pytest.mark.parametrize(("name", "p", "m"), [("zbv", 2, 4), ("zbv", 3, 7), ("zb_h1", 4, 5), ("dualpipev", 2, 4)])
+def test_defer_gradless_backward_stays_valid(name: str, p: int, m: int) -> None:
+    from pippy.schedules.lower import defer_gradless_backward
+
+    base = make_schedule(name, p, m)
+    s = defer_gradless_backward(base, [0])
+    validate(s)
+    validate(lower(s))
+    row = s.actions[s.stage_to_rank[0]]
+    assert [a.mb for a in row if a.stage == 0 and a.kind is Kind.B] == list(range(m))
+    assert not any(a.stage == 0 and a.kind in (Kind.I, Kind.W) for a in row)
+    # B sits where W was: same position among the rank's other actions
+    old = [str(a) for a in base.actions[s.stage_to_rank[0]] if not (a.stage == 0 and a.kind is Kind.I)]
+    assert [x.replace("B", "W") if x.startswith("0") else x for x in map(str, row)] == old
