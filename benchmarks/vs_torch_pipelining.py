@@ -110,8 +110,13 @@ class _PeerWrap(nn.Module):
         return out[0] if len(out) == 1 else tuple(out)
 
 
-def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple[float, float] | None:
-    """Median step seconds (pippy, peer) for one workload and schedule."""
+def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple[float, float, list[float]] | None:
+    """Median step seconds (pippy, peer) for one workload and schedule, and the paired ratios.
+
+    Step ``i`` runs both sides back to back (the order alternates), so ``t_ours[i] / t_theirs[i]``
+    compares them under the same machine conditions; this shared machine drifts by tens of
+    percent within a minute, which a ratio of medians over the whole run does not cancel.
+    """
     ours_cls, peer_cls, spr = SCHEDULES[sched]
     n_stages = world * spr
     model, args, target, loss_fn, spec, n_mb = WORKLOADS[workload](n_stages)
@@ -154,7 +159,7 @@ def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple
             dist.barrier()
             if i >= 2:  # warm-up
                 acc.append(time.perf_counter() - t0)
-    return statistics.median(t_ours), statistics.median(t_theirs)
+    return statistics.median(t_ours), statistics.median(t_theirs), [a / b for a, b in zip(t_ours, t_theirs)]
 
 
 def main() -> None:
@@ -179,14 +184,16 @@ def main() -> None:
                       flush=True)
                 raise
             if rank == 0 and res is not None:
-                ours, theirs = res
-                rows.append((w, s, ours, theirs))
+                ours, theirs, ratios = res
+                q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+                rows.append((w, s, ours, theirs, med, q1, q3))
                 print(f"{w:5s} {s:17s} pippy {ours * 1e3:8.1f} ms   torch.distributed.pipelining {theirs * 1e3:8.1f} ms   "
-                      f"ratio {ours / theirs:5.2f}", flush=True)
+                      f"ratio {ours / theirs:5.2f}   paired {med:5.2f} [{q1:.2f}, {q3:.2f}]", flush=True)
     if rank == 0:
-        print("\nworkload schedule           pippy ms   peer ms   ratio (pippy/peer, <1 is faster)")
-        for w, s, o, t in rows:
-            print(f"{w:8s} {s:17s} {o * 1e3:9.1f} {t * 1e3:9.1f}   {o / t:5.2f}")
+        print("\nratio: median pippy / median peer; paired: median of per-step ratios [quartiles] (<1: pippy faster)")
+        print("workload schedule           pippy ms   peer ms   ratio   paired  quartiles")
+        for w, s, o, t, med, q1, q3 in rows:
+            print(f"{w:8s} {s:17s} {o * 1e3:9.1f} {t * 1e3:9.1f}   {o / t:5.2f}   {med:5.2f}  [{q1:.2f}, {q3:.2f}]")
     dist.destroy_process_group()
 
 

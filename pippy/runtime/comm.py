@@ -18,6 +18,7 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -94,6 +95,9 @@ class Transport(Protocol):
     def done(self, handle: Any) -> bool:
         """True when ``handle`` has completed (non-blocking)."""
 
+    def arrived(self, handle: Any) -> bool:
+        """True when the receive ``handle`` has its message (non-blocking; a later ``wait`` is still due)."""
+
 
 def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
     kind = "activations" if ctx.action.endswith("F") else "gradients"
@@ -139,12 +143,29 @@ class DistTransport:
 
     def irecv(self, buffer: torch.Tensor, peer: int, tag: int) -> Any:
         """Start an asynchronous receive."""
-        return dist.irecv(buffer, group=self.group, tag=tag, group_src=peer)
+        return _Recv(dist.irecv(buffer, group=self.group, tag=tag, group_src=peer))
+
+    def arrived(self, handle: Any) -> bool:
+        """Whether a receive's message is in. gloo's ``is_completed`` stays False until ``wait``, so the
+        first call hands the wait to a small thread pool and later calls ask that thread."""
+        if not isinstance(handle, _Recv):
+            return self.done(handle)
+        if handle.future is None:
+            work, limit = handle.work, timedelta(seconds=self.timeout)
+            handle.future = _watch_pool().submit(lambda: work.wait(timeout=limit))
+        return handle.future.done()
 
     def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
         """Block until done or ``timeout`` seconds pass (then raise PipeTimeoutError)."""
         try:
-            ok = handle.wait(timeout=timedelta(seconds=self.timeout))
+            if isinstance(handle, _Recv):
+                fut = handle.future
+                # a watcher not started yet (all busy) is dropped: this thread waits itself, so a
+                # full pool never stands between a rank and its message
+                ok = fut.result() if fut is not None and not fut.cancel() else handle.work.wait(
+                    timeout=timedelta(seconds=self.timeout))
+            else:
+                ok = handle.wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as exc:
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "timeout" in cause.lower() or "timed out" in cause.lower():
@@ -159,7 +180,29 @@ class DistTransport:
 
     def done(self, handle: Any) -> bool:
         """Whether the work has completed."""
+        if isinstance(handle, _Recv):
+            return handle.future is not None and handle.future.done()
         return bool(handle.is_completed())
+
+
+class _Recv:
+    """A torch.distributed receive plus, once asked whether it arrived, the thread waiting on it."""
+
+    __slots__ = ("future", "work")
+
+    def __init__(self, work: Any) -> None:
+        self.work = work
+        self.future: Future[Any] | None = None
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _watch_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pippy-recv-watch")
+    return _POOL
 
 
 class _LocalHandle:
@@ -234,3 +277,7 @@ class LocalTransport:
         """Whether the handle has completed."""
         self._poll(handle)
         return bool(handle.done)
+
+    def arrived(self, handle: Any) -> bool:
+        """Whether a receive's message is in (same as :meth:`done` in-process)."""
+        return self.done(handle)

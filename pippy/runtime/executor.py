@@ -10,7 +10,7 @@ on the same rank is handed over directly, otherwise it is sent.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,13 +19,12 @@ import torch
 from pippy.frontend.split import USER, InputRef
 from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.stage import PipelineStage, StageError
+from pippy.runtime.tied import TiedGrads
+from pippy.runtime.wfill import BubbleFiller
 from pippy.schedules.ir import Action, Kind, Schedule
 from pippy.sim.timeline import Event
 
 __all__ = ["Executor", "StepInputs", "StepResult"]
-
-_SHARED_TAG_BASE = 1 << 29
-
 
 @dataclass(slots=True)
 class StepInputs:
@@ -56,7 +55,8 @@ class Executor:
         >>> # for _ in Executor(stages, sched, transport).run(inputs): pass
     """
 
-    def __init__(self, stages: Sequence[PipelineStage], schedule: Schedule, transport: Transport, *, trace: bool = False):
+    def __init__(self, stages: Sequence[PipelineStage], schedule: Schedule, transport: Transport, *, trace: bool = False,
+                 fill_bubbles: bool = True):
         self.stages = {st.index: st for st in stages}
         self.schedule = schedule
         self.transport = transport
@@ -69,7 +69,7 @@ class Executor:
         self.infos = pipe.stage_infos
         self.pipe = pipe
         self.last = pipe.num_stages - 1
-        self._shared_before: dict[int, torch.Tensor] = {}
+        self.tied = TiedGrads(pipe, self.stages, self.stage_to_rank, transport)
         self._eval_cache: dict[tuple[int, int], tuple[Any, ...]] = {}
         self._eval_left: dict[tuple[int, int], int] = {}
         self._readers: dict[int, int] = {}  # per local stage: its SEND_F (if any) + local consumer stages
@@ -102,6 +102,8 @@ class Executor:
             self._send_b_order[s] = [(k, r) for _, k, r in sorted(ins, key=lambda e: e[0])]
         split = {a.stage for a in self.actions if a.kind is Kind.I}
         self.split_backward = split
+        self.filler = BubbleFiller(self.actions)
+        self.fill_bubbles = fill_bubbles
         for st in stages:
             st.rank_hint = self.rank
 
@@ -120,7 +122,8 @@ class Executor:
         """
         self.t_origin = time.perf_counter() if origin is None else origin
         m = self.schedule.n_microbatches
-        self._shared_before = self._snapshot_shared() if inp.training else {}
+        if inp.training:
+            self.tied.snapshot()
         self.started = False
         res = StepResult()
         recv_f: dict[tuple[int, int], dict[int, Any]] = {}
@@ -131,10 +134,15 @@ class Executor:
         self._eval_cache, self._eval_left = {}, {}
         dev = next(iter(self.stages.values())).device
         prefetched: dict[int, list[tuple[Any, WaitContext, int, Any]]] = {}
+        self.filler.start_step()
+        fill = self.fill_bubbles and inp.training and self.filler.active
+        i_done: set[tuple[int, int]] = set()
         for idx, a in enumerate(self.actions):
             for j in self._prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
                 self.started = True
                 prefetched[j] = self._post(self.actions[j], dev)
+            if idx in self.filler.ran:
+                continue  # a W that already ran while this rank waited for a message
             t0 = time.perf_counter() if self.trace else 0.0
             if a.kind.is_comm:
                 self.started = True
@@ -180,18 +188,24 @@ class Executor:
                             pending.append((h, self._ctx(a, peer, f"send output {j} to stage {d}")))
                 if not inp.training:
                     self._eval_read(s, i)
-            elif kind is Kind.RECV_F:
-                got: dict[int, Any] = {}
-                for h, ctx, k, buf in prefetched.pop(idx, None) or self._post(a, dev):
-                    if h is not None:
+            elif kind in (Kind.RECV_F, Kind.RECV_B):
+                posted = prefetched.pop(idx, None) or self._post(a, dev)
+                filled = self._fill(idx, [h for h, _, _, _ in posted if h is not None], i_done, res) if fill else 0.0
+                t_wait = time.perf_counter()
+                if kind is Kind.RECV_F:
+                    got: dict[int, Any] = {}
+                    for h, ctx, k, buf in posted:
+                        if h is not None:
+                            yield from self.transport.wait(h, ctx)
+                        got[k] = buf
+                    recv_f[(s, i)] = got
+                else:
+                    acc = grad_acc.setdefault((s, i), [None] * len(info.outputs))
+                    for h, ctx, j, buf in posted:
                         yield from self.transport.wait(h, ctx)
-                    got[k] = buf
-                recv_f[(s, i)] = got
-            elif kind is Kind.RECV_B:
-                acc = grad_acc.setdefault((s, i), [None] * len(info.outputs))
-                for h, ctx, j, buf in prefetched.pop(idx, None) or self._post(a, dev):
-                    yield from self.transport.wait(h, ctx)
-                    acc[j] = buf if acc[j] is None else acc[j] + buf
+                        acc[j] = buf if acc[j] is None else acc[j] + buf
+                if fill:
+                    self.filler.note_wait(idx, time.perf_counter() - t_wait, filled)
             elif kind in (Kind.B, Kind.I):
                 grads: list[torch.Tensor | None] | None = grad_acc.pop((s, i)) if (s, i) in grad_acc else None
                 gin = stage.backward(i, grads) if kind is Kind.B else stage.backward_input(i, grads)
@@ -203,8 +217,12 @@ class Executor:
                         pacc = grad_acc.setdefault((ref.src_stage, i), [None] * len(self.infos[ref.src_stage].outputs))
                         pacc[ref.index] = g if pacc[ref.index] is None else pacc[ref.index] + g
                 in_grads[(s, i)] = gin
+                if kind is Kind.I:
+                    i_done.add((s, i))
             elif kind is Kind.W:
+                tw = time.perf_counter()
                 stage.backward_weight(i)
+                self.filler.note_w(s, time.perf_counter() - tw)
             elif kind is Kind.SEND_B:
                 if (s, i) not in in_grads:
                     raise StageError(f"rank {self.rank}: {a} has no input gradients; SEND_B must follow B or I")
@@ -231,9 +249,27 @@ class Executor:
         if self.last in self.stages and outputs_by_mb:
             res.outputs = [outputs_by_mb[i] for i in sorted(outputs_by_mb)]
         if inp.training and self.pipe.shared:
-            yield from self._sync_shared()
+            yield from self.tied.sync()
         self._eval_cache = {}
         return res
+
+    def _fill(self, idx: int, handles: list[Any], i_done: set[tuple[int, int]], res: StepResult) -> float:
+        """Run later W's while the messages of RECV ``idx`` are not in (see ``wfill``); seconds spent."""
+        filled = 0.0
+        while not all(self.transport.arrived(h) for h in handles):
+            j = self.filler.pick(idx, i_done, filled)
+            if j is None:
+                break
+            w = self.actions[j]
+            t0 = time.perf_counter()
+            self.stages[w.stage].backward_weight(w.mb)
+            t1 = time.perf_counter()
+            self.filler.ran.add(j)
+            self.filler.note_w(w.stage, t1 - t0)
+            filled += t1 - t0
+            if self.trace:
+                res.events.append(Event(self.rank, w, t0 - self.t_origin, t1 - self.t_origin))
+        return filled
 
     def _post(self, a: Action, dev: torch.device) -> list[tuple[Any, WaitContext, int, Any]]:
         """Post the receives of a RECV_F / RECV_B action: (handle or None, context, slot, buffer)."""
@@ -343,66 +379,6 @@ class Executor:
                 f"{a}: {what} is {t.dtype}{list(t.shape)} but the traced pipe expects {meta.describe()}; "
                 "shapes are fixed at trace time (use the traced micro-batch size)"
             )
-
-    # ------------------------------------------------------------------ tied parameters
-    def _snapshot_shared(self) -> dict[int, torch.Tensor]:
-        """Grads that tied copies already hold before this step (equal on every copy after a sync)."""
-        out: dict[int, torch.Tensor] = {}
-        for sp in self.pipe.shared:
-            if not sp.requires_grad:
-                continue  # buffers and frozen tensors are not synchronized
-            for s, f in sp.uses:
-                if s in self.stages:
-                    p = self.stages[s].submod.get_parameter(f)
-                    if p.grad is not None:
-                        out[id(p)] = p.grad.detach().clone()
-        return out
-
-    def _sync_shared(self) -> Iterator[None]:
-        """Sum gradients of tensors held by several stages (tied weights) so every copy has the total."""
-        for gi, sp in enumerate(self.pipe.shared):
-            if not sp.requires_grad:
-                continue
-            mine = [(s, f) for s, f in sp.uses if s in self.stages]
-            if not mine:
-                continue
-            ranks = sorted({self.stage_to_rank[s] for s, _ in sp.uses})
-            params = [self.stages[s].submod.get_parameter(f) for s, f in mine]
-            seen: set[int] = set()
-            local: torch.Tensor | None = None
-            for p in params:
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                prev = self._shared_before.get(id(p))
-                g = g - prev if prev is not None else g  # only this step's share (grads may accumulate)
-                local = g.clone() if local is None else local + g
-            assert local is not None
-            total = local
-            leader = ranks[0]
-            tag = _SHARED_TAG_BASE + gi
-            a = Action(mine[0][0], Kind.W, 0)  # errors name the stage's weight-grad step
-            if len(ranks) > 1:
-                if self.rank == leader:
-                    for peer in ranks[1:]:
-                        buf = torch.empty_like(local)
-                        h = self.transport.irecv(buf, peer, tag)
-                        yield from self.transport.wait(h, self._ctx(a, peer, f"tied-weight grad {sp.uses[0][1]}"))
-                        total = total + buf
-                    hs = [self.transport.isend(total, peer, tag) for peer in ranks[1:]]
-                    for peer, h in zip(ranks[1:], hs):
-                        yield from self.transport.wait(h, self._ctx(a, peer, "send summed tied-weight grad"))
-                else:
-                    h = self.transport.isend(local, leader, tag)
-                    yield from self.transport.wait(h, self._ctx(a, leader, "send tied-weight grad"))
-                    total = torch.empty_like(local)
-                    h = self.transport.irecv(total, leader, tag)
-                    yield from self.transport.wait(h, self._ctx(a, leader, f"summed tied-weight grad {sp.uses[0][1]}"))
-            for p in {id(p): p for p in params}.values():
-                prev = self._shared_before.get(id(p))
-                p.grad = total.clone() if prev is None else prev + total
-
 
 def _detach(x: Any) -> Any:
     from torch.utils import _pytree as pytree

@@ -38,7 +38,9 @@ class PipelineSchedule:
     ``fuse_backward`` (default) an I directly followed by its own W runs as one B, and a stage
     whose inputs need no gradient (the first, usually) runs a whole B at each W's place instead
     of I then W; the schedule actually run is ``self.schedule`` (lowered), which is also what to
-    simulate.
+    simulate. With ``fill_bubbles`` (default) a rank that would wait for a message runs a later
+    W of its schedule instead, when the previous step waited that long there (see
+    ``pippy.runtime.wfill``; results stay bitwise those of the static order).
 
         >>> # ScheduleGPipe(stage, 8, loss_fn=F.cross_entropy).step(x, target=y)
     """
@@ -60,6 +62,7 @@ class PipelineSchedule:
         transport: Transport | None = None,
         schedule: Schedule | None = None,
         fuse_backward: bool = True,
+        fill_bubbles: bool = True,
     ) -> None:
         self.stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not self.stages:
@@ -90,6 +93,7 @@ class PipelineSchedule:
         self.last_events: list[Event] = []
         self.last_timeline: Timeline | None = None
         self._executors: dict[int, Executor] = {}
+        self.fill_bubbles = fill_bubbles
         self._broken: str | None = None
         self.last_peak_live: dict[int, int] = {}
         self.last_peak_bytes: dict[int, int] = {}
@@ -193,7 +197,8 @@ class PipelineSchedule:
     def _executor(self, sched: Schedule) -> Executor:
         ex = self._executors.get(id(sched))
         if ex is None:
-            ex = self._executors[id(sched)] = Executor(self.stages, sched, self.transport, trace=self.trace)
+            ex = self._executors[id(sched)] = Executor(self.stages, sched, self.transport, trace=self.trace,
+                                                           fill_bubbles=self.fill_bubbles)
         return ex
 
     def _merge(self, res: StepResult) -> Any:
