@@ -26,6 +26,7 @@ from pippy.sim.timeline import Event
 
 __all__ = ["Executor", "StepInputs", "StepResult"]
 
+
 @dataclass(slots=True)
 class StepInputs:
     """What one step needs on this rank (only the ranks holding the first/last stage get data)."""
@@ -256,9 +257,9 @@ class Executor:
     def _fill(self, idx: int, handles: list[Any], i_done: set[tuple[int, int]], res: StepResult) -> float:
         """Run later W's while the messages of RECV ``idx`` are not in (see ``wfill``); seconds spent."""
         filled = 0.0
-        while not all(self.transport.arrived(h) for h in handles):
-            j = self.filler.pick(idx, i_done, filled)
-            if j is None:
+        while True:
+            j = self.filler.pick(idx, i_done, filled)  # first: most waits have no candidate, and polling
+            if j is None or all(self.transport.arrived(h) for h in handles):  # a gloo receive costs a thread
                 break
             w = self.actions[j]
             t0 = time.perf_counter()
