@@ -15,10 +15,10 @@ there, which lets one process drive every rank cooperatively (tests, profiling).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -147,25 +147,16 @@ class DistTransport:
 
     def arrived(self, handle: Any) -> bool:
         """Whether a receive's message is in. gloo's ``is_completed`` stays False until ``wait``, so the
-        first call hands the wait to a small thread pool and later calls ask that thread."""
+        first call hands the wait to a daemon thread (it never holds up exit) and later calls ask it."""
         if not isinstance(handle, _Recv):
             return self.done(handle)
-        if handle.future is None:
-            work, limit = handle.work, timedelta(seconds=self.timeout)
-            handle.future = _watch_pool().submit(lambda: work.wait(timeout=limit))
-        return handle.future.done()
+        handle.watch(self.timeout)
+        return handle.finished.is_set()
 
     def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
         """Block until done or ``timeout`` seconds pass (then raise PipeTimeoutError)."""
         try:
-            if isinstance(handle, _Recv):
-                fut = handle.future
-                # a watcher not started yet (all busy) is dropped: this thread waits itself, so a
-                # full pool never stands between a rank and its message
-                ok = fut.result() if fut is not None and not fut.cancel() else handle.work.wait(
-                    timeout=timedelta(seconds=self.timeout))
-            else:
-                ok = handle.wait(timeout=timedelta(seconds=self.timeout))
+            ok = handle.result(self.timeout) if isinstance(handle, _Recv) else handle.wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as exc:
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if "timeout" in cause.lower() or "timed out" in cause.lower():
@@ -181,28 +172,46 @@ class DistTransport:
     def done(self, handle: Any) -> bool:
         """Whether the work has completed."""
         if isinstance(handle, _Recv):
-            return handle.future is not None and handle.future.done()
+            return handle.finished.is_set()
         return bool(handle.is_completed())
 
 
 class _Recv:
-    """A torch.distributed receive plus, once asked whether it arrived, the thread waiting on it."""
+    """A torch.distributed receive plus, once asked whether it arrived, the daemon thread waiting on it."""
 
-    __slots__ = ("future", "work")
+    __slots__ = ("finished", "outcome", "timeout", "work")
 
     def __init__(self, work: Any) -> None:
         self.work = work
-        self.future: Future[Any] | None = None
+        self.finished = threading.Event()
+        self.outcome: tuple[Any, BaseException | None] | None = None  # (wait's value, its exception)
+        self.timeout: float | None = None
 
+    def watch(self, timeout: float) -> None:
+        """Start the watcher thread (once)."""
+        if self.timeout is not None:
+            return
+        self.timeout = timeout
 
-_POOL: ThreadPoolExecutor | None = None
+        def run() -> None:
+            try:
+                self.outcome = (self.work.wait(timeout=timedelta(seconds=timeout)), None)
+            except BaseException as exc:  # handed to result(), raised on the executor's thread
+                self.outcome = (None, exc)
+            self.finished.set()
 
+        threading.Thread(target=run, name="pippy-recv-watch", daemon=True).start()
 
-def _watch_pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pippy-recv-watch")
-    return _POOL
+    def result(self, timeout: float) -> Any:
+        """What ``work.wait`` returned, waiting here (``timeout`` s) or on the watcher; re-raises its error."""
+        if self.timeout is None:
+            return self.work.wait(timeout=timedelta(seconds=timeout))
+        self.finished.wait()  # bounded: the watcher's own wait has the timeout
+        assert self.outcome is not None
+        value, exc = self.outcome
+        if exc is not None:
+            raise exc
+        return value
 
 
 class _LocalHandle:
