@@ -133,7 +133,10 @@ class _SavedBytes:
         if ptr not in self.seen:
             self.seen.add(ptr)
             self.total += t.untyped_storage().nbytes()
-        return t
+        # a detached alias (same storage, no grad_fn): returning ``t`` itself would make a saved
+        # output and its own graph node a C++ reference cycle that only a backward breaks, so a
+        # micro-batch dropped without one (a failed step, ``clear()``) would leak its activations
+        return t.detach()
 
     def unpack(self, t: torch.Tensor) -> torch.Tensor:
         return t

@@ -94,3 +94,28 @@ def test_closed_form_weight_grads_match_autograd() -> None:
     stage = pipeline(copy.deepcopy(model), 2, (x,)).build_stage(0, "cpu")
     stage.forward(0, [x[:2]], training=True, split_backward=True)
     assert [f[0] for f in stage._tap_fast if f is not None] == ["linear", "layer_norm"]
+
+
+def test_activation_counter_keeps_nothing_alive_after_clear() -> None:
+    """measure_activations' saved-tensor hook must not tie a dropped forward into a reference cycle."""
+    import gc
+
+    from pippy import SplitPoint, pipeline
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8), torch.nn.Sigmoid())
+    x = torch.randn(4, 8)
+    stage = pipeline(net, 2, (x,), split_spec={"2": SplitPoint.BEGINNING}).build_stage(0, "cpu")
+    stage.measure_activations = True
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    stage.forward(0, [x[:2]], training=True)
+    stage.clear()
+    before = live()
+    for _ in range(3):
+        stage.forward(0, [x[:2]], training=True)
+        assert stage.live_activation_bytes() > 0
+        stage.clear()
+    assert live() == before
