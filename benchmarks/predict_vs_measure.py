@@ -21,6 +21,10 @@ the middle over 2 ranks with one thread per rank. For each workload and schedule
    and compares with the median measured step;
 4. rank 0 prints ``predict_vs_measure`` (step time, bubble per rank, per-action medians).
 
+The runtime runs with its defaults, so split-backward schedules also fill bubbles at run time
+(a rank about to wait runs a later W); the simulator models the static order only, which makes
+its ZB prediction a little pessimistic.
+
 No fudge factors: the prediction uses only the profile. Not a test: it asserts nothing.
 """
 

@@ -30,8 +30,12 @@ if TYPE_CHECKING:
     )
     from pippy.runtime.comm import PipeCommError, PipeTimeoutError
     from pippy.runtime.stage import PipelineStage, StageError
+    from pippy.sim.cost import CostModel, StageCost
+    from pippy.sim.profile import profile, profile_ranks
+    from pippy.sim.simulate import simulate
 
 __all__ = [
+    "CostModel",
     "Pipe",
     "PipeCommError",
     "PipeTimeoutError",
@@ -49,6 +53,7 @@ __all__ = [
     "ScheduleZBH2",
     "ScheduleZBV",
     "SplitPoint",
+    "StageCost",
     "StageError",
     "Sum",
     "TensorChunkSpec",
@@ -57,6 +62,9 @@ __all__ = [
     "graphsplit",
     "pipe_split",
     "pipeline",
+    "profile",
+    "profile_ranks",
+    "simulate",
     "split_by_names",
     "split_equal_layers",
     "split_equal_params",
@@ -78,6 +86,11 @@ _WHERE = {
     "PipeTimeoutError": "pippy.runtime.comm",
     "PipelineStage": "pippy.runtime.stage",
     "StageError": "pippy.runtime.stage",
+    "CostModel": "pippy.sim.cost",
+    "StageCost": "pippy.sim.cost",
+    "profile": "pippy.sim.profile",
+    "profile_ranks": "pippy.sim.profile",
+    "simulate": "pippy.sim.simulate",
     **{n: "pippy.runtime.api" for n in __all__ if n.startswith("Schedule") or n == "PipelineSchedule"},
 }
 

@@ -137,6 +137,8 @@ def _build_parser() -> _Parser:
     sp.add_argument("--microbatches", "-m", type=_positive, default=4, help="micro-batches per step (default 4)")
     sp.add_argument("--threads", type=_positive, default=1, help="torch threads while timing (default 1)")
     sp.add_argument("--repeats", type=_positive, default=3, help="timed runs per stage (default 3)")
+    sp.add_argument("--split-backward", action="store_true",
+                    help="ignored (kept for old scripts): F/B and tapped F/I/W are always both timed")
     sp.add_argument("--out", "-o", help="write the cost model JSON here (for simulate/compare/tune --costs)")
     return p
 

@@ -143,7 +143,10 @@ class DistTransport:
 
     def irecv(self, buffer: torch.Tensor, peer: int, tag: int) -> Any:
         """Start an asynchronous receive."""
-        return _Recv(dist.irecv(buffer, group=self.group, tag=tag, group_src=peer))
+        work = dist.irecv(buffer, group=self.group, tag=tag, group_src=peer)
+        # gloo only: there ``is_completed`` stays False until ``wait``, so arrival needs a watcher;
+        # on NCCL ``is_completed`` answers and ``wait`` must run on the caller's stream
+        return work if self.ordered else _Recv(work)
 
     def arrived(self, handle: Any) -> bool:
         """Whether a receive's message is in. gloo's ``is_completed`` stays False until ``wait``, so the
@@ -172,7 +175,7 @@ class DistTransport:
     def done(self, handle: Any) -> bool:
         """Whether the work has completed."""
         if isinstance(handle, _Recv):
-            return handle.finished.is_set()
+            return handle.finished.is_set() if handle.timeout is not None else bool(handle.work.is_completed())
         return bool(handle.is_completed())
 
 

@@ -191,7 +191,7 @@ class Executor:
                     self._eval_read(s, i)
             elif kind in (Kind.RECV_F, Kind.RECV_B):
                 posted = prefetched.pop(idx, None) or self._post(a, dev)
-                filled = self._fill(idx, [h for h, _, _, _ in posted if h is not None], i_done, res) if fill else 0.0
+                filled, slack = self._fill(idx, [h for h, _, _, _ in posted if h is not None], i_done, res) if fill else (0.0, None)
                 t_wait = time.perf_counter()
                 if kind is Kind.RECV_F:
                     got: dict[int, Any] = {}
@@ -206,7 +206,7 @@ class Executor:
                         yield from self.transport.wait(h, ctx)
                         acc[j] = buf if acc[j] is None else acc[j] + buf
                 if fill:
-                    self.filler.note_wait(idx, time.perf_counter() - t_wait, filled)
+                    self.filler.note_wait(idx, time.perf_counter() - t_wait, filled, slack)
             elif kind in (Kind.B, Kind.I):
                 grads: list[torch.Tensor | None] | None = grad_acc.pop((s, i)) if (s, i) in grad_acc else None
                 gin = stage.backward(i, grads) if kind is Kind.B else stage.backward_input(i, grads)
@@ -254,13 +254,20 @@ class Executor:
         self._eval_cache = {}
         return res
 
-    def _fill(self, idx: int, handles: list[Any], i_done: set[tuple[int, int]], res: StepResult) -> float:
-        """Run later W's while the messages of RECV ``idx`` are not in (see ``wfill``); seconds spent."""
-        filled = 0.0
+    def _fill(self, idx: int, handles: list[Any], i_done: set[tuple[int, int]], res: StepResult) -> tuple[float, float | None]:
+        """Run later W's while the messages of RECV ``idx`` are not in (see ``wfill``).
+
+        Returns the seconds spent and, when the messages came in during the last W run, an
+        estimate of when (its midpoint): the wait after it then reads ~0 and would overstate
+        the slack by what the W overran.
+        """
+        filled, last = 0.0, 0.0
         while True:
             j = self.filler.pick(idx, i_done, filled)  # first: most waits have no candidate, and polling
-            if j is None or all(self.transport.arrived(h) for h in handles):  # a gloo receive costs a thread
-                break
+            if j is None:  # a gloo receive costs a thread
+                return filled, None
+            if all(self.transport.arrived(h) for h in handles):
+                return filled, (filled - last / 2 if last else None)
             w = self.actions[j]
             t0 = time.perf_counter()
             self.stages[w.stage].backward_weight(w.mb)
@@ -268,9 +275,9 @@ class Executor:
             self.filler.ran.add(j)
             self.filler.note_w(w.stage, t1 - t0)
             filled += t1 - t0
+            last = t1 - t0
             if self.trace:
                 res.events.append(Event(self.rank, w, t0 - self.t_origin, t1 - self.t_origin))
-        return filled
 
     def _post(self, a: Action, dev: torch.device) -> list[tuple[Any, WaitContext, int, Any]]:
         """Post the receives of a RECV_F / RECV_B action: (handle or None, context, slot, buffer)."""

@@ -54,9 +54,13 @@ class BubbleFiller:
         """Record how long a W of ``stage`` took."""
         self._w_cost[stage] = seconds
 
-    def note_wait(self, idx: int, waited: float, filled: float) -> None:
-        """Record the wait at action ``idx``: ``waited`` blocked, after ``filled`` seconds of early W's."""
-        self._slack[idx] = waited + filled
+    def note_wait(self, idx: int, waited: float, filled: float, arrival: float | None = None) -> None:
+        """Record the wait at action ``idx``: ``waited`` blocked, after ``filled`` seconds of early W's.
+
+        ``arrival``: when known, seconds after reaching the wait at which the message came in
+        during the early W's; it replaces ``waited + filled``, which then overstates the slack.
+        """
+        self._slack[idx] = arrival if arrival is not None else waited + filled
 
     def pick(self, idx: int, i_done: set[tuple[int, int]], filled: float) -> int | None:
         """Index of a W to run now at wait ``idx`` (``filled`` seconds already spent there), or None."""

@@ -118,7 +118,8 @@ def defer_gradless_backward(schedule: Schedule, stages: Iterable[int]) -> Schedu
 
     Such a stage's ``I`` feeds nobody (the first stage's token ids, say), so splitting its
     backward only costs a second pass; the whole backward at the ``W``'s place does the same
-    math once, no later than the weight gradients were due. Other stages are untouched.
+    math once, no later than the weight gradients were due. Other stages are untouched. Memory:
+    the stage holds its whole graph until that B, where a split one could free part of it at I.
 
         >>> from pippy.schedules.ir import Schedule, as_actions
         >>> s = Schedule("s", [as_actions(["0F0", "0I0", "0F1", "0W0", "0I1", "0W1"])], (0,), 2)

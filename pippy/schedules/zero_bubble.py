@@ -167,9 +167,10 @@ def zbv(p: int, m: int, costs: CostModel | None = None) -> Schedule:
 
     ``costs`` (per stage, see :class:`~pippy.sim.cost.CostModel`) default to F = I = W = 1 with a
     whole backward B = 1.5: on this project's CPU runtime a split backward costs 10-35% more
-    than a whole one (GPT-2 block: I + W 46 ms, B 34 ms). Under that default *whole* wins for
-    ``m >= 2p`` (5-12% faster) and *split* below. Pass measured costs (``pippy.sim.profile``) to
-    decide for your hardware. Constraints: ``p >= 1``, ``m >= 1``.
+    than a whole one (GPT-2 block: I + W 46 ms, B 34 ms). Under that default *whole* wins from
+    about ``m >= 2p - 1`` (3-15% faster for p = 1..8, more with more micro-batches) and *split*
+    below (up to 15% faster there). Pass measured costs (``pippy.sim.profile``) to decide for
+    your hardware. Constraints: ``p >= 1``, ``m >= 1``.
 
         >>> s = zbv(2, 2)
         >>> s.stage_to_rank, [str(a) for a in s.actions[1]][:5]

@@ -96,6 +96,7 @@ class _Bench:
 
     def act_bytes(self) -> float:
         saved: dict[Any, int] = {}
+        keep: list[torch.Tensor] = []
 
         def pack(t: torch.Tensor) -> int:
             try:
@@ -103,9 +104,11 @@ class _Bench:
             except (RuntimeError, NotImplementedError):
                 key = id(t)
             saved[key] = max(saved.get(key, 0), _nbytes(t))
-            # Keep only a size, never the tensor: a saved output held by its own graph node is a
-            # reference cycle through C++ that Python's GC cannot see; with no backward to
-            # release it, every profile round would leak its activations.
+            # Hold a detached alias until the count is done: it keeps the storage (so a freed
+            # intermediate's address cannot be reused by another saved tensor and hide it) without
+            # the saved-output <-> graph-node cycle that returning ``t`` would make, which Python's
+            # GC cannot see and which, with no backward, would leak every profile round.
+            keep.append(t.detach())
             return 0
 
         def unpack(_: int) -> torch.Tensor:
@@ -114,7 +117,16 @@ class _Bench:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             self.forward(False)
         self.stage.clear()
+        keep.clear()
         return float(sum(saved.values()))
+
+
+def _ignored_split_backward(value: bool | None) -> None:
+    if value is not None:
+        import warnings
+
+        warnings.warn("profile(split_backward=...) is ignored: every stage is now timed both ways (F + B, and "
+                      "tapped F + I + W); the simulator picks per stage", DeprecationWarning, stacklevel=3)
 
 
 def _stage_inputs(pipe: Any, s: int, user: list[Any], outputs: dict[int, tuple[Any, ...]]) -> list[Any]:
@@ -191,17 +203,20 @@ def profile(
     repeats: int = 5,
     warmup: int = 2,
     threads: int | None = None,
+    split_backward: bool | None = None,
     device: str | torch.device = "cpu",
 ) -> CostModel:
     """Time each stage of ``pipe`` on one micro-batch of the example, in this process, and size its tensors.
 
     ``loss_fn`` and ``target`` (the full-batch target) make the last stage's F and backward
     include the loss as in ``step()``. ``threads`` sets torch's thread count while timing. Each
-    stage is timed both ways (full and split backward; see the module docstring). Latency and bandwidth stay 0 / infinite: set them, or
+    stage is timed both ways (full and split backward; see the module docstring), so the old
+    ``split_backward`` option is ignored (with a DeprecationWarning). Latency and bandwidth stay 0 / infinite: set them, or
     use :func:`profile_ranks`. The model's ``microbatches`` is the pipe's ``num_chunks``.
 
         >>> # costs = profile(pipe, (x,), loss_fn=F.mse_loss, target=y, threads=1); costs.to_json("c.json")
     """
+    _ignored_split_backward(split_backward)
     n = int(pipe.num_stages)
     got = _profile_stages(pipe, example_args, example_kwargs, which=range(n), loss_fn=loss_fn, target=target,
                           repeats=repeats, warmup=warmup, threads=threads, device=device)
@@ -264,6 +279,7 @@ def profile_ranks(
     repeats: int = 5,
     warmup: int = 2,
     threads: int | None = None,
+    split_backward: bool | None = None,
     device: str | torch.device = "cpu",
 ) -> CostModel:
     """Collective :func:`profile`: each rank times the stages ``placement`` puts on it, concurrently.
@@ -277,6 +293,7 @@ def profile_ranks(
     """
     import torch.distributed as dist
 
+    _ignored_split_backward(split_backward)
     me = dist.get_rank(group)
     mine = [s for s, r in enumerate(placement) if r == me]
     got = _profile_stages(pipe, example_args, example_kwargs, which=mine, loss_fn=loss_fn, target=target,

@@ -31,10 +31,9 @@ def test_pick_needs_budget_an_i_and_no_grad_writer_in_between() -> None:
     assert f.ran == set() and f.pick(2, {(1, 0)}, 0.0) == 5  # timings kept across steps
 
 
-@pytest.mark.parametrize(("cls", "ranks", "moves"), [(pippy.ScheduleZBH1, 4, True), (pippy.ScheduleZBH2, 4, True),
-                                                     (pippy.ScheduleZBV, 2, False), (pippy.ScheduleDualPipeV, 2, False)],
-                         ids=["zb_h1", "zb_h2", "zbv", "dualpipev"])
-def test_filling_is_bitwise_the_static_schedule(cls, ranks, moves) -> None:
+@pytest.mark.parametrize(("cls", "ranks"), [(pippy.ScheduleZBH1, 4), (pippy.ScheduleZBH2, 4)], ids=["zb_h1", "zb_h2"])
+def test_filling_is_bitwise_the_static_schedule(cls, ranks) -> None:
+    """In-process, W's move on these (V schedules rarely wait here; tests/dist covers them on real ranks)."""
     torch.manual_seed(0)
     model = MarkedMLP(4, 1).double()
     x = torch.randn(16, 8, dtype=torch.float64)
@@ -53,7 +52,7 @@ def test_filling_is_bitwise_the_static_schedule(cls, ranks, moves) -> None:
             traced_w = [e.action for e in lp.last_timeline.events if e.action.kind.value == "W"]
             assert len(traced_w) == len(sched_w)  # every W ran exactly once
         runs[fill] = (grads, early)
-    assert runs[False][1] == 0 and (runs[True][1] > 0 or not moves)  # W's moved (in-process timing permitting)
+    assert runs[False][1] == 0 and runs[True][1] > 0  # W's moved, and nothing changed
     for a, b in zip(runs[False][0], runs[True][0]):
         assert a.keys() == b.keys()
         for k in a:

@@ -78,3 +78,23 @@ def test_profile_rounds_keep_no_tensors_alive() -> None:
     for _ in range(3):
         profile(pipe, (x,), loss_fn=torch.nn.functional.mse_loss, target=y, repeats=1, warmup=0)
     assert live_tensors() == before
+
+
+def test_activation_bytes_are_stable_and_old_option_is_ignored() -> None:
+    """Saved tensors stay alive while they are counted (no address reuse hides one); split_backward is a no-op."""
+    import pippy
+    from pippy import SplitPoint, pipeline
+
+    blocks = []
+    for _ in range(4):
+        blocks += [torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.LayerNorm(32)]
+    net = torch.nn.Sequential(*blocks, torch.nn.Linear(32, 4))
+    x, y = torch.randn(16, 32), torch.randn(16, 4)
+    pipe = pipeline(net, 2, example_args=(x,), split_spec={"6": SplitPoint.BEGINNING})
+    sizes = {pippy.profile(pipe, (x,), loss_fn=torch.nn.functional.mse_loss, target=y, repeats=1, warmup=0).stages[0].act_bytes
+             for _ in range(3)}
+    assert len(sizes) == 1
+    # each of stage 0's GELUs and LayerNorms saves at least its 8x32 float input: 6 distinct tensors
+    assert sizes.pop() >= 6 * 8 * 32 * 4
+    with pytest.warns(DeprecationWarning, match="split_backward"):
+        pippy.profile(pipe, (x,), loss_fn=torch.nn.functional.mse_loss, target=y, repeats=1, warmup=0, split_backward=True)
