@@ -175,26 +175,26 @@ class DistTransport:
     def done(self, handle: Any) -> bool:
         """Whether the work has completed."""
         if isinstance(handle, _Recv):
-            return handle.finished.is_set() if handle.timeout is not None else bool(handle.work.is_completed())
+            return handle.finished.is_set() if handle.watched else bool(handle.work.is_completed())
         return bool(handle.is_completed())
 
 
 class _Recv:
     """A torch.distributed receive plus, once asked whether it arrived, the daemon thread waiting on it."""
 
-    __slots__ = ("finished", "outcome", "timeout", "work")
+    __slots__ = ("finished", "outcome", "watched", "work")
 
     def __init__(self, work: Any) -> None:
         self.work = work
         self.finished = threading.Event()
         self.outcome: tuple[Any, BaseException | None] | None = None  # (wait's value, its exception)
-        self.timeout: float | None = None
+        self.watched = False
 
     def watch(self, timeout: float) -> None:
         """Start the watcher thread (once)."""
-        if self.timeout is not None:
+        if self.watched:
             return
-        self.timeout = timeout
+        self.watched = True
 
         def run() -> None:
             try:
@@ -207,7 +207,7 @@ class _Recv:
 
     def result(self, timeout: float) -> Any:
         """What ``work.wait`` returned, waiting here (``timeout`` s) or on the watcher; re-raises its error."""
-        if self.timeout is None:
+        if not self.watched:
             return self.work.wait(timeout=timedelta(seconds=timeout))
         self.finished.wait()  # bounded: the watcher's own wait has the timeout
         assert self.outcome is not None

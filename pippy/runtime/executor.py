@@ -192,7 +192,7 @@ class Executor:
             elif kind in (Kind.RECV_F, Kind.RECV_B):
                 posted = prefetched.pop(idx, None) or self._post(a, dev)
                 filled, slack = self._fill(idx, [h for h, _, _, _ in posted if h is not None], i_done, res) if fill else (0.0, None)
-                t_wait = time.perf_counter()
+                t_wait = time.perf_counter() if fill else 0.0
                 if kind is Kind.RECV_F:
                     got: dict[int, Any] = {}
                     for h, ctx, k, buf in posted:
@@ -221,9 +221,7 @@ class Executor:
                 if kind is Kind.I:
                     i_done.add((s, i))
             elif kind is Kind.W:
-                tw = time.perf_counter()
-                stage.backward_weight(i)
-                self.filler.note_w(s, time.perf_counter() - tw)
+                self._weight_step(a)
             elif kind is Kind.SEND_B:
                 if (s, i) not in in_grads:
                     raise StageError(f"rank {self.rank}: {a} has no input gradients; SEND_B must follow B or I")
@@ -269,15 +267,20 @@ class Executor:
             if all(self.transport.arrived(h) for h in handles):
                 return filled, (filled - last / 2 if last else None)
             w = self.actions[j]
-            t0 = time.perf_counter()
-            self.stages[w.stage].backward_weight(w.mb)
-            t1 = time.perf_counter()
+            t0, t1 = self._weight_step(w)
             self.filler.ran.add(j)
-            self.filler.note_w(w.stage, t1 - t0)
-            filled += t1 - t0
             last = t1 - t0
+            filled += last
             if self.trace:
                 res.events.append(Event(self.rank, w, t0 - self.t_origin, t1 - self.t_origin))
+
+    def _weight_step(self, a: Action) -> tuple[float, float]:
+        """Run W ``a`` (in its slot or early); its time feeds the filler. Returns (start, end)."""
+        t0 = time.perf_counter()
+        self.stages[a.stage].backward_weight(a.mb)
+        t1 = time.perf_counter()
+        self.filler.note_w(a.stage, t1 - t0)
+        return t0, t1
 
     def _post(self, a: Action, dev: torch.device) -> list[tuple[Any, WaitContext, int, Any]]:
         """Post the receives of a RECV_F / RECV_B action: (handle or None, context, slot, buffer)."""
