@@ -3,6 +3,6 @@
     >>> from pippy.PipelineStage import PipelineStage
 """
 
-from pippy.runtime.stage import PipelineStage
+from pippy.runtime.api import PipelineStage
 
 __all__ = ["PipelineStage"]

@@ -12,12 +12,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pippy.frontend.pipe import Pipe, pipeline
     from pippy.frontend.policies import autosplit, graphsplit, split_by_names, split_equal_layers, split_equal_params
     from pippy.frontend.trace import PipeTraceError, SplitPoint, annotate_split_points, pipe_split
     from pippy.microbatch import Replicate, Sum, TensorChunkSpec
+    from pippy.pipe import Pipe, pipeline
     from pippy.runtime.api import (
         PipelineSchedule,
+        PipelineStage,
         Schedule1F1B,
         ScheduleDualPipeV,
         ScheduleFromCSV,
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
         ScheduleZBV,
     )
     from pippy.runtime.comm import PipeCommError, PipeTimeoutError
-    from pippy.runtime.stage import PipelineStage, StageError
+    from pippy.runtime.stage import StageError
     from pippy.sim.cost import CostModel, StageCost
     from pippy.sim.profile import profile, profile_ranks
     from pippy.sim.simulate import simulate
@@ -72,8 +73,8 @@ __all__ = [
 
 # public name -> module that defines it
 _WHERE = {
-    "Pipe": "pippy.frontend.pipe",
-    "pipeline": "pippy.frontend.pipe",
+    "Pipe": "pippy.pipe",
+    "pipeline": "pippy.pipe",
     **{n: "pippy.frontend.policies" for n in ("autosplit", "graphsplit", "split_by_names", "split_equal_layers", "split_equal_params")},
     "PipeTraceError": "pippy.frontend.trace",
     "SplitPoint": "pippy.frontend.trace",
@@ -84,7 +85,7 @@ _WHERE = {
     "TensorChunkSpec": "pippy.microbatch",
     "PipeCommError": "pippy.runtime.comm",
     "PipeTimeoutError": "pippy.runtime.comm",
-    "PipelineStage": "pippy.runtime.stage",
+    "PipelineStage": "pippy.runtime.api",
     "StageError": "pippy.runtime.stage",
     "CostModel": "pippy.sim.cost",
     "StageCost": "pippy.sim.cost",

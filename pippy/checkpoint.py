@@ -7,8 +7,16 @@ writes ``stage_<i>.json`` (its keys and the tied-weight alias groups it knows ab
 ``merge`` uses to give every alias of a tied tensor its value, so the result loads with
 ``strict=True`` into the unpipelined model.
 
-    >>> # save(my_stages, "ckpt")                       # on every rank
-    >>> # model.load_state_dict(merge("ckpt"), strict=True)
+In a real run each rank saves the stages it holds; here one process holds both stages:
+
+    >>> import tempfile, torch, pippy
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    >>> pipe = pippy.pipeline(net, 2, example_args=(torch.randn(4, 4),), split_spec={"0": pippy.SplitPoint.END})
+    >>> stages = [pipe.build_stage(i, "cpu") for i in range(pipe.num_stages)]
+    >>> with tempfile.TemporaryDirectory() as ckpt:
+    ...     save(stages, ckpt)  # on every rank, its own stages
+    ...     net.load_state_dict(merge(ckpt), strict=True)  # anywhere, once every rank has saved
+    <All keys matched successfully>
 """
 
 from __future__ import annotations
@@ -25,15 +33,15 @@ import torch
 from torch import nn
 
 from pippy.frontend.params import is_lifted_constant, name_groups
-from pippy.runtime.stage import PipelineStage
+from pippy.runtime.stage import Stage
 
 __all__ = ["load", "merge", "save"]
 
 _FORMATS = ("torch", "dcp")
 
 
-def _as_list(stages: PipelineStage | Sequence[PipelineStage]) -> list[PipelineStage]:
-    return [stages] if isinstance(stages, PipelineStage) else list(stages)
+def _as_list(stages: Stage | Sequence[Stage]) -> list[Stage]:
+    return [stages] if isinstance(stages, Stage) else list(stages)
 
 
 def _check_format(fmt: str) -> None:
@@ -41,13 +49,13 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"format must be one of {_FORMATS}, got {fmt!r}")
 
 
-def _alias_groups(stage: PipelineStage, model: nn.Module | None) -> list[list[str]]:
+def _alias_groups(stage: Stage, model: nn.Module | None) -> list[list[str]]:
     mine = set(stage.state_dict())
     return [g for g in name_groups(stage.pipe, model) if mine.intersection(g)]
 
 
 def save(
-    stages: PipelineStage | Sequence[PipelineStage],
+    stages: Stage | Sequence[Stage],
     path: str | os.PathLike[str],
     *,
     format: str = "torch",
@@ -58,7 +66,16 @@ def save(
     ``model`` (optional, may be on the meta device) adds alias names the pipe cannot see, such as
     a tied tensor no stage reads under that name (T5's ``shared.weight``).
 
-        >>> # save(stage, "ckpt", format="dcp")
+    With ``format="dcp"`` (``save(stage, "ckpt", format="dcp")`` on every rank) the tensors go to
+    one torch.distributed.checkpoint under ``ckpt/dcp`` instead of ``stage_<i>.pt``.
+
+        >>> import os, tempfile, torch, pippy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> pipe = pippy.pipeline(net, 2, (torch.randn(4, 4),), split_spec={"0": pippy.SplitPoint.END})
+        >>> with tempfile.TemporaryDirectory() as ckpt:
+        ...     save([pipe.build_stage(i, "cpu") for i in range(2)], ckpt)
+        ...     sorted(os.listdir(ckpt))
+        ['stage_0.json', 'stage_0.pt', 'stage_1.json', 'stage_1.pt']
     """
     _check_format(format)
     stages = _as_list(stages)
@@ -81,7 +98,7 @@ def save(
 
 
 def load(
-    stages: PipelineStage | Sequence[PipelineStage],
+    stages: Stage | Sequence[Stage],
     path: str | os.PathLike[str],
     *,
     format: str = "torch",
@@ -91,7 +108,17 @@ def load(
     The ``"torch"`` format needs the same split; ``"dcp"`` loads by FQN into any split. To load a
     merged (unpipelined) state_dict instead, use ``materialize_stage(stage, checkpoint=sd)``.
 
-        >>> # load(stage, "ckpt")
+        >>> import tempfile, torch, pippy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> pipe = pippy.pipeline(net, 2, (torch.randn(4, 4),), split_spec={"0": pippy.SplitPoint.END})
+        >>> stages = [pipe.build_stage(i, "cpu") for i in range(2)]
+        >>> with tempfile.TemporaryDirectory() as ckpt:
+        ...     save(stages, ckpt)
+        ...     with torch.no_grad():
+        ...         _ = stages[1].state_dict()["1.weight"].zero_()  # lose a weight
+        ...     load(stages, ckpt)
+        >>> torch.equal(stages[1].state_dict()["1.weight"], net[1].weight)
+        True
     """
     _check_format(format)
     for st in _as_list(stages):
@@ -130,7 +157,15 @@ def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> di
     ``model.state_dict()``'s keys (a parameter no stage reads, because the traced forward never
     used it, cannot be in a pipeline checkpoint: the error names it).
 
-        >>> # model.load_state_dict(merge("ckpt"), strict=True)
+        >>> import tempfile, torch, pippy
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> net = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)  # one Linear under two names (tied)
+        >>> pipe = pippy.pipeline(net, 2, (torch.randn(4, 4),), split_spec={"1": pippy.SplitPoint.END})
+        >>> with tempfile.TemporaryDirectory() as ckpt:
+        ...     save([pipe.build_stage(i, "cpu") for i in range(2)], ckpt)
+        ...     sd = merge(ckpt, model=net)
+        >>> sorted(sd), torch.equal(sd["0.weight"], sd["2.weight"])
+        (['0.bias', '0.weight', '2.bias', '2.weight'], True)
     """
     indices = sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "stage_*.json"))
                      if (m := re.search(r"stage_(\d+)\.json$", f)))

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
+from pippy.schedules.generators import SCHEDULES  # pure Python: --help stays free of torch
+
 if TYPE_CHECKING:
     from pippy.schedules.ir import Schedule
     from pippy.sim.cost import CostModel
@@ -23,8 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "parse_size"]
 
-# the registry's names, kept here so that --help and errors need no imports
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb_h1", "zb_h2", "zbv", "dualpipev")
 _UNITS = {
     "": 1, "b": 1,
     "k": 2**10, "kib": 2**10, "kb": 10**3,
@@ -55,8 +55,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _schedule_name(text: str) -> str:
     key = text.strip().lower().replace("-", "_")
-    if key not in SCHEDULE_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown schedule {text!r}; valid names: {', '.join(SCHEDULE_NAMES)}")
+    if key not in SCHEDULES:
+        raise argparse.ArgumentTypeError(f"unknown schedule {text!r}; valid names: {', '.join(SCHEDULES)}")
     return key
 
 
@@ -95,7 +95,7 @@ def _build_parser() -> _Parser:
         sp.add_argument("--ranks", "-p", type=_positive, required=need_ranks, help="pipeline ranks (devices)")
         sp.add_argument("--microbatches", "-m", type=_positive, required=True, help="micro-batches per step")
 
-    names = ", ".join(SCHEDULE_NAMES)
+    names = ", ".join(SCHEDULES)
     sp = sub.add_parser("show", help="print a schedule as a rank x step grid", description="Print a schedule as a rank x step grid.")
     sp.add_argument("schedule", type=_schedule_name, help=f"one of: {names}")
     shape(sp)
@@ -144,13 +144,16 @@ def _build_parser() -> _Parser:
 
 
 def _make(name: str, p: int, m: int, costs_path: str | None = None) -> Schedule:
-    """The named schedule; ZB-V picks its order under the given costs (see ``zbv``)."""
-    from pippy.schedules.generators import make_schedule
+    """The named schedule; ZB-V's order is chosen as the runtime's ScheduleZBV chooses it.
 
-    sch = make_schedule(name, p, m)
-    if costs_path and sch.name == "zbv":
-        sch = make_schedule(name, p, m, costs=_costs_for(costs_path, sch, p))
-    return sch
+    That is :func:`pippy.sim.choose.make_schedule_for` under the costs file (scaled to ``m``
+    micro-batches), or under its default costs without one.
+    """
+    from pippy.sim.choose import make_schedule_for
+    from pippy.sim.cost import CostModel
+
+    costs = CostModel.from_json(costs_path).for_microbatches(m) if costs_path else None
+    return make_schedule_for(name, p, m, costs)
 
 
 def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
@@ -163,11 +166,11 @@ def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
 
 
 def _sim(sch: Schedule, costs: CostModel) -> SimResult:
-    """Simulate ``sch`` as the runtime runs it: an I directly followed by its W is one B."""
-    from pippy.schedules.lower import fuse_adjacent_iw
+    """Simulate ``sch`` as the runtime runs it (:func:`pippy.schedules.lower.runtime_form`)."""
+    from pippy.schedules.lower import runtime_form
     from pippy.sim.simulate import simulate
 
-    return simulate(fuse_adjacent_iw(sch), costs)
+    return simulate(runtime_form(sch), costs)
 
 
 def _fmt_list(xs: Sequence[float], fmt: str = "{:.1f}", limit: int = 16) -> str:
@@ -216,7 +219,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     from pippy.sim.render import format_bytes, format_time
 
     rows, notes = [], []
-    for name in SCHEDULE_NAMES:
+    for name in SCHEDULES:
         try:
             sch = _make(name, a.ranks, a.microbatches, a.costs)
         except ValueError as e:
@@ -248,7 +251,7 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     ok: list[tuple[float, str, int, float]] = []
     over: list[tuple[str, int, float, float]] = []
     invalid: list[str] = []
-    for name in SCHEDULE_NAMES:
+    for name in SCHEDULES:
         for m in a.microbatches_choices:
             try:
                 sch = _make(name, ranks, m, a.costs)
@@ -356,8 +359,10 @@ _COMMANDS = {"show": _cmd_show, "simulate": _cmd_simulate, "compare": _cmd_compa
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a bad argument).
 
-        >>> main(["show", "nope", "-p", "2", "-m", "2"])  # doctest: +SKIP
-        pippy show: error: argument schedule: unknown schedule 'nope'; valid names: gpipe, 1f1b, ...
+    A bad argument prints ``pippy show: error: argument schedule: unknown schedule 'nope'; valid
+    names: gpipe, 1f1b, ...`` on stderr:
+
+        >>> main(["show", "nope", "-p", "2", "-m", "2"])
         2
     """
     parser = _build_parser()

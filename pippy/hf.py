@@ -4,8 +4,29 @@ Works on any ``nn.Module``; nothing here imports transformers. The repeated bloc
 the elements of its ``nn.ModuleList`` containers whose elements all share one class (GPT-2's
 ``transformer.h``, BERT's ``bert.encoder.layer``, T5's ``encoder.block`` and ``decoder.block``).
 
-    >>> # model = GPT2LMHeadModel(GPT2Config(n_layer=4)); layer_names(model)[:2]  -> ['transformer.h.0', 'transformer.h.1']
-    >>> # pipe = pipeline(model, 4, (ids,), split_spec=split_spec_equal_layers(model, 2))
+With transformers (not needed here)::
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4))
+    layer_names(model)[:2]  # ['transformer.h.0', 'transformer.h.1']
+    pipe = pippy.pipeline(model, 4, (ids,), split_spec=split_spec_equal_layers(model, 2))
+
+Any model with a block list works the same way:
+
+    >>> import torch, pippy
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.h = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4))
+    ...     def forward(self, x):
+    ...         for block in self.h:
+    ...             x = torch.tanh(block(x))
+    ...         return x
+    >>> net = Net()
+    >>> pipe = pippy.pipeline(net, 2, (torch.randn(4, 4),), split_spec=split_spec_equal_layers(net, 2))
+    >>> split_spec_equal_layers(net, 2)
+    {'h.1': <SplitPoint.END: 'end'>}
+    >>> [sorted({k.rsplit(".", 1)[0] for k in pipe.get_stage_module(s).state_dict()}) for s in range(2)]
+    [['h.0', 'h.1'], ['h.2', 'h.3']]
 """
 
 from __future__ import annotations

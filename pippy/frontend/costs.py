@@ -1,6 +1,12 @@
 """Per-node costs of a traced graph for the split policies: measured time, estimated FLOPs or parameter bytes.
 
-    >>> # gc = graph_costs(gm, example_inputs, "flops"); gc.cost[i] is node gc.nodes[i]'s cost
+    >>> import torch
+    >>> from pippy.frontend.trace import export_module
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    >>> x = torch.randn(2, 4)
+    >>> gc = graph_costs(export_module(net, (x,)).module(), [x], "flops")
+    >>> {v.name: float(c) for v, c in zip(gc.nodes, gc.cost) if c}  # gc.cost[i] is node gc.nodes[i]'s cost
+    {'linear': 64.0, 'relu': 8.0, 'linear_1': 64.0}
 
 ``graph_costs`` returns the compute nodes in topological order with, for each, its cost, the bytes
 of the parameters/buffers it reads, plus the cut data the partitioners need: ``live_bytes[k]`` is
@@ -26,7 +32,7 @@ from torch import fx
 
 from pippy.frontend.params import tensor_at
 
-__all__ = ["COST_KINDS", "GraphCosts", "graph_costs", "node_flops"]
+__all__ = ["COST_KINDS", "GraphCosts", "graph_costs", "node_flops", "value_nbytes"]
 
 COST_KINDS: dict[str, str] = {
     "time": "s",
@@ -52,7 +58,13 @@ _FREE = {
 class GraphCosts:
     """Costs of the compute nodes of one traced graph, in topological order (see the module docstring).
 
-        >>> # gc = graph_costs(gm, leaves, "params"); gc.cost.sum() == gc.param_bytes.sum()
+        >>> import torch
+        >>> from pippy.frontend.trace import export_module
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> x = torch.randn(2, 4)
+        >>> gc = graph_costs(export_module(net, (x,)).module(), [x], "params")
+        >>> gc.unit, float(gc.cost.sum()), bool((gc.cost == gc.param_bytes).all())  # 2 x (16 + 4) float32
+        ('B', 160.0, True)
     """
 
     nodes: list[fx.Node]
@@ -100,11 +112,30 @@ def _numel(v: Any) -> int:
     return 0
 
 
-def _nbytes(v: Any) -> int:
+def value_nbytes(v: Any) -> int:
+    """Bytes of a tensor, of a nested list/tuple/dict of tensors, or of an ``fx.Node``'s traced value.
+
+    A node counts as its ``node.meta["val"]`` (the FakeTensor torch.export recorded); anything
+    else (an int, None, a SymInt, a node without a traced value) is 0 bytes.
+
+        >>> import torch
+        >>> value_nbytes(torch.zeros(2, 3))  # 6 float32
+        24
+        >>> value_nbytes([torch.zeros(2), {"mask": torch.zeros(1, dtype=torch.int64)}, "text", 3])
+        16
+        >>> from pippy.frontend.trace import export_module
+        >>> gm = export_module(torch.nn.Linear(4, 2), (torch.randn(3, 4),)).module()
+        >>> [value_nbytes(v) for v in gm.graph.nodes if v.op == "call_function"]  # the [3, 2] output
+        [24]
+    """
+    if isinstance(v, fx.Node):
+        v = v.meta.get("val")
     if isinstance(v, torch.Tensor):
         return int(v.numel()) * v.element_size()
     if isinstance(v, list | tuple):
-        return sum(_nbytes(x) for x in v)
+        return sum(value_nbytes(x) for x in v)
+    if isinstance(v, dict):
+        return sum(value_nbytes(x) for x in v.values())
     return 0
 
 
@@ -114,7 +145,12 @@ def node_flops(node: fx.Node) -> float:
     Matrix products count ``2 * out_numel * k``, attention ``2 * B*L*S*(E+Ev)``, a convolution
     ``2 * out_numel * (C_in/groups * kernel)``, views 0, anything else one FLOP per output element.
 
-        >>> # node_flops(linear_node) == 2 * batch * out_features * in_features
+        >>> import torch
+        >>> from pippy.frontend.trace import export_module
+        >>> gm = export_module(torch.nn.Linear(4, 3), (torch.randn(2, 4),)).module()
+        >>> linear = next(v for v in gm.graph.nodes if v.name == "linear")
+        >>> node_flops(linear)  # 2 * batch * out_features * in_features
+        48.0
     """
     if node.op not in COMPUTE_OPS:
         return 0.0
@@ -173,8 +209,8 @@ def _liveness(graph: fx.Graph, index: dict[fx.Node, int], n: int) -> tuple[np.nd
         val = node.meta.get("val")
         # a cut k in (p, last] separates the producer from a user
         if isinstance(val, torch.Tensor):
-            live[p + 1] += _nbytes(val)
-            live[last + 1] -= _nbytes(val)
+            live[p + 1] += value_nbytes(val)
+            live[last + 1] -= value_nbytes(val)
         elif isinstance(val, list | tuple) and node.op != "placeholder":
             bad[p + 1] += 1
             bad[last + 1] -= 1
@@ -191,7 +227,16 @@ def graph_costs(
     Buffers and the RNG state are restored afterwards and no ``.grad`` is touched. With
     ``loss_tail`` the time of a log-softmax loss over the outputs becomes ``tail`` (see above).
 
-        >>> # graph_costs(gm, leaves, "time").cost.sum()   # seconds for one micro-batch fwd + bwd
+    ``gm`` is the graph ``pippy.pipeline`` traces (``export_module(...).module()``) and
+    ``example_inputs`` its flat inputs for one micro-batch.
+
+        >>> import torch
+        >>> from pippy.frontend.trace import export_module
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+        >>> x = torch.randn(2, 4)
+        >>> gc = graph_costs(export_module(net, (x,)).module(), [x], "time", repeats=1)
+        >>> gc.unit, bool((gc.cost >= 0).all()), gc.tail > 0  # seconds for one micro-batch fwd + bwd, + the loss
+        ('s', True, True)
     """
     if kind not in COST_KINDS:
         raise ValueError(f"unknown cost kind {kind!r}; use one of {sorted(COST_KINDS)}")
@@ -265,7 +310,13 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 def measure_node_times(gm: fx.GraphModule, example_inputs: Sequence[Any], repeats: int = 5) -> dict[fx.Node, float]:
     """Median forward + backward seconds of every compute node of ``gm`` on the real example inputs.
 
-        >>> # measure_node_times(gm, leaves)[node]
+        >>> import torch
+        >>> from pippy.frontend.trace import export_module
+        >>> x = torch.randn(2, 4)
+        >>> gm = export_module(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()), (x,)).module()
+        >>> times = measure_node_times(gm, [x], repeats=1)
+        >>> {v.name: t > 0 for v, t in times.items() if v.op == "call_function"}
+        {'linear': True, 'tanh': True}
     """
     buffers = {k: b.detach().clone() for k, b in gm.named_buffers()}
     rng = torch.random.get_rng_state()

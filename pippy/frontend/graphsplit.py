@@ -1,6 +1,7 @@
 """A mixed-integer program (scipy HiGHS) that assigns graph nodes to stages: least bytes cut, balanced, no backward edge.
 
-    >>> # stages = solve_graphsplit(gc, 4, cap=1.02 * best_bottleneck, forced=set(starts), time_limit=5.0)
+``pippy.graphsplit`` builds the program from ``autosplit``'s optimal contiguous split (the example
+under :func:`solve_graphsplit` shows the call).
 
 Coarsening: compute nodes are grouped into super-nodes, each a run of consecutive nodes (in
 topological order) of the same leaf module with no cut inside that would send an unsendable value.
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from torch import fx
 
-from pippy.frontend.costs import GraphCosts, _nbytes
+from pippy.frontend.costs import GraphCosts, value_nbytes
 
 __all__ = ["MilpResult", "solve_graphsplit"]
 
@@ -84,7 +85,17 @@ def solve_graphsplit(
 ) -> MilpResult:
     """Solve the stage-assignment MILP (see the module docstring) within ``time_limit`` seconds.
 
-        >>> # res = solve_graphsplit(gc, 2, cap=1.02 * b, forced={0, k}, time_limit=5); res.stages
+        >>> import torch
+        >>> from pippy.frontend.costs import graph_costs
+        >>> from pippy.frontend.partition import best_contiguous
+        >>> from pippy.frontend.trace import export_module
+        >>> net = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(4)))
+        >>> x = torch.randn(2, 4)
+        >>> gc = graph_costs(export_module(net, (x,)).module(), [x], "flops")
+        >>> starts, costs = best_contiguous(gc, 2)
+        >>> res = solve_graphsplit(gc, 2, cap=1.02 * max(costs), forced=set(starts), time_limit=5.0)
+        >>> res.optimal, [s for v, s in zip(gc.nodes, res.stages) if v.op == "call_function"]
+        (True, [0, 0, 1, 1])
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
@@ -119,7 +130,7 @@ def solve_graphsplit(
         for c in cons:
             if p >= 0 and c < m:
                 edges.add((p, c))
-        b = float(_nbytes(v.meta.get("val")))
+        b = float(value_nbytes(v))
         if cons and b > 0:
             flows[(p, frozenset(cons))] += b
     flow_list = list(flows.items())

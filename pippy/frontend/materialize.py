@@ -6,10 +6,16 @@ FQN, from a full checkpoint (a ``torch.save`` state_dict, a ``.safetensors`` fil
 ``*.safetensors.index.json``; only this stage's tensors are read) or by running the model's own
 initialization (``init_fn(module)`` or each module's ``reset_parameters``) on the stage's modules.
 
-    >>> # with torch.device("meta"): model = LlamaForCausalLM(cfg)
-    >>> # pipe = pipeline(model, 4, (ids,), split_spec=spec)
-    >>> # stage = pipe.build_stage(rank, "cpu")
-    >>> # materialize_stage(stage, checkpoint="model.safetensors", model=model)
+    >>> import torch
+    >>> from pippy import SplitPoint, pipeline
+    >>> with torch.device("meta"):
+    ...     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    >>> pipe = pipeline(model, 1, (torch.ones(1, 4),), split_spec={"0": SplitPoint.END})
+    >>> stage = pipe.build_stage(1, "cpu")            # NaN placeholders on the CPU
+    >>> full = {"1.weight": torch.zeros(2, 4), "1.bias": torch.ones(2)}
+    >>> module = materialize_stage(stage, checkpoint=full, model=model)
+    >>> module.get_parameter("1.bias").tolist(), pending_tensors(module)
+    ([1.0, 1.0], [])
 """
 
 from __future__ import annotations
@@ -18,17 +24,15 @@ import copy
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import fx, nn
 
 from pippy.frontend.params import name_groups
+from pippy.frontend.pipe import SplitPipe
 
-if TYPE_CHECKING:
-    from pippy.runtime.stage import PipelineStage
-
-__all__ = ["materialize_stage", "pending_tensors", "replace_meta"]
+__all__ = ["HoldsModule", "materialize_stage", "pending_tensors", "replace_meta"]
 
 _PENDING = "_pippy_pending"
 Checkpoint = str | os.PathLike[str] | Mapping[str, torch.Tensor]
@@ -104,8 +108,21 @@ def pending_tensors(module: nn.Module) -> list[str]:
     return list(getattr(module, _PENDING, []))
 
 
+@runtime_checkable
+class HoldsModule(Protocol):
+    """What the frontend needs of a runtime stage: its module, its device and its pipe (for tied names).
+
+        >>> isinstance(torch.nn.Linear(1, 1), HoldsModule)
+        False
+    """
+
+    submod: nn.Module
+    device: torch.device
+    pipe: SplitPipe
+
+
 def materialize_stage(
-    stage: PipelineStage | nn.Module,
+    stage: HoldsModule | nn.Module,
     device: torch.device | str | None = None,
     *,
     checkpoint: Checkpoint | None = None,
@@ -114,8 +131,9 @@ def materialize_stage(
 ) -> nn.Module:
     """Fill a stage's meta-born tensors from ``checkpoint`` and/or by initialization; return its module.
 
-    ``stage`` is a :class:`PipelineStage` (its module is filled in place) or a stage module such as
-    ``pipe.get_stage_module(i)`` (moved off meta to ``device`` first). Checkpoint keys are the
+    ``stage`` is a stage module such as ``pipe.get_stage_module(i)`` (moved off meta to
+    ``device`` first) or anything that holds one (:class:`HoldsModule`, e.g. a runtime stage: its
+    module is filled in place, on its device). Checkpoint keys are the
     original model's FQNs; a tied tensor is found under any of its names. Tensors the checkpoint
     lacks (e.g. non-persistent buffers such as rotary ``inv_freq``), or all of them when no
     checkpoint is given, are initialized: ``init_fn(module)`` (e.g. Hugging Face's
@@ -123,29 +141,32 @@ def materialize_stage(
     of ``model`` (the meta model you traced) that owns such a tensor, writing into this stage's
     copies only.
 
-        >>> # materialize_stage(stage, checkpoint="full.pt", model=meta_model)
-        >>> # materialize_stage(stage, init_fn=meta_model._init_weights, model=meta_model)
+        >>> with torch.device("meta"):
+        ...     lin = torch.nn.Linear(3, 2)
+        >>> _ = torch.manual_seed(0)
+        >>> filled = materialize_stage(copy.deepcopy(lin), model=lin)   # nn.Linear.reset_parameters
+        >>> filled.weight.device.type, bool(filled.weight.isnan().any())
+        ('cpu', False)
     """
-    from pippy.runtime.stage import PipelineStage
-
-    module: nn.Module = stage.submod if isinstance(stage, PipelineStage) else stage
+    holder = stage if isinstance(stage, HoldsModule) else None
+    module: nn.Module = holder.submod if holder is not None else stage  # type: ignore[assignment]
     if device is None:
-        device = stage.device if isinstance(stage, PipelineStage) else "cpu"
+        device = holder.device if holder is not None else "cpu"
     replace_meta(module, device)
     pending = pending_tensors(module)
     todo = set(pending) or ({n for n, _, _ in _named_tensors(module)} if init_fn is not None else set())
     if checkpoint is not None:
         names = pending or [n for n, _, _ in _named_tensors(module)]  # reload everything if nothing is pending
-        todo -= _load(module, checkpoint, names, _aliases(stage, model))
+        todo -= _load(module, checkpoint, names, _aliases(holder.pipe if holder is not None else None, model))
     if todo:
         _initialize(module, sorted(todo), init_fn, model)
     setattr(module, _PENDING, [])
     return module
 
 
-def _aliases(stage: Any, model: nn.Module | None) -> dict[str, list[str]]:
+def _aliases(pipe: SplitPipe | None, model: nn.Module | None) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
-    for names in name_groups(getattr(stage, "pipe", None), model):
+    for names in name_groups(pipe, model):
         for n in names:
             groups.setdefault(n, []).extend(names)
     return groups

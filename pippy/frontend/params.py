@@ -2,17 +2,19 @@
 
 torch.export keeps one ``get_attr`` for a tensor registered under several names (GPT-2's
 ``transformer.wte.weight`` is ``lm_head.weight``). Each read is re-pointed at the alias owned by
-the module doing the read, so every stage's ``state_dict`` uses the names the user expects.
-
-    >>> # retarget_aliases(exported_gm)
+the module doing the read, so every stage's ``state_dict`` uses the names the user expects
+(``pippy.pipeline`` calls :func:`retarget_aliases` on the traced graph; its docstring has an example).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
+
+if TYPE_CHECKING:  # pipe.py imports this module
+    from pippy.frontend.pipe import SplitPipe
 
 __all__ = ["alias_groups", "is_lifted_constant", "name_groups", "retarget_aliases", "tensor_at"]
 
@@ -30,12 +32,19 @@ def alias_groups(gm: torch.nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in names.items() if len(v) > 1}
 
 
-def name_groups(pipe: Any, model: torch.nn.Module | None = None) -> list[list[str]]:
+def name_groups(pipe: SplitPipe | None, model: torch.nn.Module | None = None) -> list[list[str]]:
     """Groups of FQNs that denote one tensor: a pipe's shared (tied) tensors, plus ``model``'s aliases.
 
-        >>> # name_groups(pipe, model) -> [['lm_head.weight', 'transformer.wte.weight'], ...]
+        >>> import pippy
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> net = torch.nn.Sequential(lin, torch.nn.ReLU(), lin)  # one Linear under two names
+        >>> pipe = pippy.pipeline(net, 1, (torch.randn(1, 2),), split_spec={"1": pippy.SplitPoint.END})
+        >>> name_groups(pipe)  # stage 0 reads the weight as '0.weight', stage 1 as '2.weight'
+        [['0.weight', '2.weight'], ['0.bias', '2.bias']]
+        >>> name_groups(pipe, net)[2:]  # plus the model's own aliases
+        [['0.weight', '2.weight'], ['0.bias', '2.bias']]
     """
-    groups = [sorted({f for _, f in sp.uses}) for sp in getattr(pipe, "shared", [])]
+    groups = [sorted({f for _, f in sp.uses}) for sp in pipe.shared] if pipe is not None else []
     if model is not None:
         groups += [sorted(v) for v in alias_groups(model).values()]
     return groups
@@ -57,7 +66,21 @@ def _owner_depth(alias: str, stack: list[str]) -> int:
 
 
 def retarget_aliases(gm: fx.GraphModule) -> None:
-    """Point each reader of a tied tensor at the alias whose owning module encloses that reader."""
+    """Point each reader of a tied tensor at the alias whose owning module encloses that reader.
+
+        >>> from pippy.frontend.trace import export_module
+        >>> class Tied(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        ...         self.b.weight = self.a.weight  # one tensor, two names
+        ...     def forward(self, x):
+        ...         return self.b(self.a(x))
+        >>> gm = export_module(Tied(), (torch.randn(1, 2),)).module()
+        >>> retarget_aliases(gm)
+        >>> {v.name: str(v.args[1].target) for v in gm.graph.nodes if v.op == "call_function"}  # weight read
+        {'linear': 'a.weight', 'linear_1': 'b.weight'}
+    """
     groups = alias_groups(gm)
     if not groups:
         return

@@ -1,6 +1,14 @@
 """Exact contiguous partitioning of a costed node sequence: minimize the slowest stage, then the bytes cut.
 
-    >>> # cuts, costs = best_contiguous(graph_costs(gm, leaves, "flops"), 4)
+    >>> import torch
+    >>> from pippy.frontend.costs import graph_costs
+    >>> from pippy.frontend.trace import export_module
+    >>> net = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(4)))
+    >>> x = torch.randn(2, 4)
+    >>> gc = graph_costs(export_module(net, (x,)).module(), [x], "flops")
+    >>> starts, costs = best_contiguous(gc, 2)
+    >>> [gc.nodes[k].name for k in starts[1:]], costs  # stage 1 starts at the third Linear
+    (['linear_2'], [128.0, 128.0])
 
 Stages are runs of consecutive compute nodes in topological order, so every edge goes forward. A
 dynamic program over the legal cut positions (``GraphCosts.cuttable``) finds the smallest possible
@@ -46,7 +54,16 @@ class _Prefix:
 def cut_positions(gc: GraphCosts) -> np.ndarray:
     """Node indices where a stage may begin (0 and len(nodes) included as the ends).
 
-        >>> # len(cut_positions(gc)) - 1 is the most stages this graph allows
+    ``len(cut_positions(gc)) - 1`` is the most stages the graph allows.
+
+        >>> import torch
+        >>> from pippy.frontend.costs import graph_costs
+        >>> from pippy.frontend.trace import export_module
+        >>> x = torch.randn(2, 4)
+        >>> gm = export_module(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (x,)).module()
+        >>> gc = graph_costs(gm, [x], "flops")
+        >>> [gc.nodes[k].name for k in cut_positions(gc)[:-1] if gc.nodes[k].op == "call_function"]
+        ['linear', 'relu']
     """
     return _Prefix(gc).pos
 
@@ -73,7 +90,14 @@ def _dp_minmax(pre: _Prefix, n: int, stage_value: str, memory_limit: float | Non
 def min_memory_limit(gc: GraphCosts, n: int) -> float:
     """The smallest per-stage memory limit (bytes, see the module docstring) that ``n`` stages allow.
 
-        >>> # min_memory_limit(gc, 2)
+        >>> import torch
+        >>> from pippy.frontend.costs import graph_costs
+        >>> from pippy.frontend.trace import export_module
+        >>> net = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(4)))  # 80 parameter bytes each
+        >>> x = torch.randn(2, 4)
+        >>> gc = graph_costs(export_module(net, (x,)).module(), [x], "flops")
+        >>> min_memory_limit(gc, 2)  # two Linears' parameters + the [2, 4] float32 sent at the cut
+        192.0
     """
     return _dp_minmax(_Prefix(gc), n, "mem", None)
 
@@ -86,7 +110,19 @@ def best_contiguous(
     Raises ``ValueError`` if the graph has fewer than ``n`` legal stages or no split fits
     ``memory_limit`` (the message names the smallest limit that would).
 
-        >>> # starts, costs = best_contiguous(gc, 2)   # max(costs) is the optimal bottleneck
+        >>> import torch
+        >>> from pippy.frontend.costs import graph_costs
+        >>> from pippy.frontend.trace import export_module
+        >>> sizes = [(4, 8), (8, 8), (8, 8), (8, 4)]  # FLOPs 128, 256, 256, 128 for a batch of 2
+        >>> net = torch.nn.Sequential(*(torch.nn.Linear(i, o) for i, o in sizes))
+        >>> x = torch.randn(2, 4)
+        >>> gc = graph_costs(export_module(net, (x,)).module(), [x], "flops")
+        >>> best_contiguous(gc, 2)[1]  # the stage costs; their max is the optimal bottleneck
+        [384.0, 384.0]
+        >>> best_contiguous(gc, 2, memory_limit=100)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: memory_limit=100 bytes is infeasible for 2 stages: ...
     """
     pre = _Prefix(gc)
     size = len(pre.pos)

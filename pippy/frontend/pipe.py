@@ -1,11 +1,14 @@
-"""The Pipe: a traced model cut into stage modules, with the data flow between them, and ``pipeline()``.
+"""A traced model cut into stage modules, with the data flow between them: ``SplitPipe`` and ``trace_and_split``.
+
+This is the compiler's result, pure data: it knows nothing of the runtime. The public
+:class:`pippy.Pipe` (made by :func:`pippy.pipeline`) adds ``build_stage`` on top of it.
 
     >>> import torch
-    >>> from pippy import pipeline, SplitPoint
+    >>> from pippy.frontend.trace import SplitPoint
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    >>> pipe = pipeline(net, 2, example_args=(torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
-    >>> pipe.num_stages
-    2
+    >>> split = trace_and_split(net, 2, example_args=(torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
+    >>> split.num_stages, [info.input_names for info in split.stage_infos]
+    (2, [['input_1'], ['relu']])
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import copy
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
@@ -25,10 +28,7 @@ from pippy.frontend.split import USER, StageInfo, ValueMeta, assign_by_markers, 
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module
 from pippy.microbatch import split_batch
 
-if TYPE_CHECKING:
-    from pippy.runtime.stage import PipelineStage
-
-__all__ = ["Pipe", "SharedParam", "SplitPolicy", "ValueMeta", "pipeline"]
+__all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "trace_and_split"]
 
 SplitPolicy = Callable[[fx.GraphModule, Sequence[Any]], Mapping[fx.Node, int]]
 """A split policy maps the traced graph and one micro-batch of flat example inputs (in placeholder
@@ -48,13 +48,18 @@ class SharedParam:
         return tuple(sorted({s for s, _ in self.uses}))
 
 
-class Pipe:
+class SplitPipe:
     """A model split into ``num_stages`` stage modules plus the edges between them.
 
-    Build it with :func:`pipeline`. ``get_stage_module(i)`` returns a module whose ``state_dict``
-    keys are the original model's FQNs; ``build_stage(i, device)`` makes the runtime stage.
+    Build it with :func:`trace_and_split` (or, with ``build_stage``, :func:`pippy.pipeline`).
+    ``get_stage_module(i)`` returns a module whose ``state_dict`` keys are the original model's FQNs.
 
-        >>> # pipe = pipeline(model, 4, example_args=(x,)); print(pipe); stage = pipe.build_stage(0, "cpu")
+        >>> import torch
+        >>> from pippy.frontend.trace import SplitPoint
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+        >>> split = trace_and_split(net, 1, (torch.ones(1, 2),), split_spec={"0": SplitPoint.END})
+        >>> sorted(split.get_stage_module(1).state_dict())
+        ['1.bias', '1.weight']
     """
 
     def __init__(
@@ -91,39 +96,6 @@ class Pipe:
         """Stage ``i``'s module (shares parameters with the traced model; keys are original FQNs)."""
         self._check_index(i)
         return self.stage_infos[i].module
-
-    def build_stage(
-        self,
-        i: int,
-        device: torch.device | str,
-        group: Any = None,
-        *,
-        checkpoint: Any = None,
-        init_fn: Callable[[nn.Module], None] | None = None,
-        recompute: bool = False,
-    ) -> PipelineStage:
-        """The runtime stage ``i`` on ``device`` with its own copy of its parameters.
-
-        For a model traced on the meta device, ``checkpoint`` (a state_dict, a ``torch.save`` or
-        ``.safetensors`` file of the full model, keyed by original FQNs) and/or ``init_fn`` (called
-        on the original modules, e.g. HF's ``model._init_weights``; default ``reset_parameters``)
-        fill only this stage's tensors (without either, meta tensors stay as NaN placeholders until
-        ``pippy.frontend.materialize.materialize_stage``). ``recompute=True`` recomputes activations in backward.
-
-            >>> # stage = pipe.build_stage(dist.get_rank(), torch.device("cpu"))
-            >>> # stage = pipe.build_stage(rank, "cuda", checkpoint="model.safetensors")
-        """
-        from pippy.frontend.materialize import materialize_stage
-        from pippy.runtime.stage import PipelineStage
-
-        stage = PipelineStage(self, i, device, group)
-        if checkpoint is not None or init_fn is not None:
-            materialize_stage(stage, checkpoint=checkpoint, init_fn=init_fn, model=self.source_model())
-        if recompute:
-            from pippy.recompute import enable_recompute
-
-            enable_recompute(stage)
-        return stage
 
     def source_model(self) -> nn.Module | None:
         """The model this pipe was traced from, while it is alive (held weakly)."""
@@ -193,7 +165,7 @@ def _kwarg_keys(in_spec: pytree.TreeSpec) -> list[str]:
     return list(kw_spec.context) if kw_spec.context else []
 
 
-def _describe(pipe: Pipe) -> str:
+def _describe(pipe: SplitPipe) -> str:
     lines = [f"Pipe({pipe.model_name}: {pipe.num_stages} stages, {pipe.num_chunks} chunks)"]
     names: dict[tuple[int, int], str] = {}
     user = [f"in{k}" for k in range(len(pipe.example_leaves))]
@@ -242,7 +214,10 @@ def _shared_params(stages: list[StageInfo], gm: fx.GraphModule) -> list[SharedPa
     return out
 
 
-def pipeline(
+P = TypeVar("P", bound=SplitPipe)
+
+
+def trace_and_split(
     module: nn.Module,
     num_chunks: int,
     example_args: tuple[Any, ...] = (),
@@ -254,7 +229,8 @@ def pipeline(
     kwargs_chunk_spec: Any = None,
     tied_weights: str = "replicate",
     recompute_inputs: bool = True,
-) -> Pipe:
+    pipe_cls: type[P] = SplitPipe,  # type: ignore[assignment]
+) -> P:
     """Trace ``module`` on one micro-batch of the example batch and split it into stages.
 
     Split points come from ``pipe_split()`` calls in ``forward``, ``annotate_split_points``, a
@@ -262,10 +238,11 @@ def pipeline(
     the full batch; it must split into ``num_chunks`` equal micro-batches. ``tied_weights``
     ("replicate" or "transmit") says how a weight read by several stages is kept (see split_graph);
     ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of sending them.
+    ``pipe_cls`` is the class of the result (:class:`pippy.Pipe` for :func:`pippy.pipeline`).
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-        >>> pipe = pipeline(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
-        >>> print(pipe.num_stages)
+        >>> split = trace_and_split(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
+        >>> print(split.num_stages)
         2
     """
     if not isinstance(num_chunks, int) or num_chunks < 1:
@@ -289,7 +266,7 @@ def pipeline(
         assignment = assign_by_markers(gm)
     num_stages = max(assignment.values(), default=0) + 1
     stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
-    pipe = Pipe(
+    pipe = pipe_cls(
         stages,
         num_chunks=num_chunks,
         in_spec=ep.call_spec.in_spec,

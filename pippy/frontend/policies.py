@@ -1,8 +1,15 @@
 """Split policies for ``pipeline(..., split_policy=...)``: equal params, equal layers, autosplit, graphsplit.
 
+    >>> import torch, pippy
     >>> from pippy.frontend.policies import autosplit
-    >>> # pipe = pipeline(model, 4, example_args=(x,), split_policy=autosplit(2, cost="flops"))
-    >>> # print(pipe.split_report())
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    >>> policy = autosplit(2, cost="flops")
+    >>> pipe = pippy.pipeline(net, 2, example_args=(torch.randn(4, 4),), split_policy=policy)
+    >>> print(pipe.split_report())
+    stage  cost (flops)  share  params  sends (per micro-batch)
+    0      64 FLOP       47.1%  80 B    ->1 32 B
+    1      72 FLOP       52.9%  80 B    -
+    bottleneck: stage 1 at 72 FLOP (1.06x the even share); sent between stages: 32 B per micro-batch
 
 A policy is called as ``policy(gm, example_inputs)`` on the traced graph and one micro-batch of
 flat example inputs, and returns ``{compute node: stage}``. Every policy records the cost it
@@ -43,8 +50,12 @@ _Result = tuple[dict[str, int], dict[str, float], str, float]  # stage by name, 
 class SplitPolicyBase:
     """Base of the policies: ``policy(gm, example_inputs) -> {node: stage}`` plus what it balanced.
 
-        >>> p = split_equal_params(2)
-        >>> # pipe = pipeline(model, 4, example_args=(x,), split_policy=p); p.stage_costs
+        >>> import torch, pippy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+        >>> p = autosplit(2, cost="flops")
+        >>> pipe = pippy.pipeline(net, 2, example_args=(torch.randn(4, 4),), split_policy=p)
+        >>> p.cost_kind, p.stage_costs, p.last_assignment
+        ('flops', [64.0, 72.0], {'linear': 0, 'relu': 1, 'linear_1': 1})
     """
 
     label = "policy"
@@ -154,7 +165,12 @@ class _EqualParams(SplitPolicyBase):
 def split_equal_params(num_stages: int) -> SplitPolicyBase:
     """Cut so that each stage reads about ``1/num_stages`` of the parameter bytes (topological order).
 
-        >>> # pipeline(model, 4, example_args=(x,), split_policy=split_equal_params(2))
+        >>> import torch, pippy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        >>> p = split_equal_params(2)
+        >>> pipe = pippy.pipeline(net, 2, example_args=(torch.randn(4, 4),), split_policy=p)
+        >>> p.stage_costs  # 160 + 288 + 144 bytes: the cut after 160 is nearest half the total
+        [160.0, 432.0]
     """
     return _EqualParams(num_stages)
 
@@ -231,7 +247,13 @@ def split_equal_layers(num_stages: int) -> SplitPolicyBase:
     Whatever runs before the first layer goes with the first stage, whatever runs after the last
     (final norm, head) with the last stage. Remainder layers go to the middle stages first.
 
-        >>> # pipeline(gpt, 4, example_args=(ids,), split_policy=split_equal_layers(2))
+        >>> import torch, pippy
+        >>> blocks = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(4)))  # layers 0.0 .. 0.3
+        >>> net = torch.nn.Sequential(blocks, torch.nn.Tanh())
+        >>> p = split_equal_layers(2)
+        >>> pipe = pippy.pipeline(net, 2, example_args=(torch.randn(4, 4),), split_policy=p)
+        >>> p.last_assignment  # the final Tanh joins the last stage
+        {'linear': 0, 'linear_1': 0, 'linear_2': 1, 'linear_3': 1, 'tanh': 1}
     """
     return _EqualLayers(num_stages)
 
@@ -286,7 +308,13 @@ def autosplit(
     stage's two cuts (see ``pippy.frontend.partition``); if nothing fits, the error names the
     smallest limit that does.
 
-        >>> # pipe = pipeline(gpt, 4, example_args=(ids,), split_policy=autosplit(2, cost="flops"))
+        >>> import torch, pippy
+        >>> sizes = [(4, 8), (8, 8), (8, 8), (8, 4)]
+        >>> net = torch.nn.Sequential(*(torch.nn.Linear(i, o) for i, o in sizes))
+        >>> p = autosplit(2, cost="flops")
+        >>> pipe = pippy.pipeline(net, 2, example_args=(torch.randn(4, 4),), split_policy=p)
+        >>> p.stage_costs, p.last_assignment
+        ([384.0, 384.0], {'linear': 0, 'linear_1': 0, 'linear_2': 1, 'linear_3': 1})
     """
     return _AutoSplit(num_stages, cost, memory_limit, tolerance, repeats)
 
@@ -353,7 +381,12 @@ def graphsplit(
     seconds; if it finds nothing usable it warns and returns autosplit's split. The model is in
     ``pippy.frontend.graphsplit``.
 
-        >>> # pipe = pipeline(bert, 4, example_args=(ids,), split_policy=graphsplit(2, balance=0.05))
+        >>> import torch, pippy
+        >>> net = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(4)))
+        >>> p = graphsplit(2, balance=0.05, cost="flops")
+        >>> pipe = pippy.pipeline(net, 2, example_args=(torch.randn(4, 4),), split_policy=p)
+        >>> p.stage_costs, pipe.num_stages
+        ([128.0, 128.0], 2)
     """
     return _GraphSplit(num_stages, balance, time_limit, cost, repeats)
 
@@ -379,6 +412,15 @@ def split_by_names(stages: Mapping[str, int]) -> SplitPolicyBase:
     Node names are stable for the same model, config and input shapes, so a split computed once
     (in a parent process, or saved to JSON) can be rebuilt anywhere.
 
-        >>> # p = autosplit(2); pipeline(m, 4, (x,), split_policy=p); again = split_by_names(p.last_assignment)
+        >>> import json, torch, pippy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+        >>> x = torch.randn(4, 4)
+        >>> p = autosplit(2, cost="flops")
+        >>> pipe = pippy.pipeline(net, 2, (x,), split_policy=p)
+        >>> saved = json.dumps(p.last_assignment)  # e.g. written by a parent process
+        >>> again = split_by_names(json.loads(saved))
+        >>> pipe = pippy.pipeline(net, 2, (x,), split_policy=again)
+        >>> again.last_assignment == p.last_assignment
+        True
     """
     return _ByNames(stages)

@@ -6,12 +6,32 @@ more than sending the ``[b, s]`` ids (or nothing, when the mask depends on shape
 rebuilding it there. A value qualifies when it carries no gradient, every op above it is
 deterministic and pure, and its inputs are user inputs, buffers or constants.
 
-    >>> # plan = remat_plan(node, rg)   ->  (nodes to copy into the consumer, user inputs they read)
+``split_graph`` asks :func:`remat_plan` for each value about to cross stages and, when
+:func:`worth_recomputing` agrees, copies the plan's nodes into the consuming stage instead.
+
+    >>> import torch
+    >>> from pippy.frontend.split import infer_requires_grad
+    >>> from pippy.frontend.trace import export_module
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.emb = torch.nn.Embedding(10, 4)
+    ...     def forward(self, ids):
+    ...         keep = (ids > 0).float()
+    ...         mask = keep[:, None, :] * keep[:, :, None]  # [b, s, s], from the ids only
+    ...         return self.emb(ids) * mask.sum(-1, keepdim=True)
+    >>> gm = export_module(Net(), (torch.randint(0, 10, (2, 8)),)).module()
+    >>> mask = next(v for v in gm.graph.nodes if v.name == "mul")
+    >>> copy, leaves = remat_plan(mask, infer_requires_grad(gm))  # nodes to copy, user inputs they read
+    >>> [v.op for v in leaves], worth_recomputing(mask, leaves, set())  # [2, 8] int64 ids < [2, 8, 8] float32
+    (['placeholder'], True)
 """
 
 from __future__ import annotations
 
 from torch import fx
+
+from pippy.frontend.costs import value_nbytes
 
 __all__ = ["remat_plan", "worth_recomputing"]
 
@@ -56,15 +76,7 @@ def remat_plan(node: fx.Node, rg: dict[fx.Node, bool]) -> tuple[list[fx.Node], l
     return sorted(copy_nodes, key=order.__getitem__), sorted(leaves, key=order.__getitem__)
 
 
-def _nbytes(node: fx.Node) -> int:
-    val = node.meta.get("val")
-    try:
-        return int(val.numel() * val.element_size())  # type: ignore[union-attr]
-    except (AttributeError, TypeError):
-        return 0
-
-
 def worth_recomputing(node: fx.Node, leaves: list[fx.Node], already: set[fx.Node]) -> bool:
     """True when the user inputs still to send are fewer bytes than ``node`` itself."""
-    extra = sum(_nbytes(p) for p in leaves if p not in already)
-    return extra < _nbytes(node)
+    extra = sum(value_nbytes(p) for p in leaves if p not in already)
+    return extra < value_nbytes(node)

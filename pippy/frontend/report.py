@@ -1,22 +1,26 @@
 """``split_report(pipe)``: a table of each stage's cost, parameter bytes and the bytes it sends to other stages.
 
-    >>> # print(pipe.split_report())
-
-prints, e.g.::
-
-    stage  cost (flops)  share  params     sends (per micro-batch)
-    0      1.2 GFLOP     49.8%  12.0 MiB   ->1 2.0 MiB
-    ...
+    >>> import torch, pippy
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    >>> pipe = pippy.pipeline(net, 2, example_args=(torch.randn(4, 4),), split_spec={"0": pippy.SplitPoint.END})
+    >>> print(pipe.split_report())
+    stage  cost (flops)  share  params  sends (per micro-batch)
+    0      64 FLOP       50.0%  80 B    ->1 32 B
+    1      64 FLOP       50.0%  80 B    -
+    bottleneck: stage 0 at 64 FLOP (1.00x the even share); sent between stages: 32 B per micro-batch
 
 The cost column is what the split policy balanced (recorded in each node's meta); for a pipe
-split by markers it is the FLOPs estimated from the traced shapes.
+split by markers, as here, it is the FLOPs estimated from the traced shapes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pippy.frontend.costs import COMPUTE_OPS, COST_META, TAIL_META, node_flops
+
+if TYPE_CHECKING:  # pipe.py imports this module (for Pipe.split_report)
+    from pippy.frontend.pipe import SplitPipe
 
 __all__ = ["split_report", "stage_costs"]
 
@@ -40,10 +44,16 @@ def _cost(kind: str, c: float) -> str:
     return f"{c:.0f} FLOP"
 
 
-def stage_costs(pipe: Any) -> tuple[str, list[float]]:
+def stage_costs(pipe: SplitPipe) -> tuple[str, list[float]]:
     """``(kind, per-stage cost)``: what the policy recorded, else estimated forward FLOPs.
 
-        >>> # kind, costs = stage_costs(pipe)
+        >>> import torch, pippy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+        >>> x = torch.randn(4, 4)
+        >>> stage_costs(pippy.pipeline(net, 2, (x,), split_spec={"0": pippy.SplitPoint.END}))  # estimated
+        ('flops', [64.0, 72.0])
+        >>> stage_costs(pippy.pipeline(net, 2, (x,), split_policy=pippy.split_equal_params(2)))  # recorded
+        ('params', [80.0, 80.0])
     """
     recorded = True
     kinds: set[str] = set()
@@ -72,12 +82,16 @@ def stage_costs(pipe: Any) -> tuple[str, list[float]]:
     return "flops", flops
 
 
-def split_report(pipe: Any) -> str:
+def split_report(pipe: SplitPipe) -> str:
     """Each stage's cost (and share of the total), parameter bytes, and bytes sent to each other stage.
 
     Bytes are per micro-batch; a value read by two later stages is counted once for each.
 
-        >>> # print(split_report(pipe))
+        >>> import torch, pippy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> pipe = pippy.pipeline(net, 2, (torch.randn(4, 4),), split_policy=pippy.autosplit(2, cost="params"))
+        >>> print(split_report(pipe).splitlines()[-1])
+        bottleneck: stage 0 at 160 B (1.05x the even share); sent between stages: 64 B per micro-batch
     """
     kind, costs = stage_costs(pipe)
     total = sum(costs) or 1.0

@@ -6,7 +6,15 @@ an output of ``a`` and an input of ``b`` (an edge, not only between neighbours).
 buffers are never sent: every stage that reads one gets its own copy under the same FQN, and a
 tensor read by several stages is recorded as shared (tied) so its gradients can be summed.
 
-    >>> # pipe = split_graph(gm, assignment, num_stages)   (see pippy.frontend.pipe.build_pipe)
+    >>> from pippy.frontend.trace import SplitPoint, annotate_split_points, export_module
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    >>> annotate_split_points(net, {"0": SplitPoint.END})
+    >>> gm = export_module(net, (torch.randn(2, 4),)).module()
+    >>> stages = split_graph(gm, assign_by_markers(gm), 2)  # what pippy.pipeline does after tracing
+    >>> [sorted(st.module.state_dict()) for st in stages]  # the original FQNs
+    [['0.bias', '0.weight'], ['1.bias', '1.weight']]
+    >>> stages[0].consumers[0], stages[1].inputs[0]  # stage 0's output 0 is stage 1's input 0
+    ([(1, 0)], InputRef(src_stage=0, index=0))
 """
 
 from __future__ import annotations
@@ -106,7 +114,12 @@ class StageInfo:
 def assign_by_markers(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Stage of each compute node = number of ``pipe_split()`` markers before it.
 
-        >>> # assign_by_markers(exported_gm) -> {node: stage}
+        >>> from pippy.frontend.trace import SplitPoint, annotate_split_points, export_module
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+        >>> annotate_split_points(net, {"1": SplitPoint.END})
+        >>> gm = export_module(net, (torch.randn(2, 4),)).module()
+        >>> {v.name: s for v, s in assign_by_markers(gm).items() if v.op == "call_function"}
+        {'linear': 0, 'relu': 0, 'linear_1': 1}
     """
     stage = 0
     out: dict[fx.Node, int] = {}

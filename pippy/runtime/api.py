@@ -5,28 +5,32 @@ Gradient rule: with ``loss_reduction="mean"`` (default) each micro-batch loss is
 every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. For a sum-reduced
 ``loss_fn`` pass ``loss_reduction="sum"``: losses are not scaled and grads equal the full-batch sum.
 
-    >>> # sched = ScheduleGPipe(stage, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
-    >>> # out = sched.step(x, target=y, losses=losses)     # x on the first rank, target on the last
+Under torchrun each rank builds its stage(s) and calls the same schedule::
+
+    sched = ScheduleGPipe(stage, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
+    out = sched.step(x, target=y, losses=losses)     # x on the first rank, target on the last
+
+In one process (tests, notebooks) :class:`pippy.runtime.local.LocalPipeline` drives every rank.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pippy.runtime.schedule_base import PipelineSchedule
-from pippy.runtime.stage import PipelineStage, StageError
+from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, v_placement
-
-if TYPE_CHECKING:
-    from pippy.sim.cost import CostModel
+from pippy.sim.choose import zbv_for_costs
+from pippy.sim.cost import CostModel
 
 __all__ = [
     "PipelineSchedule",
+    "PipelineStage",
     "Schedule1F1B",
     "ScheduleDualPipeV",
     "ScheduleFromCSV",
@@ -140,9 +144,11 @@ class ScheduleZBV(_VShape):
     """ZB-V: two stages per rank in a V, split backward.
 
     ``costs`` (a :class:`~pippy.sim.cost.CostModel`, e.g. from ``pippy.sim.profile``) pick the
-    faster of ZB-V's two orders for your hardware; see :func:`pippy.schedules.zero_bubble.zbv`.
+    faster of ZB-V's two orders for your hardware (:func:`pippy.sim.choose.zbv_for_costs`,
+    simulating the schedule as this class runs it); without them, default costs decide. Rank
+    ``r`` passes its two stages, ``[stage_r, stage_(2p-1-r)]``::
 
-        >>> # ScheduleZBV([stage_a, stage_b], 8, loss_fn=F.cross_entropy, costs=profiled).step(x, target=y)
+        ScheduleZBV([stage_a, stage_b], 8, loss_fn=F.cross_entropy, costs=profiled).step(x, target=y)
     """
 
     name = "zbv"
@@ -153,7 +159,7 @@ class ScheduleZBV(_VShape):
         super().__init__(stages, n_microbatches, loss_fn, **kwargs)
 
     def _make(self, p: int) -> Schedule:
-        return gen.zbv(p, self.n_microbatches, self.costs)
+        return zbv_for_costs(p, self.n_microbatches, self.costs, gradless_stages=self.gradless_stages())
 
 
 class ScheduleDualPipeV(_VShape):
@@ -168,7 +174,10 @@ class ScheduleDualPipeV(_VShape):
 class ScheduleFromCSV(PipelineSchedule):
     """Run a schedule read from CSV (compute-only or lowered); it must pass validation first.
 
-        >>> # ScheduleFromCSV("my.csv", stages, loss_fn=F.mse_loss).step(x, target=y)
+    Each rank passes the stages the CSV places on it (see :mod:`pippy.schedules.lower` for the
+    format)::
+
+        ScheduleFromCSV("my.csv", stages, loss_fn=F.mse_loss).step(x, target=y)
     """
 
     name = "csv"
@@ -177,7 +186,7 @@ class ScheduleFromCSV(PipelineSchedule):
     def __init__(
         self,
         path: str,
-        stages: PipelineStage | Sequence[PipelineStage],
+        stages: Stage | Sequence[Stage],
         loss_fn: Callable[..., torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -187,7 +196,7 @@ class ScheduleFromCSV(PipelineSchedule):
         super().__init__(stages, sch.n_microbatches, loss_fn, schedule=sch, **kwargs)
 
 
-def run_forward_pipeline(stage: PipelineStage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def run_forward_pipeline(stage: Stage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Forward-only pipeline of ``pipe.num_chunks`` micro-batches, one stage per rank (``stage(x)``)."""
     sched = _stage_call_schedule(stage)
     return sched.eval(*args, **kwargs)
@@ -200,12 +209,37 @@ class _ForwardOnly(_SingleStage):
         return gen.forward_only(tuple(range(p)), self.n_microbatches)
 
 
-_CALL_SCHEDULES: weakref.WeakKeyDictionary[PipelineStage, PipelineSchedule] = weakref.WeakKeyDictionary()
+_CALL_SCHEDULES: weakref.WeakKeyDictionary[Stage, PipelineSchedule] = weakref.WeakKeyDictionary()
 
 
-def _stage_call_schedule(stage: PipelineStage) -> PipelineSchedule:
+def _stage_call_schedule(stage: Stage) -> PipelineSchedule:
     """The forward-only schedule behind ``stage(x)``, built once per stage (the stage itself holds none)."""
     sched = _CALL_SCHEDULES.get(stage)
     if sched is None:
         sched = _CALL_SCHEDULES[stage] = _ForwardOnly(stage, stage.pipe.num_chunks)
     return sched
+
+
+class PipelineStage(Stage):
+    """The stage users build: a :class:`~pippy.runtime.stage.Stage` that can also run a forward pipeline.
+
+    Calling it runs a forward-only pipeline of ``pipe.num_chunks`` micro-batches over all ranks of
+    ``group`` (one stage per rank): ``stage(x)`` on the first rank, ``stage()`` on the others; the
+    last rank gets the merged output, the others ``None``. Under torchrun::
+
+        stage = PipelineStage(pipe, dist.get_rank(), torch.device("cpu"))
+        out = stage(x) if dist.get_rank() == 0 else stage()
+
+    With a single stage no other rank is needed:
+
+        >>> import torch, torch.distributed as dist
+        >>> from pippy import pipeline
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> stage = PipelineStage(pipeline(torch.nn.Linear(3, 1), 2, (torch.ones(4, 3),)), 0)
+        >>> stage(torch.ones(4, 3)).shape
+        torch.Size([4, 1])
+        >>> dist.destroy_process_group()
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return run_forward_pipeline(self, args, kwargs)

@@ -78,10 +78,16 @@ class WaitContext:
 
 
 class Transport(Protocol):
-    """What the executor needs from a transport."""
+    """What the executor needs from a transport: this rank, the group size, and bounded point-to-point messages.
+
+    ``ordered`` is True when the backend matches messages between two ranks in posting order
+    rather than by tag (NCCL): receives are then never posted early.
+    """
 
     rank: int
+    world_size: int
     timeout: float
+    ordered: bool
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
         """Start sending ``tensor`` to ``peer``; never blocks."""
@@ -115,7 +121,8 @@ def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
 class DistTransport:
     """P2P over a torch.distributed process group (ranks are group ranks).
 
-        >>> # t = DistTransport(group=None, timeout=60.0)
+        Under an initialized process group (e.g. torchrun), ``DistTransport(group=None, timeout=60.0)``
+    talks to the ranks of the default group.
     """
 
     _warned = False
@@ -236,6 +243,7 @@ class LocalTransport:
         self.rank = rank
         self.world_size = world_size
         self.timeout = timeout
+        self.ordered = False  # matched by tag, like gloo
         self._mailbox = mailbox
         self.waiting: WaitContext | None = None
 

@@ -1,24 +1,34 @@
 """Drive every rank of a pipeline inside one process (in-process transport), for tests and profiling.
 
-The same schedule classes and executor run as under torchrun; only the transport differs.
+The same schedule classes and executor run as under torchrun, through the same public
+``begin`` / ``finish`` path; only the transport differs, and this driver advances every rank's
+step in turn until all have ended.
 
-    >>> # lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=F.mse_loss)
-    >>> # out = lp.step(x, target=y); grads = lp.named_grads()
+    >>> import torch
+    >>> from pippy import Schedule1F1B, SplitPoint, pipeline
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+    >>> pipe = pipeline(net, 4, (x,), split_spec={"1": SplitPoint.END})
+    >>> lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
+    >>> torch.allclose(lp.step(x, target=y), net(x))
+    True
+    >>> torch.nn.functional.mse_loss(net(x), y).backward()
+    >>> all(torch.allclose(lp.named_grads()[n], p.grad, atol=1e-6) for n, p in net.named_parameters())
+    True
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from pippy.frontend.pipe import Pipe
+from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.comm import LocalTransport
-from pippy.runtime.executor import StepResult
-from pippy.runtime.schedule_base import PipelineSchedule
-from pippy.runtime.stage import PipelineStage
+from pippy.runtime.schedule_base import PipelineSchedule, StepRun
+from pippy.runtime.stage import Stage
 from pippy.sim.timeline import Timeline
 
 __all__ = ["LocalPipeline", "PipelineDeadlockError"]
@@ -29,14 +39,11 @@ class PipelineDeadlockError(RuntimeError):
 
 
 class LocalPipeline:
-    """All ranks of a schedule in this process; ``step``/``eval`` take the full batch like the user API.
-
-        >>> # LocalPipeline(pipe, ScheduleGPipe, num_ranks=2, n_microbatches=2).eval(x)
-    """
+    """All ranks of a schedule in this process; ``step``/``eval`` take the full batch like the user API (see the module)."""
 
     def __init__(
         self,
-        pipe: Pipe,
+        pipe: SplitPipe,
         schedule_cls: type[PipelineSchedule],
         *,
         num_ranks: int,
@@ -53,7 +60,7 @@ class LocalPipeline:
                 f"{schedule_cls.__name__} on {num_ranks} ranks places {len(placement)} stages, pipe has {pipe.num_stages}"
             )
         self.pipe = pipe
-        self.stages = [PipelineStage(pipe, s, device) for s in range(pipe.num_stages)]
+        self.stages = [Stage(pipe, s, device) for s in range(pipe.num_stages)]
         self.transports = LocalTransport.world(num_ranks)
         self.schedules: list[PipelineSchedule] = []
         self.last_timeline: Timeline | None = None
@@ -72,51 +79,47 @@ class LocalPipeline:
 
     def _drive(self, args: tuple, kwargs: dict, target: Any, losses: list[Any] | None, training: bool) -> Any:
         n = self.pipe.num_stages
-        runs: list[tuple[PipelineSchedule, Iterator[None]]] = []
         origin = time.perf_counter()
-        for sch in self.schedules:
-            first, last = sch._holds(0), sch._holds(n - 1)
-            inp = sch._inputs(args if first else (), kwargs if first else {}, target if last else None, training)
-            plan = sch.schedule if training else sch._eval_schedule
-            if plan is None:
-                raise ValueError(f"{type(sch).__name__} has no training schedule; use eval()")
-            runs.append((sch, sch._executor(plan).run(inp, origin)))
-        results: dict[int, StepResult] = {}
+        runs: list[StepRun] = []
         try:
-            while len(results) < len(runs):
-                progressed = False
-                for r, (_sch, gen) in enumerate(runs):
-                    if r in results:
-                        continue
-                    before = self.transports[r].waiting
-                    try:
-                        next(gen)
-                    except StopIteration as stop:
-                        results[r] = stop.value
-                        progressed = True
-                        continue
-                    if self.transports[r].waiting != before or before is None:
-                        progressed = True
-                if not progressed:
-                    waits = "; ".join(
-                        f"rank {r} waits at {t.waiting.describe()}" for r, t in enumerate(self.transports) if t.waiting
-                    )
-                    raise PipelineDeadlockError(f"pipeline deadlock: no rank can progress. {waits}")
-        except BaseException:
+            for sch in self.schedules:
+                first, last = sch.holds(0), sch.holds(n - 1)
+                runs.append(sch.begin(*(args if first else ()), target=target if last else None, training=training,
+                                      origin=origin, **(kwargs if first else {})))
+            self._advance_all(runs)
+        except BaseException as exc:
+            for t in self.transports:
+                t.reset()  # nothing stays in flight, so the schedules stay usable
+            for run in runs:
+                run.abort(exc, in_flight=False)
             for st in self.stages:
                 st.clear()
-            for t in self.transports:
-                t.reset()
             raise
         if self.schedules[0].trace:
-            events = [e for r in sorted(results) for e in results[r].events]
+            events = [e for run in runs if run.result is not None for e in run.result.events]
             self.last_timeline = Timeline.from_events(events, len(runs), name=self.schedules[0].name)
         out = None
-        for r, (sch, _) in enumerate(runs):
-            merged = sch._finish(results[r], losses)
-            if sch._holds(n - 1):
+        for sch, run in zip(self.schedules, runs):
+            merged = sch.finish(run, losses)
+            if sch.holds(n - 1):
                 out = merged
         return out
+
+    def _advance_all(self, runs: list[StepRun]) -> None:
+        """Advance every rank's run in turn until all ended; a round where no rank moved is a deadlock."""
+        while not all(run.done for run in runs):
+            progressed = False
+            for r, run in enumerate(runs):
+                if run.done:
+                    continue
+                before = self.transports[r].waiting
+                if run.advance() or before is None or self.transports[r].waiting != before:
+                    progressed = True
+            if not progressed:
+                waits = "; ".join(
+                    f"rank {r} waits at {t.waiting.describe()}" for r, t in enumerate(self.transports) if t.waiting
+                )
+                raise PipelineDeadlockError(f"pipeline deadlock: no rank can progress. {waits}")
 
     def named_grads(self) -> dict[str, torch.Tensor | None]:
         """Parameter gradients by original FQN (tied copies appear once, under each name)."""

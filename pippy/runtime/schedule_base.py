@@ -5,13 +5,31 @@ Gradient rule: with ``loss_reduction="mean"`` (default) each micro-batch loss is
 every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. For a sum-reduced
 ``loss_fn`` pass ``loss_reduction="sum"``: losses are not scaled and grads equal the full-batch sum.
 
-    >>> # class MySchedule(PipelineSchedule): _generate = lambda self: my_generator(...)
+A step runs in three public parts, the same for every driver: ``begin`` (split the batch, start
+the executor), driving the returned :class:`StepRun` to its end (``run_blocking`` under
+torch.distributed; the in-process driver interleaves all ranks' runs), and ``finish`` (record
+the trace, merge the outputs). A new schedule class only says what to generate:
+
+    >>> from pippy.schedules.generators import gpipe
+    >>> class OneRankGPipe(PipelineSchedule):
+    ...     name = "one_rank_gpipe"
+    ...     def _generate(self) -> Schedule:
+    ...         return gpipe(1, self.n_microbatches)
+    >>> import torch
+    >>> from pippy import pipeline
+    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.stage import Stage
+    >>> pipe = pipeline(torch.nn.Linear(2, 1), 2, (torch.ones(4, 2),))
+    >>> sched = OneRankGPipe(Stage(pipe, 0), 2, torch.nn.functional.mse_loss, transport=LocalTransport.world(1)[0])
+    >>> sched.step(torch.ones(4, 2), target=torch.zeros(4, 1)).shape
+    torch.Size([4, 1])
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import torch
@@ -20,14 +38,70 @@ import torch.distributed as dist
 from pippy.microbatch import merge_chunks, split_value
 from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.executor import Executor, StepInputs, StepResult
-from pippy.runtime.stage import PipelineStage, StageError
+from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
-from pippy.schedules.lower import defer_gradless_backward, fuse_adjacent_iw, lower
+from pippy.schedules.lower import lower, runtime_form
 from pippy.schedules.validate import validate
 from pippy.sim.timeline import Event, Timeline
 
-__all__ = ["PipelineSchedule"]
+__all__ = ["PipelineSchedule", "StepRun"]
+
+
+class StepRun:
+    """One step of one rank in flight: the executor's generator, then its result.
+
+    Drive it with :meth:`advance` (one slice: until the next wait on an in-process transport)
+    or :meth:`run_blocking`; on an error, :meth:`abort` cleans up. Made by
+    :meth:`PipelineSchedule.begin`, ended by :meth:`PipelineSchedule.finish`.
+    """
+
+    def __init__(self, schedule: PipelineSchedule, executor: Executor, gen: Generator[None, None, StepResult]) -> None:
+        self.schedule = schedule
+        self.executor = executor
+        self._gen = gen
+        self.result: StepResult | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the step ran to its end."""
+        return self.result is not None
+
+    def advance(self) -> bool:
+        """Run until this rank waits (in-process transport) or ends; True when it ended.
+
+        An error propagates as it is; the driver then calls :meth:`abort`.
+        """
+        try:
+            next(self._gen)
+        except StopIteration as stop:
+            self.result = stop.value
+            return True
+        return False
+
+    def run_blocking(self) -> StepResult:
+        """Run to the end here (waits block on torch.distributed) and return the result; abort on an error."""
+        try:
+            while not self.advance():
+                pass
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        assert self.result is not None
+        return self.result
+
+    def abort(self, exc: BaseException, *, in_flight: bool | None = None) -> None:
+        """Drop every micro-batch's state on this rank's stages after ``exc``.
+
+        When messages of the step may still be in flight (``in_flight``; default: the executor had
+        posted one), the schedule refuses further steps, since a later step could receive them.
+        """
+        self._gen.close()
+        for st in self.schedule.stages:
+            st.clear()
+        if self.executor.started if in_flight is None else in_flight:
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            self.schedule._broken = f"{type(exc).__name__}: {first}"
 
 
 class PipelineSchedule:
@@ -40,9 +114,9 @@ class PipelineSchedule:
     of I then W; the schedule actually run is ``self.schedule`` (lowered), which is also what to
     simulate. With ``fill_bubbles`` (default) a rank that would wait for a message runs a later
     W of its schedule instead, when the previous step waited that long there (see
-    ``pippy.runtime.wfill``; results stay bitwise those of the static order).
-
-        >>> # ScheduleGPipe(stage, 8, loss_fn=F.cross_entropy).step(x, target=y)
+    ``pippy.runtime.wfill``; results stay bitwise those of the static order). Every subclass is
+    used the same way, e.g. ``ScheduleGPipe(stage, 8, loss_fn=F.cross_entropy).step(x, target=y)``
+    (the module docstring runs one).
     """
 
     name = "custom"
@@ -50,7 +124,7 @@ class PipelineSchedule:
 
     def __init__(
         self,
-        stages: PipelineStage | Sequence[PipelineStage],
+        stages: Stage | Sequence[Stage],
         n_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         *,
@@ -64,7 +138,7 @@ class PipelineSchedule:
         fuse_backward: bool = True,
         fill_bubbles: bool = True,
     ) -> None:
-        self.stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
+        self.stages = [stages] if isinstance(stages, Stage) else list(stages)
         if not self.stages:
             raise ValueError("a schedule needs at least one stage")
         if not isinstance(n_microbatches, int) or n_microbatches < 1:
@@ -98,10 +172,7 @@ class PipelineSchedule:
         self.last_peak_live: dict[int, int] = {}
         self.last_peak_bytes: dict[int, int] = {}
         compute = schedule if schedule is not None else self._generate()
-        compute = compute.with_deps(self.pipe.deps())
-        if fuse_backward:
-            gradless = [s for s, info in enumerate(self.pipe.stage_infos) if not any(m.requires_grad for m in info.input_meta)]
-            compute = fuse_adjacent_iw(defer_gradless_backward(compute, gradless))
+        compute = runtime_form(compute.with_deps(self.pipe.deps()), self.gradless_stages(), fuse=fuse_backward)
         self._check_placement(compute)
         self.schedule: Schedule | None = None
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):
@@ -109,12 +180,13 @@ class PipelineSchedule:
             self.schedule = lower(compute)
         self._eval_schedule = lower(gen.forward_only(compute.stage_to_rank, n_microbatches).with_deps(self.pipe.deps()))
 
+    def gradless_stages(self) -> list[int]:
+        """Stages whose inputs need no gradient (the first, reading token ids): their backward is never split."""
+        return [s for s, info in enumerate(self.pipe.stage_infos) if not any(m.requires_grad for m in info.input_meta)]
+
     # ------------------------------------------------------------------ subclass hooks
     def _num_ranks(self) -> int:
-        group_size = getattr(self.transport, "world_size", None)
-        if group_size is not None:
-            return int(group_size)
-        return dist.get_world_size(self.stages[0].group)
+        return self.transport.world_size
 
     def _generate(self) -> Schedule:
         raise NotImplementedError
@@ -140,13 +212,14 @@ class PipelineSchedule:
         )
 
     # ------------------------------------------------------------------ running
-    def _holds(self, stage_index: int) -> bool:
+    def holds(self, stage_index: int) -> bool:
+        """True when this rank holds stage ``stage_index``."""
         return any(st.index == stage_index for st in self.stages)
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool) -> StepInputs:
         m = self.n_microbatches
         mbs = None
-        if self._holds(0):
+        if self.holds(0):
             if not args and not kwargs:
                 raise StageError(
                     f"rank {self.rank} holds stage 0 but step()/eval() got no inputs; pass the batch here"
@@ -157,7 +230,7 @@ class PipelineSchedule:
                 f"rank {self.rank} does not hold stage 0 but got inputs; call step()/eval() without the batch here"
             )
         targets = None
-        if training and self._holds(self.pipe.num_stages - 1):
+        if training and self.holds(self.pipe.num_stages - 1):
             if self.loss_fn is not None and target is None:
                 raise StageError(
                     f"rank {self.rank}, stage {self.pipe.num_stages - 1} (last): loss_fn is set but target is None; "
@@ -176,23 +249,50 @@ class PipelineSchedule:
                 "for a timed-out gloo pair, a new process group)."
             )
 
-    def _run(self, sched: Schedule, inp: StepInputs) -> StepResult:
+    def begin(
+        self,
+        *args: Any,
+        target: Any = None,
+        training: bool = True,
+        return_outputs: bool = True,
+        origin: float | None = None,
+        **kwargs: Any,
+    ) -> StepRun:
+        """Start one step on this rank: split the batch, start the executor; drive the returned run, then :meth:`finish`.
+
+        ``training=False`` is a forward-only step (:meth:`eval`); ``origin`` (a
+        ``time.perf_counter()`` value) is time zero of the trace, shared by in-process ranks.
+        """
+        self._check_usable()
+        plan = self.schedule if training else self._eval_schedule
+        if plan is None:
+            raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
+        inp = self._inputs(args, kwargs, target, training)
+        inp.keep_outputs = return_outputs
         if self.trace and isinstance(self.transport, DistTransport):
             dist.barrier(group=self.transport.group)  # a common origin for every rank's clock
-        ex = self._executor(sched)
-        try:
-            gen_ = ex.run(inp)
-            while True:
-                next(gen_)
-        except StopIteration as stop:
-            res: StepResult = stop.value
-        except BaseException as exc:
-            for st in self.stages:
-                st.clear()
-            if ex.started:  # errors before any message was posted leave nothing in flight
-                self._broken = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            raise
-        return res
+        ex = self._executor(plan)
+        return StepRun(self, ex, ex.run(inp, time.perf_counter() if origin is None else origin))
+
+    def finish(self, run: StepRun, losses: list[Any] | None = None) -> Any:
+        """End a step that ran to its end: keep its trace and counts, extend ``losses``, merge the outputs.
+
+        Returns the merged output on the rank holding the last stage, else None.
+        """
+        if run.result is None:
+            raise StageError(f"rank {self.rank}: finish() needs a step that ran to its end; drive the StepRun first")
+        res = run.result
+        self.last_events = res.events
+        if res.peak_live or not self.last_peak_live:  # eval() keeps the last training step's counts
+            self.last_peak_live = res.peak_live
+            self.last_peak_bytes = res.peak_bytes
+        if self.trace and isinstance(self.transport, DistTransport):
+            self._gather_trace(res.events)
+        if losses is not None and self.holds(self.pipe.num_stages - 1):
+            losses.extend(res.losses)
+        if not self.holds(self.pipe.num_stages - 1) or not res.outputs:
+            return None
+        return merge_chunks(res.outputs, self.output_merge_spec)
 
     def _executor(self, sched: Schedule) -> Executor:
         ex = self._executors.get(id(sched))
@@ -200,11 +300,6 @@ class PipelineSchedule:
             ex = self._executors[id(sched)] = Executor(self.stages, sched, self.transport, trace=self.trace,
                                                            fill_bubbles=self.fill_bubbles)
         return ex
-
-    def _merge(self, res: StepResult) -> Any:
-        if not self._holds(self.pipe.num_stages - 1) or not res.outputs:
-            return None
-        return merge_chunks(res.outputs, self.output_merge_spec)
 
     def step(
         self,
@@ -220,24 +315,9 @@ class PipelineSchedule:
         steps). Returns the merged output on the rank holding the last stage, else None;
         ``return_outputs=False`` saves the memory of keeping every micro-batch's output.
         """
-        if self.schedule is None:
-            raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
-        self._check_usable()
-        inp = self._inputs(args, kwargs, target, True)
-        inp.keep_outputs = return_outputs
-        res = self._run(self.schedule, inp)
-        return self._finish(res, losses)
-
-    def _finish(self, res: StepResult, losses: list[Any] | None) -> Any:
-        self.last_events = res.events
-        if res.peak_live or not self.last_peak_live:  # eval() keeps the last training step's counts
-            self.last_peak_live = res.peak_live
-            self.last_peak_bytes = res.peak_bytes
-        if self.trace and isinstance(self.transport, DistTransport):
-            self._gather_trace(res.events)
-        if losses is not None and self._holds(self.pipe.num_stages - 1):
-            losses.extend(res.losses)
-        return self._merge(res)
+        run = self.begin(*args, target=target, return_outputs=return_outputs, **kwargs)
+        run.run_blocking()
+        return self.finish(run, losses)
 
     def _gather_trace(self, events: list[Event]) -> None:
         """Collect every rank's events on rank 0; write the Chrome trace there when a path is set."""
@@ -261,7 +341,7 @@ class PipelineSchedule:
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only, keeping no autograd graph; merged output on the last stage's rank, else None."""
-        self._check_usable()
         with torch.no_grad():
-            res = self._run(self._eval_schedule, self._inputs(args, kwargs, None, False))
-        return self._finish(res, None)
+            run = self.begin(*args, training=False, **kwargs)
+            run.run_blocking()
+        return self.finish(run)

@@ -6,19 +6,42 @@ last action of a step, the ranks holding copies exchange this step's shares (the
 minus what it held before the step, so gradients accumulated over steps without ``zero_grad``
 are not counted twice) and every copy ends with the same sum, as in the unpipelined model.
 
-    >>> # tied = TiedGrads(pipe, {s: stage}, schedule.stage_to_rank, transport)
-    >>> # tied.snapshot(); ...run the step...; for _ in tied.sync(): pass
+The executor calls ``snapshot()`` before a training step and drives ``sync()`` (a generator:
+waits yield on the in-process transport) after the step's last action.
+
+    >>> import torch
+    >>> from pippy import SplitPoint, pipeline
+    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.stage import Stage
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> class Twice(torch.nn.Module):
+    ...     def __init__(self) -> None:
+    ...         super().__init__(); self.lin = lin
+    ...     def forward(self, x): return self.lin(torch.tanh(self.lin(x)))
+    >>> pipe = pipeline(Twice(), 1, (torch.ones(1, 2),), split_spec={"lin": SplitPoint.END})
+    >>> [sp.stages for sp in pipe.shared]                      # weight and bias: a copy in each stage
+    [(0, 1), (0, 1)]
+    >>> stages, ends = [Stage(pipe, 0), Stage(pipe, 1)], LocalTransport.world(2)
+    >>> tied = [TiedGrads(pipe, {s: stages[s]}, (0, 1), ends[s]) for s in (0, 1)]
+    >>> for s in (0, 1):
+    ...     tied[s].snapshot()
+    ...     stages[s].submod.get_parameter("lin.weight").grad = torch.full((2, 2), s + 1.0)
+    >>> running = [t.sync() for t in tied]
+    >>> while running:                                         # drive both ranks in turn
+    ...     running = [g for g in running if next(g, StopIteration) is not StopIteration]
+    >>> [st.submod.get_parameter("lin.weight").grad[0, 0].item() for st in stages]
+    [3.0, 3.0]
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 
+from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.comm import Transport, WaitContext
-from pippy.runtime.stage import PipelineStage
+from pippy.runtime.stage import Stage
 
 __all__ = ["TiedGrads"]
 
@@ -26,12 +49,9 @@ _TAG_BASE = 1 << 29  # above every activation / gradient tag of a step
 
 
 class TiedGrads:
-    """Gradient exchange for the tied tensors (``pipe.shared``) this rank holds copies of.
+    """Gradient exchange for the tied tensors (``pipe.shared``) this rank holds copies of (see the module)."""
 
-        >>> # TiedGrads(pipe, stages_by_index, stage_to_rank, transport).snapshot()
-    """
-
-    def __init__(self, pipe: Any, stages: Mapping[int, PipelineStage], stage_to_rank: Sequence[int],
+    def __init__(self, pipe: SplitPipe, stages: Mapping[int, Stage], stage_to_rank: Sequence[int],
                  transport: Transport) -> None:
         self.pipe, self.stages, self.stage_to_rank, self.transport = pipe, stages, stage_to_rank, transport
         self.rank = transport.rank

@@ -1,4 +1,4 @@
-"""Pipeline schedules as data: IR, generators, validation, lowering and CSV."""
+"""Pipeline schedules as data: IR (and its one dependency rule), generators, validation, lowering and CSV."""
 
 from pippy.schedules.generators import (
     SCHEDULES,
@@ -13,19 +13,36 @@ from pippy.schedules.generators import (
     zb_h2,
     zbv,
 )
-from pippy.schedules.ir import Action, Kind, Schedule, as_actions, chain_deps, loop_placement, v_placement
-from pippy.schedules.lower import from_csv, from_csv_string, lower, to_csv, to_csv_string
+from pippy.schedules.ir import (
+    Action,
+    Done,
+    Kind,
+    Need,
+    Schedule,
+    as_actions,
+    chain_deps,
+    comm_around,
+    loop_placement,
+    need_table,
+    needs,
+    stage_comm,
+    v_placement,
+)
+from pippy.schedules.lower import from_csv, from_csv_string, lower, runtime_form, to_csv, to_csv_string
 from pippy.schedules.render_grid import grid
 from pippy.schedules.validate import ScheduleError, deadlock_free, unit_time_starts, validate
 
 __all__ = [
     "SCHEDULES",
     "Action",
+    "Done",
     "Kind",
+    "Need",
     "Schedule",
     "ScheduleError",
     "as_actions",
     "chain_deps",
+    "comm_around",
     "deadlock_free",
     "dualpipev",
     "forward_only",
@@ -38,7 +55,11 @@ __all__ = [
     "looped_bfs",
     "lower",
     "make_schedule",
+    "need_table",
+    "needs",
     "one_f_one_b",
+    "runtime_form",
+    "stage_comm",
     "to_csv",
     "to_csv_string",
     "unit_time_starts",

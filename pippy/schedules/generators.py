@@ -195,7 +195,8 @@ def make_schedule(name: str, p: int, m: int, **options: Any) -> Schedule:
     """Build the schedule registered as ``name`` (see :data:`SCHEDULES`) for ``p`` ranks, ``m`` mbs.
 
     ``options`` go to the generator (e.g. ``v=4`` for ``interleaved_1f1b`` and ``looped_bfs``,
-    ``costs=`` for ``zbv``).
+    ``order="split"`` for ``zbv``). Generators are pure: to let costs pick among variants, use
+    :func:`pippy.sim.choose.make_schedule_for`.
 
         >>> make_schedule("zbv", 2, 4).stage_to_rank
         (0, 1, 1, 0)
@@ -207,6 +208,12 @@ def make_schedule(name: str, p: int, m: int, **options: Any) -> Schedule:
     key = name.strip().lower().replace("-", "_")
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    if "costs" in options:
+        raise ValueError(
+            f"make_schedule({name!r}, ...) got costs=, but schedule generators take no costs (they are pure); "
+            "to pick ZB-V's order by costs call pippy.sim.choose.zbv_for_costs(p, m, costs), or "
+            f"pippy.sim.choose.make_schedule_for({key!r}, p, m, costs) for any name"
+        )
     try:
         return SCHEDULES[key](p, m, **options)
     except TypeError as e:  # an option the generator does not take

@@ -1,7 +1,8 @@
 """Schedule IR: actions (stage, kind, micro-batch), per-rank action lists and stage placement.
 
 A schedule is plain data. Generators build it, the validator checks it, the lowering adds
-communication, the executor runs it and the simulator predicts it.
+communication, the executor runs it and the simulator predicts it. What an action waits for is
+written once, in :func:`needs`; all four of those read it from there.
 
     >>> a = Action.parse("1F0")
     >>> a, str(Action(2, Kind.SEND_B, 3))
@@ -13,16 +14,40 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 
 __all__ = [
     "Action",
+    "Done",
     "Kind",
+    "Need",
     "Schedule",
     "chain_deps",
+    "comm_around",
     "loop_placement",
+    "need_table",
+    "needs",
+    "stage_comm",
     "v_placement",
 ]
+
+
+class Done(IntEnum):
+    """Completion slots: what a finished action of a (stage, micro-batch) makes available.
+
+    ``F`` the forward output, ``G`` the input gradients (from ``B`` or ``I``), ``W`` the weight
+    gradients, ``SEND_F`` / ``SEND_B`` a message handed to the link. The simulator keys its
+    completion times by ``(stage, slot, micro-batch)``.
+
+        >>> [d.name for d in Done], Kind.I.done, Kind.RECV_F.done
+        (['F', 'G', 'W', 'SEND_F', 'SEND_B'], <Done.G: 1>, None)
+    """
+
+    F = 0
+    G = 1
+    W = 2
+    SEND_F = 3
+    SEND_B = 4
 
 
 class Kind(str, Enum):
@@ -51,8 +76,20 @@ class Kind(str, Enum):
         """True for F, B, I and W."""
         return not self.is_comm
 
+    @property
+    def done(self) -> Done | None:
+        """The completion slot this kind fills (B and I both fill ``G``); ``None`` for a RECV."""
+        return _DONE_OF.get(self)
+
     def __str__(self) -> str:
         return self.value
+
+
+_DONE_OF = {
+    Kind.F: Done.F, Kind.B: Done.G, Kind.I: Done.G, Kind.W: Done.W,
+    Kind.SEND_F: Done.SEND_F, Kind.SEND_B: Done.SEND_B,
+}
+_SENDER = {Done.SEND_F: Kind.SEND_F, Done.SEND_B: Kind.SEND_B}
 
 
 _ACTION_RE = re.compile(r"^\s*(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)\s*$")
@@ -199,6 +236,154 @@ class Schedule:
         for r, acts in enumerate(self.actions):
             lines.append(f"rank {r}: " + " ".join(str(a).rjust(width) for a in acts))
         return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """One prerequisite of an action: the action of ``stage`` (same micro-batch) filling ``done``.
+
+    ``remote`` says that stage lives on another rank, so what it made must travel first: its
+    message arrives ``latency + bytes / bandwidth`` after it finished. ``via`` is set only for
+    compute actions of a lowered schedule: the RECV on the waiting stage's rank that brings the
+    message in (it must run earlier on that rank; the compute action itself waits for nothing
+    remote, the RECV does).
+
+        >>> Need(0, Done.F, remote=True)
+        Need(stage=0, done=<Done.F: 0>, remote=True, via=None)
+    """
+
+    stage: int
+    done: Done
+    remote: bool
+    via: Kind | None = None
+
+
+def _rule(
+    kind: Kind, s: int, lowered: bool, place: Sequence[int], producers: Sequence[int], consumers: Sequence[int]
+) -> tuple[Need, ...]:
+    """The dependency rule, written once: what ``kind`` on stage ``s`` needs (see :func:`needs`)."""
+    r = place[s]
+
+    def edge(peer: int, slot: Done, sent: Done, recv: Kind) -> Need:
+        if place[peer] == r:
+            return Need(peer, slot, False)
+        return Need(peer, sent, True, recv) if lowered else Need(peer, slot, True)
+
+    if kind is Kind.F:
+        return tuple(edge(d, Done.F, Done.SEND_F, Kind.RECV_F) for d in producers)
+    if kind is Kind.B or kind is Kind.I:
+        return (Need(s, Done.F, False), *(edge(c, Done.G, Done.SEND_B, Kind.RECV_B) for c in consumers))
+    if kind is Kind.W or kind is Kind.SEND_B:
+        return (Need(s, Done.G, False),)
+    if kind is Kind.SEND_F:
+        return (Need(s, Done.F, False),)
+    if kind is Kind.RECV_F:
+        return tuple(Need(d, Done.SEND_F, True) for d in producers if place[d] != r)
+    return tuple(Need(c, Done.SEND_B, True) for c in consumers if place[c] != r)  # RECV_B
+
+
+def needs(schedule: Schedule, stage: int, kind: Kind, *, lowered: bool) -> tuple[Need, ...]:
+    """What ``kind`` on ``stage`` waits for (same micro-batch), per ``schedule.deps`` and placement.
+
+    The one dependency rule of the project; the validator, the lowering, the simulator and the
+    executor all read it from here. For stage ``s``:
+
+    - ``F``: each producer ``d`` in ``deps[s]`` has finished its ``F``;
+    - ``B`` / ``I``: ``s``'s own ``F``, and each consumer ``c`` has its input gradients (``G``);
+    - ``W`` and ``SEND_B``: ``s``'s own input gradients (``G``); ``SEND_F``: ``s``'s own ``F``;
+    - ``RECV_F``: each producer on another rank has run its ``SEND_F``; ``RECV_B``: each consumer on
+      another rank has run its ``SEND_B``.
+
+    A producer or consumer on another rank gives a ``remote`` need. With ``lowered`` (the schedule
+    holds SEND/RECV), a compute action's remote need names the peer's SEND slot and, as ``via``,
+    the RECV that must run before it on this rank; without, it names the peer's compute slot.
+
+        >>> s = Schedule("t", [[], []], (0, 1), 1)
+        >>> needs(s, 1, Kind.F, lowered=False)
+        (Need(stage=0, done=<Done.F: 0>, remote=True, via=None),)
+        >>> [(n.stage, n.done.name, n.via) for n in needs(s, 0, Kind.B, lowered=True)]
+        [(0, 'F', None), (1, 'SEND_B', <Kind.RECV_B: 'RECV_B'>)]
+    """
+    if not 0 <= stage < schedule.num_stages:
+        raise ValueError(
+            f"stage {stage} is out of range for schedule {schedule.name!r}: expected 0..{schedule.num_stages - 1}; "
+            "pass a stage of this schedule"
+        )
+    cons = schedule.consumers().get(stage, ())
+    return _rule(kind, stage, lowered, schedule.stage_to_rank, schedule.deps.get(stage, ()), cons)
+
+
+def need_table(schedule: Schedule, *, lowered: bool) -> dict[Kind, tuple[tuple[Need, ...], ...]]:
+    """:func:`needs` for every kind and stage at once: ``table[kind][stage]`` (linear in the edges).
+
+        >>> t = need_table(Schedule("t", [[], []], (0, 1), 1), lowered=True)
+        >>> t[Kind.RECV_F]
+        ((), (Need(stage=0, done=<Done.SEND_F: 3>, remote=True, via=None),))
+    """
+    place, cons = schedule.stage_to_rank, schedule.consumers()
+    return {
+        k: tuple(_rule(k, s, lowered, place, schedule.deps.get(s, ()), cons.get(s, ())) for s in range(len(place)))
+        for k in Kind
+    }
+
+
+def _trains(schedule: Schedule) -> bool:
+    return any(a.kind is Kind.B or a.kind is Kind.I or a.kind is Kind.W for acts in schedule.actions for a in acts)
+
+
+def stage_comm(schedule: Schedule) -> dict[int, frozenset[Kind]]:
+    """Per stage, the SEND/RECV kinds its lowered form holds (one of each per micro-batch).
+
+    Derived from :func:`needs`: a stage runs ``RECV_F`` when a producer lives on another rank and
+    ``RECV_B`` when a consumer does; it runs ``SEND_F`` (``SEND_B``) when a ``RECV_F``
+    (``RECV_B``) of another stage waits for it, i.e. when a consumer (producer) lives on another
+    rank. One ``SEND_F`` carries the outputs to every remote consumer. Gradient kinds appear only
+    when the schedule trains (holds B, I or W): a forward-only schedule moves no gradients. Where
+    each goes is :func:`comm_around`: RECV right before, SEND right after, ``F`` for the ``*_F``
+    kinds, ``B`` or ``I`` for the ``*_B`` kinds.
+
+        >>> from pippy.schedules.ir import Action
+        >>> s = Schedule("t", [[Action(0, Kind.F, 0)], [Action(1, Kind.F, 0)]], (0, 1), 1)
+        >>> stage_comm(s) == {0: {Kind.SEND_F}, 1: {Kind.RECV_F}}
+        True
+    """
+    return _stage_comm(schedule, need_table(schedule, lowered=True))
+
+
+def _stage_comm(schedule: Schedule, table: dict[Kind, tuple[tuple[Need, ...], ...]]) -> dict[int, frozenset[Kind]]:
+    recvs = (Kind.RECV_F, Kind.RECV_B) if _trains(schedule) else (Kind.RECV_F,)
+    out: dict[int, set[Kind]] = {s: set() for s in range(schedule.num_stages)}
+    for recv in recvs:
+        for s, ns in enumerate(table[recv]):
+            for n in ns:
+                out[s].add(recv)
+                out[n.stage].add(_SENDER[n.done])
+    return {s: frozenset(v) for s, v in out.items()}
+
+
+def comm_around(schedule: Schedule) -> dict[tuple[int, Kind], tuple[tuple[Kind, ...], tuple[Kind, ...]]]:
+    """Per (stage, compute kind): the comm kinds that go right before it and right after it.
+
+    A RECV goes before the compute action whose :func:`needs` name it as ``via``; a SEND after
+    the compute action that fills the slot it needs (``SEND_F`` after ``F``; ``SEND_B`` after
+    ``B`` or ``I``). Only kinds in :func:`stage_comm` appear. :func:`pippy.schedules.lower.lower`
+    inserts exactly these.
+
+        >>> from pippy.schedules.ir import Action
+        >>> s = Schedule("t", [[Action(0, Kind.F, 0), Action(0, Kind.B, 0)], []], (0, 1), 1)
+        >>> comm_around(s)[(0, Kind.B)], comm_around(s)[(1, Kind.F)]
+        (((<Kind.RECV_B: 'RECV_B'>,), ()), ((<Kind.RECV_F: 'RECV_F'>,), ()))
+    """
+    table = need_table(schedule, lowered=True)
+    comm = _stage_comm(schedule, table)
+    out: dict[tuple[int, Kind], tuple[tuple[Kind, ...], tuple[Kind, ...]]] = {}
+    for s in range(schedule.num_stages):
+        for k in (Kind.F, Kind.B, Kind.I, Kind.W):
+            before = tuple(dict.fromkeys(n.via for n in table[k][s] if n.via is not None and n.via in comm[s]))
+            own = Need(s, _DONE_OF[k], False)
+            after = tuple(c for c in (Kind.SEND_F, Kind.SEND_B) if c in comm[s] and own in table[c][s])
+            out[(s, k)] = (before, after)
+    return out
 
 
 def as_actions(items: Sequence[str | Action]) -> list[Action]:

@@ -32,9 +32,18 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TextIO
 
-from pippy.schedules.ir import Action, Kind, Schedule, chain_deps
+from pippy.schedules.ir import Action, Kind, Schedule, chain_deps, comm_around
 
-__all__ = ["defer_gradless_backward", "from_csv", "from_csv_string", "fuse_adjacent_iw", "lower", "to_csv", "to_csv_string"]
+__all__ = [
+    "defer_gradless_backward",
+    "from_csv",
+    "from_csv_string",
+    "fuse_adjacent_iw",
+    "lower",
+    "runtime_form",
+    "to_csv",
+    "to_csv_string",
+]
 
 _MAGIC = "pippy-schedule v1"
 
@@ -42,7 +51,9 @@ _MAGIC = "pippy-schedule v1"
 def lower(schedule: Schedule) -> Schedule:
     """Return a copy of a compute-only ``schedule`` with the communication inserted.
 
-    For each action on rank ``r`` of stage ``s``, micro-batch ``i``, per ``schedule.deps``:
+    For each action on rank ``r`` of stage ``s``, micro-batch ``i``, per ``schedule.deps``
+    (:func:`~pippy.schedules.ir.stage_comm` and :func:`~pippy.schedules.ir.comm_around` say
+    which kinds and where, from the one dependency rule :func:`~pippy.schedules.ir.needs`):
 
     - ``RECV_F(s, i)`` right before ``F(s, i)`` if a producer of ``s`` is on another rank;
     - ``SEND_F(s, i)`` right after ``F(s, i)`` if a consumer of ``s`` is on another rank (one
@@ -62,25 +73,24 @@ def lower(schedule: Schedule) -> Schedule:
     copy = [list(acts) for acts in schedule.actions]
     if any(a.kind.is_comm for acts in copy for a in acts):
         return Schedule(schedule.name, copy, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
-    where = schedule.stage_to_rank
-    consumers = schedule.consumers()
-    remote_prod = {s: any(where[d] != where[s] for d in schedule.deps.get(s, ())) for s in range(len(where))}
-    remote_cons = {s: any(where[c] != where[s] for c in consumers.get(s, ())) for s in range(len(where))}
+    n = schedule.num_stages
+    around = comm_around(schedule)
+    # by kind value, then stage: hashing a str is far cheaper than hashing an Enum member
+    by_kind = {k.value: [around[(s, k)] for s in range(n)] for k in (Kind.F, Kind.B, Kind.I, Kind.W)}
     out: list[list[Action]] = []
     for acts in copy:
         row: list[Action] = []
         for a in acts:
-            s, i = a.stage, a.mb
-            if a.kind is Kind.F:
-                row += [Action(s, Kind.RECV_F, i)] if remote_prod.get(s) else []
+            s = a.stage
+            if not 0 <= s < n:  # out of range: left for the validator to report
                 row.append(a)
-                row += [Action(s, Kind.SEND_F, i)] if remote_cons.get(s) else []
-            elif a.kind in (Kind.B, Kind.I):
-                row += [Action(s, Kind.RECV_B, i)] if remote_cons.get(s) else []
-                row.append(a)
-                row += [Action(s, Kind.SEND_B, i)] if remote_prod.get(s) else []
-            else:
-                row.append(a)
+                continue
+            before, after = by_kind[a.kind._value_][s]
+            if before:
+                row += [Action(s, k, a.mb) for k in before]
+            row.append(a)
+            if after:
+                row += [Action(s, k, a.mb) for k in after]
         out.append(row)
     return Schedule(schedule.name, out, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
 
@@ -134,6 +144,32 @@ def defer_gradless_backward(schedule: Schedule, stages: Iterable[int]) -> Schedu
         for acts in schedule.actions
     ]
     return Schedule(schedule.name, rows, schedule.stage_to_rank, schedule.n_microbatches, dict(schedule.deps))
+
+
+def runtime_form(schedule: Schedule, gradless_stages: Iterable[int] = (0,), *, fuse: bool = True) -> Schedule:
+    """The compute-only schedule the runtime executes for a generated ``schedule``.
+
+    With ``fuse`` (the runtime's ``fuse_backward=True``, its default):
+    :func:`defer_gradless_backward` for ``gradless_stages``, then :func:`fuse_adjacent_iw`.
+    Without, an unchanged copy. The runtime lowers and runs this, and the simulator should be fed
+    it too, so that a prediction is about what actually runs.
+
+    ``gradless_stages`` are the stages none of whose inputs needs a gradient. The default
+    ``(0,)`` fits a plain pipeline: the first stage reads only the model's inputs (token ids,
+    data), which need no gradient. The runtime passes its pipe's actual set.
+
+        >>> from pippy.schedules.generators import zb_h1
+        >>> [str(a) for a in runtime_form(zb_h1(2, 2)).actions[0]]
+        ['0F0', '0F1', '0B0', '0B1']
+        >>> [str(a) for a in runtime_form(zb_h1(2, 2), fuse=False).actions[0]]
+        ['0F0', '0F1', '0I0', '0W0', '0I1', '0W1']
+    """
+    if not fuse:
+        return Schedule(
+            schedule.name, [list(acts) for acts in schedule.actions], schedule.stage_to_rank,
+            schedule.n_microbatches, dict(schedule.deps),
+        )
+    return fuse_adjacent_iw(defer_gradless_backward(schedule, gradless_stages))
 
 
 def _format_deps(deps: Mapping[int, Sequence[int]]) -> str:

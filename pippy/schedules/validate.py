@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pippy.schedules.ir import Action, Kind, Schedule
+from pippy.schedules.ir import Action, Done, Kind, Need, Schedule, comm_around, need_table, stage_comm
 from pippy.schedules.render_grid import Cell, grid
 
 __all__ = ["ScheduleError", "deadlock_free", "unit_time_starts", "validate"]
@@ -127,83 +127,68 @@ def _check_counts(sch: Schedule, pos: dict[Action, Cell]) -> dict[tuple[int, int
     return bwd
 
 
-def _remote(sch: Schedule) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Per stage, its producers and its consumers that live on another rank."""
-    cons = sch.consumers()
-    where = sch.stage_to_rank
-    prod_r = {s: [d for d in sch.deps.get(s, ()) if where[d] != where[s]] for s in range(sch.num_stages)}
-    cons_r = {s: [c for c in cons.get(s, ()) if where[c] != where[s]] for s in range(sch.num_stages)}
-    return prod_r, cons_r
+_COMM_ORDER = (Kind.RECV_F, Kind.SEND_F, Kind.RECV_B, Kind.SEND_B)
+_KIND_OF = {Done.F: Kind.F, Done.W: Kind.W, Done.SEND_F: Kind.SEND_F, Done.SEND_B: Kind.SEND_B}
+
+
+def _peers(table: dict[Kind, tuple[tuple[Need, ...], ...]]) -> dict[tuple[int, Kind], list[int]]:
+    """Per (stage, comm kind), the stages on other ranks it talks to (read off the RECVs' needs)."""
+    peers: dict[tuple[int, Kind], list[int]] = {}
+    for recv, send in ((Kind.RECV_F, Kind.SEND_F), (Kind.RECV_B, Kind.SEND_B)):
+        for s, ns in enumerate(table[recv]):
+            for n in ns:
+                peers.setdefault((s, recv), []).append(n.stage)
+                peers.setdefault((n.stage, send), []).append(s)
+    return peers
 
 
 def _check_comm(sch: Schedule, pos: dict[Action, Cell], bwd: dict[tuple[int, int], Kind]) -> None:
     """On a lowered schedule: every needed SEND/RECV is there exactly once, and nothing else."""
-    prod_r, cons_r = _remote(sch)
-    none: dict[int, list[int]] = {s: [] for s in range(sch.num_stages)}
-    training = bool(bwd)  # forward-only schedules carry no gradients
-    need = {
-        Kind.SEND_F: cons_r, Kind.RECV_F: prod_r,
-        Kind.SEND_B: prod_r if training else none, Kind.RECV_B: cons_r if training else none,
-    }
+    comm = stage_comm(sch)  # forward-only schedules carry no gradients
     for a, cell in pos.items():
-        if a.kind.is_comm and not need[a.kind][a.stage]:
+        if a.kind.is_comm and a.kind not in comm[a.stage]:
             side = "consumer" if a.kind in (Kind.SEND_F, Kind.RECV_B) else "producer"
             raise _fail(
                 sch, f"{a} is not needed: stage {a.stage} has no {side} on another rank",
                 "SEND/RECV only between stages on different ranks (see schedule.deps)", f"remove {a}", [cell],
             )
+    around = comm_around(sch)
+    peers = _peers(need_table(sch, lowered=True))
     for s in range(sch.num_stages):
+        kinds = [k for k in _COMM_ORDER if k in comm[s]]
+        with_f = set(around[(s, Kind.F)][0] + around[(s, Kind.F)][1])
         for i in range(sch.n_microbatches):
-            f = Action(s, Kind.F, i)
-            b = Action(s, bwd[(s, i)], i) if training else f
-            for kind, anchor in ((Kind.RECV_F, f), (Kind.SEND_F, f), (Kind.RECV_B, b), (Kind.SEND_B, b)):
-                if need[kind][s] and Action(s, kind, i) not in pos:
-                    where = "before" if kind.value.startswith("RECV") else "after"
-                    raise _fail(
-                        sch, f"{Action(s, kind, i)} is missing (stage {s} talks to stages {need[kind][s]} on other ranks)",
-                        f"{Action(s, kind, i)} {where} {anchor} on rank {sch.stage_to_rank[s]}",
-                        "insert it, or build the communication with pippy.schedules.lower.lower()", [pos[anchor]],
-                    )
+            for kind in kinds:
+                if Action(s, kind, i) in pos:
+                    continue
+                anchor = Action(s, Kind.F, i) if kind in with_f else Action(s, bwd[(s, i)], i)
+                where = "before" if kind in around[(s, anchor.kind)][0] else "after"
+                raise _fail(
+                    sch, f"{Action(s, kind, i)} is missing (stage {s} talks to stages {peers[(s, kind)]} on other ranks)",
+                    f"{Action(s, kind, i)} {where} {anchor} on rank {sch.stage_to_rank[s]}",
+                    "insert it, or build the communication with pippy.schedules.lower.lower()", [pos[anchor]],
+                )
 
 
-def _needs(
-    sch: Schedule, a: Action, lowered: bool, bwd: dict[tuple[int, int], Kind], consumers: dict[int, tuple[int, ...]]
-) -> tuple[list[Action], list[Action]]:
-    """Prerequisites of ``a``: (same-rank ones that must come earlier, cross-rank ones to wait for)."""
-    s, i, k = a.stage, a.mb, a.kind
-    where = sch.stage_to_rank
+def _split(ns: tuple[Need, ...], a: Action, bwd: dict[tuple[int, int], Kind]) -> tuple[list[Action], list[Action]]:
+    """Prerequisites of ``a`` per its needs: (same-rank ones that must come earlier, cross-rank ones to wait for).
+
+    A remote need with a ``via`` (lowered schedules) is served by that RECV, which must come
+    earlier on this rank; the RECV itself does the cross-rank wait.
+    """
+    i = a.mb
     local: list[Action] = []
     remote: list[Action] = []
-
-    def add(x: Action) -> None:
-        if where[x.stage] == where[s]:
-            local.append(x)
-        elif not lowered:
-            remote.append(x)
-
-    if k is Kind.F:
-        for d in sch.deps.get(s, ()):
-            add(Action(d, Kind.F, i))
-        if lowered and any(where[d] != where[s] for d in sch.deps.get(s, ())):
-            local.append(Action(s, Kind.RECV_F, i))
-    elif k in (Kind.B, Kind.I):
-        local.append(Action(s, Kind.F, i))
-        cons = consumers.get(s, ())
-        for c in cons:
-            add(Action(c, bwd[(c, i)], i))
-        if lowered and any(where[c] != where[s] for c in cons):
-            local.append(Action(s, Kind.RECV_B, i))
-    elif k is Kind.W:
-        local.append(Action(s, Kind.I, i))
-    elif k is Kind.SEND_F:
-        local.append(Action(s, Kind.F, i))
-    elif k is Kind.SEND_B:
-        local.append(Action(s, bwd[(s, i)], i))
-    elif k is Kind.RECV_F:
-        remote += [Action(d, Kind.SEND_F, i) for d in sch.deps.get(s, ()) if where[d] != where[s]]
-    elif k is Kind.RECV_B:
-        remote += [Action(c, Kind.SEND_B, i) for c in consumers.get(s, ()) if where[c] != where[s]]
-    return local, remote
+    vias: list[Action] = []
+    for n in ns:
+        if n.via is not None:
+            via = Action(a.stage, n.via, i)
+            if via not in vias:
+                vias.append(via)
+            continue
+        x = Action(n.stage, bwd[(n.stage, i)] if n.done is Done.G else _KIND_OF[n.done], i)
+        (remote if n.remote else local).append(x)
+    return local + vias, remote
 
 
 def _prepare(sch: Schedule) -> tuple[dict[Action, Cell], dict[Action, list[Action]]]:
@@ -215,9 +200,9 @@ def _prepare(sch: Schedule) -> tuple[dict[Action, Cell], dict[Action, list[Actio
     if lowered:
         _check_comm(sch, pos, bwd)
     waits: dict[Action, list[Action]] = {}
-    consumers = sch.consumers()
+    table = need_table(sch, lowered=lowered)
     for a, (r, t) in pos.items():
-        local, remote = _needs(sch, a, lowered, bwd, consumers)
+        local, remote = _split(table[a.kind][a.stage], a, bwd)
         for x in local:
             rx, tx = pos[x]
             if tx > t:
@@ -260,7 +245,7 @@ def validate(schedule: Schedule) -> None:
     earlier in the list; and a unit-time run in which sends never block and receives (or, on a
     compute-only schedule, cross-rank prerequisites) do — it must finish without deadlock.
 
-        >>> from pippy.schedules.ir import Action, Kind, Schedule
+        >>> from pippy.schedules.ir import Action, Done, Kind, Need, Schedule, comm_around, need_table, stage_comm
         >>> bad = Schedule("bad", [[Action(0, Kind.B, 0), Action(0, Kind.F, 0)]], (0,), 1)
         >>> validate(bad)
         Traceback (most recent call last):

@@ -12,15 +12,11 @@ fill a bubble. All unit-time figures below take F = I = W = 1.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
 
 from pippy.schedules._checks import bad_args, check_pm
 from pippy.schedules.ir import Action, Kind, Schedule, v_placement
 
-if TYPE_CHECKING:
-    from pippy.sim.cost import CostModel
-
-__all__ = ["dualpipev", "zb_h1", "zb_h2", "zbv"]
+__all__ = ["ZBV_ORDERS", "dualpipev", "zb_h1", "zb_h2", "zbv"]
 
 F, IG, W = Kind.F, Kind.I, Kind.W  # IG: input gradient (a bare `I` trips linters)
 
@@ -152,49 +148,45 @@ def _greedy(name: str, p: int, m: int, placement: tuple[int, ...], cap: int, *, 
     return Schedule(name, acts, placement, m)
 
 
-def zbv(p: int, m: int, costs: CostModel | None = None) -> Schedule:
+ZBV_ORDERS = ("whole", "split")
+"""The orders :func:`zbv` builds; :func:`pippy.sim.choose.zbv_for_costs` picks the faster."""
+
+
+def zbv(p: int, m: int, order: str = "whole") -> Schedule:
     """ZB-V: V placement (rank ``r`` holds stages ``r`` and ``2p-1-r``) with split backward.
 
-    Two unit-time list schedules (see :func:`_greedy`), both keeping at most ``2p``
-    stage-micro-batches live on a rank between F and W (1F1B's activation memory, since a V
-    stage is half a 1F1B stage), and the one that simulates faster under ``costs`` wins:
+    A unit-time list schedule (see :func:`_greedy`) keeping at most ``2p`` stage-micro-batches
+    live on a rank between F and W (1F1B's activation memory, since a V stage is half a 1F1B
+    stage), in one of two orders:
 
-    * *whole*: while a rank still has forwards to run it alternates forwards with whole
+    * ``"whole"``: while a rank still has forwards to run it alternates forwards with whole
       backwards (I directly followed by its W, which the runtime runs as one cheaper B); only
       the cool-down splits, I's first, W's filling the gaps;
-    * *split*: every backward split, I first, W's deferred to fill every gap (zero bubble when
+    * ``"split"``: every backward split, I first, W's deferred to fill every gap (zero bubble when
       F = I = W and a split costs nothing).
 
-    ``costs`` (per stage, see :class:`~pippy.sim.cost.CostModel`) default to F = I = W = 1 with a
-    whole backward B = 1.5: on this project's CPU runtime a split backward costs 10-35% more
-    than a whole one (GPT-2 block: I + W 46 ms, B 34 ms). Under that default *whole* wins from
-    about ``m >= 2p - 1`` (3-15% faster for p = 1..8, more with more micro-batches) and *split*
-    below (up to 15% faster there). Pass measured costs (``pippy.sim.profile``) to decide for
-    your hardware. Constraints: ``p >= 1``, ``m >= 1``.
+    Which is faster depends on the costs: on this project's CPU runtime a split backward costs
+    10-35% more than a whole one (GPT-2 block: I + W 46 ms, B 34 ms), and with F = I = W = 1,
+    B = 1.5 *whole* wins from about ``m >= 2p - 1`` and *split* below.
+    :func:`pippy.sim.choose.zbv_for_costs` simulates both as the runtime runs them and returns the
+    faster (``ScheduleZBV`` and the command line use it). Constraints: ``p >= 1``, ``m >= 1``.
 
         >>> s = zbv(2, 2)
         >>> s.stage_to_rank, [str(a) for a in s.actions[1]][:5]
         ((0, 1, 1, 0), ['1F0', '2F0', '1F1', '2F1', '2I0'])
         >>> [str(a) for a in zbv(2, 4).actions[0]][:7]
         ['0F0', '0F1', '0F2', '3F0', '3I0', '3W0', '3F1']
+        >>> [str(a) for a in zbv(2, 4, "split").actions[1]][:7]
+        ['1F0', '2F0', '1F1', '2F1', '2I0', '1I0', '2W0']
     """
     check_pm("zbv", p, m)
-    place = v_placement(p)
-    cands = [_greedy("zbv", p, m, place, 2 * p, whole_backward=w) for w in (True, False)]
-    return min(cands, key=lambda sch: _predicted_step(sch, costs))
-
-
-def _predicted_step(schedule: Schedule, costs: CostModel | None) -> float:
-    """Simulated step time of ``schedule`` as the runtime runs it (adjacent I+W fused into B)."""
-    from pippy.schedules.lower import fuse_adjacent_iw
-    from pippy.sim.cost import CostModel, StageCost
-    from pippy.sim.simulate import simulate
-
-    if costs is None:
-        costs = CostModel(stages=[StageCost(f=1.0, i=1.0, w=1.0, fused_b=1.5) for _ in range(schedule.num_stages)])
-    elif costs.num_stages != schedule.num_stages:
-        costs = costs.rebin(schedule.num_stages)
-    return simulate(fuse_adjacent_iw(schedule), costs).step_time
+    if not isinstance(order, str) or order not in ZBV_ORDERS:
+        raise bad_args(
+            "zbv", f"order={order!r}", "order 'whole' or 'split'",
+            "pass order='whole' or order='split'; to choose the order by costs, call "
+            "pippy.sim.choose.zbv_for_costs(p, m, costs)",
+        )
+    return _greedy("zbv", p, m, v_placement(p), 2 * p, whole_backward=order == "whole")
 
 
 def dualpipev(p: int, m: int) -> Schedule:

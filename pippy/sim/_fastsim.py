@@ -2,31 +2,81 @@
 
 Each round, every rank whose next action has all its inputs finished runs that action; the rounds
 are array operations over the ranks, so the cost is about (rounds x numpy call) plus a linear pass
-to read the actions. Used by ``simulate`` for large schedules.
+to read the actions. Used by ``simulate`` for large schedules. This module also holds what the two
+engines share: the per-(kind, stage) :class:`Template` that ``simulate`` builds from
+:func:`pippy.schedules.ir.needs`, and the exceptions the numpy engine reports problems with
+(``simulate`` turns them into its public errors). numpy itself is imported on the first run, so
+``simulate`` works without it.
 """
 
 from __future__ import annotations
 
 from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
+from pippy.schedules.ir import Done, Kind, Schedule
 
-from pippy.schedules.ir import Kind, Schedule
+__all__ = ["Misfit", "NeedsLowered", "Stuck", "Template", "run_numpy"]
 
 _KINDS = list(Kind)
 # Enum members carry their definition index as ``_sort_order_`` (CPython >= 3.11): a small int,
 # far cheaper to read in bulk than hashing the member. Fall back to ids where it is missing.
 _SORT_ORDER_OK = all(getattr(k, "_sort_order_", None) == i for i, k in enumerate(_KINDS))
+_NSLOT = len(Done)
 
 
-def run_numpy(schedule: Schedule, table: dict[str, list[tuple]], slots: int, static: list[float]) -> dict[str, Any]:
-    """Simulate with numpy; ``table`` as built by ``simulate._templates``.
+class Template(NamedTuple):
+    """How every action of one (kind, stage) simulates, micro-batch aside.
+
+    Completion keys are ``(stage * len(Done) + slot) * n_microbatches + mb``; ``own`` and the
+    first item of each ``deps`` pair are such keys for micro-batch 0 (add ``mb``).
+
+        >>> Template(0, 1.0, 0, (), 1.0).duration
+        1.0
+    """
+
+    rank: int
+    """The rank the stage lives on."""
+    duration: float
+    """Seconds of work; ``-1`` marks a RECV, which blocks from "rank free" until its message arrives."""
+    own: int
+    """Key base of the completion slot the action fills, ``-1`` for a RECV (which fills none)."""
+    deps: tuple[tuple[int, float], ...]
+    """Per need, ``(key base, delay)``: it must have finished ``delay`` seconds ago (the transfer)."""
+    mem_delta: float
+    """Bytes the rank holds more (or, negative, fewer) once the action ends."""
+
+
+class Misfit(Exception):
+    """Rank ``rank``'s action at ``pos`` does not fit the schedule (or, ``duplicate``, ran twice)."""
+
+    def __init__(self, rank: int, pos: int, duplicate: bool) -> None:
+        super().__init__(rank, pos, duplicate)
+        self.rank, self.pos, self.duplicate = rank, pos, duplicate
+
+
+class Stuck(Exception):
+    """Deadlock: ``ptr[r]`` is rank ``r``'s next action; ``waiting[r]`` the key it waits for."""
+
+    def __init__(self, ptr: list[int], waiting: dict[int, int]) -> None:
+        super().__init__(ptr, waiting)
+        self.ptr, self.waiting = ptr, waiting
+
+
+class NeedsLowered(Exception):
+    """The schedule holds SEND/RECV, but the templates were built for a compute-only one."""
+
+
+def run_numpy(schedule: Schedule, table: dict[str, list[Template]], static: list[float]) -> dict[str, Any]:
+    """Simulate with numpy; ``table[kind.value][stage]`` as built by ``simulate._templates``.
 
     Returns ``starts``/``ends`` (per-rank float arrays), ``busy``, ``peak``, ``free`` lists, or
-    raises ``LookupError`` with a message and ``("deadlock", ptr, waiting)`` info in ``args``.
+    raises :class:`Misfit`, :class:`Stuck` or :class:`NeedsLowered`.
     """
+    import numpy as np
+
+    slots = _NSLOT
     R, S, M = schedule.num_ranks, schedule.num_stages, schedule.n_microbatches
     lens = np.fromiter(map(len, schedule.actions), dtype=np.int64, count=R)
     off = np.zeros(R + 1, dtype=np.int64)
@@ -49,14 +99,14 @@ def run_numpy(schedule: Schedule, table: dict[str, list[tuple]], slots: int, sta
         bad = np.asarray(schedule.stage_to_rank, dtype=np.int64)[st] != rank_of
     if bad.any():
         n = int(np.argmax(bad))
-        raise IndexError(("misfit", int(rank_of[n]), n - int(off[rank_of[n]])))
+        raise Misfit(int(rank_of[n]), n - int(off[rank_of[n]]), duplicate=False)
     kinds_here = [k.value for k in _KINDS]
     present = [k for k in kinds_here if k in table]
     if any(_KINDS[i].value not in table for i in np.nonzero(np.bincount(kc, minlength=len(_KINDS)))[0].tolist()):
-        raise KeyError("comm")
+        raise NeedsLowered()
     # template arrays indexed by kind * S + stage
     T = len(_KINDS) * S
-    D = max((len(row[3]) for k in present for row in table[k]), default=0) or 1
+    D = max((len(row.deps) for k in present for row in table[k]), default=0) or 1
     t_rank = np.full(T, -1, dtype=np.int64)
     t_dur = np.zeros(T)
     t_own = np.full(T, -1, dtype=np.int64)
@@ -65,10 +115,10 @@ def run_numpy(schedule: Schedule, table: dict[str, list[tuple]], slots: int, sta
     t_dd = np.zeros((T, D))
     for kname in present:
         i = kinds_here.index(kname)
-        for s, (r, dur, own, deps, dm) in enumerate(table[kname]):
+        for s, tp in enumerate(table[kname]):
             t = i * S + s
-            t_rank[t], t_dur[t], t_own[t], t_dm[t] = r, dur, own, dm
-            for j, (b, d) in enumerate(deps):
+            t_rank[t], t_dur[t], t_own[t], t_dm[t] = tp.rank, tp.duration, tp.own, tp.mem_delta
+            for j, (b, d) in enumerate(tp.deps):
                 t_db[t, j], t_dd[t, j] = b, d
     tid = kc * S + st
     del kc, st
@@ -82,13 +132,13 @@ def run_numpy(schedule: Schedule, table: dict[str, list[tuple]], slots: int, sta
     has = own >= 0
     keys = own[has] + mb[has]
     hn = nodes[has]
-    comp = (own[has] % (slots * M)) < 3 * M  # F, B/I, W slots
+    comp = (own[has] % (slots * M)) < int(Done.SEND_F) * M  # F, G, W slots: a compute action
     node_of_key[keys[~comp][::-1]] = hn[~comp][::-1]  # first SEND wins
-    node_of_key[keys[comp]] = hn[comp]
+    node_of_key[keys[comp][::-1]] = hn[comp][::-1]  # first compute action wins: a repeat is the misfit
     dup = node_of_key[keys[comp]] != hn[comp]
     if dup.any():
         n = int(hn[comp][np.argmax(dup)])
-        raise IndexError(("dup", int(rank_of[n]), n - int(off[rank_of[n]])))
+        raise Misfit(int(rank_of[n]), n - int(off[rank_of[n]]), duplicate=True)
     del keys, hn, comp, has
     # one 1-D array per dependency column (row gathers plus axis reductions are ~3x slower)
     dep_cols: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -121,11 +171,11 @@ def run_numpy(schedule: Schedule, table: dict[str, list[tuple]], slots: int, sta
         ok = ~np.isnan(r0)
         if not ok.all():
             if not ok.any():
-                waiting = {}
+                waiting: dict[int, int] = {}
                 for r, p in zip(active.tolist(), cur.tolist()):
                     j = int(np.argmax([np.isnan(done[dn[p]]) for dn, _ in dep_cols]))
                     waiting[r] = int(t_db[tid[p], j] + mb[p])
-                raise LookupError(("deadlock", (ptr - off[:-1]).tolist(), waiting))
+                raise Stuck((ptr - off[:-1]).tolist(), waiting)
             cur, ar, r0 = cur[ok], active[ok], r0[ok]
         else:
             ar = active

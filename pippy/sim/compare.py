@@ -1,7 +1,14 @@
 """Prediction vs measurement: load a real run's trace (either JSON format) and lay it beside the simulation.
 
-    >>> # sched = pippy.Schedule1F1B(stage, 8, loss_fn=F.mse_loss, trace="run.json"); sched.step(x, target=y)
-    >>> # print(predict_vs_measure(sched.schedule, costs, load_timeline("run.json")))
+A real run (one process per rank, under torchrun) writes its trace on rank 0 with ``trace=``;
+compare it with the simulation of the schedule it ran, under a cost model::
+
+    sched = pippy.Schedule1F1B(stage, 8, loss_fn=F.mse_loss, trace="run.json")
+    sched.step(x, target=y)
+    if rank == 0:
+        print(predict_vs_measure(sched.schedule, costs, load_timeline("run.json")))
+
+``python -m pippy trace-compare pred.json run.json`` does the same from the command line.
 """
 
 from __future__ import annotations
@@ -60,7 +67,12 @@ def from_chrome_trace(data: dict[str, Any]) -> Timeline:
 def load_timeline(path: str | Path) -> Timeline:
     """Read a timeline JSON (``Timeline.to_json``, ``simulate --save-timeline``) or a Chrome trace.
 
-        >>> # load_timeline("run.json").step_time
+        >>> import tempfile
+        >>> t = Timeline([Event(0, Action.parse("0F0"), 0.0, 0.5), Event(1, Action.parse("1F0"), 0.5, 1.5)], 2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     t.to_json(Path(d) / "run.json")
+        ...     load_timeline(Path(d) / "run.json").step_time
+        1.5
     """
     try:
         data = json.loads(Path(path).read_text())

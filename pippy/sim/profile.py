@@ -1,8 +1,16 @@
 """Measure a Pipe's per-stage costs and the rank-to-rank link, and return a CostModel for the simulator.
 
-    >>> # pipe = pipeline(model, 4, example_args=(x,)); profile(pipe, (x,), loss_fn=F.mse_loss, target=y).to_json("c.json")
+    >>> import torch
+    >>> from pippy import SplitPoint, pipeline
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> x, y = torch.randn(4, 8), torch.randn(4, 1)
+    >>> pipe = pipeline(net, 2, example_args=(x,), split_spec={"1": SplitPoint.END})
+    >>> costs = profile(pipe, (x,), loss_fn=torch.nn.functional.mse_loss, target=y, repeats=1, warmup=0)
+    >>> costs.num_stages, costs.microbatches, all(c.f > 0 and c.b > 0 for c in costs.stages)
+    (2, 2, True)
 
-Each stage is timed through the runtime's own :class:`~pippy.runtime.stage.PipelineStage`, so
+Each stage is timed through the runtime's own stage (any :class:`ProfiledStage`: what
+``pipe.build_stage`` returns, built here without importing the runtime), so
 the profile measures exactly what the executor runs: ``F`` is ``stage.forward`` (plus the loss on
 the last stage), ``B`` is ``stage.backward`` and, for split-backward schedules, ``I`` and ``W``
 are ``stage.backward_input`` / ``stage.backward_weight`` after a forward with weight-grad taps.
@@ -25,17 +33,65 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
+from pippy.frontend.costs import value_nbytes
+from pippy.frontend.split import USER, StageInfo
 from pippy.sim.cost import CostModel, StageCost
+from pippy.sim.memory import SavedBytes
 
-__all__ = ["measure_link", "median_costs", "profile", "profile_ranks"]
+__all__ = ["Profilable", "ProfiledStage", "measure_link", "median_costs", "profile", "profile_ranks"]
 
-_USER = -1
+
+class ProfiledStage(Protocol):
+    """What the profiler calls on a stage: the runtime stage's per-micro-batch compute."""
+
+    def forward(self, mb: int, inputs: Sequence[Any], *, training: bool, split_backward: bool = False) -> tuple[Any, ...]:
+        """Forward of one micro-batch."""
+
+    def set_loss(self, mb: int, loss: torch.Tensor) -> None:
+        """Attach the last stage's loss."""
+
+    def backward(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+        """Full backward (B)."""
+
+    def backward_input(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+        """Input-gradient backward (I)."""
+
+    def backward_weight(self, mb: int) -> None:
+        """Weight-gradient backward (W)."""
+
+    def clear(self) -> None:
+        """Drop every micro-batch's state."""
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The stage's parameters."""
+
+
+@runtime_checkable
+class Profilable(Protocol):
+    """What the profiler needs of a pipe: its stages and data flow, and a way to build a stage (``pippy.Pipe``)."""
+
+    stage_infos: list[StageInfo]
+    num_chunks: int
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages."""
+
+    def split_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> list[list[Any]]:
+        """The example batch as ``n`` flat micro-batches."""
+
+    def unflatten_output(self, flat: tuple[Any, ...] | list[Any]) -> Any:
+        """The last stage's flat outputs in the model's output structure."""
+
+    def build_stage(self, i: int, device: torch.device | str) -> ProfiledStage:
+        """The runtime stage ``i`` on ``device``."""
 
 
 def _tensors(xs: Any) -> list[torch.Tensor]:
@@ -44,14 +100,10 @@ def _tensors(xs: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(xs) if isinstance(t, torch.Tensor)]
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return int(t.numel() * t.element_size())
-
-
 class _Bench:
     """Times one stage the way the executor runs it, on one micro-batch."""
 
-    def __init__(self, pipe: Any, s: int, inputs: list[Any], target: Any, loss_fn: Callable[..., Any] | None,
+    def __init__(self, pipe: Profilable, s: int, inputs: list[Any], target: Any, loss_fn: Callable[..., Any] | None,
                  device: str | torch.device) -> None:
         self.pipe, self.s = pipe, s
         self.last = s == pipe.num_stages - 1
@@ -95,30 +147,11 @@ class _Bench:
         return {"F": t1 - t0, "B": time.perf_counter() - t1}
 
     def act_bytes(self) -> float:
-        saved: dict[Any, int] = {}
-        keep: list[torch.Tensor] = []
-
-        def pack(t: torch.Tensor) -> int:
-            try:
-                key: Any = t.untyped_storage().data_ptr()
-            except (RuntimeError, NotImplementedError):
-                key = id(t)
-            saved[key] = max(saved.get(key, 0), _nbytes(t))
-            # Hold a detached alias until the count is done: it keeps the storage (so a freed
-            # intermediate's address cannot be reused by another saved tensor and hide it) without
-            # the saved-output <-> graph-node cycle that returning ``t`` would make, which Python's
-            # GC cannot see and which, with no backward, would leak every profile round.
-            keep.append(t.detach())
-            return 0
-
-        def unpack(_: int) -> torch.Tensor:
-            raise RuntimeError("pippy.sim.profile: the activation-size forward has no backward")
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            self.forward(False)
+        """Bytes autograd saves in one forward (each storage once, parameters left out), as the runtime counts them."""
+        with SavedBytes(skip=self.stage.parameters()) as counter:
+            self.forward(False)  # the graph keeps every counted storage alive until clear(): no address reuse
         self.stage.clear()
-        keep.clear()
-        return float(sum(saved.values()))
+        return float(counter.total)
 
 
 def _ignored_split_backward(value: bool | None) -> None:
@@ -129,10 +162,10 @@ def _ignored_split_backward(value: bool | None) -> None:
                       "tapped F + I + W); the simulator picks per stage", DeprecationWarning, stacklevel=3)
 
 
-def _stage_inputs(pipe: Any, s: int, user: list[Any], outputs: dict[int, tuple[Any, ...]]) -> list[Any]:
+def _stage_inputs(pipe: Profilable, s: int, user: list[Any], outputs: dict[int, tuple[Any, ...]]) -> list[Any]:
     raw: list[Any] = []
     for ref in pipe.stage_infos[s].inputs:
-        v = user[ref.index] if ref.src_stage == _USER else outputs[ref.src_stage][ref.index]
+        v = user[ref.index] if ref.src_stage == USER else outputs[ref.src_stage][ref.index]
         raw.append(v.detach() if isinstance(v, torch.Tensor) else v)
     return raw
 
@@ -155,23 +188,25 @@ def _measure(bench: _Bench, repeats: int, warmup: int, place: Sequence[int] | No
         readers = info.consumers[j] if j < len(info.consumers) else []
         remote = any((place[c] != place[bench.s]) if place else c != bench.s for c, _ in readers)
         if isinstance(o, torch.Tensor) and remote:
-            sent += _nbytes(o)
-            grad += _nbytes(o) if bench.grads[j] is not None else 0
+            sent += value_nbytes(o)
+            grad += value_nbytes(o) if bench.grads[j] is not None else 0
     params = [p for p in bench.stage.parameters() if p.requires_grad]
     return StageCost(f=med(False, "F"), i=med(True, "I"), w=med(True, "W"), fused_b=med(False, "B"),
                      split_f=med(True, "F"), act_bytes=bench.act_bytes(), send_bytes=float(sent),
-                     grad_bytes=float(grad), static_bytes=float(2 * sum(_nbytes(p) for p in params)))
+                     grad_bytes=float(grad), static_bytes=float(2 * sum(value_nbytes(p) for p in params)))
 
 
-def _profile_stages(pipe: Any, example_args: Sequence[Any], example_kwargs: dict[str, Any] | None, *,
+def _profile_stages(pipe: Profilable, example_args: Sequence[Any], example_kwargs: dict[str, Any] | None, *,
                     which: Iterable[int], loss_fn: Callable[..., Any] | None, target: Any, repeats: int,
                     warmup: int, threads: int | None, device: str | torch.device, place: Sequence[int] | None = None) -> dict[int, StageCost]:
     from pippy.microbatch import split_value
 
-    infos = getattr(pipe, "stage_infos", None)
-    if infos is None or not hasattr(pipe, "num_stages") or not hasattr(pipe, "build_stage"):
-        raise TypeError("profile() needs a Pipe (see pippy.pipeline): num_stages, stage_infos, build_stage")
-    n = int(getattr(pipe, "num_chunks", 1) or 1)
+    if not isinstance(pipe, Profilable):
+        raise TypeError(
+            f"profile() needs a pippy.Pipe (from pippy.pipeline), got {type(pipe).__name__}: it must have stage_infos, "
+            "num_stages, num_chunks, split_inputs, unflatten_output and build_stage"
+        )
+    n = max(1, pipe.num_chunks)
     user = list(pipe.split_inputs(tuple(example_args), dict(example_kwargs or {}), n)[0])
     tgt = split_value(target, n)[0] if target is not None else None
     want = set(which)
@@ -194,7 +229,7 @@ def _profile_stages(pipe: Any, example_args: Sequence[Any], example_kwargs: dict
 
 
 def profile(
-    pipe: Any,
+    pipe: Profilable,
     example_args: Sequence[Any],
     example_kwargs: dict[str, Any] | None = None,
     *,
@@ -214,13 +249,14 @@ def profile(
     ``split_backward`` option is ignored (with a DeprecationWarning). Latency and bandwidth stay 0 / infinite: set them, or
     use :func:`profile_ranks`. The model's ``microbatches`` is the pipe's ``num_chunks``.
 
-        >>> # costs = profile(pipe, (x,), loss_fn=F.mse_loss, target=y, threads=1); costs.to_json("c.json")
+    The module docstring runs it on a small model; ``costs.to_json("c.json")`` saves the result
+    for ``python -m pippy simulate --costs c.json``.
     """
     _ignored_split_backward(split_backward)
-    n = int(pipe.num_stages)
+    n = pipe.num_stages
     got = _profile_stages(pipe, example_args, example_kwargs, which=range(n), loss_fn=loss_fn, target=target,
                           repeats=repeats, warmup=warmup, threads=threads, device=device)
-    return CostModel(stages=[got[s] for s in range(n)], microbatches=int(getattr(pipe, "num_chunks", 1) or 1))
+    return CostModel(stages=[got[s] for s in range(n)], microbatches=max(1, pipe.num_chunks))
 
 
 def measure_link(group: Any = None, *, ranks: tuple[int, int] = (0, 1), nbytes: int = 4 << 20,
@@ -231,7 +267,7 @@ def measure_link(group: Any = None, *, ranks: tuple[int, int] = (0, 1), nbytes: 
     a round trip (median of ``repeats``); latency is that of a 4-byte message, bandwidth comes from
     the extra time an ``nbytes`` message takes. Tensors are float32 on the CPU (gloo).
 
-        >>> # latency, bandwidth = measure_link()     # under torchrun, on every rank
+    Under torchrun, every rank calls ``latency, bandwidth = measure_link()``.
     """
     import torch.distributed as dist
 
@@ -268,7 +304,7 @@ def measure_link(group: Any = None, *, ranks: tuple[int, int] = (0, 1), nbytes: 
 
 
 def profile_ranks(
-    pipe: Any,
+    pipe: Profilable,
     example_args: Sequence[Any],
     placement: Sequence[int],
     example_kwargs: dict[str, Any] | None = None,
@@ -289,7 +325,9 @@ def profile_ranks(
     the ranks of stages 0 and 1 (when they differ). ``send_bytes`` count only outputs read on
     another rank.
 
-        >>> # costs = profile_ranks(pipe, (x,), Schedule1F1B.placement(2), loss_fn=F.mse_loss, target=y, threads=1)
+    Under torchrun, on every rank::
+
+        costs = profile_ranks(pipe, (x,), Schedule1F1B.placement(2), loss_fn=F.mse_loss, target=y, threads=1)
     """
     import torch.distributed as dist
 
@@ -304,9 +342,9 @@ def profile_ranks(
     merged = {s: c for part in parts for s, c in part.items()}
     a, b = placement[0], next((r for r in placement if r != placement[0]), placement[0])
     lat, bw = measure_link(group, ranks=(a, b)) if a != b else (0.0, float("inf"))
-    n = int(pipe.num_stages)
+    n = pipe.num_stages
     return CostModel(stages=[merged[s] for s in range(n)], latency=lat, bandwidth=bw,
-                     microbatches=int(getattr(pipe, "num_chunks", 1) or 1))
+                     microbatches=max(1, pipe.num_chunks))
 
 
 def median_costs(models: Sequence[CostModel]) -> CostModel:

@@ -129,7 +129,13 @@ def _paint(chars: list[str], kinds: list[Kind | None]) -> str:
 def render_png(tl: Timeline, path: str | Path, *, title: str | None = None) -> None:
     """Draw the timeline as a Gantt chart PNG (needs matplotlib: ``pip install pippy[viz]``).
 
-        >>> render_png(Timeline([], 1), "/tmp/pippy_doctest.png")  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pippy.schedules.ir import Action
+        >>> from pippy.sim.timeline import Event
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     render_png(Timeline([Event(0, Action.parse("0F0"), 0.0, 1.0)], 1), Path(d) / "step.png")
+        ...     (Path(d) / "step.png").stat().st_size > 0
+        True
     """
     try:
         import matplotlib

@@ -3,10 +3,12 @@
 Each rank runs its actions in order. An action starts when its rank is free and every input has
 arrived: an input made on another rank arrives ``latency + bytes / bandwidth`` after its producer
 ends (or, in a lowered schedule, after the producer's SEND); inputs from the same rank are ready
-when their action has ended. ``RECV`` actions block until their message arrives; ``SEND`` actions
-take no time. Compute-only and lowered schedules are both accepted. Durations come from the
-CostModel: ``B`` takes ``b``, ``I`` and ``W`` their own, and ``F`` takes ``split_f`` on the stages
-whose backward the schedule splits (those with an ``I`` action), ``f`` elsewhere.
+when their action has ended. What an action waits for is :func:`pippy.schedules.ir.needs`, the
+rule the validator, the lowering and the runtime follow too. ``RECV`` actions block until their
+message arrives; ``SEND`` actions take no time. Compute-only and lowered schedules are both
+accepted. Durations come from the CostModel: ``B`` takes ``b``, ``I`` and ``W`` their own, and
+``F`` takes ``split_f`` on the stages whose backward the schedule splits (those with an ``I``
+action), ``f`` elsewhere.
 
     >>> from pippy.schedules.ir import Schedule, as_actions
     >>> from pippy.sim.cost import CostModel
@@ -23,15 +25,15 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from pippy.schedules.ir import Action, Kind, Schedule
-from pippy.sim.cost import CostModel
+from pippy.schedules.ir import Action, Done, Kind, Need, Schedule, need_table
+from pippy.sim._fastsim import Misfit, NeedsLowered, Stuck, Template
+from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.timeline import Event, Timeline
 
 __all__ = ["DeadlockError", "SimResult", "simulate"]
 
-# Completion slots: a key is (stage * _NSLOT + slot) * n_microbatches + mb.
-_F, _G, _W, _SF, _SB = 0, 1, 2, 3, 4  # forward, input-grad (B or I), weight-grad, SEND_F, SEND_B
-_NSLOT = 5
+# Completion slots are pippy.schedules.ir.Done: a key is (stage * _NSLOT + slot) * n_microbatches + mb.
+_NSLOT = len(Done)
 _NUMPY_MIN_RANKS = 16  # below this the per-action loop wins (numpy rounds cost ~50 us each)
 try:
     import numpy  # noqa: F401
@@ -39,7 +41,7 @@ try:
     _HAVE_NUMPY = True
 except ImportError:  # pragma: no cover - numpy ships with most torch installs
     _HAVE_NUMPY = False
-_SLOT_NAME = {_F: "F", _G: "B/I", _W: "W", _SF: "SEND_F", _SB: "SEND_B"}
+_SLOT_NAME = {Done.F: "F", Done.G: "B/I", Done.W: "W", Done.SEND_F: "SEND_F", Done.SEND_B: "SEND_B"}
 
 
 class DeadlockError(RuntimeError):
@@ -83,47 +85,47 @@ class SimResult:
         return sum(self.bubble) / max(1, len(self.bubble))
 
 
-class _Lowered(Exception):
-    """Internal: a comm action showed up while simulating in compute-only mode."""
+def _work(kind: Kind, c: StageCost, split: bool) -> tuple[float, float]:
+    """(duration, memory delta) of ``kind`` on a stage costing ``c``; a RECV's duration is -1."""
+    if kind is Kind.F:
+        return c.forward_time(split), c.act_bytes
+    if kind is Kind.B:
+        return c.b, -c.act_bytes
+    if kind is Kind.I:
+        return c.i, -(c.act_bytes - c.held_until_w)
+    if kind is Kind.W:
+        return c.w, -c.held_until_w
+    return (-1.0 if kind in (Kind.RECV_F, Kind.RECV_B) else 0.0), 0.0
 
 
-def _templates(schedule: Schedule, costs: CostModel, lowered: bool) -> dict[str, list[tuple]]:
-    """Per kind, per stage: (rank, duration, own key base, deps ((key base, delay), ...), mem delta)."""
-    S, M = schedule.num_stages, schedule.n_microbatches
-    place = schedule.stage_to_rank
-    cons = schedule.consumers()
+def _templates(schedule: Schedule, costs: CostModel, lowered: bool) -> dict[str, list[Template]]:
+    """Per kind (by value), per stage: the :class:`Template` built from ``pippy.schedules.ir.needs``.
 
-    def base(stage: int, slot: int) -> int:
-        return (stage * _NSLOT + slot) * M
-
-    def xfer(nbytes: float) -> float:
-        return costs.transfer_time(nbytes)
-
-    table: dict[str, list[tuple]] = {k.value: [] for k in Kind if lowered or k.is_compute}
+    A remote need waits for the transfer too: a forward edge (``F`` / ``SEND_F``) carries the
+    producer's ``send_bytes``, a gradient edge (``G`` / ``SEND_B``) the waiting stage's
+    ``grad_out_bytes``. Comm kinds get templates only when ``lowered``.
+    """
+    M = schedule.n_microbatches
+    place, stages = schedule.stage_to_rank, costs.stages
+    needs = need_table(schedule, lowered=lowered)
     split = {a.stage for acts in schedule.actions for a in acts if a.kind is Kind.I}
-    for s in range(S):
-        c = costs.stages[s]
-        r = place[s]
-        # inputs of F(s): outputs of deps; inputs of B/I(s): gradients from consumers + own F
-        f_in = [
-            (base(d, _F), 0.0) if place[d] == r else (base(d, _SF if lowered else _F), xfer(costs.stages[d].send_bytes))
-            for d in schedule.deps.get(s, ())
-        ]
-        g_in = [
-            (base(q, _G), 0.0) if place[q] == r else (base(q, _SB if lowered else _G), xfer(c.grad_out_bytes))
-            for q in cons.get(s, ())
-        ]
-        f_remote = tuple(x for d, x in zip(schedule.deps.get(s, ()), f_in) if place[d] != r)
-        g_remote = tuple(x for q, x in zip(cons.get(s, ()), g_in) if place[q] != r)
-        table["F"].append((r, c.forward_time(s in split), base(s, _F), tuple(f_in), c.act_bytes))
-        table["B"].append((r, c.b, base(s, _G), ((base(s, _F), 0.0), *g_in), -c.act_bytes))
-        table["I"].append((r, c.i, base(s, _G), ((base(s, _F), 0.0), *g_in), -(c.act_bytes - c.held_until_w)))
-        table["W"].append((r, c.w, base(s, _W), ((base(s, _G), 0.0),), -c.held_until_w))
-        if lowered:  # duration -1 marks a RECV: it spans from "rank free" to "message arrived"
-            table["SEND_F"].append((r, 0.0, base(s, _SF), ((base(s, _F), 0.0),), 0.0))
-            table["SEND_B"].append((r, 0.0, base(s, _SB), ((base(s, _G), 0.0),), 0.0))
-            table["RECV_F"].append((r, -1.0, -1, f_remote, 0.0))
-            table["RECV_B"].append((r, -1.0, -1, g_remote, 0.0))
+
+    def dep(waiting: int, n: Need) -> tuple[int, float]:
+        key = (n.stage * _NSLOT + int(n.done)) * M
+        if not n.remote:
+            return key, 0.0
+        nbytes = stages[n.stage].send_bytes if n.done in (Done.F, Done.SEND_F) else stages[waiting].grad_out_bytes
+        return key, costs.transfer_time(nbytes)
+
+    table: dict[str, list[Template]] = {}
+    for k in Kind:
+        if not (lowered or k.is_compute):
+            continue
+        rows = table[k.value] = []
+        for s in range(schedule.num_stages):
+            dur, dm = _work(k, stages[s], s in split)
+            own = -1 if k.done is None else (s * _NSLOT + int(k.done)) * M
+            rows.append(Template(place[s], dur, own, tuple(dep(s, n) for n in needs[k][s]), dm))
     return table
 
 
@@ -132,7 +134,7 @@ def _describe_key(key: int, schedule: Schedule) -> str:
     M = schedule.n_microbatches
     sk, mb = divmod(key, M)
     stage, slot = divmod(sk, _NSLOT)
-    return f"{stage}{_SLOT_NAME[slot]}{mb} (rank {schedule.stage_to_rank[stage]})"
+    return f"{stage}{_SLOT_NAME[Done(slot)]}{mb} (rank {schedule.stage_to_rank[stage]})"
 
 
 def simulate(schedule: Schedule, costs: CostModel, *, engine: str = "auto") -> SimResult:
@@ -161,7 +163,7 @@ def simulate(schedule: Schedule, costs: CostModel, *, engine: str = "auto") -> S
         return _run_numpy(schedule, costs)
     try:
         return _run(schedule, costs, lowered=False)
-    except _Lowered:
+    except NeedsLowered:
         return _run(schedule, costs, lowered=True)
 
 
@@ -180,19 +182,17 @@ def _run_numpy(schedule: Schedule, costs: CostModel) -> SimResult:
     gc.disable()  # millions of short-lived objects; collection passes would dominate
     try:
         try:
-            out = run_numpy(schedule, _templates(schedule, costs, False), _NSLOT, _static(schedule, costs))
-        except KeyError:
-            out = run_numpy(schedule, _templates(schedule, costs, True), _NSLOT, _static(schedule, costs))
-    except IndexError as e:
-        what, r, p = e.args[0]
-        a = schedule.actions[r][p]
-        if what == "dup":
-            raise ValueError(f"rank {r} runs {a} (position {p}) a second time") from None
-        raise ValueError(_misfit(schedule, r, p, a)) from None
-    except LookupError as e:
-        _, ptr, waiting = e.args[0]
-        stuck = [r for r in range(schedule.num_ranks) if ptr[r] < len(schedule.actions[r])]
-        raise DeadlockError(_deadlock_message(schedule, stuck, ptr, waiting)) from None
+            out = run_numpy(schedule, _templates(schedule, costs, False), _static(schedule, costs))
+        except NeedsLowered:
+            out = run_numpy(schedule, _templates(schedule, costs, True), _static(schedule, costs))
+    except Misfit as e:
+        a = schedule.actions[e.rank][e.pos]
+        if e.duplicate:
+            raise ValueError(f"rank {e.rank} runs {a} (position {e.pos}) a second time") from None
+        raise ValueError(_misfit(schedule, e.rank, e.pos, a)) from None
+    except Stuck as e:
+        stuck = [r for r in range(schedule.num_ranks) if e.ptr[r] < len(schedule.actions[r])]
+        raise DeadlockError(_deadlock_message(schedule, stuck, e.ptr, e.waiting)) from None
     finally:
         if gc_was:
             gc.enable()
@@ -203,8 +203,13 @@ def _run_numpy(schedule: Schedule, costs: CostModel) -> SimResult:
 
 def _run(schedule: Schedule, costs: CostModel, lowered: bool) -> SimResult:
     R, M = schedule.num_ranks, schedule.n_microbatches
-    table = _templates(schedule, costs, lowered)
+    # plain tuples: unpacking a NamedTuple (a tuple subclass) misses the interpreter's fast path (~3x slower)
+    table: dict[str, list[tuple[int, float, int, tuple[tuple[int, float], ...], float]]] = {
+        k: [(tp.rank, tp.duration, tp.own, tp.deps, tp.mem_delta) for tp in rows]
+        for k, rows in _templates(schedule, costs, lowered).items()
+    }
     done = [-1.0] * (schedule.num_stages * _NSLOT * M)
+    span, sends = _NSLOT * M, int(Done.SEND_F) * M  # own % span < sends: a compute slot (F, G, W)
     ptr = [0] * R
     free = [0.0] * R
     busy = [0.0] * R
@@ -244,7 +249,7 @@ def _run(schedule: Schedule, costs: CostModel, lowered: bool) -> SimResult:
                         en = st + dur
                         bz += dur
                         k = own + mb
-                        if done[k] >= 0.0 and own % (_NSLOT * M) < _SF * M:
+                        if done[k] >= 0.0 and own % span < sends:
                             raise ValueError(f"rank {r} runs {a} (position {p}) a second time")
                         done[k] = en
                         if k in waiters:
@@ -264,7 +269,7 @@ def _run(schedule: Schedule, costs: CostModel, lowered: bool) -> SimResult:
             ptr[r], free[r], busy[r], mem[r], peak[r] = p, t, bz, m, pk
     except KeyError:
         if a is not None and a.kind.is_comm and not lowered:
-            raise _Lowered() from None
+            raise NeedsLowered() from None
         raise
     except IndexError:
         raise ValueError(_misfit(schedule, r, ptr[r], a)) from None

@@ -93,7 +93,7 @@ def test_closed_form_weight_grads_match_autograd() -> None:
         assert torch.allclose(got[name], p.grad, atol=1e-12), name
     stage = pipeline(copy.deepcopy(model), 2, (x,)).build_stage(0, "cpu")
     stage.forward(0, [x[:2]], training=True, split_backward=True)
-    assert [f[0] for f in stage._tap_fast if f is not None] == ["linear", "layer_norm"]
+    assert [f.kind for f in stage.taps.forms if f is not None] == ["linear", "layer_norm"]
 
 
 def test_activation_counter_keeps_nothing_alive_after_clear() -> None:

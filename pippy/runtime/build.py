@@ -1,0 +1,52 @@
+"""Build the runtime stage of a split pipe on this rank: its own copy of its tensors, filled and ready.
+
+    >>> import torch
+    >>> from pippy import SplitPoint, pipeline
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    >>> pipe = pipeline(net, 2, (torch.ones(4, 4),), split_spec={"0": SplitPoint.END})
+    >>> stage = build_stage(pipe, 1, "cpu", recompute=True)
+    >>> stage, sorted(stage.state_dict())
+    (PipelineStage(index=1, of=2, device=cpu), ['1.bias', '1.weight'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pippy.frontend.materialize import Checkpoint, materialize_stage
+from pippy.frontend.pipe import SplitPipe
+from pippy.runtime.api import PipelineStage
+from pippy.runtime.recompute import enable_recompute
+
+__all__ = ["build_stage"]
+
+
+def build_stage(
+    pipe: SplitPipe,
+    i: int,
+    device: torch.device | str,
+    group: Any = None,
+    *,
+    checkpoint: Checkpoint | None = None,
+    init_fn: Callable[[nn.Module], None] | None = None,
+    recompute: bool = False,
+) -> PipelineStage:
+    """Stage ``i`` of ``pipe`` on ``device`` with its own copy of its parameters (``pipe.build_stage``).
+
+    For a model traced on the meta device, ``checkpoint`` (a state_dict, a ``torch.save`` or
+    ``.safetensors`` file of the full model, keyed by original FQNs) and/or ``init_fn`` (called
+    on the original modules, e.g. HF's ``model._init_weights``; default ``reset_parameters``)
+    fill only this stage's tensors (without either, meta tensors stay as NaN placeholders until
+    ``pippy.frontend.materialize.materialize_stage``). ``recompute=True`` recomputes activations
+    in backward. ``group`` is the pipeline's process group (default: the whole world).
+    """
+    stage = PipelineStage(pipe, i, device, group)
+    if checkpoint is not None or init_fn is not None:
+        materialize_stage(stage, checkpoint=checkpoint, init_fn=init_fn, model=pipe.source_model())
+    if recompute:
+        enable_recompute(stage)
+    return stage

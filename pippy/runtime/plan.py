@@ -1,0 +1,107 @@
+"""The communication plan of one rank for one schedule: edges, tags, who sends what to whom, prefetch points.
+
+Built once per (schedule, rank) and read by the executor at every step. Every value that
+crosses ranks travels on an *edge*: output ``j`` of stage ``src`` read as input ``k`` of stage
+``dst``. Edges are numbered in one global order (producer stage, then output, then consumer);
+both ends post their messages between a pair of ranks in that order, which is what backends
+that match messages in posting order (NCCL) need, and tags make them unambiguous elsewhere (gloo).
+
+    >>> import torch
+    >>> from pippy import SplitPoint, pipeline
+    >>> from pippy.schedules.generators import one_f_one_b
+    >>> from pippy.schedules.lower import lower
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> pipe = pipeline(net, 2, (torch.ones(2, 2),), split_spec={"0": SplitPoint.END})
+    >>> plan = CommPlan(pipe.stage_infos, lower(one_f_one_b(2, 2)), rank=1, ordered=False)
+    >>> [(e.src, e.dst, e.peer) for e in plan.recv_f[1]], plan.send_b_stages
+    ([(0, 1, 0)], frozenset({1}))
+    >>> [str(a) for a in plan.actions[:5]], plan.prefetch_at   # 1RECV_F1 is posted at 1B0
+    (['1RECV_F0', '1F0', '1B0', '1SEND_B0', '1RECV_F1'], {2: [4]})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pippy.frontend.split import StageInfo
+from pippy.schedules.ir import Kind, Schedule, stage_comm
+
+__all__ = ["CommPlan", "Edge"]
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """Output ``j`` of stage ``src`` read as input ``k`` of stage ``dst``; ``peer`` is the rank at the other end.
+
+        >>> Edge(3, 0, 1, 2, 0, peer=1).tag(backward=True, mb=2, n_microbatches=4)
+        30
+    """
+
+    id: int
+    src: int
+    j: int
+    dst: int
+    k: int
+    peer: int
+
+    def tag(self, *, backward: bool, mb: int, n_microbatches: int) -> int:
+        """The message tag of this edge's activation (or, ``backward``, gradient) for micro-batch ``mb``."""
+        return (self.id * 2 + int(backward)) * n_microbatches + mb
+
+
+class CommPlan:
+    """Rank ``rank``'s messages under ``schedule`` (lowered), for the stages in ``infos``.
+
+    Per local stage ``s``: ``recv_f[s]`` the remote inputs it receives, ``send_f[s]`` the remote
+    consumers of its outputs, ``recv_b[s]`` the gradients of its outputs that come back,
+    ``send_b[s]`` the gradients of its inputs it returns — each in edge order, the order the
+    other end posts them. ``readers[s]`` counts who reads its forward-only outputs (its SEND_F
+    once, plus each local consumer stage). ``prefetch_at[i]`` lists the RECV actions posted one
+    compute action early, at action ``i`` (none on ``ordered`` transports, which match in
+    posting order). ``send_b_stages`` are the stages that run a SEND_B after their backward.
+    """
+
+    def __init__(self, infos: Sequence[StageInfo], schedule: Schedule, rank: int, *, ordered: bool) -> None:
+        where = schedule.stage_to_rank
+        mine = set(schedule.stages_of(rank))
+        self.rank = rank
+        self.actions = schedule.actions[rank]
+        self.n_microbatches = schedule.n_microbatches
+        edges: list[Edge] = []
+        for info in infos:
+            for j, cons in enumerate(info.consumers):
+                for d, k in cons:
+                    peer = where[d] if where[info.index] == rank else where[info.index]
+                    edges.append(Edge(len(edges), info.index, j, d, k, peer))
+        self.recv_f: dict[int, list[Edge]] = {s: [] for s in mine}
+        self.send_f: dict[int, list[Edge]] = {s: [] for s in mine}
+        self.recv_b: dict[int, list[Edge]] = {s: [] for s in mine}
+        self.send_b: dict[int, list[Edge]] = {s: [] for s in mine}
+        for e in edges:
+            if where[e.src] == where[e.dst]:
+                continue  # same rank: handed over directly
+            if e.dst in mine:
+                self.recv_f[e.dst].append(e)
+                if infos[e.dst].input_meta[e.k].requires_grad:
+                    self.send_b[e.dst].append(e)
+            if e.src in mine:
+                if infos[e.src].outputs[e.j].is_tensor:
+                    self.send_f[e.src].append(e)
+                if infos[e.src].outputs[e.j].requires_grad:
+                    self.recv_b[e.src].append(e)
+        self.readers = {
+            s: int(any(where[d] != rank for d in infos[s].consumer_stages))
+            + sum(1 for d in infos[s].consumer_stages if where[d] == rank)
+            for s in mine
+        }
+        comm = stage_comm(schedule)
+        self.send_b_stages = frozenset(s for s in mine if Kind.SEND_B in comm[s])
+        self.prefetch_at: dict[int, list[int]] = {}
+        last_compute = -1
+        for idx, act in enumerate([] if ordered else self.actions):
+            if act.kind.is_compute:
+                last_compute = idx
+            elif act.kind in (Kind.RECV_F, Kind.RECV_B) and last_compute >= 0:
+                self.prefetch_at.setdefault(last_compute, []).append(idx)
+

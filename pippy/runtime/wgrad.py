@@ -1,0 +1,196 @@
+"""Weight-gradient taps: a stage forward that also returns what the W pass (weight gradients) needs.
+
+A split backward runs I (input gradients) first and W (weight gradients) later. For W, the
+forward returns, after the stage outputs, every node that reads a trainable tensor (a "tap"); I
+then asks autograd for the gradients at those taps too, and W turns them into weight gradients
+one reader at a time. ``linear``, ``addmm`` and ``layer_norm`` get theirs in closed form from the
+saved input (one matmul or reduction, no second autograd pass); anything else runs a small
+backward from its tap to its own parameters.
+
+    >>> import torch
+    >>> from pippy import pipeline
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.LayerNorm(2))
+    >>> stage_module = pipeline(net, 1, (torch.ones(1, 3),)).get_stage_module(0)
+    >>> taps = WeightGradTaps(stage_module)              # linear and layer_norm read the weights
+    >>> taps.num_taps, taps.exact, [f.kind for f in taps.forms if f is not None], taps.closed_form
+    (2, True, ['linear', 'layer_norm'], True)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from pippy.frontend.params import tensor_at
+
+__all__ = ["ClosedForm", "WeightGradTaps"]
+
+_LINEAR = "aten.linear.default"
+_ADDMM = "aten.addmm.default"
+_LAYER_NORM = "aten.layer_norm.default"
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedForm:
+    """A tap whose weight gradient has a closed form: ``kind`` is linear, addmm or layer_norm.
+
+        >>> ClosedForm("linear", torch.nn.Parameter(torch.ones(2, 2)), None).kind
+        'linear'
+    """
+
+    kind: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    eps: float = 0.0
+
+    def accumulate(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add dW, db from the op's input ``x`` and output gradient ``g`` into ``.grad``.
+
+        ``linear`` stores W as [out, in], ``addmm`` as [in, out]; ``layer_norm`` recomputes the
+        normalized input from ``x`` (cheap) for dW = sum(g * x_hat), db = sum(g).
+
+            >>> w = torch.nn.Parameter(torch.zeros(2, 3))
+            >>> ClosedForm("linear", w, None).accumulate(torch.ones(4, 3), torch.ones(4, 2))
+            >>> w.grad.tolist()
+            [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
+        """
+        with torch.no_grad():
+            g2 = g.reshape(-1, g.shape[-1])
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            if self.kind == "layer_norm":
+                var, mean = torch.var_mean(x2, dim=-1, keepdim=True, correction=0)
+                _add_grad(self.weight, (g2 * ((x2 - mean) * torch.rsqrt(var + self.eps))).sum(0))
+            else:
+                _add_grad(self.weight, g2.t().mm(x2) if self.kind == "linear" else x2.t().mm(g2))
+            if self.bias is not None:
+                _add_grad(self.bias, g2.sum(0))
+
+
+def _add_grad(p: nn.Parameter, g: torch.Tensor) -> None:
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad += g
+
+
+def grad_leaves(values: Sequence[Any]) -> list[torch.Tensor]:
+    """Tensor leaves of ``values`` that carry autograd history, in flattening order.
+
+        >>> grad_leaves([torch.ones(1, requires_grad=True), 3, (torch.ones(1),)])
+        [tensor([1.], requires_grad=True)]
+    """
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves(list(values)) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+class WeightGradTaps:
+    """The tapped copy of a stage module and the weight-gradient pass over its taps.
+
+    ``exact`` says whether per-tap weight gradients are exact: every trainable tensor is read by
+    one node only. Otherwise a pass from one tap could reach a tensor through another reader too
+    and count a path twice, and the stage falls back to one backward from its outputs.
+    ``closed_form`` says whether every tap has a closed form, so that I may free the graph.
+
+        >>> from pippy import pipeline
+        >>> gm = pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)).get_stage_module(0)
+        >>> WeightGradTaps(gm).num_taps
+        1
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        taps, self.exact = _tap_nodes(gm)
+        found = [_closed_form_of(n, gm) if self.exact else None for n, _ in taps]
+        aux = [f[1] for f in found if f is not None]  # inputs of the closed-form ops, already saved by autograd
+        self.module = _with_outputs(gm, [n for n, _ in taps] + aux)
+        self.num_taps = len(taps)
+        self.params: list[list[nn.Parameter]] = [[gm.get_parameter(f) for f in fqns] for _, fqns in taps]
+        self.forms: list[ClosedForm | None] = [
+            None if f is None else ClosedForm(
+                f[0], gm.get_parameter(f[2]), None if f[3] is None else gm.get_parameter(f[3]), f[4]
+            )
+            for f in found
+        ]
+        self.closed_form = self.exact and all(f is not None for f in self.forms)
+
+    def split(self, res: Sequence[Any], n_out: int) -> tuple[tuple[Any, ...], list[Any], list[Any]]:
+        """Cut the tapped module's results into (stage outputs, tap values, closed-form inputs)."""
+        extra = list(res[n_out:])
+        return tuple(res[:n_out]), extra[: self.num_taps], extra[self.num_taps :]
+
+    def weight_grads(self, taps: Sequence[Any], tap_grads: Sequence[torch.Tensor | None], aux: Sequence[Any]) -> None:
+        """Accumulate every parameter's gradient from the gradients I computed at the taps."""
+        grads = iter(tap_grads)
+        inputs = iter(aux)
+        for tap, params, form in zip(taps, self.params, self.forms):
+            leaves = grad_leaves([tap])
+            pairs = [(t, g) for t, g in zip(leaves, [next(grads) for _ in leaves]) if g is not None]
+            x = next(inputs) if form is not None else None
+            if pairs and form is not None and isinstance(x, torch.Tensor):
+                form.accumulate(x, pairs[0][1])
+            elif pairs:  # one call per reader: only its own parameters, so no path counts twice
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs], inputs=params)
+
+
+def _tap_nodes(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, list[str]]], bool]:
+    """Nodes that read a trainable tensor directly (with the FQNs they read), and whether per-op
+    weight grads are exact (each trainable tensor read by one node only)."""
+    readers: dict[int, set[fx.Node]] = {}
+    reads: dict[fx.Node, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        obj = tensor_at(gm, str(node.target))
+        if isinstance(obj, torch.Tensor) and obj.requires_grad:
+            readers.setdefault(id(obj), set()).update(node.users)
+            for u in node.users:
+                if u.op != "output":  # a tensor sent on as-is (tied, transmit mode) is no tap
+                    reads.setdefault(u, []).append(str(node.target))
+    exact = all(len(users) == 1 and next(iter(users)).op != "output" for users in readers.values())
+    return list(reads.items()), exact
+
+
+def _closed_form_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node, str, str | None, float] | None:
+    """For ``linear(x, W, b)`` / ``addmm(b, x, W)`` / ``layer_norm(x, shape, W, b, eps)`` reading
+    trainable W (and b): (kind, x, W fqn, b fqn, eps); None for anything else."""
+
+    def param(a: Any) -> str | None:
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            t = tensor_at(gm, str(a.target))
+            if isinstance(t, nn.Parameter) and t.requires_grad:
+                return str(a.target)
+        return None
+
+    if node.kwargs or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    target = str(node.target)
+    if target == _LINEAR and len(node.args) >= 2:
+        w = param(node.args[1])
+        has_b = len(node.args) > 2 and node.args[2] is not None
+        b = param(node.args[2]) if has_b else None
+        if w is not None and (not has_b or b is not None):
+            return ("linear", node.args[0], w, b, 0.0)
+    if target == _ADDMM and len(node.args) == 3 and isinstance(node.args[1], fx.Node):
+        w, b = param(node.args[2]), param(node.args[0])
+        if w is not None and b is not None and tensor_at(gm, b).dim() == 1:
+            return ("addmm", node.args[1], w, b, 0.0)
+    if target == _LAYER_NORM and len(node.args) >= 4 and len(node.args[1]) == 1:  # type: ignore[arg-type]
+        w, b = param(node.args[2]), param(node.args[3])
+        if w is not None and b is not None:
+            eps = float(node.args[4]) if len(node.args) > 4 else 1e-5  # type: ignore[arg-type]
+            return ("layer_norm", node.args[0], w, b, eps)
+    return None
+
+
+def _with_outputs(gm: fx.GraphModule, extra: list[fx.Node]) -> fx.GraphModule:
+    """A copy of ``gm`` that also returns the values of ``extra`` (after the normal outputs)."""
+    g = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in g.nodes}
+    out = next(n for n in g.nodes if n.op == "output")
+    out.args = ((*out.args[0], *(by_name[t.name] for t in extra)),)
+    return fx.GraphModule(gm, g)

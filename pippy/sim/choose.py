@@ -1,0 +1,112 @@
+"""Cost-driven choice among generated schedules: simulate each as the runtime runs it, keep the fastest.
+
+Generators (:mod:`pippy.schedules`) are pure; where a schedule has variants whose speed depends on
+the hardware (ZB-V's two orders), the choice lives here, one layer up, next to the simulator.
+Each candidate is judged by :func:`~pippy.schedules.lower.runtime_form` of it (gradless backward
+deferred, adjacent I+W fused), which is what the runtime executes.
+
+    >>> from pippy.schedules.zero_bubble import zbv
+    >>> fastest([zbv(2, 8, "split"), zbv(2, 8, "whole")]) == zbv(2, 8, "whole")
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pippy.schedules.generators import make_schedule
+from pippy.schedules.ir import Schedule
+from pippy.schedules.lower import runtime_form
+from pippy.schedules.zero_bubble import ZBV_ORDERS, zbv
+from pippy.sim.cost import CostModel, StageCost
+from pippy.sim.simulate import simulate
+
+__all__ = ["default_costs", "fastest", "make_schedule_for", "zbv_for_costs"]
+
+
+def default_costs(num_stages: int) -> CostModel:
+    """The costs a choice assumes when none are given: F = I = W = 1 and a whole backward B = 1.5.
+
+    On this project's CPU runtime a split backward costs 10-35% more than a whole one (GPT-2
+    block: I + W 46 ms, B 34 ms); B = 1.5 < I + W = 2 reflects that. Pass measured costs
+    (:mod:`pippy.sim.profile`) to decide for your hardware.
+
+        >>> c = default_costs(2)
+        >>> c.num_stages, c.stages[0].b, c.stages[0].i + c.stages[0].w
+        (2, 1.5, 2.0)
+    """
+    if num_stages < 1:
+        raise ValueError(f"default_costs: expected num_stages >= 1, got {num_stages}; pass the schedule's stage count")
+    return CostModel(stages=[StageCost(f=1.0, i=1.0, w=1.0, fused_b=1.5) for _ in range(num_stages)])
+
+
+def _fit(costs: CostModel | None, num_stages: int) -> CostModel:
+    if costs is None:
+        return default_costs(num_stages)
+    return costs if costs.num_stages == num_stages else costs.rebin(num_stages)
+
+
+def fastest(
+    candidates: Sequence[Schedule], costs: CostModel | None = None, *, gradless_stages: Iterable[int] = (0,)
+) -> Schedule:
+    """The candidate whose runtime form simulates fastest under ``costs`` (the first on ties).
+
+    Each candidate is simulated as :func:`~pippy.schedules.lower.runtime_form` ``(candidate,
+    gradless_stages)``, with ``costs`` rebinned to its stage count (``None``:
+    :func:`default_costs`). Returns the candidate itself, as generated (not its runtime form).
+
+        >>> from pippy.schedules.generators import gpipe, one_f_one_b
+        >>> fastest([gpipe(2, 4), one_f_one_b(2, 4)]).name  # same step time: the first wins
+        'gpipe'
+    """
+    if not candidates:
+        raise ValueError("fastest: expected at least one candidate schedule, got none; pass e.g. [zbv(p, m, 'whole')]")
+    gradless = tuple(gradless_stages)
+    best, best_time = candidates[0], float("inf")
+    for cand in candidates:
+        t = simulate(runtime_form(cand, gradless), _fit(costs, cand.num_stages)).step_time
+        if t < best_time:
+            best, best_time = cand, t
+    return best
+
+
+def zbv_for_costs(
+    p: int, m: int, costs: CostModel | None = None, *, gradless_stages: Iterable[int] = (0,)
+) -> Schedule:
+    """ZB-V in the order (``"whole"`` or ``"split"``, see :func:`~pippy.schedules.zero_bubble.zbv`) that runs faster.
+
+    :func:`fastest` of the two orders, ``"whole"`` first (it wins ties). Under
+    :func:`default_costs` *whole* wins from about ``m >= 2p - 1`` micro-batches and *split* below.
+
+        >>> from pippy.schedules.zero_bubble import zbv
+        >>> zbv_for_costs(2, 8) == zbv(2, 8, "whole"), zbv_for_costs(4, 2) == zbv(4, 2, "split")
+        (True, True)
+    """
+    return fastest([zbv(p, m, order) for order in ZBV_ORDERS], costs, gradless_stages=gradless_stages)
+
+
+def make_schedule_for(
+    name: str,
+    p: int,
+    m: int,
+    costs: CostModel | None = None,
+    *,
+    gradless_stages: Iterable[int] = (0,),
+    **options: Any,
+) -> Schedule:
+    """The schedule registered as ``name``, with any cost-dependent variant chosen for ``costs``.
+
+    Like :func:`pippy.schedules.generators.make_schedule` (same names and ``options``), except
+    ``"zbv"`` without options, which goes through :func:`zbv_for_costs` (``costs=None``: the
+    :func:`default_costs`, as the runtime's ``ScheduleZBV`` does). Other schedules have no
+    variants; ``costs`` does not change them.
+
+        >>> make_schedule_for("1f1b", 2, 4).name
+        '1f1b'
+        >>> make_schedule_for("zbv", 4, 2) == zbv_for_costs(4, 2)
+        True
+    """
+    if name.strip().lower().replace("-", "_") == "zbv" and not options:
+        return zbv_for_costs(p, m, costs, gradless_stages=gradless_stages)
+    return make_schedule(name, p, m, **options)

@@ -1,0 +1,60 @@
+"""The communication plan: edges in one global order, unique tags, what each stage sends and receives."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from models import SkipNet
+
+from pippy import pipeline
+from pippy.runtime.plan import CommPlan
+from pippy.schedules.generators import interleaved_1f1b, one_f_one_b
+from pippy.schedules.ir import Kind, stage_comm
+from pippy.schedules.lower import lower
+
+
+def _skip_pipe(n_stages: int):
+    x = torch.randn(4, 8, dtype=torch.float64)
+    return pipeline(SkipNet(n_stages).double(), 2, (x,))
+
+
+def test_skip_edge_goes_straight_to_its_consumer() -> None:
+    pipe = _skip_pipe(3)  # stage 0 feeds stages 1 and 2
+    sched = lower(one_f_one_b(3, 2).with_deps(pipe.deps()))
+    plans = [CommPlan(pipe.stage_infos, sched, r, ordered=False) for r in range(3)]
+    assert sorted(e.dst for e in plans[0].send_f[0]) == [1, 2]
+    assert [e.src for e in plans[2].recv_f[2]] == [0, 1]  # edge order: producer stage first
+    assert [e.dst for e in plans[0].recv_b[0]] == [1, 2]
+    assert [e.src for e in plans[2].send_b[2]] == [0, 1]
+    # both ends of every edge agree on its id, so on its tags
+    sent = {(e.id, e.src, e.dst) for p in plans for es in p.send_f.values() for e in es}
+    got = {(e.id, e.src, e.dst) for p in plans for es in p.recv_f.values() for e in es}
+    assert sent == got
+
+
+def test_tags_are_unique_per_edge_direction_and_microbatch() -> None:
+    pipe = _skip_pipe(4)
+    sched = lower(interleaved_1f1b(2, 4, v=2).with_deps(pipe.deps()))
+    m = sched.n_microbatches
+    plans = [CommPlan(pipe.stage_infos, sched, r, ordered=False) for r in range(2)]
+    edges = {e.id: e for p in plans for es in (*p.send_f.values(), *p.recv_f.values()) for e in es}.values()
+    tags = [e.tag(backward=b, mb=i, n_microbatches=m) for e in edges for b, i in itertools.product((False, True), range(m))]
+    assert len(edges) >= 4 and len(tags) == len(set(tags)) == len(edges) * 2 * m
+
+
+def test_same_rank_values_are_not_sent() -> None:
+    pipe = _skip_pipe(4)
+    sched = lower(interleaved_1f1b(2, 2, v=2).with_deps(pipe.deps()))  # stages 0, 2 on rank 0; 1, 3 on rank 1
+    plan = CommPlan(pipe.stage_infos, sched, 0, ordered=False)
+    assert all(pipe.stage_infos[e.dst].index % 2 == 1 for es in plan.send_f.values() for e in es)
+    assert plan.readers[0] == 1 + 0  # stage 0's outputs: read by SEND_F once (stages 1 and 3 are remote)
+    assert plan.readers[2] == 1  # stage 2 -> stage 3 (remote)
+    assert plan.send_b_stages == {s for s in (0, 2) if Kind.SEND_B in stage_comm(sched)[s]}
+
+
+def test_no_prefetch_on_ordered_transports() -> None:
+    pipe = _skip_pipe(3)
+    sched = lower(one_f_one_b(3, 4).with_deps(pipe.deps()))
+    assert CommPlan(pipe.stage_infos, sched, 1, ordered=False).prefetch_at
+    assert CommPlan(pipe.stage_infos, sched, 1, ordered=True).prefetch_at == {}

@@ -1,0 +1,85 @@
+"""The public step path every driver shares: begin, drive the StepRun, finish; forward-only activations live in the stage."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import SkipNet, mse
+
+import pippy
+from pippy import pipeline
+from pippy.runtime.comm import LocalTransport
+from pippy.runtime.local import LocalPipeline
+from pippy.runtime.stage import Stage, StageError
+
+
+def _two_rank_1f1b():
+    torch.manual_seed(0)
+    model = SkipNet(2).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 2, (x,))
+    ends = LocalTransport.world(2)
+    stages = [Stage(pipe, s) for s in range(2)]
+    scheds = [pippy.Schedule1F1B(stages[r], 2, mse, transport=ends[r]) for r in range(2)]
+    return model, x, y, stages, scheds, ends
+
+
+def test_begin_advance_finish_by_hand() -> None:
+    model, x, y, stages, scheds, _ = _two_rank_1f1b()
+    runs = [scheds[0].begin(x), scheds[1].begin(target=y)]
+    while not all(r.done for r in runs):
+        for r in runs:
+            if not r.done:
+                r.advance()
+    losses: list[torch.Tensor] = []
+    assert scheds[0].finish(runs[0], losses) is None and losses == []
+    out = scheds[1].finish(runs[1], losses)
+    assert torch.allclose(out, model(x), atol=1e-12) and len(losses) == 2
+    mse(model(x), y).backward()
+    for st in stages:
+        for name, p in st.submod.named_parameters():
+            assert torch.allclose(p.grad, model.get_parameter(name).grad, atol=1e-12), name
+
+
+def test_finish_needs_a_finished_run() -> None:
+    _, x, _, _, scheds, _ = _two_rank_1f1b()
+    run = scheds[0].begin(x)
+    with pytest.raises(StageError, match="ran to its end"):
+        scheds[0].finish(run)
+
+
+def test_abort_with_messages_in_flight_refuses_the_next_step() -> None:
+    _, x, _, stages, scheds, _ = _two_rank_1f1b()
+    run = scheds[0].begin(x)
+    run.advance()  # rank 0 ran its forwards and posted sends, then waits for gradients
+    assert stages[0].live_microbatches() > 0
+    run.abort(RuntimeError("peer died"))
+    assert stages[0].live_microbatches() == 0
+    with pytest.raises(StageError, match=r"earlier step failed here \(RuntimeError: peer died"):
+        scheds[0].begin(x)
+
+
+def test_forward_only_outputs_are_freed_at_their_last_reader() -> None:
+    torch.manual_seed(0)
+    model = SkipNet(4).double()  # stage 0 feeds stage 1 and, by a skip edge, stage 3
+    x = torch.randn(8, 8, dtype=torch.float64)
+    lp = LocalPipeline(pipeline(copy.deepcopy(model), 4, (x,)), pippy.ScheduleInterleaved1F1B,
+                       num_ranks=2, n_microbatches=4, loss_fn=mse)
+    assert torch.allclose(lp.eval(x), model(x), atol=1e-12)
+    assert [st.live_microbatches() for st in lp.stages] == [0, 0, 0, 0]
+
+
+def test_stage_keeps_forward_only_outputs_for_its_readers() -> None:
+    pipe = pipeline(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), 1, (torch.ones(1, 2),),
+                    split_spec={"0": pippy.SplitPoint.END})
+    stage = Stage(pipe, 0)
+    stage.forward(0, [torch.ones(1, 2)], training=False, readers=2)
+    stage.release(0)
+    assert stage.output(0, 0).shape == (1, 2)
+    stage.release(0)
+    assert stage.live_microbatches() == 0
+    stage.forward(0, [torch.ones(1, 2)], training=False)  # no reader: nothing kept
+    assert stage.live_microbatches() == 0
