@@ -1,6 +1,9 @@
 """Activation recompute per stage (the public face of :mod:`pippy.runtime.recompute`).
 
-    >>> from pippy.recompute import enable_recompute, disable_recompute
+    >>> import torch
+    >>> from pippy.recompute import enable_recompute, disable_recompute, is_recomputing
+    >>> lin = torch.nn.Linear(2, 2); enable_recompute(lin); is_recomputing(lin)
+    True
 """
 
 from pippy.runtime.recompute import disable_recompute, enable_recompute, is_recomputing

@@ -191,7 +191,7 @@ def _param_bytes(gm: fx.GraphModule, node: fx.Node, cache: dict[str, int]) -> in
             key = str(src.target)
             if key not in cache:
                 obj = tensor_at(gm, key)
-                cache[key] = int(obj.numel()) * obj.element_size() if isinstance(obj, torch.Tensor) else 0
+                cache[key] = value_nbytes(obj)
             total += cache[key]
     return total
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pippy.frontend.costs import COMPUTE_OPS, COST_META, TAIL_META, node_flops
+from pippy.frontend.costs import COMPUTE_OPS, COST_META, TAIL_META, node_flops, value_nbytes
 
 if TYPE_CHECKING:  # pipe.py imports this module (for Pipe.split_report)
     from pippy.frontend.pipe import SplitPipe
@@ -103,7 +103,7 @@ def split_report(pipe: SplitPipe) -> str:
         for p in info.module.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                pbytes += p.numel() * p.element_size()
+                pbytes += value_nbytes(p)
         to: dict[int, int] = {}
         for meta, cons in zip(info.outputs, info.consumers):
             for dst in sorted({d for d, _ in cons}):

@@ -4,6 +4,8 @@
     >>> from pippy import annotate_split_points, SplitPoint
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     >>> annotate_split_points(net, {"0": SplitPoint.END})
+    >>> sum(is_split_marker(n) for n in export_module(net, (torch.ones(1, 4),)).module().graph.nodes)
+    1
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def pipe_split() -> None:
         ...         x = self.a(x)
         ...         pipe_split()          # everything below runs in the next stage
         ...         return self.b(x)
+        >>> Net()(torch.ones(1, 4)).shape     # eagerly, the marker does nothing
+        torch.Size([1, 4])
+        >>> from pippy import pipeline
+        >>> pipeline(Net(), 1, (torch.ones(1, 4),)).num_stages
+        2
     """
     torch.ops.pippy.pipe_split()
 
@@ -69,6 +76,9 @@ def annotate_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> 
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
         >>> annotate_split_points(net, {"1": SplitPoint.END})
+        >>> from pippy import pipeline
+        >>> [info.input_names for info in pipeline(net, 1, (torch.ones(1, 4),)).stage_infos][1]
+        ['relu']
     """
     names = [n for n, _ in module.named_modules() if n]
     for fqn, point in spec.items():
@@ -113,6 +123,8 @@ def export_module(
     A module whose tensors are on the meta device is traced with its example inputs moved to meta.
 
         >>> ep = export_module(torch.nn.Linear(2, 2), (torch.randn(3, 2),))
+        >>> ep.module()(torch.ones(3, 2)).shape
+        torch.Size([3, 2])
     """
     kwargs = kwargs or {}
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):

@@ -145,7 +145,8 @@ class ScheduleZBV(_VShape):
 
     ``costs`` (a :class:`~pippy.sim.cost.CostModel`, e.g. from ``pippy.sim.profile``) pick the
     faster of ZB-V's two orders for your hardware (:func:`pippy.sim.choose.zbv_for_costs`,
-    simulating the schedule as this class runs it); without them, default costs decide. Rank
+    simulating each with gradless backwards deferred and I+W fused, as this class runs it by
+    default); without them, default costs decide. Rank
     ``r`` passes its two stages, ``[stage_r, stage_(2p-1-r)]``::
 
         ScheduleZBV([stage_a, stage_b], 8, loss_fn=F.cross_entropy, costs=profiled).step(x, target=y)
@@ -153,7 +154,7 @@ class ScheduleZBV(_VShape):
 
     name = "zbv"
 
-    def __init__(self, stages: Any, n_microbatches: int, loss_fn: Callable[..., torch.Tensor] | None = None, *,
+    def __init__(self, stages: Stage | Sequence[Stage], n_microbatches: int, loss_fn: Callable[..., torch.Tensor] | None = None, *,
                  costs: CostModel | None = None, **kwargs: Any) -> None:
         self.costs = costs
         super().__init__(stages, n_microbatches, loss_fn, **kwargs)

@@ -121,7 +121,7 @@ def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
 class DistTransport:
     """P2P over a torch.distributed process group (ranks are group ranks).
 
-        Under an initialized process group (e.g. torchrun), ``DistTransport(group=None, timeout=60.0)``
+    Under an initialized process group (e.g. torchrun), ``DistTransport(group=None, timeout=60.0)``
     talks to the ranks of the default group.
     """
 

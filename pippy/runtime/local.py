@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from pippy.frontend.pipe import SplitPipe
+from pippy.runtime.api import PipelineStage
 from pippy.runtime.comm import LocalTransport
 from pippy.runtime.schedule_base import PipelineSchedule, StepRun
-from pippy.runtime.stage import Stage
 from pippy.sim.timeline import Timeline
 
 __all__ = ["LocalPipeline", "PipelineDeadlockError"]
@@ -60,7 +60,7 @@ class LocalPipeline:
                 f"{schedule_cls.__name__} on {num_ranks} ranks places {len(placement)} stages, pipe has {pipe.num_stages}"
             )
         self.pipe = pipe
-        self.stages = [Stage(pipe, s, device) for s in range(pipe.num_stages)]
+        self.stages = [PipelineStage(pipe, s, device) for s in range(pipe.num_stages)]
         self.transports = LocalTransport.world(num_ranks)
         self.schedules: list[PipelineSchedule] = []
         self.last_timeline: Timeline | None = None
@@ -84,16 +84,14 @@ class LocalPipeline:
         try:
             for sch in self.schedules:
                 first, last = sch.holds(0), sch.holds(n - 1)
-                runs.append(sch.begin(*(args if first else ()), target=target if last else None, training=training,
-                                      origin=origin, **(kwargs if first else {})))
+                runs.append(sch.begin(args if first else (), kwargs if first else {}, target=target if last else None,
+                                      training=training, origin=origin))
             self._advance_all(runs)
         except BaseException as exc:
             for t in self.transports:
                 t.reset()  # nothing stays in flight, so the schedules stay usable
-            for run in runs:
+            for run in runs:  # a rank that had not begun holds nothing yet
                 run.abort(exc, in_flight=False)
-            for st in self.stages:
-                st.clear()
             raise
         if self.schedules[0].trace:
             events = [e for run in runs if run.result is not None for e in run.result.events]

@@ -15,7 +15,8 @@ that match messages in posting order (NCCL) need, and tags make them unambiguous
     >>> plan = CommPlan(pipe.stage_infos, lower(one_f_one_b(2, 2)), rank=1, ordered=False)
     >>> [(e.src, e.dst, e.peer) for e in plan.recv_f[1]], plan.send_b_stages
     ([(0, 1, 0)], frozenset({1}))
-    >>> [str(a) for a in plan.actions[:5]], plan.prefetch_at   # 1RECV_F1 is posted at 1B0
+    >>> sched = lower(one_f_one_b(2, 2))
+    >>> [str(a) for a in sched.actions[1][:5]], plan.prefetch_at   # 1RECV_F1 is posted at 1B0
     (['1RECV_F0', '1F0', '1B0', '1SEND_B0', '1RECV_F1'], {2: [4]})
 """
 
@@ -65,8 +66,6 @@ class CommPlan:
     def __init__(self, infos: Sequence[StageInfo], schedule: Schedule, rank: int, *, ordered: bool) -> None:
         where = schedule.stage_to_rank
         mine = set(schedule.stages_of(rank))
-        self.rank = rank
-        self.actions = schedule.actions[rank]
         self.n_microbatches = schedule.n_microbatches
         edges: list[Edge] = []
         for info in infos:
@@ -99,7 +98,7 @@ class CommPlan:
         self.send_b_stages = frozenset(s for s in mine if Kind.SEND_B in comm[s])
         self.prefetch_at: dict[int, list[int]] = {}
         last_compute = -1
-        for idx, act in enumerate([] if ordered else self.actions):
+        for idx, act in enumerate([] if ordered else schedule.actions[rank]):
             if act.kind.is_compute:
                 last_compute = idx
             elif act.kind in (Kind.RECV_F, Kind.RECV_B) and last_compute >= 0:

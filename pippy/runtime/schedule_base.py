@@ -251,18 +251,22 @@ class PipelineSchedule:
 
     def begin(
         self,
-        *args: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
         target: Any = None,
         training: bool = True,
         return_outputs: bool = True,
         origin: float | None = None,
-        **kwargs: Any,
     ) -> StepRun:
         """Start one step on this rank: split the batch, start the executor; drive the returned run, then :meth:`finish`.
 
-        ``training=False`` is a forward-only step (:meth:`eval`); ``origin`` (a
+        ``args`` / ``kwargs`` are the model's own inputs (full batch, on the rank holding stage 0),
+        kept apart from the options so that a model argument named like one (``target``) still
+        reaches the model. ``training=False`` is a forward-only step (:meth:`eval`); ``origin`` (a
         ``time.perf_counter()`` value) is time zero of the trace, shared by in-process ranks.
         """
+        kwargs = dict(kwargs or {})
         self._check_usable()
         plan = self.schedule if training else self._eval_schedule
         if plan is None:
@@ -315,7 +319,7 @@ class PipelineSchedule:
         steps). Returns the merged output on the rank holding the last stage, else None;
         ``return_outputs=False`` saves the memory of keeping every micro-batch's output.
         """
-        run = self.begin(*args, target=target, return_outputs=return_outputs, **kwargs)
+        run = self.begin(args, kwargs, target=target, return_outputs=return_outputs)
         run.run_blocking()
         return self.finish(run, losses)
 
@@ -342,6 +346,6 @@ class PipelineSchedule:
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only, keeping no autograd graph; merged output on the last stage's rank, else None."""
         with torch.no_grad():
-            run = self.begin(*args, training=False, **kwargs)
+            run = self.begin(args, kwargs, training=False)
             run.run_blocking()
         return self.finish(run)

@@ -18,6 +18,10 @@ def check_pm(schedule: str, p: int, m: int) -> None:
     """Raise unless ``p >= 1`` ranks and ``m >= 1`` micro-batches (both ints).
 
         >>> check_pm("gpipe", 2, 4)
+        >>> check_pm("gpipe", 2, 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: gpipe: got m=0, but it requires m >= 1 (the number of micro-batches). Fix: pass a positive int for m.
     """
     if not isinstance(p, int) or isinstance(p, bool) or p < 1:
         raise bad_args(schedule, f"p={p!r}", "p >= 1 (the number of pipeline ranks)", "pass a positive int for p")
@@ -31,6 +35,10 @@ def check_v(schedule: str, v: int) -> None:
     """Raise unless ``v >= 1`` stages per rank.
 
         >>> check_v("looped_bfs", 2)
+        >>> check_v("looped_bfs", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: looped_bfs: got v=0, but it requires v >= 1 (stages per rank). Fix: pass a positive int for v, e.g. v=2.
     """
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise bad_args(schedule, f"v={v!r}", "v >= 1 (stages per rank)", "pass a positive int for v, e.g. v=2")

@@ -245,7 +245,7 @@ def validate(schedule: Schedule) -> None:
     earlier in the list; and a unit-time run in which sends never block and receives (or, on a
     compute-only schedule, cross-rank prerequisites) do — it must finish without deadlock.
 
-        >>> from pippy.schedules.ir import Action, Done, Kind, Need, Schedule, comm_around, need_table, stage_comm
+        >>> from pippy.schedules.ir import Action, Kind, Schedule
         >>> bad = Schedule("bad", [[Action(0, Kind.B, 0), Action(0, Kind.F, 0)]], (0,), 1)
         >>> validate(bad)
         Traceback (most recent call last):

@@ -167,7 +167,7 @@ def zbv(p: int, m: int, order: str = "whole") -> Schedule:
 
     Which is faster depends on the costs: on this project's CPU runtime a split backward costs
     10-35% more than a whole one (GPT-2 block: I + W 46 ms, B 34 ms), and with F = I = W = 1,
-    B = 1.5 *whole* wins from about ``m >= 2p - 1`` and *split* below.
+    B = 1.5 *split* wins only for few micro-batches (about ``2 <= m <= p``), *whole* elsewhere.
     :func:`pippy.sim.choose.zbv_for_costs` simulates both as the runtime runs them and returns the
     faster (``ScheduleZBV`` and the command line use it). Constraints: ``p >= 1``, ``m >= 1``.
 

@@ -77,7 +77,8 @@ def zbv_for_costs(
     """ZB-V in the order (``"whole"`` or ``"split"``, see :func:`~pippy.schedules.zero_bubble.zbv`) that runs faster.
 
     :func:`fastest` of the two orders, ``"whole"`` first (it wins ties). Under
-    :func:`default_costs` *whole* wins from about ``m >= 2p - 1`` micro-batches and *split* below.
+    :func:`default_costs` *split* wins only for few micro-batches (``2 <= m <= p`` or a little
+    more, e.g. m = 2..5 for p = 4) and *whole* everywhere else.
 
         >>> from pippy.schedules.zero_bubble import zbv
         >>> zbv_for_costs(2, 8) == zbv(2, 8, "whole"), zbv_for_costs(4, 2) == zbv(4, 2, "split")

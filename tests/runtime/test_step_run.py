@@ -29,7 +29,7 @@ def _two_rank_1f1b():
 
 def test_begin_advance_finish_by_hand() -> None:
     model, x, y, stages, scheds, _ = _two_rank_1f1b()
-    runs = [scheds[0].begin(x), scheds[1].begin(target=y)]
+    runs = [scheds[0].begin((x,)), scheds[1].begin(target=y)]
     while not all(r.done for r in runs):
         for r in runs:
             if not r.done:
@@ -46,20 +46,20 @@ def test_begin_advance_finish_by_hand() -> None:
 
 def test_finish_needs_a_finished_run() -> None:
     _, x, _, _, scheds, _ = _two_rank_1f1b()
-    run = scheds[0].begin(x)
+    run = scheds[0].begin((x,))
     with pytest.raises(StageError, match="ran to its end"):
         scheds[0].finish(run)
 
 
 def test_abort_with_messages_in_flight_refuses_the_next_step() -> None:
     _, x, _, stages, scheds, _ = _two_rank_1f1b()
-    run = scheds[0].begin(x)
+    run = scheds[0].begin((x,))
     run.advance()  # rank 0 ran its forwards and posted sends, then waits for gradients
     assert stages[0].live_microbatches() > 0
     run.abort(RuntimeError("peer died"))
     assert stages[0].live_microbatches() == 0
     with pytest.raises(StageError, match=r"earlier step failed here \(RuntimeError: peer died"):
-        scheds[0].begin(x)
+        scheds[0].begin((x,))
 
 
 def test_forward_only_outputs_are_freed_at_their_last_reader() -> None:
@@ -83,3 +83,25 @@ def test_stage_keeps_forward_only_outputs_for_its_readers() -> None:
     assert stage.live_microbatches() == 0
     stage.forward(0, [torch.ones(1, 2)], training=False)  # no reader: nothing kept
     assert stage.live_microbatches() == 0
+
+
+class TakesTarget(torch.nn.Module):
+    """A model whose own keyword argument is called ``target``, like a schedule option."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, *, target: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        pippy.pipe_split()
+        return self.b(h) + target
+
+
+def test_model_keyword_named_like_an_option_reaches_the_model() -> None:
+    torch.manual_seed(0)
+    model = TakesTarget().double()
+    x, t = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 2, (x,), {"target": t})
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    assert torch.allclose(lp.eval(x, target=t), model(x, target=t), atol=1e-12)
