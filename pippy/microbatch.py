@@ -57,10 +57,19 @@ def split_value(value: Any, n: int, spec: Any = None, *, what: str = "input") ->
         >>> [t.tolist() for t in split_value(torch.arange(4), 2)]
         [[0, 1], [2, 3]]
     """
-    leaves, treedef = pytree.tree_flatten(value)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of micro-batches must be a positive int, got {n!r}")
+    with_paths, treedef = pytree.tree_flatten_with_path(value)
+    leaves = [leaf for _, leaf in with_paths]
     specs = _leaf_specs(spec, value, len(leaves), what)
-    per_leaf = [_split_leaf(leaf, n, sp, f"{what} leaf {i}") for i, (leaf, sp) in enumerate(zip(leaves, specs))]
+    per_leaf = [
+        _split_leaf(leaf, n, sp, f"{what} leaf {i} ({_NAMES.get(what, what)}{pytree.keystr(path)})")
+        for i, ((path, leaf), sp) in enumerate(zip(with_paths, specs))
+    ]
     return [pytree.tree_unflatten([col[k] for col in per_leaf], treedef) for k in range(n)]
+
+
+_NAMES = {"positional argument": "args", "keyword argument": "kwargs"}
 
 
 def split_batch(

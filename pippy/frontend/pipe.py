@@ -25,10 +25,10 @@ from torch.utils import _pytree as pytree
 
 from pippy.frontend.params import retarget_aliases, tensor_at
 from pippy.frontend.split import USER, StageInfo, ValueMeta, assign_by_markers, split_graph
-from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module
+from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
 from pippy.microbatch import split_batch
 
-__all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "trace_and_split"]
+__all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites", "trace_and_split"]
 
 SplitPolicy = Callable[[fx.GraphModule, Sequence[Any]], Mapping[fx.Node, int]]
 """A split policy maps the traced graph and one micro-batch of flat example inputs (in placeholder
@@ -53,6 +53,7 @@ class SplitPipe:
 
     Build it with :func:`trace_and_split` (or, with ``build_stage``, :func:`pippy.pipeline`).
     ``get_stage_module(i)`` returns a module whose ``state_dict`` keys are the original model's FQNs.
+    ``split_sites`` says where each traced split point came from (None when a ``split_policy`` split it).
 
         >>> import torch
         >>> from pippy.frontend.trace import SplitPoint
@@ -86,6 +87,7 @@ class SplitPipe:
         self.kwargs_chunk_spec = kwargs_chunk_spec
         self._source: weakref.ref[nn.Module] | None = None
         self.traced_trainable: dict[str, bool] = {}  # requires_grad of every parameter when traced
+        self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from
 
     @property
     def num_stages(self) -> int:
@@ -114,25 +116,29 @@ class SplitPipe:
                 "call it with the same arguments as example_args/example_kwargs (re-trace for others)"
             )
         kwargs = {k: kwargs[k] for k in expected_kw}
-        leaves, spec = pytree.tree_flatten((tuple(args), kwargs))
+        with_paths, spec = pytree.tree_flatten_with_path((tuple(args), kwargs))
+        leaves = [leaf for _, leaf in with_paths]
         if spec != self.in_spec:
             raise ValueError(
                 f"input structure differs from the traced example.\n expected: {self.in_spec}\n got: {spec}\n"
                 "Pass inputs with the same nesting as example_args/example_kwargs."
             )
-        for k, (got, ex) in enumerate(zip(leaves, self.example_leaves)):
+        for k, ((path, got), ex) in enumerate(zip(with_paths, self.example_leaves)):
+            name = f"input leaf {k} ({_input_name(path)})"
             if isinstance(ex, torch.Tensor):
                 if not isinstance(got, torch.Tensor):
-                    raise ValueError(f"input leaf {k}: expected a tensor like the example, got {type(got).__name__}")
+                    raise ValueError(f"{name}: expected a tensor like the example, got {type(got).__name__}")
                 if tuple(got.shape) != tuple(ex.shape) or got.dtype != ex.dtype:
                     raise ValueError(
-                        f"input leaf {k}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but the pipeline was "
+                        f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but the pipeline was "
                         f"traced for {tuple(ex.shape)} {ex.dtype} (full batch / num_chunks). Shapes are static: "
-                        "use the traced batch size and micro-batch count, or build a new pipeline for this shape."
+                        "use the traced batch size and micro-batch count, or build a new pipeline for this shape. "
+                        "Every input split along the batch must have the traced batch size; an input that is not "
+                        "batched needs Replicate() in args_chunk_spec/kwargs_chunk_spec."
                     )
             elif got != ex:
                 raise ValueError(
-                    f"input leaf {k} is the constant {got!r} but the pipeline was traced with {ex!r}; non-tensor "
+                    f"{name} is the constant {got!r} but the pipeline was traced with {ex!r}; non-tensor "
                     "inputs are baked into the graph, so re-trace to change them"
                 )
         return leaves
@@ -153,11 +159,87 @@ class SplitPipe:
         return split_report(self)
 
     def _check_index(self, i: int) -> None:
+        last = self.num_stages - 1
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(
+                f"stage index must be an int in 0..{last}, got {i!r} ({type(i).__name__}); pass the stage number, "
+                "e.g. build_stage(dist.get_rank(), device) for one stage per rank"
+            )
         if not 0 <= i < self.num_stages:
-            raise IndexError(f"stage index {i} out of range: this pipe has stages 0..{self.num_stages - 1}")
+            raise IndexError(
+                f"stage index {i} out of range: this pipe has stages 0..{last} ({self.num_stages} stages). "
+                f"Pass an index in 0..{last} (negative indices are not accepted); with one stage per rank, launch "
+                f"{self.num_stages} ranks, or split the model into as many stages as there are ranks"
+            )
 
     def __repr__(self) -> str:
         return _describe(self)
+
+
+def describe_split_sites(sites: Sequence[str] | None, num_stages: int) -> str:
+    """Where a pipe's stage boundaries came from, for messages about its stage count.
+
+    ``sites`` is :attr:`SplitPipe.split_sites`: a split point traced several times (a ``pipe_split()``
+    inside a loop) is named once, with its count.
+
+        >>> describe_split_sites(["model.py:9 in forward: pipe_split()"] * 3, 4)
+        'its 4 stages come from the split points model.py:9 in forward: pipe_split() (traced 3 times: it runs inside a loop; guard it with an if, or move it out of the loop)'
+        >>> describe_split_sites([], 1)
+        'the model has no split point (no pipe_split() in forward, no split_spec, no split_policy), so it is one stage; add split points'
+    """
+    if sites is None:
+        return f"its {num_stages} stages come from the split_policy passed to pipeline()"
+    if not sites:
+        return (
+            "the model has no split point (no pipe_split() in forward, no split_spec, no split_policy), so it is one "
+            "stage; add split points"
+        )
+    counts: dict[str, int] = {}
+    for site in sites:
+        counts[site] = counts.get(site, 0) + 1
+    parts = [
+        site if n == 1 else f"{site} (traced {n} times: it runs inside a loop; guard it with an if, or move it out "
+        "of the loop)" for site, n in counts.items()
+    ]
+    text = f"its {num_stages} stages come from the split points {'; '.join(parts)}"
+    trailing = len(sites) - (num_stages - 1)
+    if trailing > 0:
+        text += (
+            f"; the last {trailing} of them come after the last computation of forward and make no stage"
+            if trailing > 1 else "; the last of them comes after the last computation of forward and makes no stage"
+        )
+    return text
+
+
+def _input_name(path: tuple[Any, ...]) -> str:
+    """``args[0][1]`` / ``kwargs['mask']`` for a pytree path into ``(args, kwargs)``."""
+    if not path:
+        return "input"
+    head = "args" if path[0] == pytree.SequenceKey(0) else "kwargs"
+    return head + pytree.keystr(path[1:])
+
+
+def _check_no_empty_stage(gm: fx.GraphModule, assignment: Mapping[fx.Node, int], sites: list[str]) -> None:
+    """Refuse a stage with no computation between two split points (it would only pass values on)."""
+    if not sites:
+        return
+    used = set(assignment.values())
+    n = max(used, default=0) + 1
+    for s in range(n):
+        if s in used:
+            continue
+        if s == 0:
+            where = f"the split point {sites[0]} comes before any computation"
+            fix = "remove that split point (a pipe_split() at the very start of forward, or SplitPoint.BEGINNING of " \
+                "the first module)"
+        else:
+            where = f"nothing is computed between the split points {sites[s - 1]} and {sites[s]}"
+            fix = "remove one of the two (two pipe_split() calls in a row, or a split_spec marking both the END of " \
+                "one module and the BEGINNING of the next)"
+        raise PipeTraceError(
+            f"stage {s} of {n} would be empty: {where}. Expected at least one operation in every stage. "
+            f"How to fix: {fix}"
+        )
 
 
 def _kwarg_keys(in_spec: pytree.TreeSpec) -> list[str]:
@@ -245,8 +327,11 @@ def trace_and_split(
         >>> print(split.num_stages)
         2
     """
-    if not isinstance(num_chunks, int) or num_chunks < 1:
-        raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(
+            f"num_chunks must be a positive int (the number of micro-batches the example batch splits into), got "
+            f"{num_chunks!r}; e.g. pipeline(model, 4, example_args=(x,)) for a batch of 4k rows"
+        )
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
     kwargs = dict(example_kwargs or {})
@@ -260,10 +345,12 @@ def trace_and_split(
     _drop_guards(gm)
     retarget_aliases(gm)
     leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
+    sites = [split_site(node) for node in gm.graph.nodes if is_split_marker(node)]
     if split_policy is not None:
         assignment = dict(split_policy(gm, leaves))
     else:
         assignment = assign_by_markers(gm)
+        _check_no_empty_stage(gm, assignment, sites)
     num_stages = max(assignment.values(), default=0) + 1
     stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
     pipe = pipe_cls(
@@ -279,6 +366,7 @@ def trace_and_split(
     )
     pipe._source = weakref.ref(module)
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
+    pipe.split_sites = None if split_policy is not None else sites
     return pipe
 
 

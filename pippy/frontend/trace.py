@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import re
 import sys
 import traceback
 from collections.abc import Mapping
@@ -23,7 +24,15 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["PipeTraceError", "SplitPoint", "annotate_split_points", "export_module", "is_split_marker", "pipe_split"]
+__all__ = [
+    "PipeTraceError",
+    "SplitPoint",
+    "annotate_split_points",
+    "export_module",
+    "is_split_marker",
+    "pipe_split",
+    "split_site",
+]
 
 _LIB = torch.library.Library("pippy", "DEF")
 _LIB.define("pipe_split() -> ()")
@@ -106,13 +115,48 @@ def _wrap_forward(sub: nn.Module, point: SplitPoint) -> None:
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any) -> Any:
         if point is SplitPoint.BEGINNING:
-            pipe_split()
+            _split_at_beginning()
         out = inner(*args, **kwargs)
         if point is SplitPoint.END:
-            pipe_split()
+            _split_at_end()
         return out
 
     sub.forward = forward  # type: ignore[method-assign]
+
+
+def _split_at_beginning() -> None:
+    torch.ops.pippy.pipe_split()  # a call of its own: split_site() tells BEGINNING from END by its name
+
+
+def _split_at_end() -> None:
+    torch.ops.pippy.pipe_split()
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n\s*(?P<code>[^\n]*)')
+
+
+def split_site(node: fx.Node) -> str:
+    """Where the traced ``pipe_split()`` ``node`` came from, for messages: ``file:line in func: code``.
+
+    A split point made by ``annotate_split_points`` / ``split_spec`` is named by its submodule.
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> annotate_split_points(net, {"0": SplitPoint.END})
+        >>> gm = export_module(net, (torch.ones(1, 4),)).module()
+        >>> [split_site(n) for n in gm.graph.nodes if is_split_marker(n)]
+        ["SplitPoint.END of '0' (split_spec / annotate_split_points)"]
+    """
+    frames = list(_FRAME.finditer(str(node.meta.get("stack_trace") or "")))
+    inner = f"{frames[-1]['func']} {frames[-1]['code']}" if frames else ""
+    if "_split_at_beginning" in inner or "_split_at_end" in inner:  # the wrapper of annotate_split_points
+        point = "BEGINNING" if "_split_at_beginning" in inner else "END"
+        stack = node.meta.get("nn_module_stack") or {}
+        fqn = str(list(stack.values())[-1][0]) if stack else "?"
+        return f"SplitPoint.{point} of {fqn!r} (split_spec / annotate_split_points)"
+    for fr in reversed(frames):
+        if not os.path.abspath(fr["file"]).startswith(_LIB_DIRS):
+            return f"{fr['file']}:{fr['line']} in {fr['func']}: {fr['code'].strip()}"
+    return "a pipe_split() call (source line unknown)"
 
 
 def export_module(
@@ -136,15 +180,37 @@ def export_module(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = _user_frame(exc)
         at = f"\n  at {where}" if where else ""
+        head = f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: {first}{at}\n"
+        devices = _device_mismatch(module, args, kwargs)
+        if devices:
+            raise PipeTraceError(f"{head}{devices} Full export error above (chained as __cause__).") from exc
         raise PipeTraceError(
-            f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: {first}{at}\n"
-            f"{_kind_hint(exc)}How to fix: make forward traceable (no data-dependent Python control flow on tensor "
-            "values, no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move the "
-            "data-dependent part outside the model, replace `if x.sum() > 0:` with torch.where or torch.cond, "
-            "pass configuration as Python values, or split around the offending code with pipe_split() / "
-            "annotate_split_points so it lands in a stage you can trace separately. "
-            f"Full export error above (chained as __cause__)."
+            f"{head}{_kind_hint(exc)}How to fix: make forward traceable (no data-dependent Python control flow on "
+            "tensor values, no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move "
+            "the data-dependent part outside the model, replace `if x.sum() > 0:` with torch.where or torch.cond, "
+            "pass configuration as Python values (module attributes, not tensors). The whole model is traced at "
+            "once, so every part of forward must be traceable, whichever stage it lands in. "
+            "Full export error above (chained as __cause__)."
         ) from exc
+
+
+def _device_mismatch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A how-to-fix text when an example input is on another device than the model's tensors, else ''."""
+    devices = {t.device for t in [*module.parameters(), *module.buffers()]}
+    if len(devices) != 1:
+        return ""
+    (model_dev,) = devices
+    for path, leaf in pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.device != model_dev:
+            name = ("args" if path[0] == pytree.SequenceKey(0) else "kwargs") + pytree.keystr(path[1:])
+            return (
+                f"The example input {name} is on {leaf.device} but {type(module).__name__}'s parameters and buffers "
+                f"are on {model_dev}: the model's forward runs during tracing, so they must agree. How to fix: pass "
+                f"example_args/example_kwargs on {model_dev} (x.to({str(model_dev)!r})), or, to trace a big model "
+                "without memory, build the model under torch.device('meta') (any example device then works). "
+                "Each stage is placed later by build_stage(i, device)."
+            )
+    return ""
 
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (torch, sys.modules[__name__.split(".")[0]]))
@@ -166,7 +232,9 @@ def _kind_hint(exc: BaseException) -> str:
     if "DataDependent" in name or "data-dependent" in str(exc):
         return (
             "The failing construct is data-dependent control flow: Python branched on a tensor's value "
-            "(`if tensor...`, bool(tensor), .item()), which a trace cannot record.\n"
+            "(`if tensor...`, bool(tensor), .item()), which a trace cannot record. A pipe_split() inside such a "
+            "branch cannot work either: split points are fixed when the model is traced, so every forward must "
+            "run the same pipe_split() calls; move it out of the branch.\n"
         )
     if "Unsupported" in name:
         return "The failing construct is Python the tracer does not support.\n"

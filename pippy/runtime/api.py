@@ -20,7 +20,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from pippy.frontend.pipe import SplitPipe, describe_split_sites
+from pippy.runtime.guards import check_device, check_loss_fn, check_stages, rank_or_none, watch_traced_parameters
 from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
@@ -44,16 +47,56 @@ __all__ = [
 ]
 
 
-class _SingleStage(PipelineSchedule):
+class _UserSchedule(PipelineSchedule):
+    """The schedule classes users build: their arguments are checked before anything is generated."""
+
+    def __init__(
+        self,
+        stages: Stage | Sequence[Stage],
+        n_microbatches: int,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        name = "stage(x)" if type(self).__name__.startswith("_") else type(self).__name__
+        transport = kwargs.get("transport")
+        rank = transport.rank if transport is not None else rank_or_none()
+        stages = check_stages(name, stages, rank)
+        if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+            raise ValueError(
+                f"{name}: n_microbatches must be a positive int (how many micro-batches a step splits the batch "
+                f"into), got {n_microbatches!r}; e.g. {name}(stage, n_microbatches=4, loss_fn=...)"
+            )
+        if transport is None and not (dist.is_available() and dist.is_initialized()):
+            raise StageError(
+                f"{name}: no torch.distributed process group. Expected dist.init_process_group(...) on every rank "
+                "before stage(x) or building a schedule (under torchrun: dist.init_process_group('gloo'), or 'nccl' "
+                "for CUDA stages); to run every stage in one process, use pippy.runtime.local.LocalPipeline"
+            )
+        if transport is None:
+            rank = rank_or_none(stages[0].group)  # the rank in the pipeline's own group
+        check_loss_fn(name, loss_fn, stages[0].pipe.num_stages - 1, rank)
+        super().__init__(stages, n_microbatches, loss_fn, **kwargs)
+
+
+def _split_hint(pipe: SplitPipe) -> str:
+    return describe_split_sites(getattr(pipe, "split_sites", None), pipe.num_stages)
+
+
+class _SingleStage(_UserSchedule):
     def _generate(self) -> Schedule:
         if len(self.stages) != 1:
-            raise StageError(f"{type(self).__name__} runs one stage per rank; got {len(self.stages)} stages on rank {self.rank}")
+            raise StageError(
+                f"{type(self).__name__} runs one stage per rank; got {len(self.stages)} stages "
+                f"{[st.index for st in self.stages]} on rank {self.rank}. Pass this rank's one stage, or use a "
+                "multi-stage schedule (ScheduleInterleaved1F1B, ScheduleLoopedBFS, ScheduleZBV, ScheduleDualPipeV)"
+            )
         p = self._num_ranks()
         if p != self.pipe.num_stages:
             raise StageError(
                 f"{type(self).__name__}: world size is {p} but the pipe has {self.pipe.num_stages} stages; a "
                 f"one-stage-per-rank schedule needs exactly one rank per stage. Launch {self.pipe.num_stages} ranks "
-                f"(torchrun --nproc-per-node {self.pipe.num_stages}) or split the model into {p} stages."
+                f"(torchrun --nproc-per-node {self.pipe.num_stages}) or split the model into {p} stages "
+                f"({_split_hint(self.pipe)})."
             )
         return self._make(p)
 
@@ -61,17 +104,21 @@ class _SingleStage(PipelineSchedule):
         raise NotImplementedError
 
 
-class _MultiStage(PipelineSchedule):
+class _MultiStage(_UserSchedule):
     multi_stage = True
 
     def _generate(self) -> Schedule:
         p = self._num_ranks()
-        sch = self._make(p)
+        try:
+            sch = self._make(p)
+        except ValueError as exc:  # the generator's own check (e.g. DualPipeV's m >= 2p-1): name the class and rank
+            raise ValueError(f"{type(self).__name__} on rank {self.rank} of {p}: {exc}") from None
         if sch.num_stages != self.pipe.num_stages:
             raise StageError(
-                f"{type(self).__name__}: with {p} ranks this schedule places {sch.num_stages} stages "
-                f"(placement {list(sch.stage_to_rank)}) but the pipe has {self.pipe.num_stages}; split the model into "
-                f"{sch.num_stages} stages"
+                f"{type(self).__name__}: with {p} ranks and {len(self.stages)} stages per rank this schedule places "
+                f"{sch.num_stages} stages (placement {list(sch.stage_to_rank)}) but the pipe has "
+                f"{self.pipe.num_stages}; split the model into {sch.num_stages} stages ({_split_hint(self.pipe)}), "
+                f"or pass each rank the stages {type(self).__name__}.placement({p}, v) puts on it"
             )
         return sch
 
@@ -172,7 +219,7 @@ class ScheduleDualPipeV(_VShape):
         return gen.dualpipev(p, self.n_microbatches)
 
 
-class ScheduleFromCSV(PipelineSchedule):
+class ScheduleFromCSV(_UserSchedule):
     """Run a schedule read from CSV (compute-only or lowered); it must pass validation first.
 
     Each rank passes the stages the CSV places on it (see :mod:`pippy.schedules.lower` for the
@@ -231,7 +278,10 @@ class PipelineStage(Stage):
         stage = PipelineStage(pipe, dist.get_rank(), torch.device("cpu"))
         out = stage(x) if dist.get_rank() == 0 else stage()
 
-    With a single stage no other rank is needed:
+    A device no pipeline can compute on (``meta``, CUDA where there is none, a CPU stage under
+    NCCL) is refused here, and from then on an optimizer of the traced model's own parameters
+    is refused when it steps (see :mod:`pippy.runtime.guards`). With a single stage no other
+    rank is needed:
 
         >>> import torch, torch.distributed as dist
         >>> from pippy import pipeline
@@ -241,6 +291,12 @@ class PipelineStage(Stage):
         torch.Size([4, 1])
         >>> dist.destroy_process_group()
     """
+
+    def __init__(self, pipe: SplitPipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None) -> None:
+        pipe._check_index(stage_index)
+        dev = check_device(pipe, stage_index, device, group)
+        super().__init__(pipe, stage_index, dev, group)
+        watch_traced_parameters(pipe)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return run_forward_pipeline(self, args, kwargs)

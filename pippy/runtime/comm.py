@@ -14,8 +14,10 @@ there, which lets one process drive every rank cooperatively (tests, profiling).
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -26,10 +28,13 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from pippy.runtime.faults import FailureBoard, agree
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DistTransport",
     "LocalTransport",
+    "PipeAbortedError",
     "PipeCommError",
     "PipeTimeoutError",
     "Transport",
@@ -51,6 +56,58 @@ class PipeCommError(RuntimeError):
 
 class PipeTimeoutError(PipeCommError):
     """A pipeline wait ran out of time; the message says who waited for what."""
+
+
+class PipeAbortedError(PipeCommError):
+    """Another rank of the pipeline failed; the message says who waited for what, and which rank failed where."""
+
+
+_POLL = 0.05  # seconds between checks of the failure board while a wait is pending
+_WATCHING: set[_Recv] = set()  # watched works whose wait has not returned yet
+_EXIT_GRACE = 10.0  # seconds the interpreter's exit waits for them
+
+
+@atexit.register
+def _settle_watchers() -> None:
+    """At exit, let waits abandoned by a failed step end before the interpreter does.
+
+    A watcher thread still inside gloo's wait when the interpreter finalizes would crash the
+    process on its way back ("terminate called without an active exception"). The waits end
+    when the peers close their connections; destroying this rank's group closes ours, so that
+    ranks exiting together free each other's watchers instead of waiting for one another.
+    """
+    if not _WATCHING:
+        return
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # already going down: the grace below still applies
+        pass
+    deadline = time.monotonic() + _EXIT_GRACE
+    for w in list(_WATCHING):
+        w.finished.wait(max(0.0, deadline - time.monotonic()))
+_INSTANCES: dict[tuple[int, ...], int] = {}  # per process group: schedules built so far (keys their board)
+
+
+def _alive(group: Any) -> bool:
+    """Whether ``group`` still exists (it does not after ``destroy_process_group``)."""
+    if not dist.is_initialized():
+        return False
+    try:
+        dist.get_process_group_ranks(group)
+    except (RuntimeError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _group_store(group: Any) -> Any:
+    """The store the process group was made with (None where torch does not say)."""
+    try:
+        from torch.distributed.distributed_c10d import _get_process_group_store
+
+        return _get_process_group_store(group)
+    except Exception:  # a torch without it, or a group it does not know: waits stay bounded by the timeout
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +146,11 @@ class Transport(Protocol):
     timeout: float
     ordered: bool
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
-        """Start sending ``tensor`` to ``peer``; never blocks."""
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
+        """Start sending ``tensor`` to ``peer``; never blocks (``ctx`` names the send if posting fails)."""
 
-    def irecv(self, buffer: torch.Tensor, peer: int, tag: int) -> Any:
-        """Start receiving into ``buffer`` from ``peer``."""
+    def irecv(self, buffer: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
+        """Start receiving into ``buffer`` from ``peer`` (``ctx`` names the receive if posting fails)."""
 
     def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
         """Wait for ``handle``; raises PipeTimeoutError naming ``ctx`` after ``timeout`` seconds."""
@@ -103,6 +160,19 @@ class Transport(Protocol):
 
     def arrived(self, handle: Any) -> bool:
         """True when the receive ``handle`` has its message (non-blocking; a later ``wait`` is still due)."""
+
+    def fail(self, notice: str) -> None:
+        """Tell the other ranks this one failed (``notice`` says where and why), so their waits stop now."""
+
+    def agree(self, facts: dict[str, Any], where: str) -> None:
+        """Check every rank starts the same run (``facts``: schedule, micro-batches, placement, edges)."""
+
+
+def _aborted_message(ctx: WaitContext, notice: str) -> str:
+    return (
+        f"pipeline stopped at {ctx.describe()}: another rank failed first, so what this rank waits for will never "
+        f"come. That rank says: {notice}"
+    )
 
 
 def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
@@ -143,14 +213,38 @@ class DistTransport:
                 stacklevel=2,
             )
         self.timeout = default_timeout() if timeout is None else float(timeout)
+        # gloo: a failure board on the group's store, checked while waiting (NCCL waits stay on the caller's stream)
+        self._store = None if self.ordered else _group_store(self.group)
+        self.board: FailureBoard | None = None
+        if self._store is not None:
+            ranks = tuple(dist.get_process_group_ranks(self.group))
+            n = _INSTANCES[ranks] = _INSTANCES.get(ranks, 0) + 1
+            self._prefix = f"pippy/{'-'.join(map(str, ranks))}/{n}"
+            self.board = FailureBoard(self._store, self._prefix, self.rank)
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+    def fail(self, notice: str) -> None:
+        """Post ``notice`` on the failure board (first notice wins)."""
+        if self.board is not None:
+            self.board.post(notice)
+
+    def agree(self, facts: dict[str, Any], where: str) -> None:
+        """Compare ``facts`` with every rank of the group through the store (see :func:`pippy.runtime.faults.agree`)."""
+        if self._store is not None:
+            agree(self._store, self._prefix, self.rank, range(self.world_size), facts, where)
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Start an asynchronous send."""
-        return dist.isend(tensor, group=self.group, tag=tag, group_dst=peer)
+        try:
+            return dist.isend(tensor, group=self.group, tag=tag, group_dst=peer)
+        except RuntimeError as exc:
+            raise self._posting_failed(exc, peer, ctx) from exc
 
-    def irecv(self, buffer: torch.Tensor, peer: int, tag: int) -> Any:
+    def irecv(self, buffer: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Start an asynchronous receive."""
-        work = dist.irecv(buffer, group=self.group, tag=tag, group_src=peer)
+        try:
+            work = dist.irecv(buffer, group=self.group, tag=tag, group_src=peer)
+        except RuntimeError as exc:
+            raise self._posting_failed(exc, peer, ctx) from exc
         # gloo only: there ``is_completed`` stays False until ``wait``, so arrival needs a watcher;
         # on NCCL ``is_completed`` answers and ``wait`` must run on the caller's stream
         return work if self.ordered else _Recv(work)
@@ -164,11 +258,25 @@ class DistTransport:
         return handle.finished.is_set()
 
     def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
-        """Block until done or ``timeout`` seconds pass (then raise PipeTimeoutError)."""
+        """Block until done or ``timeout`` seconds pass (then raise PipeTimeoutError).
+
+        With a failure board, the wait runs on a watcher thread while this one checks the board
+        every 50 ms: when another rank posted a failure, raise PipeAbortedError at once.
+        """
         try:
-            ok = handle.result(self.timeout) if isinstance(handle, _Recv) else handle.wait(timeout=timedelta(seconds=self.timeout))
+            if self.board is not None:
+                ok = self._wait_watching(handle, ctx, self.board)
+            elif isinstance(handle, _Recv):
+                ok = handle.result(self.timeout)
+            else:
+                ok = handle.wait(timeout=timedelta(seconds=self.timeout))
+        except PipeCommError:
+            raise
         except RuntimeError as exc:
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            notice = self.board.failure() if self.board is not None else None
+            if notice is not None:  # the peer posted why it stopped before its connection went
+                raise PipeAbortedError(_aborted_message(ctx, notice)) from exc
             if "timeout" in cause.lower() or "timed out" in cause.lower():
                 raise PipeTimeoutError(_timeout_message(ctx, self.timeout, cause)) from exc
             raise PipeCommError(
@@ -179,6 +287,32 @@ class DistTransport:
             raise PipeTimeoutError(_timeout_message(ctx, self.timeout, "wait returned False"))
         return iter(())
 
+    def _posting_failed(self, exc: RuntimeError, peer: int, ctx: WaitContext | None) -> PipeCommError:
+        where = ctx.describe() if ctx is not None else f"rank {self.rank}, peer rank {peer}"
+        notice = self.board.failure() if self.board is not None else None
+        if notice is not None:
+            return PipeAbortedError(_aborted_message(ctx, notice) if ctx is not None else f"{where}: {notice}")
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return PipeCommError(
+            f"pipeline communication failed at {where}: {cause}. The peer rank {peer} probably exited or crashed "
+            "first; look for its own error above."
+        )
+
+    def _wait_watching(self, handle: Any, ctx: WaitContext, board: FailureBoard) -> Any:
+        watched = handle if isinstance(handle, _Recv) else _Recv(handle)
+        watched.watch(self.timeout)
+        while not watched.finished.wait(_POLL):
+            notice = board.failure()
+            if notice is not None:
+                raise PipeAbortedError(_aborted_message(ctx, notice))
+            if not _alive(self.group):
+                raise PipeCommError(
+                    f"pipeline stopped at {ctx.describe()}: the process group was destroyed while this rank waited "
+                    "(destroy_process_group() during a step). Expected the group to live until every rank's step() "
+                    "returned; destroy it only after the last step."
+                )
+        return watched.result(self.timeout)
+
     def done(self, handle: Any) -> bool:
         """Whether the work has completed."""
         if isinstance(handle, _Recv):
@@ -187,7 +321,7 @@ class DistTransport:
 
 
 class _Recv:
-    """A torch.distributed receive plus, once asked whether it arrived, the daemon thread waiting on it."""
+    """A torch.distributed work (a receive, or any work waited on next to a failure board) plus its watcher thread."""
 
     __slots__ = ("finished", "outcome", "watched", "work")
 
@@ -209,7 +343,9 @@ class _Recv:
             except BaseException as exc:  # handed to result(), raised on the executor's thread
                 self.outcome = (None, exc)
             self.finished.set()
+            _WATCHING.discard(self)
 
+        _WATCHING.add(self)
         threading.Thread(target=run, name="pippy-recv-watch", daemon=True).start()
 
     def result(self, timeout: float) -> Any:
@@ -259,12 +395,12 @@ class LocalTransport:
         self._mailbox.clear()
         self.waiting = None
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Post a copy of ``tensor`` for ``peer``; completes at once."""
         self._mailbox.setdefault((self.rank, peer, tag), deque()).append(tensor.detach().clone())
         return _LocalHandle((self.rank, peer, tag), None, True)
 
-    def irecv(self, buffer: torch.Tensor, peer: int, tag: int) -> Any:
+    def irecv(self, buffer: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Register a receive; it completes when the matching send has been posted."""
         h = _LocalHandle((peer, self.rank, tag), buffer, False)
         self._poll(h)
@@ -301,3 +437,9 @@ class LocalTransport:
     def arrived(self, handle: Any) -> bool:
         """Whether a receive's message is in (same as :meth:`done` in-process)."""
         return self.done(handle)
+
+    def fail(self, notice: str) -> None:
+        """Nothing to tell: the in-process driver sees every rank's error itself."""
+
+    def agree(self, facts: dict[str, Any], where: str) -> None:
+        """Nothing to compare: every in-process rank shares one pipe and one schedule class."""

@@ -23,7 +23,7 @@ over directly, otherwise it is sent (skip connections too).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ class StepInputs:
     training: bool
     loss_scale: float = 1.0
     keep_outputs: bool = True
+    check_finite: bool = False  # raise where a loss is NaN or infinite (one host sync per micro-batch)
 
 
 @dataclass(slots=True)
@@ -116,6 +117,7 @@ class Executor:
         self.filler = BubbleFiller(self.actions)
         self.fill_bubbles = fill_bubbles
         self.started = False  # set once this step posted a message (an error after that may leave some in flight)
+        self.current: Action | None = None  # the action running now (named when the step fails)
         self._compute: dict[Kind, Callable[[_Step, Action], None]] = {
             Kind.F: self._forward, Kind.SEND_F: self._send_f, Kind.B: self._backward, Kind.I: self._backward,
             Kind.W: self._weight, Kind.SEND_B: self._send_b,
@@ -133,6 +135,7 @@ class Executor:
         if inp.training:
             self.tied.snapshot()
         self.started = False
+        self.current = None
         self.filler.start_step()
         st = _Step(inp, fill=self.fill_bubbles and inp.training and self.filler.active)
         for idx, a in enumerate(self.actions):
@@ -147,6 +150,7 @@ class Executor:
                     f"(it holds {sorted(self.stages)}); pass the stages the schedule places on this rank"
                 )
             t0 = time.perf_counter() if self.trace else 0.0
+            self.current = a
             if a.kind is Kind.RECV_F or a.kind is Kind.RECV_B:
                 self.started = True
                 yield from self._recv(st, idx, a)
@@ -157,6 +161,7 @@ class Executor:
                 st.sends = [(h, c) for h, c in st.sends if not self.transport.done(h)]
             if self.trace:
                 st.res.events.append(Event(self.rank, a, t0 - self.t_origin, time.perf_counter() - self.t_origin))
+        self.current = None
         for h, ctx in st.sends:
             yield from self.transport.wait(h, ctx)
         if self.last in self.stages and st.outputs:
@@ -181,6 +186,10 @@ class Executor:
         ins = self._gather_inputs(st, a)
         readers = 0 if inp.training else self.plan.readers[s]
         outs = stage.forward(i, ins, training=inp.training, split_backward=s in self.split_backward, readers=readers)
+        info = self.infos[s]
+        for j, (o, meta) in enumerate(zip(outs, info.outputs)):
+            if isinstance(o, torch.Tensor):
+                _check_meta(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})")
         if s == self.last:
             out = self.pipe.unflatten_output(outs)
             if inp.training:
@@ -225,12 +234,11 @@ class Executor:
 
     def _send_f(self, st: _Step, a: Action) -> None:
         s, i = a.stage, a.mb
-        stage, info, m = self.stages[s], self.infos[s], self.plan.n_microbatches
+        stage, m = self.stages[s], self.plan.n_microbatches
         for e in self.plan.send_f[s]:
-            t = stage.output(i, e.j).detach().contiguous()
-            _check_meta(a, t, info.outputs[e.j], f"output {e.j} ({info.output_names[e.j]}) for stage {e.dst}")
-            h = self.transport.isend(t, e.peer, e.tag(backward=False, mb=i, n_microbatches=m))
-            st.sends.append((h, self._ctx(a, e.peer, f"send output {e.j} to stage {e.dst}")))
+            t = stage.output(i, e.j).detach().contiguous()  # shape and dtype were checked at its F
+            ctx = self._ctx(a, e.peer, f"send output {e.j} to stage {e.dst}")
+            st.sends.append((self.transport.isend(t, e.peer, e.tag(backward=False, mb=i, n_microbatches=m), ctx), ctx))
         stage.release(i)  # forward-only: the send has read the outputs
 
     def _backward(self, st: _Step, a: Action) -> None:
@@ -257,8 +265,8 @@ class Executor:
             meta = self.infos[s].input_meta[e.k]
             g = gin[e.k]
             g = torch.zeros(meta.shape or (), dtype=meta.dtype, device=dev) if g is None else g.contiguous()
-            h = self.transport.isend(g, e.peer, e.tag(backward=True, mb=i, n_microbatches=m))
-            st.sends.append((h, self._ctx(a, e.peer, f"send grad of input {e.k} to stage {e.src}")))
+            ctx = self._ctx(a, e.peer, f"send grad of input {e.k} to stage {e.src}")
+            st.sends.append((self.transport.isend(g, e.peer, e.tag(backward=True, mb=i, n_microbatches=m), ctx), ctx))
 
     def _weight(self, st: _Step, a: Action) -> None:
         self._weight_step(a)
@@ -311,7 +319,8 @@ class Executor:
     def _irecv(self, e: Edge, meta: ValueMeta, backward: bool, i: int, m: int, dev: torch.device, ctx: WaitContext,
                slot: int) -> _Posted:
         buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
-        return _Posted(self.transport.irecv(buf, e.peer, e.tag(backward=backward, mb=i, n_microbatches=m)), ctx, slot, buf)
+        tag = e.tag(backward=backward, mb=i, n_microbatches=m)
+        return _Posted(self.transport.irecv(buf, e.peer, tag, ctx), ctx, slot, buf)
 
     def _fill(self, st: _Step, idx: int, handles: list[Any]) -> tuple[float, float | None]:
         """Run later W's while the messages of RECV ``idx`` are not in (see ``wfill``).
@@ -344,23 +353,42 @@ class Executor:
         if inp.loss_fn is not None:
             if inp.targets is None:
                 raise StageError(f"{where}: loss_fn is set but no target was given; call step(..., target=y) here")
-            loss = inp.loss_fn(out, inp.targets[a.mb])
+            target = inp.targets[a.mb]
+            try:
+                loss = inp.loss_fn(out, target)
+            except Exception as exc:  # the user's function: say where, with what, and what it must accept
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                fix = (
+                    "loss_fn must accept two positional arguments, def loss_fn(output, target)"
+                    if isinstance(exc, TypeError)
+                    else "make step(target=...) match the model's output (batch size along the split dim, dtype, "
+                    "structure), or pass target_chunk_spec= to split it like the output"
+                )
+                raise StageError(
+                    f"{where}: loss_fn(output, target) raised {type(exc).__name__}: {first}. It got output "
+                    f"{_describe(out)}, target {_describe(target)} (this micro-batch's slice of step(target=...)). "
+                    f"How to fix: {fix}"
+                ) from exc
         else:
             loss = _loss_from_output(out)
             if loss is None:
                 raise StageError(
                     f"{where}: step() needs a scalar loss: pass loss_fn=... to the schedule, or make the model "
-                    f"return a 0-dim tensor (or an output with a 'loss' field); got {type(out).__name__}"
+                    f"return a 0-dim tensor (or an output with a 'loss' field); got {_describe(out)}"
                 )
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise StageError(
-                f"{where}: loss_fn must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}; "
-                "reduce it (reduction='mean' or 'sum')"
+                f"{where}: loss_fn must return a scalar tensor, got {_describe(loss)}; reduce it (reduction='mean' or 'sum')"
             )
         if not loss.requires_grad:
             raise StageError(
                 f"{where}: the loss does not require grad, so there is nothing to backpropagate; check that "
                 "loss_fn uses the model output (not a detached copy) and that the last stage has trainable inputs"
+            )
+        if inp.check_finite and not bool(torch.isfinite(loss.detach()).all()):
+            raise StageError(
+                f"{where}: the loss of micro-batch {a.mb} is {loss.item()}; expected a finite number. Lower the "
+                "learning rate, clip gradients or check this micro-batch's data (check_finite=True raised this)"
             )
         return loss.reshape(())
 
@@ -373,11 +401,12 @@ def _add_at(acc: dict[tuple[int, int], list[torch.Tensor | None]], key: tuple[in
     slots[j] = g if prev is None else prev + g
 
 
-def _check_meta(a: Action, t: torch.Tensor, meta: ValueMeta, what: str) -> None:
-    if tuple(t.shape) != tuple(meta.shape or ()) or t.dtype != meta.dtype:
+def _check_meta(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: str) -> None:
+    if t.dtype != meta.dtype or t.shape != (meta.shape or ()):
         raise StageError(
-            f"{a}: {what} is {t.dtype}{list(t.shape)} but the traced pipe expects {meta.describe()}; "
-            "shapes are fixed at trace time (use the traced micro-batch size)"
+            f"rank {rank}, stage {a.stage}, action {a} (micro-batch {a.mb}): {what} is {t.dtype}{list(t.shape)} but the traced "
+            f"pipe expects {meta.describe()}. Shapes and dtypes are fixed at trace time: use the traced micro-batch "
+            "size, and keep the stage's computation as traced (no dtype or shape that depends on the data)"
         )
 
 
@@ -385,6 +414,20 @@ def _detach(x: Any) -> Any:
     from torch.utils import _pytree as pytree
 
     return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
+
+
+def _describe(x: Any) -> str:
+    """``float64[2, 4]``, ``dict with keys ['logits'] and no 'loss' key``, ``tuple of 2: [...]``: a value, briefly."""
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+    if isinstance(x, Mapping):
+        keys = list(x)
+        extra = "" if "loss" in keys else " and no 'loss' key"
+        return f"{type(x).__name__} with keys {keys[:8]}{extra}"
+    if isinstance(x, list | tuple):
+        inner = ", ".join(_describe(v) for v in x[:4]) + (", ..." if len(x) > 4 else "")
+        return f"{type(x).__name__} of {len(x)}: [{inner}]"
+    return type(x).__name__
 
 
 def _loss_from_output(out: Any) -> torch.Tensor | None:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from pippy.microbatch import merge_chunks, split_value
-from pippy.runtime.comm import DistTransport, Transport
+from pippy.runtime.comm import DistTransport, PipeCommError, Transport
 from pippy.runtime.executor import Executor, StepInputs, StepResult
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
@@ -56,11 +56,14 @@ class StepRun:
     :meth:`PipelineSchedule.begin`, ended by :meth:`PipelineSchedule.finish`.
     """
 
-    def __init__(self, schedule: PipelineSchedule, executor: Executor, gen: Generator[None, None, StepResult]) -> None:
+    def __init__(self, schedule: PipelineSchedule, executor: Executor, gen: Generator[None, None, StepResult],
+                 *, training: bool = True, grads_were_none: bool = False) -> None:
         self.schedule = schedule
         self.executor = executor
         self._gen = gen
         self.result: StepResult | None = None
+        self.training = training
+        self._grads_were_none = grads_were_none  # training step that started from zero_grad(set_to_none=True)
 
     @property
     def done(self) -> bool:
@@ -91,17 +94,37 @@ class StepRun:
         return self.result
 
     def abort(self, exc: BaseException, *, in_flight: bool | None = None) -> None:
-        """Drop every micro-batch's state on this rank's stages after ``exc``.
+        """Clean up after ``exc``: drop the stages' micro-batch state, tell the other ranks, settle ``.grad``.
 
-        When messages of the step may still be in flight (``in_flight``; default: the executor had
-        posted one), the schedule refuses further steps, since a later step could receive them.
+        The failure is posted for the other ranks (their waits stop at once, naming this rank and
+        action). Parameter gradients: a step that began with every ``.grad`` None (after
+        ``zero_grad()``) is rolled back to None; otherwise ``exc`` gets a note that ``.grad`` holds
+        part of the failed step. When messages of the step may still be in flight (``in_flight``;
+        default: the executor had posted one), the schedule refuses further steps, since a later
+        step could receive them.
         """
         self._gen.close()
-        for st in self.schedule.stages:
+        sch = self.schedule
+        for st in sch.stages:
             st.clear()
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        a = self.executor.current
+        at = f"stage {a.stage}, action {a} (micro-batch {a.mb})" if a is not None else "between actions"
+        sch.transport.fail(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
+        params = [p for st in sch.stages for p in st.parameters()] if self.training else []
+        if self._grads_were_none:
+            for p in params:
+                p.grad = None
+            note = "pippy: every parameter .grad of this rank was reset to None, as before the failed step"
+        else:
+            note = ("pippy: parameter .grad on this rank holds part of the failed step's gradients; call "
+                    "optimizer.zero_grad() before training on")
+        if hasattr(exc, "add_note") and not isinstance(exc, (PipeCommError, StageError)) and a is not None:
+            exc.add_note(f"pippy: raised at rank {sch.rank}, {at}")  # a user's own error: say where it happened
+        if hasattr(exc, "add_note") and any(p.requires_grad for p in params):
+            exc.add_note(note)
         if self.executor.started if in_flight is None else in_flight:
-            first = str(exc).splitlines()[0][:200] if str(exc) else ""
-            self.schedule._broken = f"{type(exc).__name__}: {first}"
+            sch._broken = f"{type(exc).__name__}: {first[:200]}"
 
 
 class PipelineSchedule:
@@ -137,6 +160,7 @@ class PipelineSchedule:
         schedule: Schedule | None = None,
         fuse_backward: bool = True,
         fill_bubbles: bool = True,
+        check_finite: bool = False,
     ) -> None:
         self.stages = [stages] if isinstance(stages, Stage) else list(stages)
         if not self.stages:
@@ -168,6 +192,8 @@ class PipelineSchedule:
         self.last_timeline: Timeline | None = None
         self._executors: dict[int, Executor] = {}
         self.fill_bubbles = fill_bubbles
+        self.check_finite = check_finite
+        self._agreed = False
         self._broken: str | None = None
         self.last_peak_live: dict[int, int] = {}
         self.last_peak_bytes: dict[int, int] = {}
@@ -239,7 +265,7 @@ class PipelineSchedule:
             if target is not None:
                 targets = split_value(target, m, self.target_chunk_spec, what="target")
         scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
-        return StepInputs(mbs, targets, self.loss_fn, training, scale)
+        return StepInputs(mbs, targets, self.loss_fn, training, scale, check_finite=self.check_finite)
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -273,10 +299,41 @@ class PipelineSchedule:
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
         inp = self._inputs(args, kwargs, target, training)
         inp.keep_outputs = return_outputs
+        if not self._agreed:
+            self._agree()
         if self.trace and isinstance(self.transport, DistTransport):
             dist.barrier(group=self.transport.group)  # a common origin for every rank's clock
         ex = self._executor(plan)
-        return StepRun(self, ex, ex.run(inp, time.perf_counter() if origin is None else origin))
+        none = training and all(p.grad is None for st in self.stages for p in st.parameters())
+        return StepRun(self, ex, ex.run(inp, time.perf_counter() if origin is None else origin), training=training,
+                       grads_were_none=none)
+
+    def facts(self) -> dict[str, Any]:
+        """What every rank must agree on before the first step: schedule, micro-batches, placement, edges.
+
+        Compared across ranks at the first step (see :func:`pippy.runtime.faults.agree`).
+        """
+        sch = self._eval_schedule
+        return {
+            "schedule": type(self).__name__,
+            "n_microbatches": self.n_microbatches,
+            "ranks": self.transport.world_size,
+            "stage_to_rank": list(sch.stage_to_rank),
+            "stage_edges": [
+                [[m.describe() for m in info.input_meta], [m.describe() for m in info.outputs]]
+                for info in self.pipe.stage_infos
+            ],
+            "stage_tensors": [_tensor_names(info.module) for info in self.pipe.stage_infos],
+        }
+
+    def _agree(self) -> None:
+        mine = sorted(st.index for st in self.stages)
+        try:
+            self.transport.agree(self.facts(), f"rank {self.rank} (stages {mine}), before its first step")
+        except RuntimeError as exc:
+            self.transport.fail(f"rank {self.rank} (stages {mine}), before its first step: {str(exc).splitlines()[0]}")
+            raise StageError(str(exc)) from None
+        self._agreed = True
 
     def finish(self, run: StepRun, losses: list[Any] | None = None) -> Any:
         """End a step that ran to its end: keep its trace and counts, extend ``losses``, merge the outputs.
@@ -349,3 +406,9 @@ class PipelineSchedule:
             run = self.begin(args, kwargs, training=False)
             run.run_blocking()
         return self.finish(run)
+
+
+def _tensor_names(module: torch.nn.Module) -> str:
+    """A short, comparable summary of which parameters a stage holds: first .. last FQN and the count."""
+    names = [n for n, _ in module.named_parameters()]
+    return f"{names[0]} .. {names[-1]} ({len(names)} tensors)" if names else "(no parameters)"

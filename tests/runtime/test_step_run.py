@@ -105,3 +105,48 @@ def test_model_keyword_named_like_an_option_reaches_the_model() -> None:
     pipe = pipeline(copy.deepcopy(model), 2, (x,), {"target": t})
     lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
     assert torch.allclose(lp.eval(x, target=t), model(x, target=t), atol=1e-12)
+
+
+def _raise_at_forward(stage: Stage, k: int) -> None:
+    inner, calls = stage.submod.forward, [0]
+
+    def forward(*args):
+        calls[0] += 1
+        if calls[0] == k:
+            raise ValueError("boom")
+        return inner(*args)
+
+    stage.submod.forward = forward
+
+
+def test_a_failed_step_leaves_grads_as_before_or_says_it_did_not() -> None:
+    _, x, y, stages, scheds, _ = _two_rank_1f1b()
+    lp_like = [scheds[0].begin((x,)), scheds[1].begin(target=y)]
+    while not all(r.done for r in lp_like):  # one good step: grads now hold values
+        for r in lp_like:
+            if not r.done:
+                r.advance()
+    before = {n: p.grad.clone() for st in stages for n, p in st.submod.named_parameters()}
+    _raise_at_forward(stages[1], 2)  # micro-batch 1: micro-batch 0's backward already ran
+    runs = [scheds[0].begin((x,)), scheds[1].begin(target=y)]
+    with pytest.raises(ValueError, match="boom") as info:
+        for _ in range(100):
+            for r in runs:
+                if not r.done:
+                    r.advance()
+    runs[1].abort(info.value)
+    notes = "\n".join(info.value.__notes__)
+    assert "raised at rank 1, stage 1, action 1F" in notes and "holds part of the failed step" in notes
+    assert any(not torch.equal(p.grad, before[n]) for st in stages for n, p in st.submod.named_parameters())
+
+
+def test_a_failed_step_from_zero_grad_rolls_grads_back_to_none() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    pipe = pipeline(SkipNet(2).double(), 4, (x,))
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=mse)
+    _raise_at_forward(lp.stages[1], 3)  # micro-batch 2 of stage 1: some backward already ran
+    with pytest.raises(ValueError, match="boom") as info:
+        lp.step(x, target=torch.randn(4, 3, dtype=torch.float64))
+    assert "reset to None" in "\n".join(info.value.__notes__)
+    assert all(p.grad is None for st in lp.stages for p in st.parameters())
