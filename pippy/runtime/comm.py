@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import queue
 import threading
 import time
 import warnings
@@ -221,6 +222,7 @@ class DistTransport:
             n = _INSTANCES[ranks] = _INSTANCES.get(ranks, 0) + 1
             self._prefix = f"pippy/{'-'.join(map(str, ranks))}/{n}"
             self.board = FailureBoard(self._store, self._prefix, self.rank)
+        self._waiter = _Waiter()
 
     def fail(self, notice: str) -> None:
         """Post ``notice`` on the failure board (first notice wins)."""
@@ -300,7 +302,8 @@ class DistTransport:
 
     def _wait_watching(self, handle: Any, ctx: WaitContext, board: FailureBoard) -> Any:
         watched = handle if isinstance(handle, _Recv) else _Recv(handle)
-        watched.watch(self.timeout)
+        if not watched.watched:  # not already watched for bubble filling
+            self._waiter.submit(watched, self.timeout)
         while not watched.finished.wait(_POLL):
             notice = board.failure()
             if notice is not None:
@@ -337,16 +340,18 @@ class _Recv:
             return
         self.watched = True
 
-        def run() -> None:
-            try:
-                self.outcome = (self.work.wait(timeout=timedelta(seconds=timeout)), None)
-            except BaseException as exc:  # handed to result(), raised on the executor's thread
-                self.outcome = (None, exc)
-            self.finished.set()
-            _WATCHING.discard(self)
-
         _WATCHING.add(self)
-        threading.Thread(target=run, name="pippy-recv-watch", daemon=True).start()
+        threading.Thread(target=self.run_wait, args=(timeout,), name="pippy-recv-watch", daemon=True).start()
+
+    def run_wait(self, timeout: float) -> None:
+        """Wait for the work (on a watcher thread) and record how it ended."""
+        try:
+            self.outcome = (self.work.wait(timeout=timedelta(seconds=timeout)), None)
+        except BaseException as exc:  # handed to result(), raised on the executor's thread
+            self.outcome = (None, exc)
+        self.finished.set()
+        _WATCHING.discard(self)
+
 
     def result(self, timeout: float) -> Any:
         """What ``work.wait`` returned, waiting here (``timeout`` s) or on the watcher; re-raises its error."""
@@ -358,6 +363,32 @@ class _Recv:
         if exc is not None:
             raise exc
         return value
+
+
+class _Waiter:
+    """One daemon thread per transport that runs the blocking waits handed to it, one after another.
+
+    Cheaper than a thread per wait: the executor waits for one message at a time, and meanwhile
+    checks the failure board.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[_Recv, float]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, w: _Recv, timeout: float) -> None:
+        """Have ``w`` waited for (``w.finished`` is set when its wait returns)."""
+        w.watched = True
+        _WATCHING.add(w)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pippy-waiter", daemon=True)
+            self._thread.start()
+        self._jobs.put((w, timeout))
+
+    def _run(self) -> None:
+        while True:
+            w, timeout = self._jobs.get()
+            w.run_wait(timeout)
 
 
 class _LocalHandle:
