@@ -14,11 +14,7 @@ there, which lets one process drive every rank cooperatively (tests, profiling).
 
 from __future__ import annotations
 
-import atexit
 import os
-import queue
-import threading
-import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -30,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from pippy.runtime.faults import FailureBoard, agree
+from pippy.runtime.watch import POLL, Waiter, Watched, group_alive, group_store
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -63,52 +60,7 @@ class PipeAbortedError(PipeCommError):
     """Another rank of the pipeline failed; the message says who waited for what, and which rank failed where."""
 
 
-_POLL = 0.05  # seconds between checks of the failure board while a wait is pending
-_WATCHING: set[_Recv] = set()  # watched works whose wait has not returned yet
-_EXIT_GRACE = 10.0  # seconds the interpreter's exit waits for them
-
-
-@atexit.register
-def _settle_watchers() -> None:
-    """At exit, let waits abandoned by a failed step end before the interpreter does.
-
-    A watcher thread still inside gloo's wait when the interpreter finalizes would crash the
-    process on its way back ("terminate called without an active exception"). The waits end
-    when the peers close their connections; destroying this rank's group closes ours, so that
-    ranks exiting together free each other's watchers instead of waiting for one another.
-    """
-    if not _WATCHING:
-        return
-    try:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # already going down: the grace below still applies
-        pass
-    deadline = time.monotonic() + _EXIT_GRACE
-    for w in list(_WATCHING):
-        w.finished.wait(max(0.0, deadline - time.monotonic()))
 _INSTANCES: dict[tuple[int, ...], int] = {}  # per process group: schedules built so far (keys their board)
-
-
-def _alive(group: Any) -> bool:
-    """Whether ``group`` still exists (it does not after ``destroy_process_group``)."""
-    if not dist.is_initialized():
-        return False
-    try:
-        dist.get_process_group_ranks(group)
-    except (RuntimeError, ValueError, KeyError):
-        return False
-    return True
-
-
-def _group_store(group: Any) -> Any:
-    """The store the process group was made with (None where torch does not say)."""
-    try:
-        from torch.distributed.distributed_c10d import _get_process_group_store
-
-        return _get_process_group_store(group)
-    except Exception:  # a torch without it, or a group it does not know: waits stay bounded by the timeout
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,14 +167,14 @@ class DistTransport:
             )
         self.timeout = default_timeout() if timeout is None else float(timeout)
         # gloo: a failure board on the group's store, checked while waiting (NCCL waits stay on the caller's stream)
-        self._store = None if self.ordered else _group_store(self.group)
+        self._store = None if self.ordered else group_store(self.group)
         self.board: FailureBoard | None = None
         if self._store is not None:
             ranks = tuple(dist.get_process_group_ranks(self.group))
             n = _INSTANCES[ranks] = _INSTANCES.get(ranks, 0) + 1
             self._prefix = f"pippy/{'-'.join(map(str, ranks))}/{n}"
             self.board = FailureBoard(self._store, self._prefix, self.rank)
-        self._waiter = _Waiter()
+        self._waiter = Waiter()
 
     def fail(self, notice: str) -> None:
         """Post ``notice`` on the failure board (first notice wins)."""
@@ -249,12 +201,12 @@ class DistTransport:
             raise self._posting_failed(exc, peer, ctx) from exc
         # gloo only: there ``is_completed`` stays False until ``wait``, so arrival needs a watcher;
         # on NCCL ``is_completed`` answers and ``wait`` must run on the caller's stream
-        return work if self.ordered else _Recv(work)
+        return work if self.ordered else Watched(work)
 
     def arrived(self, handle: Any) -> bool:
         """Whether a receive's message is in. gloo's ``is_completed`` stays False until ``wait``, so the
         first call hands the wait to a daemon thread (it never holds up exit) and later calls ask it."""
-        if not isinstance(handle, _Recv):
+        if not isinstance(handle, Watched):
             return self.done(handle)
         handle.watch(self.timeout)
         return handle.finished.is_set()
@@ -268,7 +220,7 @@ class DistTransport:
         try:
             if self.board is not None:
                 ok = self._wait_watching(handle, ctx, self.board)
-            elif isinstance(handle, _Recv):
+            elif isinstance(handle, Watched):
                 ok = handle.result(self.timeout)
             else:
                 ok = handle.wait(timeout=timedelta(seconds=self.timeout))
@@ -301,14 +253,14 @@ class DistTransport:
         )
 
     def _wait_watching(self, handle: Any, ctx: WaitContext, board: FailureBoard) -> Any:
-        watched = handle if isinstance(handle, _Recv) else _Recv(handle)
+        watched = handle if isinstance(handle, Watched) else Watched(handle)
         if not watched.watched:  # not already watched for bubble filling
             self._waiter.submit(watched, self.timeout)
-        while not watched.finished.wait(_POLL):
+        while not watched.finished.wait(POLL):
             notice = board.failure()
             if notice is not None:
                 raise PipeAbortedError(_aborted_message(ctx, notice))
-            if not _alive(self.group):
+            if not group_alive(self.group):
                 raise PipeCommError(
                     f"pipeline stopped at {ctx.describe()}: the process group was destroyed while this rank waited "
                     "(destroy_process_group() during a step). Expected the group to live until every rank's step() "
@@ -318,77 +270,9 @@ class DistTransport:
 
     def done(self, handle: Any) -> bool:
         """Whether the work has completed."""
-        if isinstance(handle, _Recv):
+        if isinstance(handle, Watched):
             return handle.finished.is_set() if handle.watched else bool(handle.work.is_completed())
         return bool(handle.is_completed())
-
-
-class _Recv:
-    """A torch.distributed work (a receive, or any work waited on next to a failure board) plus its watcher thread."""
-
-    __slots__ = ("finished", "outcome", "watched", "work")
-
-    def __init__(self, work: Any) -> None:
-        self.work = work
-        self.finished = threading.Event()
-        self.outcome: tuple[Any, BaseException | None] | None = None  # (wait's value, its exception)
-        self.watched = False
-
-    def watch(self, timeout: float) -> None:
-        """Start the watcher thread (once)."""
-        if self.watched:
-            return
-        self.watched = True
-
-        _WATCHING.add(self)
-        threading.Thread(target=self.run_wait, args=(timeout,), name="pippy-recv-watch", daemon=True).start()
-
-    def run_wait(self, timeout: float) -> None:
-        """Wait for the work (on a watcher thread) and record how it ended."""
-        try:
-            self.outcome = (self.work.wait(timeout=timedelta(seconds=timeout)), None)
-        except BaseException as exc:  # handed to result(), raised on the executor's thread
-            self.outcome = (None, exc)
-        self.finished.set()
-        _WATCHING.discard(self)
-
-
-    def result(self, timeout: float) -> Any:
-        """What ``work.wait`` returned, waiting here (``timeout`` s) or on the watcher; re-raises its error."""
-        if not self.watched:
-            return self.work.wait(timeout=timedelta(seconds=timeout))
-        self.finished.wait()  # bounded: the watcher's own wait has the timeout
-        assert self.outcome is not None
-        value, exc = self.outcome
-        if exc is not None:
-            raise exc
-        return value
-
-
-class _Waiter:
-    """One daemon thread per transport that runs the blocking waits handed to it, one after another.
-
-    Cheaper than a thread per wait: the executor waits for one message at a time, and meanwhile
-    checks the failure board.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[_Recv, float]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, w: _Recv, timeout: float) -> None:
-        """Have ``w`` waited for (``w.finished`` is set when its wait returns)."""
-        w.watched = True
-        _WATCHING.add(w)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pippy-waiter", daemon=True)
-            self._thread.start()
-        self._jobs.put((w, timeout))
-
-    def _run(self) -> None:
-        while True:
-            w, timeout = self._jobs.get()
-            w.run_wait(timeout)
 
 
 class _LocalHandle:

@@ -1,0 +1,155 @@
+"""Waits that can be watched: a gloo work waited on another thread, so the waiting rank can check for failures meanwhile.
+
+gloo cannot cancel a receive or poll whether it arrived (``is_completed`` stays False until
+``wait``). So a wait that must stay responsive runs on a watcher thread (:class:`Watched`, one
+:class:`Waiter` thread per transport), and the executor's thread checks the failure board and the
+process group every :data:`POLL` seconds. A wait abandoned because another rank failed may stay
+inside gloo; at interpreter exit :func:`settle_watchers` lets such waits end first.
+
+    >>> class Done:
+    ...     def wait(self, timeout):
+    ...         return True
+    >>> w = Watched(Done())
+    >>> Waiter().submit(w, 1.0)
+    >>> w.result(1.0)
+    True
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["POLL", "Waiter", "Watched", "group_alive", "group_store", "settle_watchers"]
+
+POLL = 0.05  # seconds between checks of the failure board while a wait is pending
+_WATCHING: set[Watched] = set()  # watched works whose wait has not returned yet
+_EXIT_GRACE = 10.0  # seconds the interpreter's exit waits for them
+
+
+@atexit.register
+def settle_watchers() -> None:
+    """At exit, let waits abandoned by a failed step end before the interpreter does.
+
+    A watcher thread still inside gloo's wait when the interpreter finalizes would crash the
+    process on its way back ("terminate called without an active exception"). The waits end
+    when the peers close their connections; destroying this rank's group closes ours, so that
+    ranks exiting together free each other's watchers instead of waiting for one another.
+    """
+    if not _WATCHING:
+        return
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # already going down: the grace below still applies
+        pass
+    deadline = time.monotonic() + _EXIT_GRACE
+    for w in list(_WATCHING):
+        w.finished.wait(max(0.0, deadline - time.monotonic()))
+
+
+def group_alive(group: Any) -> bool:
+    """Whether ``group`` still exists (it does not after ``destroy_process_group``).
+
+        >>> group_alive(None)   # no process group in this process
+        False
+    """
+    if not dist.is_initialized():
+        return False
+    try:
+        dist.get_process_group_ranks(group)
+    except (RuntimeError, ValueError, KeyError):
+        return False
+    return True
+
+
+def group_store(group: Any) -> Any:
+    """The store the process group was made with (None where torch does not say).
+
+        >>> import torch.distributed as dist
+        >>> store = dist.HashStore()
+        >>> _ = dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        >>> group_store(dist.group.WORLD) is not None, group_alive(dist.group.WORLD)
+        (True, True)
+        >>> dist.destroy_process_group()
+    """
+    try:
+        from torch.distributed.distributed_c10d import _get_process_group_store
+
+        return _get_process_group_store(group)
+    except Exception:  # a torch without it, or a group it does not know: waits stay bounded by the timeout
+        return None
+
+
+class Watched:
+    """A torch.distributed work (a receive, or any work waited on next to a failure board) plus its watcher thread."""
+
+    __slots__ = ("finished", "outcome", "watched", "work")
+
+    def __init__(self, work: Any) -> None:
+        self.work = work
+        self.finished = threading.Event()
+        self.outcome: tuple[Any, BaseException | None] | None = None  # (wait's value, its exception)
+        self.watched = False
+
+    def watch(self, timeout: float) -> None:
+        """Start the watcher thread (once)."""
+        if self.watched:
+            return
+        self.watched = True
+
+        _WATCHING.add(self)
+        threading.Thread(target=self.run_wait, args=(timeout,), name="pippy-recv-watch", daemon=True).start()
+
+    def run_wait(self, timeout: float) -> None:
+        """Wait for the work (on a watcher thread) and record how it ended."""
+        try:
+            self.outcome = (self.work.wait(timeout=timedelta(seconds=timeout)), None)
+        except BaseException as exc:  # handed to result(), raised on the executor's thread
+            self.outcome = (None, exc)
+        self.finished.set()
+        _WATCHING.discard(self)
+
+
+    def result(self, timeout: float) -> Any:
+        """What ``work.wait`` returned, waiting here (``timeout`` s) or on the watcher; re-raises its error."""
+        if not self.watched:
+            return self.work.wait(timeout=timedelta(seconds=timeout))
+        self.finished.wait()  # bounded: the watcher's own wait has the timeout
+        assert self.outcome is not None
+        value, exc = self.outcome
+        if exc is not None:
+            raise exc
+        return value
+
+
+class Waiter:
+    """One daemon thread per transport that runs the blocking waits handed to it, one after another.
+
+    Cheaper than a thread per wait: the executor waits for one message at a time, and meanwhile
+    checks the failure board.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Watched, float]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, w: Watched, timeout: float) -> None:
+        """Have ``w`` waited for (``w.finished`` is set when its wait returns)."""
+        w.watched = True
+        _WATCHING.add(w)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pippy-waiter", daemon=True)
+            self._thread.start()
+        self._jobs.put((w, timeout))
+
+    def _run(self) -> None:
+        while True:
+            w, timeout = self._jobs.get()
+            w.run_wait(timeout)
