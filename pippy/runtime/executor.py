@@ -23,7 +23,7 @@ over directly, otherwise it is sent (skip connections too).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 
 from pippy.frontend.split import USER, ValueMeta
 from pippy.runtime.comm import Transport, WaitContext
+from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan, Edge
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.tied import TiedGrads
@@ -193,7 +194,9 @@ class Executor:
         if s == self.last:
             out = self.pipe.unflatten_output(outs)
             if inp.training:
-                loss = self._loss(a, out, inp)
+                where = f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}"
+                target = None if inp.targets is None else inp.targets[i]
+                loss = step_loss(where, i, out, inp.loss_fn, target, inp.targets is not None, inp.check_finite)
                 stage.set_loss(i, loss * inp.loss_scale)
                 st.res.losses.append(loss.detach())
             if inp.keep_outputs:
@@ -348,50 +351,6 @@ class Executor:
     def _ctx(self, a: Action, peer: int, what: str) -> WaitContext:
         return WaitContext(self.rank, a.stage, a.kind.value, a.mb, peer, what)
 
-    def _loss(self, a: Action, out: Any, inp: StepInputs) -> torch.Tensor:
-        where = f"rank {self.rank}, stage {a.stage}, micro-batch {a.mb}, action {a}"
-        if inp.loss_fn is not None:
-            if inp.targets is None:
-                raise StageError(f"{where}: loss_fn is set but no target was given; call step(..., target=y) here")
-            target = inp.targets[a.mb]
-            try:
-                loss = inp.loss_fn(out, target)
-            except Exception as exc:  # the user's function: say where, with what, and what it must accept
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                fix = (
-                    "loss_fn must accept two positional arguments, def loss_fn(output, target)"
-                    if isinstance(exc, TypeError)
-                    else "make step(target=...) match the model's output (batch size along the split dim, dtype, "
-                    "structure), or pass target_chunk_spec= to split it like the output"
-                )
-                raise StageError(
-                    f"{where}: loss_fn(output, target) raised {type(exc).__name__}: {first}. It got output "
-                    f"{_describe(out)}, target {_describe(target)} (this micro-batch's slice of step(target=...)). "
-                    f"How to fix: {fix}"
-                ) from exc
-        else:
-            loss = _loss_from_output(out)
-            if loss is None:
-                raise StageError(
-                    f"{where}: step() needs a scalar loss: pass loss_fn=... to the schedule, or make the model "
-                    f"return a 0-dim tensor (or an output with a 'loss' field); got {_describe(out)}"
-                )
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise StageError(
-                f"{where}: loss_fn must return a scalar tensor, got {_describe(loss)}; reduce it (reduction='mean' or 'sum')"
-            )
-        if not loss.requires_grad:
-            raise StageError(
-                f"{where}: the loss does not require grad, so there is nothing to backpropagate; check that "
-                "loss_fn uses the model output (not a detached copy) and that the last stage has trainable inputs"
-            )
-        if inp.check_finite and not bool(torch.isfinite(loss.detach()).all()):
-            raise StageError(
-                f"{where}: the loss of micro-batch {a.mb} is {loss.item()}; expected a finite number. Lower the "
-                "learning rate, clip gradients or check this micro-batch's data (check_finite=True raised this)"
-            )
-        return loss.reshape(())
-
 
 def _add_at(acc: dict[tuple[int, int], list[torch.Tensor | None]], key: tuple[int, int], n: int, j: int,
             g: torch.Tensor) -> None:
@@ -414,24 +373,3 @@ def _detach(x: Any) -> Any:
     from torch.utils import _pytree as pytree
 
     return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
-
-
-def _describe(x: Any) -> str:
-    """``float64[2, 4]``, ``dict with keys ['logits'] and no 'loss' key``, ``tuple of 2: [...]``: a value, briefly."""
-    if isinstance(x, torch.Tensor):
-        return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
-    if isinstance(x, Mapping):
-        keys = list(x)
-        extra = "" if "loss" in keys else " and no 'loss' key"
-        return f"{type(x).__name__} with keys {keys[:8]}{extra}"
-    if isinstance(x, list | tuple):
-        inner = ", ".join(_describe(v) for v in x[:4]) + (", ..." if len(x) > 4 else "")
-        return f"{type(x).__name__} of {len(x)}: [{inner}]"
-    return type(x).__name__
-
-
-def _loss_from_output(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor) and out.dim() == 0:
-        return out
-    loss = out.get("loss") if hasattr(out, "get") else getattr(out, "loss", None)
-    return loss if isinstance(loss, torch.Tensor) else None
