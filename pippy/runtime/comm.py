@@ -114,8 +114,11 @@ class Transport(Protocol):
     def arrived(self, handle: Any) -> bool:
         """True when the receive ``handle`` has its message (non-blocking; a later ``wait`` is still due)."""
 
-    def fail(self, notice: str) -> None:
-        """Tell the other ranks this one failed (``notice`` says where and why), so their waits stop now."""
+    def fail(self, notice: str) -> bool:
+        """Tell the other ranks this one failed (``notice`` says where and why), so their waits stop now.
+
+        Returns whether they were told: the schedule then counts as failed for every rank.
+        """
 
     def agree(self, facts: dict[str, Any], where: str) -> None:
         """Check every rank starts the same run (``facts``: schedule, micro-batches, placement, edges)."""
@@ -176,10 +179,12 @@ class DistTransport:
             self.board = FailureBoard(self._store, self._prefix, self.rank)
         self._waiter = Waiter()
 
-    def fail(self, notice: str) -> None:
-        """Post ``notice`` on the failure board (first notice wins)."""
-        if self.board is not None:
-            self.board.post(notice)
+    def fail(self, notice: str) -> bool:
+        """Post ``notice`` on the failure board (first notice wins); True when there is a board."""
+        if self.board is None:
+            return False
+        self.board.post(notice)
+        return True
 
     def agree(self, facts: dict[str, Any], where: str) -> None:
         """Compare ``facts`` with every rank of the group through the store (see :func:`pippy.runtime.faults.agree`)."""
@@ -353,8 +358,9 @@ class LocalTransport:
         """Whether a receive's message is in (same as :meth:`done` in-process)."""
         return self.done(handle)
 
-    def fail(self, notice: str) -> None:
+    def fail(self, notice: str) -> bool:
         """Nothing to tell: the in-process driver sees every rank's error itself."""
+        return False
 
     def agree(self, facts: dict[str, Any], where: str) -> None:
         """Nothing to compare: every in-process rank shares one pipe and one schedule class."""

@@ -81,6 +81,7 @@ class LocalPipeline:
         n = self.pipe.num_stages
         origin = time.perf_counter()
         runs: list[StepRun] = []
+        self._advancing: int | None = None
         try:
             for sch in self.schedules:
                 first, last = sch.holds(0), sch.holds(n - 1)
@@ -90,8 +91,8 @@ class LocalPipeline:
         except BaseException as exc:
             for t in self.transports:
                 t.reset()  # nothing stays in flight, so the schedules stay usable
-            for run in runs:  # a rank that had not begun holds nothing yet
-                run.abort(exc, in_flight=False)
+            for r, run in enumerate(runs):  # a rank that had not begun holds nothing yet
+                run.abort(exc, in_flight=False, raised_here=r == self._advancing)
             raise
         if self.schedules[0].trace:
             events = [e for run in runs if run.result is not None for e in run.result.events]
@@ -111,9 +112,11 @@ class LocalPipeline:
                 if run.done:
                     continue
                 before = self.transports[r].waiting
+                self._advancing = r
                 if run.advance() or before is None or self.transports[r].waiting != before:
                     progressed = True
             if not progressed:
+                self._advancing = None  # no rank raised: none is to blame
                 waits = "; ".join(
                     f"rank {r} waits at {t.waiting.describe()}" for r, t in enumerate(self.transports) if t.waiting
                 )

@@ -93,15 +93,17 @@ class StepRun:
         assert self.result is not None
         return self.result
 
-    def abort(self, exc: BaseException, *, in_flight: bool | None = None) -> None:
+    def abort(self, exc: BaseException, *, in_flight: bool | None = None, raised_here: bool = True) -> None:
         """Clean up after ``exc``: drop the stages' micro-batch state, tell the other ranks, settle ``.grad``.
 
         The failure is posted for the other ranks (their waits stop at once, naming this rank and
         action). Parameter gradients: a step that began with every ``.grad`` None (after
         ``zero_grad()``) is rolled back to None; otherwise ``exc`` gets a note that ``.grad`` holds
         part of the failed step. When messages of the step may still be in flight (``in_flight``;
-        default: the executor had posted one), the schedule refuses further steps, since a later
-        step could receive them.
+        default: the executor had posted one), or the other ranks were told of the failure, the
+        schedule refuses further steps: a later step could receive old messages or read the old
+        notice. ``raised_here=False`` (the in-process driver, for the ranks that did not raise)
+        adds no note naming this rank.
         """
         self._gen.close()
         sch = self.schedule
@@ -110,7 +112,7 @@ class StepRun:
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         a = self.executor.current
         at = f"stage {a.stage}, action {a} (micro-batch {a.mb})" if a is not None else "between actions"
-        sch.transport.fail(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
+        told = sch.transport.fail(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
         params = [p for st in sch.stages for p in st.parameters()] if self.training else []
         if self._grads_were_none:
             for p in params:
@@ -119,11 +121,12 @@ class StepRun:
         else:
             note = ("pippy: parameter .grad on this rank holds part of the failed step's gradients; call "
                     "optimizer.zero_grad() before training on")
-        if hasattr(exc, "add_note") and not isinstance(exc, (PipeCommError, StageError)) and a is not None:
+        notes = getattr(exc, "__notes__", [])
+        if raised_here and hasattr(exc, "add_note") and not isinstance(exc, (PipeCommError, StageError)) and a is not None:
             exc.add_note(f"pippy: raised at rank {sch.rank}, {at}")  # a user's own error: say where it happened
-        if hasattr(exc, "add_note") and any(p.requires_grad for p in params):
+        if hasattr(exc, "add_note") and any(p.requires_grad for p in params) and note not in notes:
             exc.add_note(note)
-        if self.executor.started if in_flight is None else in_flight:
+        if told or (self.executor.started if in_flight is None else in_flight):
             sch._broken = f"{type(exc).__name__}: {first[:200]}"
 
 

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from fault_cases import SCENARIOS, TIMEOUT, worker
 
 LIMIT = TIMEOUT + 10.0  # every rank must end this long after the fault at the latest
+POSTED = ("raise_forward", "raise_backward", "wrong_shape", "wrong_dtype", "nan_loss")  # the failing rank posts
 
 
 def _spawn(tmp_path, world: int, family: str) -> tuple[dict[str, dict[int, tuple]], list[int]]:
@@ -74,6 +75,8 @@ def test_every_rank_ends_fast_with_a_message(tmp_path, world: int, family: str) 
                 assert _where(text), f"{name} rank {rank}: {text}"
             if status in ("PipeCommError", "PipeTimeoutError", "PipeAbortedError"):
                 assert "peer rank" in text, f"{name} rank {rank}: {text}"
+            if rank != victim and name in POSTED:  # told by the failure board, not by a closed connection
+                assert status == "PipeAbortedError" and "That rank says: rank " in text, f"{name} rank {rank}: {text}"
         if name == "nan_loss":
             last = [t for s, t, *_ in ranks.values() if "check_finite" in t]
             assert last and "micro-batch 2" in last[0], ranks

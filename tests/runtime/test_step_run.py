@@ -150,3 +150,16 @@ def test_a_failed_step_from_zero_grad_rolls_grads_back_to_none() -> None:
         lp.step(x, target=torch.randn(4, 3, dtype=torch.float64))
     assert "reset to None" in "\n".join(info.value.__notes__)
     assert all(p.grad is None for st in lp.stages for p in st.parameters())
+
+
+def test_in_process_failure_names_only_the_rank_that_raised_and_notes_once() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    pipe = pipeline(SkipNet(3).double(), 2, (x,))
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=3, n_microbatches=2, loss_fn=mse)
+    _raise_at_forward(lp.stages[1], 1)
+    with pytest.raises(ValueError, match="boom") as info:
+        lp.step(x, target=torch.randn(4, 3, dtype=torch.float64))
+    notes = info.value.__notes__
+    assert [n for n in notes if "raised at" in n] == ["pippy: raised at rank 1, stage 1, action 1F0 (micro-batch 0)"]
+    assert len(notes) == len(set(notes))
