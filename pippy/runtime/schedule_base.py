@@ -300,7 +300,13 @@ class PipelineSchedule:
         plan = self.schedule if training else self._eval_schedule
         if plan is None:
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
-        inp = self._inputs(args, kwargs, target, training)
+        try:
+            inp = self._inputs(args, kwargs, target, training)
+        except Exception as exc:  # bad input on this rank: the others would wait for it until their timeout
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            if self.transport.fail(f"rank {self.rank}, before its step: {type(exc).__name__}: {first}"):
+                self._broken = f"{type(exc).__name__}: {first[:200]}"
+            raise
         inp.keep_outputs = return_outputs
         if not self._agreed:
             self._agree()
