@@ -297,6 +297,7 @@ class PipelineStage(Stage):
         dev = check_device(pipe, stage_index, device, group)
         super().__init__(pipe, stage_index, dev, group)
         watch_traced_parameters(pipe)
+        pipe.bind_stage(stage_index, self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return run_forward_pipeline(self, args, kwargs)

@@ -69,7 +69,10 @@ class LocalPipeline:
             self.schedules.append(schedule_cls(mine, n_microbatches, loss_fn, transport=self.transports[r], **options))
 
     def step(self, *args: Any, target: Any = None, losses: list[Any] | None = None, **kwargs: Any) -> Any:
-        """A training step over all ranks; returns the merged output."""
+        """A training step over all ranks; returns the merged output (forward only when nothing gives a loss)."""
+        if not self.schedules[0].trains:
+            self.schedules[0]._warn_once("forward", "no loss_fn and the model's output has no loss: step() ran forward only")
+            return self.eval(*args, **kwargs)
         return self._drive(args, kwargs, target, losses, training=True)
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:

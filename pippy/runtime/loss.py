@@ -7,14 +7,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from pippy.runtime.stage import StageError
 
-__all__ = ["describe", "step_loss"]
+__all__ = ["carries_loss", "describe", "infer_reduction", "step_loss"]
 
 
 def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor] | None, target: Any, has_target: bool,
@@ -94,3 +97,52 @@ def _loss_from_output(out: Any) -> torch.Tensor | None:
         return out
     loss = out.get("loss") if hasattr(out, "get") else getattr(out, "loss", None)
     return loss if isinstance(loss, torch.Tensor) else None
+
+
+def infer_reduction(loss_fn: Callable[..., Any] | None) -> str | None:
+    """How ``loss_fn`` reduces a batch, when it says so: ``"sum"``, ``"mean"``, or None when it cannot tell.
+
+    Read from a ``reduction`` attribute (``nn.MSELoss(reduction="sum")``), a ``functools.partial``
+    keyword, or the default of a ``reduction=`` parameter (``torch.nn.functional.mse_loss``).
+
+        >>> infer_reduction(torch.nn.MSELoss(reduction="sum")), infer_reduction(torch.nn.functional.cross_entropy)
+        ('sum', 'mean')
+        >>> infer_reduction(lambda out, y: (out - y).pow(2).sum()) is None
+        True
+    """
+    if loss_fn is None:
+        return None
+    found: Any = getattr(loss_fn, "reduction", None)
+    if found is None and isinstance(loss_fn, functools.partial):
+        found = loss_fn.keywords.get("reduction", infer_reduction(loss_fn.func))
+    if found is None:
+        try:
+            param = inspect.signature(loss_fn).parameters.get("reduction")
+        except (TypeError, ValueError):
+            param = None
+        if param is not None and param.default is not inspect.Parameter.empty:
+            found = param.default
+    return found if found in ("sum", "mean") else None
+
+
+def carries_loss(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> bool:
+    """True when the traced model output is a scalar or has a ``loss`` field (so step() can train without loss_fn).
+
+    ``out_meta`` holds one entry per flat output with a ``shape`` (None for a constant).
+
+        >>> from types import SimpleNamespace as M
+        >>> spec = pytree.tree_flatten({"loss": 0, "logits": 0})[1]
+        >>> carries_loss(spec, [M(shape=()), M(shape=(2, 3))]), carries_loss(spec, [M(shape=None), M(shape=(2,))])
+        (True, False)
+    """
+    try:
+        out = pytree.tree_unflatten(list(range(len(out_meta))), out_spec)
+    except Exception:  # an output structure that cannot be rebuilt from indices: no loss to find
+        return False
+    field = not isinstance(out, int)
+    if field:
+        out = out.get("loss") if hasattr(out, "get") else getattr(out, "loss", None)
+    if not isinstance(out, int) or not 0 <= out < len(out_meta):
+        return False
+    shape = out_meta[out].shape
+    return shape is not None and (len(shape) == 0 or (field and all(d == 1 for d in shape)))

@@ -1,9 +1,12 @@
 """The schedule driver every schedule class shares: split the batch, run the executor, merge, trace.
 
-Gradient rule: with ``loss_reduction="mean"`` (default) each micro-batch loss is scaled by
+Gradient rule: with ``loss_reduction="mean"`` each micro-batch loss is scaled by
 ``1/n_microbatches`` before backward, so for a mean-reduced ``loss_fn`` and equal micro-batches
-every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. For a sum-reduced
-``loss_fn`` pass ``loss_reduction="sum"``: losses are not scaled and grads equal the full-batch sum.
+every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. With ``"sum"``
+losses are not scaled and grads equal the full-batch sum. Left unset, it is read off ``loss_fn``
+(``nn.MSELoss(reduction="sum")`` sums); a ``loss_fn`` that does not say gets "mean" and a warning.
+Without ``loss_fn``, ``step()`` trains on the model's own loss when its output has one, else
+runs forward only (as PiPPy and torch.distributed.pipelining do), with a warning.
 
 A step runs in three public parts, the same for every driver: ``begin`` (split the batch, start
 the executor), driving the returned :class:`StepRun` to its end (``run_blocking`` under
@@ -38,6 +41,8 @@ import torch.distributed as dist
 from pippy.microbatch import merge_chunks, split_value
 from pippy.runtime.comm import DistTransport, PipeCommError, Transport
 from pippy.runtime.executor import Executor, StepInputs, StepResult
+from pippy.runtime.loss import carries_loss, infer_reduction
+from pippy.runtime.notice import warn_user
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
@@ -154,7 +159,7 @@ class PipelineSchedule:
         n_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         *,
-        loss_reduction: str = "mean",
+        loss_reduction: str | None = None,
         target_chunk_spec: Any = None,
         output_merge_spec: Any = None,
         timeout: float | None = None,
@@ -170,8 +175,8 @@ class PipelineSchedule:
             raise ValueError("a schedule needs at least one stage")
         if not isinstance(n_microbatches, int) or n_microbatches < 1:
             raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if loss_reduction not in ("mean", "sum", None):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum' (or None: read it off loss_fn), got {loss_reduction!r}")
         self.pipe = self.stages[0].pipe
         for st in self.stages:
             for name, prm in st.submod.named_parameters():
@@ -183,7 +188,17 @@ class PipelineSchedule:
                     )
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
-        self.loss_reduction = loss_reduction
+        self.loss_reduction = loss_reduction or infer_reduction(loss_fn) or "mean"
+        if loss_fn is not None and loss_reduction is None and infer_reduction(loss_fn) is None:
+            warn_user(
+                f"{type(self).__name__}: cannot tell whether loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} sums or "
+                "averages over the batch, so micro-batch losses are averaged (loss_reduction='mean'): grads equal a "
+                "mean-reduced full-batch loss. PiPPy summed them. Pass loss_reduction='sum' for a sum-reduced "
+                "loss_fn, or loss_reduction='mean' to silence this."
+            )
+        last = self.pipe.stage_infos[-1]
+        self.trains = loss_fn is not None or carries_loss(self.pipe.out_spec, last.outputs)
+        self._warned: set[str] = set()
         self.target_chunk_spec = target_chunk_spec
         self.output_merge_spec = output_merge_spec
         self.transport = transport if transport is not None else DistTransport(self.stages[0].group, timeout)
@@ -255,8 +270,10 @@ class PipelineSchedule:
                 )
             mbs = self.pipe.split_inputs(args, kwargs, m)
         elif args or kwargs:
-            raise StageError(
-                f"rank {self.rank} does not hold stage 0 but got inputs; call step()/eval() without the batch here"
+            self._warn_once(
+                "inputs",
+                f"rank {self.rank} does not hold stage 0: the inputs given to step()/eval() here are ignored (only "
+                "the rank holding stage 0 reads the batch, as in PiPPy and torch.distributed.pipelining)",
             )
         targets = None
         if training and self.holds(self.pipe.num_stages - 1):
@@ -379,15 +396,31 @@ class PipelineSchedule:
         return_outputs: bool = True,
         **kwargs: Any,
     ) -> Any:
-        """One training step over the batch: forward and backward of every micro-batch.
+        """One training step over the batch: forward and backward of every micro-batch (forward only without a loss).
 
         Gradients accumulate into each stage's parameters (call ``optimizer.zero_grad()`` between
         steps). Returns the merged output on the rank holding the last stage, else None;
         ``return_outputs=False`` saves the memory of keeping every micro-batch's output.
         """
+        if not self.trains:
+            self._warn_once(
+                "forward",
+                f"{type(self).__name__} has no loss_fn and the model's output has no loss, so step() ran forward "
+                "only (no gradients), as in PiPPy and torch.distributed.pipelining. Pass loss_fn=... to train, or "
+                "call .eval() for a forward-only step.",
+            )
+            with torch.no_grad():
+                run = self.begin(args, kwargs, target=None, training=False, return_outputs=return_outputs)
+                run.run_blocking()
+                return self.finish(run, losses)
         run = self.begin(args, kwargs, target=target, return_outputs=return_outputs)
         run.run_blocking()
         return self.finish(run, losses)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warn_user(message)
 
     def _gather_trace(self, events: list[Event]) -> None:
         """Collect every rank's events on rank 0; write the Chrome trace there when a path is set."""

@@ -70,8 +70,10 @@ def test_untraceable_model_suggests_pipe_split() -> None:
 def test_no_loss_and_no_scalar_output() -> None:
     pipe = pipeline(MarkedMLP(2, 1).double(), 2, (torch.randn(4, 8, dtype=torch.float64),))
     lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2)
-    with pytest.raises(StageError, match=r"needs a scalar loss: pass loss_fn"):
-        lp.step(torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(StageError, match=r"needs a scalar loss: pass loss_fn"):  # a step told to train
+        lp._drive((torch.randn(4, 8, dtype=torch.float64),), {}, None, None, training=True)
+    with pytest.warns(UserWarning, match=r"ran forward only"):  # step() without any loss: forward only
+        assert lp.step(torch.randn(4, 8, dtype=torch.float64)).shape == (4, 4)
 
 
 def test_wrong_stage_placement_for_multi_stage() -> None:
