@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pippy.frontend.policies import autosplit, graphsplit, split_by_names, split_equal_layers, split_equal_params
     from pippy.frontend.trace import PipeTraceError, SplitPoint, annotate_split_points, pipe_split
+    from pippy.ManualPipelineStage import ManualPipelineStage
     from pippy.microbatch import Replicate, Sum, TensorChunkSpec
-    from pippy.pipe import Pipe, pipeline
+    from pippy.ModelSplit import split_by_graph, split_into_equal_size, split_on_size_threshold
+    from pippy.pipe import ArgsChunkSpec, KwargsChunkSpec, Pipe, pipeline
     from pippy.runtime.api import (
         PipelineSchedule,
         PipelineStage,
@@ -36,7 +38,10 @@ if TYPE_CHECKING:
     from pippy.sim.simulate import simulate
 
 __all__ = [
+    "ArgsChunkSpec",
     "CostModel",
+    "KwargsChunkSpec",
+    "ManualPipelineStage",
     "Pipe",
     "PipeCommError",
     "PipeTimeoutError",
@@ -66,15 +71,22 @@ __all__ = [
     "profile",
     "profile_ranks",
     "simulate",
+    "split_by_graph",
     "split_by_names",
     "split_equal_layers",
     "split_equal_params",
+    "split_into_equal_size",
+    "split_on_size_threshold",
 ]
 
 # public name -> module that defines it
 _WHERE = {
     "Pipe": "pippy.pipe",
     "pipeline": "pippy.pipe",
+    "ArgsChunkSpec": "pippy.pipe",
+    "KwargsChunkSpec": "pippy.pipe",
+    "ManualPipelineStage": "pippy.ManualPipelineStage",
+    **{n: "pippy.ModelSplit" for n in ("split_by_graph", "split_into_equal_size", "split_on_size_threshold")},
     **{n: "pippy.frontend.policies" for n in ("autosplit", "graphsplit", "split_by_names", "split_equal_layers", "split_equal_params")},
     "PipeTraceError": "pippy.frontend.trace",
     "SplitPoint": "pippy.frontend.trace",
@@ -96,10 +108,20 @@ _WHERE = {
 }
 
 
+_SUBMODULES = frozenset({
+    "ManualPipelineStage", "ModelSplit", "PipelineSchedule", "PipelineStage", "_IR", "_PipelineStage", "_backward",
+    "checkpoint", "cli", "frontend", "hf", "microbatch", "pipe", "recompute", "runtime", "schedules", "sim",
+})
+
+
 def __getattr__(name: str) -> Any:
     """Import a public name on first use (PEP 562) and cache it in the package namespace."""
     mod = _WHERE.get(name)
     if mod is None:
+        if name in _SUBMODULES:  # ``import pippy; pippy.microbatch`` as PiPPy scripts write it
+            value = importlib.import_module(f"pippy.{name}")
+            globals()[name] = value
+            return value
         raise AttributeError(f"module 'pippy' has no attribute {name!r}")
     value = getattr(importlib.import_module(mod), name)
     globals()[name] = value

@@ -15,7 +15,20 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["Replicate", "Sum", "TensorChunkSpec", "merge_chunks", "split_batch", "split_value"]
+__all__ = [
+    "Replicate",
+    "Sum",
+    "TensorChunkSpec",
+    "merge_chunks",
+    "split_args_kwargs_into_chunks",
+    "split_batch",
+    "split_value",
+]
+
+_debug_mask_minibatches = False
+"""PiPPy's debug switch. When True (set it before ``pipeline()``), every micro-batch keeps the full batch
+shape with the other micro-batches' rows zeroed, and merging takes each micro-batch's own rows: a model
+that hard-codes the batch size runs, and rows that leak into each other show up as wrong outputs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +40,11 @@ class TensorChunkSpec:
     """
 
     dim: int = 0
+
+    @property
+    def split_dim(self) -> int:
+        """PiPPy's name for ``dim``."""
+        return self.dim
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +64,8 @@ class Sum:
 
 
 ChunkSpec = TensorChunkSpec | Replicate | Sum
+_Replicate = Replicate  # PiPPy's name; the class itself is accepted as a spec, as PiPPy wrote it
+_SPEC_TYPES = (TensorChunkSpec, Replicate, Sum)
 
 
 def split_value(value: Any, n: int, spec: Any = None, *, what: str = "input") -> list[Any]:
@@ -90,7 +110,26 @@ def split_batch(
     return [(tuple(a[i]), dict(k[i])) for i in range(n)]
 
 
-def merge_chunks(chunks: Sequence[Any], spec: Any = None) -> Any:
+def split_args_kwargs_into_chunks(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+    chunks: int,
+    args_chunk_spec: Any = None,
+    kwargs_chunk_spec: Any = None,
+    _debug_mask_minibatches: bool | None = None,
+) -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
+    """PiPPy's form of :func:`split_batch`: ``(per-chunk args tuples, per-chunk kwargs dicts)``.
+
+        >>> a, k = split_args_kwargs_into_chunks((torch.zeros(4, 2),), {"m": torch.ones(4)}, 2)
+        >>> a[1][0].shape, k[0]["m"].shape
+        (torch.Size([2, 2]), torch.Size([2]))
+    """
+    with _masked(_debug_mask_minibatches):
+        mbs = split_batch(tuple(args), dict(kwargs or {}), chunks, args_chunk_spec, kwargs_chunk_spec)
+    return [a for a, _ in mbs], [k for _, k in mbs]
+
+
+def merge_chunks(chunks: Sequence[Any], spec: Any = None, _debug_mask_minibatches: bool | None = None) -> Any:
     """Merge per-micro-batch outputs (same structure each) into one full-batch output.
 
     Tensors are concatenated along dim 0 by default; 0-dim tensors are averaged (the mean of
@@ -105,17 +144,40 @@ def merge_chunks(chunks: Sequence[Any], spec: Any = None) -> Any:
     leaves0, treedef = flat[0]
     specs = _leaf_specs(spec, chunks[0], len(leaves0), "output")
     merged = []
-    for j, sp in enumerate(specs):
-        col = [f[0][j] for f in flat]
-        merged.append(_merge_leaf(col, sp))
+    with _masked(_debug_mask_minibatches):
+        for j, sp in enumerate(specs):
+            col = [f[0][j] for f in flat]
+            merged.append(_merge_leaf(col, sp))
     return pytree.tree_unflatten(merged, treedef)
 
 
+class _masked:
+    """Within the block, mask mode is ``on`` (None: leave the module switch as it is)."""
+
+    def __init__(self, on: bool | None) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        global _debug_mask_minibatches
+        self.saved = _debug_mask_minibatches
+        if self.on is not None:
+            _debug_mask_minibatches = bool(self.on)
+
+    def __exit__(self, *exc: object) -> None:
+        global _debug_mask_minibatches
+        _debug_mask_minibatches = self.saved
+
+
+def _norm_spec(spec: Any) -> Any:
+    return spec() if spec in (Replicate, Sum) else spec
+
+
 def _leaf_specs(spec: Any, value: Any, n_leaves: int, what: str) -> list[Any]:
-    if spec is None or isinstance(spec, TensorChunkSpec | Replicate | Sum):
+    spec = _norm_spec(spec)
+    if spec is None or isinstance(spec, _SPEC_TYPES):
         return [spec] * n_leaves
     try:
-        specs = pytree.tree_flatten(spec, is_leaf=lambda x: isinstance(x, TensorChunkSpec | Replicate | Sum))[0]
+        specs = pytree.tree_flatten(spec, is_leaf=lambda x: isinstance(x, _SPEC_TYPES) or x in (Replicate, Sum))[0]
     except Exception as exc:  # pragma: no cover - defensive
         raise ValueError(f"chunk spec for the {what} is not a pytree: {spec!r}") from exc
     if len(specs) != n_leaves:
@@ -123,7 +185,7 @@ def _leaf_specs(spec: Any, value: Any, n_leaves: int, what: str) -> list[Any]:
             f"chunk spec for the {what} has {len(specs)} leaves but the value has {n_leaves}; give one "
             "TensorChunkSpec/Replicate per tensor, in the same structure as the value (None means 'default')"
         )
-    return specs
+    return [_norm_spec(sp) for sp in specs]
 
 
 def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
@@ -144,7 +206,11 @@ def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
             f"Use a batch size that is a multiple of {n} (e.g. {size - size % n} or {size + n - size % n}), "
             "or a micro-batch count that divides it. pippy never lowers the count silently."
         )
-    return list(torch.chunk(leaf, n, dim=dim))
+    parts = list(torch.chunk(leaf, n, dim=dim))
+    if not _debug_mask_minibatches:
+        return parts
+    zeros = [torch.zeros_like(p) for p in parts]  # full shape, only this micro-batch's rows kept
+    return [torch.cat(zeros[:i] + [p] + zeros[i + 1 :], dim=dim) for i, p in enumerate(parts)]
 
 
 def _merge_leaf(col: list[Any], spec: Any) -> Any:
@@ -155,4 +221,6 @@ def _merge_leaf(col: list[Any], spec: Any) -> Any:
         total = torch.stack(col).sum(0)
         return total / len(col) if (spec is None or spec.mean) else total
     dim = spec.dim if isinstance(spec, TensorChunkSpec) else 0
+    if _debug_mask_minibatches and first.dim() > dim and first.shape[dim] % len(col) == 0:
+        col = [torch.tensor_split(t, len(col), dim=dim)[i] for i, t in enumerate(col)]  # each one's own rows
     return torch.cat(col, dim=dim)

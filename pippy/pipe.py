@@ -10,19 +10,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from pippy.frontend.materialize import Checkpoint
 from pippy.frontend.pipe import SplitPipe, SplitPolicy, trace_and_split
+from pippy.frontend.root import root_module, run_local
 from pippy.frontend.trace import SplitPoint
+from pippy.microbatch import TensorChunkSpec
 from pippy.runtime.api import PipelineStage
 from pippy.runtime.build import build_stage
 
-__all__ = ["Pipe", "pipeline"]
+__all__ = ["ArgsChunkSpec", "KwargsChunkSpec", "Pipe", "pipeline"]
 
 
 class Pipe(SplitPipe):
@@ -62,6 +65,111 @@ class Pipe(SplitPipe):
         """
         return build_stage(self, i, device, group, checkpoint=checkpoint, init_fn=init_fn, recompute=recompute)
 
+    # ------------------------------------------------------------------ PiPPy's Pipe surface
+    has_loss_and_backward = False  # PiPPy's flag: pippy never folds a loss and backward into the pipe
+
+    signature: inspect.Signature | None = None  # the model's forward signature, set by pipeline()
+
+    @staticmethod
+    def from_tracing(
+        mod: nn.Module,
+        num_chunks: int,
+        example_args: tuple[Any, ...],
+        example_kwargs: dict[str, Any] | None = None,
+        split_policy: SplitPolicy | None = None,
+    ) -> Pipe:
+        """PiPPy's constructor: the same as ``pipeline(mod, num_chunks, example_args, example_kwargs, split_policy=...)``.
+
+            >>> Pipe.from_tracing(torch.nn.Linear(2, 2), 2, (torch.ones(4, 2),)).num_stages
+            1
+        """
+        return pipeline(mod, num_chunks, example_args, example_kwargs, split_policy=split_policy)
+
+    @property
+    def split_gm(self) -> fx.GraphModule:
+        """The whole pipe as one GraphModule: children ``submod_<i>`` (the stage modules) called in order.
+
+            >>> pipe = pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),))
+            >>> [name for name, _ in pipe.split_gm.named_children()]
+            ['submod_0']
+        """
+        return root_module(self)
+
+    def print_readable(self) -> None:
+        """Print the root graph and every stage's code (PiPPy's ``Pipe.print_readable``)."""
+        self.split_gm.print_readable()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Run every stage in this process on the given batch; returns the model's flattened outputs, as PiPPy did.
+
+        Autograd is kept, so ``.backward()`` on the result reaches the stage modules' parameters.
+
+            >>> net = torch.nn.Linear(2, 3)
+            >>> x = torch.ones(4, 2)
+            >>> torch.equal(pipeline(net, 2, (x,))(x)[0], net(x))
+            True
+        """
+        return run_local(self, args, kwargs, self.signature)
+
+    forward = __call__
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters of every stage module, named ``submod_<i>.<original FQN>`` (as PiPPy's Pipe module had them)."""
+        return self.split_gm.named_parameters(prefix=prefix, recurse=recurse)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """Parameters of every stage module (see :meth:`named_parameters`)."""
+        return self.split_gm.parameters(recurse=recurse)
+
+
+_DEFAULT_SPECS: dict[str, Any] = {"args": None, "kwargs": None}
+
+
+class ArgsChunkSpec:
+    """PiPPy's context manager: chunk dims of the positional inputs for every ``pipeline()`` call inside it.
+
+        >>> with ArgsChunkSpec((1,)):
+        ...     pipe = pipeline(torch.nn.Softmax(dim=0), 2, (torch.ones(3, 4),))
+        >>> pipe.args_chunk_spec, pipe.example_leaves[0].shape
+        ((TensorChunkSpec(dim=1),), torch.Size([3, 2]))
+    """
+
+    key = "args"
+
+    def __init__(self, chunk_dims: Any) -> None:
+        self.spec = _as_specs(chunk_dims)
+        self._saved: Any = None
+
+    def __enter__(self) -> Any:
+        self._saved = _DEFAULT_SPECS[self.key]
+        _DEFAULT_SPECS[self.key] = self.spec
+        return self.spec
+
+    def __exit__(self, *exc: object) -> None:
+        _DEFAULT_SPECS[self.key] = self._saved
+
+
+class KwargsChunkSpec(ArgsChunkSpec):
+    """PiPPy's context manager: chunk dims of keyword inputs by name, e.g. ``KwargsChunkSpec({"mask": 0})``.
+
+        >>> with KwargsChunkSpec({"x": 0}):
+        ...     pipe = pipeline(torch.nn.Linear(2, 1), 2, (), {"input": torch.ones(4, 2)})
+        >>> pipe.kwargs_chunk_spec
+        {'x': TensorChunkSpec(dim=0)}
+    """
+
+    key = "kwargs"
+
+
+def _as_specs(dims: Any) -> Any:
+    if isinstance(dims, int):
+        return TensorChunkSpec(dims)
+    if isinstance(dims, dict):
+        return {k: _as_specs(v) for k, v in dims.items()}
+    if isinstance(dims, list | tuple):
+        return type(dims)(_as_specs(v) for v in dims)
+    return dims
+
 
 def pipeline(
     module: nn.Module,
@@ -90,8 +198,17 @@ def pipeline(
         >>> print(pipe.num_stages)
         2
     """
-    return trace_and_split(
+    if args_chunk_spec is None:
+        args_chunk_spec = _DEFAULT_SPECS["args"]
+    if kwargs_chunk_spec is None:
+        kwargs_chunk_spec = _DEFAULT_SPECS["kwargs"]
+    pipe = trace_and_split(
         module, num_chunks, example_args, example_kwargs, split_spec, split_policy,
         args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec, tied_weights=tied_weights,
         recompute_inputs=recompute_inputs, pipe_cls=Pipe,
     )
+    try:
+        pipe.signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # a forward without a readable signature: calls must match the example
+        pipe.signature = None
+    return pipe

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,14 +23,14 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from pippy.frontend.assign import SplitPolicy, assign_stages
 from pippy.frontend.params import retarget_aliases, tensor_at
-from pippy.frontend.split import USER, StageInfo, ValueMeta, assign_by_markers, split_graph
+from pippy.frontend.split import USER, StageInfo, ValueMeta, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
 from pippy.microbatch import split_batch
 
 __all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites", "trace_and_split"]
 
-SplitPolicy = Callable[[fx.GraphModule, Sequence[Any]], Mapping[fx.Node, int]]
 """A split policy maps the traced graph and one micro-batch of flat example inputs (in placeholder
 order) to ``{compute node: stage}`` for every call_function node (see pippy.frontend.policies)."""
 
@@ -88,6 +88,7 @@ class SplitPipe:
         self._source: weakref.ref[nn.Module] | None = None
         self.traced_trainable: dict[str, bool] = {}  # requires_grad of every parameter when traced
         self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from
+        self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
 
     @property
     def num_stages(self) -> int:
@@ -95,9 +96,22 @@ class SplitPipe:
         return len(self.stage_infos)
 
     def get_stage_module(self, i: int) -> fx.GraphModule:
-        """Stage ``i``'s module (shares parameters with the traced model; keys are original FQNs)."""
+        """Stage ``i``'s module; keys are the original FQNs.
+
+        Before a stage is built it shares parameters with the traced model. Once this process
+        has built stage ``i`` (``PipelineStage``, ``build_stage``) and keeps it, this is the module
+        that stage runs and trains (as in PiPPy, where the stage used the pipe's own module).
+        """
         self._check_index(i)
-        return self.stage_infos[i].module
+        ref = self._live.get(i)
+        holder = ref() if ref is not None else None
+        live = getattr(holder, "submod", None)
+        return live if isinstance(live, fx.GraphModule) else self.stage_infos[i].module
+
+    def bind_stage(self, i: int, holder: Any) -> None:
+        """Record (weakly) that ``holder.submod`` is the module stage ``i`` runs in this process."""
+        self._check_index(i)
+        self._live[i] = weakref.ref(holder)
 
     def source_model(self) -> nn.Module | None:
         """The model this pipe was traced from, while it is alive (held weakly)."""
@@ -219,29 +233,6 @@ def _input_name(path: tuple[Any, ...]) -> str:
     return head + pytree.keystr(path[1:])
 
 
-def _check_no_empty_stage(gm: fx.GraphModule, assignment: Mapping[fx.Node, int], sites: list[str]) -> None:
-    """Refuse a stage with no computation between two split points (it would only pass values on)."""
-    if not sites:
-        return
-    used = set(assignment.values())
-    n = max(used, default=0) + 1
-    for s in range(n):
-        if s in used:
-            continue
-        if s == 0:
-            where = f"the split point {sites[0]} comes before any computation"
-            fix = "remove that split point (a pipe_split() at the very start of forward, or SplitPoint.BEGINNING of " \
-                "the first module)"
-        else:
-            where = f"nothing is computed between the split points {sites[s - 1]} and {sites[s]}"
-            fix = "remove one of the two (two pipe_split() calls in a row, or a split_spec marking both the END of " \
-                "one module and the BEGINNING of the next)"
-        raise PipeTraceError(
-            f"stage {s} of {n} would be empty: {where}. Expected at least one operation in every stage. "
-            f"How to fix: {fix}"
-        )
-
-
 def _kwarg_keys(in_spec: pytree.TreeSpec) -> list[str]:
     kw_spec = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
     return list(kw_spec.context) if kw_spec.context else []
@@ -346,11 +337,7 @@ def trace_and_split(
     retarget_aliases(gm)
     leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
     sites = [split_site(node) for node in gm.graph.nodes if is_split_marker(node)]
-    if split_policy is not None:
-        assignment = dict(split_policy(gm, leaves))
-    else:
-        assignment = assign_by_markers(gm)
-        _check_no_empty_stage(gm, assignment, sites)
+    gm, assignment = assign_stages(gm, leaves, split_policy, sites)
     num_stages = max(assignment.values(), default=0) + 1
     stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
     pipe = pipe_cls(

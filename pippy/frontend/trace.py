@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import difflib
 import functools
 import os
 import re
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from enum import Enum
 from typing import Any
 
@@ -30,6 +32,7 @@ __all__ = [
     "annotate_split_points",
     "export_module",
     "is_split_marker",
+    "no_kv_cache",
     "pipe_split",
     "split_site",
 ]
@@ -165,6 +168,7 @@ def export_module(
     """Capture ``module`` with non-strict ``torch.export`` on one micro-batch of example input.
 
     A module whose tensors are on the meta device is traced with its example inputs moved to meta.
+    Hugging Face models are traced with ``config.use_cache`` off (see :func:`no_kv_cache`).
 
         >>> ep = export_module(torch.nn.Linear(2, 2), (torch.randn(3, 2),))
         >>> ep.module()(torch.ones(3, 2)).shape
@@ -175,7 +179,8 @@ def export_module(
         # a model built on the meta device traces with meta inputs (no data is read, devices agree)
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     try:
-        return torch.export.export(module, args, kwargs, strict=False)
+        with no_kv_cache(module):
+            return torch.export.export(module, args, kwargs, strict=False)
     except Exception as exc:  # torch.export raises many types; we wrap them all
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = _user_frame(exc)
@@ -192,6 +197,40 @@ def export_module(
             "once, so every part of forward must be traceable, whichever stage it lands in. "
             "Full export error above (chained as __cause__)."
         ) from exc
+
+
+@contextlib.contextmanager
+def no_kv_cache(module: nn.Module) -> Iterator[list[str]]:
+    """Within the block, every ``config.use_cache`` in ``module`` (Hugging Face models) is False.
+
+    A pipeline step runs whole sequences, so a key/value cache is never reused; returning one would
+    put a ``DynamicCache`` object among the outputs, which cannot be sent between stages. The
+    pipelined model's ``past_key_values`` output is therefore None. Yields the names of the
+    submodules whose config was switched.
+
+        >>> class Cfg:
+        ...     use_cache = True
+        >>> net = torch.nn.Linear(1, 1); net.config = Cfg()
+        >>> with no_kv_cache(net) as switched:
+        ...     net.config.use_cache, switched
+        (False, [''])
+        >>> net.config.use_cache
+        True
+    """
+    switched: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    for name, sub in module.named_modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and id(cfg) not in seen and getattr(cfg, "use_cache", False) is True:
+            seen.add(id(cfg))
+            switched.append((name, cfg))
+    try:
+        for _, cfg in switched:
+            cfg.use_cache = False
+        yield [name for name, _ in switched]
+    finally:
+        for _, cfg in switched:
+            cfg.use_cache = True
 
 
 def _device_mismatch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from pippy.frontend.pipe import SplitPipe, describe_split_sites
 from pippy.runtime.guards import check_device, check_loss_fn, check_stages, rank_or_none, watch_traced_parameters
+from pippy.runtime.legacy import MicrobatchSteps
 from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-class _UserSchedule(PipelineSchedule):
+class _UserSchedule(MicrobatchSteps, PipelineSchedule):
     """The schedule classes users build: their arguments are checked before anything is generated."""
 
     def __init__(
@@ -168,6 +169,11 @@ class ScheduleInterleaved1F1B(_MultiStage):
     name = "interleaved_1f1b"
 
     def _make(self, p: int) -> Schedule:
+        if len(self.stages) < 2:
+            raise ValueError(
+                f"interleaving needs at least 2 stages per rank, got {len(self.stages)}; use Schedule1F1B for one "
+                "stage per rank, or split the model into 2+ stages per rank and pass them all"
+            )
         return gen.interleaved_1f1b(p, self.n_microbatches, v=len(self.stages))
 
 

@@ -21,7 +21,7 @@ _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn(message)`` attributed to the nearest frame outside pippy (the user's call)."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of warn_user
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PKG + os.sep):
         frame = frame.f_back  # type: ignore[assignment]
         level += 1

@@ -42,6 +42,7 @@ from pippy.microbatch import merge_chunks, split_value
 from pippy.runtime.comm import DistTransport, PipeCommError, Transport
 from pippy.runtime.executor import Executor, StepInputs, StepResult
 from pippy.runtime.loss import carries_loss, infer_reduction
+from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
@@ -177,6 +178,8 @@ class PipelineSchedule:
             raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
         if loss_reduction not in ("mean", "sum", None):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (or None: read it off loss_fn), got {loss_reduction!r}")
+        if needs_link(self.stages):  # hand-cut stages: learn the other ranks' shapes, check the chain
+            link_stages(self.stages, exchange(self.stages, self.stages[0].group, timeout) if transport is None else None)
         self.pipe = self.stages[0].pipe
         for st in self.stages:
             for name, prm in st.submod.named_parameters():
@@ -349,7 +352,8 @@ class PipelineSchedule:
                 [[m.describe() for m in info.input_meta], [m.describe() for m in info.outputs]]
                 for info in self.pipe.stage_infos
             ],
-            "stage_tensors": [_tensor_names(info.module) for info in self.pipe.stage_infos],
+            "stage_tensors": "hand-cut" if getattr(self.pipe, "manual", False)
+            else [_tensor_names(info.module) for info in self.pipe.stage_infos],
         }
 
     def _agree(self) -> None:

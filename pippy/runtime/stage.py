@@ -79,14 +79,16 @@ class Stage:
         Stage(index=1, of=2, device=cpu)
     """
 
-    def __init__(self, pipe: SplitPipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None) -> None:
+    def __init__(self, pipe: SplitPipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None,
+                 *, module: nn.Module | None = None) -> None:
         pipe._check_index(stage_index)
         self.pipe = pipe
         self.index = stage_index
         self.device = torch.device(device)
         self.group = group
         self.info: StageInfo = pipe.stage_infos[stage_index]
-        self.submod: fx.GraphModule = _materialize(self.info.module, self.device)
+        # the pipe's stage module gets a copy on ``device``; a given ``module`` (a hand-cut stage) is used as is
+        self.submod: fx.GraphModule = _materialize(self.info.module, self.device) if module is None else module  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
         self._state: dict[int, _MbState] = {}
         self.measure_activations = False  # count bytes autograd saves per micro-batch (small overhead)
@@ -158,7 +160,7 @@ class Stage:
             raise StageError(f"{self.where(mb, 'F')}: forward ran twice for this micro-batch without a backward")
         if not training:
             with torch.no_grad():
-                outs = tuple(self.submod(*inputs))
+                outs = _as_tuple(self.submod(*inputs))
             if readers > 0:
                 self._state[mb] = _MbState([], outs, training=False, readers=readers)
             return outs
@@ -166,13 +168,13 @@ class Stage:
             x.detach().requires_grad_(meta.requires_grad) if isinstance(x, torch.Tensor) else x
             for x, meta in zip(inputs, self.info.input_meta)
         ]
-        taps = self.taps if split_backward else None
+        taps = self.taps if split_backward and isinstance(self.submod, fx.GraphModule) else None
         fn = taps.module if taps is not None else self.submod
         if self.measure_activations:
             with SavedBytes(skip=self.submod.parameters()) as counter:
-                res = tuple(fn(*leaves))
+                res = _as_tuple(fn(*leaves))
         else:
-            res = tuple(fn(*leaves))
+            res = _as_tuple(fn(*leaves))
         n_out = len(self.info.outputs)
         if taps is not None:
             outs, tapped, aux = taps.split(res, n_out)
@@ -283,3 +285,8 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(index={self.index}, of={self.num_stages}, device={self.device})"
+
+
+def _as_tuple(out: Any) -> tuple[Any, ...]:
+    """A stage's outputs as a tuple: a traced stage returns one already; a hand-written module may return one tensor."""
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)

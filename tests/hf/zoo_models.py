@@ -49,7 +49,7 @@ _DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 _BERTLIKE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=32, **_DROP)
 _LLAMALIKE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, max_position_embeddings=32, use_cache=False)
+                  intermediate_size=64, max_position_embeddings=32)
 
 
 def _mask() -> torch.Tensor:
@@ -83,19 +83,19 @@ def build(name: str) -> Case:
         m = T.AlbertForMaskedLM(cfg)
         case = Case(m, (ids,), {}, _lm_loss, tgt, layers=["albert.embeddings", "albert.encoder"])
     elif name == "gpt2":
-        cfg = T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, use_cache=False,
+        cfg = T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
                            bos_token_id=0, eos_token_id=0,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         case = Case(T.GPT2LMHeadModel(cfg), (ids,), {"labels": tgt}, None)
     elif name == "gpt_neo":
         cfg = T.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
-                             window_size=4, max_position_embeddings=32, use_cache=False, embed_dropout=0.0,
+                             window_size=4, max_position_embeddings=32, embed_dropout=0.0,
                              attention_dropout=0.0, resid_dropout=0.0)
         case = Case(T.GPTNeoForCausalLM(cfg), (ids,), {}, _lm_loss, tgt)
     elif name == "opt":
         cfg = T.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
                           max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
-                          use_cache=False, pad_token_id=0)
+                          pad_token_id=0)
         case = Case(T.OPTForCausalLM(cfg), (ids,), {"attention_mask": _mask()}, _lm_loss, tgt)
     elif name == "llama":
         case = Case(T.LlamaForCausalLM(T.LlamaConfig(**_LLAMALIKE)), (ids,), {"labels": tgt}, None)
@@ -106,21 +106,21 @@ def build(name: str) -> Case:
         case = Case(T.Qwen2ForCausalLM(cfg), (ids,), {}, _lm_loss, tgt)
     elif name == "phi":
         cfg = T.PhiConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, max_position_embeddings=32, use_cache=False, resid_pdrop=0.0,
+                          intermediate_size=64, max_position_embeddings=32, resid_pdrop=0.0,
                           embd_pdrop=0.0, attention_dropout=0.0)
         case = Case(T.PhiForCausalLM(cfg), (ids,), {}, _lm_loss, tgt)
     elif name == "falcon":
         cfg = T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             use_cache=False, hidden_dropout=0.0, attention_dropout=0.0, new_decoder_architecture=False)
+                             hidden_dropout=0.0, attention_dropout=0.0, new_decoder_architecture=False)
         case = Case(T.FalconForCausalLM(cfg), (ids,), {}, _lm_loss, tgt)
     elif name == "t5":
         cfg = T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                         dropout_rate=0.0, use_cache=False, decoder_start_token_id=0, pad_token_id=0)
+                         dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
         case = Case(T.T5ForConditionalGeneration(cfg), (ids,), {"labels": tgt}, None)
     elif name == "bart":
         cfg = T.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
-                           dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, use_cache=False)
+                           dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
         case = Case(T.BartForConditionalGeneration(cfg), (ids,), {"labels": tgt}, None)
     elif name == "vit":
         cfg = T.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
@@ -146,7 +146,7 @@ def build(name: str) -> Case:
         cfg = T.WhisperConfig(vocab_size=VOCAB, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2,
                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
                               decoder_ffn_dim=64, max_source_positions=8, max_target_positions=16, dropout=0.0,
-                              attention_dropout=0.0, activation_dropout=0.0, use_cache=False, pad_token_id=0,
+                              attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0,
                               decoder_start_token_id=1)
         feats = torch.randn(BATCH, 8, 16)
         case = Case(T.WhisperForConditionalGeneration(cfg), (feats,), {"labels": tgt}, None)

@@ -1,0 +1,36 @@
+"""PiPPy's module path for the schedules: ``from pippy.PipelineSchedule import ScheduleGPipe`` (same classes as ``pippy``).
+
+    >>> import pippy
+    >>> from pippy.PipelineSchedule import Schedule1F1B, ScheduleGPipe
+    >>> ScheduleGPipe is pippy.ScheduleGPipe and Schedule1F1B is pippy.Schedule1F1B
+    True
+"""
+
+from pippy.runtime.api import (
+    PipelineSchedule,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+    ScheduleZBH1,
+    ScheduleZBH2,
+    ScheduleZBV,
+)
+
+PipelineScheduleSingle = PipelineSchedule  # PiPPy's base of one-stage-per-rank schedules
+PipelineScheduleMulti = PipelineSchedule  # PiPPy's base of several-stages-per-rank schedules
+
+__all__ = [
+    "PipelineSchedule",
+    "PipelineScheduleMulti",
+    "PipelineScheduleSingle",
+    "Schedule1F1B",
+    "ScheduleDualPipeV",
+    "ScheduleGPipe",
+    "ScheduleInterleaved1F1B",
+    "ScheduleLoopedBFS",
+    "ScheduleZBH1",
+    "ScheduleZBH2",
+    "ScheduleZBV",
+]

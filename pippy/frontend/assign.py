@@ -1,0 +1,84 @@
+"""Which stage each traced node goes to: from ``pipe_split()`` markers or a split policy.
+
+    >>> import torch
+    >>> from pippy.frontend.trace import export_module
+    >>> gm = export_module(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()), (torch.ones(1, 2),)).module()
+    >>> def cut_after_linear(gm):  # a PiPPy-style policy: insert the marker op, return the graph
+    ...     node = next(v for v in gm.graph.nodes if v.name == "linear")
+    ...     with gm.graph.inserting_after(node):
+    ...         gm.graph.call_function(torch.ops.pippy.pipe_split.default, (), {})
+    ...     return gm
+    >>> {v.name: s for v, s in assign_stages(gm, [], cut_after_linear, [])[1].items() if v.op == "call_function"}
+    {'linear': 0, 'relu': 1}
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import fx
+
+from pippy.frontend.split import assign_by_markers
+from pippy.frontend.trace import PipeTraceError, is_split_marker, split_site
+
+__all__ = ["SplitPolicy", "assign_stages"]
+
+SplitPolicy = Callable[..., Any]
+"""``policy(gm, example_inputs) -> {node: stage}`` (pippy's), or ``policy(gm) -> gm`` inserting split markers (PiPPy's)."""
+
+
+def assign_stages(
+    gm: fx.GraphModule, leaves: Sequence[Any], split_policy: SplitPolicy | None, sites: list[str]
+) -> tuple[fx.GraphModule, dict[fx.Node, int]]:
+    """The graph to split (a PiPPy-style policy may return a new one) and the stage of each compute node.
+
+    ``sites`` are the user's traced split points, for messages.
+    """
+    if split_policy is None:
+        assignment = assign_by_markers(gm)
+        _check_no_empty_stage(gm, assignment, sites)
+        return gm, assignment
+    if _takes_graph_only(split_policy):
+        before = sum(1 for v in gm.graph.nodes if is_split_marker(v))
+        out = split_policy(gm)
+        graph = out if isinstance(out, fx.GraphModule) else gm
+        new_sites = [split_site(v) for v in graph.graph.nodes if is_split_marker(v)]
+        assignment = assign_by_markers(graph)
+        _check_no_empty_stage(graph, assignment, new_sites if len(new_sites) != before else sites)
+        return graph, assignment
+    return gm, dict(split_policy(gm, leaves))
+
+
+def _takes_graph_only(policy: SplitPolicy) -> bool:
+    """True for a one-argument policy ``fn(gm) -> gm`` (PiPPy's form)."""
+    try:
+        params = inspect.signature(policy).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return len(positional) == 1 and positional[0].kind is not positional[0].VAR_POSITIONAL
+
+
+def _check_no_empty_stage(gm: fx.GraphModule, assignment: Mapping[fx.Node, int], sites: list[str]) -> None:
+    """Refuse a stage with no computation between two split points (it would only pass values on)."""
+    if not sites:
+        return
+    used = set(assignment.values())
+    n = max(used, default=0) + 1
+    for s in range(n):
+        if s in used:
+            continue
+        if s == 0:
+            where = f"the split point {sites[0]} comes before any computation"
+            fix = "remove that split point (a pipe_split() at the very start of forward, or SplitPoint.BEGINNING of " \
+                "the first module)"
+        else:
+            where = f"nothing is computed between the split points {sites[s - 1]} and {sites[s]}"
+            fix = "remove one of the two (two pipe_split() calls in a row, or a split_spec marking both the END of " \
+                "one module and the BEGINNING of the next)"
+        raise PipeTraceError(
+            f"stage {s} of {n} would be empty: {where}. Expected at least one operation in every stage. "
+            f"How to fix: {fix}"
+        )

@@ -1,0 +1,150 @@
+"""The whole pipe in this process: ``split_gm`` (a root graph calling ``submod_0..N``) and a local run of every stage.
+
+PiPPy users inspect ``pipe.split_gm`` and call the pipe like the model; both work on the
+same stage modules the pipeline runs.
+
+    >>> import torch
+    >>> from pippy.frontend.pipe import trace_and_split
+    >>> from pippy.frontend.trace import SplitPoint
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> pipe = trace_and_split(net, 2, (torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
+    >>> [name for name, _ in root_module(pipe).named_children()]
+    ['submod_0', 'submod_1']
+    >>> x = torch.randn(4, 4)
+    >>> torch.allclose(run_local(pipe, (x,), {})[0], net(x))
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from pippy.frontend.pipe import SplitPipe
+from pippy.frontend.split import USER
+from pippy.microbatch import merge_chunks
+
+__all__ = ["bind_to_traced", "root_module", "run_local"]
+
+
+def root_module(pipe: SplitPipe) -> fx.GraphModule:
+    """A GraphModule whose children are the stage modules (``submod_<i>``) and whose graph calls them in order.
+
+    Its inputs are the model's flattened inputs, its outputs the model's flattened outputs.
+    """
+    root = nn.Module()
+    graph = fx.Graph()
+    user = [graph.placeholder(f"in{k}") for k in range(len(pipe.example_leaves))]
+    produced: dict[tuple[int, int], fx.Node] = {}
+    for info in pipe.stage_infos:
+        name = f"submod_{info.index}"
+        root.add_module(name, pipe.get_stage_module(info.index))
+        args = tuple(user[r.index] if r.src_stage == USER else produced[(r.src_stage, r.index)] for r in info.inputs)
+        call = graph.call_module(name, args)
+        for j in range(len(info.outputs)):
+            produced[(info.index, j)] = graph.call_function(operator.getitem, (call, j))
+    last = pipe.stage_infos[-1]
+    graph.output(tuple(produced[(last.index, j)] for j in range(len(last.outputs))))
+    return fx.GraphModule(root, graph, class_name="SplitGraph")
+
+
+def bind_to_traced(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   signature: inspect.Signature | None) -> list[Any]:
+    """Flatten a call's inputs in the traced order, binding positional/keyword forms through ``signature``.
+
+    A model traced with ``example_kwargs={"y": y}`` may be called ``pipe(x, y)`` or ``pipe(x, y=y)``;
+    arguments left out take the forward's defaults.
+    """
+    n_args = _child(pipe.in_spec, 0).num_children
+    kw_keys = list(_child(pipe.in_spec, 1).context or [])
+    if len(args) == n_args and sorted(kwargs) == sorted(kw_keys):
+        call_args, call_kwargs = tuple(args), dict(kwargs)
+    elif signature is not None:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"the pipe takes the model's arguments {signature}: {exc}") from None
+        bound.apply_defaults()
+        names = list(bound.arguments)
+        call_args = tuple(bound.arguments[n] for n in names[:n_args])
+        missing = [k for k in kw_keys if k not in bound.arguments]
+        if missing:
+            raise TypeError(f"the pipe was traced with keyword arguments {kw_keys}; missing {missing}")
+        call_kwargs = {k: bound.arguments[k] for k in kw_keys}
+    else:
+        raise TypeError(
+            f"the pipe was traced with {n_args} positional argument(s) and keyword arguments {kw_keys}; got "
+            f"{len(args)} positional and {sorted(kwargs)}. Call it with the same arguments as the example."
+        )
+    leaves, spec = pytree.tree_flatten((call_args, {k: call_kwargs[k] for k in kw_keys}))
+    if spec != pipe.in_spec:
+        raise TypeError(
+            f"input structure differs from the traced example.\n expected: {pipe.in_spec}\n got: {spec}\n"
+            "Pass inputs with the same nesting as example_args/example_kwargs."
+        )
+    return leaves
+
+
+def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
+              signature: inspect.Signature | None = None) -> tuple[Any, ...]:
+    """Run every stage in this process on the given inputs; returns the flat outputs (autograd kept).
+
+    The batch runs at once. A graph that bakes in the traced micro-batch size (a ``view`` with a
+    literal size, as Hugging Face attention has) fails at another size: then a batch that is a
+    whole number of traced micro-batches runs micro-batch by micro-batch and the outputs are merged.
+    """
+    flat = bind_to_traced(pipe, args, kwargs, signature)
+    n = _chunks_in(pipe, flat)
+    try:
+        return _run_flat(pipe, flat)
+    except _StageFailed:
+        if n is None:
+            raise
+    call_args, call_kwargs = pytree.tree_unflatten(flat, pipe.in_spec)
+    outs = [_run_flat(pipe, mb) for mb in pipe.split_inputs(tuple(call_args), dict(call_kwargs), n)]
+    return tuple(merge_chunks(outs))
+
+
+class _StageFailed(RuntimeError):
+    pass
+
+
+def _run_flat(pipe: SplitPipe, flat: list[Any]) -> tuple[Any, ...]:
+    produced: dict[tuple[int, int], Any] = {}
+    for info in pipe.stage_infos:
+        inputs = [flat[r.index] if r.src_stage == USER else produced[(r.src_stage, r.index)] for r in info.inputs]
+        try:
+            outs = tuple(pipe.get_stage_module(info.index)(*inputs))
+        except Exception as exc:
+            traced = [tuple(m.shape) for m in info.input_meta if m.shape is not None]
+            got = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+            raise _StageFailed(
+                f"stage {info.index} failed when the pipe was called locally: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}. Its inputs have shapes {got}; it was traced for "
+                f"{traced} (one micro-batch). A graph that bakes in the traced batch size runs only at that size "
+                "or a whole number of micro-batches of it: call the pipe with such a batch, or use a schedule."
+            ) from exc
+        for j, v in enumerate(outs):
+            produced[(info.index, j)] = v
+    last = pipe.stage_infos[-1]
+    return tuple(produced[(last.index, j)] for j in range(len(last.outputs)))
+
+
+def _chunks_in(pipe: SplitPipe, flat: list[Any]) -> int | None:
+    """How many traced micro-batches the given batch holds (None when it is not a whole number > 1 of them)."""
+    for got, ex in zip(flat, pipe.example_leaves):
+        if isinstance(got, torch.Tensor) and isinstance(ex, torch.Tensor) and got.dim() == ex.dim() and ex.dim() > 0:
+            diff = [d for d in range(ex.dim()) if got.shape[d] != ex.shape[d]]
+            if len(diff) == 1 and ex.shape[diff[0]] > 0 and got.shape[diff[0]] % ex.shape[diff[0]] == 0:
+                n = got.shape[diff[0]] // ex.shape[diff[0]]
+                return n if n > 1 else None
+    return None
+
+
+def _child(spec: pytree.TreeSpec, i: int) -> pytree.TreeSpec:
+    return spec.child(i) if hasattr(spec, "child") else spec.children_specs[i]
