@@ -39,7 +39,25 @@ PLACEHOLDER_VAL = -1  # an unused slot
 
 
 class ManualPipelineStage(ManualStage):
-    """A stage from the user's own module: see :class:`pippy.runtime.manual.ManualStage` and the module doc."""
+    """A stage from the user's own module: see :class:`pippy.runtime.manual.ManualStage` and the module doc.
+
+    ``stage_id=`` is accepted for ``stage_index=`` (the spelling of PiPPy's older scripts).
+    """
+
+    def __init__(self, submodule: nn.Module, stage_index: int | None = None, num_stages: int | None = None,
+                 device: torch.device | str | None = None, num_microbatches: int | None = None, input_args: Any = None,
+                 output_args: Any = None, group: Any = None, *, stage_id: int | None = None) -> None:
+        index = stage_index if stage_id is None else stage_id
+        missing = [n for n, v in (("stage_index", index), ("num_stages", num_stages), ("device", device),
+                                  ("num_microbatches", num_microbatches), ("input_args", input_args)) if v is None]
+        if missing or (stage_index is not None and stage_id is not None):
+            raise TypeError(
+                f"ManualPipelineStage(submodule, stage_index, num_stages, device, num_microbatches, input_args, "
+                f"output_args=None, group=None): missing {missing}" if missing else
+                "ManualPipelineStage: pass stage_index or its old name stage_id, not both"
+            )
+        assert index is not None and num_stages is not None and device is not None and num_microbatches is not None
+        super().__init__(submodule, index, num_stages, device, num_microbatches, input_args, output_args, group)
 
     def forward_one_chunk(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> Any:
         """Run this stage's module on one micro-batch's inputs, here, with no communication; returns its output."""

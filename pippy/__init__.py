@@ -9,6 +9,8 @@ and simulator modules start without importing torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -131,3 +133,20 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     """Module attributes plus the lazily imported public names."""
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module: a public class keeps its name when a same-named submodule is imported.
+
+    ``pippy.PipelineStage`` and ``pippy.ManualPipelineStage`` are classes and also module paths
+    (``from pippy.PipelineStage import PipelineStage``); importing the submodule must not replace
+    the class on the package, as Python's import system would.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -210,7 +210,7 @@ def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
     if not _debug_mask_minibatches:
         return parts
     zeros = [torch.zeros_like(p) for p in parts]  # full shape, only this micro-batch's rows kept
-    return [torch.cat(zeros[:i] + [p] + zeros[i + 1 :], dim=dim) for i, p in enumerate(parts)]
+    return [torch.cat([*zeros[:i], p, *zeros[i + 1 :]], dim=dim) for i, p in enumerate(parts)]
 
 
 def _merge_leaf(col: list[Any], spec: Any) -> Any:

@@ -152,10 +152,10 @@ class ArgsChunkSpec:
 class KwargsChunkSpec(ArgsChunkSpec):
     """PiPPy's context manager: chunk dims of keyword inputs by name, e.g. ``KwargsChunkSpec({"mask": 0})``.
 
-        >>> with KwargsChunkSpec({"x": 0}):
+        >>> with KwargsChunkSpec({"input": 0}):
         ...     pipe = pipeline(torch.nn.Linear(2, 1), 2, (), {"input": torch.ones(4, 2)})
         >>> pipe.kwargs_chunk_spec
-        {'x': TensorChunkSpec(dim=0)}
+        {'input': TensorChunkSpec(dim=0)}
     """
 
     key = "kwargs"

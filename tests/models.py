@@ -110,3 +110,6 @@ def lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error."""
     return F.mse_loss(out, target)
+
+
+mse.reduction = "mean"  # type: ignore[attr-defined]  # tells pippy how it reduces (else it warns and assumes mean)

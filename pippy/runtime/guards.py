@@ -87,7 +87,8 @@ def check_stages(schedule: str, stages: Any, rank: int | None = None) -> list[St
             raise TypeError(f"{where}: stages[{k}] is {_what(st)}, expected a runtime stage. {_STAGE_FIX}")
     pipe = out[0].pipe
     for st in out[1:]:
-        if st.pipe is not pipe:
+        # hand-cut stages each start with a chain of their own; the schedule links them into one
+        if st.pipe is not pipe and not (getattr(pipe, "manual", False) and getattr(st.pipe, "manual", False)):
             raise StageError(
                 f"{where}: stages {out[0].index} and {st.index} were built from two different pipes (two "
                 f"pipeline() calls: {pipe.model_name} in {pipe.num_stages} stages and {st.pipe.model_name} in "

@@ -44,6 +44,7 @@ from pippy.runtime.executor import Executor, StepInputs, StepResult
 from pippy.runtime.loss import carries_loss, infer_reduction
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
+from pippy.runtime.ranks import gather_trace, schedule_facts
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
@@ -338,23 +339,8 @@ class PipelineSchedule:
                        grads_were_none=none)
 
     def facts(self) -> dict[str, Any]:
-        """What every rank must agree on before the first step: schedule, micro-batches, placement, edges.
-
-        Compared across ranks at the first step (see :func:`pippy.runtime.faults.agree`).
-        """
-        sch = self._eval_schedule
-        return {
-            "schedule": type(self).__name__,
-            "n_microbatches": self.n_microbatches,
-            "ranks": self.transport.world_size,
-            "stage_to_rank": list(sch.stage_to_rank),
-            "stage_edges": [
-                [[m.describe() for m in info.input_meta], [m.describe() for m in info.outputs]]
-                for info in self.pipe.stage_infos
-            ],
-            "stage_tensors": "hand-cut" if getattr(self.pipe, "manual", False)
-            else [_tensor_names(info.module) for info in self.pipe.stage_infos],
-        }
+        """What every rank must agree on before the first step (see :func:`pippy.runtime.ranks.schedule_facts`)."""
+        return schedule_facts(self)
 
     def _agree(self) -> None:
         mine = sorted(st.index for st in self.stages)
@@ -378,7 +364,7 @@ class PipelineSchedule:
             self.last_peak_live = res.peak_live
             self.last_peak_bytes = res.peak_bytes
         if self.trace and isinstance(self.transport, DistTransport):
-            self._gather_trace(res.events)
+            self.last_timeline = gather_trace(self.transport, self.rank, res.events, self.name, self.trace_path)
         if losses is not None and self.holds(self.pipe.num_stages - 1):
             losses.extend(res.losses)
         if not self.holds(self.pipe.num_stages - 1) or not res.outputs:
@@ -426,21 +412,6 @@ class PipelineSchedule:
             self._warned.add(key)
             warn_user(message)
 
-    def _gather_trace(self, events: list[Event]) -> None:
-        """Collect every rank's events on rank 0; write the Chrome trace there when a path is set."""
-        assert isinstance(self.transport, DistTransport)
-        group = self.transport.group
-        world = dist.get_world_size(group)
-        gathered: list[Any] = [None] * world if self.rank == 0 else []
-        dist.gather_object(events, gathered if self.rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
-        if self.rank != 0:
-            return
-        self.last_timeline = Timeline.from_events([e for evs in gathered for e in evs], world, name=self.name)
-        if self.trace_path:
-            from pippy.sim.render import write_chrome_trace
-
-            write_chrome_trace(self.last_timeline, self.trace_path)
-
     @classmethod
     def placement(cls, num_ranks: int, stages_per_rank: int = 1) -> tuple[int, ...]:
         """Where this schedule puts stages: ``placement[s]`` is the rank of stage ``s``."""
@@ -452,9 +423,3 @@ class PipelineSchedule:
             run = self.begin(args, kwargs, training=False)
             run.run_blocking()
         return self.finish(run)
-
-
-def _tensor_names(module: torch.nn.Module) -> str:
-    """A short, comparable summary of which parameters a stage holds: first .. last FQN and the count."""
-    names = [n for n, _ in module.named_parameters()]
-    return f"{names[0]} .. {names[-1]} ({len(names)} tensors)" if names else "(no parameters)"

@@ -96,6 +96,11 @@ class Stage:
 
     # ----------------------------------------------------------------- properties
     @property
+    def stage_index(self) -> int:
+        """This stage's index (PiPPy's name for ``index``)."""
+        return self.index
+
+    @property
     def num_stages(self) -> int:
         """Stages in the whole pipe."""
         return self.pipe.num_stages

@@ -1,0 +1,71 @@
+"""What a schedule's ranks share outside a step: the facts they must agree on, and the trace gathered on rank 0.
+
+    >>> import torch
+    >>> from pippy import Schedule1F1B, pipeline
+    >>> from pippy.runtime.comm import LocalTransport
+    >>> pipe = pipeline(torch.nn.Linear(2, 2), 2, (torch.ones(4, 2),))
+    >>> sched = Schedule1F1B(pipe.build_stage(0, "cpu"), 2, transport=LocalTransport.world(1)[0])
+    >>> facts = schedule_facts(sched)
+    >>> facts["schedule"], facts["n_microbatches"], facts["stage_tensors"]
+    ('Schedule1F1B', 2, ['weight .. bias (2 tensors)'])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pippy.runtime.comm import DistTransport, Transport
+from pippy.sim.timeline import Event, Timeline
+
+__all__ = ["gather_trace", "schedule_facts"]
+
+
+def schedule_facts(sched: Any) -> dict[str, Any]:
+    """Schedule, micro-batches, placement, stage edges and tensors: compared across ranks at the first step.
+
+    See :func:`pippy.runtime.faults.agree`.
+    """
+    plan = sched._eval_schedule
+    pipe = sched.pipe
+    return {
+        "schedule": type(sched).__name__,
+        "n_microbatches": sched.n_microbatches,
+        "ranks": sched.transport.world_size,
+        "stage_to_rank": list(plan.stage_to_rank),
+        "stage_edges": [
+            [[m.describe() for m in info.input_meta], [m.describe() for m in info.outputs]]
+            for info in pipe.stage_infos
+        ],
+        "stage_tensors": "hand-cut" if getattr(pipe, "manual", False)
+        else [_tensor_names(info.module) for info in pipe.stage_infos],
+    }
+
+
+def gather_trace(transport: Transport, rank: int, events: list[Event], name: str,
+                 path: str | None) -> Timeline | None:
+    """Collect every rank's events on rank 0 (a collective); there, build the timeline and write it to ``path``.
+
+    Returns the timeline on rank 0, else None.
+    """
+    assert isinstance(transport, DistTransport)
+    group = transport.group
+    world = dist.get_world_size(group)
+    gathered: list[Any] = [None] * world if rank == 0 else []
+    dist.gather_object(events, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
+    if rank != 0:
+        return None
+    timeline = Timeline.from_events([e for evs in gathered for e in evs], world, name=name)
+    if path:
+        from pippy.sim.render import write_chrome_trace
+
+        write_chrome_trace(timeline, path)
+    return timeline
+
+
+def _tensor_names(module: torch.nn.Module) -> str:
+    """A short, comparable summary of which parameters a stage holds: first .. last FQN and the count."""
+    names = [n for n, _ in module.named_parameters()]
+    return f"{names[0]} .. {names[-1]} ({len(names)} tensors)" if names else "(no parameters)"

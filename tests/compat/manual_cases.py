@@ -1,0 +1,95 @@
+"""Spawned-rank cases for the PiPPy face: ManualPipelineStage under every schedule family, PipelineStage keyword forms."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pippy
+from pippy import ManualPipelineStage, PipelineStage, SplitPoint, pipeline
+from pippy.PipelineSchedule import ScheduleGPipe
+
+D, B, M = 6, 8, 4
+SCHEDULES = {  # name -> (class, stages per rank)
+    "gpipe": (pippy.ScheduleGPipe, 1),
+    "1f1b": (pippy.Schedule1F1B, 1),
+    "zbh1": (pippy.ScheduleZBH1, 1),
+    "interleaved_1f1b": (pippy.ScheduleInterleaved1F1B, 2),
+    "looped_bfs": (pippy.ScheduleLoopedBFS, 2),
+    "zbv": (pippy.ScheduleZBV, 2),
+}
+
+
+def _chain(n: int) -> list[nn.Module]:
+    torch.manual_seed(0)
+    parts: list[nn.Module] = [nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(n - 1)]
+    return [*parts, nn.Linear(D, 2)]
+
+
+def _grad_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    return max(float((got[k] - ref[k]).abs().max()) for k in got)
+
+
+def manual_stages(rank: int, world: int) -> dict[str, Any]:
+    """Each schedule over hand-cut stages (the user's own modules): loss, output and grads equal the plain model."""
+    torch.set_default_dtype(torch.float64)
+    x, y = torch.randn(B, D, generator=torch.Generator().manual_seed(1)), torch.randn(B, 2, generator=torch.Generator().manual_seed(2))
+    loss_fn = nn.MSELoss(reduction="sum")
+    report: dict[str, Any] = {}
+    for name, (cls, v) in SCHEDULES.items():
+        n = world * v
+        parts = _chain(n)
+        ref = nn.Sequential(*copy.deepcopy(parts))
+        ref_loss = loss_fn(ref(x), y)
+        ref_loss.backward()
+        place = cls.placement(world, v)
+        mine = [s for s in range(n) if place[s] == rank]
+        stages = []
+        for s in mine:
+            example = torch.empty(B // M, D)  # one micro-batch's input (only its shape and dtype are read)
+            stages.append(ManualPipelineStage(parts[s], s, n, "cpu", M, input_args=example))
+        sched = cls(stages if v > 1 else stages[0], M, loss_fn=loss_fn)
+        first, last = 0 in mine, n - 1 in mine
+        losses: list[torch.Tensor] = []
+        out = sched.step(*((x,) if first else ()), target=y if last else None, losses=losses)
+        errs = []
+        for s in mine:
+            got = {k: p.grad for k, p in parts[s].named_parameters()}
+            errs.append(_grad_err(got, {k: p.grad for k, p in ref[s].named_parameters()}))
+        entry = {"grad_err": max(errs)}
+        if last:
+            entry["loss_err"] = abs(float(torch.stack(losses).sum()) - float(ref_loss))
+            entry["out_err"] = float((out - ref(x)).abs().max())
+        report[name] = entry
+    return report
+
+
+def manual_mismatch(rank: int, world: int) -> str:
+    """Stage 1 built for another input width than stage 0 sends: every rank gets an error naming the pair."""
+    parts = _chain(2)
+    wrong = torch.empty(B // M, D + 1) if rank == 1 else torch.empty(B // M, D)
+    stage = ManualPipelineStage(nn.Linear(D + 1, 2) if rank == 1 else parts[0], rank, 2, "cpu", M, input_args=wrong)
+    try:
+        ScheduleGPipe(stage, M, loss_fn=nn.MSELoss())
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def keyword_forms(rank: int, world: int) -> dict[str, float]:
+    """``PipelineStage(pipe, stage_index=..., device=..., group=...)`` and the schedule's step/eval, as PiPPy's tests call them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 2)).double()
+    x = torch.randn(B, D, dtype=torch.float64)
+    pipe = pipeline(model, M, example_args=(x,), split_spec={"1": SplitPoint.END})
+    stage = PipelineStage(pipe, stage_index=rank, device=torch.device("cpu"), group=dist.group.WORLD)
+    sched = ScheduleGPipe(stage, n_microbatches=M)
+    out = sched.step(x) if rank == 0 else sched.step()
+    ev = sched.eval(x) if rank == 0 else sched.eval()
+    if rank != world - 1:
+        return {}
+    return {"step": float((out - model(x)).abs().max()), "eval": float((ev - model(x)).abs().max())}

@@ -1,0 +1,154 @@
+"""PiPPy's Pipe surface in its calling style: calling a pipe, split_gm, from_tracing, chunk-spec context managers, split policies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import MLPStack
+from torch import fx, nn
+
+from pippy import (
+    ArgsChunkSpec,
+    KwargsChunkSpec,
+    Pipe,
+    SplitPoint,
+    annotate_split_points,
+    pipe_split,
+    pipeline,
+    split_by_graph,
+    split_into_equal_size,
+    split_on_size_threshold,
+)
+from pippy.microbatch import TensorChunkSpec
+from pippy.ModelSplit import aten_pipe_split_alias
+
+TOL = 1e-12
+
+
+def _mlp(n: int = 4) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return MLPStack(n).double(), torch.randn(8, 8, dtype=torch.float64)
+
+
+def test_calling_a_pipe_runs_every_stage_and_keeps_autograd() -> None:
+    model, x = _mlp()
+    ref = copy.deepcopy(model)
+    annotate_split_points(model, {"blocks.1": SplitPoint.END})
+    pipe = pipeline(model, 2, example_args=(x,))
+    out = pipe(x)  # PiPPy returned the flattened outputs
+    assert isinstance(out, tuple) and len(out) == 1
+    torch.testing.assert_close(out[0], ref(x), rtol=0, atol=TOL)
+    out[0].sum().backward()
+    ref(x).sum().backward()
+    grads = dict(pipe.named_parameters())
+    assert set(grads) == {f"submod_{i}.{n}" for i in range(2) for n, _ in pipe.get_stage_module(i).named_parameters()}
+    for name, p in ref.named_parameters():
+        stage = 0 if name.startswith(("blocks.0", "blocks.1")) else 1
+        torch.testing.assert_close(grads[f"submod_{stage}.{name}"].grad, p.grad, rtol=0, atol=TOL)
+    assert pipe.has_loss_and_backward is False
+
+
+def test_pipe_call_binds_keywords_and_runs_batches_of_whole_micro_batches() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            h = self.a(x).view(2, 4)  # bakes in the traced micro-batch size (2 rows)
+            pipe_split()
+            return self.b(h + y)
+
+    torch.manual_seed(0)
+    m = Two().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    pipe = pipeline(m, 4, (x,), {"y": y})
+    ref = torch.cat([m(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)])
+    for got in (pipe(x, y=y), pipe(x, y), pipe.forward(x=x, y=y)):
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=TOL)
+    with pytest.raises(RuntimeError, match="traced for"):
+        pipe(x[:3], y[:3])  # neither the traced size nor a whole number of micro-batches
+    with pytest.raises(TypeError, match="the pipe takes the model's arguments"):
+        pipe(x, y, x)
+
+
+def test_split_gm_children_and_print_readable(capsys) -> None:
+    model, x = _mlp()
+    pipe = Pipe.from_tracing(model, 2, (x,), split_policy=split_into_equal_size(2))
+    assert isinstance(pipe, Pipe) and pipe.num_stages == 2
+    gm = pipe.split_gm
+    assert isinstance(gm, fx.GraphModule)
+    assert [n for n, _ in gm.named_children()] == ["submod_0", "submod_1"]
+    torch.testing.assert_close(gm(x)[0], model(x), rtol=0, atol=TOL)
+    pipe.print_readable()
+    printed = capsys.readouterr().out
+    assert "submod_0" in printed and "submod_1" in printed
+
+
+def test_chunk_spec_context_managers() -> None:
+    class ColSum(nn.Module):
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return x * 2 + scale
+
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with ArgsChunkSpec((1,)), KwargsChunkSpec({"scale": 1}):
+        pipe = pipeline(ColSum(), 4, (x,), {"scale": torch.ones(3, 8, dtype=torch.float64)})
+    assert pipe.args_chunk_spec == (TensorChunkSpec(1),) and pipe.kwargs_chunk_spec == {"scale": TensorChunkSpec(1)}
+    assert pipe.example_leaves[0].shape == (3, 2)
+    plain = pipeline(ColSum(), 3, (x,), {"scale": torch.ones(3, 8, dtype=torch.float64)})  # specs do not leak out
+    assert plain.args_chunk_spec is None and plain.example_leaves[0].shape == (1, 8)
+
+
+@pytest.mark.parametrize("policy", [split_into_equal_size(2), split_by_graph(2), split_on_size_threshold(700)],
+                         ids=["equal_size", "by_graph", "size_threshold"])
+def test_modelsplit_policies(policy) -> None:
+    model, x = _mlp()
+    pipe = pipeline(model, 2, (x,), split_policy=policy)
+    assert pipe.num_stages >= 2
+    torch.testing.assert_close(pipe(x)[0], model(x), rtol=0, atol=TOL)
+
+
+def test_size_threshold_stage_count_follows_the_model() -> None:
+    model, x = _mlp(4)
+    block = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    few = pipeline(model, 1, (x,), split_policy=split_on_size_threshold(10 * block)).num_stages
+    many = pipeline(model, 1, (x,), split_policy=split_on_size_threshold(block)).num_stages
+    assert few == 1 and many >= 4
+    with pytest.raises(ValueError, match="positive number of parameter bytes"):
+        split_on_size_threshold(0)
+
+
+def test_pippy_style_graph_policy_inserting_the_split_op() -> None:
+    """A policy ``fn(gm) -> gm`` that inserts ``aten_pipe_split_alias`` calls, as PiPPy's users wrote them."""
+    model, x = _mlp()
+
+    def after_every_add(gm: fx.GraphModule) -> fx.GraphModule:
+        adds = [v for v in gm.graph.nodes if v.op == "call_function" and "add" in str(v.target)]
+        for v in adds[:-1]:
+            with gm.graph.inserting_after(v):
+                gm.graph.call_function(aten_pipe_split_alias, (), {})
+        gm.recompile()
+        return gm
+
+    pipe = pipeline(model, 2, (x,), split_policy=after_every_add)
+    assert pipe.num_stages == 4
+    torch.testing.assert_close(pipe(x)[0], model(x), rtol=0, atol=TOL)
+
+
+def test_get_stage_module_is_the_live_stage_module() -> None:
+    """After a stage is built, PiPPy's ``pipe.get_stage_module(i)`` is the module that stage runs and trains."""
+    model, x = _mlp()
+    pipe = pipeline(model, 2, (x,), split_spec={"blocks.1": SplitPoint.END})
+    before = pipe.get_stage_module(1)
+    stage = pipe.build_stage(1, "cpu")
+    assert pipe.get_stage_module(1) is stage.submod and before is not stage.submod
+    with torch.no_grad():
+        stage.submod.head.weight.add_(1.0)
+    assert torch.equal(pipe.get_stage_module(1).head.weight, stage.submod.head.weight)
+    del stage
+    import gc
+
+    gc.collect()
+    assert pipe.get_stage_module(1) is before  # the traced module again once the stage is gone
