@@ -105,7 +105,7 @@ def test_a_model_that_returns_its_loss_trains_without_loss_fn() -> None:
 
 
 def test_inputs_on_a_rank_without_stage_zero_are_ignored_with_a_warning() -> None:
-    model, pipe, x, y = _case()
+    _, pipe, x, y = _case()
     lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M, loss_fn=torch.nn.MSELoss())
     later = lp.schedules[1]
     with pytest.warns(UserWarning, match="does not hold stage 0: the inputs given to step"):
