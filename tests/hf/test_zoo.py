@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from zoo_models import ZOO, build, grad_err, max_err
+from zoo_pippy_models import PIPPY_ZOO
 
 from pippy import PipeTraceError, Schedule1F1B, ScheduleInterleaved1F1B, SplitPoint, pipeline
 from pippy.frontend.split import USER
@@ -30,7 +31,8 @@ def _transparency(name: str, n_stages: int, spec: dict[str, SplitPoint] | None =
     pipe = pipeline(case.model, n_mb, case.args, case.kwargs, split_spec=spec)
     assert pipe.num_stages == n_stages, (name, spec, pipe.num_stages)
     cls = Schedule1F1B if n_stages == 2 else ScheduleInterleaved1F1B
-    lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=n_mb, loss_fn=case.loss_fn)
+    lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=n_mb, loss_fn=case.loss_fn,
+                       output_merge_spec=case.extra.get("output_merge_spec"))
     losses: list[torch.Tensor] = []
     out = lp.step(*case.args, target=case.target, losses=losses, **case.kwargs)
     # HF's in-model losses upcast logits to float32; compare those at float32 precision
@@ -45,6 +47,48 @@ def _transparency(name: str, n_stages: int, spec: dict[str, SplitPoint] | None =
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_two_stages(name: str) -> None:
     _transparency(name, 2)
+
+
+# Some of these never read some parameters in this forward: the *ForCausalLM decoders of encoder-decoder families
+# build cross-attention (encoder_attn*) that a run without encoder states never reads; XLNet reads
+# transformer.mask_emb only with target_mapping. They must still be in a stage (grad None, as in the plain model).
+_UNREAD = {"mbart_causal": ".encoder_attn", "blenderbot_causal": ".encoder_attn", "trocr_causal": ".encoder_attn",
+           "xlnet": "transformer.mask_emb"}
+
+
+@pytest.mark.parametrize("name", PIPPY_ZOO)
+def test_pippy_example_zoo_two_stages(name: str) -> None:
+    """Every architecture PiPPy's HF examples ran, built with its config's default use_cache."""
+    _transparency(name, 2)
+
+
+@pytest.mark.parametrize("name", sorted(_UNREAD))
+def test_never_read_parameters_stay_in_a_stage(name: str) -> None:
+    case = build(name)
+    pipe = pipeline(case.model, 2, case.args, case.kwargs, split_spec=split_spec_equal_layers(case.model, 2))
+    held = {n for i in range(pipe.num_stages) for n in pipe.get_stage_module(i).state_dict()}
+    assert held == set(case.model.state_dict()), name
+    assert any(_UNREAD[name] in n for n in held)
+
+
+_USE_CACHE_ON = {"mbart", "mbart_causal", "blenderbot", "blenderbot_causal", "electra", "layoutlm", "megatron_bert",
+                 "camembert", "trocr_causal"}
+
+
+def test_pippy_example_zoo_keeps_default_use_cache() -> None:
+    """The builders leave use_cache at its config default (True where the config has it); pippy turns it off."""
+    import transformers as T
+
+    for name in PIPPY_ZOO:
+        model = build(name).model
+        want = True if name in _USE_CACHE_ON else None
+        assert getattr(model.config, "use_cache", None) is want, name
+        assert all(getattr(m.config, "use_cache", True) is True for m in model.modules() if hasattr(m, "config")), name
+    trocr = build("trocr").model
+    assert isinstance(trocr.decoder, T.TrOCRForCausalLM) and trocr.decoder.config.use_cache is True
+    case = build("electra")
+    pipeline(case.model, 2, case.args, case.kwargs, split_spec=split_spec_equal_layers(case.model, 2))
+    assert case.model.config.use_cache is True  # switched off only while tracing
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])

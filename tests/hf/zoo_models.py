@@ -1,4 +1,4 @@
-"""Tiny Hugging Face models built from config (random weights, float64, no dropout, no cache) with inputs."""
+"""Tiny Hugging Face models built from config (random weights, float64, no dropout, default use_cache) with inputs."""
 
 from __future__ import annotations
 
@@ -151,7 +151,16 @@ def build(name: str) -> Case:
         feats = torch.randn(BATCH, 8, 16)
         case = Case(T.WhisperForConditionalGeneration(cfg), (feats,), {"labels": tgt}, None)
     else:
-        raise KeyError(name)
+        from zoo_pippy_models import PIPPY_ZOO, build_pippy  # the architectures of PiPPy's HF examples
+
+        if name not in PIPPY_ZOO:
+            raise KeyError(name)
+        return build_pippy(name)
+    return finish(case)
+
+
+def finish(case: Case) -> Case:
+    """Float64 and eval mode for the model, float64 for the floating positional inputs."""
     case.model = case.model.double().eval()
     case.args = tuple(a.double() if a.is_floating_point() else a for a in case.args)
     return case
