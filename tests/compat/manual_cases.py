@@ -93,3 +93,25 @@ def keyword_forms(rank: int, world: int) -> dict[str, float]:
     if rank != world - 1:
         return {}
     return {"step": float((out - model(x)).abs().max()), "eval": float((ev - model(x)).abs().max())}
+
+
+def stage_shapes(rank: int, world: int) -> dict[str, Any]:
+    """PiPPy's shape helpers: ``get_stage_shapes`` dry-runs the chain across ranks; ``validate_stage_shapes`` checks it."""
+    from pippy.ManualPipelineStage import get_stage_shapes, validate_stage_shapes
+
+    n = 2 * world
+    torch.manual_seed(0)
+    parts: list[nn.Module] = [nn.Linear(D + k, D + k + 1) for k in range(n)]  # widths grow by one per stage
+    mine = [s for s in range(n) if s % world == rank]
+    shapes = get_stage_shapes([parts[s] for s in mine], mine, n, rank, world, "cpu", microbatch=torch.ones(B // M, D))
+    stages = [ManualPipelineStage(parts[s], s, n, "cpu", M, input_args=torch.empty(B // M, D + s)) for s in mine]
+    validate_stage_shapes(stages)
+    bad = [ManualPipelineStage(parts[s], s, n, "cpu", M, input_args=torch.empty(B // M, D + s + (s == 1)),
+                               output_args=torch.empty(B // M, D + s + 1)) for s in mine]
+    try:
+        validate_stage_shapes(bad)
+        error = "no error"
+    except ValueError as exc:
+        error = str(exc)
+    return {"shapes": {s: [list(map(list, v["inputs"])), list(map(list, v["outputs"]))] for s, v in shapes.items()},
+            "error": error}

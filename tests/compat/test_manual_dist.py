@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from harness import run_ranks
-from manual_cases import SCHEDULES, keyword_forms, manual_mismatch, manual_stages
+from manual_cases import SCHEDULES, keyword_forms, manual_mismatch, manual_stages, stage_shapes
 
 TOL = 1e-12
 
@@ -26,3 +26,11 @@ def test_mismatched_hand_cut_stages_fail_on_every_rank(tmp_path) -> None:
 def test_pipeline_stage_keyword_forms(tmp_path) -> None:
     reports = run_ranks(tmp_path, 2, keyword_forms)
     assert reports[1]["step"] < TOL and reports[1]["eval"] < TOL
+
+
+def test_get_and_validate_stage_shapes(tmp_path) -> None:
+    reports = run_ranks(tmp_path, 2, stage_shapes)
+    got = {s: v for rep in reports for s, v in rep["shapes"].items()}
+    assert got == {s: [[[2, 6 + s]], [[2, 7 + s]]] for s in range(4)}
+    for rep in reports:  # stage 1 built for one column too many: both ranks name stages 0 and 1
+        assert "stage 0 outputs [float32[2, 7]] but stage 1 expects inputs [float32[2, 8]]" in rep["error"], rep["error"]
