@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
 from pippy import Schedule1F1B, pipeline
 from pippy.hf import split_spec_equal_layers
 from pippy.runtime.local import LocalPipeline
+
+diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-12
 
