@@ -176,6 +176,11 @@ def _leaf_specs(spec: Any, value: Any, n_leaves: int, what: str) -> list[Any]:
     spec = _norm_spec(spec)
     if spec is None or isinstance(spec, _SPEC_TYPES):
         return [spec] * n_leaves
+    if isinstance(spec, dict) and isinstance(value, dict) and set(spec) != set(value):
+        raise ValueError(
+            f"chunk spec for the {what} names {sorted(spec)} but the value has {sorted(value)}; key the spec by the "
+            "same names (e.g. KwargsChunkSpec / kwargs_chunk_spec with the model's keyword argument names)"
+        )
     try:
         specs = pytree.tree_flatten(spec, is_leaf=lambda x: isinstance(x, _SPEC_TYPES) or x in (Replicate, Sum))[0]
     except Exception as exc:  # pragma: no cover - defensive

@@ -99,6 +99,9 @@ def test_chunk_spec_context_managers() -> None:
     assert pipe.example_leaves[0].shape == (3, 2)
     plain = pipeline(ColSum(), 3, (x,), {"scale": torch.ones(3, 8, dtype=torch.float64)})  # specs do not leak out
     assert plain.args_chunk_spec is None and plain.example_leaves[0].shape == (1, 8)
+    with pytest.raises(ValueError, match=r"names \['scal'\] but the value has \['scale'\]"), ArgsChunkSpec((1,)), \
+            KwargsChunkSpec({"scal": 1}):
+        pipeline(ColSum(), 4, (x,), {"scale": torch.ones(3, 8, dtype=torch.float64)})
 
 
 @pytest.mark.parametrize("policy", [split_into_equal_size(2), split_by_graph(2), split_on_size_threshold(700)],
