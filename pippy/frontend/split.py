@@ -356,17 +356,19 @@ def place_unread(gm: nn.Module, stages: list[nn.Module]) -> list[str]:
         (['1.weight', '1.bias'], ['0.bias', '0.weight', '1.bias', '1.weight'])
     """
     held = [{n for n, _ in m.named_parameters(remove_duplicate=False)} | {n for n, _ in m.named_buffers()} for m in stages]
+    held_ids = {id(t) for m in stages for t in [*m.parameters(), *m.buffers()]}
     placed: list[str] = []
     named = [(n, t, True) for n, t in gm.named_parameters(remove_duplicate=False)]
     named += [(n, t, False) for n, t in gm.named_buffers(remove_duplicate=False)]
+    placed_at: dict[int, int] = {}  # tensor id -> the stage given it here (its aliases go there too)
     for name, tensor, is_param in named:
-        if any(name in h for h in held):
-            continue
+        if any(name in h for h in held) or (id(tensor) in held_ids and id(tensor) not in placed_at):
+            continue  # held, or an alias of a held tensor (a tied weight the pipe transmits)
         parts = name.split(".")
-        best, best_len = 0, -1
+        best, best_len = placed_at.get(id(tensor), 0), -1
         for s, h in enumerate(held):
             common = max((_common_prefix(parts, other.split(".")) for other in h), default=-1)
-            if common > best_len:
+            if common > best_len and id(tensor) not in placed_at:
                 best, best_len = s, common
         owner, leaf = _ensure_path(stages[best], parts[:-1]), parts[-1]
         if is_param:
@@ -375,6 +377,8 @@ def place_unread(gm: nn.Module, stages: list[nn.Module]) -> list[str]:
             source = gm.get_submodule(".".join(parts[:-1]))
             owner.register_buffer(leaf, tensor, persistent=leaf not in source._non_persistent_buffers_set)
         held[best].add(name)
+        held_ids.add(id(tensor))
+        placed_at[id(tensor)] = best
         placed.append(name)
     return placed
 
