@@ -45,6 +45,9 @@ def name_groups(pipe: SplitPipe | None, model: torch.nn.Module | None = None) ->
         [['0.weight', '2.weight'], ['0.bias', '2.bias']]
     """
     groups = [sorted({f for _, f in sp.uses}) for sp in pipe.shared] if pipe is not None else []
+    for g in getattr(pipe, "aliases", []):  # tied in the model, also where a stage never reads one of the names
+        if list(g) not in groups:
+            groups.append(list(g))
     if model is not None:
         groups += [sorted(v) for v in alias_groups(model).values()]
     return groups

@@ -24,9 +24,10 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from pippy.frontend.assign import SplitPolicy, assign_stages
-from pippy.frontend.params import retarget_aliases, tensor_at
+from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.split import USER, StageInfo, ValueMeta, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
+from pippy.frontend.unread import match_persistence
 from pippy.microbatch import split_batch
 
 __all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites", "trace_and_split"]
@@ -87,6 +88,7 @@ class SplitPipe:
         self.kwargs_chunk_spec = kwargs_chunk_spec
         self._source: weakref.ref[nn.Module] | None = None
         self.traced_trainable: dict[str, bool] = {}  # requires_grad of every parameter when traced
+        self.aliases: list[list[str]] = []  # FQNs the traced model registers one tensor under (tied weights)
         self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from
         self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
 
@@ -340,6 +342,7 @@ def trace_and_split(
     gm, assignment = assign_stages(gm, leaves, split_policy, sites)
     num_stages = max(assignment.values(), default=0) + 1
     stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
+    match_persistence([info.module for info in stages], set(module.state_dict()))
     pipe = pipe_cls(
         stages,
         num_chunks=num_chunks,
@@ -353,6 +356,7 @@ def trace_and_split(
     )
     pipe._source = weakref.ref(module)
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
+    pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites
     return pipe
 

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from pippy.frontend.params import tensor_at
 from pippy.frontend.remat import remat_plan, worth_recomputing
 from pippy.frontend.trace import is_split_marker
+from pippy.frontend.unread import place_unread
 
-__all__ = ["InputRef", "StageInfo", "ValueMeta", "assign_by_markers", "place_unread", "split_graph"]
+__all__ = ["InputRef", "StageInfo", "ValueMeta", "assign_by_markers", "split_graph"]
 
 USER = -1  # InputRef.src_stage of a user input
 
@@ -339,63 +340,3 @@ def split_graph(
                 infos[ref.src_stage].consumers[ref.index].append((info.index, k))
     place_unread(gm, [info.module for info in infos])
     return infos
-
-
-def place_unread(gm: nn.Module, stages: list[nn.Module]) -> list[str]:
-    """Give each parameter and buffer that no stage reads to the stage holding its nearest relative; returns their names.
-
-    A traced forward may never read some tensors (a decoder's cross-attention run without encoder
-    states, an embedding used only with an optional input). They still belong to the model: its
-    state dict, its optimizer and its checkpoints. Each goes, unread, to the stage whose tensor
-    names share the longest dotted prefix with its own (stage 0 when none do); its grad stays None,
-    as in the plain model.
-
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-        >>> stage = torch.nn.Module(); stage.add_module("0", net[0])
-        >>> place_unread(net, [stage]), sorted(stage.state_dict())
-        (['1.weight', '1.bias'], ['0.bias', '0.weight', '1.bias', '1.weight'])
-    """
-    held = [{n for n, _ in m.named_parameters(remove_duplicate=False)} | {n for n, _ in m.named_buffers()} for m in stages]
-    held_ids = {id(t) for m in stages for t in [*m.parameters(), *m.buffers()]}
-    placed: list[str] = []
-    named = [(n, t, True) for n, t in gm.named_parameters(remove_duplicate=False)]
-    named += [(n, t, False) for n, t in gm.named_buffers(remove_duplicate=False)]
-    placed_at: dict[int, int] = {}  # tensor id -> the stage given it here (its aliases go there too)
-    for name, tensor, is_param in named:
-        if any(name in h for h in held) or (id(tensor) in held_ids and id(tensor) not in placed_at):
-            continue  # held, or an alias of a held tensor (a tied weight the pipe transmits)
-        parts = name.split(".")
-        best, best_len = placed_at.get(id(tensor), 0), -1
-        for s, h in enumerate(held):
-            common = max((_common_prefix(parts, other.split(".")) for other in h), default=-1)
-            if common > best_len and id(tensor) not in placed_at:
-                best, best_len = s, common
-        owner, leaf = _ensure_path(stages[best], parts[:-1]), parts[-1]
-        if is_param:
-            owner.register_parameter(leaf, tensor)
-        else:
-            source = gm.get_submodule(".".join(parts[:-1]))
-            owner.register_buffer(leaf, tensor, persistent=leaf not in source._non_persistent_buffers_set)
-        held[best].add(name)
-        held_ids.add(id(tensor))
-        placed_at[id(tensor)] = best
-        placed.append(name)
-    return placed
-
-
-def _common_prefix(a: list[str], b: list[str]) -> int:
-    k = 0
-    while k < min(len(a), len(b)) - 1 and a[k] == b[k]:
-        k += 1
-    return k
-
-
-def _ensure_path(root: nn.Module, path: list[str]) -> nn.Module:
-    mod = root
-    for part in path:
-        child = mod._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            mod.add_module(part, child)
-        mod = child
-    return mod
