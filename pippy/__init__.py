@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         ScheduleZBH2,
         ScheduleZBV,
     )
+    from pippy.runtime.clip import clip_grad_norm_, grad_norm
     from pippy.runtime.comm import PipeCommError, PipeTimeoutError
     from pippy.runtime.stage import StageError
     from pippy.sim.cost import CostModel, StageCost
@@ -67,6 +68,8 @@ __all__ = [
     "TensorChunkSpec",
     "annotate_split_points",
     "autosplit",
+    "clip_grad_norm_",
+    "grad_norm",
     "graphsplit",
     "pipe_split",
     "pipeline",
@@ -97,6 +100,8 @@ _WHERE = {
     "Replicate": "pippy.microbatch",
     "Sum": "pippy.microbatch",
     "TensorChunkSpec": "pippy.microbatch",
+    "clip_grad_norm_": "pippy.runtime.clip",
+    "grad_norm": "pippy.runtime.clip",
     "PipeCommError": "pippy.runtime.comm",
     "PipeTimeoutError": "pippy.runtime.comm",
     "PipelineStage": "pippy.runtime.api",

@@ -107,6 +107,9 @@ def lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
+lm_loss.reduction = "mean"  # type: ignore[attr-defined]
+
+
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error."""
     return F.mse_loss(out, target)
