@@ -109,22 +109,28 @@ class _MultiStage(_UserSchedule):
     multi_stage = True
 
     def _generate(self) -> Schedule:
-        p = self._num_ranks()
-        try:
-            sch = self._make(p)
-        except ValueError as exc:  # the generator's own check (e.g. DualPipeV's m >= 2p-1): name the class and rank
-            raise ValueError(f"{type(self).__name__} on rank {self.rank} of {p}: {exc}") from None
-        if sch.num_stages != self.pipe.num_stages:
-            raise StageError(
-                f"{type(self).__name__}: with {p} ranks and {len(self.stages)} stages per rank this schedule places "
-                f"{sch.num_stages} stages (placement {list(sch.stage_to_rank)}) but the pipe has "
-                f"{self.pipe.num_stages}; split the model into {sch.num_stages} stages ({_split_hint(self.pipe)}), "
-                f"or pass each rank the stages {type(self).__name__}.placement({p}, v) puts on it"
-            )
-        return sch
+        return _generate_multi(self)
 
     def _make(self, p: int) -> Schedule:
         raise NotImplementedError
+
+
+def _generate_multi(sched: Any) -> Schedule:
+    """The schedule of a multi-stage class on this group, with the generator's errors naming class and rank."""
+    p = sched._num_ranks()
+    name = type(sched).__name__
+    try:
+        sch: Schedule = sched._make(p)
+    except ValueError as exc:  # the generator's own check (e.g. DualPipeV's m >= 2p-1): name the class and rank
+        raise ValueError(f"{name} on rank {sched.rank} of {p}: {exc}") from None
+    if sch.num_stages != sched.pipe.num_stages:
+        raise StageError(
+            f"{name}: with {p} ranks and {len(sched.stages)} stages per rank this schedule places "
+            f"{sch.num_stages} stages (placement {list(sch.stage_to_rank)}) but the pipe has "
+            f"{sched.pipe.num_stages}; split the model into {sch.num_stages} stages ({_split_hint(sched.pipe)}), "
+            f"or pass each rank the stages {name}.placement({p}, v) puts on it"
+        )
+    return sch
 
 
 class ScheduleGPipe(_SingleStage):
@@ -146,12 +152,22 @@ class Schedule1F1B(_SingleStage):
 
 
 class ScheduleZBH1(_SingleStage):
-    """Zero Bubble H1: 1F1B memory, weight-grad passes fill the bubble."""
+    """Zero Bubble H1: 1F1B memory, weight-grad passes fill the bubble.
+
+    Given several stages per rank (``ScheduleZBH1.placement(p, v)`` puts stage ``s`` on rank
+    ``s % p``), it runs interleaved zero bubble (:func:`pippy.schedules.generators.interleaved_zb`):
+    interleaved 1F1B's order with split backward and deferred W's.
+    """
 
     name = "zb_h1"
 
+    def _generate(self) -> Schedule:
+        return super()._generate() if len(self.stages) == 1 else _generate_multi(self)
+
     def _make(self, p: int) -> Schedule:
-        return gen.zb_h1(p, self.n_microbatches)
+        if len(self.stages) == 1:
+            return gen.zb_h1(p, self.n_microbatches)
+        return gen.interleaved_zb(p, self.n_microbatches, v=len(self.stages))
 
 
 class ScheduleZBH2(_SingleStage):

@@ -11,6 +11,7 @@ The zero-bubble family (I/W split backward) lives in :mod:`pippy.schedules.zero_
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "forward_only",
     "gpipe",
     "interleaved_1f1b",
+    "interleaved_zb",
     "looped_bfs",
     "make_schedule",
     "one_f_one_b",
@@ -129,6 +131,43 @@ def interleaved_1f1b(p: int, m: int, v: int = 2) -> Schedule:
     return Schedule("interleaved_1f1b", acts, loop_placement(p, v), m)
 
 
+def interleaved_zb(p: int, m: int, v: int = 2) -> Schedule:
+    """Interleaved zero bubble: interleaved 1F1B with each B split into I and a deferred W (ZB-H1's rule).
+
+    The order of interleaved 1F1B (``v`` stages per rank, stage ``s`` on rank ``s % p``) with each
+    backward cut into I (input gradient, on the critical path) and W (weight gradient). On rank
+    ``r`` each W trails its I by ``r`` I's, as in ZB-H1, and the last ones fill the cool-down:
+    gradients reach the earlier ranks sooner, and rank ``r`` holds at most ``r`` extra
+    micro-batches, which keeps every rank at or under rank 0's interleaved peak. ``v == 1`` is
+    ZB-H1's order. PyTorch's pipelining package calls its variant ``ScheduleInterleavedZeroBubble``.
+
+    The table for ``interleaved_zb(2, 4, v=2)``::
+
+        rank 0: 0F0 0F1 2F0 2F1 0F2 2I0 2W0 0F3 2I1 2W1 2F2 0I0 0W0 2F3 0I1 0W1 2I2 2W2 2I3 2W3 0I2 0W2 0I3 0W3
+        rank 1: 1F0 1F1 3F0 3I0 3F1 3I1 3W0 1F2 1I0 3W1 1F3 1I1 1W0 3F2 3I2 1W1 3F3 3I3 3W2 1I2 3W3 1I3 1W2 1W3
+
+        >>> sum(a.kind is Kind.W for row in interleaved_zb(2, 4).actions for a in row)
+        16
+    """
+    check_pm("interleaved_zb", p, m)
+    check_v("interleaved_zb", v)
+    base = interleaved_1f1b(p, m, v)
+    acts: list[list[Action]] = []
+    for r, row in enumerate(base.actions):
+        out: list[Action] = []
+        lag: deque[Action] = deque()
+        for a in row:
+            if a.kind is not B:
+                out.append(a)
+                continue
+            out.append(Action(a.stage, Kind.I, a.mb))
+            lag.append(Action(a.stage, Kind.W, a.mb))
+            if len(lag) > r:
+                out.append(lag.popleft())
+        acts.append(out + list(lag))
+    return Schedule("interleaved_zb", acts, base.stage_to_rank, m)
+
+
 def looped_bfs(p: int, m: int, v: int = 2) -> Schedule:
     """Looped BFS (breadth first): loop placement; each local stage runs all micro-batches in turn.
 
@@ -182,6 +221,7 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
     "interleaved_1f1b": interleaved_1f1b,
+    "interleaved_zb": interleaved_zb,
     "looped_bfs": looped_bfs,
     "zb_h1": zb_h1,
     "zb_h2": zb_h2,
@@ -203,7 +243,7 @@ def make_schedule(name: str, p: int, m: int, **options: Any) -> Schedule:
         >>> make_schedule("nope", 2, 4)
         Traceback (most recent call last):
         ...
-        ValueError: unknown schedule 'nope'; valid names: gpipe, 1f1b, interleaved_1f1b, looped_bfs, zb_h1, zb_h2, zbv, dualpipev
+        ValueError: unknown schedule 'nope'; valid names: gpipe, 1f1b, interleaved_1f1b, interleaved_zb, looped_bfs, zb_h1, zb_h2, zbv, dualpipev
     """
     key = name.strip().lower().replace("-", "_")
     if key not in SCHEDULES:

@@ -21,6 +21,7 @@ SCHEDULES = [
     (pippy.ScheduleZBH1, 4),
     (pippy.ScheduleZBH2, 4),
     (pippy.ScheduleInterleaved1F1B, 2),
+    (pippy.ScheduleZBH1, 2),  # several stages per rank: interleaved zero bubble
     (pippy.ScheduleLoopedBFS, 2),
     (pippy.ScheduleZBV, 2),
     (pippy.ScheduleDualPipeV, 2),
@@ -49,7 +50,7 @@ def _check(lp: LocalPipeline, ref: torch.nn.Module, got_out, out, losses, loss) 
 
 
 @pytest.mark.parametrize("model_fn", [lambda: MarkedMLP(4, 1), lambda: SkipNet(4)], ids=["mlp", "skip"])
-@pytest.mark.parametrize(("cls", "ranks"), SCHEDULES, ids=[c.__name__ for c, _ in SCHEDULES])
+@pytest.mark.parametrize(("cls", "ranks"), SCHEDULES, ids=[f"{c.__name__}-{r}ranks" for c, r in SCHEDULES])
 def test_every_schedule_transparent(model_fn, cls, ranks) -> None:
     torch.manual_seed(0)
     ref, x, tgt, out, loss, pipe = _setup(model_fn().double(), 4)

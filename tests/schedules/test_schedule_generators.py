@@ -222,7 +222,7 @@ def test_dualpipev_needs_enough_microbatches() -> None:
 def test_bad_v_and_unknown_name() -> None:
     with pytest.raises(ValueError, match="v >= 1"):
         interleaved_1f1b(2, 4, v=0)
-    with pytest.raises(ValueError, match="valid names: gpipe, 1f1b, interleaved_1f1b, looped_bfs, zb_h1"):
+    with pytest.raises(ValueError, match="valid names: gpipe, 1f1b, interleaved_1f1b, interleaved_zb, looped_bfs, zb_h1"):
         make_schedule("pipedream", 2, 4)
     with pytest.raises(ValueError, match="does not take options"):
         make_schedule("gpipe", 2, 4, v=2)
@@ -232,8 +232,32 @@ def test_bad_v_and_unknown_name() -> None:
 
 def test_registry_names() -> None:
     assert list(SCHEDULES) == [
-        "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb_h1", "zb_h2", "zbv", "dualpipev"
+        "gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "looped_bfs", "zb_h1", "zb_h2", "zbv", "dualpipev"
     ]
     for name in SCHEDULES:
         assert make_schedule(name, 2, 4).name == name
     assert make_schedule("ZB-H1", 2, 4).name == "zb_h1"
+
+
+@pytest.mark.parametrize("v", [1, 2, 3])
+def test_interleaved_zero_bubble_is_valid_and_beats_both_parents(v: int) -> None:
+    """Interleaved ZB: valid for any m; under unit costs no slower than interleaved 1F1B nor ZB-H1, same peak as rank 0's."""
+    from pippy.schedules.generators import interleaved_zb
+    from pippy.sim.cost import CostModel, StageCost
+    from pippy.sim.simulate import simulate
+
+    for p in (2, 3, 4):
+        for m in range(1, 3 * p + 2):
+            s = interleaved_zb(p, m, v)
+            validate(s)
+            kinds = Counter(a.kind.name for row in s.actions for a in row)
+            assert kinds == {"F": p * v * m, "I": p * v * m, "W": p * v * m}
+            unit = CostModel(stages=[StageCost(f=1 / v, i=1 / v, w=1 / v, act_bytes=1.0) for _ in range(p * v)])
+            zb = simulate(s, unit)
+            il = simulate(interleaved_1f1b(p, m, v), unit)
+            assert zb.step_time <= il.step_time + 1e-9, (p, m, v)
+            assert max(zb.peak_memory) <= max(il.peak_memory) + 1e-9, (p, m, v)
+            if m >= p:
+                flat = CostModel(stages=[StageCost(f=1, i=1, w=1) for _ in range(p)])
+                assert zb.step_time <= simulate(make_schedule("zb_h1", p, m), flat).step_time + 1e-9, (p, m, v)
+    assert make_schedule("interleaved_zb", 2, 4, v=2).stage_to_rank == loop_placement(2, 2)
