@@ -21,6 +21,7 @@ MULTI = {
     "looped_bfs": pippy.ScheduleLoopedBFS,
     "zbv": pippy.ScheduleZBV,
     "dualpipev": pippy.ScheduleDualPipeV,
+    "interleaved_zb": pippy.ScheduleZBH1,  # several stages per rank
 }
 
 

@@ -41,7 +41,7 @@ def test_world3_skip_two_inputs_readme(tmp_path: pytest.TempPathFactory) -> None
 
 
 def test_world2_multi_stage_schedules(tmp_path: pytest.TempPathFactory) -> None:
-    scheds = ("interleaved_1f1b", "looped_bfs", "zbv", "dualpipev")
+    scheds = ("interleaved_1f1b", "looped_bfs", "zbv", "dualpipev", "interleaved_zb")
     cases = [(m, s, 2) for m in ("mlp_spec", "skip", "gpt2") for s in scheds]
     reports = run_ranks(tmp_path, 2, transparency, cases)
     _check(reports, [f"{m}/{s}/{k}" for m, s, k in cases])
