@@ -174,6 +174,13 @@ def export_module(
         torch.Size([3, 2])
     """
     kwargs = kwargs or {}
+    sharded = [n for n, p in module.named_parameters() if hasattr(p, "placements") and hasattr(p, "device_mesh")]
+    if sharded:
+        raise PipeTraceError(
+            f"{type(module).__name__} has DTensor parameters ({sharded[0]}, {len(sharded)} in all): it was sharded "
+            "(fully_shard / parallelize_module) before pipeline(). Expected the plain model: call pipeline() first, "
+            "then shard each stage's module (stage.submod) on its data/tensor-parallel mesh"
+        )
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         # a model built on the meta device traces with meta inputs (no data is read, devices agree)
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))

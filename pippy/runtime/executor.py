@@ -117,6 +117,7 @@ class Executor:
         self.split_backward = {a.stage for a in self.actions if a.kind is Kind.I}
         self.filler = BubbleFiller(self.actions)
         self.fill_bubbles = fill_bubbles
+        self.weight_grads_done: dict[int, int] = {}  # per stage, this step's B/W actions so far (FSDP2 sync)
         self.started = False  # set once this step posted a message (an error after that may leave some in flight)
         self.current: Action | None = None  # the action running now (named when the step fails)
         self._compute: dict[Kind, Callable[[_Step, Action], None]] = {
@@ -138,6 +139,7 @@ class Executor:
         self.started = False
         self.current = None
         self.filler.start_step()
+        self.weight_grads_done = {}
         st = _Step(inp, fill=self.fill_bubbles and inp.training and self.filler.active)
         for idx, a in enumerate(self.actions):
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
@@ -249,6 +251,8 @@ class Executor:
         s, i = a.stage, a.mb
         stage = self.stages[s]
         grads = st.out_grads.pop((s, i), None)
+        if a.kind is Kind.B:
+            self._grad_sync(s)
         gin = stage.backward(i, grads) if a.kind is Kind.B else stage.backward_input(i, grads)
         for ref, g in zip(self.infos[s].inputs, gin):
             if g is not None and ref.src_stage != USER and ref.src_stage in self.stages:
@@ -277,10 +281,18 @@ class Executor:
     def _weight_step(self, a: Action) -> tuple[float, float]:
         """Run W ``a`` (in its slot or early); its time feeds the filler. Returns (start, end)."""
         t0 = time.perf_counter()
+        self._grad_sync(a.stage)
         self.stages[a.stage].backward_weight(a.mb)
         t1 = time.perf_counter()
         self.filler.note_w(a.stage, t1 - t0)
         return t0, t1
+
+    def _grad_sync(self, s: int) -> None:
+        """Before a weight-gradient action (B or W) of stage ``s``: an FSDP2 stage reduces only in the step's last."""
+        setter = getattr(self.stages[s].submod, "set_requires_gradient_sync", None)
+        if setter is not None:
+            done = self.weight_grads_done[s] = self.weight_grads_done.get(s, 0) + 1
+            setter(done == self.plan.n_microbatches)
 
     # ------------------------------------------------------------------ receives
     def _recv(self, st: _Step, idx: int, a: Action) -> Iterator[None]:

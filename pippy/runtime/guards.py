@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.stage import Stage, StageError
+from pippy.schedules.ir import Kind, Schedule
 
 __all__ = ["check_device", "check_loss_fn", "check_stages", "rank_or_none", "watch_traced_parameters"]
 
@@ -267,3 +268,31 @@ def _before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         "build_stage, e.g. torch.optim.AdamW(stage.parameters()) (several stages on this rank: "
         "itertools.chain(*(s.parameters() for s in stages)))"
     )
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    """True for a module wrapped by FSDP2's ``fully_shard`` (it then owns its gradient reduction).
+
+        >>> is_fsdp(torch.nn.Linear(2, 2))
+        False
+    """
+    return callable(getattr(module, "set_requires_gradient_sync", None)) and callable(getattr(module, "unshard", None))
+
+
+def check_sharded_split(name: str, stages: Iterable[Stage], schedule: Schedule, rank: int | None = None) -> None:
+    """Refuse FSDP2-sharded stages under a split backward (I/W): it reads parameters outside FSDP's hooks.
+
+        >>> from pippy import pipeline
+        >>> from pippy.schedules.generators import zb_h1
+        >>> st = pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)).build_stage(0, "cpu")
+        >>> check_sharded_split("ScheduleZBH1", [st], zb_h1(1, 1))  # not sharded: fine
+    """
+    split = {a.stage for acts in schedule.actions for a in acts if a.kind is Kind.I}
+    for st in stages:
+        if st.index in split and is_fsdp(st.submod):
+            raise StageError(
+                f"{name}{_on_rank(rank)}: stage {st.index} is sharded with fully_shard (FSDP2), and this schedule "
+                "splits its backward into I and W, which reads the parameters outside FSDP's unshard hooks. "
+                "Expected a full-backward schedule for FSDP2 stages: ScheduleGPipe, Schedule1F1B, "
+                "ScheduleInterleaved1F1B or ScheduleLoopedBFS (or leave this stage unsharded)"
+            )

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from pippy.microbatch import merge_chunks, split_value
 from pippy.runtime.comm import DistTransport, PipeCommError, Transport
 from pippy.runtime.executor import Executor, StepInputs, StepResult
+from pippy.runtime.guards import check_sharded_split
 from pippy.runtime.loss import carries_loss, infer_reduction
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
@@ -226,6 +227,7 @@ class PipelineSchedule:
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):
             validate(compute)
             self.schedule = lower(compute)
+            check_sharded_split(type(self).__name__, self.stages, self.schedule, self.rank)
         self._eval_schedule = lower(gen.forward_only(compute.stage_to_rank, n_microbatches).with_deps(self.pipe.deps()))
 
     def gradless_stages(self) -> list[int]:

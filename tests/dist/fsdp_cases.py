@@ -1,0 +1,84 @@
+"""Spawned-rank cases for dp x pp with FSDP2 on each stage (root ``fully_shard``), on a 2 x 2 gloo mesh."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pippy
+from pippy import SplitPoint, pipeline
+
+SCHEDS = {"gpipe": (pippy.ScheduleGPipe, 1), "1f1b": (pippy.Schedule1F1B, 1),
+          "interleaved_1f1b": (pippy.ScheduleInterleaved1F1B, 2), "looped_bfs": (pippy.ScheduleLoopedBFS, 2)}
+
+
+def _count_reductions() -> list[int]:
+    """Count FSDP2's gradient reductions (one call per FSDP module that reduces)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+
+    calls = [0]
+    inner = pg.foreach_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    pg.foreach_reduce = counted
+    return calls
+
+
+def dp_pp_fsdp(rank: int, world: int) -> dict[str, Any]:
+    """Each schedule, m = 2 and 4: grads (gathered) equal the plain model's on the global batch; reductions per step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    pp, dp = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    calls = _count_reductions()
+    report: dict[str, Any] = {}
+    for name, (cls, v) in SCHEDS.items():
+        for m in (2, 4):
+            n = 2 * v
+            torch.manual_seed(0)
+            model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2 * n - 1)],
+                                  nn.Linear(8, 2)).double()
+            ref = copy.deepcopy(model)
+            X, Y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+            x, y = X.chunk(2)[dp], Y.chunk(2)[dp]  # each DP rank's share of the global batch
+            nn.MSELoss()(ref(X), Y).backward()  # FSDP2 averages over DP ranks: the global-batch mean
+            pipe = pipeline(model, m, (x,), split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
+            place = cls.placement(2, v)
+            stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
+            for st in stages:
+                fully_shard(st.submod, mesh=mesh["dp"])
+            sched = cls(stages if v > 1 else stages[0], m, loss_fn=nn.MSELoss())
+            calls[0] = 0
+            sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None)
+            err = 0.0
+            for st in stages:
+                for fqn, p in st.submod.named_parameters():
+                    full = p.grad.full_tensor()
+                    err = max(err, float((full - ref.get_parameter(fqn).grad).abs().max()))
+            report[f"{name}/{m}"] = {"grad_err": err, "reductions": calls[0], "stages": len(stages)}
+    try:
+        split = pipeline(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).double(), 2,
+                         (torch.randn(4, 8, dtype=torch.float64),), split_spec={"0": SplitPoint.END})
+        st = split.build_stage(pp, "cpu", group=mesh["pp"].get_group())
+        fully_shard(st.submod, mesh=mesh["dp"])
+        pippy.ScheduleZBH1(st, 2, loss_fn=nn.MSELoss())
+        report["zb_error"] = "no error"
+    except pippy.StageError as exc:
+        report["zb_error"] = str(exc)
+    whole = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).double()
+    fully_shard(whole, mesh=mesh["dp"])
+    try:
+        pipeline(whole, 2, (torch.randn(4, 8, dtype=torch.float64),))
+        report["sharded_first"] = "no error"
+    except pippy.PipeTraceError as exc:
+        report["sharded_first"] = str(exc)
+    dist.barrier()
+    return report

@@ -1,0 +1,21 @@
+"""dp 2 x pp 2 with FSDP2 on every stage: exact gradients, one gradient reduction per stage per step (any m)."""
+
+from __future__ import annotations
+
+from fsdp_cases import SCHEDS, dp_pp_fsdp
+from harness import run_ranks
+
+
+def test_fsdp2_stages_sync_once_per_step(tmp_path) -> None:
+    reports = run_ranks(tmp_path, 4, dp_pp_fsdp, timeout=300)
+    for rank, rep in enumerate(reports):
+        for name in SCHEDS:
+            for m in (2, 4):
+                r = rep[f"{name}/{m}"]
+                assert r["grad_err"] < 1e-12, (rank, name, m, r)
+                assert r["reductions"] == r["stages"], (rank, name, m, r)  # not once per micro-batch
+        if rank % 2:  # pp rank 1 holds stage 1, whose backward ZB-H1 splits (stage 0 needs no input grads: not split)
+            assert "stage 1 is sharded with fully_shard (FSDP2)" in rep["zb_error"], rep["zb_error"]
+        else:
+            assert rep["zb_error"] == "no error", rep["zb_error"]
+        assert "sharded (fully_shard / parallelize_module) before pipeline()" in rep["sharded_first"], rep
