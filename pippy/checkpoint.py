@@ -154,8 +154,8 @@ def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> di
     """One state_dict for the unpipelined model from every stage's files, each tied alias filled in.
 
     With ``model``, aliases are also taken from it and the result is checked against
-    ``model.state_dict()``'s keys (a parameter no stage reads, because the traced forward never
-    used it, cannot be in a pipeline checkpoint: the error names it).
+    ``model.state_dict()``'s keys (the error names any that are missing). Stages sharded with
+    FSDP2 are saved with ``format="dcp"``; ``merge`` then returns the full tensors.
 
         >>> import tempfile, torch, pippy
         >>> lin = torch.nn.Linear(4, 4)

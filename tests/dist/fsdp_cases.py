@@ -31,7 +31,31 @@ def _count_reductions() -> list[int]:
     return calls
 
 
-def dp_pp_fsdp(rank: int, world: int) -> dict[str, Any]:
+def _checkpoint_round_trip(stages: list[Any], model: nn.Module, where: str) -> dict[str, float]:
+    """Save the sharded stages with DCP, merge to a plain state dict (strict load), load back into the stages."""
+    from pippy import checkpoint
+
+    with torch.no_grad():
+        for st in stages:
+            for p in st.submod.parameters():
+                p.add_(0.25)  # differ from the traced model, as after training
+    full = {n: p.full_tensor().clone() for st in stages for n, p in st.submod.named_parameters()}
+    checkpoint.save(stages, where, format="dcp")
+    dist.barrier()
+    merged = checkpoint.merge(where)
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(merged, strict=True)
+    merge_err = max(float((merged[n] - t).abs().max()) for n, t in full.items())
+    with torch.no_grad():
+        for st in stages:
+            for p in st.submod.parameters():
+                p.zero_()
+    checkpoint.load(stages, where, format="dcp")
+    load_err = max(float((p.full_tensor() - full[n]).abs().max()) for st in stages for n, p in st.submod.named_parameters())
+    return {"merge_err": merge_err, "load_err": load_err}
+
+
+def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
     """Each schedule, m = 2 and 4: grads (gathered) equal the plain model's on the global batch; reductions per step."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -64,6 +88,8 @@ def dp_pp_fsdp(rank: int, world: int) -> dict[str, Any]:
                     full = p.grad.full_tensor()
                     err = max(err, float((full - ref.get_parameter(fqn).grad).abs().max()))
             report[f"{name}/{m}"] = {"grad_err": err, "reductions": calls[0], "stages": len(stages)}
+            if name == "interleaved_1f1b" and m == 4:
+                report["checkpoint"] = _checkpoint_round_trip(stages, ref, ckpt)
     try:
         split = pipeline(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).double(), 2,
                          (torch.randn(4, 8, dtype=torch.float64),), split_spec={"0": SplitPoint.END})
