@@ -119,28 +119,45 @@ def get_stage_shapes(stage_modules: Sequence[nn.Module], stage_ids: Sequence[int
                      world_size: int, device: torch.device | str, microbatch: Any = None) -> dict[int, dict[str, Any]]:
     """Dry-run this rank's stages in chain order and return ``{stage: {"inputs": [Size], "outputs": [Size]}}``.
 
-    Stage 0 runs on ``microbatch``; every other stage receives its input shapes from the rank
-    before it (stage ``s`` lives on rank ``s % world_size``). Every rank must call this.
+    Stage ``s`` lives on rank ``s % world_size`` (loop placement). Stage 0 runs on ``microbatch``;
+    a stage whose predecessor is on this rank takes its outputs directly, any other receives its
+    input shapes from the rank before it (messages on ``device``, so NCCL works). Every rank must
+    call this.
+
+        >>> shapes = get_stage_shapes([torch.nn.Linear(4, 2), torch.nn.Linear(3, 4)], [1, 0], 2, 0, 1, "cpu",
+        ...                           microbatch=torch.ones(5, 3))
+        >>> shapes[1]["inputs"], shapes[1]["outputs"]
+        ([torch.Size([5, 4])], [torch.Size([5, 2])])
     """
     timeout = default_timeout()
     pending: list[Any] = []
     shapes: dict[int, dict[str, Any]] = {}
-    for sid, module in zip(stage_ids, stage_modules):
+    local: dict[int, list[torch.Tensor]] = {}  # outputs of this rank's stages, by stage
+    for sid, module in sorted(zip(stage_ids, stage_modules), key=lambda pair: pair[0]):
+        if sid % world_size != rank:
+            raise ValueError(
+                f"get_stage_shapes: stage {sid} belongs on rank {sid % world_size} (stage s on rank s % world_size), "
+                f"not on rank {rank}"
+            )
         if sid == 0:
             if microbatch is None:
                 raise ValueError(f"get_stage_shapes: rank {rank} holds stage 0, so it needs microbatch=...")
             inputs = [microbatch] if isinstance(microbatch, torch.Tensor) else list(microbatch)
+        elif sid - 1 in local:
+            inputs = local[sid - 1]
         else:
-            meta = create_metadata_tensor(device="cpu")
-            _wait(dist.irecv(meta, (rank - 1) % world_size), f"rank {rank} receiving the input shapes of stage {sid}",
+            meta = create_metadata_tensor(device=device)
+            _wait(dist.irecv(meta, (sid - 1) % world_size), f"rank {rank} receiving the input shapes of stage {sid}",
                   timeout)
             inputs = [torch.empty(s, device=device) for s in extract_metadata_from_tensor(meta)]
         with torch.no_grad():
             out = module(*inputs)
         outs = create_empty_tensors(out, device)
+        local[sid] = outs
         shapes[sid] = {"inputs": [t.shape for t in inputs], "outputs": [t.shape for t in outs]}
-        if sid != num_stages - 1:
-            pending.append(dist.isend(create_metadata_tensor(outs, device="cpu"), (rank + 1) % world_size))
+        nxt = (sid + 1) % world_size
+        if sid != num_stages - 1 and nxt != rank:
+            pending.append(dist.isend(create_metadata_tensor(outs, device=device), nxt))
     for work in pending:
         _wait(work, f"rank {rank} sending stage shapes", timeout)
     return shapes

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,21 +153,25 @@ def merge_chunks(chunks: Sequence[Any], spec: Any = None, _debug_mask_minibatche
     return pytree.tree_unflatten(merged, treedef)
 
 
-class _masked:
-    """Within the block, mask mode is ``on`` (None: leave the module switch as it is)."""
+_MASK_CALL: contextvars.ContextVar[bool | None] = contextvars.ContextVar("pippy_mask_minibatches", default=None)
 
-    def __init__(self, on: bool | None) -> None:
-        self.on = on
 
-    def __enter__(self) -> None:
-        global _debug_mask_minibatches
-        self.saved = _debug_mask_minibatches
-        if self.on is not None:
-            _debug_mask_minibatches = bool(self.on)
+@contextlib.contextmanager
+def _masked(on: bool | None) -> Iterator[None]:
+    """Within the block (this thread / task only), mask mode is ``on``; None leaves the module switch in charge."""
+    if on is None:
+        yield
+        return
+    token = _MASK_CALL.set(bool(on))
+    try:
+        yield
+    finally:
+        _MASK_CALL.reset(token)
 
-    def __exit__(self, *exc: object) -> None:
-        global _debug_mask_minibatches
-        _debug_mask_minibatches = self.saved
+
+def _mask_on() -> bool:
+    call = _MASK_CALL.get()
+    return bool(_debug_mask_minibatches) if call is None else call
 
 
 def _norm_spec(spec: Any) -> Any:
@@ -212,7 +218,7 @@ def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
             "or a micro-batch count that divides it. pippy never lowers the count silently."
         )
     parts = list(torch.chunk(leaf, n, dim=dim))
-    if not _debug_mask_minibatches:
+    if not _mask_on():
         return parts
     zeros = [torch.zeros_like(p) for p in parts]  # full shape, only this micro-batch's rows kept
     return [torch.cat([*zeros[:i], p, *zeros[i + 1 :]], dim=dim) for i, p in enumerate(parts)]
@@ -226,6 +232,6 @@ def _merge_leaf(col: list[Any], spec: Any) -> Any:
         total = torch.stack(col).sum(0)
         return total / len(col) if (spec is None or spec.mean) else total
     dim = spec.dim if isinstance(spec, TensorChunkSpec) else 0
-    if _debug_mask_minibatches and first.dim() > dim and first.shape[dim] % len(col) == 0:
+    if _mask_on() and first.dim() > dim and first.shape[dim] % len(col) == 0:
         col = [torch.tensor_split(t, len(col), dim=dim)[i] for i, t in enumerate(col)]  # each one's own rows
     return torch.cat(col, dim=dim)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -122,7 +123,10 @@ class Pipe(SplitPipe):
         return self.split_gm.parameters(recurse=recurse)
 
 
-_DEFAULT_SPECS: dict[str, Any] = {"args": None, "kwargs": None}
+_DEFAULT_SPECS: dict[str, contextvars.ContextVar[Any]] = {  # per thread / task, set by the context managers
+    "args": contextvars.ContextVar("pippy_args_chunk_spec", default=None),
+    "kwargs": contextvars.ContextVar("pippy_kwargs_chunk_spec", default=None),
+}
 
 
 class ArgsChunkSpec:
@@ -138,15 +142,15 @@ class ArgsChunkSpec:
 
     def __init__(self, chunk_dims: Any) -> None:
         self.spec = _as_specs(chunk_dims)
-        self._saved: Any = None
+        self._tokens: list[Any] = []
 
     def __enter__(self) -> Any:
-        self._saved = _DEFAULT_SPECS[self.key]
-        _DEFAULT_SPECS[self.key] = self.spec
+        var = _DEFAULT_SPECS[self.key]
+        self._tokens.append(var.set(self.spec))  # a stack: the same instance may be entered again inside
         return self.spec
 
     def __exit__(self, *exc: object) -> None:
-        _DEFAULT_SPECS[self.key] = self._saved
+        _DEFAULT_SPECS[self.key].reset(self._tokens.pop())
 
 
 class KwargsChunkSpec(ArgsChunkSpec):
@@ -199,9 +203,9 @@ def pipeline(
         2
     """
     if args_chunk_spec is None:
-        args_chunk_spec = _DEFAULT_SPECS["args"]
+        args_chunk_spec = _DEFAULT_SPECS["args"].get()
     if kwargs_chunk_spec is None:
-        kwargs_chunk_spec = _DEFAULT_SPECS["kwargs"]
+        kwargs_chunk_spec = _DEFAULT_SPECS["kwargs"].get()
     pipe = trace_and_split(
         module, num_chunks, example_args, example_kwargs, split_spec, split_policy,
         args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec, tied_weights=tied_weights,

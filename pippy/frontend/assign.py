@@ -54,11 +54,13 @@ def assign_stages(
 def _takes_graph_only(policy: SplitPolicy) -> bool:
     """True for a one-argument policy ``fn(gm) -> gm`` (PiPPy's form)."""
     try:
-        params = inspect.signature(policy).parameters.values()
+        params = list(inspect.signature(policy).parameters.values())
     except (TypeError, ValueError):
         return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
-    return len(positional) == 1 and positional[0].kind is not positional[0].VAR_POSITIONAL
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 1  # fn(gm); fn(gm, example_inputs) and fn(gm, n=2) take the inputs second
 
 
 def _check_no_empty_stage(gm: fx.GraphModule, assignment: Mapping[fx.Node, int], sites: list[str]) -> None:

@@ -94,17 +94,15 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
               signature: inspect.Signature | None = None) -> tuple[Any, ...]:
     """Run every stage in this process on the given inputs; returns the flat outputs (autograd kept).
 
-    The batch runs at once. A graph that bakes in the traced micro-batch size (a ``view`` with a
-    literal size, as Hugging Face attention has) fails at another size: then a batch that is a
-    whole number of traced micro-batches runs micro-batch by micro-batch and the outputs are merged.
+    A batch of the traced micro-batch's size runs at once. A batch that is a whole number ``n > 1``
+    of traced micro-batches (along the chunk dims) runs micro-batch by micro-batch, as the
+    pipeline does, and the outputs are merged as a schedule merges them (dim 0). Any other batch
+    runs at once; a graph that bakes in the traced size then fails with a message saying so.
     """
     flat = bind_to_traced(pipe, args, kwargs, signature)
     n = _chunks_in(pipe, flat)
-    try:
+    if n is None:
         return _run_flat(pipe, flat)
-    except _StageFailed:
-        if n is None:
-            raise
     call_args, call_kwargs = pytree.tree_unflatten(flat, pipe.in_spec)
     outs = [_run_flat(pipe, mb) for mb in pipe.split_inputs(tuple(call_args), dict(call_kwargs), n)]
     return tuple(merge_chunks(outs))

@@ -94,6 +94,10 @@ def grad_norm(stages: Any, norm_type: float = 2.0, *, group: Any = None) -> torc
     """
     mine = _stages_of(stages)
     norm_type = float(norm_type)
+    if not (norm_type > 0):
+        raise ValueError(f"grad_norm: norm_type must be positive (or float('inf')), got {norm_type}")
+    if group is None and hasattr(stages, "transport") and hasattr(stages.transport, "group"):
+        group = stages.transport.group  # a schedule: its pipeline group
     _, count = _counted(mine)
     norms = [_local_norm(g, norm_type) for g in count]
     dev = count[0].device if count else mine[0].device
@@ -106,7 +110,8 @@ def grad_norm(stages: Any, norm_type: float = 2.0, *, group: Any = None) -> torc
         pg = group if group is not None else (mine[0].group if mine[0].group is not None else dist.group.WORLD)
         if dist.get_world_size(pg) > 1:
             dist.all_reduce(total, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=pg)
-    return total if math.isinf(norm_type) else total ** (1.0 / norm_type)
+    total = total if math.isinf(norm_type) else total ** (1.0 / norm_type)
+    return total.to(count[0].dtype) if count else total
 
 
 def clip_grad_norm_(
@@ -121,7 +126,8 @@ def clip_grad_norm_(
 
     Call it on every pipeline rank after ``step()`` and before ``optimizer.step()``, with this
     rank's stages (or its schedule). Returns the total norm (before clipping), the same on every
-    rank. See the module docstring for an example.
+    rank (in the gradients' dtype). ``group`` defaults to the schedule's pipeline group, or to the
+    stages' group. See the module docstring for an example.
     """
     mine = _stages_of(stages)
     total = grad_norm(mine, norm_type, group=group)

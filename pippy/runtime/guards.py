@@ -296,3 +296,23 @@ def check_sharded_split(name: str, stages: Iterable[Stage], schedule: Schedule, 
                 "Expected a full-backward schedule for FSDP2 stages: ScheduleGPipe, Schedule1F1B, "
                 "ScheduleInterleaved1F1B or ScheduleLoopedBFS (or leave this stage unsharded)"
             )
+
+
+def drop_unreduced_grads(module: nn.Module) -> None:
+    """After a failed step: FSDP2 reduces in the next backward again and forgets gradients it had not reduced.
+
+    With sync off (every backward of a step but the last), FSDP2 accumulates unsharded gradients
+    in its own buffers, which ``zero_grad()`` does not clear; a later step would reduce them.
+    Reads FSDP2's per-parameter state (torch internals, guarded: absent attributes are skipped).
+
+        >>> drop_unreduced_grads(torch.nn.Linear(2, 2))  # not sharded: nothing to do
+    """
+    if not is_fsdp(module):
+        return
+    module.set_requires_gradient_sync(True)
+    for sub in module.modules():
+        state = getattr(sub, "_get_fsdp_state", None)
+        group = getattr(state(), "_fsdp_param_group", None) if callable(state) else None
+        for fp in getattr(group, "fsdp_params", []) or []:
+            if hasattr(fp, "unsharded_accumulated_grad"):
+                fp.unsharded_accumulated_grad = None
