@@ -6,7 +6,7 @@ every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. W
 losses are not scaled and grads equal the full-batch sum. Left unset, it is read off ``loss_fn``
 (``nn.MSELoss(reduction="sum")`` sums); a ``loss_fn`` that does not say gets "mean" and a warning.
 Without ``loss_fn``, ``step()`` trains on the model's own loss when its output has one, else
-runs forward only (as PiPPy and torch.distributed.pipelining do), with a warning.
+runs forward only (as PiPPy and PyTorch's pipelining package do), with a warning.
 
 A step runs in three public parts, the same for every driver: ``begin`` (split the batch, start
 the executor), driving the returned :class:`StepRun` to its end (``run_blocking`` under
@@ -282,7 +282,7 @@ class PipelineSchedule:
             self._warn_once(
                 "inputs",
                 f"rank {self.rank} does not hold stage 0: the inputs given to step()/eval() here are ignored (only "
-                "the rank holding stage 0 reads the batch, as in PiPPy and torch.distributed.pipelining)",
+                "the rank holding stage 0 reads the batch, as in PiPPy and PyTorch's pipelining package)",
             )
         targets = None
         if training and self.holds(self.pipe.num_stages - 1):
@@ -401,7 +401,7 @@ class PipelineSchedule:
             self._warn_once(
                 "forward",
                 f"{type(self).__name__} has no loss_fn and the model's output has no loss, so step() ran forward "
-                "only (no gradients), as in PiPPy and torch.distributed.pipelining. Pass loss_fn=... to train, or "
+                "only (no gradients), as in PiPPy and PyTorch's pipelining package. Pass loss_fn=... to train, or "
                 "call .eval() for a forward-only step.",
             )
             with torch.no_grad():
