@@ -26,7 +26,9 @@ from pippy.frontend.trace import PipeTraceError, is_split_marker, split_site
 __all__ = ["SplitPolicy", "assign_stages"]
 
 SplitPolicy = Callable[..., Any]
-"""``policy(gm, example_inputs) -> {node: stage}`` (pippy's), or ``policy(gm) -> gm`` inserting split markers (PiPPy's)."""
+"""``policy(gm, example_inputs) -> {node: stage}`` (pippy's: the traced graph and one micro-batch of flat example
+inputs, in placeholder order, to a stage for every compute node; see pippy.frontend.policies), or ``policy(gm) -> gm``
+inserting split markers (PiPPy's)."""
 
 
 def assign_stages(

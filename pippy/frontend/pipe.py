@@ -32,9 +32,6 @@ from pippy.microbatch import split_batch
 
 __all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites", "trace_and_split"]
 
-"""A split policy maps the traced graph and one micro-batch of flat example inputs (in placeholder
-order) to ``{compute node: stage}`` for every call_function node (see pippy.frontend.policies)."""
-
 
 @dataclass(frozen=True, slots=True)
 class SharedParam:
