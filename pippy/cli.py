@@ -216,6 +216,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
+    from pippy.sim.bound import lower_bound
     from pippy.sim.render import format_bytes, format_time
 
     rows, notes = [], []
@@ -225,18 +226,22 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         except ValueError as e:
             notes.append(f"{name}: skipped ({e})")
             continue
-        res = _sim(sch, _costs_for(a.costs, sch, a.ranks))
-        rows.append((name, res))
+        costs = _costs_for(a.costs, sch, a.ranks)
+        rows.append((name, _sim(sch, costs), lower_bound(sch, costs)))
     print(f"{a.ranks} ranks, {a.microbatches} micro-batches, costs: {a.costs or 'unit (F=I=W=1 per rank, B=2)'}")
-    head = f"{'schedule':<17} {'step time':>10} {'bubble %':>9} {'max peak':>9}  peak memory per rank"
+    head = (f"{'schedule':<17} {'step time':>10} {'bound':>8} {'gap %':>6} {'bubble %':>9} {'max peak':>9}  "
+            "peak memory per rank")
     print(head)
     print("-" * len(head))
-    best = min((r.step_time for _, r in rows), default=0.0)
-    for name, res in rows:
+    best = min((r.step_time for _, r, _ in rows), default=0.0)
+    for name, res, bound in rows:
         star = " *" if res.step_time == best else ""
-        print(f"{name:<17} {format_time(res.step_time):>10} {100 * res.mean_bubble:>9.1f} "
-              f"{format_bytes(max(res.peak_memory)):>9}  {_fmt_list([float(x) for x in res.peak_memory], '{:.4g}')}{star}")
-    print("(* fastest; bubble % is the mean over ranks)")
+        gap = 100 * (res.step_time / bound - 1) if bound > 0 else 0.0
+        print(f"{name:<17} {format_time(res.step_time):>10} {format_time(bound):>8} {gap:>6.1f} "
+              f"{100 * res.mean_bubble:>9.1f} {format_bytes(max(res.peak_memory)):>9}  "
+              f"{_fmt_list([float(x) for x in res.peak_memory], '{:.4g}')}{star}")
+    print("(* fastest; bubble % is the mean over ranks; bound: no order of the same actions on the same ranks is "
+          "faster (pippy.sim.bound))")
     for n in notes:
         print(n)
     return 0
