@@ -75,11 +75,12 @@ def train_and_check(
         ref_opt.step()
         worst = max(worst, grad_diff)
         if last:
-            print(f"step {step}: loss {float(torch.stack(losses).mean()):.6f} (unpipelined {float(loss_ref):.6f})")
+            print(f"step {step}: loss {float(torch.stack(losses).mean()):.6f} (unpipelined {loss_ref.item():.6f})")
         print(f"  rank {rank} step {step}: max grad diff vs unpipelined = {grad_diff:.3e}")
-    param_diff = max(
-        float((p - ref_params[fqn]).abs().max()) for st in mine for fqn, p in st.submod.named_parameters()
-    )
+    with torch.no_grad():
+        param_diff = max(
+            float((p - ref_params[fqn]).abs().max()) for st in mine for fqn, p in st.submod.named_parameters()
+        )
     print(f"rank {rank}: after {steps} SGD steps max param diff = {param_diff:.3e}, max grad diff = {worst:.3e}")
     ok = max(worst, param_diff) < 1e-9
     print(f"rank {rank}: {'OK' if ok else 'MISMATCH'} (pipelined == unpipelined)")
