@@ -29,7 +29,6 @@ from pippy.frontend.policies import (
     graphsplit,
     split_equal_params,
 )
-from pippy.frontend.trace import is_split_marker
 
 __all__ = ["aten_pipe_split_alias", "split_by_graph", "split_into_equal_size", "split_on_size_threshold"]
 
@@ -98,12 +97,3 @@ def split_on_size_threshold(threshold: int) -> SplitPolicyBase:
         2
     """
     return _SizeThreshold(threshold)
-
-
-def count_split_calls(gm: fx.GraphModule) -> int:
-    """How many ``aten_pipe_split_alias`` cuts a PiPPy-style policy put into ``gm``.
-
-        >>> count_split_calls(fx.symbolic_trace(torch.nn.Identity()))
-        0
-    """
-    return sum(1 for v in gm.graph.nodes if is_split_marker(v))

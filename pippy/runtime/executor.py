@@ -117,7 +117,8 @@ class Executor:
         self.split_backward = {a.stage for a in self.actions if a.kind is Kind.I}
         self.filler = BubbleFiller(self.actions)
         self.fill_bubbles = fill_bubbles
-        self.weight_grads_done: dict[int, int] = {}  # per stage, this step's B/W actions so far (FSDP2 sync)
+        self.weight_grads_done: dict[int, int] = {}  # per FSDP2 stage, this step's B/W actions so far
+        self.grad_sync: dict[int, Callable[[bool], None]] = {}  # FSDP2 stages: their set_requires_gradient_sync
         self.started = False  # set once this step posted a message (an error after that may leave some in flight)
         self.current: Action | None = None  # the action running now (named when the step fails)
         self._compute: dict[Kind, Callable[[_Step, Action], None]] = {
@@ -140,6 +141,8 @@ class Executor:
         self.current = None
         self.filler.start_step()
         self.weight_grads_done = {}
+        self.grad_sync = {s: f for s, stage in self.stages.items()
+                          if callable(f := getattr(stage.submod, "set_requires_gradient_sync", None))}
         st = _Step(inp, fill=self.fill_bubbles and inp.training and self.filler.active)
         for idx, a in enumerate(self.actions):
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
@@ -251,7 +254,7 @@ class Executor:
         s, i = a.stage, a.mb
         stage = self.stages[s]
         grads = st.out_grads.pop((s, i), None)
-        if a.kind is Kind.B:
+        if a.kind is Kind.B and self.grad_sync:
             self._grad_sync(s)
         gin = stage.backward(i, grads) if a.kind is Kind.B else stage.backward_input(i, grads)
         for ref, g in zip(self.infos[s].inputs, gin):
@@ -281,7 +284,8 @@ class Executor:
     def _weight_step(self, a: Action) -> tuple[float, float]:
         """Run W ``a`` (in its slot or early); its time feeds the filler. Returns (start, end)."""
         t0 = time.perf_counter()
-        self._grad_sync(a.stage)
+        if self.grad_sync:
+            self._grad_sync(a.stage)
         self.stages[a.stage].backward_weight(a.mb)
         t1 = time.perf_counter()
         self.filler.note_w(a.stage, t1 - t0)
@@ -289,7 +293,7 @@ class Executor:
 
     def _grad_sync(self, s: int) -> None:
         """Before a weight-gradient action (B or W) of stage ``s``: an FSDP2 stage reduces only in the step's last."""
-        setter = getattr(self.stages[s].submod, "set_requires_gradient_sync", None)
+        setter = self.grad_sync.get(s)
         if setter is not None:
             done = self.weight_grads_done[s] = self.weight_grads_done.get(s, 0) + 1
             setter(done == self.plan.n_microbatches)
