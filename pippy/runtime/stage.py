@@ -19,6 +19,7 @@ order of the calls; the user-facing :class:`pippy.PipelineStage` adds ``stage(x)
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from pippy.frontend.materialize import replace_meta
+from pippy.frontend.outline import OutlineError, outline
 from pippy.frontend.params import is_lifted_constant
 from pippy.frontend.pipe import SplitPipe
 from pippy.frontend.split import StageInfo
@@ -57,15 +59,23 @@ class _MbState:
     tap_grads: list[torch.Tensor | None] | None = None
 
 
-def _materialize(module: fx.GraphModule, device: torch.device) -> fx.GraphModule:
-    """A copy of ``module`` on ``device`` with its own parameters (aliasing inside it kept).
+def _materialize(module: fx.GraphModule, device: torch.device, index: int) -> tuple[fx.GraphModule, fx.Graph]:
+    """A copy of ``module`` on ``device`` with its own parameters (aliasing inside it kept), structured like the model.
 
     Meta tensors (a model built under ``torch.device("meta")``) become NaN placeholders on
-    ``device``: fill them with ``pippy.frontend.materialize.materialize_stage``.
+    ``device``: fill them with ``pippy.frontend.materialize.materialize_stage``. The copy has the
+    original submodules under their original FQNs (see :mod:`pippy.frontend.outline`); a graph
+    whose structure cannot be rebuilt runs flat, with a warning. Also returns the flat graph.
     """
     mod = copy.deepcopy(module)
     replace_meta(mod, device)
-    return mod.to(device)
+    mod = mod.to(device)
+    try:
+        return outline(mod), mod.graph
+    except OutlineError as err:
+        warnings.warn(f"stage {index} runs as one flat graph, so hooks on its blocks (fully_shard, parallelize_module, "
+                  f"checkpoint wrappers) will not fire: {err}", stacklevel=4)
+        return mod, mod.graph
 
 
 class Stage:
@@ -88,7 +98,12 @@ class Stage:
         self.group = group
         self.info: StageInfo = pipe.stage_infos[stage_index]
         # the pipe's stage module gets a copy on ``device``; a given ``module`` (a hand-cut stage) is used as is
-        self.submod: fx.GraphModule = _materialize(self.info.module, self.device) if module is None else module  # type: ignore[assignment]
+        self.submod: fx.GraphModule
+        self._flat_graph: fx.Graph | None
+        if module is None:
+            self.submod, self._flat_graph = _materialize(self.info.module, self.device, stage_index)
+        else:  # a hand-cut stage (ManualPipelineStage)
+            self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
         self._state: dict[int, _MbState] = {}
         self.measure_activations = False  # count bytes autograd saves per micro-batch (small overhead)
@@ -119,8 +134,22 @@ class Stage:
     def taps(self) -> WeightGradTaps:
         """The weight-gradient taps of split-backward schedules (built on first use)."""
         if self._taps is None:
-            self._taps = WeightGradTaps(self.submod)
+            self._taps = WeightGradTaps(self.flat_module())
         return self._taps
+
+    def flat_module(self) -> fx.GraphModule:
+        """The stage as one flat graph over :attr:`submod`'s own tensors (what split backward taps).
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> stage = Stage(pipeline(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1, (torch.ones(1, 2),)), 0)
+            >>> stage.flat_module().get_parameter("0.weight") is stage.submod.get_parameter("0.weight")
+            True
+        """
+        sub = self.submod
+        if self._flat_graph is None or not isinstance(sub, fx.GraphModule) or sub.graph is self._flat_graph:
+            return sub
+        return fx.GraphModule(sub, self._flat_graph, class_name=type(self.info.module).__name__)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This stage's parameters (for an optimizer)."""

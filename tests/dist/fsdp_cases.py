@@ -14,6 +14,7 @@ from pippy import SplitPoint, pipeline
 
 SCHEDS = {"gpipe": (pippy.ScheduleGPipe, 1), "1f1b": (pippy.Schedule1F1B, 1),
           "interleaved_1f1b": (pippy.ScheduleInterleaved1F1B, 2), "looped_bfs": (pippy.ScheduleLoopedBFS, 2)}
+BLOCKWISE = ("1f1b", "interleaved_1f1b")  # fully_shard per block and per stage root
 
 
 def _count_reductions() -> list[int]:
@@ -64,32 +65,40 @@ def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
     pp, dp = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
     calls = _count_reductions()
     report: dict[str, Any] = {}
-    for name, (cls, v) in SCHEDS.items():
-        for m in (2, 4):
-            n = 2 * v
-            torch.manual_seed(0)
-            model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2 * n - 1)],
-                                  nn.Linear(8, 2)).double()
-            ref = copy.deepcopy(model)
-            X, Y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
-            x, y = X.chunk(2)[dp], Y.chunk(2)[dp]  # each DP rank's share of the global batch
-            nn.MSELoss()(ref(X), Y).backward()  # FSDP2 averages over DP ranks: the global-batch mean
-            pipe = pipeline(model, m, (x,), split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
-            place = cls.placement(2, v)
-            stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
-            for st in stages:
-                fully_shard(st.submod, mesh=mesh["dp"])
-            sched = cls(stages if v > 1 else stages[0], m, loss_fn=nn.MSELoss())
-            calls[0] = 0
-            sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None)
-            err = 0.0
-            for st in stages:
-                for fqn, p in st.submod.named_parameters():
-                    full = p.grad.full_tensor()
-                    err = max(err, float((full - ref.get_parameter(fqn).grad).abs().max()))
-            report[f"{name}/{m}"] = {"grad_err": err, "reductions": calls[0], "stages": len(stages)}
-            if name == "interleaved_1f1b" and m == 4:
-                report["checkpoint"] = _checkpoint_round_trip(stages, ref, ckpt)
+    runs = [(name, m, False) for name in SCHEDS for m in (2, 4)] + [(name, m, True) for name in BLOCKWISE for m in (2, 4)]
+    for name, m, blockwise in runs:
+        cls, v = SCHEDS[name]
+        n = 2 * v
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2 * n - 1)],
+                              nn.Linear(8, 2)).double()
+        ref = copy.deepcopy(model)
+        X, Y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+        x, y = X.chunk(2)[dp], Y.chunk(2)[dp]  # each DP rank's share of the global batch
+        nn.MSELoss()(ref(X), Y).backward()  # FSDP2 averages over DP ranks: the global-batch mean
+        pipe = pipeline(model, m, (x,), split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
+        place = cls.placement(2, v)
+        stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
+        groups = 0
+        for st in stages:
+            if blockwise:  # each original block its own FSDP group, as torchtitan does, then the stage's root
+                for block in st.submod.children():
+                    fully_shard(block, mesh=mesh["dp"])
+                    groups += 1
+            fully_shard(st.submod, mesh=mesh["dp"])
+        sched = cls(stages if v > 1 else stages[0], m, loss_fn=nn.MSELoss())
+        calls[0] = 0
+        sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None)
+        err = 0.0
+        for st in stages:
+            for fqn, p in st.submod.named_parameters():
+                full = p.grad.full_tensor()
+                err = max(err, float((full - ref.get_parameter(fqn).grad).abs().max()))
+        report[f"{name}/{m}" + ("/blocks" if blockwise else "")] = {
+            "grad_err": err, "reductions": calls[0], "stages": len(stages), "groups": groups}
+        if name == "interleaved_1f1b" and m == 4:
+            report["checkpoint" + ("/blocks" if blockwise else "")] = _checkpoint_round_trip(
+                stages, ref, f"{ckpt}{'_blocks' if blockwise else ''}")
     try:
         split = pipeline(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).double(), 2,
                          (torch.randn(4, 8, dtype=torch.float64),), split_spec={"0": SplitPoint.END})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fsdp_cases import SCHEDS, dp_pp_fsdp
+from fsdp_cases import BLOCKWISE, SCHEDS, dp_pp_fsdp
 from harness import run_ranks
 
 
@@ -14,10 +14,16 @@ def test_fsdp2_stages_sync_once_per_step(tmp_path) -> None:
                 r = rep[f"{name}/{m}"]
                 assert r["grad_err"] < 1e-12, (rank, name, m, r)
                 assert r["reductions"] == r["stages"], (rank, name, m, r)  # not once per micro-batch
+        for name in BLOCKWISE:  # fully_shard on each block of a stage (its original FQN), then on the stage
+            for m in (2, 4):
+                r = rep[f"{name}/{m}/blocks"]
+                assert r["grad_err"] < 1e-12, (rank, name, m, r)
+                assert r["groups"] > r["stages"] and r["reductions"] == r["groups"], (rank, name, m, r)
         if rank % 2:  # pp rank 1 holds stage 1, whose backward ZB-H1 splits (stage 0 needs no input grads: not split)
             assert "stage 1 is sharded with fully_shard (FSDP2)" in rep["zb_error"], rep["zb_error"]
         else:
             assert rep["zb_error"] == "no error", rep["zb_error"]
         assert "sharded (fully_shard / parallelize_module) before pipeline()" in rep["sharded_first"], rep
         # sharded stages saved through DCP: merge loads strictly into the plain model; load restores the shards
-        assert rep["checkpoint"]["merge_err"] == 0.0 and rep["checkpoint"]["load_err"] == 0.0, rep["checkpoint"]
+        for key in ("checkpoint", "checkpoint/blocks"):
+            assert rep[key]["merge_err"] == 0.0 and rep[key]["load_err"] == 0.0, rep[key]

@@ -1,0 +1,120 @@
+"""Stage modules keep the model's structure: original submodules under their FQNs, each one's forward runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+from pippy import Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBH1, SplitPoint, StageError, pipeline
+from pippy.frontend.outline import Blocks, outline
+from pippy.recompute import enable_recompute
+from pippy.runtime.guards import check_sharded_split
+from pippy.runtime.local import LocalPipeline
+from pippy.schedules.generators import zb_h1
+
+LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2)
+MODELS: dict[str, tuple[Any, str, str]] = {
+    "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**LLAMA)), "model.layers", "model.layers.1"),
+    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4)),
+             "transformer.h", "transformer.h.1"),
+    "bert": (lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=4, num_attention_heads=4)),
+             "bert.encoder.layer", "bert.encoder.layer.1"),
+}
+
+
+def _stage_values(pipe: Any, x: torch.Tensor, modules: list[nn.Module]) -> list[tuple[Any, ...]]:
+    outs: list[tuple[Any, ...]] = []
+    for s, info in enumerate(pipe.stage_infos):
+        ins = [x if r.src_stage == -1 else outs[r.src_stage][r.index] for r in info.inputs]
+        outs.append(tuple(modules[s](*ins)))
+    return outs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_outlined_stages_compute_the_same_and_own_the_same_tensors(name: str) -> None:
+    build, blocks, cut = MODELS[name]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    x = torch.randint(0, 64, (2, 8))
+    pipe = pipeline(model, 1, (x,), split_spec={cut: SplitPoint.END})
+    flat = [info.module for info in pipe.stage_infos]
+    tree = [outline(m) for m in flat]
+    for a, b in zip(_stage_values(pipe, x, flat), _stage_values(pipe, x, tree)):
+        assert all(torch.equal(u, v) for u, v in zip(a, b) if isinstance(u, torch.Tensor))
+    for f, t in zip(flat, tree):
+        assert list(f.state_dict()) == list(t.state_dict()) or sorted(f.state_dict()) == sorted(t.state_dict())
+        for fqn, p in f.named_parameters():
+            assert t.get_parameter(fqn) is p  # the same objects: no copy
+    assert [n for n, _ in tree[0].get_submodule(blocks).named_children()] == ["0", "1"]
+    assert [n for n, _ in tree[1].get_submodule(blocks).named_children()] == ["2", "3"]
+    holder = tree[1].get_submodule(blocks)
+    assert isinstance(holder, Blocks) and len(holder) == 2 and holder[3] is tree[1].get_submodule(f"{blocks}.3")
+
+
+def test_a_module_called_twice_keeps_one_entry_and_its_tensors() -> None:
+    torch.manual_seed(0)
+    model = T.AlbertForMaskedLM(T.AlbertConfig(vocab_size=64, hidden_size=32, embedding_size=16, intermediate_size=64,
+                                               num_hidden_layers=3, num_attention_heads=4)).double().eval()
+    x = torch.randint(0, 64, (2, 8))
+    flat = pipeline(model, 1, (x,)).stage_infos[0].module
+    tree = outline(flat)
+    assert torch.equal(tree(x)[0], flat(x)[0])
+    assert sorted(tree.state_dict()) == sorted(flat.state_dict())
+    assert not any("@" in n for n, _ in tree.named_modules())
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+def _blocks_setup(sched: Any, ranks: int) -> tuple[Any, nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _Net().double()
+    ref = _Net().double()
+    ref.load_state_dict(model.state_dict())
+    X, Y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    nn.MSELoss()(ref(X), Y).backward()
+    n = ranks * (2 if sched is ScheduleInterleaved1F1B else 1)
+    cuts = {f"layers.{k}": SplitPoint.END for k in range(4 // n - 1, 3, 4 // n)}
+    return pipeline(model, 4, (X,), split_spec=cuts), ref, X, Y
+
+
+@pytest.mark.parametrize("sched", [Schedule1F1B, ScheduleInterleaved1F1B])
+def test_block_hooks_fire_per_microbatch_and_recompute_on_blocks_stays_transparent(sched: Any) -> None:
+    pipe, ref, X, Y = _blocks_setup(sched, 2)
+    lp = LocalPipeline(pipe, sched, num_ranks=2, n_microbatches=4, loss_fn=nn.MSELoss())
+    calls: dict[str, int] = {}
+    for st in lp.stages:
+        layers = st.submod.get_submodule("layers") if hasattr(st.submod, "layers") else None
+        for name, block in (layers.named_children() if layers is not None else ()):
+            block.register_forward_pre_hook(lambda *_, k=name: calls.__setitem__(k, calls.get(k, 0) + 1))
+            enable_recompute(block)
+    lp.step(X, target=Y)
+    assert calls == {str(k): 4 for k in range(4)}  # once per micro-batch (recompute reruns forward, not the hooks)
+    for st in lp.stages:
+        for fqn, p in st.submod.named_parameters():
+            torch.testing.assert_close(p.grad, ref.get_parameter(fqn).grad, rtol=0, atol=1e-13)
+
+
+def test_split_backward_refuses_hooked_blocks() -> None:
+    pipe, _, _, _ = _blocks_setup(ScheduleZBH1, 2)
+    stage = pipe.build_stage(1, "cpu")
+    stage.submod.get_submodule("layers.3").register_forward_hook(lambda *_: None)
+    with pytest.raises(StageError, match=r"stage 1's submodule 'layers.3' has forward hooks.*Schedule1F1B"):
+        check_sharded_split("ScheduleZBH1", [stage], zb_h1(2, 4))  # what a split-backward schedule checks first
