@@ -6,8 +6,8 @@ Across hosts (2 hosts x 2 processes, same command on each host):
           examples/train_dp_pp.py --dp 2 --pp 2
 
 The mesh is (dp, pp). Every rank builds the same plain model, traces it on its own DP share of
-the batch, builds its pipeline stage, shards that stage over its DP group with ``fully_shard``
-and trains with AdamW. Each step prints a progress line; at the end every parameter is gathered
+the batch, builds its pipeline stage, shards each decoder block of that stage and then the stage
+itself over its DP group with ``fully_shard``, and trains with AdamW. Each step prints a progress line; at the end every parameter is gathered
 and compared with the same AdamW steps on the unpipelined model over the global batch.
 """
 
@@ -80,7 +80,9 @@ def main() -> int:
     mine0 = x0.chunk(args.dp)[dp]
     pipe = pipeline(model, args.microbatches, (mine0,), split_spec=split_spec_equal_layers(model, args.pp))
     stage = pipe.build_stage(pp, "cpu", group=mesh["pp"].get_group())
-    fully_shard(stage.submod, mesh=mesh["dp"])
+    for block in stage.submod.model.layers.children():  # the decoder blocks this stage owns, original names
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(stage.submod, mesh=mesh["dp"])  # the rest of the stage (embedding, norm, head) as one group
     opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
     sched = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=lm_loss)
     first, last = stage.is_first, stage.is_last

@@ -135,7 +135,7 @@ def load(
                 f"{st.num_stages}; load merge(path) with materialize_stage(stage, checkpoint=...) or use format='dcp'"
             )
         sd = torch.load(os.path.join(path, f"stage_{st.index}.pt"), map_location=st.device, weights_only=True)
-        missing, unexpected = st.submod.load_state_dict(sd, strict=False)
+        missing, unexpected = st.unwrapped.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not is_lifted_constant(k)]
         if missing or unexpected:
             raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")

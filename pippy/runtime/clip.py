@@ -62,7 +62,7 @@ def _counted(stages: Sequence[Stage]) -> tuple[list[torch.Tensor], list[torch.Te
                 not_mine.setdefault(s, set()).add(fqn)
     scale, count, seen = [], [], set()
     for st in stages:
-        for name, p in st.submod.named_parameters(remove_duplicate=False):
+        for name, p in st.unwrapped.named_parameters(remove_duplicate=False):
             if p.grad is None or id(p) in seen:
                 continue
             seen.add(id(p))

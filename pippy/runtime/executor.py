@@ -31,6 +31,7 @@ import torch
 
 from pippy.frontend.split import USER, ValueMeta
 from pippy.runtime.comm import Transport, WaitContext
+from pippy.runtime.ddp import DdpSync
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan, Edge
 from pippy.runtime.stage import Stage, StageError
@@ -117,8 +118,9 @@ class Executor:
         self.split_backward = {a.stage for a in self.actions if a.kind is Kind.I}
         self.filler = BubbleFiller(self.actions)
         self.fill_bubbles = fill_bubbles
-        self.weight_grads_done: dict[int, int] = {}  # per FSDP2 stage, this step's B/W actions so far
+        self.weight_grads_done: dict[int, int] = {}  # per data-parallel stage, this step's B/W actions so far
         self.grad_sync: dict[int, Callable[[bool], None]] = {}  # FSDP2 stages: their set_requires_gradient_sync
+        self.ddp: dict[int, DdpSync] = {}  # DDP / replicate stages
         self.started = False  # set once this step posted a message (an error after that may leave some in flight)
         self.current: Action | None = None  # the action running now (named when the step fails)
         self._compute: dict[Kind, Callable[[_Step, Action], None]] = {
@@ -141,8 +143,12 @@ class Executor:
         self.current = None
         self.filler.start_step()
         self.weight_grads_done = {}
-        self.grad_sync = {s: f for s, stage in self.stages.items()
-                          if callable(f := getattr(stage.submod, "set_requires_gradient_sync", None))}
+        self.ddp = {s: h for s, stage in self.stages.items() if (h := DdpSync.find(stage.submod)) is not None}
+        self.grad_sync = {s: f for s, stage in self.stages.items() if s not in self.ddp
+                          and callable(f := getattr(stage.submod, "set_requires_gradient_sync", None))}
+        if inp.training:
+            for h in self.ddp.values():
+                h.start()
         st = _Step(inp, fill=self.fill_bubbles and inp.training and self.filler.active)
         for idx, a in enumerate(self.actions):
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
@@ -174,6 +180,8 @@ class Executor:
             st.res.outputs = [st.outputs[i] for i in sorted(st.outputs)]
         if inp.training and self.pipe.shared:
             yield from self.tied.sync()
+        for h in self.ddp.values():
+            h.finish()
         return st.res
 
     def run_blocking(self, inp: StepInputs) -> StepResult:
@@ -254,8 +262,8 @@ class Executor:
         s, i = a.stage, a.mb
         stage = self.stages[s]
         grads = st.out_grads.pop((s, i), None)
-        if a.kind is Kind.B and self.grad_sync:
-            self._grad_sync(s)
+        if a.kind is Kind.B and (self.grad_sync or self.ddp):
+            self._grad_sync(s, i)
         gin = stage.backward(i, grads) if a.kind is Kind.B else stage.backward_input(i, grads)
         for ref, g in zip(self.infos[s].inputs, gin):
             if g is not None and ref.src_stage != USER and ref.src_stage in self.stages:
@@ -285,18 +293,23 @@ class Executor:
         """Run W ``a`` (in its slot or early); its time feeds the filler. Returns (start, end)."""
         t0 = time.perf_counter()
         if self.grad_sync:
-            self._grad_sync(a.stage)
+            self._grad_sync(a.stage, a.mb)
         self.stages[a.stage].backward_weight(a.mb)
         t1 = time.perf_counter()
         self.filler.note_w(a.stage, t1 - t0)
         return t0, t1
 
-    def _grad_sync(self, s: int) -> None:
-        """Before a weight-gradient action (B or W) of stage ``s``: an FSDP2 stage reduces only in the step's last."""
-        setter = self.grad_sync.get(s)
+    def _grad_sync(self, s: int, mb: int) -> None:
+        """Before a weight-gradient action (B or W) of stage ``s``: a data-parallel stage reduces only in the step's last."""
+        setter, ddp = self.grad_sync.get(s), self.ddp.get(s)
+        if setter is None and ddp is None:
+            return
+        done = self.weight_grads_done[s] = self.weight_grads_done.get(s, 0) + 1
+        last = done == self.plan.n_microbatches
         if setter is not None:
-            done = self.weight_grads_done[s] = self.weight_grads_done.get(s, 0) + 1
-            setter(done == self.plan.n_microbatches)
+            setter(last)
+        elif last and ddp is not None:
+            ddp.last_backward(self.stages[s].held_outputs(mb))
 
     # ------------------------------------------------------------------ receives
     def _recv(self, st: _Step, idx: int, a: Action) -> Iterator[None]:

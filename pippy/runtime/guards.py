@@ -31,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pippy.frontend.pipe import SplitPipe
+from pippy.runtime.ddp import DdpSync
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules.ir import Kind, Schedule
 
@@ -305,6 +306,12 @@ def check_sharded_split(name: str, stages: Iterable[Stage], schedule: Schedule, 
                 f"{name}{_on_rank(rank)}: stage {st.index} is sharded with fully_shard (FSDP2), and this schedule "
                 "splits its backward into I and W, which reads the parameters outside FSDP's unshard hooks. "
                 f"Expected a full-backward schedule for FSDP2 stages: {full} (or leave this stage unsharded)"
+            )
+        if DdpSync.find(st.submod) is not None:
+            raise StageError(
+                f"{name}{_on_rank(rank)}: stage {st.index} is data parallel with DDP, and this schedule splits its "
+                "backward into I and W, which computes weight gradients outside DDP's all-reduce hooks. Expected a "
+                f"full-backward schedule for DDP stages: {full} (or use FSDP2's fully_shard, or no DDP)"
             )
         hooked = _hooked(st.submod)
         if hooked is not None:

@@ -129,7 +129,7 @@ class LocalPipeline:
         """Parameter gradients by original FQN (tied copies appear once, under each name)."""
         out: dict[str, torch.Tensor | None] = {}
         for st in self.stages:
-            for name, p in st.submod.named_parameters(remove_duplicate=False):
+            for name, p in st.unwrapped.named_parameters(remove_duplicate=False):
                 out.setdefault(name, p.grad)
         return out
 

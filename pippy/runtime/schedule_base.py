@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from pippy.microbatch import merge_chunks, split_value
 from pippy.runtime.comm import DistTransport, PipeCommError, Transport
+from pippy.runtime.ddp import DdpSync
 from pippy.runtime.executor import Executor, StepInputs, StepResult
 from pippy.runtime.guards import check_sharded_split, drop_unreduced_grads, is_fsdp
 from pippy.runtime.loss import carries_loss, infer_reduction
@@ -122,9 +123,11 @@ class StepRun:
         at = f"stage {a.stage}, action {a} (micro-batch {a.mb})" if a is not None else "between actions"
         told = sch.transport.fail(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
         params = [p for st in sch.stages for p in st.parameters()] if self.training else []
-        for st in sch.stages:  # the failed step may have turned FSDP2's sync off and left unreduced gradients
+        for st in sch.stages:  # the failed step may have turned FSDP2's or DDP's sync off, left unreduced gradients
             if is_fsdp(st.submod):
                 drop_unreduced_grads(st.submod)
+            elif (ddp := DdpSync.find(st.submod)) is not None:
+                ddp.finish()
         if self._grads_were_none:
             for p in params:
                 p.grad = None

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pippy.frontend.materialize import replace_meta
 from pippy.frontend.outline import OutlineError, outline
@@ -151,13 +152,26 @@ class Stage:
             return sub
         return fx.GraphModule(sub, self._flat_graph, class_name=type(self.info.module).__name__)
 
+    @property
+    def unwrapped(self) -> nn.Module:
+        """:attr:`submod` under the model's FQNs: the module inside a ``DistributedDataParallel`` wrapper.
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> stage = Stage(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), 0)
+            >>> stage.unwrapped is stage.submod
+            True
+        """
+        sub = self.submod
+        return sub.module if isinstance(sub, DistributedDataParallel) else sub
+
     def parameters(self) -> Iterator[nn.Parameter]:
         """This stage's parameters (for an optimizer)."""
         return self.submod.parameters()
 
     def state_dict(self) -> dict[str, Any]:
         """This stage's state, keyed by the original model's FQNs (export's lifted constants left out)."""
-        return {k: v for k, v in self.submod.state_dict().items() if not is_lifted_constant(k)}
+        return {k: v for k, v in self.unwrapped.state_dict().items() if not is_lifted_constant(k)}
 
     def live_microbatches(self) -> int:
         """Micro-batches whose activations this stage still holds."""
@@ -223,6 +237,13 @@ class Stage:
     def output(self, mb: int, j: int) -> Any:
         """Output ``j`` of micro-batch ``mb`` (kept until its backward, or, forward-only, its last reader)."""
         return self._get(mb, "F").outputs[j]
+
+    def held_outputs(self, mb: int) -> list[Any]:
+        """Micro-batch ``mb``'s outputs (and loss) still held for its backward; empty when none."""
+        st = self._state.get(mb)
+        if st is None:
+            return []
+        return [*st.outputs, *([st.loss] if st.loss is not None else [])]
 
     def release(self, mb: int) -> None:
         """One reader of forward-only micro-batch ``mb``'s outputs is done; free them after the last."""

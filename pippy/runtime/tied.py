@@ -65,7 +65,7 @@ class TiedGrads:
                 continue  # buffers and frozen tensors are not synchronized
             for s, f in sp.uses:
                 if s in self.stages:
-                    p = self.stages[s].submod.get_parameter(f)
+                    p = self.stages[s].unwrapped.get_parameter(f)
                     if p.grad is not None:
                         self._before[id(p)] = p.grad.detach().clone()
 
@@ -78,7 +78,7 @@ class TiedGrads:
             if not mine:
                 continue
             ranks = sorted({self.stage_to_rank[s] for s, _ in sp.uses})
-            params = list({id(p): p for p in (self.stages[s].submod.get_parameter(f) for s, f in mine)}.values())
+            params = list({id(p): p for p in (self.stages[s].unwrapped.get_parameter(f) for s, f in mine)}.values())
             local = sum((self._share(p) for p in params[1:]), self._share(params[0]).clone())
             total = local
             leader, tag, name = ranks[0], _TAG_BASE + gi, sp.uses[0][1]

@@ -1,0 +1,99 @@
+"""Spawned-rank cases for dp x pp with DDP on each stage (the DDP wrapper or torch's composable replicate), 2 x 2 gloo."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pippy
+from pippy import SplitPoint, pipeline
+
+SCHEDS = {"gpipe": (pippy.ScheduleGPipe, 1), "1f1b": (pippy.Schedule1F1B, 1),
+          "interleaved_1f1b": (pippy.ScheduleInterleaved1F1B, 2)}
+MODES = ("wrap", "replicate")
+
+
+def _model(n_stages: int) -> nn.Module:
+    return nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2 * n_stages - 1)],
+                         nn.Linear(8, 2)).double()
+
+
+def _make_dp(stage: Any, mode: str, group: Any, calls: list[int]) -> None:
+    """Make ``stage`` data parallel over ``group`` and count DDP's all-reduces (a counting comm hook)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def counted(state, bucket):  # type: ignore[no-untyped-def]  (DDP checks the annotation: none, or GradBucket)
+        calls[0] += 1
+        return allreduce_hook(state, bucket)
+
+    if mode == "wrap":
+        stage.submod = nn.parallel.DistributedDataParallel(stage.submod, process_group=group)
+        stage.submod.register_comm_hook(group, counted)
+    else:
+        from torch.distributed._composable.replicate import replicate
+
+        replicate(stage.submod, process_group=group)
+        stage.submod.register_comm_hook(group, counted)
+
+
+def dp_pp_ddp(rank: int, world: int) -> dict[str, Any]:
+    """Each mode x schedule x m in (2, 4): gathered grads vs the plain model; all-reduces per step; 3 AdamW steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    pp, dp = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    group = mesh["dp"].get_group()
+    report: dict[str, Any] = {}
+    for mode in MODES:
+        for name, (cls, v) in SCHEDS.items():
+            for m in (2, 4):
+                n = 2 * v
+                torch.manual_seed(0)
+                model = _model(n)
+                ref = copy.deepcopy(model)
+                ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
+                pipe = pipeline(model, m, (torch.zeros(8, 8, dtype=torch.float64),),
+                                split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
+                place = cls.placement(2, v)
+                stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
+                calls = [0]
+                for st in stages:
+                    _make_dp(st, mode, group, calls)
+                opt = torch.optim.AdamW([p for st in stages for p in st.parameters()], lr=0.05)
+                sched = cls(stages if v > 1 else stages[0], m, loss_fn=nn.MSELoss())
+                grad_err, per_step = 0.0, []
+                for step in range(3):
+                    g = torch.Generator().manual_seed(100 + step)
+                    X, Y = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)
+                    x, y = X.chunk(2)[dp], Y.chunk(2)[dp]  # each DP rank's share of the global batch
+                    ref_opt.zero_grad()
+                    nn.MSELoss()(ref(X), Y).backward()  # DDP averages over DP ranks: the global-batch mean
+                    opt.zero_grad()
+                    calls[0] = 0
+                    sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None)
+                    per_step.append(calls[0])
+                    if step == 0:
+                        for st in stages:
+                            for fqn, p in st.unwrapped.named_parameters():
+                                grad_err = max(grad_err, float((p.grad - ref.get_parameter(fqn).grad).abs().max()))
+                    opt.step()
+                    ref_opt.step()
+                param_err = max(float((p - ref.get_parameter(fqn)).abs().max())
+                                for st in stages for fqn, p in st.unwrapped.named_parameters())
+                report[f"{mode}/{name}/{m}"] = {"grad_err": grad_err, "param_err": param_err, "allreduces": per_step,
+                                                "stages": len(stages)}
+    torch.manual_seed(0)
+    pipe = pipeline(_model(2), 2, (torch.zeros(8, 8, dtype=torch.float64),), split_spec={"1": SplitPoint.END})
+    st = pipe.build_stage(pp, "cpu", group=mesh["pp"].get_group())
+    _make_dp(st, "wrap", group, [0])
+    try:
+        pippy.ScheduleZBH1(st, 2, loss_fn=nn.MSELoss())
+        report["zb_error"] = "no error"
+    except pippy.StageError as exc:
+        report["zb_error"] = str(exc)
+    dist.barrier()
+    return report

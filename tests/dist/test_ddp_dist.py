@@ -1,0 +1,20 @@
+"""dp 2 x pp 2 with DDP on every stage: exact gradients and AdamW steps, one all-reduce per bucket per step (any m)."""
+
+from __future__ import annotations
+
+from ddp_cases import MODES, SCHEDS, dp_pp_ddp
+from harness import run_ranks
+
+
+def test_ddp_stages_allreduce_once_per_step(tmp_path) -> None:
+    reports = run_ranks(tmp_path, 4, dp_pp_ddp, timeout=300)
+    for rank, rep in enumerate(reports):
+        for mode in MODES:
+            for name in SCHEDS:
+                r2, r4 = rep[f"{mode}/{name}/2"], rep[f"{mode}/{name}/4"]
+                for r in (r2, r4):
+                    assert r["grad_err"] < 1e-12 and r["param_err"] < 1e-12, (rank, mode, name, r)
+                    # one bucket per stage here: one all-reduce per stage per step, never one per micro-batch
+                    assert r["allreduces"] == [r["stages"]] * 3, (rank, mode, name, r)
+        if rank % 2:  # stage 1's backward is split by ZB-H1 (stage 0 reads no input grads: not split)
+            assert "stage 1 is data parallel with DDP" in rep["zb_error"], rep["zb_error"]
