@@ -54,8 +54,11 @@ class Pipe(SplitPipe):
         checkpoint: Checkpoint | None = None,
         init_fn: Callable[[nn.Module], None] | None = None,
         recompute: bool = False,
+        pp_dim: str = "pp",
     ) -> PipelineStage:
         """The runtime stage ``i`` on ``device``: see :func:`pippy.runtime.build.build_stage`.
+
+        ``group`` may be a ``DeviceMesh``: its ``pp_dim`` dimension is the pipeline.
 
         Under torchrun: ``pipe.build_stage(dist.get_rank(), torch.device("cpu"))``, or, for a model
         traced on the meta device, ``pipe.build_stage(rank, "cuda", checkpoint="model.safetensors")``.
@@ -64,7 +67,8 @@ class Pipe(SplitPipe):
             >>> pipe.build_stage(0, "cpu").is_last
             True
         """
-        return build_stage(self, i, device, group, checkpoint=checkpoint, init_fn=init_fn, recompute=recompute)
+        return build_stage(self, i, device, group, checkpoint=checkpoint, init_fn=init_fn, recompute=recompute,
+                           pp_dim=pp_dim)
 
     # ------------------------------------------------------------------ PiPPy's Pipe surface
     has_loss_and_backward = False  # PiPPy's flag: pippy never folds a loss and backward into the pipe

@@ -16,13 +16,35 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from pippy.frontend.materialize import Checkpoint, materialize_stage
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.api import PipelineStage
 from pippy.runtime.recompute import enable_recompute
 
-__all__ = ["build_stage"]
+__all__ = ["build_stage", "pipeline_group"]
+
+
+def pipeline_group(group: Any, pp_dim: str = "pp", where: str = "build_stage") -> Any:
+    """``group`` itself, or the pipeline dimension's group when ``group`` is a ``DeviceMesh``.
+
+        >>> pipeline_group(None) is None
+        True
+    """
+    if not isinstance(group, DeviceMesh):
+        return group
+    names = tuple(group.mesh_dim_names or ())
+    if group.ndim == 1 and names in ((), (pp_dim,)):
+        return group.get_group()
+    if pp_dim not in names:
+        raise ValueError(
+            f"{where}: the device mesh has dimensions {names or '(unnamed)'} of sizes {tuple(group.shape)}, and no "
+            f"{pp_dim!r} dimension for the pipeline. Expected a mesh with a pipeline dimension, e.g. "
+            f"init_device_mesh(device, (dp, pp), mesh_dim_names=('dp', {pp_dim!r})); or pass pp_dim=<the name of "
+            "the pipeline dimension>, or group=mesh[<name>].get_group()"
+        )
+    return group[pp_dim].get_group()
 
 
 def build_stage(
@@ -34,6 +56,7 @@ def build_stage(
     checkpoint: Checkpoint | None = None,
     init_fn: Callable[[nn.Module], None] | None = None,
     recompute: bool = False,
+    pp_dim: str = "pp",
 ) -> PipelineStage:
     """Stage ``i`` of ``pipe`` on ``device`` with its own copy of its parameters (``pipe.build_stage``).
 
@@ -42,9 +65,10 @@ def build_stage(
     on the original modules, e.g. HF's ``model._init_weights``; default ``reset_parameters``)
     fill only this stage's tensors (without either, meta tensors stay as NaN placeholders until
     ``pippy.frontend.materialize.materialize_stage``). ``recompute=True`` recomputes activations
-    in backward. ``group`` is the pipeline's process group (default: the whole world).
+    in backward. ``group`` is the pipeline's process group (default: the whole world), or a
+    ``DeviceMesh`` whose dimension ``pp_dim`` is the pipeline (a 1-D mesh is used as is).
     """
-    stage = PipelineStage(pipe, i, device, group)
+    stage = PipelineStage(pipe, i, device, pipeline_group(group, pp_dim, f"build_stage({i})"))
     if checkpoint is not None or init_fn is not None:
         materialize_stage(stage, checkpoint=checkpoint, init_fn=init_fn, model=pipe.source_model())
     if recompute:

@@ -59,7 +59,8 @@ def dp_pp_ddp(rank: int, world: int) -> dict[str, Any]:
                 pipe = pipeline(model, m, (torch.zeros(8, 8, dtype=torch.float64),),
                                 split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
                 place = cls.placement(2, v)
-                stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
+                where = mesh if mode == "replicate" else mesh["pp"].get_group()  # the mesh itself: its "pp" dimension
+                stages = [pipe.build_stage(s, "cpu", group=where) for s in range(n) if place[s] == pp]
                 calls = [0]
                 for st in stages:
                     _make_dp(st, mode, group, calls)
@@ -82,7 +83,7 @@ def dp_pp_ddp(rank: int, world: int) -> dict[str, Any]:
                                 grad_err = max(grad_err, float((p.grad - ref.get_parameter(fqn).grad).abs().max()))
                     opt.step()
                     ref_opt.step()
-                param_err = max(float((p - ref.get_parameter(fqn)).abs().max())
+                param_err = max(float((p - ref.get_parameter(fqn)).detach().abs().max())
                                 for st in stages for fqn, p in st.unwrapped.named_parameters())
                 report[f"{mode}/{name}/{m}"] = {"grad_err": grad_err, "param_err": param_err, "allreduces": per_step,
                                                 "stages": len(stages)}
@@ -95,5 +96,36 @@ def dp_pp_ddp(rank: int, world: int) -> dict[str, Any]:
         report["zb_error"] = "no error"
     except pippy.StageError as exc:
         report["zb_error"] = str(exc)
+    report["errors"] = _bad_input(mesh, pp, dp, group)
     dist.barrier()
     return report
+
+
+def _bad_input(mesh: Any, pp: int, dp: int, group: Any) -> dict[str, str]:
+    """A mesh without the pipeline dimension; a pp group smaller than the pipe; DP ranks with different m."""
+    out: dict[str, str] = {}
+    pipe = pipeline(_model(2), 2, (torch.zeros(8, 8, dtype=torch.float64),), split_spec={"1": SplitPoint.END})
+    try:
+        pipe.build_stage(pp, "cpu", group=mesh, pp_dim="pipe")
+        out["mesh"] = "no error"
+    except ValueError as exc:
+        out["mesh"] = str(exc)
+    three = pipeline(_model(2), 2, (torch.zeros(8, 8, dtype=torch.float64),),
+                     split_spec={"0": SplitPoint.END, "2": SplitPoint.END})
+    try:
+        pippy.Schedule1F1B(three.build_stage(pp, "cpu", group=mesh), 2, loss_fn=nn.MSELoss())
+        out["pp_size"] = "no error"
+    except pippy.StageError as exc:
+        out["pp_size"] = str(exc)
+    m = 2 if dp == 0 else 4  # this DP rank's micro-batch count differs from its peer's
+    st = pipeline(_model(2), m, (torch.zeros(8, 8, dtype=torch.float64),),
+                  split_spec={"1": SplitPoint.END}).build_stage(pp, "cpu", group=mesh)
+    _make_dp(st, "wrap", group, [0])
+    sched = pippy.Schedule1F1B(st, m, loss_fn=nn.MSELoss())
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    try:
+        sched.step(*((x,) if pp == 0 else ()), target=y if pp == 1 else None)
+        out["dp_m"] = "no error"
+    except pippy.StageError as exc:
+        out["dp_m"] = str(exc)
+    return out
