@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pippy.frontend.params import is_lifted_constant, name_groups
+from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
 
 __all__ = ["load", "merge", "save"]
@@ -60,8 +61,13 @@ def save(
     *,
     format: str = "torch",
     model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
     """Save this rank's ``stages`` under directory ``path`` (call on every rank).
+
+    ``optimizer`` (the one optimizing this rank's stages) saves its state too, keyed by parameter
+    FQN (``optim_<i>.pt`` per stage, or ``ckpt/dcp_optim``); :func:`load` with the same
+    ``optimizer=`` restores it, so a resumed run continues exactly.
 
     ``model`` (optional, may be on the meta device) adds alias names the pipe cannot see, such as
     a tied tensor no stage reads under that name (T5's ``shared.weight``).
@@ -95,6 +101,55 @@ def save(
         import torch.distributed.checkpoint as dcp
 
         dcp.save(merged, checkpoint_id=os.path.join(path, "dcp"))
+    if optimizer is not None:
+        _save_optimizer(stages, optimizer, path, format)
+
+
+def _save_optimizer(stages: list[Stage], optimizer: torch.optim.Optimizer, path: str | os.PathLike[str],
+                    fmt: str) -> None:
+    per_stage = stage_optimizer_states(stages, optimizer)
+    if fmt == "torch":
+        for i, osd in per_stage.items():
+            torch.save(osd, os.path.join(path, f"optim_{i}.pt"))
+        return
+    import torch.distributed.checkpoint as dcp
+
+    payload: dict[str, Any] = {"state": {k: v for osd in per_stage.values() for k, v in osd["state"].items()}}
+    for i, osd in per_stage.items():  # hyperparameters per stage (lr, betas, ...), as JSON
+        payload[f"param_groups_stage{i}"] = json.dumps(osd["param_groups"])
+    dcp.save(payload, checkpoint_id=os.path.join(path, "dcp_optim"))
+
+
+def _load_optimizer(stages: list[Stage], optimizer: torch.optim.Optimizer, path: str | os.PathLike[str],
+                    fmt: str) -> None:
+    if fmt == "torch":
+        per_stage: dict[int, Any] = {}
+        for st in stages:
+            fname = os.path.join(path, f"optim_{st.index}.pt")
+            if not os.path.exists(fname):
+                raise FileNotFoundError(f"{fname} is missing: was save(..., optimizer=...) called for stage {st.index}?")
+            per_stage[st.index] = torch.load(fname, map_location=st.device, weights_only=True)
+        load_stage_optimizer_states(stages, optimizer, per_stage)
+        return
+    import torch.distributed.checkpoint as dcp
+
+    where = os.path.join(path, "dcp_optim")
+    if not os.path.isdir(where):
+        raise FileNotFoundError(f"{where} is missing: was save(..., format='dcp', optimizer=...) called?")
+    saved_keys = set(dcp.FileSystemReader(where).read_metadata().state_dict_metadata)
+    template = stage_optimizer_states(stages, optimizer, template=True)  # this split's parameters; tensors filled by DCP
+    payload: dict[str, Any] = {"state": {k: v for osd in template.values() for k, v in osd["state"].items()}}
+    for i in template:
+        if f"param_groups_stage{i}" in saved_keys:
+            payload[f"param_groups_stage{i}"] = ""
+    dcp.load(payload, checkpoint_id=where)
+    for i, osd in template.items():
+        osd["state"] = {k: payload["state"][k] for k in osd["state"]}
+        if payload.get(f"param_groups_stage{i}"):
+            saved = json.loads(payload[f"param_groups_stage{i}"])
+            osd["param_groups"] = [{**g, **{k: v for k, v in s.items() if k != "params"}}
+                                   for g, s in zip(osd["param_groups"], saved)]
+    load_stage_optimizer_states(stages, optimizer, template)
 
 
 def load(
@@ -102,8 +157,9 @@ def load(
     path: str | os.PathLike[str],
     *,
     format: str = "torch",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Load this rank's ``stages`` in place from a checkpoint written by :func:`save`.
+    """Load this rank's ``stages`` in place from a checkpoint written by :func:`save` (and ``optimizer``'s state).
 
     The ``"torch"`` format needs the same split; ``"dcp"`` loads by FQN into any split. To load a
     merged (unpipelined) state_dict instead, use ``materialize_stage(stage, checkpoint=sd)``.
@@ -139,6 +195,8 @@ def load(
         missing = [k for k in missing if not is_lifted_constant(k)]
         if missing or unexpected:
             raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if optimizer is not None:
+        _load_optimizer(_as_list(stages), optimizer, path, format)
 
 
 def _read_side(path: str | os.PathLike[str], i: int) -> dict[str, Any]:

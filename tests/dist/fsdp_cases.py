@@ -36,12 +36,12 @@ def _checkpoint_round_trip(stages: list[Any], model: nn.Module, where: str) -> d
     """Save the sharded stages with DCP, merge to a plain state dict (strict load), load back into the stages."""
     from pippy import checkpoint
 
-    with torch.no_grad():
-        for st in stages:
-            for p in st.submod.parameters():
-                p.add_(0.25)  # differ from the traced model, as after training
+    params = [p for st in stages for p in st.submod.parameters()]
+    opt = torch.optim.AdamW(params, lr=0.25)
+    opt.step()  # differ from the traced model, as after training; the optimizer has state
+    moments = {n: opt.state[p]["exp_avg"].full_tensor().clone() for st in stages for n, p in st.submod.named_parameters()}
     full = {n: p.full_tensor().clone() for st in stages for n, p in st.submod.named_parameters()}
-    checkpoint.save(stages, where, format="dcp")
+    checkpoint.save(stages, where, format="dcp", optimizer=opt)
     dist.barrier()
     merged = checkpoint.merge(where)
     fresh = copy.deepcopy(model)
@@ -51,9 +51,13 @@ def _checkpoint_round_trip(stages: list[Any], model: nn.Module, where: str) -> d
         for st in stages:
             for p in st.submod.parameters():
                 p.zero_()
-    checkpoint.load(stages, where, format="dcp")
+    fresh_opt = torch.optim.AdamW(params, lr=0.5)
+    checkpoint.load(stages, where, format="dcp", optimizer=fresh_opt)
     load_err = max(float((p.full_tensor() - full[n]).abs().max()) for st in stages for n, p in st.submod.named_parameters())
-    return {"merge_err": merge_err, "load_err": load_err}
+    optim_err = max(float((fresh_opt.state[p]["exp_avg"].full_tensor() - moments[n]).abs().max())
+                    for st in stages for n, p in st.submod.named_parameters())
+    lr_back = all(g["lr"] == 0.25 for g in fresh_opt.param_groups)
+    return {"merge_err": merge_err, "load_err": load_err, "optim_err": optim_err, "lr_back": float(lr_back)}
 
 
 def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:

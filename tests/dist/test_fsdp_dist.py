@@ -27,3 +27,4 @@ def test_fsdp2_stages_sync_once_per_step(tmp_path) -> None:
         # sharded stages saved through DCP: merge loads strictly into the plain model; load restores the shards
         for key in ("checkpoint", "checkpoint/blocks"):
             assert rep[key]["merge_err"] == 0.0 and rep[key]["load_err"] == 0.0, rep[key]
+            assert rep[key]["optim_err"] == 0.0 and rep[key]["lr_back"] == 1.0, rep[key]  # optimizer state restored
