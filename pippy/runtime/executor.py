@@ -43,6 +43,25 @@ from pippy.sim.timeline import Event
 __all__ = ["Executor", "StepInputs", "StepResult"]
 
 
+def _fsdp_sync(module: Any) -> Callable[[bool], None] | None:
+    """For an FSDP2 stage: before each backward, ``f(last)`` reduces gradients and reshards only in the step's last.
+
+    Between a step's backwards the parameters stay gathered (no all-gather per micro-batch
+    backward); resharding after forward stays the user's choice (``fully_shard(reshard_after_forward=...)``).
+    """
+    sync = getattr(module, "set_requires_gradient_sync", None)
+    if not callable(sync):
+        return None
+    reshard = getattr(module, "set_reshard_after_backward", None)
+
+    def f(last: bool) -> None:
+        sync(last)
+        if callable(reshard):
+            reshard(last)
+
+    return f
+
+
 @dataclass(slots=True)
 class StepInputs:
     """What one step needs on this rank (only the ranks holding the first/last stage get data)."""
@@ -144,8 +163,8 @@ class Executor:
         self.filler.start_step()
         self.weight_grads_done = {}
         self.ddp = {s: h for s, stage in self.stages.items() if (h := DdpSync.find(stage.submod)) is not None}
-        self.grad_sync = {s: f for s, stage in self.stages.items() if s not in self.ddp
-                          and callable(f := getattr(stage.submod, "set_requires_gradient_sync", None))}
+        self.grad_sync = {s: f for s, stage in self.stages.items()
+                          if s not in self.ddp and (f := _fsdp_sync(stage.submod)) is not None}
         if inp.training:
             for h in self.ddp.values():
                 h.start()
