@@ -174,12 +174,51 @@ def _containers(root: nn.Module) -> None:
                 parent._modules[name] = holder
 
 
+_LINEAR_TY = "torch.nn.modules.linear.Linear"
+
+
+def _as_linear(mod: nn.Module) -> nn.Linear | None:
+    """An ``nn.Linear`` over ``mod``'s own tensors when ``mod`` is a traced ``Linear`` that only runs ``linear(x, w, b)``."""
+    if not isinstance(mod, InterpreterModule) or getattr(mod, "_ty", None) != _LINEAR_TY or mod._modules:
+        return None
+    nodes = list(mod.graph.nodes)
+    ops = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
+    ins = [n for n in nodes if n.op == "placeholder"]
+    attrs = {str(n.target): n for n in nodes if n.op == "get_attr"}
+    weight = mod._parameters.get("weight")
+    if len(ins) != 1 or len(ops) != 1 or set(attrs) - {"weight", "bias"} or "weight" not in attrs or weight is None:
+        return None
+    op, out = ops[0], nodes[-1]
+    want = (ins[0], attrs["weight"], *((attrs["bias"],) if "bias" in attrs else ()))
+    if str(op.target) != "aten.linear.default" or tuple(op.args) != want or op.kwargs or out.args[0] is not op:
+        return None
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = int(weight.shape[1]), int(weight.shape[0])
+    lin._parameters = mod._parameters
+    if "bias" not in lin._parameters:
+        lin.register_parameter("bias", None)
+    return lin
+
+
+def _real_linears(root: nn.Module) -> None:
+    """Traced ``nn.Linear`` leaves become real ``nn.Linear`` modules (same tensors): tensor parallel plans need them."""
+    mods = list(root.modules())
+    aliased = {id(v) for m in mods for k, v in vars(m).items() if _CALL_SUFFIX.search(k)}  # called as ``name@k``
+    for parent in mods:
+        for name, child in list(parent._modules.items()):
+            lin = _as_linear(child) if child is not None and id(child) not in aliased else None
+            if lin is not None:
+                parent._modules[name] = lin
+
+
 def outline(flat: fx.GraphModule) -> fx.GraphModule:
     """A module with ``flat``'s inputs, outputs and tensors, structured like the traced model.
 
     The root is a ``GraphModule``; every original submodule the graph calls is an
     ``InterpreterModule`` (run by generated code) at its original FQN, holding the very same
-    parameter and buffer objects as ``flat``. A module called more than once per forward keeps
+    parameter and buffer objects as ``flat``; a ``Linear`` whose traced graph is just
+    ``linear(x, weight, bias)`` is a real ``nn.Linear``, so tensor-parallel plans accept it. A module called more than once per forward keeps
     one entry in the tree; its later calls run hidden copies that share its tensors (hooks
     fire on the first call only). Raises :class:`OutlineError` when the graph has no
     module structure to rebuild.
@@ -224,6 +263,7 @@ def outline(flat: fx.GraphModule) -> fx.GraphModule:
         for holder in everything:
             if holder._modules is siblings:
                 object.__setattr__(holder, name, mod)
+    _real_linears(root)
     for mod in [*root.modules(), *hidden]:
         graph_of = mod.graph if isinstance(mod, InterpreterModule | fx.GraphModule) else None
         for node in graph_of.nodes if graph_of is not None else ():

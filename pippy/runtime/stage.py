@@ -208,7 +208,7 @@ class Stage:
             raise StageError(f"{self.where(mb, 'F')}: forward ran twice for this micro-batch without a backward")
         if not training:
             with torch.no_grad():
-                outs = _as_tuple(self.submod(*inputs))
+                outs = self._call(self.submod, inputs)
             if readers > 0:
                 self._state[mb] = _MbState([], outs, training=False, readers=readers)
             return outs
@@ -220,9 +220,9 @@ class Stage:
         fn = taps.module if taps is not None else self.submod
         if self.measure_activations:
             with SavedBytes(skip=self.submod.parameters()) as counter:
-                res = _as_tuple(fn(*leaves))
+                res = self._call(fn, leaves)
         else:
-            res = _as_tuple(fn(*leaves))
+            res = self._call(fn, leaves)
         n_out = len(self.info.outputs)
         if taps is not None:
             outs, tapped, aux = taps.split(res, n_out)
@@ -233,6 +233,20 @@ class Stage:
         if self.measure_activations:
             self._state[mb].saved_bytes = counter.total
         return outs
+
+    def _call(self, fn: Any, args: Sequence[Any]) -> tuple[Any, ...]:
+        try:
+            return _as_tuple(fn(*args))
+        except RuntimeError as exc:
+            if "size" in str(exc) and any(hasattr(p, "placements") for p in self.submod.parameters()):
+                exc.add_note(
+                    f"pippy: stage {self.index} has tensor-parallel (DTensor) parameters, and its graph was traced with "
+                    "the full model's sizes. A traced size that depends on a sharded dimension (a head count fixed "
+                    "in a reshape or expand, e.g. repeat_kv when num_key_value_heads < num_attention_heads) does "
+                    "not match the local shard. Expected sizes written as -1 in the model code; use a model whose "
+                    "reshapes infer the head count, or shard fewer projections"
+                )
+            raise
 
     def output(self, mb: int, j: int) -> Any:
         """Output ``j`` of micro-batch ``mb`` (kept until its backward, or, forward-only, its last reader)."""

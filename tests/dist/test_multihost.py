@@ -22,7 +22,7 @@ def test_two_hosts_dp2_pp2_fsdp_llama(tmp_path) -> None:
     port = _free_port()
     cmd = [str(torchrun), "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"pippy-{port}",
-           str(ROOT / "examples" / "train_dp_pp.py"), "--dp", "2", "--pp", "2", "--steps", "2"]
+           str(ROOT / "examples" / "train_3d.py"), "--dp", "2", "--pp", "2", "--steps", "2"]
     env = {**os.environ, "PIPPY_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
     logs = [open(tmp_path / f"host{h}.log", "w+") for h in range(2)]  # noqa: SIM115
     hosts = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
