@@ -191,6 +191,7 @@ def pipeline(
     kwargs_chunk_spec: Any = None,
     tied_weights: str = "replicate",
     recompute_inputs: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> Pipe:
     """Trace ``module`` on one micro-batch of the example batch and split it into stages.
 
@@ -199,7 +200,9 @@ def pipeline(
     the full batch; it must split into ``num_chunks`` equal micro-batches. ``tied_weights``
     ("replicate" or "transmit") says how a weight read by several stages is kept;
     ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of
-    sending them (see :func:`pippy.frontend.pipe.trace_and_split`).
+    sending them (see :func:`pippy.frontend.pipe.trace_and_split`). ``compute_dtype`` traces in the
+    dtype the stages compute in under FSDP2 mixed precision (``torch.bfloat16``); the stages keep
+    the model's own tensors.
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> pipe = pipeline(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
@@ -213,7 +216,7 @@ def pipeline(
     pipe = trace_and_split(
         module, num_chunks, example_args, example_kwargs, split_spec, split_policy,
         args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec, tied_weights=tied_weights,
-        recompute_inputs=recompute_inputs, pipe_cls=Pipe,
+        recompute_inputs=recompute_inputs, compute_dtype=compute_dtype, pipe_cls=Pipe,
     )
     try:
         pipe.signature = inspect.signature(module.forward)

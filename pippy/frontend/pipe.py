@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from pippy.frontend.assign import SplitPolicy, assign_stages
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
+from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
 from pippy.frontend.split import USER, StageInfo, ValueMeta, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
 from pippy.frontend.unread import match_persistence
@@ -85,6 +86,7 @@ class SplitPipe:
         self.kwargs_chunk_spec = kwargs_chunk_spec
         self._source: weakref.ref[nn.Module] | None = None
         self.traced_trainable: dict[str, bool] = {}  # requires_grad of every parameter when traced
+        self.traced_autocast: tuple[str, str] | None = None  # the torch.autocast the pipe was traced under
         self.aliases: list[list[str]] = []  # FQNs the traced model registers one tensor under (tied weights)
         self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from
         self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
@@ -301,6 +303,7 @@ def trace_and_split(
     kwargs_chunk_spec: Any = None,
     tied_weights: str = "replicate",
     recompute_inputs: bool = True,
+    compute_dtype: torch.dtype | None = None,
     pipe_cls: type[P] = SplitPipe,  # type: ignore[assignment]
 ) -> P:
     """Trace ``module`` on one micro-batch of the example batch and split it into stages.
@@ -310,6 +313,8 @@ def trace_and_split(
     the full batch; it must split into ``num_chunks`` equal micro-batches. ``tied_weights``
     ("replicate" or "transmit") says how a weight read by several stages is kept (see split_graph);
     ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of sending them.
+    ``compute_dtype`` (e.g. ``torch.bfloat16``, for FSDP2's ``MixedPrecisionPolicy``) traces a copy of the
+    model in that dtype; the stages keep the model's own tensors (see :mod:`pippy.frontend.precision`).
     ``pipe_cls`` is the class of the result (:class:`pippy.Pipe` for :func:`pippy.pipeline`).
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
@@ -326,9 +331,13 @@ def trace_and_split(
         example_args = (example_args,)
     kwargs = dict(example_kwargs or {})
     mb_args, mb_kwargs = split_batch(example_args, kwargs, num_chunks, args_chunk_spec, kwargs_chunk_spec)[0]
-    saved = _apply_split_spec(module, split_spec)
+    traced = module
+    if compute_dtype is not None:
+        traced = compute_copy(module, compute_dtype)
+        mb_args, mb_kwargs = cast_example((tuple(mb_args), mb_kwargs), compute_dtype)
+    saved = _apply_split_spec(traced, split_spec)
     try:
-        ep = export_module(module, mb_args, mb_kwargs)
+        ep = export_module(traced, mb_args, mb_kwargs)
     finally:
         _restore_forwards(saved)
     gm = ep.module()
@@ -339,6 +348,8 @@ def trace_and_split(
     gm, assignment = assign_stages(gm, leaves, split_policy, sites)
     num_stages = max(assignment.values(), default=0) + 1
     stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
+    if traced is not module:
+        restore_tensors([info.module for info in stages], module)
     match_persistence([info.module for info in stages], set(module.state_dict()))
     pipe = pipe_cls(
         stages,
@@ -352,6 +363,7 @@ def trace_and_split(
         kwargs_chunk_spec=kwargs_chunk_spec,
     )
     pipe._source = weakref.ref(module)
+    pipe.traced_autocast = autocast_state()
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pippy.frontend.precision import autocast_state
 from pippy.microbatch import merge_chunks, split_value
 from pippy.runtime.comm import DistTransport, PipeCommError, Transport
 from pippy.runtime.ddp import DdpSync
@@ -275,6 +276,15 @@ class PipelineSchedule:
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool) -> StepInputs:
         m = self.n_microbatches
+        now, traced = autocast_state(), getattr(self.pipe, "traced_autocast", None)
+        if now != traced and not getattr(self.pipe, "manual", False):
+            def say(state: tuple[str, str] | None) -> str:
+                return "without torch.autocast" if state is None else f"under torch.autocast({state[0]!r}, dtype={state[1]})"
+            raise StageError(
+                f"{self.name}: rank {self.rank}: the pipe was traced {say(traced)} but this step runs {say(now)}; "
+                "the traced stage edges carry the dtypes of the trace (autocast computes linear layers in bfloat16), "
+                "so the two must agree. Expected pipeline() and every step() under the same autocast context"
+            )
         mbs = None
         if self.holds(0):
             if not args and not kwargs:

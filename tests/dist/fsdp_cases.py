@@ -121,3 +121,47 @@ def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
         report["sharded_first"] = str(exc)
     dist.barrier()
     return report
+
+
+def dp_pp_mixed(rank: int, world: int) -> dict[str, Any]:
+    """FSDP2 MixedPrecisionPolicy (bf16 compute, fp32 reduce) on a Llama traced with compute_dtype=bf16, vs plain bf16."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def loss_fn(out: Any, target: torch.Tensor) -> torch.Tensor:
+        logits = out.logits if hasattr(out, "logits") else out
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    pp, dp = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    report: dict[str, Any] = {}
+    for name, cls in (("gpipe", pippy.ScheduleGPipe), ("1f1b", pippy.Schedule1F1B)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2, use_cache=False))
+        ref = copy.deepcopy(model).to(torch.bfloat16)  # the plain model computing in bf16, as the policy does
+        X = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+        Y = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(2))
+        loss_fn(ref(X), Y).backward()
+        x, y = X.chunk(2)[dp], Y.chunk(2)[dp]
+        pipe = pipeline(model, 2, (x,), split_spec={"model.layers.1": SplitPoint.END}, compute_dtype=torch.bfloat16)
+        stage = pipe.build_stage(pp, "cpu", group=mesh)
+        for block in stage.submod.model.layers.children():
+            fully_shard(block, mesh=mesh["dp"], mp_policy=mp)
+        fully_shard(stage.submod, mesh=mesh["dp"], mp_policy=mp)
+        losses: list[torch.Tensor] = []
+        cls(stage, 2, loss_fn=loss_fn).step(*((x,) if pp == 0 else ()), target=y if pp == 1 else None, losses=losses)
+        rel = 0.0
+        for fqn, p in stage.submod.named_parameters():
+            g, want = p.grad.full_tensor(), ref.get_parameter(fqn).grad.float()
+            rel = max(rel, float((g - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+        report[name] = {
+            "rel_err": rel, "param_dtype": str(next(stage.submod.parameters()).dtype),
+            "grad_dtype": str(next(stage.submod.parameters()).grad.dtype),
+            "edge_dtypes": sorted({str(m.dtype) for m in (stage.info.outputs if pp == 0 else stage.info.input_meta)}),
+        }
+    dist.barrier()
+    return report

@@ -28,3 +28,13 @@ def test_fsdp2_stages_sync_once_per_step(tmp_path) -> None:
         for key in ("checkpoint", "checkpoint/blocks"):
             assert rep[key]["merge_err"] == 0.0 and rep[key]["load_err"] == 0.0, rep[key]
             assert rep[key]["optim_err"] == 0.0 and rep[key]["lr_back"] == 1.0, rep[key]  # optimizer state restored
+
+
+def test_fsdp2_mixed_precision_bf16_compute_fp32_reduce(tmp_path) -> None:
+    from fsdp_cases import dp_pp_mixed
+
+    for rank, rep in enumerate(run_ranks(tmp_path, 4, dp_pp_mixed, timeout=300)):
+        for name, r in rep.items():
+            assert r["param_dtype"] == "torch.float32" and r["grad_dtype"] == "torch.float32", (rank, name, r)  # masters
+            assert r["edge_dtypes"] == ["torch.bfloat16"], (rank, name, r)  # activations travel as computed: bf16
+            assert r["rel_err"] < 2e-2, (rank, name, r)  # the plain model computing in bf16, within bf16 tolerance
