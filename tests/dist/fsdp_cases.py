@@ -60,6 +60,26 @@ def _checkpoint_round_trip(stages: list[Any], model: nn.Module, where: str) -> d
     return {"merge_err": merge_err, "load_err": load_err, "optim_err": optim_err, "lr_back": float(lr_back)}
 
 
+def _adamw_steps(stages: list[Any], sched: Any, ref: nn.Module, dp: int, n: int) -> float:
+    """Step 1's gradients are in place on both sides: AdamW step, then two more steps; max parameter difference."""
+    opt = torch.optim.AdamW([p for st in stages for p in st.submod.parameters()], lr=0.05)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    for step in range(3):
+        if step:
+            g = torch.Generator().manual_seed(step)
+            X, Y = torch.randn(16, 8, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            nn.MSELoss()(ref(X), Y).backward()
+            x, y = X.chunk(2)[dp], Y.chunk(2)[dp]
+            sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None)
+        opt.step()
+        ref_opt.step()
+    with torch.no_grad():
+        return max(float((p.full_tensor() - ref.get_parameter(fqn)).abs().max())
+                   for st in stages for fqn, p in st.submod.named_parameters())
+
+
 def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
     """Each schedule, m = 2 and 4: grads (gathered) equal the plain model's on the global batch; reductions per step."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -98,8 +118,10 @@ def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
             for fqn, p in st.submod.named_parameters():
                 full = p.grad.full_tensor()
                 err = max(err, float((full - ref.get_parameter(fqn).grad).abs().max()))
-        report[f"{name}/{m}" + ("/blocks" if blockwise else "")] = {
-            "grad_err": err, "reductions": calls[0], "stages": len(stages), "groups": groups}
+        key = f"{name}/{m}" + ("/blocks" if blockwise else "")
+        report[key] = {"grad_err": err, "reductions": calls[0], "stages": len(stages), "groups": groups}
+        if blockwise:  # two more steps: after three AdamW steps the parameters equal the plain run's
+            report[key]["param_err"] = _adamw_steps(stages, sched, ref, dp, n)
         if name == "interleaved_1f1b" and m == 4:
             report["checkpoint" + ("/blocks" if blockwise else "")] = _checkpoint_round_trip(
                 stages, ref, f"{ckpt}{'_blocks' if blockwise else ''}")
