@@ -32,6 +32,7 @@ import torch
 from pippy.frontend.split import USER, ValueMeta
 from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.ddp import DdpSync
+from pippy.runtime.hooked_split import HookedSplit, has_block_hooks
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan, Edge
 from pippy.runtime.stage import Stage, StageError
@@ -140,6 +141,7 @@ class Executor:
         self.weight_grads_done: dict[int, int] = {}  # per data-parallel stage, this step's B/W actions so far
         self.grad_sync: dict[int, Callable[[bool], None]] = {}  # FSDP2 stages: their set_requires_gradient_sync
         self.ddp: dict[int, DdpSync] = {}  # DDP / replicate stages
+        self.hsplit: HookedSplit | None = None  # this step's I/W plan for data-parallel split-backward stages
         self.started = False  # set once this step posted a message (an error after that may leave some in flight)
         self.current: Action | None = None  # the action running now (named when the step fails)
         self._compute: dict[Kind, Callable[[_Step, Action], None]] = {
@@ -168,6 +170,15 @@ class Executor:
         if inp.training:
             for h in self.ddp.values():
                 h.start()
+        # split-backward stages whose hooks must run (FSDP2, DDP, hooked blocks) go through their own module
+        hooked = {s for s in self.split_backward
+                  if s in self.grad_sync or s in self.ddp or has_block_hooks(self.stages[s].submod)}
+        for s, stage in self.stages.items():
+            stage.through_hooks = s in hooked
+        self.hsplit = HookedSplit({s: self.grad_sync.get(s) for s in hooked if s in self.grad_sync or s in self.ddp},
+                                  self.plan.n_microbatches) if inp.training else None
+        # their W's gather FSDP2 shards: run in the schedule's order on every DP rank, never early by timing
+        self.filler.fixed = set(self.hsplit.sync) if self.hsplit is not None else set()
         st = _Step(inp, fill=self.fill_bubbles and inp.training and self.filler.active)
         for idx, a in enumerate(self.actions):
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
@@ -281,9 +292,14 @@ class Executor:
         s, i = a.stage, a.mb
         stage = self.stages[s]
         grads = st.out_grads.pop((s, i), None)
-        if a.kind is Kind.B and (self.grad_sync or self.ddp):
-            self._grad_sync(s, i)
-        gin = stage.backward(i, grads) if a.kind is Kind.B else stage.backward_input(i, grads)
+        if self.hsplit is not None and self.hsplit.promotes(s):
+            gin = self.hsplit.backward(stage, i, grads, self.ddp.get(s), split=a.kind is Kind.I)
+        elif a.kind is Kind.B:
+            if self.grad_sync or self.ddp:
+                self._grad_sync(s, i)
+            gin = stage.backward(i, grads)
+        else:
+            gin = stage.backward_input(i, grads)
         for ref, g in zip(self.infos[s].inputs, gin):
             if g is not None and ref.src_stage != USER and ref.src_stage in self.stages:
                 _add_at(st.out_grads, (ref.src_stage, i), len(self.infos[ref.src_stage].outputs), ref.index, g)
@@ -311,9 +327,12 @@ class Executor:
     def _weight_step(self, a: Action) -> tuple[float, float]:
         """Run W ``a`` (in its slot or early); its time feeds the filler. Returns (start, end)."""
         t0 = time.perf_counter()
-        if self.grad_sync:
-            self._grad_sync(a.stage, a.mb)
-        self.stages[a.stage].backward_weight(a.mb)
+        if self.hsplit is not None and self.hsplit.promotes(a.stage):
+            self.hsplit.weight(self.stages[a.stage], a.mb)
+        else:
+            if self.grad_sync:
+                self._grad_sync(a.stage, a.mb)
+            self.stages[a.stage].backward_weight(a.mb)
         t1 = time.perf_counter()
         self.filler.note_w(a.stage, t1 - t0)
         return t0, t1

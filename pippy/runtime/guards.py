@@ -31,9 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pippy.frontend.pipe import SplitPipe
-from pippy.runtime.ddp import DdpSync
 from pippy.runtime.stage import Stage, StageError
-from pippy.schedules.ir import Kind, Schedule
 
 __all__ = ["check_device", "check_loss_fn", "check_stages", "rank_or_none", "watch_traced_parameters"]
 
@@ -278,49 +276,6 @@ def is_fsdp(module: nn.Module) -> bool:
         False
     """
     return callable(getattr(module, "set_requires_gradient_sync", None)) and callable(getattr(module, "unshard", None))
-
-
-def _hooked(module: nn.Module) -> str | None:
-    """Name of a submodule that carries forward hooks or recompute (hooks a flat graph would skip)."""
-    for name, mod in module.named_modules():
-        if name and (mod._forward_hooks or mod._forward_pre_hooks or "_pippy_forward_without_recompute" in vars(mod)):
-            return name
-    return None
-
-
-def check_sharded_split(name: str, stages: Iterable[Stage], schedule: Schedule, rank: int | None = None) -> None:
-    """Refuse FSDP2-sharded or hooked stages under a split backward (I/W): it runs the flat graph, outside block hooks.
-
-        >>> from pippy import pipeline
-        >>> from pippy.schedules.generators import zb_h1
-        >>> st = pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)).build_stage(0, "cpu")
-        >>> check_sharded_split("ScheduleZBH1", [st], zb_h1(1, 1))  # not sharded: fine
-    """
-    split = {a.stage for acts in schedule.actions for a in acts if a.kind is Kind.I}
-    full = "ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B or ScheduleLoopedBFS"
-    for st in stages:
-        if st.index not in split:
-            continue
-        if is_fsdp(st.submod):
-            raise StageError(
-                f"{name}{_on_rank(rank)}: stage {st.index} is sharded with fully_shard (FSDP2), and this schedule "
-                "splits its backward into I and W, which reads the parameters outside FSDP's unshard hooks. "
-                f"Expected a full-backward schedule for FSDP2 stages: {full} (or leave this stage unsharded)"
-            )
-        if DdpSync.find(st.submod) is not None:
-            raise StageError(
-                f"{name}{_on_rank(rank)}: stage {st.index} is data parallel with DDP, and this schedule splits its "
-                "backward into I and W, which computes weight gradients outside DDP's all-reduce hooks. Expected a "
-                f"full-backward schedule for DDP stages: {full} (or use FSDP2's fully_shard, or no DDP)"
-            )
-        hooked = _hooked(st.submod)
-        if hooked is not None:
-            raise StageError(
-                f"{name}{_on_rank(rank)}: stage {st.index}'s submodule {hooked!r} has forward hooks or recompute, and "
-                "this schedule splits the stage's backward into I and W, which runs the stage as one flat graph where "
-                f"block hooks do not fire. Expected a full-backward schedule for hooked stages: {full} (or remove the "
-                "hooks)"
-            )
 
 
 def drop_unreduced_grads(module: nn.Module) -> None:

@@ -44,7 +44,7 @@ from pippy.runtime.comm import DistTransport, PipeCommError, Transport
 from pippy.runtime.ddp import DdpSync
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_with_dp_peers, dp_group_of
 from pippy.runtime.executor import Executor, StepInputs, StepResult
-from pippy.runtime.guards import check_sharded_split, drop_unreduced_grads, is_fsdp
+from pippy.runtime.guards import drop_unreduced_grads, is_fsdp
 from pippy.runtime.loss import carries_loss, infer_reduction
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
@@ -235,7 +235,6 @@ class PipelineSchedule:
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):
             validate(compute)
             self.schedule = lower(compute)
-            check_sharded_split(type(self).__name__, self.stages, self.schedule, self.rank)
         self._eval_schedule = lower(gen.forward_only(compute.stage_to_rank, n_microbatches).with_deps(self.pipe.deps()))
 
     def gradless_stages(self) -> list[int]:

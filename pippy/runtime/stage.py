@@ -106,6 +106,9 @@ class Stage:
         else:  # a hand-cut stage (ManualPipelineStage)
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
+        # split backward through the module itself (its hooks fire; W is a second autograd pass) instead of
+        # through the flat tapped graph: set by the executor for FSDP2, DDP and hooked stages
+        self.through_hooks = False
         self._state: dict[int, _MbState] = {}
         self.measure_activations = False  # count bytes autograd saves per micro-batch (small overhead)
         self.rank_hint: int | None = None  # set by the executor, for messages
@@ -216,7 +219,8 @@ class Stage:
             x.detach().requires_grad_(meta.requires_grad) if isinstance(x, torch.Tensor) else x
             for x, meta in zip(inputs, self.info.input_meta)
         ]
-        taps = self.taps if split_backward and isinstance(self.submod, fx.GraphModule) else None
+        use_taps = split_backward and not self.through_hooks and isinstance(self.submod, fx.GraphModule)
+        taps = self.taps if use_taps else None
         fn = taps.module if taps is not None else self.submod
         if self.measure_activations:
             with SavedBytes(skip=self.submod.parameters()) as counter:
@@ -343,6 +347,9 @@ class Stage:
             taps.weight_grads(st.taps, st.tap_grads, st.aux)
         else:
             outs, gs = st.roots
+            for mod in self.submod.modules():  # FSDP2: W reads the gathered parameters the forward saw
+                if callable(getattr(mod, "unshard", None)) and callable(getattr(mod, "set_requires_gradient_sync", None)):
+                    mod.unshard()
             params = [p for p in self.submod.parameters() if p.requires_grad]
             if outs and params:
                 torch.autograd.backward(outs, gs, inputs=params)

@@ -43,6 +43,7 @@ class BubbleFiller:
         self._ws = [j for j, a in enumerate(self.actions) if a.kind is Kind.W]
         self.active = bool(self._ws)
         self.ran: set[int] = set()  # action indices already run early this step
+        self.fixed: set[int] = set()  # stages whose W's stay in their slot (data-parallel collectives keep rank order)
         self._slack: dict[int, float] = {}  # wait index -> seconds it waited (plus W's run there) last step
         self._w_cost: dict[int, float] = {}  # stage -> seconds of its last W
 
@@ -71,6 +72,8 @@ class BubbleFiller:
             if j <= idx or j in self.ran:
                 continue
             a = self.actions[j]
+            if a.stage in self.fixed:
+                continue
             cost = self._w_cost.get(a.stage)
             if cost is None or cost > budget or (a.stage, a.mb) not in i_done:
                 continue

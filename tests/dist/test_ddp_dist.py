@@ -16,8 +16,6 @@ def test_ddp_stages_allreduce_once_per_step(tmp_path) -> None:
                     assert r["grad_err"] < 1e-12 and r["param_err"] < 1e-12, (rank, mode, name, r)
                     # one bucket per stage here: one all-reduce per stage per step, never one per micro-batch
                     assert r["allreduces"] == [r["stages"]] * 3, (rank, mode, name, r)
-        if rank % 2:  # stage 1's backward is split by ZB-H1 (stage 0 reads no input grads: not split)
-            assert "stage 1 is data parallel with DDP" in rep["zb_error"], rep["zb_error"]
         err = rep["errors"]
         assert "has dimensions ('dp', 'pp')" in err["mesh"] and "no 'pipe' dimension" in err["mesh"], err["mesh"]
         assert "world size is 2 but the pipe has 3 stages" in err["pp_size"], err["pp_size"]

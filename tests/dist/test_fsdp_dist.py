@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fsdp_cases import BLOCKWISE, SCHEDS, dp_pp_fsdp
+from fsdp_cases import BLOCKWISE, MS, SCHEDS, dp_pp_fsdp
 from harness import run_ranks
 
 
@@ -10,20 +10,16 @@ def test_fsdp2_stages_sync_once_per_step(tmp_path) -> None:
     reports = run_ranks(tmp_path, 4, dp_pp_fsdp, str(tmp_path / "ckpt"), timeout=300)
     for rank, rep in enumerate(reports):
         for name in SCHEDS:
-            for m in (2, 4):
+            for m in MS.get(name, (2, 4)):
                 r = rep[f"{name}/{m}"]
                 assert r["grad_err"] < 1e-12, (rank, name, m, r)
                 assert r["reductions"] == r["stages"], (rank, name, m, r)  # not once per micro-batch
         for name in BLOCKWISE:  # fully_shard on each block of a stage (its original FQN), then on the stage
-            for m in (2, 4):
+            for m in MS.get(name, (2, 4)):
                 r = rep[f"{name}/{m}/blocks"]
                 assert r["grad_err"] < 1e-12, (rank, name, m, r)
                 assert r["groups"] > r["stages"] and r["reductions"] == r["groups"], (rank, name, m, r)
                 assert r["param_err"] < 1e-12, (rank, name, m, r)  # after three AdamW steps
-        if rank % 2:  # pp rank 1 holds stage 1, whose backward ZB-H1 splits (stage 0 needs no input grads: not split)
-            assert "stage 1 is sharded with fully_shard (FSDP2)" in rep["zb_error"], rep["zb_error"]
-        else:
-            assert rep["zb_error"] == "no error", rep["zb_error"]
         assert "sharded (fully_shard / parallelize_module) before pipeline()" in rep["sharded_first"], rep
         # sharded stages saved through DCP: merge loads strictly into the plain model; load restores the shards
         for key in ("checkpoint", "checkpoint/blocks"):

@@ -1,0 +1,97 @@
+"""Split backward (I / W) for stages whose hooks must see every pass: FSDP2, DDP, hooked blocks.
+
+Zero-bubble schedules split a stage's backward into I (input gradients) and W (weight
+gradients). pippy's fast path runs a flat tapped copy of the stage and computes W in closed form,
+outside any module hook. Some stages need their hooks: FSDP2 gathers parameters in pre-forward
+and pre-backward hooks and reduces gradients in post-backward ones, DDP all-reduces from
+gradient hooks, and users hook blocks. Such a stage runs its own module instead:
+- **F**: the stage's module, hooks and all.
+- **I**: one autograd pass to the stage inputs, keeping the graph.
+- **W**: a second pass to the parameters, gathering FSDP2's shards first.
+
+Data-parallel gradients must be reduced once, after every micro-batch's gradient is in. So the
+stage's last I of the step runs every W still pending, and then a full backward (B) with
+gradient sync on. The schedule's later W for those micro-batches have nothing left to do.
+
+    >>> plan = HookedSplit({1: None}, n_microbatches=2)
+    >>> plan.promotes(1), plan.promotes(0)
+    (True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from pippy.runtime.ddp import DdpSync
+from pippy.runtime.stage import Stage
+
+__all__ = ["HookedSplit", "has_block_hooks"]
+
+
+def has_block_hooks(module: torch.nn.Module) -> bool:
+    """Whether a submodule of ``module`` carries forward hooks or recompute (which a flat graph would skip).
+
+        >>> lin = torch.nn.Sequential(torch.nn.Linear(1, 1))
+        >>> has_block_hooks(lin), lin[0].register_forward_hook(lambda *a: None) is not None, has_block_hooks(lin)
+        (False, True, True)
+    """
+    for name, mod in module.named_modules():
+        if name and (mod._forward_hooks or mod._forward_pre_hooks or "_pippy_forward_without_recompute" in vars(mod)):
+            return True
+    return False
+
+
+class HookedSplit:
+    """This step's I/W bookkeeping for the data-parallel stages that split their backward through hooks.
+
+    ``sync`` maps each such stage to its FSDP2 sync setter (``f(last)``), or None for a DDP stage.
+    """
+
+    def __init__(self, sync: dict[int, Callable[[bool], None] | None], n_microbatches: int) -> None:
+        self.sync = sync
+        self.n = n_microbatches
+        self.inputs_done: dict[int, int] = {}
+        self.pending_w: dict[int, list[int]] = {}
+        self.done_w: set[tuple[int, int]] = set()
+        for setter in sync.values():
+            if setter is not None:
+                setter(False)  # every pass of the step but the last reduces nothing
+
+    def promotes(self, s: int) -> bool:
+        """Stage ``s`` reduces its gradients in its last I of the step, turned into a full backward."""
+        return s in self.sync
+
+    def backward(self, stage: Stage, mb: int, grads: Sequence[torch.Tensor | None] | None, ddp: DdpSync | None,
+                 *, split: bool) -> list[torch.Tensor | None]:
+        """I (``split``) or B of ``mb``; the step's last of them runs the pending W's, then a full backward that reduces."""
+        s = stage.index
+        done = self.inputs_done[s] = self.inputs_done.get(s, 0) + 1
+        if done < self.n:
+            if not split:  # a schedule may run some micro-batches unsplit: gradients accumulate, unreduced
+                return stage.backward(mb, grads)
+            self.pending_w.setdefault(s, []).append(mb)
+            return stage.backward_input(mb, grads)
+        for early in self.pending_w.pop(s, []):
+            stage.backward_weight(early)
+            self.done_w.add((s, early))
+        setter = self.sync[s]
+        if setter is not None:
+            setter(True)
+        elif ddp is not None:
+            ddp.last_backward(stage.held_outputs(mb))
+        self.done_w.add((s, mb))
+        return stage.backward(mb, grads)
+
+    def weight(self, stage: Stage, mb: int) -> Any:
+        """W of ``mb``: run it, unless the reducing backward already did."""
+        s = stage.index
+        if (s, mb) in self.done_w:
+            return None
+        pending = self.pending_w.get(s, [])
+        if mb in pending:
+            pending.remove(mb)
+        stage.backward_weight(mb)
+        return None
