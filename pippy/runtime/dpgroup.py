@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 from pippy.runtime.ddp import DdpSync, _replicate_state
 from pippy.runtime.watch import group_store
 
-__all__ = ["DataParallelMismatch", "agree_with_dp_peers", "dp_group_of"]
+__all__ = ["DataParallelMismatch", "agree_stages_with_dp_peers", "agree_with_dp_peers", "dp_group_of"]
 
 _COUNTS: dict[tuple[int, ...], itertools.count] = {}
 
@@ -78,3 +78,16 @@ def agree_with_dp_peers(group: Any, facts: Mapping[str, Any], where: str, timeou
                 "to pass the same micro-batch count and schedule (each DP rank's batch is its share of the global "
                 "batch and splits into the same number of micro-batches); make them agree"
             )
+
+
+def agree_stages_with_dp_peers(modules: Sequence[nn.Module], facts: Mapping[str, Any], name: str,
+                               timeout: float) -> None:
+    """:func:`agree_with_dp_peers` once per distinct DP group of this rank's stage ``modules``."""
+    seen: set[tuple[int, ...]] = set()
+    for module in modules:
+        group = dp_group_of(module)
+        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
+        if len(ranks) > 1 and ranks not in seen:
+            seen.add(ranks)
+            where = f"{name}: rank {dist.get_rank()} (stages {facts.get('stages')}), before its first step"
+            agree_with_dp_peers(group, facts, where, timeout)

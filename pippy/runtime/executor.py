@@ -32,7 +32,7 @@ import torch
 from pippy.frontend.split import USER, ValueMeta
 from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.ddp import DdpSync
-from pippy.runtime.hooked_split import HookedSplit, has_block_hooks
+from pippy.runtime.hooked_split import HookedSplit, fsdp_sync, has_block_hooks
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan, Edge
 from pippy.runtime.stage import Stage, StageError
@@ -42,25 +42,6 @@ from pippy.schedules.ir import Action, Kind, Schedule
 from pippy.sim.timeline import Event
 
 __all__ = ["Executor", "StepInputs", "StepResult"]
-
-
-def _fsdp_sync(module: Any) -> Callable[[bool], None] | None:
-    """For an FSDP2 stage: before each backward, ``f(last)`` reduces gradients and reshards only in the step's last.
-
-    Between a step's backwards the parameters stay gathered (no all-gather per micro-batch
-    backward); resharding after forward stays the user's choice (``fully_shard(reshard_after_forward=...)``).
-    """
-    sync = getattr(module, "set_requires_gradient_sync", None)
-    if not callable(sync):
-        return None
-    reshard = getattr(module, "set_reshard_after_backward", None)
-
-    def f(last: bool) -> None:
-        sync(last)
-        if callable(reshard):
-            reshard(last)
-
-    return f
 
 
 @dataclass(slots=True)
@@ -166,7 +147,7 @@ class Executor:
         self.weight_grads_done = {}
         self.ddp = {s: h for s, stage in self.stages.items() if (h := DdpSync.find(stage.submod)) is not None}
         self.grad_sync = {s: f for s, stage in self.stages.items()
-                          if s not in self.ddp and (f := _fsdp_sync(stage.submod)) is not None}
+                          if s not in self.ddp and (f := fsdp_sync(stage.submod)) is not None}
         if inp.training:
             for h in self.ddp.values():
                 h.start()

@@ -28,7 +28,7 @@ import torch
 from pippy.runtime.ddp import DdpSync
 from pippy.runtime.stage import Stage
 
-__all__ = ["HookedSplit", "has_block_hooks"]
+__all__ = ["HookedSplit", "fsdp_sync", "has_block_hooks"]
 
 
 def has_block_hooks(module: torch.nn.Module) -> bool:
@@ -42,6 +42,28 @@ def has_block_hooks(module: torch.nn.Module) -> bool:
         if name and (mod._forward_hooks or mod._forward_pre_hooks or "_pippy_forward_without_recompute" in vars(mod)):
             return True
     return False
+
+
+def fsdp_sync(module: Any) -> Callable[[bool], None] | None:
+    """For an FSDP2 stage: before each backward, ``f(last)`` reduces gradients and reshards only in the step's last.
+
+        >>> fsdp_sync(torch.nn.Linear(1, 1)) is None   # not sharded
+        True
+
+    Between a step's backwards the parameters stay gathered (no all-gather per micro-batch
+    backward); resharding after forward stays the user's choice (``fully_shard(reshard_after_forward=...)``).
+    """
+    sync = getattr(module, "set_requires_gradient_sync", None)
+    if not callable(sync):
+        return None
+    reshard = getattr(module, "set_reshard_after_backward", None)
+
+    def f(last: bool) -> None:
+        sync(last)
+        if callable(reshard):
+            reshard(last)
+
+    return f
 
 
 class HookedSplit:

@@ -42,7 +42,7 @@ from pippy.frontend.precision import autocast_state
 from pippy.microbatch import merge_chunks, split_value
 from pippy.runtime.comm import DistTransport, PipeCommError, Transport
 from pippy.runtime.ddp import DdpSync
-from pippy.runtime.dpgroup import DataParallelMismatch, agree_with_dp_peers, dp_group_of
+from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor, StepInputs, StepResult
 from pippy.runtime.guards import drop_unreduced_grads, is_fsdp
 from pippy.runtime.loss import carries_loss, infer_reduction
@@ -367,20 +367,13 @@ class PipelineSchedule:
         except RuntimeError as exc:
             self.transport.fail(f"rank {self.rank} (stages {mine}), before its first step: {str(exc).splitlines()[0]}")
             raise StageError(str(exc)) from None
-        if isinstance(self.transport, DistTransport):  # and the stage's data-parallel peers, if it has any
-            seen: set[tuple[int, ...]] = set()
-            for st in self.stages:
-                group = dp_group_of(st.submod)
-                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
-                if len(ranks) > 1 and ranks not in seen:
-                    seen.add(ranks)
-                    facts = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}
-                    try:
-                        agree_with_dp_peers(group, facts, f"{self.name}: rank {dist.get_rank()} (stages {mine}), "
-                                            "before its first step", self.transport.timeout)
-                    except DataParallelMismatch as exc:
-                        self.transport.fail(f"rank {self.rank} (stages {mine}): {str(exc).splitlines()[0]}")
-                        raise StageError(str(exc)) from None
+        if isinstance(self.transport, DistTransport):  # and the stages' data-parallel peers, if they have any
+            facts = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}
+            try:
+                agree_stages_with_dp_peers([st.submod for st in self.stages], facts, self.name, self.transport.timeout)
+            except DataParallelMismatch as exc:
+                self.transport.fail(f"rank {self.rank} (stages {mine}): {str(exc).splitlines()[0]}")
+                raise StageError(str(exc)) from None
         self._agreed = True
 
     def finish(self, run: StepRun, losses: list[Any] | None = None) -> Any:

@@ -13,7 +13,8 @@ def test_tensor_parallel_blocks_inside_stages(tmp_path) -> None:
             for m in (2, 4):
                 r = rep[f"{name}/{m}"]
                 assert r["blocks"] == 2 and r["sharded"] == 2 * 7, (rank, name, m, r)  # 7 projections per block
-                assert r["grad_err"] < 1e-12 and r["param_err"] < 1e-12, (rank, name, m, r)
+                assert r["grad_err"] < 1e-12 and r["param_err"] < 1e-12, (rank, name, m, r)  # clipped AdamW steps
+                assert r["clip_err"] < 1e-12, (rank, name, m, r)  # the global norm, as on the plain model
         if rank < 2:  # pp rank 0 (global ranks 0, 1) runs the first GQA block: the error says why and what to do
             assert "stage 0 has tensor-parallel (DTensor) parameters" in rep["gqa"], rep["gqa"]
             assert "num_key_value_heads < num_attention_heads" in rep["gqa"], rep["gqa"]

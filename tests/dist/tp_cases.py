@@ -58,7 +58,7 @@ def pp_tp(rank: int, world: int) -> dict[str, Any]:
                 parallelize_module(block, mesh["tp"], _tp_plan())
             opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
             sched = cls(stage, m, loss_fn=_loss)
-            grad_err = 0.0
+            grad_err = clip_err = 0.0
             for step in range(3):
                 g = torch.Generator().manual_seed(10 + step)
                 x, y = torch.randint(0, 64, (8, 8), generator=g), torch.randint(0, 64, (8, 8), generator=g)
@@ -69,6 +69,9 @@ def pp_tp(rank: int, world: int) -> dict[str, Any]:
                 if step == 0:
                     for fqn, p in stage.submod.named_parameters():
                         grad_err = max(grad_err, float((_full(p.grad) - ref.get_parameter(fqn).grad).abs().max()))
+                norm = pippy.clip_grad_norm_(sched, 0.5)  # over both pipeline ranks and both TP shards
+                want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+                clip_err = max(clip_err, abs(float(norm) - float(want)) / float(want))
                 opt.step()
                 ref_opt.step()
             with torch.no_grad():
@@ -76,7 +79,7 @@ def pp_tp(rank: int, world: int) -> dict[str, Any]:
                                 for fqn, p in stage.submod.named_parameters())
             sharded = sum(1 for p in stage.submod.parameters() if hasattr(p, "full_tensor"))
             report[f"{name}/{m}"] = {"grad_err": grad_err, "param_err": param_err, "sharded": sharded,
-                                     "blocks": len(blocks)}
+                                     "blocks": len(blocks), "clip_err": clip_err}
     report["gqa"] = _gqa_error(mesh, pp)
     dist.barrier()
     return report
