@@ -45,7 +45,7 @@ def has_block_hooks(module: torch.nn.Module) -> bool:
 
 
 def fsdp_sync(module: Any) -> Callable[[bool], None] | None:
-    """For an FSDP2 stage: before each backward, ``f(last)`` reduces gradients and reshards only in the step's last.
+    """For an FSDP2 stage: before each backward, ``f(last)`` reduces gradients, reshards and finalizes only in the step's last.
 
         >>> fsdp_sync(torch.nn.Linear(1, 1)) is None   # not sharded
         True
@@ -57,11 +57,14 @@ def fsdp_sync(module: Any) -> Callable[[bool], None] | None:
     if not callable(sync):
         return None
     reshard = getattr(module, "set_reshard_after_backward", None)
+    is_last = getattr(module, "set_is_last_backward", None)
 
     def f(last: bool) -> None:
         sync(last)
         if callable(reshard):
             reshard(last)
+        if callable(is_last):
+            is_last(last)  # the end-of-backward work (waiting for reductions) only in the step's last
 
     return f
 
