@@ -77,7 +77,7 @@ def _prepare(graph: fx.Graph) -> None:
     before: dict[fx.Node, list[tuple[int, fx.Node]]] = defaultdict(list)
     for node in [n for n in nodes if n.op == "get_attr"]:
         users = sorted(node.users, key=order.__getitem__)
-        st = _stack(users[0]) if users else [root]
+        st = (_stack(users[0]) if users else []) or [root]  # an attribute only returned (sent on) reads at the top
         owner = str(node.target).rpartition(".")[0]
         # the deepest module of the reader's stack that owns the tensor or holds its owner: the read
         # runs inside that module's call, after its pre-forward hooks (an FSDP2 unshard)
