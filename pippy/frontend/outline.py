@@ -34,6 +34,8 @@ import torch
 from torch import fx, nn
 from torch.export.unflatten import InterpreterModule, _ModuleFrame
 
+from pippy.frontend.unread import ensure_path
+
 __all__ = ["Blocks", "OutlineError", "outline"]
 
 _CALL_SUFFIX = re.compile(r"@\d+")
@@ -110,13 +112,7 @@ def _adopt_orphans(root: nn.Module) -> None:
 
 def _set_path(root: nn.Module, fqn: str, tensor: torch.Tensor, persistent: bool) -> None:
     *parents, leaf = fqn.split(".")
-    mod = root
-    for part in parents:
-        child = mod._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            mod.add_module(part, child)
-        mod = child
+    mod = ensure_path(root, parents)
     if isinstance(tensor, nn.Parameter):
         mod.register_parameter(leaf, tensor)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["match_persistence", "place_unread"]
+__all__ = ["ensure_path", "match_persistence", "place_unread"]
 
 
 def place_unread(gm: nn.Module, stages: list[nn.Module]) -> list[str]:
@@ -44,7 +44,7 @@ def place_unread(gm: nn.Module, stages: list[nn.Module]) -> list[str]:
             common = max((_common_prefix(parts, other.split(".")) for other in h), default=-1)
             if common > best_len and id(tensor) not in placed_at:
                 best, best_len = s, common
-        owner, leaf = _ensure_path(stages[best], parts[:-1]), parts[-1]
+        owner, leaf = ensure_path(stages[best], parts[:-1]), parts[-1]
         if is_param:
             owner.register_parameter(leaf, tensor)
         else:
@@ -82,7 +82,13 @@ def _common_prefix(a: list[str], b: list[str]) -> int:
     return k
 
 
-def _ensure_path(root: nn.Module, path: list[str]) -> nn.Module:
+def ensure_path(root: nn.Module, path: list[str]) -> nn.Module:
+    """The submodule of ``root`` at ``path`` (a list of names), creating empty modules where missing.
+
+        >>> root = nn.Module()
+        >>> ensure_path(root, ["a", "b"]) is root.get_submodule("a.b")
+        True
+    """
     mod = root
     for part in path:
         child = mod._modules.get(part)
