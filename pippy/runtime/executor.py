@@ -119,7 +119,7 @@ class Executor:
         self.split_backward = {a.stage for a in self.actions if a.kind is Kind.I}
         self.filler = BubbleFiller(self.actions)
         self.fill_bubbles = fill_bubbles
-        self.weight_grads_done: dict[int, int] = {}  # per data-parallel stage, this step's B/W actions so far
+        self.weight_grads_done: dict[int, int] = {}  # per data-parallel stage, this step's B actions so far
         self.grad_sync: dict[int, Callable[[bool], None]] = {}  # FSDP2 stages: their set_requires_gradient_sync
         self.ddp: dict[int, DdpSync] = {}  # DDP / replicate stages
         self.hsplit: HookedSplit | None = None  # this step's I/W plan for data-parallel split-backward stages
@@ -308,18 +308,19 @@ class Executor:
     def _weight_step(self, a: Action) -> tuple[float, float]:
         """Run W ``a`` (in its slot or early); its time feeds the filler. Returns (start, end)."""
         t0 = time.perf_counter()
-        if self.hsplit is not None and self.hsplit.promotes(a.stage):
+        if self.hsplit is not None and self.hsplit.promotes(a.stage):  # FSDP2 / DDP stages: reduce at their last I
             self.hsplit.weight(self.stages[a.stage], a.mb)
         else:
-            if self.grad_sync:
-                self._grad_sync(a.stage, a.mb)
             self.stages[a.stage].backward_weight(a.mb)
         t1 = time.perf_counter()
         self.filler.note_w(a.stage, t1 - t0)
         return t0, t1
 
     def _grad_sync(self, s: int, mb: int) -> None:
-        """Before a weight-gradient action (B or W) of stage ``s``: a data-parallel stage reduces only in the step's last."""
+        """Before a full backward (B) of stage ``s``: a data-parallel stage reduces only in the step's last.
+
+        (Split-backward data-parallel stages reduce through :class:`HookedSplit` instead.)
+        """
         setter, ddp = self.grad_sync.get(s), self.ddp.get(s)
         if setter is None and ddp is None:
             return

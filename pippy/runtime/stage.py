@@ -347,7 +347,7 @@ class Stage:
             taps.weight_grads(st.taps, st.tap_grads, st.aux)
         else:
             outs, gs = st.roots
-            for mod in self.submod.modules():  # FSDP2: W reads the gathered parameters the forward saw
+            for mod in self.submod.modules() if self.through_hooks else ():  # FSDP2: gather what the forward saw
                 if callable(getattr(mod, "unshard", None)) and callable(getattr(mod, "set_requires_gradient_sync", None)):
                     mod.unshard()
             params = [p for p in self.submod.parameters() if p.requires_grad]
