@@ -192,6 +192,7 @@ def pipeline(
     tied_weights: str = "replicate",
     recompute_inputs: bool = True,
     compute_dtype: torch.dtype | None = None,
+    dynamic_shapes: Any = None,
 ) -> Pipe:
     """Trace ``module`` on one micro-batch of the example batch and split it into stages.
 
@@ -202,7 +203,9 @@ def pipeline(
     ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of
     sending them (see :func:`pippy.frontend.pipe.trace_and_split`). ``compute_dtype`` traces in the
     dtype the stages compute in under FSDP2 mixed precision (``torch.bfloat16``); the stages keep
-    the model's own tensors.
+    the model's own tensors. ``dynamic_shapes`` lets dimensions vary between steps without tracing again:
+    ``"auto"``, ``{"input_ids": {1: (2, 2048)}}`` (per micro-batch; inputs not named follow), or
+    torch.export's own form (see :mod:`pippy.frontend.dynamic`).
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> pipe = pipeline(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
@@ -216,7 +219,7 @@ def pipeline(
     pipe = trace_and_split(
         module, num_chunks, example_args, example_kwargs, split_spec, split_policy,
         args_chunk_spec=args_chunk_spec, kwargs_chunk_spec=kwargs_chunk_spec, tied_weights=tied_weights,
-        recompute_inputs=recompute_inputs, compute_dtype=compute_dtype, pipe_cls=Pipe,
+        recompute_inputs=recompute_inputs, compute_dtype=compute_dtype, dynamic_shapes=dynamic_shapes, pipe_cls=Pipe,
     )
     try:
         pipe.signature = inspect.signature(module.forward)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from pippy.frontend.dynamic import sym_hint
 from pippy.frontend.params import tensor_at
 
 __all__ = ["COST_KINDS", "GraphCosts", "graph_costs", "node_flops", "value_nbytes"]
@@ -101,12 +102,12 @@ def _val(x: Any) -> Any:
 
 def _shape(x: Any) -> tuple[int, ...]:
     v = _val(x)
-    return tuple(int(d) for d in v.shape) if isinstance(v, torch.Tensor) else ()
+    return tuple(sym_hint(d) for d in v.shape) if isinstance(v, torch.Tensor) else ()
 
 
 def _numel(v: Any) -> int:
     if isinstance(v, torch.Tensor):
-        return int(v.numel())
+        return sym_hint(v.numel())  # the traced size: int() of a symbolic size would fix it in the trace
     if isinstance(v, list | tuple):
         return sum(_numel(x) for x in v)
     return 0
@@ -131,7 +132,7 @@ def value_nbytes(v: Any) -> int:
     if isinstance(v, fx.Node):
         v = v.meta.get("val")
     if isinstance(v, torch.Tensor):
-        return int(v.numel()) * v.element_size()
+        return sym_hint(v.numel()) * v.element_size()
     if isinstance(v, list | tuple):
         return sum(value_nbytes(x) for x in v)
     if isinstance(v, dict):
@@ -259,7 +260,7 @@ def graph_costs(
 def _loss_time(gm: fx.GraphModule, example_inputs: Sequence[Any], repeats: int) -> float:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     vals = [v.meta.get("val") for v in out.all_input_nodes]
-    shapes = [(tuple(v.shape), v.dtype) for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    shapes = [(_shape(v), v.dtype) for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if not shapes:
         return 0.0
     xs = [torch.zeros(s, dtype=d, requires_grad=True) for s, d in shapes if len(s) >= 1]  # values do not matter

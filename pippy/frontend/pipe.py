@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from pippy.frontend.assign import SplitPolicy, assign_stages
+from pippy.frontend.dynamic import SymDim, check_dims, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
 from pippy.frontend.split import USER, StageInfo, ValueMeta, split_graph
@@ -89,6 +90,8 @@ class SplitPipe:
         self.traced_autocast: tuple[str, str] | None = None  # the torch.autocast the pipe was traced under
         self.aliases: list[list[str]] = []  # FQNs the traced model registers one tensor under (tied weights)
         self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from
+        # per flattened input: each dim's static size or SymDim range (None: every shape is static)
+        self.input_dims: list[tuple[int | SymDim, ...] | None] | None = None
         self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
 
     @property
@@ -138,16 +141,24 @@ class SplitPipe:
                 f"input structure differs from the traced example.\n expected: {self.in_spec}\n got: {spec}\n"
                 "Pass inputs with the same nesting as example_args/example_kwargs."
             )
+        bound: dict[str, tuple[int, str]] = {}
         for k, ((path, got), ex) in enumerate(zip(with_paths, self.example_leaves)):
             name = f"input leaf {k} ({_input_name(path)})"
             if isinstance(ex, torch.Tensor):
                 if not isinstance(got, torch.Tensor):
                     raise ValueError(f"{name}: expected a tensor like the example, got {type(got).__name__}")
-                if tuple(got.shape) != tuple(ex.shape) or got.dtype != ex.dtype:
+                dims = self.input_dims[k] if self.input_dims is not None else None
+                if dims is not None:
+                    if got.dtype != ex.dtype:
+                        raise ValueError(f"{name}: a micro-batch is {got.dtype}, but the pipeline was traced for "
+                                         f"{ex.dtype}; pass the traced dtype")
+                    check_dims(name, got, dims, bound)
+                elif tuple(got.shape) != tuple(ex.shape) or got.dtype != ex.dtype:
                     raise ValueError(
                         f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but the pipeline was "
                         f"traced for {tuple(ex.shape)} {ex.dtype} (full batch / num_chunks). Shapes are static: "
-                        "use the traced batch size and micro-batch count, or build a new pipeline for this shape. "
+                        "use the traced batch size and micro-batch count, or trace with pipeline(..., "
+                        "dynamic_shapes='auto' or {'<input>': {dim: (lo, hi)}}) so that sizes may vary. "
                         "Every input split along the batch must have the traced batch size; an input that is not "
                         "batched needs Replicate() in args_chunk_spec/kwargs_chunk_spec."
                     )
@@ -161,7 +172,15 @@ class SplitPipe:
     def split_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> list[list[Any]]:
         """Split a full batch into ``n`` micro-batches, each flattened for stage 0."""
         mbs = split_batch(args, kwargs, n, self.args_chunk_spec, self.kwargs_chunk_spec)
-        return [self.flatten_inputs(a, k) for a, k in mbs]
+        if self.input_dims is None:
+            return [self.flatten_inputs(a, k) for a, k in mbs]
+        out = []
+        for i, (a, k) in enumerate(mbs):
+            try:
+                out.append(self.flatten_inputs(a, k))
+            except ValueError as exc:
+                raise ValueError(f"micro-batch {i} of {n}: {exc}") from None
+        return out
 
     def unflatten_output(self, flat: tuple[Any, ...] | list[Any]) -> Any:
         """Turn the last stage's flat outputs into the model's output structure."""
@@ -304,6 +323,7 @@ def trace_and_split(
     tied_weights: str = "replicate",
     recompute_inputs: bool = True,
     compute_dtype: torch.dtype | None = None,
+    dynamic_shapes: Any = None,
     pipe_cls: type[P] = SplitPipe,  # type: ignore[assignment]
 ) -> P:
     """Trace ``module`` on one micro-batch of the example batch and split it into stages.
@@ -315,7 +335,9 @@ def trace_and_split(
     ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of sending them.
     ``compute_dtype`` (e.g. ``torch.bfloat16``, for FSDP2's ``MixedPrecisionPolicy``) traces a copy of the
     model in that dtype; the stages keep the model's own tensors (see :mod:`pippy.frontend.precision`).
-    ``pipe_cls`` is the class of the result (:class:`pippy.Pipe` for :func:`pippy.pipeline`).
+    ``dynamic_shapes`` ("auto", ``{input: {dim: (lo, hi)}}`` or torch.export's form) lets those dimensions vary
+    from step to step without tracing again (see :mod:`pippy.frontend.dynamic`). ``pipe_cls`` is the class of
+    the result (:class:`pippy.Pipe` for :func:`pippy.pipeline`).
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> split = trace_and_split(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
@@ -335,12 +357,14 @@ def trace_and_split(
     if compute_dtype is not None:
         traced = compute_copy(module, compute_dtype)
         mb_args, mb_kwargs = cast_example((tuple(mb_args), mb_kwargs), compute_dtype)
+    dyn = None if dynamic_shapes is None else export_dynamic_shapes(traced, tuple(mb_args), mb_kwargs, dynamic_shapes)
     saved = _apply_split_spec(traced, split_spec)
     try:
-        ep = export_module(traced, mb_args, mb_kwargs)
+        ep = export_module(traced, mb_args, mb_kwargs, dynamic_shapes=dyn)
     finally:
         _restore_forwards(saved)
     gm = ep.module()
+    input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
     retarget_aliases(gm)
     leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
@@ -363,6 +387,8 @@ def trace_and_split(
         kwargs_chunk_spec=kwargs_chunk_spec,
     )
     pipe._source = weakref.ref(module)
+    if input_dims is not None and any(d is not None and any(isinstance(x, SymDim) for x in d) for d in input_dims):
+        pipe.input_dims = input_dims
     pipe.traced_autocast = autocast_state()
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]

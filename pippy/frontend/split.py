@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from pippy.frontend.dynamic import sym_dims, sym_hint
 from pippy.frontend.params import tensor_at
 from pippy.frontend.remat import remat_plan, worth_recomputing
 from pippy.frontend.trace import is_split_marker
@@ -45,10 +46,21 @@ class ValueMeta:
         6
     """
 
-    shape: tuple[int, ...] | None
+    shape: tuple[int, ...] | None  # the traced sizes (those in ``dynamic`` vary per micro-batch)
     dtype: torch.dtype | None
     requires_grad: bool = False
     const: Any = None
+    dynamic: tuple[int, ...] = ()  # tensor dims whose size varies (a pipe traced with dynamic_shapes)
+    varies: bool = False  # a non-tensor value that varies (a symbolic size): sent, not baked in
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """True when a tensor of ``shape`` fits: the traced sizes, except in the dynamic dims.
+
+            >>> ValueMeta((2, 3), torch.float32, dynamic=(1,)).fits((2, 7)), ValueMeta((2, 3), torch.float32).fits((2, 7))
+            (True, False)
+        """
+        want = self.shape or ()
+        return len(shape) == len(want) and all(a == b or i in self.dynamic for i, (a, b) in enumerate(zip(shape, want)))
 
     @property
     def is_tensor(self) -> bool:
@@ -71,8 +83,9 @@ class ValueMeta:
     def describe(self) -> str:
         """Short human form, e.g. ``f32[4, 16]``."""
         if not self.is_tensor:
-            return f"const {self.const!r}"
-        return f"{str(self.dtype).replace('torch.', '')}{list(self.shape or ())}"
+            return f"varying {type(self.const).__name__} (traced {self.const!r})" if self.varies else f"const {self.const!r}"
+        dims = [("?" if i in self.dynamic else str(d)) for i, d in enumerate(self.shape or ())]
+        return f"{str(self.dtype).replace('torch.', '')}[{', '.join(dims)}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +151,10 @@ def _meta_of(node: Any, requires_grad: bool) -> ValueMeta:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         rg = requires_grad and (val.is_floating_point() or val.is_complex())
-        return ValueMeta(tuple(int(d) for d in val.shape), val.dtype, rg)
+        return ValueMeta(tuple(sym_hint(d) for d in val.shape), val.dtype, rg, dynamic=sym_dims(val.shape))
+    if isinstance(val, torch.SymInt | torch.SymFloat | torch.SymBool) and val.node.expr.free_symbols:
+        hint = val.node.hint
+        return ValueMeta(None, None, False, hint if hint is not None else sym_hint(val), varies=True)
     return ValueMeta(None, None, False, val)
 
 
@@ -201,6 +217,32 @@ def _own_shared(gm: fx.GraphModule, stage_of: dict[fx.Node, int]) -> None:
                 for u in list(other.users):
                     u.replace_input_with(other, owner)
         stage_of[owner] = first
+
+
+def _derive_sizes(inputs: list[list[fx.Node]], outputs: list[list[fx.Node]],
+                  last: int) -> list[dict[fx.Node, tuple[fx.Node, int]]]:
+    """Varying sizes (SymInts) a stage would receive, but can read off one of its tensor inputs instead.
+
+    E.g. the sequence length a later stage uses in a ``view``: the hidden state it receives has it as
+    dimension 1. Such a size is dropped from the stage's inputs (and from its producer's outputs when no
+    other stage reads it); the stage computes it with ``sym_size``. Returns, per stage, size node ->
+    (tensor input node, dim).
+    """
+    derived: list[dict[fx.Node, tuple[fx.Node, int]]] = [{} for _ in inputs]
+    for dst, ins in enumerate(inputs):
+        for n in list(ins):
+            val = n.meta.get("val")
+            if n.op == "placeholder" or not isinstance(val, torch.SymInt) or not val.node.expr.free_symbols:
+                continue
+            src = next(((t, i) for t in ins if isinstance(tv := t.meta.get("val"), torch.Tensor)
+                        for i, d in enumerate(tv.shape) if isinstance(d, torch.SymInt) and d.node.expr == val.node.expr),
+                       None)
+            if src is not None:
+                derived[dst][n] = src
+                ins.remove(n)
+    for s in range(last):
+        outputs[s] = [o for o in outputs[s] if any(o in ins for d, ins in enumerate(inputs) if d != s)]
+    return derived
 
 
 def split_graph(
@@ -283,6 +325,7 @@ def split_graph(
                 need(src_node, stage_of[n], n)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     inputs[0] = placeholders + [n for n in inputs[0] if n.op != "placeholder"]
+    derived = _derive_sizes(inputs, outputs, last)
 
     # Pass 2: build graphs.
     infos: list[StageInfo] = []
@@ -299,6 +342,10 @@ def split_graph(
             else:
                 p = stage_of[src_node]
                 refs.append(InputRef(p, outputs[p].index(src_node)))
+
+        for size_node, (tensor_node, dim) in derived[s].items():  # a varying size read off a tensor input
+            env[size_node] = g.call_function(torch.ops.aten.sym_size.int, (env[tensor_node], dim))
+            env[size_node].meta = dict(size_node.meta)
 
         def lookup(x: fx.Node, _env: dict[fx.Node, fx.Node] = env, _g: fx.Graph = g) -> fx.Node:
             if x not in _env and x.op == "get_attr":

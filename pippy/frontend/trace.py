@@ -34,6 +34,7 @@ __all__ = [
     "no_kv_cache",
     "pipe_split",
     "split_site",
+    "trace_count",
 ]
 
 _LIB = torch.library.Library("pippy", "DEF")
@@ -161,13 +162,27 @@ def split_site(node: fx.Node) -> str:
     return "a pipe_split() call (source line unknown)"
 
 
+_TRACES = [0]
+
+
+def trace_count() -> int:
+    """How many times this process has traced a model (``export_module`` calls); tests count retraces.
+
+        >>> before = trace_count(); _ = export_module(torch.nn.Linear(2, 2), (torch.ones(2, 2),))
+        >>> trace_count() - before
+        1
+    """
+    return _TRACES[0]
+
+
 def export_module(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, dynamic_shapes: Any = None
 ) -> torch.export.ExportedProgram:
     """Capture ``module`` with non-strict ``torch.export`` on one micro-batch of example input.
 
     A module whose tensors are on the meta device is traced with its example inputs moved to meta.
     Hugging Face models are traced with ``config.use_cache`` off (see :func:`no_kv_cache`).
+    ``dynamic_shapes`` is torch.export's (see :func:`pippy.frontend.dynamic.export_dynamic_shapes`).
 
         >>> ep = export_module(torch.nn.Linear(2, 2), (torch.randn(3, 2),))
         >>> ep.module()(torch.ones(3, 2)).shape
@@ -184,9 +199,10 @@ def export_module(
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         # a model built on the meta device traces with meta inputs (no data is read, devices agree)
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+    _TRACES[0] += 1
     try:
         with no_kv_cache(module):
-            return torch.export.export(module, args, kwargs, strict=False)
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types; we wrap them all
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = _user_frame(exc)
@@ -274,6 +290,12 @@ def _user_frame(exc: BaseException) -> str | None:
 
 def _kind_hint(exc: BaseException) -> str:
     name = type(exc).__name__
+    if "Constraints violated" in str(exc):
+        return (
+            "A dimension declared dynamic (dynamic_shapes) is fixed by the model, or equals another declared one; "
+            "the full message says which and suggests a fix. Give equal dimensions one torch.export.Dim, leave the "
+            "inputs that follow another out of dynamic_shapes (pippy lets them follow), or pass dynamic_shapes='auto'.\n"
+        )
     if "DataDependent" in name or "data-dependent" in str(exc):
         return (
             "The failing construct is data-dependent control flow: Python branched on a tensor's value "

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from pippy.runtime.ddp import DdpSync
 from pippy.runtime.hooked_split import HookedSplit, fsdp_sync, has_block_hooks
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan, Edge
+from pippy.runtime.shapes import Incoming, needs_incoming, send_value
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.tied import TiedGrads
 from pippy.runtime.wfill import BubbleFiller
@@ -70,7 +71,8 @@ class StepResult:
 
 @dataclass(slots=True)
 class _Posted:
-    """One posted receive: its handle (None for a constant, which is never sent), context and buffer."""
+    """One posted receive: its handle (None for a constant, which is never sent, or an :class:`Incoming` value,
+    which posts its own), context and buffer."""
 
     handle: Any
     ctx: WaitContext
@@ -87,6 +89,7 @@ class _Step:
     received: dict[tuple[int, int], dict[int, Any]] = field(default_factory=dict)  # (stage, mb) -> input k -> value
     out_grads: dict[tuple[int, int], list[torch.Tensor | None]] = field(default_factory=dict)  # summed per output
     in_grads: dict[tuple[int, int], list[torch.Tensor | None]] = field(default_factory=dict)  # waiting for SEND_B
+    in_shapes: dict[tuple[int, int, int], tuple[int, ...]] = field(default_factory=dict)  # received varying shapes
     sends: list[tuple[Any, WaitContext]] = field(default_factory=list)
     outputs: dict[int, Any] = field(default_factory=dict)
     prefetched: dict[int, list[_Posted]] = field(default_factory=dict)
@@ -263,9 +266,14 @@ class Executor:
         s, i = a.stage, a.mb
         stage, m = self.stages[s], self.plan.n_microbatches
         for e in self.plan.send_f[s]:
-            t = stage.output(i, e.j).detach().contiguous()  # shape and dtype were checked at its F
             ctx = self._ctx(a, e.peer, f"send output {e.j} to stage {e.dst}")
-            st.sends.append((self.transport.isend(t, e.peer, e.tag(backward=False, mb=i, n_microbatches=m), ctx), ctx))
+            tag, meta = e.tag(backward=False, mb=i, n_microbatches=m), self.infos[s].outputs[e.j]
+            if needs_incoming(meta):  # its size varies: a shape header goes first
+                handles = send_value(self.transport, stage.output(i, e.j), meta, e.peer, tag, ctx, stage.device)
+                st.sends.extend((h, ctx) for h in handles)
+                continue
+            t = stage.output(i, e.j).detach().contiguous()  # shape and dtype were checked at its F
+            st.sends.append((self.transport.isend(t, e.peer, tag, ctx), ctx))
         stage.release(i)  # forward-only: the send has read the outputs
 
     def _backward(self, st: _Step, a: Action) -> None:
@@ -298,7 +306,9 @@ class Executor:
         for e in self.plan.send_b[s]:
             meta = self.infos[s].input_meta[e.k]
             g = gin[e.k]
-            g = torch.zeros(meta.shape or (), dtype=meta.dtype, device=dev) if g is None else g.contiguous()
+            if g is None:
+                g = torch.zeros(st.in_shapes.get((s, i, e.k), meta.shape or ()), dtype=meta.dtype, device=dev)
+            g = g.contiguous()
             ctx = self._ctx(a, e.peer, f"send grad of input {e.k} to stage {e.src}")
             st.sends.append((self.transport.isend(g, e.peer, e.tag(backward=True, mb=i, n_microbatches=m), ctx), ctx))
 
@@ -335,10 +345,16 @@ class Executor:
     def _recv(self, st: _Step, idx: int, a: Action) -> Iterator[None]:
         """RECV_F / RECV_B: wait for the messages (running later W's meanwhile, when filling)."""
         posted = st.prefetched.pop(idx, None) or self._post(a)
-        filled, slack = self._fill(st, idx, [p.handle for p in posted if p.handle is not None]) if st.fill else (0.0, None)
+        handles = [p.value.handle if isinstance(p.value, Incoming) else p.handle for p in posted]
+        filled, slack = self._fill(st, idx, [h for h in handles if h is not None]) if st.fill else (0.0, None)
         t_wait = time.perf_counter() if st.fill else 0.0
         for p in posted:
-            if p.handle is not None:
+            if isinstance(p.value, Incoming):
+                yield from p.value.wait()
+                if p.value.shape is not None:
+                    st.in_shapes[(a.stage, a.mb, p.slot)] = p.value.shape
+                p.value = p.value.value
+            elif p.handle is not None:
                 yield from self.transport.wait(p.handle, p.ctx)
         if a.kind is Kind.RECV_F:
             st.received[(a.stage, a.mb)] = {p.slot: p.value for p in posted}
@@ -355,17 +371,25 @@ class Executor:
         info, dev = self.infos[s], self.stages[s].device
         out: list[_Posted] = []
         if a.kind is Kind.RECV_F:
+            # an ordered transport (NCCL) gets every receive of the action in edge order, once one size varies
+            lazy = self.transport.ordered and any(needs_incoming(info.input_meta[e.k]) for e in self.plan.recv_f[s])
             for e in self.plan.recv_f[s]:
                 meta = info.input_meta[e.k]
                 ctx = self._ctx(a, e.peer, f"input {e.k} ({info.input_names[e.k]}) from stage {e.src}")
-                if not meta.is_tensor:
+                if not meta.is_tensor and not meta.varies:
                     out.append(_Posted(None, ctx, e.k, meta.const))
+                elif lazy or needs_incoming(meta):
+                    tag = e.tag(backward=False, mb=i, n_microbatches=m)
+                    out.append(_Posted(None, ctx, e.k, Incoming(self.transport, meta, e.peer, tag, ctx, dev, post=not lazy)))
                 else:
                     out.append(self._irecv(e, meta, False, i, m, dev, ctx, e.k))
         else:
             for e in self.plan.recv_b[s]:
                 ctx = self._ctx(a, e.peer, f"grad of output {e.j} from stage {e.dst}")
-                out.append(self._irecv(e, info.outputs[e.j], True, i, m, dev, ctx, e.j))
+                meta = info.outputs[e.j]
+                if meta.dynamic:  # the gradient has this micro-batch's output shape
+                    meta = replace(meta, shape=tuple(self.stages[s].output(i, e.j).shape))
+                out.append(self._irecv(e, meta, True, i, m, dev, ctx, e.j))
         return out
 
     def _irecv(self, e: Edge, meta: ValueMeta, backward: bool, i: int, m: int, dev: torch.device, ctx: WaitContext,
@@ -410,7 +434,7 @@ def _add_at(acc: dict[tuple[int, int], list[torch.Tensor | None]], key: tuple[in
 
 
 def _check_meta(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: str) -> None:
-    if t.dtype != meta.dtype or t.shape != (meta.shape or ()):
+    if t.dtype != meta.dtype or not meta.fits(tuple(t.shape)):
         raise StageError(
             f"rank {rank}, stage {a.stage}, action {a} (micro-batch {a.mb}): {what} is {t.dtype}{list(t.shape)} but the traced "
             f"pipe expects {meta.describe()}. Shapes and dtypes are fixed at trace time: use the traced micro-batch "

@@ -85,7 +85,7 @@ class CommPlan:
                 if infos[e.dst].input_meta[e.k].requires_grad:
                     self.send_b[e.dst].append(e)
             if e.src in mine:
-                if infos[e.src].outputs[e.j].is_tensor:
+                if infos[e.src].outputs[e.j].is_tensor or infos[e.src].outputs[e.j].varies:
                     self.send_f[e.src].append(e)
                 if infos[e.src].outputs[e.j].requires_grad:
                     self.recv_b[e.src].append(e)

@@ -290,7 +290,11 @@ class PipelineSchedule:
                 raise StageError(
                     f"rank {self.rank} holds stage 0 but step()/eval() got no inputs; pass the batch here"
                 )
-            mbs = self.pipe.split_inputs(args, kwargs, m)
+            try:
+                mbs = self.pipe.split_inputs(args, kwargs, m)
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: rank {self.rank}, stage 0, splitting the batch (action: step input): "
+                                 f"{exc}") from None
         elif args or kwargs:
             self._warn_once(
                 "inputs",

@@ -1,0 +1,114 @@
+"""Messages whose size varies (a pipe traced with ``dynamic_shapes``): a shape header, then the tensor.
+
+A stage input whose traced shape has dynamic dimensions is received in two parts: a small int64
+header with the actual shape, then the tensor, into a buffer of that shape. A size that crosses
+stages as a plain number (a SymInt the consumer cannot read off a tensor) travels as a
+one-element tensor. Static edges never send a header: a static pipe pays nothing.
+
+    >>> from pippy.frontend.split import ValueMeta
+    >>> from pippy.runtime.comm import LocalTransport, WaitContext
+    >>> t = LocalTransport.world(2)
+    >>> meta = ValueMeta((2, 8), torch.float32, dynamic=(1,))
+    >>> _ = send_value(t[0], torch.ones(2, 5), meta, peer=1, tag=3)
+    >>> inc = Incoming(t[1], meta, peer=0, tag=3, ctx=WaitContext(1, 1, "RECV_F", 0, 0), device=torch.device("cpu"))
+    >>> for _ in inc.wait(): pass
+    >>> inc.value.shape
+    torch.Size([2, 5])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from pippy.frontend.split import ValueMeta
+from pippy.runtime.comm import Transport, WaitContext
+from pippy.runtime.stage import StageError
+
+__all__ = ["HEADER_TAG", "Incoming", "needs_incoming", "send_value"]
+
+HEADER_TAG = 1 << 28  # added to an edge's tag for its shape header: above edge tags, below tied-grad tags (1 << 29)
+
+
+def needs_incoming(meta: ValueMeta) -> bool:
+    """True when a forward edge's value is received through :class:`Incoming` (its size varies).
+
+        >>> needs_incoming(ValueMeta((2,), torch.float32)), needs_incoming(ValueMeta(None, None, const=3, varies=True))
+        (False, True)
+    """
+    return meta.varies or (meta.is_tensor and bool(meta.dynamic))
+
+
+def _scalar_dtype(meta: ValueMeta) -> torch.dtype:
+    return torch.float64 if isinstance(meta.const, float) else torch.int64
+
+
+def send_value(transport: Transport, value: Any, meta: ValueMeta, peer: int, tag: int,
+               ctx: WaitContext | None = None, device: torch.device | None = None) -> list[Any]:
+    """Post the message(s) of one forward edge; returns their handles (to wait for before the step ends).
+
+    ``device`` (the stage's) is where a number is put to be sent.
+    """
+    if meta.varies:
+        return [transport.isend(torch.tensor([value], dtype=_scalar_dtype(meta), device=device), peer, tag, ctx)]
+    t = value.detach().contiguous()
+    handles = []
+    if meta.dynamic:
+        header = torch.tensor(t.shape, dtype=torch.int64, device=t.device)
+        handles.append(transport.isend(header, peer, HEADER_TAG + tag, ctx))
+    handles.append(transport.isend(t, peer, tag, ctx))
+    return handles
+
+
+class Incoming:
+    """One value arriving on a forward edge whose size varies: posts its header (or scalar) when made.
+
+    ``wait()`` (a generator, like the transport's waits) waits for the header, posts the receive of
+    the tensor into a buffer of the announced shape and waits for it; ``value`` is then the tensor
+    (or the number). On a transport that matches in posting order (``ordered``), pass ``post=False``
+    and the receives are posted inside ``wait()``, in edge order; a static tensor is then received
+    this way too (no header).
+    """
+
+    def __init__(self, transport: Transport, meta: ValueMeta, peer: int, tag: int, ctx: WaitContext,
+                 device: torch.device, *, post: bool = True) -> None:
+        self.transport, self.meta, self.peer, self.tag, self.ctx, self.device = transport, meta, peer, tag, ctx, device
+        if meta.varies:
+            self.first = torch.empty(1, dtype=_scalar_dtype(meta), device=device)
+        elif meta.dynamic:
+            self.first = torch.empty(len(meta.shape or ()), dtype=torch.int64, device=device)
+        else:  # a static tensor, received lazily (in order) on an ordered transport
+            self.first = torch.empty(meta.shape or (), dtype=meta.dtype, device=device)
+        self.handle: Any = self._post_first() if post else None
+        self.value: Any = None
+        self.shape: tuple[int, ...] | None = None
+
+    def _post_first(self) -> Any:
+        tag = HEADER_TAG + self.tag if self.meta.is_tensor and self.meta.dynamic else self.tag
+        return self.transport.irecv(self.first, self.peer, tag, self.ctx)
+
+    def wait(self) -> Iterator[None]:
+        """Wait for the whole value (header first); sets ``value`` and, for a tensor, ``shape``."""
+        if self.handle is None:
+            self.handle = self._post_first()
+        yield from self.transport.wait(self.handle, self.ctx)
+        if self.meta.varies:
+            x = self.first.item()
+            self.value = int(x) if self.first.dtype == torch.int64 else float(x)
+            return
+        if not self.meta.dynamic:
+            self.value = self.first
+            return
+        shape = tuple(int(d) for d in self.first.tolist())
+        if not self.meta.fits(shape):
+            raise StageError(
+                f"{self.ctx.describe()}: rank {self.peer} announced shape {list(shape)}, but the traced pipe expects "
+                f"{self.meta.describe()} ('?' varies). The two ranks run different pipes: trace both from the same "
+                "model, example and dynamic_shapes"
+            )
+        self.shape = shape
+        self.value = torch.empty(shape, dtype=self.meta.dtype, device=self.device)
+        handle = self.transport.irecv(self.value, self.peer, self.tag, self.ctx)
+        yield from self.transport.wait(handle, self.ctx)

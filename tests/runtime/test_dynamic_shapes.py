@@ -1,0 +1,159 @@
+"""Variable shapes: one trace, then steps with other sequence lengths and batch sizes, transparent (float64)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+from pippy import Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBV, SplitPoint, pipe_split, pipeline
+from pippy.frontend.trace import trace_count
+from pippy.runtime.comm import LocalTransport
+from pippy.runtime.local import LocalPipeline
+from pippy.runtime.shapes import HEADER_TAG
+
+LENGTHS = (64, 128, 96, 17)
+
+
+def _hf(name: str) -> tuple[nn.Module, str]:
+    torch.manual_seed(0)
+    if name == "gpt2":
+        cfg = tf.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=96, n_positions=256)
+        return tf.GPT2LMHeadModel(cfg), "transformer.h"
+    if name == "llama":
+        cfg = tf.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=96)
+        return tf.LlamaForCausalLM(cfg), "model.layers"
+    cfg = tf.BertConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=96)
+    return tf.BertForMaskedLM(cfg), "bert.encoder.layer"
+
+
+def _lm_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out["logits"].flatten(0, 1), y.flatten())
+
+
+def _batch(b: int, n: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[0, : n // 3] = 0  # a left-padded row
+    return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 96, (b, n), generator=g)
+
+
+def _check_steps(lp: LocalPipeline, model: nn.Module, shapes: list[tuple[int, int]], what: str) -> None:
+    for k, (b, n) in enumerate(shapes):
+        kw, y = _batch(b, n, seed=k)
+        lp.zero_grad()
+        model.zero_grad(set_to_none=True)
+        out = lp.step(**kw, target=y)
+        ref = model(**kw)
+        _lm_loss(ref, y).backward()
+        torch.testing.assert_close(out["logits"], ref.logits, rtol=0, atol=1e-12, msg=f"{what} {b}x{n}")
+        grads = lp.named_grads()
+        for name, p in model.named_parameters():
+            if name in grads and p.grad is not None:
+                torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=f"{what} {b}x{n} {name}")
+        assert sum(g is not None for g in grads.values()) >= len(grads) - 2, what  # every block took part
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_sequence_length_varies_without_retrace(name: str) -> None:
+    model, blocks = _hf(name)
+    model = model.double().eval()  # eval: no dropout, so the plain model is the reference
+    kw, _ = _batch(4, 64, seed=0)
+    cases = [(2, [Schedule1F1B]), (4, [ScheduleInterleaved1F1B, ScheduleZBV])]
+    for n_stages, schedules in cases:
+        spec = {f"{blocks}.{i}": SplitPoint.END for i in range(n_stages - 1)}
+        pipe = pipeline(model, 2, (), kw, split_spec=spec, dynamic_shapes="auto")
+        traced = trace_count()
+        for cls in schedules:
+            lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=2, loss_fn=_lm_loss, loss_reduction="mean")
+            _check_steps(lp, model, [(4, n) for n in LENGTHS], f"{name} {cls.__name__}")
+        assert trace_count() == traced, f"{name}: a step traced the model again"
+
+
+def test_batch_size_varies_and_ranges_are_per_microbatch() -> None:
+    model, _ = _hf("gpt2")
+    model = model.double().eval()
+    kw, _ = _batch(4, 64, seed=0)
+    pipe = pipeline(model, 2, (), kw, split_spec={"transformer.h.1": SplitPoint.END},
+                    dynamic_shapes={"input_ids": {0: (2, 8), 1: (2, 200)}})
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=_lm_loss, loss_reduction="mean")
+    _check_steps(lp, model, [(4, 64), (6, 100), (16, 33), (4, 200)], "gpt2 batch")
+    kw, y = _batch(18, 16, seed=1)  # 9 rows per micro-batch: above the declared 8
+    with pytest.raises(ValueError, match=r"micro-batch 0 of 2: .*input_ids.*dimension 0 is 9, outside the range 2\.\.8"):
+        lp.step(**kw, target=y)
+    kw, y = _batch(4, 201, seed=1)
+    with pytest.raises(ValueError, match=r"rank 0, stage 0.*dimension 1 is 201, outside the range 2\.\.200"):
+        lp.step(**kw, target=y)
+    kw, y = _batch(4, 1, seed=1)
+    with pytest.raises(ValueError, match=r"dimension 1 is 1, outside the range 2\.\.200.*specializes"):
+        lp.step(**kw, target=y)
+    kw, y = _batch(4, 32, seed=1)
+    kw["attention_mask"] = kw["attention_mask"][:, :31]
+    with pytest.raises(ValueError, match=r"attention_mask.*dimension 1 is 31, but .*input_ids.* is 32"):
+        lp.step(**kw, target=y)
+
+
+class _SizeScaled(nn.Module):
+    """Stage 1 uses the sequence length, which its only input (summed over the sequence) no longer has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).sum(1)  # [b, 4]: the length is gone
+        n = x.shape[1]
+        pipe_split()
+        return self.b(h) / n
+
+
+def test_a_size_that_no_tensor_carries_is_sent() -> None:
+    torch.manual_seed(0)
+    model = _SizeScaled().double()
+    x = torch.randn(4, 6, 4, dtype=torch.float64)
+    pipe = pipeline(model, 2, (x,), dynamic_shapes="auto")
+    varying = [m for m in pipe.stage_infos[1].input_meta if m.varies]
+    assert len(varying) == 1 and varying[0].const == 6  # the length, as a number
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=lambda o, y: ((o - y) ** 2).mean())
+    for n in (6, 11, 3):
+        x, y = torch.randn(4, n, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        lp.zero_grad()
+        model.zero_grad()
+        torch.testing.assert_close(lp.step(x, target=y), model(x), rtol=0, atol=1e-14)
+        ((model(x) - y) ** 2).mean().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-12, atol=1e-14)
+
+
+def _count_headers(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    send = LocalTransport.isend
+
+    def counting(self: LocalTransport, tensor: torch.Tensor, peer: int, tag: int, ctx: Any = None) -> Any:
+        seen["header" if HEADER_TAG <= tag < 2 * HEADER_TAG else "payload" if tag < HEADER_TAG else "other"] += 1
+        return send(self, tensor, peer, tag, ctx)
+
+    monkeypatch.setattr(LocalTransport, "isend", counting)
+    return seen
+
+
+def test_static_pipes_send_no_header_and_dynamic_ones_one_per_varying_edge(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = _hf("gpt2")
+    model = model.double().eval()
+    kw, y = _batch(4, 16, seed=0)
+    seen = _count_headers(monkeypatch)
+    for dyn in (None, "auto"):
+        pipe = pipeline(model, 2, (), kw, split_spec={"transformer.h.1": SplitPoint.END}, dynamic_shapes=dyn)
+        lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=_lm_loss, loss_reduction="mean")
+        seen.clear()
+        lp.step(**kw, target=y)
+        edges = sum(len(c) for c in pipe.stage_infos[0].consumers)
+        payload = 2 * edges + 2 * sum(m.requires_grad for m in pipe.stage_infos[1].input_meta)
+        assert seen["payload"] == payload, (dyn, seen)
+        assert seen["header"] == (0 if dyn is None else 2 * edges), (dyn, seen)
