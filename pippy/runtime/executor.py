@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,8 +34,9 @@ from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.ddp import DdpSync
 from pippy.runtime.hooked_split import HookedSplit, fsdp_sync, has_block_hooks
 from pippy.runtime.loss import step_loss
-from pippy.runtime.plan import CommPlan, Edge
-from pippy.runtime.shapes import Incoming, needs_incoming, send_value
+from pippy.runtime.plan import CommPlan
+from pippy.runtime.receives import Posted, Receives
+from pippy.runtime.shapes import needs_incoming, send_value
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.tied import TiedGrads
 from pippy.runtime.wfill import BubbleFiller
@@ -70,17 +71,6 @@ class StepResult:
 
 
 @dataclass(slots=True)
-class _Posted:
-    """One posted receive: its handle (None for a constant, which is never sent, or an :class:`Incoming` value,
-    which posts its own), context and buffer."""
-
-    handle: Any
-    ctx: WaitContext
-    slot: int  # the stage input (RECV_F) or output (RECV_B) it fills
-    value: Any
-
-
-@dataclass(slots=True)
 class _Step:
     """Everything one step keeps between actions; thrown away at its end."""
 
@@ -92,7 +82,7 @@ class _Step:
     in_shapes: dict[tuple[int, int, int], tuple[int, ...]] = field(default_factory=dict)  # received varying shapes
     sends: list[tuple[Any, WaitContext]] = field(default_factory=list)
     outputs: dict[int, Any] = field(default_factory=dict)
-    prefetched: dict[int, list[_Posted]] = field(default_factory=dict)
+    prefetched: dict[int, list[Posted]] = field(default_factory=dict)
     i_done: set[tuple[int, int]] = field(default_factory=set)
     fill: bool = False
 
@@ -118,6 +108,7 @@ class Executor:
         self.infos = self.pipe.stage_infos
         self.last = self.pipe.num_stages - 1
         self.plan = CommPlan(self.infos, schedule, self.rank, ordered=transport.ordered)
+        self.receives = Receives(transport, self.plan, self.infos, self.stages)
         self.tied = TiedGrads(self.pipe, self.stages, self.stage_to_rank, transport)
         self.split_backward = {a.stage for a in self.actions if a.kind is Kind.I}
         self.filler = BubbleFiller(self.actions)
@@ -167,7 +158,7 @@ class Executor:
         for idx, a in enumerate(self.actions):
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
                 self.started = True
-                st.prefetched[j] = self._post(self.actions[j])
+                st.prefetched[j] = self.receives.post(self.actions[j])
             if idx in self.filler.ran:
                 continue  # a W that already ran while this rank waited for a message
             if a.stage not in self.stages:
@@ -344,18 +335,13 @@ class Executor:
     # ------------------------------------------------------------------ receives
     def _recv(self, st: _Step, idx: int, a: Action) -> Iterator[None]:
         """RECV_F / RECV_B: wait for the messages (running later W's meanwhile, when filling)."""
-        posted = st.prefetched.pop(idx, None) or self._post(a)
-        handles = [p.value.handle if isinstance(p.value, Incoming) else p.handle for p in posted]
-        filled, slack = self._fill(st, idx, [h for h in handles if h is not None]) if st.fill else (0.0, None)
+        posted = st.prefetched.pop(idx, None) or self.receives.post(a)
+        filled, slack = self._fill(st, idx, [h for p in posted for h in p.handles()]) if st.fill else (0.0, None)
         t_wait = time.perf_counter() if st.fill else 0.0
-        for p in posted:
-            if isinstance(p.value, Incoming):
-                yield from p.value.wait()
-                if p.value.shape is not None:
-                    st.in_shapes[(a.stage, a.mb, p.slot)] = p.value.shape
-                p.value = p.value.value
-            elif p.handle is not None:
-                yield from self.transport.wait(p.handle, p.ctx)
+        shapes: dict[int, tuple[int, ...]] = {}
+        yield from self.receives.complete(posted, shapes)
+        for k, shape in shapes.items():
+            st.in_shapes[(a.stage, a.mb, k)] = shape
         if a.kind is Kind.RECV_F:
             st.received[(a.stage, a.mb)] = {p.slot: p.value for p in posted}
         else:
@@ -364,39 +350,6 @@ class Executor:
                 _add_at(st.out_grads, (a.stage, a.mb), n_out, p.slot, p.value)
         if st.fill:
             self.filler.note_wait(idx, time.perf_counter() - t_wait, filled, slack)
-
-    def _post(self, a: Action) -> list[_Posted]:
-        """Post the receives of a RECV_F / RECV_B action, in edge order (the order the peer sends them)."""
-        s, i, m = a.stage, a.mb, self.plan.n_microbatches
-        info, dev = self.infos[s], self.stages[s].device
-        out: list[_Posted] = []
-        if a.kind is Kind.RECV_F:
-            # an ordered transport (NCCL) gets every receive of the action in edge order, once one size varies
-            lazy = self.transport.ordered and any(needs_incoming(info.input_meta[e.k]) for e in self.plan.recv_f[s])
-            for e in self.plan.recv_f[s]:
-                meta = info.input_meta[e.k]
-                ctx = self._ctx(a, e.peer, f"input {e.k} ({info.input_names[e.k]}) from stage {e.src}")
-                if not meta.is_tensor and not meta.varies:
-                    out.append(_Posted(None, ctx, e.k, meta.const))
-                elif lazy or needs_incoming(meta):
-                    tag = e.tag(backward=False, mb=i, n_microbatches=m)
-                    out.append(_Posted(None, ctx, e.k, Incoming(self.transport, meta, e.peer, tag, ctx, dev, post=not lazy)))
-                else:
-                    out.append(self._irecv(e, meta, False, i, m, dev, ctx, e.k))
-        else:
-            for e in self.plan.recv_b[s]:
-                ctx = self._ctx(a, e.peer, f"grad of output {e.j} from stage {e.dst}")
-                meta = info.outputs[e.j]
-                if meta.dynamic:  # the gradient has this micro-batch's output shape
-                    meta = replace(meta, shape=tuple(self.stages[s].output(i, e.j).shape))
-                out.append(self._irecv(e, meta, True, i, m, dev, ctx, e.j))
-        return out
-
-    def _irecv(self, e: Edge, meta: ValueMeta, backward: bool, i: int, m: int, dev: torch.device, ctx: WaitContext,
-               slot: int) -> _Posted:
-        buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
-        tag = e.tag(backward=backward, mb=i, n_microbatches=m)
-        return _Posted(self.transport.irecv(buf, e.peer, tag, ctx), ctx, slot, buf)
 
     def _fill(self, st: _Step, idx: int, handles: list[Any]) -> tuple[float, float | None]:
         """Run later W's while the messages of RECV ``idx`` are not in (see ``wfill``).

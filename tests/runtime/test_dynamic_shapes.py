@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
+from models import MLPStack
 from torch import nn
 
+import pippy
 from pippy import Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBV, SplitPoint, pipe_split, pipeline
 from pippy.frontend.trace import trace_count
 from pippy.runtime.comm import LocalTransport
@@ -157,3 +159,28 @@ def test_static_pipes_send_no_header_and_dynamic_ones_one_per_varying_edge(monke
         payload = 2 * edges + 2 * sum(m.requires_grad for m in pipe.stage_infos[1].input_meta)
         assert seen["payload"] == payload, (dyn, seen)
         assert seen["header"] == (0 if dyn is None else 2 * edges), (dyn, seen)
+
+
+SCHEDULES = [("ScheduleGPipe", 1), ("Schedule1F1B", 1), ("ScheduleZBH1", 1), ("ScheduleZBH2", 1),
+             ("ScheduleLoopedBFS", 2), ("ScheduleInterleaved1F1B", 2), ("ScheduleZBH1", 2), ("ScheduleZBV", 2),
+             ("ScheduleDualPipeV", 2)]
+
+
+@pytest.mark.parametrize(("cls_name", "per_rank"), SCHEDULES)
+def test_every_schedule_steps_and_evaluates_other_shapes(cls_name: str, per_rank: int) -> None:
+    torch.manual_seed(0)
+    model = MLPStack(n=4, d=8).double()
+    n_stages = 2 * per_rank
+    spec = {f"blocks.{4 // n_stages * (i + 1) - 1}": SplitPoint.END for i in range(n_stages - 1)}
+    pipe = pipeline(model, 4, (torch.randn(8, 5, 8, dtype=torch.float64),), split_spec=spec, dynamic_shapes="auto")
+    lp = LocalPipeline(pipe, getattr(pippy, cls_name), num_ranks=2, n_microbatches=4,
+                       loss_fn=lambda o, y: ((o - y) ** 2).mean(), loss_reduction="mean")
+    for b, n in ((8, 5), (12, 9), (16, 3)):
+        x, y = torch.randn(b, n, 8, dtype=torch.float64), torch.randn(b, n, 4, dtype=torch.float64)
+        lp.zero_grad()
+        model.zero_grad()
+        torch.testing.assert_close(lp.step(x, target=y), model(x), rtol=0, atol=1e-13)
+        ((model(x) - y) ** 2).mean().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13, msg=f"{b}x{n} {name}")
+        torch.testing.assert_close(lp.eval(x), model(x), rtol=0, atol=1e-13)

@@ -1,0 +1,128 @@
+"""The receives of one RECV_F / RECV_B action: posted in edge order (early, when prefetched), then completed.
+
+Each posted receive is a :class:`Posted`: a handle and its buffer, a constant that is never sent,
+an :class:`~pippy.runtime.shapes.Incoming` value (its size varies: a shape header first), or a
+gradient receive kept to be posted at its wait (its shape is the micro-batch's output shape, not
+known while that forward has not run).
+
+    >>> import torch
+    >>> from pippy import SplitPoint, pipeline
+    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.plan import CommPlan
+    >>> from pippy.runtime.stage import Stage
+    >>> from pippy.schedules.generators import one_f_one_b
+    >>> from pippy.schedules.ir import Action, Kind
+    >>> from pippy.schedules.lower import lower
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> pipe = pipeline(net, 2, (torch.ones(2, 2),), split_spec={"0": SplitPoint.END})
+    >>> ends = LocalTransport.world(2)
+    >>> rx = Receives(ends[1], CommPlan(pipe.stage_infos, lower(one_f_one_b(2, 2)), 1, ordered=False),
+    ...               pipe.stage_infos, {1: Stage(pipe, 1)})
+    >>> posted = rx.post(Action(1, Kind.RECV_F, 0))
+    >>> _ = ends[0].isend(torch.ones(1, 2), peer=1, tag=0)
+    >>> for _ in rx.complete(posted, {}): pass
+    >>> posted[0].value
+    tensor([[1., 1.]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import torch
+
+from pippy.frontend.split import StageInfo, ValueMeta
+from pippy.runtime.comm import Transport, WaitContext
+from pippy.runtime.plan import CommPlan, Edge
+from pippy.runtime.shapes import Incoming, needs_incoming
+from pippy.runtime.stage import Stage
+from pippy.schedules.ir import Action, Kind
+
+__all__ = ["Posted", "Receives"]
+
+
+@dataclass(slots=True)
+class Posted:
+    """One receive of an action: its handle (None when it posts later or is a constant), context, slot, value."""
+
+    handle: Any
+    ctx: WaitContext
+    slot: int  # the stage input (RECV_F) or output (RECV_B) it fills
+    value: Any
+
+    def handles(self) -> list[Any]:
+        """The handles already posted (for polling whether the message is in)."""
+        h = self.value.handle if isinstance(self.value, Incoming) else self.handle
+        return [] if h is None else [h]
+
+
+class Receives:
+    """Posts and completes the receives of this rank's RECV actions (see the module)."""
+
+    def __init__(self, transport: Transport, plan: CommPlan, infos: Sequence[StageInfo], stages: Mapping[int, Stage]
+                 ) -> None:
+        self.transport, self.plan, self.infos, self.stages = transport, plan, infos, stages
+
+    def post(self, a: Action) -> list[Posted]:
+        """Post the receives of RECV_F / RECV_B ``a``, in edge order (the order the peer sends them)."""
+        s, i, m = a.stage, a.mb, self.plan.n_microbatches
+        info, dev = self.infos[s], self.stages[s].device
+        out: list[Posted] = []
+        if a.kind is Kind.RECV_F:
+            # an ordered transport (NCCL) gets every receive of the action in edge order, once one size varies
+            lazy = self.transport.ordered and any(needs_incoming(info.input_meta[e.k]) for e in self.plan.recv_f[s])
+            for e in self.plan.recv_f[s]:
+                meta = info.input_meta[e.k]
+                ctx = self._ctx(a, e.peer, f"input {e.k} ({info.input_names[e.k]}) from stage {e.src}")
+                if not meta.is_tensor and not meta.varies:
+                    out.append(Posted(None, ctx, e.k, meta.const))
+                elif lazy or needs_incoming(meta):
+                    tag = e.tag(backward=False, mb=i, n_microbatches=m)
+                    out.append(Posted(None, ctx, e.k, Incoming(self.transport, meta, e.peer, tag, ctx, dev, post=not lazy)))
+                else:
+                    out.append(self._irecv(e, meta, False, i, dev, ctx, e.k))
+        else:
+            for e in self.plan.recv_b[s]:
+                ctx = self._ctx(a, e.peer, f"grad of output {e.j} from stage {e.dst}")
+                if self.infos[s].outputs[e.j].dynamic and not self.stages[s].held_outputs(i):  # prefetched before F
+                    out.append(Posted(None, ctx, e.j, partial(self._irecv_grad, e, i, dev, ctx)))  # posts at its wait
+                else:
+                    out.append(self._irecv_grad(e, i, dev, ctx))
+        return out
+
+    def complete(self, posted: list[Posted], shapes: dict[int, tuple[int, ...]]) -> Iterator[None]:
+        """Wait for every receive of ``posted``; each ``value`` is then the tensor (or number) received.
+
+        ``shapes`` gets, per slot, the shape a varying input arrived with.
+        """
+        for p in posted:
+            if isinstance(p.value, Incoming):
+                yield from p.value.wait()
+                if p.value.shape is not None:
+                    shapes[p.slot] = p.value.shape
+                p.value = p.value.value
+            elif isinstance(p.value, partial):  # a gradient receive posted only now (see post)
+                late = p.value()
+                yield from self.transport.wait(late.handle, p.ctx)
+                p.value = late.value
+            elif p.handle is not None:
+                yield from self.transport.wait(p.handle, p.ctx)
+
+    def _irecv_grad(self, e: Edge, i: int, dev: torch.device, ctx: WaitContext) -> Posted:
+        """The receive of output ``e.j``'s gradient: shaped like this micro-batch's output when that varies."""
+        meta = self.infos[e.src].outputs[e.j]
+        if meta.dynamic:
+            meta = replace(meta, shape=tuple(self.stages[e.src].output(i, e.j).shape))
+        return self._irecv(e, meta, True, i, dev, ctx, e.j)
+
+    def _irecv(self, e: Edge, meta: ValueMeta, backward: bool, i: int, dev: torch.device, ctx: WaitContext,
+               slot: int) -> Posted:
+        buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
+        tag = e.tag(backward=backward, mb=i, n_microbatches=self.plan.n_microbatches)
+        return Posted(self.transport.irecv(buf, e.peer, tag, ctx), ctx, slot, buf)
+
+    def _ctx(self, a: Action, peer: int, what: str) -> WaitContext:
+        return WaitContext(self.transport.rank, a.stage, a.kind.value, a.mb, peer, what)
