@@ -14,6 +14,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pippy.frontend.genpipe import GenerationError
     from pippy.frontend.policies import autosplit, graphsplit, split_by_names, split_equal_layers, split_equal_params
     from pippy.frontend.trace import PipeTraceError, SplitPoint, annotate_split_points, pipe_split
     from pippy.ManualPipelineStage import ManualPipelineStage
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     )
     from pippy.runtime.clip import clip_grad_norm_, grad_norm
     from pippy.runtime.comm import PipeCommError, PipeTimeoutError
+    from pippy.runtime.generate import GenerationPipe, GenerationStage, generate, pipeline_for_generation
     from pippy.runtime.stage import StageError
     from pippy.sim.cost import CostModel, StageCost
     from pippy.sim.profile import profile, profile_ranks
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ArgsChunkSpec",
     "CostModel",
+    "GenerationError",
+    "GenerationPipe",
+    "GenerationStage",
     "KwargsChunkSpec",
     "ManualPipelineStage",
     "Pipe",
@@ -69,10 +74,12 @@ __all__ = [
     "annotate_split_points",
     "autosplit",
     "clip_grad_norm_",
+    "generate",
     "grad_norm",
     "graphsplit",
     "pipe_split",
     "pipeline",
+    "pipeline_for_generation",
     "profile",
     "profile_ranks",
     "simulate",
@@ -94,6 +101,8 @@ _WHERE = {
     **{n: "pippy.ModelSplit" for n in ("split_by_graph", "split_into_equal_size", "split_on_size_threshold")},
     **{n: "pippy.frontend.policies" for n in ("autosplit", "graphsplit", "split_by_names", "split_equal_layers", "split_equal_params")},
     "PipeTraceError": "pippy.frontend.trace",
+    "GenerationError": "pippy.frontend.genpipe",
+    **{n: "pippy.runtime.generate" for n in ("GenerationPipe", "GenerationStage", "generate", "pipeline_for_generation")},
     "SplitPoint": "pippy.frontend.trace",
     "annotate_split_points": "pippy.frontend.trace",
     "pipe_split": "pippy.frontend.trace",

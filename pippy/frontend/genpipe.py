@@ -1,0 +1,288 @@
+"""Cut a Hugging Face causal LM into pipeline stages for generation: each stage runs the model's own modules.
+
+No tracing: stage ``i`` is a shallow copy of the model's base module (``transformer`` for GPT-2,
+``model`` for Llama / Qwen2) whose block list holds only its layers, each attention renumbered so
+that the stage's own KV cache indexes ``0..k-1``. Stage 0 embeds token ids; later stages take the
+hidden states in as ``inputs_embeds`` (GPT-2's position embedding is added on stage 0 only); the
+final norm and the LM head run on the last stage only. The user's model is never changed.
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(num_hidden_layers=3, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+    ...                   num_key_value_heads=1, vocab_size=40, max_position_embeddings=32)
+    >>> model = LlamaForCausalLM(cfg).eval()
+    >>> plan = plan_generation(model, 2)
+    >>> plan.layers, plan.max_length
+    (((0, 2), (2, 3)), 32)
+    >>> ids = torch.randint(0, 40, (2, 5)); pos = torch.arange(5).expand(2, 5)
+    >>> s0, s1 = cut_stage(model, plan, 0), cut_stage(model, plan, 1)
+    >>> c0, c1 = s0.new_cache(), s1.new_cache()
+    >>> with torch.no_grad():
+    ...     logits = s1(s0(ids, None, pos, c0), None, pos, c1)
+    ...     full = model(ids).logits[:, -1].float()
+    >>> torch.allclose(logits, full, atol=1e-5), c0.get_seq_length(), len(c1.layers)
+    (True, 5, 1)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GenPlan", "GenerationError", "StageModule", "cut_stage", "plan_generation"]
+
+_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+_POSITIONS = ("wpe", "embed_positions")  # learned absolute positions added inside the base forward
+
+
+class GenerationError(ValueError):
+    """Bad input for pipelined generation: the message says what was expected, what came instead, and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenPlan:
+    """Where a causal LM is cut for generation, and the generation defaults read from the model.
+
+        >>> GenPlan(num_stages=2, layers=((0, 1), (1, 2)), max_length=8, layer_attr="h", norm_attr="ln_f",
+        ...         eos_token_ids=(0,), pad_token_id=None, sampling=(1.0, 50, 1.0)).num_stages
+        2
+    """
+
+    num_stages: int
+    """Number of pipeline stages (one per rank)."""
+    layers: tuple[tuple[int, int], ...]
+    """Per stage, the half-open range ``[lo, hi)`` of decoder layers it runs."""
+    max_length: int
+    """Longest sequence (prompt + new tokens) a stage's KV cache may hold."""
+    layer_attr: str
+    """Name of the base model's block list (``h`` for GPT-2, ``layers`` for Llama / Qwen2)."""
+    norm_attr: str
+    """Name of the base model's final norm (``ln_f`` or ``norm``)."""
+    eos_token_ids: tuple[int, ...]
+    """End-of-sequence ids from the model's generation config (empty: no early stop)."""
+    pad_token_id: int | None
+    """Pad id from the model's generation config (``None``: the first EOS id, as Hugging Face does)."""
+    sampling: tuple[float, int, float]
+    """Default ``(temperature, top_k, top_p)`` for ``do_sample=True``, resolved as ``model.generate`` does."""
+
+
+def _fail(what: str) -> GenerationError:
+    return GenerationError(f"pipeline_for_generation: {what}")
+
+
+def _block_list(base: nn.Module) -> tuple[str, nn.ModuleList]:
+    lists = [(n, m) for n, m in base.named_children() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if len(lists) != 1:
+        raise _fail(
+            f"expected the base module {type(base).__name__} to hold one list of decoder layers (like GPT-2's "
+            f"'h' or Llama's 'layers'), found {[n for n, _ in lists] or 'none'}. Pass a Hugging Face causal LM "
+            "such as GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM."
+        )
+    return lists[0]
+
+
+def _as_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, torch.Tensor):
+        return tuple(int(v) for v in value.flatten().tolist())
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _split_layers(n: int, num_stages: int, layers_per_stage: Sequence[int] | None) -> tuple[tuple[int, int], ...]:
+    if layers_per_stage is None:
+        if num_stages > n:
+            raise _fail(
+                f"expected at most one stage per decoder layer, got num_stages={num_stages} for a model with {n} "
+                "layers. Use fewer stages."
+            )
+        sizes = [n // num_stages + (1 if i < n % num_stages else 0) for i in range(num_stages)]
+    else:
+        sizes = [int(k) for k in layers_per_stage]
+        if len(sizes) != num_stages or sum(sizes) != n or min(sizes) < 1:
+            raise _fail(
+                f"expected layers_per_stage to give {num_stages} counts, each at least 1, summing to the model's {n} "
+                f"layers; got {list(layers_per_stage)}. Fix the counts, or leave layers_per_stage out for an even split."
+            )
+    bounds, lo = [], 0
+    for k in sizes:
+        bounds.append((lo, lo + k))
+        lo += k
+    return tuple(bounds)
+
+
+def plan_generation(
+    model: nn.Module, num_stages: int, *, max_length: int | None = None, layers_per_stage: Sequence[int] | None = None
+) -> GenPlan:
+    """Check that ``model`` is a causal LM with a KV cache and decide which layers each stage runs.
+
+    ``max_length`` (prompt + new tokens) defaults to the model's ``max_position_embeddings``; the
+    decoder layers are split evenly (earlier stages take the remainder, since the last one runs the
+    LM head) unless ``layers_per_stage`` gives the counts. Raises :class:`GenerationError`.
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=5, n_embd=16, n_head=2, vocab_size=50, n_positions=64))
+        >>> plan_generation(gpt2, 3, max_length=40).layers
+        ((0, 2), (2, 4), (4, 5))
+        >>> plan_generation(torch.nn.Linear(2, 2), 2)
+        Traceback (most recent call last):
+        ...
+        pippy.frontend.genpipe.GenerationError: pipeline_for_generation: expected a Hugging Face causal LM with a KV cache (GPT-2, Llama, Qwen2 and alike), got Linear, which has no generate(). Build the model with e.g. AutoModelForCausalLM.from_config(config).
+    """
+    name = type(model).__name__
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate) or not can_generate():
+        raise _fail(
+            f"expected a Hugging Face causal LM with a KV cache (GPT-2, Llama, Qwen2 and alike), got {name}, which has "
+            "no generate(). Build the model with e.g. AutoModelForCausalLM.from_config(config)."
+        )
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise _fail(f"expected a decoder-only causal LM, got the encoder-decoder {name}; only decoder-only models are supported.")
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model or model.get_output_embeddings() is None:
+        raise _fail(f"expected a causal LM with a base model and an LM head, got {name}. Use its *ForCausalLM class.")
+    layer_attr, blocks = _block_list(base)
+    if not any(hasattr(m, "layer_idx") for m in blocks[0].modules()):
+        raise _fail(
+            f"expected {name}'s decoder layers to keep a KV cache (an attention module with a layer_idx), but "
+            f"{type(blocks[0]).__name__} has none. This model has no KV cache pipeline_for_generation can use."
+        )
+    norm_attr = next((n for n in _NORMS if isinstance(getattr(base, n, None), nn.Module)), "")
+    if num_stages < 1:
+        raise _fail(f"expected num_stages >= 1, got {num_stages}.")
+    layers = _split_layers(len(blocks), num_stages, layers_per_stage)
+    limit = getattr(config, "max_position_embeddings", None)
+    if max_length is None:
+        max_length = limit
+    if max_length is None or max_length < 2:
+        raise _fail(f"expected max_length >= 2 (prompt + new tokens), got {max_length}. Pass max_length=...")
+    if limit is not None and max_length > limit:
+        raise _fail(
+            f"expected max_length <= the model's max_position_embeddings ({limit}), got {max_length}. "
+            f"Lower max_length to at most {limit}."
+        )
+    gc = getattr(model, "generation_config", None)
+    eos = _as_ids(getattr(gc, "eos_token_id", None))
+    pad = getattr(gc, "pad_token_id", None)
+
+    def pick(attr: str, default: Any) -> Any:
+        value = getattr(gc, attr, None)
+        return default if value is None else value
+
+    sampling = (float(pick("temperature", 1.0)), int(pick("top_k", 50)), float(pick("top_p", 1.0)))
+    return GenPlan(
+        num_stages=num_stages, layers=layers, max_length=int(max_length), layer_attr=layer_attr, norm_attr=norm_attr,
+        eos_token_ids=eos, pad_token_id=None if pad is None else int(pad), sampling=sampling,
+    )
+
+
+def _shallow(mod: nn.Module) -> nn.Module:
+    """A copy of ``mod`` sharing parameters and children, whose child table can be changed independently."""
+    out = copy.copy(mod)
+    out._modules = dict(mod._modules)
+    return out
+
+
+def _renumbered(layer: nn.Module, idx: int) -> nn.Module:
+    """Shallow copies down to every submodule with a ``layer_idx``, set to ``idx`` (the stage-local cache index)."""
+    out = _shallow(layer)
+    for name, child in _children(out):
+        if child is None:
+            continue
+        if hasattr(child, "layer_idx") or any(hasattr(m, "layer_idx") for m in child.modules()):
+            out._modules[name] = _renumbered(child, idx)
+    if hasattr(out, "layer_idx"):
+        out.layer_idx = idx
+    return out
+
+
+def _children(mod: nn.Module) -> list[tuple[str, Any]]:
+    """``(name, child)`` pairs of ``mod``'s child table, ``None`` entries included."""
+    return list(mod._modules.items())
+
+
+class _NoPositions(nn.Module):  # type: ignore[misc]
+    """Stands in for a learned position embedding on later stages: adds an exact zero."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), device=position_ids.device)
+
+
+class StageModule(nn.Module):  # type: ignore[misc]
+    """Stage ``i`` of a causal LM for generation: token ids or hidden states in, hidden states or last logits out.
+
+    ``forward(x, attention_mask, position_ids, cache)``: on the first stage ``x`` is ``[b, l]`` token
+    ids, later ``[b, l, hidden]`` states; the last stage returns the float32 logits of the last
+    position ``[b, vocab]`` (as ``model.generate`` takes them), the others hidden states
+    ``[b, l, hidden]``. See the module docstring for an example.
+    """
+
+    def __init__(self, base: nn.Module, head: nn.Module | None, config: Any, lo: int, hi: int, first: bool) -> None:
+        super().__init__()
+        self.base, self.head = base, head
+        self.first, self.last = first, head is not None
+        self._config, self._lo, self._hi = config, lo, hi
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for this stage's layers (Hugging Face ``DynamicCache``, layer types as the model's)."""
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self._config)
+        if len(cache.layers) >= self._hi:
+            cache.layers = cache.layers[self._lo : self._hi]
+        return cache
+
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        """Run this stage's layers once (prefill or one decode step), updating ``cache`` in place."""
+        feed = {"input_ids": x} if self.first else {"inputs_embeds": x}
+        out = self.base(**feed, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+        hidden = out[0]  # [b, l, hidden]
+        if self.head is None:
+            return hidden
+        return self.head(hidden[:, -1:])[:, -1].float()  # [b, vocab], float32 like model.generate
+
+
+def cut_stage(model: nn.Module, plan: GenPlan, i: int) -> StageModule:
+    """Stage ``i`` of ``model`` as ``plan`` cuts it; shares the model's parameters and changes nothing in it.
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+        >>> s1 = cut_stage(gpt2, plan_generation(gpt2, 2), 1)
+        >>> s1.base.h[0].attn.layer_idx, gpt2.transformer.h[1].attn.layer_idx, s1.base.wte is None
+        (0, 1, True)
+    """
+    if not 0 <= i < plan.num_stages:
+        raise GenerationError(f"expected a stage index in 0..{plan.num_stages - 1}, got {i}. Pass the rank of this stage.")
+    lo, hi = plan.layers[i]
+    first, last = i == 0, i == plan.num_stages - 1
+    src = model.base_model
+    base = _shallow(src)
+    blocks = getattr(src, plan.layer_attr)
+    base._modules[plan.layer_attr] = nn.ModuleList(_renumbered(blocks[j], j - lo) for j in range(lo, hi))
+    config = copy.copy(src.config)  # the stage's base model loops over num_hidden_layers and layer_types[i]
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        config.layer_types = list(types[lo:hi])
+    config.num_hidden_layers = hi - lo
+    base.config = config
+    if not first:
+        emb = src.get_input_embeddings()
+        for name, child in _children(base):
+            if child is emb:
+                base._modules[name] = None  # later stages take inputs_embeds; the table stays on stage 0
+            elif name in _POSITIONS:
+                base._modules[name] = _NoPositions()
+    if not last and plan.norm_attr:
+        base._modules[plan.norm_attr] = nn.Identity()
+    head = model.get_output_embeddings() if last else None
+    return StageModule(base, head, src.config, lo, hi, first).eval()
