@@ -1,6 +1,10 @@
 """Tokens/s of pipelined generation on 2 ranks: groups in flight vs none, and vs single-process ``model.generate``.
 
-Run:  .venv/bin/torchrun --nproc-per-node 2 benchmarks/generate.py [--groups 2] [--batch 64] [--new 64] [--reps 3]
+Run:  .venv/bin/torchrun --nproc-per-node 2 benchmarks/generate.py [--groups 2] [--batch 128] [--new 24] [--reps 3]
+
+The defaults (8 layers x 512, batch 128) keep decode compute-bound: with small widths or groups
+of a few rows, per-call Python overhead dominates and splitting the batch into groups costs what
+overlapping them wins.
 
 A Llama-style model built from config (random weights, float32, no EOS so every row makes
 ``--new`` tokens) is cut into 2 stages, one per rank, one torch thread per rank. Three sides, run
@@ -53,11 +57,11 @@ def timed(fn: Callable[[], object]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--new", type=int, default=24)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--split", default="", help="decoder layers per stage, e.g. 5,3 (default: even)")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
