@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pippy.schedules.generators import SCHEDULES  # pure Python: --help stays free of torch
 
@@ -122,6 +122,9 @@ def _build_parser() -> _Parser:
     sp.add_argument("--ranks", "-p", type=_positive, help="pipeline ranks (default: stages in the cost model)")
     sp.add_argument("--microbatches-choices", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64],
                     help="micro-batch counts to try, comma separated (default 1,2,4,...,64)")
+    sp.add_argument("--synthesize", action="store_true",
+                    help="also build a schedule for these costs and limit (list scheduling judged by the simulator)")
+    sp.add_argument("--save-csv", help="with --synthesize: write the synthesized schedule here (ScheduleFromCSV runs it)")
 
     sp = sub.add_parser("trace-compare", help="predicted vs measured timeline table",
                         description="Compare two timelines (predicted, measured): timeline JSON or Chrome trace JSON.")
@@ -217,7 +220,9 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
 
 def _cmd_compare(a: argparse.Namespace) -> int:
     from pippy.sim.bound import lower_bound
+    from pippy.sim.choose import fastest_form
     from pippy.sim.render import format_bytes, format_time
+    from pippy.sim.simulate import simulate
 
     rows, notes = [], []
     for name in SCHEDULES:
@@ -227,21 +232,25 @@ def _cmd_compare(a: argparse.Namespace) -> int:
             notes.append(f"{name}: skipped ({e})")
             continue
         costs = _costs_for(a.costs, sch, a.ranks)
-        rows.append((name, _sim(sch, costs), lower_bound(sch, costs)))
+        form, fused = fastest_form(sch, costs)  # as the runtime runs it, I+W fused into B or not: the faster
+        kind = "-" if not sch.uses_split_backward() else ("fused" if fused else "split")
+        rows.append((name, simulate(form, costs), lower_bound(form, costs), kind))
     print(f"{a.ranks} ranks, {a.microbatches} micro-batches, costs: {a.costs or 'unit (F=I=W=1 per rank, B=2)'}")
-    head = (f"{'schedule':<17} {'step time':>10} {'bound':>8} {'gap %':>6} {'bubble %':>9} {'max peak':>9}  "
+    head = (f"{'schedule':<17} {'step time':>10} {'bound':>8} {'gap %':>6} {'bubble %':>9} {'I+W':>5} {'max peak':>9}  "
             "peak memory per rank")
     print(head)
     print("-" * len(head))
-    best = min((r.step_time for _, r, _ in rows), default=0.0)
-    for name, res, bound in rows:
+    best = min((r.step_time for _, r, _, _ in rows), default=0.0)
+    for name, res, bound, kind in rows:
         star = " *" if res.step_time == best else ""
         gap = 100 * (res.step_time / bound - 1) if bound > 0 else 0.0
         print(f"{name:<17} {format_time(res.step_time):>10} {format_time(bound):>8} {gap:>6.1f} "
-              f"{100 * res.mean_bubble:>9.1f} {format_bytes(max(res.peak_memory)):>9}  "
+              f"{100 * res.mean_bubble:>9.1f} {kind:>5} {format_bytes(max(res.peak_memory)):>9}  "
               f"{_fmt_list([float(x) for x in res.peak_memory], '{:.4g}')}{star}")
     print("(* fastest; bubble % is the mean over ranks; bound: no order of the same actions on the same ranks is "
-          "faster (pippy.sim.bound))")
+          "faster (pippy.sim.bound); I+W: a split backward runs as the runtime form that simulates faster, I and W "
+          "fused into one B where they are adjacent (fuse_backward=True, the default) or kept split "
+          "(fuse_backward=False))")
     for n in notes:
         print(n)
     return 0
@@ -290,6 +299,39 @@ def _cmd_tune(a: argparse.Namespace) -> int:
             print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
     if invalid:
         print(f"  not possible for {ranks} ranks: {', '.join(invalid[:8])}" + (" ..." if len(invalid) > 8 else ""))
+    return _synthesized(a, base, ranks, t, name, m) if a.synthesize else 0
+
+
+def _synthesized(a: argparse.Namespace, base: Any, ranks: int, fixed_t: float, fixed_name: str, fixed_m: int) -> int:
+    """``tune --synthesize``: the best built schedule over the micro-batch counts and stage counts, vs the pick."""
+    from pippy.schedules.lower import to_csv
+    from pippy.schedules.render_grid import grid
+    from pippy.sim.render import format_bytes, format_time
+    from pippy.sim.synthesize import synthesize
+
+    found = []
+    for m in a.microbatches_choices:
+        for n in (ranks, 2 * ranks):
+            try:
+                syn = synthesize(ranks, m, base.for_microbatches(m).rebin(n), memory_limit=a.memory_limit)
+            except ValueError:
+                continue
+            found.append((syn.step_time, m, n, syn))
+    if not found:
+        print("synthesized: nothing fits the limit")
+        return 1
+    t, m, n, syn = min(found, key=lambda x: x[:3])
+    gain = 100 * (t - fixed_t) / fixed_t
+    how = f"built by rule {syn.rule}" if syn.built else f"no built schedule beat the fixed {syn.rule}, so that one"
+    print(f"synthesized: {n} stages, {m} micro-batches, {how}")
+    print(f"  predicted step time {format_time(t)} ({gain:+.1f}% vs {fixed_name} with m={fixed_m}), peak memory "
+          f"{format_bytes(syn.peak_memory)} per rank; best fixed schedule for this m and stage count: "
+          f"{syn.best_fixed} {format_time(syn.best_fixed_time)}")
+    print(grid(syn.schedule))
+    if a.save_csv:
+        to_csv(syn.schedule, a.save_csv)
+        print(f"  written to {a.save_csv}: run it with ScheduleFromCSV({a.save_csv!r}, stages, loss_fn=...) or build it "
+              "in place with ScheduleSynthesized(stages, m, loss_fn, costs=..., memory_limit=...)")
     return 0
 
 

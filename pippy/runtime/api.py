@@ -28,9 +28,10 @@ from pippy.runtime.legacy import MicrobatchSteps
 from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
-from pippy.schedules.ir import Schedule, v_placement
-from pippy.sim.choose import zbv_for_costs
+from pippy.schedules.ir import Schedule, loop_placement, v_placement
+from pippy.sim.choose import default_costs, zbv_for_costs
 from pippy.sim.cost import CostModel
+from pippy.sim.synthesize import Synthesis, synthesize
 
 __all__ = [
     "PipelineSchedule",
@@ -41,6 +42,7 @@ __all__ = [
     "ScheduleGPipe",
     "ScheduleInterleaved1F1B",
     "ScheduleLoopedBFS",
+    "ScheduleSynthesized",
     "ScheduleZBH1",
     "ScheduleZBH2",
     "ScheduleZBV",
@@ -230,6 +232,46 @@ class ScheduleZBV(_VShape):
 
     def _make(self, p: int) -> Schedule:
         return zbv_for_costs(p, self.n_microbatches, self.costs, gradless_stages=self.gradless_stages())
+
+
+class ScheduleSynthesized(_MultiStage):
+    """A schedule built for your costs and memory limit (:func:`pippy.sim.synthesize.synthesize`), not a fixed one.
+
+    ``costs`` (a :class:`~pippy.sim.cost.CostModel`, e.g. from ``pippy.sim.profile``; ``None``: the
+    default costs) and ``memory_limit`` (bytes per rank, as the costs count them) must be the same on
+    every rank. Pass each rank its stages in one of the placements the synthesizer knows: one
+    stage per rank, the V (rank ``r``: stages ``r`` and ``2p-1-r``) or the interleaved loop
+    (stage ``s`` on rank ``s % p``); it builds for that placement. ``synthesis`` then tells what was
+    chosen and how it compares with the best fixed schedule::
+
+        ScheduleSynthesized([stage_a, stage_b], 8, loss_fn=F.cross_entropy, costs=profiled).step(x, target=y)
+    """
+
+    name = "synth"
+
+    def __init__(self, stages: Stage | Sequence[Stage], n_microbatches: int, loss_fn: Callable[..., torch.Tensor] | None = None, *,
+                 costs: CostModel | None = None, memory_limit: float | None = None, **kwargs: Any) -> None:
+        self.costs = costs
+        self.memory_limit = memory_limit
+        self.synthesis: Synthesis | None = None
+        super().__init__(stages, n_microbatches, loss_fn, **kwargs)
+
+    def _make(self, p: int) -> Schedule:
+        n = self.pipe.num_stages
+        mine = sorted(st.index for st in self.stages)
+        layouts = [pl for pl in (loop_placement(p, n // p), v_placement(p) if n == 2 * p else None)
+                   if pl is not None and n % p == 0 and [s for s in range(n) if pl[s] == self.rank] == mine]
+        if not layouts:
+            raise ValueError(
+                f"this rank holds stages {mine} of {n}; the synthesizer places one stage per rank, the V (rank r: "
+                f"stages r and 2p-1-r) or the interleaved loop (stage s on rank s % p). Pass each rank its stages "
+                "in one of those"
+            )
+        costs = default_costs(n) if self.costs is None else self.costs
+        costs = costs if costs.num_stages == n else costs.rebin(n)
+        self.synthesis = synthesize(p, self.n_microbatches, costs, memory_limit=self.memory_limit,
+                                    gradless_stages=self.gradless_stages(), placement=layouts[0])
+        return self.synthesis.schedule
 
 
 class ScheduleDualPipeV(_VShape):
