@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         ScheduleGPipe,
         ScheduleInterleaved1F1B,
         ScheduleLoopedBFS,
+        ScheduleSynthesized,
         ScheduleZBH1,
         ScheduleZBH2,
         ScheduleZBV,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from pippy.sim.cost import CostModel, StageCost
     from pippy.sim.profile import profile, profile_ranks
     from pippy.sim.simulate import simulate
+    from pippy.sim.synthesize import synthesize
 
 __all__ = [
     "ArgsChunkSpec",
@@ -63,6 +65,7 @@ __all__ = [
     "ScheduleGPipe",
     "ScheduleInterleaved1F1B",
     "ScheduleLoopedBFS",
+    "ScheduleSynthesized",
     "ScheduleZBH1",
     "ScheduleZBH2",
     "ScheduleZBV",
@@ -89,6 +92,7 @@ __all__ = [
     "split_equal_params",
     "split_into_equal_size",
     "split_on_size_threshold",
+    "synthesize",
 ]
 
 # public name -> module that defines it
@@ -120,6 +124,7 @@ _WHERE = {
     "profile": "pippy.sim.profile",
     "profile_ranks": "pippy.sim.profile",
     "simulate": "pippy.sim.simulate",
+    "synthesize": "pippy.sim.synthesize",
     **{n: "pippy.runtime.api" for n in __all__ if n.startswith("Schedule") or n == "PipelineSchedule"},
 }
 

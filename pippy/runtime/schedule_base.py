@@ -54,6 +54,7 @@ from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
 from pippy.schedules.lower import lower, runtime_form
 from pippy.schedules.validate import validate
+from pippy.sim.choose import fastest_form
 from pippy.sim.timeline import Event, Timeline
 
 __all__ = ["PipelineSchedule", "StepRun"]
@@ -153,8 +154,9 @@ class PipelineSchedule:
     ``transport`` only to drive ranks in-process (see ``pippy.runtime.local``). With
     ``fuse_backward`` (default) an I directly followed by its own W runs as one B, and a stage
     whose inputs need no gradient (the first, usually) runs a whole B at each W's place instead
-    of I then W; the schedule actually run is ``self.schedule`` (lowered), which is also what to
-    simulate. With ``fill_bubbles`` (default) a rank that would wait for a message runs a later
+    of I then W; ``"auto"`` does so only when that simulates faster under the class's ``costs``
+    (default costs without them; see :func:`pippy.sim.choose.fastest_form`). The schedule actually
+    run is ``self.schedule`` (lowered), which is also what to simulate. With ``fill_bubbles`` (default) a rank that would wait for a message runs a later
     W of its schedule instead, when the previous step waited that long there (see
     ``pippy.runtime.wfill``; results stay bitwise those of the static order). Every subclass is
     used the same way, e.g. ``ScheduleGPipe(stage, 8, loss_fn=F.cross_entropy).step(x, target=y)``
@@ -177,7 +179,7 @@ class PipelineSchedule:
         trace: bool | str = False,
         transport: Transport | None = None,
         schedule: Schedule | None = None,
-        fuse_backward: bool = True,
+        fuse_backward: bool | str = True,
         fill_bubbles: bool = True,
         check_finite: bool = False,
     ) -> None:
@@ -229,7 +231,15 @@ class PipelineSchedule:
         self.last_peak_live: dict[int, int] = {}
         self.last_peak_bytes: dict[int, int] = {}
         compute = schedule if schedule is not None else self._generate()
-        compute = runtime_form(compute.with_deps(self.pipe.deps()), self.gradless_stages(), fuse=fuse_backward)
+        compute = compute.with_deps(self.pipe.deps())
+        if fuse_backward == "auto":  # fuse I+W into B only where it simulates faster under the class's costs
+            compute, fused = fastest_form(compute, getattr(self, "costs", None), gradless_stages=self.gradless_stages())
+            self.fused_backward = fused
+        elif isinstance(fuse_backward, bool):
+            compute = runtime_form(compute, self.gradless_stages(), fuse=fuse_backward)
+            self.fused_backward = fuse_backward
+        else:
+            raise ValueError(f"fuse_backward must be True, False or 'auto', got {fuse_backward!r}")
         self._check_placement(compute)
         self.schedule: Schedule | None = None
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):

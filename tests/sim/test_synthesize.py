@@ -129,3 +129,26 @@ def test_tune_synthesize_prints_and_saves(tmp_path, capsys) -> None:
     from pippy.schedules.lower import from_csv
 
     validate(from_csv(str(csv)))
+
+
+@pytest.mark.parametrize(("costs", "fused"), [(None, True), (CostModel.uniform(4), False)])
+def test_fuse_backward_auto_follows_the_costs(costs: CostModel | None, fused: bool) -> None:
+    from pippy import ScheduleZBV
+
+    class _ZBV(ScheduleZBV):
+        @classmethod
+        def placement(cls, num_ranks: int, stages_per_rank: int = 2) -> tuple[int, ...]:
+            return v_placement(num_ranks)
+
+    torch.manual_seed(0)
+    model = MLPStack(n=4, d=8).double()
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    pipe = pipeline(model, 8, (x,), split_spec={f"blocks.{i}": SplitPoint.END for i in range(3)})
+    lp = LocalPipeline(pipe, _ZBV, num_ranks=2, n_microbatches=8, loss_fn=lambda o, t: ((o - t) ** 2).mean(),
+                       loss_reduction="mean", costs=costs, fuse_backward="auto")
+    assert all(s.fused_backward is fused for s in lp.schedules)
+    out = lp.step(x, target=y)
+    ((model(x) - y) ** 2).mean().backward()
+    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-13)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13)
