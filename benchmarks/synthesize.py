@@ -28,7 +28,7 @@ from pippy.schedules.lower import runtime_form
 from pippy.sim.simulate import simulate
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from vs_torch_pipelining import gpt2_workload  # noqa: E402 - the same workload as the peer benchmark
+from vs_torch_pipelining import gpt2_workload
 
 FIXED = {"interleaved_1f1b": pippy.ScheduleInterleaved1F1B, "looped_bfs": pippy.ScheduleLoopedBFS,
          "interleaved_zb": pippy.ScheduleZBH1, "zbv": pippy.ScheduleZBV, "dualpipev": pippy.ScheduleDualPipeV}
