@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One script for a machine with a CUDA device: transparency of every schedule on the device, a real
+# multi-rank run, and pippy vs torch.distributed.pipelining on GPT-2 (step time, tokens/s, peak memory,
+# host syncs, send/compute overlap). See benchmarks/gpu_check.py.
+#
+#   benchmarks/gpu_check.sh          # CUDA: GPT-2 12x1024, seq 1024 (env LAYERS WIDTH SEQ BATCH STEPS override)
+#   benchmarks/gpu_check.sh --cpu    # the same checks, small, on CPU with gloo (make test runs this)
+#
+# Backends: NCCL on CUDA, one rank per GPU. NCCL refuses two ranks on one GPU, and gloo cannot send
+# CUDA tensors point to point, so with one GPU the multi-rank run is skipped (said below) and the
+# benchmark runs one rank holding 2 stages (interleaved 1F1B on both sides); the transparency check
+# still runs every schedule with several stages in one process on the device.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+run() { "$PY" -m torch.distributed.run --standalone --nproc-per-node "$1" benchmarks/gpu_check.py "${@:2}"; }
+
+if [[ "${1:-}" == "--cpu" ]]; then
+  DEV=cpu; N=2
+  SIZE=(--layers 2 --width 64 --seq 32 --batch 8 --steps 3)
+else
+  DEV=cuda
+  N=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  if [[ "$N" -lt 1 ]]; then echo "gpu_check: no CUDA device (run with --cpu for the CPU mode)"; exit 2; fi
+  SIZE=(--layers "${LAYERS:-12}" --width "${WIDTH:-1024}" --seq "${SEQ:-1024}" --batch "${BATCH:-8}"
+        --steps "${STEPS:-10}")
+  "$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), 'torch', torch.__version__)"
+fi
+
+echo "== transparency ($DEV, in one process)"
+"$PY" benchmarks/gpu_check.py transparency --device "$DEV"
+echo "== dist ($DEV, $N ranks)"
+if [[ "$N" -ge 2 ]]; then
+  run "$N" dist --device "$DEV"
+else
+  echo "dist: skipped: one GPU (NCCL refuses two ranks on one device; gloo sends no CUDA tensors)"
+fi
+echo "== bench ($DEV, $N rank(s))"
+run "$N" bench --device "$DEV" "${SIZE[@]}"
+echo "gpu_check: done"
