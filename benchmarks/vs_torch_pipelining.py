@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -110,6 +113,47 @@ class _PeerWrap(nn.Module):
         return out[0] if len(out) == 1 else tuple(out)
 
 
+def _rss_now() -> float:
+    """Resident set size of this process now, bytes (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_peak() -> float:
+    """Peak resident set size of this process so far, bytes."""
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def memory(workload: str, sched: str, steps: int, rank: int, world: int, side: str) -> tuple[float, float]:
+    """Run one side only (this process never builds the other): (peak RSS, peak RSS minus RSS before the steps).
+
+    The difference is what the steps themselves add (activations, messages, gradients) over the
+    model, the stage modules and torch, which both sides share; run each side in its own torchrun.
+    """
+    ours_cls, peer_cls, spr = SCHEDULES[sched]
+    n_stages = world * spr
+    model, args, target, loss_fn, spec, n_mb = WORKLOADS[workload](n_stages)
+    pipe = pipeline(model, n_mb, example_args=args, split_spec=spec)
+    placement = ours_cls.placement(world, spr)
+    mine = [s for s in range(n_stages) if placement[s] == rank]
+    if side == "pippy":
+        stages: list[Any] = [pipe.build_stage(s, "cpu") for s in mine]
+        runner = ours_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
+    else:
+        stages = [peer.PipelineStage(_PeerWrap(copy.deepcopy(pipe.get_stage_module(s)), s == n_stages - 1,
+                                               pipe.unflatten_output), s, n_stages, torch.device("cpu")) for s in mine]
+        runner = peer_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
+    del model
+    gc.collect()
+    first, last = placement[0] == rank, placement[-1] == rank
+    before = _rss_now()
+    for _ in range(steps):
+        for st in stages:
+            st.submod.zero_grad()
+        runner.step(*(args if first else ()), target=target if last else None)
+    return _rss_peak(), _rss_peak() - before
+
+
 def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple[float, float, list[float]] | None:
     """Median step seconds (pippy, peer) for one workload and schedule, and the paired ratios.
 
@@ -168,12 +212,25 @@ def main() -> None:
     ap.add_argument("--workloads", default="mlp,gpt2")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--untied", action="store_true", help="GPT-2 without tied embeddings (see TIED)")
+    ap.add_argument("--memory", choices=["pippy", "peer"],
+                    help="run only this side and print each rank's peak RSS (run once per side, separate processes)")
     a = ap.parse_args()
     global TIED
     TIED = not a.untied
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
+    if a.memory:
+        for w in a.workloads.split(","):
+            for s in a.schedules.split(","):
+                got: list[Any] = [None] * world
+                dist.all_gather_object(got, memory(w, s, a.steps, rank, world, a.memory))
+                if rank == 0:
+                    print(f"memory {a.memory:5s} {w:5s} {s:17s} peak RSS MiB per rank "
+                          f"[{', '.join(f'{g[0] / 2**20:.1f}' for g in got)}]  added by the steps MiB per rank "
+                          f"[{', '.join(f'{g[1] / 2**20:.1f}' for g in got)}]", flush=True)
+        dist.destroy_process_group()
+        return
     rows = []
     for w in a.workloads.split(","):
         for s in a.schedules.split(","):
