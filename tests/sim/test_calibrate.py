@@ -1,0 +1,41 @@
+"""Calibration from a traced step: the durations the run measured replace the profile's, per stage and kind."""
+
+from __future__ import annotations
+
+import pytest
+
+from pippy.schedules.generators import one_f_one_b, zb_h1
+from pippy.schedules.lower import runtime_form
+from pippy.sim.calibrate import calibrate
+from pippy.sim.cost import CostModel, StageCost
+from pippy.sim.simulate import simulate
+
+
+def _costs(scale: float) -> CostModel:
+    return CostModel(stages=[StageCost(f=1.0 * scale, i=1.2 * scale, w=0.8 * scale, fused_b=1.7 * scale,
+                                       split_f=1.1 * scale, act_bytes=5.0, send_bytes=2.0) for _ in range(3)],
+                     latency=0.05, bandwidth=100.0)
+
+
+@pytest.mark.parametrize("sched", [one_f_one_b(3, 6), runtime_form(zb_h1(3, 6), (), fuse=False)])
+def test_a_trace_of_a_slower_run_gives_its_costs_back(sched) -> None:
+    profiled, real = _costs(1.0), _costs(1.3)  # the run is 30% slower than the profile said
+    measured = simulate(sched, real).timeline
+    cal = calibrate(profiled, measured)
+    assert simulate(sched, cal).step_time == pytest.approx(measured.step_time)
+    assert simulate(sched, profiled).step_time < 0.9 * measured.step_time
+    st = cal.stages[1]
+    assert cal.latency == 0.05 and st.act_bytes == 5.0  # the link and the sizes stay the profile's
+    split = sched.uses_split_backward()
+    assert st.forward_time(split) == pytest.approx(real.stages[1].forward_time(split))
+
+
+def test_kinds_the_trace_did_not_run_scale_with_those_it_did() -> None:
+    measured = simulate(one_f_one_b(3, 6), _costs(2.0)).timeline  # F and B only
+    cal = calibrate(_costs(1.0), measured)
+    for got, want in zip(cal.stages, _costs(2.0).stages):
+        assert (got.f, got.b) == pytest.approx((want.f, want.b))
+        assert (got.i, got.w, got.forward_time(True)) == pytest.approx((want.i, want.w, want.forward_time(True)))
+    # so a 1F1B trace predicts ZB-H1 on the same machine
+    zb = runtime_form(zb_h1(3, 6), (), fuse=False)
+    assert simulate(zb, cal).step_time == pytest.approx(simulate(zb, _costs(2.0)).step_time)
