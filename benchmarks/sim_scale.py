@@ -7,8 +7,8 @@ Not a test: it asserts nothing about time.
 
 from __future__ import annotations
 
+import argparse
 import gc
-import sys
 import time
 
 from pippy.schedules.generators import one_f_one_b
@@ -17,8 +17,11 @@ from pippy.sim.simulate import simulate
 
 
 def main() -> None:
-    p = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
-    m = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("p", type=int, nargs="?", default=1024, help="ranks (default 1024)")
+    ap.add_argument("m", type=int, nargs="?", default=4096, help="micro-batches (default 4096)")
+    a = ap.parse_args()
+    p, m = a.p, a.m
     gc.disable()  # the generator makes millions of small objects
     t0 = time.perf_counter()
     sch = one_f_one_b(p, m)
