@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import resource
 import statistics
 import sys
 import time
@@ -34,6 +33,9 @@ from torch import nn
 import pippy
 from pippy import SplitPoint, pipeline
 from pippy.runtime.local import LocalPipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_torch_pipelining import _PeerWrap, _rss_peak
 
 ONE_PER_RANK = ["ScheduleGPipe", "Schedule1F1B", "ScheduleZBH1", "ScheduleZBH2"]
 TWO_PER_RANK = ["ScheduleInterleaved1F1B", "ScheduleLoopedBFS", "ScheduleZBH1", "ScheduleZBV", "ScheduleDualPipeV"]
@@ -126,9 +128,7 @@ def dist_check(dev_kind: str) -> bool:
 
 
 def _peak_bytes(dev: torch.device) -> float:
-    if dev.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(dev))
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux; whole process
+    return float(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else _rss_peak()  # CPU: whole process
 
 
 def _syncs(dev: torch.device, fn: Any) -> tuple[Counter[str], float]:
@@ -174,7 +174,7 @@ def bench(dev_kind: str, layers: int, width: int, seq: int, batch: int, steps: i
     for s in mine:
         gm = copy.deepcopy(pipe.get_stage_module(s)).to(dev)
         last = s == n_stages - 1
-        mod = _PeerStage(gm, last, pipe.unflatten_output)
+        mod = _PeerWrap(gm, last, pipe.unflatten_output)
         peer_stages.append(peer.PipelineStage(mod, s, n_stages, dev))
     theirs = peer_cls(peer_stages[0] if spr == 1 else peer_stages, m, loss_fn=lm_loss)
     first, last = placement[0] == rank, placement[-1] == rank
@@ -222,21 +222,6 @@ def bench(dev_kind: str, layers: int, width: int, seq: int, batch: int, steps: i
         print(f"bench sync events (pippy, rank 0): {gathered[0]['pippy']['syncs'] or 'none'}")
         print(f"bench ratio pippy/peer step time: {gathered[0]['pippy']['step'] / gathered[0]['peer']['step']:.3f}")
     dist.destroy_process_group()
-
-
-class _PeerStage(nn.Module):
-    """The peer passes tensors positionally and wants a tensor (or tuple) back."""
-
-    def __init__(self, gm: nn.Module, last: bool, unflatten: Any) -> None:
-        super().__init__()
-        self.gm, self.last, self.unflatten = gm, last, unflatten
-
-    def forward(self, *xs: torch.Tensor) -> Any:
-        out = self.gm(*xs)
-        if self.last:
-            res = self.unflatten(out)
-            return res.logits if hasattr(res, "logits") else res
-        return out[0] if len(out) == 1 else tuple(out)
 
 
 def main() -> int:

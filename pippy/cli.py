@@ -14,14 +14,14 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+from pippy.cli_tune import cmd_tune, make_named, simulate_runtime
 from pippy.schedules.generators import SCHEDULES  # pure Python: --help stays free of torch
 
 if TYPE_CHECKING:
     from pippy.schedules.ir import Schedule
     from pippy.sim.cost import CostModel
-    from pippy.sim.simulate import SimResult
 
 __all__ = ["main", "parse_size"]
 
@@ -146,19 +146,6 @@ def _build_parser() -> _Parser:
     return p
 
 
-def _make(name: str, p: int, m: int, costs_path: str | None = None) -> Schedule:
-    """The named schedule; ZB-V's order is chosen as the runtime's ScheduleZBV chooses it.
-
-    That is :func:`pippy.sim.choose.make_schedule_for` under the costs file (scaled to ``m``
-    micro-batches), or under its default costs without one.
-    """
-    from pippy.sim.choose import make_schedule_for
-    from pippy.sim.cost import CostModel
-
-    costs = CostModel.from_json(costs_path).for_microbatches(m) if costs_path else None
-    return make_schedule_for(name, p, m, costs)
-
-
 def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
     """Load (or default) costs, scale to the micro-batch count and fit the schedule's stage count."""
     from pippy.sim.cost import CostModel
@@ -166,14 +153,6 @@ def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
     base = CostModel.from_json(path) if path else CostModel.uniform(ranks)
     costs = base.for_microbatches(sch.n_microbatches) if path else base
     return costs.rebin(sch.num_stages)
-
-
-def _sim(sch: Schedule, costs: CostModel) -> SimResult:
-    """Simulate ``sch`` as the runtime runs it (:func:`pippy.schedules.lower.runtime_form`)."""
-    from pippy.schedules.lower import runtime_form
-    from pippy.sim.simulate import simulate
-
-    return simulate(runtime_form(sch), costs)
 
 
 def _fmt_list(xs: Sequence[float], fmt: str = "{:.1f}", limit: int = 16) -> str:
@@ -184,7 +163,7 @@ def _fmt_list(xs: Sequence[float], fmt: str = "{:.1f}", limit: int = 16) -> str:
 def _cmd_show(a: argparse.Namespace) -> int:
     from pippy.schedules.render_grid import grid
 
-    sch = _make(a.schedule, a.ranks, a.microbatches)
+    sch = make_named(a.schedule, a.ranks, a.microbatches)
     if a.lowered:
         from pippy.schedules.lower import lower
 
@@ -196,8 +175,8 @@ def _cmd_show(a: argparse.Namespace) -> int:
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from pippy.sim.render import format_bytes, format_time, render_png, render_text, write_chrome_trace
 
-    sch = _make(a.schedule, a.ranks, a.microbatches, a.costs)
-    res = _sim(sch, _costs_for(a.costs, sch, a.ranks))
+    sch = make_named(a.schedule, a.ranks, a.microbatches, a.costs)
+    res = simulate_runtime(sch, _costs_for(a.costs, sch, a.ranks))
     tl = res.timeline
     color = not a.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(render_text(tl, width=a.width, color=color))
@@ -227,7 +206,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     rows, notes = [], []
     for name in SCHEDULES:
         try:
-            sch = _make(name, a.ranks, a.microbatches, a.costs)
+            sch = make_named(name, a.ranks, a.microbatches, a.costs)
         except ValueError as e:
             notes.append(f"{name}: skipped ({e})")
             continue
@@ -253,85 +232,6 @@ def _cmd_compare(a: argparse.Namespace) -> int:
           "(fuse_backward=False))")
     for n in notes:
         print(n)
-    return 0
-
-
-def _cmd_tune(a: argparse.Namespace) -> int:
-    from pippy.sim.cost import CostModel
-    from pippy.sim.render import format_bytes, format_time
-
-    base = CostModel.from_json(a.costs)
-    ranks = a.ranks or base.num_stages
-    ok: list[tuple[float, str, int, float]] = []
-    over: list[tuple[str, int, float, float]] = []
-    invalid: list[str] = []
-    for name in SCHEDULES:
-        for m in a.microbatches_choices:
-            try:
-                sch = _make(name, ranks, m, a.costs)
-            except ValueError:
-                invalid.append(f"{name}/m={m}")
-                continue
-            res = _sim(sch, base.for_microbatches(m).rebin(sch.num_stages))
-            peak = max(res.peak_memory)
-            if peak <= a.memory_limit:
-                ok.append((res.step_time, name, m, peak))
-            else:
-                over.append((name, m, peak, res.step_time))
-    limit = format_bytes(a.memory_limit)
-    if not ok:
-        low = min(over, key=lambda x: x[2]) if over else None  # (name, m, peak, step)
-        print(f"no schedule fits {limit} per rank on {ranks} ranks" + (f"; the smallest peak is {low[0]} with m={low[1]}: {format_bytes(low[2])}" if low else ""))
-        return 1
-    ok.sort()
-    t, name, m, peak = ok[0]
-    print(f"recommended: {name} with {m} micro-batches on {ranks} ranks")
-    print(f"  predicted step time {format_time(t)}, peak memory {format_bytes(peak)} per rank (limit {limit})")
-    if len(ok) > 1:
-        print("  it beat (fastest alternatives within the limit):")
-        for t2, n2, m2, p2 in ok[1:6]:
-            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
-    if over:
-        faster = sorted((x for x in over if x[3] < t), key=lambda x: x[3])
-        print(f"  rejected for memory (> {limit}): {len(over)} configurations"
-              + (", of which faster than the pick:" if faster else ", none of them faster than the pick"))
-        for n2, m2, p2, t2 in faster[:5]:
-            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
-    if invalid:
-        print(f"  not possible for {ranks} ranks: {', '.join(invalid[:8])}" + (" ..." if len(invalid) > 8 else ""))
-    return _synthesized(a, base, ranks, t, name, m) if a.synthesize else 0
-
-
-def _synthesized(a: argparse.Namespace, base: Any, ranks: int, fixed_t: float, fixed_name: str, fixed_m: int) -> int:
-    """``tune --synthesize``: the best built schedule over the micro-batch counts and stage counts, vs the pick."""
-    from pippy.schedules.lower import to_csv
-    from pippy.schedules.render_grid import grid
-    from pippy.sim.render import format_bytes, format_time
-    from pippy.sim.synthesize import synthesize
-
-    found = []
-    for m in a.microbatches_choices:
-        for n in (ranks, 2 * ranks):
-            try:
-                syn = synthesize(ranks, m, base.for_microbatches(m).rebin(n), memory_limit=a.memory_limit)
-            except ValueError:
-                continue
-            found.append((syn.step_time, m, n, syn))
-    if not found:
-        print("synthesized: nothing fits the limit")
-        return 1
-    t, m, n, syn = min(found, key=lambda x: x[:3])
-    gain = 100 * (t - fixed_t) / fixed_t
-    how = f"built by rule {syn.rule}" if syn.built else f"no built schedule beat the fixed {syn.rule}, so that one"
-    print(f"synthesized: {n} stages, {m} micro-batches, {how}")
-    print(f"  predicted step time {format_time(t)} ({gain:+.1f}% vs {fixed_name} with m={fixed_m}), peak memory "
-          f"{format_bytes(syn.peak_memory)} per rank; best fixed schedule for this m and stage count: "
-          f"{syn.best_fixed} {format_time(syn.best_fixed_time)}")
-    print(grid(syn.schedule))
-    if a.save_csv:
-        to_csv(syn.schedule, a.save_csv)
-        print(f"  written to {a.save_csv}: run it with ScheduleFromCSV({a.save_csv!r}, stages, loss_fn=...) or build it "
-              "in place with ScheduleSynthesized(stages, m, loss_fn, costs=..., memory_limit=...)")
     return 0
 
 
@@ -399,7 +299,7 @@ def _cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"show": _cmd_show, "simulate": _cmd_simulate, "compare": _cmd_compare, "tune": _cmd_tune,
+_COMMANDS = {"show": _cmd_show, "simulate": _cmd_simulate, "compare": _cmd_compare, "tune": cmd_tune,
              "trace-compare": _cmd_trace_compare, "profile": _cmd_profile}
 
 

@@ -155,6 +155,11 @@ def describe_input_dims(gm: fx.GraphModule, ranges: Mapping[Any, Any]) -> list[t
 
     ``ranges`` is the exported program's ``range_constraints``. A dim whose size is an expression of
     several symbols (rare in inputs) is recorded by the expression's text with no bounds.
+
+        >>> from pippy.frontend.trace import export_module
+        >>> ep = export_module(torch.nn.Linear(4, 2), (torch.ones(3, 4),), dynamic_shapes={"input": {0: Dim.AUTO}})
+        >>> describe_input_dims(ep.module(), ep.range_constraints)
+        [(SymDim(name='s...', lo=2, hi=None), 4)]
     """
     out: list[tuple[int | SymDim, ...] | None] = []
     for node in gm.graph.nodes:

@@ -241,8 +241,10 @@ class ScheduleSynthesized(_MultiStage):
     default costs) and ``memory_limit`` (bytes per rank, as the costs count them) must be the same on
     every rank. Pass each rank its stages in one of the placements the synthesizer knows: one
     stage per rank, the V (rank ``r``: stages ``r`` and ``2p-1-r``) or the interleaved loop
-    (stage ``s`` on rank ``s % p``); it builds for that placement. ``synthesis`` then tells what was
-    chosen and how it compares with the best fixed schedule::
+    (stage ``s`` on rank ``s % p``); it builds for that placement. Where a rank's stages fit both
+    (the middle rank of an odd number of ranks), name it: ``layout="v"`` or ``"loop"``, the same on
+    every rank. ``synthesis`` then tells what was chosen and how it compares with the best fixed
+    schedule::
 
         ScheduleSynthesized([stage_a, stage_b], 8, loss_fn=F.cross_entropy, costs=profiled).step(x, target=y)
     """
@@ -250,27 +252,39 @@ class ScheduleSynthesized(_MultiStage):
     name = "synth"
 
     def __init__(self, stages: Stage | Sequence[Stage], n_microbatches: int, loss_fn: Callable[..., torch.Tensor] | None = None, *,
-                 costs: CostModel | None = None, memory_limit: float | None = None, **kwargs: Any) -> None:
+                 costs: CostModel | None = None, memory_limit: float | None = None, layout: str | None = None,
+                 **kwargs: Any) -> None:
+        if layout not in (None, "v", "loop"):
+            raise ValueError(f"ScheduleSynthesized: layout must be 'v', 'loop' or None (read off the stages), got {layout!r}")
         self.costs = costs
         self.memory_limit = memory_limit
+        self.layout = layout
         self.synthesis: Synthesis | None = None
         super().__init__(stages, n_microbatches, loss_fn, **kwargs)
 
     def _make(self, p: int) -> Schedule:
         n = self.pipe.num_stages
         mine = sorted(st.index for st in self.stages)
-        layouts = [pl for pl in (loop_placement(p, n // p), v_placement(p) if n == 2 * p else None)
-                   if pl is not None and n % p == 0 and [s for s in range(n) if pl[s] == self.rank] == mine]
+        named = {"loop": loop_placement(p, max(1, n // p)), "v": v_placement(p) if n == 2 * p else None}
+        layouts = [(k, pl) for k, pl in named.items() if pl is not None and n % p == 0 and len(pl) == n
+                   and (self.layout is None or k == self.layout) and [s for s in range(n) if pl[s] == self.rank] == mine]
+        if self.layout is None and n == 2 * p and p % 2 == 1:  # every rank raises, not only the middle one
+            raise ValueError(
+                f"with {p} ranks (odd) the middle rank's stages fit both the V and the interleaved loop, so the "
+                "ranks cannot tell them apart from their stages; pass layout='v' or layout='loop' (the same on "
+                "every rank)"
+            )
         if not layouts:
             raise ValueError(
                 f"this rank holds stages {mine} of {n}; the synthesizer places one stage per rank, the V (rank r: "
-                f"stages r and 2p-1-r) or the interleaved loop (stage s on rank s % p). Pass each rank its stages "
-                "in one of those"
+                f"stages r and 2p-1-r) or the interleaved loop (stage s on rank s % p)"
+                f"{'' if self.layout is None else f', and layout={self.layout!r} was asked'}. Pass each rank its "
+                "stages in one of those"
             )
         costs = default_costs(n) if self.costs is None else self.costs
         costs = costs if costs.num_stages == n else costs.rebin(n)
         self.synthesis = synthesize(p, self.n_microbatches, costs, memory_limit=self.memory_limit,
-                                    gradless_stages=self.gradless_stages(), placement=layouts[0])
+                                    gradless_stages=self.gradless_stages(), placement=layouts[0][1])
         return self.synthesis.schedule
 
 

@@ -35,7 +35,7 @@ from pippy.runtime.ddp import DdpSync
 from pippy.runtime.hooked_split import HookedSplit, fsdp_sync, has_block_hooks
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan
-from pippy.runtime.receives import Posted, Receives
+from pippy.runtime.receives import Posted, Receives, action_ctx
 from pippy.runtime.shapes import needs_incoming, send_value
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.tied import TiedGrads
@@ -375,7 +375,7 @@ class Executor:
 
     # ------------------------------------------------------------------ details
     def _ctx(self, a: Action, peer: int, what: str) -> WaitContext:
-        return WaitContext(self.rank, a.stage, a.kind.value, a.mb, peer, what)
+        return action_ctx(self.rank, a, peer, what)
 
 
 def _add_at(acc: dict[tuple[int, int], list[torch.Tensor | None]], key: tuple[int, int], n: int, j: int,
@@ -388,10 +388,13 @@ def _add_at(acc: dict[tuple[int, int], list[torch.Tensor | None]], key: tuple[in
 
 def _check_meta(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: str) -> None:
     if t.dtype != meta.dtype or not meta.fits(tuple(t.shape)):
+        fixed = ("Dtypes and the dimensions not marked '?' are fixed at trace time" if meta.dynamic else
+                 "Shapes and dtypes are fixed at trace time: use the traced micro-batch size (or trace with "
+                 "dynamic_shapes)")
         raise StageError(
             f"rank {rank}, stage {a.stage}, action {a} (micro-batch {a.mb}): {what} is {t.dtype}{list(t.shape)} but the traced "
-            f"pipe expects {meta.describe()}. Shapes and dtypes are fixed at trace time: use the traced micro-batch "
-            "size, and keep the stage's computation as traced (no dtype or shape that depends on the data)"
+            f"pipe expects {meta.describe()}. {fixed}; keep the stage's computation as traced (no dtype or shape "
+            "that depends on the data)"
         )
 
 

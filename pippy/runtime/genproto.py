@@ -35,7 +35,8 @@ from pippy.runtime.genstage import GenerationStage
 __all__ = ["Request", "run_rank"]
 
 _STOP, _DATA = 0, 1
-_TAG_HDR, _TAG_ACT, _TAG_TOK, _TAG_OUT, _TAG_OUT_HDR = 9101, 9102, 9103, 9104, 9105
+_GEN = 1 << 30  # generation's tag band (see pippy.runtime.plan: edges, shape headers and tied grads sit below)
+_TAG_HDR, _TAG_ACT, _TAG_TOK, _TAG_OUT, _TAG_OUT_HDR = (_GEN + k for k in range(1, 6))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -47,7 +47,12 @@ class Edge:
     peer: int
 
     def tag(self, *, backward: bool, mb: int, n_microbatches: int) -> int:
-        """The message tag of this edge's activation (or, ``backward``, gradient) for micro-batch ``mb``."""
+        """The message tag of this edge's activation (or, ``backward``, gradient) for micro-batch ``mb``.
+
+        Tag bands between two ranks: edge messages below ``1 << 28``; their shape headers at
+        ``1 << 28`` + edge tag (:mod:`pippy.runtime.shapes`); tied-gradient sums from ``1 << 29``
+        (:mod:`pippy.runtime.tied`); generation from ``1 << 30`` (:mod:`pippy.runtime.genproto`).
+        """
         return (self.id * 2 + int(backward)) * n_microbatches + mb
 
 

@@ -41,7 +41,16 @@ from pippy.runtime.shapes import Incoming, needs_incoming
 from pippy.runtime.stage import Stage
 from pippy.schedules.ir import Action, Kind
 
-__all__ = ["Posted", "Receives"]
+__all__ = ["Posted", "Receives", "action_ctx"]
+
+
+def action_ctx(rank: int, a: Action, peer: int, what: str) -> WaitContext:
+    """The context of a wait (or a send) of action ``a`` on ``rank`` with ``peer``: what an error names.
+
+        >>> action_ctx(1, Action(1, Kind.RECV_F, 0), 0, "input 0").describe()
+        'rank 1, stage 1, action 1RECV_F0 (micro-batch 0), peer rank 0: input 0'
+    """
+    return WaitContext(rank, a.stage, a.kind.value, a.mb, peer, what)
 
 
 @dataclass(slots=True)
@@ -125,4 +134,4 @@ class Receives:
         return Posted(self.transport.irecv(buf, e.peer, tag, ctx), ctx, slot, buf)
 
     def _ctx(self, a: Action, peer: int, what: str) -> WaitContext:
-        return WaitContext(self.transport.rank, a.stage, a.kind.value, a.mb, peer, what)
+        return action_ctx(self.transport.rank, a, peer, what)

@@ -39,6 +39,8 @@ def calibrate(costs: CostModel, timeline: Timeline) -> CostModel:
     (``split_f``), else the plain one (``f``); B is the one-pass backward (``fused_b``). Kinds
     absent from the trace keep the profile's value times the stage's measured/profiled ratio of
     the kinds present (1 when none are). Link latency, bandwidth and byte sizes are the profile's.
+    Pass the trace of a training step: an ``eval()`` trace's forwards run without autograd and
+    are faster than a training F. Stages beyond ``costs.num_stages`` in the trace are ignored.
     """
     seen: dict[tuple[int, Kind], list[float]] = {}
     for ev in timeline.events:

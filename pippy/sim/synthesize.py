@@ -207,6 +207,7 @@ def _placements(p: int, n: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 _FIXED = {1: ("gpipe", "1f1b", "zb_h1", "zb_h2"), 2: ("interleaved_1f1b", "looped_bfs", "zbv", "dualpipev")}
+_LOOPED = ("interleaved_1f1b", "looped_bfs")  # the fixed schedules that take v > 2 stages per rank
 
 
 def _rules(p: int, stages_per_rank: int) -> Iterable[Rule]:
@@ -225,8 +226,8 @@ def synthesize(p: int, m: int, costs: CostModel, *, memory_limit: float | None =
     ``costs.num_stages`` fixes the stage count (``p``: one per rank; ``2p``: the V shape or the
     interleaved loop; ``kp``: the interleaved loop); ``placement`` keeps only that one (stage -> rank).
     ``gradless_stages``: as in :func:`~pippy.schedules.lower.runtime_form`. The fixed schedules are
-    simulated too, for the record (``best_fixed``): a synthesized schedule is kept only when no
-    slower than the best of them that fits (else that one is returned, under its own name).
+    simulated too, for the record (``best_fixed``): a synthesized schedule is kept only when faster
+    than the best of them that fits (else that one is returned, under its own name; ``built`` False).
 
         >>> from pippy.sim.cost import CostModel
         >>> syn = synthesize(2, 4, CostModel.uniform(2))
@@ -261,9 +262,11 @@ def synthesize(p: int, m: int, costs: CostModel, *, memory_limit: float | None =
         return res.step_time, peak
 
     fixed_best: tuple[float, str] | None = None
-    for name in _FIXED[min(2, n // p)]:
+    v = n // p
+    fixed = [(name, {}) for name in _FIXED[v]] if v <= 2 else [(name, {"v": v}) for name in _LOOPED]
+    for name, options in fixed:
         try:
-            sch = make_schedule(name, p, m) if n // p <= 2 else make_schedule("interleaved_1f1b", p, m, v=n // p)
+            sch = make_schedule(name, p, m, **options)
         except (ValueError, ScheduleError):
             continue
         if sch.num_stages != n or (placement is not None and sch.stage_to_rank != tuple(placement)):
@@ -271,16 +274,18 @@ def synthesize(p: int, m: int, costs: CostModel, *, memory_limit: float | None =
         got = judge(name, sch, False)
         if got is not None and (fixed_best is None or got[0] < fixed_best[0]):
             fixed_best = (got[0], name)
-    for pname, placement in places:
+    for pname, layout in places:
         for rule in _rules(p, n // p):
             try:
-                sch = list_schedule(p, m, placement, costs, rule, memory_limit)
+                sch = list_schedule(p, m, layout, costs, rule, memory_limit)
             except RuntimeError:
                 continue
             judge(f"{pname} {rule}", sch, True)
     if best is None:
-        raise ValueError(f"synthesize: no schedule for p={p}, m={m} fits memory_limit={memory_limit:g} bytes per rank; "
-                         f"raise the limit or use more micro-batches (smaller ones)")
+        smallest = min((peak for _, _, peak in tried), default=None)
+        seen = "" if smallest is None else f" (the smallest predicted peak was {smallest:g})"
+        raise ValueError(f"synthesize: no schedule for p={p}, m={m} fits memory_limit={memory_limit} bytes per rank"
+                         f"{seen}; raise the limit or use more micro-batches (smaller ones)")
     t, peak, sch, label, built = best
     return Synthesis(sch, t, peak, label, built, fixed_best[1] if fixed_best else None,
                      fixed_best[0] if fixed_best else math.inf, tried)

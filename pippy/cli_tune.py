@@ -1,0 +1,129 @@
+"""``python -m pippy tune``: the fastest fixed schedule and micro-batch count within a memory limit, or a built one.
+
+    >>> import os, tempfile
+    >>> from pippy.sim.cost import CostModel
+    >>> path = os.path.join(tempfile.mkdtemp(), "c.json"); CostModel.uniform(2).to_json(path)
+    >>> from pippy.cli import main
+    >>> main(["tune", "--costs", path, "--memory-limit", "1e9", "--microbatches-choices", "4"])  # doctest: +ELLIPSIS
+    recommended: interleaved_zb with 4 micro-batches on 2 ranks
+    ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from pippy.schedules.generators import SCHEDULES
+
+if TYPE_CHECKING:
+    from pippy.schedules.ir import Schedule
+    from pippy.sim.cost import CostModel
+    from pippy.sim.simulate import SimResult
+
+__all__ = ["cmd_tune", "make_named", "simulate_runtime"]
+
+
+def make_named(name: str, p: int, m: int, costs_path: str | None = None) -> Schedule:
+    """The named schedule; ZB-V's order is chosen as the runtime's ScheduleZBV chooses it.
+
+    That is :func:`pippy.sim.choose.make_schedule_for` under the costs file (scaled to ``m``
+    micro-batches), or under its default costs without one.
+    """
+    from pippy.sim.choose import make_schedule_for
+    from pippy.sim.cost import CostModel
+
+    costs = CostModel.from_json(costs_path).for_microbatches(m) if costs_path else None
+    return make_schedule_for(name, p, m, costs)
+
+
+def simulate_runtime(sch: Schedule, costs: CostModel) -> SimResult:
+    """Simulate ``sch`` as the runtime runs it (:func:`pippy.schedules.lower.runtime_form`)."""
+    from pippy.schedules.lower import runtime_form
+    from pippy.sim.simulate import simulate
+
+    return simulate(runtime_form(sch), costs)
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from pippy.sim.cost import CostModel
+    from pippy.sim.render import format_bytes, format_time
+
+    if a.save_csv and not a.synthesize:
+        print("tune: --save-csv writes the synthesized schedule; add --synthesize", file=sys.stderr)
+        return 2
+    base = CostModel.from_json(a.costs)
+    ranks = a.ranks or base.num_stages
+    ok: list[tuple[float, str, int, float]] = []
+    over: list[tuple[str, int, float, float]] = []
+    invalid: list[str] = []
+    for name in SCHEDULES:
+        for m in a.microbatches_choices:
+            try:
+                sch = make_named(name, ranks, m, a.costs)
+            except ValueError:
+                invalid.append(f"{name}/m={m}")
+                continue
+            res = simulate_runtime(sch, base.for_microbatches(m).rebin(sch.num_stages))
+            peak = max(res.peak_memory)
+            if peak <= a.memory_limit:
+                ok.append((res.step_time, name, m, peak))
+            else:
+                over.append((name, m, peak, res.step_time))
+    limit = format_bytes(a.memory_limit)
+    if not ok:
+        low = min(over, key=lambda x: x[2]) if over else None  # (name, m, peak, step)
+        print(f"no schedule fits {limit} per rank on {ranks} ranks" + (f"; the smallest peak is {low[0]} with m={low[1]}: {format_bytes(low[2])}" if low else ""))
+        return _synthesized(a, base, ranks, None) if a.synthesize else 1
+    ok.sort()
+    t, name, m, peak = ok[0]
+    print(f"recommended: {name} with {m} micro-batches on {ranks} ranks")
+    print(f"  predicted step time {format_time(t)}, peak memory {format_bytes(peak)} per rank (limit {limit})")
+    if len(ok) > 1:
+        print("  it beat (fastest alternatives within the limit):")
+        for t2, n2, m2, p2 in ok[1:6]:
+            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
+    if over:
+        faster = sorted((x for x in over if x[3] < t), key=lambda x: x[3])
+        print(f"  rejected for memory (> {limit}): {len(over)} configurations"
+              + (", of which faster than the pick:" if faster else ", none of them faster than the pick"))
+        for n2, m2, p2, t2 in faster[:5]:
+            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
+    if invalid:
+        print(f"  not possible for {ranks} ranks: {', '.join(invalid[:8])}" + (" ..." if len(invalid) > 8 else ""))
+    return _synthesized(a, base, ranks, (t, name, m)) if a.synthesize else 0
+
+
+def _synthesized(a: argparse.Namespace, base: Any, ranks: int, pick: tuple[float, str, int] | None) -> int:
+    """``tune --synthesize``: the best built schedule over the micro-batch counts and stage counts, vs the pick."""
+    from pippy.schedules.lower import to_csv
+    from pippy.schedules.render_grid import grid
+    from pippy.sim.render import format_bytes, format_time
+    from pippy.sim.synthesize import synthesize
+
+    found = []
+    for m in a.microbatches_choices:
+        for n in (ranks, 2 * ranks):
+            try:
+                syn = synthesize(ranks, m, base.for_microbatches(m).rebin(n), memory_limit=a.memory_limit)
+            except ValueError:
+                continue
+            found.append((syn.step_time, m, n, syn))
+    if not found:
+        print("synthesized: nothing fits the limit")
+        return 1
+    t, m, n, syn = min(found, key=lambda x: x[:3])
+    versus = "" if pick is None else f" ({100 * (t - pick[0]) / pick[0]:+.1f}% vs {pick[1]} with m={pick[2]})"
+    how = f"built by rule {syn.rule}" if syn.built else f"no built schedule beat the fixed {syn.rule}, so that one"
+    print(f"synthesized: {n} stages, {m} micro-batches, {how}")
+    print(f"  predicted step time {format_time(t)}{versus}, peak memory "
+          f"{format_bytes(syn.peak_memory)} per rank; best fixed schedule for this m and stage count: "
+          f"{syn.best_fixed} {format_time(syn.best_fixed_time)}")
+    print(grid(syn.schedule))
+    if a.save_csv:
+        to_csv(syn.schedule, a.save_csv)
+        print(f"  written to {a.save_csv}: run it with ScheduleFromCSV({a.save_csv!r}, stages, loss_fn=...) or build it "
+              "in place with ScheduleSynthesized(stages, m, loss_fn, costs=..., memory_limit=...)")
+    return 0
