@@ -184,3 +184,39 @@ def test_every_schedule_steps_and_evaluates_other_shapes(cls_name: str, per_rank
         for name, p in model.named_parameters():
             torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13, msg=f"{b}x{n} {name}")
         torch.testing.assert_close(lp.eval(x), model(x), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("cls_name", ["Schedule1F1B", "ScheduleZBV"])
+def test_ordered_transports_receive_varying_shapes_in_edge_order(cls_name: str, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """NCCL matches messages by posting order: every receive of an action with a varying size is then posted
+    lazily, in edge order (the in-process transport is told it is ordered, to run that path)."""
+    from pippy.runtime import shapes
+
+    lazy: list[bool] = []
+    made = shapes.Incoming.__init__
+
+    def spy(self: Any, *args: Any, post: bool = True, **kw: Any) -> None:
+        lazy.append(not post)
+        made(self, *args, post=post, **kw)
+
+    monkeypatch.setattr(shapes.Incoming, "__init__", spy)
+    torch.manual_seed(0)
+    model = MLPStack(n=4, d=8).double()
+    per_rank = 2 if cls_name == "ScheduleZBV" else 1
+    spec = {f"blocks.{4 // (2 * per_rank) * (i + 1) - 1}": SplitPoint.END for i in range(2 * per_rank - 1)}
+    pipe = pipeline(model, 4, (torch.randn(8, 5, 8, dtype=torch.float64),), split_spec=spec, dynamic_shapes="auto")
+    lp = LocalPipeline(pipe, getattr(pippy, cls_name), num_ranks=2, n_microbatches=4,
+                       loss_fn=lambda o, y: ((o - y) ** 2).mean(), loss_reduction="mean")
+    for t in lp.transports:
+        t.ordered = True
+    for b, n in ((8, 5), (12, 7)):
+        x, y = torch.randn(b, n, 8, dtype=torch.float64), torch.randn(b, n, 4, dtype=torch.float64)
+        lp.zero_grad()
+        model.zero_grad()
+        torch.testing.assert_close(lp.step(x, target=y), model(x), rtol=0, atol=1e-13)
+        ((model(x) - y) ** 2).mean().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13)
+    assert all(not ex.plan.prefetch_at for sch in lp.schedules for ex in sch._executors.values())
+    assert lazy and all(lazy)  # every varying receive was posted inside its wait
