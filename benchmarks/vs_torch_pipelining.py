@@ -113,6 +113,13 @@ class _PeerWrap(nn.Module):
         return out[0] if len(out) == 1 else tuple(out)
 
 
+def _peer_stages(pipe: Any, mine: list[int]) -> list[Any]:
+    """The peer's stages for this rank: deep copies of pippy's stage modules (the very same computation)."""
+    n = pipe.num_stages
+    return [peer.PipelineStage(_PeerWrap(copy.deepcopy(pipe.get_stage_module(s)), s == n - 1, pipe.unflatten_output),
+                               s, n, torch.device("cpu")) for s in mine]
+
+
 def _rss_now() -> float:
     """Resident set size of this process now, bytes (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -140,8 +147,7 @@ def memory(workload: str, sched: str, steps: int, rank: int, world: int, side: s
         stages: list[Any] = [pipe.build_stage(s, "cpu") for s in mine]
         runner = ours_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
     else:
-        stages = [peer.PipelineStage(_PeerWrap(copy.deepcopy(pipe.get_stage_module(s)), s == n_stages - 1,
-                                               pipe.unflatten_output), s, n_stages, torch.device("cpu")) for s in mine]
+        stages = _peer_stages(pipe, mine)
         runner = peer_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
     del model
     gc.collect()
@@ -173,14 +179,7 @@ def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple
     def peer_loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return loss_fn(out, t)
 
-    mb_args = tuple(a.chunk(n_mb)[0] for a in args)
-    peer_stages = []
-    for s in mine:
-        gm = copy.deepcopy(pipe.get_stage_module(s))
-        mod = _PeerWrap(gm, s == n_stages - 1, pipe.unflatten_output)
-        peer_stages.append(peer.PipelineStage(mod, s, n_stages, torch.device("cpu")))
-    # infer shapes: the peer runs a metadata exchange on first use; give it a micro-batch
-    del mb_args
+    peer_stages = _peer_stages(pipe, mine)  # the peer infers shapes by a metadata exchange on first use
     theirs = peer_cls(peer_stages[0] if spr == 1 else peer_stages, n_mb, loss_fn=peer_loss)
     first, last = placement[0] == rank, placement[-1] == rank
 

@@ -116,3 +116,16 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 mse.reduction = "mean"  # type: ignore[attr-defined]  # tells pippy how it reduces (else it warns and assumes mean)
+
+
+def check_mse_step(lp: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, atol: float = 1e-13) -> None:
+    """One ``lp.step`` with a mean-squared-error loss equals the plain model: output and every parameter grad."""
+    lp.zero_grad()
+    model.zero_grad(set_to_none=True)
+    out = lp.step(x, target=y)
+    ref = model(x)
+    F.mse_loss(ref, y).backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=atol)
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=atol, msg=lambda m, n=name: f"{n}: {m}")

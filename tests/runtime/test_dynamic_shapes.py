@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from models import MLPStack
+from models import MLPStack, check_mse_step, mse
 from torch import nn
 
 import pippy
@@ -122,15 +122,9 @@ def test_a_size_that_no_tensor_carries_is_sent() -> None:
     pipe = pipeline(model, 2, (x,), dynamic_shapes="auto")
     varying = [m for m in pipe.stage_infos[1].input_meta if m.varies]
     assert len(varying) == 1 and varying[0].const == 6  # the length, as a number
-    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=lambda o, y: ((o - y) ** 2).mean())
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=mse)
     for n in (6, 11, 3):
-        x, y = torch.randn(4, n, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
-        lp.zero_grad()
-        model.zero_grad()
-        torch.testing.assert_close(lp.step(x, target=y), model(x), rtol=0, atol=1e-14)
-        ((model(x) - y) ** 2).mean().backward()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-12, atol=1e-14)
+        check_mse_step(lp, model, torch.randn(4, n, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
 
 
 def _count_headers(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
@@ -173,16 +167,10 @@ def test_every_schedule_steps_and_evaluates_other_shapes(cls_name: str, per_rank
     n_stages = 2 * per_rank
     spec = {f"blocks.{4 // n_stages * (i + 1) - 1}": SplitPoint.END for i in range(n_stages - 1)}
     pipe = pipeline(model, 4, (torch.randn(8, 5, 8, dtype=torch.float64),), split_spec=spec, dynamic_shapes="auto")
-    lp = LocalPipeline(pipe, getattr(pippy, cls_name), num_ranks=2, n_microbatches=4,
-                       loss_fn=lambda o, y: ((o - y) ** 2).mean(), loss_reduction="mean")
+    lp = LocalPipeline(pipe, getattr(pippy, cls_name), num_ranks=2, n_microbatches=4, loss_fn=mse)
     for b, n in ((8, 5), (12, 9), (16, 3)):
-        x, y = torch.randn(b, n, 8, dtype=torch.float64), torch.randn(b, n, 4, dtype=torch.float64)
-        lp.zero_grad()
-        model.zero_grad()
-        torch.testing.assert_close(lp.step(x, target=y), model(x), rtol=0, atol=1e-13)
-        ((model(x) - y) ** 2).mean().backward()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13, msg=f"{b}x{n} {name}")
+        x = torch.randn(b, n, 8, dtype=torch.float64)
+        check_mse_step(lp, model, x, torch.randn(b, n, 4, dtype=torch.float64))
         torch.testing.assert_close(lp.eval(x), model(x), rtol=0, atol=1e-13)
 
 
@@ -206,17 +194,10 @@ def test_ordered_transports_receive_varying_shapes_in_edge_order(cls_name: str, 
     per_rank = 2 if cls_name == "ScheduleZBV" else 1
     spec = {f"blocks.{4 // (2 * per_rank) * (i + 1) - 1}": SplitPoint.END for i in range(2 * per_rank - 1)}
     pipe = pipeline(model, 4, (torch.randn(8, 5, 8, dtype=torch.float64),), split_spec=spec, dynamic_shapes="auto")
-    lp = LocalPipeline(pipe, getattr(pippy, cls_name), num_ranks=2, n_microbatches=4,
-                       loss_fn=lambda o, y: ((o - y) ** 2).mean(), loss_reduction="mean")
+    lp = LocalPipeline(pipe, getattr(pippy, cls_name), num_ranks=2, n_microbatches=4, loss_fn=mse)
     for t in lp.transports:
         t.ordered = True
     for b, n in ((8, 5), (12, 7)):
-        x, y = torch.randn(b, n, 8, dtype=torch.float64), torch.randn(b, n, 4, dtype=torch.float64)
-        lp.zero_grad()
-        model.zero_grad()
-        torch.testing.assert_close(lp.step(x, target=y), model(x), rtol=0, atol=1e-13)
-        ((model(x) - y) ** 2).mean().backward()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13)
+        check_mse_step(lp, model, torch.randn(b, n, 8, dtype=torch.float64), torch.randn(b, n, 4, dtype=torch.float64))
     assert all(not ex.plan.prefetch_at for sch in lp.schedules for ex in sch._executors.values())
     assert lazy and all(lazy)  # every varying receive was posted inside its wait

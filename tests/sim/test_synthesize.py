@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import MLPStack
+from models import MLPStack, check_mse_step, mse
 
 from pippy import SplitPoint, pipeline
 from pippy.cli import main
@@ -95,13 +95,8 @@ def test_synthesized_schedules_run_transparently(cls: type, n_stages: int) -> No
     spec = {f"blocks.{4 // n_stages * (i + 1) - 1}": SplitPoint.END for i in range(n_stages - 1)}
     x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     pipe = pipeline(model, 4, (x,), split_spec=spec)
-    lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4, loss_fn=lambda o, t: ((o - t) ** 2).mean(),
-                       loss_reduction="mean", costs=CostModel.uniform(n_stages))
-    out = lp.step(x, target=y)
-    ((model(x) - y) ** 2).mean().backward()
-    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-13)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13)
+    lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4, loss_fn=mse, costs=CostModel.uniform(n_stages))
+    check_mse_step(lp, model, x, y)
     syn = lp.schedules[0].synthesis
     assert syn is not None and syn.schedule.stage_to_rank == cls.placement(2, n_stages // 2)
 
@@ -148,14 +143,9 @@ def test_fuse_backward_auto_follows_the_costs(costs: CostModel | None, fused: bo
     model = MLPStack(n=4, d=8).double()
     x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     pipe = pipeline(model, 8, (x,), split_spec={f"blocks.{i}": SplitPoint.END for i in range(3)})
-    lp = LocalPipeline(pipe, _ZBV, num_ranks=2, n_microbatches=8, loss_fn=lambda o, t: ((o - t) ** 2).mean(),
-                       loss_reduction="mean", costs=costs, fuse_backward="auto")
+    lp = LocalPipeline(pipe, _ZBV, num_ranks=2, n_microbatches=8, loss_fn=mse, costs=costs, fuse_backward="auto")
     assert all(s.fused_backward is fused for s in lp.schedules)
-    out = lp.step(x, target=y)
-    ((model(x) - y) ** 2).mean().backward()
-    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-13)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13)
+    check_mse_step(lp, model, x, y)
 
 
 def test_odd_ranks_need_the_layout_named() -> None:
@@ -163,16 +153,11 @@ def test_odd_ranks_need_the_layout_named() -> None:
     model = MLPStack(n=6, d=8).double()
     x, y = torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
     pipe = pipeline(model, 6, (x,), split_spec={f"blocks.{i}": SplitPoint.END for i in range(5)})
-    loss = lambda o, t: ((o - t) ** 2).mean()  # noqa: E731
     with pytest.raises(ValueError, match="with 3 ranks \\(odd\\) the middle rank's stages fit both"):
-        LocalPipeline(pipe, _V, num_ranks=3, n_microbatches=6, loss_fn=loss, loss_reduction="mean")
-    lp = LocalPipeline(pipe, _V, num_ranks=3, n_microbatches=6, loss_fn=loss, loss_reduction="mean", layout="v")
+        LocalPipeline(pipe, _V, num_ranks=3, n_microbatches=6, loss_fn=mse)
+    lp = LocalPipeline(pipe, _V, num_ranks=3, n_microbatches=6, loss_fn=mse, layout="v")
     assert {s.synthesis.schedule.stage_to_rank for s in lp.schedules} == {v_placement(3)}
-    out = lp.step(x, target=y)
-    ((model(x) - y) ** 2).mean().backward()
-    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-13)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(lp.named_grads()[name], p.grad, rtol=1e-10, atol=1e-13)
+    check_mse_step(lp, model, x, y)
 
 
 def test_more_than_two_stages_per_rank_label_the_fixed_schedules_truthfully() -> None:
