@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pippy.frontend.pipe import SplitPipe, describe_split_sites
+from pippy.frontend.describe import describe_split_sites
+from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.guards import check_device, check_loss_fn, check_stages, rank_or_none, watch_traced_parameters
 from pippy.runtime.legacy import MicrobatchSteps
 from pippy.runtime.schedule_base import PipelineSchedule

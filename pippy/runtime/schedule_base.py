@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,16 +40,15 @@ import torch.distributed as dist
 
 from pippy.frontend.precision import autocast_state
 from pippy.microbatch import merge_chunks, split_value
-from pippy.runtime.comm import DistTransport, PipeCommError, Transport
-from pippy.runtime.ddp import DdpSync
+from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
-from pippy.runtime.executor import Executor, StepInputs, StepResult
-from pippy.runtime.guards import drop_unreduced_grads, is_fsdp
+from pippy.runtime.executor import Executor, StepInputs
 from pippy.runtime.loss import carries_loss, infer_reduction
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
 from pippy.runtime.ranks import gather_trace, schedule_facts
 from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.steprun import StepRun
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
 from pippy.schedules.lower import lower, runtime_form
@@ -58,93 +57,6 @@ from pippy.sim.choose import fastest_form
 from pippy.sim.timeline import Event, Timeline
 
 __all__ = ["PipelineSchedule", "StepRun"]
-
-
-class StepRun:
-    """One step of one rank in flight: the executor's generator, then its result.
-
-    Drive it with :meth:`advance` (one slice: until the next wait on an in-process transport)
-    or :meth:`run_blocking`; on an error, :meth:`abort` cleans up. Made by
-    :meth:`PipelineSchedule.begin`, ended by :meth:`PipelineSchedule.finish`.
-    """
-
-    def __init__(self, schedule: PipelineSchedule, executor: Executor, gen: Generator[None, None, StepResult],
-                 *, training: bool = True, grads_were_none: bool = False) -> None:
-        self.schedule = schedule
-        self.executor = executor
-        self._gen = gen
-        self.result: StepResult | None = None
-        self.training = training
-        self._grads_were_none = grads_were_none  # training step that started from zero_grad(set_to_none=True)
-
-    @property
-    def done(self) -> bool:
-        """True once the step ran to its end."""
-        return self.result is not None
-
-    def advance(self) -> bool:
-        """Run until this rank waits (in-process transport) or ends; True when it ended.
-
-        An error propagates as it is; the driver then calls :meth:`abort`.
-        """
-        try:
-            next(self._gen)
-        except StopIteration as stop:
-            self.result = stop.value
-            return True
-        return False
-
-    def run_blocking(self) -> StepResult:
-        """Run to the end here (waits block on torch.distributed) and return the result; abort on an error."""
-        try:
-            while not self.advance():
-                pass
-        except BaseException as exc:
-            self.abort(exc)
-            raise
-        assert self.result is not None
-        return self.result
-
-    def abort(self, exc: BaseException, *, in_flight: bool | None = None, raised_here: bool = True) -> None:
-        """Clean up after ``exc``: drop the stages' micro-batch state, tell the other ranks, settle ``.grad``.
-
-        The failure is posted for the other ranks (their waits stop at once, naming this rank and
-        action). Parameter gradients: a step that began with every ``.grad`` None (after
-        ``zero_grad()``) is rolled back to None; otherwise ``exc`` gets a note that ``.grad`` holds
-        part of the failed step. When messages of the step may still be in flight (``in_flight``;
-        default: the executor had posted one), or the other ranks were told of the failure, the
-        schedule refuses further steps: a later step could receive old messages or read the old
-        notice. ``raised_here=False`` (the in-process driver, for the ranks that did not raise)
-        adds no note naming this rank.
-        """
-        self._gen.close()
-        sch = self.schedule
-        for st in sch.stages:
-            st.clear()
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        a = self.executor.current
-        at = f"stage {a.stage}, action {a} (micro-batch {a.mb})" if a is not None else "between actions"
-        told = sch.transport.fail(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
-        params = [p for st in sch.stages for p in st.parameters()] if self.training else []
-        for st in sch.stages:  # the failed step may have turned FSDP2's or DDP's sync off, left unreduced gradients
-            if is_fsdp(st.submod):
-                drop_unreduced_grads(st.submod)
-            elif (ddp := DdpSync.find(st.submod)) is not None:
-                ddp.finish()
-        if self._grads_were_none:
-            for p in params:
-                p.grad = None
-            note = "pippy: every parameter .grad of this rank was reset to None, as before the failed step"
-        else:
-            note = ("pippy: parameter .grad on this rank holds part of the failed step's gradients; call "
-                    "optimizer.zero_grad() before training on")
-        notes = getattr(exc, "__notes__", [])
-        if raised_here and hasattr(exc, "add_note") and not isinstance(exc, (PipeCommError, StageError)) and a is not None:
-            exc.add_note(f"pippy: raised at rank {sch.rank}, {at}")  # a user's own error: say where it happened
-        if hasattr(exc, "add_note") and any(p.requires_grad for p in params) and note not in notes:
-            exc.add_note(note)
-        if told or (self.executor.started if in_flight is None else in_flight):
-            sch._broken = f"{type(exc).__name__}: {first[:200]}"
 
 
 class PipelineSchedule:
