@@ -113,6 +113,17 @@ class _PeerWrap(nn.Module):
         return out[0] if len(out) == 1 else tuple(out)
 
 
+def _setup(workload: str, sched: str, rank: int, world: int) -> tuple[Any, ...]:
+    """The workload split for ``sched`` on ``world`` ranks: model, pipe, args, target, loss_fn, micro-batches,
+    placement and this rank's stage indices."""
+    ours_cls, _, spr = SCHEDULES[sched]
+    n_stages = world * spr
+    model, args, target, loss_fn, spec, n_mb = WORKLOADS[workload](n_stages)
+    pipe = pipeline(model, n_mb, example_args=args, split_spec=spec)
+    placement = ours_cls.placement(world, spr)
+    return model, pipe, args, target, loss_fn, n_mb, placement, [s for s in range(n_stages) if placement[s] == rank]
+
+
 def _peer_stages(pipe: Any, mine: list[int]) -> list[Any]:
     """The peer's stages for this rank: deep copies of pippy's stage modules (the very same computation)."""
     n = pipe.num_stages
@@ -138,11 +149,7 @@ def memory(workload: str, sched: str, steps: int, rank: int, world: int, side: s
     model, the stage modules and torch, which both sides share; run each side in its own torchrun.
     """
     ours_cls, peer_cls, spr = SCHEDULES[sched]
-    n_stages = world * spr
-    model, args, target, loss_fn, spec, n_mb = WORKLOADS[workload](n_stages)
-    pipe = pipeline(model, n_mb, example_args=args, split_spec=spec)
-    placement = ours_cls.placement(world, spr)
-    mine = [s for s in range(n_stages) if placement[s] == rank]
+    model, pipe, args, target, loss_fn, n_mb, placement, mine = _setup(workload, sched, rank, world)
     if side == "pippy":
         stages: list[Any] = [pipe.build_stage(s, "cpu") for s in mine]
         runner = ours_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
@@ -168,11 +175,7 @@ def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple
     percent within a minute, which a ratio of medians over the whole run does not cancel.
     """
     ours_cls, peer_cls, spr = SCHEDULES[sched]
-    n_stages = world * spr
-    model, args, target, loss_fn, spec, n_mb = WORKLOADS[workload](n_stages)
-    pipe = pipeline(model, n_mb, example_args=args, split_spec=spec)
-    placement = ours_cls.placement(world, spr)
-    mine = [s for s in range(n_stages) if placement[s] == rank]
+    _, pipe, args, target, loss_fn, n_mb, placement, mine = _setup(workload, sched, rank, world)
     ours_stages = [pipe.build_stage(s, "cpu") for s in mine]
     ours = ours_cls(ours_stages[0] if spr == 1 else ours_stages, n_mb, loss_fn=loss_fn)
 

@@ -8,6 +8,7 @@ import time
 import warnings
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -15,6 +16,15 @@ import pippy
 
 VOCAB, PROMPT, NEW = 48, 7, 10
 KINDS = ("gpt2", "llama", "qwen2")
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """The reference runs use tiny models: one intra-op thread is many times faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def build(kind: str, eos: list[int] | None = None) -> Any:

@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from gen_cases import KINDS, early_eos, failures, matrix
+from gen_cases import one_thread  # noqa: F401 - the fixture pytestmark uses
 from harness import run_ranks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The reference runs here use tiny models: one thread is many times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cases(world: int) -> list[tuple[str, int, tuple[int, ...] | None, int | None]]:

@@ -6,19 +6,21 @@ import re
 
 import pytest
 import torch
-from gen_cases import KINDS, NEW, PROMPT, build, early_eos, hf, prompts
+from gen_cases import (
+    KINDS,
+    NEW,
+    PROMPT,
+    build,
+    early_eos,
+    hf,
+    one_thread,  # noqa: F401 - the fixture pytestmark uses
+    prompts,
+)
 
 import pippy
 from pippy import GenerationError, generate, pipeline_for_generation
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is many times faster than several on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stages(model, n: int, **kw):
