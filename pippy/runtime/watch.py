@@ -105,16 +105,17 @@ class Watched:
         self.watched = True
 
         _WATCHING.add(self)
-        threading.Thread(target=self.run_wait, args=(timeout,), name="pippy-recv-watch", daemon=True).start()
+        threading.Thread(target=_wait_and_drop, args=([self], timeout), name="pippy-recv-watch", daemon=True).start()
 
-    def run_wait(self, timeout: float) -> None:
-        """Wait for the work (on a watcher thread) and record how it ended."""
+    def run_wait(self, timeout: float) -> threading.Event:
+        """Wait for the work (on a watcher thread) and record how it ended; the caller sets the event returned
+        once it holds no reference to this object (see :func:`_wait_and_drop`)."""
         try:
             self.outcome = (self.work.wait(timeout=timedelta(seconds=timeout)), None)
         except BaseException as exc:  # handed to result(), raised on the executor's thread
             self.outcome = (None, exc)
-        self.finished.set()
         _WATCHING.discard(self)
+        return self.finished
 
 
     def result(self, timeout: float) -> Any:
@@ -151,5 +152,14 @@ class Waiter:
 
     def _run(self) -> None:
         while True:
-            w, timeout = self._jobs.get()
-            w.run_wait(timeout)
+            box: list[Any] = list(self._jobs.get())  # [watched, timeout]: no other name holds the watched
+            timeout = box.pop()
+            _wait_and_drop(box, timeout)
+
+
+def _wait_and_drop(box: list[Watched], timeout: float) -> None:
+    """Run ``box``'s wait, drop this thread's reference, then signal: the executor's thread then holds the
+    last reference to the work and its tensor, so a message buffer is freed there, at its last use, and not
+    kept by a watcher until its next job (nor freed on a thread that memory profilers do not follow)."""
+    finished = box.pop().run_wait(timeout)
+    finished.set()
