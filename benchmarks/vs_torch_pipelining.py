@@ -1,7 +1,8 @@
 """pippy vs torch.distributed.pipelining: same model, same split, same batch, same schedule, alternating steps.
 
 Run:  .venv/bin/torchrun --nproc-per-node 2 benchmarks/vs_torch_pipelining.py [--steps 12] [--workloads mlp,gpt2]
-      [--schedules gpipe,1f1b,interleaved_1f1b,looped_bfs,zbv,dualpipev]
+      [--schedules gpipe,1f1b,interleaved_1f1b,looped_bfs,zbv,dualpipev] [--recompute pointwise|full]
+      [--memory pippy|peer]  (one side per run: peak RSS and peak live tensor bytes per rank)
 
 Both runtimes execute the very same stage modules (pippy's traced and split GraphModules, deep
 copied), so the comparison isolates the pipeline runtime: scheduling, communication, backward
@@ -64,6 +65,7 @@ def mlp_workload(n_stages: int) -> tuple[nn.Module, tuple, torch.Tensor, Callabl
 
 
 TIED = True  # --untied: GPT-2 without the tied LM head (the peer never sums tied-weight grads; pippy does)
+RECOMPUTE: bool | str = False  # --recompute: pippy's stages recompute ("pointwise" or "full"); the peer has no such option
 
 
 def gpt2_workload(n_stages: int) -> tuple[nn.Module, tuple, torch.Tensor, Callable, dict, int]:
@@ -142,29 +144,63 @@ def _rss_peak() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def memory(workload: str, sched: str, steps: int, rank: int, world: int, side: str) -> tuple[float, float]:
-    """Run one side only (this process never builds the other): (peak RSS, peak RSS minus RSS before the steps).
+def _live_added(events: Any, start_ns: int) -> float:
+    """Peak live tensor bytes after ``start_ns`` minus those live at ``start_ns``: the running sum of the CPU
+    allocator's alloc/free records in a profile that began before anything measured was allocated."""
+    cur = base = peak = 0
+    for t, n in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        cur += n
+        if t < start_ns:
+            base = peak = cur
+        else:
+            peak = max(peak, cur)
+    return float(peak - base)
 
-    The difference is what the steps themselves add (activations, messages, gradients) over the
+
+def memory(workload: str, sched: str, steps: int, rank: int, world: int, side: str) -> tuple[float, float, float]:
+    """Run one side only (this process never builds the other): (peak RSS, peak RSS minus RSS before the
+    steps, peak live tensor bytes the steps add).
+
+    The RSS difference is what the steps themselves add (activations, messages, gradients) over the
     model, the stage modules and torch, which both sides share; run each side in its own torchrun.
+    Then a second runner of the same side, built under ``torch.profiler`` with ``profile_memory``,
+    runs the same steps: the CPU allocator's own alloc/free records give the highest sum of tensor
+    bytes live during the steps minus those live when they began (malloc's caching, fragmentation
+    and the profiler's own memory do not enter it; buffers a runtime keeps between steps do).
     """
     ours_cls, peer_cls, spr = SCHEDULES[sched]
     model, pipe, args, target, loss_fn, n_mb, placement, mine = _setup(workload, sched, rank, world)
-    if side == "pippy":
-        stages: list[Any] = [pipe.build_stage(s, "cpu") for s in mine]
-        runner = ours_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
-    else:
+
+    def build() -> tuple[list[Any], Any]:
+        if side == "pippy":
+            stages: list[Any] = [pipe.build_stage(s, "cpu", recompute=RECOMPUTE) for s in mine]
+            return stages, ours_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
         stages = _peer_stages(pipe, mine)
-        runner = peer_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
+        return stages, peer_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
+
+    first, last = placement[0] == rank, placement[-1] == rank
+
+    def run(stages: list[Any], runner: Any) -> None:
+        for _ in range(steps):
+            for st in stages:
+                st.submod.zero_grad()
+            runner.step(*(args if first else ()), target=target if last else None)
+
+    stages, runner = build()
     del model
     gc.collect()
-    first, last = placement[0] == rank, placement[-1] == rank
     before = _rss_now()
-    for _ in range(steps):
-        for st in stages:
-            st.submod.zero_grad()
-        runner.step(*(args if first else ()), target=target if last else None)
-    return _rss_peak(), _rss_peak() - before
+    run(stages, runner)
+    rss_peak, rss_added = _rss_peak(), _rss_peak() - before
+    del stages, runner
+    gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        stages, runner = build()
+        dist.barrier()
+        with torch.profiler.record_function("measured steps"):
+            run(stages, runner)
+    mark = next(e.start_ns() for e in prof.profiler.kineto_results.events() if e.name() == "measured steps")
+    return rss_peak, rss_added, _live_added(prof.profiler.kineto_results.events(), mark)
 
 
 def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple[float, float, list[float]] | None:
@@ -176,7 +212,7 @@ def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple
     """
     ours_cls, peer_cls, spr = SCHEDULES[sched]
     _, pipe, args, target, loss_fn, n_mb, placement, mine = _setup(workload, sched, rank, world)
-    ours_stages = [pipe.build_stage(s, "cpu") for s in mine]
+    ours_stages = [pipe.build_stage(s, "cpu", recompute=RECOMPUTE) for s in mine]
     ours = ours_cls(ours_stages[0] if spr == 1 else ours_stages, n_mb, loss_fn=loss_fn)
 
     def peer_loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -214,11 +250,13 @@ def main() -> None:
     ap.add_argument("--workloads", default="mlp,gpt2")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--untied", action="store_true", help="GPT-2 without tied embeddings (see TIED)")
+    ap.add_argument("--recompute", choices=["pointwise", "full"], help="pippy's stages recompute activations")
     ap.add_argument("--memory", choices=["pippy", "peer"],
                     help="run only this side and print each rank's peak RSS (run once per side, separate processes)")
     a = ap.parse_args()
-    global TIED
+    global TIED, RECOMPUTE
     TIED = not a.untied
+    RECOMPUTE = a.recompute or False
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -230,7 +268,8 @@ def main() -> None:
                 if rank == 0:
                     print(f"memory {a.memory:5s} {w:5s} {s:17s} peak RSS MiB per rank "
                           f"[{', '.join(f'{g[0] / 2**20:.1f}' for g in got)}]  added by the steps MiB per rank "
-                          f"[{', '.join(f'{g[1] / 2**20:.1f}' for g in got)}]", flush=True)
+                          f"[{', '.join(f'{g[1] / 2**20:.1f}' for g in got)}]  peak live tensors MiB per rank "
+                          f"[{', '.join(f'{g[2] / 2**20:.1f}' for g in got)}]", flush=True)
         dist.destroy_process_group()
         return
     rows = []

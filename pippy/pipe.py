@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -53,7 +53,7 @@ class Pipe(SplitPipe):
         *,
         checkpoint: Checkpoint | None = None,
         init_fn: Callable[[nn.Module], None] | None = None,
-        recompute: bool = False,
+        recompute: bool | Literal["full", "pointwise"] = False,
         pp_dim: str = "pp",
     ) -> PipelineStage:
         """The runtime stage ``i`` on ``device``: see :func:`pippy.runtime.build.build_stage`.

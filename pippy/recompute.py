@@ -2,7 +2,7 @@
 
     >>> import torch
     >>> from pippy.recompute import enable_recompute, disable_recompute, is_recomputing
-    >>> lin = torch.nn.Linear(2, 2); enable_recompute(lin); is_recomputing(lin)
+    >>> lin = torch.nn.Linear(2, 2); _ = enable_recompute(lin); is_recomputing(lin)
     True
 """
 

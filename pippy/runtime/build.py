@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ def build_stage(
     *,
     checkpoint: Checkpoint | None = None,
     init_fn: Callable[[nn.Module], None] | None = None,
-    recompute: bool = False,
+    recompute: bool | Literal["full", "pointwise"] = False,
     pp_dim: str = "pp",
 ) -> PipelineStage:
     """Stage ``i`` of ``pipe`` on ``device`` with its own copy of its parameters (``pipe.build_stage``).
@@ -64,13 +64,14 @@ def build_stage(
     ``.safetensors`` file of the full model, keyed by original FQNs) and/or ``init_fn`` (called
     on the original modules, e.g. HF's ``model._init_weights``; default ``reset_parameters``)
     fill only this stage's tensors (without either, meta tensors stay as NaN placeholders until
-    ``pippy.frontend.materialize.materialize_stage``). ``recompute=True`` recomputes activations
-    in backward. ``group`` is the pipeline's process group (default: the whole world), or a
+    ``pippy.frontend.materialize.materialize_stage``). ``recompute=True`` (or ``"full"``) recomputes
+    activations in backward; ``"pointwise"`` recomputes only elementwise chains (see
+    :func:`pippy.recompute.enable_recompute`). ``group`` is the pipeline's process group (default: the whole world), or a
     ``DeviceMesh`` whose dimension ``pp_dim`` is the pipeline (a 1-D mesh is used as is).
     """
     stage = PipelineStage(pipe, i, device, pipeline_group(group, pp_dim, f"build_stage({i})"))
     if checkpoint is not None or init_fn is not None:
         materialize_stage(stage, checkpoint=checkpoint, init_fn=init_fn, model=pipe.source_model())
     if recompute:
-        enable_recompute(stage)
+        enable_recompute(stage, "full" if recompute is True else recompute)
     return stage

@@ -32,6 +32,7 @@ from pippy.frontend.materialize import replace_meta
 from pippy.frontend.outline import OutlineError, outline
 from pippy.frontend.params import is_lifted_constant
 from pippy.frontend.pipe import SplitPipe
+from pippy.frontend.pointwise import recompute_pointwise
 from pippy.frontend.split import StageInfo
 from pippy.runtime.wgrad import WeightGradTaps, grad_leaves
 from pippy.sim.memory import SavedBytes
@@ -106,6 +107,7 @@ class Stage:
         else:  # a hand-cut stage (ManualPipelineStage)
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
+        self._pointwise = False
         # split backward through the module itself (its hooks fire; W is a second autograd pass) instead of
         # through the flat tapped graph: set by the executor for FSDP2, DDP and hooked stages
         self.through_hooks = False
@@ -135,10 +137,23 @@ class Stage:
         return self.index == self.pipe.num_stages - 1
 
     @property
+    def pointwise_recompute(self) -> bool:
+        """Whether split backward's tapped copy recomputes elementwise chains (set by
+        ``enable_recompute(stage, "pointwise")``, which also rewrites :attr:`submod`)."""
+        return self._pointwise
+
+    @pointwise_recompute.setter
+    def pointwise_recompute(self, on: bool) -> None:
+        if on != self._pointwise:
+            self._pointwise, self._taps = on, None
+
+    @property
     def taps(self) -> WeightGradTaps:
         """The weight-gradient taps of split-backward schedules (built on first use)."""
         if self._taps is None:
             self._taps = WeightGradTaps(self.flat_module())
+            if self.pointwise_recompute:  # the tapped copy recomputes its elementwise chains too
+                recompute_pointwise(self._taps.module, skip_param_readers=True)
         return self._taps
 
     def flat_module(self) -> fx.GraphModule:

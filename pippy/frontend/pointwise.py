@@ -1,0 +1,342 @@
+"""Selective recompute: keep only the inputs of each chain of cheap elementwise ops, recompute the chain in backward.
+
+A chain such as GPT-2's tanh GELU (``0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))))``) makes
+autograd save four tensors the size of ``x``; every one of them is a function of ``x`` alone.
+:func:`recompute_pointwise` finds such regions in a traced graph (connected pointwise, view,
+dtype-cast and reduction ops; random ops never), and replaces each region whose saved bytes
+exceed its inputs' bytes by one call that saves just its inputs and runs the region again in
+backward. The numbers are those of the plain graph: the same ops run on the same values.
+Matmuls, attention and norms keep their saved outputs, so recompute costs only elementwise work.
+
+    >>> import torch
+    >>> class Gelu(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return 0.5 * x * (1.0 + torch.tanh(0.79788456 * (x + 0.044715 * torch.pow(x, 3))))
+    >>> flat = torch.export.export(Gelu(), (torch.ones(4, 8),)).module()
+    >>> [(r.ops, r.saved_bytes, r.kept_bytes) for r in recompute_pointwise(flat)]
+    [(8, 512, 128)]
+    >>> x = torch.randn(4, 8, requires_grad=True)
+    >>> torch.equal(flat(x), Gelu()(x))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = ["Region", "is_pointwise", "recompute_pointwise", "restore_pointwise"]
+
+_ORIG_GRAPH = "_pippy_graph_without_pointwise_recompute"
+_CASTS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout,
+          torch.ops.aten.to.device, torch.ops.aten.type_as.default}
+
+
+@dataclass(frozen=True)
+class Region:
+    """One recomputed region: where it is, how many ops, and the bytes autograd saved before vs. keeps now
+    (per call, at the traced shapes)."""
+
+    module: str
+    ops: int
+    saved_bytes: int
+    kept_bytes: int
+
+
+def _cheap(node: fx.Node) -> bool:
+    """Elementwise, view, cast or reduction op that returns one tensor and draws no random numbers."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    tags = node.target.tags
+    if torch.Tag.nondeterministic_seeded in tags or torch.Tag.inplace_view in tags:
+        return False
+    return (torch.Tag.pointwise in tags or torch.Tag.reduction in tags or node.target.is_view
+            or node.target in _CASTS)
+
+
+def _is_view(node: fx.Node) -> bool:
+    """A view, or a cast that may return its input itself (``aten.to`` to the same dtype)."""
+    return isinstance(node.target, torch._ops.OpOverload) and (
+        node.target.is_view or (node.target in _CASTS and node.target is not torch.ops.aten._to_copy.default))
+
+
+def _groups(graph: fx.Graph, skip_readers: bool = False) -> list[list[fx.Node]]:
+    """Connected components of cheap nodes (graph order inside each); ``skip_readers`` leaves out nodes that read
+    a module attribute directly (the taps of a split backward must stay nodes of their own)."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in graph.nodes:
+        if _cheap(n) and not (skip_readers and any(a.op == "get_attr" for a in n.all_input_nodes)):
+            parent[n] = n
+            for a in n.all_input_nodes:
+                if a in parent:
+                    parent[find(a)] = find(n)
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n in parent:
+            out.setdefault(find(n), []).append(n)
+    return list(out.values())
+
+
+def _boundary(group: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    inside = set(group)
+    inputs: list[fx.Node] = []
+    for n in group:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in group if any(u not in inside for u in n.users)]
+    return inputs, outputs
+
+
+def _trim(group: list[fx.Node]) -> list[fx.Node]:
+    """Drop views that leave the region (a custom autograd op must not return a view of its input), and
+    leading views of inputs (they cost nothing to keep outside)."""
+    while True:
+        inside = set(group)
+        _, outputs = _boundary(group)
+        drop = {n for n in outputs if _is_view(n)}
+        drop |= {n for n in group if _is_view(n) and not any(a in inside for a in n.all_input_nodes)}
+        if not drop:
+            return group
+        group = [n for n in group if n not in drop]
+
+
+def _convex(group: list[fx.Node], graph: fx.Graph) -> bool:
+    """No path leaves the region and comes back (collapsing it to one call would make a cycle)."""
+    inside = set(group)
+    tainted: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n in inside:
+            if any(a in tainted for a in n.all_input_nodes):
+                return False
+            continue
+        if any(a in inside or a in tainted for a in n.all_input_nodes):
+            tainted.add(n)
+    return True
+
+
+def _concrete(v: Any) -> Any:
+    """A value at its traced size: SymInts become their hints, fake tensors become meta tensors."""
+    if isinstance(v, torch.SymInt):
+        return v.node.hint if v.node.has_hint() else None
+    if isinstance(v, torch.Tensor):
+        shape = [_concrete(s) for s in v.shape]
+        if any(s is None for s in shape):
+            return None
+        t = torch.empty(shape, dtype=v.dtype, device="meta")
+        return t.requires_grad_(v.dtype.is_floating_point or v.dtype.is_complex)
+    return v
+
+
+def _subgraph(group: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, a in enumerate(inputs):
+        env[a] = g.placeholder(f"in_{i}")
+        env[a].meta = dict(a.meta)
+    for n in group:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(nn.Module(), g)
+
+
+def _saved_bytes(fn: fx.GraphModule, inputs: list[fx.Node]) -> tuple[int, int] | None:
+    """(bytes autograd saves running ``fn`` plainly, bytes of its tensor inputs), at the traced sizes."""
+    args = [_concrete(a.meta.get("val")) if "val" in a.meta else None for a in inputs]
+    if any(v is None for v in args):
+        return None
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        seen[id(base)] = base.numel() * base.element_size()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*args)
+    except Exception:  # an op without a meta kernel: leave the region as it is
+        return None
+    saved = sum(seen.values())
+    kept = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+    return saved, kept
+
+
+class _Recompute(torch.autograd.Function):  # type: ignore[misc]
+    """Run a region without saving its intermediates; in backward run it again and differentiate."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[..., tuple[Any, ...]], *args: Any) -> Any:  # type: ignore[override]
+        ctx.fn = fn
+        ctx.where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        ctx.grads = [args[i].requires_grad for i in ctx.where]
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.save_for_backward(*(args[i] for i in ctx.where))
+        outs = fn(*args)
+        ctx.mark_non_differentiable(*(o for o in outs if not (o.dtype.is_floating_point or o.dtype.is_complex)))
+        return outs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
+        args = list(ctx.others)
+        leaves = []
+        for i, t, rg in zip(ctx.where, ctx.saved_tensors, ctx.grads):
+            args[i] = t.detach().requires_grad_(rg)
+            leaves.append(args[i])
+        with torch.enable_grad():
+            outs = ctx.fn(*args)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        need = [x for x in leaves if x.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True)
+                   if pairs and need else [None] * len(need))
+        result: list[torch.Tensor | None] = [None] * len(args)
+        for i, x in zip(ctx.where, leaves):
+            if x.requires_grad:
+                result[i] = next(got)
+        return (None, *result)
+
+
+class _RegionCall(nn.Module):  # type: ignore[misc]
+    """The call a recomputed region becomes (no parameters; its graph is held, not registered)."""
+
+    def __init__(self, fn: fx.GraphModule, label: str) -> None:
+        super().__init__()
+        self.__dict__["fn"] = fn
+        self.label = label
+
+    def forward(self, *args: Any) -> tuple[Any, ...]:
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return _Recompute.apply(self.fn, *args)  # type: ignore[no-any-return]
+        return self.fn(*args)  # type: ignore[no-any-return]
+
+    def extra_repr(self) -> str:
+        return self.label
+
+
+def _place(graph: fx.Graph, group: list[fx.Node], inputs: list[fx.Node]) -> fx.Node | None:
+    """Where the region's call goes: after its last input and before its first op's outside users; None if
+    graph order leaves no such place."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inside = set(group)
+    after = max((order[a] for a in inputs), default=-1)
+    users = [u for n in group for u in n.users if u not in inside]
+    if users and min(order[u] for u in users) <= after:
+        return None
+    return group[0] if order[group[0]] > after else next(n for n in graph.nodes if order[n] == after + 1)
+
+
+def _rewrite(mod: nn.Module, path: str, graph: fx.Graph, min_bytes: int, skip_readers: bool
+             ) -> tuple[fx.Graph, list[Region]]:
+    new = copy.deepcopy(graph)
+    regions: list[Region] = []
+    for group in _groups(new, skip_readers):
+        group = _trim(group)
+        if len(group) < 2 or not _convex(group, new):
+            continue
+        inputs, outputs = _boundary(group)
+        where = _place(new, group, inputs)
+        if where is None or not outputs:
+            continue
+        fn = _subgraph(group, inputs, outputs)
+        sizes = _saved_bytes(fn, inputs)
+        if sizes is None or sizes[0] - sizes[1] <= min_bytes:
+            continue
+        name = f"_pippy_pointwise_{len(regions)}"
+        while hasattr(mod, name):
+            name += "_"
+        label = ", ".join(str(n.target).replace("aten.", "") for n in group[:6]) + (", ..." if len(group) > 6 else "")
+        mod.add_module(name, _RegionCall(fn, f"{len(group)} ops: {label}"))
+        with new.inserting_before(where):
+            call = new.call_module(name, tuple(inputs))
+            got = [new.call_function(operator.getitem, (call, j)) for j in range(len(outputs))]
+        inside = set(group)
+        for o, g in zip(outputs, got):
+            g.meta = dict(o.meta)
+            o.replace_all_uses_with(g, delete_user_cb=lambda u, inside=inside: u not in inside)  # type: ignore[misc]
+        for n in reversed(group):
+            new.erase_node(n)
+        regions.append(Region(path, len(group), sizes[0], sizes[1]))
+    new.lint()
+    return new, regions
+
+
+def _set_graph(mod: nn.Module, graph: fx.Graph) -> None:
+    if type(mod).__name__ == "InterpreterModule":
+        mod.graph = graph
+        mod.finalize()  # type: ignore[operator]
+    else:
+        mod.graph = graph  # type: ignore[assignment]
+        mod.recompile()  # type: ignore[operator]
+
+
+def recompute_pointwise(module: nn.Module, min_bytes: int = 0, *, skip_param_readers: bool = False) -> list[Region]:
+    """Rewrite every graph in ``module`` (a traced stage, flat or outlined) to recompute its elementwise regions.
+
+    A region is rewritten when autograd would save more than ``min_bytes`` bytes beyond its inputs.
+    ``skip_param_readers`` keeps ops that read a parameter out of regions (split backward's taps).
+    Returns what was rewritten; :func:`restore_pointwise` undoes it. Parameters, buffers and
+    ``state_dict`` are unchanged.
+
+        >>> import torch
+        >>> m = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.ones(2, 4),)).module()
+        >>> recompute_pointwise(m)
+        []
+    """
+    regions: list[Region] = []
+    for path, mod in list(module.named_modules()):
+        graph = getattr(mod, "graph", None)
+        if not isinstance(graph, fx.Graph) or isinstance(mod, _RegionCall) or _ORIG_GRAPH in mod.__dict__:
+            continue
+        new, found = _rewrite(mod, path, graph, min_bytes, skip_param_readers)
+        if found:
+            mod.__dict__[_ORIG_GRAPH] = graph
+            _set_graph(mod, new)
+            regions += found
+    return regions
+
+
+def restore_pointwise(module: nn.Module) -> None:
+    """Undo :func:`recompute_pointwise` on every graph in ``module``.
+
+        >>> import torch
+        >>> restore_pointwise(torch.nn.Linear(1, 1))
+    """
+    for mod in list(module.modules()):
+        graph = mod.__dict__.pop(_ORIG_GRAPH, None)
+        if graph is None:
+            continue
+        for name, child in list(mod.named_children()):
+            if isinstance(child, _RegionCall):
+                delattr(mod, name)
+        _set_graph(mod, graph)
+
+
+def is_pointwise(module: nn.Module) -> bool:
+    """Whether :func:`recompute_pointwise` rewrote this module's own graph.
+
+        >>> import torch
+        >>> is_pointwise(torch.nn.Linear(1, 1))
+        False
+    """
+    return _ORIG_GRAPH in module.__dict__
+
+
+def describe(regions: Sequence[Region]) -> str:
+    """One line per region: where, how many ops, bytes saved per call."""
+    return "\n".join(f"{r.module or '<root>'}: {r.ops} ops, saves {r.saved_bytes - r.kept_bytes} B per call"
+                     for r in regions)
