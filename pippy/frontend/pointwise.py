@@ -49,11 +49,14 @@ class Region:
     kept_bytes: int
 
 
-def _cheap(node: fx.Node) -> bool:
-    """Elementwise, view, cast or reduction op that returns one tensor and draws no random numbers."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return False
+def _cheap(node: fx.Node, owner: nn.Module | None = None) -> bool:
+    """Elementwise, view, cast or reduction op that returns one tensor and draws no random numbers; or a call of
+    a child module of ``owner`` made only of such ops (an activation module), with no tensors and no hooks."""
     if not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    if node.op == "call_module" and owner is not None:
+        return _cheap_module(owner.get_submodule(str(node.target)))
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
     tags = node.target.tags
     if torch.Tag.nondeterministic_seeded in tags or torch.Tag.inplace_view in tags:
@@ -62,13 +65,22 @@ def _cheap(node: fx.Node) -> bool:
             or node.target in _CASTS)
 
 
+def _cheap_module(mod: nn.Module) -> bool:
+    graph = getattr(mod, "graph", None)
+    if not isinstance(graph, fx.Graph) or any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+        return False
+    if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or getattr(mod, "_backward_pre_hooks", None):
+        return False
+    return all(n.op in ("placeholder", "output") or _cheap(n, mod) for n in graph.nodes)
+
+
 def _is_view(node: fx.Node) -> bool:
     """A view, or a cast that may return its input itself (``aten.to`` to the same dtype)."""
     return isinstance(node.target, torch._ops.OpOverload) and (
         node.target.is_view or (node.target in _CASTS and node.target is not torch.ops.aten._to_copy.default))
 
 
-def _groups(graph: fx.Graph, skip_readers: bool = False) -> list[list[fx.Node]]:
+def _groups(graph: fx.Graph, owner: nn.Module, skip_readers: bool = False) -> list[list[fx.Node]]:
     """Connected components of cheap nodes (graph order inside each); ``skip_readers`` leaves out nodes that read
     a module attribute directly (the taps of a split backward must stay nodes of their own)."""
     parent: dict[fx.Node, fx.Node] = {}
@@ -80,7 +92,7 @@ def _groups(graph: fx.Graph, skip_readers: bool = False) -> list[list[fx.Node]]:
         return n
 
     for n in graph.nodes:
-        if _cheap(n) and not (skip_readers and any(a.op == "get_attr" for a in n.all_input_nodes)):
+        if _cheap(n, owner) and not (skip_readers and any(a.op == "get_attr" for a in n.all_input_nodes)):
             parent[n] = n
             for a in n.all_input_nodes:
                 if a in parent:
@@ -143,16 +155,23 @@ def _concrete(v: Any) -> Any:
     return v
 
 
-def _subgraph(group: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
+def _subgraph(owner: nn.Module, group: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]
+              ) -> fx.GraphModule:
+    """The region as a graph module; child modules it calls (activation modules) are shared, not copied."""
     g = fx.Graph()
+    root = nn.Module()
     env: dict[fx.Node, fx.Node] = {}
     for i, a in enumerate(inputs):
         env[a] = g.placeholder(f"in_{i}")
         env[a].meta = dict(a.meta)
     for n in group:
         env[n] = g.node_copy(n, lambda a: env[a])
+        if n.op == "call_module":
+            alias = f"m{len(root._modules)}"
+            root.add_module(alias, owner.get_submodule(str(n.target)))
+            env[n].target = alias
     g.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(nn.Module(), g)
+    return fx.GraphModule(root, g)
 
 
 def _saved_bytes(fn: fx.GraphModule, inputs: list[fx.Node]) -> tuple[int, int] | None:
@@ -244,7 +263,7 @@ def _rewrite(mod: nn.Module, path: str, graph: fx.Graph, min_bytes: int, skip_re
              ) -> tuple[fx.Graph, list[Region]]:
     new = copy.deepcopy(graph)
     regions: list[Region] = []
-    for group in _groups(new, skip_readers):
+    for group in _groups(new, mod, skip_readers):
         group = _trim(group)
         if len(group) < 2 or not _convex(group, new):
             continue
@@ -252,7 +271,7 @@ def _rewrite(mod: nn.Module, path: str, graph: fx.Graph, min_bytes: int, skip_re
         where = _place(new, group, inputs)
         if where is None or not outputs:
             continue
-        fn = _subgraph(group, inputs, outputs)
+        fn = _subgraph(mod, group, inputs, outputs)
         sizes = _saved_bytes(fn, inputs)
         if sizes is None or sizes[0] - sizes[1] <= min_bytes:
             continue
@@ -298,7 +317,8 @@ def recompute_pointwise(module: nn.Module, min_bytes: int = 0, *, skip_param_rea
         []
     """
     regions: list[Region] = []
-    for path, mod in list(module.named_modules()):
+    # children first: a child that got a region of its own is no longer a plain activation call for its parent
+    for path, mod in reversed(list(module.named_modules())):
         graph = getattr(mod, "graph", None)
         if not isinstance(graph, fx.Graph) or isinstance(mod, _RegionCall) or _ORIG_GRAPH in mod.__dict__:
             continue

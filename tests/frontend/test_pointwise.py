@@ -34,6 +34,8 @@ def _saved(fn: Any, *args: Any) -> int:
 def _grads_equal(mod_a: nn.Module, mod_b: nn.Module, x: torch.Tensor) -> None:
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = mod_a(xa), mod_b(xb)
+    if isinstance(ya, tuple):  # a stage module returns its outputs as a tuple
+        ya, yb = ya[0], yb[0]
     assert torch.equal(ya, yb)
     g = torch.randn_like(ya)
     ya.backward(g)
@@ -156,9 +158,9 @@ def test_pipelined_pointwise_recompute_is_transparent_and_keeps_less(arch: str, 
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
         peaks.append(max(max(s.last_peak_bytes.values()) for s in lp.schedules))
-    # GPT-2's tanh GELU is one module's chain (4 saved tensors -> 1); Llama gains from its RMS norms only, since
-    # SiLU and the gate product sit in different modules (regions do not cross module boundaries)
-    assert peaks[1] < (0.85 if arch == "gpt2" else 0.95) * peaks[0], peaks
+    # GPT-2's tanh GELU is one module's chain (4 saved tensors -> 1); Llama's RMS norms, and SiLU (an activation
+    # module) with the gate product in its parent's graph
+    assert peaks[1] < (0.85 if arch == "gpt2" else 0.9) * peaks[0], peaks
 
 
 def test_disable_restores_the_graphs_and_build_stage_takes_the_policy() -> None:
@@ -193,3 +195,29 @@ def test_dynamic_pipe_recomputes_at_other_lengths() -> None:
         grads = lp.named_grads()
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12)
+
+
+class Gated(nn.Module):
+    """Llama's MLP shape: act(gate(x)) * up(x), the activation a module of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def test_an_activation_module_joins_its_parents_region_unless_hooked() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    net = nn.Sequential(Gated(), Gated()).double()
+    pipe = pipeline(copy.deepcopy(net), 1, (x,))
+    plain, remat = pipe.build_stage(0, "cpu"), pipe.build_stage(0, "cpu")
+    calls: list[int] = []
+    remat.submod.get_submodule("1.act").register_forward_hook(lambda *a: calls.append(1))
+    regions = enable_recompute(remat, "pointwise")
+    assert [r.module for r in regions] == ["0"], describe(regions)  # "1" has a hooked activation: left alone
+    _grads_equal(plain.submod, remat.submod, x)
+    assert calls == [1]

@@ -15,12 +15,14 @@ from zoo_pippy_models import PIPPY_ZOO
 from pippy import PipeTraceError, Schedule1F1B, ScheduleInterleaved1F1B, SplitPoint, pipeline
 from pippy.frontend.split import USER
 from pippy.hf import layer_names, split_spec_equal_layers
+from pippy.recompute import enable_recompute
 from pippy.runtime.local import LocalPipeline
 
 TOL = 1e-10
 
 
-def _transparency(name: str, n_stages: int, spec: dict[str, SplitPoint] | None = None) -> None:
+def _transparency(name: str, n_stages: int, spec: dict[str, SplitPoint] | None = None,
+                  recompute: str | None = None) -> None:
     case = build(name)
     ref = copy.deepcopy(case.model)
     out_ref = ref(*case.args, **case.kwargs)
@@ -33,6 +35,9 @@ def _transparency(name: str, n_stages: int, spec: dict[str, SplitPoint] | None =
     cls = Schedule1F1B if n_stages == 2 else ScheduleInterleaved1F1B
     lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=n_mb, loss_fn=case.loss_fn,
                        output_merge_spec=case.extra.get("output_merge_spec"))
+    if recompute is not None:
+        for st in lp.stages:
+            enable_recompute(st, recompute)  # type: ignore[arg-type]
     losses: list[torch.Tensor] = []
     out = lp.step(*case.args, target=case.target, losses=losses, **case.kwargs)
     # HF's in-model losses upcast logits to float32; compare those at float32 precision
@@ -47,6 +52,12 @@ def _transparency(name: str, n_stages: int, spec: dict[str, SplitPoint] | None =
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_two_stages(name: str) -> None:
     _transparency(name, 2)
+
+
+@pytest.mark.parametrize("name", ZOO + PIPPY_ZOO)
+def test_zoo_pointwise_recompute(name: str) -> None:
+    """Elementwise chains recomputed in backward: every architecture stays exact."""
+    _transparency(name, 2, recompute="pointwise")
 
 
 # Some of these never read some parameters in this forward: the *ForCausalLM decoders of encoder-decoder families
