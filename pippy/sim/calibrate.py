@@ -5,8 +5,10 @@ bandwidth, and the machine's speed drifts, so the profile under-predicts (GPT-2 
 machine: -18% to -30%). A traced step (``trace=True``; its ``last_timeline``) measures every action
 under the very contention of the run. :func:`calibrate` keeps the profile's link and byte sizes
 and takes each (stage, kind)'s median traced duration; a kind the trace did not run (W in a 1F1B
-trace) is scaled like the kinds it did run on that stage. The simulator then predicts the next
-steps, or another schedule, from costs that include the contention.
+trace) is scaled like the kinds it did run on that stage. The link latency, too, is what the run
+saw (:func:`traced_latency`): under contention a message waits for its sender's and receiver's
+communication threads to get a core, far longer than an idle ping-pong. The simulator then
+predicts the next steps, or another schedule, from costs that include the contention.
 
     >>> from pippy.schedules.generators import one_f_one_b
     >>> from pippy.sim.simulate import simulate
@@ -29,18 +31,60 @@ from pippy.schedules.ir import Kind
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.timeline import Timeline
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "traced_latency"]
+
+_PAIR = {Kind.RECV_F: Kind.SEND_F, Kind.RECV_B: Kind.SEND_B}
 
 
-def calibrate(costs: CostModel, timeline: Timeline) -> CostModel:
+def traced_latency(costs: CostModel, timeline: Timeline) -> float | None:
+    """The median latency of the messages a traced step waited for; None when it waited for none.
+
+    A sample is a receive that was already waiting when its message was posted: from the SEND's
+    start to the RECV's end, less the bytes' transfer time at ``costs.bandwidth``. The producer of
+    a forward message is the latest-posting SEND_F of the same micro-batch from a lower stage on
+    another rank (a higher stage for gradients). Times of different ranks share the trace's origin.
+
+        >>> from pippy.schedules.ir import Action
+        >>> from pippy.sim.timeline import Event
+        >>> ev = [Event(0, Action.parse("0SEND_F0"), 1.0, 1.0), Event(1, Action.parse("1RECV_F0"), 0.5, 1.25)]
+        >>> traced_latency(CostModel.uniform(2, f=1.0, i=1.0, w=1.0), Timeline(ev, 2))
+        0.25
+    """
+    sends: dict[tuple[Kind, int], list] = {}
+    for ev in timeline.events:
+        if ev.action.kind in (Kind.SEND_F, Kind.SEND_B):
+            sends.setdefault((ev.action.kind, ev.action.mb), []).append(ev)
+    samples = []
+    for ev in timeline.events:
+        kind = _PAIR.get(ev.action.kind)
+        if kind is None:
+            continue
+        forward = kind is Kind.SEND_F
+        cands = [e for e in sends.get((kind, ev.action.mb), ()) if e.rank != ev.rank
+                 and (e.action.stage < ev.action.stage if forward else e.action.stage > ev.action.stage)]
+        if not cands:
+            continue
+        snd = max(cands, key=lambda e: e.start)
+        if ev.start > snd.start:
+            continue  # the message was posted before this rank began to wait: its wait says nothing of the latency
+        src = snd.action.stage if forward else ev.action.stage
+        nbytes = costs.stages[src].send_bytes if forward and src < costs.num_stages else (
+            costs.stages[src].grad_out_bytes if src < costs.num_stages else 0.0)
+        samples.append(max(0.0, ev.end - snd.start - (costs.transfer_time(nbytes) - costs.latency)))
+    return statistics.median(samples) if samples else None
+
+
+def calibrate(costs: CostModel, timeline: Timeline, *, links: bool = True) -> CostModel:
     """``costs`` with every stage's compute times replaced by their median durations in ``timeline``.
 
     The timeline's F of a stage whose backward it splits (it has I's) is the tapped forward
     (``split_f``), else the plain one (``f``); B is the one-pass backward (``fused_b``). Kinds
     absent from the trace keep the profile's value times the stage's measured/profiled ratio of
-    the kinds present (1 when none are). Link latency, bandwidth and byte sizes are the profile's.
+    the kinds present (1 when none are).
     Pass the trace of a training step: an ``eval()`` trace's forwards run without autograd and
     are faster than a training F. Stages beyond ``costs.num_stages`` in the trace are ignored.
+    With ``links`` the latency becomes :func:`traced_latency` (kept when the step waited for no
+    message); bandwidth and byte sizes stay the profile's.
     """
     seen: dict[tuple[int, Kind], list[float]] = {}
     for ev in timeline.events:
@@ -57,4 +101,5 @@ def calibrate(costs: CostModel, timeline: Timeline) -> CostModel:
         f_plain = new[Kind.F] if not split else c.f * (new[Kind.F] / prof[Kind.F] if prof[Kind.F] > 0 else scale)
         f_split = new[Kind.F] if split else c.forward_time(True) * (new[Kind.F] / prof[Kind.F] if prof[Kind.F] else scale)
         out.append(replace(c, f=f_plain, split_f=f_split, i=new[Kind.I], w=new[Kind.W], fused_b=new[Kind.B]))
-    return replace(costs, stages=out)
+    lat = traced_latency(costs, timeline) if links else None
+    return replace(costs, stages=out, latency=costs.latency if lat is None else lat)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pippy.schedules.generators import one_f_one_b, zb_h1
-from pippy.schedules.lower import runtime_form
-from pippy.sim.calibrate import calibrate
+from pippy.schedules.lower import lower, runtime_form
+from pippy.sim.calibrate import calibrate, traced_latency
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.simulate import simulate
 
@@ -25,7 +25,7 @@ def test_a_trace_of_a_slower_run_gives_its_costs_back(sched) -> None:
     assert simulate(sched, cal).step_time == pytest.approx(measured.step_time)
     assert simulate(sched, profiled).step_time < 0.9 * measured.step_time
     st = cal.stages[1]
-    assert cal.latency == 0.05 and st.act_bytes == 5.0  # the link and the sizes stay the profile's
+    assert cal.latency == 0.05 and st.act_bytes == 5.0  # no SEND/RECV in this trace: the link stays the profile's; sizes too
     split = sched.uses_split_backward()
     assert st.forward_time(split) == pytest.approx(real.stages[1].forward_time(split))
 
@@ -39,3 +39,18 @@ def test_kinds_the_trace_did_not_run_scale_with_those_it_did() -> None:
     # so a 1F1B trace predicts ZB-H1 on the same machine
     zb = runtime_form(zb_h1(3, 6), (), fuse=False)
     assert simulate(zb, cal).step_time == pytest.approx(simulate(zb, _costs(2.0)).step_time)
+
+
+def test_the_link_latency_a_lowered_trace_waited_for_replaces_the_ping_pong() -> None:
+    sched = lower(one_f_one_b(3, 6))
+    profiled, real = _costs(1.0), _costs(1.0)
+    real.latency = 0.3  # messages took six times the idle ping-pong
+    measured = simulate(sched, real).timeline
+    assert traced_latency(profiled, measured) == pytest.approx(0.3)
+    cal = calibrate(profiled, measured)
+    assert cal.latency == pytest.approx(0.3)
+    assert simulate(sched, cal).step_time == pytest.approx(measured.step_time)
+    assert simulate(sched, profiled).step_time < measured.step_time
+    assert calibrate(profiled, measured, links=False).latency == 0.05
+    # a trace without SEND/RECV (or whose receives never waited) keeps the profile's latency
+    assert traced_latency(profiled, simulate(one_f_one_b(3, 6), real).timeline) is None
