@@ -83,6 +83,50 @@ def _adamw_steps(stages: list[Any], sched: Any, ref: nn.Module, dp: int, n: int)
                    for st in stages for fqn, p in st.submod.named_parameters())
 
 
+class ChainBlock(nn.Module):
+    """A linear, then an elementwise chain that reads a parameter (a pointwise-recompute region under FSDP2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return self.scale * torch.tanh(h) * torch.sigmoid(h) + x
+
+
+def _pointwise_under_fsdp(mesh: Any, name: str, m: int) -> dict[str, Any]:
+    """``recompute="pointwise"`` stages, then ``fully_shard`` per block and per stage: grads equal the plain run."""
+    from torch.distributed.fsdp import fully_shard
+
+    from pippy.recompute import is_recomputing
+
+    pp, dp = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    cls, v = SCHEDS[name]
+    n = 2 * v
+    torch.manual_seed(0)
+    model = nn.Sequential(*[ChainBlock() for _ in range(2 * n)]).double()
+    ref = copy.deepcopy(model)
+    X, Y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    x, y = X.chunk(2)[dp], Y.chunk(2)[dp]
+    nn.MSELoss()(ref(X), Y).backward()
+    pipe = pipeline(model, m, (x,), split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
+    place = cls.placement(2, v)
+    stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group(), recompute="pointwise")
+              for s in range(n) if place[s] == pp]
+    rewritten = all(is_recomputing(st) for st in stages)
+    for st in stages:
+        for block in st.submod.children():
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(st.submod, mesh=mesh["dp"])
+    sched = cls(stages if v > 1 else stages[0], m, loss_fn=nn.MSELoss())
+    sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None)
+    err = max(float((p.grad.full_tensor() - ref.get_parameter(fqn).grad).abs().max())
+              for st in stages for fqn, p in st.submod.named_parameters())
+    return {"grad_err": err, "rewritten": rewritten}
+
+
 def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
     """Each schedule, m = 2 and 4: grads (gathered) equal the plain model's on the global batch; reductions per step."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -129,6 +173,8 @@ def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
         if name == "interleaved_1f1b" and m == 4:
             report["checkpoint" + ("/blocks" if blockwise else "")] = _checkpoint_round_trip(
                 stages, ref, f"{ckpt}{'_blocks' if blockwise else ''}")
+    for name in ("1f1b", "zbv"):
+        report[f"pointwise/{name}"] = _pointwise_under_fsdp(mesh, name, 4)
     whole = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).double()
     fully_shard(whole, mesh=mesh["dp"])
     try:

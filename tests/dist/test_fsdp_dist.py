@@ -21,6 +21,9 @@ def test_fsdp2_stages_sync_once_per_step(tmp_path) -> None:
                 assert r["groups"] > r["stages"] and r["reductions"] == r["groups"], (rank, name, m, r)
                 assert r["param_err"] < 1e-12, (rank, name, m, r)  # after three AdamW steps
         assert "sharded (fully_shard / parallelize_module) before pipeline()" in rep["sharded_first"], rep
+        for name in ("1f1b", "zbv"):  # recompute="pointwise" (regions reading a parameter), then fully_shard
+            r = rep[f"pointwise/{name}"]
+            assert r["rewritten"] and r["grad_err"] < 1e-12, (rank, name, r)
         # sharded stages saved through DCP: merge loads strictly into the plain model; load restores the shards
         for key in ("checkpoint", "checkpoint/blocks"):
             assert rep[key]["merge_err"] == 0.0 and rep[key]["load_err"] == 0.0, rep[key]
