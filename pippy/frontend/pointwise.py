@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from torch import fx, nn
 __all__ = ["Region", "is_pointwise", "recompute_pointwise", "restore_pointwise"]
 
 _ORIG_GRAPH = "_pippy_graph_without_pointwise_recompute"
+_RANDOM = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|poisson|exponential|geometric|cauchy")
 _CASTS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout,
           torch.ops.aten.to.device, torch.ops.aten.type_as.default}
 
@@ -59,8 +61,8 @@ def _cheap(node: fx.Node, owner: nn.Module | None = None) -> bool:
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
     tags = node.target.tags
-    if torch.Tag.nondeterministic_seeded in tags or torch.Tag.inplace_view in tags:
-        return False
+    if torch.Tag.nondeterministic_seeded in tags or torch.Tag.inplace_view in tags or _RANDOM.search(node.target.name()):
+        return False  # a recomputed random op would draw other numbers
     return (torch.Tag.pointwise in tags or torch.Tag.reduction in tags or node.target.is_view
             or node.target in _CASTS)
 
