@@ -25,16 +25,19 @@ from __future__ import annotations
 import copy
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from pippy.frontend.regioncall import RegionCall, keep_recipes
+
 __all__ = ["Region", "is_pointwise", "recompute_pointwise", "restore_pointwise"]
 
 _ORIG_GRAPH = "_pippy_graph_without_pointwise_recompute"
+_ORIG_FORWARD = "_pippy_forward_without_region_recipes"
 _RANDOM = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|poisson|exponential|geometric|cauchy")
 _CASTS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout,
           torch.ops.aten.to.device, torch.ops.aten.type_as.default}
@@ -198,57 +201,6 @@ def _saved_bytes(fn: fx.GraphModule, inputs: list[fx.Node]) -> tuple[int, int] |
     return saved, kept
 
 
-class _Recompute(torch.autograd.Function):  # type: ignore[misc]
-    """Run a region without saving its intermediates; in backward run it again and differentiate."""
-
-    @staticmethod
-    def forward(ctx: Any, fn: Callable[..., tuple[Any, ...]], *args: Any) -> Any:  # type: ignore[override]
-        ctx.fn = fn
-        ctx.where = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        ctx.grads = [args[i].requires_grad for i in ctx.where]
-        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
-        ctx.save_for_backward(*(args[i] for i in ctx.where))
-        outs = fn(*args)
-        ctx.mark_non_differentiable(*(o for o in outs if not (o.dtype.is_floating_point or o.dtype.is_complex)))
-        return outs
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
-        args = list(ctx.others)
-        leaves = []
-        for i, t, rg in zip(ctx.where, ctx.saved_tensors, ctx.grads):
-            args[i] = t.detach().requires_grad_(rg)
-            leaves.append(args[i])
-        with torch.enable_grad():
-            outs = ctx.fn(*args)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        need = [x for x in leaves if x.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True)
-                   if pairs and need else [None] * len(need))
-        result: list[torch.Tensor | None] = [None] * len(args)
-        for i, x in zip(ctx.where, leaves):
-            if x.requires_grad:
-                result[i] = next(got)
-        return (None, *result)
-
-
-class _RegionCall(nn.Module):  # type: ignore[misc]
-    """The call a recomputed region becomes (no parameters; its graph is held, not registered)."""
-
-    def __init__(self, fn: fx.GraphModule, label: str) -> None:
-        super().__init__()
-        self.__dict__["fn"] = fn
-        self.label = label
-
-    def forward(self, *args: Any) -> tuple[Any, ...]:
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return _Recompute.apply(self.fn, *args)  # type: ignore[no-any-return]
-        return self.fn(*args)  # type: ignore[no-any-return]
-
-    def extra_repr(self) -> str:
-        return self.label
-
-
 def _place(graph: fx.Graph, group: list[fx.Node], inputs: list[fx.Node]) -> fx.Node | None:
     """Where the region's call goes: after its last input and before its first op's outside users; None if
     graph order leaves no such place."""
@@ -281,7 +233,7 @@ def _rewrite(mod: nn.Module, path: str, graph: fx.Graph, min_bytes: int, skip_re
         while hasattr(mod, name):
             name += "_"
         label = ", ".join(str(n.target).replace("aten.", "") for n in group[:6]) + (", ..." if len(group) > 6 else "")
-        mod.add_module(name, _RegionCall(fn, f"{len(group)} ops: {label}"))
+        mod.add_module(name, RegionCall(fn, f"{len(group)} ops: {label}"))
         with new.inserting_before(where):
             call = new.call_module(name, tuple(inputs))
             got = [new.call_function(operator.getitem, (call, j)) for j in range(len(outputs))]
@@ -322,13 +274,22 @@ def recompute_pointwise(module: nn.Module, min_bytes: int = 0, *, skip_param_rea
     # children first: a child that got a region of its own is no longer a plain activation call for its parent
     for path, mod in reversed(list(module.named_modules())):
         graph = getattr(mod, "graph", None)
-        if not isinstance(graph, fx.Graph) or isinstance(mod, _RegionCall) or _ORIG_GRAPH in mod.__dict__:
+        if not isinstance(graph, fx.Graph) or isinstance(mod, RegionCall) or _ORIG_GRAPH in mod.__dict__:
             continue
         new, found = _rewrite(mod, path, graph, min_bytes, skip_param_readers)
         if found:
             mod.__dict__[_ORIG_GRAPH] = graph
             _set_graph(mod, new)
             regions += found
+    if regions and _ORIG_FORWARD not in module.__dict__:  # ops after a region save its recipe, not its output
+        inner = module.forward
+        module.__dict__[_ORIG_FORWARD] = inner
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with keep_recipes():
+                return inner(*args, **kwargs)
+
+        module.forward = forward  # type: ignore[method-assign]
     return regions
 
 
@@ -338,12 +299,14 @@ def restore_pointwise(module: nn.Module) -> None:
         >>> import torch
         >>> restore_pointwise(torch.nn.Linear(1, 1))
     """
+    if module.__dict__.pop(_ORIG_FORWARD, None) is not None:
+        module.__dict__.pop("forward", None)
     for mod in list(module.modules()):
         graph = mod.__dict__.pop(_ORIG_GRAPH, None)
         if graph is None:
             continue
         for name, child in list(mod.named_children()):
-            if isinstance(child, _RegionCall):
+            if isinstance(child, RegionCall):
                 delattr(mod, name)
         _set_graph(mod, graph)
 

@@ -13,7 +13,8 @@ from torch import nn
 
 import pippy
 from pippy import SplitPoint, pipeline
-from pippy.frontend.pointwise import _RegionCall, describe, is_pointwise, recompute_pointwise
+from pippy.frontend.pointwise import describe, is_pointwise, recompute_pointwise
+from pippy.frontend.regioncall import RegionCall
 from pippy.recompute import disable_recompute, enable_recompute, is_recomputing
 from pippy.runtime.local import LocalPipeline
 
@@ -89,7 +90,7 @@ def test_regions_equal_plain_and_save_less() -> None:
     assert torch.equal(xa.grad, xb.grad)
     for (n, pa), (_, pb) in zip(plain.named_parameters(), remat.named_parameters()):
         assert torch.equal(pa.grad, pb.grad), n
-    ops = [str(n.target) for m in remat.modules() if isinstance(m, _RegionCall) for n in m.fn.graph.nodes]
+    ops = [str(n.target) for m in remat.modules() if isinstance(m, RegionCall) for n in m.fn.graph.nodes]
     assert "aten.tanh.default" in ops and "aten.rsqrt.default" in ops
     assert not any("dropout" in o or "bernoulli" in o for o in ops), ops
 
@@ -158,9 +159,9 @@ def test_pipelined_pointwise_recompute_is_transparent_and_keeps_less(arch: str, 
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
         peaks.append(max(max(s.last_peak_bytes.values()) for s in lp.schedules))
-    # GPT-2's tanh GELU is one module's chain (4 saved tensors -> 1); Llama's RMS norms, and SiLU (an activation
-    # module) with the gate product in its parent's graph
-    assert peaks[1] < (0.85 if arch == "gpt2" else 0.9) * peaks[0], peaks
+    # GPT-2's tanh GELU is one module's chain (4 saved tensors -> 1, and the next linear keeps a recipe, not the
+    # GELU's output); Llama's RMS norms, and SiLU (an activation module) with the gate product in its parent's graph
+    assert peaks[1] < (0.55 if arch == "gpt2" else 0.8) * peaks[0], peaks
 
 
 def test_disable_restores_the_graphs_and_build_stage_takes_the_policy() -> None:
