@@ -140,7 +140,8 @@ def keep_recipes() -> Iterator[None]:
             same = t is base or (t.size() == base.size() and t.stride() == base.stride()
                                  and t.storage_offset() == base.storage_offset())
             return _Packed(tag[0], tag[1], None if same else (t.size(), t.stride(), t.storage_offset()))
-        return outer_pack(t) if outer_pack is not None else t
+        # a detached alias (same storage): returning ``t`` would tie a saved output to its own node in a cycle
+        return outer_pack(t) if outer_pack is not None else t.detach()
 
     def unpack(p: Any) -> torch.Tensor:
         if isinstance(p, _Packed):

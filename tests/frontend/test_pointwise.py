@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
@@ -17,19 +16,7 @@ from pippy.frontend.pointwise import describe, is_pointwise, recompute_pointwise
 from pippy.frontend.regioncall import RegionCall
 from pippy.recompute import disable_recompute, enable_recompute, is_recomputing
 from pippy.runtime.local import LocalPipeline
-
-
-def _saved(fn: Any, *args: Any) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        seen[id(base)] = base.numel() * base.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return sum(seen.values())
+from pippy.sim.memory import SavedBytes
 
 
 def _grads_equal(mod_a: nn.Module, mod_b: nn.Module, x: torch.Tensor) -> None:
@@ -74,10 +61,12 @@ def test_regions_equal_plain_and_save_less() -> None:
     assert is_pointwise(remat) and not is_pointwise(plain)
     assert remat.state_dict().keys() == plain.state_dict().keys()
     torch.manual_seed(1)
-    ref = _saved(plain, x.clone().requires_grad_())
+    with SavedBytes() as ref:
+        plain(x.clone().requires_grad_())
     torch.manual_seed(1)
-    got = _saved(remat, x.clone().requires_grad_())
-    assert got < ref
+    with SavedBytes() as got:
+        remat(x.clone().requires_grad_())
+    assert got.total < ref.total
     torch.manual_seed(2)
     xa = x.clone().requires_grad_()
     ya = plain(xa)

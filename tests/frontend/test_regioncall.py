@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import fx, nn
 
 from pippy.frontend.regioncall import RegionCall, keep_recipes
+from pippy.sim.memory import SavedBytes
 
 
 class _Counted:
@@ -18,19 +21,6 @@ class _Counted:
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.runs += 1
         return self.gm(*args)  # type: ignore[no-any-return]
-
-
-def _saved(fn: object) -> tuple[int, object]:
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        seen[id(base)] = base.numel() * base.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()  # type: ignore[operator]
-    return sum(seen.values()), out
 
 
 def test_a_matmul_after_the_region_keeps_its_recipe_and_the_region_runs_once_in_backward() -> None:
@@ -46,20 +36,23 @@ def test_a_matmul_after_the_region_keeps_its_recipe_and_the_region_runs_once_in_
             out = call(x, s)[0]
             return (out @ w).sum() + (out[:, :16] @ w[:16]).sum()  # the output, and a view of it
 
-    kept, y = _saved(run)
+    with SavedBytes() as kept:
+        y = run()
     def ref() -> torch.Tensor:
         out = torch.tanh(torch.exp(x) * s)
         return (out @ w).sum() + (out[:, :16] @ w[:16]).sum()
 
-    plain, y_ref = _saved(ref)
+    with SavedBytes() as plain:
+        y_ref = ref()
     # x, s and w only: neither exp's nor tanh's output, nor the matmuls' inputs (the output and a view of it)
-    assert kept == 8 * (x.numel() + s.numel() + w.numel()) and plain == kept - 8 * x.numel() + 2 * 8 * x.numel()
+    assert kept.total == 8 * (x.numel() + s.numel() + w.numel())
+    assert plain.total == kept.total + 8 * x.numel()  # exp's and tanh's outputs where kept has x
     assert region.runs == 1
-    y.backward()  # type: ignore[union-attr]
+    y.backward()
     assert region.runs == 2  # the matmul's backward rebuilt the region; the region's own backward reused it
     gx, gw = x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None
-    y_ref.backward()  # type: ignore[union-attr]
+    y_ref.backward()
     assert torch.equal(y, y_ref) and torch.equal(gx, x.grad) and torch.equal(gw, w.grad)
 
 
@@ -77,3 +70,12 @@ def test_without_grad_the_region_runs_plainly() -> None:
     with torch.no_grad():
         out = RegionCall(region, "r")(torch.ones(2), torch.ones(2))[0]
     assert out.grad_fn is None and region.runs == 1 and not hasattr(out, "_pippy_region_recipe")
+
+
+def test_a_forward_dropped_without_backward_frees_what_it_saved() -> None:
+    x = torch.randn(8, requires_grad=True)
+    with keep_recipes():
+        y = torch.tanh(x)  # tanh saves its own output: kept as a detached alias, not in a cycle with its node
+    gone = weakref.ref(y)
+    del y
+    assert gone() is None
