@@ -3,10 +3,12 @@
 A chain such as GPT-2's tanh GELU (``0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))))``) makes
 autograd save four tensors the size of ``x``; every one of them is a function of ``x`` alone.
 :func:`recompute_pointwise` finds such regions in a traced graph (connected pointwise, view,
-dtype-cast and reduction ops; random ops never), and replaces each region whose saved bytes
-exceed its inputs' bytes by one call that saves just its inputs and runs the region again in
-backward. The numbers are those of the plain graph: the same ops run on the same values.
-Matmuls, attention and norms keep their saved outputs, so recompute costs only elementwise work.
+dtype-cast and reduction ops, and calls of parameter-free activation modules; random ops never),
+and replaces each region whose saved bytes exceed its inputs' bytes by one call that saves just
+its inputs and runs the region again in backward (:mod:`pippy.frontend.regioncall`). An op that
+saves a region's output (the linear after an activation) keeps the region's recipe instead. The
+numbers are those of the plain graph: the same ops run on the same values. Matmuls, attention
+and norms keep their saved outputs, so recompute costs only elementwise work.
 
     >>> import torch
     >>> class Gelu(torch.nn.Module):

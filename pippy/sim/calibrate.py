@@ -3,8 +3,8 @@
 Profiling times each stage alone; in a real step the ranks share cores, caches and memory
 bandwidth, and the machine's speed drifts, so the profile under-predicts (GPT-2 on this 2-core
 machine: -18% to -30%). A traced step (``trace=True``; its ``last_timeline``) measures every action
-under the very contention of the run. :func:`calibrate` keeps the profile's link and byte sizes
-and takes each (stage, kind)'s median traced duration; a kind the trace did not run (W in a 1F1B
+under the very contention of the run. :func:`calibrate` keeps the profile's bandwidth and byte
+sizes and takes each (stage, kind)'s median traced duration; a kind the trace did not run (W in a 1F1B
 trace) is scaled like the kinds it did run on that stage. The link latency, too, is what the run
 saw (:func:`traced_latency`): under contention a message waits for its sender's and receiver's
 communication threads to get a core, far longer than an idle ping-pong. The simulator then
@@ -40,9 +40,9 @@ def traced_latency(costs: CostModel, timeline: Timeline) -> float | None:
     """The median latency of the messages a traced step waited for; None when it waited for none.
 
     A sample is a receive that was already waiting when its message was posted: from the SEND's
-    start to the RECV's end, less the bytes' transfer time at ``costs.bandwidth``. The producer of
-    a forward message is the latest-posting SEND_F of the same micro-batch from a lower stage on
-    another rank (a higher stage for gradients). Times of different ranks share the trace's origin.
+    start to the RECV's end, less the bytes' transfer time at ``costs.bandwidth``. The sender of a
+    forward message is the nearest lower stage on another rank that sent that micro-batch (the
+    nearest higher one for gradients). Times of different ranks share the trace's origin.
 
         >>> from pippy.schedules.ir import Action
         >>> from pippy.sim.timeline import Event
@@ -60,16 +60,17 @@ def traced_latency(costs: CostModel, timeline: Timeline) -> float | None:
         if kind is None:
             continue
         forward = kind is Kind.SEND_F
+        s = ev.action.stage
         cands = [e for e in sends.get((kind, ev.action.mb), ()) if e.rank != ev.rank
-                 and (e.action.stage < ev.action.stage if forward else e.action.stage > ev.action.stage)]
+                 and (e.action.stage < s if forward else e.action.stage > s)]
         if not cands:
             continue
-        snd = max(cands, key=lambda e: e.start)
+        snd = min(cands, key=lambda e: abs(e.action.stage - s))
         if ev.start > snd.start:
             continue  # the message was posted before this rank began to wait: its wait says nothing of the latency
-        src = snd.action.stage if forward else ev.action.stage
-        nbytes = costs.stages[src].send_bytes if forward and src < costs.num_stages else (
-            costs.stages[src].grad_out_bytes if src < costs.num_stages else 0.0)
+        src = snd.action.stage if forward else s  # the stage whose output (or output's gradient) it carries
+        c = costs.stages[src] if src < costs.num_stages else None
+        nbytes = 0.0 if c is None else (c.send_bytes if forward else c.grad_out_bytes)
         samples.append(max(0.0, ev.end - snd.start - (costs.transfer_time(nbytes) - costs.latency)))
     return statistics.median(samples) if samples else None
 
