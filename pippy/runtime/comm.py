@@ -178,6 +178,7 @@ class DistTransport:
             self._prefix = f"pippy/{'-'.join(map(str, ranks))}/{n}"
             self.board = FailureBoard(self._store, self._prefix, self.rank)
         self._waiter = Waiter()
+        self._send_waiter = Waiter()  # gloo: waits each send in the background, so it can be dropped once sent
 
     def fail(self, notice: str) -> bool:
         """Post ``notice`` on the failure board (first notice wins); True when there is a board."""
@@ -192,11 +193,21 @@ class DistTransport:
             agree(self._store, self._prefix, self.rank, range(self.world_size), facts, where)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
-        """Start an asynchronous send."""
+        """Start an asynchronous send.
+
+        On gloo, whose ``is_completed`` stays False until ``wait``, a background thread waits for
+        it: :meth:`done` then turns True once the message is out, and the executor drops the
+        send (and frees its tensor) at once rather than at the end of the step.
+        """
         try:
-            return dist.isend(tensor, group=self.group, tag=tag, group_dst=peer)
+            work = dist.isend(tensor, group=self.group, tag=tag, group_dst=peer)
         except RuntimeError as exc:
             raise self._posting_failed(exc, peer, ctx) from exc
+        if self.ordered:
+            return work
+        watched = Watched(work)
+        self._send_waiter.submit(watched, self.timeout)
+        return watched
 
     def irecv(self, buffer: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Start an asynchronous receive."""

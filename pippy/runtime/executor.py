@@ -174,8 +174,8 @@ class Executor:
             else:
                 self.started = self.started or a.kind.is_comm
                 self._compute[a.kind](st, a)
-            if len(st.sends) > 64:
-                st.sends = [(h, c) for h, c in st.sends if not self.transport.done(h)]
+            while st.sends and self.transport.done(st.sends[0][0]):  # a sent message's tensor is freed here
+                yield from self.transport.wait(*st.sends.pop(0))  # (raises if the send failed)
             if self.trace:
                 st.res.events.append(Event(self.rank, a, t0 - self.t_origin, time.perf_counter() - self.t_origin))
         self.current = None
