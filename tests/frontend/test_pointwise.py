@@ -175,16 +175,20 @@ def test_dynamic_pipe_recomputes_at_other_lengths() -> None:
     lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=lm_loss)
     assert all(enable_recompute(st, "pointwise") for st in lp.stages)
     for n in (32, 17, 64):
-        xs, ys = torch.randint(0, 96, (4, n)), torch.randint(0, 96, (4, n))
-        lp.zero_grad()
-        model.zero_grad(set_to_none=True)
-        out = lp.step(xs, target=ys)
-        ref = model(xs)
-        lm_loss(ref, ys).backward()
-        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-12)
-        grads = lp.named_grads()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12)
+        _check_lm_step(lp, model, torch.randint(0, 96, (4, n)), torch.randint(0, 96, (4, n)))
+
+
+def _check_lm_step(lp: LocalPipeline, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One pipelined step equals the plain model: logits and every parameter grad, to 1e-12."""
+    lp.zero_grad()
+    model.zero_grad(set_to_none=True)
+    out = lp.step(x, target=y)
+    ref = model(x)
+    lm_loss(ref, y).backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-12)
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
 class Gated(nn.Module):
@@ -227,12 +231,4 @@ def test_every_schedule_stays_exact_with_pointwise_recompute(cls: type, ranks: i
     lp = LocalPipeline(pipe, cls, num_ranks=ranks, n_microbatches=4, loss_fn=lm_loss)
     assert all(enable_recompute(st, "pointwise") for st in lp.stages)
     for _ in range(2):  # a second step: rebuilt taps, recipes and bubble filling from the first step's timings
-        lp.zero_grad()
-        model.zero_grad(set_to_none=True)
-        out = lp.step(x, target=y)
-        ref = model(x)
-        lm_loss(ref, y).backward()
-        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-12)
-        grads = lp.named_grads()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        _check_lm_step(lp, model, x, y)
