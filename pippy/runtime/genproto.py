@@ -96,8 +96,8 @@ class _Link:
         self.pending.append((self.t.isend(tensor, peer, tag, ctx), tensor, ctx))
         self.moved += 1
         while len(self.pending) > 1 and self.t.done(self.pending[0][0]):
-            self.pending.popleft()
-        return iter(())
+            handle, _, done_ctx = self.pending.popleft()
+            yield from self.t.wait(handle, done_ctx)  # returns at once; raises if that send failed
 
     def recv(self, buf: torch.Tensor, peer: int, tag: int, ctx: WaitContext) -> Generator[None, None, torch.Tensor]:
         yield from self.t.wait(self.t.irecv(buf, peer, tag, ctx), ctx)
