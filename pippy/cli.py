@@ -211,7 +211,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
             notes.append(f"{name}: skipped ({e})")
             continue
         costs = _costs_for(a.costs, sch, a.ranks)
-        form, fused = fastest_form(sch, costs)  # as the runtime runs it, I+W fused into B or not: the faster
+        form, fused = fastest_form(sch, costs, compact=True)  # as the runtime runs it: I+W fused or not, W's compacted
         kind = "-" if not sch.uses_split_backward() else ("fused" if fused else "split")
         rows.append((name, simulate(form, costs), lower_bound(form, costs), kind))
     print(f"{a.ranks} ranks, {a.microbatches} micro-batches, costs: {a.costs or 'unit (F=I=W=1 per rank, B=2)'}")
@@ -229,7 +229,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     print("(* fastest; bubble % is the mean over ranks; bound: no order of the same actions on the same ranks is "
           "faster (pippy.sim.bound); I+W: a split backward runs as the runtime form that simulates faster, I and W "
           "fused into one B where they are adjacent (fuse_backward=True, the default) or kept split "
-          "(fuse_backward=False))")
+          "(fuse_backward=False), with W's moved into the idle gaps they fit (pippy.sim.compact))")
     for n in notes:
         print(n)
     return 0

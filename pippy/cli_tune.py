@@ -5,7 +5,7 @@
     >>> path = os.path.join(tempfile.mkdtemp(), "c.json"); CostModel.uniform(2).to_json(path)
     >>> from pippy.cli import main
     >>> main(["tune", "--costs", path, "--memory-limit", "1e9", "--microbatches-choices", "4"])  # doctest: +ELLIPSIS
-    recommended: interleaved_zb with 4 micro-batches on 2 ranks
+    recommended: dualpipev with 4 micro-batches on 2 ranks
     ...
     0
 """
@@ -40,11 +40,12 @@ def make_named(name: str, p: int, m: int, costs_path: str | None = None) -> Sche
 
 
 def simulate_runtime(sch: Schedule, costs: CostModel) -> SimResult:
-    """Simulate ``sch`` as the runtime runs it (:func:`pippy.schedules.lower.runtime_form`)."""
+    """Simulate ``sch`` as the runtime runs it (:func:`pippy.schedules.lower.runtime_form`, W's compacted)."""
     from pippy.schedules.lower import runtime_form
+    from pippy.sim.compact import compact_w
     from pippy.sim.simulate import simulate
 
-    return simulate(runtime_form(sch), costs)
+    return simulate(compact_w(runtime_form(sch), costs), costs)
 
 
 def cmd_tune(a: argparse.Namespace) -> int:

@@ -53,7 +53,8 @@ from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
 from pippy.schedules.lower import lower, runtime_form
 from pippy.schedules.validate import validate
-from pippy.sim.choose import fastest_form
+from pippy.sim.choose import fastest_form, fit_costs
+from pippy.sim.compact import compact_w
 from pippy.sim.timeline import Event, Timeline
 
 __all__ = ["PipelineSchedule", "StepRun"]
@@ -68,9 +69,12 @@ class PipelineSchedule:
     whose inputs need no gradient (the first, usually) runs a whole B at each W's place instead
     of I then W; ``"auto"`` does so only when that simulates faster under the class's ``costs``
     (default costs without them; see :func:`pippy.sim.choose.fastest_form`). The schedule actually
-    run is ``self.schedule`` (lowered), which is also what to simulate. With ``fill_bubbles`` (default) a rank that would wait for a message runs a later
-    W of its schedule instead, when the previous step waited that long there (see
-    ``pippy.runtime.wfill``; results stay bitwise those of the static order). Every subclass is
+    run is ``self.schedule`` (lowered), which is also what to simulate. With ``fill_bubbles`` (default) a
+    generated schedule first has each W moved into the earliest idle gap the class's costs predict
+    it fits (:func:`pippy.sim.compact.compact_w`: never slower, never more memory), and at run time
+    a rank that would wait for a message runs a later W instead, when the previous step waited that
+    long there (see ``pippy.runtime.wfill``). Both keep results bitwise those of the generated
+    order; an explicit ``schedule=`` is run as given. Every subclass is
     used the same way, e.g. ``ScheduleGPipe(stage, 8, loss_fn=F.cross_entropy).step(x, target=y)``
     (the module docstring runs one).
     """
@@ -145,13 +149,16 @@ class PipelineSchedule:
         compute = schedule if schedule is not None else self._generate()
         compute = compute.with_deps(self.pipe.deps())
         if fuse_backward == "auto":  # fuse I+W into B only where it simulates faster under the class's costs
-            compute, fused = fastest_form(compute, getattr(self, "costs", None), gradless_stages=self.gradless_stages())
+            compute, fused = fastest_form(compute, getattr(self, "costs", None), gradless_stages=self.gradless_stages(),
+                                          compact=schedule is None and fill_bubbles)
             self.fused_backward = fused
         elif isinstance(fuse_backward, bool):
             compute = runtime_form(compute, self.gradless_stages(), fuse=fuse_backward)
             self.fused_backward = fuse_backward
         else:
             raise ValueError(f"fuse_backward must be True, False or 'auto', got {fuse_backward!r}")
+        if schedule is None and fill_bubbles and fuse_backward != "auto":  # W's into the gaps the costs predict
+            compute = compact_w(compute, fit_costs(getattr(self, "costs", None), compute.num_stages))
         self._check_placement(compute)
         self.schedule: Schedule | None = None
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):

@@ -3,7 +3,8 @@
 For rank ``r`` the step takes at least ``head_r + work_r + tail_r``:
 
 * ``work_r``: the compute of every action the schedule gives rank ``r`` (one rank runs one action
-  at a time);
+  at a time), timed as :func:`~pippy.sim.simulate.simulate` times it: a forward takes ``split_f``
+  on a stage with I actions and ``f`` on one whose backward runs whole;
 * ``head_r``: micro-batch 0's forwards through the stages before rank ``r``'s first stage (nothing
   on rank ``r`` can start earlier);
 * ``tail_r``: for a rank whose backward is not split, the backward chain from its first stage
@@ -32,7 +33,7 @@ def lower_bound(schedule: Schedule, costs: CostModel) -> float:
     st = costs.stages
     p = schedule.num_ranks
     split = {a.stage for acts in schedule.actions for a in acts if a.kind is Kind.I}
-    fwd = [min(c.f, c.forward_time(True)) for c in st]
+    fwd = [c.forward_time(s in split) for s, c in enumerate(st)]  # as simulate times them: split_f where split
     ahead = [sum(fwd[:s]) for s in range(schedule.num_stages)]  # forwards before stage s, for one micro-batch
     cost = {Kind.F: lambda s: fwd[s], Kind.B: lambda s: st[s].b, Kind.I: lambda s: st[s].i, Kind.W: lambda s: st[s].w}
     best = 0.0
@@ -47,7 +48,7 @@ def lower_bound(schedule: Schedule, costs: CostModel) -> float:
         if not any(s in split for s in mine):
             tail = min(sum(_back(st[q], q in split) for q in range(s)) for s in mine)
         best = max(best, head + work + tail)
-    path = sum(fwd) + sum(st[s].i for s in range(1, schedule.num_stages)) + (st[0].w if 0 in split else st[0].b)
+    path = sum(fwd) + sum(_back(st[s], s in split) for s in range(1, schedule.num_stages)) + (st[0].w if 0 in split else st[0].b)
     return float(max(best, path))
 
 

@@ -19,10 +19,11 @@ from pippy.schedules.generators import make_schedule
 from pippy.schedules.ir import Schedule
 from pippy.schedules.lower import runtime_form
 from pippy.schedules.zero_bubble import ZBV_ORDERS, zbv
+from pippy.sim.compact import compact_w
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.simulate import simulate
 
-__all__ = ["default_costs", "fastest", "fastest_form", "make_schedule_for", "zbv_for_costs"]
+__all__ = ["default_costs", "fastest", "fastest_form", "fit_costs", "make_schedule_for", "zbv_for_costs"]
 
 
 def default_costs(num_stages: int) -> CostModel:
@@ -41,20 +42,27 @@ def default_costs(num_stages: int) -> CostModel:
     return CostModel(stages=[StageCost(f=1.0, i=1.0, w=1.0, fused_b=1.5) for _ in range(num_stages)])
 
 
-def _fit(costs: CostModel | None, num_stages: int) -> CostModel:
+def fit_costs(costs: CostModel | None, num_stages: int) -> CostModel:
+    """``costs`` for ``num_stages`` stages (rebinned when they differ); :func:`default_costs` for ``None``.
+
+        >>> fit_costs(None, 3).num_stages, fit_costs(default_costs(2), 4).num_stages
+        (3, 4)
+    """
     if costs is None:
         return default_costs(num_stages)
     return costs if costs.num_stages == num_stages else costs.rebin(num_stages)
 
 
 def fastest(
-    candidates: Sequence[Schedule], costs: CostModel | None = None, *, gradless_stages: Iterable[int] = (0,)
+    candidates: Sequence[Schedule], costs: CostModel | None = None, *, gradless_stages: Iterable[int] = (0,),
+    compact: bool = False,
 ) -> Schedule:
     """The candidate whose runtime form simulates fastest under ``costs`` (the first on ties).
 
     Each candidate is simulated as :func:`~pippy.schedules.lower.runtime_form` ``(candidate,
     gradless_stages)``, with ``costs`` rebinned to its stage count (``None``:
-    :func:`default_costs`). Returns the candidate itself, as generated (not its runtime form).
+    :func:`default_costs`), and with ``compact`` after :func:`~pippy.sim.compact.compact_w` (as
+    the runtime runs a generated schedule). Returns the candidate itself, as generated.
 
         >>> from pippy.schedules.generators import gpipe, one_f_one_b
         >>> fastest([gpipe(2, 4), one_f_one_b(2, 4)]).name  # same step time: the first wins
@@ -65,21 +73,24 @@ def fastest(
     gradless = tuple(gradless_stages)
     best, best_time = candidates[0], float("inf")
     for cand in candidates:
-        t = simulate(runtime_form(cand, gradless), _fit(costs, cand.num_stages)).step_time
+        cm = fit_costs(costs, cand.num_stages)
+        form = runtime_form(cand, gradless)
+        t = simulate(compact_w(form, cm) if compact else form, cm).step_time
         if t < best_time:
             best, best_time = cand, t
     return best
 
 
 def fastest_form(schedule: Schedule, costs: CostModel | None = None, *,
-                 gradless_stages: Iterable[int] = (0,)) -> tuple[Schedule, bool]:
+                 gradless_stages: Iterable[int] = (0,), compact: bool = False) -> tuple[Schedule, bool]:
     """The runtime form of ``schedule`` that simulates faster: I+W fused into B (True) or kept split (False).
 
     Fusing pays when a whole backward costs less than I + W (``fused_b``, e.g. 34 ms vs 46 ms for a
     GPT-2 block on this CPU); when it costs the same (unit costs: B = I + W) it only delays the input
     gradient and pins W where the fused B is, so the split form is faster. Ties go to fusing (the
     runtime's default, ``fuse_backward=True``). Returns ``(form, fused)``; run it with
-    ``fuse_backward=fused``.
+    ``fuse_backward=fused``. With ``compact`` both forms are judged, and returned, after
+    :func:`~pippy.sim.compact.compact_w` (W's moved into the gaps they fit, as the runtime does).
 
         >>> from pippy.schedules.zero_bubble import zbv
         >>> from pippy.sim.cost import CostModel
@@ -87,19 +98,22 @@ def fastest_form(schedule: Schedule, costs: CostModel | None = None, *,
         (False, True)
     """
     gradless = tuple(gradless_stages)
-    cm = _fit(costs, schedule.num_stages)
+    cm = fit_costs(costs, schedule.num_stages)
     fused, split = runtime_form(schedule, gradless), runtime_form(schedule, gradless, fuse=False)
+    if compact:
+        fused, split = compact_w(fused, cm), compact_w(split, cm)
     if simulate(split, cm).step_time < simulate(fused, cm).step_time - 1e-12:
         return split, False
     return fused, True
 
 
 def zbv_for_costs(
-    p: int, m: int, costs: CostModel | None = None, *, gradless_stages: Iterable[int] = (0,)
+    p: int, m: int, costs: CostModel | None = None, *, gradless_stages: Iterable[int] = (0,), compact: bool = True
 ) -> Schedule:
     """ZB-V in the order (``"whole"`` or ``"split"``, see :func:`~pippy.schedules.zero_bubble.zbv`) that runs faster.
 
-    :func:`fastest` of the two orders, ``"whole"`` first (it wins ties). Under
+    :func:`fastest` of the two orders, ``"whole"`` first (it wins ties), each judged after
+    :func:`~pippy.sim.compact.compact_w` (``compact``, default; the runtime compacts). Under
     :func:`default_costs` *split* wins only for few micro-batches (``2 <= m <= p`` or a little
     more, e.g. m = 2..5 for p = 4) and *whole* everywhere else.
 
@@ -107,7 +121,8 @@ def zbv_for_costs(
         >>> zbv_for_costs(2, 8) == zbv(2, 8, "whole"), zbv_for_costs(4, 2) == zbv(4, 2, "split")
         (True, True)
     """
-    return fastest([zbv(p, m, order) for order in ZBV_ORDERS], costs, gradless_stages=gradless_stages)
+    return fastest([zbv(p, m, order) for order in ZBV_ORDERS], costs, gradless_stages=gradless_stages,
+                   compact=compact)
 
 
 def make_schedule_for(

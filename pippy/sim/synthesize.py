@@ -27,6 +27,7 @@ from pippy.schedules.generators import make_schedule
 from pippy.schedules.ir import Action, Kind, Schedule, loop_placement, v_placement
 from pippy.schedules.lower import runtime_form
 from pippy.schedules.validate import ScheduleError, validate
+from pippy.sim.compact import compact_w
 from pippy.sim.cost import CostModel
 from pippy.sim.simulate import DeadlockError, simulate
 
@@ -250,7 +251,7 @@ def synthesize(p: int, m: int, costs: CostModel, *, memory_limit: float | None =
         nonlocal best
         try:
             validate(sch)
-            res = simulate(runtime_form(sch, gradless), costs)
+            res = simulate(compact_w(runtime_form(sch, gradless), costs), costs)  # as the runtime runs it
         except (ScheduleError, DeadlockError):
             return None
         peak = max(res.peak_memory)

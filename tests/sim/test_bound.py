@@ -37,3 +37,21 @@ def test_known_bounds_under_unit_costs() -> None:
     assert lower_bound(zbv, half) == 25.5  # the V placement's bound the issue quotes
     one = make_schedule("1f1b", 1, 3)
     assert lower_bound(one, CostModel.uniform(1)) == simulate(one, CostModel.uniform(1)).step_time == 9.0
+
+
+def test_forwards_cost_what_the_form_runs() -> None:
+    """A stage whose backward the form does not split runs ``f``, not the cheaper ``split_f``: the bound counts ``f``.
+
+    GPT-2-like: ``split_f`` under ``f`` and a heavy last stage; ZB-V fused, so rank 0's stage 3 runs
+    whole B's. Counting ``split_f`` there left the bound 4 forwards' saving (1 unit) too low.
+    """
+    from pippy.schedules.lower import runtime_form
+
+    mid = StageCost(f=1.0, i=0.8, w=0.8, fused_b=1.6, split_f=0.95)
+    head = StageCost(f=2.0, i=1.7, w=1.5, fused_b=3.0, split_f=1.8)
+    costs = CostModel(stages=[mid, mid, mid, head])
+    fused = runtime_form(make_schedule("zbv", 2, 4))
+    assert not any(a.kind.value == "I" for a in fused.actions[0])
+    rank0 = 4 * (1.0 + 2.0 + 1.6 + 3.0)  # F0, F3 at f; B0, B3 whole
+    assert lower_bound(fused, costs) == pytest.approx(rank0)
+    assert lower_bound(fused, costs) <= simulate(fused, costs).step_time + 1e-12

@@ -1,4 +1,4 @@
-"""The CLI shows and simulates what the runtime runs: ZB-V chosen as ScheduleZBV chooses, runtime_form simulated."""
+"""The CLI shows and simulates what the runtime runs: ZB-V chosen as ScheduleZBV chooses, runtime_form compacted."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pippy.schedules.lower import runtime_form
 from pippy.schedules.render_grid import grid
 from pippy.schedules.zero_bubble import zbv
 from pippy.sim.choose import zbv_for_costs
+from pippy.sim.compact import compact_w
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.render import format_time
 from pippy.sim.simulate import simulate
@@ -33,7 +34,7 @@ def test_show_zbv_is_the_runtime_choice(capsys: pytest.CaptureFixture[str]) -> N
 def test_simulate_predicts_the_runtime_form(capsys: pytest.CaptureFixture[str]) -> None:
     out = _out(capsys, "simulate", "zbv", "-p", "3", "-m", "6", "--no-color")
     costs = CostModel.uniform(3).rebin(6)
-    want = simulate(runtime_form(zbv_for_costs(3, 6)), costs).step_time
+    want = simulate(compact_w(runtime_form(zbv_for_costs(3, 6)), costs), costs).step_time
     assert f"step time: {format_time(want)} " in out
     rank0 = out.splitlines()[0]
     assert rank0.startswith("rank 0 |") and "B0" in rank0
@@ -50,7 +51,7 @@ def test_costs_file_picks_the_zbv_order(capsys: pytest.CaptureFixture[str], tmp_
     out = _out(capsys, "simulate", "zbv", "-p", "2", "-m", "16", "--costs", str(path), "--no-color")
     costs = dear_b.for_microbatches(16)
     assert zbv_for_costs(2, 16, costs) == zbv(2, 16, "split")
-    want = simulate(runtime_form(zbv(2, 16, "split")), costs).step_time
+    want = simulate(compact_w(runtime_form(zbv(2, 16, "split")), costs), costs).step_time
     assert f"step time: {format_time(want)} " in out
 
 
