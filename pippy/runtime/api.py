@@ -226,11 +226,6 @@ class ScheduleZBV(_VShape):
 
     name = "zbv"
 
-    def __init__(self, stages: Stage | Sequence[Stage], n_microbatches: int, loss_fn: Callable[..., torch.Tensor] | None = None, *,
-                 costs: CostModel | None = None, **kwargs: Any) -> None:
-        self.costs = costs
-        super().__init__(stages, n_microbatches, loss_fn, **kwargs)
-
     def _make(self, p: int) -> Schedule:
         return zbv_for_costs(p, self.n_microbatches, self.costs, gradless_stages=self.gradless_stages())
 
@@ -257,11 +252,10 @@ class ScheduleSynthesized(_MultiStage):
                  **kwargs: Any) -> None:
         if layout not in (None, "v", "loop"):
             raise ValueError(f"ScheduleSynthesized: layout must be 'v', 'loop' or None (read off the stages), got {layout!r}")
-        self.costs = costs
         self.memory_limit = memory_limit
         self.layout = layout
         self.synthesis: Synthesis | None = None
-        super().__init__(stages, n_microbatches, loss_fn, **kwargs)
+        super().__init__(stages, n_microbatches, loss_fn, costs=costs, **kwargs)
 
     def _make(self, p: int) -> Schedule:
         n = self.pipe.num_stages

@@ -55,6 +55,7 @@ from pippy.schedules.lower import lower, runtime_form
 from pippy.schedules.validate import validate
 from pippy.sim.choose import fastest_form, fit_costs
 from pippy.sim.compact import compact_w
+from pippy.sim.cost import CostModel
 from pippy.sim.timeline import Event, Timeline
 
 __all__ = ["PipelineSchedule", "StepRun"]
@@ -74,7 +75,9 @@ class PipelineSchedule:
     it fits (:func:`pippy.sim.compact.compact_w`: never slower, never more memory), and at run time
     a rank that would wait for a message runs a later W instead, when the previous step waited that
     long there (see ``pippy.runtime.wfill``). Both keep results bitwise those of the generated
-    order; an explicit ``schedule=`` is run as given. Every subclass is
+    order; an explicit ``schedule=`` is run as given. ``costs`` (a
+    :class:`~pippy.sim.cost.CostModel`, e.g. from ``pippy.profile``; default:
+    :func:`~pippy.sim.choose.default_costs`) are what those choices simulate. Every subclass is
     used the same way, e.g. ``ScheduleGPipe(stage, 8, loss_fn=F.cross_entropy).step(x, target=y)``
     (the module docstring runs one).
     """
@@ -98,6 +101,7 @@ class PipelineSchedule:
         fuse_backward: bool | str = True,
         fill_bubbles: bool = True,
         check_finite: bool = False,
+        costs: CostModel | None = None,
     ) -> None:
         self.stages = [stages] if isinstance(stages, Stage) else list(stages)
         if not self.stages:
@@ -118,6 +122,7 @@ class PipelineSchedule:
                         "again after changing requires_grad"
                     )
         self.n_microbatches = n_microbatches
+        self.costs = costs
         self.loss_fn = loss_fn
         self.loss_reduction = loss_reduction or infer_reduction(loss_fn) or "mean"
         if loss_fn is not None and loss_reduction is None and infer_reduction(loss_fn) is None:
@@ -149,7 +154,7 @@ class PipelineSchedule:
         compute = schedule if schedule is not None else self._generate()
         compute = compute.with_deps(self.pipe.deps())
         if fuse_backward == "auto":  # fuse I+W into B only where it simulates faster under the class's costs
-            compute, fused = fastest_form(compute, getattr(self, "costs", None), gradless_stages=self.gradless_stages(),
+            compute, fused = fastest_form(compute, self.costs, gradless_stages=self.gradless_stages(),
                                           compact=schedule is None and fill_bubbles)
             self.fused_backward = fused
         elif isinstance(fuse_backward, bool):
@@ -158,7 +163,7 @@ class PipelineSchedule:
         else:
             raise ValueError(f"fuse_backward must be True, False or 'auto', got {fuse_backward!r}")
         if schedule is None and fill_bubbles and fuse_backward != "auto":  # W's into the gaps the costs predict
-            compute = compact_w(compute, fit_costs(getattr(self, "costs", None), compute.num_stages))
+            compute = compact_w(compute, fit_costs(self.costs, compute.num_stages))
         self._check_placement(compute)
         self.schedule: Schedule | None = None
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):

@@ -116,3 +116,23 @@ def test_the_runtime_runs_compacted_and_stays_bitwise(cls: type, n_stages: int) 
     if cls is ScheduleZBV:  # the tail's W moved into rank 1's wait for stage 3's gradient
         assert s_on[1].actions[1] != s_off[1].actions[1]
         assert s_on[1].actions[1] == compact_w(s_off[1], default_costs(4)).actions[1]
+
+
+@pytest.mark.parametrize("heavy_last", [False, True])
+def test_every_schedule_class_compacts_for_the_costs_it_is_given(heavy_last: bool) -> None:
+    """``costs=`` reaches every class (here DualPipeV), and its W's go where those costs say they fit."""
+    torch.manual_seed(0)
+    model = MLPStack(n=4, d=8).double()
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+    pipe = pipeline(model, 4, (x,), split_spec={f"blocks.{i}": SplitPoint.END for i in range(3)})
+    costs = None
+    if heavy_last:  # an LM-head-like last stage: rank 0 works longer, rank 1 waits more
+        costs = CostModel(stages=[StageCost(f=1, i=1, w=1, fused_b=1.5)] * 3 + [StageCost(f=3, i=3, w=2, fused_b=4.5)])
+    lp = LocalPipeline(pipe, ScheduleDualPipeV, num_ranks=2, n_microbatches=4, loss_fn=mse, costs=costs)
+    check_mse_step(lp, model, x, y)
+    want = compact_w(runtime_form(make_schedule("dualpipev", 2, 4)), costs or default_costs(4))
+    for r, sch in enumerate(lp.schedules):
+        assert sch.costs is costs
+        assert sch.schedule.compute_only().actions[r] == want.actions[r]
+    assert (want.actions != compact_w(runtime_form(make_schedule("dualpipev", 2, 4)), default_costs(4)).actions) \
+        == heavy_last
