@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from pippy.frontend.dynamic import sym_dims, sym_hint
 from pippy.frontend.params import tensor_at
@@ -52,6 +53,7 @@ class ValueMeta:
     const: Any = None
     dynamic: tuple[int, ...] = ()  # tensor dims whose size varies (a pipe traced with dynamic_shapes)
     varies: bool = False  # a non-tensor value that varies (a symbolic size): sent, not baked in
+    per_mb: bool = False  # a varying size depends on the data (unbacked): it may differ between a step's micro-batches
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """True when a tensor of ``shape`` fits: the traced sizes, except in the dynamic dims.
@@ -151,7 +153,8 @@ def _meta_of(node: Any, requires_grad: bool) -> ValueMeta:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         rg = requires_grad and (val.is_floating_point() or val.is_complex())
-        return ValueMeta(tuple(sym_hint(d) for d in val.shape), val.dtype, rg, dynamic=sym_dims(val.shape))
+        return ValueMeta(tuple(sym_hint(d) for d in val.shape), val.dtype, rg, dynamic=sym_dims(val.shape),
+                         per_mb=any(free_unbacked_symbols(d) for d in val.shape if isinstance(d, torch.SymInt)))
     if isinstance(val, torch.SymInt | torch.SymFloat | torch.SymBool) and val.node.expr.free_symbols:
         hint = val.node.hint
         return ValueMeta(None, None, False, hint if hint is not None else sym_hint(val), varies=True)

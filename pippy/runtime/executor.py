@@ -138,6 +138,7 @@ class Executor:
         self.started = False
         self.current = None
         self.filler.start_step()
+        self.receives.start_step()
         self.weight_grads_done = {}
         self.ddp = {s: h for s, stage in self.stages.items() if (h := DdpSync.find(stage.submod)) is not None}
         self.grad_sync = {s: f for s, stage in self.stages.items()
@@ -209,6 +210,9 @@ class Executor:
         for j, (o, meta) in enumerate(zip(outs, info.outputs)):
             if isinstance(o, torch.Tensor):
                 _check_meta(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})")
+                if meta.dynamic:
+                    self.receives.note_output(f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}", s, j, meta,
+                                              tuple(o.shape))
         if s == self.last:
             out = self.pipe.unflatten_output(outs)
             if inp.training:

@@ -9,7 +9,7 @@ known while that forward has not run).
     >>> from pippy import SplitPoint, pipeline
     >>> from pippy.runtime.comm import LocalTransport
     >>> from pippy.runtime.plan import CommPlan
-    >>> from pippy.runtime.stage import Stage
+    >>> from pippy.runtime.stage import Stage, StageError
     >>> from pippy.schedules.generators import one_f_one_b
     >>> from pippy.schedules.ir import Action, Kind
     >>> from pippy.schedules.lower import lower
@@ -38,7 +38,7 @@ from pippy.frontend.split import StageInfo, ValueMeta
 from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.plan import CommPlan, Edge
 from pippy.runtime.shapes import Incoming, needs_incoming
-from pippy.runtime.stage import Stage
+from pippy.runtime.stage import Stage, StageError
 from pippy.schedules.ir import Action, Kind
 
 __all__ = ["Posted", "Receives", "action_ctx"]
@@ -64,8 +64,9 @@ class Posted:
 
     def handles(self) -> list[Any]:
         """The handles already posted (for polling whether the message is in)."""
-        h = self.value.handle if isinstance(self.value, Incoming) else self.handle
-        return [] if h is None else [h]
+        if isinstance(self.value, Incoming):
+            return self.value.handles()
+        return [] if self.handle is None else [self.handle]
 
 
 class Receives:
@@ -74,6 +75,13 @@ class Receives:
     def __init__(self, transport: Transport, plan: CommPlan, infos: Sequence[StageInfo], stages: Mapping[int, Stage]
                  ) -> None:
         self.transport, self.plan, self.infos, self.stages = transport, plan, infos, stages
+        # shapes this step's varying values came with: ("in", stage, input) / ("out", stage, output); a step's
+        # micro-batches share them, so later receives are posted whole at once (see pippy.runtime.shapes)
+        self.known: dict[tuple[str, int, int], tuple[int, ...]] = {}
+
+    def start_step(self) -> None:
+        """Forget the shapes of the last step (the next may have other sizes)."""
+        self.known = {}
 
     def post(self, a: Action) -> list[Posted]:
         """Post the receives of RECV_F / RECV_B ``a``, in edge order (the order the peer sends them)."""
@@ -90,13 +98,17 @@ class Receives:
                     out.append(Posted(None, ctx, e.k, meta.const))
                 elif lazy or needs_incoming(meta):
                     tag = e.tag(backward=False, mb=i, n_microbatches=m)
-                    out.append(Posted(None, ctx, e.k, Incoming(self.transport, meta, e.peer, tag, ctx, dev, post=not lazy)))
+                    inc = Incoming(self.transport, meta, e.peer, tag, ctx, dev, post=not lazy,
+                                   expect=self.known.get(("in", s, e.k)))
+                    out.append(Posted(None, ctx, e.k, inc))
                 else:
                     out.append(self._irecv(e, meta, False, i, dev, ctx, e.k))
         else:
             for e in self.plan.recv_b[s]:
                 ctx = self._ctx(a, e.peer, f"grad of output {e.j} from stage {e.dst}")
-                if self.infos[s].outputs[e.j].dynamic and not self.stages[s].held_outputs(i):  # prefetched before F
+                meta = self.infos[s].outputs[e.j]
+                if meta.dynamic and not self.stages[s].held_outputs(i) and (meta.per_mb or ("out", s, e.j) not in self.known):
+                    # prefetched before its F, and no earlier micro-batch of this step told the shape
                     out.append(Posted(None, ctx, e.j, partial(self._irecv_grad, e, i, dev, ctx)))  # posts at its wait
                 else:
                     out.append(self._irecv_grad(e, i, dev, ctx))
@@ -112,6 +124,7 @@ class Receives:
                 yield from p.value.wait()
                 if p.value.shape is not None:
                     shapes[p.slot] = p.value.shape
+                    self.known[("in", p.ctx.stage, p.slot)] = p.value.shape
                 p.value = p.value.value
             elif isinstance(p.value, partial):  # a gradient receive posted only now (see post)
                 late = p.value()
@@ -124,8 +137,26 @@ class Receives:
         """The receive of output ``e.j``'s gradient: shaped like this micro-batch's output when that varies."""
         meta = self.infos[e.src].outputs[e.j]
         if meta.dynamic:
-            meta = replace(meta, shape=tuple(self.stages[e.src].output(i, e.j).shape))
+            held = self.stages[e.src].held_outputs(i)
+            shape = tuple(self.stages[e.src].output(i, e.j).shape) if held else self.known[("out", e.src, e.j)]
+            meta = replace(meta, shape=shape)
         return self._irecv(e, meta, True, i, dev, ctx, e.j)
+
+    def note_output(self, where: str, stage: int, j: int, meta: ValueMeta, shape: tuple[int, ...]) -> None:
+        """Output ``j`` of ``stage`` came out with ``shape``: a varying one must match this step's others (see module).
+
+        ``where`` names the rank, stage, micro-batch and action for the error.
+        """
+        if not meta.dynamic or meta.per_mb:
+            return
+        first = self.known.setdefault(("out", stage, j), shape)
+        if first != shape:
+            raise StageError(
+                f"{where}: output {j} has shape {list(shape)}, but an earlier micro-batch of this step gave "
+                f"{list(first)}; the micro-batches of one step must have equal shapes (their receivers post buffers "
+                "of that shape). Split the batch into equal micro-batches, or keep sizes that vary between them out "
+                "of the values that cross stages"
+            )
 
     def _irecv(self, e: Edge, meta: ValueMeta, backward: bool, i: int, dev: torch.device, ctx: WaitContext,
                slot: int) -> Posted:

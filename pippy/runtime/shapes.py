@@ -1,7 +1,11 @@
 """Messages whose size varies (a pipe traced with ``dynamic_shapes``): a shape header, then the tensor.
 
 A stage input whose traced shape has dynamic dimensions is received in two parts: a small int64
-header with the actual shape, then the tensor, into a buffer of that shape. A size that crosses
+header with the actual shape, then the tensor, into a buffer of that shape. The micro-batches of
+one step have equal shapes (the batch splits into equal parts, and sizes that depend on the data
+are marked ``per_mb``), so once one header of a step is in, a receiver passes its shape as
+``expect``: the tensor's receive is posted at once, beside the header's, and the header only
+checks it (the sender checks the same before sending, so a wrong buffer is never posted). A size that crosses
 stages as a plain number (a SymInt the consumer cannot read off a tensor) travels as a
 one-element tensor. Static edges never send a header: a static pipe pays nothing.
 
@@ -73,21 +77,31 @@ class Incoming:
     """
 
     def __init__(self, transport: Transport, meta: ValueMeta, peer: int, tag: int, ctx: WaitContext,
-                 device: torch.device, *, post: bool = True) -> None:
+                 device: torch.device, *, post: bool = True, expect: tuple[int, ...] | None = None) -> None:
         self.transport, self.meta, self.peer, self.tag, self.ctx, self.device = transport, meta, peer, tag, ctx, device
+        self.expect = expect if meta.is_tensor and meta.dynamic and not meta.per_mb else None
+        self.payload: Any = None  # the tensor's receive, when posted beside the header (``expect``)
         if meta.varies:
             self.first = torch.empty(1, dtype=_scalar_dtype(meta), device=device)
         elif meta.dynamic:
             self.first = torch.empty(len(meta.shape or ()), dtype=torch.int64, device=device)
         else:  # a static tensor, received lazily (in order) on an ordered transport
             self.first = torch.empty(meta.shape or (), dtype=meta.dtype, device=device)
-        self.handle: Any = self._post_first() if post else None
         self.value: Any = None
         self.shape: tuple[int, ...] | None = None
+        self.handle: Any = self._post_first() if post else None
 
     def _post_first(self) -> Any:
         tag = HEADER_TAG + self.tag if self.meta.is_tensor and self.meta.dynamic else self.tag
-        return self.transport.irecv(self.first, self.peer, tag, self.ctx)
+        handle = self.transport.irecv(self.first, self.peer, tag, self.ctx)
+        if self.expect is not None:  # the shape is known: the tensor's receive goes out now too
+            self.value = torch.empty(self.expect, dtype=self.meta.dtype, device=self.device)
+            self.payload = self.transport.irecv(self.value, self.peer, self.tag, self.ctx)
+        return handle
+
+    def handles(self) -> list[Any]:
+        """The receives already posted (to poll whether the message is in)."""
+        return [h for h in (self.handle, self.payload) if h is not None]
 
     def wait(self) -> Iterator[None]:
         """Wait for the whole value (header first); sets ``value`` and, for a tensor, ``shape``."""
@@ -109,6 +123,15 @@ class Incoming:
                 "model, example and dynamic_shapes"
             )
         self.shape = shape
+        if self.payload is not None:
+            if shape != self.expect:  # the sender refuses this before sending (see send_value's caller)
+                raise StageError(
+                    f"{self.ctx.describe()}: rank {self.peer} announced shape {list(shape)}, but an earlier micro-batch "
+                    f"of this step came with {list(self.expect or ())}; the micro-batches of one step must have equal "
+                    "shapes. Split the batch into equal micro-batches"
+                )
+            yield from self.transport.wait(self.payload, self.ctx)
+            return
         self.value = torch.empty(shape, dtype=self.meta.dtype, device=self.device)
         handle = self.transport.irecv(self.value, self.peer, self.tag, self.ctx)
         yield from self.transport.wait(handle, self.ctx)

@@ -201,3 +201,78 @@ def test_ordered_transports_receive_varying_shapes_in_edge_order(cls_name: str, 
         check_mse_step(lp, model, torch.randn(b, n, 8, dtype=torch.float64), torch.randn(b, n, 4, dtype=torch.float64))
     assert all(not ex.plan.prefetch_at for sch in lp.schedules for ex in sch._executors.values())
     assert lazy and all(lazy)  # every varying receive was posted inside its wait
+
+
+def test_later_microbatches_post_their_tensor_beside_the_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's micro-batches share their shapes: after the first header of a step, a receive goes out whole at once
+    (no round trip through the header), and the next step, with other sizes, starts over."""
+    from pippy.runtime import shapes
+
+    made: list[tuple[int, int, tuple[int, ...] | None]] = []
+    init = shapes.Incoming.__init__
+
+    def spy(self: Any, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        made.append((self.ctx.stage, self.ctx.mb, self.expect))
+
+    monkeypatch.setattr(shapes.Incoming, "__init__", spy)
+    torch.manual_seed(0)
+    model = MLPStack(n=4, d=8).double()
+    pipe = pipeline(model, 4, (torch.randn(8, 5, 8, dtype=torch.float64),), split_spec={"blocks.1": SplitPoint.END},
+                    dynamic_shapes="auto")
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=mse)
+    for b, n in ((8, 5), (12, 9)):
+        made.clear()
+        check_mse_step(lp, model, torch.randn(b, n, 8, dtype=torch.float64), torch.randn(b, n, 4, dtype=torch.float64))
+        per_mb: dict[int, list[tuple[int, ...] | None]] = {}
+        for _, mb, e in made:
+            per_mb.setdefault(mb, []).append(e)
+        assert sorted(per_mb) == [0, 1, 2, 3], made
+        assert all(e is None for e in per_mb[0]), made  # the first of the step waits for its header
+        assert all(e is not None and e[0] == b // 4 and n in e for mb in (1, 2, 3) for e in per_mb[mb]), made
+
+
+def test_unequal_microbatch_shapes_are_refused_before_anything_is_posted() -> None:
+    from pippy.frontend.split import ValueMeta
+    from pippy.runtime.comm import WaitContext
+    from pippy.runtime.plan import CommPlan
+    from pippy.runtime.receives import Receives
+    from pippy.runtime.shapes import Incoming, send_value
+    from pippy.runtime.stage import Stage, StageError
+    from pippy.schedules.generators import one_f_one_b
+    from pippy.schedules.lower import lower
+
+    pipe = pipeline(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 2, (torch.ones(2, 3, 2),),
+                    split_spec={"0": SplitPoint.END}, dynamic_shapes="auto")
+    ends = LocalTransport.world(2)
+    rx = Receives(ends[0], CommPlan(pipe.stage_infos, lower(one_f_one_b(2, 2)), 0, ordered=False), pipe.stage_infos,
+                  {0: Stage(pipe, 0)})
+    meta = pipe.stage_infos[0].outputs[0]
+    assert meta.dynamic and not meta.per_mb
+    rx.note_output("rank 0, stage 0, micro-batch 0, action 0F0", 0, 0, meta, (1, 3, 2))
+    with pytest.raises(StageError, match=r"rank 0, stage 0, micro-batch 1, action 0F1: output 0 has shape \[1, 4, 2\], "
+                                         r"but an earlier micro-batch of this step gave \[1, 3, 2\].*equal micro-batches"):
+        rx.note_output("rank 0, stage 0, micro-batch 1, action 0F1", 0, 0, meta, (1, 4, 2))
+    rx.start_step()
+    rx.note_output("rank 0, stage 0, micro-batch 0, action 0F0", 0, 0, meta, (1, 4, 2))  # a new step: new sizes
+    # a receiver told to expect one shape refuses a header announcing another, before waiting for the tensor
+    vm = ValueMeta((2, 8), torch.float32, dynamic=(1,))
+    send_value(ends[0], torch.ones(2, 5), vm, peer=1, tag=3)
+    ctx = WaitContext(1, 1, "RECV_F", 1, 0, "input 0")
+    inc = Incoming(ends[1], vm, peer=0, tag=3, ctx=ctx, device=torch.device("cpu"), expect=(2, 5))
+    assert inc.payload is not None
+    for _ in inc.wait():
+        pass
+    assert inc.value.shape == (2, 5)
+    send_value(ends[0], torch.ones(2, 6), vm, peer=1, tag=4)
+    inc = Incoming(ends[1], vm, peer=0, tag=4, ctx=ctx, device=torch.device("cpu"), expect=(2, 6))
+    bad = Incoming(ends[1], vm, peer=0, tag=5, ctx=ctx, device=torch.device("cpu"), expect=(2, 6))
+    ends[0].isend(torch.tensor([2, 7]), 1, HEADER_TAG + 5)  # (a real sender refuses to send its tensor: note_output)
+    with pytest.raises(StageError, match=r"announced shape \[2, 7\], but an earlier micro-batch of this step came with "
+                                         r"\[2, 6\]"):
+        for _ in bad.wait():
+            pass
+    # a size that depends on the data may differ between micro-batches: never assumed
+    data_sized = ValueMeta((2, 8), torch.float32, dynamic=(1,), per_mb=True)
+    assert Incoming(ends[1], data_sized, peer=0, tag=6, ctx=ctx, device=torch.device("cpu"), expect=(2, 5)).expect is None
+    rx.note_output("x", 0, 0, data_sized, (9, 9))  # not checked either
