@@ -197,7 +197,12 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _n_b(s: Schedule) -> int:
+    return sum(a.kind.value == "B" for acts in s.actions for a in acts)
+
+
 def _cmd_compare(a: argparse.Namespace) -> int:
+    from pippy.schedules.lower import runtime_form
     from pippy.sim.bound import lower_bound
     from pippy.sim.choose import fastest_form
     from pippy.sim.render import format_bytes, format_time
@@ -211,8 +216,9 @@ def _cmd_compare(a: argparse.Namespace) -> int:
             notes.append(f"{name}: skipped ({e})")
             continue
         costs = _costs_for(a.costs, sch, a.ranks)
-        form, fused = fastest_form(sch, costs, compact=True)  # as the runtime runs it: I+W fused or not, W's compacted
-        kind = "-" if not sch.uses_split_backward() else ("fused" if fused else "split")
+        form, fused = fastest_form(sch, costs, mixed=True)  # as fuse_backward="auto" runs it (W's compacted)
+        kind = "-" if not sch.uses_split_backward() else ("split" if not fused else
+                                                          "mixed" if _n_b(form) < _n_b(runtime_form(sch)) else "fused")
         rows.append((name, simulate(form, costs), lower_bound(form, costs), kind))
     print(f"{a.ranks} ranks, {a.microbatches} micro-batches, costs: {a.costs or 'unit (F=I=W=1 per rank, B=2)'}")
     head = (f"{'schedule':<17} {'step time':>10} {'bound':>8} {'gap %':>6} {'bubble %':>9} {'I+W':>5} {'max peak':>9}  "
@@ -227,9 +233,9 @@ def _cmd_compare(a: argparse.Namespace) -> int:
               f"{100 * res.mean_bubble:>9.1f} {kind:>5} {format_bytes(max(res.peak_memory)):>9}  "
               f"{_fmt_list([float(x) for x in res.peak_memory], '{:.4g}')}{star}")
     print("(* fastest; bubble % is the mean over ranks; bound: no order of the same actions on the same ranks is "
-          "faster (pippy.sim.bound); I+W: a split backward runs as the runtime form that simulates faster, I and W "
-          "fused into one B where they are adjacent (fuse_backward=True, the default) or kept split "
-          "(fuse_backward=False), with W's moved into the idle gaps they fit (pippy.sim.compact))")
+          "faster (pippy.sim.bound); I+W: a split backward runs as fuse_backward='auto' runs it, the faster of I "
+          "and W fused into one B where they are adjacent (fused; mixed: some B's kept split where that is faster, "
+          "pippy.sim.unfuse) or kept split (split), with W's moved into the idle gaps they fit (pippy.sim.compact))")
     for n in notes:
         print(n)
     return 0

@@ -69,7 +69,9 @@ class PipelineSchedule:
     ``fuse_backward`` (default) an I directly followed by its own W runs as one B, and a stage
     whose inputs need no gradient (the first, usually) runs a whole B at each W's place instead
     of I then W; ``"auto"`` does so only when that simulates faster under the class's ``costs``
-    (default costs without them; see :func:`pippy.sim.choose.fastest_form`). The schedule actually
+    (default costs without them; see :func:`pippy.sim.choose.fastest_form`), and for a generated
+    schedule then keeps split each B whose input gradient others wait for, where that simulates
+    faster (:func:`pippy.sim.unfuse.split_where_faster`). The schedule actually
     run is ``self.schedule`` (lowered), which is also what to simulate. With ``fill_bubbles`` (default) a
     generated schedule first has each W moved into the earliest idle gap the class's costs predict
     it fits (:func:`pippy.sim.compact.compact_w`: never slower, never more memory), and at run time
@@ -155,7 +157,8 @@ class PipelineSchedule:
         compute = compute.with_deps(self.pipe.deps())
         if fuse_backward == "auto":  # fuse I+W into B only where it simulates faster under the class's costs
             compute, fused = fastest_form(compute, self.costs, gradless_stages=self.gradless_stages(),
-                                          compact=schedule is None and fill_bubbles)
+                                          compact=schedule is None and fill_bubbles,
+                                          mixed=schedule is None and fill_bubbles)
             self.fused_backward = fused
         elif isinstance(fuse_backward, bool):
             compute = runtime_form(compute, self.gradless_stages(), fuse=fuse_backward)

@@ -22,6 +22,7 @@ from pippy.schedules.zero_bubble import ZBV_ORDERS, zbv
 from pippy.sim.compact import compact_w
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.simulate import simulate
+from pippy.sim.unfuse import split_where_faster
 
 __all__ = ["default_costs", "fastest", "fastest_form", "fit_costs", "make_schedule_for", "zbv_for_costs"]
 
@@ -82,7 +83,8 @@ def fastest(
 
 
 def fastest_form(schedule: Schedule, costs: CostModel | None = None, *,
-                 gradless_stages: Iterable[int] = (0,), compact: bool = False) -> tuple[Schedule, bool]:
+                 gradless_stages: Iterable[int] = (0,), compact: bool = False,
+                 mixed: bool = False) -> tuple[Schedule, bool]:
     """The runtime form of ``schedule`` that simulates faster: I+W fused into B (True) or kept split (False).
 
     Fusing pays when a whole backward costs less than I + W (``fused_b``, e.g. 34 ms vs 46 ms for a
@@ -91,6 +93,10 @@ def fastest_form(schedule: Schedule, costs: CostModel | None = None, *,
     runtime's default, ``fuse_backward=True``). Returns ``(form, fused)``; run it with
     ``fuse_backward=fused``. With ``compact`` both forms are judged, and returned, after
     :func:`~pippy.sim.compact.compact_w` (W's moved into the gaps they fit, as the runtime does).
+    With ``mixed`` (implies ``compact``) the fused form of a split-backward schedule (one with I
+    actions: ZB-H1/H2, ZB-V, ...) then splits the B's that shorten the step
+    (:func:`~pippy.sim.unfuse.split_where_faster`), and ``fused`` says that form won over the split
+    one, which then takes ties (its B's saved nothing).
 
         >>> from pippy.schedules.zero_bubble import zbv
         >>> from pippy.sim.cost import CostModel
@@ -100,9 +106,12 @@ def fastest_form(schedule: Schedule, costs: CostModel | None = None, *,
     gradless = tuple(gradless_stages)
     cm = fit_costs(costs, schedule.num_stages)
     fused, split = runtime_form(schedule, gradless), runtime_form(schedule, gradless, fuse=False)
-    if compact:
+    if compact or mixed:
         fused, split = compact_w(fused, cm), compact_w(split, cm)
-    if simulate(split, cm).step_time < simulate(fused, cm).step_time - 1e-12:
+    if mixed and schedule.uses_split_backward():  # a schedule without I's (1F1B, ...) stays what it is
+        fused = split_where_faster(fused, cm, gradless_stages=gradless)
+    t_split, t_fused = simulate(split, cm).step_time, simulate(fused, cm).step_time
+    if t_split < t_fused - 1e-12 or (mixed and t_split <= t_fused + 1e-12):  # mixed: B's that save nothing split
         return split, False
     return fused, True
 
