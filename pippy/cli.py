@@ -220,7 +220,8 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         kind = "-" if not sch.uses_split_backward() else ("split" if not fused else
                                                           "mixed" if _n_b(form) < _n_b(runtime_form(sch)) else "fused")
         rows.append((name, simulate(form, costs), lower_bound(form, costs), kind))
-    print(f"{a.ranks} ranks, {a.microbatches} micro-batches, costs: {a.costs or 'unit (F=I=W=1 per rank, B=2)'}")
+    print(f"{a.ranks} ranks, {a.microbatches} micro-batches, costs: "
+          f"{a.costs or 'unit (F=I=W=1 per rank, B=2; a schedule class given no costs= assumes B=1.5)'}")
     head = (f"{'schedule':<17} {'step time':>10} {'bound':>8} {'gap %':>6} {'bubble %':>9} {'I+W':>5} {'max peak':>9}  "
             "peak memory per rank")
     print(head)

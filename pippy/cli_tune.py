@@ -39,13 +39,15 @@ def make_named(name: str, p: int, m: int, costs_path: str | None = None) -> Sche
     return make_schedule_for(name, p, m, costs)
 
 
-def simulate_runtime(sch: Schedule, costs: CostModel) -> SimResult:
-    """Simulate ``sch`` as the runtime runs it (:func:`pippy.schedules.lower.runtime_form`, W's compacted)."""
+def simulate_runtime(sch: Schedule, costs: CostModel, *, compact: bool = True) -> SimResult:
+    """Simulate ``sch`` as the runtime runs it (:func:`pippy.schedules.lower.runtime_form`; W's compacted
+    as for a generated schedule, or not, as for one given with ``schedule=`` or from a CSV)."""
     from pippy.schedules.lower import runtime_form
     from pippy.sim.compact import compact_w
     from pippy.sim.simulate import simulate
 
-    return simulate(compact_w(runtime_form(sch), costs), costs)
+    form = runtime_form(sch)
+    return simulate(compact_w(form, costs) if compact else form, costs)
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
@@ -125,6 +127,9 @@ def _synthesized(a: argparse.Namespace, base: Any, ranks: int, pick: tuple[float
     print(grid(syn.schedule))
     if a.save_csv:
         to_csv(syn.schedule, a.save_csv)
-        print(f"  written to {a.save_csv}: run it with ScheduleFromCSV({a.save_csv!r}, stages, loss_fn=...) or build it "
-              "in place with ScheduleSynthesized(stages, m, loss_fn, costs=..., memory_limit=...)")
+        as_saved = simulate_runtime(syn.schedule, base.for_microbatches(m).rebin(n), compact=False)
+        print(f"  written to {a.save_csv}: ScheduleFromCSV({a.save_csv!r}, stages, loss_fn=...) runs it as saved "
+              f"(predicted {format_time(as_saved.step_time)}); ScheduleSynthesized(stages, m, loss_fn, costs=..., "
+              f"memory_limit=...) builds it in place with its W's moved into the gaps they fit "
+              f"(predicted {format_time(t)})")
     return 0

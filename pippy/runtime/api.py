@@ -227,7 +227,8 @@ class ScheduleZBV(_VShape):
     name = "zbv"
 
     def _make(self, p: int) -> Schedule:
-        return zbv_for_costs(p, self.n_microbatches, self.costs, gradless_stages=self.gradless_stages())
+        return zbv_for_costs(p, self.n_microbatches, self.costs, gradless_stages=self.gradless_stages(),
+                             compact=self.fill_bubbles)  # judged as it will run: compacted when filling
 
 
 class ScheduleSynthesized(_MultiStage):

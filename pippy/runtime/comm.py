@@ -301,41 +301,65 @@ class _LocalHandle:
 class LocalTransport:
     """In-process transport: every rank lives in this process and is driven cooperatively.
 
-    ``LocalTransport.world(n)`` returns one transport per rank sharing one mailbox.
+    ``LocalTransport.world(n)`` returns one transport per rank sharing one mailbox. Messages match
+    by tag. With ``ordered = True`` (set on every rank) it also checks what NCCL relies on: between
+    two ranks, the k-th receive posted is for the k-th message sent (same tag), else it raises.
     """
 
     def __init__(
-        self, rank: int, world_size: int, mailbox: dict[tuple[int, int, int], deque[torch.Tensor]], timeout: float
+        self, rank: int, world_size: int, mailbox: dict[tuple[int, int, int], deque[torch.Tensor]], timeout: float,
+        posted: dict[tuple[int, int], tuple[list[int], list[int]]] | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.timeout = timeout
         self.ordered = False  # matched by tag, like gloo
         self._mailbox = mailbox
+        self._posted = {} if posted is None else posted  # (src, dst) -> (tags sent, tags received), in order
         self.waiting: WaitContext | None = None
 
     @classmethod
     def world(cls, n: int, timeout: float | None = None) -> list[LocalTransport]:
         """One transport per rank 0..n-1, connected."""
         box: dict[tuple[int, int, int], deque[torch.Tensor]] = {}
+        posted: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         t = default_timeout() if timeout is None else timeout
-        return [cls(r, n, box, t) for r in range(n)]
+        return [cls(r, n, box, t, posted) for r in range(n)]
 
     def reset(self) -> None:
         """Drop every undelivered message (after a failed step)."""
         self._mailbox.clear()
+        self._posted.clear()
         self.waiting = None
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Post a copy of ``tensor`` for ``peer``; completes at once."""
+        if self.ordered:
+            self._in_order(self.rank, peer, tag, 0, ctx)
         self._mailbox.setdefault((self.rank, peer, tag), deque()).append(tensor.detach().clone())
         return _LocalHandle((self.rank, peer, tag), None, True)
 
     def irecv(self, buffer: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Register a receive; it completes when the matching send has been posted."""
+        if self.ordered:
+            self._in_order(peer, self.rank, tag, 1, ctx)
         h = _LocalHandle((peer, self.rank, tag), buffer, False)
         self._poll(h)
         return h
+
+    def _in_order(self, src: int, dst: int, tag: int, side: int, ctx: WaitContext | None) -> None:
+        """Log a send (``side`` 0) or receive (1) from ``src`` to ``dst``; raise if it pairs with another tag."""
+        logs = self._posted.setdefault((src, dst), ([], []))
+        mine, theirs = logs[side], logs[1 - side]
+        k = len(mine)
+        mine.append(tag)
+        if k < len(theirs) and theirs[k] != tag:
+            sent, got = (tag, theirs[k]) if side == 0 else (theirs[k], tag)
+            where = ctx.describe() if ctx is not None else f"rank {self.rank}"
+            raise RuntimeError(
+                f"{where}: message {k} from rank {src} to rank {dst} was sent with tag {sent} but received with tag "
+                f"{got}; a transport that matches in posting order (NCCL) would pair the wrong messages"
+            )
 
     def _poll(self, h: _LocalHandle) -> None:
         q = self._mailbox.get(h.key)

@@ -75,7 +75,7 @@ def agree_with_dp_peers(group: Any, facts: Mapping[str, Any], where: str, timeou
             lines = "\n".join(f"  rank {r}: {json.dumps(v)}" for r, v in sorted({me: facts[key], **values}.items()))
             raise DataParallelMismatch(
                 f"{where}: the data-parallel ranks of this stage disagree on {key}:\n{lines}\nExpected every DP rank "
-                "to pass the same micro-batch count and schedule (each DP rank's batch is its share of the global "
+                "to pass the same micro-batch count, schedule and costs= (each DP rank's batch is its share of the global "
                 "batch and splits into the same number of micro-batches); make them agree"
             )
 

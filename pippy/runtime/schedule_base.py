@@ -30,6 +30,7 @@ the trace, merge the outputs). A new schedule class only says what to generate:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -309,7 +310,11 @@ class PipelineSchedule:
             self.transport.fail(f"rank {self.rank} (stages {mine}), before its first step: {str(exc).splitlines()[0]}")
             raise StageError(str(exc)) from None
         if isinstance(self.transport, DistTransport):  # and the stages' data-parallel peers, if they have any
-            facts = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}
+            facts: dict[str, Any] = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}
+            if self.schedule is not None:  # the order depends on costs= (W's placed, B's split): same everywhere
+                order = " ".join(str(a) for acts in self.schedule.compute_only().actions for a in acts)
+                facts["action order (set by costs=, which must be the same on every rank)"] = \
+                    hashlib.sha1(order.encode()).hexdigest()[:12]
             try:
                 agree_stages_with_dp_peers([st.submod for st in self.stages], facts, self.name, self.transport.timeout)
             except DataParallelMismatch as exc:

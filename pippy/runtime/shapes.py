@@ -5,7 +5,10 @@ header with the actual shape, then the tensor, into a buffer of that shape. The 
 one step have equal shapes (the batch splits into equal parts, and sizes that depend on the data
 are marked ``per_mb``), so once one header of a step is in, a receiver passes its shape as
 ``expect``: the tensor's receive is posted at once, beside the header's, and the header only
-checks it (the sender checks the same before sending, so a wrong buffer is never posted). A size that crosses
+checks it. The sender refuses, before sending, a micro-batch whose shape differs from its step's
+first (:meth:`pippy.runtime.receives.Receives.note_output`), so a posted buffer never meets a
+tensor of another size; the step fails there instead (on NCCL, which has no failure board, the
+receiver then waits out its timeout). A size that crosses
 stages as a plain number (a SymInt the consumer cannot read off a tensor) travels as a
 one-element tensor. Static edges never send a header: a static pipe pays nothing.
 

@@ -90,13 +90,13 @@ def fastest_form(schedule: Schedule, costs: CostModel | None = None, *,
     Fusing pays when a whole backward costs less than I + W (``fused_b``, e.g. 34 ms vs 46 ms for a
     GPT-2 block on this CPU); when it costs the same (unit costs: B = I + W) it only delays the input
     gradient and pins W where the fused B is, so the split form is faster. Ties go to fusing (the
-    runtime's default, ``fuse_backward=True``). Returns ``(form, fused)``; run it with
-    ``fuse_backward=fused``. With ``compact`` both forms are judged, and returned, after
-    :func:`~pippy.sim.compact.compact_w` (W's moved into the gaps they fit, as the runtime does).
-    With ``mixed`` (implies ``compact``) the fused form of a split-backward schedule (one with I
-    actions: ZB-H1/H2, ZB-V, ...) then splits the B's that shorten the step
-    (:func:`~pippy.sim.unfuse.split_where_faster`), and ``fused`` says that form won over the split
-    one, which then takes ties (its B's saved nothing).
+    runtime's default, ``fuse_backward=True``). Returns ``(form, fused)``. With ``compact`` both
+    forms are judged, and returned, after :func:`~pippy.sim.compact.compact_w` (W's moved into the
+    gaps they fit, as the runtime does). With ``mixed`` (implies ``compact``; what
+    ``fuse_backward="auto"`` runs) a fused form that won is refined, for a split-backward schedule
+    (one with I actions: ZB-H1/H2, ZB-V, ...), by splitting again the B's whose earlier input
+    gradient shortens the step (:func:`~pippy.sim.unfuse.split_where_faster`); ``fused`` is then
+    still True, although ``fuse_backward=True`` alone would run the unrefined form.
 
         >>> from pippy.schedules.zero_bubble import zbv
         >>> from pippy.sim.cost import CostModel
@@ -108,11 +108,10 @@ def fastest_form(schedule: Schedule, costs: CostModel | None = None, *,
     fused, split = runtime_form(schedule, gradless), runtime_form(schedule, gradless, fuse=False)
     if compact or mixed:
         fused, split = compact_w(fused, cm), compact_w(split, cm)
+    if simulate(split, cm).step_time < simulate(fused, cm).step_time - 1e-12:
+        return split, False
     if mixed and schedule.uses_split_backward():  # a schedule without I's (1F1B, ...) stays what it is
         fused = split_where_faster(fused, cm, gradless_stages=gradless)
-    t_split, t_fused = simulate(split, cm).step_time, simulate(fused, cm).step_time
-    if t_split < t_fused - 1e-12 or (mixed and t_split <= t_fused + 1e-12):  # mixed: B's that save nothing split
-        return split, False
     return fused, True
 
 

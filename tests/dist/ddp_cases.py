@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 import pippy
+from pippy.sim.cost import CostModel, StageCost
 from pippy import SplitPoint, pipeline
 
 SCHEDS = {"gpipe": (pippy.ScheduleGPipe, 1), "1f1b": (pippy.Schedule1F1B, 1),
@@ -120,4 +121,18 @@ def _bad_input(mesh: Any, pp: int, dp: int, group: Any) -> dict[str, str]:
         out["dp_m"] = "no error"
     except pippy.StageError as exc:
         out["dp_m"] = str(exc)
+    # DP ranks given different costs= would order their W's (and DDP's reductions) differently: refused up front
+    four = pipeline(_model(4), 4, (torch.zeros(8, 8, dtype=torch.float64),),
+                    split_spec={str(2 * k + 1): SplitPoint.END for k in range(3)})
+    place = pippy.ScheduleZBV.placement(2, 2)
+    mine = [four.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(4) if place[s] == pp]
+    for st in mine:
+        _make_dp(st, "wrap", group, [0])
+    heavy = CostModel(stages=[StageCost(f=1, i=1, w=1, fused_b=1.5)] * 3 + [StageCost(f=3, i=3, w=2, fused_b=4.5)])
+    sched = pippy.ScheduleZBV(mine, 4, loss_fn=nn.MSELoss(), costs=heavy if dp == 1 else None)
+    try:
+        sched.step(*((x,) if pp == 0 else ()), target=y if pp == 0 else None)
+        out["dp_costs"] = "no error"
+    except pippy.StageError as exc:
+        out["dp_costs"] = str(exc)
     return out

@@ -20,3 +20,5 @@ def test_ddp_stages_allreduce_once_per_step(tmp_path) -> None:
         assert "has dimensions ('dp', 'pp')" in err["mesh"] and "no 'pipe' dimension" in err["mesh"], err["mesh"]
         assert "world size is 2 but the pipe has 3 stages" in err["pp_size"], err["pp_size"]
         assert "disagree on n_microbatches" in err["dp_m"] and "rank" in err["dp_m"], err["dp_m"]
+        assert "disagree on action order (set by costs=, which must be the same on every rank)" in err["dp_costs"] \
+            and "same micro-batch count, schedule and costs=" in err["dp_costs"], err["dp_costs"]

@@ -174,11 +174,18 @@ def test_every_schedule_steps_and_evaluates_other_shapes(cls_name: str, per_rank
         torch.testing.assert_close(lp.eval(x), model(x), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("cls_name", ["Schedule1F1B", "ScheduleZBV"])
+_ZBV_UNORDERED = pytest.mark.xfail(
+    strict=True, raises=RuntimeError,
+    reason="ZB-V's lowering posts rank 1's receives in another order than rank 0 sends them (README: NCCL)")
+
+
+@pytest.mark.parametrize("cls_name", ["Schedule1F1B", "ScheduleDualPipeV",
+                                      pytest.param("ScheduleZBV", marks=_ZBV_UNORDERED)])
 def test_ordered_transports_receive_varying_shapes_in_edge_order(cls_name: str, monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
     """NCCL matches messages by posting order: every receive of an action with a varying size is then posted
-    lazily, in edge order (the in-process transport is told it is ordered, to run that path)."""
+    lazily, in edge order (the in-process transport is told it is ordered: it then also checks that between
+    two ranks the k-th receive posted is for the k-th message sent)."""
     from pippy.runtime import shapes
 
     lazy: list[bool] = []
@@ -191,7 +198,7 @@ def test_ordered_transports_receive_varying_shapes_in_edge_order(cls_name: str, 
     monkeypatch.setattr(shapes.Incoming, "__init__", spy)
     torch.manual_seed(0)
     model = MLPStack(n=4, d=8).double()
-    per_rank = 2 if cls_name == "ScheduleZBV" else 1
+    per_rank = 1 if cls_name == "Schedule1F1B" else 2
     spec = {f"blocks.{4 // (2 * per_rank) * (i + 1) - 1}": SplitPoint.END for i in range(2 * per_rank - 1)}
     pipe = pipeline(model, 4, (torch.randn(8, 5, 8, dtype=torch.float64),), split_spec=spec, dynamic_shapes="auto")
     lp = LocalPipeline(pipe, getattr(pippy, cls_name), num_ranks=2, n_microbatches=4, loss_fn=mse)
