@@ -164,8 +164,8 @@ class DistTransport:
             DistTransport._warned = True
             warnings.warn(
                 f"pippy on backend {backend!r}: messages between two ranks are matched in posting order, not by tag. "
-                "Receive prefetch is off; schedules with several edges between the same two ranks (skip "
-                "connections, multi-stage placements) are verified on gloo only and may wait until the timeout.",
+                "Receive prefetch is off and sends are posted in each peer's receive order (checked in-process for "
+                "every schedule); this backend itself is untested with pippy.",
                 stacklevel=2,
             )
         self.timeout = default_timeout() if timeout is None else float(timeout)

@@ -36,6 +36,7 @@ from pippy.runtime.hooked_split import HookedSplit, fsdp_sync, has_block_hooks
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan
 from pippy.runtime.receives import Posted, Receives, action_ctx
+from pippy.runtime.sendorder import SendOrder
 from pippy.runtime.shapes import needs_incoming, send_value
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.tied import TiedGrads
@@ -109,6 +110,8 @@ class Executor:
         self.last = self.pipe.num_stages - 1
         self.plan = CommPlan(self.infos, schedule, self.rank, ordered=transport.ordered)
         self.receives = Receives(transport, self.plan, self.infos, self.stages)
+        # sends go out through this: on ordered transports (NCCL) in each peer's receive order
+        self.sender: Any = SendOrder(transport, self.infos, schedule) if transport.ordered else transport
         self.tied = TiedGrads(self.pipe, self.stages, self.stage_to_rank, transport)
         self.split_backward = {a.stage for a in self.actions if a.kind is Kind.I}
         self.filler = BubbleFiller(self.actions)
@@ -139,6 +142,8 @@ class Executor:
         self.current = None
         self.filler.start_step()
         self.receives.start_step()
+        if isinstance(self.sender, SendOrder):
+            self.sender.start_step()
         self.weight_grads_done = {}
         self.ddp = {s: h for s, stage in self.stages.items() if (h := DdpSync.find(stage.submod)) is not None}
         self.grad_sync = {s: f for s, stage in self.stages.items()
@@ -175,13 +180,13 @@ class Executor:
             else:
                 self.started = self.started or a.kind.is_comm
                 self._compute[a.kind](st, a)
-            while st.sends and self.transport.done(st.sends[0][0]):  # a sent message's tensor is freed here
-                yield from self.transport.wait(*st.sends.pop(0))  # (raises if the send failed)
+            while st.sends and self.sender.done(st.sends[0][0]):  # a sent message's tensor is freed here
+                yield from self.sender.wait(*st.sends.pop(0))  # (raises if the send failed)
             if self.trace:
                 st.res.events.append(Event(self.rank, a, t0 - self.t_origin, time.perf_counter() - self.t_origin))
         self.current = None
         for h, ctx in st.sends:
-            yield from self.transport.wait(h, ctx)
+            yield from self.sender.wait(h, ctx)
         if self.last in self.stages and st.outputs:
             st.res.outputs = [st.outputs[i] for i in sorted(st.outputs)]
         if inp.training and self.pipe.shared:
@@ -264,11 +269,11 @@ class Executor:
             ctx = self._ctx(a, e.peer, f"send output {e.j} to stage {e.dst}")
             tag, meta = e.tag(backward=False, mb=i, n_microbatches=m), self.infos[s].outputs[e.j]
             if needs_incoming(meta):  # its size varies: a shape header goes first
-                handles = send_value(self.transport, stage.output(i, e.j), meta, e.peer, tag, ctx, stage.device)
+                handles = send_value(self.sender, stage.output(i, e.j), meta, e.peer, tag, ctx, stage.device)
                 st.sends.extend((h, ctx) for h in handles)
                 continue
             t = stage.output(i, e.j).detach().contiguous()  # shape and dtype were checked at its F
-            st.sends.append((self.transport.isend(t, e.peer, tag, ctx), ctx))
+            st.sends.append((self.sender.isend(t, e.peer, tag, ctx), ctx))
         stage.release(i)  # forward-only: the send has read the outputs
 
     def _backward(self, st: _Step, a: Action) -> None:
@@ -305,7 +310,7 @@ class Executor:
                 g = torch.zeros(st.in_shapes.get((s, i, e.k), meta.shape or ()), dtype=meta.dtype, device=dev)
             g = g.contiguous()
             ctx = self._ctx(a, e.peer, f"send grad of input {e.k} to stage {e.src}")
-            st.sends.append((self.transport.isend(g, e.peer, e.tag(backward=True, mb=i, n_microbatches=m), ctx), ctx))
+            st.sends.append((self.sender.isend(g, e.peer, e.tag(backward=True, mb=i, n_microbatches=m), ctx), ctx))
 
     def _weight(self, st: _Step, a: Action) -> None:
         self._weight_step(a)

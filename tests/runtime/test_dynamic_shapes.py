@@ -174,13 +174,7 @@ def test_every_schedule_steps_and_evaluates_other_shapes(cls_name: str, per_rank
         torch.testing.assert_close(lp.eval(x), model(x), rtol=0, atol=1e-13)
 
 
-_ZBV_UNORDERED = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="ZB-V's lowering posts rank 1's receives in another order than rank 0 sends them (README: NCCL)")
-
-
-@pytest.mark.parametrize("cls_name", ["Schedule1F1B", "ScheduleDualPipeV",
-                                      pytest.param("ScheduleZBV", marks=_ZBV_UNORDERED)])
+@pytest.mark.parametrize("cls_name", ["Schedule1F1B", "ScheduleDualPipeV", "ScheduleZBV"])
 def test_ordered_transports_receive_varying_shapes_in_edge_order(cls_name: str, monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
     """NCCL matches messages by posting order: every receive of an action with a varying size is then posted
