@@ -129,3 +129,15 @@ def check_mse_step(lp: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     grads = lp.named_grads()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def mlp_pipe(n_stages: int, n_microbatches: int, batch: int = 16) -> tuple[nn.Module, Any, torch.Tensor, torch.Tensor]:
+    """A float64 ``MLPStack(n=4, d=8)`` cut after each of its first ``n_stages - 1`` blocks: (model, pipe, x, y)."""
+    from pippy import SplitPoint, pipeline
+
+    torch.manual_seed(0)
+    model = MLPStack(n=4, d=8).double()
+    x, y = torch.randn(batch, 8, dtype=torch.float64), torch.randn(batch, 4, dtype=torch.float64)
+    pipe = pipeline(model, n_microbatches, (x,), split_spec={f"blocks.{i}": SplitPoint.END for i in range(n_stages - 1)})
+    return model, pipe, x, y
+

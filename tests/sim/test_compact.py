@@ -7,9 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from models import MLPStack, check_mse_step, mse
+from models import check_mse_step, mlp_pipe, mse
 
-from pippy import SplitPoint, pipeline
 from pippy.runtime.api import ScheduleDualPipeV, ScheduleZBV
 from pippy.runtime.local import LocalPipeline
 from pippy.schedules.generators import SCHEDULES, make_schedule
@@ -97,11 +96,7 @@ def test_lowered_schedules_are_refused_with_the_fix() -> None:
 
 @pytest.mark.parametrize(("cls", "n_stages"), [(ScheduleZBV, 4), (ScheduleDualPipeV, 4)])
 def test_the_runtime_runs_compacted_and_stays_bitwise(cls: type, n_stages: int) -> None:
-    torch.manual_seed(0)
-    model = MLPStack(n=4, d=8).double()
-    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
-    cuts = {f"blocks.{i}": SplitPoint.END for i in range(3)} if n_stages == 4 else {"blocks.1": SplitPoint.END}
-    pipe = pipeline(model, 4, (x,), split_spec=cuts)
+    model, pipe, x, y = mlp_pipe(n_stages, 4)
     runs = {}
     for fill in (True, False):
         lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4, loss_fn=mse, fill_bubbles=fill)
@@ -121,10 +116,7 @@ def test_the_runtime_runs_compacted_and_stays_bitwise(cls: type, n_stages: int) 
 @pytest.mark.parametrize("heavy_last", [False, True])
 def test_every_schedule_class_compacts_for_the_costs_it_is_given(heavy_last: bool) -> None:
     """``costs=`` reaches every class (here DualPipeV), and its W's go where those costs say they fit."""
-    torch.manual_seed(0)
-    model = MLPStack(n=4, d=8).double()
-    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
-    pipe = pipeline(model, 4, (x,), split_spec={f"blocks.{i}": SplitPoint.END for i in range(3)})
+    model, pipe, x, y = mlp_pipe(4, 4)
     costs = None
     if heavy_last:  # an LM-head-like last stage: rank 0 works longer, rank 1 waits more
         costs = CostModel(stages=[StageCost(f=1, i=1, w=1, fused_b=1.5)] * 3 + [StageCost(f=3, i=3, w=2, fused_b=4.5)])

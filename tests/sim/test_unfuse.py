@@ -6,10 +6,8 @@ import random
 from collections import Counter
 
 import pytest
-import torch
-from models import MLPStack, check_mse_step, mse
+from models import check_mse_step, mlp_pipe, mse
 
-from pippy import SplitPoint, pipeline
 from pippy.runtime.api import ScheduleDualPipeV, ScheduleZBV
 from pippy.runtime.local import LocalPipeline
 from pippy.schedules.generators import SCHEDULES, make_schedule
@@ -93,10 +91,7 @@ def test_gradless_stages_and_small_schedules_stay() -> None:
 
 @pytest.mark.parametrize("cls", [ScheduleZBV, ScheduleDualPipeV])
 def test_auto_runs_the_mixed_form_transparently(cls: type) -> None:
-    torch.manual_seed(0)
-    model = MLPStack(n=4, d=8).double()
-    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
-    pipe = pipeline(model, 8, (x,), split_spec={f"blocks.{i}": SplitPoint.END for i in range(3)})
+    model, pipe, x, y = mlp_pipe(4, 8)
     costs = CostModel(stages=[StageCost(f=1, i=1, w=1, fused_b=1.5)] * 3 + [StageCost(f=2, i=2, w=1.5, fused_b=3)])
     lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=8, loss_fn=mse, costs=costs, fuse_backward="auto")
     for _ in range(2):
