@@ -9,7 +9,7 @@ known while that forward has not run).
     >>> from pippy import SplitPoint, pipeline
     >>> from pippy.runtime.comm import LocalTransport
     >>> from pippy.runtime.plan import CommPlan
-    >>> from pippy.runtime.stage import Stage, StageError
+    >>> from pippy.runtime.stage import Stage
     >>> from pippy.schedules.generators import one_f_one_b
     >>> from pippy.schedules.ir import Action, Kind
     >>> from pippy.schedules.lower import lower

@@ -75,7 +75,7 @@ class PipelineSchedule:
     faster (:func:`pippy.sim.unfuse.split_where_faster`). The schedule actually
     run is ``self.schedule`` (lowered), which is also what to simulate. With ``fill_bubbles`` (default) a
     generated schedule first has each W moved into the earliest idle gap the class's costs predict
-    it fits (:func:`pippy.sim.compact.compact_w`: never slower, never more memory), and at run time
+    it fits (:func:`pippy.sim.compact.compact_w`: in simulation never slower, never more memory), and at run time
     a rank that would wait for a message runs a later W instead, when the previous step waited that
     long there (see ``pippy.runtime.wfill``). Both keep results bitwise those of the generated
     order; an explicit ``schedule=`` is run as given. ``costs`` (a
