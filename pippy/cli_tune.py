@@ -109,15 +109,16 @@ def _synthesized(a: argparse.Namespace, base: Any, ranks: int, pick: tuple[float
     found = []
     for m in a.microbatches_choices:
         for n in (ranks, 2 * ranks):
+            costs = base.for_microbatches(m).rebin(n)
             try:
-                syn = synthesize(ranks, m, base.for_microbatches(m).rebin(n), memory_limit=a.memory_limit)
+                syn = synthesize(ranks, m, costs, memory_limit=a.memory_limit)
             except ValueError:
                 continue
-            found.append((syn.step_time, m, n, syn))
+            found.append((syn.step_time, m, n, syn, costs))
     if not found:
         print("synthesized: nothing fits the limit")
         return 1
-    t, m, n, syn = min(found, key=lambda x: x[:3])
+    t, m, n, syn, costs = min(found, key=lambda x: x[:3])
     versus = "" if pick is None else f" ({100 * (t - pick[0]) / pick[0]:+.1f}% vs {pick[1]} with m={pick[2]})"
     how = f"built by rule {syn.rule}" if syn.built else f"no built schedule beat the fixed {syn.rule}, so that one"
     print(f"synthesized: {n} stages, {m} micro-batches, {how}")
@@ -127,7 +128,7 @@ def _synthesized(a: argparse.Namespace, base: Any, ranks: int, pick: tuple[float
     print(grid(syn.schedule))
     if a.save_csv:
         to_csv(syn.schedule, a.save_csv)
-        as_saved = simulate_runtime(syn.schedule, base.for_microbatches(m).rebin(n), compact=False)
+        as_saved = simulate_runtime(syn.schedule, costs, compact=False)
         print(f"  written to {a.save_csv}: ScheduleFromCSV({a.save_csv!r}, stages, loss_fn=...) runs it as saved "
               f"(predicted {format_time(as_saved.step_time)}); ScheduleSynthesized(stages, m, loss_fn, costs=..., "
               f"memory_limit=...) builds it in place with its W's moved into the gaps they fit "

@@ -30,7 +30,7 @@ from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement, v_placement
-from pippy.sim.choose import default_costs, zbv_for_costs
+from pippy.sim.choose import fit_costs, zbv_for_costs
 from pippy.sim.cost import CostModel
 from pippy.sim.synthesize import Synthesis, synthesize
 
@@ -277,8 +277,7 @@ class ScheduleSynthesized(_MultiStage):
                 f"{'' if self.layout is None else f', and layout={self.layout!r} was asked'}. Pass each rank its "
                 "stages in one of those"
             )
-        costs = default_costs(n) if self.costs is None else self.costs
-        costs = costs if costs.num_stages == n else costs.rebin(n)
+        costs = fit_costs(self.costs, n)
         self.synthesis = synthesize(p, self.n_microbatches, costs, memory_limit=self.memory_limit,
                                     gradless_stages=self.gradless_stages(), placement=layouts[0][1])
         return self.synthesis.schedule
