@@ -29,7 +29,9 @@ No fudge factors: the prediction uses only the profile. The ``calibrated`` colum
 step from the durations the previous traced step measured (``pippy.sim.calibrate``): the
 contention of the real run (two ranks on two shared cores, the machine's drift) is in them, which
 a profile of each stage alone cannot see, and so is the latency its messages took (sender's post
-to the end of a receiver's wait), which an idle ping-pong does not see. Not a test: it asserts
+to the end of a receiver's wait), which an idle ping-pong does not see, and the runtime's own time
+per compute action (posting sends and receives, bookkeeping: ``traced_overhead``), which a profile
+of the stages cannot see at all. Not a test: it asserts
 nothing.
 """
 
@@ -50,7 +52,7 @@ from vs_torch_pipelining import gpt2_workload, mlp_workload  # the same workload
 
 import pippy
 from pippy import pipeline
-from pippy.sim.calibrate import calibrate, traced_latency
+from pippy.sim.calibrate import calibrate, traced_latency, traced_overhead
 from pippy.sim.compare import predict_vs_measure
 from pippy.sim.profile import median_costs, profile_ranks
 from pippy.sim.render import format_time
@@ -101,6 +103,7 @@ def run_one(workload: str, sched_name: str, a: argparse.Namespace, rank: int, wo
     calibrated = [(simulate(sched.schedule, calibrate(median_costs(profiles[k:k + 2]), timelines[k - 1])).step_time
                    - t.step_time) / t.step_time for k, t in enumerate(timelines) if k > 0]
     traced = [x for t in timelines if (x := traced_latency(median_costs(profiles), t)) is not None]
+    overheads = [x for t in timelines if (x := traced_overhead(t)) is not None]
     costs = median_costs(profiles)
     timelines.sort(key=lambda t: t.step_time)
     measured = timelines[len(timelines) // 2]
@@ -112,6 +115,7 @@ def run_one(workload: str, sched_name: str, a: argparse.Namespace, rank: int, wo
         "pred_bubble": pred.bubble, "meas_bubble": measured.bubbles(), "wall": statistics.median(walls),
         "spread": (timelines[0].step_time, timelines[-1].step_time), "latency": costs.latency,
         "traced_latency": statistics.median(traced) if traced else float("nan"),
+        "overhead": statistics.median(overheads) if overheads else float("nan"),
         "bandwidth": costs.bandwidth, "table": predict_vs_measure(sched.schedule, costs, measured),
         "stages": [(c.f, c.b, c.forward_time(True), c.i, c.w) for c in costs.stages],
     }
@@ -137,7 +141,8 @@ def main() -> None:
             rows.append(res)
             lat, bw = res["latency"], res["bandwidth"]
             print(f"\n=== {w} / {s}: link latency {format_time(lat)} (ping-pong), {format_time(res['traced_latency'])} "
-                  f"(traced step), bandwidth {bw / 1e9:.2f} GB/s; per micro-batch "
+                  f"(traced step), bandwidth {bw / 1e9:.2f} GB/s; runtime overhead {format_time(res['overhead'])} per "
+                  "compute action (traced step); per micro-batch "
                   + "; ".join(f"stage {i}: F {format_time(f)} B {format_time(b)} | tapped F {format_time(sf)} "
                               f"I {format_time(ii)} W {format_time(ww)}"
                               for i, (f, b, sf, ii, ww) in enumerate(res["stages"])), flush=True)

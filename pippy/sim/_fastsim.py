@@ -46,6 +46,8 @@ class Template(NamedTuple):
     """Per need, ``(key base, delay)``: it must have finished ``delay`` seconds ago (the transfer)."""
     mem_delta: float
     """Bytes the rank holds more (or, negative, fewer) once the action ends."""
+    overhead: float = 0.0
+    """Runtime seconds after the work (``CostModel.overhead``): the rank is occupied, outputs leave after it."""
 
 
 class Misfit(Exception):
@@ -111,13 +113,14 @@ def run_numpy(schedule: Schedule, table: dict[str, list[Template]], static: list
     t_dur = np.zeros(T)
     t_own = np.full(T, -1, dtype=np.int64)
     t_dm = np.zeros(T)
+    t_ov = np.zeros(T)
     t_db = np.full((T, D), -1, dtype=np.int64)
     t_dd = np.zeros((T, D))
     for kname in present:
         i = kinds_here.index(kname)
         for s, tp in enumerate(table[kname]):
             t = i * S + s
-            t_rank[t], t_dur[t], t_own[t], t_dm[t] = tp.rank, tp.duration, tp.own, tp.mem_delta
+            t_rank[t], t_dur[t], t_own[t], t_dm[t], t_ov[t] = tp.rank, tp.duration, tp.own, tp.mem_delta, tp.overhead
             for j, (b, d) in enumerate(tp.deps):
                 t_db[t, j], t_dd[t, j] = b, d
     tid = kc * S + st
@@ -127,6 +130,7 @@ def run_numpy(schedule: Schedule, table: dict[str, list[Template]], static: list
     dur = t_dur[tid]
     is_recv = dur < 0
     dur = np.where(is_recv, 0.0, dur)
+    ov = t_ov[tid] if t_ov.any() else None  # outputs leave (and the rank is free) after the runtime's overhead
     DUMMY, MISSING = N, N + 1
     node_of_key = np.full(S * slots * M, MISSING, dtype=np.int64)
     has = own >= 0
@@ -153,6 +157,7 @@ def run_numpy(schedule: Schedule, table: dict[str, list[Template]], static: list
     done = np.full(N + 2, np.nan)
     done[DUMMY] = 0.0
     start = np.zeros(N)
+    finish = np.zeros(N) if ov is not None else None
     ptr = off[:-1].copy()
     stop = off[1:]
     free = np.zeros(R)
@@ -182,6 +187,9 @@ def run_numpy(schedule: Schedule, table: dict[str, list[Template]], static: list
         f = free[ar]
         s0 = np.maximum(r0, f)
         e0 = s0 + dur[cur]
+        if ov is not None and finish is not None:
+            finish[cur] = e0
+            e0 = e0 + ov[cur]
         if lowered:
             s0 = np.where(is_recv[cur], f, s0)
         start[cur] = s0
@@ -192,7 +200,7 @@ def run_numpy(schedule: Schedule, table: dict[str, list[Template]], static: list
         if rounds >= recheck:  # a rank can only finish after as many rounds as it has actions left
             active = active[ptr[active] < stop[active]]
             recheck = rounds + (int((stop[active] - ptr[active]).min()) if active.size else 0)
-    end = done[:N]
+    end = done[:N] if finish is None else finish
     busy = np.bincount(rank_of, weights=dur, minlength=R)
     delta = t_dm[tid]
     peak = []

@@ -7,8 +7,10 @@ under the very contention of the run. :func:`calibrate` keeps the profile's band
 sizes and takes each (stage, kind)'s median traced duration; a kind the trace did not run (W in a 1F1B
 trace) is scaled like the kinds it did run on that stage. The link latency, too, is what the run
 saw (:func:`traced_latency`): under contention a message waits for its sender's and receiver's
-communication threads to get a core, far longer than an idle ping-pong. The simulator then
-predicts the next steps, or another schedule, from costs that include the contention.
+communication threads to get a core, far longer than an idle ping-pong. So is the runtime's own
+time per compute action (:func:`traced_overhead`: posting sends and receives, bookkeeping), which
+no profile of a stage sees. The simulator then predicts the next steps, or another schedule, from
+costs that include the contention.
 
     >>> from pippy.schedules.generators import one_f_one_b
     >>> from pippy.sim.simulate import simulate
@@ -31,7 +33,7 @@ from pippy.schedules.ir import Kind
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.timeline import Timeline
 
-__all__ = ["calibrate", "traced_latency"]
+__all__ = ["calibrate", "traced_latency", "traced_overhead"]
 
 _PAIR = {Kind.RECV_F: Kind.SEND_F, Kind.RECV_B: Kind.SEND_B}
 
@@ -75,6 +77,43 @@ def traced_latency(costs: CostModel, timeline: Timeline) -> float | None:
     return statistics.median(samples) if samples else None
 
 
+def traced_overhead(timeline: Timeline) -> float | None:
+    """The runtime's own seconds per compute action in a traced step (median over ranks), or None.
+
+    None when the trace has no compute action, or has several ranks but no SEND/RECV events (a
+    compute-only timeline, e.g. a simulated one: its gaps are waits, not overhead).
+
+    On each rank: the span from its first event's start to its last event's end, less the time
+    covered by compute actions and receive waits, divided by its compute actions. What remains is
+    the executor's work between them: posting sends (a SEND event is its posting) and receives,
+    freeing, bookkeeping.
+
+        >>> from pippy.schedules.ir import Action
+        >>> from pippy.sim.timeline import Event
+        >>> ev = [Event(0, Action.parse("0F0"), 0.0, 1.0), Event(0, Action.parse("0SEND_F0"), 1.0, 1.25),
+        ...       Event(0, Action.parse("0RECV_B0"), 1.5, 3.0), Event(0, Action.parse("0B0"), 3.0, 4.0)]
+        >>> traced_overhead(Timeline(ev, 1))
+        0.25
+    """
+    if timeline.num_ranks > 1 and not any(e.action.kind.is_comm for e in timeline.events):
+        return None
+    per_rank = []
+    for r in range(timeline.num_ranks):
+        ev = [e for e in timeline.events if e.rank == r]
+        n = sum(1 for e in ev if e.action.kind.is_compute)
+        if not n:
+            continue
+        covered, reach = 0.0, -float("inf")  # union of compute and wait intervals (a filler's W runs inside a wait)
+        for e in sorted((e for e in ev if e.action.kind.is_compute or e.action.kind in _PAIR), key=lambda e: e.start):
+            lo = max(e.start, reach)
+            if e.end > lo:
+                covered += e.end - lo
+            reach = max(reach, e.end)
+        span = max(e.end for e in ev) - min(e.start for e in ev)
+        per_rank.append(max(0.0, span - covered) / n)
+    return statistics.median(per_rank) if per_rank else None
+
+
 def calibrate(costs: CostModel, timeline: Timeline, *, links: bool = True) -> CostModel:
     """``costs`` with every stage's compute times replaced by their median durations in ``timeline``.
 
@@ -85,7 +124,8 @@ def calibrate(costs: CostModel, timeline: Timeline, *, links: bool = True) -> Co
     Pass the trace of a training step: an ``eval()`` trace's forwards run without autograd and
     are faster than a training F. Stages beyond ``costs.num_stages`` in the trace are ignored.
     With ``links`` the latency becomes :func:`traced_latency` (kept when the step waited for no
-    message); bandwidth and byte sizes stay the profile's.
+    message); bandwidth and byte sizes stay the profile's. The runtime's overhead per compute action
+    becomes :func:`traced_overhead` (kept when the trace has no compute action).
     """
     seen: dict[tuple[int, Kind], list[float]] = {}
     for ev in timeline.events:
@@ -103,4 +143,6 @@ def calibrate(costs: CostModel, timeline: Timeline, *, links: bool = True) -> Co
         f_split = new[Kind.F] if split else c.forward_time(True) * (new[Kind.F] / prof[Kind.F] if prof[Kind.F] else scale)
         out.append(replace(c, f=f_plain, split_f=f_split, i=new[Kind.I], w=new[Kind.W], fused_b=new[Kind.B]))
     lat = traced_latency(costs, timeline) if links else None
-    return replace(costs, stages=out, latency=costs.latency if lat is None else lat)
+    ovh = traced_overhead(timeline)
+    return replace(costs, stages=out, latency=costs.latency if lat is None else lat,
+                   overhead=costs.overhead if ovh is None else ovh)

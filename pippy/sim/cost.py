@@ -14,11 +14,15 @@ Conventions (the simulator and the runtime agree on them):
   ``W(s, i)`` ends. ``static_bytes`` (parameters, optimizer state) are always held.
 * A message of ``n`` bytes between two ranks arrives ``latency + n / bandwidth`` after it is sent.
   Messages between stages on the same rank are free. Links have no contention.
+* ``overhead`` is the runtime's own time per compute action (posting its sends and the next
+  receives, bookkeeping): the rank stays occupied that long after each F, B, I or W, and the
+  action's outputs leave at the end of it. Bubbles count compute only.
 
 JSON format (``CostModel.to_json`` / ``CostModel.from_json``)::
 
     {
       "latency": 1e-05,              # seconds per message (default 0)
+      "overhead": 2e-04,             # runtime seconds per compute action (default 0)
       "bandwidth": 1e10,             # bytes/second; null or "inf" = infinite (default)
       "microbatches": 8,             # micro-batches the batch was cut into when measured (default 1)
       "stages": [                    # one object per stage; missing keys take the defaults
@@ -139,6 +143,9 @@ class CostModel:
     """Bytes per second of a rank-to-rank link; ``inf`` makes the bytes term zero."""
     microbatches: int = 1
     """How many micro-batches the global batch was cut into when these costs were measured."""
+    overhead: float = 0.0
+    """Runtime seconds per compute action besides the compute itself and its waits (posting sends and
+    receives, bookkeeping); a profile cannot see it, :func:`pippy.sim.calibrate.calibrate` measures it."""
 
     @property
     def num_stages(self) -> int:
@@ -249,6 +256,7 @@ class CostModel:
             "latency": self.latency,
             "bandwidth": None if math.isinf(self.bandwidth) else self.bandwidth,
             "microbatches": self.microbatches,
+            "overhead": self.overhead,
             "stages": [asdict(s) for s in self.stages],
         }
 
@@ -261,9 +269,11 @@ class CostModel:
         """
         if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
             raise ValueError("cost JSON must be an object with a 'stages' list")
-        extra = set(data) - {"latency", "bandwidth", "microbatches", "stages"}
+        extra = set(data) - {"latency", "bandwidth", "microbatches", "overhead", "stages"}
         if extra:
-            raise ValueError(f"unknown cost JSON keys {sorted(extra)}; allowed: latency, bandwidth, microbatches, stages")
+            raise ValueError(
+                f"unknown cost JSON keys {sorted(extra)}; allowed: latency, bandwidth, microbatches, overhead, stages"
+            )
         names = {f.name for f in fields(StageCost)}
         stages: list[StageCost] = []
         for n, raw in enumerate(data["stages"]):
@@ -278,11 +288,14 @@ class CostModel:
                     raise ValueError(f"stage {n}: {k} may not be null")
             stages.append(StageCost(**kw))  # type: ignore[arg-type]
         bw = data.get("bandwidth")
+        if float(data.get("overhead") or 0.0) < 0:
+            raise ValueError(f"overhead may not be negative, got {data['overhead']}")
         return cls(
             stages=stages,
             latency=float(data.get("latency") or 0.0),
             bandwidth=math.inf if bw is None else float(bw),
             microbatches=int(data.get("microbatches") or 1),
+            overhead=float(data.get("overhead") or 0.0),
         )
 
     def to_json(self, path: str | Path) -> None:

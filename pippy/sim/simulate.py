@@ -3,7 +3,9 @@
 Each rank runs its actions in order. An action starts when its rank is free and every input has
 arrived: an input made on another rank arrives ``latency + bytes / bandwidth`` after its producer
 ends (or, in a lowered schedule, after the producer's SEND); inputs from the same rank are ready
-when their action has ended. What an action waits for is :func:`pippy.schedules.ir.needs`, the
+when their action has ended. A compute action's event lasts its duration; its rank stays
+occupied for the cost model's ``overhead`` after it (the runtime's own work), and its outputs
+leave after that. What an action waits for is :func:`pippy.schedules.ir.needs`, the
 rule the validator, the lowering and the runtime follow too. ``RECV`` actions block until their
 message arrives; ``SEND`` actions take no time. Compute-only and lowered schedules are both
 accepted. Durations come from the CostModel: ``B`` takes ``b``, ``I`` and ``W`` their own, and
@@ -109,6 +111,7 @@ def _templates(schedule: Schedule, costs: CostModel, lowered: bool) -> dict[str,
     place, stages = schedule.stage_to_rank, costs.stages
     needs = need_table(schedule, lowered=lowered)
     split = {a.stage for acts in schedule.actions for a in acts if a.kind is Kind.I}
+    overhead = float(costs.overhead)
 
     def dep(waiting: int, n: Need) -> tuple[int, float]:
         key = (n.stage * _NSLOT + int(n.done)) * M
@@ -125,7 +128,8 @@ def _templates(schedule: Schedule, costs: CostModel, lowered: bool) -> dict[str,
         for s in range(schedule.num_stages):
             dur, dm = _work(k, stages[s], s in split)
             own = -1 if k.done is None else (s * _NSLOT + int(k.done)) * M
-            rows.append(Template(place[s], dur, own, tuple(dep(s, n) for n in needs[k][s]), dm))
+            rows.append(Template(place[s], dur, own, tuple(dep(s, n) for n in needs[k][s]), dm,
+                                 overhead if k.is_compute else 0.0))
     return table
 
 
@@ -196,7 +200,7 @@ def _run_numpy(schedule: Schedule, costs: CostModel) -> SimResult:
     finally:
         if gc_was:
             gc.enable()
-    step = max(out["free"], default=0.0)
+    step = max((float(e[-1]) for e in out["ends"] if len(e)), default=0.0)  # a last overhead is not in the step
     bubble = [0.0 if step <= 0 else 1.0 - b / step for b in out["busy"]]
     return SimResult(schedule, step, bubble, out["busy"], out["peak"], out["starts"], out["ends"])
 
@@ -204,8 +208,8 @@ def _run_numpy(schedule: Schedule, costs: CostModel) -> SimResult:
 def _run(schedule: Schedule, costs: CostModel, lowered: bool) -> SimResult:
     R, M = schedule.num_ranks, schedule.n_microbatches
     # plain tuples: unpacking a NamedTuple (a tuple subclass) misses the interpreter's fast path (~3x slower)
-    table: dict[str, list[tuple[int, float, int, tuple[tuple[int, float], ...], float]]] = {
-        k: [(tp.rank, tp.duration, tp.own, tp.deps, tp.mem_delta) for tp in rows]
+    table: dict[str, list[tuple[int, float, int, tuple[tuple[int, float], ...], float, float]]] = {
+        k: [(tp.rank, tp.duration, tp.own, tp.deps, tp.mem_delta, tp.overhead) for tp in rows]
         for k, rows in _templates(schedule, costs, lowered).items()
     }
     done = [-1.0] * (schedule.num_stages * _NSLOT * M)
@@ -231,7 +235,7 @@ def _run(schedule: Schedule, costs: CostModel, lowered: bool) -> SimResult:
             while p < n:
                 a = acts[p]
                 mb = a.mb
-                rr, dur, own, deps, dm = table[a.kind._value_][a.stage]
+                rr, dur, own, deps, dm, ov = table[a.kind._value_][a.stage]
                 if rr != r or not 0 <= mb < M:
                     raise ValueError(_misfit(schedule, r, p, a))
                 st = t
@@ -251,12 +255,12 @@ def _run(schedule: Schedule, costs: CostModel, lowered: bool) -> SimResult:
                         k = own + mb
                         if done[k] >= 0.0 and own % span < sends:
                             raise ValueError(f"rank {r} runs {a} (position {p}) a second time")
-                        done[k] = en
+                        done[k] = en + ov  # the runtime's own work comes first (posting the sends, ...)
                         if k in waiters:
                             ready.extend(waiters.pop(k))
                     ss.append(st)
                     ee.append(en)
-                    t = en
+                    t = en + ov
                     p += 1
                     if dm:
                         m += dm
@@ -276,7 +280,7 @@ def _run(schedule: Schedule, costs: CostModel, lowered: bool) -> SimResult:
     stuck = [r for r in range(R) if ptr[r] < len(schedule.actions[r])]
     if stuck:
         raise DeadlockError(_deadlock_message(schedule, stuck, ptr, waiting_for))
-    step = max(free, default=0.0)
+    step = max((e[-1] for e in ends if e), default=0.0)  # the last action's overhead is not in the step
     bubble = [0.0 if step <= 0 else 1.0 - b / step for b in busy]
     return SimResult(schedule, step, bubble, busy, peak, starts, ends)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pippy.schedules.generators import one_f_one_b, zb_h1
+from pippy.schedules.ir import Action
 from pippy.schedules.lower import lower, runtime_form
-from pippy.sim.calibrate import calibrate, traced_latency
+from pippy.sim.calibrate import calibrate, traced_latency, traced_overhead
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.simulate import simulate
+from pippy.sim.timeline import Event, Timeline
 
 
 def _costs(scale: float) -> CostModel:
@@ -54,3 +56,26 @@ def test_the_link_latency_a_lowered_trace_waited_for_replaces_the_ping_pong() ->
     assert calibrate(profiled, measured, links=False).latency == 0.05
     # a trace without SEND/RECV (or whose receives never waited) keeps the profile's latency
     assert traced_latency(profiled, simulate(one_f_one_b(3, 6), real).timeline) is None
+
+
+def test_the_runtime_overhead_a_lowered_trace_shows_is_modelled() -> None:
+    sched = lower(one_f_one_b(3, 6))
+    real = _costs(1.0)
+    real.overhead = 0.1  # the executor's own time after each compute action
+    measured = simulate(sched, real).timeline
+    assert traced_overhead(measured) == pytest.approx(0.1)
+    cal = calibrate(_costs(1.0), measured)
+    assert cal.overhead == pytest.approx(0.1)
+    assert simulate(sched, cal).step_time == pytest.approx(measured.step_time)
+    assert simulate(sched, _costs(1.0)).step_time < measured.step_time - 0.5
+    # a compute-only timeline of several ranks cannot tell overhead from waiting
+    assert traced_overhead(simulate(one_f_one_b(3, 6), real).timeline) is None
+    assert calibrate(_costs(1.0), simulate(one_f_one_b(3, 6), real).timeline).overhead == 0.0
+
+
+def test_overhead_does_not_count_a_filled_w_twice() -> None:
+    # the runtime records a wait (RECV) that ran a W inside it: the union of the intervals counts once
+    ev = [Event(0, Action.parse("0F0"), 0.0, 1.0), Event(0, Action.parse("0RECV_B0"), 1.2, 4.0),
+          Event(0, Action.parse("0W1"), 1.3, 2.3), Event(0, Action.parse("0I0"), 4.0, 5.0)]
+    assert traced_overhead(Timeline(ev, 1)) == pytest.approx(0.2 / 3)
+    assert traced_overhead(Timeline([Event(0, Action.parse("0RECV_F0"), 0.0, 1.0)], 1)) is None

@@ -39,6 +39,7 @@ def test_json_round_trip(tmp_path) -> None:
         latency=1e-5,
         bandwidth=1e9,
         microbatches=4,
+        overhead=2e-4,
     )
     p = tmp_path / "c.json"
     c.to_json(p)
@@ -54,6 +55,9 @@ def test_json_errors(tmp_path) -> None:
     p.write_text('{"stages": [{"f": 1, "flops": 2}]}')
     with pytest.raises(ValueError, match="flops"):
         CostModel.from_json(p)
+    p.write_text('{"stages": [{"f": 1}], "overhead": -1}')
+    with pytest.raises(ValueError, match="overhead may not be negative"):
+        CostModel.from_json(p)
     p.write_text("{nope")
     with pytest.raises(ValueError, match="not valid JSON"):
         CostModel.from_json(p)
@@ -63,6 +67,7 @@ def test_for_microbatches_scales_linearly() -> None:
     c = CostModel(stages=[StageCost(f=4, i=4, w=4, act_bytes=8, static_bytes=3)], microbatches=2, latency=1)
     d = c.for_microbatches(4)
     assert (d.stages[0].f, d.stages[0].act_bytes, d.stages[0].static_bytes, d.latency) == (2, 4, 3, 1)
+    assert CostModel.uniform(2, f=4).__class__(stages=c.stages, overhead=0.5).rebin(4).for_microbatches(8).overhead == 0.5
 
 
 def test_rebin_conserves_totals() -> None:

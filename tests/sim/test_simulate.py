@@ -156,6 +156,28 @@ def test_engines_agree_random_costs() -> None:
         assert a.timeline.events == b.timeline.events
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_overhead_occupies_the_rank_after_each_compute_action(engine: str) -> None:
+    sch = one_f_one_b(2, 4)
+    base = simulate(sch, CostModel.uniform(2), engine=engine)
+    c = CostModel.uniform(2)
+    c.overhead = 0.25
+    r = simulate(sch, c, engine=engine)
+    # the critical path 0F0 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3 0B3 pays it 9 times (not after the last action)
+    assert base.step_time == 15.0 and r.step_time == pytest.approx(15.0 + 0.25 * 9)
+    assert r.busy == base.busy  # bubbles count compute only
+    ev = {(e.rank, str(e.action)): (e.start, e.end) for e in r.timeline.events}
+    assert ev[(0, "0F0")] == (0.0, 1.0) and ev[(1, "1F0")] == (1.25, 2.25)  # outputs leave after the overhead
+    assert ev[(0, "0F1")][0] == 1.25
+    rng = random.Random(1)
+    for name in SCHEDULES:
+        sch = make_schedule(name, 4, 8)
+        c = CostModel(stages=[StageCost(f=rng.uniform(0.5, 2), i=rng.uniform(0.5, 2), w=rng.uniform(0.1, 1))
+                              for _ in range(sch.num_stages)], latency=0.05, overhead=rng.uniform(0.01, 0.2))
+        a, b = simulate(sch, c, engine="python"), simulate(sch, c, engine="numpy")
+        assert a.step_time == pytest.approx(b.step_time) and a.timeline.events == b.timeline.events
+
+
 def test_many_ranks_auto_engine() -> None:
     sch = one_f_one_b(32, 64)
     r = simulate(sch, CostModel.uniform(32))
