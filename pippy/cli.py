@@ -236,7 +236,8 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     print("(* fastest; bubble % is the mean over ranks; bound: no order of the same actions on the same ranks is "
           "faster (pippy.sim.bound); I+W: a split backward runs as fuse_backward='auto' runs it, the faster of I "
           "and W fused into one B where they are adjacent (fused; mixed: some B's kept split where that is faster, "
-          "pippy.sim.unfuse) or kept split (split), with W's moved into the idle gaps they fit (pippy.sim.compact))")
+          "pippy.sim.unfuse) or kept split (split), with W's moved into the idle gaps they fit (pippy.sim.compact) "
+          "and actions moved earlier on their rank where that is faster at no more memory (pippy.sim.reorder))")
     for n in notes:
         print(n)
     return 0

@@ -72,7 +72,8 @@ class PipelineSchedule:
     of I then W; ``"auto"`` does so only when that simulates faster under the class's ``costs``
     (default costs without them; see :func:`pippy.sim.choose.fastest_form`), and for a generated
     schedule then keeps split each B whose input gradient others wait for, where that simulates
-    faster (:func:`pippy.sim.unfuse.split_where_faster`). The schedule actually
+    faster (:func:`pippy.sim.unfuse.split_where_faster`), and moves actions earlier on their rank
+    where that simulates faster (:func:`pippy.sim.reorder.reorder_where_faster`). The schedule actually
     run is ``self.schedule`` (lowered), which is also what to simulate. With ``fill_bubbles`` (default) a
     generated schedule first has each W moved into the earliest idle gap the class's costs predict
     it fits (:func:`pippy.sim.compact.compact_w`: in simulation never slower, never more memory), and at run time
