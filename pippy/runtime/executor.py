@@ -31,8 +31,7 @@ import torch
 
 from pippy.frontend.split import USER, ValueMeta
 from pippy.runtime.comm import Transport, WaitContext
-from pippy.runtime.ddp import DdpSync
-from pippy.runtime.hooked_split import HookedSplit, fsdp_sync, has_block_hooks
+from pippy.runtime.dpstep import DataParallelStep
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan
 from pippy.runtime.receives import Posted, Receives, action_ctx
@@ -116,10 +115,7 @@ class Executor:
         self.split_backward = {a.stage for a in self.actions if a.kind is Kind.I}
         self.filler = BubbleFiller(self.actions)
         self.fill_bubbles = fill_bubbles
-        self.weight_grads_done: dict[int, int] = {}  # per data-parallel stage, this step's B actions so far
-        self.grad_sync: dict[int, Callable[[bool], None]] = {}  # FSDP2 stages: their set_requires_gradient_sync
-        self.ddp: dict[int, DdpSync] = {}  # DDP / replicate stages
-        self.hsplit: HookedSplit | None = None  # this step's I/W plan for data-parallel split-backward stages
+        self.dp: DataParallelStep | None = None  # this step's data-parallel wiring (DDP, FSDP2)
         self.started = False  # set once this step posted a message (an error after that may leave some in flight)
         self.current: Action | None = None  # the action running now (named when the step fails)
         self._compute: dict[Kind, Callable[[_Step, Action], None]] = {
@@ -144,22 +140,9 @@ class Executor:
         self.receives.start_step()
         if isinstance(self.sender, SendOrder):
             self.sender.start_step()
-        self.weight_grads_done = {}
-        self.ddp = {s: h for s, stage in self.stages.items() if (h := DdpSync.find(stage.submod)) is not None}
-        self.grad_sync = {s: f for s, stage in self.stages.items()
-                          if s not in self.ddp and (f := fsdp_sync(stage.submod)) is not None}
-        if inp.training:
-            for h in self.ddp.values():
-                h.start()
-        # split-backward stages whose hooks must run (FSDP2, DDP, hooked blocks) go through their own module
-        hooked = {s for s in self.split_backward
-                  if s in self.grad_sync or s in self.ddp or has_block_hooks(self.stages[s].submod)}
-        for s, stage in self.stages.items():
-            stage.through_hooks = s in hooked
-        self.hsplit = HookedSplit({s: self.grad_sync.get(s) for s in hooked if s in self.grad_sync or s in self.ddp},
-                                  self.plan.n_microbatches) if inp.training else None
-        # their W's gather FSDP2 shards: run in the schedule's order on every DP rank, never early by timing
-        self.filler.fixed = set(self.hsplit.sync) if self.hsplit is not None else set()
+        dp = self.dp = DataParallelStep(self.stages, split_backward=self.split_backward,
+                                        n_microbatches=self.plan.n_microbatches, training=inp.training)
+        self.filler.fixed = dp.fixed  # W's that gather FSDP2 shards run in the schedule's order, never early
         st = _Step(inp, fill=self.fill_bubbles and inp.training and self.filler.active)
         for idx, a in enumerate(self.actions):
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
@@ -191,8 +174,7 @@ class Executor:
             st.res.outputs = [st.outputs[i] for i in sorted(st.outputs)]
         if inp.training and self.pipe.shared:
             yield from self.tied.sync()
-        for h in self.ddp.values():
-            h.finish()
+        dp.finish()
         return st.res
 
     def run_blocking(self, inp: StepInputs) -> StepResult:
@@ -281,11 +263,13 @@ class Executor:
         s, i = a.stage, a.mb
         stage = self.stages[s]
         grads = st.out_grads.pop((s, i), None)
-        if self.hsplit is not None and self.hsplit.promotes(s):
-            gin = self.hsplit.backward(stage, i, grads, self.ddp.get(s), split=a.kind is Kind.I)
+        dp = self.dp
+        assert dp is not None  # set by run()
+        if dp.hsplit is not None and dp.hsplit.promotes(s):
+            gin = dp.hsplit.backward(stage, i, grads, dp.ddp.get(s), split=a.kind is Kind.I)
         elif a.kind is Kind.B:
-            if self.grad_sync or self.ddp:
-                self._grad_sync(s, i)
+            if dp.any:
+                dp.before_b(s, i)
             gin = stage.backward(i, grads)
         else:
             gin = stage.backward_input(i, grads)
@@ -318,28 +302,14 @@ class Executor:
     def _weight_step(self, a: Action) -> tuple[float, float]:
         """Run W ``a`` (in its slot or early); its time feeds the filler. Returns (start, end)."""
         t0 = time.perf_counter()
-        if self.hsplit is not None and self.hsplit.promotes(a.stage):  # FSDP2 / DDP stages: reduce at their last I
-            self.hsplit.weight(self.stages[a.stage], a.mb)
+        hsplit = self.dp.hsplit if self.dp is not None else None
+        if hsplit is not None and hsplit.promotes(a.stage):  # FSDP2 / DDP stages: reduce at their last I
+            hsplit.weight(self.stages[a.stage], a.mb)
         else:
             self.stages[a.stage].backward_weight(a.mb)
         t1 = time.perf_counter()
         self.filler.note_w(a.stage, t1 - t0)
         return t0, t1
-
-    def _grad_sync(self, s: int, mb: int) -> None:
-        """Before a full backward (B) of stage ``s``: a data-parallel stage reduces only in the step's last.
-
-        (Split-backward data-parallel stages reduce through :class:`HookedSplit` instead.)
-        """
-        setter, ddp = self.grad_sync.get(s), self.ddp.get(s)
-        if setter is None and ddp is None:
-            return
-        done = self.weight_grads_done[s] = self.weight_grads_done.get(s, 0) + 1
-        last = done == self.plan.n_microbatches
-        if setter is not None:
-            setter(last)
-        elif last and ddp is not None:
-            ddp.last_backward(self.stages[s].held_outputs(mb))
 
     # ------------------------------------------------------------------ receives
     def _recv(self, st: _Step, idx: int, a: Action) -> Iterator[None]:
