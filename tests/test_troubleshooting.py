@@ -13,8 +13,8 @@ from torch import nn
 
 import pippy
 from pippy import PipeTraceError, SplitPoint, StageError, pipe_split, pipeline
-from pippy.runtime.comm import LocalTransport
 from pippy.runtime.local import LocalPipeline
+from pippy.runtime.localcomm import LocalTransport
 from pippy.schedules import ScheduleError
 
 F64 = torch.float64

@@ -8,7 +8,7 @@ over directly, otherwise it is sent (skip connections too).
 
     >>> import torch
     >>> from pippy import SplitPoint, pipeline
-    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.localcomm import LocalTransport
     >>> from pippy.runtime.stage import Stage
     >>> from pippy.schedules.generators import forward_only
     >>> from pippy.schedules.lower import lower

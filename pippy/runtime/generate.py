@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 
 from pippy.frontend.genpipe import GenerationError
-from pippy.runtime.comm import DistTransport, LocalTransport, PipeCommError
+from pippy.runtime.comm import DistTransport, PipeCommError
 from pippy.runtime.genpick import Picker
 from pippy.runtime.genproto import Request, run_rank
 from pippy.runtime.genstage import GenerationPipe, GenerationStage, pipeline_for_generation
+from pippy.runtime.localcomm import LocalTransport
 
 __all__ = ["GenerationError", "GenerationPipe", "GenerationStage", "generate", "pipeline_for_generation"]
 

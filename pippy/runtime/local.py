@@ -27,7 +27,7 @@ import torch
 
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.api import PipelineStage
-from pippy.runtime.comm import LocalTransport
+from pippy.runtime.localcomm import LocalTransport
 from pippy.runtime.schedule_base import PipelineSchedule, StepRun
 from pippy.sim.timeline import Timeline
 

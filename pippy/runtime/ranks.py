@@ -2,7 +2,7 @@
 
     >>> import torch
     >>> from pippy import Schedule1F1B, pipeline
-    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.localcomm import LocalTransport
     >>> pipe = pipeline(torch.nn.Linear(2, 2), 2, (torch.ones(4, 2),))
     >>> sched = Schedule1F1B(pipe.build_stage(0, "cpu"), 2, transport=LocalTransport.world(1)[0])
     >>> facts = schedule_facts(sched)

@@ -7,7 +7,7 @@ known while that forward has not run).
 
     >>> import torch
     >>> from pippy import SplitPoint, pipeline
-    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.localcomm import LocalTransport
     >>> from pippy.runtime.plan import CommPlan
     >>> from pippy.runtime.stage import Stage
     >>> from pippy.schedules.generators import one_f_one_b

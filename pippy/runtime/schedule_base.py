@@ -20,7 +20,7 @@ the trace, merge the outputs). A new schedule class only says what to generate:
     ...         return gpipe(1, self.n_microbatches)
     >>> import torch
     >>> from pippy import pipeline
-    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.localcomm import LocalTransport
     >>> from pippy.runtime.stage import Stage
     >>> pipe = pipeline(torch.nn.Linear(2, 1), 2, (torch.ones(4, 2),))
     >>> sched = OneRankGPipe(Stage(pipe, 0), 2, torch.nn.functional.mse_loss, transport=LocalTransport.world(1)[0])

@@ -12,7 +12,7 @@ changes no result.
 
     >>> import torch
     >>> from pippy import SplitPoint, pipeline
-    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.localcomm import LocalTransport
     >>> from pippy.schedules.lower import lower
     >>> from pippy.schedules.zero_bubble import zbv
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(4)])

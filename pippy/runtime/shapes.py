@@ -13,7 +13,8 @@ stages as a plain number (a SymInt the consumer cannot read off a tensor) travel
 one-element tensor. Static edges never send a header: a static pipe pays nothing.
 
     >>> from pippy.frontend.split import ValueMeta
-    >>> from pippy.runtime.comm import LocalTransport, WaitContext
+    >>> from pippy.runtime.comm import WaitContext
+    >>> from pippy.runtime.localcomm import LocalTransport
     >>> t = LocalTransport.world(2)
     >>> meta = ValueMeta((2, 8), torch.float32, dynamic=(1,))
     >>> _ = send_value(t[0], torch.ones(2, 5), meta, peer=1, tag=3)

@@ -2,7 +2,7 @@
 
     >>> import torch
     >>> from pippy import Schedule1F1B, pipeline
-    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.localcomm import LocalTransport
     >>> from pippy.runtime.stage import Stage
     >>> pipe = pipeline(torch.nn.Linear(2, 1), 2, (torch.ones(4, 2),))
     >>> sched = Schedule1F1B(Stage(pipe, 0), 2, torch.nn.functional.mse_loss, transport=LocalTransport.world(1)[0])

@@ -11,7 +11,7 @@ waits yield on the in-process transport) after the step's last action.
 
     >>> import torch
     >>> from pippy import SplitPoint, pipeline
-    >>> from pippy.runtime.comm import LocalTransport
+    >>> from pippy.runtime.localcomm import LocalTransport
     >>> from pippy.runtime.stage import Stage
     >>> lin = torch.nn.Linear(2, 2)
     >>> class Twice(torch.nn.Module):

@@ -19,8 +19,8 @@ from pippy import (
     pipeline,
 )
 from pippy._IR import LossWrapper, PipeSequential, TrivialLossWrapper
-from pippy.runtime.comm import LocalTransport
 from pippy.runtime.local import LocalPipeline
+from pippy.runtime.localcomm import LocalTransport
 
 TOL = 1e-12
 M = 4

@@ -8,8 +8,8 @@ from models import MarkedMLP, MLPStack, mse
 
 import pippy
 from pippy import PipeTraceError, SplitPoint, StageError, pipe_split, pipeline
-from pippy.runtime.comm import LocalTransport
 from pippy.runtime.local import LocalPipeline
+from pippy.runtime.localcomm import LocalTransport
 
 
 def test_split_point_naming_missing_module() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pippy.runtime.comm import LocalTransport, WaitContext
+from pippy.runtime.comm import WaitContext
+from pippy.runtime.localcomm import LocalTransport
 
 
 def test_receives_in_send_order_pass_and_out_of_order_raise() -> None:

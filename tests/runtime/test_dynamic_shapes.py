@@ -14,8 +14,8 @@ from torch import nn
 import pippy
 from pippy import Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBV, SplitPoint, pipe_split, pipeline
 from pippy.frontend.trace import trace_count
-from pippy.runtime.comm import LocalTransport
 from pippy.runtime.local import LocalPipeline
+from pippy.runtime.localcomm import LocalTransport
 from pippy.runtime.shapes import HEADER_TAG
 
 LENGTHS = (64, 128, 96, 17)

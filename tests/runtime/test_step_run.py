@@ -10,8 +10,8 @@ from models import SkipNet, mse
 
 import pippy
 from pippy import pipeline
-from pippy.runtime.comm import LocalTransport
 from pippy.runtime.local import LocalPipeline
+from pippy.runtime.localcomm import LocalTransport
 from pippy.runtime.stage import Stage, StageError
 
 
