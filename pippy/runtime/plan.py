@@ -16,8 +16,8 @@ that match messages in posting order (NCCL) need, and tags make them unambiguous
     >>> [(e.src, e.dst, e.peer) for e in plan.recv_f[1]], plan.send_b_stages
     ([(0, 1, 0)], frozenset({1}))
     >>> sched = lower(one_f_one_b(2, 2))
-    >>> [str(a) for a in sched.actions[1][:5]], plan.prefetch_at   # 1RECV_F1 is posted at 1B0
-    (['1RECV_F0', '1F0', '1B0', '1SEND_B0', '1RECV_F1'], {2: [4]})
+    >>> [str(a) for a in sched.actions[1][:5]], plan.prefetch_at   # 1RECV_F1 is posted as the step starts
+    (['1RECV_F0', '1F0', '1B0', '1SEND_B0', '1RECV_F1'], {0: [4]})
 """
 
 from __future__ import annotations
@@ -26,7 +26,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pippy.frontend.split import StageInfo
+from pippy.runtime.shapes import needs_incoming
 from pippy.schedules.ir import Kind, Schedule, stage_comm
+
+RECV_AHEAD = 2
+"""Receives kept posted ahead on each channel (a stage's RECV_F or RECV_B) of an unordered transport (gloo).
+
+gloo reads a message that arrived before its receive was posted in the thread that posts the
+receive: 1-2.5 ms for the 16-512 KB messages of ``benchmarks/vs_torch_pipelining.py`` on the 2-core
+CPU, against 0.03-0.15 ms to post a receive that waits for its message (which gloo's own thread
+then reads). Posting two ahead per channel, at the cost of at most two receive buffers each, took
+every receive of those runs ahead of its send. A channel with fewer compute actions between its
+receives than that is not held back: each receive is still posted one compute action early.
+"""
 
 __all__ = ["CommPlan", "Edge"]
 
@@ -63,9 +75,13 @@ class CommPlan:
     consumers of its outputs, ``recv_b[s]`` the gradients of its outputs that come back,
     ``send_b[s]`` the gradients of its inputs it returns — each in edge order, the order the
     other end posts them. ``readers[s]`` counts who reads its forward-only outputs (its SEND_F
-    once, plus each local consumer stage). ``prefetch_at[i]`` lists the RECV actions posted one
-    compute action early, at action ``i`` (none on ``ordered`` transports, which match in
-    posting order). ``send_b_stages`` are the stages that run a SEND_B after their backward.
+    once, plus each local consumer stage). ``prefetch_at[i]`` lists the RECV actions posted early,
+    at action ``i`` (none on ``ordered`` transports, which match in posting order): one compute
+    action before their own, or earlier, when the RECV ``RECV_AHEAD`` places before them on the
+    same channel (stage and kind) starts waiting, or at the step's start for a channel's first
+    ``RECV_AHEAD``; a channel whose values vary in size keeps one compute action early (its
+    receives wait for the step's first shape, see :mod:`pippy.runtime.shapes`). ``send_b_stages``
+    are the stages that run a SEND_B after their backward.
     """
 
     def __init__(self, infos: Sequence[StageInfo], schedule: Schedule, rank: int, *, ordered: bool) -> None:
@@ -103,9 +119,22 @@ class CommPlan:
         self.send_b_stages = frozenset(s for s in mine if Kind.SEND_B in comm[s])
         self.prefetch_at: dict[int, list[int]] = {}
         last_compute = -1
+        channel: dict[tuple[int, Kind], list[int]] = {}  # per (stage, RECV kind): its RECV actions so far
         for idx, act in enumerate([] if ordered else schedule.actions[rank]):
             if act.kind.is_compute:
                 last_compute = idx
-            elif act.kind in (Kind.RECV_F, Kind.RECV_B) and last_compute >= 0:
-                self.prefetch_at.setdefault(last_compute, []).append(idx)
+            elif act.kind in (Kind.RECV_F, Kind.RECV_B):
+                seen = channel.setdefault((act.stage, act.kind), [])
+                if last_compute >= 0:  # one compute action early, or while the channel's RECV_AHEAD-th last waits
+                    at = last_compute
+                    if not self._varies(infos, act.stage, act.kind):  # else wait for the step's first shape
+                        at = min(at, seen[-RECV_AHEAD] if len(seen) >= RECV_AHEAD else 0)
+                    self.prefetch_at.setdefault(at, []).append(idx)
+                seen.append(idx)
+
+    def _varies(self, infos: Sequence[StageInfo], s: int, kind: Kind) -> bool:
+        """Whether a value of stage ``s``'s RECV_F / RECV_B channel varies in size (it goes with a shape header)."""
+        if kind is Kind.RECV_F:
+            return any(needs_incoming(infos[s].input_meta[e.k]) for e in self.recv_f[s])
+        return any(bool(infos[s].outputs[e.j].dynamic) for e in self.recv_b[s])
 

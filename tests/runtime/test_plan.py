@@ -58,3 +58,48 @@ def test_no_prefetch_on_ordered_transports() -> None:
     sched = lower(one_f_one_b(3, 4).with_deps(pipe.deps()))
     assert CommPlan(pipe.stage_infos, sched, 1, ordered=False).prefetch_at
     assert CommPlan(pipe.stage_infos, sched, 1, ordered=True).prefetch_at == {}
+
+
+def _posted_at(plan: CommPlan) -> dict[int, int]:
+    """RECV action index -> the action index at whose start it is posted."""
+    return {j: at for at, js in plan.prefetch_at.items() for j in js}
+
+
+def test_receives_are_posted_two_ahead_per_channel_and_never_later_than_one_compute_early() -> None:
+    pipe = _skip_pipe(2)
+    sched = lower(one_f_one_b(2, 6).with_deps(pipe.deps()))
+    for rank in (0, 1):
+        acts = sched.actions[rank]
+        posted = _posted_at(CommPlan(pipe.stage_infos, sched, rank, ordered=False))
+        chans: dict[tuple[int, Kind], list[int]] = {}
+        for idx, a in enumerate(acts):
+            if a.kind not in (Kind.RECV_F, Kind.RECV_B):
+                continue
+            seen = chans.setdefault((a.stage, a.kind), [])
+            before = [i for i in range(idx) if acts[i].kind.is_compute]
+            if not before:
+                assert idx not in posted  # nothing runs before it: posted at its own place
+            else:
+                ahead = seen[-2] if len(seen) >= 2 else 0
+                assert posted[idx] == min(before[-1], ahead), (rank, str(a))
+            seen.append(idx)
+        # one receive of rank 1's forward channel waits while the next two are posted: 1RECV_F2 goes out at 1RECV_F0
+        if rank == 1:
+            f = [i for i, a in enumerate(acts) if a.kind is Kind.RECV_F]
+            assert posted[f[2]] == f[0] and posted[f[1]] == 0
+
+
+def test_a_channel_whose_size_varies_keeps_one_compute_action_early() -> None:
+    from torch import nn
+
+    from pippy import SplitPoint
+
+    pipe = pipeline(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 4, (torch.ones(4, 3, 2),),
+                    split_spec={"0": SplitPoint.END}, dynamic_shapes="auto")
+    sched = lower(one_f_one_b(2, 4).with_deps(pipe.deps()))
+    acts = sched.actions[1]
+    posted = _posted_at(CommPlan(pipe.stage_infos, sched, 1, ordered=False))
+    assert sum(acts[j].kind is Kind.RECV_F for j in posted) == 3  # all but the first, which nothing precedes
+    for idx, a in enumerate(acts):
+        if a.kind is Kind.RECV_F and idx in posted:
+            assert posted[idx] == max(i for i in range(idx) if acts[i].kind.is_compute)  # needs the step's first shape
