@@ -35,7 +35,8 @@ RECV_AHEAD = 2
 gloo reads a message that arrived before its receive was posted in the thread that posts the
 receive: 1-2.5 ms for the 16-512 KB messages of ``benchmarks/vs_torch_pipelining.py`` on the 2-core
 CPU, against 0.03-0.15 ms to post a receive that waits for its message (which gloo's own thread
-then reads). Posting two ahead per channel, at the cost of at most two receive buffers each, took
+then reads). Posting two ahead per channel, at the cost of up to two receive buffers each beyond
+the one being waited for, took
 every receive of those runs ahead of its send. A channel with fewer compute actions between its
 receives than that is not held back: each receive is still posted one compute action early.
 """

@@ -84,7 +84,8 @@ def traced_overhead(timeline: Timeline) -> float | None:
     compute-only timeline, e.g. a simulated one: its gaps are waits, not overhead).
 
     On each rank: the span from its first event's start to its last event's end, less the time
-    covered by compute actions and receive waits, divided by its compute actions. What remains is
+    covered by compute actions and receive waits, divided by the compute actions whose overhead lies
+    inside that span (all but the last event, when that is a compute action). What remains is
     the executor's work between them: posting sends (a SEND event is its posting) and receives,
     freeing, bookkeeping.
 
@@ -92,8 +93,8 @@ def traced_overhead(timeline: Timeline) -> float | None:
         >>> from pippy.sim.timeline import Event
         >>> ev = [Event(0, Action.parse("0F0"), 0.0, 1.0), Event(0, Action.parse("0SEND_F0"), 1.0, 1.25),
         ...       Event(0, Action.parse("0RECV_B0"), 1.5, 3.0), Event(0, Action.parse("0B0"), 3.0, 4.0)]
-        >>> traced_overhead(Timeline(ev, 1))
-        0.25
+        >>> traced_overhead(Timeline(ev, 1))   # 0.25 sending, 0.25 before the wait: after 0F0, inside the span
+        0.5
     """
     if timeline.num_ranks > 1 and not any(e.action.kind.is_comm for e in timeline.events):
         return None
@@ -110,7 +111,9 @@ def traced_overhead(timeline: Timeline) -> float | None:
                 covered += e.end - lo
             reach = max(reach, e.end)
         span = max(e.end for e in ev) - min(e.start for e in ev)
-        per_rank.append(max(0.0, span - covered) / n)
+        last = max(ev, key=lambda e: e.end)
+        # the overhead after a rank's last action, when that is a compute one, lies outside its span
+        per_rank.append(max(0.0, span - covered) / max(1, n - (1 if last.action.kind.is_compute else 0)))
     return statistics.median(per_rank) if per_rank else None
 
 

@@ -97,9 +97,9 @@ def fastest_form(schedule: Schedule, costs: CostModel | None = None, *,
     ``fuse_backward="auto"`` runs) a fused form that won is refined, for a split-backward schedule
     (one with I actions: ZB-H1/H2, ZB-V, ...), by splitting again the B's whose earlier input
     gradient shortens the step (:func:`~pippy.sim.unfuse.split_where_faster`); ``fused`` is then
-    still True, although ``fuse_backward=True`` alone would run the unrefined form. The form
-    returned, fused or split, then has actions moved earlier on their rank where that shortens the
-    step at no more memory (:func:`~pippy.sim.reorder.reorder_where_faster`).
+    still True, although ``fuse_backward=True`` alone would run the unrefined form. With ``mixed``
+    a split-backward schedule's form, fused or split, then has actions moved earlier on their rank
+    where that shortens the step at no more memory (:func:`~pippy.sim.reorder.reorder_where_faster`).
 
         >>> from pippy.schedules.zero_bubble import zbv
         >>> from pippy.sim.cost import CostModel

@@ -288,8 +288,8 @@ class CostModel:
                     raise ValueError(f"stage {n}: {k} may not be null")
             stages.append(StageCost(**kw))  # type: ignore[arg-type]
         bw = data.get("bandwidth")
-        if float(data.get("overhead") or 0.0) < 0:
-            raise ValueError(f"overhead may not be negative, got {data['overhead']}")
+        if not 0.0 <= float(data.get("overhead") or 0.0) < math.inf:
+            raise ValueError(f"overhead must be a finite number of seconds, not negative; got {data['overhead']}")
         return cls(
             stages=stages,
             latency=float(data.get("latency") or 0.0),

@@ -73,9 +73,20 @@ def test_the_runtime_overhead_a_lowered_trace_shows_is_modelled() -> None:
     assert calibrate(_costs(1.0), simulate(one_f_one_b(3, 6), real).timeline).overhead == 0.0
 
 
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_overhead_is_recovered_on_two_ranks(m: int) -> None:
+    """A rank whose step ends on a compute action shows one overhead fewer than it has actions."""
+    sched = lower(one_f_one_b(2, m))
+    real = CostModel.uniform(2, f=1.0, i=1.0, w=1.0)
+    real.overhead = 0.1
+    measured = simulate(sched, real).timeline
+    assert traced_overhead(measured) == pytest.approx(0.1)
+    assert simulate(sched, calibrate(CostModel.uniform(2), measured)).step_time == pytest.approx(measured.step_time)
+
+
 def test_overhead_does_not_count_a_filled_w_twice() -> None:
     # the runtime records a wait (RECV) that ran a W inside it: the union of the intervals counts once
     ev = [Event(0, Action.parse("0F0"), 0.0, 1.0), Event(0, Action.parse("0RECV_B0"), 1.2, 4.0),
           Event(0, Action.parse("0W1"), 1.3, 2.3), Event(0, Action.parse("0I0"), 4.0, 5.0)]
-    assert traced_overhead(Timeline(ev, 1)) == pytest.approx(0.2 / 3)
+    assert traced_overhead(Timeline(ev, 1)) == pytest.approx(0.2 / 2)  # 0I0 ends the span: its overhead lies outside
     assert traced_overhead(Timeline([Event(0, Action.parse("0RECV_F0"), 0.0, 1.0)], 1)) is None

@@ -95,6 +95,19 @@ def test_gpt2_costs_bring_zbv_and_dualpipev_within_3_percent_of_the_bound_at_p4(
                                                        simulate(before, costs).peak_memory)), name
 
 
+def test_costs_without_activation_bytes_still_keep_micro_batches_in_flight() -> None:
+    """Times only (act_bytes 0): memory in bytes cannot grow, but in-flight micro-batches must not either."""
+    times = CostModel(stages=[StageCost(f=c.f, i=c.i, w=c.w, fused_b=c.fused_b, split_f=c.split_f)
+                              for c in GPT2.rebin(8).stages], latency=0.2)
+    count = CostModel(stages=[StageCost(f=c.f, i=c.i, w=c.w, fused_b=c.fused_b, split_f=c.split_f, act_bytes=1.0)
+                              for c in times.stages], latency=0.2)
+    for name in ("zb_h1", "zbv", "interleaved_zb"):
+        sch = make_schedule(name, 4, 8)
+        form = compact_w(runtime_form(sch, fuse=False), times)
+        out = reorder_where_faster(form, times)
+        assert all(a <= b for a, b in zip(simulate(out, count).peak_memory, simulate(form, count).peak_memory)), name
+
+
 def test_what_may_pass_what() -> None:
     a = Action.parse
     assert may_pass(a("3F1"), a("0B0"))  # another stage: anything
