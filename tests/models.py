@@ -141,3 +141,29 @@ def mlp_pipe(n_stages: int, n_microbatches: int, batch: int = 16) -> tuple[nn.Mo
     pipe = pipeline(model, n_microbatches, (x,), split_spec={f"blocks.{i}": SplitPoint.END for i in range(n_stages - 1)})
     return model, pipe, x, y
 
+
+
+def schedule_cost_cases(name: str, ps: tuple[int, ...] = (2, 3, 4)) -> Any:
+    """Yield ``(p, m, schedule, seed, costs)`` for ``make_schedule(name, p, m)``, m in (p, 2p), skipping (p, m) the
+    schedule refuses; the costs are the default ones (seed -1) and three random models (seeds 0-2)."""
+    import random
+
+    from pippy.schedules.generators import make_schedule
+    from pippy.sim.choose import default_costs
+    from pippy.sim.cost import CostModel, StageCost
+
+    for p in ps:
+        for m in (p, 2 * p):
+            try:
+                sch = make_schedule(name, p, m)
+            except ValueError:  # e.g. DualPipeV's m >= 2p - 1
+                continue
+            for seed in range(-1, 3):
+                if seed < 0:
+                    yield p, m, sch, seed, default_costs(sch.num_stages)
+                    continue
+                rnd = random.Random(seed)
+                yield p, m, sch, seed, CostModel(
+                    stages=[StageCost(f=rnd.uniform(0.5, 2), i=rnd.uniform(0.5, 2), w=rnd.uniform(0.2, 2),
+                                      fused_b=rnd.uniform(0.8, 3), act_bytes=rnd.uniform(1, 3))
+                            for _ in range(sch.num_stages)], latency=rnd.uniform(0, 0.3))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 import pytest
 import torch
-from models import check_mse_step, mlp_pipe, mse
+from models import check_mse_step, mlp_pipe, mse, schedule_cost_cases
 
 from pippy.runtime.api import ScheduleDualPipeV, ScheduleZBV
 from pippy.runtime.local import LocalPipeline
@@ -17,7 +16,7 @@ from pippy.schedules.lower import runtime_form
 from pippy.schedules.validate import validate
 from pippy.sim import reorder
 from pippy.sim.bound import lower_bound
-from pippy.sim.choose import default_costs, fastest_form
+from pippy.sim.choose import fastest_form
 from pippy.sim.compact import compact_w
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.reorder import may_pass, reorder_where_faster
@@ -53,33 +52,19 @@ def _grad_order(s: Schedule) -> dict[int, list[tuple[Kind, int]]]:
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_never_slower_never_more_memory_same_per_stage_orders(name: str) -> None:
-    for p in (2, 4):
-        for m in (p, 2 * p):
-            try:
-                sch = make_schedule(name, p, m)
-            except ValueError:  # e.g. DualPipeV's m >= 2p - 1
-                continue
-            for seed in range(-1, 3):
-                if seed < 0:
-                    costs = default_costs(sch.num_stages)
-                else:
-                    rnd = random.Random(seed)
-                    costs = CostModel(stages=[StageCost(f=rnd.uniform(0.5, 2), i=rnd.uniform(0.5, 2),
-                                                        w=rnd.uniform(0.2, 2), fused_b=rnd.uniform(0.8, 3),
-                                                        act_bytes=rnd.uniform(1, 3)) for _ in range(sch.num_stages)],
-                                      latency=rnd.uniform(0, 0.3))
-                form = compact_w(runtime_form(sch, fuse=seed % 2 == 0), costs)
-                out = reorder_where_faster(form, costs, max_tries=300)
-                validate(out)
-                before, after = simulate(form, costs), simulate(out, costs)
-                where = (name, p, m, seed)
-                assert after.step_time <= before.step_time + 1e-9, where
-                assert all(a <= b * (1 + 1e-9) for a, b in zip(after.peak_memory, before.peak_memory)), where
-                assert lower_bound(out, costs) <= after.step_time + 1e-9, where
-                assert [Counter(r) for r in out.actions] == [Counter(r) for r in form.actions], where
-                assert _per_stage_kind(out) == _per_stage_kind(form), where
-                assert _grad_order(out) == _grad_order(form), where  # bitwise the same sums
-                assert (out is form) == (after.step_time == before.step_time), where
+    for p, m, sch, seed, costs in schedule_cost_cases(name, (2, 4)):
+        form = compact_w(runtime_form(sch, fuse=seed % 2 == 0), costs)
+        out = reorder_where_faster(form, costs, max_tries=300)
+        validate(out)
+        before, after = simulate(form, costs), simulate(out, costs)
+        where = (name, p, m, seed)
+        assert after.step_time <= before.step_time + 1e-9, where
+        assert all(a <= b * (1 + 1e-9) for a, b in zip(after.peak_memory, before.peak_memory)), where
+        assert lower_bound(out, costs) <= after.step_time + 1e-9, where
+        assert [Counter(r) for r in out.actions] == [Counter(r) for r in form.actions], where
+        assert _per_stage_kind(out) == _per_stage_kind(form), where
+        assert _grad_order(out) == _grad_order(form), where  # bitwise the same sums
+        assert (out is form) == (after.step_time == before.step_time), where
 
 
 def test_gpt2_costs_bring_zbv_and_dualpipev_within_3_percent_of_the_bound_at_p4() -> None:

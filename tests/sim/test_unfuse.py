@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 import pytest
-from models import check_mse_step, mlp_pipe, mse
+from models import check_mse_step, mlp_pipe, mse, schedule_cost_cases
 
 from pippy.runtime.api import ScheduleDualPipeV, ScheduleZBV
 from pippy.runtime.local import LocalPipeline
@@ -41,31 +40,17 @@ def _backward_work(s: Schedule) -> list[Counter[tuple[int, int]]]:
 
 @pytest.mark.parametrize("name", SPLIT)
 def test_never_slower_never_more_memory_same_order(name: str) -> None:
-    for p in (2, 3, 4):
-        for m in (p, 2 * p):
-            try:
-                sch = make_schedule(name, p, m)
-            except ValueError:  # e.g. DualPipeV's m >= 2p - 1
-                continue
-            for seed in range(-1, 3):
-                if seed < 0:
-                    costs = default_costs(sch.num_stages)
-                else:
-                    rnd = random.Random(seed)
-                    costs = CostModel(stages=[StageCost(f=rnd.uniform(0.5, 2), i=rnd.uniform(0.5, 2),
-                                                        w=rnd.uniform(0.2, 2), fused_b=rnd.uniform(0.8, 3),
-                                                        act_bytes=rnd.uniform(1, 3)) for _ in range(sch.num_stages)],
-                                      latency=rnd.uniform(0, 0.3))
-                form = compact_w(runtime_form(sch), costs)
-                out = split_where_faster(form, costs)
-                validate(out)
-                before, after = simulate(form, costs), simulate(out, costs)
-                where = (name, p, m, seed)
-                assert after.step_time <= before.step_time + 1e-9, where
-                assert all(a <= b * (1 + 1e-9) for a, b in zip(after.peak_memory, before.peak_memory)), where
-                assert lower_bound(out, costs) <= after.step_time + 1e-9, where
-                assert _backward_work(out) == _backward_work(form), where
-                assert _mb_order(out) == _mb_order(form), where
+    for p, m, sch, seed, costs in schedule_cost_cases(name):
+        form = compact_w(runtime_form(sch), costs)
+        out = split_where_faster(form, costs)
+        validate(out)
+        before, after = simulate(form, costs), simulate(out, costs)
+        where = (name, p, m, seed)
+        assert after.step_time <= before.step_time + 1e-9, where
+        assert all(a <= b * (1 + 1e-9) for a, b in zip(after.peak_memory, before.peak_memory)), where
+        assert lower_bound(out, costs) <= after.step_time + 1e-9, where
+        assert _backward_work(out) == _backward_work(form), where
+        assert _mb_order(out) == _mb_order(form), where
 
 
 def test_zbv_and_dualpipev_reach_the_bound_under_default_costs() -> None:
