@@ -25,7 +25,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pippy import Schedule1F1B, SplitPoint, pipeline
-from pippy.frontend.policies import SplitPolicyBase, autosplit, graphsplit, split_by_names, split_equal_params
+from pippy.frontend.costsplit import autosplit, graphsplit
+from pippy.frontend.policies import SplitPolicyBase, split_by_names, split_equal_params
 
 HIDDEN, LAYERS, HEADS, FFN, VOCAB, SEQ, BATCH, CHUNKS = 256, 4, 4, 1024, 8192, 128, 8, 4
 COLUMNS = ("manual", "equal-params", "autosplit", "graphsplit")

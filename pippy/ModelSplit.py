@@ -20,13 +20,13 @@ import torch
 from torch import fx
 
 from pippy.frontend.costs import graph_costs
+from pippy.frontend.costsplit import graphsplit
 from pippy.frontend.partition import cut_positions
 from pippy.frontend.policies import (
     SplitPolicyBase,
     _Result,
     _result,
     _stages_from_starts,
-    graphsplit,
     split_equal_params,
 )
 

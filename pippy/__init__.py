@@ -14,8 +14,9 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pippy.frontend.costsplit import autosplit, graphsplit
     from pippy.frontend.genpipe import GenerationError
-    from pippy.frontend.policies import autosplit, graphsplit, split_by_names, split_equal_layers, split_equal_params
+    from pippy.frontend.policies import split_by_names, split_equal_layers, split_equal_params
     from pippy.frontend.trace import PipeTraceError, SplitPoint, annotate_split_points, pipe_split
     from pippy.ManualPipelineStage import ManualPipelineStage
     from pippy.microbatch import Replicate, Sum, TensorChunkSpec
@@ -103,7 +104,8 @@ _WHERE = {
     "KwargsChunkSpec": "pippy.pipe",
     "ManualPipelineStage": "pippy.ManualPipelineStage",
     **{n: "pippy.ModelSplit" for n in ("split_by_graph", "split_into_equal_size", "split_on_size_threshold")},
-    **{n: "pippy.frontend.policies" for n in ("autosplit", "graphsplit", "split_by_names", "split_equal_layers", "split_equal_params")},
+    **{n: "pippy.frontend.costsplit" for n in ("autosplit", "graphsplit")},
+    **{n: "pippy.frontend.policies" for n in ("split_by_names", "split_equal_layers", "split_equal_params")},
     "PipeTraceError": "pippy.frontend.trace",
     "GenerationError": "pippy.frontend.genpipe",
     **{n: "pippy.runtime.generate" for n in ("GenerationPipe", "GenerationStage", "generate", "pipeline_for_generation")},

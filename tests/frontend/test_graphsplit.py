@@ -10,12 +10,13 @@ import torch
 from models import MLPStack, gpt2, lm_loss, mse
 from torch import nn
 
-import pippy.frontend.policies as policies
+import pippy.frontend.costsplit as costsplit
 from pippy import Schedule1F1B, ScheduleGPipe, pipeline
 from pippy.frontend.costs import COMPUTE_OPS, graph_costs
+from pippy.frontend.costsplit import autosplit, graphsplit
 from pippy.frontend.graphsplit import MilpResult
 from pippy.frontend.partition import best_contiguous
-from pippy.frontend.policies import autosplit, graphsplit, split_equal_layers, split_equal_params
+from pippy.frontend.policies import split_equal_layers, split_equal_params
 from pippy.runtime.local import LocalPipeline
 
 TOL = 1e-10
@@ -84,7 +85,7 @@ def test_graphsplit_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -
     def no_solution(*_a: Any, **_k: Any) -> MilpResult:
         return MilpResult(None, 1, "Time limit reached. (HiGHS Status 13)", 10)
 
-    monkeypatch.setattr(policies, "solve_graphsplit", no_solution)
+    monkeypatch.setattr(costsplit, "solve_graphsplit", no_solution)
     model = MLPStack(n=4).double()
     x = torch.randn(4, 8, dtype=torch.float64)
     g = graphsplit(2, cost="flops", time_limit=0.01)

@@ -12,15 +12,10 @@ from torch import fx, nn
 
 from pippy import SplitPoint, pipeline
 from pippy.frontend.costs import COMPUTE_OPS, GraphCosts, graph_costs
+from pippy.frontend.costsplit import autosplit, graphsplit
 from pippy.frontend.params import retarget_aliases
 from pippy.frontend.partition import best_contiguous, cut_positions, min_memory_limit
-from pippy.frontend.policies import (
-    autosplit,
-    graphsplit,
-    split_by_names,
-    split_equal_layers,
-    split_equal_params,
-)
+from pippy.frontend.policies import split_by_names, split_equal_layers, split_equal_params
 from pippy.frontend.trace import export_module
 
 WIDTHS = [8, 96, 4, 160, 12, 64, 24, 200, 6]
