@@ -10,11 +10,17 @@
 # CUDA tensors point to point, so with one GPU the multi-rank run is skipped (said below) and the
 # benchmark runs one rank holding 2 stages (interleaved 1F1B on both sides); the transparency check
 # still runs every schedule with several stages in one process on the device.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run() { "$PY" -m torch.distributed.run --standalone --nproc-per-node "$1" benchmarks/gpu_check.py "${@:2}"; }
+LIMIT=${SECTION_TIMEOUT:-300}  # seconds per section: a hang (e.g. an NCCL wait) fails that section, not the session
+run() { timeout "$LIMIT" "$PY" -m torch.distributed.run --standalone --nproc-per-node "$1" benchmarks/gpu_check.py "${@:2}"; }
+FAILED=()
+section() {  # section NAME COMMAND...: run it; a failure is reported at the end, and the later sections still run
+  local name=$1; shift
+  if "$@"; then :; else echo "$name: FAILED (exit $?)"; FAILED+=("$name"); fi
+}
 
 if [[ "${1:-}" == "--cpu" ]]; then
   DEV=cpu; N=2
@@ -29,13 +35,14 @@ else
 fi
 
 echo "== transparency ($DEV, in one process)"
-"$PY" benchmarks/gpu_check.py transparency --device "$DEV"
+section transparency timeout "$LIMIT" "$PY" benchmarks/gpu_check.py transparency --device "$DEV"
 echo "== dist ($DEV, $N ranks)"
 if [[ "$N" -ge 2 ]]; then
-  run "$N" dist --device "$DEV"
+  section dist run "$N" dist --device "$DEV"
 else
   echo "dist: skipped: one GPU (NCCL refuses two ranks on one device; gloo sends no CUDA tensors)"
 fi
 echo "== bench ($DEV, $N rank(s))"
-run "$N" bench --device "$DEV" "${SIZE[@]}"
+section bench run "$N" bench --device "$DEV" "${SIZE[@]}"
+if [[ ${#FAILED[@]} -gt 0 ]]; then echo "gpu_check: FAILED: ${FAILED[*]}"; exit 1; fi
 echo "gpu_check: done"

@@ -26,3 +26,14 @@ def test_gpu_check_cpu_mode_runs_every_check() -> None:
     assert [s[0] for s in sides] == ["pippy", "peer"], out
     assert sides[0][3:] == ("0", "0"), f"pippy forced host syncs: {out}"  # no .item() / synchronize per action
     assert "gpu_check: done" in proc.stdout
+
+
+def test_gpu_check_reports_each_failed_section_and_goes_on() -> None:
+    # a 1 s limit per section: every section times out (exit 124), each is named, and the script still ends
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "SECTION_TIMEOUT": "1"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--cpu"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for name in ("transparency", "dist", "bench"):
+        assert re.search(rf"^{name}: FAILED \(exit \d+\)$", proc.stdout, re.M), proc.stdout
+    assert proc.stdout.rstrip().endswith("gpu_check: FAILED: transparency dist bench"), proc.stdout
