@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pippy.frontend.materialize import replace_meta
+from pippy.frontend.mutation import written_placeholders
 from pippy.frontend.outline import OutlineError, outline
 from pippy.frontend.params import is_lifted_constant
 from pippy.frontend.pipe import SplitPipe
@@ -107,6 +108,7 @@ class Stage:
         else:  # a hand-cut stage (ManualPipelineStage)
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
+        self._written: frozenset[int] | None = None
         self._pointwise = False
         # split backward through the module itself (its hooks fire; W is a second autograd pass) instead of
         # through the flat tapped graph: set by the executor for FSDP2, DDP and hooked stages
@@ -253,7 +255,17 @@ class Stage:
             self._state[mb].saved_bytes = counter.total
         return outs
 
+    def _written_inputs(self) -> frozenset[int]:
+        """Inputs the stage graph writes in place (``relu_`` right after a split point): they run on a copy."""
+        if self._written is None:
+            gm = self.flat_module()
+            self._written = frozenset(written_placeholders(gm) if isinstance(gm, fx.GraphModule) else ())
+        return self._written
+
     def _call(self, fn: Any, args: Sequence[Any]) -> tuple[Any, ...]:
+        written = self._written_inputs()
+        if written:  # a received leaf cannot be written in place, and a local sender may still hold the tensor
+            args = [x.clone() if i in written and isinstance(x, torch.Tensor) else x for i, x in enumerate(args)]
         try:
             return _as_tuple(fn(*args))
         except RuntimeError as exc:

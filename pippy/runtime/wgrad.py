@@ -4,8 +4,9 @@ A split backward runs I (input gradients) first and W (weight gradients) later. 
 forward returns, after the stage outputs, every node that reads a trainable tensor (a "tap"); I
 then asks autograd for the gradients at those taps too, and W turns them into weight gradients
 one reader at a time. ``linear``, ``addmm`` and ``layer_norm`` get theirs in closed form from the
-saved input (one matmul or reduction, no second autograd pass); anything else runs a small
-backward from its tap to its own parameters.
+saved input (one matmul or reduction, no second autograd pass), unless the op's output or input
+is overwritten in place later (``pippy.frontend.mutation``); anything else runs a small backward
+from its tap to its own parameters (through the in-place ops that rewrote the tap, if any).
 
     >>> import torch
     >>> from pippy import pipeline
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from pippy.frontend.mutation import written_after
 from pippy.frontend.params import tensor_at
 
 __all__ = ["ClosedForm", "WeightGradTaps"]
@@ -106,6 +108,10 @@ class WeightGradTaps:
     def __init__(self, gm: fx.GraphModule) -> None:
         taps, self.exact = _tap_nodes(gm)
         found = [_closed_form_of(n, gm) if self.exact else None for n, _ in taps]
+        # a closed form needs the op's own output gradient and input: neither may be overwritten in place
+        # later (``y = linear(x); y.relu_()`` makes I's gradient at y the one after the ReLU)
+        found = [None if f is None or written_after(n) or written_after(f[1], after=n) else f
+                 for f, (n, _) in zip(found, taps)]
         aux = [f[1] for f in found if f is not None]  # inputs of the closed-form ops, already saved by autograd
         self.module = _with_outputs(gm, [n for n, _ in taps] + aux)
         self.num_taps = len(taps)

@@ -1,0 +1,101 @@
+"""In-place writes in a traced graph: whether an op overwrites a value (or a view of it) after a given node.
+
+``torch.export`` keeps in-place ops (``relu_``, ``mul_``, ``x[:, :3] = 0`` as ``slice`` then
+``fill_``/``copy_``). A value written in place after a node read it is, at run time, no longer the
+value that node saw, and autograd's node for it changes (``y.relu_()`` makes ``y``'s gradient the
+one after the ReLU). Code that keeps such a value for later (the weight-gradient taps of split
+backward) or hands it to autograd as a leaf (a stage's received input) must know.
+
+    >>> import torch
+    >>> from pippy import pipeline
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    ...     def forward(self, x):
+    ...         y = self.a(x)
+    ...         y[:, :1] = 0  # a write through a view of y
+    ...         return self.b(y)
+    >>> gm = pipeline(Net(), 1, (torch.ones(1, 2),)).get_stage_module(0)
+    >>> nodes = {n.name: n for n in gm.graph.nodes}
+    >>> written_after(nodes["linear"]), written_after(nodes["linear_1"]), written_after(nodes["x"])
+    (True, False, False)
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["written_after", "written_placeholders"]
+
+
+def _arg_slots(node: fx.Node) -> list[tuple[Any, Any]]:
+    """(schema argument or None, value) for every argument of ``node``; list arguments are spread."""
+    schema = node.target._schema if isinstance(node.target, torch._ops.OpOverload) else None
+    named = {a.name: a for a in schema.arguments} if schema is not None else {}
+    out: list[tuple[Any, Any]] = []
+    for i, v in enumerate(node.args):
+        arg = schema.arguments[i] if schema is not None and i < len(schema.arguments) else None
+        out += [(arg, x) for x in (v if isinstance(v, list | tuple) else [v])]
+    for k, v in node.kwargs.items():
+        out += [(named.get(k), x) for x in (v if isinstance(v, list | tuple) else [v])]
+    return out
+
+
+def _effect(user: fx.Node, value: fx.Node) -> tuple[bool, bool]:
+    """How ``user`` treats ``value`` among its arguments: (may write into it, its output aliases it).
+
+    An op without a schema (a higher-order op, a submodule call) is assumed to write: the callers
+    then take the safe path.
+    """
+    if user.op == "output":
+        return False, False
+    if user.op == "call_function" and user.target is operator.getitem:
+        return False, True  # an element of a tuple of views (split, unbind, ...) is one of them
+    if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
+        return True, False
+    writes = aliases = False
+    returns_alias = any(r.alias_info is not None for r in user.target._schema.returns)
+    for arg, v in _arg_slots(user):
+        if v is value and arg is not None and arg.alias_info is not None:
+            writes |= bool(arg.alias_info.is_write)
+            aliases |= returns_alias
+    return writes, aliases
+
+
+def written_after(node: fx.Node, after: fx.Node | None = None) -> bool:
+    """Whether some op writes in place into ``node``'s value, or a view of it, later than ``after``.
+
+    ``after`` defaults to ``node`` itself (any write at all after the value exists).
+    """
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    start = order[after if after is not None else node]
+    seen, todo = {node}, [node]
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            writes, aliases = _effect(u, v)
+            if writes and order[u] > start:
+                return True
+            if (aliases or writes) and u not in seen:  # an in-place op returns its (now written) input
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
+def written_placeholders(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph inputs that some op writes in place (a stage must not hand those to
+    autograd as leaves, nor write into a tensor another stage still holds).
+
+        >>> import torch
+        >>> from pippy import pipeline
+        >>> net = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Linear(2, 2))
+        >>> written_placeholders(pipeline(net, 1, (torch.ones(1, 2),)).get_stage_module(0))
+        [0]
+    """
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, n in enumerate(inputs) if written_after(n)]
