@@ -132,6 +132,19 @@ def _owned_tensors(flat: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
     return out
 
 
+def _graph_attrs(flat: fx.GraphModule) -> list[tuple[str, nn.Module]]:
+    """Modules the flat graph reads as attributes (the subgraphs of higher-order ops), by path."""
+    out = []
+    for node in flat.graph.nodes:
+        if node.op == "get_attr":
+            obj: Any = flat
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, nn.Module):
+                out.append((str(node.target), obj))
+    return out
+
+
 class Blocks(nn.Module):  # type: ignore[misc]
     """A container the stage never calls (``model.layers``): its children by name or index, in order.
 
@@ -232,6 +245,9 @@ def outline(flat: fx.GraphModule) -> fx.GraphModule:
     _adopt_orphans(root)
     for fqn, tensor, persistent in _owned_tensors(flat):
         _set_path(root, fqn, tensor, persistent)
+    for fqn, sub in _graph_attrs(flat):  # the subgraphs of higher-order ops (no_grad regions, torch.cond)
+        *parents, leaf = fqn.split(".")
+        ensure_path(root, parents).add_module(leaf, sub)
     _containers(root)
     repeats: list[tuple[nn.Module, str, nn.Module]] = []
     for path, mod in list(root.named_modules()):
@@ -270,6 +286,9 @@ def outline(flat: fx.GraphModule) -> fx.GraphModule:
     for key, val in vars(flat).items():
         if key.startswith("_pippy"):  # pippy's own marks on the module (tensors still to materialize)
             setattr(root, key, val)
-    root.graph.lint()
+    try:
+        root.graph.lint()
+    except RuntimeError as err:
+        raise OutlineError(f"the rebuilt graph does not check: {err}") from err
     root.recompile()
     return root

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import transformers as T
 from torch import nn
 
-from pippy import Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBH1, SplitPoint, pipeline
+from pippy import Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBH1, ScheduleZBV, SplitPoint, pipe_split, pipeline
 from pippy.frontend.outline import Blocks, outline
 from pippy.recompute import enable_recompute
 from pippy.runtime.local import LocalPipeline
@@ -126,3 +128,70 @@ def test_split_backward_runs_hooked_blocks_through_their_hooks(recompute: bool) 
     for st in lp.stages:
         for fqn, p in st.submod.named_parameters():
             torch.testing.assert_close(p.grad, ref.get_parameter(fqn).grad, rtol=0, atol=1e-13)
+
+
+class _Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.g, self.f = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # a higher-order op (wrap_with_set_grad_enabled) with its own subgraph
+            gate = torch.sigmoid(self.g(x))
+        return torch.tanh(self.f(x)) * gate
+
+
+class _Branch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond((x * 0).sum() == 0, lambda t: self.b(t), lambda t: -self.b(t), (x,))
+
+
+class _Regions(nn.Module):
+    """no_grad, autocast and torch.cond regions at the top and inside blocks, one stage each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g1, self.br, self.g2, self.out = _Gate(), _Branch(), _Gate(), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            scale = torch.sigmoid(self.out(x)).mean(-1, keepdim=True)
+        x = self.g1(x) * scale
+        pipe_split()
+        with torch.autocast("cpu", enabled=False):
+            x = self.br(x)
+        pipe_split()
+        x = self.g2(x)
+        pipe_split()
+        return self.out(x)
+
+
+@pytest.mark.parametrize(("sched", "ranks"), [(Schedule1F1B, 4), (ScheduleZBH1, 4), (ScheduleZBV, 2)],
+                         ids=["1f1b", "zbh1", "zbv"])
+def test_higher_order_op_regions_outline_and_stay_transparent(sched: Any, ranks: int) -> None:
+    torch.manual_seed(0)
+    model = _Regions().double()
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    out = ref(x)
+    torch.nn.functional.mse_loss(out, y).backward()
+    pipe = pipeline(model, 4, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no stage falls back to its flat graph
+        lp = LocalPipeline(pipe, sched, num_ranks=ranks, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
+        got = lp.step(x, target=y)
+    assert torch.allclose(got, out, atol=1e-12)
+    grads = lp.named_grads()
+    for n, p in ref.named_parameters():
+        assert (grads.get(n) is None) == (p.grad is None), n
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, atol=1e-12), n
+    calls: list[str] = []
+    stage = pipe.build_stage(2, "cpu")
+    stage.submod.get_submodule("g2.f").register_forward_hook(lambda *a: calls.append("g2.f"))
+    stage.submod(torch.randn(2, 8, dtype=torch.float64))
+    assert calls == ["g2.f"]
