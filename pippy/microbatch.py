@@ -22,6 +22,7 @@ __all__ = [
     "Sum",
     "TensorChunkSpec",
     "merge_chunks",
+    "output_merge_dims",
     "split_args_kwargs_into_chunks",
     "split_batch",
     "split_value",
@@ -151,6 +152,41 @@ def merge_chunks(chunks: Sequence[Any], spec: Any = None, _debug_mask_minibatche
             col = [f[0][j] for f in flat]
             merged.append(_merge_leaf(col, sp))
     return pytree.tree_unflatten(merged, treedef)
+
+
+def _split_dims(value: Any, spec: Any, what: str) -> list[tuple[int, Any]]:
+    """(dim, size) of every tensor leaf of one micro-batch ``value`` that ``spec`` splits."""
+    leaves = pytree.tree_leaves(value)
+    out = []
+    for leaf, sp in zip(leaves, _leaf_specs(spec, value, len(leaves), what)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not isinstance(sp, Replicate | Sum):
+            d = sp.dim if isinstance(sp, TensorChunkSpec) else 0
+            out.append((d % leaf.dim(), leaf.shape[d]))
+    return out
+
+
+def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_spec: Any, kwargs_spec: Any,
+                      output_shapes: Sequence[Sequence[Any] | None]) -> list[int]:
+    """The dim along which each output leaf's micro-batches concatenate, when no output spec is given.
+
+    Dim 0, unless the inputs split along another dim (``TensorChunkSpec(1)`` for sequence-first
+    tensors) and the output has the micro-batch's size at that same dim: then that dim, so the
+    merged output has the model's own shape. ``mb_args`` / ``mb_kwargs`` are one micro-batch;
+    ``output_shapes`` the traced output shapes (None for a non-tensor).
+
+        >>> x = torch.zeros(5, 2, 16)  # sequence first: the batch (2 per micro-batch) is dim 1
+        >>> output_merge_dims((x,), {}, (TensorChunkSpec(1),), None, [(5, 2, 16), (2, 3), None])
+        [1, 0, 0]
+        >>> output_merge_dims((x,), {}, None, None, [(5, 2, 16)])
+        [0]
+    """
+    pairs = _split_dims(tuple(mb_args), args_spec, "positional argument")
+    pairs += _split_dims(dict(mb_kwargs), kwargs_spec, "keyword argument")
+    out = []
+    for shape in output_shapes:
+        hits = {d for d, size in pairs if shape is not None and d < len(shape) and str(shape[d]) == str(size)}
+        out.append(hits.pop() if len(hits) == 1 else 0)
+    return out
 
 
 _MASK_CALL: contextvars.ContextVar[bool | None] = contextvars.ContextVar("pippy_mask_minibatches", default=None)

@@ -38,3 +38,20 @@ def test_bad_batch_sizes(size: int, n: int, msg: str) -> None:
 def test_spec_structure_mismatch() -> None:
     with pytest.raises(ValueError, match="chunk spec"):
         split_batch((torch.zeros(4), torch.zeros(4)), {}, 2, args_spec=(TensorChunkSpec(0),))
+
+
+def test_output_merge_dims_follow_the_inputs_split_dim() -> None:
+    from pippy.microbatch import output_merge_dims
+
+    seq_first = (torch.zeros(6, 2, 4),)  # one micro-batch: the batch (2) is dim 1
+    spec = (TensorChunkSpec(1),)
+    shapes = [(6, 2, 4), (2, 4), (6, 2), (), None, (3, 2, 2)]
+    # the batch's size at the split dim -> that dim; elsewhere, 0-dim or a non-tensor -> 0
+    assert output_merge_dims(seq_first, {}, spec, None, shapes) == [1, 0, 1, 0, 0, 1]
+    assert output_merge_dims(seq_first, {}, None, None, shapes) == [0] * 6  # dim 0 split: always dim 0
+    # inputs split along dims 1 and 2, an output with the micro-batch's size at both: ambiguous -> 0
+    both = (torch.zeros(6, 2, 4), torch.zeros(3, 3, 2))
+    assert output_merge_dims(both, {}, (TensorChunkSpec(1), TensorChunkSpec(2)), None, [(3, 2, 2)]) == [0]
+    # keyword inputs count too, Replicate ones do not
+    assert output_merge_dims((torch.zeros(5, 7),), {"x": torch.zeros(6, 2)}, (Replicate(),),
+                             {"x": TensorChunkSpec(1)}, [(6, 2), (5, 7)]) == [1, 0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from pippy.frontend.precision import autocast_state, cast_example, compute_copy,
 from pippy.frontend.split import StageInfo, ValueMeta, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
 from pippy.frontend.unread import match_persistence
-from pippy.microbatch import split_batch
+from pippy.microbatch import TensorChunkSpec, merge_chunks, output_merge_dims, split_batch
 
 __all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites", "trace_and_split"]
 
@@ -93,6 +93,9 @@ class SplitPipe:
         self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from
         # per flattened input: each dim's static size or SymDim range (None: every shape is static)
         self.input_dims: list[tuple[int | SymDim, ...] | None] | None = None
+        # per flattened output: the dim its micro-batches concatenate along without an output_merge_spec
+        # (None: dim 0 for all; see pippy.microbatch.output_merge_dims)
+        self.output_merge_dims: list[int] | None = None
         self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
 
     @property
@@ -186,6 +189,24 @@ class SplitPipe:
     def unflatten_output(self, flat: tuple[Any, ...] | list[Any]) -> Any:
         """Turn the last stage's flat outputs into the model's output structure."""
         return pytree.tree_unflatten(list(flat), self.out_spec)
+
+    def merge_outputs(self, outputs: Sequence[Any], spec: Any = None) -> Any:
+        """Merge per-micro-batch outputs into the full batch's: by ``spec`` when given (``output_merge_spec``),
+        else along the dim :attr:`output_merge_dims` names for each output (dim 0 unless the batch was
+        split along another dim that the output keeps, as ``TensorChunkSpec(1)`` for sequence-first
+        tensors).
+
+            >>> import torch
+            >>> from pippy import TensorChunkSpec, pipeline
+            >>> x = torch.randn(5, 4, 3)  # [seq, batch, width]
+            >>> pipe = pipeline(torch.nn.Linear(3, 3), 2, (x,), args_chunk_spec=(TensorChunkSpec(1),))
+            >>> pipe.output_merge_dims, pipe.merge_outputs([torch.zeros(5, 2, 3), torch.ones(5, 2, 3)]).shape
+            ([1], torch.Size([5, 4, 3]))
+        """
+        if spec is None and self.output_merge_dims is not None and outputs:
+            if len(pytree.tree_leaves(outputs[0])) == len(self.output_merge_dims):
+                spec = [TensorChunkSpec(d) for d in self.output_merge_dims]
+        return merge_chunks(outputs, spec)
 
     def split_report(self) -> str:
         """Each stage's cost, parameter bytes and the bytes it sends to every other stage."""
@@ -299,6 +320,7 @@ def trace_and_split(
     finally:
         _restore_forwards(saved)
     gm = ep.module()
+    merge_dims = output_merge_dims(tuple(mb_args), mb_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
     retarget_aliases(gm)
@@ -324,11 +346,19 @@ def trace_and_split(
     pipe._source = weakref.ref(module)
     if input_dims is not None and any(d is not None and any(isinstance(x, SymDim) for x in d) for d in input_dims):
         pipe.input_dims = input_dims
+    pipe.output_merge_dims = merge_dims if any(merge_dims) else None
     pipe.traced_autocast = autocast_state()
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites
     return pipe
+
+
+def _output_shapes(gm: fx.GraphModule) -> list[tuple[Any, ...] | None]:
+    """The traced shape of each flattened output (None for a non-tensor)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = [v.meta.get("val") if isinstance(v, fx.Node) else v for v in pytree.tree_leaves(out.args[0])]
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
 
 
 def _example_leaf(x: Any) -> Any:

@@ -27,7 +27,6 @@ from torch.utils import _pytree as pytree
 
 from pippy.frontend.pipe import SplitPipe
 from pippy.frontend.split import USER
-from pippy.microbatch import merge_chunks
 
 __all__ = ["bind_to_traced", "root_module", "run_local"]
 
@@ -96,7 +95,7 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
 
     A batch of the traced micro-batch's size runs at once. A batch that is a whole number ``n > 1``
     of traced micro-batches (along the chunk dims) runs micro-batch by micro-batch, as the
-    pipeline does, and the outputs are merged as a schedule merges them (dim 0). Any other batch
+    pipeline does, and the outputs are merged as a schedule merges them (``SplitPipe.merge_outputs``). Any other batch
     runs at once; a graph that bakes in the traced size then fails with a message saying so.
     """
     flat = bind_to_traced(pipe, args, kwargs, signature)
@@ -105,7 +104,7 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
         return _run_flat(pipe, flat)
     call_args, call_kwargs = pytree.tree_unflatten(flat, pipe.in_spec)
     outs = [_run_flat(pipe, mb) for mb in pipe.split_inputs(tuple(call_args), dict(call_kwargs), n)]
-    return tuple(merge_chunks(outs))
+    return tuple(pipe.merge_outputs(outs))
 
 
 class _StageFailed(RuntimeError):

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pippy.frontend.precision import autocast_state
-from pippy.microbatch import merge_chunks, split_value
+from pippy.microbatch import TensorChunkSpec, split_value
 from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor, StepInputs
@@ -248,9 +248,18 @@ class PipelineSchedule:
                     "call step(..., target=y) on the rank holding the last stage"
                 )
             if target is not None:
-                targets = split_value(target, m, self.target_chunk_spec, what="target")
+                targets = split_value(target, m, self._target_spec(target), what="target")
         scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
         return StepInputs(mbs, targets, self.loss_fn, training, scale, check_finite=self.check_finite)
+
+    def _target_spec(self, target: Any) -> Any:
+        """``target_chunk_spec``; without one, a lone target tensor splits along the dim the lone output merges on
+        (the batch dim of a sequence-first model, see ``SplitPipe.output_merge_dims``), else along dim 0."""
+        dims = self.pipe.output_merge_dims
+        if self.target_chunk_spec is None and dims is not None and len(dims) == 1 and isinstance(target, torch.Tensor):
+            if target.dim() > dims[0]:
+                return TensorChunkSpec(dims[0])
+        return self.target_chunk_spec
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -341,7 +350,7 @@ class PipelineSchedule:
             losses.extend(res.losses)
         if not self.holds(self.pipe.num_stages - 1) or not res.outputs:
             return None
-        return merge_chunks(res.outputs, self.output_merge_spec)
+        return self.pipe.merge_outputs(res.outputs, self.output_merge_spec)
 
     def _executor(self, sched: Schedule) -> Executor:
         ex = self._executors.get(id(sched))

@@ -136,3 +136,37 @@ def test_stage_without_input_grads_runs_whole_backward(cls, ranks) -> None:
     losses: list[torch.Tensor] = []
     got = lp.step(x, target=tgt, losses=losses)
     _check(lp, ref, got, out, losses, loss)
+
+
+class _SeqFirst(torch.nn.Module):
+    """[seq, batch, width] in and out, plus a per-position table that every micro-batch shares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x + pe.unsqueeze(1)))
+        pippy.pipe_split()
+        return self.b(h)
+
+
+@pytest.mark.parametrize(("cls", "ranks"), [(pippy.Schedule1F1B, 2), (pippy.ScheduleZBH1, 2)])
+def test_batch_split_on_dim_1_merges_and_splits_the_target_on_dim_1(cls, ranks) -> None:
+    # no output_merge_spec / target_chunk_spec: the output keeps the batch at dim 1, so both follow the inputs
+    torch.manual_seed(0)
+    model = _SeqFirst().double()
+    x, pe, y = (torch.randn(*s, dtype=torch.float64) for s in ((8, 4, 8), (8, 8), (8, 4, 8)))
+    ref = copy.deepcopy(model)
+    out = ref(x, pe)
+    mse(out, y).backward()
+    pipe = pipeline(model, 4, (x, pe), args_chunk_spec=(pippy.TensorChunkSpec(1), pippy.Replicate()))
+    assert pipe.output_merge_dims == [1]
+    assert torch.allclose(pipe(x, pe)[0], out, atol=1e-12)
+    lp = LocalPipeline(pipe, cls, num_ranks=ranks, n_microbatches=4, loss_fn=mse)
+    got = lp.step(x, pe, target=y)
+    assert got.shape == out.shape and torch.allclose(got, out, atol=1e-12)
+    assert torch.allclose(lp.eval(x, pe), out, atol=1e-12)
+    grads = lp.named_grads()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-12), n
