@@ -96,6 +96,7 @@ class SplitPipe:
         # per flattened output: the dim its micro-batches concatenate along without an output_merge_spec
         # (None: dim 0 for all; see pippy.microbatch.output_merge_dims)
         self.output_merge_dims: list[int] | None = None
+        self.traced_training: bool | None = None  # the model's .training when traced (pippy.runtime.modes)
         self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
 
     @property
@@ -347,6 +348,9 @@ def trace_and_split(
     if input_dims is not None and any(d is not None and any(isinstance(x, SymDim) for x in d) for d in input_dims):
         pipe.input_dims = input_dims
     pipe.output_merge_dims = merge_dims if any(merge_dims) else None
+    pipe.traced_training = module.training
+    for info in stages:  # a stage module starts in the mode its graph was traced in
+        info.module.train(module.training)
     pipe.traced_autocast = autocast_state()
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]

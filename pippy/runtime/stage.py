@@ -105,6 +105,7 @@ class Stage:
         self._flat_graph: fx.Graph | None
         if module is None:
             self.submod, self._flat_graph = _materialize(self.info.module, self.device, stage_index)
+            self.submod.train(self.info.module.training)  # the outlined tree starts in the traced mode too
         else:  # a hand-cut stage (ManualPipelineStage)
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
