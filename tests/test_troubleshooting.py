@@ -190,6 +190,18 @@ def test_loss_fn_failing_inside_names_rank_stage_microbatch_and_shapes() -> None
     assert "output float64[2, 4], target float64[3, 4]" in msg
 
 
+def test_a_target_of_the_wrong_kind_and_losses_not_a_list_get_the_right_fix() -> None:
+    lp = LocalPipeline(two_stage_pipe(), pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    with pytest.raises(StageError) as info:
+        lp.step(x8(), target=[torch.randn(4, 4, dtype=F64)])  # a list where mse_loss wants a tensor
+    msg = str(info.value)
+    assert "target list of 1: [float64[2, 4]]" in msg and "a tensor where loss_fn expects one, not a list" in msg
+    assert "two positional arguments" not in msg
+    lp = LocalPipeline(two_stage_pipe(), pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    with pytest.raises(TypeError, match=r"step\(losses=...\) must be a list .* got tuple; pass losses=\[\]"):
+        lp.step(x8(), target=torch.randn(4, 4, dtype=F64), losses=())
+
+
 # ------------------------------------------------------------------ 4. target on the wrong rank
 def test_target_on_a_rank_without_the_last_stage() -> None:
     torch.manual_seed(0)

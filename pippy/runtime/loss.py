@@ -43,11 +43,13 @@ def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor
             loss = loss_fn(out, target)
         except Exception as exc:  # the user's function: say where, with what, and what it must accept
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            arity = isinstance(exc, TypeError) and "positional argument" in first
             fix = (
                 "loss_fn must accept two positional arguments, def loss_fn(output, target)"
-                if isinstance(exc, TypeError)
+                if arity
                 else "make step(target=...) match the model's output (batch size along the split dim, dtype, "
-                "structure), or pass target_chunk_spec= to split it like the output"
+                "structure: a tensor where loss_fn expects one, not a list), or pass target_chunk_spec= to split it "
+                "like the output"
             )
             raise StageError(
                 f"{where}: loss_fn(output, target) raised {type(exc).__name__}: {first}. It got output "

@@ -350,6 +350,7 @@ class PipelineSchedule:
             self.last_peak_bytes = res.peak_bytes
         if self.trace and isinstance(self.transport, DistTransport):
             self.last_timeline = gather_trace(self.transport, self.rank, res.events, self.name, self.trace_path)
+        self._check_losses(losses)
         if losses is not None and self.holds(self.pipe.num_stages - 1):
             losses.extend(res.losses)
         if not self.holds(self.pipe.num_stages - 1) or not res.outputs:
@@ -377,6 +378,7 @@ class PipelineSchedule:
         steps). Returns the merged output on the rank holding the last stage, else None;
         ``return_outputs=False`` saves the memory of keeping every micro-batch's output.
         """
+        self._check_losses(losses)
         if not self.trains:
             self._warn_once(
                 "forward",
@@ -391,6 +393,11 @@ class PipelineSchedule:
         run = self.begin(args, kwargs, target=target, return_outputs=return_outputs)
         run.run_blocking()
         return self.finish(run, losses)
+
+    def _check_losses(self, losses: Any) -> None:
+        if losses is not None and not hasattr(losses, "extend"):
+            raise TypeError(f"{self.name}: rank {self.rank}: step(losses=...) must be a list that gets each "
+                            f"micro-batch's loss appended, got {type(losses).__name__}; pass losses=[]")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
