@@ -139,6 +139,24 @@ def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
     )
 
 
+def backend_name(group: Any = None, device: Any = None) -> str:
+    """The backend that moves ``device``'s tensors in ``group`` (``"gloo"``, ``"nccl"``, ...), lower case.
+
+    A group made without naming a backend (``init_process_group()``) reports ``"undefined"`` and
+    serves each device type with its own (``"cpu:gloo,cuda:nccl"``): the stage's device picks one.
+    """
+    name = str(dist.get_backend(group)).lower()
+    try:
+        config = str(dist.get_backend_config(group)).lower()
+    except Exception:  # an older or third-party group without a per-device config
+        return name
+    per_device = dict(part.split(":", 1) for part in config.split(",") if ":" in part)
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind in per_device:
+        return per_device[kind]
+    return next(iter(per_device.values())) if len(set(per_device.values())) == 1 else name
+
+
 class DistTransport:
     """P2P over a torch.distributed process group (ranks are group ranks).
 
@@ -148,11 +166,11 @@ class DistTransport:
 
     _warned = False
 
-    def __init__(self, group: Any = None, timeout: float | None = None) -> None:
+    def __init__(self, group: Any = None, timeout: float | None = None, device: Any = None) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
-        backend = str(dist.get_backend(self.group)).lower()
+        backend = backend_name(self.group, device)
         # gloo matches messages by tag; NCCL and others match them in posting order per rank pair
         self.ordered = "gloo" not in backend
         if self.ordered and not DistTransport._warned:

@@ -184,7 +184,7 @@ def _run_dist(stage: GenerationStage, req: Request, timeout: float | None) -> to
             "no process group. Launch with torchrun --nproc-per-node N and call dist.init_process_group, or pass "
             "the list of all stages to run them in this process."
         )
-    transport = DistTransport(group=stage.group, timeout=timeout)
+    transport = DistTransport(group=stage.group, timeout=timeout, device=stage.device)
     if transport.world_size != stage.num_stages or transport.rank != stage.index:
         raise GenerationError(
             f"{where}: expected a process group of {stage.num_stages} ranks where this rank is {stage.index}, got "

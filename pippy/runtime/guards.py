@@ -31,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pippy.frontend.pipe import SplitPipe
+from pippy.runtime.comm import backend_name
 from pippy.runtime.stage import Stage, StageError
 
 __all__ = ["check_device", "check_loss_fn", "check_stages", "rank_or_none", "watch_traced_parameters"]
@@ -206,7 +207,7 @@ def check_device(pipe: SplitPipe, index: int, device: torch.device | str, group:
                 "Use torch.device('cuda', local_rank) with LOCAL_RANK from torchrun"
             )
     if dist.is_available() and dist.is_initialized():
-        backend = str(dist.get_backend(group)).lower()
+        backend = backend_name(group, dev)
         if "nccl" in backend and dev.type != "cuda":
             raise StageError(
                 f"{call}: the process group uses {backend}, which only moves CUDA tensors, but the stage is on "

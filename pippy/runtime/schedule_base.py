@@ -142,7 +142,9 @@ class PipelineSchedule:
         self._warned: set[str] = set()
         self.target_chunk_spec = target_chunk_spec
         self.output_merge_spec = output_merge_spec
-        self.transport = transport if transport is not None else DistTransport(self.stages[0].group, timeout)
+        if transport is None:
+            transport = DistTransport(self.stages[0].group, timeout, self.stages[0].device)
+        self.transport = transport
         self.rank = self.transport.rank
         env_trace = os.environ.get("PIPPY_TRACE")
         self.trace_path: str | None = trace if isinstance(trace, str) else (env_trace or None)

@@ -65,3 +65,21 @@ def test_every_schedule_posts_in_the_order_its_peers_receive(cls_name: str, per_
             t.ordered = True
         for b, s in ((16, 3), (32, 5)) if dyn else ((16, 3), (16, 3)):
             check_mse_step(lp, model, torch.randn(b, s, 8, dtype=torch.float64), torch.randn(b, s, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("name", "config", "device", "want"), [
+    ("undefined", "cpu:gloo", "cpu", "gloo"),  # init_process_group() with no backend, CPU-only torch
+    ("undefined", "cpu:gloo,cuda:nccl", "cpu", "gloo"),
+    ("undefined", "cpu:gloo,cuda:nccl", "cuda:1", "nccl"),
+    ("gloo", "cpu:gloo,cuda:gloo", "cuda", "gloo"),
+    ("nccl", "cuda:nccl", "cpu", "nccl"),  # no CPU entry: the group's one backend
+    ("custom", "not a config", "cpu", "custom"),
+])
+def test_backend_name_reads_the_backend_of_the_stage_device(monkeypatch, name, config, device, want) -> None:
+    import torch.distributed as dist
+
+    from pippy.runtime.comm import backend_name
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: name)
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: config)
+    assert backend_name(None, device) == want
