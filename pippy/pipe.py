@@ -126,6 +126,30 @@ class Pipe(SplitPipe):
         """Parameters of every stage module (see :meth:`named_parameters`)."""
         return self.split_gm.parameters(recurse=recurse)
 
+    @property
+    def new_to_old_qualname_mapping(self) -> dict[str, str]:
+        """Every pipe parameter and buffer name (``submod_<i>.<FQN>``) to the model's own FQN (PiPPy's attribute).
+
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+            >>> pipe = pipeline(net, 1, (torch.ones(1, 2),), split_spec={"0": SplitPoint.END})
+            >>> pipe.new_to_old_qualname_mapping["submod_1.1.weight"]
+            '1.weight'
+        """
+        return {name: self.remap_qualname(name) for name, _ in self.split_gm.named_parameters(remove_duplicate=False)}
+
+    def remap_qualname(self, qualname: str) -> str:
+        """The model's FQN for a pipe name: ``[split_gm.]submod_<i>.<FQN>`` -> ``<FQN>`` (PiPPy's ``Pipe.remap_qualname``).
+
+            >>> pipe = pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),))
+            >>> pipe.remap_qualname("split_gm.submod_0.weight"), pipe.remap_qualname("weight")
+            ('weight', 'weight')
+        """
+        name = qualname.removeprefix("split_gm.")
+        head, _, rest = name.partition(".")
+        if rest and head.startswith("submod_") and head[len("submod_"):].isdigit():
+            return rest
+        return name
+
 
 _DEFAULT_SPECS: dict[str, contextvars.ContextVar[Any]] = {  # per thread / task, set by the context managers
     "args": contextvars.ContextVar("pippy_args_chunk_spec", default=None),

@@ -155,3 +155,13 @@ def test_get_stage_module_is_the_live_stage_module() -> None:
 
     gc.collect()
     assert pipe.get_stage_module(1) is before  # the traced module again once the stage is gone
+
+
+def test_remap_qualname_and_the_mapping_name_the_models_parameters() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    pipe = pipeline(net, 2, (torch.randn(4, 4),), split_spec={"0": SplitPoint.END})
+    mapping = pipe.new_to_old_qualname_mapping
+    assert sorted(mapping.values()) == sorted(n for n, _ in net.named_parameters())
+    for new, old in mapping.items():
+        assert pipe.remap_qualname(new) == old == pipe.remap_qualname(f"split_gm.{new}")
+        assert torch.equal(dict(pipe.named_parameters())[new], net.get_parameter(old))
