@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import inspect
 import operator
+import warnings
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from pippy.frontend.mutation import written_after
 from pippy.frontend.pipe import SplitPipe
 from pippy.frontend.split import USER
 
@@ -93,15 +95,30 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
               signature: inspect.Signature | None = None) -> tuple[Any, ...]:
     """Run every stage in this process on the given inputs; returns the flat outputs (autograd kept).
 
-    A batch of the traced micro-batch's size runs at once. A batch that is a whole number ``n > 1``
-    of traced micro-batches (along the chunk dims) runs micro-batch by micro-batch, as the
-    pipeline does, and the outputs are merged as a schedule merges them (``SplitPipe.merge_outputs``). Any other batch
-    runs at once; a graph that bakes in the traced size then fails with a message saying so.
+    Any batch runs at once, as PiPPy ran the whole graph, when the graph allows it: a batch that is
+    a whole number ``n > 1`` of traced micro-batches (along the chunk dims) falls back to running
+    micro-batch by micro-batch, as the pipeline does, when running it at once fails or gives
+    outputs of other than ``n`` micro-batches' shapes (a graph that bakes in the traced size), or
+    when a stage writes a buffer in place (batch norm's running statistics, which a failed attempt
+    would have updated); those outputs merge as a schedule merges them (``SplitPipe.merge_outputs``:
+    a scalar, such as a loss, becomes the mean of the micro-batches'). Any other batch runs at
+    once; a graph that bakes in the traced size then fails with a message saying so.
     """
     flat = bind_to_traced(pipe, args, kwargs, signature)
     n = _chunks_in(pipe, flat)
     if n is None:
         return _run_flat(pipe, flat)
+    if not _writes_buffers(pipe):
+        with warnings.catch_warnings(record=True) as said:  # an attempt that is dropped warns nothing
+            warnings.simplefilter("always")
+            try:
+                whole: tuple[Any, ...] | None = _run_flat(pipe, flat)
+            except _StageFailed:
+                whole = None
+        if whole is not None and _whole_batch(pipe, whole, n):
+            for w in said:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return whole
     call_args, call_kwargs = pytree.tree_unflatten(flat, pipe.in_spec)
     outs = [_run_flat(pipe, mb) for mb in pipe.split_inputs(tuple(call_args), dict(call_kwargs), n)]
     return tuple(pipe.merge_outputs(outs))
@@ -130,6 +147,28 @@ def _run_flat(pipe: SplitPipe, flat: list[Any]) -> tuple[Any, ...]:
             produced[(info.index, j)] = v
     last = pipe.stage_infos[-1]
     return tuple(produced[(last.index, j)] for j in range(len(last.outputs)))
+
+
+def _writes_buffers(pipe: SplitPipe) -> bool:
+    """Whether some stage writes one of its own tensors in place (running statistics, counters)."""
+    for info in pipe.stage_infos:
+        if any(n.op == "get_attr" and written_after(n) for n in info.module.graph.nodes):
+            return True
+    return False
+
+
+def _whole_batch(pipe: SplitPipe, outs: tuple[Any, ...], n: int) -> bool:
+    """Whether ``outs`` have the shapes of ``n`` traced micro-batches' outputs merged (scalars stay scalars)."""
+    dims = pipe.output_merge_dims or [0] * len(outs)
+    for got, meta, d in zip(outs, pipe.stage_infos[-1].outputs, dims):
+        if not isinstance(got, torch.Tensor) or meta.shape is None or meta.dynamic:
+            continue
+        want = list(meta.shape)
+        if want:
+            want[d] *= n
+        if list(got.shape) != want:
+            return False
+    return True
 
 
 def _chunks_in(pipe: SplitPipe, flat: list[Any]) -> int | None:

@@ -165,3 +165,43 @@ def test_remap_qualname_and_the_mapping_name_the_models_parameters() -> None:
     for new, old in mapping.items():
         assert pipe.remap_qualname(new) == old == pipe.remap_qualname(f"split_gm.{new}")
         assert torch.equal(dict(pipe.named_parameters())[new], net.get_parameter(old))
+
+
+class _SumLoss(nn.Module):
+    def __init__(self, baked: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.baked = nn.Linear(8, 8), nn.Linear(8, 8), baked
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.a(x)
+        if self.baked:  # bakes the traced micro-batch size (4) into the graph
+            h = h.reshape(4, -1)[:, :8]  # the whole batch at once gives 4 rows, not 16
+        pipe_split()
+        out = self.b(h)
+        return out, nn.functional.mse_loss(out, y, reduction="sum")
+
+
+@pytest.mark.parametrize("baked", [False, True])
+def test_calling_the_pipe_on_the_full_batch_runs_it_at_once_when_the_graph_allows(baked: bool) -> None:
+    torch.manual_seed(0)
+    model = _SumLoss(baked).double()
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x, y))
+    out, loss = pipe(x, y)
+    if baked:  # the model itself only runs per micro-batch: so does the pipe, a scalar merges as their mean
+        parts = [model(xi, yi) for xi, yi in zip(x.chunk(4), y.chunk(4))]
+        ref_out, ref_loss = torch.cat([p[0] for p in parts]), torch.stack([p[1] for p in parts]).mean()
+    else:  # at once, as PiPPy ran it: the sum over the whole batch
+        ref_out, ref_loss = model(x, y)
+    assert torch.allclose(out, ref_out, atol=1e-12)
+    assert torch.allclose(loss, ref_loss, atol=1e-9)
+
+
+def test_a_stage_that_updates_running_statistics_runs_micro_batch_by_micro_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 2, (x,), split_spec={"1": SplitPoint.END})
+    pipe(x)
+    bn = pipe.get_stage_module(0).get_submodule("1")
+    assert int(bn.num_batches_tracked) == 2  # once per micro-batch, no extra whole-batch attempt
