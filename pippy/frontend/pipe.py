@@ -174,8 +174,29 @@ class SplitPipe:
                 )
         return leaves
 
+    def fill_constants(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``args`` with trailing positional inputs that were plain values when traced filled in with those
+        values (they are baked into the graph, and PiPPy let callers leave them out).
+
+            >>> import torch
+            >>> class Scaled(torch.nn.Module):
+            ...     def forward(self, x, k):
+            ...         return x * k
+            >>> pipe = trace_and_split(Scaled(), 1, (torch.ones(1, 2), 3))
+            >>> pipe.fill_constants((torch.ones(1, 2),))[1]
+            3
+        """
+        traced = pytree.tree_unflatten(list(self.example_leaves), self.in_spec)[0]
+        if len(args) >= len(traced):
+            return tuple(args)
+        rest = traced[len(args):]
+        if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(rest)):
+            return tuple(args)  # a left-out tensor is an error the structure check names
+        return (*args, *(copy.copy(v) for v in rest))
+
     def split_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> list[list[Any]]:
         """Split a full batch into ``n`` micro-batches, each flattened for stage 0."""
+        args = self.fill_constants(tuple(args))
         mbs = split_batch(args, kwargs, n, self.args_chunk_spec, self.kwargs_chunk_spec)
         if self.input_dims is None:
             return [self.flatten_inputs(a, k) for a, k in mbs]

@@ -69,7 +69,11 @@ def bind_to_traced(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"the pipe takes the model's arguments {signature}: {exc}") from None
+            filled = pipe.fill_constants(tuple(args))  # left-out plain values without a default: the traced ones
+            try:
+                bound = signature.bind(*filled, **kwargs)
+            except TypeError:
+                raise TypeError(f"the pipe takes the model's arguments {signature}: {exc}") from None
         bound.apply_defaults()
         names = list(bound.arguments)
         call_args = tuple(bound.arguments[n] for n in names[:n_args])

@@ -205,3 +205,30 @@ def test_a_stage_that_updates_running_statistics_runs_micro_batch_by_micro_batch
     pipe(x)
     bn = pipe.get_stage_module(0).get_submodule("1")
     assert int(bn.num_batches_tracked) == 2  # once per micro-batch, no extra whole-batch attempt
+
+
+class _Timestep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        h = self.a(x) * t
+        pipe_split()
+        return self.b(h)
+
+
+def test_a_plain_value_traced_as_an_input_may_be_left_out_as_pippy_allowed() -> None:
+    import pippy
+    from pippy.runtime.local import LocalPipeline
+
+    model = _Timestep()
+    x = torch.randn(8, 4)
+    pipe = pipeline(model, 2, (x, 3))  # PiPPy's unet example traces (noise, 1) and then calls step(noise)
+    assert torch.allclose(pipe(x)[0], model(x, 3)) and torch.allclose(pipe(x, 3)[0], model(x, 3))
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2)
+    assert torch.allclose(lp.eval(x), model(x, 3))
+    with pytest.raises(ValueError, match="is the constant 4 but the pipeline was traced with 3"):
+        lp.eval(x, 4)
+    with pytest.raises(TypeError, match="missing a required argument: 'x'"):
+        pipe()  # a tensor is never filled in
