@@ -42,11 +42,13 @@ def _transparency(name: str, n_stages: int, spec: dict[str, SplitPoint] | None =
     out = lp.step(*case.args, target=case.target, losses=losses, **case.kwargs)
     # HF's in-model losses upcast logits to float32; compare those at float32 precision
     loss_tol = 1e-6 * max(1.0, abs(float(loss_ref))) if loss_ref.dtype == torch.float32 else TOL
+    tol = case.extra.get("tol", TOL)  # a model that computes part of its float64 forward in float32 says so
+    loss_tol = max(loss_tol, tol)
     assert abs(float(torch.stack(losses).mean()) - float(loss_ref)) < loss_tol
-    assert max_err(out, out_ref) < (loss_tol if case.loss_fn is None else TOL)
-    assert grad_err(ref, lp.named_grads()) < TOL
+    assert max_err(out, out_ref) < (loss_tol if case.loss_fn is None else tol)
+    assert grad_err(ref, lp.named_grads()) < tol
     ev = lp.eval(*case.args, **case.kwargs)
-    assert max_err(ev, out_ref) < (loss_tol if case.loss_fn is None else TOL)
+    assert max_err(ev, out_ref) < (loss_tol if case.loss_fn is None else tol)
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -91,7 +91,10 @@ def build(name: str) -> Case:
         cfg = T.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
                              window_size=4, max_position_embeddings=32, embed_dropout=0.0,
                              attention_dropout=0.0, resid_dropout=0.0)
-        case = Case(T.GPTNeoForCausalLM(cfg), (ids,), {}, _lm_loss, tgt)
+        # GPT-Neo computes attention scores in float32 even in a float64 model (query.to(torch.float32)), so
+        # micro-batched and whole-batch runs agree to float32 rounding only (7.9e-10 seen on one CPU, under 1e-10
+        # on another: the float32 matmul's blocking depends on the machine)
+        case = Case(T.GPTNeoForCausalLM(cfg), (ids,), {}, _lm_loss, tgt, extra={"tol": 1e-8})
     elif name == "opt":
         cfg = T.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
                           max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
