@@ -103,8 +103,8 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
     a whole number ``n > 1`` of traced micro-batches (along the chunk dims) falls back to running
     micro-batch by micro-batch, as the pipeline does, when running it at once fails or gives
     outputs of other than ``n`` micro-batches' shapes (a graph that bakes in the traced size), or
-    when a stage writes a buffer in place (batch norm's running statistics, which a failed attempt
-    would have updated); those outputs merge as a schedule merges them (``SplitPipe.merge_outputs``:
+    when a stage writes a buffer or an input in place (batch norm's running statistics, which a
+    failed attempt would have updated); those outputs merge as a schedule merges them (``SplitPipe.merge_outputs``:
     a scalar, such as a loss, becomes the mean of the micro-batches'). Any other batch runs at
     once; a graph that bakes in the traced size then fails with a message saying so.
     """
@@ -112,7 +112,7 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
     n = _chunks_in(pipe, flat)
     if n is None:
         return _run_flat(pipe, flat)
-    if not _writes_buffers(pipe):
+    if not _writes_state(pipe):
         with warnings.catch_warnings(record=True) as said:  # an attempt that is dropped warns nothing
             warnings.simplefilter("always")
             try:
@@ -153,12 +153,15 @@ def _run_flat(pipe: SplitPipe, flat: list[Any]) -> tuple[Any, ...]:
     return tuple(produced[(last.index, j)] for j in range(len(last.outputs)))
 
 
-def _writes_buffers(pipe: SplitPipe) -> bool:
-    """Whether some stage writes one of its own tensors in place (running statistics, counters)."""
-    for info in pipe.stage_infos:
-        if any(n.op == "get_attr" and written_after(n) for n in info.module.graph.nodes):
-            return True
-    return False
+def _writes_state(pipe: SplitPipe) -> bool:
+    """Whether some stage writes one of its own tensors (running statistics, counters) or an input in place:
+    an attempt that failed half-way would have changed what the micro-batch runs then read."""
+    known = getattr(pipe, "_pippy_writes_state", None)
+    if known is None:
+        known = any(n.op in ("get_attr", "placeholder") and written_after(n)
+                    for info in pipe.stage_infos for n in info.module.graph.nodes)
+        pipe._pippy_writes_state = known  # type: ignore[attr-defined]
+    return bool(known)
 
 
 def _whole_batch(pipe: SplitPipe, outs: tuple[Any, ...], n: int) -> bool:
