@@ -174,7 +174,7 @@ def memory(workload: str, sched: str, steps: int, rank: int, world: int, side: s
     def build() -> tuple[list[Any], Any]:
         if side == "pippy":
             stages: list[Any] = [pipe.build_stage(s, "cpu", recompute=RECOMPUTE) for s in mine]
-            return stages, ours_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
+            return stages, ours_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn, loss_reduction="mean")
         stages = _peer_stages(pipe, mine)
         return stages, peer_cls(stages[0] if spr == 1 else stages, n_mb, loss_fn=loss_fn)
 
@@ -213,7 +213,7 @@ def bench(workload: str, sched: str, steps: int, rank: int, world: int) -> tuple
     ours_cls, peer_cls, spr = SCHEDULES[sched]
     _, pipe, args, target, loss_fn, n_mb, placement, mine = _setup(workload, sched, rank, world)
     ours_stages = [pipe.build_stage(s, "cpu", recompute=RECOMPUTE) for s in mine]
-    ours = ours_cls(ours_stages[0] if spr == 1 else ours_stages, n_mb, loss_fn=loss_fn)
+    ours = ours_cls(ours_stages[0] if spr == 1 else ours_stages, n_mb, loss_fn=loss_fn, loss_reduction="mean")
 
     def peer_loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return loss_fn(out, t)
