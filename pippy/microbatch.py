@@ -185,7 +185,11 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
     out = []
     for shape in output_shapes:
         hits = {d for d, size in pairs if shape is not None and d < len(shape) and str(shape[d]) == str(size)}
-        out.append(hits.pop() if len(hits) == 1 else 0)
+        sizes = {str(size) for _, size in pairs}
+        if len(hits) == 1 and shape is not None and str(shape[0]) not in sizes:
+            out.append(hits.pop())
+        else:  # no hit, several, or dim 0 has a micro-batch's size too (``[batch, classes]`` logits): dim 0
+            out.append(0)
     return out
 
 

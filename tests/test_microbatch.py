@@ -49,6 +49,8 @@ def test_output_merge_dims_follow_the_inputs_split_dim() -> None:
     # the batch's size at the split dim -> that dim; elsewhere, 0-dim or a non-tensor -> 0
     assert output_merge_dims(seq_first, {}, spec, None, shapes) == [1, 0, 1, 0, 0, 1]
     assert output_merge_dims(seq_first, {}, None, None, shapes) == [0] * 6  # dim 0 split: always dim 0
+    # [batch, classes] logits with 2 classes: dim 0 has the micro-batch's size too, so it stays the merge dim
+    assert output_merge_dims(seq_first, {}, spec, None, [(2, 2)]) == [0]
     # inputs split along dims 1 and 2, an output with the micro-batch's size at both: ambiguous -> 0
     both = (torch.zeros(6, 2, 4), torch.zeros(3, 3, 2))
     assert output_merge_dims(both, {}, (TensorChunkSpec(1), TensorChunkSpec(2)), None, [(3, 2, 2)]) == [0]

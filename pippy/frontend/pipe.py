@@ -97,6 +97,10 @@ class SplitPipe:
         # (None: dim 0 for all; see pippy.microbatch.output_merge_dims)
         self.output_merge_dims: list[int] | None = None
         self.traced_training: bool | None = None  # the model's .training when traced (pippy.runtime.modes)
+        # pipe(x) (pippy.frontend.root.run_local): whether a stage writes state or an input in place (None: not
+        # yet looked), and the (micro-batch count, input shapes) whose whole-batch attempt was dropped
+        self.local_writes_state: bool | None = None
+        self.local_whole_failed: set[Any] = set()
         self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
 
     @property
@@ -227,7 +231,7 @@ class SplitPipe:
         """
         if spec is None and self.output_merge_dims is not None and outputs:
             if len(pytree.tree_leaves(outputs[0])) == len(self.output_merge_dims):
-                spec = [TensorChunkSpec(d) for d in self.output_merge_dims]
+                spec = [TensorChunkSpec(d) if d else None for d in self.output_merge_dims]  # None: the default
         return merge_chunks(outputs, spec)
 
     def split_report(self) -> str:
@@ -342,7 +346,8 @@ def trace_and_split(
     finally:
         _restore_forwards(saved)
     gm = ep.module()
-    merge_dims = output_merge_dims(tuple(mb_args), mb_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
+    ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))
+    merge_dims = output_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
     retarget_aliases(gm)
@@ -377,6 +382,17 @@ def trace_and_split(
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites
     return pipe
+
+
+def _traced_inputs(gm: fx.GraphModule, in_spec: Any, example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The traced inputs as ``(args, kwargs)`` of the graph's own values (symbolic sizes where dynamic), else ``example``."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    leaves = pytree.tree_leaves(example)
+    if len(vals) != len(leaves):
+        return example  # type: ignore[no-any-return]
+    merged = [v if isinstance(v, torch.Tensor) else leaf for v, leaf in zip(vals, leaves)]
+    args, kwargs = pytree.tree_unflatten(merged, in_spec)
+    return tuple(args), dict(kwargs)
 
 
 def _output_shapes(gm: fx.GraphModule) -> list[tuple[Any, ...] | None]:

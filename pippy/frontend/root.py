@@ -112,7 +112,9 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
     n = _chunks_in(pipe, flat)
     if n is None:
         return _run_flat(pipe, flat)
-    if not _writes_state(pipe):
+    key = (n, tuple(tuple(x.shape) for x in flat if isinstance(x, torch.Tensor)))
+    failed = pipe.local_whole_failed
+    if not _writes_state(pipe) and key not in failed:
         with warnings.catch_warnings(record=True) as said:  # an attempt that is dropped warns nothing
             warnings.simplefilter("always")
             try:
@@ -121,8 +123,9 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
                 whole = None
         if whole is not None and _whole_batch(pipe, whole, n):
             for w in said:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                warnings.warn(w.message, w.category, stacklevel=3)
             return whole
+        failed.add(key)  # the same batch shape would fail again: go straight to micro-batches next time
     call_args, call_kwargs = pytree.tree_unflatten(flat, pipe.in_spec)
     outs = [_run_flat(pipe, mb) for mb in pipe.split_inputs(tuple(call_args), dict(call_kwargs), n)]
     return tuple(pipe.merge_outputs(outs))
@@ -156,26 +159,27 @@ def _run_flat(pipe: SplitPipe, flat: list[Any]) -> tuple[Any, ...]:
 def _writes_state(pipe: SplitPipe) -> bool:
     """Whether some stage writes one of its own tensors (running statistics, counters) or an input in place:
     an attempt that failed half-way would have changed what the micro-batch runs then read."""
-    known = getattr(pipe, "_pippy_writes_state", None)
-    if known is None:
-        known = any(n.op in ("get_attr", "placeholder") and written_after(n)
-                    for info in pipe.stage_infos for n in info.module.graph.nodes)
-        pipe._pippy_writes_state = known  # type: ignore[attr-defined]
-    return bool(known)
+    if pipe.local_writes_state is None:
+        pipe.local_writes_state = any(n.op in ("get_attr", "placeholder") and written_after(n)
+                                      for info in pipe.stage_infos for n in info.module.graph.nodes)
+    return pipe.local_writes_state
 
 
 def _whole_batch(pipe: SplitPipe, outs: tuple[Any, ...], n: int) -> bool:
-    """Whether ``outs`` have the shapes of ``n`` traced micro-batches' outputs merged (scalars stay scalars)."""
+    """Whether ``outs`` have the shapes of ``n`` traced micro-batches' outputs merged, and at least one output
+    with a batch dim shows it (scalars alone prove nothing about a size the graph baked in)."""
     dims = pipe.output_merge_dims or [0] * len(outs)
+    seen = False
     for got, meta, d in zip(outs, pipe.stage_infos[-1].outputs, dims):
         if not isinstance(got, torch.Tensor) or meta.shape is None or meta.dynamic:
             continue
         want = list(meta.shape)
         if want:
             want[d] *= n
+            seen = True
         if list(got.shape) != want:
             return False
-    return True
+    return seen
 
 
 def _chunks_in(pipe: SplitPipe, flat: list[Any]) -> int | None:

@@ -25,27 +25,37 @@ from torch import fx
 
 __all__ = ["mode_ops", "warn_if_mode_changed"]
 
-_WORDS = ("dropout", "batch_norm", "instance_norm")
+_WORDS = ("dropout", "batch_norm", "instance_norm", "rrelu")
+_SDPA = "scaled_dot_product_attention"
 
 
 def mode_ops(gm: fx.GraphModule) -> list[str]:
-    """Names of the nodes of ``gm`` whose result depends on the train / eval mode it was traced in."""
-    return [n.name for n in gm.graph.nodes
-            if n.op == "call_function" and any(w in str(n.target) for w in _WORDS)]
+    """Names of the nodes of ``gm`` whose result depends on the train / eval mode it was traced in
+    (attention counts when it was traced with a dropout probability)."""
+    out = []
+    for n in gm.graph.nodes:
+        name = str(n.target) if n.op == "call_function" else ""
+        if any(w in name for w in _WORDS):
+            out.append(n.name)
+        elif _SDPA in name:
+            p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+            if isinstance(p, int | float) and p > 0:
+                out.append(n.name)
+    return out
 
 
 def warn_if_mode_changed(stages: Sequence[Any], traced_training: bool | None, where: str, warned: set[int]) -> None:
-    """Warn (once per stage index in ``warned``) about stages whose module mode differs from the trace's."""
+    """Warn about stages whose module mode differs from the trace's; ``warned`` keeps the stages already looked at."""
     if traced_training is None:
         return
     for st in stages:
         if st.index in warned or st.submod.training == traced_training:
             continue
-        gm = st.flat_module()
+        warned.add(st.index)  # looked at once: a graph without such ops never needs a look again
+        gm = st.info.module  # the pipe's flat stage graph (also right under a DDP / FSDP wrapper)
         ops = mode_ops(gm) if isinstance(gm, fx.GraphModule) else []
         if not ops:
             continue
-        warned.add(st.index)
         traced, now = ("train", "eval") if traced_training else ("eval", "train")
         warnings.warn(
             f"{where}, stage {st.index}: the pipe was traced in {traced} mode and this stage's module is now in {now} "

@@ -260,11 +260,14 @@ class PipelineSchedule:
 
     def _target_spec(self, target: Any) -> Any:
         """``target_chunk_spec``; without one, a lone target tensor splits along the dim the lone output merges on
-        (the batch dim of a sequence-first model, see ``SplitPipe.output_merge_dims``), else along dim 0."""
+        (the batch dim of a sequence-first model, see ``SplitPipe.output_merge_dims``) when it has the whole
+        batch there and not at dim 0 too, else along dim 0."""
         dims = self.pipe.output_merge_dims
         if self.target_chunk_spec is None and dims is not None and len(dims) == 1 and isinstance(target, torch.Tensor):
-            if target.dim() > dims[0]:
-                return TensorChunkSpec(dims[0])
+            d, shape = dims[0], self.pipe.stage_infos[-1].outputs[0].shape or ()
+            batch = shape[d] * self.n_microbatches if d < len(shape) else None
+            if d and target.dim() > d and target.shape[d] == batch and target.shape[0] != batch:
+                return TensorChunkSpec(d)
         return self.target_chunk_spec
 
     def _check_usable(self) -> None:

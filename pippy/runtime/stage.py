@@ -258,9 +258,10 @@ class Stage:
 
     def _written_inputs(self) -> frozenset[int]:
         """Inputs the stage graph writes in place (``relu_`` right after a split point): they run on a copy."""
-        if self._written is None:
-            gm = self.flat_module()
-            self._written = frozenset(written_placeholders(gm) if isinstance(gm, fx.GraphModule) else ())
+        if self._written is None:  # the pipe's flat stage graph: also right under a DDP / FSDP wrapper
+            gm = self.info.module
+            traced = isinstance(gm, fx.GraphModule) and not getattr(self.pipe, "manual", False)
+            self._written = frozenset(written_placeholders(gm) if traced else ())  # a hand-cut stage: as given
         return self._written
 
     def _call(self, fn: Any, args: Sequence[Any]) -> tuple[Any, ...]:

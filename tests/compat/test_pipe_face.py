@@ -9,6 +9,7 @@ import torch
 from models import MLPStack
 from torch import fx, nn
 
+import pippy
 from pippy import (
     ArgsChunkSpec,
     KwargsChunkSpec,
@@ -219,7 +220,6 @@ class _Timestep(nn.Module):
 
 
 def test_a_plain_value_traced_as_an_input_may_be_left_out_as_pippy_allowed() -> None:
-    import pippy
     from pippy.runtime.local import LocalPipeline
 
     model = _Timestep()
@@ -232,3 +232,50 @@ def test_a_plain_value_traced_as_an_input_may_be_left_out_as_pippy_allowed() -> 
         lp.eval(x, 4)
     with pytest.raises(TypeError, match="missing a required argument: 'x'"):
         pipe()  # a tensor is never filled in
+
+
+class _BakedScalar(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        g = h.reshape(x.shape[0], -1, 4).softmax(1)  # the micro-batch's size is baked in when traced
+        return self.b(g).pow(2).mean()
+
+
+def test_a_scalar_alone_never_vouches_for_a_whole_batch_run() -> None:
+    # nothing in a lone scalar output shows whether the graph ran the whole batch right: micro-batches, merged
+    torch.manual_seed(0)
+    model = _BakedScalar().double()
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    pipe = pipeline(model, 4, (x,), split_spec={"a": SplitPoint.END})
+    want = torch.stack([model(c) for c in x.chunk(4)]).mean()
+    assert torch.allclose(pipe(x)[0], want, atol=1e-12)
+    assert torch.allclose(pipe(x)[0], want, atol=1e-12)  # the dropped attempt is remembered; same answer
+
+
+def test_a_scalar_output_beside_a_dim_1_output_still_averages() -> None:
+    from pippy.runtime.local import LocalPipeline
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh()).double()
+    x = torch.randn(5, 8, 16, dtype=torch.float64)
+
+    class Both(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.m(x)
+            return h, h.pow(2).mean()
+
+    net = Both()
+    pipe = pipeline(net, 4, (x,), args_chunk_spec=(TensorChunkSpec(1),), split_spec={"m.0": SplitPoint.END})
+    assert pipe.output_merge_dims == [1, 0]
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=4)
+    h, s = lp.eval(x)
+    ref_h, ref_s = net(x)
+    assert h.shape == ref_h.shape and torch.allclose(h, ref_h, atol=1e-12) and torch.allclose(s, ref_s, atol=1e-12)

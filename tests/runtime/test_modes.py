@@ -53,3 +53,20 @@ def test_a_graph_without_mode_dependent_ops_never_warns() -> None:
     for s in lp.stages:
         s.submod.eval()
     assert _warnings(lambda: lp.step(x, target=torch.randn(8, 4))) == []
+
+
+def test_attention_traced_with_dropout_counts_as_mode_dependent() -> None:
+    from pippy.runtime.modes import mode_ops
+
+    class Attn(nn.Module):
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.p, self.q = p, nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=self.p)
+
+    x = torch.randn(2, 3, 4)
+    assert mode_ops(pipeline(Attn(0.1), 1, (x,)).get_stage_module(0)) != []
+    assert mode_ops(pipeline(Attn(0.0), 1, (x,)).get_stage_module(0)) == []
