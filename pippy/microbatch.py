@@ -171,8 +171,9 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
 
     Dim 0, unless the inputs split along another dim (``TensorChunkSpec(1)`` for sequence-first
     tensors) and the output has the micro-batch's size at that same dim: then that dim, so the
-    merged output has the model's own shape. ``mb_args`` / ``mb_kwargs`` are one micro-batch;
-    ``output_shapes`` the traced output shapes (None for a non-tensor).
+    merged output has the model's own shape; when dim 0 has a micro-batch's size too, dim 0.
+    ``mb_args`` / ``mb_kwargs`` are one micro-batch (the traced graph's input values, whose sizes
+    are symbols where they vary); ``output_shapes`` the traced output shapes (None for a non-tensor).
 
         >>> x = torch.zeros(5, 2, 16)  # sequence first: the batch (2 per micro-batch) is dim 1
         >>> output_merge_dims((x,), {}, (TensorChunkSpec(1),), None, [(5, 2, 16), (2, 3), None])
@@ -182,10 +183,10 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
     """
     pairs = _split_dims(tuple(mb_args), args_spec, "positional argument")
     pairs += _split_dims(dict(mb_kwargs), kwargs_spec, "keyword argument")
+    sizes = {str(size) for _, size in pairs}  # str: a dynamic pipe's sizes are symbols ("s0")
     out = []
     for shape in output_shapes:
         hits = {d for d, size in pairs if shape is not None and d < len(shape) and str(shape[d]) == str(size)}
-        sizes = {str(size) for _, size in pairs}
         if len(hits) == 1 and shape is not None and str(shape[0]) not in sizes:
             out.append(hits.pop())
         else:  # no hit, several, or dim 0 has a micro-batch's size too (``[batch, classes]`` logits): dim 0
