@@ -283,6 +283,7 @@ def outline(flat: fx.GraphModule) -> fx.GraphModule:
                 node._rename(f"{node.name}_out")
         if isinstance(mod, InterpreterModule):
             mod.finalize()
+    root.__dict__["_pippy_hidden_calls"] = hidden  # off the tree: pippy.frontend.trainmode rewrites their graphs too
     for key, val in vars(flat).items():
         if key.startswith("_pippy"):  # pippy's own marks on the module (tensors still to materialize)
             setattr(root, key, val)

@@ -30,6 +30,7 @@ from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
 from pippy.frontend.split import StageInfo, ValueMeta, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
+from pippy.frontend.trainmode import keep_following, module_modes, set_modes
 from pippy.frontend.unread import match_persistence
 from pippy.microbatch import TensorChunkSpec, merge_chunks, output_merge_dims, split_batch
 
@@ -96,7 +97,8 @@ class SplitPipe:
         # per flattened output: the dim its micro-batches concatenate along without an output_merge_spec
         # (None: dim 0 for all; see pippy.microbatch.output_merge_dims)
         self.output_merge_dims: list[int] | None = None
-        self.traced_training: bool | None = None  # the model's .training when traced (pippy.runtime.modes)
+        self.traced_training: bool | None = None  # the model's .training when traced
+        self.traced_modes: dict[str, bool] | None = None  # every module's .training when traced (frontend.trainmode)
         # pipe(x) (pippy.frontend.root.run_local): whether a stage writes state or an input in place (None: not
         # yet looked), and the (micro-batch count, input shapes) whose whole-batch attempt was dropped
         self.local_writes_state: bool | None = None
@@ -375,8 +377,10 @@ def trace_and_split(
         pipe.input_dims = input_dims
     pipe.output_merge_dims = merge_dims if any(merge_dims) else None
     pipe.traced_training = module.training
-    for info in stages:  # a stage module starts in the mode its graph was traced in
-        info.module.train(module.training)
+    pipe.traced_modes = module_modes(module)
+    for info in stages:  # a stage module starts in the modes its graph was traced in
+        set_modes(info.module, pipe.traced_modes)
+        keep_following(info.module, pipe.traced_modes)
     pipe.traced_autocast = autocast_state()
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]

@@ -46,7 +46,6 @@ from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_pee
 from pippy.runtime.executor import Executor, StepInputs
 from pippy.runtime.loss import carries_loss, infer_reduction
 from pippy.runtime.manual import exchange, link_stages, needs_link
-from pippy.runtime.modes import warn_if_mode_changed
 from pippy.runtime.notice import warn_user
 from pippy.runtime.ranks import gather_trace, schedule_facts
 from pippy.runtime.stage import Stage, StageError
@@ -155,7 +154,6 @@ class PipelineSchedule:
         self.fill_bubbles = fill_bubbles
         self.check_finite = check_finite
         self._agreed = False
-        self._mode_warned: set[int] = set()  # stages already warned about a train / eval mode change
         self._broken: str | None = None
         self.last_peak_live: dict[int, int] = {}
         self.last_peak_bytes: dict[int, int] = {}
@@ -218,8 +216,6 @@ class PipelineSchedule:
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool) -> StepInputs:
         m = self.n_microbatches
-        warn_if_mode_changed(self.stages, getattr(self.pipe, "traced_training", None), f"{self.name}: rank {self.rank}",
-                             self._mode_warned)
         now, traced = autocast_state(), getattr(self.pipe, "traced_autocast", None)
         if now != traced and not getattr(self.pipe, "manual", False):
             def say(state: tuple[str, str] | None) -> str:

@@ -22,6 +22,7 @@ import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from pippy.frontend.params import is_lifted_constant
 from pippy.frontend.pipe import SplitPipe
 from pippy.frontend.pointwise import recompute_pointwise
 from pippy.frontend.split import StageInfo
+from pippy.frontend.trainmode import effective_modes, keep_following, mode_signature, set_modes, sync
 from pippy.runtime.wgrad import WeightGradTaps, grad_leaves
 from pippy.sim.memory import SavedBytes
 
@@ -105,10 +107,14 @@ class Stage:
         self._flat_graph: fx.Graph | None
         if module is None:
             self.submod, self._flat_graph = _materialize(self.info.module, self.device, stage_index)
-            self.submod.train(self.info.module.training)  # the outlined tree starts in the traced mode too
+            traced = getattr(pipe, "traced_modes", None)
+            if traced is not None:  # the outlined tree starts in the modes of the pipe's stage module
+                set_modes(self.submod, effective_modes(self.info.module, traced))
+                keep_following(self.submod, traced)  # direct calls of the module follow its modes too
         else:  # a hand-cut stage (ManualPipelineStage)
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
+        self._mode_sig: tuple[bool, ...] | None = None  # the module flags the graphs were last rewritten for
         self._written: frozenset[int] | None = None
         self._pointwise = False
         # split backward through the module itself (its hooks fire; W is a second autograd pass) instead of
@@ -173,6 +179,34 @@ class Stage:
             return sub
         return fx.GraphModule(sub, self._flat_graph, class_name=type(self.info.module).__name__)
 
+    def follow_modes(self) -> bool:
+        """Make the stage's traced graphs follow its modules' train / eval flags (see :mod:`pippy.frontend.trainmode`).
+
+        Run before every forward; cheap when no flag changed since the last call, and put off
+        while micro-batches are in flight. Returns whether a graph changed.
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> stage = Stage(pipeline(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()), 1,
+            ...                        (torch.ones(1, 2),)), 0)
+            >>> _ = stage.submod.eval()
+            >>> stage.follow_modes(), [n.args[2] for n in stage.flat_module().graph.find_nodes(
+            ...     op="call_function", target=torch.ops.aten.dropout.default)]
+            (True, [False])
+        """
+        if self._flat_graph is None or self._state:  # a hand-cut stage follows its modes itself
+            return False
+        root = self.unwrapped
+        sig = mode_signature(root)
+        if sig == self._mode_sig:
+            return False
+        self._mode_sig = sig
+        flat = [] if self._flat_graph is root.graph else [SimpleNamespace(graph=self._flat_graph)]
+        changed = sync(root, flat)  # the tree's graphs, and the flat graph that split backward copies
+        if changed:
+            self._taps = None
+        return changed
+
     @property
     def unwrapped(self) -> nn.Module:
         """:attr:`submod` under the model's FQNs: the module inside a ``DistributedDataParallel`` wrapper.
@@ -225,6 +259,7 @@ class Stage:
                 f"{self.where(mb, 'F')}: expected {len(self.info.inputs)} inputs "
                 f"({', '.join(self.info.input_names)}), got {len(inputs)}"
             )
+        self.follow_modes()
         if mb in self._state:
             raise StageError(f"{self.where(mb, 'F')}: forward ran twice for this micro-batch without a backward")
         if not training:

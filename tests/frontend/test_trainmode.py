@@ -1,0 +1,155 @@
+"""Train / eval mode: dropout and batch norm in a traced pipe follow ``.train()`` / ``.eval()`` of the stage modules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import mse
+from torch import nn
+
+import pippy
+from pippy import SplitPoint, pipeline
+from pippy.frontend.trainmode import mode_args, module_modes
+from pippy.runtime.local import LocalPipeline
+
+W = 6
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop, self.norm = nn.Linear(W, W), nn.Dropout(0.5), nn.BatchNorm1d(W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(torch.tanh(self.drop(self.lin(x))))
+
+
+class Net(nn.Module):
+    """Four blocks (one per stage), each with a dropout and a batch norm; attention with dropout at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(Block() for _ in range(4)))
+        self.head = nn.Linear(W, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(x)
+        q = self.head(h).view(h.shape[0], 2, W // 2)  # two tokens per sample
+        att = nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.3 if self.training else 0.0)
+        return att.flatten(1) + h
+
+
+SPLIT = {f"blocks.{i}": SplitPoint.END for i in range(3)}
+CASES = [(pippy.Schedule1F1B, 4, 1), (pippy.ScheduleZBH1, 4, 1), (pippy.ScheduleZBV, 2, 2),
+         (pippy.ScheduleInterleaved1F1B, 2, 2)]
+
+
+def _setup(traced: str) -> tuple[Net, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    net = getattr(Net().double(), traced)()
+    x, y = torch.randn(8, W, dtype=torch.float64), torch.randn(8, W, dtype=torch.float64)
+    return net, x, y
+
+
+def _set_stages(lp: LocalPipeline, mode: str) -> None:
+    for st in lp.stages:
+        getattr(st.submod, mode)()
+
+
+@pytest.mark.parametrize(("cls", "ranks", "per_rank"), CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_a_train_traced_pipe_runs_in_eval_mode_exactly(cls, ranks, per_rank) -> None:
+    net, x, y = _setup("train")
+    pipe = pipeline(copy.deepcopy(net), 4, (x,), split_spec=SPLIT)
+    lp = LocalPipeline(pipe, cls, num_ranks=ranks, n_microbatches=4, loss_fn=mse)
+    lp.step(x, target=y)  # a training step first (dropout on): builds split backward's taps in train mode
+    _set_stages(lp, "eval")
+    ref = copy.deepcopy(net).eval()
+    for st in lp.stages:  # the trained weights and statistics of the step above
+        ref.load_state_dict({**ref.state_dict(), **st.state_dict()})
+    buffers = {k: v.clone() for st in lp.stages for k, v in st.state_dict().items() if "running" in k or "tracked" in k}
+    assert torch.allclose(lp.eval(x), ref(x), atol=1e-12, rtol=0)
+    for st in lp.stages:  # eval mode: statistics read, neither updated nor counted
+        for k, v in st.state_dict().items():
+            if k in buffers:
+                assert torch.equal(v, buffers[k]), k
+    # training in eval mode (no dropout, running statistics): transparent against the eval-mode model
+    for st in lp.stages:
+        st.submod.zero_grad()
+    out = ref(x)
+    mse(out, y).backward()
+    assert torch.allclose(lp.step(x, target=y), out, atol=1e-12, rtol=0)
+    grads = lp.named_grads()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-12, rtol=0), n
+
+
+def test_back_to_train_restores_the_traced_graph() -> None:
+    net, x, _ = _setup("train")
+    pipe = pipeline(net, 4, (x,), split_spec=SPLIT)
+    stage = pipe.build_stage(0, "cpu")
+    traced = [(a.node.name, a.traced) for a in mode_args(stage.submod.get_submodule("blocks.0.drop").graph)]
+    assert traced == [("dropout", True)]
+    stage.submod.eval()
+    assert stage.follow_modes()
+    assert [n.args[2] for n in stage.submod.get_submodule("blocks.0.drop").graph.nodes if n.op == "call_function"] \
+        == [False]
+    stage.submod.train()
+    assert stage.follow_modes() and not stage.follow_modes()  # the second call: nothing changed since
+    assert [n.args[2] for n in stage.submod.get_submodule("blocks.0.drop").graph.nodes if n.op == "call_function"] \
+        == [True]
+
+
+def test_an_eval_traced_pipe_trains_with_dropout_and_batch_statistics() -> None:
+    net, x, _ = _setup("eval")
+    blocks = net.blocks  # (attention traced in eval mode has dropout_p=0, which train mode cannot recover)
+    stage = pipeline(copy.deepcopy(blocks), 1, (x,)).build_stage(0, "cpu")
+    mean = stage.submod.get_buffer("0.norm.running_mean").clone()
+    stage.submod.train()
+    torch.manual_seed(1)
+    out = stage.submod(x)[0]  # a direct call of the module follows its mode too
+    assert not torch.allclose(out, blocks(x))  # dropout and batch statistics now apply
+    assert not torch.equal(stage.submod.get_buffer("0.norm.running_mean"), mean)  # statistics updated
+    torch.manual_seed(1)
+    assert torch.allclose(out, copy.deepcopy(blocks).train()(x), atol=1e-12, rtol=0)  # the model's very draws
+
+
+def test_modules_traced_in_eval_inside_a_training_model_keep_their_mode() -> None:
+    net, x, y = _setup("train")
+    net.blocks[1].eval()  # e.g. a frozen block
+    net.blocks[2].drop.eval()  # a module that owns no tensor: the pipe's flat stage graphs hold no module for it
+    pipe = pipeline(copy.deepcopy(net), 4, (x,), split_spec=SPLIT)
+    assert module_modes(net) == pipe.traced_modes
+
+    def drops(lp: LocalPipeline) -> list[bool]:  # the dropouts' train flags: in the stage trees, in the flat graphs
+        tree = [a.node.args[2] for st in lp.stages for m in st.submod.modules() if hasattr(m, "graph")
+                for a in mode_args(m.graph) if a.node.name.startswith("dropout")]
+        flat = [a.node.args[2] for st in lp.stages for a in mode_args(st.flat_module().graph)
+                if a.node.name.startswith("dropout")]
+        assert tree == flat
+        return tree
+
+    lp = LocalPipeline(pipe, pippy.ScheduleZBH1, num_ranks=4, n_microbatches=4, loss_fn=mse)
+    assert not lp.stages[1].submod.get_submodule("blocks.1").training
+    assert not lp.stages[2].submod.get_submodule("blocks.2.drop").training
+    assert lp.stages[2].submod.get_submodule("blocks.2").training
+    lp.step(x, target=y)  # split backward: the flat graphs keep the traced modes too
+    assert drops(lp) == [True, False, False, True]
+    _set_stages(lp, "eval")
+    lp.eval(x)
+    assert drops(lp) == [False] * 4
+    _set_stages(lp, "train")
+    lp.stages[1].submod.get_submodule("blocks.1").eval()
+    lp.step(x, target=y)  # block 1 back as traced; block 2's dropout now on, as model.train() would set it
+    assert drops(lp) == [True, False, True, True]
+
+
+def test_pipe_call_follows_the_stage_modules_mode() -> None:
+    net, x, _ = _setup("train")
+    pipe = pipeline(copy.deepcopy(net), 2, (x,), split_spec=SPLIT)
+    pipe.split_gm.eval()
+    assert torch.allclose(pipe(x)[0], copy.deepcopy(net).eval()(x), atol=1e-12, rtol=0)
+    built = pipe.build_stage(0, "cpu")  # pipe(x) now runs this stage's module: it follows that module's mode
+    built.submod.eval()
+    assert torch.allclose(pipe(x)[0], copy.deepcopy(net).eval()(x), atol=1e-12, rtol=0)
