@@ -118,6 +118,31 @@ class Pipe(SplitPipe):
 
     forward = __call__
 
+    def train(self, mode: bool = True) -> Pipe:
+        """Put every stage module (the built one where this process built the stage) in train mode, or eval mode.
+
+        As ``nn.Module.train`` (PiPPy's ``Pipe`` was a module): dropout and batch norm follow it
+        (see :mod:`pippy.frontend.trainmode`).
+
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+            >>> pipe = pipeline(net, 1, (torch.ones(1, 2),))
+            >>> x = torch.ones(3, 2)
+            >>> pipe.eval().training, torch.equal(pipe(x)[0], net[0](x))
+            (False, True)
+        """
+        for i in range(self.num_stages):
+            self.get_stage_module(i).train(mode)
+        return self
+
+    def eval(self) -> Pipe:
+        """``train(False)``: every stage module in eval mode."""
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        """True when every stage module is in train mode."""
+        return all(self.get_stage_module(i).training for i in range(self.num_stages))
+
     def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters of every stage module, named ``submod_<i>.<original FQN>`` (as PiPPy's Pipe module had them)."""
         return self.split_gm.named_parameters(prefix=prefix, recurse=recurse)

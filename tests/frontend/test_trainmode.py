@@ -153,3 +153,15 @@ def test_pipe_call_follows_the_stage_modules_mode() -> None:
     built = pipe.build_stage(0, "cpu")  # pipe(x) now runs this stage's module: it follows that module's mode
     built.submod.eval()
     assert torch.allclose(pipe(x)[0], copy.deepcopy(net).eval()(x), atol=1e-12, rtol=0)
+
+
+def test_pipe_train_and_eval_set_every_stage_module() -> None:
+    net, x, _ = _setup("train")
+    pipe = pipeline(copy.deepcopy(net), 2, (x,), split_spec=SPLIT)
+    assert pipe.training and pipe.eval() is pipe and not pipe.training
+    assert not any(pipe.get_stage_module(i).training for i in range(pipe.num_stages))
+    assert torch.allclose(pipe(x)[0], copy.deepcopy(net).eval()(x), atol=1e-12, rtol=0)
+    assert pipe.train() is pipe and pipe.training
+    pipe(x)  # (micro-batch by micro-batch: batch norm's statistics are state the stages write)
+    assert [a.node.args[2] for i in range(pipe.num_stages) for a in mode_args(pipe.get_stage_module(i).graph)
+            if a.node.name.startswith("dropout")] == [True] * 4
