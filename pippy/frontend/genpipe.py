@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GenPlan", "GenerationError", "StageModule", "cut_stage", "plan_generation"]
+__all__ = ["GenPlan", "GenerationError", "StageModule", "check_cut", "cut_stage", "plan_generation"]
 
-_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 _POSITIONS = ("wpe", "embed_positions")  # learned absolute positions added inside the base forward
+_LAYER_IDS = ("layer_idx", "layer_id")  # what an attention indexes its KV cache layer with
 
 
 class GenerationError(ValueError):
@@ -78,12 +79,32 @@ def _fail(what: str) -> GenerationError:
 def _block_list(base: nn.Module) -> tuple[str, nn.ModuleList]:
     lists = [(n, m) for n, m in base.named_children() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if len(lists) != 1:
+        deeper = [n for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and "." in n]
+        where = f"; its layer list sits deeper, at {deeper[0]!r}, which pipelined generation does not cut" if deeper \
+            and not lists else ""
         raise _fail(
-            f"expected the base module {type(base).__name__} to hold one list of decoder layers (like GPT-2's "
-            f"'h' or Llama's 'layers'), found {[n for n, _ in lists] or 'none'}. Pass a Hugging Face causal LM "
-            "such as GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM."
+            f"expected the base module {type(base).__name__} to hold one list of decoder layers directly (like "
+            f"GPT-2's 'h' or Llama's 'layers'), found {[n for n, _ in lists] or 'none'}{where}. Supported: causal "
+            "LMs built like GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM; for others run the forward "
+            "pipeline (pippy.pipeline and a schedule's eval) without a KV cache."
         )
     return lists[0]
+
+
+def _final_norm(base: nn.Module, layer_attr: str) -> str:
+    """The base module's final norm (run on the last stage only): a known name, else the one norm-like child
+    that is not an embedding norm; '' when it has none."""
+    known = next((n for n in _NORMS if isinstance(getattr(base, n, None), nn.Module)), "")
+    if known:
+        return known
+    norms = [n for n, m in base.named_children() if n != layer_attr and "emb" not in n.lower()
+             and "norm" in type(m).__name__.lower()]
+    if len(norms) > 1:
+        raise _fail(
+            f"expected {type(base).__name__} to have one final norm after its layers, found several: {norms}. "
+            "Pipelined generation cannot tell which one runs last."
+        )
+    return norms[0] if norms else ""
 
 
 def _as_ids(value: Any) -> tuple[int, ...]:
@@ -150,12 +171,13 @@ def plan_generation(
     if not isinstance(base, nn.Module) or base is model or model.get_output_embeddings() is None:
         raise _fail(f"expected a causal LM with a base model and an LM head, got {name}. Use its *ForCausalLM class.")
     layer_attr, blocks = _block_list(base)
-    if not any(hasattr(m, "layer_idx") for m in blocks[0].modules()):
+    if not any(hasattr(m, a) for m in blocks[0].modules() for a in _LAYER_IDS):
         raise _fail(
-            f"expected {name}'s decoder layers to keep a KV cache (an attention module with a layer_idx), but "
-            f"{type(blocks[0]).__name__} has none. This model has no KV cache pipeline_for_generation can use."
+            f"expected {name}'s decoder layers to index a KV cache by layer (an attention module with a layer_idx "
+            f"or layer_id), but {type(blocks[0]).__name__} has none, so pipelined generation cannot give each stage "
+            "its own cache. Run the forward pipeline (pippy.pipeline and a schedule's eval) without a KV cache."
         )
-    norm_attr = next((n for n in _NORMS if isinstance(getattr(base, n, None), nn.Module)), "")
+    norm_attr = _final_norm(base, layer_attr)
     if num_stages < 1:
         raise _fail(f"expected num_stages >= 1, got {num_stages}.")
     layers = _split_layers(len(blocks), num_stages, layers_per_stage)
@@ -191,16 +213,20 @@ def _shallow(mod: nn.Module) -> nn.Module:
     return out
 
 
+def _numbered(mod: nn.Module) -> bool:
+    return any(hasattr(m, a) for m in mod.modules() for a in _LAYER_IDS)
+
+
 def _renumbered(layer: nn.Module, idx: int) -> nn.Module:
-    """Shallow copies down to every submodule with a ``layer_idx``, set to ``idx`` (the stage-local cache index)."""
+    """Shallow copies down to every submodule with a ``layer_idx`` (``layer_id``), set to ``idx`` (the stage-local
+    cache index)."""
     out = _shallow(layer)
     for name, child in _children(out):
-        if child is None:
-            continue
-        if hasattr(child, "layer_idx") or any(hasattr(m, "layer_idx") for m in child.modules()):
+        if child is not None and _numbered(child):
             out._modules[name] = _renumbered(child, idx)
-    if hasattr(out, "layer_idx"):
-        out.layer_idx = idx
+    for attr in _LAYER_IDS:
+        if isinstance(getattr(out, attr, None), int):
+            setattr(out, attr, idx)
     return out
 
 
@@ -225,11 +251,13 @@ class StageModule(nn.Module):  # type: ignore[misc]
     ``[b, l, hidden]``. See the module docstring for an example.
     """
 
-    def __init__(self, base: nn.Module, head: nn.Module | None, config: Any, lo: int, hi: int, first: bool) -> None:
+    def __init__(self, base: nn.Module, head: nn.Module | None, config: Any, lo: int, hi: int, first: bool,
+                 logit_scale: float = 1.0, softcap: float | None = None) -> None:
         super().__init__()
         self.base, self.head = base, head
         self.first, self.last = first, head is not None
         self._config, self._lo, self._hi = config, lo, hi
+        self.logit_scale, self.softcap = logit_scale, softcap  # what the *ForCausalLM forward does to the logits
 
     def new_cache(self) -> Any:
         """An empty KV cache for this stage's layers (Hugging Face ``DynamicCache``, layer types as the model's)."""
@@ -249,7 +277,27 @@ class StageModule(nn.Module):  # type: ignore[misc]
         hidden = out[0]  # [b, l, hidden]
         if self.head is None:
             return hidden
-        return self.head(hidden[:, -1:])[:, -1].float()  # [b, vocab], float32 like model.generate
+        logits = self.head(hidden[:, -1:])[:, -1]
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()  # [b, vocab], float32 like model.generate
+
+
+def _logit_post(model: nn.Module) -> tuple[float, float | None]:
+    """The scale and soft cap a causal LM's forward applies to its head's logits (Granite divides by
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``, Gemma 2 soft-caps)."""
+    config = model.config
+    scale = 1.0
+    divide = getattr(config, "logits_scaling", None)
+    if isinstance(divide, int | float) and divide:
+        scale /= float(divide)
+    mul = getattr(model, "logit_scale", None)
+    if isinstance(mul, int | float) and not isinstance(mul, bool):
+        scale *= float(mul)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return scale, float(cap) if isinstance(cap, int | float) and cap else None
 
 
 def cut_stage(model: nn.Module, plan: GenPlan, i: int) -> StageModule:
@@ -282,7 +330,62 @@ def cut_stage(model: nn.Module, plan: GenPlan, i: int) -> StageModule:
                 base._modules[name] = None  # later stages take inputs_embeds; the table stays on stage 0
             elif name in _POSITIONS:
                 base._modules[name] = _NoPositions()
+            elif child is not None and "emb" in name.lower() and "norm" in type(child).__name__.lower():
+                base._modules[name] = nn.Identity()  # BLOOM's norm of the embeddings: stage 0 applied it
+        if isinstance(getattr(base, "embedding_multiplier", None), int | float):
+            base.embedding_multiplier = 1.0  # Granite scales inputs_embeds: stage 0 did
     if not last and plan.norm_attr:
         base._modules[plan.norm_attr] = nn.Identity()
     head = model.get_output_embeddings() if last else None
-    return StageModule(base, head, src.config, lo, hi, first).eval()
+    return StageModule(base, head, src.config, lo, hi, first, *_logit_post(model)).eval()
+
+
+def check_cut(model: nn.Module, plan: GenPlan, prompt: int = 3) -> None:
+    """Run the cut stages on a short prompt and one decode step; raise when their logits differ from ``model``'s.
+
+    Catches an architecture whose base or head forward does more than pipelined generation
+    re-creates (a transform of ``inputs_embeds``, a scale of the logits). Skipped for a model on
+    the meta device. The tolerance follows the parameters' dtype.
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).eval()
+        >>> check_cut(gpt2, plan_generation(gpt2, 2))
+    """
+    param = next(model.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return
+    n = min(prompt + 1, plan.max_length)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(1, n + 1, device=param.device) * 7 % vocab).unsqueeze(0)
+    modes = [(m, m.training) for m in model.modules()]  # compared in eval mode (no dropout), then put back
+    try:
+        _compare(model, plan, ids, param)
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def _compare(model: nn.Module, plan: GenPlan, ids: torch.Tensor, param: torch.Tensor) -> None:
+    n = ids.shape[1]
+    model.eval()
+    stages = [cut_stage(model, plan, i) for i in range(plan.num_stages)]
+    caches = [st.new_cache() for st in stages]
+    tol = {torch.float64: 1e-6, torch.float32: 2e-3}.get(param.dtype, 5e-2)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits.float()
+        for lo, hi in ((0, n - 1), (n - 1, n)):  # prefill, then one decode step through the caches
+            x: torch.Tensor = ids[:, lo:hi]
+            pos = torch.arange(lo, hi, device=param.device).unsqueeze(0)
+            for st, cache in zip(stages, caches):
+                x = st(x, None, pos, cache)
+            want = full[:, hi - 1]
+            err = float((x - want).abs().max())
+            if err > tol * max(1.0, float(want.abs().max())):
+                step = "the prompt" if lo == 0 else "a decode step"
+                raise _fail(
+                    f"the {plan.num_stages} cut stages of {type(model).__name__} give logits that differ from the model's "
+                    f"by {err:.3g} on {step} (allowed {tol:g} x the logits' scale): its forward does something the cut "
+                    "does not re-create (e.g. a transform of the embeddings or of the logits), so generated tokens "
+                    "would be wrong. Run the forward pipeline (pippy.pipeline and a schedule's eval) instead, or report "
+                    "the architecture"
+                )

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pippy.frontend.genpipe import GenerationError, GenPlan, StageModule, cut_stage, plan_generation
+from pippy.frontend.genpipe import GenerationError, GenPlan, StageModule, check_cut, cut_stage, plan_generation
 
 __all__ = ["GenerationPipe", "GenerationStage", "pipeline_for_generation"]
 
@@ -87,14 +87,16 @@ class GenerationPipe:
 
 
 def pipeline_for_generation(
-    model: nn.Module, num_stages: int, *, max_length: int | None = None, layers_per_stage: Sequence[int] | None = None
+    model: nn.Module, num_stages: int, *, max_length: int | None = None, layers_per_stage: Sequence[int] | None = None,
+    check: bool = True,
 ) -> GenerationPipe:
     """Cut a Hugging Face causal LM (GPT-2, Llama, Qwen2, ...) into ``num_stages`` stages for :func:`pippy.generate`.
 
     Call it the same way on every rank. ``max_length`` is the longest prompt + new tokens the
     KV caches will hold (default: the model's ``max_position_embeddings``); ``layers_per_stage``
     gives the decoder layers per stage (default: an even split, the remainder on earlier stages).
-    Raises :class:`pippy.GenerationError` for a model without a KV cache or a bad split.
+    Raises :class:`pippy.GenerationError` for a model without a KV cache or a bad split, and (``check``)
+    when the cut stages' logits on a short prompt and one decode step differ from the model's.
 
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> cfg = LlamaConfig(num_hidden_layers=4, hidden_size=16, intermediate_size=32, num_attention_heads=2,
@@ -105,4 +107,7 @@ def pipeline_for_generation(
     """
     if not isinstance(model, nn.Module):
         raise GenerationError(f"pipeline_for_generation: expected an nn.Module causal LM, got {type(model).__name__}.")
-    return GenerationPipe(model, plan_generation(model, num_stages, max_length=max_length, layers_per_stage=layers_per_stage))
+    plan = plan_generation(model, num_stages, max_length=max_length, layers_per_stage=layers_per_stage)
+    if check:
+        check_cut(model, plan)
+    return GenerationPipe(model, plan)
