@@ -211,6 +211,16 @@ def export_module(
         devices = _device_mismatch(module, args, kwargs)
         if devices:
             raise PipeTraceError(f"{head}{devices} Full export error above (chained as __cause__).") from exc
+        unknown = re.search(r"Found (<class '[^']+'>) in (output|input)", str(exc))
+        if unknown and "pytree" in str(exc):
+            kind, side = unknown.group(1), unknown.group(2)
+            raise PipeTraceError(
+                f"{head}The model's {side} holds a {kind}, a container torch's pytree does not know, so its tensors "
+                f"cannot be traced. How to fix: register the class before pipeline(): "
+                "torch.utils._pytree.register_dataclass(TheClass) for a dataclass, "
+                "torch.utils._pytree.register_pytree_node(...) otherwise; or return a tuple or dict instead. "
+                "Full export error above (chained as __cause__)."
+            ) from exc
         raise PipeTraceError(
             f"{head}{_kind_hint(exc)}How to fix: make forward traceable (no data-dependent Python control flow on "
             "tensor values, no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move "

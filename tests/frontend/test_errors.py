@@ -120,3 +120,33 @@ def test_tuple_is_unpacked_in_the_stage_that_makes_it() -> None:
     lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=mse)
     lp.step(x, target=y)
     assert torch.allclose(lp.named_grads()["lin.weight"], ref.lin.weight.grad, atol=1e-12)
+
+
+def test_an_unregistered_dataclass_output_names_the_registration() -> None:
+    import dataclasses
+
+    import torch.utils._pytree as pytree
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> Out:
+            h = self.a(x)
+            pipe_split()
+            return Out(self.b(h))
+
+    x = torch.randn(4, 4)
+    with pytest.raises(PipeTraceError, match=r"output holds a <class '.*Out'>.*register_dataclass\(TheClass\)"):
+        pipeline(Net(), 2, (x,))
+    pytree.register_dataclass(Out)
+    try:
+        net = Net()
+        assert torch.equal(pipeline(net, 2, (x,))(x)[0], net(x).logits)
+    finally:
+        pytree._deregister_pytree_node(Out)
