@@ -56,6 +56,13 @@ class PipeAbortedError(PipeCommError):
 
 
 _INSTANCES: dict[tuple[int, ...], int] = {}  # per process group: schedules built so far (keys their board)
+# gloo groups where a step failed with messages in flight: their stale receives (held, see pippy.runtime.watch)
+# and timed-out waits (which close connections) stay there, so later schedules on those ranks send on a fresh group
+_POISONED: dict[int, Any] = {}  # id(group) -> group (held, so that the id is not reused)
+_FRESH: dict[int, Any] = {}  # id(poisoned group) -> the fresh group later schedules use until it fails too
+EDGE_TAGS = 1 << 21  # message tags of one schedule: edges below, then headers, tied grads, generation (plan.Edge.tag)
+EPOCH_SHIFT = 24  # gloo: each schedule's tags carry its epoch from this bit (tags must fit 31 bits)
+_EPOCHS = 1 << (31 - EPOCH_SHIFT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +197,44 @@ class DistTransport:
             n = _INSTANCES[ranks] = _INSTANCES.get(ranks, 0) + 1
             self._prefix = f"pippy/{'-'.join(map(str, ranks))}/{n}"
             self.board = FailureBoard(self._store, self._prefix, self.rank)
+            # gloo matches a message to any posted receive of its tag, also one left by an earlier schedule's
+            # failed step (posted ahead, never cancelled); each schedule's own tag epoch keeps them apart
+            self._epoch = (n % _EPOCHS) << EPOCH_SHIFT
+            self._ranks = ranks
+            self._p2p_rank: list[int] | None = None  # caller's group rank -> rank in p2p_group (None: the same)
+            self.p2p_group = self.group
+            if id(self.group) in _POISONED:
+                self.p2p_group, self._p2p_rank = self._fresh_group(ranks)
+        else:
+            self._epoch, self._ranks = 0, ()
+            self.p2p_group, self._p2p_rank = self.group, None
         self._waiter = Waiter()
         self._send_waiter = Waiter()  # gloo: waits each send in the background, so it can be dropped once sent
+
+    def _fresh_group(self, ranks: tuple[int, ...]) -> tuple[Any, list[int]]:
+        """The group this schedule sends on after a failed step on ``ranks`` (made here, by every member at once)."""
+        fresh = _FRESH.get(id(self.group))
+        if fresh is None or not group_alive(fresh):
+            try:
+                fresh = dist.new_group(ranks=list(ranks), backend="gloo", use_local_synchronization=True,
+                                       timeout=timedelta(seconds=self.timeout))
+            except Exception as exc:
+                raise PipeTimeoutError(
+                    f"rank {self.rank}: a step failed earlier on the ranks {list(ranks)}, so this schedule sends on a "
+                    f"new process group of theirs, which every one of them makes when it builds its next schedule; "
+                    f"making it failed within {self.timeout:g}s ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                    "Expected every rank to build a new schedule after the failure; build it on every rank"
+                ) from exc
+            _FRESH[id(self.group)] = fresh
+        order = dist.get_process_group_ranks(fresh)
+        return fresh, [order.index(g) for g in ranks]
+
+    def poison(self) -> None:
+        """Mark this group as holding a failed step's messages: later schedules on its ranks send on a fresh group."""
+        if self._ranks:
+            _POISONED[id(self.group)] = self.group
+            if _FRESH.get(id(self.group)) is self.p2p_group:
+                del _FRESH[id(self.group)]
 
     def fail(self, notice: str) -> bool:
         """Post ``notice`` on the failure board (first notice wins); True when there is a board."""
@@ -213,7 +256,8 @@ class DistTransport:
         send (and frees its tensor) at once rather than at the end of the step.
         """
         try:
-            work = dist.isend(tensor, group=self.group, tag=tag, group_dst=peer)
+            dst = peer if self._p2p_rank is None else self._p2p_rank[peer]
+            work = dist.isend(tensor, group=self.p2p_group, tag=self._epoch + tag, group_dst=dst)
         except RuntimeError as exc:
             raise self._posting_failed(exc, peer, ctx) from exc
         if self.ordered:
@@ -225,12 +269,13 @@ class DistTransport:
     def irecv(self, buffer: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Start an asynchronous receive."""
         try:
-            work = dist.irecv(buffer, group=self.group, tag=tag, group_src=peer)
+            src = peer if self._p2p_rank is None else self._p2p_rank[peer]
+            work = dist.irecv(buffer, group=self.p2p_group, tag=self._epoch + tag, group_src=src)
         except RuntimeError as exc:
             raise self._posting_failed(exc, peer, ctx) from exc
         # gloo only: there ``is_completed`` stays False until ``wait``, so arrival needs a watcher;
         # on NCCL ``is_completed`` answers and ``wait`` must run on the caller's stream
-        return work if self.ordered else Watched(work)
+        return work if self.ordered else Watched(work, held=True)
 
     def arrived(self, handle: Any) -> bool:
         """Whether a receive's message is in. gloo's ``is_completed`` stays False until ``wait``, so the

@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from pippy.runtime.comm import PipeCommError, Transport, WaitContext
+from pippy.runtime.comm import EDGE_TAGS, PipeCommError, Transport, WaitContext
 from pippy.runtime.genpick import Picker
 from pippy.runtime.genstage import GenerationStage
 
 __all__ = ["Request", "run_rank"]
 
 _STOP, _DATA = 0, 1
-_GEN = 1 << 30  # generation's tag band (see pippy.runtime.plan: edges, shape headers and tied grads sit below)
+_GEN = 4 * EDGE_TAGS  # generation's tag band (see pippy.runtime.plan: edges, shape headers and tied grads sit below)
 _TAG_HDR, _TAG_ACT, _TAG_TOK, _TAG_OUT, _TAG_OUT_HDR = (_GEN + k for k in range(1, 6))
 
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pippy.frontend.split import StageInfo
+from pippy.runtime.comm import EDGE_TAGS
 from pippy.runtime.shapes import needs_incoming
 from pippy.schedules.ir import Kind, Schedule, stage_comm
 
@@ -62,11 +63,20 @@ class Edge:
     def tag(self, *, backward: bool, mb: int, n_microbatches: int) -> int:
         """The message tag of this edge's activation (or, ``backward``, gradient) for micro-batch ``mb``.
 
-        Tag bands between two ranks: edge messages below ``1 << 28``; their shape headers at
-        ``1 << 28`` + edge tag (:mod:`pippy.runtime.shapes`); tied-gradient sums from ``1 << 29``
-        (:mod:`pippy.runtime.tied`); generation from ``1 << 30`` (:mod:`pippy.runtime.genproto`).
+        Tag bands between two ranks, all below ``1 << 24`` (``EDGE_TAGS`` = ``1 << 21``): edge
+        messages below ``EDGE_TAGS``; their shape headers at ``EDGE_TAGS`` + edge tag
+        (:mod:`pippy.runtime.shapes`); tied-gradient sums from ``2 * EDGE_TAGS``
+        (:mod:`pippy.runtime.tied`); generation from ``4 * EDGE_TAGS`` (:mod:`pippy.runtime.genproto`).
+        On gloo the transport adds its schedule's epoch above them (:mod:`pippy.runtime.comm`).
         """
-        return (self.id * 2 + int(backward)) * n_microbatches + mb
+        tag = (self.id * 2 + int(backward)) * n_microbatches + mb
+        if tag >= EDGE_TAGS:
+            raise ValueError(
+                f"edge {self.id} (stage {self.src} -> {self.dst}), micro-batch {mb}: message tag {tag} is past the "
+                f"{EDGE_TAGS} the tag space holds ({n_microbatches} micro-batches x 2 x edges). Expected fewer "
+                "micro-batches per step or fewer values crossing stages; use fewer micro-batches"
+            )
+        return tag
 
 
 class CommPlan:

@@ -270,8 +270,8 @@ class PipelineSchedule:
         if self._broken is not None:
             raise StageError(
                 f"rank {self.rank}: an earlier step failed here ({self._broken}); messages of that step may still be "
-                "in flight, so this schedule refuses to run again. Fix the cause, then build a new schedule (and, "
-                "for a timed-out gloo pair, a new process group)."
+                "in flight, so this schedule refuses to run again. Fix the cause, then build a new schedule on every "
+                "rank (the same process group is fine: its messages stay apart from the old ones)."
             )
 
     def begin(

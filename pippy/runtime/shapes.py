@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 from pippy.frontend.split import ValueMeta
-from pippy.runtime.comm import Transport, WaitContext
+from pippy.runtime.comm import EDGE_TAGS, Transport, WaitContext
 from pippy.runtime.stage import StageError
 
 __all__ = ["HEADER_TAG", "Incoming", "needs_incoming", "send_value"]
 
-HEADER_TAG = 1 << 28  # added to an edge's tag for its shape header: above edge tags, below tied-grad tags (1 << 29)
+HEADER_TAG = EDGE_TAGS  # added to an edge's tag for its shape header: above edge tags, below tied-grad tags
 
 
 def needs_incoming(meta: ValueMeta) -> bool:

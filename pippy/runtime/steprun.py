@@ -115,3 +115,6 @@ class StepRun:
             exc.add_note(note)
         if told or (self.executor.started if in_flight is None else in_flight):
             sch._broken = f"{type(exc).__name__}: {first[:200]}"
+            poison = getattr(sch.transport, "poison", None)
+            if poison is not None:
+                poison()

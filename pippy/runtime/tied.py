@@ -40,12 +40,12 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from pippy.frontend.pipe import SplitPipe
-from pippy.runtime.comm import Transport, WaitContext
+from pippy.runtime.comm import EDGE_TAGS, Transport, WaitContext
 from pippy.runtime.stage import Stage
 
 __all__ = ["TiedGrads"]
 
-_TAG_BASE = 1 << 29  # above every activation / gradient tag of a step
+_TAG_BASE = 2 * EDGE_TAGS  # above every activation / gradient tag of a step and their shape headers
 
 
 class TiedGrads:

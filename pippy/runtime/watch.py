@@ -6,6 +6,11 @@ gloo cannot cancel a receive or poll whether it arrived (``is_completed`` stays 
 process group every :data:`POLL` seconds. A wait abandoned because another rank failed may stay
 inside gloo; at interpreter exit :func:`settle_watchers` lets such waits end first.
 
+A posted gloo receive whose work object is freed before its message arrives wedges the
+connection to that peer (the message can never be read, nor anything after it, collectives
+included), so every posted receive (``Watched(work, held=True)``) is held until its wait has
+returned, forever if it never does (a few buffers per failed step).
+
     >>> class Done:
     ...     def wait(self, timeout):
     ...         return True
@@ -30,6 +35,7 @@ __all__ = ["POLL", "Waiter", "Watched", "group_alive", "group_store", "settle_wa
 
 POLL = 0.05  # seconds between checks of the failure board while a wait is pending
 _WATCHING: set[Watched] = set()  # watched works whose wait has not returned yet
+_HELD: set[Watched] = set()  # posted receives whose wait has not returned: never freed before it does
 _EXIT_GRACE = 10.0  # seconds the interpreter's exit waits for them
 
 
@@ -92,11 +98,13 @@ class Watched:
 
     __slots__ = ("finished", "outcome", "watched", "work")
 
-    def __init__(self, work: Any) -> None:
+    def __init__(self, work: Any, *, held: bool = False) -> None:
         self.work = work
         self.finished = threading.Event()
         self.outcome: tuple[Any, BaseException | None] | None = None  # (wait's value, its exception)
         self.watched = False
+        if held:  # a posted receive: kept until its wait returns (see the module docstring)
+            _HELD.add(self)
 
     def watch(self, timeout: float) -> None:
         """Start the watcher thread (once)."""
@@ -115,13 +123,17 @@ class Watched:
         except BaseException as exc:  # handed to result(), raised on the executor's thread
             self.outcome = (None, exc)
         _WATCHING.discard(self)
+        _HELD.discard(self)
         return self.finished
 
 
     def result(self, timeout: float) -> Any:
         """What ``work.wait`` returned, waiting here (``timeout`` s) or on the watcher; re-raises its error."""
         if not self.watched:
-            return self.work.wait(timeout=timedelta(seconds=timeout))
+            try:
+                return self.work.wait(timeout=timedelta(seconds=timeout))
+            finally:
+                _HELD.discard(self)
         self.finished.wait()  # bounded: the watcher's own wait has the timeout
         assert self.outcome is not None
         value, exc = self.outcome
