@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from pippy.runtime.stage import StageError
 
-__all__ = ["carries_loss", "describe", "infer_reduction", "step_loss"]
+__all__ = ["carries_loss", "describe", "graph_reduction", "infer_reduction", "loss_index", "step_loss"]
 
 
 def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor] | None, target: Any, has_target: bool,
@@ -127,24 +127,72 @@ def infer_reduction(loss_fn: Callable[..., Any] | None) -> str | None:
     return found if found in ("sum", "mean") else None
 
 
-def carries_loss(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> bool:
-    """True when the traced model output is a scalar or has a ``loss`` field (so step() can train without loss_fn).
-
-    ``out_meta`` holds one entry per flat output with a ``shape`` (None for a constant).
+def loss_index(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> int | None:
+    """The flat index of the model's own loss among its outputs: the output itself when it is a scalar, or its
+    ``loss`` field (a scalar or all-ones shape); None when it has none. ``out_meta`` holds one entry per flat
+    output with a ``shape`` (None for a constant).
 
         >>> from types import SimpleNamespace as M
         >>> spec = pytree.tree_flatten({"loss": 0, "logits": 0})[1]
-        >>> carries_loss(spec, [M(shape=()), M(shape=(2, 3))]), carries_loss(spec, [M(shape=None), M(shape=(2,))])
-        (True, False)
+        >>> loss_index(spec, [M(shape=()), M(shape=(2, 3))]), loss_index(spec, [M(shape=None), M(shape=(2,))])
+        (0, None)
     """
     try:
         out = pytree.tree_unflatten(list(range(len(out_meta))), out_spec)
     except Exception:  # an output structure that cannot be rebuilt from indices: no loss to find
-        return False
+        return None
     field = not isinstance(out, int)
     if field:
         out = out.get("loss") if hasattr(out, "get") else getattr(out, "loss", None)
     if not isinstance(out, int) or not 0 <= out < len(out_meta):
-        return False
+        return None
     shape = out_meta[out].shape
-    return shape is not None and (len(shape) == 0 or (field and all(d == 1 for d in shape)))
+    return out if shape is not None and (len(shape) == 0 or (field and all(d == 1 for d in shape))) else None
+
+
+def carries_loss(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> bool:
+    """True when the traced model output is a scalar or has a ``loss`` field (so step() can train without loss_fn).
+
+        >>> from types import SimpleNamespace as M
+        >>> carries_loss(pytree.tree_flatten(0)[1], [M(shape=())])
+        True
+    """
+    return loss_index(out_spec, out_meta) is not None
+
+
+_PASS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "clone", "_to_copy", "to", "alias", "contiguous",
+         "expand", "flatten"}
+_REDUCTIONS = {1: "mean", 2: "sum"}  # at::Reduction: None = 0, Mean = 1, Sum = 2
+
+
+def graph_reduction(node: Any) -> str | None:
+    """How the loss a traced graph computes at ``node`` reduces its batch: ``"mean"``, ``"sum"``, or None.
+
+    Follows shape-only ops and scaling by plain numbers back to a ``mean`` / ``sum``, or to a loss op's
+    ``reduction`` argument (``cross_entropy_loss``, ``mse_loss``, ... read from the op's schema).
+
+        >>> from pippy import pipeline
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.mse_loss(x * 2, torch.zeros_like(x), reduction="sum") / 3
+        >>> gm = pipeline(Net(), 1, (torch.ones(2, 2),)).get_stage_module(0)
+        >>> graph_reduction(next(iter(gm.graph.find_nodes(op="output"))).args[0][0])
+        'sum'
+    """
+    for _ in range(32):
+        schema = getattr(getattr(node, "target", None), "_schema", None)
+        if getattr(node, "op", None) != "call_function" or schema is None:
+            return None
+        name = schema.name.split("::")[-1]
+        if name in ("mean", "sum"):
+            return name
+        args = schema.arguments
+        pos = next((k for k, a in enumerate(args) if a.name == "reduction"), None)
+        if pos is not None:
+            value = node.kwargs.get("reduction", node.args[pos] if len(node.args) > pos else args[pos].default_value)
+            return _REDUCTIONS.get(value) if isinstance(value, int) else None
+        if name in _PASS or (name in ("mul", "div") and len(node.args) > 1 and not hasattr(node.args[1], "op")):
+            node = node.args[0]
+            continue
+        return None
+    return None

@@ -38,13 +38,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import fx
 
 from pippy.frontend.precision import autocast_state
-from pippy.microbatch import TensorChunkSpec, split_value
+from pippy.microbatch import Sum, TensorChunkSpec, split_value
 from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor, StepInputs
-from pippy.runtime.loss import carries_loss, infer_reduction
+from pippy.runtime.loss import graph_reduction, infer_reduction, loss_index
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
 from pippy.runtime.ranks import gather_trace, schedule_facts
@@ -128,16 +129,20 @@ class PipelineSchedule:
         self.n_microbatches = n_microbatches
         self.costs = costs
         self.loss_fn = loss_fn
-        self.loss_reduction = loss_reduction or infer_reduction(loss_fn) or "mean"
-        if loss_fn is not None and loss_reduction is None and infer_reduction(loss_fn) is None:
-            warn_user(
-                f"{type(self).__name__}: cannot tell whether loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} sums or "
-                "averages over the batch, so micro-batch losses are averaged (loss_reduction='mean'): grads equal a "
-                "mean-reduced full-batch loss. PiPPy summed them. Pass loss_reduction='sum' for a sum-reduced "
-                "loss_fn, or loss_reduction='mean' to silence this."
-            )
         last = self.pipe.stage_infos[-1]
-        self.trains = loss_fn is not None or carries_loss(self.pipe.out_spec, last.outputs)
+        own = None if loss_fn is not None else loss_index(self.pipe.out_spec, last.outputs)
+        self._own_loss = own  # the flat output index of the model's own loss (trained on without loss_fn)
+        self.trains = loss_fn is not None or own is not None
+        found = infer_reduction(loss_fn) if loss_fn is not None else _model_reduction(last.module, own)
+        self.loss_reduction = loss_reduction or found or "mean"
+        if self.trains and loss_reduction is None and found is None:
+            what = f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r}" if loss_fn is not None else "the model's own loss"
+            warn_user(
+                f"{type(self).__name__}: cannot tell whether {what} sums or averages over the batch, so micro-batch "
+                "losses are averaged (loss_reduction='mean'): grads equal a mean-reduced full-batch loss. PiPPy "
+                "summed them. Pass loss_reduction='sum' for a sum-reduced loss, or loss_reduction='mean' to silence "
+                "this."
+            )
         self._warned: set[str] = set()
         self.target_chunk_spec = target_chunk_spec
         self.output_merge_spec = output_merge_spec
@@ -356,7 +361,11 @@ class PipelineSchedule:
             losses.extend(res.losses)
         if not self.holds(self.pipe.num_stages - 1) or not res.outputs:
             return None
-        return self.pipe.merge_outputs(res.outputs, self.output_merge_spec)
+        spec = self.output_merge_spec
+        if spec is None and self._own_loss is not None and self.loss_reduction == "sum":  # the step's loss: a sum
+            dims = self.pipe.output_merge_dims or [0] * len(self.pipe.stage_infos[-1].outputs)
+            spec = [Sum() if j == self._own_loss else (TensorChunkSpec(d) if d else None) for j, d in enumerate(dims)]
+        return self.pipe.merge_outputs(res.outputs, spec)
 
     def _executor(self, sched: Schedule) -> Executor:
         ex = self._executors.get(id(sched))
@@ -416,3 +425,12 @@ class PipelineSchedule:
             run = self.begin(args, kwargs, training=False)
             run.run_blocking()
         return self.finish(run)
+
+
+def _model_reduction(gm: Any, index: int | None) -> str | None:
+    """How the model's own loss (flat output ``index`` of the last stage's graph ``gm``) reduces the batch."""
+    if index is None or not isinstance(gm, fx.GraphModule):
+        return None
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    values = out.args[0]
+    return graph_reduction(values[index]) if isinstance(values, tuple | list) and index < len(values) else None

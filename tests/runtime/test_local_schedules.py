@@ -170,3 +170,45 @@ def test_batch_split_on_dim_1_merges_and_splits_the_target_on_dim_1(cls, ranks) 
     grads = lp.named_grads()
     for n, p in ref.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-12), n
+
+
+class _OwnLoss(torch.nn.Module):
+    """A model that computes its own loss, reduced as ``kind`` says."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.a(x))
+        pippy.pipe_split()
+        logits = self.b(h)
+        if self.kind == "norm":  # no batch reduction the graph names: pippy cannot tell, and says so
+            return {"loss": logits.norm(), "logits": logits}
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction=self.kind)
+        return {"loss": loss * 0.5 if self.kind == "sum" else loss, "logits": logits}
+
+
+@pytest.mark.parametrize("cls", [pippy.ScheduleGPipe, pippy.Schedule1F1B, pippy.ScheduleZBH1])
+@pytest.mark.parametrize("kind", ["sum", "mean"])
+def test_a_model_s_own_loss_reduction_is_read_from_its_graph(cls, kind: str) -> None:
+    torch.manual_seed(0)
+    model = _OwnLoss(kind).double()
+    x, labels = torch.randn(8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))
+    ref = copy.deepcopy(model)
+    want = ref(x, labels)["loss"]
+    want.backward()
+    lp = LocalPipeline(pipeline(copy.deepcopy(model), 4, (x, labels)), cls, num_ranks=2, n_microbatches=4)
+    assert lp.schedules[0].loss_reduction == kind
+    got = lp.step(x, labels)
+    assert torch.allclose(got["loss"], want, atol=1e-12)  # a summed loss comes back summed
+    grads = lp.named_grads()
+    for name, p in ref.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-12), name
+
+
+def test_an_own_loss_of_unknown_reduction_warns() -> None:
+    x, labels = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    with pytest.warns(UserWarning, match="cannot tell whether the model's own loss sums or averages"):
+        LocalPipeline(pipeline(_OwnLoss("norm"), 4, (x, labels)), pippy.Schedule1F1B, num_ranks=2, n_microbatches=4)
