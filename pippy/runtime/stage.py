@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pippy.frontend.materialize import replace_meta
+from pippy.frontend.materialize import pending_tensors, replace_meta
 from pippy.frontend.mutation import written_placeholders
 from pippy.frontend.outline import OutlineError, outline
 from pippy.frontend.params import is_lifted_constant
@@ -114,6 +114,7 @@ class Stage:
         else:  # a hand-cut stage (ManualPipelineStage)
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
+        self._filled = False  # checked at the first forward: no NaN placeholder of a meta-device model is left
         self._mode_sig: tuple[bool, ...] | None = None  # the module flags the graphs were last rewritten for
         self._written: frozenset[int] | None = None
         self._pointwise = False
@@ -260,6 +261,8 @@ class Stage:
                 f"({', '.join(self.info.input_names)}), got {len(inputs)}"
             )
         self.follow_modes()
+        if not self._filled:
+            self._check_filled(mb)
         if mb in self._state:
             raise StageError(f"{self.where(mb, 'F')}: forward ran twice for this micro-batch without a backward")
         if not training:
@@ -290,6 +293,29 @@ class Stage:
         if self.measure_activations:
             self._state[mb].saved_bytes = counter.total
         return outs
+
+    def _check_filled(self, mb: int) -> None:
+        """Refuse to run on the NaN placeholders of a model traced on the meta device that nothing filled."""
+        pending = pending_tensors(self.unwrapped)
+        left = []
+        for name in pending:
+            try:
+                t = self.unwrapped.get_parameter(name)
+            except AttributeError:
+                t = self.unwrapped.get_buffer(name)
+            local = getattr(t, "_local_tensor", t)  # a DTensor shard: look at this rank's part
+            if local.numel() and bool(local.isnan().all()):
+                left.append(name)
+        if left:
+            raise StageError(
+                f"{self.where(mb, 'F')}: {len(left)} of this stage's tensors ({', '.join(left[:4])}"
+                f"{' ...' if len(left) > 4 else ''}) are still the NaN placeholders of a model traced on the meta "
+                "device. Expected real values before the first step: build the stage with checkpoint=... or "
+                "init_fn=..., or load them with stage.submod.load_state_dict(...)"
+            )
+        if pending:
+            self.unwrapped._pippy_pending = []
+        self._filled = True
 
     def _written_inputs(self) -> frozenset[int]:
         """Inputs the stage graph writes in place (``relu_`` right after a split point): they run on a copy."""

@@ -133,3 +133,28 @@ def test_build_stage_loads_checkpoint_for_meta_model(tmp_path) -> None:
         sd = stage.state_dict()
         assert sd and all(torch.equal(v, full[k]) for k, v in sd.items())
         assert not any(t.is_meta for t in stage.submod.parameters())
+
+
+def test_placeholders_left_unfilled_are_refused_at_the_first_step() -> None:
+    from pippy import StageError
+
+    torch.manual_seed(0)
+    real = MLPStack(2).double()
+    with torch.device("meta"):
+        model = MLPStack(2).double()
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    pipe = pipeline(model, 2, (x.to("meta"),), split_spec={"blocks.0": SplitPoint.END})
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=torch.nn.functional.mse_loss)
+    with pytest.raises(StageError, match=r"stage 0 .*NaN placeholders of a model traced on the meta device.*"
+                                         r"load_state_dict"):
+        lp.step(x, target=y)
+    # PiPPy's way: load the real weights into the built stages, then train
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=torch.nn.functional.mse_loss)
+    full = real.state_dict()
+    for st in lp.stages:
+        st.submod.load_state_dict({k: full[k] for k in st.state_dict()})
+    ref = copy.deepcopy(real)
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    lp.step(x, target=y)
+    grads = lp.named_grads()
+    assert all(torch.allclose(grads[n], p.grad, atol=1e-12) for n, p in ref.named_parameters())
