@@ -464,3 +464,30 @@ def test_schedule_or_stage_call_without_a_process_group() -> None:
         pippy.Schedule1F1B(stage, 2, mse)
     with pytest.raises(StageError, match=r"stage\(x\): no torch.distributed process group.*init_process_group"):
         stage(x8())
+
+
+def test_step_under_no_grad_names_no_grad() -> None:
+    x, y = torch.randn(4, 8), torch.randn(4, 4)
+    pipe = pipeline(MarkedMLP(2, 1), 2, (x,))
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    with torch.no_grad(), pytest.raises(StageError, match=r"step\(\) runs under torch.no_grad\(\).*\.eval\(\.\.\.\)"):
+        lp.step(x, target=y)
+
+
+def test_a_torch_style_stage_construction_points_at_pipeline_and_manual_stages() -> None:
+    from pippy.PipelineStage import PipelineStage
+
+    with pytest.raises(TypeError, match=r"pippy.pipeline.*got Linear .*ManualPipelineStage"):
+        PipelineStage(nn.Linear(8, 8), 0, 2, "cpu")  # type: ignore[arg-type]
+
+
+def test_stage_load_state_dict_takes_what_state_dict_gives() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    a, b = pipeline(MarkedMLP(2, 1), 2, (x,)), pipeline(MarkedMLP(2, 1), 2, (x,))
+    src, dst = a.build_stage(1, "cpu"), b.build_stage(1, "cpu")
+    dst.load_state_dict(src.state_dict())
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+    with pytest.raises(RuntimeError, match=r"stage 1: load_state_dict expected this stage's keys.*unexpected"):
+        dst.load_state_dict({**src.state_dict(), "nope": torch.zeros(1)})
+    assert dst.load_state_dict({**src.state_dict(), "nope": torch.zeros(1)}, strict=False).unexpected_keys == ["nope"]

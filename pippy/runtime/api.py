@@ -100,7 +100,8 @@ class _SingleStage(_UserSchedule):
                 f"{type(self).__name__}: world size is {p} but the pipe has {self.pipe.num_stages} stages; a "
                 f"one-stage-per-rank schedule needs exactly one rank per stage. Launch {self.pipe.num_stages} ranks "
                 f"(torchrun --nproc-per-node {self.pipe.num_stages}) or split the model into {p} stages "
-                f"({_split_hint(self.pipe)})."
+                f"({_split_hint(self.pipe)}); with more ranks than stages (data x pipeline parallel), pass each stage "
+                "its pipeline group: build_stage(i, device, group=...) or a DeviceMesh's 'pp' dimension."
             )
         return self._make(p)
 
@@ -366,6 +367,14 @@ class PipelineStage(Stage):
     """
 
     def __init__(self, pipe: SplitPipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None) -> None:
+        if not isinstance(pipe, SplitPipe):
+            raise TypeError(
+                f"PipelineStage(pipe, stage_index, device, group) expected a pipe made by pippy.pipeline(model, ...), "
+                f"got {type(pipe).__name__} (torch.distributed.pipelining's PipelineStage(module, stage_index, "
+                "num_stages, device) form). Trace the model with pipeline() and pass the pipe, or, for a stage "
+                "module you cut yourself, use pippy.ManualPipelineStage(module, stage_index, num_stages, device, "
+                "num_microbatches, input_args=...)"
+            )
         pipe._check_index(stage_index)
         dev = check_device(pipe, stage_index, device, group)
         super().__init__(pipe, stage_index, dev, group)

@@ -67,6 +67,11 @@ def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor
         raise StageError(
             f"{where}: loss_fn must return a scalar tensor, got {describe(loss)}; reduce it (reduction='mean' or 'sum')"
         )
+    if not loss.requires_grad and not torch.is_grad_enabled():
+        raise StageError(
+            f"{where}: step() runs under torch.no_grad() (or inference_mode), so the loss has no gradient to "
+            "backpropagate. Call step() outside it, or use the schedule's .eval(...) for a forward-only pass"
+        )
     if not loss.requires_grad:
         raise StageError(
             f"{where}: the loss does not require grad, so there is nothing to backpropagate; check that "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -228,6 +228,28 @@ class Stage:
     def state_dict(self) -> dict[str, Any]:
         """This stage's state, keyed by the original model's FQNs (export's lifted constants left out)."""
         return {k: v for k, v in self.unwrapped.state_dict().items() if not is_lifted_constant(k)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+        """Load this stage's tensors by the original model's FQNs (what :meth:`state_dict` gives); returns
+        ``nn.Module.load_state_dict``'s missing / unexpected keys (export's lifted constants never count missing).
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> stage = Stage(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), 0)
+            >>> stage.load_state_dict({"weight": torch.eye(2), "bias": torch.zeros(2)})
+            <All keys matched successfully>
+        """
+        res = self.unwrapped.load_state_dict(state_dict, strict=False)
+        missing = [k for k in res.missing_keys if not is_lifted_constant(k)]
+        if strict and (missing or res.unexpected_keys):
+            raise RuntimeError(
+                f"stage {self.index}: load_state_dict expected this stage's keys (stage.state_dict()); missing "
+                f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected {res.unexpected_keys[:6]}"
+                f"{' ...' if len(res.unexpected_keys) > 6 else ''}. Pass strict=False to load a full model's state "
+                "dict into one stage"
+            )
+        res.missing_keys[:] = missing
+        return res
 
     def live_microbatches(self) -> int:
         """Micro-batches whose activations this stage still holds."""
