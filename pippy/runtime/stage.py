@@ -18,33 +18,23 @@ order of the calls; the user-facing :class:`pippy.PipelineStage` adds ``stage(x)
 
 from __future__ import annotations
 
-import copy
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.parallel import DistributedDataParallel
 
-from pippy.frontend.materialize import pending_tensors, replace_meta
 from pippy.frontend.mutation import written_placeholders
-from pippy.frontend.outline import OutlineError, outline
-from pippy.frontend.params import is_lifted_constant
 from pippy.frontend.pipe import SplitPipe
 from pippy.frontend.pointwise import recompute_pointwise
 from pippy.frontend.split import StageInfo
-from pippy.frontend.trainmode import effective_modes, keep_following, mode_signature, set_modes, sync
+from pippy.frontend.trainmode import effective_modes, keep_following, set_modes
+from pippy.runtime.stagemod import StageError, StageModule, materialize_module
 from pippy.runtime.wgrad import WeightGradTaps, grad_leaves
 from pippy.sim.memory import SavedBytes
 
 __all__ = ["Stage", "StageError"]
-
-
-class StageError(RuntimeError):
-    """A stage was used wrongly; the message names stage, rank, micro-batch and action."""
 
 
 @dataclass(slots=True)
@@ -64,26 +54,7 @@ class _MbState:
     tap_grads: list[torch.Tensor | None] | None = None
 
 
-def _materialize(module: fx.GraphModule, device: torch.device, index: int) -> tuple[fx.GraphModule, fx.Graph]:
-    """A copy of ``module`` on ``device`` with its own parameters (aliasing inside it kept), structured like the model.
-
-    Meta tensors (a model built under ``torch.device("meta")``) become NaN placeholders on
-    ``device``: fill them with ``pippy.frontend.materialize.materialize_stage``. The copy has the
-    original submodules under their original FQNs (see :mod:`pippy.frontend.outline`); a graph
-    whose structure cannot be rebuilt runs flat, with a warning. Also returns the flat graph.
-    """
-    mod = copy.deepcopy(module)
-    replace_meta(mod, device)
-    mod = mod.to(device)
-    try:
-        return outline(mod), mod.graph
-    except OutlineError as err:
-        warnings.warn(f"stage {index} runs as one flat graph, so hooks on its blocks (fully_shard, parallelize_module, "
-                  f"checkpoint wrappers) will not fire: {err}", stacklevel=4)
-        return mod, mod.graph
-
-
-class Stage:
+class Stage(StageModule):
     """Stage ``stage_index`` of ``pipe`` on ``device``: its module and per-micro-batch state.
 
         >>> import torch
@@ -106,7 +77,7 @@ class Stage:
         self.submod: fx.GraphModule
         self._flat_graph: fx.Graph | None
         if module is None:
-            self.submod, self._flat_graph = _materialize(self.info.module, self.device, stage_index)
+            self.submod, self._flat_graph = materialize_module(self.info.module, self.device, stage_index)
             traced = getattr(pipe, "traced_modes", None)
             if traced is not None:  # the outlined tree starts in the modes of the pipe's stage module
                 set_modes(self.submod, effective_modes(self.info.module, traced))
@@ -166,91 +137,6 @@ class Stage:
                 recompute_pointwise(self._taps.module, skip_param_readers=True)
         return self._taps
 
-    def flat_module(self) -> fx.GraphModule:
-        """The stage as one flat graph over :attr:`submod`'s own tensors (what split backward taps).
-
-            >>> import torch
-            >>> from pippy import pipeline
-            >>> stage = Stage(pipeline(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1, (torch.ones(1, 2),)), 0)
-            >>> stage.flat_module().get_parameter("0.weight") is stage.submod.get_parameter("0.weight")
-            True
-        """
-        sub = self.submod
-        if self._flat_graph is None or not isinstance(sub, fx.GraphModule) or sub.graph is self._flat_graph:
-            return sub
-        return fx.GraphModule(sub, self._flat_graph, class_name=type(self.info.module).__name__)
-
-    def follow_modes(self) -> bool:
-        """Make the stage's traced graphs follow its modules' train / eval flags (see :mod:`pippy.frontend.trainmode`).
-
-        Run before every forward; cheap when no flag changed since the last call, and put off
-        while micro-batches are in flight. Returns whether a graph changed.
-
-            >>> import torch
-            >>> from pippy import pipeline
-            >>> stage = Stage(pipeline(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()), 1,
-            ...                        (torch.ones(1, 2),)), 0)
-            >>> _ = stage.submod.eval()
-            >>> stage.follow_modes(), [n.args[2] for n in stage.flat_module().graph.find_nodes(
-            ...     op="call_function", target=torch.ops.aten.dropout.default)]
-            (True, [False])
-        """
-        if self._flat_graph is None or self._state:  # a hand-cut stage follows its modes itself
-            return False
-        root = self.unwrapped
-        sig = mode_signature(root)
-        if sig == self._mode_sig:
-            return False
-        self._mode_sig = sig
-        flat = [] if self._flat_graph is root.graph else [SimpleNamespace(graph=self._flat_graph)]
-        changed = sync(root, flat)  # the tree's graphs, and the flat graph that split backward copies
-        if changed:
-            self._taps = None
-        return changed
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        """:attr:`submod` under the model's FQNs: the module inside a ``DistributedDataParallel`` wrapper.
-
-            >>> import torch
-            >>> from pippy import pipeline
-            >>> stage = Stage(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), 0)
-            >>> stage.unwrapped is stage.submod
-            True
-        """
-        sub = self.submod
-        return sub.module if isinstance(sub, DistributedDataParallel) else sub
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """This stage's parameters (for an optimizer)."""
-        return self.submod.parameters()
-
-    def state_dict(self) -> dict[str, Any]:
-        """This stage's state, keyed by the original model's FQNs (export's lifted constants left out)."""
-        return {k: v for k, v in self.unwrapped.state_dict().items() if not is_lifted_constant(k)}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
-        """Load this stage's tensors by the original model's FQNs (what :meth:`state_dict` gives); returns
-        ``nn.Module.load_state_dict``'s missing / unexpected keys (export's lifted constants never count missing).
-
-            >>> import torch
-            >>> from pippy import pipeline
-            >>> stage = Stage(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), 0)
-            >>> stage.load_state_dict({"weight": torch.eye(2), "bias": torch.zeros(2)})
-            <All keys matched successfully>
-        """
-        res = self.unwrapped.load_state_dict(state_dict, strict=False)
-        missing = [k for k in res.missing_keys if not is_lifted_constant(k)]
-        if strict and (missing or res.unexpected_keys):
-            raise RuntimeError(
-                f"stage {self.index}: load_state_dict expected this stage's keys (stage.state_dict()); missing "
-                f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected {res.unexpected_keys[:6]}"
-                f"{' ...' if len(res.unexpected_keys) > 6 else ''}. Pass strict=False to load a full model's state "
-                "dict into one stage"
-            )
-        res.missing_keys[:] = missing
-        return res
-
     def live_microbatches(self) -> int:
         """Micro-batches whose activations this stage still holds."""
         return len(self._state)
@@ -262,11 +148,6 @@ class Stage:
         activation memory the schedule keeps alive, comparable with the simulator's memory model.
         """
         return sum(st.saved_bytes for st in self._state.values())
-
-    def where(self, mb: int, action: str) -> str:
-        """Names this stage, its rank, micro-batch ``mb`` and the action, for messages."""
-        rank = "?" if self.rank_hint is None else str(self.rank_hint)
-        return f"stage {self.index} (rank {rank}), micro-batch {mb}, action {self.index}{action}{mb}"
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -315,29 +196,6 @@ class Stage:
         if self.measure_activations:
             self._state[mb].saved_bytes = counter.total
         return outs
-
-    def _check_filled(self, mb: int) -> None:
-        """Refuse to run on the NaN placeholders of a model traced on the meta device that nothing filled."""
-        pending = pending_tensors(self.unwrapped)
-        left = []
-        for name in pending:
-            try:
-                t = self.unwrapped.get_parameter(name)
-            except AttributeError:
-                t = self.unwrapped.get_buffer(name)
-            local = getattr(t, "_local_tensor", t)  # a DTensor shard: look at this rank's part
-            if local.numel() and bool(local.isnan().all()):
-                left.append(name)
-        if left:
-            raise StageError(
-                f"{self.where(mb, 'F')}: {len(left)} of this stage's tensors ({', '.join(left[:4])}"
-                f"{' ...' if len(left) > 4 else ''}) are still the NaN placeholders of a model traced on the meta "
-                "device. Expected real values before the first step: build the stage with checkpoint=... or "
-                "init_fn=..., or load them with stage.submod.load_state_dict(...)"
-            )
-        if pending:
-            self.unwrapped._pippy_pending = []
-        self._filled = True
 
     def _written_inputs(self) -> frozenset[int]:
         """Inputs the stage graph writes in place (``relu_`` right after a split point): they run on a copy."""

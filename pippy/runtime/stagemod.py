@@ -1,0 +1,189 @@
+"""A stage's module: its copy on the device, its train / eval modes, its state dict, its unfilled placeholders.
+
+:class:`StageModule` is the half of :class:`~pippy.runtime.stage.Stage` that is about the
+module rather than the micro-batches: the outlined copy made for the device
+(:func:`materialize_module`), the flat graph split backward taps, the graphs kept in step with
+``.train()`` / ``.eval()``, the state dict under the model's FQNs, and the refusal to run on the
+NaN placeholders of a model traced on the meta device that nothing filled.
+
+    >>> import torch
+    >>> from pippy import pipeline
+    >>> from pippy.runtime.stage import Stage
+    >>> stage = Stage(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), 0)
+    >>> sorted(stage.state_dict())
+    ['bias', 'weight']
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pippy.frontend.materialize import pending_tensors, replace_meta
+from pippy.frontend.outline import OutlineError, outline
+from pippy.frontend.params import is_lifted_constant
+from pippy.frontend.split import StageInfo
+from pippy.frontend.trainmode import mode_signature, sync
+
+__all__ = ["StageError", "StageModule", "materialize_module"]
+
+
+class StageError(RuntimeError):
+    """A stage was used wrongly; the message names stage, rank, micro-batch and action."""
+
+
+def materialize_module(module: fx.GraphModule, device: torch.device, index: int) -> tuple[fx.GraphModule, fx.Graph]:
+    """A copy of ``module`` on ``device`` with its own parameters (aliasing inside it kept), structured like the model.
+
+    Meta tensors (a model built under ``torch.device("meta")``) become NaN placeholders on
+    ``device``: fill them with ``pippy.frontend.materialize.materialize_stage``. The copy has the
+    original submodules under their original FQNs (see :mod:`pippy.frontend.outline`); a graph
+    whose structure cannot be rebuilt runs flat, with a warning. Also returns the flat graph.
+    """
+    mod = copy.deepcopy(module)
+    replace_meta(mod, device)
+    mod = mod.to(device)
+    try:
+        return outline(mod), mod.graph
+    except OutlineError as err:
+        warnings.warn(f"stage {index} runs as one flat graph, so hooks on its blocks (fully_shard, parallelize_module, "
+                  f"checkpoint wrappers) will not fire: {err}", stacklevel=4)
+        return mod, mod.graph
+
+
+class StageModule:
+    """The module side of a stage (mixed into :class:`~pippy.runtime.stage.Stage`, which sets these attributes)."""
+
+    index: int
+    info: StageInfo
+    submod: Any  # the outlined GraphModule, or a DDP wrapper of it, or a hand-cut module
+    rank_hint: int | None
+    _flat_graph: fx.Graph | None
+    _state: dict[int, Any]
+    _taps: Any
+    _mode_sig: tuple[bool, ...] | None
+    _filled: bool
+
+    def flat_module(self) -> fx.GraphModule:
+        """The stage as one flat graph over :attr:`submod`'s own tensors (what split backward taps).
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> from pippy.runtime.stage import Stage
+            >>> stage = Stage(pipeline(torch.nn.Sequential(torch.nn.Linear(2, 2)), 1, (torch.ones(1, 2),)), 0)
+            >>> stage.flat_module().get_parameter("0.weight") is stage.submod.get_parameter("0.weight")
+            True
+        """
+        sub = self.submod
+        if self._flat_graph is None or not isinstance(sub, fx.GraphModule) or sub.graph is self._flat_graph:
+            return sub
+        return fx.GraphModule(sub, self._flat_graph, class_name=type(self.info.module).__name__)
+
+    def follow_modes(self) -> bool:
+        """Make the stage's traced graphs follow its modules' train / eval flags (see :mod:`pippy.frontend.trainmode`).
+
+        Run before every forward; cheap when no flag changed since the last call, and put off
+        while micro-batches are in flight. Returns whether a graph changed.
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> from pippy.runtime.stage import Stage
+            >>> stage = Stage(pipeline(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()), 1,
+            ...                        (torch.ones(1, 2),)), 0)
+            >>> _ = stage.submod.eval()
+            >>> stage.follow_modes(), [n.args[2] for n in stage.flat_module().graph.find_nodes(
+            ...     op="call_function", target=torch.ops.aten.dropout.default)]
+            (True, [False])
+        """
+        if self._flat_graph is None or self._state:  # a hand-cut stage follows its modes itself
+            return False
+        root = self.unwrapped
+        sig = mode_signature(root)
+        if sig == self._mode_sig:
+            return False
+        self._mode_sig = sig
+        flat = [] if self._flat_graph is root.graph else [SimpleNamespace(graph=self._flat_graph)]
+        changed = sync(root, flat)  # the tree's graphs, and the flat graph that split backward copies
+        if changed:
+            self._taps = None
+        return changed
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """:attr:`submod` under the model's FQNs: the module inside a ``DistributedDataParallel`` wrapper.
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> from pippy.runtime.stage import Stage
+            >>> stage = Stage(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), 0)
+            >>> stage.unwrapped is stage.submod
+            True
+        """
+        sub = self.submod
+        return sub.module if isinstance(sub, DistributedDataParallel) else sub
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This stage's parameters (for an optimizer)."""
+        return self.submod.parameters()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This stage's state, keyed by the original model's FQNs (export's lifted constants left out)."""
+        return {k: v for k, v in self.unwrapped.state_dict().items() if not is_lifted_constant(k)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+        """Load this stage's tensors by the original model's FQNs (what :meth:`state_dict` gives); returns
+        ``nn.Module.load_state_dict``'s missing / unexpected keys (export's lifted constants never count missing).
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> from pippy.runtime.stage import Stage
+            >>> stage = Stage(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), 0)
+            >>> stage.load_state_dict({"weight": torch.eye(2), "bias": torch.zeros(2)})
+            <All keys matched successfully>
+        """
+        res = self.unwrapped.load_state_dict(state_dict, strict=False)
+        missing = [k for k in res.missing_keys if not is_lifted_constant(k)]
+        if strict and (missing or res.unexpected_keys):
+            raise RuntimeError(
+                f"stage {self.index}: load_state_dict expected this stage's keys (stage.state_dict()); missing "
+                f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected {res.unexpected_keys[:6]}"
+                f"{' ...' if len(res.unexpected_keys) > 6 else ''}. Pass strict=False to load a full model's state "
+                "dict into one stage"
+            )
+        res.missing_keys[:] = missing
+        return res
+
+    def where(self, mb: int, action: str) -> str:
+        """Names this stage, its rank, micro-batch ``mb`` and the action, for messages."""
+        rank = "?" if self.rank_hint is None else str(self.rank_hint)
+        return f"stage {self.index} (rank {rank}), micro-batch {mb}, action {self.index}{action}{mb}"
+
+    def _check_filled(self, mb: int) -> None:
+        """Refuse to run on the NaN placeholders of a model traced on the meta device that nothing filled."""
+        pending = pending_tensors(self.unwrapped)
+        left = []
+        for name in pending:
+            try:
+                t = self.unwrapped.get_parameter(name)
+            except AttributeError:
+                t = self.unwrapped.get_buffer(name)
+            local = getattr(t, "_local_tensor", t)  # a DTensor shard: look at this rank's part
+            if local.numel() and bool(local.isnan().all()):
+                left.append(name)
+        if left:
+            raise StageError(
+                f"{self.where(mb, 'F')}: {len(left)} of this stage's tensors ({', '.join(left[:4])}"
+                f"{' ...' if len(left) > 4 else ''}) are still the NaN placeholders of a model traced on the meta "
+                "device. Expected real values before the first step: build the stage with checkpoint=... or "
+                "init_fn=..., or load them with stage.submod.load_state_dict(...)"
+            )
+        if pending:
+            self.unwrapped._pippy_pending = []
+        self._filled = True
