@@ -234,8 +234,8 @@ def keep_following(module: fx.GraphModule, traced_modes: Mapping[str, bool]) -> 
     module.__dict__["_pippy_traced_modes"] = dict(traced_modes)
     cls = type(module)  # fx gives every GraphModule its own class; recompile() keeps a _wrapped_call it finds
     wrapped = vars(cls).get("_wrapped_call")
-    if wrapped is None:
-        raise TypeError(f"keep_following: expected an fx.GraphModule compiled by torch.fx, got {cls.__name__}")
+    if wrapped is None:  # not a GraphModule torch.fx compiled: its calls are not checked (stages still sync)
+        return
     if not isinstance(wrapped, _SyncFirst):
         cls._wrapped_call = _SyncFirst(wrapped)  # type: ignore[attr-defined]
 
