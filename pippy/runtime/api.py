@@ -370,7 +370,7 @@ class PipelineStage(Stage):
         if not isinstance(pipe, SplitPipe):
             raise TypeError(
                 f"PipelineStage(pipe, stage_index, device, group) expected a pipe made by pippy.pipeline(model, ...), "
-                f"got {type(pipe).__name__} (torch.distributed.pipelining's PipelineStage(module, stage_index, "
+                f"got {type(pipe).__name__} (PyTorch's own pipelining PipelineStage(module, stage_index, "
                 "num_stages, device) form). Trace the model with pipeline() and pass the pipe, or, for a stage "
                 "module you cut yourself, use pippy.ManualPipelineStage(module, stage_index, num_stages, device, "
                 "num_microbatches, input_args=...)"
