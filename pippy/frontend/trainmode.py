@@ -35,7 +35,8 @@ from typing import Any
 
 from torch import fx, nn
 
-__all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature", "module_modes", "set_modes", "sync"]
+__all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature",
+           "module_modes", "set_modes", "sync"]
 
 _SUFFIX = re.compile(r"@\d+$")
 _DROPOUTS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout")
@@ -49,6 +50,13 @@ class ModeArg:
 
     ``index`` / ``name``: its position and keyword name; ``traced``: the value the trace wrote;
     ``on_eval`` / ``on_train``: the value in that mode.
+
+        >>> import torch
+        >>> from pippy import pipeline
+        >>> gm = pipeline(torch.nn.Dropout(0.2), 1, (torch.ones(1, 2),)).get_stage_module(0)
+        >>> arg = mode_args(gm.graph)[0]
+        >>> arg.name, arg.traced, arg.on_eval, arg.on_train
+        ('train', True, False, True)
     """
 
     node: fx.Node
@@ -105,7 +113,7 @@ def mode_args(graph: fx.Graph) -> list[ModeArg]:
     return out
 
 
-def owner(node: fx.Node) -> str:
+def _owner(node: fx.Node) -> str:
     """The FQN of the innermost model module that ran ``node`` ('' for the model itself)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -165,7 +173,7 @@ def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[s
     for holder in owners:
         changed = False
         for arg in mode_args(holder.graph):
-            fqn = owner(arg.node)
+            fqn = _owner(arg.node)
             training = _lookup(now, fqn)
             was = _lookup(traced_modes, fqn)
             if training is None or was is None:
