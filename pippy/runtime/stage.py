@@ -25,16 +25,21 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from pippy.frontend.materialize import pending_tensors
 from pippy.frontend.mutation import written_placeholders
 from pippy.frontend.pipe import SplitPipe
 from pippy.frontend.pointwise import recompute_pointwise
 from pippy.frontend.split import StageInfo
+from pippy.frontend.stagemodule import StageModule, materialize_module
 from pippy.frontend.trainmode import effective_modes, keep_following, set_modes
-from pippy.runtime.stagemod import StageError, StageModule, materialize_module
 from pippy.runtime.wgrad import WeightGradTaps, grad_leaves
 from pippy.sim.memory import SavedBytes
 
 __all__ = ["Stage", "StageError"]
+
+
+class StageError(RuntimeError):
+    """A stage was used wrongly; the message names stage, rank, micro-batch and action."""
 
 
 @dataclass(slots=True)
@@ -196,6 +201,29 @@ class Stage(StageModule):
         if self.measure_activations:
             self._state[mb].saved_bytes = counter.total
         return outs
+
+    def _check_filled(self, mb: int) -> None:
+        """Refuse to run on the NaN placeholders of a model traced on the meta device that nothing filled."""
+        pending = pending_tensors(self.unwrapped)
+        left = []
+        for name in pending:
+            try:
+                t = self.unwrapped.get_parameter(name)
+            except AttributeError:
+                t = self.unwrapped.get_buffer(name)
+            local = getattr(t, "_local_tensor", t)  # a DTensor shard: look at this rank's part
+            if local.numel() and bool(local.isnan().all()):
+                left.append(name)
+        if left:
+            raise StageError(
+                f"{self.where(mb, 'F')}: {len(left)} of this stage's tensors ({', '.join(left[:4])}"
+                f"{' ...' if len(left) > 4 else ''}) are still the NaN placeholders of a model traced on the meta "
+                "device. Expected real values before the first step: build the stage with checkpoint=... or "
+                "init_fn=..., or load them with stage.submod.load_state_dict(...)"
+            )
+        if pending:
+            self.unwrapped._pippy_pending = []
+        self._filled = True
 
     def _written_inputs(self) -> frozenset[int]:
         """Inputs the stage graph writes in place (``relu_`` right after a split point): they run on a copy."""

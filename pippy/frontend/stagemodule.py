@@ -1,10 +1,9 @@
-"""A stage's module: its copy on the device, its train / eval modes, its state dict, its unfilled placeholders.
+"""A stage's module: its copy on the device, its flat graph, its train / eval modes, its state dict.
 
 :class:`StageModule` is the half of :class:`~pippy.runtime.stage.Stage` that is about the
 module rather than the micro-batches: the outlined copy made for the device
 (:func:`materialize_module`), the flat graph split backward taps, the graphs kept in step with
-``.train()`` / ``.eval()``, the state dict under the model's FQNs, and the refusal to run on the
-NaN placeholders of a model traced on the meta device that nothing filled.
+``.train()`` / ``.eval()``, and the state dict under the model's FQNs.
 
     >>> import torch
     >>> from pippy import pipeline
@@ -26,17 +25,13 @@ import torch
 from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pippy.frontend.materialize import pending_tensors, replace_meta
+from pippy.frontend.materialize import replace_meta
 from pippy.frontend.outline import OutlineError, outline
 from pippy.frontend.params import is_lifted_constant
 from pippy.frontend.split import StageInfo
 from pippy.frontend.trainmode import mode_signature, sync
 
-__all__ = ["StageError", "StageModule", "materialize_module"]
-
-
-class StageError(RuntimeError):
-    """A stage was used wrongly; the message names stage, rank, micro-batch and action."""
+__all__ = ["StageModule", "materialize_module"]
 
 
 def materialize_module(module: fx.GraphModule, device: torch.device, index: int) -> tuple[fx.GraphModule, fx.Graph]:
@@ -69,7 +64,6 @@ class StageModule:
     _state: dict[int, Any]
     _taps: Any
     _mode_sig: tuple[bool, ...] | None
-    _filled: bool
 
     def flat_module(self) -> fx.GraphModule:
         """The stage as one flat graph over :attr:`submod`'s own tensors (what split backward taps).
@@ -164,26 +158,3 @@ class StageModule:
         """Names this stage, its rank, micro-batch ``mb`` and the action, for messages."""
         rank = "?" if self.rank_hint is None else str(self.rank_hint)
         return f"stage {self.index} (rank {rank}), micro-batch {mb}, action {self.index}{action}{mb}"
-
-    def _check_filled(self, mb: int) -> None:
-        """Refuse to run on the NaN placeholders of a model traced on the meta device that nothing filled."""
-        pending = pending_tensors(self.unwrapped)
-        left = []
-        for name in pending:
-            try:
-                t = self.unwrapped.get_parameter(name)
-            except AttributeError:
-                t = self.unwrapped.get_buffer(name)
-            local = getattr(t, "_local_tensor", t)  # a DTensor shard: look at this rank's part
-            if local.numel() and bool(local.isnan().all()):
-                left.append(name)
-        if left:
-            raise StageError(
-                f"{self.where(mb, 'F')}: {len(left)} of this stage's tensors ({', '.join(left[:4])}"
-                f"{' ...' if len(left) > 4 else ''}) are still the NaN placeholders of a model traced on the meta "
-                "device. Expected real values before the first step: build the stage with checkpoint=... or "
-                "init_fn=..., or load them with stage.submod.load_state_dict(...)"
-            )
-        if pending:
-            self.unwrapped._pippy_pending = []
-        self._filled = True
