@@ -60,9 +60,7 @@ _INSTANCES: dict[tuple[int, ...], int] = {}  # per process group: schedules buil
 # and timed-out waits (which close connections) stay there, so later schedules on those ranks send on a fresh group
 _POISONED: dict[int, Any] = {}  # id(group) -> group (held, so that the id is not reused)
 _FRESH: dict[int, Any] = {}  # id(poisoned group) -> the fresh group later schedules use until it fails too
-EDGE_TAGS = 1 << 21  # message tags of one schedule: edges below, then headers, tied grads, generation (plan.Edge.tag)
-EPOCH_SHIFT = 24  # gloo: each schedule's tags carry its epoch from this bit (tags must fit 31 bits)
-_EPOCHS = 1 << (31 - EPOCH_SHIFT)
+EDGE_TAGS = 1 << 28  # message tags of one schedule: edges below, then headers, tied grads, generation (plan.Edge.tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,16 +195,13 @@ class DistTransport:
             n = _INSTANCES[ranks] = _INSTANCES.get(ranks, 0) + 1
             self._prefix = f"pippy/{'-'.join(map(str, ranks))}/{n}"
             self.board = FailureBoard(self._store, self._prefix, self.rank)
-            # gloo matches a message to any posted receive of its tag, also one left by an earlier schedule's
-            # failed step (posted ahead, never cancelled); each schedule's own tag epoch keeps them apart
-            self._epoch = (n % _EPOCHS) << EPOCH_SHIFT
             self._ranks = ranks
             self._p2p_rank: list[int] | None = None  # caller's group rank -> rank in p2p_group (None: the same)
             self.p2p_group = self.group
             if id(self.group) in _POISONED:
                 self.p2p_group, self._p2p_rank = self._fresh_group(ranks)
         else:
-            self._epoch, self._ranks = 0, ()
+            self._ranks = ()
             self.p2p_group, self._p2p_rank = self.group, None
         self._waiter = Waiter()
         self._send_waiter = Waiter()  # gloo: waits each send in the background, so it can be dropped once sent
@@ -257,7 +252,7 @@ class DistTransport:
         """
         try:
             dst = peer if self._p2p_rank is None else self._p2p_rank[peer]
-            work = dist.isend(tensor, group=self.p2p_group, tag=self._epoch + tag, group_dst=dst)
+            work = dist.isend(tensor, group=self.p2p_group, tag=tag, group_dst=dst)
         except RuntimeError as exc:
             raise self._posting_failed(exc, peer, ctx) from exc
         if self.ordered:
@@ -270,7 +265,7 @@ class DistTransport:
         """Start an asynchronous receive."""
         try:
             src = peer if self._p2p_rank is None else self._p2p_rank[peer]
-            work = dist.irecv(buffer, group=self.p2p_group, tag=self._epoch + tag, group_src=src)
+            work = dist.irecv(buffer, group=self.p2p_group, tag=tag, group_src=src)
         except RuntimeError as exc:
             raise self._posting_failed(exc, peer, ctx) from exc
         # gloo only: there ``is_completed`` stays False until ``wait``, so arrival needs a watcher;

@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import fx
 from torch.utils import _pytree as pytree
 
 from pippy.runtime.stage import StageError
 
-__all__ = ["carries_loss", "describe", "graph_reduction", "infer_reduction", "loss_index", "step_loss"]
+__all__ = ["describe", "graph_reduction", "infer_reduction", "loss_index", "model_reduction", "step_loss"]
 
 
 def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor] | None, target: Any, has_target: bool,
@@ -155,16 +156,6 @@ def loss_index(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> int | None
     return out if shape is not None and (len(shape) == 0 or (field and all(d == 1 for d in shape))) else None
 
 
-def carries_loss(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> bool:
-    """True when the traced model output is a scalar or has a ``loss`` field (so step() can train without loss_fn).
-
-        >>> from types import SimpleNamespace as M
-        >>> carries_loss(pytree.tree_flatten(0)[1], [M(shape=())])
-        True
-    """
-    return loss_index(out_spec, out_meta) is not None
-
-
 _PASS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "clone", "_to_copy", "to", "alias", "contiguous",
          "expand", "flatten"}
 _REDUCTIONS = {1: "mean", 2: "sum"}  # at::Reduction: None = 0, Mean = 1, Sum = 2
@@ -201,3 +192,19 @@ def graph_reduction(node: Any) -> str | None:
             continue
         return None
     return None
+
+
+def model_reduction(gm: Any, index: int | None) -> str | None:
+    """How the model's own loss (flat output ``index`` of the last stage's graph ``gm``) reduces the batch.
+
+        >>> from pippy import pipeline
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x.sum()
+        >>> model_reduction(pipeline(Net(), 1, (torch.ones(2, 2),)).get_stage_module(0), 0)
+        'sum'
+    """
+    if index is None or not isinstance(gm, fx.GraphModule):
+        return None
+    values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+    return graph_reduction(values[index]) if isinstance(values, tuple | list) and index < len(values) else None

@@ -63,11 +63,10 @@ class Edge:
     def tag(self, *, backward: bool, mb: int, n_microbatches: int) -> int:
         """The message tag of this edge's activation (or, ``backward``, gradient) for micro-batch ``mb``.
 
-        Tag bands between two ranks, all below ``1 << 24`` (``EDGE_TAGS`` = ``1 << 21``): edge
-        messages below ``EDGE_TAGS``; their shape headers at ``EDGE_TAGS`` + edge tag
-        (:mod:`pippy.runtime.shapes`); tied-gradient sums from ``2 * EDGE_TAGS``
-        (:mod:`pippy.runtime.tied`); generation from ``4 * EDGE_TAGS`` (:mod:`pippy.runtime.genproto`).
-        On gloo the transport adds its schedule's epoch above them (:mod:`pippy.runtime.comm`).
+        Tag bands between two ranks: edge messages below ``EDGE_TAGS`` (``1 << 28``); their shape
+        headers at ``EDGE_TAGS`` + edge tag (:mod:`pippy.runtime.shapes`); tied-gradient sums from
+        ``2 * EDGE_TAGS`` (:mod:`pippy.runtime.tied`); generation from ``4 * EDGE_TAGS``
+        (:mod:`pippy.runtime.genproto`).
         """
         tag = (self.id * 2 + int(backward)) * n_microbatches + mb
         if tag >= EDGE_TAGS:

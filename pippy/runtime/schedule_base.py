@@ -38,14 +38,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import fx
 
 from pippy.frontend.precision import autocast_state
 from pippy.microbatch import Sum, TensorChunkSpec, split_value
 from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor, StepInputs
-from pippy.runtime.loss import graph_reduction, infer_reduction, loss_index
+from pippy.runtime.loss import infer_reduction, loss_index, model_reduction
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
 from pippy.runtime.ranks import gather_trace, schedule_facts
@@ -133,7 +132,7 @@ class PipelineSchedule:
         own = None if loss_fn is not None else loss_index(self.pipe.out_spec, last.outputs)
         self._own_loss = own  # the flat output index of the model's own loss (trained on without loss_fn)
         self.trains = loss_fn is not None or own is not None
-        found = infer_reduction(loss_fn) if loss_fn is not None else _model_reduction(last.module, own)
+        found = infer_reduction(loss_fn) if loss_fn is not None else model_reduction(last.module, own)
         self.loss_reduction = loss_reduction or found or "mean"
         if self.trains and loss_reduction is None and found is None:
             what = f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r}" if loss_fn is not None else "the model's own loss"
@@ -425,12 +424,3 @@ class PipelineSchedule:
             run = self.begin(args, kwargs, training=False)
             run.run_blocking()
         return self.finish(run)
-
-
-def _model_reduction(gm: Any, index: int | None) -> str | None:
-    """How the model's own loss (flat output ``index`` of the last stage's graph ``gm``) reduces the batch."""
-    if index is None or not isinstance(gm, fx.GraphModule):
-        return None
-    out = next(iter(gm.graph.find_nodes(op="output")))
-    values = out.args[0]
-    return graph_reduction(values[index]) if isinstance(values, tuple | list) and index < len(values) else None
