@@ -11,6 +11,7 @@ wait yields until the message is there, which lets one process drive every rank 
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pippy.runtime.faults import FailureBoard, agree
-from pippy.runtime.watch import POLL, Waiter, Watched, group_alive, group_store
+from pippy.runtime.watch import POLL, Waiter, Watched, drop_at_exit, group_alive, group_store
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -61,6 +62,13 @@ _INSTANCES: dict[tuple[int, ...], int] = {}  # per process group: schedules buil
 _POISONED: dict[int, Any] = {}  # id(group) -> group (held, so that the id is not reused)
 _FRESH: dict[int, Any] = {}  # id(poisoned group) -> the fresh group later schedules use until it fails too
 EDGE_TAGS = 1 << 28  # message tags of one schedule: edges below, then headers, tied grads, generation (plan.Edge.tag)
+
+
+@atexit.register  # runs before watch's exit hook (registered earlier), which collects what this lets go
+def _forget_failed_groups() -> None:
+    """At exit, let go of the groups kept for failed steps."""
+    _POISONED.clear()
+    _FRESH.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +213,7 @@ class DistTransport:
             self.p2p_group, self._p2p_rank = self.group, None
         self._waiter = Waiter()
         self._send_waiter = Waiter()  # gloo: waits each send in the background, so it can be dropped once sent
+        drop_at_exit(self, "group", "p2p_group")
 
     def _fresh_group(self, ranks: tuple[int, ...]) -> tuple[Any, list[int]]:
         """The group this schedule sends on after a failed step on ``ranks`` (made here, by every member at once)."""

@@ -33,6 +33,7 @@ from pippy.runtime.genpick import Picker
 from pippy.runtime.genproto import Request, run_rank
 from pippy.runtime.genstage import GenerationPipe, GenerationStage, pipeline_for_generation
 from pippy.runtime.localcomm import LocalTransport
+from pippy.runtime.watch import drop_at_exit
 
 __all__ = ["GenerationError", "GenerationPipe", "GenerationStage", "generate", "pipeline_for_generation"]
 
@@ -185,6 +186,7 @@ def _run_dist(stage: GenerationStage, req: Request, timeout: float | None) -> to
             "the list of all stages to run them in this process."
         )
     transport = DistTransport(group=stage.group, timeout=timeout, device=stage.device)
+    drop_at_exit(stage, "group")
     if transport.world_size != stage.num_stages or transport.rank != stage.index:
         raise GenerationError(
             f"{where}: expected a process group of {stage.num_stages} ranks where this rank is {stage.index}, got "

@@ -50,6 +50,7 @@ from pippy.runtime.notice import warn_user
 from pippy.runtime.ranks import gather_trace, schedule_facts
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.steprun import StepRun
+from pippy.runtime.watch import drop_at_exit
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
 from pippy.schedules.lower import lower, runtime_form
@@ -147,6 +148,8 @@ class PipelineSchedule:
         self.output_merge_spec = output_merge_spec
         if transport is None:
             transport = DistTransport(self.stages[0].group, timeout, self.stages[0].device)
+            for stage in self.stages:
+                drop_at_exit(stage, "group")
         self.transport = transport
         self.rank = self.transport.rank
         env_trace = os.environ.get("PIPPY_TRACE")

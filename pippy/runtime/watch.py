@@ -6,6 +6,13 @@ gloo cannot cancel a receive or poll whether it arrived (``is_completed`` stays 
 process group every :data:`POLL` seconds. A wait abandoned because another rank failed may stay
 inside gloo; at interpreter exit :func:`settle_watchers` lets such waits end first.
 
+A gloo worker thread still drops its last tensor references after the caller's wait returned; if
+the interpreter is finalizing by then, the thread dies holding C++ frames and the process aborts
+("terminate called without an active exception"). That happens whenever a process group outlives
+``destroy_process_group`` up to the interpreter's exit, held by a reference cycle or a global. So
+at exit pippy lets go of the groups its objects hold (:func:`drop_at_exit`) and collects the
+garbage: the groups are destroyed then, and torch joins their worker threads while it still can.
+
 A posted gloo receive whose work object is freed before its message arrives wedges the
 connection to that peer (the message can never be read, nor anything after it, collectives
 included), so every posted receive (``Watched(work, held=True)``) is held until its wait has
@@ -23,23 +30,62 @@ returned, forever if it never does (a few buffers per failed step).
 from __future__ import annotations
 
 import atexit
+import gc
 import queue
 import threading
 import time
+import weakref
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["POLL", "Waiter", "Watched", "group_alive", "group_store", "settle_watchers"]
+__all__ = ["POLL", "Waiter", "Watched", "drop_at_exit", "group_alive", "group_store", "settle_watchers"]
 
 POLL = 0.05  # seconds between checks of the failure board while a wait is pending
 _WATCHING: set[Watched] = set()  # watched works whose wait has not returned yet
 _HELD: set[Watched] = set()  # posted receives whose wait has not returned: never freed before it does
 _EXIT_GRACE = 10.0  # seconds the interpreter's exit waits for them
+_DROP: list[tuple[weakref.ref[Any], tuple[str, ...]]] = []  # (holder, its process-group attributes) for exit
+
+
+def drop_at_exit(holder: Any, *names: str) -> None:
+    """At interpreter exit, set ``holder``'s attributes ``names`` (process groups) to None (see the module docstring).
+
+        >>> class Holder:
+        ...     group = "a process group"
+        >>> h = Holder()
+        >>> drop_at_exit(h, "group")
+        >>> _release_groups([_DROP.pop()])   # what the exit hook does with every registered holder
+        >>> h.group is None
+        True
+    """
+    if len(_DROP) >= 64 and not len(_DROP) & (len(_DROP) - 1):  # now and then, forget holders already gone
+        _DROP[:] = [(ref, n) for ref, n in _DROP if ref() is not None]
+    _DROP.append((weakref.ref(holder), names))
+
+
+def _release_groups(entries: list[tuple[weakref.ref[Any], tuple[str, ...]]]) -> None:
+    """Drop the process groups of ``entries`` (registered with :func:`drop_at_exit`), then collect reference cycles."""
+    for ref, names in entries:
+        holder = ref()
+        for name in names if holder is not None else ():
+            try:
+                setattr(holder, name, None)
+            except Exception:  # a read-only attribute: that group stays until finalization
+                pass
+    entries.clear()
+    gc.collect()
 
 
 @atexit.register
+def _at_exit() -> None:
+    """Settle abandoned waits, then let go of process groups while worker threads can still take the GIL."""
+    settle_watchers()
+    if not _WATCHING:  # a wait still inside gloo would need its group: leave the groups to finalization
+        _release_groups(_DROP)
+
+
 def settle_watchers() -> None:
     """At exit, let waits abandoned by a failed step end before the interpreter does.
 
