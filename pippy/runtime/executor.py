@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from pippy.frontend.split import USER, ValueMeta
+from pippy.runtime import usergrad
 from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.dpstep import DataParallelStep
 from pippy.runtime.loss import step_loss
@@ -85,6 +86,7 @@ class _Step:
     prefetched: dict[int, list[Posted]] = field(default_factory=dict)
     i_done: set[tuple[int, int]] = field(default_factory=set)
     fill: bool = False
+    user_grads: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (user's micro-batch, grad)
 
 
 class Executor:
@@ -174,6 +176,7 @@ class Executor:
             st.res.outputs = [st.outputs[i] for i in sorted(st.outputs)]
         if inp.training and self.pipe.shared:
             yield from self.tied.sync()
+        usergrad.flush(st.user_grads)
         dp.finish()
         return st.res
 
@@ -192,8 +195,13 @@ class Executor:
         stage = self.stages[s]
         ins = self._gather_inputs(st, a)
         readers = 0 if inp.training else self.plan.readers[s]
-        outs = stage.forward(i, ins, training=inp.training, split_backward=s in self.split_backward, readers=readers)
+        user_grad = usergrad.wanted(self.infos[s], ins, inp.training)  # they get a grad, as in the plain model
+        outs = stage.forward(i, ins, training=inp.training, split_backward=s in self.split_backward, readers=readers,
+                             grad_inputs=user_grad)
         info = self.infos[s]
+        if user_grad:
+            usergrad.check_traced(f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}", info,
+                                  stage.leaves(i), outs, s == self.last)
         for j, (o, meta) in enumerate(zip(outs, info.outputs)):
             if isinstance(o, torch.Tensor):
                 _check_meta(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})")
@@ -276,6 +284,8 @@ class Executor:
         for ref, g in zip(self.infos[s].inputs, gin):
             if g is not None and ref.src_stage != USER and ref.src_stage in self.stages:
                 _add_at(st.out_grads, (ref.src_stage, i), len(self.infos[ref.src_stage].outputs), ref.index, g)
+        usergrad.collect(st.user_grads, self.infos[s].inputs, gin, None if st.inp.microbatches is None else
+                         st.inp.microbatches[i])
         if s in self.plan.send_b_stages:
             st.in_grads[(s, i)] = gin
         if a.kind is Kind.I:

@@ -18,7 +18,7 @@ order of the calls; the user-facing :class:`pippy.PipelineStage` adds ``stage(x)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,12 +156,15 @@ class Stage(StageModule):
 
     # ----------------------------------------------------------------- forward
     def forward(
-        self, mb: int, inputs: Sequence[Any], *, training: bool, split_backward: bool = False, readers: int = 0
+        self, mb: int, inputs: Sequence[Any], *, training: bool, split_backward: bool = False, readers: int = 0,
+        grad_inputs: Collection[int] = (),
     ) -> tuple[Any, ...]:
         """Run the stage on one micro-batch; keep what backward needs when ``training``.
 
         Forward-only (``training=False``), the outputs are kept until ``readers`` calls of
-        :meth:`release` (the local consumers and the send) have taken them.
+        :meth:`release` (the local consumers and the send) have taken them. Backward returns the
+        gradients of the inputs traced as requiring one, and of those at the positions
+        ``grad_inputs`` (a user's input that requires grad now).
         """
         if len(inputs) != len(self.info.inputs):
             raise StageError(
@@ -180,8 +183,8 @@ class Stage(StageModule):
                 self._state[mb] = _MbState([], outs, training=False, readers=readers)
             return outs
         leaves = [
-            x.detach().requires_grad_(meta.requires_grad) if isinstance(x, torch.Tensor) else x
-            for x, meta in zip(inputs, self.info.input_meta)
+            x.detach().requires_grad_(meta.requires_grad or k in grad_inputs) if isinstance(x, torch.Tensor) else x
+            for k, (x, meta) in enumerate(zip(inputs, self.info.input_meta))
         ]
         use_taps = split_backward and not self.through_hooks and isinstance(self.submod, fx.GraphModule)
         taps = self.taps if use_taps else None
@@ -269,6 +272,10 @@ class Stage(StageModule):
             if st.readers <= 0:
                 del self._state[mb]
 
+    def leaves(self, mb: int) -> list[Any]:
+        """The inputs that micro-batch ``mb``'s training forward ran on (detached; those needing a grad require it)."""
+        return self._get(mb, "F").inputs
+
     def set_loss(self, mb: int, loss: torch.Tensor) -> None:
         """Attach the (already scaled) loss of micro-batch ``mb``; the last stage's backward starts there."""
         self._get(mb, "B").loss = loss
@@ -298,13 +305,11 @@ class Stage(StageModule):
 
     def _input_grads(self, st: _MbState) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
-        for x, meta in zip(st.inputs, self.info.input_meta):
-            if not meta.requires_grad:
+        for x in st.inputs:
+            if not (isinstance(x, torch.Tensor) and x.requires_grad):
                 out.append(None)
-            elif isinstance(x, torch.Tensor) and x.grad is not None:
-                out.append(x.grad)
             else:
-                out.append(torch.zeros_like(x) if isinstance(x, torch.Tensor) else None)
+                out.append(x.grad if x.grad is not None else torch.zeros_like(x))
         return out
 
     def backward(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
@@ -322,7 +327,7 @@ class Stage(StageModule):
         st = self._get(mb, "I")
         outs, gs = self._roots(mb, st, grads)
         st.roots = (outs, gs)
-        want = [x for x, m in zip(st.inputs, self.info.input_meta) if m.requires_grad and isinstance(x, torch.Tensor)]
+        want = [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         taps = self._taps if st.tapped else None
         tap_leaves = grad_leaves(st.taps) if taps is not None and taps.exact else []
         targets = want + tap_leaves
