@@ -200,8 +200,8 @@ class Executor:
                              grad_inputs=user_grad)
         info = self.infos[s]
         if user_grad:
-            usergrad.check_traced(f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}", info,
-                                  stage.leaves(i), outs, s == self.last)
+            usergrad.check_traced(f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}", info, user_grad,
+                                  outs, s == self.last)
         for j, (o, meta) in enumerate(zip(outs, info.outputs)):
             if isinstance(o, torch.Tensor):
                 _check_meta(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})")

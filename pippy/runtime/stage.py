@@ -272,10 +272,6 @@ class Stage(StageModule):
             if st.readers <= 0:
                 del self._state[mb]
 
-    def leaves(self, mb: int) -> list[Any]:
-        """The inputs that micro-batch ``mb``'s training forward ran on (detached; those needing a grad require it)."""
-        return self._get(mb, "F").inputs
-
     def set_loss(self, mb: int, loss: torch.Tensor) -> None:
         """Attach the (already scaled) loss of micro-batch ``mb``; the last stage's backward starts there."""
         self._get(mb, "B").loss = loss

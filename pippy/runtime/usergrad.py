@@ -52,11 +52,11 @@ def wanted(info: StageInfo, inputs: Sequence[Any], training: bool) -> set[int]:
     }
 
 
-def check_traced(where: str, info: StageInfo, inputs: Sequence[Any], outputs: Sequence[Any], last: bool) -> None:
+def check_traced(where: str, info: StageInfo, grad_inputs: set[int], outputs: Sequence[Any], last: bool) -> None:
     """Raise when an output of this forward carries a user input's gradient that no message was planned for.
 
-    ``inputs`` are the forward's leaves, ``outputs`` its outputs; the last stage's outputs end
-    in the loss here, so they need no message.
+    ``grad_inputs`` are the positions :func:`wanted` gave, ``outputs`` the forward's outputs; the
+    last stage's outputs end in the loss here, so they need no message.
 
         >>> import torch
         >>> from pippy import SplitPoint, pipeline
@@ -64,7 +64,7 @@ def check_traced(where: str, info: StageInfo, inputs: Sequence[Any], outputs: Se
         >>> pipe = pipeline(net, 2, (torch.ones(4, 2),), split_spec={"0": SplitPoint.END})
         >>> x = torch.ones(2, 2, requires_grad=True)
         >>> try:
-        ...     check_traced("stage 0", pipe.stage_infos[0], [x], [x.relu()], last=False)
+        ...     check_traced("stage 0", pipe.stage_infos[0], {0}, [x.relu()], last=False)
         ... except StageError as e:
         ...     print(str(e).split(";")[0])
         stage 0: the user input input_1 requires grad, but the pipe was traced with an example that did not
@@ -73,8 +73,7 @@ def check_traced(where: str, info: StageInfo, inputs: Sequence[Any], outputs: Se
         return
     for j, (o, meta) in enumerate(zip(outputs, info.outputs)):
         if isinstance(o, torch.Tensor) and o.requires_grad and not meta.requires_grad:
-            names = [info.input_names[k] for k, x in enumerate(inputs)
-                     if isinstance(x, torch.Tensor) and x.requires_grad and not info.input_meta[k].requires_grad]
+            names = [info.input_names[k] for k in sorted(grad_inputs) if not info.input_meta[k].requires_grad]
             to = sorted({c for c, _ in info.consumers[j]})
             what = f"the user input {names[0]} requires" if len(names) == 1 else f"the user inputs {', '.join(names)} require"
             raise StageError(
