@@ -25,6 +25,7 @@ __all__ = [
     "output_merge_dims",
     "split_args_kwargs_into_chunks",
     "split_batch",
+    "split_leaves",
     "split_value",
 ]
 
@@ -154,14 +155,25 @@ def merge_chunks(chunks: Sequence[Any], spec: Any = None, _debug_mask_minibatche
     return pytree.tree_unflatten(merged, treedef)
 
 
-def _split_dims(value: Any, spec: Any, what: str) -> list[tuple[int, Any]]:
-    """(dim, size) of every tensor leaf of one micro-batch ``value`` that ``spec`` splits."""
+def split_leaves(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_spec: Any = None,
+                 kwargs_spec: Any = None) -> list[tuple[torch.Tensor, int]]:
+    """Every tensor of one micro-batch that the chunk specs split, with the dim they split it along.
+
+        >>> [(tuple(t.shape), d) for t, d in split_leaves((torch.zeros(5, 2), 3), {}, (TensorChunkSpec(1), None))]
+        [((5, 2), 1)]
+    """
+    return _split_dims(tuple(mb_args), args_spec, "positional argument") + _split_dims(
+        dict(mb_kwargs), kwargs_spec, "keyword argument")
+
+
+def _split_dims(value: Any, spec: Any, what: str) -> list[tuple[torch.Tensor, int]]:
+    """(leaf, dim) of every tensor leaf of one micro-batch ``value`` that ``spec`` splits."""
     leaves = pytree.tree_leaves(value)
     out = []
     for leaf, sp in zip(leaves, _leaf_specs(spec, value, len(leaves), what)):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not isinstance(sp, Replicate | Sum):
             d = sp.dim if isinstance(sp, TensorChunkSpec) else 0
-            out.append((d % leaf.dim(), leaf.shape[d]))
+            out.append((leaf, d % leaf.dim()))
     return out
 
 
@@ -181,8 +193,7 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
         >>> output_merge_dims((x,), {}, None, None, [(5, 2, 16)])
         [0]
     """
-    pairs = _split_dims(tuple(mb_args), args_spec, "positional argument")
-    pairs += _split_dims(dict(mb_kwargs), kwargs_spec, "keyword argument")
+    pairs = [(d, leaf.shape[d]) for leaf, d in split_leaves(mb_args, mb_kwargs, args_spec, kwargs_spec)]
     sizes = {str(size) for _, size in pairs}  # str: a dynamic pipe's sizes are symbols ("s0")
     out = []
     for shape in output_shapes:

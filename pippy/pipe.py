@@ -19,9 +19,10 @@ import torch
 from torch import fx, nn
 
 from pippy.frontend.materialize import Checkpoint
-from pippy.frontend.pipe import SplitPipe, SplitPolicy, trace_and_split
+from pippy.frontend.pipe import SplitPipe, SplitPolicy
 from pippy.frontend.root import root_module, run_local
 from pippy.frontend.trace import SplitPoint
+from pippy.frontend.tracesplit import trace_and_split
 from pippy.microbatch import TensorChunkSpec
 from pippy.runtime.api import PipelineStage
 from pippy.runtime.build import build_stage
@@ -250,7 +251,7 @@ def pipeline(
     the full batch; it must split into ``num_chunks`` equal micro-batches. ``tied_weights``
     ("replicate" or "transmit") says how a weight read by several stages is kept;
     ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of
-    sending them (see :func:`pippy.frontend.pipe.trace_and_split`). ``compute_dtype`` traces in the
+    sending them (see :func:`pippy.frontend.tracesplit.trace_and_split`). ``compute_dtype`` traces in the
     dtype the stages compute in under FSDP2 mixed precision (``torch.bfloat16``); the stages keep
     the model's own tensors. ``dynamic_shapes`` lets dimensions vary between steps without tracing again:
     ``"auto"``, ``{"input_ids": {1: (2, 2048)}}`` (per micro-batch; inputs not named follow), or

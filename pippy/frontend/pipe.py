@@ -1,4 +1,4 @@
-"""A traced model cut into stage modules, with the data flow between them: ``SplitPipe`` and ``trace_and_split``.
+"""A traced model cut into stage modules, with the data flow between them: ``SplitPipe``.
 
 This is the compiler's result, pure data: it knows nothing of the runtime. The public
 :class:`pippy.Pipe` (made by :func:`pippy.pipeline`) adds ``build_stage`` on top of it.
@@ -6,6 +6,7 @@ This is the compiler's result, pure data: it knows nothing of the runtime. The p
     >>> import torch
     >>> from pippy.frontend.trace import SplitPoint
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> from pippy.frontend.tracesplit import trace_and_split
     >>> split = trace_and_split(net, 2, example_args=(torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
     >>> split.num_stages, [info.input_names for info in split.stage_infos]
     (2, [['input_1'], ['relu']])
@@ -15,26 +16,21 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from pippy.frontend.assign import SplitPolicy, assign_stages
+from pippy.frontend.assign import SplitPolicy
 from pippy.frontend.describe import describe_pipe, describe_split_sites
-from pippy.frontend.dynamic import SymDim, check_dims, describe_input_dims, export_dynamic_shapes
-from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
-from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
-from pippy.frontend.split import StageInfo, ValueMeta, split_graph
-from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
-from pippy.frontend.trainmode import keep_following, module_modes, set_modes
-from pippy.frontend.unread import match_persistence
-from pippy.microbatch import TensorChunkSpec, merge_chunks, output_merge_dims, split_batch
+from pippy.frontend.dynamic import SymDim, check_dims
+from pippy.frontend.split import StageInfo, ValueMeta
+from pippy.microbatch import Sum, TensorChunkSpec, merge_chunks, split_batch
 
-__all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites", "trace_and_split"]
+__all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +49,14 @@ class SharedParam:
 class SplitPipe:
     """A model split into ``num_stages`` stage modules plus the edges between them.
 
-    Build it with :func:`trace_and_split` (or, with ``build_stage``, :func:`pippy.pipeline`).
+    Build it with :func:`pippy.frontend.tracesplit.trace_and_split` (or, with ``build_stage``, :func:`pippy.pipeline`).
     ``get_stage_module(i)`` returns a module whose ``state_dict`` keys are the original model's FQNs.
     ``split_sites`` says where each traced split point came from (None when a ``split_policy`` split it).
 
         >>> import torch
         >>> from pippy.frontend.trace import SplitPoint
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+        >>> from pippy.frontend.tracesplit import trace_and_split
         >>> split = trace_and_split(net, 1, (torch.ones(1, 2),), split_spec={"0": SplitPoint.END})
         >>> sorted(split.get_stage_module(1).state_dict())
         ['1.bias', '1.weight']
@@ -97,6 +94,9 @@ class SplitPipe:
         # per flattened output: the dim its micro-batches concatenate along without an output_merge_spec
         # (None: dim 0 for all; see pippy.microbatch.output_merge_dims)
         self.output_merge_dims: list[int] | None = None
+        # per flattened output: "sum" / "mean" for a 0-dim output whose graph says how it reduces the batch
+        # (pippy.frontend.reduction); such a sum merges by summing. None: not known (a mean, as merge_chunks does)
+        self.output_reductions: list[str | None] | None = None
         self.traced_training: bool | None = None  # the model's .training when traced
         self.traced_modes: dict[str, bool] | None = None  # every module's .training when traced (frontend.trainmode)
         # pipe(x) (pippy.frontend.root.run_local): whether a stage writes state or an input in place (None: not
@@ -188,6 +188,7 @@ class SplitPipe:
             >>> class Scaled(torch.nn.Module):
             ...     def forward(self, x, k):
             ...         return x * k
+            >>> from pippy.frontend.tracesplit import trace_and_split
             >>> pipe = trace_and_split(Scaled(), 1, (torch.ones(1, 2), 3))
             >>> pipe.fill_constants((torch.ones(1, 2),))[1]
             3
@@ -231,10 +232,35 @@ class SplitPipe:
             >>> pipe.output_merge_dims, pipe.merge_outputs([torch.zeros(5, 2, 3), torch.ones(5, 2, 3)]).shape
             ([1], torch.Size([5, 4, 3]))
         """
-        if spec is None and self.output_merge_dims is not None and outputs:
-            if len(pytree.tree_leaves(outputs[0])) == len(self.output_merge_dims):
-                spec = [TensorChunkSpec(d) if d else None for d in self.output_merge_dims]  # None: the default
+        if spec is None and outputs:
+            spec = self.default_merge_spec(len(pytree.tree_leaves(outputs[0])))
         return merge_chunks(outputs, spec)
+
+    def default_merge_spec(self, n_leaves: int, sums: Sequence[int] = ()) -> list[Any] | None:
+        """The flat merge spec of the outputs without an ``output_merge_spec``: each output's merge dim, and
+        ``Sum()`` for a 0-dim output that sums the batch (:attr:`output_reductions`) or whose index is in
+        ``sums``; None when every output takes the default (dim 0; 0-dim outputs averaged).
+
+            >>> import torch
+            >>> from pippy import pipeline
+            >>> class Net(torch.nn.Module):
+            ...     def forward(self, x):
+            ...         return x * 2, (x * 2).sum()
+            >>> pipe = pipeline(Net(), 2, (torch.ones(4, 3),))
+            >>> pipe.default_merge_spec(2)
+            [None, Sum(mean=False)]
+            >>> [t.shape for t in pipe.merge_outputs([pipe.get_stage_module(0)(torch.ones(2, 3))] * 2)]
+            [torch.Size([4, 3]), torch.Size([])]
+        """
+        dims = self.output_merge_dims if self.output_merge_dims and len(self.output_merge_dims) == n_leaves else None
+        red = self.output_reductions if self.output_reductions and len(self.output_reductions) == n_leaves else None
+        if dims is None and red is None and not sums:
+            return None
+        spec: list[Any] = [TensorChunkSpec(dims[j]) if dims and dims[j] else None for j in range(n_leaves)]
+        for j in range(n_leaves):
+            if j in sums or (red is not None and red[j] == "sum"):
+                spec[j] = Sum()
+        return spec
 
     def split_report(self) -> str:
         """Each stage's cost, parameter bytes and the bytes it sends to every other stage."""
@@ -271,177 +297,3 @@ def _input_name(path: tuple[Any, ...]) -> str:
 def _kwarg_keys(in_spec: pytree.TreeSpec) -> list[str]:
     kw_spec = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
     return list(kw_spec.context) if kw_spec.context else []
-
-
-def _shared_params(stages: list[StageInfo], gm: fx.GraphModule) -> list[SharedParam]:
-    by_id: dict[int, list[tuple[int, str]]] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    for info in stages:
-        for node in info.module.graph.nodes:
-            if node.op != "get_attr":
-                continue
-            obj = tensor_at(gm, str(node.target))
-            if isinstance(obj, torch.Tensor):
-                by_id.setdefault(id(obj), []).append((info.index, str(node.target)))
-                tensors[id(obj)] = obj
-    out = []
-    for key, uses in by_id.items():
-        if len({s for s, _ in uses}) > 1:
-            out.append(SharedParam(tuple(sorted(set(uses))), bool(tensors[key].requires_grad)))
-    return out
-
-
-P = TypeVar("P", bound=SplitPipe)
-
-
-def trace_and_split(
-    module: nn.Module,
-    num_chunks: int,
-    example_args: tuple[Any, ...] = (),
-    example_kwargs: dict[str, Any] | None = None,
-    split_spec: Mapping[str, SplitPoint] | None = None,
-    split_policy: SplitPolicy | None = None,
-    *,
-    args_chunk_spec: Any = None,
-    kwargs_chunk_spec: Any = None,
-    tied_weights: str = "replicate",
-    recompute_inputs: bool = True,
-    compute_dtype: torch.dtype | None = None,
-    dynamic_shapes: Any = None,
-    pipe_cls: type[P] = SplitPipe,  # type: ignore[assignment]
-) -> P:
-    """Trace ``module`` on one micro-batch of the example batch and split it into stages.
-
-    Split points come from ``pipe_split()`` calls in ``forward``, ``annotate_split_points``, a
-    ``split_spec`` mapping (applied only while tracing) or a ``split_policy``. ``example_args`` is
-    the full batch; it must split into ``num_chunks`` equal micro-batches. ``tied_weights``
-    ("replicate" or "transmit") says how a weight read by several stages is kept (see split_graph);
-    ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of sending them.
-    ``compute_dtype`` (e.g. ``torch.bfloat16``, for FSDP2's ``MixedPrecisionPolicy``) traces a copy of the
-    model in that dtype; the stages keep the model's own tensors (see :mod:`pippy.frontend.precision`).
-    ``dynamic_shapes`` ("auto", ``{input: {dim: (lo, hi)}}`` or torch.export's form) lets those dimensions vary
-    from step to step without tracing again (see :mod:`pippy.frontend.dynamic`). ``pipe_cls`` is the class of
-    the result (:class:`pippy.Pipe` for :func:`pippy.pipeline`).
-
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-        >>> split = trace_and_split(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
-        >>> print(split.num_stages)
-        2
-    """
-    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-        raise ValueError(
-            f"num_chunks must be a positive int (the number of micro-batches the example batch splits into), got "
-            f"{num_chunks!r}; e.g. pipeline(model, 4, example_args=(x,)) for a batch of 4k rows"
-        )
-    if not isinstance(example_args, tuple):
-        example_args = (example_args,)
-    kwargs = dict(example_kwargs or {})
-    mb_args, mb_kwargs = split_batch(example_args, kwargs, num_chunks, args_chunk_spec, kwargs_chunk_spec)[0]
-    traced = module
-    if compute_dtype is not None:
-        traced = compute_copy(module, compute_dtype)
-        mb_args, mb_kwargs = cast_example((tuple(mb_args), mb_kwargs), compute_dtype)
-    dyn = None if dynamic_shapes is None else export_dynamic_shapes(traced, tuple(mb_args), mb_kwargs, dynamic_shapes)
-    saved = _apply_split_spec(traced, split_spec)
-    try:
-        ep = export_module(traced, mb_args, mb_kwargs, dynamic_shapes=dyn)
-    finally:
-        _restore_forwards(saved)
-    gm = ep.module()
-    ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))
-    merge_dims = output_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
-    input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
-    _drop_guards(gm)
-    retarget_aliases(gm)
-    leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
-    sites = [split_site(node) for node in gm.graph.nodes if is_split_marker(node)]
-    gm, assignment = assign_stages(gm, leaves, split_policy, sites)
-    num_stages = max(assignment.values(), default=0) + 1
-    stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
-    if traced is not module:
-        restore_tensors([info.module for info in stages], module)
-    match_persistence([info.module for info in stages], set(module.state_dict()))
-    pipe = pipe_cls(
-        stages,
-        num_chunks=num_chunks,
-        in_spec=ep.call_spec.in_spec,
-        out_spec=ep.call_spec.out_spec,
-        example_leaves=[_example_leaf(x) for x in leaves],
-        shared=_shared_params(stages, gm),
-        model_name=type(module).__name__,
-        args_chunk_spec=args_chunk_spec,
-        kwargs_chunk_spec=kwargs_chunk_spec,
-    )
-    pipe._source = weakref.ref(module)
-    if input_dims is not None and any(d is not None and any(isinstance(x, SymDim) for x in d) for d in input_dims):
-        pipe.input_dims = input_dims
-    pipe.output_merge_dims = merge_dims if any(merge_dims) else None
-    pipe.traced_training = module.training
-    pipe.traced_modes = module_modes(module)
-    for info in stages:  # a stage module starts in the modes its graph was traced in
-        set_modes(info.module, pipe.traced_modes)
-        keep_following(info.module, pipe.traced_modes)
-    pipe.traced_autocast = autocast_state()
-    pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
-    pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
-    pipe.split_sites = None if split_policy is not None else sites
-    return pipe
-
-
-def _traced_inputs(gm: fx.GraphModule, in_spec: Any, example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The traced inputs as ``(args, kwargs)`` of the graph's own values (symbolic sizes where dynamic), else ``example``."""
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    leaves = pytree.tree_leaves(example)
-    if len(vals) != len(leaves):
-        return example  # type: ignore[no-any-return]
-    merged = [v if isinstance(v, torch.Tensor) else leaf for v, leaf in zip(vals, leaves)]
-    args, kwargs = pytree.tree_unflatten(merged, in_spec)
-    return tuple(args), dict(kwargs)
-
-
-def _output_shapes(gm: fx.GraphModule) -> list[tuple[Any, ...] | None]:
-    """The traced shape of each flattened output (None for a non-tensor)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    vals = [v.meta.get("val") if isinstance(v, fx.Node) else v for v in pytree.tree_leaves(out.args[0])]
-    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
-
-
-def _example_leaf(x: Any) -> Any:
-    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else copy.copy(x)
-
-
-def _apply_split_spec(module: nn.Module, spec: Mapping[str, SplitPoint] | None) -> list[tuple[nn.Module, Any, Any]]:
-    saved: list[tuple[nn.Module, Any, Any]] = []
-    if not spec:
-        return saved
-    from pippy.frontend.trace import annotate_split_points
-
-    for fqn in spec:
-        try:
-            sub = module.get_submodule(fqn)
-        except AttributeError:
-            continue  # annotate_split_points raises the helpful error below
-        saved.append((sub, sub.__dict__.get("forward"), sub.__dict__.get("_pippy_split_marks")))
-    try:
-        annotate_split_points(module, spec)
-    except PipeTraceError:
-        _restore_forwards(saved)
-        raise
-    return saved
-
-
-def _restore_forwards(saved: list[tuple[nn.Module, Any, Any]]) -> None:
-    for sub, fwd, marks in saved:
-        for key, val in (("forward", fwd), ("_pippy_split_marks", marks)):
-            if val is None:
-                sub.__dict__.pop(key, None)
-            else:
-                sub.__dict__[key] = val
-
-
-def _drop_guards(gm: fx.GraphModule) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith("_guards"):
-            gm.graph.erase_node(node)
-    gm.recompile()
-

@@ -4,7 +4,7 @@ PiPPy users inspect ``pipe.split_gm`` and call the pipe like the model; both wor
 same stage modules the pipeline runs.
 
     >>> import torch
-    >>> from pippy.frontend.pipe import trace_and_split
+    >>> from pippy.frontend.tracesplit import trace_and_split
     >>> from pippy.frontend.trace import SplitPoint
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     >>> pipe = trace_and_split(net, 2, (torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
@@ -105,7 +105,8 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
     outputs of other than ``n`` micro-batches' shapes (a graph that bakes in the traced size), or
     when a stage writes a buffer or an input in place (batch norm's running statistics, which a
     failed attempt would have updated); those outputs merge as a schedule merges them (``SplitPipe.merge_outputs``:
-    a scalar, such as a loss, becomes the mean of the micro-batches'). Any other batch runs at
+    a scalar, such as a loss, becomes the sum of the micro-batches' when its graph sums the batch, else
+    their mean; see :mod:`pippy.frontend.reduction`). Any other batch runs at
     once; a graph that bakes in the traced size then fails with a message saying so.
     """
     flat = bind_to_traced(pipe, args, kwargs, signature)

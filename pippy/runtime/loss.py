@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import fx
 from torch.utils import _pytree as pytree
 
+from pippy.frontend.reduction import graph_reduction, model_reduction
 from pippy.runtime.stage import StageError
 
 __all__ = ["describe", "graph_reduction", "infer_reduction", "loss_index", "model_reduction", "step_loss"]
@@ -154,57 +154,3 @@ def loss_index(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> int | None
         return None
     shape = out_meta[out].shape
     return out if shape is not None and (len(shape) == 0 or (field and all(d == 1 for d in shape))) else None
-
-
-_PASS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "clone", "_to_copy", "to", "alias", "contiguous",
-         "expand", "flatten"}
-_REDUCTIONS = {1: "mean", 2: "sum"}  # at::Reduction: None = 0, Mean = 1, Sum = 2
-
-
-def graph_reduction(node: Any) -> str | None:
-    """How the loss a traced graph computes at ``node`` reduces its batch: ``"mean"``, ``"sum"``, or None.
-
-    Follows shape-only ops and scaling by plain numbers back to a ``mean`` / ``sum``, or to a loss op's
-    ``reduction`` argument (``cross_entropy_loss``, ``mse_loss``, ... read from the op's schema).
-
-        >>> from pippy import pipeline
-        >>> class Net(torch.nn.Module):
-        ...     def forward(self, x):
-        ...         return torch.nn.functional.mse_loss(x * 2, torch.zeros_like(x), reduction="sum") / 3
-        >>> gm = pipeline(Net(), 1, (torch.ones(2, 2),)).get_stage_module(0)
-        >>> graph_reduction(next(iter(gm.graph.find_nodes(op="output"))).args[0][0])
-        'sum'
-    """
-    for _ in range(32):
-        schema = getattr(getattr(node, "target", None), "_schema", None)
-        if getattr(node, "op", None) != "call_function" or schema is None:
-            return None
-        name = schema.name.split("::")[-1]
-        if name in ("mean", "sum"):
-            return name
-        args = schema.arguments
-        pos = next((k for k, a in enumerate(args) if a.name == "reduction"), None)
-        if pos is not None:
-            value = node.kwargs.get("reduction", node.args[pos] if len(node.args) > pos else args[pos].default_value)
-            return _REDUCTIONS.get(value) if isinstance(value, int) else None
-        if name in _PASS or (name in ("mul", "div") and len(node.args) > 1 and not hasattr(node.args[1], "op")):
-            node = node.args[0]
-            continue
-        return None
-    return None
-
-
-def model_reduction(gm: Any, index: int | None) -> str | None:
-    """How the model's own loss (flat output ``index`` of the last stage's graph ``gm``) reduces the batch.
-
-        >>> from pippy import pipeline
-        >>> class Net(torch.nn.Module):
-        ...     def forward(self, x):
-        ...         return x.sum()
-        >>> model_reduction(pipeline(Net(), 1, (torch.ones(2, 2),)).get_stage_module(0), 0)
-        'sum'
-    """
-    if index is None or not isinstance(gm, fx.GraphModule):
-        return None
-    values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
-    return graph_reduction(values[index]) if isinstance(values, tuple | list) and index < len(values) else None

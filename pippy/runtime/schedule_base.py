@@ -133,7 +133,7 @@ class PipelineSchedule:
         own = None if loss_fn is not None else loss_index(self.pipe.out_spec, last.outputs)
         self._own_loss = own  # the flat output index of the model's own loss (trained on without loss_fn)
         self.trains = loss_fn is not None or own is not None
-        found = infer_reduction(loss_fn) if loss_fn is not None else model_reduction(last.module, own)
+        found = infer_reduction(loss_fn) if loss_fn is not None else _own_reduction(self.pipe, own)
         self.loss_reduction = loss_reduction or found or "mean"
         if self.trains and loss_reduction is None and found is None:
             what = f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r}" if loss_fn is not None else "the model's own loss"
@@ -364,9 +364,11 @@ class PipelineSchedule:
         if not self.holds(self.pipe.num_stages - 1) or not res.outputs:
             return None
         spec = self.output_merge_spec
-        if spec is None and self._own_loss is not None and self.loss_reduction == "sum":  # the step's loss: a sum
-            dims = self.pipe.output_merge_dims or [0] * len(self.pipe.stage_infos[-1].outputs)
-            spec = [Sum() if j == self._own_loss else (TensorChunkSpec(d) if d else None) for j, d in enumerate(dims)]
+        if spec is None and self._own_loss is not None:  # the step's loss merges as the step reduced it
+            spec = self.pipe.default_merge_spec(len(self.pipe.stage_infos[-1].outputs),
+                                                (self._own_loss,) if self.loss_reduction == "sum" else ())
+            if spec is not None and self.loss_reduction == "mean":
+                spec[self._own_loss] = Sum(mean=True)
         return self.pipe.merge_outputs(res.outputs, spec)
 
     def _executor(self, sched: Schedule) -> Executor:
@@ -427,3 +429,14 @@ class PipelineSchedule:
             run = self.begin(args, kwargs, training=False)
             run.run_blocking()
         return self.finish(run)
+
+
+def _own_reduction(pipe: Any, own: int | None) -> str | None:
+    """How the model's own loss (flat output ``own``) reduces the batch: from the whole traced graph when the
+    pipe read it there (it sees the micro-batch size a trace baked in), else from the last stage's graph."""
+    if own is None:
+        return None
+    reductions = getattr(pipe, "output_reductions", None)
+    if reductions is not None and own < len(reductions) and reductions[own] is not None:
+        return str(reductions[own])
+    return model_reduction(pipe.stage_infos[-1].module, own)

@@ -189,9 +189,9 @@ def test_calling_the_pipe_on_the_full_batch_runs_it_at_once_when_the_graph_allow
     x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
     pipe = pipeline(copy.deepcopy(model), 4, (x, y))
     out, loss = pipe(x, y)
-    if baked:  # the model itself only runs per micro-batch: so does the pipe, a scalar merges as their mean
+    if baked:  # the model itself only runs per micro-batch: so does the pipe, and the summed loss merges by summing
         parts = [model(xi, yi) for xi, yi in zip(x.chunk(4), y.chunk(4))]
-        ref_out, ref_loss = torch.cat([p[0] for p in parts]), torch.stack([p[1] for p in parts]).mean()
+        ref_out, ref_loss = torch.cat([p[0] for p in parts]), torch.stack([p[1] for p in parts]).sum()
     else:  # at once, as PiPPy ran it: the sum over the whole batch
         ref_out, ref_loss = model(x, y)
     assert torch.allclose(out, ref_out, atol=1e-12)

@@ -1,0 +1,211 @@
+"""Trace a model on one micro-batch and cut it into a :class:`~pippy.frontend.pipe.SplitPipe`: ``trace_and_split``.
+
+    >>> import torch
+    >>> from pippy.frontend.trace import SplitPoint
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> split = trace_and_split(net, 2, example_args=(torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
+    >>> split.num_stages, [info.input_names for info in split.stage_infos]
+    (2, [['input_1'], ['relu']])
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from pippy.frontend.assign import SplitPolicy, assign_stages
+from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
+from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
+from pippy.frontend.pipe import SharedParam, SplitPipe
+from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
+from pippy.frontend.reduction import batch_counts, output_reductions
+from pippy.frontend.split import StageInfo, split_graph
+from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
+from pippy.frontend.trainmode import keep_following, module_modes, set_modes
+from pippy.frontend.unread import match_persistence
+from pippy.microbatch import output_merge_dims, split_batch, split_leaves
+
+__all__ = ["trace_and_split"]
+
+
+def _shared_params(stages: list[StageInfo], gm: fx.GraphModule) -> list[SharedParam]:
+    by_id: dict[int, list[tuple[int, str]]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for info in stages:
+        for node in info.module.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            obj = tensor_at(gm, str(node.target))
+            if isinstance(obj, torch.Tensor):
+                by_id.setdefault(id(obj), []).append((info.index, str(node.target)))
+                tensors[id(obj)] = obj
+    out = []
+    for key, uses in by_id.items():
+        if len({s for s, _ in uses}) > 1:
+            out.append(SharedParam(tuple(sorted(set(uses))), bool(tensors[key].requires_grad)))
+    return out
+
+
+P = TypeVar("P", bound=SplitPipe)
+
+
+def trace_and_split(
+    module: nn.Module,
+    num_chunks: int,
+    example_args: tuple[Any, ...] = (),
+    example_kwargs: dict[str, Any] | None = None,
+    split_spec: Mapping[str, SplitPoint] | None = None,
+    split_policy: SplitPolicy | None = None,
+    *,
+    args_chunk_spec: Any = None,
+    kwargs_chunk_spec: Any = None,
+    tied_weights: str = "replicate",
+    recompute_inputs: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    dynamic_shapes: Any = None,
+    pipe_cls: type[P] = SplitPipe,  # type: ignore[assignment]
+) -> P:
+    """Trace ``module`` on one micro-batch of the example batch and split it into stages.
+
+    Split points come from ``pipe_split()`` calls in ``forward``, ``annotate_split_points``, a
+    ``split_spec`` mapping (applied only while tracing) or a ``split_policy``. ``example_args`` is
+    the full batch; it must split into ``num_chunks`` equal micro-batches. ``tied_weights``
+    ("replicate" or "transmit") says how a weight read by several stages is kept (see split_graph);
+    ``recompute_inputs`` rebuilds masks and other input-only values in later stages instead of sending them.
+    ``compute_dtype`` (e.g. ``torch.bfloat16``, for FSDP2's ``MixedPrecisionPolicy``) traces a copy of the
+    model in that dtype; the stages keep the model's own tensors (see :mod:`pippy.frontend.precision`).
+    ``dynamic_shapes`` ("auto", ``{input: {dim: (lo, hi)}}`` or torch.export's form) lets those dimensions vary
+    from step to step without tracing again (see :mod:`pippy.frontend.dynamic`). ``pipe_cls`` is the class of
+    the result (:class:`pippy.Pipe` for :func:`pippy.pipeline`).
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> split = trace_and_split(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
+        >>> print(split.num_stages)
+        2
+    """
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(
+            f"num_chunks must be a positive int (the number of micro-batches the example batch splits into), got "
+            f"{num_chunks!r}; e.g. pipeline(model, 4, example_args=(x,)) for a batch of 4k rows"
+        )
+    if not isinstance(example_args, tuple):
+        example_args = (example_args,)
+    kwargs = dict(example_kwargs or {})
+    mb_args, mb_kwargs = split_batch(example_args, kwargs, num_chunks, args_chunk_spec, kwargs_chunk_spec)[0]
+    traced = module
+    if compute_dtype is not None:
+        traced = compute_copy(module, compute_dtype)
+        mb_args, mb_kwargs = cast_example((tuple(mb_args), mb_kwargs), compute_dtype)
+    dyn = None if dynamic_shapes is None else export_dynamic_shapes(traced, tuple(mb_args), mb_kwargs, dynamic_shapes)
+    saved = _apply_split_spec(traced, split_spec)
+    try:
+        ep = export_module(traced, mb_args, mb_kwargs, dynamic_shapes=dyn)
+    finally:
+        _restore_forwards(saved)
+    gm = ep.module()
+    ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))
+    merge_dims = output_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
+    reductions = output_reductions(gm, batch_counts(split_leaves(ph_args, ph_kwargs, args_chunk_spec,
+                                                                 kwargs_chunk_spec)))
+    input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
+    _drop_guards(gm)
+    retarget_aliases(gm)
+    leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
+    sites = [split_site(node) for node in gm.graph.nodes if is_split_marker(node)]
+    gm, assignment = assign_stages(gm, leaves, split_policy, sites)
+    num_stages = max(assignment.values(), default=0) + 1
+    stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
+    if traced is not module:
+        restore_tensors([info.module for info in stages], module)
+    match_persistence([info.module for info in stages], set(module.state_dict()))
+    pipe = pipe_cls(
+        stages,
+        num_chunks=num_chunks,
+        in_spec=ep.call_spec.in_spec,
+        out_spec=ep.call_spec.out_spec,
+        example_leaves=[_example_leaf(x) for x in leaves],
+        shared=_shared_params(stages, gm),
+        model_name=type(module).__name__,
+        args_chunk_spec=args_chunk_spec,
+        kwargs_chunk_spec=kwargs_chunk_spec,
+    )
+    pipe._source = weakref.ref(module)
+    if input_dims is not None and any(d is not None and any(isinstance(x, SymDim) for x in d) for d in input_dims):
+        pipe.input_dims = input_dims
+    pipe.output_merge_dims = merge_dims if any(merge_dims) else None
+    pipe.output_reductions = reductions if any(reductions) else None
+    pipe.traced_training = module.training
+    pipe.traced_modes = module_modes(module)
+    for info in stages:  # a stage module starts in the modes its graph was traced in
+        set_modes(info.module, pipe.traced_modes)
+        keep_following(info.module, pipe.traced_modes)
+    pipe.traced_autocast = autocast_state()
+    pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
+    pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
+    pipe.split_sites = None if split_policy is not None else sites
+    return pipe
+
+
+def _traced_inputs(gm: fx.GraphModule, in_spec: Any, example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The traced inputs as ``(args, kwargs)`` of the graph's own values (symbolic sizes where dynamic), else ``example``."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    leaves = pytree.tree_leaves(example)
+    if len(vals) != len(leaves):
+        return example  # type: ignore[no-any-return]
+    merged = [v if isinstance(v, torch.Tensor) else leaf for v, leaf in zip(vals, leaves)]
+    args, kwargs = pytree.tree_unflatten(merged, in_spec)
+    return tuple(args), dict(kwargs)
+
+
+def _output_shapes(gm: fx.GraphModule) -> list[tuple[Any, ...] | None]:
+    """The traced shape of each flattened output (None for a non-tensor)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = [v.meta.get("val") if isinstance(v, fx.Node) else v for v in pytree.tree_leaves(out.args[0])]
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
+
+
+def _example_leaf(x: Any) -> Any:
+    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else copy.copy(x)
+
+
+def _apply_split_spec(module: nn.Module, spec: Mapping[str, SplitPoint] | None) -> list[tuple[nn.Module, Any, Any]]:
+    saved: list[tuple[nn.Module, Any, Any]] = []
+    if not spec:
+        return saved
+    from pippy.frontend.trace import annotate_split_points
+
+    for fqn in spec:
+        try:
+            sub = module.get_submodule(fqn)
+        except AttributeError:
+            continue  # annotate_split_points raises the helpful error below
+        saved.append((sub, sub.__dict__.get("forward"), sub.__dict__.get("_pippy_split_marks")))
+    try:
+        annotate_split_points(module, spec)
+    except PipeTraceError:
+        _restore_forwards(saved)
+        raise
+    return saved
+
+
+def _restore_forwards(saved: list[tuple[nn.Module, Any, Any]]) -> None:
+    for sub, fwd, marks in saved:
+        for key, val in (("forward", fwd), ("_pippy_split_marks", marks)):
+            if val is None:
+                sub.__dict__.pop(key, None)
+            else:
+                sub.__dict__[key] = val
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+    gm.recompile()
+

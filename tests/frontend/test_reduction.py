@@ -1,0 +1,117 @@
+"""pippy.frontend.reduction: a scalar output's batch reduction read off the graph, so losses, grads and merges are exact."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pippy import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, pipe_split, pipeline
+from pippy.frontend.reduction import batch_counts
+from pippy.runtime.local import LocalPipeline
+
+# (name, loss from out [B, T, 3] and target, the reduction a full batch's loss has over micro-batches)
+LOSSES = [
+    ("sum / shape[0]", lambda o, t: ((o - t) ** 2).sum() / o.shape[0], "mean"),
+    ("sum / size(0) * 0.5", lambda o, t: ((o - t) ** 2).sum() * 0.5 / o.size(0), "mean"),
+    ("len divides", lambda o, t: ((o - t) ** 2).sum() / len(o), "mean"),
+    ("terms / shape[0], summed", lambda o, t: (((o - t) ** 2) / o.shape[0]).sum(), "mean"),
+    ("token mean by count", lambda o, t: ((o - t) ** 2).sum() / (o.shape[0] * o.shape[1]), "mean"),
+    ("mse sum / shape[0]", lambda o, t: F.mse_loss(o, t, reduction="sum") / o.shape[0], "mean"),
+    ("sum / full batch literal", lambda o, t: ((o - t) ** 2).sum() / 8, "sum"),
+    ("sum / feature count", lambda o, t: ((o - t) ** 2).sum() / 3, "sum"),
+    ("per-row mean, summed", lambda o, t: ((o - t) ** 2).mean(dim=(1, 2)).sum(), "sum"),
+    ("per-row sum, averaged", lambda o, t: ((o - t) ** 2).sum(dim=(1, 2)).mean(), "mean"),
+    ("mean", lambda o, t: F.mse_loss(o, t), "mean"),
+    ("plain sum", lambda o, t: ((o - t) ** 2).sum(), "sum"),
+    ("half a sum", lambda o, t: 0.5 * ((o - t) ** 2).sum(), "sum"),
+    ("sum / float literal", lambda o, t: ((o - t) ** 2).sum() / 2.0, "sum"),
+]
+
+
+class LossNet(nn.Module):
+    """Two linear layers split by pipe_split(); the forward returns (out, its own loss, an unrelated sum)."""
+
+    def __init__(self, loss) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.loss = loss
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.a(x))
+        pipe_split()
+        out = self.b(h)
+        return {"loss": self.loss(out, target), "out": out, "total": out.sum()}
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(8, 5, 3, generator=g, dtype=torch.float64),
+            torch.randn(8, 5, 3, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("name", "loss", "kind"), LOSSES, ids=[c[0] for c in LOSSES])
+def test_own_loss_reduction_read_off_the_graph(name, loss, kind) -> None:
+    torch.manual_seed(0)
+    x, t = _data()
+    pipe = pipeline(LossNet(loss).double(), 4, (x, t))
+    assert pipe.output_reductions == [kind, None, "sum"], name
+
+
+@pytest.mark.parametrize("cls", [ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("name", "loss", "kind"), LOSSES[:8], ids=[c[0] for c in LOSSES[:8]])
+def test_own_loss_grads_and_outputs_equal_the_plain_model(cls, name, loss, kind) -> None:
+    """The returned loss, the summed scalar output and every grad equal the plain model's on the full batch;
+    before, a sum divided by ``x.shape[0]`` was taken for a sum, and grads came out ``n_microbatches`` times too big."""
+    torch.manual_seed(0)
+    model = LossNet(loss).double()
+    ref = copy.deepcopy(model)
+    x, t = _data()
+    pipe = pipeline(model, 4, (x, t))
+    ranks = 1 if cls is ScheduleInterleaved1F1B else 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reduction is known: no "cannot tell" warning
+        lp = LocalPipeline(pipe, cls, num_ranks=ranks, n_microbatches=4)
+    got = lp.step(x, t)
+    want = ref(x, t)
+    want["loss"].backward()
+    for key in ("loss", "out", "total"):
+        assert torch.allclose(got[key], want[key].detach(), atol=1e-12, rtol=0), key
+    grads = lp.named_grads()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-12, rtol=0), n
+
+
+def test_local_call_merges_scalars_by_their_reduction() -> None:
+    """``pipe(x)`` on a whole number of micro-batches: outputs equal the model's when the graph bakes the size in
+    (it falls back to micro-batches and merges a sum by summing), and when it does not."""
+
+    class Baked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            h = self.a(x).reshape(2, 15)  # the traced micro-batch size (2 rows of 5 x 3), baked in
+            pipe_split()
+            return h.sum(), h.sum() / x.shape[0], h
+
+    torch.manual_seed(0)
+    model = Baked().double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    pipe = pipeline(model, 1, (x,))
+    big = torch.randn(6, 5, 3, dtype=torch.float64)
+    parts = [model(c) for c in big.chunk(3)]
+    total, mean, h = pipe(big)
+    assert torch.allclose(total, sum(p[0] for p in parts), atol=1e-12)
+    assert torch.allclose(mean, sum(p[1] for p in parts) / 3, atol=1e-12)
+    assert h.shape == (6, 15)
+
+
+def test_batch_counts_skip_unsplit_and_one_row_inputs() -> None:
+    counts = batch_counts([(torch.zeros(2, 5, 3), 0), (torch.zeros(4, 1), 1), (torch.zeros(1, 7), 0)])
+    assert counts == frozenset({2, 10, 6, 30})  # (4, 1) splits one column, (1, 7) one row: neither counts
