@@ -231,12 +231,14 @@ def _as_specs(dims: Any) -> Any:
 
 def pipeline(
     module: nn.Module,
-    num_chunks: int,
+    num_chunks: int | tuple[Any, ...] | None = None,
     example_args: tuple[Any, ...] = (),
     example_kwargs: dict[str, Any] | None = None,
     split_spec: Mapping[str, SplitPoint] | None = None,
     split_policy: SplitPolicy | None = None,
     *,
+    mb_args: tuple[Any, ...] | None = None,
+    mb_kwargs: dict[str, Any] | None = None,
     args_chunk_spec: Any = None,
     kwargs_chunk_spec: Any = None,
     tied_weights: str = "replicate",
@@ -257,11 +259,42 @@ def pipeline(
     ``"auto"``, ``{"input_ids": {1: (2, 2048)}}`` (per micro-batch; inputs not named follow), or
     torch.export's own form (see :mod:`pippy.frontend.dynamic`).
 
+    PyTorch's ``torch.distributed.pipelining`` form works too: ``pipeline(module, mb_args=(x_mb,),
+    mb_kwargs=..., split_spec=..., split_policy=...)``, or ``pipeline(module, (x_mb,), mb_kwargs,
+    split_spec, split_policy)`` positionally, traces on that one micro-batch (``num_chunks=1``); schedules
+    then split a full batch into micro-batches of its size.
+
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> pipe = pipeline(net, 2, (torch.randn(2, 4),), split_spec={"0": SplitPoint.END})
         >>> print(pipe.num_stages)
         2
+        >>> pipeline(net, mb_args=(torch.randn(1, 4),), split_spec={"0": SplitPoint.END}).num_chunks
+        1
     """
+    if isinstance(num_chunks, tuple | list):  # torch.distributed.pipelining's pipeline(module, mb_args, mb_kwargs, ...)
+        if mb_args is not None or mb_kwargs is not None:
+            raise TypeError("pipeline(): pass the micro-batch once, positionally or as mb_args=, not both")
+        positional = (example_args, example_kwargs, split_spec)
+        if positional[0] not in ((), None) and not isinstance(positional[0], dict):
+            raise TypeError(f"pipeline(module, mb_args, mb_kwargs, ...): mb_kwargs must be a dict, got "
+                            f"{type(positional[0]).__name__}; put every positional input in the mb_args tuple")
+        mb_args, num_chunks = tuple(num_chunks), None
+        mb_kwargs = positional[0] if isinstance(positional[0], dict) else None
+        example_args, example_kwargs = (), None
+        split_spec = split_spec if positional[1] is None else positional[1]  # type: ignore[assignment]
+        split_policy = split_policy if positional[2] is None else positional[2]  # type: ignore[assignment]
+    if mb_args is not None or mb_kwargs is not None:
+        if num_chunks not in (None, 1) or example_args or example_kwargs:
+            raise TypeError(
+                "pipeline(): mb_args/mb_kwargs (one micro-batch, torch.distributed.pipelining's form) trace with "
+                "num_chunks=1; pass either them or num_chunks with example_args/example_kwargs (the full batch)"
+            )
+        num_chunks, example_args, example_kwargs = 1, tuple(mb_args or ()), mb_kwargs
+    if num_chunks is None:
+        raise TypeError(
+            "pipeline() needs num_chunks and the example batch: pipeline(model, num_chunks, example_args=(x,)), "
+            "or one micro-batch as mb_args=(x_mb,)"
+        )
     if args_chunk_spec is None:
         args_chunk_spec = _DEFAULT_SPECS["args"].get()
     if kwargs_chunk_spec is None:

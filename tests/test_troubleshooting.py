@@ -143,12 +143,28 @@ class StrOut(nn.Module):
         return "done"
 
 
+class LossFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.a(x)
+        return out.pow(2).mean(), out  # (loss, logits), as Hugging Face's return_dict=False gives
+
+
+def test_a_loss_logits_tuple_runs_forward_only_and_says_how_to_train_on_it() -> None:
+    lp = LocalPipeline(pipeline(LossFirst().double(), 2, (x8(),)), pippy.ScheduleGPipe, num_ranks=1, n_microbatches=2)
+    with pytest.warns(UserWarning, match=r"ran forward only.*first output is a scalar.*'loss' key"):
+        lp.step(x8())
+
+
 def test_model_output_without_a_loss_and_no_loss_fn() -> None:
     # as in PiPPy and torch.distributed.pipelining: no loss anywhere -> step() runs forward only, with a warning
     model = DictOut().double()
     lp = LocalPipeline(pipeline(model, 2, (x8(),)), pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2)
     x = x8()
-    with pytest.warns(UserWarning, match=r"no loss_fn and the model's output has no loss: step\(\) ran forward only"):
+    with pytest.warns(UserWarning, match=r"no loss_fn and the model's output has no loss, so step\(\) ran forward only"):
         out = lp.step(x)
     assert torch.allclose(out["logits"], model(x)["logits"], atol=1e-12)
     assert all(g is None for g in lp.named_grads().values())
@@ -184,10 +200,18 @@ def test_loss_fn_with_the_wrong_signature_fails_when_the_schedule_is_built() -> 
 def test_loss_fn_failing_inside_names_rank_stage_microbatch_and_shapes() -> None:
     lp = LocalPipeline(two_stage_pipe(), pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
     with pytest.raises(StageError) as info:
-        lp.step(x8(), target=torch.randn(6, 4, dtype=F64))  # target batch 6, output batch 4
+        lp.step(x8(), target=torch.randn(4, 5, dtype=F64))  # target width 5, output width 4
     msg = str(info.value)
     assert "rank 1, stage 1, micro-batch 0" in msg and "loss_fn(output, target) raised RuntimeError" in msg
-    assert "output float64[2, 4], target float64[3, 4]" in msg
+    assert "output float64[2, 4], target float64[2, 5]" in msg
+
+
+def test_a_target_with_other_rows_than_the_batch_is_refused_before_splitting() -> None:
+    """6 rows for a batch of 4: the plain model's loss refuses it; split into micro-batches it could broadcast."""
+    lp = LocalPipeline(two_stage_pipe(), pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    with pytest.raises(ValueError, match=r"rank 1, stage 1, splitting the target .* target leaf 0 has 6 rows along dim "
+                                         r"0, but the batch has 4 \(2 micro-batches of 2\).*target_chunk_spec"):
+        lp.step(x8(), target=torch.randn(6, 4, dtype=F64))
 
 
 def test_a_target_of_the_wrong_kind_and_losses_not_a_list_get_the_right_fix() -> None:

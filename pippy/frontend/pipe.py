@@ -102,6 +102,7 @@ class SplitPipe:
         # pipe(x) (pippy.frontend.root.run_local): whether a stage writes state or an input in place (None: not
         # yet looked), and the (micro-batch count, input shapes) whose whole-batch attempt was dropped
         self.local_writes_state: bool | None = None
+        self.local_divides_by_count = False  # a graph dividing by a micro-batch's baked size runs per micro-batch
         self.local_whole_failed: set[Any] = set()
         self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
 
@@ -238,8 +239,9 @@ class SplitPipe:
 
     def default_merge_spec(self, n_leaves: int, sums: Sequence[int] = ()) -> list[Any] | None:
         """The flat merge spec of the outputs without an ``output_merge_spec``: each output's merge dim, and
-        ``Sum()`` for a 0-dim output that sums the batch (:attr:`output_reductions`) or whose index is in
-        ``sums``; None when every output takes the default (dim 0; 0-dim outputs averaged).
+        ``Sum()`` for a one-element output that sums the batch (:attr:`output_reductions`) or whose index is in
+        ``sums`` (``Sum(mean=True)`` for one that averages it); None when every output takes the default
+        (dim 0; 0-dim outputs averaged).
 
             >>> import torch
             >>> from pippy import pipeline
@@ -260,6 +262,8 @@ class SplitPipe:
         for j in range(n_leaves):
             if j in sums or (red is not None and red[j] == "sum"):
                 spec[j] = Sum()
+            elif red is not None and red[j] == "mean":
+                spec[j] = Sum(mean=True)  # a [1]-shaped mean stays [1]
         return spec
 
     def split_report(self) -> str:

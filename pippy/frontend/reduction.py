@@ -1,18 +1,19 @@
 """How a traced scalar output reduces its batch (a sum or a mean), read off the graph, so micro-batches merge right.
 
 A model's loss is a *mean* when the full batch's value is the mean of equal micro-batches' values,
-and a *sum* when it is their sum. The graph says which: ``x.mean()``, ``x.sum()``, a loss op's
-``reduction=`` argument, each scaled by plain numbers. A number that equals one micro-batch's size
-(or its size times other dims of an input, a token count) is the batch size baked into the trace
-by ``x.sum() / x.shape[0]``: that sum is a mean per micro-batch.
+and a *sum* when it is their sum. The graph says which: the reduction that removes the batch dim
+(``x.mean()``, ``x.sum(0)``, a loss op's ``reduction=``), scaled by plain numbers. An int divisor
+that equals one micro-batch's size (or its size times other dims of an input, a token count) is
+the batch size baked into the trace by ``x.sum() / x.shape[0]``: that sum is a mean per micro-batch.
+A scalar that no batched input reaches (a weight's norm) is the same in every micro-batch.
 
     >>> import torch
     >>> from pippy import pipeline
     >>> class Net(torch.nn.Module):
     ...     def forward(self, x):
-    ...         return x.sum() / x.shape[0], x.sum() / 10, x.amax()
+    ...         return x.sum() / x.shape[0], x.sum() / 10, x.amax(), x.mean(0).sum(), x.sum(0).mean()
     >>> pipeline(Net(), 2, (torch.ones(4, 3),)).output_reductions
-    ['mean', 'sum', None]
+    ['mean', 'sum', None, 'mean', 'sum']
 """
 
 from __future__ import annotations
@@ -20,47 +21,64 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
-__all__ = ["batch_counts", "graph_reduction", "model_reduction", "output_reductions"]
+__all__ = ["MicroBatch", "divides_by_count", "graph_reduction", "model_reduction", "output_reductions"]
 
-# ops that keep a value's meaning (shape, dtype, copies) and pointwise scaling by a plain number
+# ops that keep a value's meaning (shape, dtype, copies, sign)
 _PASS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "clone", "_to_copy", "to", "alias", "contiguous",
          "expand", "flatten", "neg"}
 _SCALE = {"mul", "div"}
 _REDUCTIONS = {1: "mean", 2: "sum"}  # at::Reduction: None = 0, Mean = 1, Sum = 2
 
 
-def batch_counts(split: Iterable[tuple[torch.Tensor, int]]) -> frozenset[int]:
-    """The counts a per-micro-batch mean may divide by: for each ``(input, d)`` of one micro-batch split along
-    dim ``d`` (:func:`pippy.microbatch.split_leaves`), its size there times the sizes of any of its other dims
-    (rows, tokens, elements). A micro-batch of one row gives none: ``x.sum() / x.shape[1]`` would look the same.
+@dataclass(frozen=True, slots=True)
+class MicroBatch:
+    """One traced micro-batch as a scalar's reduction sees it: ``rows``, its size along each split dim; ``counts``,
+    what a per-micro-batch mean may divide by (rows times any other dims of a split input: tokens, elements);
+    ``inputs``, the graph's placeholders that carry the batch (None: any placeholder may).
 
-        >>> sorted(batch_counts([(torch.zeros(2, 5), 0), (torch.zeros(1, 3), 0)]))
-        [2, 10]
+        >>> mb = MicroBatch.of([(torch.zeros(2, 5), 0), (torch.zeros(1, 3), 0)])
+        >>> sorted(mb.rows), sorted(mb.counts)
+        ([1, 2], [2, 10])
     """
-    out: set[int] = set()
-    for leaf, d in split:
-        sizes = list(leaf.shape)
-        if not all(isinstance(s, int) for s in sizes) or sizes[d] == 1:
-            continue  # a symbolic size is never baked in as a number
-        rest = [s for k, s in enumerate(sizes) if k != d][:6]
-        for r in range(len(rest) + 1):
-            for combo in itertools.combinations(rest, r):
-                out.add(int(sizes[d]) * math.prod(combo))
-    return frozenset(out)
+
+    rows: frozenset[int] = frozenset()
+    counts: frozenset[int] = frozenset()
+    inputs: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, split: Iterable[tuple[Any, int]], inputs: Iterable[str] | None = None) -> MicroBatch:
+        """From ``(input, dim)`` of every split input of one micro-batch (:func:`pippy.microbatch.split_leaves`).
+        A micro-batch of one row gives no counts: ``x.sum() / x.shape[1]`` would look the same."""
+        rows: set[int] = set()
+        counts: set[int] = set()
+        for leaf, d in split:
+            sizes = list(leaf.shape)
+            if not all(isinstance(s, int) for s in sizes):
+                continue  # a symbolic size is never baked in as a number
+            rows.add(sizes[d])
+            if sizes[d] == 1:
+                continue
+            rest = [s for k, s in enumerate(sizes) if k != d][:6]
+            for r in range(len(rest) + 1):
+                for combo in itertools.combinations(rest, r):
+                    counts.add(sizes[d] * math.prod(combo))
+        return cls(frozenset(rows), frozenset(counts), None if inputs is None else frozenset(inputs))
 
 
-def graph_reduction(node: Any, counts: frozenset[int] = frozenset()) -> str | None:
+def graph_reduction(node: Any, mb: MicroBatch | None = None) -> str | None:
     """How the scalar a traced graph computes at ``node`` reduces its batch: ``"mean"``, ``"sum"``, or None.
 
-    Follows shape-only ops and scaling by plain numbers back to a ``mean`` / ``sum`` or a loss op's
-    ``reduction`` argument (``cross_entropy_loss``, ``mse_loss``, ... read from the op's schema). A sum
-    divided by an int ``c`` in ``counts`` (see :func:`batch_counts`) is a mean: the micro-batch's
-    size was baked in as that int when tracing ``x.sum() / x.shape[0]``.
+    Follows shape-only ops, scaling by plain numbers and ``sum`` / ``mean`` reductions back to the
+    tensor they reduce, or to a loss op's ``reduction`` argument (``cross_entropy_loss``, ``mse_loss``,
+    ... read from the op's schema); the reduction that removes the batch dim (the dim of a size in
+    ``mb.rows``, dim 0 first) decides. A sum divided by an int in ``mb.counts`` is a mean. None when
+    no reduction removes a batch dim, no batched input reaches the value, or the ops say nothing.
 
         >>> from pippy import pipeline
         >>> class Net(torch.nn.Module):
@@ -68,38 +86,41 @@ def graph_reduction(node: Any, counts: frozenset[int] = frozenset()) -> str | No
         ...         return torch.nn.functional.mse_loss(x * 2, torch.zeros_like(x), reduction="sum") / 3
         >>> gm = pipeline(Net(), 1, (torch.ones(2, 2),)).get_stage_module(0)
         >>> out = next(iter(gm.graph.find_nodes(op="output"))).args[0][0]
-        >>> graph_reduction(out), graph_reduction(out, frozenset({3}))
+        >>> graph_reduction(out), graph_reduction(out, MicroBatch(frozenset({2}), frozenset({3})))
         ('sum', 'mean')
     """
+    mb = mb or MicroBatch()
+    chain: list[Any] = []  # sum / mean nodes from the outside in
+    per_count = False  # an int equal to a micro-batch count divided the value on the way
     found: str | None = None
-    per_count = False  # a plain number equal to a micro-batch count scaled the value on the way
     for _ in range(64):
         name, schema = _op(node)
-        if schema is not None and name in _PASS:
-            node = node.args[0]
-            continue
-        if schema is not None and name in _SCALE and len(node.args) > 1 and isinstance(node.args[1], int | float):
-            per_count = per_count or _is_count(node.args[1], name, counts)
-            node = node.args[0]
-            continue
-        if found is not None or schema is None:
-            break  # below the batch's reduction, other reductions run over other dims: the outer one stands
-        if name in ("mean", "sum"):
-            found = name
-            if name == "sum" and node.args:
-                node = node.args[0]  # a sum of scaled terms, as in (x / x.shape[0]).sum(), is a mean too
-                continue
+        if schema is None:
             break
-        pos = next((k for k, a in enumerate(schema.arguments) if a.name == "reduction"), None)
-        if pos is not None:
-            value = node.kwargs.get("reduction", node.args[pos] if len(node.args) > pos
-                                    else schema.arguments[pos].default_value)
-            found = _REDUCTIONS.get(value) if isinstance(value, int) else None
-        break
+        if name in _PASS:
+            node = node.args[0]
+        elif name in _SCALE and len(node.args) > 1 and isinstance(node.args[1], int | float):
+            per_count = per_count or _is_count(node.args[1], name, mb.counts)
+            node = node.args[0]
+        elif name in ("sum", "mean"):
+            chain.append(node)
+            node = node.args[0]
+        else:
+            pos = next((k for k, a in enumerate(schema.arguments) if a.name == "reduction"), None)
+            value = None if pos is None else node.kwargs.get(
+                "reduction", node.args[pos] if len(node.args) > pos else schema.arguments[pos].default_value)
+            if isinstance(value, int) and value in _REDUCTIONS:
+                found = _REDUCTIONS[value]  # a loss op reducing every dim, the batch's too
+                node = node.args[0] if node.args else node
+            break
+    if found is None:
+        found = _batch_reduction(node, chain, mb.rows)
+    if found is None or not _reaches(node, mb.inputs):
+        return None
     return "mean" if found == "sum" and per_count else found
 
 
-def model_reduction(gm: Any, index: int | None, counts: frozenset[int] = frozenset()) -> str | None:
+def model_reduction(gm: Any, index: int | None, mb: MicroBatch | None = None) -> str | None:
     """How flat output ``index`` of graph ``gm`` (a model's own loss) reduces the batch (see :func:`graph_reduction`).
 
         >>> from pippy import pipeline
@@ -114,15 +135,16 @@ def model_reduction(gm: Any, index: int | None, counts: frozenset[int] = frozens
     values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
     if not isinstance(values, tuple | list) or index >= len(values):
         return None
-    return graph_reduction(values[index], counts)
+    return graph_reduction(values[index], mb)
 
 
-def output_reductions(gm: fx.GraphModule, counts: frozenset[int]) -> list[str | None]:
-    """Per flat output of ``gm``: how a 0-dim output reduces the batch (None for other outputs or when unknown).
+def output_reductions(gm: fx.GraphModule, mb: MicroBatch) -> list[str | None]:
+    """Per flat output of ``gm``: how a one-element output (a scalar, or a ``[1]`` loss) reduces the batch (None for
+    other outputs, or when unknown).
 
         >>> from pippy import pipeline
         >>> gm = pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(2, 2),)).get_stage_module(0)
-        >>> output_reductions(gm, frozenset())
+        >>> output_reductions(gm, MicroBatch())
         [None]
     """
     values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
@@ -130,8 +152,74 @@ def output_reductions(gm: fx.GraphModule, counts: frozenset[int]) -> list[str | 
     out: list[str | None] = []
     for v in values:
         val = v.meta.get("val") if isinstance(v, fx.Node) else None
-        out.append(graph_reduction(v, counts) if isinstance(val, torch.Tensor) and val.dim() == 0 else None)
+        one = isinstance(val, torch.Tensor) and all(isinstance(s, int) and s == 1 for s in val.shape)
+        out.append(graph_reduction(v, mb) if one else None)
     return out
+
+
+def divides_by_count(gm: fx.GraphModule, mb: MicroBatch) -> bool:
+    """Whether ``gm`` divides by an int equal to one of the micro-batch's counts (``x / x.shape[0]`` traced): run on
+    a batch of several micro-batches at once, it would still divide by one micro-batch's count.
+
+        >>> from pippy import pipeline
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x / x.shape[0]
+        >>> pipe = pipeline(Net(), 2, (torch.ones(4, 3),))
+        >>> divides_by_count(pipe.get_stage_module(0), MicroBatch.of([(torch.ones(2, 3), 0)]))
+        True
+    """
+    for node in gm.graph.nodes:
+        name, schema = _op(node)
+        if schema is not None and name == "div" and len(node.args) > 1 and _is_count(node.args[1], name, mb.counts):
+            return True
+    return False
+
+
+def _batch_reduction(node: Any, chain: list[Any], rows: frozenset[int]) -> str | None:
+    """Which of ``chain`` (sum / mean from the outside in, reducing ``node``'s value) removes its batch dim."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not chain or not isinstance(val, torch.Tensor):
+        return None
+    shape = list(val.shape)
+    hits = [d for d, s in enumerate(shape) if s in rows] if rows else [0][: len(shape)]  # unknown rows: dim 0
+    if not hits or (len(hits) > 1 and hits[0] != 0):
+        return None  # no dim of a micro-batch's size, or several and none is dim 0: cannot tell which is the batch
+    batch, ndim = hits[0], len(shape)
+    for red in reversed(chain):
+        dims, keep = _reduced_dims(red, ndim)
+        name = _op(red)[0]
+        if batch in dims:
+            return name
+        if not keep:
+            batch -= sum(1 for d in dims if d < batch)
+            ndim -= len(dims)
+    return None
+
+
+def _reduced_dims(node: Any, ndim: int) -> tuple[set[int], bool]:
+    """The dims a ``sum`` / ``mean`` node reduces of a value with ``ndim`` dims, and whether it keeps them."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+    if isinstance(dim, torch.dtype) or dim is None or (isinstance(dim, list | tuple) and not dim):
+        return set(range(ndim)), keep  # sum(x, dtype) / sum(x, []) reduce every dim
+    dims = dim if isinstance(dim, list | tuple) else [dim]
+    return {int(d) % ndim for d in dims} if ndim else set(), keep
+
+
+def _reaches(node: Any, inputs: frozenset[str] | None) -> bool:
+    """Whether one of the placeholders named ``inputs`` (any placeholder when None) flows into ``node``."""
+    seen: set[Any] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and (inputs is None or n.name in inputs):
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _op(node: Any) -> tuple[str, Any]:

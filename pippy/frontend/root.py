@@ -74,8 +74,10 @@ def bind_to_traced(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any
                 bound = signature.bind(*filled, **kwargs)
             except TypeError:
                 raise TypeError(f"the pipe takes the model's arguments {signature}: {exc}") from None
+        given = set(bound.arguments)
         bound.apply_defaults()
         names = list(bound.arguments)
+        _refuse_untraced(signature, {k: bound.arguments[k] for k in given}, names[:n_args], kw_keys)
         call_args = tuple(bound.arguments[n] for n in names[:n_args])
         missing = [k for k in kw_keys if k not in bound.arguments]
         if missing:
@@ -92,7 +94,34 @@ def bind_to_traced(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any
             f"input structure differs from the traced example.\n expected: {pipe.in_spec}\n got: {spec}\n"
             "Pass inputs with the same nesting as example_args/example_kwargs."
         )
+    for k, (got, ex) in enumerate(zip(leaves, pipe.example_leaves)):
+        if not isinstance(ex, torch.Tensor) and not isinstance(got, torch.Tensor) and not _same(got, ex):
+            raise ValueError(
+                f"input leaf {k} is the constant {got!r} but the pipe was traced with {ex!r}; non-tensor inputs "
+                "are baked into the graph, so trace again (pipeline(..., example_args=...)) to change them"
+            )
     return leaves
+
+
+def _refuse_untraced(signature: inspect.Signature, given: dict[str, Any], positional: list[str],
+                     kw_keys: list[str]) -> None:
+    """Raise when the call sets a ``forward`` argument the trace did not see to other than its default (the traced
+    graph would ignore it)."""
+    for name in sorted(set(given) - set(positional) - set(kw_keys)):
+        param = signature.parameters.get(name)
+        if param is None or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or _same(given[name], param.default):
+            continue
+        raise TypeError(
+            f"the pipe was traced without the argument {name!r}, so its value would be ignored (the traced graph "
+            f"keeps {name}={param.default!r}); trace with it, e.g. pipeline(..., example_kwargs={{{name!r}: ...}})"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a is b or a == b)
+    except Exception:  # a value whose == does not give one bool: compare by identity only
+        return False
 
 
 def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -102,7 +131,8 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
     Any batch runs at once, as PiPPy ran the whole graph, when the graph allows it: a batch that is
     a whole number ``n > 1`` of traced micro-batches (along the chunk dims) falls back to running
     micro-batch by micro-batch, as the pipeline does, when running it at once fails or gives
-    outputs of other than ``n`` micro-batches' shapes (a graph that bakes in the traced size), or
+    outputs of other than ``n`` micro-batches' shapes (a graph that bakes in the traced size), when
+    the graph divides by a micro-batch's size baked in as a number (``loss.sum() / x.shape[0]``), or
     when a stage writes a buffer or an input in place (batch norm's running statistics, which a
     failed attempt would have updated); those outputs merge as a schedule merges them (``SplitPipe.merge_outputs``:
     a scalar, such as a loss, becomes the sum of the micro-batches' when its graph sums the batch, else
@@ -115,7 +145,7 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
         return _run_flat(pipe, flat)
     key = (n, tuple(tuple(x.shape) for x in flat if isinstance(x, torch.Tensor)))
     failed = pipe.local_whole_failed
-    if not _writes_state(pipe) and key not in failed:
+    if not _writes_state(pipe) and not pipe.local_divides_by_count and key not in failed:
         with warnings.catch_warnings(record=True) as said:  # an attempt that is dropped warns nothing
             warnings.simplefilter("always")
             try:

@@ -24,7 +24,7 @@ from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_s
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.pipe import SharedParam, SplitPipe
 from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
-from pippy.frontend.reduction import batch_counts, output_reductions
+from pippy.frontend.reduction import MicroBatch, divides_by_count, output_reductions
 from pippy.frontend.split import StageInfo, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
 from pippy.frontend.trainmode import keep_following, module_modes, set_modes
@@ -111,8 +111,8 @@ def trace_and_split(
     gm = ep.module()
     ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))
     merge_dims = output_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
-    reductions = output_reductions(gm, batch_counts(split_leaves(ph_args, ph_kwargs, args_chunk_spec,
-                                                                 kwargs_chunk_spec)))
+    mb = _micro_batch(gm, ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec)
+    reductions, baked = output_reductions(gm, mb), divides_by_count(gm, mb)
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
     retarget_aliases(gm)
@@ -140,6 +140,7 @@ def trace_and_split(
         pipe.input_dims = input_dims
     pipe.output_merge_dims = merge_dims if any(merge_dims) else None
     pipe.output_reductions = reductions if any(reductions) else None
+    pipe.local_divides_by_count = baked
     pipe.traced_training = module.training
     pipe.traced_modes = module_modes(module)
     for info in stages:  # a stage module starts in the modes its graph was traced in
@@ -209,3 +210,14 @@ def _drop_guards(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     gm.recompile()
 
+
+def _micro_batch(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], args_spec: Any,
+                 kwargs_spec: Any) -> MicroBatch:
+    """The traced micro-batch's split inputs, their sizes and the graph's placeholders that carry them."""
+    split = split_leaves(args, kwargs, args_spec, kwargs_spec)
+    leaves = pytree.tree_leaves((args, kwargs))
+    holders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(holders) != len(leaves):
+        return MicroBatch.of(split)
+    names = [holders[i] for leaf, _ in split for i, x in enumerate(leaves) if x is leaf]
+    return MicroBatch.of(split, names)

@@ -2,8 +2,9 @@
 
 Gradient rule: with ``loss_reduction="mean"`` (default) each micro-batch loss is scaled by
 ``1/n_microbatches`` before backward, so for a mean-reduced ``loss_fn`` and equal micro-batches
-every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. For a sum-reduced
-``loss_fn`` pass ``loss_reduction="sum"``: losses are not scaled and grads equal the full-batch sum.
+every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. With
+``loss_reduction="sum"`` losses are not scaled and grads equal the full-batch sum. Left unset, the
+reduction is read off ``loss_fn`` or the model's loss graph, or measured (see ``schedule_base``).
 
 Under torchrun each rank builds its stage(s) and calls the same schedule::
 

@@ -58,6 +58,8 @@ class StepInputs:
     loss_scale: float = 1.0
     keep_outputs: bool = True
     check_finite: bool = False  # raise where a loss is NaN or infinite (one host sync per micro-batch)
+    # called once with the first micro-batch's (output, target, loss): returns the loss scale of this and later ones
+    probe: Callable[[Any, Any, torch.Tensor], float] | None = None
 
 
 @dataclass(slots=True)
@@ -214,6 +216,8 @@ class Executor:
                 where = f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}"
                 target = None if inp.targets is None else inp.targets[i]
                 loss = step_loss(where, i, out, inp.loss_fn, target, inp.targets is not None, inp.check_finite)
+                if inp.probe is not None:
+                    inp.loss_scale, inp.probe = inp.probe(out, target, loss), None
                 stage.set_loss(i, loss * inp.loss_scale)
                 st.res.losses.append(loss.detach())
             if inp.keep_outputs:

@@ -71,7 +71,7 @@ class LocalPipeline:
     def step(self, *args: Any, target: Any = None, losses: list[Any] | None = None, **kwargs: Any) -> Any:
         """A training step over all ranks; returns the merged output (forward only when nothing gives a loss)."""
         if not self.schedules[0].trains:
-            self.schedules[0]._warn_once("forward", "no loss_fn and the model's output has no loss: step() ran forward only")
+            self.schedules[0]._warn_once("forward", self.schedules[0].forward_only_notice())
             return self.eval(*args, **kwargs)
         return self._drive(args, kwargs, target, losses, training=True)
 

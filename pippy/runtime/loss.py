@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,9 +17,12 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pippy.frontend.reduction import graph_reduction, model_reduction
+from pippy.microbatch import Replicate, TensorChunkSpec, merge_chunks, split_leaves
+from pippy.runtime.notice import warn_user
 from pippy.runtime.stage import StageError
 
-__all__ = ["describe", "graph_reduction", "infer_reduction", "loss_index", "model_reduction", "step_loss"]
+__all__ = ["choose_reduction", "describe", "graph_reduction", "infer_reduction", "loss_index", "measure_reduction",
+           "model_reduction", "probe_reduction", "step_loss", "target_spec"]
 
 
 def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor] | None, target: Any, has_target: bool,
@@ -133,6 +137,33 @@ def infer_reduction(loss_fn: Callable[..., Any] | None) -> str | None:
     return found if found in ("sum", "mean") else None
 
 
+def probe_reduction(loss_fn: Callable[..., torch.Tensor], out: Any, target: Any, loss: torch.Tensor,
+                    twice: Callable[[Any, Any], tuple[Any, Any]]) -> str | None:
+    """How ``loss_fn`` reduces a batch, measured: on one micro-batch twice over (``twice(out, target)`` stacks each
+    with itself along its batch dim) a mean keeps the micro-batch's ``loss`` and a sum doubles it. None when it
+    does neither (a loss over the batch's pairs, a zero loss) or cannot run so. It runs without grad and leaves
+    the random state as it was.
+
+        >>> twice = lambda o, t: (torch.cat([o, o]), torch.cat([t, t]))
+        >>> o, t = torch.ones(2, 3), torch.zeros(2, 3)
+        >>> [probe_reduction(f, o, t, f(o, t), twice) for f in (lambda o, t: (o - t).sum(), lambda o, t: (o - t).mean())]
+        ['sum', 'mean']
+    """
+    try:
+        one = float(loss.detach().float())
+        devices = [loss.device] if loss.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            out2, target2 = twice(out, target)
+            two = float(torch.as_tensor(loss_fn(out2, target2)).detach().float())
+    except Exception:  # the probe is a guess only: a loss_fn it cannot run that way gets the caller's default
+        return None
+    if not (math.isfinite(one) and math.isfinite(two)) or one == 0.0:
+        return None
+    tol = 1e-2 if loss.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    ratio = two / one
+    return "mean" if abs(ratio - 1.0) <= tol else "sum" if abs(ratio - 2.0) <= 2 * tol else None
+
+
 def loss_index(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> int | None:
     """The flat index of the model's own loss among its outputs: the output itself when it is a scalar, or its
     ``loss`` field (a scalar or all-ones shape); None when it has none. ``out_meta`` holds one entry per flat
@@ -154,3 +185,118 @@ def loss_index(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> int | None
         return None
     shape = out_meta[out].shape
     return out if shape is not None and (len(shape) == 0 or (field and all(d == 1 for d in shape))) else None
+
+
+def choose_reduction(owner: str, loss_fn: Callable[..., torch.Tensor] | None, pipe: Any, own: int | None,
+                     given: str | None, trains: bool) -> tuple[str, bool]:
+    """A schedule's loss reduction and whether to measure it on the first micro-batch: ``given``, else read off
+    ``loss_fn`` (:func:`infer_reduction`) or the traced graph of the model's own loss (flat output ``own``);
+    a ``loss_fn`` that does not say is measured (:func:`measure_reduction`); an own loss that does not say
+    gets "mean" and a warning naming ``owner``.
+
+        >>> choose_reduction("ScheduleGPipe", torch.nn.MSELoss(reduction="sum"), None, None, None, True)
+        ('sum', False)
+        >>> choose_reduction("ScheduleGPipe", lambda out, y: (out - y).abs().sum(), None, None, None, True)
+        ('mean', True)
+    """
+    if given is not None:
+        return given, False
+    if loss_fn is not None:
+        found = infer_reduction(loss_fn)
+        return found or "mean", found is None
+    found = _own_reduction(pipe, own)
+    if found is None and trains:
+        _unknown(owner, "the model's own loss", "")
+    return found or "mean", False
+
+
+def measure_reduction(owner: str, loss_fn: Callable[..., torch.Tensor], pipe: Any, target_spec: Any, out: Any,
+                      target: Any, loss: torch.Tensor) -> str:
+    """``loss_fn``'s reduction measured on one micro-batch's ``out``, ``target`` and ``loss`` (:func:`probe_reduction`,
+    stacking the output as ``pipe`` merges it and the target along ``target_spec``); "mean" with a warning naming
+    ``owner`` when the measure says neither.
+    """
+    found = probe_reduction(loss_fn, out, target, loss,
+                            lambda o, t: (pipe.merge_outputs([o, o]), merge_chunks([t, t], target_spec)))
+    if found is None:
+        _unknown(owner, f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r}",
+                 " (its value on a micro-batch twice over was neither the same nor double)")
+    return found or "mean"
+
+
+def _own_reduction(pipe: Any, own: int | None) -> str | None:
+    """How the model's own loss (flat output ``own``) reduces the batch: from the whole traced graph when the
+    pipe read it there (it sees the micro-batch size a trace baked in), else from the last stage's graph."""
+    if own is None:
+        return None
+    reductions = getattr(pipe, "output_reductions", None)
+    if reductions is not None and own < len(reductions) and reductions[own] is not None:
+        return str(reductions[own])
+    return model_reduction(pipe.stage_infos[-1].module, own)
+
+
+def _unknown(owner: str, what: str, why: str) -> None:
+    warn_user(
+        f"{owner}: cannot tell whether {what} sums or averages over the batch{why}, so micro-batch losses are "
+        "averaged (loss_reduction='mean'): grads equal a mean-reduced full-batch loss. PiPPy summed them. Pass "
+        "loss_reduction='sum' for a sum-reduced loss, or loss_reduction='mean' to silence this."
+    )
+
+
+def target_spec(pipe: Any, target: Any, m: int, given: Any = None) -> Any:
+    """How ``target`` splits into ``m`` micro-batches: ``given`` (``target_chunk_spec``) when set. Else a lone
+    target tensor splits along the dim the lone output merges on (the batch dim of a sequence-first model, see
+    ``SplitPipe.output_merge_dims``) when it has the whole batch there and not at dim 0 too, and every other
+    tensor along dim 0, except one with fewer dims than the outputs whose size there is no whole multiple of
+    the batch (a ``[4]`` target for ``[8, 4]`` outputs): that one is unbatched, and every micro-batch gets all
+    of it, as the plain model's loss broadcasts it; one with as many dims is an error (the plain model's loss
+    would not broadcast it either). The batch is each split input's micro-batch size times ``m``.
+
+        >>> import torch
+        >>> from pippy import pipeline
+        >>> pipe = pipeline(torch.nn.Linear(4, 4), 2, (torch.ones(8, 4),))
+        >>> target_spec(pipe, torch.zeros(8, 4), 2), target_spec(pipe, torch.zeros(16), 2)
+        (None, None)
+        >>> target_spec(pipe, {"y": torch.zeros(8, 4), "w": torch.ones(4)}, 2)
+        {'y': None, 'w': Replicate()}
+    """
+    if given is not None:
+        return given
+    dims = pipe.output_merge_dims
+    if dims is not None and len(dims) == 1 and isinstance(target, torch.Tensor):
+        d, shape = dims[0], pipe.stage_infos[-1].outputs[0].shape or ()
+        batch = shape[d] * m if d < len(shape) else None
+        if d and target.dim() > d and target.shape[d] == batch and target.shape[0] != batch:
+            return TensorChunkSpec(d)
+    batches = _batch_sizes(pipe, m)
+    out_dims = max((len(o.shape) for o in pipe.stage_infos[-1].outputs if o.shape is not None), default=0)
+    if not batches:
+        return None
+    leaves, tree = pytree.tree_flatten(target)
+    specs: list[Any] = []
+    for k, t in enumerate(leaves):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or any(t.shape[0] % b == 0 for b in batches):
+            specs.append(None)
+        elif t.dim() < out_dims:
+            specs.append(Replicate())
+        else:
+            raise ValueError(
+                f"target leaf {k} has {t.shape[0]} rows along dim 0, but the batch has {min(batches)} ({m} "
+                f"micro-batches of {min(batches) // m}); expected one row per batch row (or a whole multiple, as a "
+                "flattened token target has). Pass the target of this batch, or target_chunk_spec=Replicate() for "
+                "a target that is not batched"
+            )
+    return pytree.tree_unflatten(specs, tree) if any(s is not None for s in specs) else None
+
+
+def _batch_sizes(pipe: Any, m: int) -> set[int]:
+    """The full batch's size along each split input's split dim (empty when the pipe does not say, or sizes vary)."""
+    leaves, in_spec = getattr(pipe, "example_leaves", None), getattr(pipe, "in_spec", None)
+    if leaves is None or in_spec is None or getattr(pipe, "input_dims", None) is not None:
+        return set()
+    try:
+        args, kwargs = pytree.tree_unflatten(list(leaves), in_spec)
+        split = split_leaves(tuple(args), dict(kwargs), pipe.args_chunk_spec, pipe.kwargs_chunk_spec)
+    except Exception:  # a pipe built by hand, with inputs the specs do not describe: split every target as given
+        return set()
+    return {int(leaf.shape[d]) * m for leaf, d in split if isinstance(leaf.shape[d], int) and leaf.shape[d] > 0}

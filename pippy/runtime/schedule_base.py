@@ -4,7 +4,8 @@ Gradient rule: with ``loss_reduction="mean"`` each micro-batch loss is scaled by
 ``1/n_microbatches`` before backward, so for a mean-reduced ``loss_fn`` and equal micro-batches
 every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. With ``"sum"``
 losses are not scaled and grads equal the full-batch sum. Left unset, it is read off ``loss_fn``
-(``nn.MSELoss(reduction="sum")`` sums); a ``loss_fn`` that does not say gets "mean" and a warning.
+(``nn.MSELoss(reduction="sum")`` sums); a ``loss_fn`` that does not say is measured on the first
+micro-batch (``pippy.runtime.loss.measure_reduction``), and gets "mean" and a warning when that fails.
 Without ``loss_fn``, ``step()`` trains on the model's own loss when its output has one, else
 runs forward only (as PiPPy and PyTorch's pipelining package do), with a warning.
 
@@ -30,6 +31,7 @@ the trace, merge the outputs). A new schedule class only says what to generate:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -40,11 +42,11 @@ import torch
 import torch.distributed as dist
 
 from pippy.frontend.precision import autocast_state
-from pippy.microbatch import Sum, TensorChunkSpec, split_value
+from pippy.microbatch import Sum, split_value
 from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor, StepInputs
-from pippy.runtime.loss import infer_reduction, loss_index, model_reduction
+from pippy.runtime.loss import choose_reduction, loss_index, measure_reduction, target_spec
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
 from pippy.runtime.ranks import gather_trace, schedule_facts
@@ -133,16 +135,8 @@ class PipelineSchedule:
         own = None if loss_fn is not None else loss_index(self.pipe.out_spec, last.outputs)
         self._own_loss = own  # the flat output index of the model's own loss (trained on without loss_fn)
         self.trains = loss_fn is not None or own is not None
-        found = infer_reduction(loss_fn) if loss_fn is not None else _own_reduction(self.pipe, own)
-        self.loss_reduction = loss_reduction or found or "mean"
-        if self.trains and loss_reduction is None and found is None:
-            what = f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r}" if loss_fn is not None else "the model's own loss"
-            warn_user(
-                f"{type(self).__name__}: cannot tell whether {what} sums or averages over the batch, so micro-batch "
-                "losses are averaged (loss_reduction='mean'): grads equal a mean-reduced full-batch loss. PiPPy "
-                "summed them. Pass loss_reduction='sum' for a sum-reduced loss, or loss_reduction='mean' to silence "
-                "this."
-            )
+        self.loss_reduction, self._probe_loss = choose_reduction(type(self).__name__, loss_fn, self.pipe, own,
+                                                                 loss_reduction, self.trains)
         self._warned: set[str] = set()
         self.target_chunk_spec = target_chunk_spec
         self.output_merge_spec = output_merge_spec
@@ -257,21 +251,25 @@ class PipelineSchedule:
                     "call step(..., target=y) on the rank holding the last stage"
                 )
             if target is not None:
-                targets = split_value(target, m, self._target_spec(target), what="target")
+                try:
+                    tspec = target_spec(self.pipe, target, m, self.target_chunk_spec)
+                    targets = split_value(target, m, tspec, what="target")
+                except ValueError as exc:
+                    raise ValueError(f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1}, splitting the "
+                                     f"target (action: step target): {exc}") from None
         scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
-        return StepInputs(mbs, targets, self.loss_fn, training, scale, check_finite=self.check_finite)
+        probe = None
+        if self._probe_loss and targets is not None:
+            probe = functools.partial(self._measured_scale, tspec)
+        return StepInputs(mbs, targets, self.loss_fn, training, scale, check_finite=self.check_finite, probe=probe)
 
-    def _target_spec(self, target: Any) -> Any:
-        """``target_chunk_spec``; without one, a lone target tensor splits along the dim the lone output merges on
-        (the batch dim of a sequence-first model, see ``SplitPipe.output_merge_dims``) when it has the whole
-        batch there and not at dim 0 too, else along dim 0."""
-        dims = self.pipe.output_merge_dims
-        if self.target_chunk_spec is None and dims is not None and len(dims) == 1 and isinstance(target, torch.Tensor):
-            d, shape = dims[0], self.pipe.stage_infos[-1].outputs[0].shape or ()
-            batch = shape[d] * self.n_microbatches if d < len(shape) else None
-            if d and target.dim() > d and target.shape[d] == batch and target.shape[0] != batch:
-                return TensorChunkSpec(d)
-        return self.target_chunk_spec
+    def _measured_scale(self, target_spec: Any, out: Any, target: Any, loss: torch.Tensor) -> float:
+        """The first micro-batch's loss scale, once ``loss_fn``'s reduction is measured on it (``measure_reduction``)."""
+        self._probe_loss = False
+        assert self.loss_fn is not None  # only a loss_fn is measured
+        self.loss_reduction = measure_reduction(type(self).__name__, self.loss_fn, self.pipe, target_spec, out, target,
+                                                loss)
+        return 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -365,11 +363,16 @@ class PipelineSchedule:
             return None
         spec = self.output_merge_spec
         if spec is None and self._own_loss is not None:  # the step's loss merges as the step reduced it
-            spec = self.pipe.default_merge_spec(len(self.pipe.stage_infos[-1].outputs),
-                                                (self._own_loss,) if self.loss_reduction == "sum" else ())
-            if spec is not None and self.loss_reduction == "mean":
-                spec[self._own_loss] = Sum(mean=True)
+            n = len(self.pipe.stage_infos[-1].outputs)
+            spec = self.pipe.default_merge_spec(n) or [None] * n
+            spec[self._own_loss] = Sum(mean=self.loss_reduction == "mean")
         return self.pipe.merge_outputs(res.outputs, spec)
+
+    def forward_only_notice(self) -> str:
+        """What ``step()`` says when nothing gives a loss, so that it runs forward only."""
+        return (f"{type(self).__name__} has no loss_fn and the model's output has no loss, so step() ran forward "
+                "only (no gradients), as in PiPPy and PyTorch's pipelining package. Pass loss_fn=... to train, or "
+                "call .eval() for a forward-only step." + _scalar_first_hint(self.pipe))
 
     def _executor(self, sched: Schedule) -> Executor:
         ex = self._executors.get(id(sched))
@@ -394,12 +397,7 @@ class PipelineSchedule:
         """
         self._check_losses(losses)
         if not self.trains:
-            self._warn_once(
-                "forward",
-                f"{type(self).__name__} has no loss_fn and the model's output has no loss, so step() ran forward "
-                "only (no gradients), as in PiPPy and PyTorch's pipelining package. Pass loss_fn=... to train, or "
-                "call .eval() for a forward-only step.",
-            )
+            self._warn_once("forward", self.forward_only_notice())
             with torch.no_grad():
                 run = self.begin(args, kwargs, target=None, training=False, return_outputs=return_outputs)
                 run.run_blocking()
@@ -431,12 +429,11 @@ class PipelineSchedule:
         return self.finish(run)
 
 
-def _own_reduction(pipe: Any, own: int | None) -> str | None:
-    """How the model's own loss (flat output ``own``) reduces the batch: from the whole traced graph when the
-    pipe read it there (it sees the micro-batch size a trace baked in), else from the last stage's graph."""
-    if own is None:
-        return None
-    reductions = getattr(pipe, "output_reductions", None)
-    if reductions is not None and own < len(reductions) and reductions[own] is not None:
-        return str(reductions[own])
-    return model_reduction(pipe.stage_infos[-1].module, own)
+def _scalar_first_hint(pipe: Any) -> str:
+    """A hint for an output whose first element is a scalar, as a ``(loss, logits)`` tuple is."""
+    outs = pipe.stage_infos[-1].outputs
+    if len(outs) < 2 or outs[0].shape != ():
+        return ""
+    return (" Its first output is a scalar: if that is the loss (a (loss, logits) tuple, as Hugging Face models give "
+            "with return_dict=False), return a dict with a 'loss' key (return_dict=True) or the loss alone, and "
+            "step() trains on it.")

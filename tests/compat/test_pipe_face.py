@@ -279,3 +279,84 @@ def test_a_scalar_output_beside_a_dim_1_output_still_averages() -> None:
     h, s = lp.eval(x)
     ref_h, ref_s = net(x)
     assert h.shape == ref_h.shape and torch.allclose(h, ref_h, atol=1e-12) and torch.allclose(s, ref_s, atol=1e-12)
+
+
+def test_torch_pipelining_call_form_traces_one_micro_batch() -> None:
+    """``pipeline(module, mb_args=..., mb_kwargs=...)`` and ``pipeline(module, (x_mb,), mb_kwargs, split_spec)``, as
+    in torch.distributed.pipelining: traced on one micro-batch, a schedule of 4 runs the full batch exactly."""
+    from pippy import Schedule1F1B
+    from pippy.runtime.local import LocalPipeline
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(x)) * mask)
+
+    torch.manual_seed(0)
+    model = Masked().double()
+    x, mask, y = (torch.randn(8, 4, dtype=torch.float64), torch.rand(8, 4, dtype=torch.float64),
+                  torch.randn(8, 2, dtype=torch.float64))
+    spec = {"a": SplitPoint.END}
+    by_kw = pipeline(copy.deepcopy(model), mb_args=(x[:2],), mb_kwargs={"mask": mask[:2]}, split_spec=spec)
+    by_pos = pipeline(copy.deepcopy(model), (x[:2],), {"mask": mask[:2]}, spec)
+    ref = copy.deepcopy(model)
+    nn.functional.mse_loss(ref(x, mask), y).backward()
+    for pipe in (by_kw, by_pos):
+        assert pipe.num_chunks == 1 and pipe.num_stages == 2
+        lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=nn.functional.mse_loss)
+        out = lp.step(x, mask=mask, target=y)
+        assert torch.allclose(out, ref(x, mask), atol=1e-12)
+        for n, p in ref.named_parameters():
+            assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
+    with pytest.raises(TypeError, match="either them or num_chunks"):
+        pipeline(model, 4, (x,), mb_args=(x[:2],))
+    with pytest.raises(TypeError, match="mb_kwargs must be a dict"):
+        pipeline(model, (x[:2],), (mask[:2],))
+    with pytest.raises(TypeError, match="needs num_chunks"):
+        pipeline(model)
+
+
+class _PerRow(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, n: int = 2, flag: bool = False) -> tuple[torch.Tensor, ...]:
+        h = torch.tanh(self.a(x)) * n + (1.0 if flag else 0.0)
+        o = self.b(h)
+        return o, ((o - t) ** 2).sum() / x.shape[0]
+
+
+def test_calling_the_pipe_with_a_loss_divided_by_the_batch_size_equals_the_model() -> None:
+    """The trace bakes ``x.shape[0]`` in as one micro-batch's size: the pipe runs micro-batch by micro-batch (not
+    the whole batch at once, which would divide by that size), so loss and grads equal the model's."""
+    torch.manual_seed(0)
+    model = _PerRow().double()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    pipe = pipeline(model, 4, (x, y), split_spec={"a": SplitPoint.END})
+    for batch in (8, 6):
+        out, loss = pipe(x[:batch], y[:batch])
+        want_out, want = ref(x[:batch], y[:batch])
+        assert torch.allclose(out, want_out, atol=1e-12) and torch.allclose(loss, want, atol=1e-12), batch
+    loss.backward()
+    want.backward()
+    assert torch.allclose(pipe.get_stage_module(0).get_parameter("a.bias").grad, ref.a.bias.grad, atol=1e-12)
+
+
+def test_calling_the_pipe_with_an_argument_the_trace_did_not_see_is_refused() -> None:
+    torch.manual_seed(0)
+    model = _PerRow().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x, y), split_spec={"a": SplitPoint.END})
+    assert torch.allclose(pipe(x, y, flag=False)[0], model(x, y)[0], atol=1e-12)  # the default: fine
+    with pytest.raises(TypeError, match=r"traced without the argument 'n'.*keeps n=2.*example_kwargs"):
+        pipe(x, y, n=3)
+    with pytest.raises(TypeError, match=r"traced without the argument 'flag'"):
+        pipe(x, y, flag=True)
+    traced_n = pipeline(copy.deepcopy(model), 4, (x, y, 2), split_spec={"a": SplitPoint.END})
+    with pytest.raises(ValueError, match=r"input leaf 2 is the constant 3 but the pipe was traced with 2"):
+        traced_n(x, y, 3)

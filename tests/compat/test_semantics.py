@@ -16,6 +16,7 @@ from pippy import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     SplitPoint,
+    TensorChunkSpec,
     pipeline,
 )
 from pippy._IR import LossWrapper, PipeSequential, TrivialLossWrapper
@@ -64,10 +65,37 @@ def test_reduction_is_read_off_the_loss(loss_fn, reduction) -> None:
         torch.testing.assert_close(got[name], g, rtol=0, atol=TOL)
 
 
-def test_an_unreadable_reduction_warns_and_averages_and_can_be_given() -> None:
+@pytest.mark.parametrize(("loss_fn", "reduction"), [
+    (_sum_mse, "sum"),
+    (lambda out, y: ((out - y) ** 2).sum() / out.shape[0], "mean"),
+    (lambda out, y: ((out - y) ** 2).mean(), "mean"),
+    (lambda out, y: ((out - y) ** 2).sum(dim=1).mean() * 3.0, "mean"),
+])
+def test_an_unreadable_reduction_is_measured_on_the_first_micro_batch(loss_fn, reduction) -> None:
+    """A plain function says nothing of its reduction: the first micro-batch twice over measures it (the same loss:
+    a mean; double: a sum), without a warning, and grads equal the full-batch loss's either way."""
     model, pipe, x, y = _case()
-    with pytest.warns(UserWarning, match=r"cannot tell whether loss_fn '_sum_mse' sums or averages.*loss_reduction='sum'"):
-        LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M, loss_fn=_sum_mse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M, loss_fn=loss_fn)
+        lp.step(x, target=y)
+    assert lp.schedules[-1].loss_reduction == reduction
+    ref = _grads_after(model, loss_fn(model(x), y))
+    for name, g in ref.items():
+        torch.testing.assert_close(lp.named_grads()[name], g, rtol=0, atol=TOL)
+
+
+def _norm_loss(out, target):
+    return (out - target).norm()  # over the whole batch at once: neither a sum nor a mean of micro-batches
+
+
+def test_a_reduction_the_measure_cannot_read_warns_and_averages_and_can_be_given() -> None:
+    model, pipe, x, y = _case()
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M, loss_fn=_norm_loss)
+    with pytest.warns(UserWarning, match=r"cannot tell whether loss_fn '_norm_loss' sums or averages.*neither the same "
+                                         r"nor double.*loss_reduction='sum'"):
+        lp.step(x, target=y)
+    assert lp.schedules[-1].loss_reduction == "mean"
     lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M, loss_fn=_sum_mse, loss_reduction="sum")
     lp.step(x, target=y)
     ref = _grads_after(model, _sum_mse(model(x), y))
@@ -139,3 +167,49 @@ def test_step_microbatches_and_its_input_checks() -> None:
     ref = _grads_after(model, F.mse_loss(model(x), y))
     for name, g in ref.items():
         torch.testing.assert_close(got[name], g, rtol=0, atol=TOL)
+
+
+def test_the_measure_stacks_a_sequence_first_output_and_target_along_the_batch_dim() -> None:
+    """Output and target ``[seq, batch, width]`` split along dim 1: the measure stacks both there, so a sum over
+    the batch reads as a sum even though dim 0 (the sequence) would not split like it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).double()
+    x, y = torch.randn(5, 8, 4, dtype=torch.float64), torch.randn(5, 8, 4, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), M, (x,), split_spec={"1": SplitPoint.END},
+                    args_chunk_spec=(TensorChunkSpec(1),))
+
+    def per_row_sum(out, target):  # sums the batch, averages each row's sequence: only dim 1 stacks as a sum
+        return ((out - target) ** 2).mean(dim=(0, 2)).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M, loss_fn=per_row_sum)
+        lp.step(x, target=y)
+    assert lp.schedules[-1].loss_reduction == "sum"
+    ref = _grads_after(model, per_row_sum(model(x), y))
+    for name, g in ref.items():
+        torch.testing.assert_close(lp.named_grads()[name], g, rtol=0, atol=TOL)
+
+
+def test_a_target_without_the_batch_dim_reaches_every_micro_batch_whole() -> None:
+    """A ``[4]`` target for a batch of 8 rows broadcasts in the plain model's loss; split into micro-batches it
+    would broadcast other values. Every micro-batch gets all of it; a batched or flattened target still splits."""
+    model, pipe, x, _ = _case()
+    row = torch.randn(4, dtype=torch.float64)
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M, loss_fn=F.mse_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the target broadcasts, in both runs
+        lp.step(x, target=row)
+        ref = _grads_after(model, F.mse_loss(model(x), row))
+    for name, g in ref.items():
+        torch.testing.assert_close(lp.named_grads()[name], g, rtol=0, atol=TOL)
+    flat = torch.randn(8 * 4, dtype=torch.float64)  # one value per output element, flattened: rows in order
+
+    def flat_mse(out, target):
+        return F.mse_loss(out.reshape(-1), target)
+
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M, loss_fn=flat_mse, loss_reduction="mean")
+    lp.step(x, target=flat)
+    ref = _grads_after(model, flat_mse(model(x), flat))
+    for name, g in ref.items():
+        torch.testing.assert_close(lp.named_grads()[name], g, rtol=0, atol=TOL)

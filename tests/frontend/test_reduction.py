@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pippy import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, pipe_split, pipeline
-from pippy.frontend.reduction import batch_counts
+from pippy.frontend.reduction import MicroBatch
 from pippy.runtime.local import LocalPipeline
 
 # (name, loss from out [B, T, 3] and target, the reduction a full batch's loss has over micro-batches)
@@ -27,6 +27,10 @@ LOSSES = [
     ("per-row mean, summed", lambda o, t: ((o - t) ** 2).mean(dim=(1, 2)).sum(), "sum"),
     ("per-row sum, averaged", lambda o, t: ((o - t) ** 2).sum(dim=(1, 2)).mean(), "mean"),
     ("mean", lambda o, t: F.mse_loss(o, t), "mean"),
+    ("batch mean, then summed", lambda o, t: ((o - t) ** 2).mean(0).sum(), "mean"),
+    ("batch sum, then averaged", lambda o, t: ((o - t) ** 2).sum(0).mean(), "sum"),
+    ("unreduced loss, batch mean", lambda o, t: F.mse_loss(o, t, reduction="none").mean(0).sum(), "mean"),
+    ("keepdim batch sum", lambda o, t: ((o - t) ** 2).sum(0, keepdim=True).mean(), "sum"),
     ("plain sum", lambda o, t: ((o - t) ** 2).sum(), "sum"),
     ("half a sum", lambda o, t: 0.5 * ((o - t) ** 2).sum(), "sum"),
     ("sum / float literal", lambda o, t: ((o - t) ** 2).sum() / 2.0, "sum"),
@@ -112,6 +116,42 @@ def test_local_call_merges_scalars_by_their_reduction() -> None:
     assert h.shape == (6, 15)
 
 
-def test_batch_counts_skip_unsplit_and_one_row_inputs() -> None:
-    counts = batch_counts([(torch.zeros(2, 5, 3), 0), (torch.zeros(4, 1), 1), (torch.zeros(1, 7), 0)])
-    assert counts == frozenset({2, 10, 6, 30})  # (4, 1) splits one column, (1, 7) one row: neither counts
+def test_micro_batch_counts_skip_one_row_inputs() -> None:
+    mb = MicroBatch.of([(torch.zeros(2, 5, 3), 0), (torch.zeros(4, 1), 1), (torch.zeros(1, 7), 0)])
+    assert mb.rows == frozenset({1, 2}) and mb.counts == frozenset({2, 10, 6, 30})  # one row (or column): no count
+
+
+class _Extras(nn.Module):
+    """A loss plus scalars no batched input reaches (a weight's norm, its mean) and a ``[1]``-shaped loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.a(x))
+        pipe_split()
+        out = self.b(h)
+        return {"loss": F.mse_loss(out, t).reshape(1), "l2": self.b.weight.pow(2).sum(), "w": self.b.weight.mean(),
+                "rows": out.sum(dim=(1, 2), keepdim=True)}
+
+
+@pytest.mark.parametrize("cls", [ScheduleGPipe, Schedule1F1B])
+def test_scalars_no_batch_reaches_and_a_one_element_loss_merge_as_the_model_gives_them(cls) -> None:
+    """A weight's squared norm is the same in every micro-batch: it comes back once, not summed over them; a
+    ``[1]`` loss comes back ``[1]``, averaged; a per-row ``[b, 1, 1]`` output still concatenates."""
+    torch.manual_seed(0)
+    model = _Extras().double()
+    ref = copy.deepcopy(model)
+    x, t = _data()
+    pipe = pipeline(model, 4, (x, t))
+    assert pipe.output_reductions == ["mean", None, None, None]
+    lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4)
+    got, want = lp.step(x, t), ref(x, t)
+    want["loss"].sum().backward()
+    for key in ("loss", "l2", "w", "rows"):
+        assert got[key].shape == want[key].shape, key
+        assert torch.allclose(got[key], want[key].detach(), atol=1e-12, rtol=0), key
+    grads = lp.named_grads()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-12, rtol=0), n
