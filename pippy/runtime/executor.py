@@ -60,6 +60,9 @@ class StepInputs:
     check_finite: bool = False  # raise where a loss is NaN or infinite (one host sync per micro-batch)
     # called once with the first micro-batch's (output, target, loss): returns the loss scale of this and later ones
     probe: Callable[[Any, Any, torch.Tensor], float] | None = None
+    # a loss averaged over counted targets (runtime/countedmean.py): each micro-batch's count and the step's; the
+    # loss_fn is then its sum form, divided by the step's count (backward) and by its own (the loss reported)
+    counts: tuple[list[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(slots=True)
@@ -218,8 +221,12 @@ class Executor:
                 loss = step_loss(where, i, out, inp.loss_fn, target, inp.targets is not None, inp.check_finite)
                 if inp.probe is not None:
                     inp.loss_scale, inp.probe = inp.probe(out, target, loss), None
-                stage.set_loss(i, loss * inp.loss_scale)
-                st.res.losses.append(loss.detach())
+                if inp.counts is not None:
+                    stage.set_loss(i, loss / inp.counts[1])
+                    st.res.losses.append(loss.detach() / inp.counts[0][i])
+                else:
+                    stage.set_loss(i, loss * inp.loss_scale)
+                    st.res.losses.append(loss.detach())
             if inp.keep_outputs:
                 st.outputs[i] = _detach(out)
         if inp.training:

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from pippy.frontend.precision import autocast_state
 from pippy.microbatch import Sum, split_value
 from pippy.runtime.comm import DistTransport, Transport
+from pippy.runtime.countedmean import counted_mean
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor, StepInputs
 from pippy.runtime.loss import choose_reduction, loss_index, measure_reduction, target_spec
@@ -135,6 +136,8 @@ class PipelineSchedule:
         own = None if loss_fn is not None else loss_index(self.pipe.out_spec, last.outputs)
         self._own_loss = own  # the flat output index of the model's own loss (trained on without loss_fn)
         self.trains = loss_fn is not None or own is not None
+        # a mean over counted targets (ignore_index, class weights) stays exact across micro-batches
+        self._counted = counted_mean(loss_fn) if loss_reduction is None else None
         self.loss_reduction, self._probe_loss = choose_reduction(type(self).__name__, loss_fn, self.pipe, own,
                                                                  loss_reduction, self.trains)
         self._warned: set[str] = set()
@@ -261,7 +264,12 @@ class PipelineSchedule:
         probe = None
         if self._probe_loss and targets is not None:
             probe = functools.partial(self._measured_scale, tspec)
-        return StepInputs(mbs, targets, self.loss_fn, training, scale, check_finite=self.check_finite, probe=probe)
+        loss_fn, counts = self.loss_fn, None
+        if self._counted is not None and targets is not None and self._counted.applies(target):
+            loss_fn = self._counted.sum_fn
+            counts = ([self._counted.count(t) for t in targets], self._counted.count(target))
+        return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
+                          counts=counts)
 
     def _measured_scale(self, target_spec: Any, out: Any, target: Any, loss: torch.Tensor) -> float:
         """The first micro-batch's loss scale, once ``loss_fn``'s reduction is measured on it (``measure_reduction``)."""
