@@ -21,6 +21,7 @@ __all__ = [
     "Replicate",
     "Sum",
     "TensorChunkSpec",
+    "ambiguous_merge_dims",
     "merge_chunks",
     "output_merge_dims",
     "split_args_kwargs_into_chunks",
@@ -203,6 +204,21 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
         else:  # no hit, several, or dim 0 has a micro-batch's size too (``[batch, classes]`` logits): dim 0
             out.append(0)
     return out
+
+
+def ambiguous_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_spec: Any, kwargs_spec: Any,
+                         output_shapes: Sequence[Sequence[Any] | None]) -> list[int]:
+    """The outputs whose merge dim :func:`output_merge_dims` had to guess: dim 0 and another split dim both have a
+    micro-batch's size (a ``[seq, batch]`` output whose sequence is as long as a micro-batch).
+
+        >>> x = torch.zeros(2, 2, 16)  # sequence first, as long as a micro-batch (2)
+        >>> ambiguous_merge_dims((x,), {}, (TensorChunkSpec(1),), None, [(2, 2, 16), (5, 2)])
+        [0]
+    """
+    pairs = [(d, leaf.shape[d]) for leaf, d in split_leaves(mb_args, mb_kwargs, args_spec, kwargs_spec)]
+    sizes = {str(size) for _, size in pairs}
+    return [j for j, shape in enumerate(output_shapes) if shape and str(shape[0]) in sizes
+            and any(d and d < len(shape) and str(shape[d]) == str(size) for d, size in pairs)]
 
 
 _MASK_CALL: contextvars.ContextVar[bool | None] = contextvars.ContextVar("pippy_mask_minibatches", default=None)

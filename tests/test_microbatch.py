@@ -57,3 +57,25 @@ def test_output_merge_dims_follow_the_inputs_split_dim() -> None:
     # keyword inputs count too, Replicate ones do not
     assert output_merge_dims((torch.zeros(5, 7),), {"x": torch.zeros(6, 2)}, (Replicate(),),
                              {"x": TensorChunkSpec(1)}, [(6, 2), (5, 7)]) == [1, 0]
+
+
+def test_a_sequence_as_long_as_a_micro_batch_still_merges_along_the_batch() -> None:
+    """``[seq, batch, width]`` with seq == the micro-batch size: dim 0 and dim 1 both have its size, so the pipe
+    traces again with symbolic sizes to tell them apart; outputs, targets and grads then follow dim 1."""
+    import copy
+
+    from pippy import Schedule1F1B, SplitPoint, TensorChunkSpec, pipeline
+    from pippy.runtime.local import LocalPipeline
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x, y = torch.randn(2, 8, 4, dtype=torch.float64), torch.randn(2, 8, 3, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,), split_spec={"1": SplitPoint.END}, args_chunk_spec=(TensorChunkSpec(1),))
+    assert pipe.output_merge_dims == [1]
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
+    out = lp.step(x, target=y)
+    ref = copy.deepcopy(model)
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    assert out.shape == (2, 8, 3) and torch.allclose(out, ref(x), atol=1e-12)
+    for n, p in ref.named_parameters():
+        assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n

@@ -77,21 +77,23 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None) -> str | None:
     Follows shape-only ops, scaling by plain numbers and ``sum`` / ``mean`` reductions back to the
     tensor they reduce, or to a loss op's ``reduction`` argument (``cross_entropy_loss``, ``mse_loss``,
     ... read from the op's schema); the reduction that removes the batch dim (the dim of a size in
-    ``mb.rows``, dim 0 first) decides. A sum divided by an int in ``mb.counts`` is a mean. None when
-    no reduction removes a batch dim, no batched input reaches the value, or the ops say nothing.
+    ``mb.rows``, dim 0 first; dim 0 when ``mb`` says none) decides. A sum divided by an int that counts
+    that tensor's rows, or its rows times other dims of it (tokens, elements), is a mean: the trace
+    baked the micro-batch's count in. None when no reduction removes a batch dim, no batched input
+    reaches the value, or the ops say nothing.
 
         >>> from pippy import pipeline
         >>> class Net(torch.nn.Module):
         ...     def forward(self, x):
-        ...         return torch.nn.functional.mse_loss(x * 2, torch.zeros_like(x), reduction="sum") / 3
-        >>> gm = pipeline(Net(), 1, (torch.ones(2, 2),)).get_stage_module(0)
-        >>> out = next(iter(gm.graph.find_nodes(op="output"))).args[0][0]
-        >>> graph_reduction(out), graph_reduction(out, MicroBatch(frozenset({2}), frozenset({3})))
-        ('sum', 'mean')
+        ...         loss = torch.nn.functional.mse_loss(x * 2, torch.zeros_like(x), reduction="sum")
+        ...         return loss / 3, loss / x.shape[0], loss / x.numel()
+        >>> gm = pipeline(Net(), 1, (torch.ones(2, 5),)).get_stage_module(0)
+        >>> [graph_reduction(v) for v in next(iter(gm.graph.find_nodes(op="output"))).args[0]]
+        ['sum', 'mean', 'mean']
     """
     mb = mb or MicroBatch()
     chain: list[Any] = []  # sum / mean nodes from the outside in
-    per_count = False  # an int equal to a micro-batch count divided the value on the way
+    divisors: list[int] = []  # ints the value was divided by on the way
     found: str | None = None
     for _ in range(64):
         name, schema = _op(node)
@@ -100,7 +102,8 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None) -> str | None:
         if name in _PASS:
             node = node.args[0]
         elif name in _SCALE and len(node.args) > 1 and isinstance(node.args[1], int | float):
-            per_count = per_count or _is_count(node.args[1], name, mb.counts)
+            if name == "div" and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+                divisors.append(node.args[1])
             node = node.args[0]
         elif name in ("sum", "mean"):
             chain.append(node)
@@ -113,11 +116,12 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None) -> str | None:
                 found = _REDUCTIONS[value]  # a loss op reducing every dim, the batch's too
                 node = node.args[0] if node.args else node
             break
-    if found is None:
-        found = _batch_reduction(node, chain, mb.rows)
+    batch = _batch_dim(node, mb.rows)
+    if found is None and batch is not None:
+        found = _batch_reduction(node, chain, batch)
     if found is None or not _reaches(node, mb.inputs):
         return None
-    return "mean" if found == "sum" and per_count else found
+    return "mean" if found == "sum" and set(divisors) & _counts(node, batch) else found
 
 
 def model_reduction(gm: Any, index: int | None, mb: MicroBatch | None = None) -> str | None:
@@ -176,25 +180,40 @@ def divides_by_count(gm: fx.GraphModule, mb: MicroBatch) -> bool:
     return False
 
 
-def _batch_reduction(node: Any, chain: list[Any], rows: frozenset[int]) -> str | None:
-    """Which of ``chain`` (sum / mean from the outside in, reducing ``node``'s value) removes its batch dim."""
+def _batch_dim(node: Any, rows: frozenset[int]) -> int | None:
+    """The batch dim of ``node``'s value: the dim whose size is a micro-batch's (dim 0 first; dim 0 when ``rows``
+    is empty), None when none or several and not dim 0."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not chain or not isinstance(val, torch.Tensor):
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return None
-    shape = list(val.shape)
-    hits = [d for d, s in enumerate(shape) if s in rows] if rows else [0][: len(shape)]  # unknown rows: dim 0
+    hits = [d for d, s in enumerate(val.shape) if s in rows] if rows else [0]
     if not hits or (len(hits) > 1 and hits[0] != 0):
-        return None  # no dim of a micro-batch's size, or several and none is dim 0: cannot tell which is the batch
-    batch, ndim = hits[0], len(shape)
+        return None
+    return hits[0]
+
+
+def _batch_reduction(node: Any, chain: list[Any], batch: int) -> str | None:
+    """Which of ``chain`` (sum / mean from the outside in, reducing ``node``'s value) removes its dim ``batch``."""
+    ndim = node.meta["val"].dim()
     for red in reversed(chain):
         dims, keep = _reduced_dims(red, ndim)
-        name = _op(red)[0]
         if batch in dims:
-            return name
+            return _op(red)[0]
         if not keep:
             batch -= sum(1 for d in dims if d < batch)
             ndim -= len(dims)
     return None
+
+
+def _counts(node: Any, batch: int | None) -> set[int]:
+    """What a mean of ``node``'s value over its batch may divide by: its rows times any of its other dims."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if batch is None or not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return set()
+    rows, rest = int(val.shape[batch]), [int(s) for d, s in enumerate(val.shape) if d != batch][:6]
+    if rows == 1:
+        return set()  # one row: x.sum() / x.shape[1] (a per-row mean, summed) would look the same
+    return {rows * math.prod(c) for r in range(len(rest) + 1) for c in itertools.combinations(rest, r)}
 
 
 def _reduced_dims(node: Any, ndim: int) -> tuple[set[int], bool]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from pippy.frontend.split import StageInfo, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
 from pippy.frontend.trainmode import keep_following, module_modes, set_modes
 from pippy.frontend.unread import match_persistence
-from pippy.microbatch import output_merge_dims, split_batch, split_leaves
+from pippy.microbatch import ambiguous_merge_dims, output_merge_dims, split_batch, split_leaves
 
 __all__ = ["trace_and_split"]
 
@@ -111,6 +112,10 @@ def trace_and_split(
     gm = ep.module()
     ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))
     merge_dims = output_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
+    if dynamic_shapes is None and ambiguous_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec,
+                                                       _output_shapes(gm)):
+        merge_dims = _merge_dims_by_symbols(traced, (tuple(mb_args), mb_kwargs), (args_chunk_spec, kwargs_chunk_spec),
+                                            merge_dims)
     mb = _micro_batch(gm, ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec)
     reductions, baked = output_reductions(gm, mb), divides_by_count(gm, mb)
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
@@ -221,3 +226,29 @@ def _micro_batch(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, An
         return MicroBatch.of(split)
     names = [holders[i] for leaf, _ in split for i, x in enumerate(leaves) if x is leaf]
     return MicroBatch.of(split, names)
+
+
+def _merge_dims_by_symbols(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], specs: tuple[Any, Any],
+                           guess: list[int]) -> list[int]:
+    """Merge dims where an output has a micro-batch's size at dim 0 and at a split dim: traced again with every
+    size symbolic, the batch's own symbol shows which dim it is. Where that trace fails, ``guess`` and a warning."""
+    args, kwargs = example
+    try:
+        dyn = export_dynamic_shapes(module, args, kwargs, "auto")
+        ep = export_module(module, args, kwargs, dynamic_shapes=dyn)
+        gm = ep.module()
+        sym_args, sym_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, example)
+        dims = output_merge_dims(sym_args, sym_kwargs, specs[0], specs[1], _output_shapes(gm))
+        if len(dims) == len(guess) and not ambiguous_merge_dims(sym_args, sym_kwargs, specs[0], specs[1],
+                                                                _output_shapes(gm)):
+            return dims
+    except Exception:
+        pass
+    warnings.warn(
+        f"pipeline(): outputs have a micro-batch's size both at dim 0 and at the dim the inputs split along, so "
+        f"pippy cannot tell which is the batch and merges them along {guess}. Pass output_merge_spec= to the "
+        "schedule (e.g. [TensorChunkSpec(1)]) if that is wrong, or trace with a sequence length other than the "
+        "micro-batch size",
+        stacklevel=3,
+    )
+    return guess

@@ -80,7 +80,26 @@ class _UserSchedule(MicrobatchSteps, PipelineSchedule):
         if transport is None:
             rank = rank_or_none(stages[0].group)  # the rank in the pipeline's own group
         check_loss_fn(name, loss_fn, stages[0].pipe.num_stages - 1, rank)
+        _torch_options(name, stages[0].pipe, kwargs)
         super().__init__(stages, n_microbatches, loss_fn, **kwargs)
+
+
+def _torch_options(name: str, pipe: SplitPipe, kwargs: dict[str, Any]) -> None:
+    """Take torch.distributed.pipelining's schedule options: ``scale_grads`` (True: grads of the micro-batches'
+    mean, ``loss_reduction="mean"``; False: of their sum), and chunk specs that repeat the pipe's."""
+    if "scale_grads" in kwargs:
+        scale = kwargs.pop("scale_grads")
+        if kwargs.get("loss_reduction") is not None:
+            raise TypeError(f"{name}: pass loss_reduction= or torch's scale_grads=, not both")
+        kwargs["loss_reduction"] = "mean" if scale else "sum"
+    for key in ("args_chunk_spec", "kwargs_chunk_spec"):
+        if key in kwargs:
+            given, traced = kwargs.pop(key), getattr(pipe, key, None)
+            if given is not None and given != traced:
+                raise TypeError(
+                    f"{name}: {key}={given!r} differs from the one the pipe was traced with ({traced!r}). pippy splits "
+                    f"the batch as it traced it: pass {key}= to pipeline(...) instead of the schedule"
+                )
 
 
 def _split_hint(pipe: SplitPipe) -> str:
@@ -367,7 +386,11 @@ class PipelineStage(Stage):
         >>> dist.destroy_process_group()
     """
 
-    def __init__(self, pipe: SplitPipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None) -> None:
+    def __init__(self, pipe: SplitPipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None,
+                 *extra: Any, **torch_style: Any) -> None:
+        if isinstance(pipe, SplitPipe) and (extra or torch_style):
+            raise TypeError(f"PipelineStage(pipe, stage_index, device, group) takes no other arguments; got "
+                            f"{len(extra)} more positional and {sorted(torch_style)}")
         if not isinstance(pipe, SplitPipe):
             raise TypeError(
                 f"PipelineStage(pipe, stage_index, device, group) expected a pipe made by pippy.pipeline(model, ...), "

@@ -56,7 +56,6 @@ class PipeAbortedError(PipeCommError):
     """Another rank of the pipeline failed; the message says who waited for what, and which rank failed where."""
 
 
-_INSTANCES: dict[tuple[int, ...], int] = {}  # per process group: schedules built so far (keys their board)
 # gloo groups where a step failed with messages in flight: their stale receives (held, see pippy.runtime.watch)
 # and timed-out waits (which close connections) stay there, so later schedules on those ranks send on a fresh group
 _POISONED: dict[int, Any] = {}  # id(group) -> group (held, so that the id is not reused)
@@ -147,7 +146,8 @@ def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
         expect = f"Expected {kind} from rank {ctx.peer}, got nothing"
     return (
         f"pipeline wait timed out after {timeout:g}s at {ctx.describe()}. {expect}. Likely causes: rank {ctx.peer} failed or is still in an earlier step (see its own error), "
-        "ranks run different schedules or micro-batch counts, or step() was not called on every rank. "
+        "ranks run different schedules or micro-batch counts, or step() was not called on every rank (or one rank "
+        "called eval() where the others called step()). "
         f"Raise the limit with timeout=... or PIPPY_TIMEOUT if a stage is just slow. [{cause}]"
     )
 
@@ -198,11 +198,9 @@ class DistTransport:
         # gloo: a failure board on the group's store, checked while waiting (NCCL waits stay on the caller's stream)
         self._store = None if self.ordered else group_store(self.group)
         self.board: FailureBoard | None = None
+        self._prefix = ""
         if self._store is not None:
             ranks = tuple(dist.get_process_group_ranks(self.group))
-            n = _INSTANCES[ranks] = _INSTANCES.get(ranks, 0) + 1
-            self._prefix = f"pippy/{'-'.join(map(str, ranks))}/{n}"
-            self.board = FailureBoard(self._store, self._prefix, self.rank)
             self._ranks = ranks
             self._p2p_rank: list[int] | None = None  # caller's group rank -> rank in p2p_group (None: the same)
             self.p2p_group = self.group
@@ -240,16 +238,28 @@ class DistTransport:
             if _FRESH.get(id(self.group)) is self.p2p_group:
                 del _FRESH[id(self.group)]
 
+    def _claim(self) -> FailureBoard | None:
+        """This transport's failure board, keyed the first time a step uses it by how many transports of the group
+        this rank had used before on the group's store (counted in the store): the same number on every rank that
+        runs the same schedules, however many others each built and left unused."""
+        if self.board is None and self._store is not None:
+            name = "-".join(map(str, self._ranks))
+            n = int(self._store.add(f"pippy/{name}/used/{self.rank}", 1))
+            self._prefix = f"pippy/{name}/{n}"
+            self.board = FailureBoard(self._store, self._prefix, self.rank)
+        return self.board
+
     def fail(self, notice: str) -> bool:
         """Post ``notice`` on the failure board (first notice wins); True when there is a board."""
-        if self.board is None:
+        board = self._claim()
+        if board is None:
             return False
-        self.board.post(notice)
+        board.post(notice)
         return True
 
     def agree(self, facts: dict[str, Any], where: str) -> None:
         """Compare ``facts`` with every rank of the group through the store (see :func:`pippy.runtime.faults.agree`)."""
-        if self._store is not None:
+        if self._claim() is not None:
             agree(self._store, self._prefix, self.rank, range(self.world_size), facts, where)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
@@ -295,9 +305,10 @@ class DistTransport:
         With a failure board, the wait runs on a watcher thread while this one checks the board
         every 50 ms: when another rank posted a failure, raise PipeAbortedError at once.
         """
+        board = self._claim()
         try:
-            if self.board is not None:
-                ok = self._wait_watching(handle, ctx, self.board)
+            if board is not None:
+                ok = self._wait_watching(handle, ctx, board)
             elif isinstance(handle, Watched):
                 ok = handle.result(self.timeout)
             else:
@@ -306,7 +317,7 @@ class DistTransport:
             raise
         except RuntimeError as exc:
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            notice = self.board.failure() if self.board is not None else None
+            notice = board.failure() if board is not None else None
             if notice is not None:  # the peer posted why it stopped before its connection went
                 raise PipeAbortedError(_aborted_message(ctx, notice)) from exc
             if "timeout" in cause.lower() or "timed out" in cause.lower():

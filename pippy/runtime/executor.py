@@ -63,6 +63,7 @@ class StepInputs:
     # a loss averaged over counted targets (runtime/countedmean.py): each micro-batch's count and the step's; the
     # loss_fn is then its sum form, divided by the step's count (backward) and by its own (the loss reported)
     counts: tuple[list[torch.Tensor], torch.Tensor] | None = None
+    phase: int = 0  # the message tags' phase (plan.Edge.tag): the schedule's call count mod 2, twice, + training
 
 
 @dataclass(slots=True)
@@ -139,6 +140,7 @@ class Executor:
         Trace times are seconds since ``origin`` (a ``time.perf_counter()`` value; default: now).
         """
         self.t_origin = time.perf_counter() if origin is None else origin
+        self.plan.phase = 0 if self.transport.ordered else inp.phase
         if inp.training:
             self.tied.snapshot()
         self.started = False
@@ -268,7 +270,7 @@ class Executor:
         stage, m = self.stages[s], self.plan.n_microbatches
         for e in self.plan.send_f[s]:
             ctx = self._ctx(a, e.peer, f"send output {e.j} to stage {e.dst}")
-            tag, meta = e.tag(backward=False, mb=i, n_microbatches=m), self.infos[s].outputs[e.j]
+            tag, meta = e.tag(backward=False, mb=i, n_microbatches=m, phase=self.plan.phase), self.infos[s].outputs[e.j]
             if needs_incoming(meta):  # its size varies: a shape header goes first
                 handles = send_value(self.sender, stage.output(i, e.j), meta, e.peer, tag, ctx, stage.device)
                 st.sends.extend((h, ctx) for h in handles)
@@ -315,7 +317,8 @@ class Executor:
                 g = torch.zeros(st.in_shapes.get((s, i, e.k), meta.shape or ()), dtype=meta.dtype, device=dev)
             g = g.contiguous()
             ctx = self._ctx(a, e.peer, f"send grad of input {e.k} to stage {e.src}")
-            st.sends.append((self.sender.isend(g, e.peer, e.tag(backward=True, mb=i, n_microbatches=m), ctx), ctx))
+            st.sends.append((self.sender.isend(g, e.peer, e.tag(backward=True, mb=i, n_microbatches=m, phase=self.plan.phase),
+                                                 ctx), ctx))
 
     def _weight(self, st: _Step, a: Action) -> None:
         self._weight_step(a)

@@ -97,7 +97,7 @@ class Receives:
                 if not meta.is_tensor and not meta.varies:
                     out.append(Posted(None, ctx, e.k, meta.const))
                 elif lazy or needs_incoming(meta):
-                    tag = e.tag(backward=False, mb=i, n_microbatches=m)
+                    tag = e.tag(backward=False, mb=i, n_microbatches=m, phase=self.plan.phase)
                     inc = Incoming(self.transport, meta, e.peer, tag, ctx, dev, post=not lazy,
                                    expect=self.known.get(("in", s, e.k)))
                     out.append(Posted(None, ctx, e.k, inc))
@@ -161,7 +161,7 @@ class Receives:
     def _irecv(self, e: Edge, meta: ValueMeta, backward: bool, i: int, dev: torch.device, ctx: WaitContext,
                slot: int) -> Posted:
         buf = torch.empty(meta.shape or (), dtype=meta.dtype, device=dev)
-        tag = e.tag(backward=backward, mb=i, n_microbatches=self.plan.n_microbatches)
+        tag = e.tag(backward=backward, mb=i, n_microbatches=self.plan.n_microbatches, phase=self.plan.phase)
         return Posted(self.transport.irecv(buf, e.peer, tag, ctx), ctx, slot, buf)
 
     def _ctx(self, a: Action, peer: int, what: str) -> WaitContext:

@@ -158,6 +158,7 @@ class PipelineSchedule:
         self.fill_bubbles = fill_bubbles
         self.check_finite = check_finite
         self._agreed = False
+        self._calls = 0  # steps begun: their parity keeps the messages of consecutive calls apart (Edge.tag)
         self._broken: str | None = None
         self.last_peak_live: dict[int, int] = {}
         self.last_peak_bytes: dict[int, int] = {}
@@ -317,6 +318,8 @@ class PipelineSchedule:
                 self._broken = f"{type(exc).__name__}: {first[:200]}"
             raise
         inp.keep_outputs = return_outputs
+        inp.phase = (self._calls % 2) * 2 + int(training)
+        self._calls += 1
         if not self._agreed:
             self._agree()
         if self.trace and isinstance(self.transport, DistTransport):

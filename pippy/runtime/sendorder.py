@@ -18,8 +18,8 @@ changes no result.
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(4)])
     >>> pipe = pipeline(net, 4, (torch.ones(4, 2),), split_spec={str(i): SplitPoint.END for i in range(3)})
     >>> order = SendOrder(LocalTransport.world(2)[0], pipe.stage_infos, lower(zbv(2, 4)))
-    >>> order.expected[1][:4]   # rank 1 takes 2 forwards (tags 0, 1), stage 3's first gradient (20), the 3rd forward
-    [0, 1, 20, 2]
+    >>> order.expected[1][:4]   # rank 1 takes 2 forwards (tags 0, 4), stage 3's first gradient (80), the 3rd forward
+    [0, 4, 80, 8]
 """
 
 from __future__ import annotations

@@ -360,3 +360,29 @@ def test_calling_the_pipe_with_an_argument_the_trace_did_not_see_is_refused() ->
     traced_n = pipeline(copy.deepcopy(model), 4, (x, y, 2), split_spec={"a": SplitPoint.END})
     with pytest.raises(ValueError, match=r"input leaf 2 is the constant 3 but the pipe was traced with 2"):
         traced_n(x, y, 3)
+
+
+def test_torch_pipelining_schedule_and_stage_arguments_are_taken_or_refused_with_the_fix() -> None:
+    from pippy import Schedule1F1B, TensorChunkSpec
+    from pippy.PipelineStage import PipelineStage
+    from pippy.runtime.local import LocalPipeline
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,), split_spec={"1": SplitPoint.END})
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=nn.functional.mse_loss,
+                       scale_grads=False, args_chunk_spec=None)
+    assert lp.schedules[0].loss_reduction == "sum"  # torch's scale_grads=False: grads of the micro-batches' sum
+    lp.step(x, target=y)
+    ref = copy.deepcopy(model)
+    sum(nn.functional.mse_loss(ref(a), b) for a, b in zip(x.chunk(4), y.chunk(4))).backward()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
+    with pytest.raises(TypeError, match=r"args_chunk_spec=.* differs from the one the pipe was traced with.*pipeline"):
+        LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=nn.functional.mse_loss,
+                      args_chunk_spec=(TensorChunkSpec(1),))
+    with pytest.raises(TypeError, match=r"ManualPipelineStage\(module, stage_index, num_stages"):
+        PipelineStage(model[0], 0, 2, torch.device("cpu"), input_args=(x[:2],))
+    with pytest.raises(TypeError, match=r"takes no other arguments; got 0 more positional and \['input_args'\]"):
+        PipelineStage(pipe, 0, "cpu", None, input_args=(x[:2],))

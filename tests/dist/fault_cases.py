@@ -26,7 +26,8 @@ from pippy import SplitPoint, pipeline
 TIMEOUT = 4.0  # PIPPY_TIMEOUT in these runs: every rank must end within TIMEOUT + 10 s
 SCENARIOS = (
     "never_steps", "raise_forward", "raise_backward", "disagree_microbatches", "disagree_schedule",
-    "disagree_split", "wrong_shape", "wrong_dtype", "nan_loss", "group_destroyed", "sigkill",
+    "disagree_split", "wrong_shape", "wrong_dtype", "nan_loss", "group_destroyed", "spare_schedule", "eval_vs_step",
+    "sigkill",
 )
 MULTI = {"1f1b": (pippy.Schedule1F1B, 1), "interleaved": (pippy.ScheduleInterleaved1F1B, 2)}
 M = 4  # micro-batches
@@ -82,14 +83,16 @@ def run(rank: int, world: int, family: str, name: str, failed_at: list[float]) -
             mark()
             return "skipped step() on purpose"
         _step(sched, rank, x, y)
-    elif name in ("raise_forward", "raise_backward", "wrong_shape", "wrong_dtype", "sigkill"):
+    elif name in ("raise_forward", "raise_backward", "wrong_shape", "wrong_dtype", "sigkill", "spare_schedule"):
+        if victim and name == "spare_schedule":  # built and never used: must not move this rank's failure board
+            _build(rank, world, family)
         sched, stages, x, y = _build(rank, world, family)
         if victim:
             def bad(k: int, out: Any) -> Any:
                 if k != 3:  # the third forward of this stage (micro-batch 2 on one-stage ranks)
                     return out
                 mark()
-                if name == "raise_forward":
+                if name in ("raise_forward", "spare_schedule"):
                     raise ValueError("injected failure in forward")
                 if name == "sigkill":
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -106,6 +109,14 @@ def run(rank: int, world: int, family: str, name: str, failed_at: list[float]) -
 
             _wrap_forward(stages[0], bad)
         _step(sched, rank, x, y)
+    elif name == "eval_vs_step":  # the victim validates where the others train: no rank may take the others' messages
+        sched, _, x, y = _build(rank, world, family)
+        if victim:
+            mark()
+            first = sched.holds(0)
+            sched.eval(*((x,) if first else ()))
+        else:
+            _step(sched, rank, x, y)
     elif name == "disagree_microbatches":
         sched, _, x, y = _build(rank, world, family, m=2 if victim else M)
         if victim:

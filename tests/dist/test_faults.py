@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from fault_cases import SCENARIOS, TIMEOUT, worker
 
 LIMIT = TIMEOUT + 10.0  # every rank must end this long after the fault at the latest
-POSTED = ("raise_forward", "raise_backward", "wrong_shape", "wrong_dtype", "nan_loss")  # the failing rank posts
+POSTED = ("raise_forward", "raise_backward", "wrong_shape", "wrong_dtype", "nan_loss", "spare_schedule")  # the
+# failing rank posts
 
 
 def _spawn(tmp_path, world: int, family: str) -> tuple[dict[str, dict[int, tuple]], list[int]]:
