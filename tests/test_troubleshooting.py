@@ -515,3 +515,29 @@ def test_stage_load_state_dict_takes_what_state_dict_gives() -> None:
     with pytest.raises(RuntimeError, match=r"stage 1: load_state_dict expected this stage's keys.*unexpected"):
         dst.load_state_dict({**src.state_dict(), "nope": torch.zeros(1)})
     assert dst.load_state_dict({**src.state_dict(), "nope": torch.zeros(1)}, strict=False).unexpected_keys == ["nope"]
+
+
+def test_a_full_batch_as_manual_input_args_is_named_as_such() -> None:
+    x = torch.randn(8, 3)
+    stage = pippy.ManualPipelineStage(nn.Linear(3, 5), 0, 1, "cpu", 2, input_args=x)
+    with pytest.raises(ValueError, match=r"ManualPipelineStage's input_args gave \(8, 3\).*one micro-batch"):
+        stage.pipe.split_inputs((x,), {}, 2)
+
+
+def test_a_sub_group_rank_is_told_from_its_global_rank(monkeypatch) -> None:
+    """Global rank 2 in a group of global ranks [1, 2] is the group's rank 1: the message says which it means."""
+    from pippy.runtime import guards
+    from pippy.schedules import gpipe
+
+    monkeypatch.setattr(guards.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(guards.dist, "get_process_group_ranks", lambda group: [1, 2])
+    monkeypatch.setattr(guards.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(guards.dist, "get_rank", lambda: 2)
+    with pytest.raises(StageError, match=r"rank 1 of the pipeline's group \(global rank 2; the group's ranks are the "
+                                         r"global ranks \[1, 2\] in that order.*given stages \[0\]"):
+        guards.check_placement("gpipe", 1, [_Indexed(0)], 2, gpipe(2, 2), object())
+
+
+class _Indexed:
+    def __init__(self, index: int) -> None:
+        self.index = index

@@ -28,7 +28,7 @@ from pippy.frontend.assign import SplitPolicy
 from pippy.frontend.describe import describe_pipe, describe_split_sites
 from pippy.frontend.dynamic import SymDim, check_dims
 from pippy.frontend.split import StageInfo, ValueMeta
-from pippy.microbatch import Sum, TensorChunkSpec, merge_chunks, split_batch
+from pippy.microbatch import Replicate, Sum, TensorChunkSpec, merge_chunks, split_batch
 
 __all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites"]
 
@@ -166,6 +166,13 @@ class SplitPipe:
                                          f"{ex.dtype}; pass the traced dtype")
                     check_dims(name, got, dims, bound)
                 elif tuple(got.shape) != tuple(ex.shape) or got.dtype != ex.dtype:
+                    if getattr(self, "manual", False):
+                        raise ValueError(
+                            f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but "
+                            f"ManualPipelineStage's input_args gave {tuple(ex.shape)} {ex.dtype}. input_args is one "
+                            "micro-batch (batch / n_microbatches rows, e.g. x[:len(x) // n]), not the whole batch: "
+                            "pass one micro-batch there, or a batch of n_microbatches micro-batches of that shape"
+                        )
                     raise ValueError(
                         f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but the pipeline was "
                         f"traced for {tuple(ex.shape)} {ex.dtype} (full batch / num_chunks). Shapes are static: "
@@ -239,9 +246,9 @@ class SplitPipe:
 
     def default_merge_spec(self, n_leaves: int, sums: Sequence[int] = ()) -> list[Any] | None:
         """The flat merge spec of the outputs without an ``output_merge_spec``: each output's merge dim, and
-        ``Sum()`` for a one-element output that sums the batch (:attr:`output_reductions`) or whose index is in
-        ``sums`` (``Sum(mean=True)`` for one that averages it); None when every output takes the default
-        (dim 0; 0-dim outputs averaged).
+        ``Sum()`` for an output whose graph sums the batch away (:attr:`output_reductions`) or whose index is in
+        ``sums`` (``Sum(mean=True)`` for one that averages it, ``Replicate()`` for one alike in every
+        micro-batch); None when every output takes the default (dim 0; 0-dim outputs averaged).
 
             >>> import torch
             >>> from pippy import pipeline
@@ -264,6 +271,8 @@ class SplitPipe:
                 spec[j] = Sum()
             elif red is not None and red[j] == "mean":
                 spec[j] = Sum(mean=True)  # a [1]-shaped mean stays [1]
+            elif red is not None and red[j] == "same":
+                spec[j] = Replicate()  # alike in every micro-batch: given once
         return spec
 
     def split_report(self) -> str:

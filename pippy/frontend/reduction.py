@@ -143,21 +143,30 @@ def model_reduction(gm: Any, index: int | None, mb: MicroBatch | None = None) ->
 
 
 def output_reductions(gm: fx.GraphModule, mb: MicroBatch) -> list[str | None]:
-    """Per flat output of ``gm``: how a one-element output (a scalar, or a ``[1]`` loss) reduces the batch (None for
-    other outputs, or when unknown).
+    """Per flat output of ``gm``: ``"sum"`` / ``"mean"`` for one whose graph reduces the batch dim away (a loss, or
+    ``h.mean(0)``), ``"same"`` for a tensor no batched input reaches (alike in every micro-batch, given once), None
+    for the others (batched outputs, which concatenate) or when unknown.
 
         >>> from pippy import pipeline
-        >>> gm = pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(2, 2),)).get_stage_module(0)
-        >>> output_reductions(gm, MicroBatch())
-        [None]
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.ones(3))
+        ...     def forward(self, x):
+        ...         return x * self.w, (x * self.w).mean(0), self.w * 2
+        >>> gm = pipeline(Net(), 2, (torch.ones(4, 3),)).get_stage_module(0)
+        >>> output_reductions(gm, MicroBatch.of([(torch.ones(2, 3), 0)], ["x"]))
+        [None, 'mean', 'same']
     """
     values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
     values = values if isinstance(values, tuple | list) else (values,)
     out: list[str | None] = []
     for v in values:
         val = v.meta.get("val") if isinstance(v, fx.Node) else None
-        one = isinstance(val, torch.Tensor) and all(isinstance(s, int) and s == 1 for s in val.shape)
-        out.append(graph_reduction(v, mb) if one else None)
+        found = graph_reduction(v, mb) if isinstance(val, torch.Tensor) else None
+        if found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and not _reaches(v, mb.inputs):
+            found = "same"
+        out.append(found)
     return out
 
 

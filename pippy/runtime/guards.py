@@ -34,7 +34,7 @@ from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.comm import backend_name
 from pippy.runtime.stage import Stage, StageError
 
-__all__ = ["check_device", "check_loss_fn", "check_stages", "rank_or_none", "watch_traced_parameters"]
+__all__ = ["check_device", "check_loss_fn", "check_placement", "check_stages", "rank_or_none", "watch_traced_parameters"]
 
 # parameter of a traced model whose stages were built -> (model name, FQN, stage or None)
 _TRACED: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -112,6 +112,40 @@ _STAGE_FIX = (
     "Pass what pipe.build_stage(i, device) returns (a list of them for multi-stage schedules), not "
     "pipe.get_stage_module(i), the model or the pipe."
 )
+
+
+def check_placement(name: str, rank: int, stages: Iterable[Stage], num_stages: int, sch: Any, group: Any = None) -> None:
+    """Raise unless schedule ``sch`` (a :class:`pippy.schedules.Schedule`) has ``num_stages`` stages and places on
+    ``rank`` (of ``group``) exactly the ``stages`` given to it.
+
+        >>> from pippy.schedules import gpipe
+        >>> check_placement("gpipe", 0, [], 2, gpipe(2, 2))
+        Traceback (most recent call last):
+        ...
+        pippy.runtime.stage.StageError: gpipe: rank 0 was given stages [] but the schedule places stages [0] on it ...
+    """
+    hint = (f"Build the pipe with {sch.num_stages} stages for {sch.num_ranks} ranks and pass each rank the stages "
+            "the schedule places on it (world size must equal the number of ranks the schedule uses).")
+    if sch.num_stages != num_stages:
+        raise StageError(f"{name}: the schedule has {sch.num_stages} stages but the pipe has {num_stages}; {hint}")
+    want = sch.stages_of(rank)
+    have = sorted(st.index for st in stages)
+    if want != have:
+        raise StageError(
+            f"{name}: rank {rank}{_global_rank(group)} was given stages {have} but the schedule places stages {want} "
+            f"on it (placement stage->rank {list(sch.stage_to_rank)}). {hint}"
+        )
+
+
+def _global_rank(group: Any) -> str:
+    """`` of the pipeline's group (global rank g; ...)`` when ``group`` numbers its ranks otherwise than the world."""
+    if group is None or not dist.is_initialized() or group is dist.GroupMember.WORLD:
+        return ""
+    ranks = dist.get_process_group_ranks(group)
+    if ranks == list(range(dist.get_world_size())):
+        return ""
+    return (f" of the pipeline's group (global rank {dist.get_rank()}; the group's ranks are the global ranks {ranks} "
+            "in that order, and a stage index goes with a rank's place in it)")
 
 
 def _what(x: Any) -> str:

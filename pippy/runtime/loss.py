@@ -230,7 +230,7 @@ def _own_reduction(pipe: Any, own: int | None) -> str | None:
     if own is None:
         return None
     reductions = getattr(pipe, "output_reductions", None)
-    if reductions is not None and own < len(reductions) and reductions[own] is not None:
+    if reductions is not None and own < len(reductions) and reductions[own] in ("sum", "mean"):
         return str(reductions[own])
     return model_reduction(pipe.stage_infos[-1].module, own)
 

@@ -47,6 +47,7 @@ from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.countedmean import counted_mean
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor, StepInputs
+from pippy.runtime.guards import check_placement
 from pippy.runtime.loss import choose_reduction, loss_index, measure_reduction, target_spec
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.notice import warn_user
@@ -176,7 +177,8 @@ class PipelineSchedule:
             raise ValueError(f"fuse_backward must be True, False or 'auto', got {fuse_backward!r}")
         if schedule is None and fill_bubbles and fuse_backward != "auto":  # W's into the gaps the costs predict
             compute = compact_w(compute, fit_costs(self.costs, compute.num_stages))
-        self._check_placement(compute)
+        check_placement(self.name, self.rank, self.stages, self.pipe.num_stages, compute,
+                        getattr(self.transport, "group", None))
         self.schedule: Schedule | None = None
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):
             validate(compute)
@@ -193,26 +195,6 @@ class PipelineSchedule:
 
     def _generate(self) -> Schedule:
         raise NotImplementedError
-
-    def _check_placement(self, sch: Schedule) -> None:
-        if sch.num_stages != self.pipe.num_stages:
-            raise StageError(
-                f"{self.name}: the schedule has {sch.num_stages} stages but the pipe has {self.pipe.num_stages}; "
-                f"{self._placement_hint(sch)}"
-            )
-        want = sch.stages_of(self.rank)
-        have = sorted(st.index for st in self.stages)
-        if want != have:
-            raise StageError(
-                f"{self.name}: rank {self.rank} was given stages {have} but the schedule places stages {want} on it "
-                f"(placement stage->rank {list(sch.stage_to_rank)}). {self._placement_hint(sch)}"
-            )
-
-    def _placement_hint(self, sch: Schedule) -> str:
-        return (
-            f"Build the pipe with {sch.num_stages} stages for {sch.num_ranks} ranks and pass each rank the stages "
-            f"the schedule places on it (world size must equal the number of ranks the schedule uses)."
-        )
 
     # ------------------------------------------------------------------ running
     def holds(self, stage_index: int) -> bool:

@@ -145,7 +145,7 @@ def test_scalars_no_batch_reaches_and_a_one_element_loss_merge_as_the_model_give
     ref = copy.deepcopy(model)
     x, t = _data()
     pipe = pipeline(model, 4, (x, t))
-    assert pipe.output_reductions == ["mean", None, None, None]
+    assert pipe.output_reductions == ["mean", "same", "same", None]
     lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4)
     got, want = lp.step(x, t), ref(x, t)
     want["loss"].sum().backward()
@@ -155,3 +155,32 @@ def test_scalars_no_batch_reaches_and_a_one_element_loss_merge_as_the_model_give
     grads = lp.named_grads()
     for n, p in ref.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-12, rtol=0), n
+
+
+class _Shapes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = torch.tanh(self.a(x))
+        pipe_split()
+        o = self.b(h)
+        return o, h.mean(0), h.sum(0), o.t(), self.b.weight * 2
+
+
+@pytest.mark.parametrize("cls", [ScheduleGPipe, Schedule1F1B])
+def test_outputs_without_a_leading_batch_dim_come_back_as_the_model_gives_them(cls) -> None:
+    """A batch mean / sum of a hidden state, a transposed output, a weight: each merges into the model's own value
+    and shape (the mean, the sum, along dim 1, once) instead of concatenating along dim 0."""
+    torch.manual_seed(0)
+    model = _Shapes().double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,))
+    assert pipe.output_reductions == [None, "mean", "sum", None, "same"] and pipe.output_merge_dims == [0, 0, 0, 1, 0]
+    want = model(x)
+    lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4, loss_fn=lambda out, y: F.mse_loss(out[0], y))
+    for got in (lp.eval(x), lp.step(x, target=torch.zeros(8, 3, dtype=torch.float64)), pipe(x)):
+        assert len(got) == len(want)
+        for k, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape and torch.allclose(g, w.detach(), atol=1e-12), k
