@@ -183,9 +183,8 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
     """The dim along which each output leaf's micro-batches concatenate, when no output spec is given.
 
     Dim 0, unless the inputs split along another dim (``TensorChunkSpec(1)`` for sequence-first
-    tensors) and the output has the micro-batch's size at that same dim, or (at no split dim) at one
-    other dim only: then that dim, so the merged output has the model's own shape; when dim 0 has a
-    micro-batch's size too, dim 0.
+    tensors) and the output has the micro-batch's size at that same dim: then that dim, so the
+    merged output has the model's own shape; when dim 0 has a micro-batch's size too, dim 0.
     ``mb_args`` / ``mb_kwargs`` are one micro-batch (the traced graph's input values, whose sizes
     are symbols where they vary); ``output_shapes`` the traced output shapes (None for a non-tensor).
 
@@ -194,16 +193,12 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
         [1, 0, 0]
         >>> output_merge_dims((x,), {}, None, None, [(5, 2, 16)])
         [0]
-        >>> output_merge_dims((x,), {}, (TensorChunkSpec(1),), None, [(16, 2)])  # not at the split dim: found anyway
-        [1]
     """
     pairs = [(d, leaf.shape[d]) for leaf, d in split_leaves(mb_args, mb_kwargs, args_spec, kwargs_spec)]
     sizes = {str(size) for _, size in pairs}  # str: a dynamic pipe's sizes are symbols ("s0")
     out = []
     for shape in output_shapes:
         hits = {d for d, size in pairs if shape is not None and d < len(shape) and str(shape[d]) == str(size)}
-        if not hits and shape:  # not at a split dim: the one dim of a micro-batch's size, if one (``o.T``)
-            hits = {d for d in range(len(shape)) if str(shape[d]) in sizes}
         if len(hits) == 1 and shape is not None and str(shape[0]) not in sizes:
             out.append(hits.pop())
         else:  # no hit, several, or dim 0 has a micro-batch's size too (``[batch, classes]`` logits): dim 0

@@ -289,7 +289,8 @@ def pipeline(
                 "pipeline(): mb_args/mb_kwargs (one micro-batch, torch.distributed.pipelining's form) trace with "
                 "num_chunks=1; pass either them or num_chunks with example_args/example_kwargs (the full batch)"
             )
-        num_chunks, example_args, example_kwargs = 1, tuple(mb_args or ()), mb_kwargs
+        mb_args = (mb_args,) if isinstance(mb_args, torch.Tensor) else tuple(mb_args) if mb_args is not None else ()
+        num_chunks, example_args, example_kwargs = 1, mb_args, mb_kwargs
     if num_chunks is None:
         raise TypeError(
             "pipeline() needs num_chunks and the example batch: pipeline(model, num_chunks, example_args=(x,)), "

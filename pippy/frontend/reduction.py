@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
-__all__ = ["MicroBatch", "divides_by_count", "graph_reduction", "model_reduction", "output_reductions"]
+__all__ = ["MicroBatch", "count_divisors", "divides_by_count", "graph_reduction", "model_reduction", "output_reductions"]
 
-# ops that keep a value's meaning (shape, dtype, copies, sign)
-_PASS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "clone", "_to_copy", "to", "alias", "contiguous",
-         "expand", "flatten", "neg"}
+# ops that keep a value's meaning: copies, dtype, sign (anywhere), and shape ops (only outside the reductions, where
+# they reshape their result, as ``loss.reshape(1)``: inside, they would move the dims the reductions name)
+_PASS = {"clone", "_to_copy", "to", "alias", "contiguous", "neg"}
+_SHAPE = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "expand", "flatten"}
 _SCALE = {"mul", "div"}
 _REDUCTIONS = {1: "mean", 2: "sum"}  # at::Reduction: None = 0, Mean = 1, Sum = 2
 
@@ -59,19 +60,19 @@ class MicroBatch:
         counts: set[int] = set()
         for leaf, d in split:
             sizes = list(leaf.shape)
-            if not all(isinstance(s, int) for s in sizes):
-                continue  # a symbolic size is never baked in as a number
+            if not isinstance(sizes[d], int):
+                continue  # a symbolic batch size is never baked in as a number
             rows.add(sizes[d])
             if sizes[d] == 1:
                 continue
-            rest = [s for k, s in enumerate(sizes) if k != d][:6]
+            rest = [s for k, s in enumerate(sizes) if k != d and isinstance(s, int)][:6]
             for r in range(len(rest) + 1):
                 for combo in itertools.combinations(rest, r):
                     counts.add(sizes[d] * math.prod(combo))
         return cls(frozenset(rows), frozenset(counts), None if inputs is None else frozenset(inputs))
 
 
-def graph_reduction(node: Any, mb: MicroBatch | None = None) -> str | None:
+def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset[int] = frozenset()) -> str | None:
     """How the scalar a traced graph computes at ``node`` reduces its batch: ``"mean"``, ``"sum"``, or None.
 
     Follows shape-only ops, scaling by plain numbers and ``sum`` / ``mean`` reductions back to the
@@ -79,8 +80,8 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None) -> str | None:
     ... read from the op's schema); the reduction that removes the batch dim (the dim of a size in
     ``mb.rows``, dim 0 first; dim 0 when ``mb`` says none) decides. A sum divided by an int that counts
     that tensor's rows, or its rows times other dims of it (tokens, elements), is a mean: the trace
-    baked the micro-batch's count in. None when no reduction removes a batch dim, no batched input
-    reaches the value, or the ops say nothing.
+    baked the micro-batch's count in, unless it is in ``literals`` (a trace on a batch twice as large kept it).
+    None when no reduction removes a batch dim, no batched input reaches the value, or the ops say nothing.
 
         >>> from pippy import pipeline
         >>> class Net(torch.nn.Module):
@@ -99,7 +100,7 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None) -> str | None:
         name, schema = _op(node)
         if schema is None:
             break
-        if name in _PASS:
+        if name in _PASS or (name in _SHAPE and not chain):
             node = node.args[0]
         elif name in _SCALE and len(node.args) > 1 and isinstance(node.args[1], int | float):
             if name == "div" and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
@@ -116,12 +117,39 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None) -> str | None:
                 found = _REDUCTIONS[value]  # a loss op reducing every dim, the batch's too
                 node = node.args[0] if node.args else node
             break
-    batch = _batch_dim(node, mb.rows)
-    if found is None and batch is not None:
-        found = _batch_reduction(node, chain, batch)
+    found, batch = _decide(node, chain, mb.rows, found)
     if found is None or not _reaches(node, mb.inputs):
         return None
-    return "mean" if found == "sum" and set(divisors) & _counts(node, batch) else found
+    counts = _counts(node, batch) if batch is not None else set(mb.counts)
+    return "mean" if found == "sum" and (set(divisors) - literals) & counts else found
+
+
+def count_divisors(node: Any) -> list[int]:
+    """The ints the scalar at ``node`` is divided by on the way to its reduction (see :func:`graph_reduction`).
+
+        >>> from pippy import pipeline
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x.sum() / x.shape[0] / 3
+        >>> gm = pipeline(Net(), 1, (torch.ones(2, 5),)).get_stage_module(0)
+        >>> count_divisors(next(iter(gm.graph.find_nodes(op="output"))).args[0][0])
+        [3, 2]
+    """
+    out: list[int] = []
+    seen_reduction = False
+    for _ in range(64):
+        name, schema = _op(node)
+        if schema is None:
+            break
+        if name in _SCALE and len(node.args) > 1 and isinstance(node.args[1], int | float):
+            if name == "div" and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
+                out.append(node.args[1])
+        elif name in ("sum", "mean"):
+            seen_reduction = True
+        elif not (name in _PASS or (name in _SHAPE and not seen_reduction)):
+            break
+        node = node.args[0] if node.args else None
+    return out
 
 
 def model_reduction(gm: Any, index: int | None, mb: MicroBatch | None = None) -> str | None:
@@ -142,7 +170,8 @@ def model_reduction(gm: Any, index: int | None, mb: MicroBatch | None = None) ->
     return graph_reduction(values[index], mb)
 
 
-def output_reductions(gm: fx.GraphModule, mb: MicroBatch) -> list[str | None]:
+def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx.GraphModule | None] | None = None
+                      ) -> list[str | None]:
     """Per flat output of ``gm``: ``"sum"`` / ``"mean"`` for one whose graph reduces the batch dim away (a loss, or
     ``h.mean(0)``), ``"same"`` for a tensor no batched input reaches (alike in every micro-batch, given once), None
     for the others (batched outputs, which concatenate) or when unknown.
@@ -158,14 +187,25 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch) -> list[str | None]:
         >>> output_reductions(gm, MicroBatch.of([(torch.ones(2, 3), 0)], ["x"]))
         [None, 'mean', 'same']
     """
-    values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
-    values = values if isinstance(values, tuple | list) else (values,)
+    values = _outputs(gm)
     out: list[str | None] = []
-    for v in values:
+    big: list[Any] | None = None
+    for j, v in enumerate(values):
         val = v.meta.get("val") if isinstance(v, fx.Node) else None
         found = graph_reduction(v, mb) if isinstance(val, torch.Tensor) else None
-        if found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and not _reaches(v, mb.inputs):
-            found = "same"
+        divisors = count_divisors(v) if found == "mean" else []
+        if divisors and graph_reduction(v, mb, frozenset(divisors)) == "sum" and twice is not None:
+            # a mean only by an int divisor: a literal ("/ 2") or a baked count ("/ x.shape[0]")? The trace of
+            # a batch twice as large tells: a count doubles there, a literal stays
+            if big is None:
+                other = twice()
+                big = _outputs(other) if other is not None else []
+            if j < len(big):
+                kept = {a for a, b in zip(divisors, count_divisors(big[j])) if a == b}
+                found = graph_reduction(v, mb, frozenset(kept))
+        if found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and not _reaches(v, mb.inputs) \
+                and not any(isinstance(d, int) and d in mb.rows for d in val.shape):
+            found = "same"  # no batched input reaches it, and no dim has a micro-batch's size (a baked ones(B, 1))
         out.append(found)
     return out
 
@@ -189,21 +229,24 @@ def divides_by_count(gm: fx.GraphModule, mb: MicroBatch) -> bool:
     return False
 
 
-def _batch_dim(node: Any, rows: frozenset[int]) -> int | None:
-    """The batch dim of ``node``'s value: the dim whose size is a micro-batch's (dim 0 first; dim 0 when ``rows``
-    is empty), None when none or several and not dim 0."""
+def _decide(node: Any, chain: list[Any], rows: frozenset[int], found: str | None) -> tuple[str | None, int | None]:
+    """``found`` (a loss op's) or which of ``chain`` removes the batch dim of ``node``'s value, and that dim. Every dim
+    of a micro-batch's size may be the batch: they must all give one answer (a full ``sum()`` does), else None."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
-        return None
-    hits = [d for d, s in enumerate(val.shape) if s in rows] if rows else [0]
-    if not hits or (len(hits) > 1 and hits[0] != 0):
-        return None
-    return hits[0]
+        return found, None
+    dims = [d for d, s in enumerate(val.shape) if isinstance(s, int) and s in rows] if rows else [0]
+    if found is not None:
+        return found, dims[0] if dims else None
+    if not dims:  # a flattened batch: only a reduction of every dim is sure to take it
+        full = chain and _reduced_dims(chain[-1], val.dim())[0] == set(range(val.dim()))
+        return (_op(chain[-1])[0], None) if full else (None, None)
+    answers = {_batch_reduction(val.dim(), chain, d) for d in dims}
+    return (answers.pop(), dims[0]) if len(answers) == 1 else (None, None)
 
 
-def _batch_reduction(node: Any, chain: list[Any], batch: int) -> str | None:
-    """Which of ``chain`` (sum / mean from the outside in, reducing ``node``'s value) removes its dim ``batch``."""
-    ndim = node.meta["val"].dim()
+def _batch_reduction(ndim: int, chain: list[Any], batch: int) -> str | None:
+    """Which of ``chain`` (sum / mean from the outside in, over a value of ``ndim`` dims) removes its dim ``batch``."""
     for red in reversed(chain):
         dims, keep = _reduced_dims(red, ndim)
         if batch in dims:
@@ -217,9 +260,9 @@ def _batch_reduction(node: Any, chain: list[Any], batch: int) -> str | None:
 def _counts(node: Any, batch: int | None) -> set[int]:
     """What a mean of ``node``'s value over its batch may divide by: its rows times any of its other dims."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if batch is None or not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+    if batch is None or not isinstance(val, torch.Tensor) or not isinstance(val.shape[batch], int):
         return set()
-    rows, rest = int(val.shape[batch]), [int(s) for d, s in enumerate(val.shape) if d != batch][:6]
+    rows, rest = int(val.shape[batch]), [int(s) for d, s in enumerate(val.shape) if d != batch and isinstance(s, int)][:6]
     if rows == 1:
         return set()  # one row: x.sum() / x.shape[1] (a per-row mean, summed) would look the same
     return {rows * math.prod(c) for r in range(len(rest) + 1) for c in itertools.combinations(rest, r)}
@@ -261,3 +304,8 @@ def _is_count(value: float, op: str, counts: frozenset[int]) -> bool:
     """Whether scaling by ``value`` (``op`` is mul or div) divides by one of ``counts``: only an int divisor, as a
     size baked in by the trace is (``x.shape[0]``, ``len(x)``, ``x.numel()``); ``0.5 * x.sum()`` stays a sum."""
     return op == "div" and isinstance(value, int) and not isinstance(value, bool) and value in counts
+
+
+def _outputs(gm: fx.GraphModule) -> list[Any]:
+    values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+    return list(values) if isinstance(values, tuple | list) else [values]

@@ -30,7 +30,7 @@ from pippy.frontend.split import StageInfo, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
 from pippy.frontend.trainmode import keep_following, module_modes, set_modes
 from pippy.frontend.unread import match_persistence
-from pippy.microbatch import ambiguous_merge_dims, output_merge_dims, split_batch, split_leaves
+from pippy.microbatch import ambiguous_merge_dims, merge_chunks, output_merge_dims, split_batch, split_leaves
 
 __all__ = ["trace_and_split"]
 
@@ -117,7 +117,16 @@ def trace_and_split(
         merge_dims = _merge_dims_by_symbols(traced, (tuple(mb_args), mb_kwargs), (args_chunk_spec, kwargs_chunk_spec),
                                             merge_dims)
     mb = _micro_batch(gm, ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec)
-    reductions, baked = output_reductions(gm, mb), divides_by_count(gm, mb)
+    def twice() -> fx.GraphModule | None:  # the model traced on its micro-batch twice over (see output_reductions)
+        try:
+            args2 = merge_chunks([tuple(mb_args), tuple(mb_args)], args_chunk_spec)
+            kwargs2 = merge_chunks([dict(mb_kwargs), dict(mb_kwargs)], kwargs_chunk_spec) if mb_kwargs else {}
+            return export_module(traced, tuple(args2), dict(kwargs2)).module()
+        except Exception:  # a model that only traces at its own size: its divisors stay read as counts
+            return None
+
+    reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
+    baked = divides_by_count(gm, mb)
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
     retarget_aliases(gm)

@@ -56,13 +56,13 @@ class CountedMean:
 
 
 def counted_mean(loss_fn: Any) -> CountedMean | None:
-    """The counted form of ``loss_fn`` when it is a mean-reduced ``nn.CrossEntropyLoss`` / ``nn.NLLLoss``,
+    """The counted form of ``loss_fn`` when it is a mean-reduced ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` (not a subclass),
     ``F.cross_entropy`` / ``F.nll_loss``, or a ``functools.partial`` of those; else None.
 
         >>> counted_mean(torch.nn.MSELoss()) is None, counted_mean(torch.nn.NLLLoss(reduction="sum")) is None
         (True, True)
     """
-    if isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss):
+    if type(loss_fn) in (nn.CrossEntropyLoss, nn.NLLLoss):  # a subclass may add terms its own way: left alone
         if loss_fn.reduction != "mean":
             return None
         summed = copy.copy(loss_fn)

@@ -311,6 +311,7 @@ def test_torch_pipelining_call_form_traces_one_micro_batch() -> None:
         assert torch.allclose(out, ref(x, mask), atol=1e-12)
         for n, p in ref.named_parameters():
             assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
+    assert pipeline(copy.deepcopy(model), mb_args=x[:2], mb_kwargs={"mask": mask[:2]}).num_chunks == 1  # a bare tensor
     with pytest.raises(TypeError, match="either them or num_chunks"):
         pipeline(model, 4, (x,), mb_args=(x[:2],))
     with pytest.raises(TypeError, match="mb_kwargs must be a dict"):

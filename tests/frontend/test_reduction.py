@@ -34,6 +34,9 @@ LOSSES = [
     ("plain sum", lambda o, t: ((o - t) ** 2).sum(), "sum"),
     ("half a sum", lambda o, t: 0.5 * ((o - t) ** 2).sum(), "sum"),
     ("sum / float literal", lambda o, t: ((o - t) ** 2).sum() / 2.0, "sum"),
+    ("sum / int literal equal to the rows", lambda o, t: ((o - t) ** 2).sum() / 2, "sum"),
+    ("sum / int literal equal to rows x seq", lambda o, t: ((o - t) ** 2).sum() / 10, "sum"),
+    ("flattened, sum / shape[0]", lambda o, t: ((o - t) ** 2).reshape(-1).sum() / o.shape[0], "mean"),
 ]
 
 
@@ -166,21 +169,79 @@ class _Shapes(nn.Module):
         h = torch.tanh(self.a(x))
         pipe_split()
         o = self.b(h)
-        return o, h.mean(0), h.sum(0), o.t(), self.b.weight * 2
+        return o, h.mean(0), h.sum(0), self.b.weight * 2
 
 
 @pytest.mark.parametrize("cls", [ScheduleGPipe, Schedule1F1B])
 def test_outputs_without_a_leading_batch_dim_come_back_as_the_model_gives_them(cls) -> None:
-    """A batch mean / sum of a hidden state, a transposed output, a weight: each merges into the model's own value
-    and shape (the mean, the sum, along dim 1, once) instead of concatenating along dim 0."""
+    """A batch mean / sum of a hidden state, a weight: each merges into the model's own value and shape (the mean,
+    the sum, once) instead of concatenating along dim 0."""
     torch.manual_seed(0)
     model = _Shapes().double()
     x = torch.randn(8, 3, dtype=torch.float64)
     pipe = pipeline(copy.deepcopy(model), 4, (x,))
-    assert pipe.output_reductions == [None, "mean", "sum", None, "same"] and pipe.output_merge_dims == [0, 0, 0, 1, 0]
+    assert pipe.output_reductions == [None, "mean", "sum", "same"]
     want = model(x)
     lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4, loss_fn=lambda out, y: F.mse_loss(out[0], y))
     for got in (lp.eval(x), lp.step(x, target=torch.zeros(8, 3, dtype=torch.float64)), pipe(x)):
         assert len(got) == len(want)
         for k, (g, w) in enumerate(zip(got, want)):
             assert g.shape == w.shape and torch.allclose(g, w.detach(), atol=1e-12), k
+
+
+class _Coincide(nn.Module):
+    """Outputs whose sizes coincide with the micro-batch's (2 rows): two stacked heads, a broadcast copy, ones built
+    from the batch's shape; each is batched and must concatenate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.h1, self.h2 = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.a(x)
+        pipe_split()
+        return (torch.stack([self.h1(h), self.h2(h)]).mean(0), torch.ones(x.shape[0], 1, dtype=x.dtype),
+                h.unsqueeze(0).expand(2, -1, -1).sum(0))
+
+
+def test_sizes_that_coincide_with_the_micro_batch_do_not_pass_for_the_batch() -> None:
+    torch.manual_seed(0)
+    model = _Coincide().double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,))
+    assert pipe.output_reductions is None
+    lp = LocalPipeline(pipe, ScheduleGPipe, num_ranks=2, n_microbatches=4)
+    for got in (lp.eval(x), pipe(x)):
+        for k, (g, w) in enumerate(zip(got, model(x))):
+            assert g.shape == w.shape and torch.allclose(g, w.detach(), atol=1e-12), k
+
+
+def test_a_dynamic_sequence_keeps_the_static_batch_readable() -> None:
+    """``dynamic_shapes`` on the sequence only: the batch dim is static, so ``sum / x.shape[0]`` still reads as a
+    mean and a per-token sum (``h.transpose(0, 1).sum(0)``) stays batched."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.a(x)
+            pipe_split()
+            h = self.b(h)
+            return {"pooled": h.transpose(0, 1).sum(0), "loss": (h**2).sum() / x.shape[0]}
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(8, 6, 4, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,), dynamic_shapes={"x": {1: (2, 64)}})
+    assert pipe.output_reductions == [None, "mean"]
+    ref = copy.deepcopy(model)
+    want = ref(x)
+    want["loss"].backward()
+    lp = LocalPipeline(pipe, ScheduleGPipe, num_ranks=2, n_microbatches=4)
+    got = lp.step(x)
+    for key in ("pooled", "loss"):
+        assert torch.allclose(got[key], want[key].detach(), atol=1e-12), key
+    for n, p in ref.named_parameters():
+        assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
