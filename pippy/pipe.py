@@ -259,7 +259,7 @@ def pipeline(
     ``"auto"``, ``{"input_ids": {1: (2, 2048)}}`` (per micro-batch; inputs not named follow), or
     torch.export's own form (see :mod:`pippy.frontend.dynamic`).
 
-    PyTorch's ``torch.distributed.pipelining`` form works too: ``pipeline(module, mb_args=(x_mb,),
+    PyTorch's own pipelining package's form works too: ``pipeline(module, mb_args=(x_mb,),
     mb_kwargs=..., split_spec=..., split_policy=...)``, or ``pipeline(module, (x_mb,), mb_kwargs,
     split_spec, split_policy)`` positionally, traces on that one micro-batch (``num_chunks=1``); schedules
     then split a full batch into micro-batches of its size.
@@ -271,7 +271,7 @@ def pipeline(
         >>> pipeline(net, mb_args=(torch.randn(1, 4),), split_spec={"0": SplitPoint.END}).num_chunks
         1
     """
-    if isinstance(num_chunks, tuple | list):  # torch.distributed.pipelining's pipeline(module, mb_args, mb_kwargs, ...)
+    if isinstance(num_chunks, tuple | list):  # PyTorch pipelining's pipeline(module, mb_args, mb_kwargs, ...)
         if mb_args is not None or mb_kwargs is not None:
             raise TypeError("pipeline(): pass the micro-batch once, positionally or as mb_args=, not both")
         positional = (example_args, example_kwargs, split_spec)
@@ -286,7 +286,7 @@ def pipeline(
     if mb_args is not None or mb_kwargs is not None:
         if num_chunks not in (None, 1) or example_args or example_kwargs:
             raise TypeError(
-                "pipeline(): mb_args/mb_kwargs (one micro-batch, torch.distributed.pipelining's form) trace with "
+                "pipeline(): mb_args/mb_kwargs (one micro-batch, PyTorch pipelining's form) trace with "
                 "num_chunks=1; pass either them or num_chunks with example_args/example_kwargs (the full batch)"
             )
         mb_args = (mb_args,) if isinstance(mb_args, torch.Tensor) else tuple(mb_args) if mb_args is not None else ()

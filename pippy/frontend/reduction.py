@@ -93,30 +93,7 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset
         ['sum', 'mean', 'mean']
     """
     mb = mb or MicroBatch()
-    chain: list[Any] = []  # sum / mean nodes from the outside in
-    divisors: list[int] = []  # ints the value was divided by on the way
-    found: str | None = None
-    for _ in range(64):
-        name, schema = _op(node)
-        if schema is None:
-            break
-        if name in _PASS or (name in _SHAPE and not chain):
-            node = node.args[0]
-        elif name in _SCALE and len(node.args) > 1 and isinstance(node.args[1], int | float):
-            if name == "div" and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
-                divisors.append(node.args[1])
-            node = node.args[0]
-        elif name in ("sum", "mean"):
-            chain.append(node)
-            node = node.args[0]
-        else:
-            pos = next((k for k, a in enumerate(schema.arguments) if a.name == "reduction"), None)
-            value = None if pos is None else node.kwargs.get(
-                "reduction", node.args[pos] if len(node.args) > pos else schema.arguments[pos].default_value)
-            if isinstance(value, int) and value in _REDUCTIONS:
-                found = _REDUCTIONS[value]  # a loss op reducing every dim, the batch's too
-                node = node.args[0] if node.args else node
-            break
+    node, chain, divisors, found = _walk(node)
     found, batch = _decide(node, chain, mb.rows, found)
     if found is None or not _reaches(node, mb.inputs):
         return None
@@ -135,21 +112,7 @@ def count_divisors(node: Any) -> list[int]:
         >>> count_divisors(next(iter(gm.graph.find_nodes(op="output"))).args[0][0])
         [3, 2]
     """
-    out: list[int] = []
-    seen_reduction = False
-    for _ in range(64):
-        name, schema = _op(node)
-        if schema is None:
-            break
-        if name in _SCALE and len(node.args) > 1 and isinstance(node.args[1], int | float):
-            if name == "div" and isinstance(node.args[1], int) and not isinstance(node.args[1], bool):
-                out.append(node.args[1])
-        elif name in ("sum", "mean"):
-            seen_reduction = True
-        elif not (name in _PASS or (name in _SHAPE and not seen_reduction)):
-            break
-        node = node.args[0] if node.args else None
-    return out
+    return _walk(node)[2]
 
 
 def model_reduction(gm: Any, index: int | None, mb: MicroBatch | None = None) -> str | None:
@@ -224,9 +187,38 @@ def divides_by_count(gm: fx.GraphModule, mb: MicroBatch) -> bool:
     """
     for node in gm.graph.nodes:
         name, schema = _op(node)
-        if schema is not None and name == "div" and len(node.args) > 1 and _is_count(node.args[1], name, mb.counts):
+        if schema is not None and name == "div" and len(node.args) > 1 and _is_int(node.args[1]) \
+                and node.args[1] in mb.counts:
             return True
     return False
+
+
+def _walk(node: Any) -> tuple[Any, list[Any], list[int], str | None]:
+    """From a scalar back to the tensor its reductions reduce: that node, the ``sum`` / ``mean`` nodes on the way
+    (outside in), the ints it is divided by, and a loss op's own reduction when one reduces every dim."""
+    chain: list[Any] = []
+    divisors: list[int] = []
+    for _ in range(64):
+        name, schema = _op(node)
+        if schema is None:
+            break
+        if name in _PASS or (name in _SHAPE and not chain):
+            node = node.args[0]
+        elif name in _SCALE and len(node.args) > 1 and isinstance(node.args[1], int | float):
+            if name == "div" and _is_int(node.args[1]):
+                divisors.append(int(node.args[1]))
+            node = node.args[0]
+        elif name in ("sum", "mean"):
+            chain.append(node)
+            node = node.args[0]
+        else:
+            pos = next((k for k, a in enumerate(schema.arguments) if a.name == "reduction"), None)
+            value = None if pos is None else node.kwargs.get(
+                "reduction", node.args[pos] if len(node.args) > pos else schema.arguments[pos].default_value)
+            if isinstance(value, int) and value in _REDUCTIONS:  # a loss op reducing every dim, the batch's too
+                return (node.args[0] if node.args else node), chain, divisors, _REDUCTIONS[value]
+            break
+    return node, chain, divisors, None
 
 
 def _decide(node: Any, chain: list[Any], rows: frozenset[int], found: str | None) -> tuple[str | None, int | None]:
@@ -300,10 +292,9 @@ def _op(node: Any) -> tuple[str, Any]:
     return schema.name.split("::")[-1], schema
 
 
-def _is_count(value: float, op: str, counts: frozenset[int]) -> bool:
-    """Whether scaling by ``value`` (``op`` is mul or div) divides by one of ``counts``: only an int divisor, as a
-    size baked in by the trace is (``x.shape[0]``, ``len(x)``, ``x.numel()``); ``0.5 * x.sum()`` stays a sum."""
-    return op == "div" and isinstance(value, int) and not isinstance(value, bool) and value in counts
+def _is_int(value: Any) -> bool:
+    """An int divisor, as a size baked in by the trace is (``x.shape[0]``, ``len(x)``, ``x.numel()``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _outputs(gm: fx.GraphModule) -> list[Any]:

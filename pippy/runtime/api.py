@@ -85,7 +85,7 @@ class _UserSchedule(MicrobatchSteps, PipelineSchedule):
 
 
 def _torch_options(name: str, pipe: SplitPipe, kwargs: dict[str, Any]) -> None:
-    """Take torch.distributed.pipelining's schedule options: ``scale_grads`` (True: grads of the micro-batches'
+    """Take PyTorch's pipelining package's schedule options: ``scale_grads`` (True: grads of the micro-batches'
     mean, ``loss_reduction="mean"``; False: of their sum), and chunk specs that repeat the pipe's."""
     if "scale_grads" in kwargs:
         scale = kwargs.pop("scale_grads")
