@@ -185,6 +185,9 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
     Dim 0, unless the inputs split along another dim (``TensorChunkSpec(1)`` for sequence-first
     tensors) and the output has the micro-batch's size at that same dim: then that dim, so the
     merged output has the model's own shape; when dim 0 has a micro-batch's size too, dim 0.
+    Where the sizes are symbols (a trace with dynamic sizes), an output whose batch symbol sits at
+    exactly one other dim (``o.T``, ``o.permute(1, 0, 2)``) merges along that dim; a plain number
+    there may be a coincidence, so such outputs are only flagged by :func:`ambiguous_merge_dims`.
     ``mb_args`` / ``mb_kwargs`` are one micro-batch (the traced graph's input values, whose sizes
     are symbols where they vary); ``output_shapes`` the traced output shapes (None for a non-tensor).
 
@@ -201,24 +204,43 @@ def output_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_
         hits = {d for d, size in pairs if shape is not None and d < len(shape) and str(shape[d]) == str(size)}
         if len(hits) == 1 and shape is not None and str(shape[0]) not in sizes:
             out.append(hits.pop())
+        elif not hits and shape is not None and len(moved := _moved_batch_dims(shape, pairs, symbolic=True)) == 1:
+            out.append(moved[0])
         else:  # no hit, several, or dim 0 has a micro-batch's size too (``[batch, classes]`` logits): dim 0
             out.append(0)
     return out
 
 
+def _moved_batch_dims(shape: Sequence[Any], pairs: list[tuple[int, Any]], symbolic: bool) -> list[int]:
+    """The dims of ``shape`` other than the split dims that have a micro-batch's size (only symbolic sizes when
+    ``symbolic``, only plain numbers otherwise)."""
+    split_dims = {d for d, _ in pairs}
+    wanted = {str(size) for _, size in pairs if isinstance(size, int) != symbolic}
+    return [d for d in range(len(shape)) if d not in split_dims and str(shape[d]) in wanted]
+
+
 def ambiguous_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_spec: Any, kwargs_spec: Any,
                          output_shapes: Sequence[Sequence[Any] | None]) -> list[int]:
-    """The outputs whose merge dim :func:`output_merge_dims` had to guess: dim 0 and another split dim both have a
-    micro-batch's size (a ``[seq, batch]`` output whose sequence is as long as a micro-batch).
+    """The outputs whose merge dim :func:`output_merge_dims` had to guess from plain numbers: a micro-batch's size
+    is at some dim, but not at exactly one dim that the inputs split along. That is a ``[seq, batch]`` output whose
+    sequence is as long as a micro-batch, a moved batch (``o.T``), or a width that happens to equal the micro-batch
+    size. Symbolic sizes (a dynamic trace) are never ambiguous: the batch has its own symbol.
 
         >>> x = torch.zeros(2, 2, 16)  # sequence first, as long as a micro-batch (2)
         >>> ambiguous_merge_dims((x,), {}, (TensorChunkSpec(1),), None, [(2, 2, 16), (5, 2)])
         [0]
+        >>> ambiguous_merge_dims((torch.zeros(4, 3),), {}, None, None, [(3, 4), (4, 3), (12, 5), (4, 4)])
+        [0, 3]
     """
     pairs = [(d, leaf.shape[d]) for leaf, d in split_leaves(mb_args, mb_kwargs, args_spec, kwargs_spec)]
-    sizes = {str(size) for _, size in pairs}
-    return [j for j, shape in enumerate(output_shapes) if shape and str(shape[0]) in sizes
-            and any(d and d < len(shape) and str(shape[d]) == str(size) for d, size in pairs)]
+    sizes = {str(size) for _, size in pairs if isinstance(size, int)}
+    out = []
+    for j, shape in enumerate(output_shapes):
+        at = {d for d in range(len(shape or ())) if str(shape[d]) in sizes}  # type: ignore[index]
+        at_split = {d for d, size in pairs if isinstance(size, int) and d < len(shape or ()) and shape[d] == size}  # type: ignore[index]
+        if at and not (len(at) == 1 and at == at_split):
+            out.append(j)
+    return out
 
 
 _MASK_CALL: contextvars.ContextVar[bool | None] = contextvars.ContextVar("pippy_mask_minibatches", default=None)

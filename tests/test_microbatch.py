@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -79,3 +81,67 @@ def test_a_sequence_as_long_as_a_micro_batch_still_merges_along_the_batch() -> N
     assert out.shape == (2, 8, 3) and torch.allclose(out, ref(x), atol=1e-12)
     for n, p in ref.named_parameters():
         assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
+
+
+class _Moved(torch.nn.Module):
+    """Returns its batch at dim 1: ``h.T`` for 2-d inputs, ``h.permute(1, 0, 2)`` for 3-d ones."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.b(torch.tanh(self.a(x)))
+        return (h.T if h.dim() == 2 else h.permute(1, 0, 2)), h
+
+
+@pytest.mark.parametrize("shape,width,dynamic", [
+    ((8, 4), 3, False), ((8, 4), 2, False),  # width 2 == the micro-batch size: h.T is [2, 2]
+    ((8, 5, 4), 3, False), ((8, 2, 4), 2, False),  # sequence 2 == the micro-batch size
+    ((8, 5, 4), 3, True),
+])
+def test_an_output_whose_batch_moved_merges_along_it(shape: tuple[int, ...], width: int, dynamic: bool) -> None:
+    """``h.T`` / ``h.permute(1, 0, 2)`` carry the batch at dim 1: outputs merge there, a target shaped like them
+    splits there, and grads equal the plain model's (float64); a sizes coincidence is settled by symbols."""
+    import copy
+
+    from pippy import ScheduleGPipe, SplitPoint, pipeline
+    from pippy.runtime.local import LocalPipeline
+
+    torch.manual_seed(0)
+    model = _Moved(width).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe = pipeline(copy.deepcopy(model), 4, (x,), split_spec={"a": SplitPoint.END},
+                        dynamic_shapes="auto" if dynamic else None)
+    assert pipe.output_merge_dims == [1, 0]
+
+    def loss_fn(out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(out[0], target) + out[1].pow(2).mean()
+
+    lp = LocalPipeline(pipe, ScheduleGPipe, num_ranks=2, n_microbatches=4, loss_fn=loss_fn)
+    batches = [x, torch.randn(12, 7, 4, dtype=torch.float64)] if dynamic else [x]  # other sizes: no new trace
+    for xb in batches:
+        ref_out = model(xb)
+        y = torch.randn_like(ref_out[0])
+        out = lp.step(xb, target=y)
+        model.zero_grad()
+        loss_fn(ref_out, y).backward()
+        for got, want in zip(out, ref_out):
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12)
+        for n, p in model.named_parameters():
+            assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
+        lp.zero_grad()
+
+
+def test_a_width_equal_to_the_micro_batch_still_merges_along_dim_0() -> None:
+    """``[batch, width]`` with width == the micro-batch size looks like a moved batch in plain numbers; the symbols
+    say dim 0, and a flattened ``[batch * seq, width]`` output stays at dim 0 too."""
+    from pippy import SplitPoint, pipeline
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2), torch.nn.Flatten(0, 1))
+    pipe = pipeline(net, 4, (torch.randn(8, 5, 4),), split_spec={"1": SplitPoint.END})
+    assert pipe.output_merge_dims is None
+    pipe = pipeline(net[:3], 4, (torch.randn(8, 4),), split_spec={"1": SplitPoint.END})
+    assert pipe.output_merge_dims is None

@@ -112,10 +112,10 @@ def trace_and_split(
     gm = ep.module()
     ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))
     merge_dims = output_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
-    if dynamic_shapes is None and ambiguous_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec,
-                                                       _output_shapes(gm)):
+    unsure = ambiguous_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
+    if dynamic_shapes is None and unsure:
         merge_dims = _merge_dims_by_symbols(traced, (tuple(mb_args), mb_kwargs), (args_chunk_spec, kwargs_chunk_spec),
-                                            merge_dims)
+                                            merge_dims, unsure)
     mb = _micro_batch(gm, ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec)
     def twice() -> fx.GraphModule | None:  # the model traced on its micro-batch twice over (see output_reductions)
         try:
@@ -238,9 +238,10 @@ def _micro_batch(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def _merge_dims_by_symbols(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], specs: tuple[Any, Any],
-                           guess: list[int]) -> list[int]:
-    """Merge dims where an output has a micro-batch's size at dim 0 and at a split dim: traced again with every
-    size symbolic, the batch's own symbol shows which dim it is. Where that trace fails, ``guess`` and a warning."""
+                           guess: list[int], ambiguous: list[int]) -> list[int]:
+    """Merge dims where outputs ``ambiguous`` have a micro-batch's size at dim 0 and at a split dim, or only at
+    another dim (``o.T``): traced again with every size symbolic, the batch's own symbol shows which dim it is.
+    Where that trace fails, ``guess`` and a warning."""
     args, kwargs = example
     try:
         dyn = export_dynamic_shapes(module, args, kwargs, "auto")
@@ -254,10 +255,11 @@ def _merge_dims_by_symbols(module: nn.Module, example: tuple[tuple[Any, ...], di
     except Exception:
         pass
     warnings.warn(
-        f"pipeline(): outputs have a micro-batch's size both at dim 0 and at the dim the inputs split along, so "
-        f"pippy cannot tell which is the batch and merges them along {guess}. Pass output_merge_spec= to the "
-        "schedule (e.g. [TensorChunkSpec(1)]) if that is wrong, or trace with a sequence length other than the "
-        "micro-batch size",
+        f"pipeline(): outputs {ambiguous} have a micro-batch's size at more than one dim, or at a dim the inputs do "
+        f"not split along, and tracing again with symbolic sizes failed, so pippy cannot tell which dim is the "
+        f"batch and merges the outputs along {guess}. Pass output_merge_spec= to the schedule (e.g. "
+        "[TensorChunkSpec(1)]) if that is wrong, or trace with a batch whose micro-batch size differs from the "
+        "model's other sizes",
         stacklevel=3,
     )
     return guess

@@ -244,9 +244,9 @@ def _unknown(owner: str, what: str, why: str) -> None:
 
 
 def target_spec(pipe: Any, target: Any, m: int, given: Any = None) -> Any:
-    """How ``target`` splits into ``m`` micro-batches: ``given`` (``target_chunk_spec``) when set. Else a lone
-    target tensor splits along the dim the lone output merges on (the batch dim of a sequence-first model, see
-    ``SplitPipe.output_merge_dims``) when it has the whole batch there and not at dim 0 too, and every other
+    """How ``target`` splits into ``m`` micro-batches: ``given`` (``target_chunk_spec``) when set. Else a target
+    tensor splits along a dim an output merges on (the batch dim of a sequence-first model, or of ``o.T``, see
+    ``SplitPipe.output_merge_dims``) when it has the whole batch there and not at dim 0, and every other
     tensor along dim 0, except one with fewer dims than the outputs whose size there is no whole multiple of
     the batch (a ``[4]`` target for ``[8, 4]`` outputs): that one is unbatched, and every micro-batch gets all
     of it, as the plain model's loss broadcasts it; one with as many dims is an error (the plain model's loss
@@ -262,20 +262,20 @@ def target_spec(pipe: Any, target: Any, m: int, given: Any = None) -> Any:
     """
     if given is not None:
         return given
-    dims = pipe.output_merge_dims
-    if dims is not None and len(dims) == 1 and isinstance(target, torch.Tensor):
-        d, shape = dims[0], pipe.stage_infos[-1].outputs[0].shape or ()
-        batch = shape[d] * m if d < len(shape) else None
-        if d and target.dim() > d and target.shape[d] == batch and target.shape[0] != batch:
-            return TensorChunkSpec(d)
     batches = _batch_sizes(pipe, m)
+    moved = _moved_batch(pipe, m)
     out_dims = max((len(o.shape) for o in pipe.stage_infos[-1].outputs if o.shape is not None), default=0)
-    if not batches:
+    if not batches and not moved:
         return None
     leaves, tree = pytree.tree_flatten(target)
     specs: list[Any] = []
     for k, t in enumerate(leaves):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0 or any(t.shape[0] % b == 0 for b in batches):
+        along = [d for d, batch, ndim in moved if isinstance(t, torch.Tensor) and t.dim() > d and (
+            t.shape[d] == batch if batch else t.dim() == ndim and t.shape[d] % m == 0)]
+        if len(set(along)) == 1 and t.shape[0] not in {batch for _, batch, _ in moved}:
+            specs.append(TensorChunkSpec(along[0]))
+        elif not isinstance(t, torch.Tensor) or t.dim() == 0 or not batches or any(t.shape[0] % b == 0
+                                                                                  for b in batches):
             specs.append(None)
         elif t.dim() < out_dims:
             specs.append(Replicate())
@@ -287,6 +287,18 @@ def target_spec(pipe: Any, target: Any, m: int, given: Any = None) -> Any:
                 "a target that is not batched"
             )
     return pytree.tree_unflatten(specs, tree) if any(s is not None for s in specs) else None
+
+
+def _moved_batch(pipe: Any, m: int) -> list[tuple[int, int | None, int]]:
+    """``(dim, full batch size, ndim)`` for each output the pipe merges along a dim other than 0. The size is None
+    where it is traced as varying: the rank holding the last stage does not see this step's batch, so a target
+    with that output's dim count splits along that dim."""
+    dims = pipe.output_merge_dims or ()
+    outs = pipe.stage_infos[-1].outputs
+    if len(dims) != len(outs):
+        return []
+    return [(d, None if d in o.dynamic else int(o.shape[d]) * m, len(o.shape)) for d, o in zip(dims, outs)
+            if d and o.shape is not None and d < len(o.shape)]
 
 
 def _batch_sizes(pipe: Any, m: int) -> set[int]:
