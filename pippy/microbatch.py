@@ -316,6 +316,8 @@ def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
 
 def _merge_leaf(col: list[Any], spec: Any) -> Any:
     first = col[0]
+    if isinstance(spec, Sum) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in col):
+        return sum(col) / len(col) if spec.mean else sum(col)  # a count of rows (x.shape[0]) adds up
     if not isinstance(first, torch.Tensor) or isinstance(spec, Replicate):
         return first
     if isinstance(spec, Sum) or (spec is None and first.dim() == 0):

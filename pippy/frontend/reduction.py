@@ -137,7 +137,8 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
                       ) -> list[str | None]:
     """Per flat output of ``gm``: ``"sum"`` / ``"mean"`` for one whose graph reduces the batch dim away (a loss, or
     ``h.mean(0)``), ``"same"`` for a tensor no batched input reaches (alike in every micro-batch, given once), None
-    for the others (batched outputs, which concatenate) or when unknown.
+    for the others (batched outputs, which concatenate) or when unknown. A plain number that doubles in ``twice()``
+    (the trace on the micro-batch twice over) is a count baked from the batch's size (``x.shape[0]``): "sum".
 
         >>> from pippy import pipeline
         >>> class Net(torch.nn.Module):
@@ -153,6 +154,14 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
     values = _outputs(gm)
     out: list[str | None] = []
     big: list[Any] | None = None
+
+    def bigger(j: int) -> Any:  # output j of the trace of a batch twice as large (None when that trace failed)
+        nonlocal big
+        if big is None:
+            other = twice() if twice is not None else None
+            big = _outputs(other) if other is not None else []
+        return big[j] if j < len(big) else None
+
     for j, v in enumerate(values):
         val = v.meta.get("val") if isinstance(v, fx.Node) else None
         found = graph_reduction(v, mb) if isinstance(val, torch.Tensor) else None
@@ -160,17 +169,20 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
         if divisors and graph_reduction(v, mb, frozenset(divisors)) == "sum" and twice is not None:
             # a mean only by an int divisor: a literal ("/ 2") or a baked count ("/ x.shape[0]")? The trace of
             # a batch twice as large tells: a count doubles there, a literal stays
-            if big is None:
-                other = twice()
-                big = _outputs(other) if other is not None else []
-            if j < len(big):
-                kept = {a for a, b in zip(divisors, count_divisors(big[j])) if a == b}
+            if (other := bigger(j)) is not None:
+                kept = {a for a, b in zip(divisors, count_divisors(other)) if a == b}
                 found = graph_reduction(v, mb, frozenset(kept))
+        if _is_number(v) and v and any(v % r == 0 for r in mb.rows if r) and twice is not None:
+            found = "sum" if bigger(j) == 2 * v else None  # a count baked as a number (x.shape[0]): it adds up
         if found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and not _reaches(v, mb.inputs) \
                 and not any(isinstance(d, int) and d in mb.rows for d in val.shape):
             found = "same"  # no batched input reaches it, and no dim has a micro-batch's size (a baked ones(B, 1))
         out.append(found)
     return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def divides_by_count(gm: fx.GraphModule, mb: MicroBatch) -> bool:

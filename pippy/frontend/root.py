@@ -132,7 +132,8 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
     a whole number ``n > 1`` of traced micro-batches (along the chunk dims) falls back to running
     micro-batch by micro-batch, as the pipeline does, when running it at once fails or gives
     outputs of other than ``n`` micro-batches' shapes (a graph that bakes in the traced size), when
-    the graph divides by a micro-batch's size baked in as a number (``loss.sum() / x.shape[0]``), or
+    the graph divides by a micro-batch's size baked in as a number (``loss.sum() / x.shape[0]``) or returns it
+    (``x.shape[0]``: the micro-batches' counts add up), or
     when a stage writes a buffer or an input in place (batch norm's running statistics, which a
     failed attempt would have updated); those outputs merge as a schedule merges them (``SplitPipe.merge_outputs``:
     a scalar, such as a loss, becomes the sum of the micro-batches' when its graph sums the batch, else
@@ -145,7 +146,7 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
         return _run_flat(pipe, flat)
     key = (n, tuple(tuple(x.shape) for x in flat if isinstance(x, torch.Tensor)))
     failed = pipe.local_whole_failed
-    if not _writes_state(pipe) and not pipe.local_divides_by_count and key not in failed:
+    if not _writes_state(pipe) and not pipe.local_divides_by_count and not _counts_rows(pipe) and key not in failed:
         with warnings.catch_warnings(record=True) as said:  # an attempt that is dropped warns nothing
             warnings.simplefilter("always")
             try:
@@ -194,6 +195,13 @@ def _writes_state(pipe: SplitPipe) -> bool:
         pipe.local_writes_state = any(n.op in ("get_attr", "placeholder") and written_after(n)
                                       for info in pipe.stage_infos for n in info.module.graph.nodes)
     return pipe.local_writes_state
+
+
+def _counts_rows(pipe: SplitPipe) -> bool:
+    """Whether an output is a number that counts the micro-batch's rows (``x.shape[0]``, baked in by the trace)."""
+    metas = pipe.stage_infos[-1].outputs
+    red = pipe.output_reductions or ()
+    return any(r == "sum" and not meta.is_tensor for r, meta in zip(red, metas))
 
 
 def _whole_batch(pipe: SplitPipe, outs: tuple[Any, ...], n: int) -> bool:

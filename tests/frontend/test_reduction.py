@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 import warnings
 
 import pytest
@@ -245,3 +246,29 @@ def test_a_dynamic_sequence_keeps_the_static_batch_readable() -> None:
         assert torch.allclose(got[key], want[key].detach(), atol=1e-12), key
     for n, p in ref.named_parameters():
         assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
+
+
+def test_numbers_counted_from_the_batch_add_up_and_others_come_back_as_given() -> None:
+    """``x.shape[0]`` and ``x.numel()`` are baked into the trace as one micro-batch's numbers; returned, they add up
+    over micro-batches to the batch's own. ``x.shape[1]``, a literal and a flag stay as the model gives them."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+            h = self.a(x)
+            pipe_split()
+            return self.b(h), x.shape[0], x.numel(), x.shape[1], 2, True
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,))
+    assert pipe.output_reductions == [None, "sum", "sum", None, None, None]
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=lambda out, y: F.mse_loss(out[0], y))
+    want = model(x)
+    for got in (lp.eval(x), lp.step(x, target=torch.zeros(8, 2, dtype=torch.float64)), pipe(x)):
+        assert torch.allclose(got[0], want[0].detach(), atol=1e-12)
+        assert tuple(got[1:]) == (8, 32, 4, 2, True)
