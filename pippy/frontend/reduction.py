@@ -72,7 +72,8 @@ class MicroBatch:
         return cls(frozenset(rows), frozenset(counts), None if inputs is None else frozenset(inputs))
 
 
-def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset[int] = frozenset()) -> str | None:
+def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset[int] = frozenset(),
+                    grows: Callable[[Any], bool] | None = None) -> str | None:
     """How the scalar a traced graph computes at ``node`` reduces its batch: ``"mean"``, ``"sum"``, or None.
 
     Follows shape-only ops, scaling by plain numbers and ``sum`` / ``mean`` reductions back to the
@@ -81,7 +82,10 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset
     ``mb.rows``, dim 0 first; dim 0 when ``mb`` says none) decides. A sum divided by an int that counts
     that tensor's rows, or its rows times other dims of it (tokens, elements), is a mean: the trace
     baked the micro-batch's count in, unless it is in ``literals`` (a trace on a batch twice as large kept it).
-    None when no reduction removes a batch dim, no batched input reaches the value, or the ops say nothing.
+    A reduced tensor with no dim of a micro-batch's size counts only when ``grows(node)`` says its value grows with
+    the batch (a flattened batch); else an op the walk does not follow (``h.mean(0).abs()``, ``h.var(0)``) may
+    have removed the batch already. None when no reduction removes a batch dim, no batched input reaches the
+    value, or the ops say nothing.
 
         >>> from pippy import pipeline
         >>> class Net(torch.nn.Module):
@@ -97,6 +101,8 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset
     found, batch = _decide(node, chain, mb.rows, found)
     if found is None or not _reaches(node, mb.inputs):
         return None
+    if batch is None and _flat(node, mb.rows) and not (grows is not None and grows(node)):
+        return None  # no dim of a micro-batch's size: a flattened batch (it grows with it), or one removed already
     counts = _counts(node, batch) if batch is not None else set(mb.counts)
     return "mean" if found == "sum" and (set(divisors) - literals) & counts else found
 
@@ -137,7 +143,9 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
                       ) -> list[str | None]:
     """Per flat output of ``gm``: ``"sum"`` / ``"mean"`` for one whose graph reduces the batch dim away (a loss, or
     ``h.mean(0)``), ``"same"`` for a tensor no batched input reaches (alike in every micro-batch, given once), None
-    for the others (batched outputs, which concatenate) or when unknown. A plain number that doubles in ``twice()``
+    for the others (batched outputs, which concatenate). ``"unknown"`` for a tensor a batched input reaches whose
+    batch is gone by ops micro-batch values cannot rebuild (``h.amax()``, ``h.var(0)``, ``h.norm()``): 0-dim, or
+    with no dim of a micro-batch's size that grows in ``twice()``. A plain number that doubles in ``twice()``
     (the trace on the micro-batch twice over) is a count baked from the batch's size (``x.shape[0]``): "sum".
 
         >>> from pippy import pipeline
@@ -162,23 +170,37 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
             big = _outputs(other) if other is not None else []
         return big[j] if j < len(big) else None
 
+    def grows(j: int) -> Callable[[Any], bool]:  # whether the reduced value of output j doubles in ``twice()``
+        def check(node: Any) -> bool:
+            other = bigger(j)
+            return other is not None and _numel(_walk(other)[0]) == 2 * (_numel(node) or -1)
+        return check
+
     for j, v in enumerate(values):
         val = v.meta.get("val") if isinstance(v, fx.Node) else None
-        found = graph_reduction(v, mb) if isinstance(val, torch.Tensor) else None
+        found = graph_reduction(v, mb, grows=grows(j)) if isinstance(val, torch.Tensor) else None
         divisors = count_divisors(v) if found == "mean" else []
-        if divisors and graph_reduction(v, mb, frozenset(divisors)) == "sum" and twice is not None:
+        if divisors and graph_reduction(v, mb, frozenset(divisors), grows(j)) == "sum" and twice is not None:
             # a mean only by an int divisor: a literal ("/ 2") or a baked count ("/ x.shape[0]")? The trace of
             # a batch twice as large tells: a count doubles there, a literal stays
             if (other := bigger(j)) is not None:
                 kept = {a for a, b in zip(divisors, count_divisors(other)) if a == b}
-                found = graph_reduction(v, mb, frozenset(kept))
+                found = graph_reduction(v, mb, frozenset(kept), grows(j))
         if _is_number(v) and v and any(v % r == 0 for r in mb.rows if r) and twice is not None:
             found = "sum" if bigger(j) == 2 * v else None  # a count baked as a number (x.shape[0]): it adds up
         if found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and not _reaches(v, mb.inputs) \
                 and not any(isinstance(d, int) and d in mb.rows for d in val.shape):
             found = "same"  # no batched input reaches it, and no dim has a micro-batch's size (a baked ones(B, 1))
+        elif found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and _reaches(v, mb.inputs) \
+                and (val.dim() == 0 or (_flat(v, mb.rows) and not grows(j)(v))):
+            found = "unknown"  # the batch is gone, by ops that micro-batch values cannot rebuild (max, var, norm)
         out.append(found)
     return out
+
+
+def _numel(node: Any) -> int | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return int(val.numel()) if isinstance(val, torch.Tensor) and isinstance(val.numel(), int) else None
 
 
 def _is_number(v: Any) -> bool:
@@ -247,6 +269,21 @@ def _decide(node: Any, chain: list[Any], rows: frozenset[int], found: str | None
         return (_op(chain[-1])[0], None) if full else (None, None)
     answers = {_batch_reduction(val.dim(), chain, d) for d in dims}
     return (answers.pop(), dims[0]) if len(answers) == 1 else (None, None)
+
+
+def _flat(node: Any, rows: frozenset[int]) -> bool:
+    """Whether ``node``'s value has dims but none of a micro-batch's size, and no shape-only op leads back to one
+    that has (``logits.view(-1, V)`` does): its batch may be flattened into it or removed already."""
+    for _ in range(64):
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if not rows or not isinstance(val, torch.Tensor) or val.dim() == 0 or any(
+                isinstance(s, int) and s in rows for s in val.shape):
+            return False
+        name, schema = _op(node)
+        if schema is None or name not in _SHAPE | _PASS:
+            return True
+        node = node.args[0]
+    return True
 
 
 def _batch_reduction(ndim: int, chain: list[Any], batch: int) -> str | None:

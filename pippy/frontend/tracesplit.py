@@ -126,6 +126,7 @@ def trace_and_split(
             return None
 
     reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
+    _warn_unknown(reductions, _output_shapes(gm))
     baked = divides_by_count(gm, mb)
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
@@ -165,6 +166,22 @@ def trace_and_split(
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites
     return pipe
+
+
+def _warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | None]) -> None:
+    """Warn about outputs whose batch is gone by ops that micro-batch values cannot rebuild (see output_reductions)."""
+    unknown = [j for j, r in enumerate(reductions) if r == "unknown"]
+    if not unknown:
+        return
+    said = ", ".join(f"{j} (shape {list(shapes[j] or ())})" for j in unknown)
+    warnings.warn(
+        f"pipeline(): outputs {said} combine the batch's rows by ops pippy cannot rebuild from micro-batches (max, "
+        "var, norm, a product of means, ...). Schedules run each micro-batch alone, so these come back as the mean "
+        "of the micro-batches' values (0-dim) or their concatenation, not the model's value; used as a loss, the "
+        "gradients differ too. Compute such values from the merged outputs after the step (return the per-row "
+        "values instead), or pass output_merge_spec= to the schedule if the micro-batch values are what you want",
+        stacklevel=3,
+    )
 
 
 def _traced_inputs(gm: fx.GraphModule, in_spec: Any, example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

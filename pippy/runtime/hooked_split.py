@@ -32,16 +32,23 @@ __all__ = ["HookedSplit", "fsdp_sync", "has_block_hooks"]
 
 
 def has_block_hooks(module: torch.nn.Module) -> bool:
-    """Whether a submodule of ``module`` carries forward hooks or recompute (which a flat graph would skip).
+    """Whether ``module`` carries hooks that a flat graph would skip: forward hooks or recompute on a submodule,
+    backward hooks on any module, or gradient hooks on a parameter (``p.register_hook``,
+    ``register_post_accumulate_grad_hook``).
 
         >>> lin = torch.nn.Sequential(torch.nn.Linear(1, 1))
         >>> has_block_hooks(lin), lin[0].register_forward_hook(lambda *a: None) is not None, has_block_hooks(lin)
         (False, True, True)
+        >>> lin = torch.nn.Linear(1, 1)
+        >>> lin.weight.register_hook(lambda g: g * 2) is not None, has_block_hooks(lin)
+        (True, True)
     """
     for name, mod in module.named_modules():
         if name and (mod._forward_hooks or mod._forward_pre_hooks or "_pippy_forward_without_recompute" in vars(mod)):
             return True
-    return False
+        if mod._backward_hooks or getattr(mod, "_backward_pre_hooks", None):
+            return True
+    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in module.parameters())
 
 
 def fsdp_sync(module: Any) -> Callable[[bool], None] | None:

@@ -232,6 +232,8 @@ def _own_reduction(pipe: Any, own: int | None) -> str | None:
     reductions = getattr(pipe, "output_reductions", None)
     if reductions is not None and own < len(reductions) and reductions[own] in ("sum", "mean"):
         return str(reductions[own])
+    if getattr(pipe, "traced_training", None) is not None:
+        return None  # read off the whole traced graph already, which sees more than the last stage's
     return model_reduction(pipe.stage_infos[-1].module, own)
 
 

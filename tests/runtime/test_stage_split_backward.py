@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from models import mse
 from torch import nn
@@ -119,3 +120,49 @@ def test_activation_counter_keeps_nothing_alive_after_clear() -> None:
         assert stage.live_activation_bytes() > 0
         stage.clear()
     assert live() == before
+
+
+class _Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, block in enumerate(self.blocks):
+            x = block(x)
+            if k < 3:
+                pipe_split()
+        return x
+
+
+def _hook(kind: str, module: nn.Module, prefix: str = "") -> None:
+    """Parameter grad hooks, or full backward hooks on blocks, that scale what they see (as the plain model's do)."""
+    for name, block in module.named_modules():
+        if not name.startswith(prefix + "blocks.") or name.count(".") != prefix.count(".") + 1:
+            continue
+        if kind == "param":
+            block.get_submodule("0").weight.register_hook(lambda g: g * 2)
+        else:
+            block.register_full_backward_hook(lambda mod, gin, gout: tuple(None if g is None else g * 2 for g in gin))
+
+
+@pytest.mark.parametrize("kind", ["param", "module"])
+@pytest.mark.parametrize("cls", ["ScheduleZBH1", "ScheduleZBV", "ScheduleDualPipeV"])
+def test_parameter_and_backward_hooks_run_under_split_backward(cls: str, kind: str) -> None:
+    """Hooks a flat graph's closed-form W would skip (a parameter's grad hook, a block's backward hook) make the
+    stage split its backward through its own module: grads equal the plain model's with the same hooks."""
+    torch.manual_seed(0)
+    model = _Blocks().double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    _hook(kind, ref)
+    mse(ref(x), y).backward()
+    pipe = pipeline(model, 4, (x,))
+    lp = LocalPipeline(pipe, getattr(pippy, cls), num_ranks=2 if cls != "ScheduleZBH1" else 4, n_microbatches=4,
+                       loss_fn=mse)
+    for stage in lp.stages:
+        _hook(kind, stage.submod)
+    lp.step(x, target=y)
+    grads = lp.named_grads()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-12), n
