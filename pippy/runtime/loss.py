@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pippy.frontend.reduction import graph_reduction, model_reduction
-from pippy.microbatch import Replicate, TensorChunkSpec, merge_chunks, split_leaves
+from pippy.microbatch import Replicate, TensorChunkSpec, merge_chunks, split_leaves, split_value
 from pippy.runtime.notice import warn_user
 from pippy.runtime.stage import StageError
 
@@ -138,30 +138,49 @@ def infer_reduction(loss_fn: Callable[..., Any] | None) -> str | None:
 
 
 def probe_reduction(loss_fn: Callable[..., torch.Tensor], out: Any, target: Any, loss: torch.Tensor,
-                    twice: Callable[[Any, Any], tuple[Any, Any]]) -> str | None:
+                    twice: Callable[[Any, Any], tuple[Any, Any]],
+                    halves: Callable[[Any, Any], tuple[Any, Any]] | None = None) -> str | None:
     """How ``loss_fn`` reduces a batch, measured: on one micro-batch twice over (``twice(out, target)`` stacks each
-    with itself along its batch dim) a mean keeps the micro-batch's ``loss`` and a sum doubles it. None when it
-    does neither (a loss over the batch's pairs, a zero loss) or cannot run so. It runs without grad and leaves
-    the random state as it was.
+    with itself along its batch dim) a mean keeps the micro-batch's ``loss`` and a sum doubles it. Then, where
+    ``halves(out, target)`` splits the micro-batch into two equal halves (``(out1, out2), (target1, target2)``), a
+    mean must equal the mean of the halves' losses and a sum their sum, which a root of a mean (RMSE), a max or a
+    ratio of sums is not. None when a test fails (also a loss over the batch's pairs, a zero loss) or the loss
+    cannot run so; a split that fails only skips that test. It runs without grad and leaves the random state as
+    it was.
 
         >>> twice = lambda o, t: (torch.cat([o, o]), torch.cat([t, t]))
-        >>> o, t = torch.ones(2, 3), torch.zeros(2, 3)
-        >>> [probe_reduction(f, o, t, f(o, t), twice) for f in (lambda o, t: (o - t).sum(), lambda o, t: (o - t).mean())]
-        ['sum', 'mean']
+        >>> halves = lambda o, t: (o.chunk(2), t.chunk(2))
+        >>> o, t = torch.arange(6.0).view(2, 3), torch.zeros(2, 3)
+        >>> fns = [lambda o, t: (o - t).sum(), lambda o, t: (o - t).mean(), lambda o, t: (o - t).pow(2).mean().sqrt()]
+        >>> [probe_reduction(f, o, t, f(o, t), twice, halves) for f in fns]
+        ['sum', 'mean', None]
     """
+    def run(o: Any, t: Any) -> float:
+        return float(torch.as_tensor(loss_fn(o, t)).detach().float())
+
     try:
         one = float(loss.detach().float())
         devices = [loss.device] if loss.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            out2, target2 = twice(out, target)
-            two = float(torch.as_tensor(loss_fn(out2, target2)).detach().float())
+            two = run(*twice(out, target))
+            try:
+                (o1, o2), (t1, t2) = halves(out, target) if halves is not None else ((), ())
+            except Exception:  # an odd micro-batch, an output that does not split: no halves test
+                parts = None
+            else:
+                parts = (run(o1, t1), run(o2, t2))
     except Exception:  # the probe is a guess only: a loss_fn it cannot run that way gets the caller's default
         return None
     if not (math.isfinite(one) and math.isfinite(two)) or one == 0.0:
         return None
     tol = 1e-2 if loss.dtype in (torch.float16, torch.bfloat16) else 1e-4
     ratio = two / one
-    return "mean" if abs(ratio - 1.0) <= tol else "sum" if abs(ratio - 2.0) <= 2 * tol else None
+    found = "mean" if abs(ratio - 1.0) <= tol else "sum" if abs(ratio - 2.0) <= 2 * tol else None
+    if found is not None and parts is not None:
+        want = sum(parts) / (2 if found == "mean" else 1)
+        if not abs(want - one) <= tol * max(abs(one), abs(want)):
+            return None
+    return found
 
 
 def loss_index(out_spec: pytree.TreeSpec, out_meta: Sequence[Any]) -> int | None:
@@ -216,11 +235,16 @@ def measure_reduction(owner: str, loss_fn: Callable[..., torch.Tensor], pipe: An
     stacking the output as ``pipe`` merges it and the target along ``target_spec``); "mean" with a warning naming
     ``owner`` when the measure says neither.
     """
+    def halves(o: Any, t: Any) -> tuple[Any, Any]:
+        spec = pipe.default_merge_spec(len(pytree.tree_leaves(o)))
+        return split_value(o, 2, spec, what="output"), split_value(t, 2, target_spec, what="target")
+
     found = probe_reduction(loss_fn, out, target, loss,
-                            lambda o, t: (pipe.merge_outputs([o, o]), merge_chunks([t, t], target_spec)))
+                            lambda o, t: (pipe.merge_outputs([o, o]), merge_chunks([t, t], target_spec)), halves)
     if found is None:
         _unknown(owner, f"loss_fn {getattr(loss_fn, '__name__', loss_fn)!r}",
-                 " (its value on a micro-batch twice over was neither the same nor double)")
+                 " (on one micro-batch twice over its value was neither the same nor double, or on the micro-batch's "
+                 "two halves it was neither their mean nor their sum, or it raised)")
     return found or "mean"
 
 
@@ -241,7 +265,9 @@ def _unknown(owner: str, what: str, why: str) -> None:
     warn_user(
         f"{owner}: cannot tell whether {what} sums or averages over the batch{why}, so micro-batch losses are "
         "averaged (loss_reduction='mean'): grads equal a mean-reduced full-batch loss. PiPPy summed them. Pass "
-        "loss_reduction='sum' for a sum-reduced loss, or loss_reduction='mean' to silence this."
+        "loss_reduction='sum' for a sum-reduced loss, or loss_reduction='mean' to silence this. A loss that is "
+        "neither a sum nor a mean of per-row terms (a root or log of a mean, a max, a ratio of sums, a product of "
+        "batch means) cannot be split into micro-batches: compute it per row, or outside the pipeline."
     )
 
 
