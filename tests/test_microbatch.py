@@ -145,3 +145,31 @@ def test_a_width_equal_to_the_micro_batch_still_merges_along_dim_0() -> None:
     assert pipe.output_merge_dims is None
     pipe = pipeline(net[:3], 4, (torch.randn(8, 4),), split_spec={"1": SplitPoint.END})
     assert pipe.output_merge_dims is None
+
+
+def test_a_sequence_first_target_as_long_as_the_batch_follows_the_output() -> None:
+    """``[seq, batch]`` targets with seq == the whole batch: dim 0 has the batch's size too, but the target is shaped
+    like the output's leading dims, so it splits along the output's merge dim (1), and grads equal the plain
+    model's."""
+    import copy
+
+    from pippy import Schedule1F1B, SplitPoint, TensorChunkSpec, pipeline
+    from pippy.runtime.local import LocalPipeline
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5)).double()
+    x, y = torch.randn(8, 8, 4, dtype=torch.float64), torch.randint(0, 5, (8, 8))
+
+    def ce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out.reshape(-1, 5), target.reshape(-1))
+
+    pipe = pipeline(copy.deepcopy(model), 4, (x,), split_spec={"1": SplitPoint.END}, args_chunk_spec=(TensorChunkSpec(1),))
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=ce)
+    losses: list[torch.Tensor] = []
+    lp.step(x, target=y, losses=losses)
+    ref = copy.deepcopy(model)
+    loss = ce(ref(x), y)
+    loss.backward()
+    assert torch.allclose(torch.stack(losses).mean(), loss, atol=1e-12)
+    for n, p in ref.named_parameters():
+        assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n

@@ -298,9 +298,10 @@ def target_spec(pipe: Any, target: Any, m: int, given: Any = None) -> Any:
     leaves, tree = pytree.tree_flatten(target)
     specs: list[Any] = []
     for k, t in enumerate(leaves):
-        along = [d for d, batch, ndim in moved if isinstance(t, torch.Tensor) and t.dim() > d and (
-            t.shape[d] == batch if batch else t.dim() == ndim and t.shape[d] % m == 0)]
-        if len(set(along)) == 1 and t.shape[0] not in {batch for _, batch, _ in moved}:
+        along = [d for d, batch, full in moved if isinstance(t, torch.Tensor) and t.dim() > d and (
+            t.shape[d] == batch if batch else t.dim() == len(full) and t.shape[d] % m == 0)]
+        like = [d for d, _, full in moved if d in along and _shaped_like(t, full)]
+        if len(set(along)) == 1 and (t.shape[0] not in {batch for _, batch, _ in moved} or like):
             specs.append(TensorChunkSpec(along[0]))
         elif not isinstance(t, torch.Tensor) or t.dim() == 0 or not batches or any(t.shape[0] % b == 0
                                                                                   for b in batches):
@@ -317,16 +318,25 @@ def target_spec(pipe: Any, target: Any, m: int, given: Any = None) -> Any:
     return pytree.tree_unflatten(specs, tree) if any(s is not None for s in specs) else None
 
 
-def _moved_batch(pipe: Any, m: int) -> list[tuple[int, int | None, int]]:
-    """``(dim, full batch size, ndim)`` for each output the pipe merges along a dim other than 0. The size is None
-    where it is traced as varying: the rank holding the last stage does not see this step's batch, so a target
+def _moved_batch(pipe: Any, m: int) -> list[tuple[int, int | None, tuple[int | None, ...]]]:
+    """``(dim, full batch size, full shape)`` for each output the pipe merges along a dim other than 0; sizes traced
+    as varying are None (the rank holding the last stage does not see this step's batch), and then a target
     with that output's dim count splits along that dim."""
     dims = pipe.output_merge_dims or ()
     outs = pipe.stage_infos[-1].outputs
     if len(dims) != len(outs):
         return []
-    return [(d, None if d in o.dynamic else int(o.shape[d]) * m, len(o.shape)) for d, o in zip(dims, outs)
-            if d and o.shape is not None and d < len(o.shape)]
+    found = []
+    for d, o in zip(dims, outs):
+        if d and o.shape is not None and d < len(o.shape):
+            full = tuple(None if k in o.dynamic else int(n) * (m if k == d else 1) for k, n in enumerate(o.shape))
+            found.append((d, full[d], full))
+    return found
+
+
+def _shaped_like(t: torch.Tensor, full: tuple[int | None, ...]) -> bool:
+    """Whether ``t``'s sizes are the leading sizes of an output's (a ``[seq, batch]`` target of ``[seq, batch, C]``)."""
+    return t.dim() <= len(full) and all(n is None or t.shape[k] == n for k, n in enumerate(full[:t.dim()]))
 
 
 def _batch_sizes(pipe: Any, m: int) -> set[int]:
