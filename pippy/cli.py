@@ -248,6 +248,10 @@ def _cmd_trace_compare(a: argparse.Namespace) -> int:
     from pippy.sim.render import compare_table
 
     pred, meas = load_timeline(a.predicted), load_timeline(a.measured)
+    if pred.num_ranks != meas.num_ranks:
+        print(f"trace-compare: {a.predicted} has {pred.num_ranks} ranks but {a.measured} has {meas.num_ranks}; "
+              "compare a prediction with a run of the same schedule and rank count", file=sys.stderr)
+        return 2
     print(compare_table(pred, meas))
     if a.per_action:
         print()

@@ -58,6 +58,10 @@ def cmd_tune(a: argparse.Namespace) -> int:
         print("tune: --save-csv writes the synthesized schedule; add --synthesize", file=sys.stderr)
         return 2
     base = CostModel.from_json(a.costs)
+    if not base.num_stages:
+        print(f"tune: the cost file {a.costs} has no stages; give one entry per stage (see pippy profile)",
+              file=sys.stderr)
+        return 2
     ranks = a.ranks or base.num_stages
     ok: list[tuple[float, str, int, float]] = []
     over: list[tuple[str, int, float, float]] = []
@@ -87,13 +91,13 @@ def cmd_tune(a: argparse.Namespace) -> int:
     if len(ok) > 1:
         print("  it beat (fastest alternatives within the limit):")
         for t2, n2, m2, p2 in ok[1:6]:
-            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
+            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({_rel(t2, t)})  peak {format_bytes(p2)}")
     if over:
         faster = sorted((x for x in over if x[3] < t), key=lambda x: x[3])
         print(f"  rejected for memory (> {limit}): {len(over)} configurations"
               + (", of which faster than the pick:" if faster else ", none of them faster than the pick"))
         for n2, m2, p2, t2 in faster[:5]:
-            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({100 * (t2 - t) / t:+.1f}%)  peak {format_bytes(p2)}")
+            print(f"    {n2:<17} m={m2:<4} step {format_time(t2):>10} ({_rel(t2, t)})  peak {format_bytes(p2)}")
     if invalid:
         print(f"  not possible for {ranks} ranks: {', '.join(invalid[:8])}" + (" ..." if len(invalid) > 8 else ""))
     return _synthesized(a, base, ranks, (t, name, m)) if a.synthesize else 0
@@ -134,3 +138,8 @@ def _synthesized(a: argparse.Namespace, base: Any, ranks: int, pick: tuple[float
               f"memory_limit=...) builds it in place with its W's moved into the gaps they fit "
               f"(predicted {format_time(t)})")
     return 0
+
+
+def _rel(t2: float, t: float) -> str:
+    """``t2`` against ``t`` as a signed percentage ("+0.0%" when both are 0)."""
+    return f"{100 * (t2 - t) / t:+.1f}%" if t > 0 else ("+0.0%" if t2 == t else "+inf%")

@@ -541,3 +541,10 @@ def test_a_sub_group_rank_is_told_from_its_global_rank(monkeypatch) -> None:
 class _Indexed:
     def __init__(self, index: int) -> None:
         self.index = index
+
+
+def test_a_split_policy_given_by_name_says_to_pass_the_function() -> None:
+    from pippy import pipeline
+
+    with pytest.raises(TypeError, match=r"split_policy must be a function such as autosplit\(4\)"):
+        pipeline(torch.nn.Linear(2, 2), 2, (torch.ones(4, 2),), split_policy="autosplit")  # type: ignore[arg-type]

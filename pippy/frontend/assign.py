@@ -38,6 +38,9 @@ def assign_stages(
 
     ``sites`` are the user's traced split points, for messages.
     """
+    if split_policy is not None and not callable(split_policy):
+        raise TypeError(f"split_policy must be a function such as autosplit(4) or split_into_equal_size(4) (from "
+                        f"pippy), got {split_policy!r}")
     if split_policy is None:
         assignment = assign_by_markers(gm)
         _check_no_empty_stage(gm, assignment, sites)

@@ -30,6 +30,9 @@ __all__ = ["lower_bound"]
 
 def lower_bound(schedule: Schedule, costs: CostModel) -> float:
     """No execution of ``schedule`` under ``costs`` is shorter than this (see the module docstring)."""
+    if costs.check().num_stages < schedule.num_stages:
+        raise ValueError(f"lower_bound: cost model has {costs.num_stages} stages but schedule {schedule.name!r} has "
+                         f"{schedule.num_stages}; use CostModel.rebin({schedule.num_stages}) or supply more stages")
     st = costs.stages
     p = schedule.num_ranks
     split = {a.stage for acts in schedule.actions for a in acts if a.kind is Kind.I}

@@ -152,6 +152,33 @@ class CostModel:
         """Number of stages described."""
         return len(self.stages)
 
+    def check(self, what: str = "cost model") -> CostModel:
+        """``self`` when every number is usable: times and sizes finite and not negative, bandwidth positive,
+        ``microbatches`` at least 1; else a ValueError naming the field.
+
+            >>> CostModel.uniform(2, f=-1.0).check()
+            Traceback (most recent call last):
+            ...
+            ValueError: cost model: stage 0: f must be a finite number >= 0, got -1.0
+        """
+        if not isinstance(self.stages, list) or not all(isinstance(c, StageCost) for c in self.stages):
+            raise ValueError(f"{what}: stages must be a list of StageCost, got {self.stages!r}")
+        for n, c in enumerate(self.stages):
+            for f in fields(StageCost):
+                v = getattr(c, f.name)
+                if v is not None and not (isinstance(v, int | float) and 0.0 <= v < math.inf):
+                    raise ValueError(f"{what}: stage {n}: {f.name} must be a finite number >= 0, got {v!r}")
+        for name in ("latency", "overhead"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 0.0 <= v < math.inf):
+                raise ValueError(f"{what}: {name} must be a finite number of seconds >= 0, got {v!r}")
+        if not (isinstance(self.bandwidth, int | float) and self.bandwidth > 0):
+            raise ValueError(f"{what}: bandwidth must be a positive number of bytes per second (inf for no bytes "
+                             f"term), got {self.bandwidth!r}")
+        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
+            raise ValueError(f"{what}: microbatches must be an int >= 1, got {self.microbatches!r}")
+        return self
+
     def transfer_time(self, nbytes: float) -> float:
         """Seconds for a cross-rank message of ``nbytes``: ``latency + nbytes / bandwidth``."""
         if nbytes <= 0 or math.isinf(self.bandwidth):
@@ -282,21 +309,22 @@ class CostModel:
             bad = set(raw) - names
             if bad:
                 raise ValueError(f"stage {n}: unknown keys {sorted(bad)}; allowed: {', '.join(sorted(names))}")
-            kw = {k: (None if v is None else float(v)) for k, v in raw.items()}
+            kw = {k: (None if v is None else _number(v, f"stage {n}: {k}")) for k, v in raw.items()}
             for k in ("f", "i", "w", "act_bytes", "send_bytes", "static_bytes"):
                 if kw.get(k, 0.0) is None:
                     raise ValueError(f"stage {n}: {k} may not be null")
             stages.append(StageCost(**kw))  # type: ignore[arg-type]
         bw = data.get("bandwidth")
-        if not 0.0 <= float(data.get("overhead") or 0.0) < math.inf:
-            raise ValueError(f"overhead must be a finite number of seconds, not negative; got {data['overhead']}")
+        mbs = data.get("microbatches", 1)
+        if mbs is not None and (isinstance(mbs, bool) or not isinstance(mbs, int | float) or mbs != int(mbs)):
+            raise ValueError(f"cost JSON: microbatches must be an int >= 1, got {mbs!r}")
         return cls(
             stages=stages,
-            latency=float(data.get("latency") or 0.0),
-            bandwidth=math.inf if bw is None else float(bw),
-            microbatches=int(data.get("microbatches") or 1),
-            overhead=float(data.get("overhead") or 0.0),
-        )
+            latency=_number(data.get("latency") or 0.0, "latency"),
+            bandwidth=math.inf if bw is None else _number(bw, "bandwidth"),
+            microbatches=1 if mbs is None else int(mbs),
+            overhead=_number(data.get("overhead") or 0.0, "overhead"),
+        ).check("cost JSON")
 
     def to_json(self, path: str | Path) -> None:
         """Write the model to ``path`` as JSON."""
@@ -313,3 +341,11 @@ class CostModel:
             return cls.from_dict(data)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
+
+
+def _number(value: Any, where: str) -> float:
+    """``value`` as a float ("inf" allowed), or a ValueError naming ``where``."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"cost JSON: {where} must be a number, got {value!r}") from None

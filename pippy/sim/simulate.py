@@ -156,6 +156,10 @@ def simulate(schedule: Schedule, costs: CostModel, *, engine: str = "auto") -> S
         >>> simulate(s, CostModel.uniform(1, f=1, i=2, w=3)).step_time
         6.0
     """
+    if not isinstance(costs, CostModel):
+        raise TypeError(f"simulate: costs must be a CostModel (e.g. CostModel.uniform({schedule.num_stages})), "
+                        f"got {type(costs).__name__}")
+    costs.check()
     if costs.num_stages < schedule.num_stages:
         raise ValueError(
             f"cost model has {costs.num_stages} stages but schedule {schedule.name!r} has "

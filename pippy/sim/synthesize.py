@@ -235,6 +235,12 @@ def synthesize(p: int, m: int, costs: CostModel, *, memory_limit: float | None =
         >>> syn.step_time <= syn.best_fixed_time, syn.best_fixed
         (True, 'zb_h1')
     """
+    for name, v in (("p (ranks)", p), ("m (micro-batches)", m)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"synthesize: {name} must be an int >= 1, got {v!r}")
+    if memory_limit is not None and not memory_limit >= 0:
+        raise ValueError(f"synthesize: memory_limit must be a number of bytes >= 0 or None, got {memory_limit!r}")
+    costs.check()
     n = costs.num_stages
     places = _placements(p, n)
     if placement is not None:

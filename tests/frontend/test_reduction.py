@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 import warnings
+from typing import Any
 
 import pytest
 import torch

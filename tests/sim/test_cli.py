@@ -98,3 +98,54 @@ def test_parse_size() -> None:
     assert parse_size("1e9") == 1e9
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize(
+    ("costs", "needle"),
+    [
+        ({"stages": [{"f": -1}]}, "stage 0: f must be a finite number >= 0, got -1.0"),
+        ({"stages": [{"f": 1}], "microbatches": -2}, "microbatches must be an int >= 1, got -2"),
+        ({"stages": [{"f": 1}], "microbatches": 0}, "microbatches must be an int >= 1, got 0"),
+        ({"stages": [{"f": 1, "send_bytes": 100}], "bandwidth": 0}, "bandwidth must be a positive number"),
+        ({"stages": [{"f": 1}], "latency": -5}, "latency must be a finite number of seconds >= 0, got -5.0"),
+        ({"stages": [{"f": float("nan")}]}, "stage 0: f must be a finite number >= 0, got nan"),
+        ({"stages": [{"f": "fast"}]}, "stage 0: f must be a number, got 'fast'"),
+    ],
+)
+def test_cost_files_with_unusable_numbers_are_refused_by_name(capsys, tmp_path, costs: dict, needle: str) -> None:
+    """Negative, NaN or zero-bandwidth costs once gave a made-up deadlock, a step faster than its compute, or a raw
+    traceback; the CLI now names the file and the field."""
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(costs))
+    rc, _out, err = _run(capsys, "simulate", "1f1b", "-p", "2", "-m", "2", "--costs", str(p))
+    assert rc == 2 and needle in err and str(p) in err, err
+
+
+def test_tune_with_free_costs_and_without_stages(capsys, tmp_path) -> None:
+    p = tmp_path / "zero.json"
+    p.write_text(json.dumps({"stages": [{"f": 0, "i": 0, "w": 0}] * 2}))
+    rc, out, _ = _run(capsys, "tune", "--costs", str(p), "--memory-limit", "1GiB")
+    assert rc == 0 and "(+0.0%)" in out
+    p.write_text(json.dumps({"stages": []}))
+    rc, _out, err = _run(capsys, "tune", "--costs", str(p), "--memory-limit", "1GiB")
+    assert rc == 2 and "has no stages" in err
+
+
+def test_python_entry_points_check_their_costs_and_counts() -> None:
+    from pippy.schedules.generators import one_f_one_b
+    from pippy.sim.bound import lower_bound
+    from pippy.sim.simulate import simulate
+    from pippy.sim.synthesize import synthesize
+
+    sched = one_f_one_b(2, 4)
+    with pytest.raises(ValueError, match="f must be a finite number"):
+        simulate(sched, CostModel.uniform(2, f=-1.0))
+    with pytest.raises(TypeError, match="costs must be a CostModel"):
+        simulate(sched, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cost model has 1 stages"):
+        lower_bound(sched, CostModel.uniform(1))
+    for p, m in ((0, 4), (2, 0)):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            synthesize(p, m, CostModel.uniform(2))
+    with pytest.raises(ValueError, match="memory_limit"):
+        synthesize(2, 4, CostModel.uniform(2), memory_limit=float("nan"))
