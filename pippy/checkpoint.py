@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
@@ -85,6 +86,8 @@ def save(
     """
     _check_format(format)
     stages = _as_list(stages)
+    if format == "torch":
+        _refuse_sharded(stages, "save")
     os.makedirs(path, exist_ok=True)
     merged: dict[str, torch.Tensor] = {}
     for st in stages:
@@ -177,6 +180,8 @@ def load(
         True
     """
     _check_format(format)
+    if format == "torch":
+        _refuse_sharded(_as_list(stages), "load")
     for st in _as_list(stages):
         if format == "dcp":
             import torch.distributed.checkpoint as dcp
@@ -197,6 +202,20 @@ def load(
             raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
         _load_optimizer(_as_list(stages), optimizer, path, format)
+
+
+def _refuse_sharded(stages: list[Stage], what: str) -> None:
+    """``format="torch"`` keeps one file per stage, so a stage sharded over ranks (FSDP2, tensor parallel) needs DCP:
+    data-parallel ranks would each write their own shard to the same file, and read back another rank's."""
+    for st in stages:
+        sharded = [k for k, v in st.state_dict().items() if isinstance(v, DTensor)]
+        if sharded:
+            raise ValueError(
+                f"checkpoint.{what}: stage {st.index} holds sharded tensors (DTensor: {sharded[:3]}, from FSDP2 or "
+                f"tensor parallelism), but format='torch' keeps one whole file per stage, which the ranks sharing "
+                f"the stage would overwrite with their own shards. Use {what}(stages, path, format='dcp') on every "
+                "rank (merge(path) still gives the plain model's state dict)"
+            )
 
 
 def _read_side(path: str | os.PathLike[str], i: int) -> dict[str, Any]:

@@ -163,12 +163,13 @@ def probe_reduction(loss_fn: Callable[..., torch.Tensor], out: Any, target: Any,
         devices = [loss.device] if loss.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             two = run(*twice(out, target))
+            parts: tuple[float, float] | None = None
             try:
-                (o1, o2), (t1, t2) = halves(out, target) if halves is not None else ((), ())
+                if halves is not None:
+                    (o1, o2), (t1, t2) = halves(out, target)
+                    parts = (run(o1, t1), run(o2, t2))
             except Exception:  # an odd micro-batch, an output that does not split: no halves test
                 parts = None
-            else:
-                parts = (run(o1, t1), run(o2, t2))
     except Exception:  # the probe is a guess only: a loss_fn it cannot run that way gets the caller's default
         return None
     if not (math.isfinite(one) and math.isfinite(two)) or one == 0.0:

@@ -172,6 +172,11 @@ class Stage(StageModule):
                 f"({', '.join(self.info.input_names)}), got {len(inputs)}"
             )
         self.follow_modes()
+        if torch.is_autocast_enabled(self.device.type):
+            # autocast caches a parameter's cast copy until its region ends, and a pipeline runs every micro-batch in
+            # one region: FSDP2 swaps in new unsharded parameters between a backward and the next forward, so a
+            # cached copy would carry the gradient to a stale one (1F1B grads off by 25-50%). One cast per forward.
+            torch.clear_autocast_cache()
         if not self._filled:
             self._check_filled(mb)
         if mb in self._state:

@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.comm import EDGE_TAGS, Transport, WaitContext
@@ -101,10 +102,23 @@ class TiedGrads:
                     yield from self.transport.wait(self.transport.irecv(total, leader, tag), ctx(leader, f"summed tied-weight grad {name}"))
             for p in params:
                 prev = self._before.get(id(p))
-                p.grad = total.clone() if prev is None else prev + total
+                p.grad = _like(p, total.clone() if prev is None else _local(prev) + total)
 
     def _share(self, p: torch.Tensor) -> torch.Tensor:
-        """This step's gradient of copy ``p`` (zeros if it got none)."""
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        """This step's gradient of copy ``p`` (zeros if it got none); this rank's shard of it for a sharded (FSDP2)
+        copy: the copies are sharded alike over the data-parallel ranks, so shards add up as wholes do."""
+        g = _local(p.grad if p.grad is not None else torch.zeros_like(p))
         prev = self._before.get(id(p))
-        return g - prev if prev is not None else g
+        return g - _local(prev) if prev is not None else g
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what point-to-point messages carry), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as the gradient of ``p``: a DTensor with ``p``'s mesh and placements when ``p`` is one."""
+    if not isinstance(p, DTensor):
+        return local
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())

@@ -127,6 +127,52 @@ def _pointwise_under_fsdp(mesh: Any, name: str, m: int) -> dict[str, Any]:
     return {"grad_err": err, "rewritten": rewritten}
 
 
+class _Tied(nn.Module):
+    """An embedding tied to the head across the first and last stages (GPT-2's layout)."""
+
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(blocks)])
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.emb(ids)))
+
+
+def _tied_under_fsdp(mesh: Any, name: str) -> float:
+    """Tied weights replicated on two stages, each stage sharded by FSDP2: the copies' shards add up (the largest
+    grad error against the plain model on the global batch, after two accumulated steps)."""
+    from torch.distributed.fsdp import fully_shard
+
+    pp, dp = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    cls, v = SCHEDS[name]
+    n = 2 * v
+    torch.manual_seed(0)
+    model = _Tied(2 * n).double()
+    ref = copy.deepcopy(model)
+    X = torch.randint(0, 16, (16, 5), generator=torch.Generator().manual_seed(3))
+    Y = torch.randint(0, 16, (16, 5), generator=torch.Generator().manual_seed(4))
+
+    def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.reshape(-1, 16), y.reshape(-1))
+
+    for _ in range(2):
+        ce(ref(X), Y).backward()
+    x, y = X.chunk(2)[dp], Y.chunk(2)[dp]
+    pipe = pipeline(model, 4, (x,), split_spec={f"blocks.{2 * k + 1}": SplitPoint.END for k in range(n - 1)})
+    place = cls.placement(2, v)
+    stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
+    for st in stages:
+        fully_shard(st.submod, mesh=mesh["dp"])
+    sched = cls(stages if v > 1 else stages[0], 4, loss_fn=ce)
+    for _ in range(2):
+        sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None)
+    return max(float((p.grad.full_tensor() - ref.get_parameter(fqn).grad).abs().max())
+               for st in stages for fqn, p in st.submod.named_parameters())
+
+
 def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
     """Each schedule, m = 2 and 4: grads (gathered) equal the plain model's on the global batch; reductions per step."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -173,8 +219,14 @@ def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
         if name == "interleaved_1f1b" and m == 4:
             report["checkpoint" + ("/blocks" if blockwise else "")] = _checkpoint_round_trip(
                 stages, ref, f"{ckpt}{'_blocks' if blockwise else ''}")
+    try:  # one file per stage cannot hold the shards of several data-parallel ranks
+        pippy.checkpoint.save(stages, f"{ckpt}_torch")
+        report["torch_format"] = "no error"
+    except ValueError as exc:
+        report["torch_format"] = str(exc)
     for name in ("1f1b", "zbv"):
         report[f"pointwise/{name}"] = _pointwise_under_fsdp(mesh, name, 4)
+        report[f"tied/{name}"] = _tied_under_fsdp(mesh, name)
     whole = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).double()
     fully_shard(whole, mesh=mesh["dp"])
     try:
@@ -184,6 +236,44 @@ def dp_pp_fsdp(rank: int, world: int, ckpt: str) -> dict[str, Any]:
         report["sharded_first"] = str(exc)
     dist.barrier()
     return report
+
+
+def _autocast_under_fsdp(mesh: Any, name: str) -> float:
+    """pipeline() and step() inside torch.autocast with FSDP2 stages: the largest relative grad error against the
+    plain model under the same autocast (a cast cached across a stage's backward once made it 0.3)."""
+    from torch.distributed.fsdp import fully_shard
+
+    pp, dp = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    cls, v = SCHEDS[name]
+    n = 2 * v
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(2 * n - 1)], nn.Linear(16, 4))
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(16, 16, generator=g), torch.randn(16, 4, generator=g)
+
+    def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(out.float(), y)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mse(ref(X), Y)
+    loss.backward()
+    x, y = X.chunk(2)[dp], Y.chunk(2)[dp]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pipe = pipeline(model, 4, (x,), split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
+    place = cls.placement(2, v)
+    stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
+    for st in stages:
+        fully_shard(st.submod, mesh=mesh["dp"])
+    sched = cls(stages if v > 1 else stages[0], 4, loss_fn=mse)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None)
+    err = 0.0
+    for st in stages:
+        for fqn, p in st.submod.named_parameters():
+            want = ref.get_parameter(fqn).grad
+            err = max(err, float((p.grad.full_tensor() - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+    return err
 
 
 def dp_pp_mixed(rank: int, world: int) -> dict[str, Any]:
@@ -226,5 +316,7 @@ def dp_pp_mixed(rank: int, world: int) -> dict[str, Any]:
             "grad_dtype": str(next(stage.submod.parameters()).grad.dtype),
             "edge_dtypes": sorted({str(m.dtype) for m in (stage.info.outputs if pp == 0 else stage.info.input_meta)}),
         }
+    for name in ("1f1b", "zbv"):
+        report[f"autocast/{name}"] = {"autocast_err": _autocast_under_fsdp(mesh, name)}
     dist.barrier()
     return report
