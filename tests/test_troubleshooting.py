@@ -203,7 +203,18 @@ def test_loss_fn_failing_inside_names_rank_stage_microbatch_and_shapes() -> None
         lp.step(x8(), target=torch.randn(4, 5, dtype=F64))  # target width 5, output width 4
     msg = str(info.value)
     assert "rank 1, stage 1, micro-batch 0" in msg and "loss_fn(output, target) raised RuntimeError" in msg
-    assert "output float64[2, 4], target float64[2, 5]" in msg
+    assert "output float64[2, 4], target float64[2, 5]" in msg and "make step(target=...) match" in msg
+
+    def own_bug(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise ValueError("negative temperature")
+
+    lp = LocalPipeline(two_stage_pipe(), pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=own_bug,
+                       loss_reduction="mean")
+    with pytest.raises(StageError) as info:
+        lp.step(x8(), target=torch.randn(4, 4, dtype=F64))
+    msg = str(info.value)  # a bug inside loss_fn is not blamed on the target
+    assert "raised ValueError: negative temperature" in msg and "inside loss_fn itself" in msg, msg
+    assert "make step(target=...) match" not in msg
 
 
 def test_a_target_with_other_rows_than_the_batch_is_refused_before_splitting() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,12 +50,17 @@ def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor
         except Exception as exc:  # the user's function: say where, with what, and what it must accept
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             arity = isinstance(exc, TypeError) and "positional argument" in first
+            fit = re.search(r"size|shape|dimension|dtype|broadcast|match|expected|not subscriptable|has no attribute",
+                            first, re.IGNORECASE)
             fix = (
                 "loss_fn must accept two positional arguments, def loss_fn(output, target)"
                 if arity
                 else "make step(target=...) match the model's output (batch size along the split dim, dtype, "
                 "structure: a tensor where loss_fn expects one, not a list), or pass target_chunk_spec= to split it "
                 "like the output"
+                if fit
+                else "the error is raised inside loss_fn itself (its traceback is chained above); fix it there, "
+                "e.g. by calling loss_fn on these values alone"
             )
             raise StageError(
                 f"{where}: loss_fn(output, target) raised {type(exc).__name__}: {first}. It got output "
