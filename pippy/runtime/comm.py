@@ -212,6 +212,11 @@ class DistTransport:
         self._waiter = Waiter()
         self._send_waiter = Waiter()  # gloo: waits each send in the background, so it can be dropped once sent
         drop_at_exit(self, "group", "p2p_group")
+        members = tuple(dist.get_process_group_ranks(self.group)) if self.group is not None else ()
+        self.rank_note = "" if members == tuple(range(dist.get_world_size())) else (
+            f"pippy: ranks in this message are positions in the pipeline's group, whose members are the global "
+            f"ranks {list(members)} (rank k is global rank {list(members)}[k]); this process is global rank "
+            f"{dist.get_rank()}")
 
     def _fresh_group(self, ranks: tuple[int, ...]) -> tuple[Any, list[int]]:
         """The group this schedule sends on after a failed step on ``ranks`` (made here, by every member at once)."""

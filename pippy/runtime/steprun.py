@@ -113,6 +113,9 @@ class StepRun:
             exc.add_note(f"pippy: raised at rank {sch.rank}, {at}")  # a user's own error: say where it happened
         if hasattr(exc, "add_note") and any(p.requires_grad for p in params) and note not in notes:
             exc.add_note(note)
+        where = getattr(sch.transport, "rank_note", "")  # a sub-group (dp x pp): its rank numbers are not global
+        if where and hasattr(exc, "add_note") and where not in notes:
+            exc.add_note(where)
         if told or (self.executor.started if in_flight is None else in_flight):
             sch._broken = f"{type(exc).__name__}: {first[:200]}"
             poison = getattr(sch.transport, "poison", None)

@@ -20,3 +20,5 @@ def test_tensor_parallel_blocks_inside_stages(tmp_path) -> None:
             assert "num_key_value_heads < num_attention_heads" in rep["gqa"], rep["gqa"]
         else:
             assert "another rank failed first" in rep["gqa"], rep["gqa"]
+        # the pipeline group is a sub-group of the mesh: the message says which global ranks its numbers mean
+        assert f"this process is global rank {rank}" in rep["gqa"] and "whose members are the global ranks" in rep["gqa"]
