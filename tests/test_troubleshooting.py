@@ -559,3 +559,16 @@ def test_a_split_policy_given_by_name_says_to_pass_the_function() -> None:
 
     with pytest.raises(TypeError, match=r"split_policy must be a function such as autosplit\(4\)"):
         pipeline(torch.nn.Linear(2, 2), 2, (torch.ones(4, 2),), split_policy="autosplit")  # type: ignore[arg-type]
+
+
+def test_compute_dtype_without_fsdp_mixed_precision_says_what_casts_the_parameters() -> None:
+    from pippy import SplitPoint, pipeline
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    pipe = pipeline(net, 2, (torch.randn(4, 4),), split_spec={"0": SplitPoint.END}, compute_dtype=torch.bfloat16)
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    with pytest.raises(RuntimeError) as info:
+        lp.step(torch.randn(4, 4, dtype=torch.bfloat16), target=torch.randn(4, 4))
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "stage 0's parameters are ['torch.float32'] but its graph was traced computing in ['torch.bfloat16']" in notes
+    assert "MixedPrecisionPolicy(param_dtype=...)" in notes and "torch.autocast" in notes

@@ -256,6 +256,16 @@ class Stage(StageModule):
                     "not match the local shard. Expected sizes written as -1 in the model code; use a model whose "
                     "reshapes infer the head count, or shard fewer projections"
                 )
+            traced = {m.dtype for m in (*self.info.input_meta, *self.info.outputs) if m.is_tensor and m.dtype.is_floating_point}
+            params = {p.dtype for p in self.submod.parameters() if p.dtype.is_floating_point}
+            if ("dtype" in str(exc) or "scalar type" in str(exc)) and traced and params and not params & traced:
+                exc.add_note(
+                    f"pippy: stage {self.index}'s parameters are {sorted(map(str, params))} but its graph was traced "
+                    f"computing in {sorted(map(str, traced))} (pipeline(compute_dtype=...), or the model cast after "
+                    "tracing). compute_dtype is for FSDP2's MixedPrecisionPolicy(param_dtype=...), which casts the "
+                    "parameters before each forward; without FSDP2, trace and step inside torch.autocast, or cast "
+                    "the model before pipeline()"
+                )
             raise
 
     def output(self, mb: int, j: int) -> Any:
