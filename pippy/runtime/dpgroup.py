@@ -67,7 +67,9 @@ def agree_with_dp_peers(group: Any, facts: Mapping[str, Any], where: str, timeou
         raise DataParallelMismatch(
             f"{where}: waited {timeout:.0f}s for data-parallel ranks {missing} to start their first step; they never "
             "did. Expected every DP rank to build the same stages and call step(). Check that they all run this "
-            "code path, or raise the limit with PIPPY_TIMEOUT"
+            "code path and pass the same mesh dimension as the pipeline's group (build_stage(..., group=mesh['pp'] "
+            ".get_group()) or group=mesh on every rank; a rank that passed the data-parallel group there stops with "
+            "a placement error of its own), or raise the limit with PIPPY_TIMEOUT"
         ) from exc
     for key in list(facts):
         values = {int(k.rsplit("/", 1)[1]): json.loads(store.get(k).decode()).get(key) for k in keys}
