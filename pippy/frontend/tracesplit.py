@@ -28,7 +28,7 @@ from pippy.frontend.precision import autocast_state, cast_example, compute_copy,
 from pippy.frontend.reduction import MicroBatch, divides_by_count, output_reductions
 from pippy.frontend.split import StageInfo, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
-from pippy.frontend.trainmode import keep_following, module_modes, set_modes
+from pippy.frontend.trainmode import keep_following, mode_args, module_modes, node_owner, set_modes
 from pippy.frontend.unread import match_persistence
 from pippy.microbatch import ambiguous_merge_dims, merge_chunks, output_merge_dims, split_batch, split_leaves
 
@@ -127,6 +127,8 @@ def trace_and_split(
 
     reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
     _warn_unknown(reductions, _output_shapes(gm))
+    if num_chunks > 1:
+        _warn_batch_statistics(gm)
     baked = divides_by_count(gm, mb)
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
@@ -166,6 +168,20 @@ def trace_and_split(
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites
     return pipe
+
+
+def _warn_batch_statistics(gm: fx.GraphModule) -> None:
+    """Warn when batch norm runs in train mode: each micro-batch is normalized by its own statistics."""
+    owners = sorted({node_owner(a.node) or "the model" for a in mode_args(gm.graph) if a.name == "training" and a.traced is True})
+    if owners:
+        warnings.warn(
+            f"pipeline(): batch norm in train mode ({', '.join(owners[:3])}{', ...' if len(owners) > 3 else ''}) "
+            "normalizes each micro-batch by its own mean and variance and updates its running statistics once per "
+            "micro-batch, as under gradient accumulation (every pipeline library does so). Outputs and gradients "
+            "therefore differ from one forward over the whole batch. For exact results use LayerNorm / GroupNorm, "
+            "or keep those modules in eval mode",
+            stacklevel=3,
+        )
 
 
 def _warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | None]) -> None:

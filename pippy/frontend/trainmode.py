@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import fx, nn
 
-__all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature",
+__all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature", "node_owner",
            "module_modes", "set_modes", "sync"]
 
 _SUFFIX = re.compile(r"@\d+$")
@@ -113,8 +113,16 @@ def mode_args(graph: fx.Graph) -> list[ModeArg]:
     return out
 
 
-def _owner(node: fx.Node) -> str:
-    """The FQN of the innermost model module that ran ``node`` ('' for the model itself)."""
+def node_owner(node: fx.Node) -> str:
+    """The FQN of the innermost model module that ran ``node`` ('' for the model itself).
+
+        >>> import torch
+        >>> from pippy import pipeline
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> gm = pipeline(net, 1, (torch.ones(4, 2),)).get_stage_module(0)
+        >>> sorted({node_owner(a.node) for a in mode_args(gm.graph)})
+        ['1']
+    """
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -173,7 +181,7 @@ def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[s
     for holder in owners:
         changed = False
         for arg in mode_args(holder.graph):
-            fqn = _owner(arg.node)
+            fqn = node_owner(arg.node)
             training = _lookup(now, fqn)
             was = _lookup(traced_modes, fqn)
             if training is None or was is None:

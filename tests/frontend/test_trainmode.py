@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -165,3 +166,13 @@ def test_pipe_train_and_eval_set_every_stage_module() -> None:
     pipe(x)  # (micro-batch by micro-batch: batch norm's statistics are state the stages write)
     assert [a.node.args[2] for i in range(pipe.num_stages) for a in mode_args(pipe.get_stage_module(i).graph)
             if a.node.name.startswith("dropout")] == [True] * 4
+
+
+def test_batch_norm_in_train_mode_warns_that_micro_batches_have_their_own_statistics() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"batch norm in train mode \(1\) normalizes each micro-batch by its own"):
+        pipeline(net, 2, (torch.randn(8, 4),), split_spec={"0": SplitPoint.END})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipeline(net.eval(), 2, (torch.randn(8, 4),), split_spec={"0": SplitPoint.END})  # running statistics: exact
+        pipeline(net.train(), 1, (torch.randn(8, 4),), split_spec={"0": SplitPoint.END})  # one micro-batch: exact
