@@ -35,8 +35,8 @@ from typing import Any
 
 from torch import fx, nn
 
-__all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature", "node_owner",
-           "module_modes", "set_modes", "sync"]
+__all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature",
+           "module_modes", "node_owner", "set_modes", "sync"]
 
 _SUFFIX = re.compile(r"@\d+$")
 _DROPOUTS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout")
