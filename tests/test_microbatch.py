@@ -96,13 +96,13 @@ class _Moved(torch.nn.Module):
 
 
 @pytest.mark.parametrize("shape,width,dynamic", [
-    ((8, 4), 3, False), ((8, 4), 2, False),  # width 2 == the micro-batch size: h.T is [2, 2]
-    ((8, 5, 4), 3, False), ((8, 2, 4), 2, False),  # sequence 2 == the micro-batch size
+    ((8, 4), 3, False), ((8, 5, 4), 3, False), ((8, 5, 4), 2, False),  # width 2 == the micro-batch size: symbols
     ((8, 5, 4), 3, True),
 ])
 def test_an_output_whose_batch_moved_merges_along_it(shape: tuple[int, ...], width: int, dynamic: bool) -> None:
     """``h.T`` / ``h.permute(1, 0, 2)`` carry the batch at dim 1: outputs merge there, a target shaped like them
-    splits there, and grads equal the plain model's (float64); a sizes coincidence is settled by symbols."""
+    splits there, and grads equal the plain model's (float64); a width equal to the micro-batch size (``[5, 2, 2]``)
+    is settled by symbols."""
     import copy
 
     from pippy import ScheduleGPipe, SplitPoint, pipeline

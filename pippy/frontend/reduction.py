@@ -5,15 +5,19 @@ and a *sum* when it is their sum. The graph says which: the reduction that remov
 (``x.mean()``, ``x.sum(0)``, a loss op's ``reduction=``), scaled by plain numbers. An int divisor
 that equals one micro-batch's size (or its size times other dims of an input, a token count) is
 the batch size baked into the trace by ``x.sum() / x.shape[0]``: that sum is a mean per micro-batch.
-A scalar that no batched input reaches (a weight's norm) is the same in every micro-batch.
+A scalar that no batched input reaches (a weight's norm) is the same in every micro-batch. A sum
+of terms with one answer has that answer. A value whose batch an op micro-batches cannot rebuild
+removed (``x.amax()``, ``x.var(0)``) is ``"unknown"``, and :func:`pipeline` warns about it.
 
-    >>> import torch
+    >>> import torch, warnings
     >>> from pippy import pipeline
     >>> class Net(torch.nn.Module):
     ...     def forward(self, x):
-    ...         return x.sum() / x.shape[0], x.sum() / 10, x.amax(), x.mean(0).sum(), x.sum(0).mean()
-    >>> pipeline(Net(), 2, (torch.ones(4, 3),)).output_reductions
-    ['mean', 'sum', None, 'mean', 'sum']
+    ...         return x.sum() / x.shape[0], x.sum() / 10, x.mean(0).sum() + x.mean(), x.sum(0).mean(), x.amax()
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     pipeline(Net(), 2, (torch.ones(4, 3),)).output_reductions
+    ['mean', 'sum', 'mean', 'sum', 'unknown']
 """
 
 from __future__ import annotations
@@ -98,6 +102,10 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset
     """
     mb = mb or MicroBatch()
     node, chain, divisors, found = _walk(node)
+    if not chain and found is None and _op(node)[0] in ("add", "sub"):
+        found = _terms(node, mb, literals, grows)  # loss + aux: one answer for every term
+        counts = set(mb.counts) if mb.rows != frozenset({1}) else set()
+        return "mean" if found == "sum" and (set(divisors) - literals) & counts else found
     found, batch = _decide(node, chain, mb.rows, found)
     if found is None or not _reaches(node, mb.inputs):
         return None
@@ -105,6 +113,20 @@ def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset
         return None  # no dim of a micro-batch's size: a flattened batch (it grows with it), or one removed already
     counts = _counts(node, batch) if batch is not None else set(mb.counts)
     return "mean" if found == "sum" and (set(divisors) - literals) & counts else found
+
+
+def _terms(node: Any, mb: MicroBatch, literals: frozenset[int], grows: Callable[[Any], bool] | None) -> str | None:
+    """The reduction of a sum or difference of scalars: the one its batched terms share (a term no batched input
+    reaches adds the same to every micro-batch, which only a mean keeps), else None."""
+    terms = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if len(terms) != 2 or any(not isinstance(t.meta.get("val"), torch.Tensor) or t.meta["val"].dim() for t in terms):
+        return None
+    batched = [t for t in terms if _reaches(t, mb.inputs)]
+    answers = {graph_reduction(t, mb, literals, grows) for t in batched}
+    if len(answers) != 1:
+        return None
+    found = answers.pop()
+    return found if len(batched) == 2 or found == "mean" else None
 
 
 def count_divisors(node: Any) -> list[int]:
@@ -272,17 +294,21 @@ def _decide(node: Any, chain: list[Any], rows: frozenset[int], found: str | None
 
 
 def _flat(node: Any, rows: frozenset[int]) -> bool:
-    """Whether ``node``'s value has dims but none of a micro-batch's size, and no shape-only op leads back to one
-    that has (``logits.view(-1, V)`` does): its batch may be flattened into it or removed already."""
+    """Whether ``node``'s value has dims but none of a micro-batch's size, and no chain of shape-only ops or ops that
+    keep its dim 0 (``nll_loss(log_softmax(logits.view(-1, V)), reduction="none")``) leads back to one that has:
+    its batch may be flattened into it or removed already."""
     for _ in range(64):
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
         if not rows or not isinstance(val, torch.Tensor) or val.dim() == 0 or any(
                 isinstance(s, int) and s in rows for s in val.shape):
             return False
         name, schema = _op(node)
-        if schema is None or name not in _SHAPE | _PASS:
+        first = node.args[0] if node.args else None
+        prev = first.meta.get("val") if isinstance(first, fx.Node) else None
+        keeps = isinstance(prev, torch.Tensor) and prev.dim() > 0 and prev.shape[0] == val.shape[0]
+        if schema is None or not (name in _SHAPE | _PASS or keeps):  # per-row ops (log_softmax, nll_loss) keep dim 0
             return True
-        node = node.args[0]
+        node = first
     return True
 
 

@@ -172,7 +172,8 @@ def trace_and_split(
 
 def _warn_batch_statistics(gm: fx.GraphModule) -> None:
     """Warn when batch norm runs in train mode: each micro-batch is normalized by its own statistics."""
-    owners = sorted({node_owner(a.node) or "the model" for a in mode_args(gm.graph) if a.name == "training" and a.traced is True})
+    owners = sorted({node_owner(a.node) or "the model" for a in mode_args(gm.graph)
+                     if "batch_norm" in str(a.node.target) and a.traced is True})
     if owners:
         warnings.warn(
             f"pipeline(): batch norm in train mode ({', '.join(owners[:3])}{', ...' if len(owners) > 3 else ''}) "
@@ -180,7 +181,7 @@ def _warn_batch_statistics(gm: fx.GraphModule) -> None:
             "micro-batch, as under gradient accumulation (every pipeline library does so). Outputs and gradients "
             "therefore differ from one forward over the whole batch. For exact results use LayerNorm / GroupNorm, "
             "or keep those modules in eval mode",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -196,7 +197,7 @@ def _warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | N
         "of the micro-batches' values (0-dim) or their concatenation, not the model's value; used as a loss, the "
         "gradients differ too. Compute such values from the merged outputs after the step (return the per-row "
         "values instead), or pass output_merge_spec= to the schedule if the micro-batch values are what you want",
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -293,6 +294,6 @@ def _merge_dims_by_symbols(module: nn.Module, example: tuple[tuple[Any, ...], di
         f"batch and merges the outputs along {guess}. Pass output_merge_spec= to the schedule (e.g. "
         "[TensorChunkSpec(1)]) if that is wrong, or trace with a batch whose micro-batch size differs from the "
         "model's other sizes",
-        stacklevel=3,
+        stacklevel=4,
     )
     return guess

@@ -172,10 +172,11 @@ class Stage(StageModule):
                 f"({', '.join(self.info.input_names)}), got {len(inputs)}"
             )
         self.follow_modes()
-        if torch.is_autocast_enabled(self.device.type):
+        if torch.is_autocast_enabled(self.device.type) and self._swaps_params():
             # autocast caches a parameter's cast copy until its region ends, and a pipeline runs every micro-batch in
             # one region: FSDP2 swaps in new unsharded parameters between a backward and the next forward, so a
-            # cached copy would carry the gradient to a stale one (1F1B grads off by 25-50%). One cast per forward.
+            # cached copy would carry the gradient to a stale one (1F1B grads off by 25-50%). One cast per forward
+            # there; other stages keep the cache (one cast copy per step, as one forward over the batch has).
             torch.clear_autocast_cache()
         if not self._filled:
             self._check_filled(mb)
@@ -209,6 +210,12 @@ class Stage(StageModule):
         if self.measure_activations:
             self._state[mb].saved_bytes = counter.total
         return outs
+
+    def _swaps_params(self) -> bool:
+        """Whether the stage's parameters are sharded (FSDP2, DTensor): their tensors change between passes. Asked
+        per forward under autocast only, so sharding applied after a step counts too."""
+        return any(hasattr(m, "set_requires_gradient_sync") for m in self.submod.modules()) or any(
+            hasattr(p, "placements") for p in self.submod.parameters())
 
     def _check_filled(self, mb: int) -> None:
         """Refuse to run on the NaN placeholders of a model traced on the meta device that nothing filled."""
@@ -256,9 +263,11 @@ class Stage(StageModule):
                     "not match the local shard. Expected sizes written as -1 in the model code; use a model whose "
                     "reshapes infer the head count, or shard fewer projections"
                 )
-            traced = {m.dtype for m in (*self.info.input_meta, *self.info.outputs) if m.is_tensor and m.dtype.is_floating_point}
+            traced = {m.dtype for m in (*self.info.input_meta, *self.info.outputs)
+                      if m.dtype is not None and m.dtype.is_floating_point}
             params = {p.dtype for p in self.submod.parameters() if p.dtype.is_floating_point}
-            if ("dtype" in str(exc) or "scalar type" in str(exc)) and traced and params and not params & traced:
+            if ("dtype" in str(exc) or "scalar type" in str(exc)) and traced and params and not params & traced \
+                    and not torch.is_autocast_enabled(self.device.type):  # autocast computes in other dtypes by design
                 exc.add_note(
                     f"pippy: stage {self.index}'s parameters are {sorted(map(str, params))} but its graph was traced "
                     f"computing in {sorted(map(str, traced))} (pipeline(compute_dtype=...), or the model cast after "

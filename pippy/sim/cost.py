@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -166,16 +167,17 @@ class CostModel:
         for n, c in enumerate(self.stages):
             for f in fields(StageCost):
                 v = getattr(c, f.name)
-                if v is not None and not (isinstance(v, int | float) and 0.0 <= v < math.inf):
+                if v is not None and not (isinstance(v, numbers.Real) and 0.0 <= float(v) < math.inf):
                     raise ValueError(f"{what}: stage {n}: {f.name} must be a finite number >= 0, got {v!r}")
         for name in ("latency", "overhead"):
             v = getattr(self, name)
-            if not (isinstance(v, int | float) and 0.0 <= v < math.inf):
+            if not (isinstance(v, numbers.Real) and 0.0 <= float(v) < math.inf):
                 raise ValueError(f"{what}: {name} must be a finite number of seconds >= 0, got {v!r}")
-        if not (isinstance(self.bandwidth, int | float) and self.bandwidth > 0):
+        if not (isinstance(self.bandwidth, numbers.Real) and self.bandwidth > 0):
             raise ValueError(f"{what}: bandwidth must be a positive number of bytes per second (inf for no bytes "
                              f"term), got {self.bandwidth!r}")
-        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
+        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, numbers.Integral) \
+                or self.microbatches < 1:
             raise ValueError(f"{what}: microbatches must be an int >= 1, got {self.microbatches!r}")
         return self
 
@@ -316,7 +318,8 @@ class CostModel:
             stages.append(StageCost(**kw))  # type: ignore[arg-type]
         bw = data.get("bandwidth")
         mbs = data.get("microbatches", 1)
-        if mbs is not None and (isinstance(mbs, bool) or not isinstance(mbs, int | float) or mbs != int(mbs)):
+        if mbs is not None and (isinstance(mbs, bool) or not isinstance(mbs, int | float) or not math.isfinite(mbs)
+                                or mbs != int(mbs)):
             raise ValueError(f"cost JSON: microbatches must be an int >= 1, got {mbs!r}")
         return cls(
             stages=stages,

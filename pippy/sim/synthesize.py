@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ def synthesize(p: int, m: int, costs: CostModel, *, memory_limit: float | None =
         (True, 'zb_h1')
     """
     for name, v in (("p (ranks)", p), ("m (micro-batches)", m)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"synthesize: {name} must be an int >= 1, got {v!r}")
     if memory_limit is not None and not memory_limit >= 0:
         raise ValueError(f"synthesize: memory_limit must be a number of bytes >= 0 or None, got {memory_limit!r}")
