@@ -45,7 +45,8 @@ _REDUCTIONS = {1: "mean", 2: "sum"}  # at::Reduction: None = 0, Mean = 1, Sum = 
 class MicroBatch:
     """One traced micro-batch as a scalar's reduction sees it: ``rows``, its size along each split dim; ``counts``,
     what a per-micro-batch mean may divide by (rows times any other dims of a split input: tokens, elements);
-    ``inputs``, the graph's placeholders that carry the batch (None: any placeholder may).
+    ``inputs``, the graph's placeholders that carry the batch (None: any placeholder may); ``symbols``, the batch
+    sizes a dynamic trace keeps symbolic (sympy expressions).
 
         >>> mb = MicroBatch.of([(torch.zeros(2, 5), 0), (torch.zeros(1, 3), 0)])
         >>> sorted(mb.rows), sorted(mb.counts)
@@ -55,6 +56,7 @@ class MicroBatch:
     rows: frozenset[int] = frozenset()
     counts: frozenset[int] = frozenset()
     inputs: frozenset[str] | None = None
+    symbols: frozenset[Any] = frozenset()
 
     @classmethod
     def of(cls, split: Iterable[tuple[Any, int]], inputs: Iterable[str] | None = None) -> MicroBatch:
@@ -62,9 +64,12 @@ class MicroBatch:
         A micro-batch of one row gives no counts: ``x.sum() / x.shape[1]`` would look the same."""
         rows: set[int] = set()
         counts: set[int] = set()
+        symbols: set[Any] = set()
         for leaf, d in split:
             sizes = list(leaf.shape)
             if not isinstance(sizes[d], int):
+                if isinstance(sizes[d], torch.SymInt):
+                    symbols.add(sizes[d].node.expr)
                 continue  # a symbolic batch size is never baked in as a number
             rows.add(sizes[d])
             if sizes[d] == 1:
@@ -73,7 +78,7 @@ class MicroBatch:
             for r in range(len(rest) + 1):
                 for combo in itertools.combinations(rest, r):
                     counts.add(sizes[d] * math.prod(combo))
-        return cls(frozenset(rows), frozenset(counts), None if inputs is None else frozenset(inputs))
+        return cls(frozenset(rows), frozenset(counts), None if inputs is None else frozenset(inputs), frozenset(symbols))
 
 
 def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset[int] = frozenset(),
@@ -210,6 +215,8 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
                 found = graph_reduction(v, mb, frozenset(kept), grows(j))
         if _is_number(v) and v and any(v % r == 0 for r in mb.rows if r) and twice is not None:
             found = "sum" if bigger(j) == 2 * v else None  # a count baked as a number (x.shape[0]): it adds up
+        if isinstance(val, torch.SymInt) and _scales_with_batch(val.node.expr, mb.symbols):
+            found = "sum"  # a dynamic trace's count (x.shape[0], x.numel()): twice the batch, twice the value
         if found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and not _reaches(v, mb.inputs) \
                 and not any(isinstance(d, int) and d in mb.rows for d in val.shape):
             found = "same"  # no batched input reaches it, and no dim has a micro-batch's size (a baked ones(B, 1))
@@ -218,6 +225,17 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
             found = "unknown"  # the batch is gone, by ops that micro-batch values cannot rebuild (max, var, norm)
         out.append(found)
     return out
+
+
+def _scales_with_batch(expr: Any, symbols: frozenset[Any]) -> bool:
+    """Whether sympy ``expr`` doubles when the batch sizes in ``symbols`` it uses double (``s0``, ``s0 * s1``)."""
+    used = [b for b in symbols if b in getattr(expr, "free_symbols", ())]
+    if not used:
+        return False
+    try:
+        return bool((expr.subs({b: 2 * b for b in used}, simultaneous=True) - 2 * expr).expand() == 0)
+    except Exception:  # an expression sympy cannot rewrite (floor division, ...): not a plain count
+        return False
 
 
 def _numel(node: Any) -> int | None:

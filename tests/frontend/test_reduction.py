@@ -272,3 +272,28 @@ def test_numbers_counted_from_the_batch_add_up_and_others_come_back_as_given() -
     for got in (lp.eval(x), lp.step(x, target=torch.zeros(8, 2, dtype=torch.float64)), pipe(x)):
         assert torch.allclose(got[0], want[0].detach(), atol=1e-12)
         assert tuple(got[1:]) == (8, 32, 4, 2, True)
+
+
+def test_counts_of_a_dynamic_batch_add_up_at_every_size() -> None:
+    """Traced with dynamic sizes, ``x.shape[0]`` and ``x.numel()`` are symbols: twice the batch, twice the value, so
+    they add up over micro-batches at any batch size; ``x.shape[1]`` (the sequence) comes back as it is."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+            h = self.a(x)
+            pipe_split()
+            return self.b(h), x.shape[0], x.shape[1], x.numel()
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(8, 5, 4, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,), dynamic_shapes="auto")
+    assert pipe.output_reductions == [None, "sum", None, "sum"]
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=lambda out, y: F.mse_loss(out[0], y))
+    for xb in (x, torch.randn(12, 7, 4, dtype=torch.float64)):
+        for got in (lp.eval(xb), lp.step(xb, target=torch.zeros(*xb.shape[:2], 2, dtype=torch.float64))):
+            assert tuple(got[1:]) == (xb.shape[0], xb.shape[1], xb.numel())
