@@ -248,22 +248,24 @@ def test_a_dynamic_sequence_keeps_the_static_batch_readable() -> None:
         assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
 
 
+class _Counts(nn.Module):
+    """Returns, beside its output, numbers read off the batch (rows, elements, the second dim), a literal and a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
+        h = self.a(x)
+        pipe_split()
+        return self.b(h), x.shape[0], x.numel(), x.shape[1], 2, True
+
+
 def test_numbers_counted_from_the_batch_add_up_and_others_come_back_as_given() -> None:
     """``x.shape[0]`` and ``x.numel()`` are baked into the trace as one micro-batch's numbers; returned, they add up
     over micro-batches to the batch's own. ``x.shape[1]``, a literal and a flag stay as the model gives them."""
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
-            h = self.a(x)
-            pipe_split()
-            return self.b(h), x.shape[0], x.numel(), x.shape[1], 2, True
-
     torch.manual_seed(0)
-    model = Net().double()
+    model = _Counts().double()
     x = torch.randn(8, 4, dtype=torch.float64)
     pipe = pipeline(copy.deepcopy(model), 4, (x,))
     assert pipe.output_reductions == [None, "sum", "sum", None, None, None]
@@ -277,23 +279,12 @@ def test_numbers_counted_from_the_batch_add_up_and_others_come_back_as_given() -
 def test_counts_of_a_dynamic_batch_add_up_at_every_size() -> None:
     """Traced with dynamic sizes, ``x.shape[0]`` and ``x.numel()`` are symbols: twice the batch, twice the value, so
     they add up over micro-batches at any batch size; ``x.shape[1]`` (the sequence) comes back as it is."""
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
-            h = self.a(x)
-            pipe_split()
-            return self.b(h), x.shape[0], x.shape[1], x.numel()
-
     torch.manual_seed(0)
-    model = Net().double()
+    model = _Counts().double()
     x = torch.randn(8, 5, 4, dtype=torch.float64)
     pipe = pipeline(copy.deepcopy(model), 4, (x,), dynamic_shapes="auto")
-    assert pipe.output_reductions == [None, "sum", None, "sum"]
+    assert pipe.output_reductions == [None, "sum", "sum", None, None, None]
     lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=lambda out, y: F.mse_loss(out[0], y))
     for xb in (x, torch.randn(12, 7, 4, dtype=torch.float64)):
         for got in (lp.eval(xb), lp.step(xb, target=torch.zeros(*xb.shape[:2], 2, dtype=torch.float64))):
-            assert tuple(got[1:]) == (xb.shape[0], xb.shape[1], xb.numel())
+            assert tuple(got[1:]) == (xb.shape[0], xb.numel(), xb.shape[1], 2, True)
