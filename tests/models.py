@@ -59,6 +59,37 @@ class SkipNet(nn.Module):
         return self.out(h + h0)
 
 
+class AuxBranch(nn.Module):
+    """``n_stages`` stages; stage 0 also computes an aux head whose value only goes to the output.
+
+    With :func:`main_mse` (the loss reads ``out[0]`` only) no gradient reaches ``aux``: its
+    parameters keep ``.grad is None`` in the plain model, and must in the pipeline too.
+    """
+
+    def __init__(self, n_stages: int = 3, d: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.mids = nn.ModuleList(nn.Linear(d, d) for _ in range(n_stages))
+        self.aux = nn.Linear(d, 3)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.mids[0](torch.tanh(self.inp(x))))
+        aux = self.aux(h)
+        for m in self.mids[1:]:
+            pipe_split()
+            h = torch.tanh(m(h))
+        return self.out(h), aux
+
+
+def main_mse(out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of ``out[0]`` (an aux output beside it gets no gradient)."""
+    return F.mse_loss(out[0], target)
+
+
+main_mse.reduction = "mean"  # type: ignore[attr-defined]
+
+
 class TwoInputs(nn.Module):
     """Two positional inputs and a keyword tensor; the keyword is read only by the last stage."""
 

@@ -54,6 +54,10 @@ class DataParallelStep:
         """Whether any stage here reduces gradients across data-parallel ranks."""
         return bool(self.ddp or self.grad_sync)
 
+    def reduces(self, s: int) -> bool:
+        """Whether stage ``s`` reduces its gradients across data-parallel ranks (DDP or FSDP2)."""
+        return s in self.ddp or s in self.grad_sync
+
     @property
     def fixed(self) -> set[int]:
         """Stages whose W's gather FSDP2 shards: they run in the schedule's order on every DP rank, never early."""

@@ -37,7 +37,7 @@ from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan
 from pippy.runtime.receives import Posted, Receives, action_ctx
 from pippy.runtime.sendorder import SendOrder
-from pippy.runtime.shapes import needs_incoming, send_value
+from pippy.runtime.shapes import HEADER_TAG, needs_incoming, send_value
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.tied import TiedGrads
 from pippy.runtime.wfill import BubbleFiller
@@ -313,12 +313,14 @@ class Executor:
         for e in self.plan.send_b[s]:
             meta = self.infos[s].input_meta[e.k]
             g = gin[e.k]
+            tag = e.tag(backward=True, mb=i, n_microbatches=m, phase=self.plan.phase)
+            ctx = self._ctx(a, e.peer, f"send grad of input {e.k} to stage {e.src}")
+            if self.plan.grad_flags:  # whether there is a gradient (see CommPlan)
+                flag = torch.tensor([g is not None], dtype=torch.uint8, device=dev)
+                st.sends.append((self.sender.isend(flag, e.peer, HEADER_TAG + tag, ctx), ctx))
             if g is None:
                 g = torch.zeros(st.in_shapes.get((s, i, e.k), meta.shape or ()), dtype=meta.dtype, device=dev)
-            g = g.contiguous()
-            ctx = self._ctx(a, e.peer, f"send grad of input {e.k} to stage {e.src}")
-            st.sends.append((self.sender.isend(g, e.peer, e.tag(backward=True, mb=i, n_microbatches=m, phase=self.plan.phase),
-                                                 ctx), ctx))
+            st.sends.append((self.sender.isend(g.contiguous(), e.peer, tag, ctx), ctx))
 
     def _weight(self, st: _Step, a: Action) -> None:
         self._weight_step(a)
@@ -349,7 +351,10 @@ class Executor:
             st.received[(a.stage, a.mb)] = {p.slot: p.value for p in posted}
         else:
             n_out = len(self.infos[a.stage].outputs)
-            for p in posted:
+            reduces = self.dp is not None and self.dp.reduces(a.stage)
+            for p in posted:  # no gradient reached the peer's input: no backward from here either (but
+                if p.none and not reduces:  # DDP / FSDP2 stages keep the zeros: their reduction must run)
+                    continue
                 _add_at(st.out_grads, (a.stage, a.mb), n_out, p.slot, p.value)
         if st.fill:
             self.filler.note_wait(idx, time.perf_counter() - t_wait, filled, slack)

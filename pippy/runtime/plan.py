@@ -94,7 +94,12 @@ class CommPlan:
     same channel (stage and kind) starts waiting, or at the step's start for a channel's first
     ``RECV_AHEAD``; a channel whose values vary in size keeps one compute action early (its
     receives wait for the step's first shape, see :mod:`pippy.runtime.shapes`). ``send_b_stages``
-    are the stages that run a SEND_B after their backward.
+    are the stages that run a SEND_B after their backward. ``grad_flags`` (unordered transports): each
+    gradient message goes with a one-byte flag (at ``HEADER_TAG`` + its tag), 0 when the sender's input
+    gradient is None (no path from the loss reached it); the receiver then runs no backward from it, so
+    parameters only it would reach keep ``.grad is None`` as in the unpipelined model. The zeros still go
+    out (their receive is posted ahead). Ordered transports (NCCL) send the zeros alone: reading a flag
+    there would cost a host synchronisation per message.
     """
 
     def __init__(self, infos: Sequence[StageInfo], schedule: Schedule, rank: int, *, ordered: bool) -> None:
@@ -102,6 +107,7 @@ class CommPlan:
         mine = set(schedule.stages_of(rank))
         self.n_microbatches = schedule.n_microbatches
         self.phase = 0  # of the step running now (Edge.tag): set per step by the executor, 0 on ordered transports
+        self.grad_flags = not ordered  # see the class docstring
         edges: list[Edge] = []
         for info in infos:
             for j, cons in enumerate(info.consumers):

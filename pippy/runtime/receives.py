@@ -37,7 +37,7 @@ import torch
 from pippy.frontend.split import StageInfo, ValueMeta
 from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.plan import CommPlan, Edge
-from pippy.runtime.shapes import Incoming, needs_incoming
+from pippy.runtime.shapes import HEADER_TAG, Incoming, needs_incoming
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules.ir import Action, Kind
 
@@ -61,12 +61,15 @@ class Posted:
     ctx: WaitContext
     slot: int  # the stage input (RECV_F) or output (RECV_B) it fills
     value: Any
+    flag: tuple[Any, torch.Tensor] | None = None  # a gradient's flag receive and buffer (CommPlan.grad_flags)
+    none: bool = False  # after completion: the flag said the peer had no gradient (``value`` holds zeros)
 
     def handles(self) -> list[Any]:
         """The handles already posted (for polling whether the message is in)."""
+        own = [] if self.flag is None else [self.flag[0]]
         if isinstance(self.value, Incoming):
-            return self.value.handles()
-        return [] if self.handle is None else [self.handle]
+            return own + self.value.handles()
+        return own + ([] if self.handle is None else [self.handle])
 
 
 class Receives:
@@ -107,11 +110,12 @@ class Receives:
             for e in self.plan.recv_b[s]:
                 ctx = self._ctx(a, e.peer, f"grad of output {e.j} from stage {e.dst}")
                 meta = self.infos[s].outputs[e.j]
+                flag = self._irecv_flag(e, i, dev, ctx) if self.plan.grad_flags else None
                 if meta.dynamic and not self.stages[s].held_outputs(i) and (meta.per_mb or ("out", s, e.j) not in self.known):
                     # prefetched before its F, and no earlier micro-batch of this step told the shape
-                    out.append(Posted(None, ctx, e.j, partial(self._irecv_grad, e, i, dev, ctx)))  # posts at its wait
+                    out.append(Posted(None, ctx, e.j, partial(self._irecv_grad, e, i, dev, ctx), flag))  # posts at its wait
                 else:
-                    out.append(self._irecv_grad(e, i, dev, ctx))
+                    out.append(replace(self._irecv_grad(e, i, dev, ctx), flag=flag))
         return out
 
     def complete(self, posted: list[Posted], shapes: dict[int, tuple[int, ...]]) -> Iterator[None]:
@@ -132,6 +136,9 @@ class Receives:
                 p.value = late.value
             elif p.handle is not None:
                 yield from self.transport.wait(p.handle, p.ctx)
+            if p.flag is not None:
+                yield from self.transport.wait(p.flag[0], p.ctx)
+                p.none = not bool(p.flag[1][0])
 
     def _irecv_grad(self, e: Edge, i: int, dev: torch.device, ctx: WaitContext) -> Posted:
         """The receive of output ``e.j``'s gradient: shaped like this micro-batch's output when that varies."""
@@ -141,6 +148,12 @@ class Receives:
             shape = tuple(self.stages[e.src].output(i, e.j).shape) if held else self.known[("out", e.src, e.j)]
             meta = replace(meta, shape=shape)
         return self._irecv(e, meta, True, i, dev, ctx, e.j)
+
+    def _irecv_flag(self, e: Edge, i: int, dev: torch.device, ctx: WaitContext) -> tuple[Any, torch.Tensor]:
+        """The receive of the flag saying whether output ``e.j``'s gradient exists (see ``CommPlan.grad_flags``)."""
+        buf = torch.empty(1, dtype=torch.uint8, device=dev)
+        tag = e.tag(backward=True, mb=i, n_microbatches=self.plan.n_microbatches, phase=self.plan.phase)
+        return self.transport.irecv(buf, e.peer, HEADER_TAG + tag, ctx), buf
 
     def note_output(self, where: str, stage: int, j: int, meta: ValueMeta, shape: tuple[int, ...]) -> None:
         """Output ``j`` of ``stage`` came out with ``shape``: a varying one must match this step's others (see module).

@@ -324,13 +324,8 @@ class Stage(StageModule):
         return outs, gs
 
     def _input_grads(self, st: _MbState) -> list[torch.Tensor | None]:
-        out: list[torch.Tensor | None] = []
-        for x in st.inputs:
-            if not (isinstance(x, torch.Tensor) and x.requires_grad):
-                out.append(None)
-            else:
-                out.append(x.grad if x.grad is not None else torch.zeros_like(x))
-        return out
+        """Each input's gradient; None where it needs none or no path from the loss reached it."""
+        return [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in st.inputs]
 
     def backward(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
         """Full backward (B) of ``mb``: accumulate parameter grads, return the input grads."""

@@ -27,7 +27,7 @@ def _check(reports: list[dict[str, dict[str, float]]], expect_keys: list[str]) -
 
 def test_world2_single_stage_schedules(tmp_path: pytest.TempPathFactory) -> None:
     cases = [(m, s, 1) for m in ("mlp_spec", "mlp_marker", "gpt2") for s in ("gpipe", "1f1b")]
-    cases += [("gpt2", "zb_h1", 1), ("mlp_spec", "zb_h2", 1)]
+    cases += [("gpt2", "zb_h1", 1), ("mlp_spec", "zb_h2", 1), ("aux", "1f1b", 1), ("aux", "zb_h1", 1)]
     reports = run_ranks(tmp_path, 2, transparency, cases)
     _check(reports, [f"{m}/{s}/{k}" for m, s, k in cases])
 
@@ -42,6 +42,6 @@ def test_world3_skip_two_inputs_readme(tmp_path: pytest.TempPathFactory) -> None
 
 def test_world2_multi_stage_schedules(tmp_path: pytest.TempPathFactory) -> None:
     scheds = ("interleaved_1f1b", "looped_bfs", "zbv", "dualpipev", "interleaved_zb")
-    cases = [(m, s, 2) for m in ("mlp_spec", "skip", "gpt2") for s in scheds]
+    cases = [(m, s, 2) for m in ("mlp_spec", "skip", "gpt2") for s in scheds] + [("aux", "zbv", 2)]
     reports = run_ranks(tmp_path, 2, transparency, cases)
     _check(reports, [f"{m}/{s}/{k}" for m, s, k in cases])

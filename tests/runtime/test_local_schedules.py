@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import MarkedMLP, SkipNet, mse
+from models import AuxBranch, MarkedMLP, SkipNet, main_mse, mse
 
 import pippy
 from pippy import pipeline
@@ -60,6 +60,34 @@ def test_every_schedule_transparent(model_fn, cls, ranks) -> None:
     _check(lp, ref, got, out, losses, loss)
     assert torch.allclose(lp.eval(x), out, atol=1e-12, rtol=0)
     assert all(st.live_microbatches() == 0 for st in lp.stages)
+
+
+@pytest.mark.parametrize(("cls", "ranks"), SCHEDULES, ids=[f"{c.__name__}-{r}ranks" for c, r in SCHEDULES])
+@pytest.mark.parametrize("ordered", [False, True], ids=["tagged", "ordered"])
+def test_parameters_the_loss_never_reaches_keep_no_grad(cls, ranks, ordered) -> None:
+    """An aux output the loss ignores: its head's parameters stay ``grad is None``, as unpipelined.
+
+    Tagged transports (gloo) flag a missing gradient beside its zeros; ordered ones (NCCL) send the
+    zeros alone, so there the head gets zero gradients (the README says so).
+    """
+    torch.manual_seed(0)
+    model = AuxBranch(4).double()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    main_mse(ref(x), y).backward()
+    lp = LocalPipeline(pipeline(model, 4, (x,)), cls, num_ranks=ranks, n_microbatches=4, loss_fn=main_mse)
+    for t in lp.transports:
+        t.ordered = ordered
+    for _ in range(2):  # a second step accumulates into the same grads, and still keeps None
+        lp.step(x, target=y)
+    grads = lp.named_grads()
+    for name, p in ref.named_parameters():
+        if p.grad is None:
+            g = grads[name]
+            assert g is None if not ordered else (g is None or not g.any()), (name, g)
+        else:
+            torch.testing.assert_close(grads[name], 2 * p.grad, rtol=0, atol=1e-12, msg=name)
+    assert ref.aux.weight.grad is None
 
 
 def test_more_microbatches_than_traced_chunks() -> None:
