@@ -28,6 +28,7 @@ __all__ = [
     "split_batch",
     "split_leaves",
     "split_value",
+    "uneven_split_inputs",
 ]
 
 _debug_mask_minibatches = False
@@ -113,6 +114,34 @@ def split_batch(
     a = split_value(tuple(args), n, args_spec, what="positional argument")
     k = split_value(dict(kwargs), n, kwargs_spec, what="keyword argument")
     return [(tuple(a[i]), dict(k[i])) for i in range(n)]
+
+
+def uneven_split_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], args_spec: Any = None,
+                        kwargs_spec: Any = None) -> str:
+    """Which inputs split by default (no chunk spec of their own) differ in size from the batch along
+    their split dim, or ``""``: the first sign of an unbatched input (a ``[T]`` position tensor) that
+    splitting cuts into pieces beside the batch's rows, which broadcasting may hide.
+
+        >>> uneven_split_inputs((torch.zeros(8, 4), torch.arange(4)), {})
+        'args[1] has 4 along dim 0, the batch (args[0]) has 8'
+        >>> uneven_split_inputs((torch.zeros(8, 4), torch.arange(4)), {}, (None, TensorChunkSpec(0)))
+        ''
+    """
+    found: list[tuple[str, int, int, bool]] = []  # (name, dim, size, spec given)
+    for value, spec, what in ((args, args_spec, "positional argument"), (kwargs, kwargs_spec, "keyword argument")):
+        with_paths = pytree.tree_flatten_with_path(value)[0]
+        specs = _leaf_specs(spec, value, len(with_paths), what)
+        for (path, leaf), sp in zip(with_paths, specs):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not isinstance(sp, Replicate | Sum):
+                d = sp.dim if isinstance(sp, TensorChunkSpec) else 0
+                if -leaf.dim() <= d < leaf.dim():
+                    found.append((f"{_NAMES[what]}{pytree.keystr(path)}", d, int(leaf.shape[d]), sp is not None))
+    sizes = [f[2] for f in found]
+    batch = max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)), default=0)  # most common; first on a tie
+    odd = [f"{nm} has {size} along dim {d}" for nm, d, size, given in found if size != batch and not given]
+    if not odd:
+        return ""
+    return f"{', '.join(odd)}, the batch ({next(f[0] for f in found if f[2] == batch)}) has {batch}"
 
 
 def split_args_kwargs_into_chunks(
@@ -304,13 +333,15 @@ def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
     if size < n:
         raise ValueError(
             f"{where} has size {size} along dim {dim}, smaller than the {n} micro-batches asked for. "
-            f"Use a batch of at least {n} (a multiple of {n}), or fewer micro-batches."
+            f"Use a batch of at least {n} (a multiple of {n}), or fewer micro-batches; if this input is not batched "
+            "(positions, a mask shared by every row), give it Replicate() in its chunk spec."
         )
     if size % n:
         raise ValueError(
             f"{where} has size {size} along dim {dim}, which does not split into {n} equal micro-batches. "
             f"Use a batch size that is a multiple of {n} (e.g. {size - size % n} or {size + n - size % n}), "
-            "or a micro-batch count that divides it. pippy never lowers the count silently."
+            "or a micro-batch count that divides it (pippy never lowers the count silently); if this input is not "
+            "batched (positions, a mask shared by every row), give it Replicate() in its chunk spec."
         )
     parts = list(torch.chunk(leaf, n, dim=dim))
     if not _mask_on():

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
 import torch
 
-from pippy.microbatch import Replicate, Sum, TensorChunkSpec, merge_chunks, split_batch, split_value
+from pippy.microbatch import (
+    Replicate,
+    Sum,
+    TensorChunkSpec,
+    merge_chunks,
+    split_batch,
+    split_value,
+    uneven_split_inputs,
+)
 
 
 def test_split_merge_round_trip_nested() -> None:
@@ -173,3 +182,44 @@ def test_a_sequence_first_target_as_long_as_the_batch_follows_the_output() -> No
     assert torch.allclose(torch.stack(losses).mean(), loss, atol=1e-12)
     for n, p in ref.named_parameters():
         assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
+
+
+@pytest.mark.parametrize(("pos", "said"), [
+    (torch.arange(4), "args[1] has 4 along dim 0, the batch (args[0]) has 8"),  # 4 splits by 4: silent before
+    (torch.arange(5)[None], "args[1] has 1 along dim 0, the batch (args[0]) has 8"),  # HF-style [1, T] positions
+])
+def test_an_unbatched_input_split_like_the_batch_gets_a_warning_naming_replicate(pos, said) -> None:
+    from pippy import pipe_split, pipeline
+
+    class Pos(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.a, self.b = torch.nn.Embedding(16, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            h = self.a(x) + self.emb(pos)
+            pipe_split()
+            return self.b(h)
+
+    x = torch.zeros(8, pos.shape[-1], 3)
+    assert uneven_split_inputs((x, pos), {}) == said
+    with pytest.warns(UserWarning, match=r"differ in size: " + re.escape(said)) as got:
+        try:
+            pipeline(Pos(), 4, (x, pos))
+        except Exception:  # [1, T] cannot be split in 4: the split's own error follows the warning
+            pass
+    assert "Replicate()" in str(got[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe = pipeline(Pos(), 4, (x, pos), args_chunk_spec=(TensorChunkSpec(0), Replicate()))
+    assert pipe.num_stages == 2
+
+
+def test_inputs_batched_along_their_own_dims_or_rates_say_so_by_spec() -> None:
+    """A kwarg batched along dim 1 (sequence first), or at twice the rate, is fine once its spec is given."""
+    x, mask, pairs = torch.zeros(8, 3), torch.zeros(5, 8), torch.zeros(16, 3)
+    assert uneven_split_inputs((x,), {"mask": mask}, None, {"mask": TensorChunkSpec(1)}) == ""
+    assert uneven_split_inputs((x,), {"mask": mask}) == "kwargs['mask'] has 5 along dim 0, the batch (args[0]) has 8"
+    assert uneven_split_inputs((x, pairs), {}, (None, TensorChunkSpec(0))) == ""
+    mbs = split_batch((x, pairs), {}, 4)  # the splitting itself stays as PiPPy's and torch's: each leaf on its own
+    assert mbs[0][0][1].shape == (4, 3)

@@ -111,7 +111,8 @@ class StageModule:
 
     @property
     def unwrapped(self) -> nn.Module:
-        """:attr:`submod` under the model's FQNs: the module inside a ``DistributedDataParallel`` wrapper.
+        """:attr:`submod` under the model's FQNs: the module inside a ``DistributedDataParallel`` or
+        ``torch.compile`` wrapper (``stage.submod = torch.compile(stage.submod)``), however nested.
 
             >>> import torch
             >>> from pippy import pipeline
@@ -121,7 +122,13 @@ class StageModule:
             True
         """
         sub = self.submod
-        return sub.module if isinstance(sub, DistributedDataParallel) else sub
+        while True:
+            if isinstance(sub, DistributedDataParallel):
+                sub = sub.module
+            elif isinstance(getattr(sub, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+                sub = sub._orig_mod
+            else:
+                return sub
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This stage's parameters (for an optimizer)."""

@@ -221,6 +221,9 @@ def export_module(
                 "torch.utils._pytree.register_pytree_node(...) otherwise; or return a tuple or dict instead. "
                 "Full export error above (chained as __cause__)."
             ) from exc
+        shapes = _shape_fix(exc)
+        if shapes:
+            raise PipeTraceError(f"{head}{shapes}Full export error above (chained as __cause__).") from exc
         raise PipeTraceError(
             f"{head}{_kind_hint(exc)}How to fix: make forward traceable (no data-dependent Python control flow on "
             "tensor values, no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move "
@@ -316,3 +319,18 @@ def _kind_hint(exc: BaseException) -> str:
     if "Unsupported" in name:
         return "The failing construct is Python the tracer does not support.\n"
     return ""
+
+
+_SHAPES = re.compile(r"broadcast|must match the size|size mismatch|is invalid for input of size|cannot be multiplied")
+
+
+def _shape_fix(exc: BaseException) -> str:
+    """For shapes that disagree inside forward: the likely cause, an unbatched input split like the batch."""
+    if not _SHAPES.search(str(exc)):
+        return ""
+    return (
+        "Shapes disagree inside forward. The trace runs one micro-batch (each input split along its batch dim), so "
+        "an input that is not batched (positions, a mask or table shared by every row) but has the batch's size "
+        "there by chance was split too. How to fix: give it Replicate() (pipeline(..., args_chunk_spec=..., "
+        "kwargs_chunk_spec=...)); if the model hard-codes the batch size, make it read x.shape[0] instead. "
+    )

@@ -30,7 +30,14 @@ from pippy.frontend.split import StageInfo, split_graph
 from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
 from pippy.frontend.trainmode import keep_following, mode_args, module_modes, node_owner, set_modes
 from pippy.frontend.unread import match_persistence
-from pippy.microbatch import ambiguous_merge_dims, merge_chunks, output_merge_dims, split_batch, split_leaves
+from pippy.microbatch import (
+    ambiguous_merge_dims,
+    merge_chunks,
+    output_merge_dims,
+    split_batch,
+    split_leaves,
+    uneven_split_inputs,
+)
 
 __all__ = ["trace_and_split"]
 
@@ -98,6 +105,8 @@ def trace_and_split(
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
     kwargs = dict(example_kwargs or {})
+    if num_chunks > 1:
+        _warn_uneven(uneven_split_inputs(example_args, kwargs, args_chunk_spec, kwargs_chunk_spec), num_chunks)
     mb_args, mb_kwargs = split_batch(example_args, kwargs, num_chunks, args_chunk_spec, kwargs_chunk_spec)[0]
     traced = module
     if compute_dtype is not None:
@@ -110,6 +119,7 @@ def trace_and_split(
     finally:
         _restore_forwards(saved)
     gm = ep.module()
+    _refuse_nested_splits(gm)
     ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))
     merge_dims = output_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
     unsure = ambiguous_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
@@ -181,6 +191,35 @@ def _warn_batch_statistics(gm: fx.GraphModule) -> None:
             "micro-batch, as under gradient accumulation (every pipeline library does so). Outputs and gradients "
             "therefore differ from one forward over the whole batch. For exact results use LayerNorm / GroupNorm, "
             "or keep those modules in eval mode",
+            stacklevel=4,
+        )
+
+
+def _refuse_nested_splits(gm: fx.GraphModule) -> None:
+    """Refuse ``pipe_split()`` calls that the trace put inside a region it keeps as one op (a ``torch.autocast`` or
+    ``torch.no_grad`` block, a ``torch.cond`` branch): a stage boundary cannot fall inside one op."""
+    inner = [(name, node) for name, sub in gm.named_modules() if name and isinstance(sub, fx.GraphModule)
+             for node in sub.graph.nodes if is_split_marker(node)]
+    if inner:
+        sites = "; ".join(split_site(node) for _, node in inner)
+        raise PipeTraceError(
+            f"pipe_split() inside a region the trace keeps as one op ({inner[0][0]}: a torch.autocast / torch.no_grad "
+            f"/ set_grad_enabled block or a torch.cond branch), at {sites}. A stage boundary cannot fall inside it, "
+            "so this split point would be lost (fewer stages than split points). Expected split points outside such "
+            "blocks: end the `with` block before the split point and open another after it (for split_spec, a "
+            "module called inside the block cannot be a split point)"
+        )
+
+
+def _warn_uneven(said: str, n: int) -> None:
+    """Warn about inputs split by default whose size differs from the batch's (see uneven_split_inputs)."""
+    if said:
+        warnings.warn(
+            f"pipeline(): the inputs split into micro-batches differ in size: {said}. Each micro-batch gets 1/{n} of "
+            "each. If such an input is not batched (positions, a mask or table shared by every row), it is cut into "
+            "pieces and broadcasting may hide it: give it Replicate() (pipeline(..., args_chunk_spec=(TensorChunkSpec"
+            "(0), Replicate())) or kwargs_chunk_spec={name: Replicate(), ...}, one entry per keyword argument). If it "
+            "is batched at another rate, pass its TensorChunkSpec explicitly and this warning goes",
             stacklevel=4,
         )
 

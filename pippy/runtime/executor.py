@@ -143,6 +143,8 @@ class Executor:
         self.plan.phase = 0 if self.transport.ordered else inp.phase
         if inp.training:
             self.tied.snapshot()
+            for s in self.split_backward & self.stages.keys():
+                self.stages[s].refresh_taps()
         self.started = False
         self.current = None
         self.filler.start_step()
@@ -206,9 +208,9 @@ class Executor:
         outs = stage.forward(i, ins, training=inp.training, split_backward=s in self.split_backward, readers=readers,
                              grad_inputs=user_grad)
         info = self.infos[s]
-        if user_grad:
+        if inp.training and s != self.last:  # each output carries a gradient only where the trace planned one
             usergrad.check_traced(f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}", info, user_grad,
-                                  outs, s == self.last)
+                                  outs, False, stage.unfrozen_params)
         for j, (o, meta) in enumerate(zip(outs, info.outputs)):
             if isinstance(o, torch.Tensor):
                 _check_meta(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})")

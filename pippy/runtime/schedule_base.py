@@ -122,13 +122,14 @@ class PipelineSchedule:
         if needs_link(self.stages):  # hand-cut stages: learn the other ranks' shapes, check the chain
             link_stages(self.stages, exchange(self.stages, self.stages[0].group, timeout) if transport is None else None)
         self.pipe = self.stages[0].pipe
-        for st in self.stages:
-            for name, prm in st.submod.named_parameters():
-                if prm.requires_grad and not self.pipe.traced_trainable.get(name, True):
+        tied = {f for sp in self.pipe.shared if not sp.requires_grad for _, f in sp.uses}
+        for st in self.stages:  # (other unfrozen parameters are checked at each forward: usergrad.check_traced)
+            for name in st.unfrozen_params():
+                if name in tied:
                     raise StageError(
-                        f"stage {st.index}: parameter {name} was frozen (requires_grad=False) when the model was "
-                        "traced but is trainable now; gradient edges are planned at trace time, so call pipeline() "
-                        "again after changing requires_grad"
+                        f"stage {st.index}: tied parameter {name} was frozen (requires_grad=False) when the model was "
+                        "traced but is trainable now; its copies' gradients are summed only when traced trainable, "
+                        "so call pipeline() again after changing requires_grad"
                     )
         self.n_microbatches = n_microbatches
         self.costs = costs

@@ -19,6 +19,7 @@ order of the calls; the user-facing :class:`pippy.PipelineStage` adds ``stage(x)
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,8 @@ class Stage(StageModule):
         else:  # a hand-cut stage (ManualPipelineStage)
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
+        self._keep_buffers = False  # compile without donated buffers (a compiled module under split backward)
+        self._taps_key: tuple[tuple[int, bool], ...] = ()  # the parameters (identity, requires_grad) they were built on
         self._filled = False  # checked at the first forward: no NaN placeholder of a meta-device model is left
         self._mode_sig: tuple[bool, ...] | None = None  # the module flags the graphs were last rewritten for
         self._written: frozenset[int] | None = None
@@ -135,12 +138,28 @@ class Stage(StageModule):
 
     @property
     def taps(self) -> WeightGradTaps:
-        """The weight-gradient taps of split-backward schedules (built on first use)."""
+        """The weight-gradient taps of split-backward schedules (built on first use, again after
+        :meth:`refresh_taps` saw the parameters change)."""
         if self._taps is None:
+            self._taps_key = self._params_key()
             self._taps = WeightGradTaps(self.flat_module())
             if self.pointwise_recompute:  # the tapped copy recomputes its elementwise chains too
                 recompute_pointwise(self._taps.module, skip_param_readers=True)
         return self._taps
+
+    def _params_key(self) -> tuple[tuple[int, bool], ...]:
+        return tuple((id(p), p.requires_grad) for p in self.submod.parameters())
+
+    def refresh_taps(self) -> None:
+        """Before a training step: drop the taps when a parameter was replaced (``load_state_dict(assign=True)``),
+        frozen or unfrozen since they were built; they hold the tensors and flags they saw."""
+        if self._taps is not None and not self._state and self._params_key() != self._taps_key:
+            self._taps = None
+
+    def unfrozen_params(self) -> list[str]:
+        """The stage's parameters that are trainable now but were frozen when the model was traced."""
+        traced = self.pipe.traced_trainable
+        return [n for n, p in self.unwrapped.named_parameters() if p.requires_grad and not traced.get(n, True)]
 
     def live_microbatches(self) -> int:
         """Micro-batches whose activations this stage still holds."""
@@ -195,11 +214,15 @@ class Stage(StageModule):
         use_taps = split_backward and not self.through_hooks and isinstance(self.submod, fx.GraphModule)
         taps = self.taps if use_taps else None
         fn = taps.module if taps is not None else self.submod
-        if self.measure_activations:
-            with SavedBytes(skip=self.submod.parameters()) as counter:
+        # split backward runs the graph twice (I, then W): a torch.compile'd module must keep its saved buffers, in
+        # its forward and backward compilations both (a backward compiles at its first run)
+        self._keep_buffers = split_backward and hasattr(self.submod, "_orig_mod")
+        with self._compiling():
+            if self.measure_activations:
+                with SavedBytes(skip=self.submod.parameters()) as counter:
+                    res = self._call(fn, leaves)
+            else:
                 res = self._call(fn, leaves)
-        else:
-            res = self._call(fn, leaves)
         n_out = len(self.info.outputs)
         if taps is not None:
             outs, tapped, aux = taps.split(res, n_out)
@@ -210,6 +233,9 @@ class Stage(StageModule):
         if self.measure_activations:
             self._state[mb].saved_bytes = counter.total
         return outs
+
+    def _compiling(self) -> AbstractContextManager[Any]:
+        return _keep_saved_buffers() if self._keep_buffers else nullcontext()
 
     def _swaps_params(self) -> bool:
         """Whether the stage's parameters are sharded (FSDP2, DTensor): their tensors change between passes. Asked
@@ -332,7 +358,8 @@ class Stage(StageModule):
         st = self._get(mb, "B")
         outs, gs = self._roots(mb, st, grads)
         if outs:
-            torch.autograd.backward(outs, gs)
+            with self._compiling():
+                torch.autograd.backward(outs, gs)
         res = self._input_grads(st)
         del self._state[mb]
         return res
@@ -349,7 +376,8 @@ class Stage(StageModule):
         if outs and targets:
             # the graph is needed again in W only for weights without a closed-form gradient
             keep = taps is None or not taps.closed_form
-            got = torch.autograd.grad(outs, targets, gs, retain_graph=keep, allow_unused=True)
+            with self._compiling():
+                got = torch.autograd.grad(outs, targets, gs, retain_graph=keep, allow_unused=True)
             for x, g in zip(want, got[: len(want)]):
                 x.grad = g
             st.tap_grads = list(got[len(want) :])
@@ -370,7 +398,8 @@ class Stage(StageModule):
                     mod.unshard()
             params = [p for p in self.submod.parameters() if p.requires_grad]
             if outs and params:
-                torch.autograd.backward(outs, gs, inputs=params)
+                with self._compiling():
+                    torch.autograd.backward(outs, gs, inputs=params)
         del self._state[mb]
 
     def clear(self) -> None:
@@ -379,6 +408,16 @@ class Stage(StageModule):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(index={self.index}, of={self.num_stages}, device={self.device})"
+
+
+def _keep_saved_buffers() -> AbstractContextManager[Any]:
+    """Compile with donated buffers off: a compiled backward that frees ("donates") what its forward saved cannot run
+    twice (``retain_graph``), which split backward's I then W needs. Compilation happens at the first call."""
+    try:
+        from torch._functorch import config
+    except ImportError:  # pragma: no cover - an older torch has no donation
+        return nullcontext()
+    return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else nullcontext()
 
 
 def _as_tuple(out: Any) -> tuple[Any, ...]:

@@ -22,7 +22,7 @@ of its gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,11 +52,14 @@ def wanted(info: StageInfo, inputs: Sequence[Any], training: bool) -> set[int]:
     }
 
 
-def check_traced(where: str, info: StageInfo, grad_inputs: set[int], outputs: Sequence[Any], last: bool) -> None:
-    """Raise when an output of this forward carries a user input's gradient that no message was planned for.
+def check_traced(where: str, info: StageInfo, grad_inputs: set[int], outputs: Sequence[Any], last: bool,
+                 unfrozen: Callable[[], list[str]] = list) -> None:
+    """Raise when an output of this forward carries a gradient that no message was planned for: from a user
+    input that requires grad, or from parameters frozen when the model was traced and trainable now.
 
-    ``grad_inputs`` are the positions :func:`wanted` gave, ``outputs`` the forward's outputs; the
-    last stage's outputs end in the loss here, so they need no message.
+    ``grad_inputs`` are the positions :func:`wanted` gave, ``outputs`` the forward's outputs,
+    ``unfrozen`` names the stage's parameters trainable now but frozen when traced; the last
+    stage's outputs end in the loss here, so they need no message.
 
         >>> import torch
         >>> from pippy import SplitPoint, pipeline
@@ -72,6 +75,17 @@ def check_traced(where: str, info: StageInfo, grad_inputs: set[int], outputs: Se
     if last:
         return
     for j, (o, meta) in enumerate(zip(outputs, info.outputs)):
+        if isinstance(o, torch.Tensor) and o.requires_grad and not meta.requires_grad and not grad_inputs:
+            names = unfrozen()
+            to = sorted({c for c, _ in info.consumers[j]})
+            raise StageError(
+                f"{where}: output {j} ({info.output_names[j]}) now carries a gradient to stage(s) {to}, but the pipe "
+                f"was traced with it carrying none, so no gradient message is planned and the gradients of "
+                f"{', '.join(names) if names else 'this stage'} would be dropped. Expected the parameters frozen when "
+                f"the model was traced to stay frozen; {'these were' if len(names) > 1 else 'this was'} unfrozen "
+                "after it. Call pipeline() again after changing requires_grad (a frozen backbone unfrozen later "
+                "needs a new pipe), or trace with it trainable and keep it out of the optimizer meanwhile"
+            )
         if isinstance(o, torch.Tensor) and o.requires_grad and not meta.requires_grad:
             names = [info.input_names[k] for k in sorted(grad_inputs) if not info.input_meta[k].requires_grad]
             to = sorted({c for c, _ in info.consumers[j]})

@@ -74,6 +74,8 @@ class ClosedForm:
 
 
 def _add_grad(p: nn.Parameter, g: torch.Tensor) -> None:
+    if g.dtype != p.dtype:  # under autocast the op ran on a cast copy (bf16): autograd casts its grad back too
+        g = g.to(p.dtype)
     if p.grad is None:
         p.grad = g
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import MarkedMLP, MLPStack, mse
+from models import MarkedMLP, MLPStack, check_mse_step, mse
 
 import pippy
 from pippy import PipeTraceError, SplitPoint, StageError, pipe_split, pipeline
@@ -86,14 +86,54 @@ def test_wrong_stage_placement_for_multi_stage() -> None:
         pippy.Schedule1F1B(stages[0], 4, mse, transport=t[0])
 
 
-def test_unfreezing_after_trace_is_refused() -> None:
+def test_unfreezing_where_gradients_flow_anyway_trains_exactly() -> None:
+    """A weight frozen when traced, unfrozen later, in a stage whose outputs carry gradients anyway: exact."""
+    torch.manual_seed(0)
     model = MarkedMLP(2, 1).double()
     model.blocks[0][0].weight.requires_grad_(False)
     pipe = pipeline(model, 2, (torch.randn(4, 8, dtype=torch.float64),))
-    stage = pipe.build_stage(0, "cpu")
-    stage.submod.get_parameter("blocks.0.0.weight").requires_grad_(True)  # unfrozen after tracing
-    with pytest.raises(StageError, match=r"blocks\.0\.0\.weight was frozen .* call pipeline\(\) again"):
-        pippy.Schedule1F1B(stage, 2, mse, transport=LocalTransport.world(2)[0])
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    lp.stages[0].submod.get_parameter("blocks.0.0.weight").requires_grad_(True)  # unfrozen after tracing
+    model.blocks[0][0].weight.requires_grad_(True)
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    check_mse_step(lp, model, x, y)
+
+
+@pytest.mark.parametrize("cls", [pippy.ScheduleGPipe, pippy.Schedule1F1B, pippy.ScheduleZBH1])
+def test_unfreezing_a_stage_traced_without_gradients_is_refused_at_its_forward(cls) -> None:
+    """Stage 0 frozen when traced plans no gradient message; unfrozen after a step, its grads would be dropped."""
+    torch.manual_seed(0)
+    model = MarkedMLP(2, 1).double()
+    model.blocks[0].requires_grad_(False)  # a frozen backbone
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    lp = LocalPipeline(pipeline(model, 2, (x,)), cls, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    lp.step(x, target=y)
+    lp.stages[0].submod.requires_grad_(True)
+    with pytest.raises(StageError, match=r"rank 0, stage 0, micro-batch 0, action 0F0: output 0 .* carries a gradient "
+                                         r"to stage\(s\) \[1\].*blocks\.0\.0\.weight.*Call pipeline\(\) again"):
+        lp.step(x, target=y)
+
+
+def test_unfreezing_a_tied_weight_after_trace_is_refused() -> None:
+    """Tied copies sum their gradients only when traced trainable: the schedule refuses at once."""
+    lin = torch.nn.Linear(8, 8).double()
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.lin(x))
+            pipe_split()
+            return self.lin(h)
+
+    lin.weight.requires_grad_(False)
+    pipe = pipeline(Tied(), 2, (torch.randn(4, 8, dtype=torch.float64),))
+    stage = pipe.build_stage(1, "cpu")
+    stage.submod.get_parameter("lin.weight").requires_grad_(True)
+    with pytest.raises(StageError, match=r"tied parameter lin\.weight was frozen .* call pipeline\(\) again"):
+        pippy.Schedule1F1B(stage, 2, mse, transport=LocalTransport.world(2)[1])
 
 
 class TupleAcross(torch.nn.Module):
@@ -150,3 +190,25 @@ def test_an_unregistered_dataclass_output_names_the_registration() -> None:
         assert torch.equal(pipeline(net, 2, (x,))(x)[0], net(x).logits)
     finally:
         pytree._deregister_pytree_node(Out)
+
+
+@pytest.mark.parametrize("region", ["autocast", "no_grad"])
+def test_pipe_split_inside_an_autocast_or_no_grad_block_is_refused(region: str) -> None:
+    """The trace keeps such a block as one op: a split inside it would be lost silently (fewer stages)."""
+
+    class Region(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if region == "autocast" else torch.no_grad()
+            with ctx:
+                h = self.a(x)
+                pipe_split()
+                h = self.b(h)
+            return h.float()
+
+    with pytest.raises(PipeTraceError, match=r"pipe_split\(\) inside a region the trace keeps as one op .*test_errors"
+                                             r"\.py:\d+ .*end the `with` block before the split point"):
+        pipeline(Region(), 2, (torch.randn(4, 4),))

@@ -166,3 +166,96 @@ def test_parameter_and_backward_hooks_run_under_split_backward(cls: str, kind: s
     grads = lp.named_grads()
     for n, p in ref.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-12), n
+
+
+@pytest.mark.parametrize(("cls", "ranks"), [(pippy.ScheduleZBH1, 4), (pippy.ScheduleZBV, 2), (pippy.ScheduleDualPipeV, 2)])
+def test_split_backward_follows_parameters_changed_between_steps(cls, ranks) -> None:
+    """Freezing, unfreezing or replacing a stage's parameters after a step: the next step's W follows (the taps of
+    split backward are rebuilt), as 1F1B's whole backward does."""
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, lin in enumerate(self.l):
+                x = torch.tanh(lin(x))
+                if i < 3:
+                    pipe_split()
+            return x
+
+    torch.manual_seed(0)
+    model = Chain().double()
+    model.l[2].weight.requires_grad_(False)  # frozen when traced
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    lp = LocalPipeline(pipeline(copy.deepcopy(model), 4, (x,)), cls, num_ranks=ranks, n_microbatches=4, loss_fn=mse)
+    lp.step(x, target=y)
+    new = {"l.3.weight": torch.randn(6, 6, dtype=torch.float64)}
+    for mod in [model] + [st.submod for st in lp.stages]:
+        for name, p in mod.named_parameters():
+            p.requires_grad_(name != "l.1.weight")  # l.1 frozen now, l.2 unfrozen
+        if "l.3.weight" in dict(mod.named_parameters()):  # a new tensor (load_state_dict(assign=True) does this)
+            mod.get_submodule("l.3").weight = nn.Parameter(new["l.3.weight"].clone())
+    lp.zero_grad()
+    model.zero_grad(set_to_none=True)
+    out = lp.step(x, target=y)
+    ref = model(x)
+    mse(ref, y).backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        assert (grads[name] is None) == (p.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(("cls", "ranks"), [(pippy.ScheduleZBH1, 4), (pippy.ScheduleZBH2, 4), (pippy.ScheduleZBH1, 2)])
+def test_closed_form_weight_grads_under_autocast_land_in_the_parameter_dtype(cls, ranks) -> None:
+    """bf16 autocast: W's closed form runs on the cast copies; its gradient goes into the float32 ``.grad``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(16, 16), nn.Tanh())))
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    spec = {str(2 * i + 1): pippy.SplitPoint.END for i in range(3)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = copy.deepcopy(model)
+        torch.nn.functional.mse_loss(ref(x).float(), y).backward()
+        lp = LocalPipeline(pipeline(model, 4, (x,), split_spec=spec), cls, num_ranks=ranks, n_microbatches=4,
+                           loss_fn=lambda o, t: torch.nn.functional.mse_loss(o.float(), t))
+        lp.step(x, target=y)
+    grads = lp.named_grads()
+    for name, p in ref.named_parameters():
+        g = grads[name]
+        assert g is not None and g.dtype == torch.float32, name
+        assert float((g - p.grad).norm() / p.grad.norm()) < 2e-2, name  # bf16 matmuls, summed per micro-batch
+
+
+@pytest.mark.parametrize(("cls", "ranks"), [(pippy.Schedule1F1B, 4), (pippy.ScheduleZBV, 2)])
+def test_stages_wrapped_in_torch_compile_train_exactly_and_keep_their_names(cls, ranks) -> None:
+    """``stage.submod = torch.compile(stage.submod)``: split backward runs the compiled graph twice (I, then W), so it
+    is compiled without donated buffers; ``state_dict`` keeps the model's names (no ``_orig_mod.``)."""
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, lin in enumerate(self.l):
+                x = torch.tanh(lin(x)) + x
+                if i < 3:
+                    pipe_split()
+            return x
+
+    torch.manual_seed(0)
+    model = Residual().double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,))
+    lp = LocalPipeline(pipe, cls, num_ranks=ranks, n_microbatches=4, loss_fn=mse)
+    torch._dynamo.reset()
+    for st in lp.stages:
+        st.submod = torch.compile(st.submod, backend="aot_eager")
+    lp.step(x, target=y)
+    mse(model(x), y).backward()
+    assert sorted(lp.stages[0].state_dict()) == ["l.0.bias", "l.0.weight"]
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12, msg=name)
