@@ -567,8 +567,8 @@ def test_compute_dtype_without_fsdp_mixed_precision_says_what_casts_the_paramete
     net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     pipe = pipeline(net, 2, (torch.randn(4, 4),), split_spec={"0": SplitPoint.END}, compute_dtype=torch.bfloat16)
     lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
-    with pytest.raises(RuntimeError) as info:
-        lp.step(torch.randn(4, 4, dtype=torch.bfloat16), target=torch.randn(4, 4))
+    with pytest.raises(RuntimeError) as info:  # a float32 batch is cast to bfloat16 first, as FSDP2's policy casts it
+        lp.step(torch.randn(4, 4), target=torch.randn(4, 4))
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "stage 0's parameters are ['torch.float32'] but its graph was traced computing in ['torch.bfloat16']" in notes
     assert "MixedPrecisionPolicy(param_dtype=...)" in notes and "torch.autocast" in notes

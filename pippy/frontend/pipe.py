@@ -87,6 +87,7 @@ class SplitPipe:
         self._source: weakref.ref[nn.Module] | None = None
         self.traced_trainable: dict[str, bool] = {}  # requires_grad of every parameter when traced
         self.traced_autocast: tuple[str, str] | None = None  # the torch.autocast the pipe was traced under
+        self.compute_dtype: torch.dtype | None = None  # pipeline(compute_dtype=): float inputs are cast to it
         self.aliases: list[list[str]] = []  # FQNs the traced model registers one tensor under (tied weights)
         self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from
         # per flattened input: each dim's static size or SymDim range (None: every shape is static)
@@ -149,6 +150,20 @@ class SplitPipe:
         with_paths, spec = pytree.tree_flatten_with_path((tuple(args), kwargs))
         leaves = [leaf for _, leaf in with_paths]
         if spec != self.in_spec:
+            traced_args = pytree.tree_unflatten(list(self.example_leaves), self.in_spec)[0]
+            if len(traced_args) != len(args):
+                raise ValueError(
+                    f"the pipeline was traced with {len(traced_args)} positional input(s) but got {len(args)}. Expected "
+                    "the same positional inputs as example_args (the batch on the first stage's rank only: "
+                    "step(x, ...) there, step() or step(target=y) on the others); re-trace for other inputs"
+                )
+            for i, (a, t) in enumerate(zip(args, traced_args)):
+                if pytree.tree_structure(a) != pytree.tree_structure(t):
+                    raise ValueError(
+                        f"positional input {i} has another structure than when traced: expected "
+                        f"{_shape_of(t)}, got {_shape_of(a)}. Pass inputs with the same nesting (tuples, lists, "
+                        "dicts and their keys) as example_args/example_kwargs"
+                    )
             raise ValueError(
                 f"input structure differs from the traced example.\n expected: {self.in_spec}\n got: {spec}\n"
                 "Pass inputs with the same nesting as example_args/example_kwargs."
@@ -159,6 +174,8 @@ class SplitPipe:
             if isinstance(ex, torch.Tensor):
                 if not isinstance(got, torch.Tensor):
                     raise ValueError(f"{name}: expected a tensor like the example, got {type(got).__name__}")
+                if ex.dtype == self.compute_dtype and got.is_floating_point() and got.dtype != ex.dtype:
+                    got = leaves[k] = got.to(ex.dtype)  # as FSDP2's MixedPrecisionPolicy(cast_forward_inputs) does
                 dims = self.input_dims[k] if self.input_dims is not None else None
                 if dims is not None:
                     if got.dtype != ex.dtype:
@@ -181,6 +198,12 @@ class SplitPipe:
                         "Every input split along the batch must have the traced batch size; an input that is not "
                         "batched needs Replicate() in args_chunk_spec/kwargs_chunk_spec."
                     )
+            elif isinstance(got, torch.Tensor):
+                raise ValueError(
+                    f"{name} is a tensor {list(got.shape)} {got.dtype} but the pipeline was traced with {ex!r} there. "
+                    "Inputs that were not tensors when traced are baked into the graph: pass the traced value, or "
+                    "trace with a tensor in that place (example_args / example_kwargs)"
+                )
             elif got != ex:
                 raise ValueError(
                     f"{name} is the constant {got!r} but the pipeline was traced with {ex!r}; non-tensor "
@@ -305,6 +328,20 @@ def _input_name(path: tuple[Any, ...]) -> str:
         return "input"
     head = "args" if path[0] == pytree.SequenceKey(0) else "kwargs"
     return head + pytree.keystr(path[1:])
+
+
+class _Shown:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _shape_of(value: Any) -> str:
+    """A value's nesting for messages: tensors as ``Tensor[2, 3]``, containers as themselves."""
+    return repr(pytree.tree_map(lambda v: _Shown(f"Tensor{list(v.shape)}") if isinstance(v, torch.Tensor) else v,
+                                value))
 
 
 def _kwarg_keys(in_spec: pytree.TreeSpec) -> list[str]:

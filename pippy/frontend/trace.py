@@ -212,13 +212,17 @@ def export_module(
         if devices:
             raise PipeTraceError(f"{head}{devices} Full export error above (chained as __cause__).") from exc
         unknown = re.search(r"Found (<class '[^']+'>) in (output|input)", str(exc))
-        if unknown and "pytree" in str(exc):
-            kind, side = unknown.group(1), unknown.group(2)
+        unsupported = re.search(r"Unsupported (input) type (<class '[^']+'>)", str(exc))
+        found = (unknown.group(1), unknown.group(2)) if unknown and "pytree" in str(exc) else \
+            (unsupported.group(2), "input") if unsupported else None
+        if found is not None:
+            kind, side = found
             raise PipeTraceError(
                 f"{head}The model's {side} holds a {kind}, a container torch's pytree does not know, so its tensors "
                 f"cannot be traced. How to fix: register the class before pipeline(): "
                 "torch.utils._pytree.register_dataclass(TheClass) for a dataclass, "
-                "torch.utils._pytree.register_pytree_node(...) otherwise; or return a tuple or dict instead. "
+                f"torch.utils._pytree.register_pytree_node(...) otherwise; or {'return' if side == 'output' else 'pass'} a "
+                "tuple or dict instead. "
                 "Full export error above (chained as __cause__)."
             ) from exc
         shapes = _shape_fix(exc)

@@ -174,6 +174,7 @@ def trace_and_split(
         set_modes(info.module, pipe.traced_modes)
         keep_following(info.module, pipe.traced_modes)
     pipe.traced_autocast = autocast_state()
+    pipe.compute_dtype = compute_dtype
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites

@@ -318,10 +318,12 @@ class PipelineSchedule:
 
     def _agree(self) -> None:
         mine = sorted(st.index for st in self.stages)
+        where = f"rank {self.rank} (stages {mine}), before its first step"
         try:
-            self.transport.agree(self.facts(), f"rank {self.rank} (stages {mine}), before its first step")
+            self.transport.agree(self.facts(), where)
         except RuntimeError as exc:
-            self.transport.fail(f"rank {self.rank} (stages {mine}), before its first step: {str(exc).splitlines()[0]}")
+            first = str(exc).splitlines()[0]
+            self.transport.fail(first if first.startswith(where) else f"{where}: {first}")  # said once, not twice
             raise StageError(str(exc)) from None
         if isinstance(self.transport, DistTransport):  # and the stages' data-parallel peers, if they have any
             facts: dict[str, Any] = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}

@@ -212,3 +212,40 @@ def test_pipe_split_inside_an_autocast_or_no_grad_block_is_refused(region: str) 
     with pytest.raises(PipeTraceError, match=r"pipe_split\(\) inside a region the trace keeps as one op .*test_errors"
                                              r"\.py:\d+ .*end the `with` block before the split point"):
         pipeline(Region(), 2, (torch.randn(4, 4),))
+
+
+def test_step_inputs_that_differ_from_the_trace_are_named_plainly() -> None:
+    """Fewer positional inputs, another nesting, a tensor where None was traced, an unregistered class."""
+
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor, pair: tuple, extra: torch.Tensor | None = None) -> torch.Tensor:
+            h = self.a(x) + pair[0] * pair[1]
+            pipe_split()
+            return self.b(h if extra is None else h + extra)
+
+    x, pair = torch.randn(4, 6), (torch.randn(4, 6), torch.randn(4, 6))
+    lp = LocalPipeline(pipeline(Two(), 2, (x, pair), {"extra": None}), pippy.Schedule1F1B, num_ranks=2,
+                       n_microbatches=2)
+    with pytest.raises(ValueError, match=r"traced with 2 positional input\(s\) but got 1\. .*step\(x, \.\.\.\) there"):
+        lp.eval(x, extra=None)
+    with pytest.raises(ValueError, match=r"positional input 1 has another structure than when traced: expected "
+                                         r"\(Tensor\[2, 6\], Tensor\[2, 6\]\), got \[Tensor\[2, 6\], Tensor\[2, 6\]\]"):
+        lp.eval(x, list(pair), extra=None)
+    with pytest.raises(ValueError, match=r"kwargs\['extra'\]\) is a tensor \[2, 6\] torch.float32 but the pipeline was "
+                                         r"traced with None there"):
+        lp.eval(x, pair, extra=torch.randn(4, 6))
+
+    class Batch:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    class Takes(torch.nn.Module):
+        def forward(self, b: Batch) -> torch.Tensor:
+            return b.t * 2
+
+    with pytest.raises(PipeTraceError, match=r"input holds a <class .*Batch'>.*register_dataclass.* or pass a tuple"):
+        pipeline(Takes(), 1, (Batch(torch.ones(2, 2)),))
