@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from pippy.frontend.assign import SplitPolicy, assign_stages
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
+from pippy.frontend.mutation import written_after
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.pipe import SharedParam, SplitPipe
 from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
@@ -139,6 +140,7 @@ def trace_and_split(
     _warn_unknown(reductions, _output_shapes(gm))
     if num_chunks > 1:
         _warn_batch_statistics(gm)
+        _warn_buffer_updates(_written_buffers(gm))
     baked = divides_by_count(gm, mb)
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
@@ -192,6 +194,29 @@ def _warn_batch_statistics(gm: fx.GraphModule) -> None:
             "micro-batch, as under gradient accumulation (every pipeline library does so). Outputs and gradients "
             "therefore differ from one forward over the whole batch. For exact results use LayerNorm / GroupNorm, "
             "or keep those modules in eval mode",
+            stacklevel=4,
+        )
+
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")  # batch norm's own warning covers these
+
+
+def _written_buffers(gm: fx.GraphModule) -> list[str]:
+    """The buffers that the traced forward writes in place (``self.count.add_(1)``, ``self.ema.mul_(0.9)``)."""
+    buffers = dict(gm.named_buffers())
+    return [str(n.target) for n in gm.graph.nodes
+            if n.op == "get_attr" and str(n.target) in buffers and written_after(n)]
+
+
+def _warn_buffer_updates(buffers: Iterable[str]) -> None:
+    """Warn when forward writes buffers (a step counter, an EMA, a cache): each micro-batch's forward writes them."""
+    names = sorted({b for b in buffers if not b.endswith(_BN_STATS)})
+    if names:
+        warnings.warn(
+            f"pipeline(): forward updates the buffers {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}. "
+            "Each micro-batch's forward updates them in turn, as under gradient accumulation: a step counter "
+            "advances num_chunks times per step and an average takes num_chunks updates, each from one micro-batch. "
+            "If that is not what you want, update them outside forward (after the step)",
             stacklevel=4,
         )
 

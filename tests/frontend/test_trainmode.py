@@ -176,3 +176,32 @@ def test_batch_norm_in_train_mode_warns_that_micro_batches_have_their_own_statis
         warnings.simplefilter("error")
         pipeline(net.eval(), 2, (torch.randn(8, 4),), split_spec={"0": SplitPoint.END})  # running statistics: exact
         pipeline(net.train(), 1, (torch.randn(8, 4),), split_spec={"0": SplitPoint.END})  # one micro-batch: exact
+
+
+def test_buffers_written_in_forward_warn_that_each_micro_batch_updates_them() -> None:
+    """A step counter and an EMA written in forward advance once per micro-batch; batch norm keeps its own warning."""
+
+    class Stateful(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.register_buffer("calls", torch.zeros(()))
+            self.register_buffer("ema", torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            self.calls.add_(1)
+            self.ema.mul_(0.9).add_(0.1 * h.detach().mean(0))
+            return self.b(h)
+
+    with pytest.warns(UserWarning, match=r"forward updates the buffers calls, ema\. Each micro-batch's forward") as got:
+        pipeline(Stateful(), 2, (torch.randn(8, 4),), split_spec={"a": SplitPoint.END})
+    assert len([w for w in got if "pipeline()" in str(w.message)]) == 1
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning) as got:
+        pipeline(net, 2, (torch.randn(8, 4),), split_spec={"0": SplitPoint.END})
+    assert [str(w.message).split(" (")[0] for w in got if "pipeline()" in str(w.message)] == [
+        "pipeline(): batch norm in train mode"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipeline(Stateful(), 1, (torch.randn(8, 4),), split_spec={"a": SplitPoint.END})  # one micro-batch: exact
