@@ -272,17 +272,29 @@ def pipeline(
         1
     """
     if isinstance(num_chunks, tuple | list):  # PyTorch pipelining's pipeline(module, mb_args, mb_kwargs, ...)
-        if mb_args is not None or mb_kwargs is not None:
+        if mb_args is not None:
             raise TypeError("pipeline(): pass the micro-batch once, positionally or as mb_args=, not both")
-        positional = (example_args, example_kwargs, split_spec)
-        if positional[0] not in ((), None) and not isinstance(positional[0], dict):
+        given = example_args  # the slot its mb_kwargs takes when passed positionally
+        if given not in ((), None) and not isinstance(given, dict):
             raise TypeError(f"pipeline(module, mb_args, mb_kwargs, ...): mb_kwargs must be a dict, got "
-                            f"{type(positional[0]).__name__}; put every positional input in the mb_args tuple")
+                            f"{type(given).__name__}; put every positional input in the mb_args tuple")
+        if isinstance(given, dict) and mb_kwargs is not None:
+            raise TypeError("pipeline(): pass mb_kwargs once, positionally or as mb_kwargs=, not both")
         mb_args, num_chunks = tuple(num_chunks), None
-        mb_kwargs = positional[0] if isinstance(positional[0], dict) else None
+        mb_kwargs = given if isinstance(given, dict) else mb_kwargs
+        # split_spec and split_policy land one slot over when positional, or stay put as keywords: a mapping is the
+        # spec, a function the policy
+        found = [v for v in (example_kwargs, split_spec, split_policy) if v is not None]
         example_args, example_kwargs = (), None
-        split_spec = split_spec if positional[1] is None else positional[1]  # type: ignore[assignment]
-        split_policy = split_policy if positional[2] is None else positional[2]  # type: ignore[assignment]
+        specs = [v for v in found if isinstance(v, Mapping)]
+        policies = [v for v in found if not isinstance(v, Mapping)]
+        if len(specs) > 1 or len(policies) > 1 or any(not callable(v) for v in policies):
+            raise TypeError(
+                "pipeline(module, mb_args, mb_kwargs=None, split_spec=None, split_policy=None): expected at most one "
+                f"split_spec mapping and one split_policy function, got {[type(v).__name__ for v in found]}"
+            )
+        split_spec = specs[0] if specs else None
+        split_policy = policies[0] if policies else None
     if mb_args is not None or mb_kwargs is not None:
         if num_chunks not in (None, 1) or example_args or example_kwargs:
             raise TypeError(

@@ -138,6 +138,11 @@ class SplitPipe:
         """For each stage, the stages it reads from (skip edges included)."""
         return {info.index: info.producer_stages for info in self.stage_infos}
 
+    @property
+    def keyword_inputs(self) -> list[str]:
+        """The model's keyword inputs as traced (``example_kwargs``' names)."""
+        return _kwarg_keys(self.in_spec)
+
     def flatten_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         """Flatten one micro-batch's ``(args, kwargs)`` in the traced order, checking the structure."""
         expected_kw = _kwarg_keys(self.in_spec)

@@ -65,9 +65,13 @@ def pipe_split() -> None:
     torch.ops.pippy.pipe_split()
 
 
+_PEER_MARKER = "pippy._pipe_split.default"  # PyTorch pipelining's own pipe_split() op, read by name (never imported)
+
+
 def is_split_marker(node: fx.Node) -> bool:
-    """True when ``node`` is a traced ``pipe_split()`` call."""
-    return node.op == "call_function" and node.target is _MARKER
+    """True when ``node`` is a traced ``pipe_split()`` call (ours, or PyTorch pipelining's, so that model code
+    written for it splits here too)."""
+    return node.op == "call_function" and (node.target is _MARKER or str(node.target) == _PEER_MARKER)
 
 
 class SplitPoint(Enum):
@@ -103,6 +107,9 @@ def annotate_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> 
                 f"split point {fqn!r} names no submodule of {type(module).__name__}.{hint} "
                 f"Use a name from model.named_modules(), e.g. {names[:4]}."
             ) from None
+        if not isinstance(point, SplitPoint) and type(point).__name__ == "SplitPoint" and \
+                getattr(point, "name", None) in ("BEGINNING", "END"):
+            point = SplitPoint[point.name]  # PyTorch pipelining's own enum, used as ours
         if not isinstance(point, SplitPoint):
             raise PipeTraceError(f"split point for {fqn!r} must be SplitPoint.BEGINNING or SplitPoint.END, got {point!r}")
         _wrap_forward(sub, point)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from pippy.frontend.describe import describe_split_sites
 from pippy.frontend.pipe import SplitPipe
+from pippy.microbatch import TensorChunkSpec
 from pippy.runtime.guards import check_device, check_loss_fn, check_stages, rank_or_none, watch_traced_parameters
 from pippy.runtime.legacy import MicrobatchSteps
 from pippy.runtime.schedule_base import PipelineSchedule
@@ -95,11 +96,20 @@ def _torch_options(name: str, pipe: SplitPipe, kwargs: dict[str, Any]) -> None:
     for key in ("args_chunk_spec", "kwargs_chunk_spec"):
         if key in kwargs:
             given, traced = kwargs.pop(key), getattr(pipe, key, None)
-            if given is not None and given != traced:
+            if given is not None and given != traced and not (_default_spec(given) and _default_spec(traced)):
                 raise TypeError(
                     f"{name}: {key}={given!r} differs from the one the pipe was traced with ({traced!r}). pippy splits "
                     f"the batch as it traced it: pass {key}= to pipeline(...) instead of the schedule"
                 )
+
+
+def _default_spec(spec: Any) -> bool:
+    """Whether a chunk spec splits every leaf along dim 0, as none does (``(TensorChunkSpec(0),)``, ``{"x": None}``)."""
+    if spec is None or spec == TensorChunkSpec(0):
+        return True
+    if isinstance(spec, dict):
+        return all(_default_spec(v) for v in spec.values())
+    return isinstance(spec, tuple | list) and all(_default_spec(v) for v in spec)
 
 
 def _split_hint(pipe: SplitPipe) -> str:

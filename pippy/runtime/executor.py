@@ -231,6 +231,10 @@ class Executor:
                 else:
                     stage.set_loss(i, loss * inp.loss_scale)
                     st.res.losses.append(loss.detach())
+            elif inp.targets is not None and inp.loss_fn is not None:  # eval(x, target=y): the losses, no backward
+                where = f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}"
+                st.res.losses.append(step_loss(where, i, out, inp.loss_fn, inp.targets[i], True, inp.check_finite,
+                                               backward=False))
             if inp.keep_outputs:
                 st.outputs[i] = _detach(out)
         if inp.training:

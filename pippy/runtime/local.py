@@ -68,19 +68,25 @@ class LocalPipeline:
             mine = [self.stages[s] for s in range(pipe.num_stages) if placement[s] == r]
             self.schedules.append(schedule_cls(mine, n_microbatches, loss_fn, transport=self.transports[r], **options))
 
-    def step(self, *args: Any, target: Any = None, losses: list[Any] | None = None, **kwargs: Any) -> Any:
+    def step(self, *args: Any, target: Any = None, losses: list[Any] | None = None,
+             loss_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """A training step over all ranks; returns the merged output (forward only when nothing gives a loss)."""
         if not self.schedules[0].trains:
             self.schedules[0]._warn_once("forward", self.schedules[0].forward_only_notice())
             return self.eval(*args, **kwargs)
-        return self._drive(args, kwargs, target, losses, training=True)
+        return self._drive(args, kwargs, target, losses, training=True, loss_kwargs=loss_kwargs)
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward only over all ranks; returns the merged output."""
+        """Forward only over all ranks; returns the merged output (``target=`` / ``losses=`` / ``loss_kwargs=`` as in
+        :meth:`pippy.runtime.schedule_base.PipelineSchedule.eval`)."""
+        taken = set(self.pipe.keyword_inputs)
+        opts = {k: kwargs.pop(k) for k in ("target", "losses", "loss_kwargs") if k in kwargs and k not in taken}
         with torch.no_grad():
-            return self._drive(args, kwargs, None, None, training=False)
+            return self._drive(args, kwargs, opts.get("target"), opts.get("losses"), training=False,
+                               loss_kwargs=opts.get("loss_kwargs"))
 
-    def _drive(self, args: tuple, kwargs: dict, target: Any, losses: list[Any] | None, training: bool) -> Any:
+    def _drive(self, args: tuple, kwargs: dict, target: Any, losses: list[Any] | None, training: bool,
+               loss_kwargs: dict[str, Any] | None = None) -> Any:
         n = self.pipe.num_stages
         origin = time.perf_counter()
         runs: list[StepRun] = []
@@ -89,7 +95,7 @@ class LocalPipeline:
             for sch in self.schedules:
                 first, last = sch.holds(0), sch.holds(n - 1)
                 runs.append(sch.begin(args if first else (), kwargs if first else {}, target=target if last else None,
-                                      training=training, origin=origin))
+                                      training=training, origin=origin, loss_kwargs=loss_kwargs))
             self._advance_all(runs)
         except BaseException as exc:
             for t in self.transports:

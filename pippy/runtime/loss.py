@@ -27,12 +27,13 @@ __all__ = ["choose_reduction", "describe", "graph_reduction", "infer_reduction",
 
 
 def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor] | None, target: Any, has_target: bool,
-              check_finite: bool = False) -> torch.Tensor:
+              check_finite: bool = False, backward: bool = True) -> torch.Tensor:
     """The unscaled scalar loss of micro-batch ``mb`` from the last stage's output, or a clear error.
 
     ``where`` names rank, stage, micro-batch and action for messages. With ``loss_fn`` it is
     ``loss_fn(out, target)``; without, the model's own output must be a scalar or carry a
-    ``loss`` field. ``check_finite`` raises on NaN or infinity (one host sync).
+    ``loss`` field. ``check_finite`` raises on NaN or infinity (one host sync). ``backward=False``
+    (``eval(x, target=y)``) needs no gradient.
 
         >>> out = torch.ones(2, 3, requires_grad=True)
         >>> step_loss("rank 1, stage 1", 0, out, torch.nn.functional.mse_loss, torch.zeros(2, 3), True)
@@ -78,12 +79,12 @@ def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor
         raise StageError(
             f"{where}: loss_fn must return a scalar tensor, got {describe(loss)}; reduce it (reduction='mean' or 'sum')"
         )
-    if not loss.requires_grad and not torch.is_grad_enabled():
+    if backward and not loss.requires_grad and not torch.is_grad_enabled():
         raise StageError(
             f"{where}: step() runs under torch.no_grad() (or inference_mode), so the loss has no gradient to "
             "backpropagate. Call step() outside it, or use the schedule's .eval(...) for a forward-only pass"
         )
-    if not loss.requires_grad:
+    elif backward and not loss.requires_grad:
         raise StageError(
             f"{where}: the loss does not require grad, so there is nothing to backpropagate; check that "
             "loss_fn uses the model output (not a detached copy) and that the last stage has trainable inputs"

@@ -202,7 +202,8 @@ class PipelineSchedule:
         """True when this rank holds stage ``stage_index``."""
         return any(st.index == stage_index for st in self.stages)
 
-    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool) -> StepInputs:
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool,
+                loss_kwargs: dict[str, Any] | None = None) -> StepInputs:
         m = self.n_microbatches
         now, traced = autocast_state(), getattr(self.pipe, "traced_autocast", None)
         if now != traced and not getattr(self.pipe, "manual", False):
@@ -231,8 +232,9 @@ class PipelineSchedule:
                 "the rank holding stage 0 reads the batch, as in PiPPy and PyTorch's pipelining package)",
             )
         targets = None
-        if training and self.holds(self.pipe.num_stages - 1):
-            if self.loss_fn is not None and target is None:
+        scored = training or (target is not None and self.loss_fn is not None)  # eval(x, target=y): losses too
+        if scored and self.holds(self.pipe.num_stages - 1):
+            if training and self.loss_fn is not None and target is None:
                 raise StageError(
                     f"rank {self.rank}, stage {self.pipe.num_stages - 1} (last): loss_fn is set but target is None; "
                     "call step(..., target=y) on the rank holding the last stage"
@@ -245,21 +247,23 @@ class PipelineSchedule:
                     raise ValueError(f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1}, splitting the "
                                      f"target (action: step target): {exc}") from None
         scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
-        probe = None
-        if self._probe_loss and targets is not None:
-            probe = functools.partial(self._measured_scale, tspec)
         loss_fn, counts = self.loss_fn, None
-        if self._counted is not None and targets is not None and self._counted.applies(target):
+        if loss_kwargs and loss_fn is not None:  # step(..., loss_kwargs=): each micro-batch's loss_fn call gets them
+            loss_fn = functools.partial(loss_fn, **loss_kwargs)
+        elif self._counted is not None and targets is not None and self._counted.applies(target):
             loss_fn = self._counted.sum_fn
             counts = ([self._counted.count(t) for t in targets], self._counted.count(target))
+        probe = None
+        if self._probe_loss and targets is not None and training and loss_fn is not None:
+            probe = functools.partial(self._measured_scale, tspec, loss_fn)
         return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
                           counts=counts)
 
-    def _measured_scale(self, target_spec: Any, out: Any, target: Any, loss: torch.Tensor) -> float:
+    def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor], out: Any, target: Any,
+                        loss: torch.Tensor) -> float:
         """The first micro-batch's loss scale, once ``loss_fn``'s reduction is measured on it (``measure_reduction``)."""
         self._probe_loss = False
-        assert self.loss_fn is not None  # only a loss_fn is measured
-        self.loss_reduction = measure_reduction(type(self).__name__, self.loss_fn, self.pipe, target_spec, out, target,
+        self.loss_reduction = measure_reduction(type(self).__name__, loss_fn, self.pipe, target_spec, out, target,
                                                 loss)
         return 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
 
@@ -280,6 +284,7 @@ class PipelineSchedule:
         training: bool = True,
         return_outputs: bool = True,
         origin: float | None = None,
+        loss_kwargs: dict[str, Any] | None = None,
     ) -> StepRun:
         """Start one step on this rank: split the batch, start the executor; drive the returned run, then :meth:`finish`.
 
@@ -294,7 +299,7 @@ class PipelineSchedule:
         if plan is None:
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
         try:
-            inp = self._inputs(args, kwargs, target, training)
+            inp = self._inputs(args, kwargs, target, training, loss_kwargs)
         except Exception as exc:  # bad input on this rank: the others would wait for it until their timeout
             first = str(exc).splitlines()[0][:300] if str(exc) else ""
             if self.transport.fail(f"rank {self.rank}, before its step: {type(exc).__name__}: {first}"):
@@ -383,13 +388,15 @@ class PipelineSchedule:
         target: Any = None,
         losses: list[Any] | None = None,
         return_outputs: bool = True,
+        loss_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
         """One training step over the batch: forward and backward of every micro-batch (forward only without a loss).
 
         Gradients accumulate into each stage's parameters (call ``optimizer.zero_grad()`` between
         steps). Returns the merged output on the rank holding the last stage, else None;
-        ``return_outputs=False`` saves the memory of keeping every micro-batch's output.
+        ``return_outputs=False`` saves the memory of keeping every micro-batch's output;
+        ``loss_kwargs`` go to every ``loss_fn(output, target, **loss_kwargs)`` call, unsplit.
         """
         self._check_losses(losses)
         if not self.trains:
@@ -398,7 +405,7 @@ class PipelineSchedule:
                 run = self.begin(args, kwargs, target=None, training=False, return_outputs=return_outputs)
                 run.run_blocking()
                 return self.finish(run, losses)
-        run = self.begin(args, kwargs, target=target, return_outputs=return_outputs)
+        run = self.begin(args, kwargs, target=target, return_outputs=return_outputs, loss_kwargs=loss_kwargs)
         run.run_blocking()
         return self.finish(run, losses)
 
@@ -418,11 +425,20 @@ class PipelineSchedule:
         return loop_placement(num_ranks, stages_per_rank)
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward only, keeping no autograd graph; merged output on the last stage's rank, else None."""
+        """Forward only, keeping no autograd graph; merged output on the last stage's rank, else None.
+
+        As in PyTorch's pipelining package, ``eval(x, target=y, losses=losses)`` also appends each
+        micro-batch's ``loss_fn`` value to ``losses`` on the last stage's rank (``loss_kwargs=`` as in
+        :meth:`step`). A model whose own keyword inputs carry one of those names keeps them.
+        """
+        taken = set(self.pipe.keyword_inputs)
+        opts = {k: kwargs.pop(k) for k in ("target", "losses", "loss_kwargs") if k in kwargs and k not in taken}
+        self._check_losses(opts.get("losses"))
         with torch.no_grad():
-            run = self.begin(args, kwargs, training=False)
+            run = self.begin(args, kwargs, target=opts.get("target"), training=False,
+                             loss_kwargs=opts.get("loss_kwargs"))
             run.run_blocking()
-        return self.finish(run)
+        return self.finish(run, opts.get("losses"))
 
 
 def _scalar_first_hint(pipe: Any) -> str:

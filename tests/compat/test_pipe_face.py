@@ -387,3 +387,71 @@ def test_torch_pipelining_schedule_and_stage_arguments_are_taken_or_refused_with
         PipelineStage(model[0], 0, 2, torch.device("cpu"), input_args=(x[:2],))
     with pytest.raises(TypeError, match=r"takes no other arguments; got 0 more positional and \['input_args'\]"):
         PipelineStage(pipe, 0, "cpu", None, input_args=(x[:2],))
+
+
+def test_torch_pipelining_forms_of_pipeline_split_points_and_schedule_options() -> None:
+    """Every call form of torch's ``pipeline(module, mb_args, mb_kwargs, split_spec, split_policy)``, torch's own
+    ``pipe_split()`` / ``SplitPoint`` in model code, ``step(loss_kwargs=)``, ``eval(target=, losses=)`` and an explicit
+    dim-0 chunk spec on the schedule work as there."""
+    import torch.distributed.pipelining as tdp
+
+    from pippy import Schedule1F1B, TensorChunkSpec
+    from pippy.ModelSplit import split_into_equal_size as equal
+    from pippy.runtime.local import LocalPipeline
+
+    class Kw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            h = torch.tanh(self.a(x))
+            return self.b(h if y is None else h + y)
+
+    class PeerMarked(Kw):
+        def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            h = torch.tanh(self.a(x))
+            tdp.pipe_split()
+            return self.b(h if y is None else h + y)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    spec, peer_spec = {"a": SplitPoint.END}, {"a": tdp.SplitPoint.END}
+    forms = {
+        "(x,), split_spec=": lambda m: pipeline(m, (x,), split_spec=spec),
+        "(x,), {y}, spec": lambda m: pipeline(m, (x,), {"y": y}, spec),
+        "(x,), mb_kwargs=, split_spec=": lambda m: pipeline(m, (x,), mb_kwargs={"y": y}, split_spec=spec),
+        "(x,), None, spec": lambda m: pipeline(m, (x,), None, spec),
+        "(x,), None, None, policy": lambda m: pipeline(m, (x,), None, None, equal(2)),
+        "(x,), split_policy=": lambda m: pipeline(m, (x,), split_policy=equal(2)),
+        "torch SplitPoint": lambda m: pipeline(m, (x,), split_spec=peer_spec),
+        "torch pipe_split()": lambda m: pipeline(PeerMarked(), (x,)),
+    }
+    for name, make in forms.items():
+        assert make(Kw()).num_stages == 2, name
+    with pytest.raises(TypeError, match="at most one split_spec mapping and one split_policy"):
+        pipeline(Kw(), (x,), None, spec, split_spec=spec)
+
+    model = Kw().double()
+    xb, yb = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+
+    def scaled(out: torch.Tensor, target: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return nn.functional.mse_loss(out, target) * scale
+
+    pipe = pipeline(copy.deepcopy(model), 4, (xb,), split_spec=spec)
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=scaled,
+                       args_chunk_spec=(TensorChunkSpec(0),), loss_reduction="mean")  # the default spec, spelled out
+    losses: list[torch.Tensor] = []
+    lp.step(xb, target=yb, losses=losses, loss_kwargs={"scale": 3.0})
+    ref = copy.deepcopy(model)
+    scaled(ref(xb), yb, 3.0).backward()
+    want = [float(scaled(ref(a), b, 3.0)) for a, b in zip(xb.chunk(4), yb.chunk(4))]
+    assert [float(v) for v in losses] == pytest.approx(want, abs=1e-12)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(lp.named_grads()[n], p.grad, rtol=0, atol=1e-12, msg=n)
+    sched = lp.schedules[-1]
+    assert sched.holds(1) and not sched.holds(0)
+    ev: list[torch.Tensor] = []
+    out = lp.eval(xb, target=yb, losses=ev, loss_kwargs={"scale": 3.0})  # torch's eval(target=, losses=)
+    torch.testing.assert_close(out, ref(xb).detach(), rtol=0, atol=1e-12)
+    assert [float(v) for v in ev] == pytest.approx(want, abs=1e-12) and not any(v.requires_grad for v in ev)
