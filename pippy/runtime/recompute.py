@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch.utils.checkpoint
-from torch import nn
+from torch import fx, nn
 
 from pippy.frontend.materialize import HoldsModule
 from pippy.frontend.pointwise import Region, is_pointwise, recompute_pointwise, restore_pointwise
@@ -62,14 +62,69 @@ def enable_recompute(stage: HoldsModule | nn.Module, policy: Literal["full", "po
         return []
     inner = mod.forward
     mod.__dict__[_ORIG] = inner
+    written = _norm_statistics(mod)  # buffers the forward writes: norms' running statistics (which some kernels
+    # update without a version bump), and whatever else it is seen writing (a counter, an EMA)
+
+    def contexts() -> tuple[Any, Any]:
+        return _NoteWrites(mod, written), _KeepBuffers(mod, written)
 
     def forward(*args: Any) -> Any:
         if not torch.is_grad_enabled():
             return inner(*args)
-        return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, context_fn=contexts)
 
     mod.forward = forward  # type: ignore[method-assign]
     return []
+
+
+def _norm_statistics(mod: nn.Module) -> set[str]:
+    """The buffers of ``mod`` that a norm in it may update: ``running_mean`` / ``running_var`` / the batch count of
+    norm modules, and the buffers a traced graph passes to a ``*_norm`` op."""
+    buffers = {n for n, _ in mod.named_buffers()}
+    names: set[str] = set()
+    for prefix, sub in mod.named_modules():
+        pre = f"{prefix}." if prefix else ""
+        if isinstance(sub, nn.modules.batchnorm._NormBase):
+            names.update(pre + n for n in ("running_mean", "running_var", "num_batches_tracked"))
+        graph = getattr(sub, "graph", None)  # a GraphModule, or export's InterpreterModule
+        if isinstance(graph, fx.Graph):
+            for node in graph.nodes:
+                if node.op == "call_function" and "norm" in str(node.target):
+                    names.update(pre + str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr")
+    return names & buffers
+
+
+class _NoteWrites:
+    """Around a recomputed module's forward: note which buffers it writes (their version changes)."""
+
+    def __init__(self, mod: nn.Module, written: set[str]) -> None:
+        self.mod, self.written = mod, written
+        self.before: dict[str, int] = {}
+
+    def __enter__(self) -> None:
+        self.before = {n: b._version for n, b in self.mod.named_buffers()}
+
+    def __exit__(self, *exc: object) -> None:
+        self.written.update(n for n, b in self.mod.named_buffers() if self.before.get(n, b._version) != b._version)
+
+
+class _KeepBuffers:
+    """Around the recompute in backward: put back the buffers the forward writes, so that batch norm's running
+    statistics (or a counter) move once per forward, not again when backward runs it a second time."""
+
+    def __init__(self, mod: nn.Module, written: set[str]) -> None:
+        self.mod, self.written = mod, written
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> None:
+        bufs = dict(self.mod.named_buffers())
+        self.saved = {n: bufs[n].detach().clone() for n in self.written if n in bufs}
+
+    def __exit__(self, *exc: object) -> None:
+        bufs = dict(self.mod.named_buffers())
+        with torch.no_grad():
+            for n, value in self.saved.items():
+                bufs[n].copy_(value)
 
 
 def disable_recompute(stage: HoldsModule | nn.Module) -> None:
