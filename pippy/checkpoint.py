@@ -141,15 +141,19 @@ def _load_optimizer(stages: list[Stage], optimizer: torch.optim.Optimizer, path:
         raise FileNotFoundError(f"{where} is missing: was save(..., format='dcp', optimizer=...) called?")
     saved_keys = set(dcp.FileSystemReader(where).read_metadata().state_dict_metadata)
     template = stage_optimizer_states(stages, optimizer, template=True)  # this split's parameters; tensors filled by DCP
-    payload: dict[str, Any] = {"state": {k: v for osd in template.values() for k, v in osd["state"].items()}}
-    for i in template:
-        if f"param_groups_stage{i}" in saved_keys:
-            payload[f"param_groups_stage{i}"] = ""
+    saved_state = {k.removeprefix("state.") for k in saved_keys if k.startswith("state.")}
+    payload: dict[str, Any] = {"state": {k: v for osd in template.values() for k, v in osd["state"].items()
+                                         if any(s == k or s.startswith(k + ".") for s in saved_state)}}
+    groups = sorted(k for k in saved_keys if k.startswith("param_groups_stage"))  # every saved stage's hyperparameters
+    payload.update({k: "" for k in groups})
     dcp.load(payload, checkpoint_id=where)
     for i, osd in template.items():
-        osd["state"] = {k: payload["state"][k] for k in osd["state"]}
-        if payload.get(f"param_groups_stage{i}"):
-            saved = json.loads(payload[f"param_groups_stage{i}"])
+        osd["state"] = {k: payload["state"][k] for k in osd["state"] if k in payload["state"]}
+        # a stage of another split takes the hyperparameters (lr, betas: one optimizer's groups) of any saved stage
+        key = f"param_groups_stage{i}" if payload.get(f"param_groups_stage{i}") else next(
+            (k for k in groups if payload.get(k)), None)
+        if key is not None:
+            saved = json.loads(payload[key])
             osd["param_groups"] = [{**g, **{k: v for k, v in s.items() if k != "params"}}
                                    for g, s in zip(osd["param_groups"], saved)]
     load_stage_optimizer_states(stages, optimizer, template)

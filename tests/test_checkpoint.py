@@ -122,5 +122,66 @@ def test_loading_optimizer_state_that_lacks_parameters_names_them(tmp_path: Path
     pipe = pipeline(net, 2, (torch.randn(4, 4),), split_spec={"0": SplitPoint.END})
     st0 = pipe.build_stage(0, "cpu")
     checkpoint.save([st0], tmp_path, optimizer=torch.optim.AdamW([st0.submod.get_parameter("0.weight")]))
-    with pytest.raises(KeyError, match=r"stage 0: the checkpoint's optimizer state lacks \['0.bias'\]"):
+    with pytest.raises(KeyError, match=r"stage 0: the checkpoint's optimizer group 0 holds \['0.weight'\] but this "
+                                       r"optimizer's holds \['0.bias', '0.weight'\]"):
         checkpoint.load([st0], tmp_path, optimizer=torch.optim.AdamW(st0.parameters()))
+
+
+def _mlp_lp(n_stages: int, seed: int = 0) -> LocalPipeline:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(4))).double()
+    spec = {str(i): SplitPoint.END for i in range(4 // n_stages - 1, 3, 4 // n_stages)}
+    pipe = pipeline(net, 2, (torch.randn(4, 4, dtype=torch.float64),), split_spec=spec)
+    return LocalPipeline(pipe, Schedule1F1B, num_ranks=n_stages, n_microbatches=2, loss_fn=torch.nn.functional.mse_loss)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.Adam(ps, lr=1e-2),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1)], ids=["adam", "sgd-momentum", "sgd"])
+def test_saving_before_the_first_step_changes_nothing_and_resumes_exactly(tmp_path: Path, fmt: str, make) -> None:
+    """A save before the optimizer's first step gives it no state (torch's helper would step it with zero grads:
+    Adam's step 1, SGD's momentum from weight decay), and a resume from there trains like no save at all."""
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    runs = []
+    for mode in ("plain", "save", "resume"):
+        lp = _mlp_lp(2)
+        opt = make([p for st in lp.stages for p in st.parameters()])
+        if mode != "plain":
+            checkpoint.save(lp.stages, tmp_path / mode, format=fmt, optimizer=opt)
+            assert not opt.state
+        if mode == "resume":
+            lp = _mlp_lp(2, seed=1)
+            opt = make([p for st in lp.stages for p in st.parameters()])
+            checkpoint.load(lp.stages, tmp_path / "save", format=fmt, optimizer=opt)
+        for _ in range(3):
+            opt.zero_grad()
+            lp.step(x, target=y)
+            opt.step()
+        runs.append({k: v.clone() for st in lp.stages for k, v in st.state_dict().items()})
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]) and torch.equal(runs[0][k], runs[2][k]), k
+
+
+def test_an_optimizer_over_some_parameters_and_a_dcp_resplit_keep_their_hyperparameters(tmp_path: Path) -> None:
+    """Adam over the last layer only saves and loads; a DCP checkpoint of 2 stages loads into 4 with every stage's
+    learning rate (a stage index the saved split lacked takes the optimizer's saved groups)."""
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    lp = _mlp_lp(2)
+    opt = torch.optim.Adam(lp.stages[1].submod.get_submodule("3").parameters(), lr=1e-2)
+    lp.step(x, target=y)
+    opt.step()
+    checkpoint.save(lp.stages, tmp_path / "some", optimizer=opt)
+    opt2 = torch.optim.Adam(lp.stages[1].submod.get_submodule("3").parameters(), lr=0.5)
+    checkpoint.load(lp.stages, tmp_path / "some", optimizer=opt2)
+    assert opt2.param_groups[0]["lr"] == 1e-2 and len(opt2.state) == 2
+    opt = torch.optim.SGD([p for st in lp.stages for p in st.parameters()], lr=0.01, momentum=0.9)
+    lp.step(x, target=y)
+    opt.step()
+    checkpoint.save(lp.stages, tmp_path / "two", format="dcp", optimizer=opt)
+    four = _mlp_lp(4, seed=1)
+    opts = [torch.optim.SGD(st.parameters(), lr=0.1, momentum=0.9) for st in four.stages]
+    for st, o in zip(four.stages, opts):
+        checkpoint.load([st], tmp_path / "two", format="dcp", optimizer=o)
+    assert [o.param_groups[0]["lr"] for o in opts] == [0.01] * 4
+    assert all(len(o.state) == 2 for o in opts)

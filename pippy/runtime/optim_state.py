@@ -11,9 +11,13 @@ stage. So a stage's state is keyed exactly like its parameters, whatever optimiz
     >>> stages = [pipeline(net, 1, (torch.ones(1, 2),), split_spec={"0": SplitPoint.END}).build_stage(i, "cpu")
     ...           for i in range(2)]
     >>> opt = torch.optim.AdamW([p for st in stages for p in st.parameters()])
+    >>> stage_optimizer_states(stages, opt)[1]["state"]        # before any step: none (and saving makes none)
+    {}
+    >>> stages[0].submod(torch.ones(1, 2))[0].sum().backward()
+    >>> opt.step()
     >>> per_stage = stage_optimizer_states(stages, opt)
-    >>> sorted(per_stage[1]["state"]), sorted(per_stage[1]["state"]["1.weight"])   # before any step: zeros
-    (['1.bias', '1.weight'], ['exp_avg', 'exp_avg_sq', 'step'])
+    >>> sorted(per_stage[0]["state"]), sorted(per_stage[0]["state"]["0.weight"])
+    (['0.bias', '0.weight'], ['exp_avg', 'exp_avg_sq', 'step'])
 """
 
 from __future__ import annotations
@@ -79,7 +83,16 @@ def stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.Optim
 
     if template:
         _ensure_state(optimizer)
-    osd = get_optimizer_state_dict(_holder(stages), optimizer, options=_options(full))
+    holder = _holder(stages)
+    stateless = {id(p) for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)}
+    osd = get_optimizer_state_dict(holder, optimizer, options=_options(full))
+    if not template and stateless:
+        # torch's helper gives a parameter without state some by stepping with zero gradients (Adam's step 1, SGD's
+        # momentum from weight decay): take it back, so saving changes neither the training nor what is saved
+        for name, p in holder.named_parameters(remove_duplicate=False):
+            if id(p) in stateless:
+                optimizer.state.pop(p, None)
+                osd["state"].pop(name, None)
     out: dict[int, dict[str, Any]] = {}
     for st in stages:
         pre = f"stage{st.index}."
@@ -105,11 +118,19 @@ def load_stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.
         if st.index not in per_stage:
             raise KeyError(f"stage {st.index}: the checkpoint holds no optimizer state for it")
         saved, pre = per_stage[st.index], f"stage{st.index}."
-        want = {n for n, p in st.unwrapped.named_parameters() if p.requires_grad}
-        lacking = sorted(want - set(saved["state"]))
-        if lacking:
-            raise KeyError(f"stage {st.index}: the checkpoint's optimizer state lacks {lacking[:5]}; was it saved "
-                           "from the same model and optimizer?")
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        want = {n for n, p in st.unwrapped.named_parameters() if p.requires_grad and id(p) in held}
+        stray = sorted(set(saved["state"]) - {n for n, _ in st.unwrapped.named_parameters()})
+        if stray or (saved["state"] and want and not want & set(saved["state"])):
+            names = stray or sorted(saved["state"])
+            raise KeyError(f"stage {st.index}: the checkpoint's optimizer state is for {names[:5]}, which the stage's "
+                           f"parameters {sorted(want)[:5]} do not match; was it saved from the same model and optimizer?")
+        names = {id(p): n for n, p in st.unwrapped.named_parameters()}
+        for j, (g, now) in enumerate(zip(saved["param_groups"], optimizer.param_groups)):
+            mine = sorted(names[id(p)] for p in now["params"] if id(p) in names)
+            if sorted(g["params"]) != mine:
+                raise KeyError(f"stage {st.index}: the checkpoint's optimizer group {j} holds {sorted(g['params'])[:5]} "
+                               f"but this optimizer's holds {mine[:5]}; was it saved from the same model and optimizer?")
         state.update({pre + k: v for k, v in saved["state"].items()})
         for j, g in enumerate(saved["param_groups"]):
             if j == len(groups):
