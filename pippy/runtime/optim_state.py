@@ -122,12 +122,12 @@ def load_stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.
         want = {n for n, p in st.unwrapped.named_parameters() if p.requires_grad and id(p) in held}
         stray = sorted(set(saved["state"]) - {n for n, _ in st.unwrapped.named_parameters()})
         if stray or (saved["state"] and want and not want & set(saved["state"])):
-            names = stray or sorted(saved["state"])
-            raise KeyError(f"stage {st.index}: the checkpoint's optimizer state is for {names[:5]}, which the stage's "
+            given = stray or sorted(saved["state"])
+            raise KeyError(f"stage {st.index}: the checkpoint's optimizer state is for {given[:5]}, which the stage's "
                            f"parameters {sorted(want)[:5]} do not match; was it saved from the same model and optimizer?")
-        names = {id(p): n for n, p in st.unwrapped.named_parameters()}
+        fqn = {id(p): n for n, p in st.unwrapped.named_parameters()}
         for j, (g, now) in enumerate(zip(saved["param_groups"], optimizer.param_groups)):
-            mine = sorted(names[id(p)] for p in now["params"] if id(p) in names)
+            mine = sorted(fqn[id(p)] for p in now["params"] if id(p) in fqn)
             if sorted(g["params"]) != mine:
                 raise KeyError(f"stage {st.index}: the checkpoint's optimizer group {j} holds {sorted(g['params'])[:5]} "
                                f"but this optimizer's holds {mine[:5]}; was it saved from the same model and optimizer?")
