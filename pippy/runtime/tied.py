@@ -71,7 +71,12 @@ class TiedGrads:
                         self._before[id(p)] = p.grad.detach().clone()
 
     def sync(self) -> Iterator[None]:
-        """Sum this step's gradient shares of every tied tensor across its copies (a generator: waits yield)."""
+        """Sum this step's gradient shares of every tied tensor across its copies (a generator: waits yield).
+
+        A flag beside each share says whether a copy got a gradient this step and whether it is frozen
+        (``requires_grad_(False)`` now): when no copy got one, or any copy is frozen (one tensor in the
+        plain model: frozen everywhere), every copy keeps the gradient it had before the step.
+        """
         for gi, sp in enumerate(self.pipe.shared):
             if not sp.requires_grad:
                 continue
@@ -80,34 +85,50 @@ class TiedGrads:
                 continue
             ranks = sorted({self.stage_to_rank[s] for s, _ in sp.uses})
             params = list({id(p): p for p in (self.stages[s].unwrapped.get_parameter(f) for s, f in mine)}.values())
-            local = sum((self._share(p) for p in params[1:]), self._share(params[0]).clone())
+            shares = [g for g in (self._share(p) for p in params) if g is not None]
+            local = sum(shares[1:], shares[0].clone()) if shares else torch.zeros_like(_local(params[0]))
+            flags = torch.tensor([bool(shares), any(not p.requires_grad for p in params)], dtype=torch.uint8,
+                                 device=local.device)
             total = local
             leader, tag, name = ranks[0], _TAG_BASE + gi, sp.uses[0][1]
+            flag_tag = tag + EDGE_TAGS  # the flags' band: above the shares' (tied grads hold 2 * EDGE_TAGS ... )
 
             def ctx(peer: int, what: str, stage: int = mine[0][0]) -> WaitContext:
                 return WaitContext(self.rank, stage, "W", 0, peer, what)  # errors name the stage's weight-grad step
 
             if len(ranks) > 1:
+                tp = self.transport
                 if self.rank == leader:
                     for peer in ranks[1:]:
-                        buf = torch.empty_like(local)
-                        yield from self.transport.wait(self.transport.irecv(buf, peer, tag), ctx(peer, f"tied-weight grad {name}"))
-                        total = total + buf
-                    hs = [self.transport.isend(total, peer, tag) for peer in ranks[1:]]
-                    for peer, h in zip(ranks[1:], hs):
-                        yield from self.transport.wait(h, ctx(peer, "send summed tied-weight grad"))
+                        buf, fbuf = torch.empty_like(local), torch.empty_like(flags)
+                        hs = [tp.irecv(fbuf, peer, flag_tag), tp.irecv(buf, peer, tag)]
+                        for h in hs:
+                            yield from tp.wait(h, ctx(peer, f"tied-weight grad {name}"))
+                        total, flags = total + buf, flags | fbuf
+                    hs = [h for peer in ranks[1:] for h in (tp.isend(flags, peer, flag_tag), tp.isend(total, peer, tag))]
+                    for peer, h in zip([p for p in ranks[1:] for _ in (0, 1)], hs):
+                        yield from tp.wait(h, ctx(peer, "send summed tied-weight grad"))
                 else:
-                    yield from self.transport.wait(self.transport.isend(local, leader, tag), ctx(leader, "send tied-weight grad"))
-                    total = torch.empty_like(local)
-                    yield from self.transport.wait(self.transport.irecv(total, leader, tag), ctx(leader, f"summed tied-weight grad {name}"))
+                    for h in (tp.isend(flags, leader, flag_tag), tp.isend(local, leader, tag)):
+                        yield from tp.wait(h, ctx(leader, "send tied-weight grad"))
+                    total, flags = torch.empty_like(local), torch.empty_like(flags)
+                    hs = [tp.irecv(flags, leader, flag_tag), tp.irecv(total, leader, tag)]
+                    for h in hs:
+                        yield from tp.wait(h, ctx(leader, f"summed tied-weight grad {name}"))
+            reached, frozen = bool(flags[0]), bool(flags[1])
             for p in params:
                 prev = self._before.get(id(p))
-                p.grad = _like(p, total.clone() if prev is None else _local(prev) + total)
+                if frozen or not reached:  # as the plain model's one tensor: no gradient this step
+                    p.grad = prev
+                else:
+                    p.grad = _like(p, total.clone() if prev is None else _local(prev) + total)
 
-    def _share(self, p: torch.Tensor) -> torch.Tensor:
-        """This step's gradient of copy ``p`` (zeros if it got none); this rank's shard of it for a sharded (FSDP2)
+    def _share(self, p: torch.Tensor) -> torch.Tensor | None:
+        """This step's gradient of copy ``p`` (None if it got none); this rank's shard of it for a sharded (FSDP2)
         copy: the copies are sharded alike over the data-parallel ranks, so shards add up as wholes do."""
-        g = _local(p.grad if p.grad is not None else torch.zeros_like(p))
+        if p.grad is None:
+            return None
+        g = _local(p.grad)
         prev = self._before.get(id(p))
         return g - _local(prev) if prev is not None else g
 

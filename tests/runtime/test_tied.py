@@ -106,3 +106,53 @@ def test_tied_grads_accumulate_over_steps_without_zero_grad() -> None:
     for st in lp.stages:
         for name, p in st.submod.named_parameters():
             assert torch.allclose(p.grad, ref.get_parameter(name).grad, atol=1e-12), name
+
+
+@pytest.mark.parametrize("which", ["every copy", "one copy"])
+def test_a_tied_weight_frozen_after_tracing_gets_no_gradient_on_any_copy(which: str) -> None:
+    """The plain model has one tensor: frozen anywhere is frozen everywhere, and AdamW then leaves it alone (a copy
+    given zeros instead would move under Adam's momentum and weight decay)."""
+    torch.manual_seed(0)
+    model = TiedEnds().double()
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    lp = LocalPipeline(pipeline(model, 4, (x,)), pippy.Schedule1F1B, num_ranks=3, n_microbatches=4, loss_fn=mse)
+    opts = [torch.optim.AdamW(list(st.parameters()), lr=0.1) for st in lp.stages]
+    copies = [lp.stages[0].submod.get_parameter("first.weight"), lp.stages[2].submod.get_parameter("last.weight")]
+    for step in range(3):
+        if step == 1:
+            for p in copies if which == "every copy" else copies[:1]:
+                p.requires_grad_(False)
+            frozen = [p.detach().clone() for p in copies]
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        lp.step(x, target=y)
+        for o in opts:
+            o.step()
+    assert all(p.grad is None for p in copies)
+    assert all(torch.equal(p, f) for p, f in zip(copies, frozen))
+    assert lp.stages[1].submod.get_parameter("mid.weight").grad is not None
+
+
+def test_a_tied_weight_no_copy_of_which_reaches_the_loss_keeps_no_gradient() -> None:
+    """Both uses of a shared layer feed an output the loss ignores: its copies stay ``grad is None``."""
+
+    class AuxTied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.aux = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.tanh(self.a(x))
+            side = self.aux(h)
+            pipe_split()
+            return self.b(h), self.aux(side)
+
+    torch.manual_seed(0)
+    model = AuxTied().double()
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    pipe = pipeline(model, 4, (x,))
+    assert [sp.stages for sp in pipe.shared] == [(0, 1), (0, 1)]
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=4,
+                       loss_fn=lambda out, t: torch.nn.functional.mse_loss(out[0], t))
+    lp.step(x, target=y)
+    assert lp.named_grads()["aux.weight"] is None and lp.named_grads()["a.weight"] is not None
