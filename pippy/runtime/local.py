@@ -29,6 +29,7 @@ from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.api import PipelineStage
 from pippy.runtime.localcomm import LocalTransport
 from pippy.runtime.schedule_base import PipelineSchedule, StepRun
+from pippy.runtime.stage import StageError
 from pippy.sim.timeline import Timeline
 
 __all__ = ["LocalPipeline", "PipelineDeadlockError"]
@@ -74,6 +75,10 @@ class LocalPipeline:
         if not self.schedules[0].trains:
             self.schedules[0]._warn_once("forward", self.schedules[0].forward_only_notice())
             return self.eval(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            raise StageError(f"{self.schedules[0].name}: step() runs under torch.no_grad() (or inference_mode), so no "
+                             "loss would have a gradient. Expected step() outside it; use eval(...) for a forward-only "
+                             "pass")
         return self._drive(args, kwargs, target, losses, training=True, loss_kwargs=loss_kwargs)
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:

@@ -405,6 +405,11 @@ class PipelineSchedule:
                 run = self.begin(args, kwargs, target=None, training=False, return_outputs=return_outputs)
                 run.run_blocking()
                 return self.finish(run, losses)
+        if not torch.is_grad_enabled():  # refused before anything starts, so the schedule stays usable
+            raise StageError(
+                f"{self.name}: rank {self.rank}: step() runs under torch.no_grad() (or inference_mode), so no loss "
+                "would have a gradient. Expected step() outside it; use eval(...) for a forward-only pass"
+            )
         run = self.begin(args, kwargs, target=target, return_outputs=return_outputs, loss_kwargs=loss_kwargs)
         run.run_blocking()
         return self.finish(run, losses)
