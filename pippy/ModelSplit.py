@@ -21,6 +21,7 @@ from torch import fx
 
 from pippy.frontend.costs import graph_costs
 from pippy.frontend.costsplit import graphsplit
+from pippy.frontend.params import tensor_at
 from pippy.frontend.partition import cut_positions
 from pippy.frontend.policies import (
     SplitPolicyBase,
@@ -29,10 +30,11 @@ from pippy.frontend.policies import (
     _stages_from_starts,
     split_equal_params,
 )
+from pippy.frontend.trace import pipe_split_op
 
 __all__ = ["aten_pipe_split_alias", "split_by_graph", "split_into_equal_size", "split_on_size_threshold"]
 
-aten_pipe_split_alias = torch.ops.pippy.pipe_split.default
+aten_pipe_split_alias = pipe_split_op()
 """The traced ``pipe_split()`` op: insert ``gm.graph.call_function(aten_pipe_split_alias)`` to cut there."""
 
 
@@ -63,15 +65,15 @@ class _SizeThreshold(SplitPolicyBase):
         super().__init__(1)
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold <= 0:
             raise ValueError(
-                f"split_on_size_threshold({threshold!r}): the threshold is a positive number of parameter bytes "
-                "per stage, e.g. 4 * 2**20 for 4 MiB"
+                f"split_on_size_threshold({threshold!r}): the threshold is a positive number of parameter elements "
+                "per stage (numel, as PiPPy counted), e.g. 10**6"
             )
         self.threshold = float(threshold)
 
     def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
         gc = graph_costs(gm, inputs, "params")
         pos = [int(p) for p in cut_positions(gc)]
-        prefix = np.concatenate([[0.0], np.cumsum(gc.param_bytes)])
+        prefix = np.concatenate([[0.0], np.cumsum([_param_numel(gm, n) for n in gc.nodes])])
         starts, start = [0], 0
         for k in range(1, len(pos) - 1):
             # cut before pos[k] when taking the nodes up to the next allowed cut would pass the threshold
@@ -85,15 +87,25 @@ class _SizeThreshold(SplitPolicyBase):
         return f"{self.label}({self.threshold:g})"
 
 
-def split_on_size_threshold(threshold: int) -> SplitPolicyBase:
-    """Greedy stages: a new stage starts where the current one would pass ``threshold`` parameter bytes.
+def _param_numel(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Elements of the parameters and buffers ``node`` reads."""
+    total = 0
+    for src in node.all_input_nodes:
+        if src.op == "get_attr":
+            obj = tensor_at(gm, str(src.target))
+            total += obj.numel() if isinstance(obj, torch.Tensor) else 0
+    return total
 
-    The number of stages follows from the model; a single block larger than the threshold gets a
-    stage of its own.
+
+def split_on_size_threshold(threshold: int) -> SplitPolicyBase:
+    """Greedy stages: a new stage starts where the current one would pass ``threshold`` parameter elements.
+
+    Elements (``numel``), as PiPPy counted them. The number of stages follows from the model; a
+    single block larger than the threshold gets a stage of its own.
 
         >>> import torch, pippy
-        >>> net = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(4)))   # 288 bytes each
-        >>> pippy.pipeline(net, 1, (torch.randn(2, 8),), split_policy=split_on_size_threshold(600)).num_stages
+        >>> net = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(4)))   # 72 elements each
+        >>> pippy.pipeline(net, 1, (torch.randn(2, 8),), split_policy=split_on_size_threshold(150)).num_stages
         2
     """
     return _SizeThreshold(threshold)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "split_batch",
     "split_leaves",
     "split_value",
+    "sum_reducer",
     "uneven_split_inputs",
 ]
 
@@ -69,9 +71,24 @@ class Sum:
     mean: bool = False
 
 
-ChunkSpec = TensorChunkSpec | Replicate | Sum
+@dataclass(frozen=True, slots=True)
+class _CustomReducer:
+    """PiPPy's merge spec that folds the micro-batch values with ``reduce_fn``, starting from ``init_value``.
+
+        >>> merge_chunks([torch.tensor(1.0), torch.tensor(2.0)], sum_reducer)
+        tensor(3.)
+    """
+
+    init_value: Any
+    reduce_fn: Any
+
+
+sum_reducer = _CustomReducer(torch.tensor(0.0), lambda a, b: a + b)
+"""PiPPy's spec that sums micro-batch values (e.g. losses) on merge."""
+
+ChunkSpec = TensorChunkSpec | Replicate | Sum | _CustomReducer
 _Replicate = Replicate  # PiPPy's name; the class itself is accepted as a spec, as PiPPy wrote it
-_SPEC_TYPES = (TensorChunkSpec, Replicate, Sum)
+_SPEC_TYPES = (TensorChunkSpec, Replicate, Sum, _CustomReducer)
 
 
 def split_value(value: Any, n: int, spec: Any = None, *, what: str = "input") -> list[Any]:
@@ -352,6 +369,8 @@ def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
 
 def _merge_leaf(col: list[Any], spec: Any) -> Any:
     first = col[0]
+    if isinstance(spec, _CustomReducer):
+        return functools.reduce(spec.reduce_fn, col, spec.init_value)
     if isinstance(spec, Sum) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in col):
         return sum(col) / len(col) if spec.mean else sum(col)  # a count of rows (x.shape[0]) adds up
     if not isinstance(first, torch.Tensor) or isinstance(spec, Replicate):

@@ -223,3 +223,32 @@ def test_inputs_batched_along_their_own_dims_or_rates_say_so_by_spec() -> None:
     assert uneven_split_inputs((x, pairs), {}, (None, TensorChunkSpec(0))) == ""
     mbs = split_batch((x, pairs), {}, 4)  # the splitting itself stays as PiPPy's and torch's: each leaf on its own
     assert mbs[0][0][1].shape == (4, 3)
+
+
+def test_one_row_micro_batches_find_a_moved_batch_by_tracing_two_rows() -> None:
+    """Micro-batches of one row: every size-1 dim could be the batch; a trace on two rows shows which one grows."""
+    from pippy import Schedule1F1B, pipe_split, pipeline
+    from pippy.runtime.local import LocalPipeline
+
+    class SeqFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x).transpose(0, 1)  # [seq, batch, 16], as XLNet's memories
+            pipe_split()
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model = SeqFirst().double()
+    x = torch.randn(4, 5, 16, dtype=torch.float64)
+    pipe = pipeline(model, 4, (x,))
+    assert pipe.output_merge_dims == [1]
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
+    torch.testing.assert_close(lp.eval(x), model(x).detach(), rtol=0, atol=1e-12)
+    y = torch.randn(5, 4, 16, dtype=torch.float64)
+    lp.step(x, target=y)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(lp.named_grads()[n], p.grad, rtol=0, atol=1e-12, msg=n)

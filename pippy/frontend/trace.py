@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import os
 import re
 import sys
@@ -31,8 +30,10 @@ __all__ = [
     "annotate_split_points",
     "export_module",
     "is_split_marker",
+    "mark_split_points",
     "no_kv_cache",
     "pipe_split",
+    "pipe_split_op",
     "split_site",
     "trace_count",
 ]
@@ -65,6 +66,15 @@ def pipe_split() -> None:
     torch.ops.pippy.pipe_split()
 
 
+def pipe_split_op() -> Any:
+    """The op a traced ``pipe_split()`` becomes (a graph policy may insert it).
+
+        >>> str(pipe_split_op())
+        'pippy.pipe_split.default'
+    """
+    return _MARKER
+
+
 _PEER_MARKER = "pippy._pipe_split.default"  # PyTorch pipelining's own pipe_split() op, read by name (never imported)
 
 
@@ -88,7 +98,8 @@ class PipeTraceError(RuntimeError):
 def annotate_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> None:
     """Insert ``pipe_split()`` before or after the named submodules' ``forward``.
 
-    The model's code is unchanged: each named submodule's ``forward`` is wrapped in place.
+    The model's code is unchanged: each named submodule gets a forward (pre-)hook that calls
+    ``pipe_split()``, so the model still deep-copies and pickles as before.
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
         >>> annotate_split_points(net, {"1": SplitPoint.END})
@@ -96,7 +107,13 @@ def annotate_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> 
         >>> [info.input_names for info in pipeline(net, 1, (torch.ones(1, 4),)).stage_infos][1]
         ['relu']
     """
+    mark_split_points(module, spec)
+
+
+def mark_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> list[Any]:
+    """:func:`annotate_split_points`, returning the hooks' handles (``split_spec`` removes them after tracing)."""
     names = [n for n, _ in module.named_modules() if n]
+    checked: list[tuple[nn.Module, SplitPoint]] = []
     for fqn, point in spec.items():
         try:
             sub = module.get_submodule(fqn)
@@ -112,33 +129,25 @@ def annotate_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> 
             point = SplitPoint[point.name]  # PyTorch pipelining's own enum, used as ours
         if not isinstance(point, SplitPoint):
             raise PipeTraceError(f"split point for {fqn!r} must be SplitPoint.BEGINNING or SplitPoint.END, got {point!r}")
-        _wrap_forward(sub, point)
-
-
-def _wrap_forward(sub: nn.Module, point: SplitPoint) -> None:
-    marks: set[SplitPoint] = sub.__dict__.setdefault("_pippy_split_marks", set())
-    if point in marks:
-        return
-    marks.add(point)
-    inner = sub.forward
-
-    @functools.wraps(inner)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+        checked.append((sub, point))
+    handles = []
+    for sub, point in checked:
+        hooks, fn = ((sub._forward_pre_hooks, _split_at_beginning) if point is SplitPoint.BEGINNING
+                     else (sub._forward_hooks, _split_at_end))
+        if any(h is fn for h in hooks.values()):
+            continue  # marked already
         if point is SplitPoint.BEGINNING:
-            _split_at_beginning()
-        out = inner(*args, **kwargs)
-        if point is SplitPoint.END:
-            _split_at_end()
-        return out
-
-    sub.forward = forward  # type: ignore[method-assign]
+            handles.append(sub.register_forward_pre_hook(_split_at_beginning))
+        else:
+            handles.append(sub.register_forward_hook(_split_at_end))
+    return handles
 
 
-def _split_at_beginning() -> None:
-    torch.ops.pippy.pipe_split()  # a call of its own: split_site() tells BEGINNING from END by its name
+def _split_at_beginning(module: nn.Module, args: Any) -> None:
+    torch.ops.pippy.pipe_split()  # a hook of its own: split_site() tells BEGINNING from END by its name
 
 
-def _split_at_end() -> None:
+def _split_at_end(module: nn.Module, args: Any, output: Any) -> None:
     torch.ops.pippy.pipe_split()
 
 
@@ -157,12 +166,14 @@ def split_site(node: fx.Node) -> str:
         ["SplitPoint.END of '0' (split_spec / annotate_split_points)"]
     """
     frames = list(_FRAME.finditer(str(node.meta.get("stack_trace") or "")))
-    inner = f"{frames[-1]['func']} {frames[-1]['code']}" if frames else ""
-    if "_split_at_beginning" in inner or "_split_at_end" in inner:  # the wrapper of annotate_split_points
-        point = "BEGINNING" if "_split_at_beginning" in inner else "END"
-        stack = node.meta.get("nn_module_stack") or {}
-        fqn = str(list(stack.values())[-1][0]) if stack else "?"
-        return f"SplitPoint.{point} of {fqn!r} (split_spec / annotate_split_points)"
+    stack = node.meta.get("nn_module_stack") or {}
+    if frames and stack and "pipe_split" not in frames[-1]["code"]:  # a hook of annotate_split_points: the trace
+        key, (fqn, _) = list(stack.items())[-1]  # shows the line calling the module, and the module it marks
+        after = node.next
+        while after.op != "output" and (after.op != "call_function" or is_split_marker(after)):
+            after = after.next
+        point = "BEGINNING" if key in (after.meta.get("nn_module_stack") or {}) else "END"
+        return f"SplitPoint.{point} of {str(fqn)!r} (split_spec / annotate_split_points)"
     for fr in reversed(frames):
         if not os.path.abspath(fr["file"]).startswith(_LIB_DIRS):
             return f"{fr['file']}:{fr['line']} in {fr['func']}: {fr['code'].strip()}"

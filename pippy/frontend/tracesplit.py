@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -28,7 +28,14 @@ from pippy.frontend.pipe import SharedParam, SplitPipe
 from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
 from pippy.frontend.reduction import MicroBatch, divides_by_count, output_reductions
 from pippy.frontend.split import StageInfo, split_graph
-from pippy.frontend.trace import PipeTraceError, SplitPoint, export_module, is_split_marker, split_site
+from pippy.frontend.trace import (
+    PipeTraceError,
+    SplitPoint,
+    export_module,
+    is_split_marker,
+    mark_split_points,
+    split_site,
+)
 from pippy.frontend.trainmode import keep_following, mode_args, module_modes, node_owner, set_modes
 from pippy.frontend.unread import match_persistence
 from pippy.microbatch import (
@@ -114,7 +121,7 @@ def trace_and_split(
         traced = compute_copy(module, compute_dtype)
         mb_args, mb_kwargs = cast_example((tuple(mb_args), mb_kwargs), compute_dtype)
     dyn = None if dynamic_shapes is None else export_dynamic_shapes(traced, tuple(mb_args), mb_kwargs, dynamic_shapes)
-    saved = _apply_split_spec(traced, split_spec)
+    saved = _apply_split_spec(traced, split_spec)  # hooks while tracing only
     try:
         ep = export_module(traced, mb_args, mb_kwargs, dynamic_shapes=dyn)
     finally:
@@ -128,14 +135,20 @@ def trace_and_split(
         merge_dims = _merge_dims_by_symbols(traced, (tuple(mb_args), mb_kwargs), (args_chunk_spec, kwargs_chunk_spec),
                                             merge_dims, unsure)
     mb = _micro_batch(gm, ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec)
-    def twice() -> fx.GraphModule | None:  # the model traced on its micro-batch twice over (see output_reductions)
-        try:
-            args2 = merge_chunks([tuple(mb_args), tuple(mb_args)], args_chunk_spec)
-            kwargs2 = merge_chunks([dict(mb_kwargs), dict(mb_kwargs)], kwargs_chunk_spec) if mb_kwargs else {}
-            return export_module(traced, tuple(args2), dict(kwargs2)).module()
-        except Exception:  # a model that only traces at its own size: its divisors stay read as counts
-            return None
+    doubled: list[fx.GraphModule | None] = []
 
+    def twice() -> fx.GraphModule | None:  # the model traced on its micro-batch twice over (see output_reductions)
+        if not doubled:
+            try:
+                args2 = merge_chunks([tuple(mb_args), tuple(mb_args)], args_chunk_spec)
+                kwargs2 = merge_chunks([dict(mb_kwargs), dict(mb_kwargs)], kwargs_chunk_spec) if mb_kwargs else {}
+                doubled.append(export_module(traced, tuple(args2), dict(kwargs2)).module())
+            except Exception:  # a model that only traces at its own size: its divisors stay read as counts
+                doubled.append(None)
+        return doubled[0]
+
+    if dynamic_shapes is None and _one_row(ph_args, ph_kwargs, (args_chunk_spec, kwargs_chunk_spec)):
+        merge_dims = _merge_dims_by_growth(_output_shapes(gm), merge_dims, twice)
     reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
     _warn_unknown(reductions, _output_shapes(gm))
     if num_chunks > 1:
@@ -288,33 +301,14 @@ def _example_leaf(x: Any) -> Any:
     return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else copy.copy(x)
 
 
-def _apply_split_spec(module: nn.Module, spec: Mapping[str, SplitPoint] | None) -> list[tuple[nn.Module, Any, Any]]:
-    saved: list[tuple[nn.Module, Any, Any]] = []
-    if not spec:
-        return saved
-    from pippy.frontend.trace import annotate_split_points
-
-    for fqn in spec:
-        try:
-            sub = module.get_submodule(fqn)
-        except AttributeError:
-            continue  # annotate_split_points raises the helpful error below
-        saved.append((sub, sub.__dict__.get("forward"), sub.__dict__.get("_pippy_split_marks")))
-    try:
-        annotate_split_points(module, spec)
-    except PipeTraceError:
-        _restore_forwards(saved)
-        raise
-    return saved
+def _apply_split_spec(module: nn.Module, spec: Mapping[str, SplitPoint] | None) -> list[Any]:
+    """Mark ``spec``'s split points for the trace only: the hooks' handles, removed by :func:`_restore_forwards`."""
+    return mark_split_points(module, spec) if spec else []
 
 
-def _restore_forwards(saved: list[tuple[nn.Module, Any, Any]]) -> None:
-    for sub, fwd, marks in saved:
-        for key, val in (("forward", fwd), ("_pippy_split_marks", marks)):
-            if val is None:
-                sub.__dict__.pop(key, None)
-            else:
-                sub.__dict__[key] = val
+def _restore_forwards(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:
@@ -334,6 +328,30 @@ def _micro_batch(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, An
         return MicroBatch.of(split)
     names = [holders[i] for leaf, _ in split for i, x in enumerate(leaves) if x is leaf]
     return MicroBatch.of(split, names)
+
+
+def _one_row(args: tuple[Any, ...], kwargs: dict[str, Any], specs: tuple[Any, Any]) -> bool:
+    """Whether the micro-batch has size 1 along every split dim (then no dim of an output tells the batch apart)."""
+    leaves = split_leaves(args, kwargs, specs[0], specs[1])
+    return bool(leaves) and all(leaf.shape[d] == 1 for leaf, d in leaves)
+
+
+def _merge_dims_by_growth(shapes: list[tuple[Any, ...] | None], guess: list[int],
+                          twice: Callable[[], fx.GraphModule | None]) -> list[int]:
+    """Merge dims for one-row micro-batches: where an output's dim 0 is not 1 but another dim is (the batch may have
+    moved there, XLNet's ``[mem_len, batch, d]`` memories), the dim that grows from 1 to 2 in a trace on two rows."""
+    if not any(shape and shape[0] != 1 and 1 in shape[1:] for shape in shapes):
+        return guess
+    gm2 = twice()
+    if gm2 is None:
+        return guess
+    out = list(guess)
+    for j, (a, b) in enumerate(zip(shapes, _output_shapes(gm2))):
+        if a and b and len(a) == len(b) and a[0] != 1:
+            grown = [d for d in range(len(a)) if a[d] == 1 and b[d] == 2]
+            if len(grown) == 1 and all(a[d] == b[d] for d in range(len(a)) if d != grown[0]):
+                out[j] = grown[0]
+    return out
 
 
 def _merge_dims_by_symbols(module: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]], specs: tuple[Any, Any],

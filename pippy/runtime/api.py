@@ -61,9 +61,16 @@ class _UserSchedule(MicrobatchSteps, PipelineSchedule):
         stages: Stage | Sequence[Stage],
         n_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
+        *more: Any,
         **kwargs: Any,
     ) -> None:
         name = "stage(x)" if type(self).__name__.startswith("_") else type(self).__name__
+        if more:  # PiPPy's 4th positional argument was output_merge_spec, PyTorch's is args_chunk_spec
+            raise TypeError(
+                f"{name}() takes the stage(s), n_microbatches and loss_fn positionally, got {len(more)} more. Pass the "
+                "rest by keyword: output_merge_spec=... (PiPPy's 4th argument), or args_chunk_spec=, "
+                "kwargs_chunk_spec=, output_merge_spec=, scale_grads= (PyTorch's 4th to 7th)"
+            )
         transport = kwargs.get("transport")
         rank = transport.rank if transport is not None else rank_or_none()
         stages = check_stages(name, stages, rank)

@@ -25,9 +25,11 @@ MODULE_NAMES = {
     "pippy._IR": ["Pipe", "pipeline", "pipe_split", "SplitPoint", "annotate_split_points", "ArgsChunkSpec",
                   "KwargsChunkSpec", "MultiUseParameterConfig", "PipeSplitWrapper", "PipeSequential", "LossWrapper",
                   "TrivialLossWrapper", "_null_coalesce_accumulate", "aten_pipe_split_alias"],
+    "pippy.IR": ["Pipe", "pipeline", "pipe_split", "SplitPoint", "annotate_split_points", "PipeSplitWrapper",
+                 "LossWrapper", "TrivialLossWrapper", "MultiUseParameterConfig"],  # PiPPy's older path
     "pippy._backward": ["stage_backward", "_null_coalesce_accumulate"],
     "pippy.microbatch": ["split_args_kwargs_into_chunks", "merge_chunks", "TensorChunkSpec", "_Replicate",
-                         "_debug_mask_minibatches"],
+                         "_debug_mask_minibatches", "sum_reducer", "_CustomReducer"],
 }
 
 
@@ -61,3 +63,13 @@ def test_submodules_as_attributes() -> None:
     assert pippy.ModelSplit.split_by_graph is pippy.split_by_graph
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pippy.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("path", ["pippy.ModelSplit", "pippy._IR", "pippy.PipelineSchedule"])
+def test_pippy_module_paths_import_first_in_a_fresh_interpreter(path: str) -> None:
+    """``from pippy.ModelSplit import ...`` as a script's first pippy import (the op it names must exist by then)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {path}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -105,7 +105,7 @@ def test_chunk_spec_context_managers() -> None:
         pipeline(ColSum(), 4, (x,), {"scale": torch.ones(3, 8, dtype=torch.float64)})
 
 
-@pytest.mark.parametrize("policy", [split_into_equal_size(2), split_by_graph(2), split_on_size_threshold(700)],
+@pytest.mark.parametrize("policy", [split_into_equal_size(2), split_by_graph(2), split_on_size_threshold(175)],
                          ids=["equal_size", "by_graph", "size_threshold"])
 def test_modelsplit_policies(policy) -> None:
     model, x = _mlp()
@@ -116,11 +116,11 @@ def test_modelsplit_policies(policy) -> None:
 
 def test_size_threshold_stage_count_follows_the_model() -> None:
     model, x = _mlp(4)
-    block = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    block = sum(p.numel() for p in model.blocks[0].parameters())  # elements, as PiPPy counted
     few = pipeline(model, 1, (x,), split_policy=split_on_size_threshold(10 * block)).num_stages
     many = pipeline(model, 1, (x,), split_policy=split_on_size_threshold(block)).num_stages
     assert few == 1 and many >= 4
-    with pytest.raises(ValueError, match="positive number of parameter bytes"):
+    with pytest.raises(ValueError, match="positive number of parameter elements"):
         split_on_size_threshold(0)
 
 
@@ -455,3 +455,38 @@ def test_torch_pipelining_forms_of_pipeline_split_points_and_schedule_options() 
     out = lp.eval(xb, target=yb, losses=ev, loss_kwargs={"scale": 3.0})  # torch's eval(target=, losses=)
     torch.testing.assert_close(out, ref(xb).detach(), rtol=0, atol=1e-12)
     assert [float(v) for v in ev] == pytest.approx(want, abs=1e-12) and not any(v.requires_grad for v in ev)
+
+
+def test_annotated_models_deep_copy_and_pickle_as_plain_ones(tmp_path) -> None:
+    """annotate_split_points adds hooks: a deep copy runs its own weights and keeps the split points, torch.save
+    works, and split_spec leaves no hook behind."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    annotate_split_points(net, {"0": SplitPoint.END, "2": SplitPoint.BEGINNING})
+    annotate_split_points(net, {"0": SplitPoint.END})  # marking twice is once
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin[0].weight.zero_()
+    x = torch.randn(2, 4)
+    assert torch.equal(twin(x), nn.Sequential(*copy.deepcopy(list(twin)))(x))  # the copy's own weights
+    pipe = pipeline(twin, 1, (x,))
+    assert pipe.num_stages == 3 and pipe.split_sites == [
+        "SplitPoint.END of '0' (split_spec / annotate_split_points)",
+        "SplitPoint.BEGINNING of '2' (split_spec / annotate_split_points)"]
+    torch.save(net, tmp_path / "net.pt")
+    assert pipeline(torch.load(tmp_path / "net.pt", weights_only=False), 1, (x,)).num_stages == 3
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    assert pipeline(plain, 1, (x,), split_spec={"0": SplitPoint.END}).num_stages == 2
+    assert not plain[0]._forward_hooks and pipeline(plain, 1, (x,)).num_stages == 1
+
+
+def test_schedule_arguments_past_loss_fn_must_be_keywords() -> None:
+    """PiPPy's 4th positional argument was output_merge_spec, PyTorch's is args_chunk_spec: the error names both."""
+    from pippy import ScheduleGPipe
+    from pippy.runtime.localcomm import LocalTransport
+
+    pipe = pipeline(nn.Linear(4, 4), 2, (torch.randn(4, 4),))
+    with pytest.raises(TypeError, match=r"ScheduleGPipe\(\) takes the stage\(s\), n_microbatches and loss_fn "
+                                        r"positionally, got 1 more.*output_merge_spec=.*args_chunk_spec="):
+        ScheduleGPipe(pipe.build_stage(0, "cpu"), 2, nn.functional.mse_loss, None,
+                      transport=LocalTransport.world(1)[0])
