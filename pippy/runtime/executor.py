@@ -322,7 +322,7 @@ class Executor:
             tag = e.tag(backward=True, mb=i, n_microbatches=m, phase=self.plan.phase)
             ctx = self._ctx(a, e.peer, f"send grad of input {e.k} to stage {e.src}")
             if self.plan.grad_flags:  # whether there is a gradient (see CommPlan)
-                flag = torch.tensor([g is not None], dtype=torch.uint8, device=dev)
+                flag = torch.tensor([g is not None], dtype=torch.uint8)  # on the host, as its receive
                 st.sends.append((self.sender.isend(flag, e.peer, HEADER_TAG + tag, ctx), ctx))
             if g is None:
                 g = torch.zeros(st.in_shapes.get((s, i, e.k), meta.shape or ()), dtype=meta.dtype, device=dev)

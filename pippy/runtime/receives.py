@@ -138,7 +138,7 @@ class Receives:
                 yield from self.transport.wait(p.handle, p.ctx)
             if p.flag is not None:
                 yield from self.transport.wait(p.flag[0], p.ctx)
-                p.none = not bool(p.flag[1][0])
+                p.none = not p.flag[1].numpy()[0]  # a host tensor: read without a device sync or an aten op
 
     def _irecv_grad(self, e: Edge, i: int, dev: torch.device, ctx: WaitContext) -> Posted:
         """The receive of output ``e.j``'s gradient: shaped like this micro-batch's output when that varies."""
@@ -151,7 +151,7 @@ class Receives:
 
     def _irecv_flag(self, e: Edge, i: int, dev: torch.device, ctx: WaitContext) -> tuple[Any, torch.Tensor]:
         """The receive of the flag saying whether output ``e.j``'s gradient exists (see ``CommPlan.grad_flags``)."""
-        buf = torch.empty(1, dtype=torch.uint8, device=dev)
+        buf = torch.empty(1, dtype=torch.uint8)  # on the host whatever the stage's device (gloo sends either)
         tag = e.tag(backward=True, mb=i, n_microbatches=self.plan.n_microbatches, phase=self.plan.phase)
         return self.transport.irecv(buf, e.peer, HEADER_TAG + tag, ctx), buf
 

@@ -87,8 +87,9 @@ class TiedGrads:
             params = list({id(p): p for p in (self.stages[s].unwrapped.get_parameter(f) for s, f in mine)}.values())
             shares = [g for g in (self._share(p) for p in params) if g is not None]
             local = sum(shares[1:], shares[0].clone()) if shares else torch.zeros_like(_local(params[0]))
-            flags = torch.tensor([bool(shares), any(not p.requires_grad for p in params)], dtype=torch.uint8,
-                                 device=local.device)
+            # on the host, read without a sync; ordered transports (NCCL) send device tensors only: no flags there
+            flags = torch.tensor([bool(shares), any(not p.requires_grad for p in params)], dtype=torch.uint8)
+            flagged = not _ordered(self.transport)
             total = local
             leader, tag, name = ranks[0], _TAG_BASE + gi, sp.uses[0][1]
             flag_tag = tag + EDGE_TAGS  # the flags' band: above the shares' (tied grads hold 2 * EDGE_TAGS ... )
@@ -101,21 +102,26 @@ class TiedGrads:
                 if self.rank == leader:
                     for peer in ranks[1:]:
                         buf, fbuf = torch.empty_like(local), torch.empty_like(flags)
-                        hs = [tp.irecv(fbuf, peer, flag_tag), tp.irecv(buf, peer, tag)]
+                        hs = ([tp.irecv(fbuf, peer, flag_tag)] if flagged else []) + [tp.irecv(buf, peer, tag)]
                         for h in hs:
                             yield from tp.wait(h, ctx(peer, f"tied-weight grad {name}"))
-                        total, flags = total + buf, flags | fbuf
-                    hs = [h for peer in ranks[1:] for h in (tp.isend(flags, peer, flag_tag), tp.isend(total, peer, tag))]
-                    for peer, h in zip([p for p in ranks[1:] for _ in (0, 1)], hs):
+                        total, flags = total + buf, (flags | fbuf if flagged else flags)
+                    sends = [(peer, h) for peer in ranks[1:] for h in
+                             (([tp.isend(flags, peer, flag_tag)] if flagged else []) + [tp.isend(total, peer, tag)])]
+                    for peer, h in sends:
                         yield from tp.wait(h, ctx(peer, "send summed tied-weight grad"))
                 else:
-                    for h in (tp.isend(flags, leader, flag_tag), tp.isend(local, leader, tag)):
+                    hs = ([tp.isend(flags, leader, flag_tag)] if flagged else []) + [tp.isend(local, leader, tag)]
+                    for h in hs:
                         yield from tp.wait(h, ctx(leader, "send tied-weight grad"))
-                    total, flags = torch.empty_like(local), torch.empty_like(flags)
-                    hs = [tp.irecv(flags, leader, flag_tag), tp.irecv(total, leader, tag)]
+                    total, got = torch.empty_like(local), torch.empty_like(flags)
+                    hs = ([tp.irecv(got, leader, flag_tag)] if flagged else []) + [tp.irecv(total, leader, tag)]
                     for h in hs:
                         yield from tp.wait(h, ctx(leader, f"summed tied-weight grad {name}"))
-            reached, frozen = bool(flags[0]), bool(flags[1])
+                    flags = got if flagged else flags
+            reached, frozen = (bool(v) for v in flags.numpy())
+            if not flagged:  # this rank's copies alone say (NCCL): a copy it got no gradient for keeps its own
+                reached = True
             for p in params:
                 prev = self._before.get(id(p))
                 if frozen or not reached:  # as the plain model's one tensor: no gradient this step
@@ -131,6 +137,11 @@ class TiedGrads:
         g = _local(p.grad)
         prev = self._before.get(id(p))
         return g - _local(prev) if prev is not None else g
+
+
+def _ordered(transport: Transport) -> bool:
+    """Whether ``transport`` matches messages in posting order (NCCL): it carries no host-side flags."""
+    return bool(getattr(transport, "ordered", False))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
