@@ -144,6 +144,10 @@ def _load_optimizer(stages: list[Stage], optimizer: torch.optim.Optimizer, path:
     saved_state = {k.removeprefix("state.") for k in saved_keys if k.startswith("state.")}
     payload: dict[str, Any] = {"state": {k: v for osd in template.values() for k, v in osd["state"].items()
                                          if any(s == k or s.startswith(k + ".") for s in saved_state)}}
+    if saved_state and not payload["state"] and any(osd["state"] for osd in template.values()):
+        raise KeyError(f"{where}: the checkpoint's optimizer state is for {sorted(saved_state)[:3]}, none of which are "
+                       f"this split's parameters {sorted(k for osd in template.values() for k in osd['state'])[:3]}; "
+                       "was it saved from the same model and optimizer?")
     groups = sorted(k for k in saved_keys if k.startswith("param_groups_stage"))  # every saved stage's hyperparameters
     payload.update({k: "" for k in groups})
     dcp.load(payload, checkpoint_id=where)

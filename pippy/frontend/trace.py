@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "pipe_split_op",
     "split_site",
     "trace_count",
+    "unfired_split_points",
 ]
 
 _LIB = torch.library.Library("pippy", "DEF")
@@ -143,12 +144,34 @@ def mark_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> list
     return handles
 
 
+_FIRED: set[int] = set()  # the modules whose split hook ran (tracing checks that every marked module was called)
+
+
 def _split_at_beginning(module: nn.Module, args: Any) -> None:
-    torch.ops.pippy.pipe_split()  # a hook of its own: split_site() tells BEGINNING from END by its name
+    _FIRED.add(id(module))
+    torch.ops.pippy.pipe_split()
 
 
 def _split_at_end(module: nn.Module, args: Any, output: Any) -> None:
+    _FIRED.add(id(module))
     torch.ops.pippy.pipe_split()
+
+
+def unfired_split_points(module: nn.Module, trace: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """Run ``trace()``; return its result and the submodules of ``module`` marked with a split point whose hook never
+    ran (called as ``sub.forward(...)``, which skips hooks, or not at all).
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> annotate_split_points(net, {"0": SplitPoint.END})
+        >>> unfired_split_points(net, lambda: net[1](torch.ones(1, 2)))[1]
+        ['0']
+    """
+    _FIRED.clear()
+    result = trace()
+    lost = [name or "(the model)" for name, sub in module.named_modules()
+            if (any(h is _split_at_beginning for h in sub._forward_pre_hooks.values())
+                or any(h is _split_at_end for h in sub._forward_hooks.values())) and id(sub) not in _FIRED]
+    return result, lost
 
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n\s*(?P<code>[^\n]*)')

@@ -35,6 +35,7 @@ from pippy.frontend.trace import (
     is_split_marker,
     mark_split_points,
     split_site,
+    unfired_split_points,
 )
 from pippy.frontend.trainmode import keep_following, mode_args, module_modes, node_owner, set_modes
 from pippy.frontend.unread import match_persistence
@@ -123,9 +124,15 @@ def trace_and_split(
     dyn = None if dynamic_shapes is None else export_dynamic_shapes(traced, tuple(mb_args), mb_kwargs, dynamic_shapes)
     saved = _apply_split_spec(traced, split_spec)  # hooks while tracing only
     try:
-        ep = export_module(traced, mb_args, mb_kwargs, dynamic_shapes=dyn)
+        ep, lost = unfired_split_points(traced, lambda: export_module(traced, mb_args, mb_kwargs, dynamic_shapes=dyn))
     finally:
         _restore_forwards(saved)
+    if lost:
+        raise PipeTraceError(
+            f"split points on {lost} never ran while tracing: such a module is called as `self.sub.forward(...)`, "
+            "which skips the hook that marks it, or not at all. Expected each marked module to be called as "
+            "`self.sub(...)`; or put pipe_split() in the model's code there"
+        )
     gm = ep.module()
     _refuse_nested_splits(gm)
     ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))

@@ -114,6 +114,8 @@ def _default_spec(spec: Any) -> bool:
     """Whether a chunk spec splits every leaf along dim 0, as none does (``(TensorChunkSpec(0),)``, ``{"x": None}``)."""
     if spec is None or spec == TensorChunkSpec(0):
         return True
+    if type(spec).__name__ == "TensorChunkSpec" and getattr(spec, "split_dim", None) == 0:  # PyTorch pipelining's
+        return True
     if isinstance(spec, dict):
         return all(_default_spec(v) for v in spec.values())
     return isinstance(spec, tuple | list) and all(_default_spec(v) for v in spec)

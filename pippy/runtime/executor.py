@@ -301,6 +301,9 @@ class Executor:
         else:
             gin = stage.backward_input(i, grads)
         for ref, g in zip(self.infos[s].inputs, gin):
+            if g is None and ref.src_stage in self.stages and dp.reduces(ref.src_stage):  # its reduction must run: zeros,
+                out = self.stages[ref.src_stage].output(i, ref.index)  # as a message from another rank carries them
+                g = torch.zeros_like(out) if isinstance(out, torch.Tensor) and out.requires_grad else None
             if g is not None and ref.src_stage != USER and ref.src_stage in self.stages:
                 _add_at(st.out_grads, (ref.src_stage, i), len(self.infos[ref.src_stage].outputs), ref.index, g)
         usergrad.collect(st.user_grads, self.infos[s].inputs, gin, None if st.inp.microbatches is None else

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import torch.utils.checkpoint
@@ -62,11 +63,10 @@ def enable_recompute(stage: HoldsModule | nn.Module, policy: Literal["full", "po
         return []
     inner = mod.forward
     mod.__dict__[_ORIG] = inner
-    written = _norm_statistics(mod)  # buffers the forward writes: norms' running statistics (which some kernels
-    # update without a version bump), and whatever else it is seen writing (a counter, an EMA)
+    stats = _norm_statistics(mod)  # what a norm updates in forward; its backward never reads them in train mode
 
     def contexts() -> tuple[Any, Any]:
-        return _NoteWrites(mod, written), _KeepBuffers(mod, written)
+        return contextlib.nullcontext(), _KeepBuffers(mod, stats)
 
     def forward(*args: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -91,26 +91,14 @@ def _norm_statistics(mod: nn.Module) -> set[str]:
             for node in graph.nodes:
                 if node.op == "call_function" and "norm" in str(node.target):
                     names.update(pre + str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr")
+    names.update(b for b in buffers if b.rsplit(".", 1)[-1] == "num_batches_tracked")  # a traced norm's count
     return names & buffers
 
 
-class _NoteWrites:
-    """Around a recomputed module's forward: note which buffers it writes (their version changes)."""
-
-    def __init__(self, mod: nn.Module, written: set[str]) -> None:
-        self.mod, self.written = mod, written
-        self.before: dict[str, int] = {}
-
-    def __enter__(self) -> None:
-        self.before = {n: b._version for n, b in self.mod.named_buffers()}
-
-    def __exit__(self, *exc: object) -> None:
-        self.written.update(n for n, b in self.mod.named_buffers() if self.before.get(n, b._version) != b._version)
-
-
 class _KeepBuffers:
-    """Around the recompute in backward: put back the buffers the forward writes, so that batch norm's running
-    statistics (or a counter) move once per forward, not again when backward runs it a second time."""
+    """Around the recompute in backward: put back the norms' running statistics, so that they move once per forward,
+    not again when backward runs it a second time. Only a value that changed is written back (in eval mode the
+    recompute saved the statistics themselves for backward, and a write would bump their version)."""
 
     def __init__(self, mod: nn.Module, written: set[str]) -> None:
         self.mod, self.written = mod, written
@@ -124,7 +112,8 @@ class _KeepBuffers:
         bufs = dict(self.mod.named_buffers())
         with torch.no_grad():
             for n, value in self.saved.items():
-                bufs[n].copy_(value)
+                if not torch.equal(bufs[n], value):
+                    bufs[n].copy_(value)
 
 
 def disable_recompute(stage: HoldsModule | nn.Module) -> None:

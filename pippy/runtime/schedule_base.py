@@ -247,12 +247,13 @@ class PipelineSchedule:
                     raise ValueError(f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1}, splitting the "
                                      f"target (action: step target): {exc}") from None
         scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
-        loss_fn, counts = self.loss_fn, None
+        loss_fn, counts, counted = self.loss_fn, None, self._counted
         if loss_kwargs and loss_fn is not None:  # step(..., loss_kwargs=): each micro-batch's loss_fn call gets them
             loss_fn = functools.partial(loss_fn, **loss_kwargs)
-        elif self._counted is not None and targets is not None and self._counted.applies(target):
-            loss_fn = self._counted.sum_fn
-            counts = ([self._counted.count(t) for t in targets], self._counted.count(target))
+            counted = counted_mean(loss_fn) if counted is not None else None
+        if training and counted is not None and targets is not None and counted.applies(target):
+            loss_fn = counted.sum_fn  # eval(target=) reports each micro-batch's own mean: loss_fn as given
+            counts = ([counted.count(t) for t in targets], counted.count(target))
         probe = None
         if self._probe_loss and targets is not None and training and loss_fn is not None:
             probe = functools.partial(self._measured_scale, tspec, loss_fn)

@@ -490,3 +490,31 @@ def test_schedule_arguments_past_loss_fn_must_be_keywords() -> None:
                                         r"positionally, got 1 more.*output_merge_spec=.*args_chunk_spec="):
         ScheduleGPipe(pipe.build_stage(0, "cpu"), 2, nn.functional.mse_loss, None,
                       transport=LocalTransport.world(1)[0])
+
+
+def test_counted_cross_entropy_with_loss_kwargs_and_in_eval_and_torch_chunk_specs() -> None:
+    """``F.cross_entropy`` with padding stays exact with ``loss_kwargs``; ``eval(target=)`` reports each micro-batch's
+    own mean; torch's own ``TensorChunkSpec(0)`` on a schedule is the default."""
+    import functools
+
+    from torch.distributed.pipelining.microbatch import TensorChunkSpec as TorchSpec
+
+    from pippy import Schedule1F1B
+    from pippy.runtime.local import LocalPipeline
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.tensor([0, 1, -100, 3, -100, -100, 2, 4])
+    loss = functools.partial(nn.functional.cross_entropy, ignore_index=-100)
+    pipe = pipeline(copy.deepcopy(model), 4, (x,), split_spec={"1": SplitPoint.END})
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=loss,
+                       args_chunk_spec=(TorchSpec(0),))
+    lp.step(x, target=y, loss_kwargs={"label_smoothing": 0.0})
+    ref = copy.deepcopy(model)
+    loss(ref(x), y).backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(lp.named_grads()[n], p.grad, rtol=0, atol=1e-12, msg=n)
+    got: list[torch.Tensor] = []
+    lp.eval(x, target=y, losses=got)
+    want = [float(loss(ref(a), b)) for a, b in zip(x.chunk(4), y.chunk(4))]
+    assert [float(v) for v in got] == pytest.approx(want, abs=1e-12, nan_ok=True)

@@ -249,3 +249,18 @@ def test_step_inputs_that_differ_from_the_trace_are_named_plainly() -> None:
 
     with pytest.raises(PipeTraceError, match=r"input holds a <class .*Batch'>.*register_dataclass.* or pass a tuple"):
         pipeline(Takes(), 1, (Batch(torch.ones(2, 2)),))
+
+
+def test_a_split_point_on_a_module_called_through_forward_is_refused() -> None:
+    """``self.b.forward(h)`` skips hooks, so the split point marking ``b`` would be lost silently."""
+
+    class Direct(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b.forward(torch.tanh(self.a(x)))
+
+    with pytest.raises(PipeTraceError, match=r"split points on \['b'\] never ran while tracing.*self\.sub\(\.\.\.\)"):
+        pipeline(Direct(), 1, (torch.randn(2, 4),), split_spec={"b": SplitPoint.BEGINNING})
