@@ -137,6 +137,7 @@ def mark_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> list
                      else (sub._forward_hooks, _split_at_end))
         if any(h is fn for h in hooks.values()):
             continue  # marked already
+        sub.__dict__.setdefault(_MARK, id(sub))
         if point is SplitPoint.BEGINNING:
             handles.append(sub.register_forward_pre_hook(_split_at_beginning))
         else:
@@ -144,16 +145,17 @@ def mark_split_points(module: nn.Module, spec: Mapping[str, SplitPoint]) -> list
     return handles
 
 
-_FIRED: set[int] = set()  # the modules whose split hook ran (tracing checks that every marked module was called)
+_FIRED: set[int] = set()  # the marks whose split hook ran (tracing checks that every marked module was called)
+_MARK = "_pippy_split_mark"  # a marked module's token (export may call a copy of the module: ids differ)
 
 
 def _split_at_beginning(module: nn.Module, args: Any) -> None:
-    _FIRED.add(id(module))
+    _FIRED.add(module.__dict__.get(_MARK, id(module)))
     torch.ops.pippy.pipe_split()
 
 
 def _split_at_end(module: nn.Module, args: Any, output: Any) -> None:
-    _FIRED.add(id(module))
+    _FIRED.add(module.__dict__.get(_MARK, id(module)))
     torch.ops.pippy.pipe_split()
 
 
@@ -170,7 +172,8 @@ def unfired_split_points(module: nn.Module, trace: Callable[[], Any]) -> tuple[A
     result = trace()
     lost = [name or "(the model)" for name, sub in module.named_modules()
             if (any(h is _split_at_beginning for h in sub._forward_pre_hooks.values())
-                or any(h is _split_at_end for h in sub._forward_hooks.values())) and id(sub) not in _FIRED]
+                or any(h is _split_at_end for h in sub._forward_hooks.values()))
+            and sub.__dict__.get(_MARK, id(sub)) not in _FIRED]
     return result, lost
 
 
