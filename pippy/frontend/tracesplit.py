@@ -126,7 +126,7 @@ def trace_and_split(
     try:
         ep, lost = unfired_split_points(traced, lambda: export_module(traced, mb_args, mb_kwargs, dynamic_shapes=dyn))
     finally:
-        _restore_forwards(saved)
+        _remove_hooks(saved)
     if lost:
         raise PipeTraceError(
             f"split points on {lost} never ran while tracing: such a module is called as `self.sub.forward(...)`, "
@@ -309,11 +309,11 @@ def _example_leaf(x: Any) -> Any:
 
 
 def _apply_split_spec(module: nn.Module, spec: Mapping[str, SplitPoint] | None) -> list[Any]:
-    """Mark ``spec``'s split points for the trace only: the hooks' handles, removed by :func:`_restore_forwards`."""
+    """Mark ``spec``'s split points for the trace only: the hooks' handles, removed by :func:`_remove_hooks`."""
     return mark_split_points(module, spec) if spec else []
 
 
-def _restore_forwards(handles: list[Any]) -> None:
+def _remove_hooks(handles: list[Any]) -> None:
     for handle in handles:
         handle.remove()
 

@@ -28,8 +28,7 @@ import torch
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.api import PipelineStage
 from pippy.runtime.localcomm import LocalTransport
-from pippy.runtime.schedule_base import PipelineSchedule, StepRun
-from pippy.runtime.stage import StageError
+from pippy.runtime.schedule_base import PipelineSchedule, StepRun, eval_options, refuse_no_grad
 from pippy.sim.timeline import Timeline
 
 __all__ = ["LocalPipeline", "PipelineDeadlockError"]
@@ -75,17 +74,13 @@ class LocalPipeline:
         if not self.schedules[0].trains:
             self.schedules[0]._warn_once("forward", self.schedules[0].forward_only_notice())
             return self.eval(*args, **kwargs)
-        if not torch.is_grad_enabled():
-            raise StageError(f"{self.schedules[0].name}: step() runs under torch.no_grad() (or inference_mode), so no "
-                             "loss would have a gradient. Expected step() outside it; use eval(...) for a forward-only "
-                             "pass")
+        refuse_no_grad(self.schedules[0].name)
         return self._drive(args, kwargs, target, losses, training=True, loss_kwargs=loss_kwargs)
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only over all ranks; returns the merged output (``target=`` / ``losses=`` / ``loss_kwargs=`` as in
         :meth:`pippy.runtime.schedule_base.PipelineSchedule.eval`)."""
-        taken = set(self.pipe.keyword_inputs)
-        opts = {k: kwargs.pop(k) for k in ("target", "losses", "loss_kwargs") if k in kwargs and k not in taken}
+        opts = eval_options(self.pipe, kwargs)
         with torch.no_grad():
             return self._drive(args, kwargs, opts.get("target"), opts.get("losses"), training=False,
                                loss_kwargs=opts.get("loss_kwargs"))

@@ -64,7 +64,7 @@ from pippy.sim.compact import compact_w
 from pippy.sim.cost import CostModel
 from pippy.sim.timeline import Event, Timeline
 
-__all__ = ["PipelineSchedule", "StepRun"]
+__all__ = ["PipelineSchedule", "StepRun", "eval_options", "refuse_no_grad"]
 
 
 class PipelineSchedule:
@@ -406,11 +406,7 @@ class PipelineSchedule:
                 run = self.begin(args, kwargs, target=None, training=False, return_outputs=return_outputs)
                 run.run_blocking()
                 return self.finish(run, losses)
-        if not torch.is_grad_enabled():  # refused before anything starts, so the schedule stays usable
-            raise StageError(
-                f"{self.name}: rank {self.rank}: step() runs under torch.no_grad() (or inference_mode), so no loss "
-                "would have a gradient. Expected step() outside it; use eval(...) for a forward-only pass"
-            )
+        refuse_no_grad(f"{self.name}: rank {self.rank}")  # before anything starts: the schedule stays usable
         run = self.begin(args, kwargs, target=target, return_outputs=return_outputs, loss_kwargs=loss_kwargs)
         run.run_blocking()
         return self.finish(run, losses)
@@ -437,14 +433,41 @@ class PipelineSchedule:
         micro-batch's ``loss_fn`` value to ``losses`` on the last stage's rank (``loss_kwargs=`` as in
         :meth:`step`). A model whose own keyword inputs carry one of those names keeps them.
         """
-        taken = set(self.pipe.keyword_inputs)
-        opts = {k: kwargs.pop(k) for k in ("target", "losses", "loss_kwargs") if k in kwargs and k not in taken}
+        opts = eval_options(self.pipe, kwargs)
         self._check_losses(opts.get("losses"))
         with torch.no_grad():
             run = self.begin(args, kwargs, target=opts.get("target"), training=False,
                              loss_kwargs=opts.get("loss_kwargs"))
             run.run_blocking()
         return self.finish(run, opts.get("losses"))
+
+
+def eval_options(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take ``eval()``'s own options (``target``, ``losses``, ``loss_kwargs``) out of ``kwargs``, except those the
+    model takes as keyword inputs of the same name.
+
+        >>> import torch
+        >>> from pippy import pipeline
+        >>> kw = {"target": 1, "mask": 2}
+        >>> eval_options(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), kw), kw
+        ({'target': 1}, {'mask': 2})
+    """
+    taken = set(pipe.keyword_inputs)
+    return {k: kwargs.pop(k) for k in ("target", "losses", "loss_kwargs") if k in kwargs and k not in taken}
+
+
+def refuse_no_grad(where: str) -> None:
+    """Raise when ``step()`` is called under ``torch.no_grad()``: no loss would have a gradient.
+
+        >>> with torch.no_grad():
+        ...     refuse_no_grad("gpipe")
+        Traceback (most recent call last):
+        ...
+        pippy.runtime.stage.StageError: gpipe: step() runs under torch.no_grad() (or inference_mode), so no loss would have a gradient. Expected step() outside it; use eval(...) for a forward-only pass
+    """
+    if not torch.is_grad_enabled():
+        raise StageError(f"{where}: step() runs under torch.no_grad() (or inference_mode), so no loss would have a "
+                         "gradient. Expected step() outside it; use eval(...) for a forward-only pass")
 
 
 def _scalar_first_hint(pipe: Any) -> str:

@@ -9,7 +9,9 @@ are not counted twice) and every copy ends with the same sum, as in the unpipeli
 The executor calls ``snapshot()`` before a training step and drives ``sync()`` (a generator:
 waits yield on the in-process transport) after the step's last action.
 
-    >>> import torch
+    >>> from typing import Any
+
+import torch
     >>> from pippy import SplitPoint, pipeline
     >>> from pippy.runtime.localcomm import LocalTransport
     >>> from pippy.runtime.stage import Stage
@@ -36,6 +38,7 @@ waits yield on the in-process transport) after the step's last action.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -89,35 +92,25 @@ class TiedGrads:
             local = sum(shares[1:], shares[0].clone()) if shares else torch.zeros_like(_local(params[0]))
             # on the host, read without a sync; ordered transports (NCCL) send device tensors only: no flags there
             flags = torch.tensor([bool(shares), any(not p.requires_grad for p in params)], dtype=torch.uint8)
-            flagged = not _ordered(self.transport)
+            flagged = not self.transport.ordered
             total = local
             leader, tag, name = ranks[0], _TAG_BASE + gi, sp.uses[0][1]
-            flag_tag = tag + EDGE_TAGS  # the flags' band: above the shares' (tied grads hold 2 * EDGE_TAGS ... )
-
-            def ctx(peer: int, what: str, stage: int = mine[0][0]) -> WaitContext:
-                return WaitContext(self.rank, stage, "W", 0, peer, what)  # errors name the stage's weight-grad step
+            stage = mine[0][0]
 
             if len(ranks) > 1:
                 tp = self.transport
                 if self.rank == leader:
                     for peer in ranks[1:]:
-                        buf, fbuf = torch.empty_like(local), torch.empty_like(flags)
-                        hs = ([tp.irecv(fbuf, peer, flag_tag)] if flagged else []) + [tp.irecv(buf, peer, tag)]
-                        for h in hs:
-                            yield from tp.wait(h, ctx(peer, f"tied-weight grad {name}"))
-                        total, flags = total + buf, (flags | fbuf if flagged else flags)
-                    sends = [(peer, h) for peer in ranks[1:] for h in
-                             (([tp.isend(flags, peer, flag_tag)] if flagged else []) + [tp.isend(total, peer, tag)])]
-                    for peer, h in sends:
-                        yield from tp.wait(h, ctx(peer, "send summed tied-weight grad"))
+                        buf, got = torch.empty_like(local), torch.empty_like(flags)
+                        yield from self._swap(tp.irecv, buf, got, flagged, peer, tag, stage, f"tied-weight grad {name}")
+                        total, flags = total + buf, flags | got if flagged else flags
+                    for peer in ranks[1:]:
+                        yield from self._swap(tp.isend, total, flags, flagged, peer, tag, stage, "send summed tied-weight grad")
                 else:
-                    hs = ([tp.isend(flags, leader, flag_tag)] if flagged else []) + [tp.isend(local, leader, tag)]
-                    for h in hs:
-                        yield from tp.wait(h, ctx(leader, "send tied-weight grad"))
+                    yield from self._swap(tp.isend, local, flags, flagged, leader, tag, stage, "send tied-weight grad")
                     total, got = torch.empty_like(local), torch.empty_like(flags)
-                    hs = ([tp.irecv(got, leader, flag_tag)] if flagged else []) + [tp.irecv(total, leader, tag)]
-                    for h in hs:
-                        yield from tp.wait(h, ctx(leader, f"summed tied-weight grad {name}"))
+                    yield from self._swap(tp.irecv, total, got, flagged, leader, tag, stage,
+                                          f"summed tied-weight grad {name}")
                     flags = got if flagged else flags
             reached, frozen = (bool(v) for v in flags.numpy())
             if not flagged:  # this rank's copies alone say (NCCL): a copy it got no gradient for keeps its own
@@ -129,6 +122,15 @@ class TiedGrads:
                 else:
                     p.grad = _like(p, total.clone() if prev is None else _local(prev) + total)
 
+    def _swap(self, post: Any, value: torch.Tensor, flags: torch.Tensor, flagged: bool, peer: int, tag: int,
+              stage: int, what: str) -> Iterator[None]:
+        """Post ``value`` (and ``flags`` when ``flagged``, in the band above the shares') to or from ``peer``, then
+        wait for them; errors name the stage's weight-grad step."""
+        ctx = WaitContext(self.rank, stage, "W", 0, peer, what)
+        hs = ([post(flags, peer, tag + EDGE_TAGS)] if flagged else []) + [post(value, peer, tag)]
+        for h in hs:
+            yield from self.transport.wait(h, ctx)
+
     def _share(self, p: torch.Tensor) -> torch.Tensor | None:
         """This step's gradient of copy ``p`` (None if it got none); this rank's shard of it for a sharded (FSDP2)
         copy: the copies are sharded alike over the data-parallel ranks, so shards add up as wholes do."""
@@ -137,11 +139,6 @@ class TiedGrads:
         g = _local(p.grad)
         prev = self._before.get(id(p))
         return g - _local(prev) if prev is not None else g
-
-
-def _ordered(transport: Transport) -> bool:
-    """Whether ``transport`` matches messages in posting order (NCCL): it carries no host-side flags."""
-    return bool(getattr(transport, "ordered", False))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

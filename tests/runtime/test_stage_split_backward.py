@@ -168,24 +168,28 @@ def test_parameter_and_backward_hooks_run_under_split_backward(cls: str, kind: s
         assert torch.allclose(grads[n], p.grad, atol=1e-12), n
 
 
+class _Chain(nn.Module):
+    """Four Linear-tanh layers (each added to its input when ``residual``), one stage each."""
+
+    def __init__(self, residual: bool = False) -> None:
+        super().__init__()
+        self.l = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, lin in enumerate(self.l):
+            x = torch.tanh(lin(x)) + x if self.residual else torch.tanh(lin(x))
+            if i < 3:
+                pipe_split()
+        return x
+
+
 @pytest.mark.parametrize(("cls", "ranks"), [(pippy.ScheduleZBH1, 4), (pippy.ScheduleZBV, 2), (pippy.ScheduleDualPipeV, 2)])
 def test_split_backward_follows_parameters_changed_between_steps(cls, ranks) -> None:
     """Freezing, unfreezing or replacing a stage's parameters after a step: the next step's W follows (the taps of
     split backward are rebuilt), as 1F1B's whole backward does."""
-    class Chain(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.l = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for i, lin in enumerate(self.l):
-                x = torch.tanh(lin(x))
-                if i < 3:
-                    pipe_split()
-            return x
-
     torch.manual_seed(0)
-    model = Chain().double()
+    model = _Chain().double()
     model.l[2].weight.requires_grad_(False)  # frozen when traced
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
     lp = LocalPipeline(pipeline(copy.deepcopy(model), 4, (x,)), cls, num_ranks=ranks, n_microbatches=4, loss_fn=mse)
@@ -233,20 +237,8 @@ def test_closed_form_weight_grads_under_autocast_land_in_the_parameter_dtype(cls
 def test_stages_wrapped_in_torch_compile_train_exactly_and_keep_their_names(cls, ranks) -> None:
     """``stage.submod = torch.compile(stage.submod)``: split backward runs the compiled graph twice (I, then W), so it
     is compiled without donated buffers; ``state_dict`` keeps the model's names (no ``_orig_mod.``)."""
-    class Residual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.l = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for i, lin in enumerate(self.l):
-                x = torch.tanh(lin(x)) + x
-                if i < 3:
-                    pipe_split()
-            return x
-
     torch.manual_seed(0)
-    model = Residual().double()
+    model = _Chain(residual=True).double()
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
     pipe = pipeline(copy.deepcopy(model), 4, (x,))
     lp = LocalPipeline(pipe, cls, num_ranks=ranks, n_microbatches=4, loss_fn=mse)
