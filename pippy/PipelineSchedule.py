@@ -8,6 +8,8 @@
 
 from pippy.runtime.api import (
     PipelineSchedule,
+    PipelineScheduleMulti,
+    PipelineScheduleSingle,
     Schedule1F1B,
     ScheduleDualPipeV,
     ScheduleGPipe,
@@ -17,9 +19,13 @@ from pippy.runtime.api import (
     ScheduleZBH2,
     ScheduleZBV,
 )
-
-PipelineScheduleSingle = PipelineSchedule  # PiPPy's base of one-stage-per-rank schedules
-PipelineScheduleMulti = PipelineSchedule  # PiPPy's base of several-stages-per-rank schedules
+from pippy.runtime.schedule_names import (
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+    _PipelineScheduleRuntime,
+    _ScheduleForwardOnly,
+    get_schedule_class,
+)
 
 __all__ = [
     "PipelineSchedule",
@@ -29,8 +35,13 @@ __all__ = [
     "ScheduleDualPipeV",
     "ScheduleGPipe",
     "ScheduleInterleaved1F1B",
+    "ScheduleInterleavedZeroBubble",
     "ScheduleLoopedBFS",
     "ScheduleZBH1",
     "ScheduleZBH2",
     "ScheduleZBV",
+    "ScheduleZBVZeroBubble",
+    "_PipelineScheduleRuntime",
+    "_ScheduleForwardOnly",
+    "get_schedule_class",
 ]

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from pippy.pipe import ArgsChunkSpec, KwargsChunkSpec, Pipe, pipeline
     from pippy.runtime.api import (
         PipelineSchedule,
+        PipelineScheduleMulti,
+        PipelineScheduleSingle,
         PipelineStage,
         Schedule1F1B,
         ScheduleDualPipeV,
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from pippy.runtime.clip import clip_grad_norm_, grad_norm
     from pippy.runtime.comm import PipeCommError, PipeTimeoutError
     from pippy.runtime.generate import GenerationPipe, GenerationStage, generate, pipeline_for_generation
+    from pippy.runtime.schedule_names import ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, get_schedule_class
     from pippy.runtime.stage import StageError
     from pippy.sim.cost import CostModel, StageCost
     from pippy.sim.profile import profile, profile_ranks
@@ -58,6 +61,8 @@ __all__ = [
     "PipeTimeoutError",
     "PipeTraceError",
     "PipelineSchedule",
+    "PipelineScheduleMulti",
+    "PipelineScheduleSingle",
     "PipelineStage",
     "Replicate",
     "Schedule1F1B",
@@ -65,11 +70,13 @@ __all__ = [
     "ScheduleFromCSV",
     "ScheduleGPipe",
     "ScheduleInterleaved1F1B",
+    "ScheduleInterleavedZeroBubble",
     "ScheduleLoopedBFS",
     "ScheduleSynthesized",
     "ScheduleZBH1",
     "ScheduleZBH2",
     "ScheduleZBV",
+    "ScheduleZBVZeroBubble",
     "SplitPoint",
     "StageCost",
     "StageError",
@@ -79,6 +86,7 @@ __all__ = [
     "autosplit",
     "clip_grad_norm_",
     "generate",
+    "get_schedule_class",
     "grad_norm",
     "graphsplit",
     "pipe_split",
@@ -127,7 +135,9 @@ _WHERE = {
     "profile_ranks": "pippy.sim.profile",
     "simulate": "pippy.sim.simulate",
     "synthesize": "pippy.sim.synthesize",
-    **{n: "pippy.runtime.api" for n in __all__ if n.startswith("Schedule") or n == "PipelineSchedule"},
+    **{n: "pippy.runtime.api" for n in __all__ if n.startswith(("Schedule", "PipelineSchedule"))},
+    **{n: "pippy.runtime.schedule_names" for n in ("ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble",
+                                                   "get_schedule_class")},
 }
 
 

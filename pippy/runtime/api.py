@@ -28,6 +28,7 @@ from pippy.frontend.pipe import SplitPipe
 from pippy.microbatch import TensorChunkSpec
 from pippy.runtime.guards import check_device, check_loss_fn, check_stages, rank_or_none, watch_traced_parameters
 from pippy.runtime.legacy import MicrobatchSteps
+from pippy.runtime.order_io import OrderIO
 from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
@@ -38,6 +39,8 @@ from pippy.sim.synthesize import Synthesis, synthesize
 
 __all__ = [
     "PipelineSchedule",
+    "PipelineScheduleMulti",
+    "PipelineScheduleSingle",
     "PipelineStage",
     "Schedule1F1B",
     "ScheduleDualPipeV",
@@ -53,7 +56,7 @@ __all__ = [
 ]
 
 
-class _UserSchedule(MicrobatchSteps, PipelineSchedule):
+class _UserSchedule(MicrobatchSteps, OrderIO, PipelineSchedule):
     """The schedule classes users build: their arguments are checked before anything is generated."""
 
     def __init__(
@@ -125,8 +128,16 @@ def _split_hint(pipe: SplitPipe) -> str:
     return describe_split_sites(getattr(pipe, "split_sites", None), pipe.num_stages)
 
 
-class _SingleStage(_UserSchedule):
-    def _generate(self) -> Schedule:
+class PipelineScheduleSingle(_UserSchedule):
+    """Base of the schedules that run one stage per rank (GPipe, 1F1B, ZB-H1/H2); ``issubclass`` tells them apart.
+
+    A subclass defines ``_make(p)``, returning a :class:`~pippy.schedules.ir.Schedule` for ``p``
+    ranks and ``self.n_microbatches``; it is checked, lowered and run like the built-in ones. Built
+    as it is, the class runs the order given to ``_load_csv`` / ``_load_actions``
+    (:mod:`pippy.runtime.order_io`).
+    """
+
+    def _generate(self) -> Schedule | None:
         if len(self.stages) != 1:
             raise StageError(
                 f"{type(self).__name__} runs one stage per rank; got {len(self.stages)} stages "
@@ -144,28 +155,35 @@ class _SingleStage(_UserSchedule):
             )
         return self._make(p)
 
-    def _make(self, p: int) -> Schedule:
-        raise NotImplementedError
+    def _make(self, p: int) -> Schedule | None:
+        return None  # no order of its own: _load_csv / _load_actions give one
 
 
-class _MultiStage(_UserSchedule):
+class PipelineScheduleMulti(_UserSchedule):
+    """Base of the schedules that take a list of this rank's stages (interleaved, looped BFS, V-shaped, CSV).
+
+    A subclass defines ``_make(p)``, or loads an order, as for :class:`PipelineScheduleSingle`.
+    """
+
     multi_stage = True
 
-    def _generate(self) -> Schedule:
+    def _generate(self) -> Schedule | None:
         return _generate_multi(self)
 
-    def _make(self, p: int) -> Schedule:
-        raise NotImplementedError
+    def _make(self, p: int) -> Schedule | None:
+        return None  # no order of its own: _load_csv / _load_actions give one
 
 
-def _generate_multi(sched: Any) -> Schedule:
+def _generate_multi(sched: Any) -> Schedule | None:
     """The schedule of a multi-stage class on this group, with the generator's errors naming class and rank."""
     p = sched._num_ranks()
     name = type(sched).__name__
     try:
-        sch: Schedule = sched._make(p)
+        sch: Schedule | None = sched._make(p)
     except ValueError as exc:  # the generator's own check (e.g. DualPipeV's m >= 2p-1): name the class and rank
         raise ValueError(f"{name} on rank {sched.rank} of {p}: {exc}") from None
+    if sch is None:
+        return None
     if sch.num_stages != sched.pipe.num_stages:
         raise StageError(
             f"{name}: with {p} ranks and {len(sched.stages)} stages per rank this schedule places "
@@ -176,7 +194,7 @@ def _generate_multi(sched: Any) -> Schedule:
     return sch
 
 
-class ScheduleGPipe(_SingleStage):
+class ScheduleGPipe(PipelineScheduleSingle):
     """GPipe: all forwards, then all backwards. Memory: every micro-batch's activations at once."""
 
     name = "gpipe"
@@ -185,7 +203,7 @@ class ScheduleGPipe(_SingleStage):
         return gen.gpipe(p, self.n_microbatches)
 
 
-class Schedule1F1B(_SingleStage):
+class Schedule1F1B(PipelineScheduleSingle):
     """1F1B: warm-up forwards, then alternate; at most p micro-batches of activations per rank."""
 
     name = "1f1b"
@@ -194,7 +212,7 @@ class Schedule1F1B(_SingleStage):
         return gen.one_f_one_b(p, self.n_microbatches)
 
 
-class ScheduleZBH1(_SingleStage):
+class ScheduleZBH1(PipelineScheduleSingle):
     """Zero Bubble H1: 1F1B memory, weight-grad passes fill the bubble.
 
     Given several stages per rank (``ScheduleZBH1.placement(p, v)`` puts stage ``s`` on rank
@@ -204,7 +222,7 @@ class ScheduleZBH1(_SingleStage):
 
     name = "zb_h1"
 
-    def _generate(self) -> Schedule:
+    def _generate(self) -> Schedule | None:
         return super()._generate() if len(self.stages) == 1 else _generate_multi(self)
 
     def _make(self, p: int) -> Schedule:
@@ -213,7 +231,7 @@ class ScheduleZBH1(_SingleStage):
         return gen.interleaved_zb(p, self.n_microbatches, v=len(self.stages))
 
 
-class ScheduleZBH2(_SingleStage):
+class ScheduleZBH2(PipelineScheduleSingle):
     """Zero Bubble H2: more warm-up to remove the start bubble, at higher memory."""
 
     name = "zb_h2"
@@ -222,7 +240,7 @@ class ScheduleZBH2(_SingleStage):
         return gen.zb_h2(p, self.n_microbatches)
 
 
-class ScheduleInterleaved1F1B(_MultiStage):
+class ScheduleInterleaved1F1B(PipelineScheduleMulti):
     """Interleaved 1F1B (Megatron): ``len(stages)`` stages per rank, looped placement."""
 
     name = "interleaved_1f1b"
@@ -236,7 +254,7 @@ class ScheduleInterleaved1F1B(_MultiStage):
         return gen.interleaved_1f1b(p, self.n_microbatches, v=len(self.stages))
 
 
-class ScheduleLoopedBFS(_MultiStage):
+class ScheduleLoopedBFS(PipelineScheduleMulti):
     """Looped BFS: breadth-first over local stages, looped placement."""
 
     name = "looped_bfs"
@@ -245,7 +263,7 @@ class ScheduleLoopedBFS(_MultiStage):
         return gen.looped_bfs(p, self.n_microbatches, v=len(self.stages))
 
 
-class _VShape(_MultiStage):
+class _VShape(PipelineScheduleMulti):
     @classmethod
     def placement(cls, num_ranks: int, stages_per_rank: int = 2) -> tuple[int, ...]:
         """Rank r holds stages r and 2p-1-r."""
@@ -271,7 +289,7 @@ class ScheduleZBV(_VShape):
                              compact=self.fill_bubbles)  # judged as it will run: compacted when filling
 
 
-class ScheduleSynthesized(_MultiStage):
+class ScheduleSynthesized(PipelineScheduleMulti):
     """A schedule built for your costs and memory limit (:func:`pippy.sim.synthesize.synthesize`), not a fixed one.
 
     ``costs`` (a :class:`~pippy.sim.cost.CostModel`, e.g. from ``pippy.sim.profile``; ``None``: the
@@ -332,7 +350,7 @@ class ScheduleDualPipeV(_VShape):
         return gen.dualpipev(p, self.n_microbatches)
 
 
-class ScheduleFromCSV(_UserSchedule):
+class ScheduleFromCSV(PipelineScheduleMulti):
     """Run a schedule read from CSV (compute-only or lowered); it must pass validation first.
 
     Each rank passes the stages the CSV places on it (see :mod:`pippy.schedules.lower` for the
@@ -342,7 +360,6 @@ class ScheduleFromCSV(_UserSchedule):
     """
 
     name = "csv"
-    multi_stage = True
 
     def __init__(
         self,
@@ -363,7 +380,7 @@ def run_forward_pipeline(stage: Stage, args: tuple[Any, ...], kwargs: dict[str, 
     return sched.eval(*args, **kwargs)
 
 
-class _ForwardOnly(_SingleStage):
+class _ForwardOnly(PipelineScheduleSingle):
     name = "forward"
 
     def _make(self, p: int) -> Schedule:

@@ -164,27 +164,38 @@ class PipelineSchedule:
         self._broken: str | None = None
         self.last_peak_live: dict[int, int] = {}
         self.last_peak_bytes: dict[int, int] = {}
+        self._fuse_backward = fuse_backward
+        if not isinstance(fuse_backward, bool) and fuse_backward != "auto":
+            raise ValueError(f"fuse_backward must be True, False or 'auto', got {fuse_backward!r}")
+        self.schedule: Schedule | None = None
+        self._eval_schedule: Schedule | None = None
         compute = schedule if schedule is not None else self._generate()
+        if compute is not None:  # None: a base class with no order of its own, until _load_csv / _load_actions
+            self._install(compute, generated=schedule is None)
+
+    def _install(self, compute: Schedule, generated: bool) -> None:
+        """Make ``compute`` (compute actions only) the order this schedule runs: fused, compacted, checked, lowered."""
         compute = compute.with_deps(self.pipe.deps())
+        fuse_backward, fill = self._fuse_backward, generated and self.fill_bubbles
         if fuse_backward == "auto":  # fuse I+W into B only where it simulates faster under the class's costs
             compute, fused = fastest_form(compute, self.costs, gradless_stages=self.gradless_stages(),
-                                          compact=schedule is None and fill_bubbles,
-                                          mixed=schedule is None and fill_bubbles)
+                                          compact=fill, mixed=fill)
             self.fused_backward = fused
-        elif isinstance(fuse_backward, bool):
-            compute = runtime_form(compute, self.gradless_stages(), fuse=fuse_backward)
-            self.fused_backward = fuse_backward
         else:
-            raise ValueError(f"fuse_backward must be True, False or 'auto', got {fuse_backward!r}")
-        if schedule is None and fill_bubbles and fuse_backward != "auto":  # W's into the gaps the costs predict
+            compute = runtime_form(compute, self.gradless_stages(), fuse=bool(fuse_backward))
+            self.fused_backward = bool(fuse_backward)
+        if fill and fuse_backward != "auto":  # W's into the gaps the costs predict
             compute = compact_w(compute, fit_costs(self.costs, compute.num_stages))
         check_placement(self.name, self.rank, self.stages, self.pipe.num_stages, compute,
                         getattr(self.transport, "group", None))
-        self.schedule: Schedule | None = None
+        self.schedule = None
         if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):
             validate(compute)
             self.schedule = lower(compute)
-        self._eval_schedule = lower(gen.forward_only(compute.stage_to_rank, n_microbatches).with_deps(self.pipe.deps()))
+        eval_order = gen.forward_only(compute.stage_to_rank, self.n_microbatches).with_deps(self.pipe.deps())
+        self._eval_schedule = lower(eval_order)
+        self._executors.clear()
+        self._agreed = False
 
     def gradless_stages(self) -> list[int]:
         """Stages whose inputs need no gradient (the first, reading token ids): their backward is never split."""
@@ -194,7 +205,7 @@ class PipelineSchedule:
     def _num_ranks(self) -> int:
         return self.transport.world_size
 
-    def _generate(self) -> Schedule:
+    def _generate(self) -> Schedule | None:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ running
@@ -297,6 +308,11 @@ class PipelineSchedule:
         kwargs = dict(kwargs or {})
         self._check_usable()
         plan = self.schedule if training else self._eval_schedule
+        if self._eval_schedule is None:
+            raise StageError(
+                f"{type(self).__name__} has no order of its own yet: load one with _load_csv(path) or "
+                "_load_actions({rank: [actions]}) on every rank, or use a schedule class such as Schedule1F1B"
+            )
         if plan is None:
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
         try:

@@ -22,6 +22,10 @@ Row ``r`` (after the ``#`` lines) is rank ``r``'s program; each cell is a compac
 is inferred from which row runs each stage, ``microbatches`` is the largest micro-batch + 1 and
 ``deps`` is a chain. ``deps`` lists edges ``consumer<producer`` separated by spaces. Empty cells
 are ignored, so rows may be padded.
+
+The CSVs PyTorch's pipelining package writes load too: its ``(0F1;1B0)OVERLAP_F_B`` cells run their
+actions in order, and its FSDP bookkeeping cells (``0UNSHARD``, ``0RESHARD``, ``0REDUCE_GRAD``) are
+dropped, since pippy gathers and reduces a stage's FSDP2 shards around its own actions.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TextIO
 
 from pippy.schedules.ir import Action, Kind, Schedule, chain_deps, comm_around
 
 __all__ = [
+    "cell_actions",
     "defer_gradless_backward",
     "from_csv",
     "from_csv_string",
@@ -265,7 +271,7 @@ def _parse(
     rows: list[list[Action]] = []
     for lineno, cells in enumerate(csv.reader(body), start=1):
         try:
-            rows.append([Action.parse(c) for c in cells if c.strip()])
+            rows.append([a for c in cells for a in cell_actions(c)])
         except ValueError as e:
             raise ValueError(f"CSV row {lineno} (rank {lineno - 1}): {e}") from e
     n_ranks = int(header.get("ranks", len(rows)))
@@ -283,6 +289,25 @@ def _parse(
         deps = _parse_deps(header["deps"]) if "deps" in header else chain_deps(len(stage_to_rank))
     full = {s: tuple(deps.get(s, ())) for s in range(len(stage_to_rank))}
     return Schedule(name or header.get("name") or default_name, rows, tuple(stage_to_rank), n_microbatches, full)
+
+
+_FSDP_CELL = re.compile(r"^\s*\d+(UNSHARD|RESHARD|REDUCE_GRAD)\d*\s*$")
+
+
+def cell_actions(text: str) -> list[Action]:
+    """The actions of one CSV cell: pippy's ``1F0``, or PyTorch pipelining's overlap and FSDP cells.
+
+        >>> cell_actions("(0F1;3B0)OVERLAP_F_B")
+        [Action(stage=0, kind=<Kind.F: 'F'>, mb=1), Action(stage=3, kind=<Kind.B: 'B'>, mb=0)]
+        >>> cell_actions("2UNSHARD"), cell_actions(" ")
+        ([], [])
+    """
+    text = text.strip()
+    if not text or _FSDP_CELL.match(text):
+        return []
+    if text.startswith("(") and text.endswith(")OVERLAP_F_B"):
+        return [a for part in text[1:text.index(")")].split(";") for a in cell_actions(part)]
+    return [Action.parse(text)]
 
 
 def _infer_placement(rows: list[list[Action]]) -> list[int]:
