@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,30 @@ def test_split_points_that_leave_a_stage_empty() -> None:
     with pytest.raises(PipeTraceError, match=r"between the split points SplitPoint\.END of '0' \(split_spec / annotate_"
                                              r"split_points\) and SplitPoint\.BEGINNING of '1'"):
         pipeline(model, 2, (x8(),), split_spec=spec)
+
+
+class SplitLast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b(self.a(x))
+        pipe_split()
+        return x
+
+
+def test_split_points_after_the_last_computation_warn() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).double()
+    with pytest.warns(UserWarning, match=r"the split point SplitPoint\.END of '1' .* comes after the last computation "
+                                         r"of forward.* the pipe has 2 stages for 2 split points. To get 3 stages") as rec:
+        pipe = pipeline(model, 2, (x8(),), split_spec={"0": SplitPoint.END, "1": SplitPoint.END})
+    assert pipe.num_stages == 2 and rec[0].filename == __file__  # attributed to the caller's line
+    with pytest.warns(UserWarning, match=r"test_troubleshooting.py:\d+ in forward: pipe_split\(\) comes after the last computation"):
+        assert pipeline(SplitLast().double(), 2, (x8(),)).num_stages == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pipeline(model, 2, (x8(),), split_spec={"0": SplitPoint.END}).num_stages == 2
 
 
 # ------------------------------------------------------------------ 2. outputs the loss cannot use

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import fx
 
+from pippy.frontend.notice import warn_user
 from pippy.frontend.split import assign_by_markers
 from pippy.frontend.trace import PipeTraceError, is_split_marker, split_site
 
@@ -88,4 +89,13 @@ def _check_no_empty_stage(gm: fx.GraphModule, assignment: Mapping[fx.Node, int],
         raise PipeTraceError(
             f"stage {s} of {n} would be empty: {where}. Expected at least one operation in every stage. "
             f"How to fix: {fix}"
+        )
+    if len(sites) >= n:  # split points after the last computation: no stage follows them
+        late = sites[n - 1:]
+        warn_user(
+            f"pipeline(): the split point{'s' if len(late) > 1 else ''} {', '.join(late)} come"
+            f"{'' if len(late) > 1 else 's'} after the last computation of forward, so no stage follows "
+            f"{'them' if len(late) > 1 else 'it'}: the pipe has {n} stage{'s' if n > 1 else ''} for {len(sites)} split "
+            f"point{'s' if len(sites) > 1 else ''}. To get {len(sites) + 1} stages, move "
+            f"{'them' if len(late) > 1 else 'it'} earlier (e.g. SplitPoint.END of an earlier module)",
         )

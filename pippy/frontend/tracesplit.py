@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ from torch.utils import _pytree as pytree
 from pippy.frontend.assign import SplitPolicy, assign_stages
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.mutation import written_after
+from pippy.frontend.notice import warn_user
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.pipe import SharedParam, SplitPipe
 from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
@@ -208,13 +208,12 @@ def _warn_batch_statistics(gm: fx.GraphModule) -> None:
     owners = sorted({node_owner(a.node) or "the model" for a in mode_args(gm.graph)
                      if "batch_norm" in str(a.node.target) and a.traced is True})
     if owners:
-        warnings.warn(
+        warn_user(
             f"pipeline(): batch norm in train mode ({', '.join(owners[:3])}{', ...' if len(owners) > 3 else ''}) "
             "normalizes each micro-batch by its own mean and variance and updates its running statistics once per "
             "micro-batch, as under gradient accumulation (every pipeline library does so). Outputs and gradients "
             "therefore differ from one forward over the whole batch. For exact results use LayerNorm / GroupNorm, "
             "or keep those modules in eval mode",
-            stacklevel=4,
         )
 
 
@@ -232,12 +231,11 @@ def _warn_buffer_updates(buffers: Iterable[str]) -> None:
     """Warn when forward writes buffers (a step counter, an EMA, a cache): each micro-batch's forward writes them."""
     names = sorted({b for b in buffers if not b.endswith(_BN_STATS)})
     if names:
-        warnings.warn(
+        warn_user(
             f"pipeline(): forward updates the buffers {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}. "
             "Each micro-batch's forward updates them in turn, as under gradient accumulation: a step counter "
             "advances num_chunks times per step and an average takes num_chunks updates, each from one micro-batch. "
             "If that is not what you want, update them outside forward (after the step)",
-            stacklevel=4,
         )
 
 
@@ -260,13 +258,12 @@ def _refuse_nested_splits(gm: fx.GraphModule) -> None:
 def _warn_uneven(said: str, n: int) -> None:
     """Warn about inputs split by default whose size differs from the batch's (see uneven_split_inputs)."""
     if said:
-        warnings.warn(
+        warn_user(
             f"pipeline(): the inputs split into micro-batches differ in size: {said}. Each micro-batch gets 1/{n} of "
             "each. If such an input is not batched (positions, a mask or table shared by every row), it is cut into "
             "pieces and broadcasting may hide it: give it Replicate() (pipeline(..., args_chunk_spec=(TensorChunkSpec"
             "(0), Replicate())) or kwargs_chunk_spec={name: Replicate(), ...}, one entry per keyword argument). If it "
             "is batched at another rate, pass its TensorChunkSpec explicitly and this warning goes",
-            stacklevel=4,
         )
 
 
@@ -276,13 +273,12 @@ def _warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | N
     if not unknown:
         return
     said = ", ".join(f"{j} (shape {list(shapes[j] or ())})" for j in unknown)
-    warnings.warn(
+    warn_user(
         f"pipeline(): outputs {said} combine the batch's rows by ops pippy cannot rebuild from micro-batches (max, "
         "var, norm, a product of means, ...). Schedules run each micro-batch alone, so these come back as the mean "
         "of the micro-batches' values (0-dim) or their concatenation, not the model's value; used as a loss, the "
         "gradients differ too. Compute such values from the merged outputs after the step (return the per-row "
         "values instead), or pass output_merge_spec= to the schedule if the micro-batch values are what you want",
-        stacklevel=4,
     )
 
 
@@ -378,12 +374,11 @@ def _merge_dims_by_symbols(module: nn.Module, example: tuple[tuple[Any, ...], di
             return dims
     except Exception:
         pass
-    warnings.warn(
+    warn_user(
         f"pipeline(): outputs {ambiguous} have a micro-batch's size at more than one dim, or at a dim the inputs do "
         f"not split along, and tracing again with symbolic sizes failed, so pippy cannot tell which dim is the "
         f"batch and merges the outputs along {guess}. Pass output_merge_spec= to the schedule (e.g. "
         "[TensorChunkSpec(1)]) if that is wrong, or trace with a batch whose micro-batch size differs from the "
         "model's other sizes",
-        stacklevel=4,
     )
     return guess

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from pippy.frontend.notice import warn_user
 from pippy.frontend.reduction import graph_reduction, model_reduction
 from pippy.microbatch import Replicate, TensorChunkSpec, merge_chunks, split_leaves, split_value
-from pippy.runtime.notice import warn_user
 from pippy.runtime.stage import StageError
 
 __all__ = ["choose_reduction", "describe", "graph_reduction", "infer_reduction", "loss_index", "measure_reduction",

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pippy.frontend.notice import warn_user
 from pippy.frontend.precision import autocast_state
 from pippy.microbatch import Sum, split_value
 from pippy.runtime.comm import DistTransport, Transport
@@ -50,7 +51,6 @@ from pippy.runtime.executor import Executor, StepInputs
 from pippy.runtime.guards import check_placement
 from pippy.runtime.loss import choose_reduction, loss_index, measure_reduction, target_spec
 from pippy.runtime.manual import exchange, link_stages, needs_link
-from pippy.runtime.notice import warn_user
 from pippy.runtime.ranks import gather_trace, schedule_facts
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.steprun import StepRun
