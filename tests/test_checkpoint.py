@@ -185,3 +185,25 @@ def test_an_optimizer_over_some_parameters_and_a_dcp_resplit_keep_their_hyperpar
         checkpoint.load([st], tmp_path / "two", format="dcp", optimizer=o)
     assert [o.param_groups[0]["lr"] for o in opts] == [0.01] * 4
     assert all(len(o.state) == 2 for o in opts)
+
+
+class RootBuffer(torch.nn.Module):
+    """A non-persistent buffer on the model itself, read by both stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.randn(8), persistent=False)
+        self.l1, self.l2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x) + self.scale) * self.scale[:1])
+
+
+def test_root_non_persistent_buffers_stay_out_of_stage_state_dicts(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = RootBuffer()
+    pipe = pipeline(copy.deepcopy(model), 2, (torch.randn(4, 8),), split_spec={"l1": SplitPoint.END})
+    stages = [pipe.build_stage(i, "cpu") for i in range(2)]
+    assert sorted(k for st in stages for k in st.state_dict()) == sorted(model.state_dict())
+    checkpoint.save(stages, tmp_path / "ck")
+    model.load_state_dict(checkpoint.merge(tmp_path / "ck"), strict=True)

@@ -90,6 +90,8 @@ class SplitPipe:
         self.compute_dtype: torch.dtype | None = None  # pipeline(compute_dtype=): float inputs are cast to it
         self.aliases: list[list[str]] = []  # FQNs the traced model registers one tensor under (tied weights)
         self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from
+        # what forward does that the traced backward loses (custom autograd Functions, ...): see frontend.lostgrad
+        self.lost_backward: list[str] = []
         # per flattened input: each dim's static size or SymDim range (None: every shape is static)
         self.input_dims: list[tuple[int | SymDim, ...] | None] | None = None
         # per flattened output: the dim its micro-batches concatenate along without an output_merge_spec

@@ -43,6 +43,8 @@ def materialize_module(module: fx.GraphModule, device: torch.device, index: int)
     whose structure cannot be rebuilt runs flat, with a warning. Also returns the flat graph.
     """
     mod = copy.deepcopy(module)
+    for name, sub in module.named_modules():  # GraphModule's deepcopy makes its own buffers persistent again
+        mod.get_submodule(name)._non_persistent_buffers_set = set(sub._non_persistent_buffers_set)
     replace_meta(mod, device)
     mod = mod.to(device)
     try:

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from pippy.frontend.assign import SplitPolicy, assign_stages
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
+from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
 from pippy.frontend.mutation import written_after
 from pippy.frontend.notice import warn_user
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
@@ -124,7 +125,9 @@ def trace_and_split(
     dyn = None if dynamic_shapes is None else export_dynamic_shapes(traced, tuple(mb_args), mb_kwargs, dynamic_shapes)
     saved = _apply_split_spec(traced, split_spec)  # hooks while tracing only
     try:
-        ep, lost = unfired_split_points(traced, lambda: export_module(traced, mb_args, mb_kwargs, dynamic_shapes=dyn))
+        with watch_backward() as dropped:
+            ep, lost = unfired_split_points(traced, lambda: export_module(traced, mb_args, mb_kwargs,
+                                                                          dynamic_shapes=dyn))
     finally:
         _remove_hooks(saved)
     if lost:
@@ -134,7 +137,7 @@ def trace_and_split(
             "`self.sub(...)`; or put pipe_split() in the model's code there"
         )
     gm = ep.module()
-    _refuse_nested_splits(gm)
+    _refuse_nested_splits(gm, dropped)
     ph_args, ph_kwargs = _traced_inputs(gm, ep.call_spec.in_spec, (tuple(mb_args), mb_kwargs))
     merge_dims = output_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
     unsure = ambiguous_merge_dims(ph_args, ph_kwargs, args_chunk_spec, kwargs_chunk_spec, _output_shapes(gm))
@@ -158,6 +161,7 @@ def trace_and_split(
         merge_dims = _merge_dims_by_growth(_output_shapes(gm), merge_dims, twice)
     reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
     _warn_unknown(reductions, _output_shapes(gm))
+    warn_lost_backward(dropped, model_backward_hooks(module))
     if num_chunks > 1:
         _warn_batch_statistics(gm)
         _warn_buffer_updates(_written_buffers(gm))
@@ -200,6 +204,7 @@ def trace_and_split(
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites
+    pipe.lost_backward = list(dict.fromkeys(dropped))
     return pipe
 
 
@@ -239,13 +244,21 @@ def _warn_buffer_updates(buffers: Iterable[str]) -> None:
         )
 
 
-def _refuse_nested_splits(gm: fx.GraphModule) -> None:
+def _refuse_nested_splits(gm: fx.GraphModule, dropped: list[str]) -> None:
     """Refuse ``pipe_split()`` calls that the trace put inside a region it keeps as one op (a ``torch.autocast`` or
     ``torch.no_grad`` block, a ``torch.cond`` branch): a stage boundary cannot fall inside one op."""
     inner = [(name, node) for name, sub in gm.named_modules() if name and isinstance(sub, fx.GraphModule)
              for node in sub.graph.nodes if is_split_marker(node)]
     if inner:
         sites = "; ".join(split_site(node) for _, node in inner)
+        reentrant = [d for d in dropped if "use_reentrant=True" in d]
+        if reentrant:
+            raise PipeTraceError(
+                f"pipe_split() at {sites} follows {reentrant[0]}; torch.export puts everything after such a "
+                "checkpoint in one no-grad region, so the split point would be lost and the gradients wrong. "
+                "Expected use_reentrant=False: torch.utils.checkpoint(fn, *args, use_reentrant=False) (Hugging Face: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
+            )
         raise PipeTraceError(
             f"pipe_split() inside a region the trace keeps as one op ({inner[0][0]}: a torch.autocast / torch.no_grad "
             f"/ set_grad_enabled block or a torch.cond branch), at {sites}. A stage boundary cannot fall inside it, "

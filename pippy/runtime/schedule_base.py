@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pippy.frontend.lostgrad import TRAIN_REFUSAL
 from pippy.frontend.notice import warn_user
 from pippy.frontend.precision import autocast_state
 from pippy.microbatch import Sum, split_value
@@ -138,6 +139,12 @@ class PipelineSchedule:
         own = None if loss_fn is not None else loss_index(self.pipe.out_spec, last.outputs)
         self._own_loss = own  # the flat output index of the model's own loss (trained on without loss_fn)
         self.trains = loss_fn is not None or own is not None
+        lost = getattr(self.pipe, "lost_backward", None)
+        if self.trains and lost:
+            raise StageError(
+                f"{type(self).__name__}: the model's forward uses {'; '.join(lost)}. A pipe's backward is autograd's "
+                f"over the traced operations, so training would give other gradients than the model. {TRAIN_REFUSAL}"
+            )
         # a mean over counted targets (ignore_index, class weights) stays exact across micro-batches
         self._counted = counted_mean(loss_fn) if loss_reduction is None else None
         self.loss_reduction, self._probe_loss = choose_reduction(type(self).__name__, loss_fn, self.pipe, own,

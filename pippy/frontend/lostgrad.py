@@ -1,0 +1,123 @@
+"""What a trace drops from the backward pass: custom autograd Functions, reentrant checkpoints, hooks.
+
+``torch.export`` records the forward's operations; the stages' backward is autograd's over those.
+So a custom ``torch.autograd.Function``'s own ``backward``, a tensor hook registered inside
+``forward`` and ``torch.utils.checkpoint(use_reentrant=True)`` (which torch.export turns into a
+no-grad region) would silently give other gradients than the model. :func:`watch_backward`
+records them while tracing; ``pipeline()`` warns about them and schedules refuse to train on
+such a pipe. Backward hooks registered on the model's modules and parameters before
+``pipeline()`` stay on the model, not on the stages: :func:`model_backward_hooks` names them.
+
+    >>> class Flip(torch.autograd.Function):
+    ...     @staticmethod
+    ...     def forward(ctx, x):
+    ...         return x.clone()
+    ...     @staticmethod
+    ...     def backward(ctx, g):
+    ...         return -g
+    >>> with watch_backward() as lost:
+    ...     _ = Flip.apply(torch.ones(2, requires_grad=True))
+    >>> lost[0].split(":")[0]
+    'custom torch.autograd.Function Flip (its backward is replaced by the autograd of its forward)'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from pippy.frontend.notice import warn_user
+
+__all__ = ["TRAIN_REFUSAL", "model_backward_hooks", "warn_lost_backward", "watch_backward"]
+
+_SKIP = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(torch.__file__)))
+_REENTRANT = "torch.utils.checkpoint.CheckpointFunction"
+
+TRAIN_REFUSAL = (
+    "How to fix: write the custom backward as a torch.library.custom_op with register_autograd (torch.export keeps "
+    "such an op whole, with its backward); pass use_reentrant=False to torch.utils.checkpoint (Hugging Face: "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})); register "
+    "gradient hooks after pipeline() on the stages' tensors or modules. Forward-only use (eval(), stage(x)) is "
+    "unaffected"
+)
+
+
+def _caller() -> str:
+    """``file:line`` of the innermost frame outside torch and pippy (the model's code)."""
+    for fr in reversed(traceback.extract_stack()[:-2]):
+        if not os.path.abspath(fr.filename).startswith(_SKIP) and not fr.filename.startswith("<"):
+            return f"{fr.filename}:{fr.lineno}"
+    return "an unknown line"
+
+
+@contextlib.contextmanager
+def watch_backward() -> Iterator[list[str]]:
+    """Within the block, record each custom autograd Function, reentrant checkpoint and tensor hook forward uses."""
+    lost: list[str] = []
+    apply_was = torch.autograd.Function.__dict__["apply"]
+    hook_was = torch.Tensor.register_hook
+
+    def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name == _REENTRANT:
+            lost.append(f"torch.utils.checkpoint(use_reentrant=True) at {_caller()} (torch.export makes what "
+                        "follows it a no-grad region)")
+        elif not name.startswith("torch."):
+            lost.append(f"custom torch.autograd.Function {cls.__qualname__} (its backward is replaced by the "
+                        f"autograd of its forward): {cls.__qualname__}.apply at {_caller()}")
+        return apply_was.__func__(cls, *args, **kwargs)
+
+    def register_hook(self: torch.Tensor, hook: Any) -> Any:
+        lost.append(f"a tensor hook registered in forward ({getattr(hook, '__qualname__', 'hook')}) at {_caller()}")
+        return hook_was(self, hook)
+
+    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+    torch.Tensor.register_hook = register_hook  # type: ignore[method-assign]
+    try:
+        yield lost
+    finally:
+        torch.autograd.Function.apply = apply_was  # type: ignore[method-assign]
+        torch.Tensor.register_hook = hook_was  # type: ignore[method-assign]
+
+
+def model_backward_hooks(module: nn.Module) -> list[str]:
+    """The modules and parameters of ``module`` that carry backward hooks (they are not copied onto stages).
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> _ = net[0].weight.register_hook(lambda g: g)
+        >>> _ = net.register_full_backward_hook(lambda m, gi, go: None)
+        >>> model_backward_hooks(net)
+        ['module (the model itself)', 'parameter 0.weight']
+    """
+    found = []
+    for name, sub in module.named_modules():
+        if sub._backward_hooks or sub._backward_pre_hooks:
+            found.append(f"module {name or '(the model itself)'}")
+    for name, p in module.named_parameters():
+        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            found.append(f"parameter {name}")
+    return found
+
+
+def warn_lost_backward(lost: list[str], hooks: list[str]) -> None:
+    """``pipeline()``'s warnings about what :func:`watch_backward` recorded and the model's backward hooks."""
+    if lost:
+        warn_user(
+            f"pipeline(): forward uses {'; '.join(dict.fromkeys(lost))}. A pipe's backward is autograd's over the "
+            "traced operations, so these would give other gradients than the model: training schedules refuse "
+            f"this pipe. {TRAIN_REFUSAL}"
+        )
+    if hooks:
+        warn_user(
+            f"pipeline(): backward hooks on {', '.join(hooks[:4])}{', ...' if len(hooks) > 4 else ''} stay on the "
+            "model: stages hold their own modules and parameters, so these hooks do not run in a pipelined step "
+            "(and a stage's parameter gradient accumulates over micro-batches, so a hook would see each "
+            "micro-batch's part). Register them after build_stage on the stage's module (stage.submod) or "
+            "parameters instead"
+        )

@@ -1,0 +1,121 @@
+"""Forward code whose backward a trace loses (custom autograd Functions, reentrant checkpoints, tensor hooks) is
+refused for training; torch.library custom ops keep their backward; backward hooks on the model are named."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pippy import Schedule1F1B, ScheduleZBH1, pipe_split, pipeline
+from pippy.runtime.local import LocalPipeline
+from pippy.runtime.stage import StageError
+
+
+class Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return -0.5 * g
+
+
+@torch.library.custom_op("pippytest::reverse", mutates_args=())
+def reverse_op(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@reverse_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+reverse_op.register_autograd(lambda ctx, g: -0.5 * g)
+
+
+class Net(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.l1, self.l2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l1(x))
+        pipe_split()
+        if self.kind == "function":
+            h = Reverse.apply(h)
+        elif self.kind == "custom_op":
+            h = reverse_op(h)
+        elif self.kind == "hook" and h.requires_grad:
+            h.register_hook(lambda g: g * 0.25)
+        elif self.kind == "reentrant":
+            h = checkpoint(self.l2, h, use_reentrant=True)
+        return self.head(torch.tanh(self.l2(h)))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind,named", [
+    ("function", r"custom torch.autograd.Function Reverse .*Reverse.apply at .*test_lostgrad.py:\d+"),
+    ("hook", r"a tensor hook registered in forward \(.*\) at .*test_lostgrad.py:\d+"),
+    ("reentrant", r"torch.utils.checkpoint\(use_reentrant=True\) at .*test_lostgrad.py:\d+"),
+])
+def test_lost_backward_is_refused_for_training(kind: str, named: str) -> None:
+    torch.manual_seed(0)
+    model = Net(kind).double()
+    x, y = _data()
+    with pytest.warns(UserWarning, match=f"pipeline\\(\\): forward uses {named}.*training schedules refuse"):
+        pipe = pipeline(copy.deepcopy(model), 4, (x,))
+    with pytest.raises(StageError, match=f"Schedule1F1B: the model's forward uses {named}.*How to fix: .*custom_op"):
+        LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=F.mse_loss)
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4)  # forward only: allowed, and exact
+    with torch.no_grad():
+        torch.testing.assert_close(lp.eval(x), model(x), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("cls", [Schedule1F1B, ScheduleZBH1])
+def test_custom_op_keeps_its_backward(cls: type) -> None:
+    torch.manual_seed(0)
+    model = Net("custom_op").double()
+    x, y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe = pipeline(copy.deepcopy(model), 4, (x,))
+    lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4, loss_fn=F.mse_loss)
+    lp.step(x, target=y)
+    F.mse_loss(model(x), y).backward()
+    grads = lp.named_grads()
+    assert model.l1.weight.grad is not None and model.l1.weight.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_model_backward_hooks_are_named() -> None:
+    model = Net("plain").double()
+    model.l1.weight.register_hook(lambda g: g * 2)
+    model.head.register_full_backward_hook(lambda m, gi, go: None)
+    with pytest.warns(UserWarning, match=r"backward hooks on module head, parameter l1.weight stay on the model"):
+        pipeline(model, 2, (_data()[0],))
+
+
+class SplitAfterReentrant(Net):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = checkpoint(self.l1, x, use_reentrant=True)
+        pipe_split()
+        return self.head(torch.tanh(self.l2(h)))
+
+
+def test_split_after_a_reentrant_checkpoint_names_it() -> None:
+    with pytest.raises(Exception, match=r"pipe_split\(\) at .* follows torch.utils.checkpoint\(use_reentrant=True\) at "
+                                        r".*test_lostgrad.py:\d+.*Expected use_reentrant=False"):
+        pipeline(SplitAfterReentrant("plain").double(), 2, (_data()[0],))
