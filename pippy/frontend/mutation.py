@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["written_after", "written_placeholders"]
+__all__ = ["written_after", "written_params_across_stages", "written_placeholders"]
 
 
 def _arg_slots(node: fx.Node) -> list[tuple[Any, Any]]:
@@ -99,3 +99,17 @@ def written_placeholders(gm: fx.GraphModule) -> list[int]:
     """
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return [i for i, n in enumerate(inputs) if written_after(n)]
+
+
+def written_params_across_stages(gm: fx.GraphModule, assignment: dict[fx.Node, int]) -> dict[str, list[int]]:
+    """The parameters that forward writes in place (``nn.Embedding(max_norm=...)``'s renorm) and that several
+    stages read, each with those stages: each stage holds its own copy, so one stage's write misses the others."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    found: dict[str, list[int]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and str(node.target) in params and written_after(node):
+            stages = sorted({assignment[u] for u in node.users if u in assignment})
+            if len(stages) > 1:
+                found[str(node.target)] = stages
+    return found
+

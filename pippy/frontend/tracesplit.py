@@ -21,8 +21,9 @@ from torch.utils import _pytree as pytree
 
 from pippy.frontend.assign import SplitPolicy, assign_stages
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
+from pippy.frontend.embedcheck import check_embeddings
 from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
-from pippy.frontend.mutation import written_after
+from pippy.frontend.mutation import written_after, written_params_across_stages
 from pippy.frontend.notice import warn_user
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.pipe import SharedParam, SplitPipe
@@ -172,6 +173,17 @@ def trace_and_split(
     leaves = pytree.tree_flatten((tuple(mb_args), mb_kwargs))[0]
     sites = [split_site(node) for node in gm.graph.nodes if is_split_marker(node)]
     gm, assignment = assign_stages(gm, leaves, split_policy, sites)
+    check_embeddings(gm, assignment, num_chunks)
+    written = written_params_across_stages(gm, assignment)
+    if written:
+        name, at = next(iter(written.items()))
+        raise PipeTraceError(
+            f"forward writes parameter {name} in place (nn.Embedding(max_norm=...) renormalizes the rows it looks up; "
+            f"a clamp_ or copy_ on a weight) and stages {at} read it. Each stage holds its own copy and runs its "
+            "micro-batches alone, so the write would not reach the other stages and results would differ from the "
+            "model. How to fix: keep every use of that parameter in one stage (move the split points), or do the "
+            "write outside forward (e.g. max_norm=None and renormalize after optimizer.step())"
+        )
     num_stages = max(assignment.values(), default=0) + 1
     stages = split_graph(gm, assignment, num_stages, tied_weights=tied_weights, recompute_inputs=recompute_inputs)
     if traced is not module:

@@ -73,7 +73,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 def test_lost_backward_is_refused_for_training(kind: str, named: str) -> None:
     torch.manual_seed(0)
     model = Net(kind).double()
-    x, y = _data()
+    x, _ = _data()
     with pytest.warns(UserWarning, match=f"pipeline\\(\\): forward uses {named}.*training schedules refuse"):
         pipe = pipeline(copy.deepcopy(model), 4, (x,))
     with pytest.raises(StageError, match=f"Schedule1F1B: the model's forward uses {named}.*How to fix: .*custom_op"):
