@@ -143,6 +143,8 @@ def uneven_split_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], args_spec
         'args[1] has 4 along dim 0, the batch (args[0]) has 8'
         >>> uneven_split_inputs((torch.zeros(8, 4), torch.arange(4)), {}, (None, TensorChunkSpec(0)))
         ''
+        >>> uneven_split_inputs((torch.zeros(8, 5, 3), (torch.zeros(2, 8, 6), torch.zeros(2, 8, 6))), {})
+        'args[1][0] has 2 along dim 0, args[1][1] has 2 along dim 0, the batch (args[0]) has 8'
     """
     found: list[tuple[str, int, int, bool]] = []  # (name, dim, size, spec given)
     for value, spec, what in ((args, args_spec, "positional argument"), (kwargs, kwargs_spec, "keyword argument")):
@@ -153,8 +155,9 @@ def uneven_split_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], args_spec
                 d = sp.dim if isinstance(sp, TensorChunkSpec) else 0
                 if -leaf.dim() <= d < leaf.dim():
                     found.append((f"{_NAMES[what]}{pytree.keystr(path)}", d, int(leaf.shape[d]), sp is not None))
-    sizes = [f[2] for f in found]
-    batch = max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)), default=0)  # most common; first on a tie
+    # the batch: the first input's size (args[0] by convention), not the most common one, which an LSTM's
+    # (h0, c0) states would win against its one input
+    batch = found[0][2] if found else 0
     odd = [f"{nm} has {size} along dim {d}" for nm, d, size, given in found if size != batch and not given]
     if not odd:
         return ""

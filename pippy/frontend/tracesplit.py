@@ -288,7 +288,8 @@ def _warn_uneven(said: str, n: int) -> None:
             "each. If such an input is not batched (positions, a mask or table shared by every row), it is cut into "
             "pieces and broadcasting may hide it: give it Replicate() (pipeline(..., args_chunk_spec=(TensorChunkSpec"
             "(0), Replicate())) or kwargs_chunk_spec={name: Replicate(), ...}, one entry per keyword argument). If it "
-            "is batched at another rate, pass its TensorChunkSpec explicitly and this warning goes",
+            "is batched along another dim (an RNN's h0 of shape [layers, batch, hidden]: TensorChunkSpec(1)) or at "
+            "another rate, pass its TensorChunkSpec explicitly and this warning goes",
         )
 
 
