@@ -137,7 +137,11 @@ def sym_hint(d: Any) -> int:
     """
     if isinstance(d, torch.SymInt):
         hint = d.node.hint
-        return int(hint) if hint is not None else int(d.node.shape_env.size_hint(d.node.expr))
+        if hint is None:  # an expression of traced sizes, or a size that depends on the data (h[mask]): a heuristic
+            from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+            hint = optimization_hint(d, fallback=0)
+        return int(hint)
     return int(d)
 
 

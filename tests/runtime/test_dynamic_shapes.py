@@ -278,3 +278,40 @@ def test_unequal_microbatch_shapes_are_refused_before_anything_is_posted() -> No
     data_sized = ValueMeta((2, 8), torch.float32, dynamic=(1,), per_mb=True)
     assert Incoming(ends[1], data_sized, peer=0, tag=6, ctx=ctx, device=torch.device("cpu"), expect=(2, 5)).expect is None
     rx.note_output("x", 0, 0, data_sized, (9, 9))  # not checked either
+
+
+class KeptTokens(nn.Module):
+    """The tokens a mask keeps (a size that depends on the data) cross the split, then are scattered back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        kept = h[keep]
+        pipe_split()
+        return self.head(h.masked_scatter(keep[..., None], torch.tanh(self.l2(kept))))
+
+
+@pytest.mark.parametrize("cls", [pippy.Schedule1F1B, pippy.ScheduleZBH1, pippy.ScheduleGPipe])
+def test_a_size_that_depends_on_the_data_crosses_a_split(cls: type) -> None:
+    torch.manual_seed(0)
+    model = KeptTokens().double()
+    x, y = torch.randn(4, 6, 8, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
+    keep = torch.rand(4, 6) > 0.4
+    keep[0] = True  # micro-batches keep different numbers of tokens
+    ref = model(x, keep)
+    mse(ref, y).backward()
+    lp = LocalPipeline(pipeline(model, 2, (x, keep)), cls, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    for _ in range(2):  # and again with another mask, without tracing again
+        lp.zero_grad()
+        out = lp.step(x, keep, target=y)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
+        grads = lp.named_grads()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13)
+        keep = torch.rand(4, 6) > 0.7
+        model.zero_grad()
+        ref = model(x, keep)
+        mse(ref, y).backward()
