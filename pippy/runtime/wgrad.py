@@ -4,7 +4,7 @@ A split backward runs I (input gradients) first and W (weight gradients) later. 
 forward returns, after the stage outputs, every node that reads a trainable tensor (a "tap"); I
 then asks autograd for the gradients at those taps too, and W turns them into weight gradients
 one reader at a time. ``linear``, ``addmm`` and ``layer_norm`` get theirs in closed form from the
-saved input (one matmul or reduction, no second autograd pass), unless the op's output or input
+saved input (one matmul or reduction, no second autograd pass; ``group_norm`` too), unless the op's output or input
 is overwritten in place later (``pippy.frontend.mutation``); anything else runs a small backward
 from its tap to its own parameters (through the in-place ops that rewrote the tap, if any).
 
@@ -35,11 +35,12 @@ __all__ = ["ClosedForm", "WeightGradTaps"]
 _LINEAR = "aten.linear.default"
 _ADDMM = "aten.addmm.default"
 _LAYER_NORM = "aten.layer_norm.default"
+_GROUP_NORM = "aten.group_norm.default"
 
 
 @dataclass(frozen=True, slots=True)
 class ClosedForm:
-    """A tap whose weight gradient has a closed form: ``kind`` is linear, addmm or layer_norm.
+    """A tap whose weight gradient has a closed form: ``kind`` is linear, addmm, layer_norm or group_norm.
 
         >>> ClosedForm("linear", torch.nn.Parameter(torch.ones(2, 2)), None).kind
         'linear'
@@ -49,6 +50,7 @@ class ClosedForm:
     weight: nn.Parameter
     bias: nn.Parameter | None
     eps: float = 0.0
+    groups: int = 1  # group_norm's
 
     def accumulate(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """Add dW, db from the op's input ``x`` and output gradient ``g`` into ``.grad``.
@@ -62,6 +64,13 @@ class ClosedForm:
             [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
         """
         with torch.no_grad():
+            if self.kind == "group_norm":  # per channel (dim 1): dW = sum(g * x_hat), db = sum(g)
+                dims = [d for d in range(g.dim()) if d != 1]
+                x_hat = torch.nn.functional.group_norm(x.detach(), self.groups, eps=self.eps)
+                _add_grad(self.weight, (g * x_hat).sum(dims))
+                if self.bias is not None:
+                    _add_grad(self.bias, g.sum(dims))
+                return
             g2 = g.reshape(-1, g.shape[-1])
             x2 = x.detach().reshape(-1, x.shape[-1])
             if self.kind == "layer_norm":
@@ -120,7 +129,7 @@ class WeightGradTaps:
         self.params: list[list[nn.Parameter]] = [[gm.get_parameter(f) for f in fqns] for _, fqns in taps]
         self.forms: list[ClosedForm | None] = [
             None if f is None else ClosedForm(
-                f[0], gm.get_parameter(f[2]), None if f[3] is None else gm.get_parameter(f[3]), f[4]
+                f[0], gm.get_parameter(f[2]), None if f[3] is None else gm.get_parameter(f[3]), f[4], f[5]
             )
             for f in found
         ]
@@ -163,9 +172,11 @@ def _tap_nodes(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, list[str]]], boo
     return list(reads.items()), exact
 
 
-def _closed_form_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node, str, str | None, float] | None:
-    """For ``linear(x, W, b)`` / ``addmm(b, x, W)`` / ``layer_norm(x, shape, W, b, eps)`` reading
-    trainable W (and b): (kind, x, W fqn, b fqn, eps); None for anything else."""
+def _closed_form_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node, str, str | None, float, int] | None:
+    """For ``linear(x, W, b)`` / ``addmm(b, x, W)`` / ``layer_norm(x, shape, W, b, eps)`` /
+    ``group_norm(x, groups, W, b, eps)`` reading trainable W (and b): (kind, x, W fqn, b fqn, eps, groups);
+    None for anything else. (group_norm's also avoids torch's crash in its backward to the weights alone
+    on a channels_last input.)"""
 
     def param(a: Any) -> str | None:
         if isinstance(a, fx.Node) and a.op == "get_attr":
@@ -182,16 +193,21 @@ def _closed_form_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node, st
         has_b = len(node.args) > 2 and node.args[2] is not None
         b = param(node.args[2]) if has_b else None
         if w is not None and (not has_b or b is not None):
-            return ("linear", node.args[0], w, b, 0.0)
+            return ("linear", node.args[0], w, b, 0.0, 1)
     if target == _ADDMM and len(node.args) == 3 and isinstance(node.args[1], fx.Node):
         w, b = param(node.args[2]), param(node.args[0])
         if w is not None and b is not None and tensor_at(gm, b).dim() == 1:
-            return ("addmm", node.args[1], w, b, 0.0)
+            return ("addmm", node.args[1], w, b, 0.0, 1)
     if target == _LAYER_NORM and len(node.args) >= 4 and len(node.args[1]) == 1:  # type: ignore[arg-type]
         w, b = param(node.args[2]), param(node.args[3])
         if w is not None and b is not None:
             eps = float(node.args[4]) if len(node.args) > 4 else 1e-5  # type: ignore[arg-type]
-            return ("layer_norm", node.args[0], w, b, eps)
+            return ("layer_norm", node.args[0], w, b, eps, 1)
+    if target == _GROUP_NORM and len(node.args) >= 4 and isinstance(node.args[1], int):
+        w, b = param(node.args[2]), param(node.args[3])
+        if w is not None and (node.args[3] is None or b is not None):
+            eps = float(node.args[4]) if len(node.args) > 4 else 1e-5  # type: ignore[arg-type]
+            return ("group_norm", node.args[0], w, b, eps, node.args[1])
     return None
 
 

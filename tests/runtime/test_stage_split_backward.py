@@ -251,3 +251,36 @@ def test_stages_wrapped_in_torch_compile_train_exactly_and_keep_their_names(cls,
     grads = lp.named_grads()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12, msg=name)
+
+
+class GroupNormConv(nn.Module):
+    def __init__(self, affine: bool = True) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8, affine=affine)
+        self.conv2, self.norm2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        pipe_split()
+        return self.head(torch.relu(self.norm2(self.conv2(h))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("cls", ["ScheduleZBH1", "ScheduleZBH2"])
+def test_group_norm_weight_grads_in_closed_form(cls: str, channels_last: bool) -> None:
+    """GroupNorm's W pass has a closed form; on a channels_last input, torch's own backward to its weights alone
+    crashes the process, so the closed form is what makes such stages train."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = GroupNormConv().double().to(memory_format=fmt)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64).contiguous(memory_format=fmt)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    lp = LocalPipeline(pipeline(model, 2, (x,)), getattr(pippy, cls), num_ranks=2, n_microbatches=2, loss_fn=mse)
+    lp.step(x, target=y)
+    assert [f.kind for f in lp.stages[1].taps.forms if f is not None] == ["group_norm", "linear"]
+    mse(ref(x), y).backward()
+    grads = lp.named_grads()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
