@@ -62,7 +62,7 @@ def test_split_point_in_a_loop_is_named_when_the_stage_count_surprises() -> None
     msg = str(info.value)
     assert "world size is 2 but the pipe has 3 stages" in msg  # what came
     assert "test_troubleshooting.py" in msg and "pipe_split()" in msg  # where
-    assert "traced 3 times: it runs inside a loop; guard it with an if, or move it out of the loop" in msg  # fix
+    assert "traced 3 times: it runs in a loop, one split point per pass; if fewer were meant, guard it" in msg
     assert "the last of them comes after the last computation of forward and makes no stage" in msg
 
 

@@ -20,7 +20,7 @@ def describe_split_sites(sites: Sequence[str] | None, num_stages: int) -> str:
     inside a loop) is named once, with its count.
 
         >>> describe_split_sites(["model.py:9 in forward: pipe_split()"] * 3, 4)
-        'its 4 stages come from the split points model.py:9 in forward: pipe_split() (traced 3 times: it runs inside a loop; guard it with an if, or move it out of the loop)'
+        'its 4 stages come from the split points model.py:9 in forward: pipe_split() (traced 3 times: it runs in a loop, one split point per pass; if fewer were meant, guard it with an if or move it out of the loop)'
         >>> describe_split_sites([], 1)
         'the model has no split point (no pipe_split() in forward, no split_spec, no split_policy), so it is one stage; add split points'
     """
@@ -35,8 +35,8 @@ def describe_split_sites(sites: Sequence[str] | None, num_stages: int) -> str:
     for site in sites:
         counts[site] = counts.get(site, 0) + 1
     parts = [
-        site if n == 1 else f"{site} (traced {n} times: it runs inside a loop; guard it with an if, or move it out "
-        "of the loop)" for site, n in counts.items()
+        site if n == 1 else f"{site} (traced {n} times: it runs in a loop, one split point per pass; if fewer were "
+        "meant, guard it with an if or move it out of the loop)" for site, n in counts.items()
     ]
     text = f"its {num_stages} stages come from the split points {'; '.join(parts)}"
     trailing = len(sites) - (num_stages - 1)

@@ -322,7 +322,7 @@ class ScheduleSynthesized(PipelineScheduleMulti):
         named = {"loop": loop_placement(p, max(1, n // p)), "v": v_placement(p) if n == 2 * p else None}
         layouts = [(k, pl) for k, pl in named.items() if pl is not None and n % p == 0 and len(pl) == n
                    and (self.layout is None or k == self.layout) and [s for s in range(n) if pl[s] == self.rank] == mine]
-        if self.layout is None and n == 2 * p and p % 2 == 1:  # every rank raises, not only the middle one
+        if self.layout is None and n == 2 * p and p % 2 == 1 and p > 1:  # every rank raises, not only the middle one
             raise ValueError(
                 f"with {p} ranks (odd) the middle rank's stages fit both the V and the interleaved loop, so the "
                 "ranks cannot tell them apart from their stages; pass layout='v' or layout='loop' (the same on "

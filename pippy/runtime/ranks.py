@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -30,11 +31,14 @@ def schedule_facts(sched: Any) -> dict[str, Any]:
     """
     plan = sched._eval_schedule
     pipe = sched.pipe
+    order = "forward only" if sched.schedule is None else hashlib.sha1(
+        " ".join(str(a) for acts in sched.schedule.compute_only().actions for a in acts).encode()).hexdigest()[:12]
     return {
         "schedule": type(sched).__name__,
         "n_microbatches": sched.n_microbatches,
         "ranks": sched.transport.world_size,
         "stage_to_rank": list(plan.stage_to_rank),
+        "action order (a hash; set by the class, costs= and a loaded CSV, the same on every rank)": order,
         "stage_edges": [
             [[m.describe() for m in info.input_meta], [m.describe() for m in info.outputs]]
             for info in pipe.stage_infos

@@ -176,33 +176,51 @@ class PipelineSchedule:
             raise ValueError(f"fuse_backward must be True, False or 'auto', got {fuse_backward!r}")
         self.schedule: Schedule | None = None
         self._eval_schedule: Schedule | None = None
-        compute = schedule if schedule is not None else self._generate()
-        if compute is not None:  # None: a base class with no order of its own, until _load_csv / _load_actions
-            self._install(compute, generated=schedule is None)
+        try:
+            compute = schedule if schedule is not None else self._generate()
+            if compute is not None:  # None: a base class with no order of its own, until _load_csv / _load_actions
+                self._install(compute, generated=schedule is None)
+        except Exception as exc:  # the other ranks would wait for this one's first messages until their timeout
+            self._tell_others(f"rank {self.rank}, building {type(self).__name__}", exc)
+            raise
 
     def _install(self, compute: Schedule, generated: bool) -> None:
-        """Make ``compute`` (compute actions only) the order this schedule runs: fused, compacted, checked, lowered."""
+        """Make ``compute`` (compute actions only) the order this schedule runs: fused, compacted, checked, lowered.
+
+        A given order (``schedule=``, a CSV) is validated as written first, so errors name its own actions.
+        Nothing changes when a check fails.
+        """
         compute = compute.with_deps(self.pipe.deps())
+        trains = any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts)
+        if trains and not generated:
+            validate(compute)
         fuse_backward, fill = self._fuse_backward, generated and self.fill_bubbles
         if fuse_backward == "auto":  # fuse I+W into B only where it simulates faster under the class's costs
             compute, fused = fastest_form(compute, self.costs, gradless_stages=self.gradless_stages(),
                                           compact=fill, mixed=fill)
-            self.fused_backward = fused
         else:
             compute = runtime_form(compute, self.gradless_stages(), fuse=bool(fuse_backward))
-            self.fused_backward = bool(fuse_backward)
+            fused = bool(fuse_backward)
         if fill and fuse_backward != "auto":  # W's into the gaps the costs predict
             compute = compact_w(compute, fit_costs(self.costs, compute.num_stages))
         check_placement(self.name, self.rank, self.stages, self.pipe.num_stages, compute,
                         getattr(self.transport, "group", None))
-        self.schedule = None
-        if any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts):
+        if trains:
             validate(compute)
-            self.schedule = lower(compute)
         eval_order = gen.forward_only(compute.stage_to_rank, self.n_microbatches).with_deps(self.pipe.deps())
+        self.schedule = lower(compute) if trains else None
         self._eval_schedule = lower(eval_order)
+        self.fused_backward = fused
         self._executors.clear()
         self._agreed = False
+
+    def _tell_others(self, where: str, exc: BaseException) -> None:
+        """Post this rank's failure for the group (their waits stop now); later schedules send on a fresh group."""
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        if self.transport.fail(f"{where}: {type(exc).__name__}: {first}"):
+            poison = getattr(self.transport, "poison", None)
+            if poison is not None:
+                poison()
 
     def gradless_stages(self) -> list[int]:
         """Stages whose inputs need no gradient (the first, reading token ids): their backward is never split."""

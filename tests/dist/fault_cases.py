@@ -26,8 +26,8 @@ from pippy import SplitPoint, pipeline
 TIMEOUT = 4.0  # PIPPY_TIMEOUT in these runs: every rank must end within TIMEOUT + 10 s
 SCENARIOS = (
     "never_steps", "raise_forward", "raise_backward", "disagree_microbatches", "disagree_schedule",
-    "disagree_split", "wrong_shape", "wrong_dtype", "nan_loss", "group_destroyed", "spare_schedule", "eval_vs_step",
-    "sigkill",
+    "disagree_split", "disagree_order", "wrong_shape", "wrong_dtype", "nan_loss", "group_destroyed", "spare_schedule",
+    "eval_vs_step", "build_fails", "sigkill",
 )
 MULTI = {"1f1b": (pippy.Schedule1F1B, 1), "interleaved": (pippy.ScheduleInterleaved1F1B, 2)}
 M = 4  # micro-batches
@@ -127,6 +127,25 @@ def run(rank: int, world: int, family: str, name: str, failed_at: list[float]) -
         sched, _, x, y = _build(rank, world, family, cls=other if victim else None)
         if victim:
             mark()
+        _step(sched, rank, x, y)
+    elif name == "disagree_order":  # the victim loads another order of the same placement
+        from pippy.schedules.generators import gpipe, looped_bfs
+
+        sched, _, x, y = _build(rank, world, family)
+        if victim:
+            other = gpipe(world, M) if family == "1f1b" else looped_bfs(world, M, v=MULTI[family][1])
+            sched._load_actions({r: [str(a) for a in row] for r, row in enumerate(other.actions)})
+            mark()
+        _step(sched, rank, x, y)
+    elif name == "build_fails":  # the victim's schedule fails while it is built; its process stays alive
+        base = MULTI[family][0]
+        if victim:
+            def make(self: Any, p: int) -> Any:
+                mark()
+                raise ValueError("injected failure building the schedule")
+
+            _build(rank, world, family, cls=type("Broken", (base,), {"_make": make}))
+        sched, _, x, y = _build(rank, world, family)
         _step(sched, rank, x, y)
     elif name == "disagree_split":
         sched, _, x, y = _build(rank, world, family, shift=1 if victim else 0)
