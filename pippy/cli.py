@@ -104,7 +104,8 @@ def _build_parser() -> _Parser:
     sp = sub.add_parser("simulate", help="predict one step: timeline, bubble, memory", description="Simulate one training step.")
     sp.add_argument("schedule", type=_schedule_name, help=f"one of: {names}")
     shape(sp)
-    sp.add_argument("--costs", help="cost model JSON (default: unit costs F=I=W=1 per rank, B=2)")
+    sp.add_argument("--costs", help="cost model JSON (default: unit costs F=I=W=1 per rank, B=2; a schedule class "
+                    "given no costs= assumes B=1.5, which may place W's elsewhere)")
     sp.add_argument("--png", help="also draw the timeline to this PNG file (needs matplotlib)")
     sp.add_argument("--trace", help="also write a Chrome/Perfetto trace JSON here")
     sp.add_argument("--save-timeline", help="also write the predicted timeline JSON here (for trace-compare)")
@@ -182,6 +183,9 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     print(render_text(tl, width=a.width, color=color))
     print(f"\n{sch.name}: {sch.num_ranks} ranks, {sch.num_stages} stages, {sch.n_microbatches} micro-batches")
     print(f"step time: {format_time(res.step_time)}   mean bubble: {100 * res.mean_bubble:.1f}%")
+    if not a.costs:
+        print("costs: unit (F=I=W=1, B=2); a schedule class given no costs= assumes B=1.5, and where its W's go "
+              "depends on the costs: pass --costs (e.g. from `pippy profile`) for the order a class will run")
     print(f"{'rank':>6} {'busy':>10} {'bubble %':>9} {'peak memory':>12}")
     for r in range(sch.num_ranks):
         print(f"{r:>6} {format_time(res.busy[r]):>10} {100 * res.bubble[r]:>9.1f} {format_bytes(res.peak_memory[r]):>12}")

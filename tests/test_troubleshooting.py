@@ -420,6 +420,8 @@ def test_csv_schedule_mistakes(tmp_path: Path) -> None:
         csv_schedule(tmp_path, "1F0,1B0\n0F0,0B0\n")  # the CSV puts stage 1 on rank 0
     with pytest.raises(ValueError, match=r"stage 0 has actions on ranks 0 and 1.*pass stage_to_rank="):
         csv_schedule(tmp_path, "0F0,1F0\n0B0,1B0\n")
+    with pytest.warns(UserWarning, match=r"my.csv has 1 micro-batches .* traced with num_chunks=2"):
+        csv_schedule(tmp_path, "0F0,0B0\n1F0,1B0\n")  # micro-batch 1 forgotten
 
 
 # ------------------------------------------------------------------ 11. / 14. indices and counts

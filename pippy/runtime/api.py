@@ -372,6 +372,12 @@ class ScheduleFromCSV(PipelineScheduleMulti):
 
         sch = from_csv(path).compute_only()
         super().__init__(stages, sch.n_microbatches, loss_fn, schedule=sch, **kwargs)
+        if sch.n_microbatches != self.pipe.num_chunks and self.pipe.input_dims is None:
+            self._warn_once("csv-microbatches", (
+                f"ScheduleFromCSV: {path} has {sch.n_microbatches} micro-batches (its largest micro-batch index + 1, or "
+                f"its header) but the pipe was traced with num_chunks={self.pipe.num_chunks}; a step's batch must "
+                f"then hold {sch.n_microbatches} of the traced micro-batches. Add the missing micro-batches to the "
+                "CSV, or trace with pipeline(model, num_chunks=...) to match"))
 
 
 def run_forward_pipeline(stage: Stage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
