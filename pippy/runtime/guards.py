@@ -184,8 +184,10 @@ def check_loss_fn(
         sig = inspect.signature(loss_fn)
     except (TypeError, ValueError):  # builtins and C functions: nothing to read
         return
+    required_kw = {n: object() for n, p in sig.parameters.items()  # fed by step(loss_kwargs=...)
+                   if p.kind is p.KEYWORD_ONLY and p.default is p.empty}
     try:
-        sig.bind(object(), object())
+        sig.bind(object(), object(), **required_kw)
     except TypeError as exc:
         name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
         raise TypeError(

@@ -216,7 +216,7 @@ class Stage(StageModule):
         fn = taps.module if taps is not None else self.submod
         # split backward runs the graph twice (I, then W): a torch.compile'd module must keep its saved buffers, in
         # its forward and backward compilations both (a backward compiles at its first run)
-        self._keep_buffers = split_backward and hasattr(self.submod, "_orig_mod")
+        self._keep_buffers = split_backward and any(hasattr(m, "_orig_mod") for m in self.submod.modules())
         with self._compiling():
             if self.measure_activations:
                 with SavedBytes(skip=self.submod.parameters()) as counter:
