@@ -196,23 +196,30 @@ class Waiter:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Watched, float]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Watched, float] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def submit(self, w: Watched, timeout: float) -> None:
         """Have ``w`` waited for (``w.finished`` is set when its wait returns)."""
         w.watched = True
         _WATCHING.add(w)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pippy-waiter", daemon=True)
+        if self._thread is None:  # the thread holds only the queue: when this waiter goes, its thread ends
+            self._thread = threading.Thread(target=_serve, args=(self._jobs,), name="pippy-waiter", daemon=True)
             self._thread.start()
+            weakref.finalize(self, self._jobs.put, None)
         self._jobs.put((w, timeout))
 
-    def _run(self) -> None:
-        while True:
-            box: list[Any] = list(self._jobs.get())  # [watched, timeout]: no other name holds the watched
-            timeout = box.pop()
-            _wait_and_drop(box, timeout)
+
+def _serve(jobs: queue.SimpleQueue[tuple[Watched, float] | None]) -> None:
+    """A waiter thread: run the waits handed to it in turn, until its waiter is gone (``None``)."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        box: list[Any] = list(job)  # [watched, timeout]: no other name holds the watched
+        del job
+        timeout = box.pop()
+        _wait_and_drop(box, timeout)
 
 
 def _wait_and_drop(box: list[Watched], timeout: float) -> None:
