@@ -19,6 +19,8 @@ from pippy.runtime.api import (
     ScheduleZBH2,
     ScheduleZBV,
 )
+from pippy.runtime.peer_attrs import OVERLAP_F_B
+from pippy.runtime.schedule_base import PipelineSchedule as _PipelineSchedule
 from pippy.runtime.schedule_names import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
@@ -28,6 +30,7 @@ from pippy.runtime.schedule_names import (
 )
 
 __all__ = [
+    "OVERLAP_F_B",
     "PipelineSchedule",
     "PipelineScheduleMulti",
     "PipelineScheduleSingle",
@@ -41,6 +44,7 @@ __all__ = [
     "ScheduleZBH2",
     "ScheduleZBV",
     "ScheduleZBVZeroBubble",
+    "_PipelineSchedule",
     "_PipelineScheduleRuntime",
     "_ScheduleForwardOnly",
     "get_schedule_class",

@@ -29,6 +29,7 @@ from pippy.microbatch import TensorChunkSpec
 from pippy.runtime.guards import check_device, check_loss_fn, check_stages, rank_or_none, watch_traced_parameters
 from pippy.runtime.legacy import MicrobatchSteps
 from pippy.runtime.order_io import OrderIO
+from pippy.runtime.peer_attrs import PeerAttributes
 from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import Stage, StageError
 from pippy.schedules import generators as gen
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 
-class _UserSchedule(MicrobatchSteps, OrderIO, PipelineSchedule):
+class _UserSchedule(MicrobatchSteps, OrderIO, PeerAttributes, PipelineSchedule):
     """The schedule classes users build: their arguments are checked before anything is generated."""
 
     def __init__(

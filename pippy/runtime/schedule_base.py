@@ -31,7 +31,6 @@ the trace, merge the outputs). A new schedule class only says what to generate:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import time
@@ -43,17 +42,17 @@ import torch.distributed as dist
 
 from pippy.frontend.lostgrad import TRAIN_REFUSAL
 from pippy.frontend.notice import warn_user
-from pippy.frontend.precision import autocast_state
-from pippy.microbatch import Sum, split_value
+from pippy.microbatch import Sum
 from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.countedmean import counted_mean
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
-from pippy.runtime.executor import Executor, StepInputs
+from pippy.runtime.executor import Executor
 from pippy.runtime.guards import check_placement
-from pippy.runtime.loss import choose_reduction, loss_index, measure_reduction, target_spec
+from pippy.runtime.loss import choose_reduction, loss_index
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.ranks import gather_trace, schedule_facts
 from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.stepinputs import StepInputsMixin
 from pippy.runtime.steprun import StepRun
 from pippy.runtime.watch import drop_at_exit
 from pippy.schedules import generators as gen
@@ -68,7 +67,7 @@ from pippy.sim.timeline import Event, Timeline
 __all__ = ["PipelineSchedule", "StepRun", "eval_options", "refuse_no_grad"]
 
 
-class PipelineSchedule:
+class PipelineSchedule(StepInputsMixin):
     """Base of all schedule classes: splits the batch, runs the executor, merges outputs.
 
     ``stages`` is this rank's stage (or list of stages for multi-stage schedules). Pass
@@ -134,21 +133,8 @@ class PipelineSchedule:
                     )
         self.n_microbatches = n_microbatches
         self.costs = costs
-        self.loss_fn = loss_fn
-        last = self.pipe.stage_infos[-1]
-        own = None if loss_fn is not None else loss_index(self.pipe.out_spec, last.outputs)
-        self._own_loss = own  # the flat output index of the model's own loss (trained on without loss_fn)
-        self.trains = loss_fn is not None or own is not None
-        lost = getattr(self.pipe, "lost_backward", None)
-        if self.trains and lost:
-            raise StageError(
-                f"{type(self).__name__}: the model's forward uses {'; '.join(lost)}. A pipe's backward is autograd's "
-                f"over the traced operations, so training would give other gradients than the model. {TRAIN_REFUSAL}"
-            )
-        # a mean over counted targets (ignore_index, class weights) stays exact across micro-batches
-        self._counted = counted_mean(loss_fn) if loss_reduction is None else None
-        self.loss_reduction, self._probe_loss = choose_reduction(type(self).__name__, loss_fn, self.pipe, own,
-                                                                 loss_reduction, self.trains)
+        self._given_reduction = loss_reduction
+        self._set_loss_fn(loss_fn)
         self._warned: set[str] = set()
         self.target_chunk_spec = target_chunk_spec
         self.output_merge_spec = output_merge_spec
@@ -214,6 +200,33 @@ class PipelineSchedule:
         self._executors.clear()
         self._agreed = False
 
+    def _set_loss_fn(self, loss_fn: Callable[..., torch.Tensor] | None) -> None:
+        """Use ``loss_fn`` from the next step on: what it trains on, and how its micro-batch losses combine."""
+        own = None if loss_fn is not None else loss_index(self.pipe.out_spec, self.pipe.stage_infos[-1].outputs)
+        trains = loss_fn is not None or own is not None
+        lost = getattr(self.pipe, "lost_backward", None)
+        if trains and lost:
+            raise StageError(
+                f"{type(self).__name__}: the model's forward uses {'; '.join(lost)}. A pipe's backward is autograd's "
+                f"over the traced operations, so training would give other gradients than the model. {TRAIN_REFUSAL}"
+            )
+        reduction, probe = choose_reduction(type(self).__name__, loss_fn, self.pipe, own, self._given_reduction, trains)
+        self._loss, self._own_loss, self.trains = loss_fn, own, trains  # _own_loss: the model's own loss output
+        # a mean over counted targets (ignore_index, class weights) stays exact across micro-batches
+        self._counted = counted_mean(loss_fn) if self._given_reduction is None else None
+        self.loss_reduction, self._probe_loss = reduction, probe
+
+    @property
+    def loss_fn(self) -> Callable[..., torch.Tensor] | None:
+        """The loss each micro-batch's output is scored with; assigning another takes effect at the next step."""
+        return self._loss
+
+    @loss_fn.setter
+    def loss_fn(self, fn: Callable[..., torch.Tensor] | None) -> None:
+        self._set_loss_fn(fn)
+
+    _loss_fn = loss_fn  # PyTorch pipelining's attribute name (frameworks assign it)
+
     def _tell_others(self, where: str, exc: BaseException) -> None:
         """Post this rank's failure for the group (their waits stop now); later schedules send on a fresh group."""
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
@@ -237,72 +250,6 @@ class PipelineSchedule:
     def holds(self, stage_index: int) -> bool:
         """True when this rank holds stage ``stage_index``."""
         return any(st.index == stage_index for st in self.stages)
-
-    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool,
-                loss_kwargs: dict[str, Any] | None = None) -> StepInputs:
-        m = self.n_microbatches
-        now, traced = autocast_state(), getattr(self.pipe, "traced_autocast", None)
-        if now != traced and not getattr(self.pipe, "manual", False):
-            def say(state: tuple[str, str] | None) -> str:
-                return "without torch.autocast" if state is None else f"under torch.autocast({state[0]!r}, dtype={state[1]})"
-            raise StageError(
-                f"{self.name}: rank {self.rank}: the pipe was traced {say(traced)} but this step runs {say(now)}; "
-                "the traced stage edges carry the dtypes of the trace (autocast computes linear layers in bfloat16), "
-                "so the two must agree. Expected pipeline() and every step() under the same autocast context"
-            )
-        mbs = None
-        if self.holds(0):
-            if not args and not kwargs:
-                raise StageError(
-                    f"rank {self.rank} holds stage 0 but step()/eval() got no inputs; pass the batch here"
-                )
-            try:
-                mbs = self.pipe.split_inputs(args, kwargs, m)
-            except ValueError as exc:
-                raise ValueError(f"{self.name}: rank {self.rank}, stage 0, splitting the batch (action: step input): "
-                                 f"{exc}") from None
-        elif args or kwargs:
-            self._warn_once(
-                "inputs",
-                f"rank {self.rank} does not hold stage 0: the inputs given to step()/eval() here are ignored (only "
-                "the rank holding stage 0 reads the batch, as in PiPPy and PyTorch's pipelining package)",
-            )
-        targets = None
-        scored = training or (target is not None and self.loss_fn is not None)  # eval(x, target=y): losses too
-        if scored and self.holds(self.pipe.num_stages - 1):
-            if training and self.loss_fn is not None and target is None:
-                raise StageError(
-                    f"rank {self.rank}, stage {self.pipe.num_stages - 1} (last): loss_fn is set but target is None; "
-                    "call step(..., target=y) on the rank holding the last stage"
-                )
-            if target is not None:
-                try:
-                    tspec = target_spec(self.pipe, target, m, self.target_chunk_spec)
-                    targets = split_value(target, m, tspec, what="target")
-                except ValueError as exc:
-                    raise ValueError(f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1}, splitting the "
-                                     f"target (action: step target): {exc}") from None
-        scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
-        loss_fn, counts, counted = self.loss_fn, None, self._counted
-        if loss_kwargs and loss_fn is not None:  # step(..., loss_kwargs=): each micro-batch's loss_fn call gets them
-            loss_fn = functools.partial(loss_fn, **loss_kwargs)
-            counted = counted_mean(loss_fn) if counted is not None else None
-        if training and counted is not None and targets is not None and counted.applies(target):
-            loss_fn = counted.sum_fn  # eval(target=) reports each micro-batch's own mean: loss_fn as given
-            counts = ([counted.count(t) for t in targets], counted.count(target))
-        probe = None
-        if self._probe_loss and targets is not None and training and loss_fn is not None:
-            probe = functools.partial(self._measured_scale, tspec, loss_fn)
-        return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
-                          counts=counts)
-
-    def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor], out: Any, target: Any,
-                        loss: torch.Tensor) -> float:
-        """The first micro-batch's loss scale, once ``loss_fn``'s reduction is measured on it (``measure_reduction``)."""
-        self._probe_loss = False
-        self.loss_reduction = measure_reduction(type(self).__name__, loss_fn, self.pipe, target_spec, out, target,
-                                                loss)
-        return 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
 
     def _check_usable(self) -> None:
         if self._broken is not None:

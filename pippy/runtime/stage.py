@@ -5,6 +5,7 @@ in forward-only runs, its outputs until their last reader took them. The executo
 order of the calls; the user-facing :class:`pippy.PipelineStage` adds ``stage(x)`` on top.
 
     >>> import torch
+import torch.distributed as dist
     >>> from pippy import SplitPoint, pipeline
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> pipe = pipeline(net, 2, example_args=(torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import fx, nn
 
 from pippy.frontend.materialize import pending_tensors
@@ -124,6 +126,16 @@ class Stage(StageModule):
     def is_last(self) -> bool:
         """True for the last stage."""
         return self.index == self.pipe.num_stages - 1
+
+    @property
+    def group_rank(self) -> int:
+        """This process's rank in the stage's pipeline group (PyTorch pipelining's name; 0 without a group)."""
+        return dist.get_rank(self.group) if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def group_size(self) -> int:
+        """Ranks in the stage's pipeline group (PyTorch pipelining's name; 1 without a group)."""
+        return dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
 
     @property
     def pointwise_recompute(self) -> bool:

@@ -128,3 +128,26 @@ def test_an_order_is_checked_as_written() -> None:
         lp.schedules[0]._load_actions({0: ["0F0", "0W0", "0I0"] + [a for i in (1, 2, 3) for a in (f"0F{i}", f"0B{i}")],
                                        1: GPIPE_2[1]})
     assert lp.schedules[1].schedule is None  # nothing was installed by the failed loads
+
+
+def test_loss_fn_assigned_after_construction_is_used() -> None:
+    """Frameworks swap the loss on a built schedule (``sched._loss_fn = fn``, PyTorch pipelining's name)."""
+    model, pipe, x, y = mlp_pipe(2, 4)
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
+
+    def doubled(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.nn.functional.mse_loss(out, tgt)
+
+    for sched in lp.schedules:
+        sched._loss_fn = doubled
+        assert sched.loss_fn is doubled and sched._has_backward and sched._n_microbatches == 4
+    losses: list[torch.Tensor] = []
+    lp.step(x, target=y, losses=losses)
+    doubled(model(x), y).backward()
+    torch.testing.assert_close(torch.stack(losses).mean(), doubled(model(x), y).detach(), rtol=1e-12, atol=0)
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13)
+    assert [str(a) for a in lp.schedules[1].pipeline_order[1]][:2] == ["1F0", "1B0"]
+    with pytest.raises(NotImplementedError, match="has no hook to replace one"):
+        lp.schedules[0].register_custom_function("OVERLAP_F_B", lambda action, ctx: None)

@@ -1,0 +1,106 @@
+"""One step's inputs for the executor: the batch split into micro-batches, the targets, the loss and its scale.
+
+A mixin of :class:`pippy.runtime.schedule_base.PipelineSchedule` (``_inputs``), which also
+measures a loss's reduction on the first micro-batch when it cannot be read off ``loss_fn``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pippy.frontend.precision import autocast_state
+from pippy.microbatch import split_value
+from pippy.runtime.countedmean import CountedMean, counted_mean
+from pippy.runtime.executor import StepInputs
+from pippy.runtime.loss import measure_reduction, target_spec
+from pippy.runtime.stage import StageError
+
+__all__ = ["StepInputsMixin"]
+
+
+class StepInputsMixin:
+    """Splits a step's batch and targets and picks its loss (mixed into the schedule base, which sets these)."""
+
+    n_microbatches: int
+    name: str
+    rank: int
+    pipe: Any
+    loss_fn: Callable[..., torch.Tensor] | None
+    loss_reduction: str | None
+    target_chunk_spec: Any
+    check_finite: bool
+    _counted: CountedMean | None
+    _probe_loss: bool
+    holds: Callable[[int], bool]  # the schedule's: whether this rank holds a stage
+    _warn_once: Callable[[str, str], None]
+
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool,
+                loss_kwargs: dict[str, Any] | None = None) -> StepInputs:
+        m = self.n_microbatches
+        now, traced = autocast_state(), getattr(self.pipe, "traced_autocast", None)
+        if now != traced and not getattr(self.pipe, "manual", False):
+            def say(state: tuple[str, str] | None) -> str:
+                return "without torch.autocast" if state is None else f"under torch.autocast({state[0]!r}, dtype={state[1]})"
+            raise StageError(
+                f"{self.name}: rank {self.rank}: the pipe was traced {say(traced)} but this step runs {say(now)}; "
+                "the traced stage edges carry the dtypes of the trace (autocast computes linear layers in bfloat16), "
+                "so the two must agree. Expected pipeline() and every step() under the same autocast context"
+            )
+        mbs = None
+        if self.holds(0):
+            if not args and not kwargs:
+                raise StageError(
+                    f"rank {self.rank} holds stage 0 but step()/eval() got no inputs; pass the batch here"
+                )
+            try:
+                mbs = self.pipe.split_inputs(args, kwargs, m)
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: rank {self.rank}, stage 0, splitting the batch (action: step input): "
+                                 f"{exc}") from None
+        elif args or kwargs:
+            self._warn_once(
+                "inputs",
+                f"rank {self.rank} does not hold stage 0: the inputs given to step()/eval() here are ignored (only "
+                "the rank holding stage 0 reads the batch, as in PiPPy and PyTorch's pipelining package)",
+            )
+        targets = None
+        scored = training or (target is not None and self.loss_fn is not None)  # eval(x, target=y): losses too
+        if scored and self.holds(self.pipe.num_stages - 1):
+            if training and self.loss_fn is not None and target is None:
+                raise StageError(
+                    f"rank {self.rank}, stage {self.pipe.num_stages - 1} (last): loss_fn is set but target is None; "
+                    "call step(..., target=y) on the rank holding the last stage"
+                )
+            if target is not None:
+                try:
+                    tspec = target_spec(self.pipe, target, m, self.target_chunk_spec)
+                    targets = split_value(target, m, tspec, what="target")
+                except ValueError as exc:
+                    raise ValueError(f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1}, splitting the "
+                                     f"target (action: step target): {exc}") from None
+        scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
+        loss_fn, counts, counted = self.loss_fn, None, self._counted
+        if loss_kwargs and loss_fn is not None:  # step(..., loss_kwargs=): each micro-batch's loss_fn call gets them
+            loss_fn = functools.partial(loss_fn, **loss_kwargs)
+            counted = counted_mean(loss_fn) if counted is not None else None
+        if training and counted is not None and targets is not None and counted.applies(target):
+            loss_fn = counted.sum_fn  # eval(target=) reports each micro-batch's own mean: loss_fn as given
+            counts = ([counted.count(t) for t in targets], counted.count(target))
+        probe = None
+        if self._probe_loss and targets is not None and training and loss_fn is not None:
+            probe = functools.partial(self._measured_scale, tspec, loss_fn)
+        return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
+                          counts=counts)
+
+    def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor], out: Any, target: Any,
+                        loss: torch.Tensor) -> float:
+        """The first micro-batch's loss scale, once ``loss_fn``'s reduction is measured on it (``measure_reduction``)."""
+        self._probe_loss = False
+        self.loss_reduction = measure_reduction(type(self).__name__, loss_fn, self.pipe, target_spec, out, target,
+                                                loss)
+        return 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
+
