@@ -22,12 +22,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pippy.frontend.describe import describe_split_sites
 from pippy.frontend.pipe import SplitPipe
 from pippy.microbatch import TensorChunkSpec
 from pippy.runtime.guards import check_device, check_loss_fn, check_stages, rank_or_none, watch_traced_parameters
 from pippy.runtime.legacy import MicrobatchSteps
+from pippy.runtime.manual import module_stage
 from pippy.runtime.order_io import OrderIO
 from pippy.runtime.peer_attrs import PeerAttributes
 from pippy.runtime.schedule_base import PipelineSchedule
@@ -429,6 +431,11 @@ class PipelineStage(Stage):
         >>> dist.destroy_process_group()
     """
 
+    def __new__(cls, pipe: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if cls is PipelineStage and isinstance(pipe, nn.Module):  # PyTorch pipelining's (module, index, n, device)
+            return module_stage(pipe, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, pipe: SplitPipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None,
                  *extra: Any, **torch_style: Any) -> None:
         if isinstance(pipe, SplitPipe) and (extra or torch_style):
@@ -436,11 +443,9 @@ class PipelineStage(Stage):
                             f"{len(extra)} more positional and {sorted(torch_style)}")
         if not isinstance(pipe, SplitPipe):
             raise TypeError(
-                f"PipelineStage(pipe, stage_index, device, group) expected a pipe made by pippy.pipeline(model, ...), "
-                f"got {type(pipe).__name__} (PyTorch's own pipelining PipelineStage(module, stage_index, "
-                "num_stages, device) form). Trace the model with pipeline() and pass the pipe, or, for a stage "
-                "module you cut yourself, use pippy.ManualPipelineStage(module, stage_index, num_stages, device, "
-                "num_microbatches, input_args=...)"
+                f"PipelineStage(pipe, stage_index, device, group) expected a pipe made by pippy.pipeline(model, ...) "
+                f"or a module you cut yourself (PipelineStage(module, stage_index, num_stages, device, "
+                f"input_args=...)), got {type(pipe).__name__}"
             )
         pipe._check_index(stage_index)
         dev = check_device(pipe, stage_index, device, group)

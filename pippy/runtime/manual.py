@@ -33,7 +33,7 @@ from pippy.runtime.comm import PipeTimeoutError, default_timeout
 from pippy.runtime.stage import Stage
 from pippy.runtime.watch import group_store
 
-__all__ = ["ManualStage", "link_stages", "needs_link", "stage_metas"]
+__all__ = ["ManualStage", "link_stages", "module_stage", "needs_link", "stage_metas"]
 
 _DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
                                 torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128)}
@@ -96,10 +96,12 @@ class ManualStage(Stage):
             raise ValueError(f"ManualPipelineStage: stage_index {stage_index} is not in 0..{num_stages - 1} (num_stages={num_stages})")
         dev = torch.device(device)
         ins = [t.to(dev) if t.device.type != "meta" else torch.empty_like(t, device=dev) for t in _tensors(input_args, "input_args", stage_index)]
-        submodule.to(dev)
-        if output_args is None:
+        on_meta = any(t.is_meta for t in [*submodule.parameters(), *submodule.buffers()])
+        if not on_meta:  # a module built on the meta device stays there until the user's to_empty() + init
+            submodule.to(dev)
+        if output_args is None:  # its output shapes, from one forward (on meta tensors for a meta module)
             with torch.no_grad():
-                out = submodule(*ins)
+                out = submodule(*[torch.empty_like(t, device="meta") for t in ins] if on_meta else ins)
             outs = _tensors(out, "the output of submodule(*input_args)", stage_index)
         else:
             outs = _tensors(output_args, "output_args", stage_index)
@@ -202,3 +204,30 @@ def exchange(stages: Sequence[Stage], group: Any, timeout: float | None = None) 
     for k in keys:
         out.update(json.loads(store.get(k).decode()))
     return {**out, **mine}
+
+
+def module_stage(submodule: nn.Module, stage_index: int, num_stages: int, device: torch.device | str = "cpu",
+                 input_args: Any = None, output_args: Any = None, group: Any = None, dw_builder: Any = None) -> ManualStage:
+    """A stage from PyTorch pipelining's ``PipelineStage(submodule, stage_index, num_stages, device, input_args=,
+    output_args=, group=)`` form: a :class:`ManualStage` of the user's own module.
+
+        >>> stage = module_stage(torch.nn.Linear(3, 5), 0, 1, "cpu", input_args=torch.ones(2, 3))
+        >>> stage.describe_edges()
+        'stage 0: in [float32[2, 3]] -> out [float32[2, 5]]'
+    """
+    if dw_builder is not None:
+        raise TypeError(
+            f"PipelineStage(module, {stage_index}, {num_stages}, ...): dw_builder is not supported; pippy computes "
+            "weight gradients itself under split-backward schedules. Leave it out"
+        )
+    if input_args is None:
+        raise TypeError(
+            f"PipelineStage(module, {stage_index}, {num_stages}, device): pass input_args=, one micro-batch of this "
+            "stage's inputs (a tensor or a tuple of tensors; only shapes and dtypes are read, so meta tensors do: "
+            "torch.empty(mb, seq, dtype=torch.long, device='meta') for a first stage reading token ids, "
+            "torch.empty(mb, seq, dim, device='meta') after it). pippy learns every stage's shapes when the stages "
+            "are built, where PyTorch's pipelining package learns them in the first step; output_args= is optional "
+            "(else one forward on meta tensors finds them)"
+        )
+    return ManualStage(submodule, stage_index, num_stages, device, 1, input_args, output_args, group)
+

@@ -115,3 +115,43 @@ def stage_shapes(rank: int, world: int) -> dict[str, Any]:
         error = str(exc)
     return {"shapes": {s: [list(map(list, v["inputs"])), list(map(list, v["outputs"]))] for s, v in shapes.items()},
             "error": error}
+
+
+def titan_form(rank: int, world: int) -> dict[str, float]:
+    """torchtitan's flow: stage modules cut by hand on the meta device, PyTorch pipelining's
+    ``PipelineStage(module, index, num_stages, device, input_args=, group=)``, then ``to_empty`` and weights,
+    the class picked by name and dispatched by ``issubclass(cls, PipelineScheduleMulti)``, a loss rescaled by
+    the micro-batch count with ``scale_grads=False``."""
+    torch.set_default_dtype(torch.float64)
+    x, y = torch.randn(B, D, generator=torch.Generator().manual_seed(1)), torch.randn(B, 2, generator=torch.Generator().manual_seed(2))
+    report: dict[str, float] = {}
+    for name in ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"):
+        cls = pippy.get_schedule_class(name)
+        v = 2 if issubclass(cls, pippy.PipelineScheduleMulti) else 1
+        n = world * v
+        parts = _chain(n)
+        ref = nn.Sequential(*copy.deepcopy(parts))
+        nn.functional.mse_loss(ref(x), y).backward()
+        place = cls.placement(world, v)
+        stages, mods = [], []
+        for s in [s for s in range(n) if place[s] == rank]:
+            with torch.device("meta"):
+                mod = _chain(n)[s]
+            example = torch.empty(B // M, D, device="meta")
+            stages.append(PipelineStage(mod, s, n, "cpu", input_args=example, group=dist.group.WORLD))
+            mod.to_empty(device="cpu")
+            mod.load_state_dict(parts[s].state_dict())
+            mods.append((s, mod))
+
+        def rescaled(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+            return nn.functional.mse_loss(out, tgt) / M
+
+        sched = cls(stages if v > 1 else stages[0], n_microbatches=M, loss_fn=rescaled, scale_grads=False)
+        first, last = any(s == 0 for s, _ in mods), any(s == n - 1 for s, _ in mods)
+        losses: list[torch.Tensor] = []
+        sched.step(*((x,) if first else ()), target=y if last else None, losses=losses)
+        report[name] = max(_grad_err({k: p.grad for k, p in mod.named_parameters()},
+                                     {k: p.grad for k, p in ref[s].named_parameters()}) for s, mod in mods)
+        if last:
+            report[name + " loss"] = abs(float(torch.stack(losses).sum()) - float(nn.functional.mse_loss(ref(x), y)))
+    return report

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from harness import run_ranks
-from manual_cases import SCHEDULES, keyword_forms, manual_mismatch, manual_stages, stage_shapes
+from manual_cases import SCHEDULES, keyword_forms, manual_mismatch, manual_stages, stage_shapes, titan_form
 
 TOL = 1e-12
 
@@ -34,3 +34,10 @@ def test_get_and_validate_stage_shapes(tmp_path) -> None:
     assert got == {s: [[[2, 6 + s]], [[2, 7 + s]]] for s in range(4)}
     for rep in reports:  # stage 1 built for one column too many: both ranks name stages 0 and 1
         assert "stage 0 outputs [float32[2, 7]] but stage 1 expects inputs [float32[2, 8]]" in rep["error"], rep["error"]
+
+
+def test_torchtitan_style_stages_cut_on_meta(tmp_path) -> None:
+    reports = run_ranks(tmp_path, 2, titan_form)
+    for rank, rep in enumerate(reports):
+        assert rep and all(err < TOL for err in rep.values()), (rank, rep)
+    assert sum(k.endswith(" loss") for rep in reports for k in rep) == 5
