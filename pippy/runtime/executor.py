@@ -64,6 +64,8 @@ class StepInputs:
     # loss_fn is then its sum form, divided by the step's count (backward) and by its own (the loss reported)
     counts: tuple[list[torch.Tensor], torch.Tensor] | None = None
     phase: int = 0  # the message tags' phase (plan.Edge.tag): the schedule's call count mod 2, twice, + training
+    # hand-cut stages: per micro-batch, the keyword inputs this rank's step() got for its own stages
+    stage_kwargs: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -206,7 +208,7 @@ class Executor:
         readers = 0 if inp.training else self.plan.readers[s]
         user_grad = usergrad.wanted(self.infos[s], ins, inp.training)  # they get a grad, as in the plain model
         outs = stage.forward(i, ins, training=inp.training, split_backward=s in self.split_backward, readers=readers,
-                             grad_inputs=user_grad)
+                             grad_inputs=user_grad, kwargs=None if inp.stage_kwargs is None else inp.stage_kwargs[i])
         info = self.infos[s]
         if inp.training and s != self.last:  # each output carries a gradient only where the trace planned one
             usergrad.check_traced(f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}", info, user_grad,

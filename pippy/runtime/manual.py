@@ -59,6 +59,7 @@ class _Chain(SplitPipe):
     """The pipe of a chain of hand-cut stages: this rank's stages are real, the others known by their shapes."""
 
     manual = True
+    pending = False  # True until stages built without input_args learn their shapes (runtime/infershapes.py)
 
 
 def _infos(index: int, num_stages: int, module: nn.Module, ins: list[ValueMeta], outs: list[ValueMeta]) -> StageInfo:
@@ -95,21 +96,30 @@ class ManualStage(Stage):
         if not 0 <= stage_index < num_stages:
             raise ValueError(f"ManualPipelineStage: stage_index {stage_index} is not in 0..{num_stages - 1} (num_stages={num_stages})")
         dev = torch.device(device)
-        ins = [t.to(dev) if t.device.type != "meta" else torch.empty_like(t, device=dev) for t in _tensors(input_args, "input_args", stage_index)]
         on_meta = any(t.is_meta for t in [*submodule.parameters(), *submodule.buffers()])
         if not on_meta:  # a module built on the meta device stays there until the user's to_empty() + init
             submodule.to(dev)
-        if output_args is None:  # its output shapes, from one forward (on meta tensors for a meta module)
-            with torch.no_grad():
-                out = submodule(*[torch.empty_like(t, device="meta") for t in ins] if on_meta else ins)
-            outs = _tensors(out, "the output of submodule(*input_args)", stage_index)
+        if input_args is None:  # shapes learned in the first step (runtime/infershapes.py): stand-ins until then
+            guess = [_infos(s, num_stages, submodule if s == stage_index else nn.Module(),
+                            [ValueMeta((1, 1), torch.float32, s > 0)], [ValueMeta((1, 1), torch.float32, True)])
+                     for s in range(num_stages)]
+            chain = _chain(guess, num_microbatches, type(submodule).__name__)
+            chain.pending = True
+            super().__init__(chain, stage_index, dev, group, module=submodule)
         else:
-            outs = _tensors(output_args, "output_args", stage_index)
-        infos = [_infos(stage_index, num_stages, submodule, _metas(ins, stage_index > 0), _metas(outs, True))]
-        placeholders = [_infos(s, num_stages, nn.Module(), [], []) for s in range(num_stages) if s != stage_index]
-        infos = sorted(infos + placeholders, key=lambda i: i.index)
-        super().__init__(_chain(infos, num_microbatches, type(submodule).__name__), stage_index, dev, group,
-                         module=submodule)
+            ins = [t.to(dev) if t.device.type != "meta" else torch.empty_like(t, device=dev)
+                   for t in _tensors(input_args, "input_args", stage_index)]
+            if output_args is None:  # its output shapes, from one forward (on meta tensors for a meta module)
+                with torch.no_grad():
+                    out = submodule(*[torch.empty_like(t, device="meta") for t in ins] if on_meta else ins)
+                outs = _tensors(out, "the output of submodule(*input_args)", stage_index)
+            else:
+                outs = _tensors(output_args, "output_args", stage_index)
+            infos = [_infos(stage_index, num_stages, submodule, _metas(ins, stage_index > 0), _metas(outs, True))]
+            placeholders = [_infos(s, num_stages, nn.Module(), [], []) for s in range(num_stages) if s != stage_index]
+            infos = sorted(infos + placeholders, key=lambda i: i.index)
+            super().__init__(_chain(infos, num_microbatches, type(submodule).__name__), stage_index, dev, group,
+                             module=submodule)
         self.num_microbatches = num_microbatches
         self.inputs_meta = self.info.input_meta
         self.outputs_meta = self.info.outputs
@@ -209,7 +219,8 @@ def exchange(stages: Sequence[Stage], group: Any, timeout: float | None = None) 
 def module_stage(submodule: nn.Module, stage_index: int, num_stages: int, device: torch.device | str = "cpu",
                  input_args: Any = None, output_args: Any = None, group: Any = None, dw_builder: Any = None) -> ManualStage:
     """A stage from PyTorch pipelining's ``PipelineStage(submodule, stage_index, num_stages, device, input_args=,
-    output_args=, group=)`` form: a :class:`ManualStage` of the user's own module.
+    output_args=, group=)`` form: a :class:`ManualStage` of the user's own module. Without ``input_args`` the
+    stages learn their shapes in the first step (:mod:`pippy.runtime.infershapes`).
 
         >>> stage = module_stage(torch.nn.Linear(3, 5), 0, 1, "cpu", input_args=torch.ones(2, 3))
         >>> stage.describe_edges()
@@ -219,15 +230,6 @@ def module_stage(submodule: nn.Module, stage_index: int, num_stages: int, device
         raise TypeError(
             f"PipelineStage(module, {stage_index}, {num_stages}, ...): dw_builder is not supported; pippy computes "
             "weight gradients itself under split-backward schedules. Leave it out"
-        )
-    if input_args is None:
-        raise TypeError(
-            f"PipelineStage(module, {stage_index}, {num_stages}, device): pass input_args=, one micro-batch of this "
-            "stage's inputs (a tensor or a tuple of tensors; only shapes and dtypes are read, so meta tensors do: "
-            "torch.empty(mb, seq, dtype=torch.long, device='meta') for a first stage reading token ids, "
-            "torch.empty(mb, seq, dim, device='meta') after it). pippy learns every stage's shapes when the stages "
-            "are built, where PyTorch's pipelining package learns them in the first step; output_args= is optional "
-            "(else one forward on meta tensors finds them)"
         )
     return ManualStage(submodule, stage_index, num_stages, device, 1, input_args, output_args, group)
 

@@ -48,6 +48,7 @@ from pippy.runtime.countedmean import counted_mean
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor
 from pippy.runtime.guards import check_placement
+from pippy.runtime.infershapes import infer_stage_shapes, shapes_pending
 from pippy.runtime.loss import choose_reduction, loss_index
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.ranks import gather_trace, schedule_facts
@@ -288,6 +289,11 @@ class PipelineSchedule(StepInputsMixin):
         if plan is None:
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
         try:
+            if shapes_pending(self.stages):  # hand-cut stages without input_args: learn the shapes on this batch
+                infer_stage_shapes(self.stages, self.stages[0].group, self.transport.timeout, self.n_microbatches,
+                                   args, kwargs)
+                self.pipe = self.stages[0].pipe
+                self._set_loss_fn(self._loss)  # the model's own loss output, if any, is known now
             inp = self._inputs(args, kwargs, target, training, loss_kwargs)
         except Exception as exc:  # bad input on this rank: the others would wait for it until their timeout
             first = str(exc).splitlines()[0][:300] if str(exc) else ""

@@ -188,14 +188,15 @@ class Stage(StageModule):
     # ----------------------------------------------------------------- forward
     def forward(
         self, mb: int, inputs: Sequence[Any], *, training: bool, split_backward: bool = False, readers: int = 0,
-        grad_inputs: Collection[int] = (),
+        grad_inputs: Collection[int] = (), kwargs: dict[str, Any] | None = None,
     ) -> tuple[Any, ...]:
         """Run the stage on one micro-batch; keep what backward needs when ``training``.
 
         Forward-only (``training=False``), the outputs are kept until ``readers`` calls of
         :meth:`release` (the local consumers and the send) have taken them. Backward returns the
         gradients of the inputs traced as requiring one, and of those at the positions
-        ``grad_inputs`` (a user's input that requires grad now).
+        ``grad_inputs`` (a user's input that requires grad now). ``kwargs`` are keyword inputs of a
+        hand-cut stage's module (each rank's own, from its ``step()``).
         """
         if len(inputs) != len(self.info.inputs):
             raise StageError(
@@ -215,7 +216,7 @@ class Stage(StageModule):
             raise StageError(f"{self.where(mb, 'F')}: forward ran twice for this micro-batch without a backward")
         if not training:
             with torch.no_grad():
-                outs = self._call(self.submod, inputs)
+                outs = self._call(self.submod, inputs, kwargs)
             if readers > 0:
                 self._state[mb] = _MbState([], outs, training=False, readers=readers)
             return outs
@@ -232,9 +233,9 @@ class Stage(StageModule):
         with self._compiling():
             if self.measure_activations:
                 with SavedBytes(skip=self.submod.parameters()) as counter:
-                    res = self._call(fn, leaves)
+                    res = self._call(fn, leaves, kwargs)
             else:
-                res = self._call(fn, leaves)
+                res = self._call(fn, leaves, kwargs)
         n_out = len(self.info.outputs)
         if taps is not None:
             outs, tapped, aux = taps.split(res, n_out)
@@ -286,12 +287,12 @@ class Stage(StageModule):
             self._written = frozenset(written_placeholders(gm) if traced else ())  # a hand-cut stage: as given
         return self._written
 
-    def _call(self, fn: Any, args: Sequence[Any]) -> tuple[Any, ...]:
+    def _call(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple[Any, ...]:
         written = self._written_inputs()
         if written:  # a received leaf cannot be written in place, and a local sender may still hold the tensor
             args = [x.clone() if i in written and isinstance(x, torch.Tensor) else x for i, x in enumerate(args)]
         try:
-            return _as_tuple(fn(*args))
+            return _as_tuple(fn(*args, **(kwargs or {})))
         except RuntimeError as exc:
             if "size" in str(exc) and any(hasattr(p, "placements") for p in self.submod.parameters()):
                 exc.add_note(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pippy.frontend.precision import autocast_state
-from pippy.microbatch import split_value
+from pippy.microbatch import split_batch, split_value
 from pippy.runtime.countedmean import CountedMean, counted_mean
 from pippy.runtime.executor import StepInputs
 from pippy.runtime.loss import measure_reduction, target_spec
@@ -50,9 +50,16 @@ class StepInputsMixin:
                 "the traced stage edges carry the dtypes of the trace (autocast computes linear layers in bfloat16), "
                 "so the two must agree. Expected pipeline() and every step() under the same autocast context"
             )
-        mbs = None
+        mbs, stage_kwargs = None, None
+        if getattr(self.pipe, "manual", False) and kwargs:  # hand-cut stages: each rank's kwargs go to its stages
+            try:
+                stage_kwargs = [k for _, k in split_batch((), kwargs, m)]
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: rank {self.rank}, splitting the keyword inputs of its stages "
+                                 f"(action: step input): {exc}") from None
+            kwargs = {}
         if self.holds(0):
-            if not args and not kwargs:
+            if not args and not kwargs and stage_kwargs is None:
                 raise StageError(
                     f"rank {self.rank} holds stage 0 but step()/eval() got no inputs; pass the batch here"
                 )
@@ -61,7 +68,7 @@ class StepInputsMixin:
             except ValueError as exc:
                 raise ValueError(f"{self.name}: rank {self.rank}, stage 0, splitting the batch (action: step input): "
                                  f"{exc}") from None
-        elif args or kwargs:
+        elif args or (kwargs and stage_kwargs is None):
             self._warn_once(
                 "inputs",
                 f"rank {self.rank} does not hold stage 0: the inputs given to step()/eval() here are ignored (only "
@@ -94,7 +101,7 @@ class StepInputsMixin:
         if self._probe_loss and targets is not None and training and loss_fn is not None:
             probe = functools.partial(self._measured_scale, tspec, loss_fn)
         return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
-                          counts=counts)
+                          counts=counts, stage_kwargs=stage_kwargs)
 
     def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor], out: Any, target: Any,
                         loss: torch.Tensor) -> float:

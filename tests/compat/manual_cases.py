@@ -155,3 +155,56 @@ def titan_form(rank: int, world: int) -> dict[str, float]:
         if last:
             report[name + " loss"] = abs(float(torch.stack(losses).sum()) - float(nn.functional.mse_loss(ref(x), y)))
     return report
+
+
+class _Scaled(nn.Module):
+    """A stage reading a keyword input (torchtitan passes masks and the like to every stage's step())."""
+
+    def __init__(self, d_out: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, d_out)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x)) * scale
+
+
+def lazy_form(rank: int, world: int) -> dict[str, float]:
+    """``PipelineStage(module, index, num_stages, device)`` without input_args: shapes learned in the first step,
+    on modules built on the meta device and filled afterwards, with each rank's keyword inputs for its stages."""
+    torch.set_default_dtype(torch.float64)
+    x, y = torch.randn(B, D, generator=torch.Generator().manual_seed(1)), torch.randn(B, 2, generator=torch.Generator().manual_seed(2))
+    scale = torch.rand(B, 1, generator=torch.Generator().manual_seed(3)) + 0.5
+    report: dict[str, float] = {}
+    for name in ("1F1B", "ZBVZeroBubble", "InterleavedZeroBubble"):
+        cls = pippy.get_schedule_class(name)
+        v = 2 if issubclass(cls, pippy.PipelineScheduleMulti) else 1
+        n = world * v
+        torch.manual_seed(0)
+        parts = [_Scaled(D if s < n - 1 else 2) for s in range(n)]
+        ref_out = x
+        for part in parts:
+            ref_out = part(ref_out, scale=scale)
+        ref = [p for part in parts for p in part.parameters()]
+        ref_loss = nn.functional.mse_loss(ref_out, y)
+        ref_grads = torch.autograd.grad(ref_loss, ref)
+        ref_out = ref_out.detach()
+        place = cls.placement(world, v)
+        stages, mods = [], []
+        for s in [s for s in range(n) if place[s] == rank]:
+            with torch.device("meta"):
+                mod = _Scaled(D if s < n - 1 else 2)
+            stages.append(PipelineStage(mod, s, n, "cpu", group=dist.group.WORLD))
+            mod.to_empty(device="cpu")
+            mod.load_state_dict(parts[s].state_dict())
+            mods.append((s, mod))
+        sched = cls(stages if v > 1 else stages[0], M, loss_fn=nn.functional.mse_loss)
+        first, last = any(s == 0 for s, _ in mods), any(s == n - 1 for s, _ in mods)
+        out = sched.step(*((x,) if first else ()), target=y if last else None, scale=scale)
+        grads = dict(zip([f"{s}.{k}" for s, part in enumerate(parts) for k, _ in part.named_parameters()], ref_grads))
+        report[name] = max(float((p.grad - grads[f"{s}.{k}"]).abs().max()) for s, mod in mods
+                           for k, p in mod.named_parameters())
+        evaluated = sched.eval(*((x,) if first else ()), scale=scale)
+        if last:
+            report[name + " out"] = float((out - ref_out).abs().max())
+            report[name + " eval"] = float((evaluated - ref_out).abs().max())
+    return report

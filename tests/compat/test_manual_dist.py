@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from harness import run_ranks
-from manual_cases import SCHEDULES, keyword_forms, manual_mismatch, manual_stages, stage_shapes, titan_form
+from manual_cases import (
+    SCHEDULES,
+    keyword_forms,
+    lazy_form,
+    manual_mismatch,
+    manual_stages,
+    stage_shapes,
+    titan_form,
+)
 
 TOL = 1e-12
 
@@ -41,3 +49,10 @@ def test_torchtitan_style_stages_cut_on_meta(tmp_path) -> None:
     for rank, rep in enumerate(reports):
         assert rep and all(err < TOL for err in rep.values()), (rank, rep)
     assert sum(k.endswith(" loss") for rep in reports for k in rep) == 5
+
+
+def test_stages_without_input_args_learn_their_shapes_and_take_keyword_inputs(tmp_path) -> None:
+    reports = run_ranks(tmp_path, 2, lazy_form)
+    for rank, rep in enumerate(reports):
+        assert rep and all(err < TOL for err in rep.values()), (rank, rep)
+    assert sum(k.endswith(" out") for rep in reports for k in rep) == 3

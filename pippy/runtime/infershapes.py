@@ -1,0 +1,90 @@
+"""Hand-cut stages built without ``input_args`` learn their shapes in the first step, one stage after another.
+
+``PipelineStage(module, stage_index, num_stages, device)`` with no example input (PyTorch
+pipelining's form) cannot know its inputs' shapes until a batch arrives. At a schedule's first
+step the rank holding stage 0 runs it on the first micro-batch (no autograd, under the step's own
+autocast), posts the output shapes and dtypes through the process group's store, and each next
+stage does the same on zeros of those shapes: every wait is bounded and names the stage it waited
+for. The chain is then linked as if the shapes had been given (see :func:`pippy.runtime.manual.link_stages`).
+Each rank's keyword arguments to ``step()`` are its stages' keyword inputs, as there.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pippy.microbatch import split_batch
+from pippy.runtime.comm import PipeTimeoutError
+from pippy.runtime.manual import _dec, _enc, _infos, _metas, _tensors, link_stages
+from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.watch import group_store
+
+__all__ = ["infer_stage_shapes", "shapes_pending"]
+
+_ROUNDS: dict[tuple[int, ...], int] = {}
+
+
+def shapes_pending(stages: Sequence[Stage]) -> bool:
+    """True while these hand-cut stages have not learned their shapes (built without ``input_args``)."""
+    return bool(getattr(stages[0].pipe, "pending", False))
+
+
+def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_microbatches: int,
+                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Learn every stage's input and output shapes from the first micro-batch, then link the chain (see module)."""
+    group = group if group is not None else dist.group.WORLD
+    store = group_store(group)
+    if store is None:
+        raise StageError(
+            "hand-cut stages built without input_args learn their shapes through the process group's store, and "
+            "this group has none (in-process runs included): pass input_args= (one micro-batch) to each stage"
+        )
+    ranks = tuple(dist.get_process_group_ranks(group))
+    n = _ROUNDS[ranks] = _ROUNDS.get(ranks, 0) + 1
+    prefix = f"pippy/{'-'.join(map(str, ranks))}/infer/{n}"
+    num_stages = stages[0].pipe.num_stages
+    first_args: tuple[Any, ...] = ()
+    if any(st.index == 0 for st in stages):
+        if not args:
+            raise StageError("the rank holding stage 0 got no inputs in its first step, so the stages cannot learn "
+                             "their shapes; pass the batch to step()/eval() there")
+        first_args = split_batch(tuple(args), {}, n_microbatches)[0][0]
+    first_kwargs = split_batch((), dict(kwargs), n_microbatches)[0][1] if kwargs else {}
+
+    def wait(s: int) -> list[Any]:
+        key = f"{prefix}/{s}"
+        try:
+            store.wait([key], datetime.timedelta(seconds=timeout))
+        except Exception:
+            raise PipeTimeoutError(
+                f"rank {dist.get_rank(group)}: waited {timeout:g}s for the shapes of stage {s} in the first step "
+                f"(hand-cut stages built without input_args learn them one after another). Expected the rank "
+                f"holding stage {s} to start its first step too; or pass input_args= to every stage"
+            ) from None
+        return list(json.loads(store.get(key).decode()))
+
+    for st in sorted(stages, key=lambda x: x.index):
+        if st.index == 0:
+            ins = _tensors(list(first_args), "the first micro-batch's positional inputs", 0)
+        else:
+            metas = [_dec(m) for m in wait(st.index - 1)[1]]
+            ins = [torch.zeros(m.shape or (), dtype=m.dtype, device=st.device) for m in metas]
+        with torch.no_grad():
+            outs = _tensors(st.submod(*ins, **first_kwargs), f"the output of stage {st.index}", st.index)
+        metas_in = _metas(ins, st.index > 0)
+        if st.index > 0 and not any(m.requires_grad for m in metas_in):
+            raise StageError(
+                f"stage {st.index}: its inputs from stage {st.index - 1} are not floating point, so no gradient "
+                "flows into it; pass input_args= to every stage for such a chain"
+            )
+        metas_out = _metas(outs, True)
+        st.info = _infos(st.index, num_stages, st.submod, metas_in, metas_out)  # what link_stages reads of this rank
+        store.set(f"{prefix}/{st.index}", json.dumps([[_enc(m) for m in metas_in], [_enc(m) for m in metas_out]]))
+    others = {str(s): wait(s) for s in range(num_stages)}
+    link_stages(stages, others)
