@@ -15,10 +15,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
-from pippy.runtime.comm import PipeCommError
+from pippy.runtime.comm import PipeAbortedError, PipeCommError
 from pippy.runtime.ddp import DdpSync
 from pippy.runtime.executor import Executor, StepResult
 from pippy.runtime.guards import drop_unreduced_grads, is_fsdp
@@ -94,7 +95,7 @@ class StepRun:
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         a = self.executor.current
         at = f"stage {a.stage}, action {a} (micro-batch {a.mb})" if a is not None else "between actions"
-        told = sch.transport.fail(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
+        told = sch.transport.fail(f"rank {sch.rank}, in its step {sch._calls}, {at}: {type(exc).__name__}: {first}")
         params = [p for st in sch.stages for p in st.parameters()] if self.training else []
         for st in sch.stages:  # the failed step may have turned FSDP2's or DDP's sync off, left unreduced gradients
             if is_fsdp(st.submod):
@@ -113,6 +114,13 @@ class StepRun:
             exc.add_note(f"pippy: raised at rank {sch.rank}, {at}")  # a user's own error: say where it happened
         if hasattr(exc, "add_note") and any(p.requires_grad for p in params) and note not in notes:
             exc.add_note(note)
+        behind = _behind(str(exc), sch._calls) if isinstance(exc, PipeAbortedError) else None
+        if behind is not None and hasattr(exc, "add_note"):
+            exc.add_note(
+                f"pippy: rank {behind[0]} failed in its step {behind[1]}, which this rank had finished (this is its "
+                f"step {sch._calls}): an optimizer step taken after it put this rank's stages one update ahead of "
+                f"rank {behind[0]}'s. Restore every rank from the same checkpoint before training on"
+            )
         where = getattr(sch.transport, "rank_note", "")  # a sub-group (dp x pp): its rank numbers are not global
         if where and hasattr(exc, "add_note") and where not in notes:
             exc.add_note(where)
@@ -121,3 +129,18 @@ class StepRun:
             poison = getattr(sch.transport, "poison", None)
             if poison is not None:
                 poison()
+
+
+def _behind(message: str, calls: int) -> tuple[int, int] | None:
+    """``(rank, step)`` when the failure notice in ``message`` is of a step before this rank's ``calls``-th.
+
+        >>> _behind("... That rank says: rank 0, in its step 5, stage 0, action 0B3 ...", 6)
+        (0, 5)
+        >>> _behind("... That rank says: rank 0, in its step 6, stage 0 ...", 6) is None
+        True
+    """
+    found = re.search(r"That rank says: rank (\d+), in its step (\d+)", message)
+    if found is None or int(found.group(2)) >= calls:
+        return None
+    return int(found.group(1)), int(found.group(2))
+

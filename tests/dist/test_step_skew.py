@@ -1,0 +1,49 @@
+"""A rank that finished the step another rank failed in is told its stages are one update ahead (2 gloo ranks)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from harness import run_ranks
+from models import MLPStack, mse
+
+import pippy
+from pippy import SplitPoint, pipeline
+
+M = 4
+
+
+def _skew(rank: int, world: int) -> list[str]:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    pipe = pipeline(MLPStack(4).double(), M, (x,), split_spec={"blocks.1": SplitPoint.END})
+    stage = pipe.build_stage(rank, "cpu")
+    sched = pippy.Schedule1F1B(stage, M, loss_fn=mse)
+    steps, inner = [0], stage.backward
+
+    def backward(mb: int, grads: Any) -> Any:  # rank 0's last backward of step 2 fails, after rank 1 has finished
+        if rank == 0 and steps[0] == 2 and mb == M - 1:
+            time.sleep(1.0)
+            raise ValueError("injected failure in the last backward")
+        return inner(mb, grads)
+
+    stage.backward = backward  # type: ignore[method-assign]
+    said = []
+    for steps[0] in (1, 2, 3):
+        try:
+            sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+            said.append("ok")
+        except Exception as exc:
+            said.append(f"{type(exc).__name__}: {exc}\n" + "\n".join(getattr(exc, "__notes__", [])))
+            break
+    return said
+
+
+def test_a_rank_ahead_of_the_failed_step_is_told(tmp_path) -> None:
+    rank0, rank1 = run_ranks(tmp_path, 2, _skew)
+    assert rank0[:1] == ["ok"] and rank0[1].startswith("ValueError: injected failure"), rank0
+    assert rank1[:2] == ["ok", "ok"] and rank1[2].startswith("PipeAbortedError"), rank1
+    assert "That rank says: rank 0, in its step 2, stage 0, action 0B3" in rank1[2], rank1[2]
+    assert "rank 0 failed in its step 2, which this rank had finished (this is its step 3)" in rank1[2], rank1[2]
