@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pippy.cli_tune import cmd_tune, make_named, simulate_runtime
 from pippy.schedules.generators import SCHEDULES  # pure Python: --help stays free of torch
@@ -256,6 +256,16 @@ def _cmd_trace_compare(a: argparse.Namespace) -> int:
         print(f"trace-compare: {a.predicted} has {pred.num_ranks} ranks but {a.measured} has {meas.num_ranks}; "
               "compare a prediction with a run of the same schedule and rank count", file=sys.stderr)
         return 2
+
+    def shape(tl: Any) -> tuple[set[int], set[int]]:
+        acts = [e.action for e in tl.events if e.action.kind.is_compute]
+        return {x.stage for x in acts}, {x.mb for x in acts}
+
+    (ps, pm), (ms, mm) = shape(pred), shape(meas)
+    if (ps, pm) != (ms, mm):
+        print(f"trace-compare: warning: the timelines are of different runs ({a.predicted}: stages {sorted(ps)}, "
+              f"{len(pm)} micro-batches; {a.measured}: stages {sorted(ms)}, {len(mm)} micro-batches); compare a "
+              "prediction with a run of the same schedule", file=sys.stderr)
     print(compare_table(pred, meas))
     if a.per_action:
         print()

@@ -38,8 +38,12 @@ def test_simulate(capsys, tmp_path) -> None:
     assert "\x1b[" not in out and "step time:" in out and "peak memory" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert json.loads(trace.read_text())["traceEvents"]
-    rc, out, _ = _run(capsys, "trace-compare", str(tl), str(tl))
-    assert rc == 0 and "+0.0%" in out
+    rc, out, err = _run(capsys, "trace-compare", str(tl), str(tl))
+    assert rc == 0 and "+0.0%" in out and "warning" not in err
+    other = tmp_path / "other.json"
+    assert _run(capsys, "simulate", "1f1b", "--ranks", "8", "--microbatches", "8", "--save-timeline", str(other))[0] == 0
+    rc, out, err = _run(capsys, "trace-compare", str(tl), str(other))
+    assert rc == 0 and "warning: the timelines are of different runs" in err and "32 micro-batches" in err
 
 
 def test_simulate_with_costs_file(capsys, tmp_path) -> None:
