@@ -153,6 +153,10 @@ def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
 
     base = CostModel.from_json(path) if path else CostModel.uniform(ranks)
     costs = base.for_microbatches(sch.n_microbatches) if path else base
+    if path and len(base.stages) != sch.num_stages:
+        print(f"note: {path} has {len(base.stages)} stage(s) and {sch.name} on {ranks} ranks has {sch.num_stages}: "
+              "the costs are spread over the schedule's stages in proportion (profile the split you will run for "
+              "per-stage costs)", file=sys.stderr)
     return costs.rebin(sch.num_stages)
 
 

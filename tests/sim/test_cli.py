@@ -49,8 +49,10 @@ def test_simulate(capsys, tmp_path) -> None:
 def test_simulate_with_costs_file(capsys, tmp_path) -> None:
     p = tmp_path / "c.json"
     CostModel(stages=[StageCost(f=0.01, i=0.01, w=0.01, act_bytes=2**30)] * 4, microbatches=8).to_json(p)
-    rc, out, _ = _run(capsys, "simulate", "1f1b", "-p", "4", "-m", "8", "--costs", str(p))
-    assert rc == 0 and "GiB" in out and "ms" in out
+    rc, out, err = _run(capsys, "simulate", "1f1b", "-p", "4", "-m", "8", "--costs", str(p))
+    assert rc == 0 and "GiB" in out and "ms" in out and "note" not in err
+    rc, out, err = _run(capsys, "simulate", "1f1b", "-p", "2", "-m", "8", "--costs", str(p))
+    assert rc == 0 and "has 4 stage(s) and 1f1b on 2 ranks has 2: the costs are spread" in err
 
 
 def test_compare(capsys) -> None:
