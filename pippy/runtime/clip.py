@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pippy.runtime.comm import sending_group
 from pippy.runtime.stage import Stage
 
 __all__ = ["clip_grad_norm_", "grad_norm"]
@@ -49,6 +50,14 @@ def _stages_of(stages: Any) -> list[Stage]:
     if not out:
         raise ValueError("clip_grad_norm_: no stage given; pass this rank's stages or its schedule")
     return out
+
+
+def _pipeline_group(stages: Any, group: Any) -> Any:
+    """``group``, else the group a schedule sends on (a fresh one after a failed step), else None (the stages')."""
+    if group is not None:
+        return group
+    transport = getattr(stages, "transport", None)
+    return getattr(transport, "p2p_group", getattr(transport, "group", None))
 
 
 def _counted(stages: Sequence[Stage]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -96,8 +105,7 @@ def grad_norm(stages: Any, norm_type: float = 2.0, *, group: Any = None) -> torc
     norm_type = float(norm_type)
     if not (norm_type > 0):
         raise ValueError(f"grad_norm: norm_type must be positive (or float('inf')), got {norm_type}")
-    if group is None and hasattr(stages, "transport") and hasattr(stages.transport, "group"):
-        group = stages.transport.group  # a schedule: its pipeline group
+    group = _pipeline_group(stages, group)
     _, count = _counted(mine)
     norms = [_local_norm(g, norm_type) for g in count]
     dev = count[0].device if count else mine[0].device
@@ -107,7 +115,8 @@ def grad_norm(stages: Any, norm_type: float = 2.0, *, group: Any = None) -> torc
         local = torch.stack([n ** norm_type for n in norms]).sum() if norms else torch.zeros((), dtype=torch.float64)
     total = local.to(dev)
     if dist.is_available() and dist.is_initialized():
-        pg = group if group is not None else (mine[0].group if mine[0].group is not None else dist.group.WORLD)
+        own = mine[0].group if mine[0].group is not None else dist.group.WORLD
+        pg = sending_group(group if group is not None else own)
         if dist.get_world_size(pg) > 1:
             dist.all_reduce(total, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=pg)
     total = total if math.isinf(norm_type) else total ** (1.0 / norm_type)
@@ -130,7 +139,7 @@ def clip_grad_norm_(
     stages' group. See the module docstring for an example.
     """
     mine = _stages_of(stages)
-    total = grad_norm(mine, norm_type, group=group)
+    total = grad_norm(mine, norm_type, group=_pipeline_group(stages, group))
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"clip_grad_norm_: the total norm of order {norm_type} of the gradients of stages "

@@ -34,6 +34,7 @@ __all__ = [
     "Transport",
     "WaitContext",
     "default_timeout",
+    "sending_group",
 ]
 
 DEFAULT_TIMEOUT = 300.0
@@ -42,6 +43,21 @@ DEFAULT_TIMEOUT = 300.0
 def default_timeout() -> float:
     """Seconds a blocking wait may take: ``PIPPY_TIMEOUT`` from the environment, else 300."""
     return float(os.environ.get("PIPPY_TIMEOUT", DEFAULT_TIMEOUT))
+
+
+def sending_group(group: Any) -> Any:
+    """The group pippy's schedules send on for ``group``: the fresh one made after a failed step there, else ``group``.
+
+    Collectives of the pipeline's ranks outside a step (gradient clipping) belong there too: after a step timed
+    out, the old group's connections may be closed.
+
+        >>> sending_group(None) is None
+        True
+    """
+    if group is None or id(group) not in _POISONED:
+        return group
+    fresh = _FRESH.get(id(group))
+    return fresh if fresh is not None and group_alive(fresh) else group
 
 
 class PipeCommError(RuntimeError):
@@ -60,6 +76,7 @@ class PipeAbortedError(PipeCommError):
 # and timed-out waits (which close connections) stay there, so later schedules on those ranks send on a fresh group
 _POISONED: dict[int, Any] = {}  # id(group) -> group (held, so that the id is not reused)
 _FRESH: dict[int, Any] = {}  # id(poisoned group) -> the fresh group later schedules use until it fails too
+_WHY: dict[int, str] = {}  # id(group pippy sends on) -> the failure that poisoned it, for schedules built before it
 EDGE_TAGS = 1 << 28  # message tags of one schedule: edges below, then headers, tied grads, generation (plan.Edge.tag)
 
 
@@ -68,6 +85,7 @@ def _forget_failed_groups() -> None:
     """At exit, let go of the groups kept for failed steps."""
     _POISONED.clear()
     _FRESH.clear()
+    _WHY.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,12 +254,34 @@ class DistTransport:
         order = dist.get_process_group_ranks(fresh)
         return fresh, [order.index(g) for g in ranks]
 
-    def poison(self) -> None:
-        """Mark this group as holding a failed step's messages: later schedules on its ranks send on a fresh group."""
+    def poison(self, why: str = "") -> None:
+        """Mark this group as holding a failed step's messages: later schedules on its ranks send on a fresh group.
+
+        ``why`` (the failure) is quoted to schedules built earlier on the same group, which then refuse to run
+        (:meth:`stale`).
+        """
         if self._ranks:
             _POISONED[id(self.group)] = self.group
+            _WHY.setdefault(id(self.p2p_group), why or "a step failed")
             if _FRESH.get(id(self.group)) is self.p2p_group:
                 del _FRESH[id(self.group)]
+
+    def stale(self) -> str | None:
+        """Why this schedule must not run: another schedule on the group it sends on failed after it was built (its
+        abandoned receives there could take this one's messages); None when it may run.
+
+            >>> DistTransport.__new__(DistTransport).stale() is None   # (no group: nothing to say)
+            True
+        """
+        ranks = getattr(self, "_ranks", ())
+        if not ranks or id(self.group) not in _POISONED or _FRESH.get(id(self.group)) is self.p2p_group:
+            return None
+        return _WHY.get(id(self.p2p_group), "a step failed")
+
+    def board_store(self) -> tuple[Any, str, FailureBoard] | None:
+        """The store, key prefix and failure board this schedule's ranks share (gloo), else None."""
+        board = self._claim()
+        return None if board is None else (self._store, self._prefix, board)
 
     def _claim(self) -> FailureBoard | None:
         """This transport's failure board, keyed the first time a step uses it by how many transports of the group
@@ -367,3 +407,4 @@ class DistTransport:
         if isinstance(handle, Watched):
             return handle.finished.is_set() if handle.watched else bool(handle.work.is_completed())
         return bool(handle.is_completed())
+

@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from pippy.runtime.comm import DistTransport, Transport
+from pippy.runtime.storesync import StoreSync
 from pippy.sim.timeline import Event, Timeline
 
-__all__ = ["gather_trace", "schedule_facts"]
+__all__ = ["gather_trace", "schedule_facts", "store_sync", "trace_barrier"]
 
 
 def schedule_facts(sched: Any) -> dict[str, Any]:
@@ -48,17 +49,36 @@ def schedule_facts(sched: Any) -> dict[str, Any]:
     }
 
 
-def gather_trace(transport: Transport, rank: int, events: list[Event], name: str,
-                 path: str | None) -> Timeline | None:
-    """Collect every rank's events on rank 0 (a collective); there, build the timeline and write it to ``path``.
+def trace_barrier(transport: Transport, where: str) -> None:
+    """Wait until every rank is here (a common clock origin for the trace); ``where`` names the wait in errors.
 
-    Returns the timeline on rank 0, else None.
+    On gloo it waits through the store (:class:`~pippy.runtime.storesync.StoreSync`): it stops when another rank
+    posts a failure, or after the transport's timeout. Elsewhere it is a barrier on the group the schedule sends on.
     """
     assert isinstance(transport, DistTransport)
-    group = transport.group
-    world = dist.get_world_size(group)
-    gathered: list[Any] = [None] * world if rank == 0 else []
-    dist.gather_object(events, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
+    sync = store_sync(transport)
+    if sync is not None:
+        sync.barrier(where)
+    else:
+        dist.barrier(group=transport.p2p_group)
+
+
+def gather_trace(transport: Transport, rank: int, events: list[Event], name: str,
+                 path: str | None, where: str = "") -> Timeline | None:
+    """Collect every rank's events on rank 0; there, build the timeline and write it to ``path``.
+
+    Only rank 0 waits (see :func:`trace_barrier` for how). Returns the timeline on rank 0, else None.
+    """
+    assert isinstance(transport, DistTransport)
+    sync = store_sync(transport)
+    world = transport.world_size
+    if sync is not None:
+        got = sync.gather(events, where or f"rank {rank}, action trace gather")
+        gathered: list[Any] = got if got is not None else []
+    else:
+        group = transport.p2p_group
+        gathered = [None] * world if rank == 0 else []
+        dist.gather_object(events, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
     if rank != 0:
         return None
     timeline = Timeline.from_events([e for evs in gathered for e in evs], world, name=name)
@@ -67,6 +87,19 @@ def gather_trace(transport: Transport, rank: int, events: list[Event], name: str
 
         write_chrome_trace(timeline, path)
     return timeline
+
+
+def store_sync(transport: DistTransport) -> StoreSync | None:
+    """The transport's :class:`StoreSync` (made once), or None without a store (NCCL)."""
+    sync: StoreSync | None = getattr(transport, "_store_sync", None)
+    if sync is None:
+        shared = transport.board_store()
+        if shared is None:
+            return None
+        store, prefix, board = shared
+        sync = StoreSync(store, prefix, transport.rank, transport.world_size, transport.timeout, board)
+        transport._store_sync = sync  # type: ignore[attr-defined]
+    return sync
 
 
 def _tensor_names(module: torch.nn.Module) -> str:

@@ -38,7 +38,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pippy.frontend.lostgrad import TRAIN_REFUSAL
 from pippy.frontend.notice import warn_user
@@ -51,7 +50,7 @@ from pippy.runtime.guards import check_placement
 from pippy.runtime.infershapes import infer_stage_shapes, shapes_pending
 from pippy.runtime.loss import choose_reduction, loss_index
 from pippy.runtime.manual import exchange, link_stages, needs_link
-from pippy.runtime.ranks import gather_trace, schedule_facts
+from pippy.runtime.ranks import gather_trace, schedule_facts, trace_barrier
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.stepinputs import StepInputsMixin
 from pippy.runtime.steprun import StepRun
@@ -232,9 +231,10 @@ class PipelineSchedule(StepInputsMixin):
         """Post this rank's failure for the group (their waits stop now); later schedules send on a fresh group."""
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         if self.transport.fail(f"{where}: {type(exc).__name__}: {first}"):
+            self._broken = f"{type(exc).__name__}: {first[:200]}"  # the other ranks may have posted receives
             poison = getattr(self.transport, "poison", None)
             if poison is not None:
-                poison()
+                poison(f"{where}: {type(exc).__name__}: {first}")
 
     def gradless_stages(self) -> list[int]:
         """Stages whose inputs need no gradient (the first, reading token ids): their backward is never split."""
@@ -259,6 +259,23 @@ class PipelineSchedule(StepInputsMixin):
                 "in flight, so this schedule refuses to run again. Fix the cause, then build a new schedule on every "
                 "rank (the same process group is fine: its messages stay apart from the old ones)."
             )
+
+    def _refuse_if_stale(self) -> None:
+        """Refuse to run when another schedule failed on the group this one sends on, after this one was built."""
+        stale = getattr(self.transport, "stale", None)
+        why = stale() if stale is not None else None
+        if why is None:
+            return
+        mine = sorted(st.index for st in self.stages)
+        exc = StageError(
+            f"rank {self.rank}, stages {mine}, action step start: another schedule on this process group failed a "
+            f"step after {type(self).__name__} was built here ({why[:300]}). Its abandoned receives stay on the group "
+            "and could take this schedule's messages, so this schedule refuses to run. Build this schedule anew on "
+            "every rank too, as the failed one (a new schedule sends on a fresh group of the same ranks)."
+        )
+        self._tell_others(f"rank {self.rank}, stages {mine}, before its step", exc)
+        self._broken = self._broken or "another schedule on its process group failed"
+        raise exc
 
     def begin(
         self,
@@ -288,6 +305,7 @@ class PipelineSchedule(StepInputsMixin):
             )
         if plan is None:
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
+        self._refuse_if_stale()
         try:
             if shapes_pending(self.stages):  # hand-cut stages without input_args: learn the shapes on this batch
                 infer_stage_shapes(self.stages, self.stages[0].group, self.transport.timeout, self.n_microbatches,
@@ -296,17 +314,21 @@ class PipelineSchedule(StepInputsMixin):
                 self._set_loss_fn(self._loss)  # the model's own loss output, if any, is known now
             inp = self._inputs(args, kwargs, target, training, loss_kwargs)
         except Exception as exc:  # bad input on this rank: the others would wait for it until their timeout
-            first = str(exc).splitlines()[0][:300] if str(exc) else ""
-            if self.transport.fail(f"rank {self.rank}, before its step: {type(exc).__name__}: {first}"):
-                self._broken = f"{type(exc).__name__}: {first[:200]}"
+            self._tell_others(f"rank {self.rank}, before its step", exc)
             raise
         inp.keep_outputs = return_outputs
         inp.phase = (self._calls % 2) * 2 + int(training)
         self._calls += 1
         if not self._agreed:
             self._agree()
-        if self.trace and isinstance(self.transport, DistTransport):
-            dist.barrier(group=self.transport.group)  # a common origin for every rank's clock
+        if self.trace and isinstance(self.transport, DistTransport):  # a common origin for every rank's clock
+            where = f"rank {self.rank}, stages {sorted(st.index for st in self.stages)}, action trace barrier " \
+                    f"(before step {self._calls}, micro-batch 0)"
+            try:
+                trace_barrier(self.transport, where)
+            except Exception as exc:
+                self._tell_others(where, exc)
+                raise
         ex = self._executor(plan)
         none = training and all(p.grad is None for st in self.stages for p in st.parameters())
         return StepRun(self, ex, ex.run(inp, time.perf_counter() if origin is None else origin), training=training,
@@ -351,7 +373,14 @@ class PipelineSchedule(StepInputsMixin):
             self.last_peak_live = res.peak_live
             self.last_peak_bytes = res.peak_bytes
         if self.trace and isinstance(self.transport, DistTransport):
-            self.last_timeline = gather_trace(self.transport, self.rank, res.events, self.name, self.trace_path)
+            where = f"rank {self.rank}, stages {sorted(st.index for st in self.stages)}, action trace gather " \
+                    f"(after step {self._calls}, every micro-batch)"
+            try:
+                self.last_timeline = gather_trace(self.transport, self.rank, res.events, self.name, self.trace_path,
+                                                  where)
+            except Exception as exc:
+                self._tell_others(where, exc)
+                raise
         self._check_losses(losses)
         if losses is not None and self.holds(self.pipe.num_stages - 1):
             losses.extend(res.losses)

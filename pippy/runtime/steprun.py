@@ -128,7 +128,7 @@ class StepRun:
             sch._broken = f"{type(exc).__name__}: {first[:200]}"
             poison = getattr(sch.transport, "poison", None)
             if poison is not None:
-                poison()
+                poison(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
 
 
 def _behind(message: str, calls: int) -> tuple[int, int] | None:
