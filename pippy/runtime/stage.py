@@ -5,7 +5,6 @@ in forward-only runs, its outputs until their last reader took them. The executo
 order of the calls; the user-facing :class:`pippy.PipelineStage` adds ``stage(x)`` on top.
 
     >>> import torch
-import torch.distributed as dist
     >>> from pippy import SplitPoint, pipeline
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> pipe = pipeline(net, 2, example_args=(torch.randn(4, 4),), split_spec={"1": SplitPoint.END})
