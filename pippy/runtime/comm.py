@@ -216,6 +216,7 @@ class DistTransport:
         # gloo: a failure board on the group's store, checked while waiting (NCCL waits stay on the caller's stream)
         self._store = None if self.ordered else group_store(self.group)
         self.board: FailureBoard | None = None
+        self._agreements = 0  # rounds of agree(): one per order installed (a CSV loaded later starts a new one)
         self._prefix = ""
         if self._store is not None:
             ranks = tuple(dist.get_process_group_ranks(self.group))
@@ -303,9 +304,14 @@ class DistTransport:
         return True
 
     def agree(self, facts: dict[str, Any], where: str) -> None:
-        """Compare ``facts`` with every rank of the group through the store (see :func:`pippy.runtime.faults.agree`)."""
+        """Compare ``facts`` with every rank of the group through the store (see :func:`pippy.runtime.faults.agree`).
+
+        Each call is a new round, compared only with the other ranks' same round.
+        """
         if self._claim() is not None:
-            agree(self._store, self._prefix, self.rank, range(self.world_size), facts, where)
+            self._agreements += 1
+            agree(self._store, f"{self._prefix}/round{self._agreements}", self.rank, range(self.world_size), facts,
+                  where)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Start an asynchronous send.

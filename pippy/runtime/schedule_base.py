@@ -340,7 +340,7 @@ class PipelineSchedule(StepInputsMixin):
 
     def _agree(self) -> None:
         mine = sorted(st.index for st in self.stages)
-        where = f"rank {self.rank} (stages {mine}), before its first step"
+        where = f"rank {self.rank} (stages {mine}), before its {'first' if self._calls <= 1 else 'next'} step"
         try:
             self.transport.agree(self.facts(), where)
         except RuntimeError as exc:
