@@ -1,11 +1,11 @@
 """Compatibility face: ``from pippy.PipelineStage import PipelineStage``.
 
     >>> from pippy.PipelineStage import PipelineStage
-    >>> import pippy.runtime.api
-    >>> PipelineStage is pippy.runtime.api.PipelineStage
+    >>> import pippy.runtime.userstage
+    >>> PipelineStage is pippy.runtime.userstage.PipelineStage
     True
 """
 
-from pippy.runtime.api import PipelineStage
+from pippy.runtime.userstage import PipelineStage
 
 __all__ = ["PipelineStage"]

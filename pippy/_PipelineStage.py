@@ -5,8 +5,8 @@
     True
 """
 
-from pippy.runtime.api import PipelineStage
 from pippy.runtime.stage import Stage
+from pippy.runtime.userstage import PipelineStage
 
 PipelineStageBase = Stage  # what every stage is: forward, backward, per micro-batch
 _PipelineStage = PipelineStage  # PiPPy's traced-stage class

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
         PipelineSchedule,
         PipelineScheduleMulti,
         PipelineScheduleSingle,
-        PipelineStage,
         Schedule1F1B,
         ScheduleDualPipeV,
         ScheduleFromCSV,
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
     from pippy.runtime.generate import GenerationPipe, GenerationStage, generate, pipeline_for_generation
     from pippy.runtime.schedule_names import ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, get_schedule_class
     from pippy.runtime.stage import StageError
+    from pippy.runtime.userstage import PipelineStage
     from pippy.sim.cost import CostModel, StageCost
     from pippy.sim.profile import profile, profile_ranks
     from pippy.sim.simulate import simulate
@@ -127,7 +127,7 @@ _WHERE = {
     "grad_norm": "pippy.runtime.clip",
     "PipeCommError": "pippy.runtime.comm",
     "PipeTimeoutError": "pippy.runtime.comm",
-    "PipelineStage": "pippy.runtime.api",
+    "PipelineStage": "pippy.runtime.userstage",
     "StageError": "pippy.runtime.stage",
     "CostModel": "pippy.sim.cost",
     "StageCost": "pippy.sim.cost",

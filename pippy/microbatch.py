@@ -145,6 +145,8 @@ def uneven_split_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], args_spec
         ''
         >>> uneven_split_inputs((torch.zeros(8, 5, 3), (torch.zeros(2, 8, 6), torch.zeros(2, 8, 6))), {})
         'args[1][0] has 2 along dim 0, args[1][1] has 2 along dim 0, the batch (args[0]) has 8'
+        >>> uneven_split_inputs((torch.zeros(1, 5), torch.zeros(8, 5)), {})
+        'args[0] has 1 along dim 0, the batch (args[1]) has 8'
     """
     found: list[tuple[str, int, int, bool]] = []  # (name, dim, size, spec given)
     for value, spec, what in ((args, args_spec, "positional argument"), (kwargs, kwargs_spec, "keyword argument")):
@@ -156,8 +158,9 @@ def uneven_split_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], args_spec
                 if -leaf.dim() <= d < leaf.dim():
                     found.append((f"{_NAMES[what]}{pytree.keystr(path)}", d, int(leaf.shape[d]), sp is not None))
     # the batch: the first input's size (args[0] by convention), not the most common one, which an LSTM's
-    # (h0, c0) states would win against its one input
-    batch = found[0][2] if found else 0
+    # (h0, c0) states would win against its one input; a size-1 leaf first (a [1, T] position_ids) is passed over
+    sized = [f for f in found if f[2] > 1] or found
+    batch = sized[0][2] if sized else 0
     odd = [f"{nm} has {size} along dim {d}" for nm, d, size, given in found if size != batch and not given]
     if not odd:
         return ""

@@ -24,8 +24,8 @@ from pippy.frontend.root import root_module, run_local
 from pippy.frontend.trace import SplitPoint
 from pippy.frontend.tracesplit import trace_and_split
 from pippy.microbatch import TensorChunkSpec
-from pippy.runtime.api import PipelineStage
 from pippy.runtime.build import build_stage
+from pippy.runtime.userstage import PipelineStage
 
 __all__ = ["ArgsChunkSpec", "KwargsChunkSpec", "Pipe", "pipeline"]
 

@@ -541,11 +541,12 @@ def test_step_under_no_grad_names_no_grad() -> None:
     assert sched.step(x, target=y).shape == (4, 4)  # refused up front: the schedule still runs
 
 
-def test_a_torch_style_stage_construction_points_at_pipeline_and_manual_stages() -> None:
+def test_a_stage_of_neither_a_pipe_nor_a_module_points_at_both_forms() -> None:
     from pippy.PipelineStage import PipelineStage
 
-    with pytest.raises(TypeError, match=r"pippy.pipeline.*got Linear .*ManualPipelineStage"):
-        PipelineStage(nn.Linear(8, 8), 0, 2, "cpu")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"pippy.pipeline\(model, ...\) or a module you cut yourself .*got dict"):
+        PipelineStage({"layers": 2}, 0, "cpu")  # type: ignore[arg-type]
+    assert isinstance(PipelineStage(nn.Linear(8, 8), 0, 2, "cpu"), PipelineStage)  # torch's form: shapes come later
 
 
 def test_stage_load_state_dict_takes_what_state_dict_gives() -> None:

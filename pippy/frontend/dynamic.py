@@ -138,8 +138,10 @@ def sym_hint(d: Any) -> int:
     if isinstance(d, torch.SymInt):
         hint = d.node.hint
         if hint is None:  # an expression of traced sizes, or a size that depends on the data (h[mask]): a heuristic
-            from torch.fx.experimental.symbolic_shapes import optimization_hint
-
+            try:
+                from torch.fx.experimental.symbolic_shapes import optimization_hint
+            except ImportError:  # torch before 2.10: backed sizes only
+                return int(d.node.shape_env.size_hint(d.node.expr))
             hint = optimization_hint(d, fallback=0)
         return int(hint)
     return int(d)

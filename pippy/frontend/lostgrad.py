@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -36,12 +38,14 @@ from pippy.frontend.notice import warn_user
 
 __all__ = ["TRAIN_REFUSAL", "model_backward_hooks", "warn_lost_backward", "watch_backward"]
 
-_SKIP = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(torch.__file__)))
+_SKIP = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+         os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 _REENTRANT = "torch.utils.checkpoint.CheckpointFunction"
 
 TRAIN_REFUSAL = (
     "How to fix: write the custom backward as a torch.library.custom_op with register_autograd (torch.export keeps "
-    "such an op whole, with its backward); pass use_reentrant=False to torch.utils.checkpoint (Hugging Face: "
+    "such an op whole, with its backward), or, when its backward is exactly autograd's of its forward, set "
+    "YourFunction.pippy_traced_backward_ok = True; pass use_reentrant=False to torch.utils.checkpoint (Hugging Face: "
     "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})); register "
     "gradient hooks after pipeline() on the stages' tensors or modules. Forward-only use (eval(), stage(x)) is "
     "unaffected"
@@ -56,14 +60,20 @@ def _caller() -> str:
     return "an unknown line"
 
 
-@contextlib.contextmanager
-def watch_backward() -> Iterator[list[str]]:
-    """Within the block, record each custom autograd Function, reentrant checkpoint and tensor hook forward uses."""
-    lost: list[str] = []
-    apply_was = torch.autograd.Function.__dict__["apply"]
-    hook_was = torch.Tensor.register_hook
+def _called_from_torch() -> bool:
+    """Whether the frame that called the patched function is torch's own code (e.g. register_multi_grad_hook)."""
+    caller = sys._getframe(2)
+    return os.path.abspath(caller.f_code.co_filename).startswith(_SKIP[1])
 
-    def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+
+_LOCK = threading.Lock()
+_ACTIVE: dict[int, list[str]] = {}  # thread id -> what that thread's trace lost
+_SAVED: list[Any] = []  # the original Function.apply and Tensor.register_hook while any trace watches
+
+
+def _apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+    lost = _ACTIVE.get(threading.get_ident())
+    if lost is not None and not getattr(cls, "pippy_traced_backward_ok", False):
         name = f"{cls.__module__}.{cls.__qualname__}"
         if name == _REENTRANT:
             lost.append(f"torch.utils.checkpoint(use_reentrant=True) at {_caller()} (torch.export makes what "
@@ -71,19 +81,44 @@ def watch_backward() -> Iterator[list[str]]:
         elif not name.startswith("torch."):
             lost.append(f"custom torch.autograd.Function {cls.__qualname__} (its backward is replaced by the "
                         f"autograd of its forward): {cls.__qualname__}.apply at {_caller()}")
-        return apply_was.__func__(cls, *args, **kwargs)
+    return _SAVED[0].__func__(cls, *args, **kwargs)
 
-    def register_hook(self: torch.Tensor, hook: Any) -> Any:
+
+def _register_hook(self: torch.Tensor, hook: Any) -> Any:
+    handle = _SAVED[1](self, hook)
+    lost = _ACTIVE.get(threading.get_ident())
+    if lost is not None and not _called_from_torch():
         lost.append(f"a tensor hook registered in forward ({getattr(hook, '__qualname__', 'hook')}) at {_caller()}")
-        return hook_was(self, hook)
+    return handle
 
-    torch.autograd.Function.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
-    torch.Tensor.register_hook = register_hook  # type: ignore[method-assign]
+
+@contextlib.contextmanager
+def watch_backward() -> Iterator[list[str]]:
+    """Within the block, record each custom autograd Function, reentrant checkpoint and tensor hook that this
+    thread's forward uses (other threads are not watched). A Function whose backward is exactly autograd's of its
+    forward can say so: ``MyFunction.pippy_traced_backward_ok = True``."""
+    me = threading.get_ident()
+    lost: list[str] = []
+    with _LOCK:
+        if me in _ACTIVE:  # a trace inside a trace (one thread): the outer one records
+            nested = True
+        else:
+            nested = False
+            if not _ACTIVE:
+                _SAVED[:] = [torch.autograd.Function.__dict__["apply"], torch.Tensor.register_hook]
+                torch.autograd.Function.apply = classmethod(_apply)  # type: ignore[assignment,method-assign]
+                torch.Tensor.register_hook = _register_hook  # type: ignore[method-assign]
+            _ACTIVE[me] = lost
     try:
         yield lost
     finally:
-        torch.autograd.Function.apply = apply_was  # type: ignore[method-assign]
-        torch.Tensor.register_hook = hook_was  # type: ignore[method-assign]
+        if not nested:
+            with _LOCK:
+                del _ACTIVE[me]
+                if not _ACTIVE:
+                    torch.autograd.Function.apply = _SAVED[0]  # type: ignore[method-assign]
+                    torch.Tensor.register_hook = _SAVED[1]  # type: ignore[method-assign]
+                    _SAVED.clear()
 
 
 def model_backward_hooks(module: nn.Module) -> list[str]:

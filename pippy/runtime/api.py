@@ -16,20 +16,17 @@ In one process (tests, notebooks) :class:`pippy.runtime.local.LocalPipeline` dri
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from pippy.frontend.describe import describe_split_sites
 from pippy.frontend.pipe import SplitPipe
 from pippy.microbatch import TensorChunkSpec
-from pippy.runtime.guards import check_device, check_loss_fn, check_stages, rank_or_none, watch_traced_parameters
+from pippy.runtime.guards import check_loss_fn, check_stages, rank_or_none
 from pippy.runtime.legacy import MicrobatchSteps
-from pippy.runtime.manual import module_stage
 from pippy.runtime.order_io import OrderIO
 from pippy.runtime.peer_attrs import PeerAttributes
 from pippy.runtime.schedule_base import PipelineSchedule
@@ -44,7 +41,6 @@ __all__ = [
     "PipelineSchedule",
     "PipelineScheduleMulti",
     "PipelineScheduleSingle",
-    "PipelineStage",
     "Schedule1F1B",
     "ScheduleDualPipeV",
     "ScheduleFromCSV",
@@ -55,7 +51,6 @@ __all__ = [
     "ScheduleZBH1",
     "ScheduleZBH2",
     "ScheduleZBV",
-    "run_forward_pipeline",
 ]
 
 
@@ -381,77 +376,3 @@ class ScheduleFromCSV(PipelineScheduleMulti):
                 f"its header) but the pipe was traced with num_chunks={self.pipe.num_chunks}; a step's batch must "
                 f"then hold {sch.n_microbatches} of the traced micro-batches. Add the missing micro-batches to the "
                 "CSV, or trace with pipeline(model, num_chunks=...) to match"))
-
-
-def run_forward_pipeline(stage: Stage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Forward-only pipeline of ``pipe.num_chunks`` micro-batches, one stage per rank (``stage(x)``)."""
-    sched = _stage_call_schedule(stage)
-    return sched.eval(*args, **kwargs)
-
-
-class _ForwardOnly(PipelineScheduleSingle):
-    name = "forward"
-
-    def _make(self, p: int) -> Schedule:
-        return gen.forward_only(tuple(range(p)), self.n_microbatches)
-
-
-_CALL_SCHEDULES: weakref.WeakKeyDictionary[Stage, PipelineSchedule] = weakref.WeakKeyDictionary()
-
-
-def _stage_call_schedule(stage: Stage) -> PipelineSchedule:
-    """The forward-only schedule behind ``stage(x)``, built once per stage (the stage itself holds none)."""
-    sched = _CALL_SCHEDULES.get(stage)
-    if sched is None:
-        sched = _CALL_SCHEDULES[stage] = _ForwardOnly(stage, stage.pipe.num_chunks)
-    return sched
-
-
-class PipelineStage(Stage):
-    """The stage users build: a :class:`~pippy.runtime.stage.Stage` that can also run a forward pipeline.
-
-    Calling it runs a forward-only pipeline of ``pipe.num_chunks`` micro-batches over all ranks of
-    ``group`` (one stage per rank): ``stage(x)`` on the first rank, ``stage()`` on the others; the
-    last rank gets the merged output, the others ``None``. Under torchrun::
-
-        stage = PipelineStage(pipe, dist.get_rank(), torch.device("cpu"))
-        out = stage(x) if dist.get_rank() == 0 else stage()
-
-    A device no pipeline can compute on (``meta``, CUDA where there is none, a CPU stage under
-    NCCL) is refused here, and from then on an optimizer of the traced model's own parameters
-    is refused when it steps (see :mod:`pippy.runtime.guards`). With a single stage no other
-    rank is needed:
-
-        >>> import torch, torch.distributed as dist
-        >>> from pippy import pipeline
-        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        >>> stage = PipelineStage(pipeline(torch.nn.Linear(3, 1), 2, (torch.ones(4, 3),)), 0)
-        >>> stage(torch.ones(4, 3)).shape
-        torch.Size([4, 1])
-        >>> dist.destroy_process_group()
-    """
-
-    def __new__(cls, pipe: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if cls is PipelineStage and isinstance(pipe, nn.Module):  # PyTorch pipelining's (module, index, n, device)
-            return module_stage(pipe, *args, **kwargs)
-        return super().__new__(cls)
-
-    def __init__(self, pipe: SplitPipe, stage_index: int, device: torch.device | str = "cpu", group: Any = None,
-                 *extra: Any, **torch_style: Any) -> None:
-        if isinstance(pipe, SplitPipe) and (extra or torch_style):
-            raise TypeError(f"PipelineStage(pipe, stage_index, device, group) takes no other arguments; got "
-                            f"{len(extra)} more positional and {sorted(torch_style)}")
-        if not isinstance(pipe, SplitPipe):
-            raise TypeError(
-                f"PipelineStage(pipe, stage_index, device, group) expected a pipe made by pippy.pipeline(model, ...) "
-                f"or a module you cut yourself (PipelineStage(module, stage_index, num_stages, device, "
-                f"input_args=...)), got {type(pipe).__name__}"
-            )
-        pipe._check_index(stage_index)
-        dev = check_device(pipe, stage_index, device, group)
-        super().__init__(pipe, stage_index, dev, group)
-        watch_traced_parameters(pipe)
-        pipe.bind_stage(stage_index, self)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return run_forward_pipeline(self, args, kwargs)

@@ -20,8 +20,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from pippy.frontend.materialize import Checkpoint, materialize_stage
 from pippy.frontend.pipe import SplitPipe
-from pippy.runtime.api import PipelineStage
 from pippy.runtime.recompute import enable_recompute
+from pippy.runtime.userstage import PipelineStage
 
 __all__ = ["build_stage", "pipeline_group"]
 

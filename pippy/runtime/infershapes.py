@@ -75,8 +75,7 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
         else:
             metas = [_dec(m) for m in wait(st.index - 1)[1]]
             ins = [torch.zeros(m.shape or (), dtype=m.dtype, device=st.device) for m in metas]
-        with torch.no_grad():
-            outs = _tensors(st.submod(*ins, **first_kwargs), f"the output of stage {st.index}", st.index)
+        outs = _tensors(_run_once(st, ins, first_kwargs), f"the output of stage {st.index}", st.index)
         metas_in = _metas(ins, st.index > 0)
         if st.index > 0 and not any(m.requires_grad for m in metas_in):
             raise StageError(
@@ -88,3 +87,16 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
         store.set(f"{prefix}/{st.index}", json.dumps([[_enc(m) for m in metas_in], [_enc(m) for m in metas_out]]))
     others = {str(s): wait(s) for s in range(num_stages)}
     link_stages(stages, others)
+
+
+def _run_once(stage: Stage, ins: list[torch.Tensor], kwargs: dict[str, Any]) -> Any:
+    """The stage's module on ``ins``, leaving no trace: no autograd, buffers (batch norm's statistics) and the
+    random streams (dropout) as they were, so the step itself runs as if this never happened."""
+    buffers = [(b, b.detach().clone()) for b in stage.submod.buffers()]
+    devices = [stage.device] if stage.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        out = stage.submod(*ins, **kwargs)
+        for b, was in buffers:
+            b.copy_(was)
+    return out
+

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from pippy.frontend.pipe import SplitPipe
-from pippy.runtime.api import PipelineStage
 from pippy.runtime.localcomm import LocalTransport
 from pippy.runtime.schedule_base import PipelineSchedule, StepRun, eval_options, refuse_no_grad
+from pippy.runtime.userstage import PipelineStage
 from pippy.sim.timeline import Timeline
 
 __all__ = ["LocalPipeline", "PipelineDeadlockError"]

@@ -121,8 +121,16 @@ class ManualStage(Stage):
             super().__init__(_chain(infos, num_microbatches, type(submodule).__name__), stage_index, dev, group,
                              module=submodule)
         self.num_microbatches = num_microbatches
-        self.inputs_meta = self.info.input_meta
-        self.outputs_meta = self.info.outputs
+
+    @property
+    def inputs_meta(self) -> list[ValueMeta]:
+        """This stage's input shapes and dtypes (PiPPy's and PyTorch pipelining's name)."""
+        return list(self.info.input_meta)
+
+    @property
+    def outputs_meta(self) -> list[ValueMeta]:
+        """This stage's output shapes and dtypes."""
+        return list(self.info.outputs)
 
     def describe_edges(self) -> str:
         """``stage i: in [...] -> out [...]`` for messages and checks."""

@@ -32,8 +32,7 @@ def schedule_facts(sched: Any) -> dict[str, Any]:
     """
     plan = sched._eval_schedule
     pipe = sched.pipe
-    order = "forward only" if sched.schedule is None else hashlib.sha1(
-        " ".join(str(a) for acts in sched.schedule.compute_only().actions for a in acts).encode()).hexdigest()[:12]
+    order = order_hash(sched.schedule)
     return {
         "schedule": type(sched).__name__,
         "n_microbatches": sched.n_microbatches,
@@ -61,6 +60,14 @@ def trace_barrier(transport: Transport, where: str) -> None:
         sync.barrier(where)
     else:
         dist.barrier(group=transport.p2p_group)
+
+
+def order_hash(schedule: Any) -> str:
+    """A short hash of every rank's compute actions in order ("forward only" without a training order)."""
+    if schedule is None:
+        return "forward only"
+    order = " ".join(str(a) for acts in schedule.compute_only().actions for a in acts)
+    return hashlib.sha1(order.encode()).hexdigest()[:12]
 
 
 def gather_trace(transport: Transport, rank: int, events: list[Event], name: str,

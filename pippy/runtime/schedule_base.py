@@ -31,7 +31,6 @@ the trace, merge the outputs). A new schedule class only says what to generate:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -46,11 +45,11 @@ from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.countedmean import counted_mean
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor
-from pippy.runtime.guards import check_placement
+from pippy.runtime.guards import check_loss_fn, check_placement
 from pippy.runtime.infershapes import infer_stage_shapes, shapes_pending
 from pippy.runtime.loss import choose_reduction, loss_index
 from pippy.runtime.manual import exchange, link_stages, needs_link
-from pippy.runtime.ranks import gather_trace, schedule_facts, trace_barrier
+from pippy.runtime.ranks import gather_trace, order_hash, schedule_facts, trace_barrier
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.stepinputs import StepInputsMixin
 from pippy.runtime.steprun import StepRun
@@ -194,8 +193,8 @@ class PipelineSchedule(StepInputsMixin):
         if trains:
             validate(compute)
         eval_order = gen.forward_only(compute.stage_to_rank, self.n_microbatches).with_deps(self.pipe.deps())
-        self.schedule = lower(compute) if trains else None
-        self._eval_schedule = lower(eval_order)
+        lowered, eval_lowered = lower(compute) if trains else None, lower(eval_order)
+        self.schedule, self._eval_schedule = lowered, eval_lowered
         self.fused_backward = fused
         self._executors.clear()
         self._agreed = False
@@ -223,6 +222,7 @@ class PipelineSchedule(StepInputsMixin):
 
     @loss_fn.setter
     def loss_fn(self, fn: Callable[..., torch.Tensor] | None) -> None:
+        check_loss_fn(type(self).__name__, fn, self.pipe.num_stages - 1, self.rank)
         self._set_loss_fn(fn)
 
     _loss_fn = loss_fn  # PyTorch pipelining's attribute name (frameworks assign it)
@@ -350,9 +350,7 @@ class PipelineSchedule(StepInputsMixin):
         if isinstance(self.transport, DistTransport):  # and the stages' data-parallel peers, if they have any
             facts: dict[str, Any] = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}
             if self.schedule is not None:  # the order depends on costs= (W's placed, B's split): same everywhere
-                order = " ".join(str(a) for acts in self.schedule.compute_only().actions for a in acts)
-                facts["action order (set by costs=, which must be the same on every rank)"] = \
-                    hashlib.sha1(order.encode()).hexdigest()[:12]
+                facts["action order (set by costs=, which must be the same on every rank)"] = order_hash(self.schedule)
             try:
                 agree_stages_with_dp_peers([st.submod for st in self.stages], facts, self.name, self.transport.timeout)
             except DataParallelMismatch as exc:

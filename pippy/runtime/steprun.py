@@ -118,8 +118,8 @@ class StepRun:
         if behind is not None and hasattr(exc, "add_note"):
             exc.add_note(
                 f"pippy: rank {behind[0]} failed in its step {behind[1]}, which this rank had finished (this is its "
-                f"step {sch._calls}): an optimizer step taken after it put this rank's stages one update ahead of "
-                f"rank {behind[0]}'s. Restore every rank from the same checkpoint before training on"
+                f"step {sch._calls}, eval() calls counted): if an optimizer step ran after it, this rank's stages are "
+                f"one update ahead of rank {behind[0]}'s. Restore every rank from the same checkpoint before training on"
             )
         where = getattr(sch.transport, "rank_note", "")  # a sub-group (dp x pp): its rank numbers are not global
         if where and hasattr(exc, "add_note") and where not in notes:

@@ -305,7 +305,7 @@ def cell_actions(text: str) -> list[Action]:
     text = text.strip()
     if not text or _FSDP_CELL.match(text):
         return []
-    if text.startswith("(") and text.endswith(")OVERLAP_F_B"):
+    if text.startswith("(") and text.endswith(")OVERLAP_F_B") and text.count("(") == 1 and text.count(")") == 1:
         return [a for part in text[1:text.index(")")].split(";") for a in cell_actions(part)]
     return [Action.parse(text)]
 

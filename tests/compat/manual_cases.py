@@ -208,3 +208,14 @@ def lazy_form(rank: int, world: int) -> dict[str, float]:
             report[name + " out"] = float((out - ref_out).abs().max())
             report[name + " eval"] = float((evaluated - ref_out).abs().max())
     return report
+
+
+def lazy_side_effects(rank: int, world: int) -> int:
+    """Learning the shapes in the first step leaves no trace: batch norm counts only the step's micro-batches."""
+    torch.manual_seed(0)
+    mod: nn.Module = nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D)) if rank == 0 else nn.Linear(D, 2)
+    stage = PipelineStage(mod, rank, world, "cpu")
+    sched = pippy.Schedule1F1B(stage, M, loss_fn=nn.functional.mse_loss)
+    x, y = torch.randn(B, D), torch.randn(B, 2)
+    sched.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None)
+    return int(mod[1].num_batches_tracked) if rank == 0 else -1

@@ -7,6 +7,7 @@ from manual_cases import (
     SCHEDULES,
     keyword_forms,
     lazy_form,
+    lazy_side_effects,
     manual_mismatch,
     manual_stages,
     stage_shapes,
@@ -56,3 +57,7 @@ def test_stages_without_input_args_learn_their_shapes_and_take_keyword_inputs(tm
     for rank, rep in enumerate(reports):
         assert rep and all(err < TOL for err in rep.values()), (rank, rep)
     assert sum(k.endswith(" out") for rep in reports for k in rep) == 3
+
+
+def test_learning_shapes_leaves_batch_norm_statistics_alone(tmp_path) -> None:
+    assert run_ranks(tmp_path, 2, lazy_side_effects)[0] == 4  # one update per micro-batch, none for the shapes

@@ -383,8 +383,11 @@ def test_torch_pipelining_schedule_and_stage_arguments_are_taken_or_refused_with
     with pytest.raises(TypeError, match=r"args_chunk_spec=.* differs from the one the pipe was traced with.*pipeline"):
         LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=nn.functional.mse_loss,
                       args_chunk_spec=(TensorChunkSpec(1),))
-    with pytest.raises(TypeError, match=r"ManualPipelineStage\(module, stage_index, num_stages"):
-        PipelineStage(model[0], 0, 2, torch.device("cpu"), input_args=(x[:2],))
+    hand_cut = PipelineStage(model[0], 0, 2, torch.device("cpu"), input_args=(x[:2],))  # torch's module form
+    assert isinstance(hand_cut, PipelineStage) and hand_cut.describe_edges() == \
+        "stage 0: in [float64[2, 4]] -> out [float64[2, 4]]"
+    with pytest.raises(TypeError, match=r"dw_builder is not supported"):
+        PipelineStage(model[0], 0, 2, "cpu", input_args=(x[:2],), dw_builder=lambda: None)
     with pytest.raises(TypeError, match=r"takes no other arguments; got 0 more positional and \['input_args'\]"):
         PipelineStage(pipe, 0, "cpu", None, input_args=(x[:2],))
 

@@ -119,3 +119,40 @@ def test_split_after_a_reentrant_checkpoint_names_it() -> None:
     with pytest.raises(Exception, match=r"pipe_split\(\) at .* follows torch.utils.checkpoint\(use_reentrant=True\) at "
                                         r".*test_lostgrad.py:\d+.*Expected use_reentrant=False"):
         pipeline(SplitAfterReentrant("plain").double(), 2, (_data()[0],))
+
+
+class Identity(torch.autograd.Function):
+    """A Function whose backward is autograd's of its forward: it says so, and trains."""
+
+    pippy_traced_backward_ok = True
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g * 2
+
+
+class OptedOut(Net):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l1(x))
+        pipe_split()
+        return self.head(torch.tanh(self.l2(Identity.apply(h))))
+
+
+def test_a_function_may_say_its_backward_is_autograds() -> None:
+    torch.manual_seed(0)
+    model = OptedOut("plain").double()
+    x, y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe = pipeline(copy.deepcopy(model), 4, (x,))
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=F.mse_loss)
+    lp.step(x, target=y)
+    F.mse_loss(model(x), y).backward()
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13)
+    assert torch.autograd.Function.__dict__["apply"].__func__.__name__ == "apply"  # unpatched after the trace

@@ -110,24 +110,29 @@ def test_runtime_class_and_refusals(tmp_path) -> None:
 def test_forward_only_schedule_steps_forward() -> None:
     from pippy.runtime.localcomm import LocalTransport
 
-    model, pipe, x, _ = mlp_pipe(1, 4)
-    sched = _ScheduleForwardOnly(pipe.build_stage(0, "cpu"), 4, transport=LocalTransport.world(1)[0])
+    model, pipe, x, y = mlp_pipe(1, 4)
+    sched = _ScheduleForwardOnly(pipe.build_stage(0, "cpu"), 4, loss_fn=torch.nn.functional.mse_loss,
+                                 transport=LocalTransport.world(1)[0])
     with torch.no_grad():
         ref = model(x)
-    torch.testing.assert_close(sched.step(x), ref, rtol=0, atol=1e-13)
-    assert all(p.grad is None for p in sched.stages[0].parameters())
+    losses: list[torch.Tensor] = []
+    torch.testing.assert_close(sched.step(x, target=y, losses=losses), ref, rtol=0, atol=1e-13)
+    assert not losses and all(p.grad is None for p in sched.stages[0].parameters())  # a loss_fn, yet no backward
 
 
 def test_an_order_is_checked_as_written() -> None:
     _model, pipe, _x, _y = mlp_pipe(2, 4)
     lp = LocalPipeline(pipe, PipelineScheduleMulti, num_ranks=2, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
+    for sched in lp.schedules:
+        sched._load_actions(GPIPE_2)
+    before = [sched._dump_actions("compute_comms") for sched in lp.schedules]
     rows = {0: GPIPE_2[0], 1: ["1F0", "1B0", "1I0", "1W0", *GPIPE_2[1][2:]]}  # 1B0 and a split backward of it too
     with pytest.raises(ValueError, match=r"stage 1 micro-batch 0 has both a full backward B and a split one \(I/W\)"):
         lp.schedules[1]._load_actions(rows)
     with pytest.raises(ValueError, match="0W0 needs 0I0 first"):  # W before I: refused though stage 0 would fuse them
         lp.schedules[0]._load_actions({0: ["0F0", "0W0", "0I0"] + [a for i in (1, 2, 3) for a in (f"0F{i}", f"0B{i}")],
                                        1: GPIPE_2[1]})
-    assert lp.schedules[1].schedule is None  # nothing was installed by the failed loads
+    assert [sched._dump_actions("compute_comms") for sched in lp.schedules] == before  # failed loads change nothing
 
 
 def test_loss_fn_assigned_after_construction_is_used() -> None:
