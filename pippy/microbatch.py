@@ -322,7 +322,23 @@ def _mask_on() -> bool:
 
 
 def _norm_spec(spec: Any) -> Any:
-    return spec() if spec in (Replicate, Sum) else spec
+    """Ours for a spec class or PyTorch pipelining's spec (read by name, never imported).
+
+        >>> _norm_spec(Replicate), _norm_spec(type("TensorChunkSpec", (), {"split_dim": 1})())
+        (Replicate(), TensorChunkSpec(dim=1))
+    """
+    if spec in (Replicate, Sum):
+        return spec()
+    kind = spec.__name__ if isinstance(spec, type) else type(spec).__name__
+    if kind == "_Replicate":
+        return Replicate()
+    if kind == "TensorChunkSpec" and not isinstance(spec, TensorChunkSpec) and isinstance(getattr(spec, "split_dim", None), int):
+        return TensorChunkSpec(spec.split_dim)
+    return spec
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, _SPEC_TYPES) or x in (Replicate, Sum) or _norm_spec(x) is not x
 
 
 def _leaf_specs(spec: Any, value: Any, n_leaves: int, what: str) -> list[Any]:
@@ -335,7 +351,7 @@ def _leaf_specs(spec: Any, value: Any, n_leaves: int, what: str) -> list[Any]:
             "same names (e.g. KwargsChunkSpec / kwargs_chunk_spec with the model's keyword argument names)"
         )
     try:
-        specs = pytree.tree_flatten(spec, is_leaf=lambda x: isinstance(x, _SPEC_TYPES) or x in (Replicate, Sum))[0]
+        specs = pytree.tree_flatten(spec, is_leaf=_is_spec)[0]
     except Exception as exc:  # pragma: no cover - defensive
         raise ValueError(f"chunk spec for the {what} is not a pytree: {spec!r}") from exc
     if len(specs) != n_leaves:

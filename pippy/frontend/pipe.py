@@ -242,7 +242,7 @@ class SplitPipe:
     def split_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> list[list[Any]]:
         """Split a full batch into ``n`` micro-batches, each flattened for stage 0."""
         args = self.fill_constants(tuple(args))
-        mbs = split_batch(args, kwargs, n, self.args_chunk_spec, self.kwargs_chunk_spec)
+        mbs = split_batch(args, kwargs, n, self.args_chunk_spec, self.kwargs_chunk_spec if kwargs else None)
         if self.input_dims is None:
             return [self.flatten_inputs(a, k) for a, k in mbs]
         out = []

@@ -89,20 +89,26 @@ class _UserSchedule(MicrobatchSteps, OrderIO, PeerAttributes, PipelineSchedule):
         if transport is None:
             rank = rank_or_none(stages[0].group)  # the rank in the pipeline's own group
         check_loss_fn(name, loss_fn, stages[0].pipe.num_stages - 1, rank)
-        _torch_options(name, stages[0].pipe, kwargs)
+        _torch_options(name, stages, kwargs)
         super().__init__(stages, n_microbatches, loss_fn, **kwargs)
 
 
-def _torch_options(name: str, pipe: SplitPipe, kwargs: dict[str, Any]) -> None:
+def _torch_options(name: str, stages: Sequence[Stage], kwargs: dict[str, Any]) -> None:
     """Take PyTorch's pipelining package's schedule options: ``scale_grads`` (True: grads of the micro-batches'
-    mean, ``loss_reduction="mean"``; False: of their sum), and chunk specs that repeat the pipe's."""
+    mean, ``loss_reduction="mean"``; False: of their sum), and chunk specs: those of hand-cut stages (which
+    have no ``pipeline()`` call to take them), or ones that repeat a traced pipe's."""
+    pipe = stages[0].pipe
     if "scale_grads" in kwargs:
         scale = kwargs.pop("scale_grads")
         if kwargs.get("loss_reduction") is not None:
             raise TypeError(f"{name}: pass loss_reduction= or torch's scale_grads=, not both")
         kwargs["loss_reduction"] = "mean" if scale else "sum"
     for key in ("args_chunk_spec", "kwargs_chunk_spec"):
-        if key in kwargs:
+        if key in kwargs and getattr(pipe, "manual", False):  # each rank splits its own inputs by these
+            given = kwargs.pop(key)
+            for st in stages:
+                setattr(st.pipe, key, given)
+        elif key in kwargs:
             given, traced = kwargs.pop(key), getattr(pipe, key, None)
             if given is not None and given != traced and not (_default_spec(given) and _default_spec(traced)):
                 raise TypeError(

@@ -54,8 +54,9 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
         if not args:
             raise StageError("the rank holding stage 0 got no inputs in its first step, so the stages cannot learn "
                              "their shapes; pass the batch to step()/eval() there")
-        first_args = split_batch(tuple(args), {}, n_microbatches)[0][0]
-    first_kwargs = split_batch((), dict(kwargs), n_microbatches)[0][1] if kwargs else {}
+        first_args = split_batch(tuple(args), {}, n_microbatches, stages[0].pipe.args_chunk_spec)[0][0]
+    first_kwargs = split_batch((), dict(kwargs), n_microbatches, None,
+                               stages[0].pipe.kwargs_chunk_spec)[0][1] if kwargs else {}
 
     def wait(s: int) -> list[Any]:
         key = f"{prefix}/{s}"

@@ -53,7 +53,7 @@ class StepInputsMixin:
         mbs, stage_kwargs = None, None
         if getattr(self.pipe, "manual", False) and kwargs:  # hand-cut stages: each rank's kwargs go to its stages
             try:
-                stage_kwargs = [k for _, k in split_batch((), kwargs, m)]
+                stage_kwargs = [k for _, k in split_batch((), kwargs, m, None, self.pipe.kwargs_chunk_spec)]
             except ValueError as exc:
                 raise ValueError(f"{self.name}: rank {self.rank}, splitting the keyword inputs of its stages "
                                  f"(action: step input): {exc}") from None

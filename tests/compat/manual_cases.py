@@ -219,3 +219,30 @@ def lazy_side_effects(rank: int, world: int) -> int:
     x, y = torch.randn(B, D), torch.randn(B, 2)
     sched.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None)
     return int(mod[1].num_batches_tracked) if rank == 0 else -1
+
+
+class _Biased(_Scaled):
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x, scale) + bias[: self.lin.out_features]
+
+
+def lazy_specs(rank: int, world: int) -> float:
+    """PyTorch pipelining's chunk specs on a schedule of hand-cut stages: an unbatched keyword input replicated."""
+    from torch.distributed.pipelining.microbatch import TensorChunkSpec as TorchChunkSpec
+    from torch.distributed.pipelining.microbatch import _Replicate
+
+    torch.set_default_dtype(torch.float64)
+    x, y = torch.randn(B, D, generator=torch.Generator().manual_seed(1)), torch.randn(B, 2, generator=torch.Generator().manual_seed(2))
+    scale = torch.rand(B, 1, generator=torch.Generator().manual_seed(3)) + 0.5
+    bias = torch.randn(D, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    parts = [_Biased(D if s < world - 1 else 2) for s in range(world)]
+    out = x
+    for part in parts:
+        out = part(out, scale=scale, bias=bias)
+    grads = torch.autograd.grad(nn.functional.mse_loss(out, y), list(parts[rank].parameters()))
+    stage = PipelineStage(copy.deepcopy(parts[rank]), rank, world, "cpu")
+    sched = pippy.Schedule1F1B(stage, M, loss_fn=nn.functional.mse_loss, args_chunk_spec=(TorchChunkSpec(0),),
+                               kwargs_chunk_spec={"scale": TorchChunkSpec(0), "bias": _Replicate()})
+    sched.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None, scale=scale, bias=bias)
+    return max(float((p.grad - g).abs().max()) for p, g in zip(stage.submod.parameters(), grads))

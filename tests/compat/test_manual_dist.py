@@ -8,6 +8,7 @@ from manual_cases import (
     keyword_forms,
     lazy_form,
     lazy_side_effects,
+    lazy_specs,
     manual_mismatch,
     manual_stages,
     stage_shapes,
@@ -61,3 +62,7 @@ def test_stages_without_input_args_learn_their_shapes_and_take_keyword_inputs(tm
 
 def test_learning_shapes_leaves_batch_norm_statistics_alone(tmp_path) -> None:
     assert run_ranks(tmp_path, 2, lazy_side_effects)[0] == 4  # one update per micro-batch, none for the shapes
+
+
+def test_hand_cut_stages_take_chunk_specs_for_their_inputs(tmp_path) -> None:
+    assert max(run_ranks(tmp_path, 2, lazy_specs)) < TOL
