@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-__all__ = ["warn_user"]
+__all__ = ["called_by_user", "warn_user"]
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,3 +26,10 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def called_by_user() -> bool:
+    """Whether the function calling this one was called from outside the pippy package (the user's code)."""
+    frame = sys._getframe(2)
+    return not os.path.abspath(frame.f_code.co_filename).startswith(_PKG + os.sep)
+

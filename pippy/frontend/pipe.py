@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from pippy.frontend.assign import SplitPolicy
 from pippy.frontend.describe import describe_pipe, describe_split_sites
 from pippy.frontend.dynamic import SymDim, check_dims
+from pippy.frontend.notice import called_by_user, warn_user
 from pippy.frontend.split import StageInfo, ValueMeta
 from pippy.microbatch import Replicate, Sum, TensorChunkSpec, merge_chunks, split_batch
 
@@ -85,6 +86,7 @@ class SplitPipe:
         self.args_chunk_spec = args_chunk_spec
         self.kwargs_chunk_spec = kwargs_chunk_spec
         self._source: weakref.ref[nn.Module] | None = None
+        self._handed_out: set[int] = set()  # stages whose traced module the user took before building them
         self.traced_trainable: dict[str, bool] = {}  # requires_grad of every parameter when traced
         self.traced_autocast: tuple[str, str] | None = None  # the torch.autocast the pipe was traced under
         self.compute_dtype: torch.dtype | None = None  # pipeline(compute_dtype=): float inputs are cast to it
@@ -125,12 +127,24 @@ class SplitPipe:
         ref = self._live.get(i)
         holder = ref() if ref is not None else None
         live = getattr(holder, "submod", None)
-        return live if isinstance(live, fx.GraphModule) else self.stage_infos[i].module
+        if isinstance(live, fx.GraphModule):
+            return live
+        if called_by_user():  # handed out before the stage exists: build_stage says it is not the stage's module
+            self._handed_out.add(i)
+        return self.stage_infos[i].module
 
     def bind_stage(self, i: int, holder: Any) -> None:
         """Record (weakly) that ``holder.submod`` is the module stage ``i`` runs in this process."""
         self._check_index(i)
         self._live[i] = weakref.ref(holder)
+        if i in self._handed_out:
+            self._handed_out.discard(i)
+            warn_user(
+                f"pipe.get_stage_module({i}) was called before stage {i} was built, so it returned the traced module; "
+                f"the stage runs and trains its own copy (stage.submod). Anything applied to the module taken earlier "
+                f"(an optimizer, load_state_dict, parallelize_module) misses the stage: call get_stage_module({i}) "
+                "after build_stage, or use stage.submod"
+            )
 
     def source_model(self) -> nn.Module | None:
         """The model this pipe was traced from, while it is alive (held weakly)."""

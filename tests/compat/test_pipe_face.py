@@ -521,3 +521,19 @@ def test_counted_cross_entropy_with_loss_kwargs_and_in_eval_and_torch_chunk_spec
     lp.eval(x, target=y, losses=got)
     want = [float(loss(ref(a), b)) for a, b in zip(x.chunk(4), y.chunk(4))]
     assert [float(v) for v in got] == pytest.approx(want, abs=1e-12, nan_ok=True)
+
+
+def test_a_stage_module_taken_before_its_stage_is_built_is_named() -> None:
+    """torchtitan-style code collects pipe.get_stage_module(i) before build_stage(i): that module does not train."""
+    import warnings
+
+    x = torch.randn(8, 4)
+    pipe = pipeline(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), 4, (x,), split_spec={"1": SplitPoint.END})
+    early = pipe.get_stage_module(0)
+    with pytest.warns(UserWarning, match=r"get_stage_module\(0\) was called before stage 0 was built"):
+        stage = pipe.build_stage(0, "cpu")
+    assert pipe.get_stage_module(0) is stage.submod is not early
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.build_stage(1, "cpu")
+        pipe.build_stage(0, "cpu")  # said once
