@@ -11,16 +11,16 @@ Each rank's keyword arguments to ``step()`` are its stages' keyword inputs, as t
 
 from __future__ import annotations
 
-import datetime
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pippy.microbatch import split_batch
-from pippy.runtime.comm import PipeTimeoutError
+from pippy.runtime.comm import PipeAbortedError, PipeTimeoutError
 from pippy.runtime.manual import _dec, _enc, _infos, _metas, _tensors, link_stages
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.watch import group_store
@@ -36,8 +36,12 @@ def shapes_pending(stages: Sequence[Stage]) -> bool:
 
 
 def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_microbatches: int,
-                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Learn every stage's input and output shapes from the first micro-batch, then link the chain (see module)."""
+                       args: tuple[Any, ...], kwargs: dict[str, Any],
+                       failed: Callable[[], str | None] = lambda: None) -> None:
+    """Learn every stage's input and output shapes from the first micro-batch, then link the chain (see module).
+
+    ``failed`` returns another rank's failure notice, if one was posted: the waits stop on it.
+    """
     group = group if group is not None else dist.group.WORLD
     store = group_store(group)
     if store is None:
@@ -60,14 +64,21 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
 
     def wait(s: int) -> list[Any]:
         key = f"{prefix}/{s}"
-        try:
-            store.wait([key], datetime.timedelta(seconds=timeout))
-        except Exception:
+        deadline = time.monotonic() + timeout
+        while not store.check([key]) and time.monotonic() < deadline:
+            notice = failed()
+            if notice is not None:
+                raise PipeAbortedError(
+                    f"rank {dist.get_rank(group)}: stopped waiting for the shapes of stage {s} in the first step: "
+                    f"another rank failed first. That rank says: {notice}"
+                )
+            time.sleep(0.02)
+        if not store.check([key]):
             raise PipeTimeoutError(
                 f"rank {dist.get_rank(group)}: waited {timeout:g}s for the shapes of stage {s} in the first step "
                 f"(hand-cut stages built without input_args learn them one after another). Expected the rank "
                 f"holding stage {s} to start its first step too; or pass input_args= to every stage"
-            ) from None
+            )
         return list(json.loads(store.get(key).decode()))
 
     for st in sorted(stages, key=lambda x: x.index):

@@ -308,8 +308,9 @@ class PipelineSchedule(StepInputsMixin):
         self._refuse_if_stale()
         try:
             if shapes_pending(self.stages):  # hand-cut stages without input_args: learn the shapes on this batch
+                board = getattr(self.transport, "_claim", lambda: None)()
                 infer_stage_shapes(self.stages, self.stages[0].group, self.transport.timeout, self.n_microbatches,
-                                   args, kwargs)
+                                   args, kwargs, failed=board.failure if board is not None else lambda: None)
                 self.pipe = self.stages[0].pipe
                 self._set_loss_fn(self._loss)  # the model's own loss output, if any, is known now
             inp = self._inputs(args, kwargs, target, training, loss_kwargs)

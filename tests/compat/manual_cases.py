@@ -246,3 +246,17 @@ def lazy_specs(rank: int, world: int) -> float:
                                kwargs_chunk_spec={"scale": TorchChunkSpec(0), "bias": _Replicate()})
     sched.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None, scale=scale, bias=bias)
     return max(float((p.grad - g).abs().max()) for p, g in zip(stage.submod.parameters(), grads))
+
+
+def lazy_mismatch(rank: int, world: int) -> tuple[str, float]:
+    """Stage 1 cannot take what stage 0 gives: it fails learning its shapes, and rank 0 stops at once."""
+    import time
+
+    mod = nn.Linear(D, D) if rank == 0 else nn.Linear(D + 1, 2)
+    sched = pippy.Schedule1F1B(PipelineStage(mod, rank, world, "cpu"), M, loss_fn=nn.functional.mse_loss)
+    start = time.monotonic()
+    try:
+        sched.step(*((torch.randn(B, D),) if rank == 0 else ()), target=torch.randn(B, 2) if rank == 1 else None)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - start
+    return "ok", time.monotonic() - start

@@ -7,6 +7,7 @@ from manual_cases import (
     SCHEDULES,
     keyword_forms,
     lazy_form,
+    lazy_mismatch,
     lazy_side_effects,
     lazy_specs,
     manual_mismatch,
@@ -66,3 +67,10 @@ def test_learning_shapes_leaves_batch_norm_statistics_alone(tmp_path) -> None:
 
 def test_hand_cut_stages_take_chunk_specs_for_their_inputs(tmp_path) -> None:
     assert max(run_ranks(tmp_path, 2, lazy_specs)) < TOL
+
+
+def test_a_stage_failing_to_learn_its_shapes_stops_the_others_at_once(tmp_path) -> None:
+    (said0, took0), (said1, _) = run_ranks(tmp_path, 2, lazy_mismatch)
+    assert said1.startswith("RuntimeError") and "mat1 and mat2 shapes cannot be multiplied" in said1, said1
+    assert said0.startswith("PipeAbortedError") and "stopped waiting for the shapes of stage 1" in said0, said0
+    assert took0 < 10, took0  # the timeout is 60 s
