@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pippy.frontend.precision import autocast_state
 from pippy.microbatch import split_batch
 from pippy.runtime.comm import PipeAbortedError, PipeTimeoutError
 from pippy.runtime.manual import _dec, _enc, _infos, _metas, _tensors, link_stages
@@ -31,8 +32,13 @@ _ROUNDS: dict[tuple[int, ...], int] = {}
 
 
 def shapes_pending(stages: Sequence[Stage]) -> bool:
-    """True while these hand-cut stages have not learned their shapes (built without ``input_args``)."""
-    return bool(getattr(stages[0].pipe, "pending", False))
+    """True while these hand-cut stages have not learned their shapes (built without ``input_args``), or when
+    they learned them under another ``torch.autocast`` than this step's (autocast changes the dtypes sent).
+    Every rank steps under the same autocast, so all of them learn again together."""
+    pipe = stages[0].pipe
+    if not getattr(pipe, "manual", False):
+        return False
+    return bool(getattr(pipe, "pending", False)) or getattr(pipe, "shaped_under", None) != autocast_state()
 
 
 def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_microbatches: int,

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pippy.frontend.pipe import SplitPipe
+from pippy.frontend.precision import autocast_state
 from pippy.frontend.split import USER, InputRef, StageInfo, ValueMeta
 from pippy.runtime.comm import PipeTimeoutError, default_timeout
 from pippy.runtime.stage import Stage
@@ -60,6 +61,7 @@ class _Chain(SplitPipe):
 
     manual = True
     pending = False  # True until stages built without input_args learn their shapes (runtime/infershapes.py)
+    shaped_under: tuple[str, str] | None = None  # the torch.autocast its dtypes were learned under (None: none)
 
 
 def _infos(index: int, num_stages: int, module: nn.Module, ins: list[ValueMeta], outs: list[ValueMeta]) -> StageInfo:
@@ -78,8 +80,10 @@ def _chain(infos: list[StageInfo], num_chunks: int, name: str) -> _Chain:
     example = [torch.empty(m.shape or (), dtype=m.dtype, device="meta") for m in first.input_meta]
     in_spec = pytree.tree_flatten((tuple(example), {}))[1]
     out_spec = pytree.tree_flatten(last.outputs[0] if len(last.outputs) == 1 else tuple(last.outputs))[1]
-    return _Chain(infos, num_chunks=num_chunks, in_spec=in_spec, out_spec=out_spec, example_leaves=example,
-                  shared=[], model_name=name)
+    chain = _Chain(infos, num_chunks=num_chunks, in_spec=in_spec, out_spec=out_spec, example_leaves=example,
+                   shared=[], model_name=name)
+    chain.shaped_under = autocast_state()
+    return chain
 
 
 class ManualStage(Stage):

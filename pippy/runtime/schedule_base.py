@@ -313,6 +313,8 @@ class PipelineSchedule(StepInputsMixin):
                                    args, kwargs, failed=board.failure if board is not None else lambda: None)
                 self.pipe = self.stages[0].pipe
                 self._set_loss_fn(self._loss)  # the model's own loss output, if any, is known now
+                self._executors.clear()  # their message plans were made for the shapes before
+                self._agreed = False
             inp = self._inputs(args, kwargs, target, training, loss_kwargs)
         except Exception as exc:  # bad input on this rank: the others would wait for it until their timeout
             self._tell_others(f"rank {self.rank}, before its step", exc)

@@ -260,3 +260,21 @@ def lazy_mismatch(rank: int, world: int) -> tuple[str, float]:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}", time.monotonic() - start
     return "ok", time.monotonic() - start
+
+
+def autocast_steps(rank: int, world: int) -> float:
+    """Hand-cut stages built outside autocast, stepped under bf16 autocast: they learn the dtypes autocast sends,
+    and grads equal the same micro-batches run under autocast without a pipeline."""
+    x, y = torch.randn(B, D, generator=torch.Generator().manual_seed(1)), torch.randn(B, 2, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    parts = [nn.Sequential(nn.Linear(D, D), nn.Tanh()), nn.Linear(D, 2)]
+    ref = copy.deepcopy(parts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for xm, ym in zip(x.chunk(M), y.chunk(M)):
+            (nn.functional.mse_loss(ref[1](ref[0](xm)).float(), ym) / M).backward()
+    mod = parts[rank]
+    stage = PipelineStage(mod, rank, world, "cpu", input_args=torch.empty(B // M, D))
+    sched = pippy.Schedule1F1B(stage, M, loss_fn=lambda out, tgt: nn.functional.mse_loss(out.float(), tgt))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+    return max(float((p.grad - q.grad).abs().max()) for p, q in zip(mod.parameters(), ref[rank].parameters()))

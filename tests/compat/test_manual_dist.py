@@ -5,6 +5,7 @@ from __future__ import annotations
 from harness import run_ranks
 from manual_cases import (
     SCHEDULES,
+    autocast_steps,
     keyword_forms,
     lazy_form,
     lazy_mismatch,
@@ -74,3 +75,7 @@ def test_a_stage_failing_to_learn_its_shapes_stops_the_others_at_once(tmp_path) 
     assert said1.startswith("RuntimeError") and "mat1 and mat2 shapes cannot be multiplied" in said1, said1
     assert said0.startswith("PipeAbortedError") and "stopped waiting for the shapes of stage 1" in said0, said0
     assert took0 < 10, took0  # the timeout is 60 s
+
+
+def test_hand_cut_stages_step_under_autocast(tmp_path) -> None:
+    assert max(run_ranks(tmp_path, 2, autocast_steps)) < 1e-6
