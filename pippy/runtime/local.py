@@ -27,7 +27,8 @@ import torch
 
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.localcomm import LocalTransport
-from pippy.runtime.schedule_base import PipelineSchedule, StepRun, eval_options, refuse_no_grad
+from pippy.runtime.schedule_base import PipelineSchedule, StepRun
+from pippy.runtime.stepinputs import eval_options, refuse_no_grad
 from pippy.runtime.userstage import PipelineStage
 from pippy.sim.timeline import Timeline
 

@@ -51,7 +51,7 @@ from pippy.runtime.loss import choose_reduction, loss_index
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.ranks import gather_trace, order_hash, schedule_facts, trace_barrier
 from pippy.runtime.stage import Stage, StageError
-from pippy.runtime.stepinputs import StepInputsMixin
+from pippy.runtime.stepinputs import StepInputsMixin, eval_options, refuse_no_grad
 from pippy.runtime.steprun import StepRun
 from pippy.runtime.watch import drop_at_exit
 from pippy.schedules import generators as gen
@@ -63,7 +63,7 @@ from pippy.sim.compact import compact_w
 from pippy.sim.cost import CostModel
 from pippy.sim.timeline import Event, Timeline
 
-__all__ = ["PipelineSchedule", "StepRun", "eval_options", "refuse_no_grad"]
+__all__ = ["PipelineSchedule", "StepRun"]
 
 
 class PipelineSchedule(StepInputsMixin):
@@ -464,34 +464,6 @@ class PipelineSchedule(StepInputsMixin):
                              loss_kwargs=opts.get("loss_kwargs"))
             run.run_blocking()
         return self.finish(run, opts.get("losses"))
-
-
-def eval_options(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Take ``eval()``'s own options (``target``, ``losses``, ``loss_kwargs``) out of ``kwargs``, except those the
-    model takes as keyword inputs of the same name.
-
-        >>> import torch
-        >>> from pippy import pipeline
-        >>> kw = {"target": 1, "mask": 2}
-        >>> eval_options(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), kw), kw
-        ({'target': 1}, {'mask': 2})
-    """
-    taken = set(pipe.keyword_inputs)
-    return {k: kwargs.pop(k) for k in ("target", "losses", "loss_kwargs") if k in kwargs and k not in taken}
-
-
-def refuse_no_grad(where: str) -> None:
-    """Raise when ``step()`` is called under ``torch.no_grad()``: no loss would have a gradient.
-
-        >>> with torch.no_grad():
-        ...     refuse_no_grad("gpipe")
-        Traceback (most recent call last):
-        ...
-        pippy.runtime.stage.StageError: gpipe: step() runs under torch.no_grad() (or inference_mode), so no loss would have a gradient. Expected step() outside it; use eval(...) for a forward-only pass
-    """
-    if not torch.is_grad_enabled():
-        raise StageError(f"{where}: step() runs under torch.no_grad() (or inference_mode), so no loss would have a "
-                         "gradient. Expected step() outside it; use eval(...) for a forward-only pass")
 
 
 def _scalar_first_hint(pipe: Any) -> str:

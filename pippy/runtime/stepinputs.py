@@ -1,5 +1,7 @@
 """One step's inputs for the executor: the batch split into micro-batches, the targets, the loss and its scale.
 
+Also the checks of a step's call itself: ``eval()``'s own options, and no ``step()`` under ``no_grad``.
+
 A mixin of :class:`pippy.runtime.schedule_base.PipelineSchedule` (``_inputs``), which also
 measures a loss's reduction on the first micro-batch when it cannot be read off ``loss_fn``.
 """
@@ -19,7 +21,7 @@ from pippy.runtime.executor import StepInputs
 from pippy.runtime.loss import measure_reduction, target_spec
 from pippy.runtime.stage import StageError
 
-__all__ = ["StepInputsMixin"]
+__all__ = ["StepInputsMixin", "eval_options", "refuse_no_grad"]
 
 
 class StepInputsMixin:
@@ -111,3 +113,30 @@ class StepInputsMixin:
                                                 loss)
         return 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
 
+
+def eval_options(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take ``eval()``'s own options (``target``, ``losses``, ``loss_kwargs``) out of ``kwargs``, except those the
+    model takes as keyword inputs of the same name.
+
+        >>> import torch
+        >>> from pippy import pipeline
+        >>> kw = {"target": 1, "mask": 2}
+        >>> eval_options(pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),)), kw), kw
+        ({'target': 1}, {'mask': 2})
+    """
+    taken = set(pipe.keyword_inputs)
+    return {k: kwargs.pop(k) for k in ("target", "losses", "loss_kwargs") if k in kwargs and k not in taken}
+
+
+def refuse_no_grad(where: str) -> None:
+    """Raise when ``step()`` is called under ``torch.no_grad()``: no loss would have a gradient.
+
+        >>> with torch.no_grad():
+        ...     refuse_no_grad("gpipe")
+        Traceback (most recent call last):
+        ...
+        pippy.runtime.stage.StageError: gpipe: step() runs under torch.no_grad() (or inference_mode), so no loss would have a gradient. Expected step() outside it; use eval(...) for a forward-only pass
+    """
+    if not torch.is_grad_enabled():
+        raise StageError(f"{where}: step() runs under torch.no_grad() (or inference_mode), so no loss would have a "
+                         "gradient. Expected step() outside it; use eval(...) for a forward-only pass")
