@@ -65,7 +65,7 @@ class _UserSchedule(MicrobatchSteps, OrderIO, PeerAttributes, PipelineSchedule):
         *more: Any,
         **kwargs: Any,
     ) -> None:
-        name = "stage(x)" if type(self).__name__.startswith("_") else type(self).__name__
+        name = "stage(x)" if getattr(type(self), "stage_call", False) else type(self).__name__
         if more:  # PiPPy's 4th positional argument was output_merge_spec, PyTorch's is args_chunk_spec
             raise TypeError(
                 f"{name}() takes the stage(s), n_microbatches and loss_fn positionally, got {len(more)} more. Pass the "

@@ -29,6 +29,10 @@ def run_forward_pipeline(stage: Stage, args: tuple[Any, ...], kwargs: dict[str, 
     return sched.eval(*args, **kwargs)
 
 
+class _StageCall(_ScheduleForwardOnly):
+    stage_call = True  # its messages say "stage(x)", what the user called
+
+
 _CALL_SCHEDULES: weakref.WeakKeyDictionary[Stage, PipelineSchedule] = weakref.WeakKeyDictionary()
 
 
@@ -36,7 +40,7 @@ def _stage_call_schedule(stage: Stage) -> PipelineSchedule:
     """The forward-only schedule behind ``stage(x)``, built once per stage (the stage itself holds none)."""
     sched = _CALL_SCHEDULES.get(stage)
     if sched is None:
-        sched = _CALL_SCHEDULES[stage] = _ScheduleForwardOnly(stage, stage.pipe.num_chunks)
+        sched = _CALL_SCHEDULES[stage] = _StageCall(stage, stage.pipe.num_chunks)
     return sched
 
 
