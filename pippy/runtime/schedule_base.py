@@ -230,11 +230,18 @@ class PipelineSchedule(StepInputsMixin):
     def _tell_others(self, where: str, exc: BaseException) -> None:
         """Post this rank's failure for the group (their waits stop now); later schedules send on a fresh group."""
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        if self.transport.fail(f"{where}: {type(exc).__name__}: {first}"):
+        if self._post(f"{where}: {type(exc).__name__}: {first}"):
             self._broken = f"{type(exc).__name__}: {first[:200]}"  # the other ranks may have posted receives
-            poison = getattr(self.transport, "poison", None)
-            if poison is not None:
-                poison(f"{where}: {type(exc).__name__}: {first}")
+
+    def _post(self, notice: str) -> bool:
+        """Post ``notice`` on the failure board and, once posted, mark the group as a failed step's (as the ranks
+        it stops do), so that every rank's next schedule sends on the same fresh group. Returns whether posted."""
+        if not self.transport.fail(notice):
+            return False
+        poison = getattr(self.transport, "poison", None)
+        if poison is not None:
+            poison(notice)
+        return True
 
     def gradless_stages(self) -> list[int]:
         """Stages whose inputs need no gradient (the first, reading token ids): their backward is never split."""
@@ -348,7 +355,7 @@ class PipelineSchedule(StepInputsMixin):
             self.transport.agree(self.facts(), where)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
-            self.transport.fail(first if first.startswith(where) else f"{where}: {first}")  # said once, not twice
+            self._post(first if first.startswith(where) else f"{where}: {first}")  # said once, not twice
             raise StageError(str(exc)) from None
         if isinstance(self.transport, DistTransport):  # and the stages' data-parallel peers, if they have any
             facts: dict[str, Any] = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}
@@ -357,7 +364,7 @@ class PipelineSchedule(StepInputsMixin):
             try:
                 agree_stages_with_dp_peers([st.submod for st in self.stages], facts, self.name, self.transport.timeout)
             except DataParallelMismatch as exc:
-                self.transport.fail(f"rank {self.rank} (stages {mine}): {str(exc).splitlines()[0]}")
+                self._post(f"rank {self.rank} (stages {mine}): {str(exc).splitlines()[0]}")
                 raise StageError(str(exc)) from None
         self._agreed = True
 

@@ -48,3 +48,31 @@ def test_a_rank_ahead_of_the_failed_step_is_told(tmp_path) -> None:
     assert "That rank says: rank 0, in its step 2, stage 0, action 0B3" in rank1[2], rank1[2]
     assert "rank 0 failed in its step 2, which this rank had finished (this is its step 3, eval() calls counted): if an " \
         "optimizer step ran after it" in rank1[2], rank1[2]
+
+
+def _disagree_then_rebuild(rank: int, world: int) -> tuple[str, float]:
+    """Rank 1 arrives late with another micro-batch count: it refuses, rank 0 is stopped mid-step; both rebuild."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    model = MLPStack(4).double()
+    inputs, target = ((x,) if rank == 0 else ()), (y if rank == 1 else None)
+    pipe = pipeline(model, M, (x,), split_spec={"blocks.1": SplitPoint.END})
+    stage = pipe.build_stage(rank, "cpu")
+    if rank == 1:
+        time.sleep(1.0)  # rank 0 starts its step first
+    first = "ok"
+    try:
+        pippy.Schedule1F1B(stage, M if rank == 0 else 2, loss_fn=mse).step(*inputs, target=target)
+    except Exception as exc:
+        first = type(exc).__name__
+    stage.submod.zero_grad(set_to_none=True)
+    pippy.Schedule1F1B(stage, M, loss_fn=mse).step(*inputs, target=target)  # every rank's next schedule agrees
+    mse(model(x), y).backward()
+    ref = dict(model.named_parameters())
+    return first, max(float((p.grad - ref[n].grad).abs().max()) for n, p in stage.submod.named_parameters())
+
+
+def test_ranks_that_disagreed_rebuild_together(tmp_path) -> None:
+    (said0, err0), (said1, err1) = run_ranks(tmp_path, 2, _disagree_then_rebuild)
+    assert said0 == "PipeAbortedError" and said1 == "StageError", (said0, said1)
+    assert max(err0, err1) < 1e-12, (err0, err1)
