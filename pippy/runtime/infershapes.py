@@ -62,8 +62,8 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
     first_args: tuple[Any, ...] = ()
     if any(st.index == 0 for st in stages):
         if not args:
-            raise StageError("the rank holding stage 0 got no inputs in its first step, so the stages cannot learn "
-                             "their shapes; pass the batch to step()/eval() there")
+            raise StageError("the rank holding stage 0 got no inputs in this step, so the stages cannot learn their "
+                             "shapes; pass the batch to step()/eval() there")
         first_args = split_batch(tuple(args), {}, n_microbatches, stages[0].pipe.args_chunk_spec)[0][0]
     first_kwargs = split_batch((), dict(kwargs), n_microbatches, None,
                                stages[0].pipe.kwargs_chunk_spec)[0][1] if kwargs else {}
@@ -75,15 +75,15 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
             notice = failed()
             if notice is not None:
                 raise PipeAbortedError(
-                    f"rank {dist.get_rank(group)}: stopped waiting for the shapes of stage {s} in the first step: "
+                    f"rank {dist.get_rank(group)}: stopped waiting for the shapes of stage {s} (learned in this step): "
                     f"another rank failed first. That rank says: {notice}"
                 )
             time.sleep(0.02)
         if not store.check([key]):
             raise PipeTimeoutError(
-                f"rank {dist.get_rank(group)}: waited {timeout:g}s for the shapes of stage {s} in the first step "
-                f"(hand-cut stages built without input_args learn them one after another). Expected the rank "
-                f"holding stage {s} to start its first step too; or pass input_args= to every stage"
+                f"rank {dist.get_rank(group)}: waited {timeout:g}s for the shapes of stage {s}, which hand-cut stages "
+                f"learn one after another in their first step (and under a new torch.autocast). Expected the rank "
+                f"holding stage {s} to start this step too, under the same autocast; or pass input_args= to every stage"
             )
         return list(json.loads(store.get(key).decode()))
 
