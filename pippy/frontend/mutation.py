@@ -107,9 +107,27 @@ def written_params_across_stages(gm: fx.GraphModule, assignment: dict[fx.Node, i
     params = dict(gm.named_parameters(remove_duplicate=False))
     found: dict[str, list[int]] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and str(node.target) in params and written_after(node):
+        if node.op == "get_attr" and str(node.target) in params and _surely_written(node):
             stages = sorted({assignment[u] for u in node.users if u in assignment})
             if len(stages) > 1:
                 found[str(node.target)] = stages
     return found
+
+
+def _surely_written(node: fx.Node) -> bool:
+    """Whether an op whose schema says so writes into ``node``'s value or a view of it (a higher-order op or a
+    submodule call taking it, which :func:`written_after` assumes writes, is not counted here)."""
+    seen, todo = {node}, [node]
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            if u.op != "call_function" or not (isinstance(u.target, torch._ops.OpOverload) or u.target is operator.getitem):
+                continue
+            writes, aliases = _effect(u, v)
+            if writes:
+                return True
+            if aliases and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
 
