@@ -12,7 +12,6 @@ Each rank's keyword arguments to ``step()`` are its stages' keyword inputs, as t
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from pippy.microbatch import split_batch
 from pippy.runtime.comm import PipeAbortedError, PipeTimeoutError
 from pippy.runtime.manual import _dec, _enc, _infos, _metas, _tensors, link_stages
 from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.storesync import poll_keys
 from pippy.runtime.watch import group_store
 
 __all__ = ["infer_stage_shapes", "shapes_pending"]
@@ -70,16 +70,13 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
 
     def wait(s: int) -> list[Any]:
         key = f"{prefix}/{s}"
-        deadline = time.monotonic() + timeout
-        while not store.check([key]) and time.monotonic() < deadline:
-            notice = failed()
-            if notice is not None:
-                raise PipeAbortedError(
-                    f"rank {dist.get_rank(group)}: stopped waiting for the shapes of stage {s} (learned in this step): "
-                    f"another rank failed first. That rank says: {notice}"
-                )
-            time.sleep(0.02)
-        if not store.check([key]):
+        missing, notice = poll_keys(store, {s: key}, timeout, failed)
+        if notice is not None:
+            raise PipeAbortedError(
+                f"rank {dist.get_rank(group)}: stopped waiting for the shapes of stage {s} (learned in this step): "
+                f"another rank failed first. That rank says: {notice}"
+            )
+        if missing:
             raise PipeTimeoutError(
                 f"rank {dist.get_rank(group)}: waited {timeout:g}s for the shapes of stage {s}, which hand-cut stages "
                 f"learn one after another in their first step (and under a new torch.autocast). Expected the rank "

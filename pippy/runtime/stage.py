@@ -93,6 +93,7 @@ class Stage(StageModule):
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
         self._keep_buffers = False  # compile without donated buffers (a compiled module under split backward)
+        self._compiled_inside = False  # a torch.compile'd block inside submod (looked up before each training step)
         self._taps_key: tuple[tuple[int, bool], ...] = ()  # the parameters (identity, requires_grad) they were built on
         self._filled = False  # checked at the first forward: no NaN placeholder of a meta-device model is left
         self._mode_sig: tuple[bool, ...] | None = None  # the module flags the graphs were last rewritten for
@@ -163,9 +164,11 @@ class Stage(StageModule):
 
     def refresh_taps(self) -> None:
         """Before a training step: drop the taps when a parameter was replaced (``load_state_dict(assign=True)``),
-        frozen or unfrozen since they were built; they hold the tensors and flags they saw."""
+        frozen or unfrozen since they were built (they hold the tensors and flags they saw), and see whether a block
+        inside was compiled in place (its saved buffers must stay for W)."""
         if self._taps is not None and not self._state and self._params_key() != self._taps_key:
             self._taps = None
+        self._compiled_inside = any(hasattr(m, "_orig_mod") for m in self.submod.modules())
 
     def unfrozen_params(self) -> list[str]:
         """The stage's parameters that are trainable now but were frozen when the model was traced."""
@@ -228,7 +231,7 @@ class Stage(StageModule):
         fn = taps.module if taps is not None else self.submod
         # split backward runs the graph twice (I, then W): a torch.compile'd module must keep its saved buffers, in
         # its forward and backward compilations both (a backward compiles at its first run)
-        self._keep_buffers = split_backward and any(hasattr(m, "_orig_mod") for m in self.submod.modules())
+        self._keep_buffers = split_backward and (self._compiled_inside or hasattr(self.submod, "_orig_mod"))
         with self._compiling():
             if self.measure_activations:
                 with SavedBytes(skip=self.submod.parameters()) as counter:

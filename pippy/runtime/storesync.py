@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pippy.runtime.comm import PipeAbortedError, PipeTimeoutError
 from pippy.runtime.faults import FailureBoard
 from pippy.runtime.watch import POLL
 
-__all__ = ["StoreSync"]
+__all__ = ["StoreSync", "poll_keys"]
 
 
 class StoreSync:
@@ -45,26 +46,19 @@ class StoreSync:
 
     def _wait(self, keys: dict[int, str], where: str) -> None:
         """Wait until every key of ``keys`` (rank -> key) exists; stop on a failure notice or after the timeout."""
-        start, nap = time.monotonic(), 0.0005
-        while True:
-            missing = [r for r, k in keys.items() if not self.store.check([k])]
-            if not missing:
-                return
-            notice = self.board.failure()
-            if notice is not None:
-                raise PipeAbortedError(
-                    f"pipeline stopped at {where}: another rank failed first, so the ranks {missing} will never come "
-                    f"here. That rank says: {notice}"
-                )
-            if time.monotonic() - start > self.timeout:
-                raise PipeTimeoutError(
-                    f"pipeline wait timed out after {self.timeout:g}s at {where}: the ranks {missing} never came. "
-                    "Expected every rank to run the same steps with the same trace= setting (or PIPPY_TRACE on "
-                    "every rank); a rank may have failed or still be in an earlier step (see its own error). Raise "
-                    "the limit with timeout=... or PIPPY_TIMEOUT if a rank is just slow."
-                )
-            time.sleep(nap)  # short naps first: the ranks leave a barrier close together, a common clock origin
-            nap = min(nap * 2, POLL)
+        missing, notice = poll_keys(self.store, keys, self.timeout, self.board.failure)
+        if notice is not None:
+            raise PipeAbortedError(
+                f"pipeline stopped at {where}: another rank failed first, so the ranks {missing} will never come "
+                f"here. That rank says: {notice}"
+            )
+        if missing:
+            raise PipeTimeoutError(
+                f"pipeline wait timed out after {self.timeout:g}s at {where}: the ranks {missing} never came. "
+                "Expected every rank to run the same steps with the same trace= setting (or PIPPY_TRACE on "
+                "every rank); a rank may have failed or still be in an earlier step (see its own error). Raise "
+                "the limit with timeout=... or PIPPY_TIMEOUT if a rank is just slow."
+            )
 
     def barrier(self, where: str) -> None:
         """Return once every rank called its ``barrier`` as often as this one (``where`` names the wait in errors)."""
@@ -90,3 +84,27 @@ class StoreSync:
             out.append(pickle.loads(self.store.get(keys[r])))
             self.store.delete_key(keys[r])
         return out
+
+
+def poll_keys(store: Any, keys: dict[int, str], timeout: float,
+              failure: Callable[[], str | None]) -> tuple[list[int], str | None]:
+    """Wait until every key of ``keys`` exists in ``store``, a failure notice is posted, or ``timeout`` passes;
+    returns the still missing ones and the notice (``([], None)``: all came). Naps start short, so that ranks
+    leaving a barrier stay close together.
+
+        >>> import torch.distributed as dist
+        >>> store = dist.HashStore(); store.set("a", "1")
+        >>> poll_keys(store, {0: "a"}, 1.0, lambda: None), poll_keys(store, {1: "b"}, 0.01, lambda: None)
+        (([], None), ([1], None))
+    """
+    start, nap = time.monotonic(), 0.0005
+    while True:
+        missing = [r for r, k in keys.items() if not store.check([k])]
+        if not missing:
+            return [], None
+        notice = failure()
+        if notice is not None or time.monotonic() - start > timeout:
+            return missing, notice
+        time.sleep(nap)
+        nap = min(nap * 2, POLL)
+
