@@ -224,7 +224,8 @@ class Executor:
             if inp.training:
                 where = f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}"
                 target = None if inp.targets is None else inp.targets[i]
-                loss = step_loss(where, i, out, inp.loss_fn, target, inp.targets is not None, inp.check_finite)
+                with stage.counting_loss(i):
+                    loss = step_loss(where, i, out, inp.loss_fn, target, inp.targets is not None, inp.check_finite)
                 if inp.probe is not None:
                     inp.loss_scale, inp.probe = inp.probe(out, target, loss), None
                 if inp.counts is not None:
@@ -242,9 +243,14 @@ class Executor:
         if inp.training:
             peaks = st.res.peak_live
             peaks[self.rank] = max(peaks.get(self.rank, 0), sum(x.live_microbatches() for x in self.stages.values()))
-            if stage.measure_activations:
-                nbytes = sum(x.live_activation_bytes() for x in self.stages.values())
-                st.res.peak_bytes[self.rank] = max(st.res.peak_bytes.get(self.rank, 0), nbytes)
+            self._note_bytes(st, stage)
+
+    def _note_bytes(self, st: _Step, stage: Stage) -> None:
+        """With ``measure_activations``: this rank's live activation bytes after an F or an I (which can
+        hold more than it frees: the weight gradients' inputs beside the gradients it computed)."""
+        if stage.measure_activations:
+            nbytes = sum(x.live_activation_bytes() for x in self.stages.values())
+            st.res.peak_bytes[self.rank] = max(st.res.peak_bytes.get(self.rank, 0), nbytes)
 
     def _gather_inputs(self, st: _Step, a: Action) -> list[Any]:
         received = st.received.pop((a.stage, a.mb), {})
@@ -314,6 +320,7 @@ class Executor:
             st.in_grads[(s, i)] = gin
         if a.kind is Kind.I:
             st.i_done.add((s, i))
+            self._note_bytes(st, stage)
 
     def _send_b(self, st: _Step, a: Action) -> None:
         s, i, m = a.stage, a.mb, self.plan.n_microbatches

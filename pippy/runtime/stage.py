@@ -35,7 +35,7 @@ from pippy.frontend.split import StageInfo
 from pippy.frontend.stagemodule import StageModule, materialize_module
 from pippy.frontend.trainmode import effective_modes, keep_following, set_modes
 from pippy.runtime.wgrad import WeightGradTaps, grad_leaves
-from pippy.sim.memory import SavedBytes
+from pippy.sim.memory import SavedBytes, held_bytes
 
 __all__ = ["Stage", "StageError"]
 
@@ -57,6 +57,7 @@ class _MbState:
     aux: list[Any] = field(default_factory=list)
     loss: torch.Tensor | None = None
     saved_bytes: int = 0
+    counter: SavedBytes | None = None  # measure_activations: the forward's counter, the loss is counted into it
     roots: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     tap_grads: list[torch.Tensor | None] | None = None
 
@@ -246,8 +247,16 @@ class Stage(StageModule):
             outs = res[:n_out]
             self._state[mb] = _MbState(leaves, outs)
         if self.measure_activations:
-            self._state[mb].saved_bytes = counter.total
+            self._state[mb].saved_bytes, self._state[mb].counter = counter.total, counter
         return outs
+
+    def counting_loss(self, mb: int) -> AbstractContextManager[Any]:
+        """With ``measure_activations``: count what the loss of ``mb`` saves with its forward's bytes
+        (each storage once), as the profiler's ``act_bytes`` does."""
+        st = self._state.get(mb)
+        if st is None or st.counter is None:
+            return nullcontext()
+        return _Counting(st)
 
     def _compiling(self) -> AbstractContextManager[Any]:
         return _keep_saved_buffers() if self._keep_buffers else nullcontext()
@@ -396,7 +405,21 @@ class Stage(StageModule):
             for x, g in zip(want, got[: len(want)]):
                 x.grad = g
             st.tap_grads = list(got[len(want) :])
-        return self._input_grads(st)
+        res = self._input_grads(st)
+        if taps is not None and taps.exact and st.tap_grads is not None:
+            self._keep_for_w(st, taps)
+        return res
+
+    def _keep_for_w(self, st: _MbState, taps: WeightGradTaps) -> None:
+        """After I with exact taps, W reads only the taps, their gradients and the closed forms' inputs:
+        free the rest now (inputs and their gradients, outputs, the received gradients)."""
+        st.taps = taps.slim(st.taps, st.aux)
+        st.inputs, st.outputs, st.loss, st.roots, st.counter = [], (), None, ([], []), None
+        if self.measure_activations:
+            grads = st.tap_grads or []
+            # the graph was kept for taps without a closed form: its saved bytes stay too
+            st.saved_bytes = (held_bytes([*st.taps, *st.aux, *grads], skip=self.submod.parameters())
+                              if taps.closed_form else st.saved_bytes + held_bytes(grads))
 
     def backward_weight(self, mb: int) -> None:
         """Weight-gradient backward (W) of ``mb``: accumulate parameter grads, free the micro-batch."""
@@ -423,6 +446,22 @@ class Stage(StageModule):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(index={self.index}, of={self.num_stages}, device={self.device})"
+
+
+class _Counting:
+    """Re-enter a micro-batch's byte counter around its loss; its total then includes the loss's."""
+
+    def __init__(self, st: _MbState) -> None:
+        self.st = st
+
+    def __enter__(self) -> None:
+        assert self.st.counter is not None
+        self.st.counter.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.st.counter is not None
+        self.st.counter.__exit__(*exc)
+        self.st.saved_bytes = self.st.counter.total
 
 
 def _keep_saved_buffers() -> AbstractContextManager[Any]:

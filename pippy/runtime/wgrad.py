@@ -140,12 +140,20 @@ class WeightGradTaps:
         extra = list(res[n_out:])
         return tuple(res[:n_out]), extra[: self.num_taps], extra[self.num_taps :]
 
+    def slim(self, taps: Sequence[Any], aux: Sequence[Any]) -> list[Any]:
+        """After I: a closed-form tap's values are no longer read (its W needs only the op's input and
+        the gradient I computed), so keep just how many gradients it has and free the tensors."""
+        inputs = iter(aux)
+        return [len(grad_leaves([t])) if f is not None and isinstance(next(inputs), torch.Tensor) else t
+                for t, f in zip(taps, self.forms)]
+
     def weight_grads(self, taps: Sequence[Any], tap_grads: Sequence[torch.Tensor | None], aux: Sequence[Any]) -> None:
-        """Accumulate every parameter's gradient from the gradients I computed at the taps."""
+        """Accumulate every parameter's gradient from the gradients I computed at the taps
+        (a tap may be its gradient count, see :meth:`slim`)."""
         grads = iter(tap_grads)
         inputs = iter(aux)
         for tap, params, form in zip(taps, self.params, self.forms):
-            leaves = grad_leaves([tap])
+            leaves: list[Any] = [None] * tap if isinstance(tap, int) else grad_leaves([tap])
             pairs = [(t, g) for t, g in zip(leaves, [next(grads) for _ in leaves]) if g is not None]
             x = next(inputs) if form is not None else None
             if pairs and form is not None and isinstance(x, torch.Tensor):

@@ -9,9 +9,10 @@ Conventions (the simulator and the runtime agree on them):
   has an ``I`` action) runs its forwards in ``split_f`` (the forward that records weight-grad
   taps), every other stage in ``f``.
 * Memory: the activation of (stage s, micro-batch i) is allocated when ``F(s, i)`` ends. With a
-  full backward it is freed when ``B(s, i)`` ends. With the split, ``act_bytes - w_act_bytes``
-  are freed when ``I(s, i)`` ends and the remaining ``w_act_bytes`` (default: all of it) when
-  ``W(s, i)`` ends. ``static_bytes`` (parameters, optimizer state) are always held.
+  full backward it is freed when ``B(s, i)`` ends. With the split, what stays from ``I(s, i)`` end
+  to ``W(s, i)`` end is ``w_act_bytes`` (default: ``act_bytes``): ``I`` changes the held bytes by
+  ``w_act_bytes - act_bytes`` (more when ``W``'s inputs and gradients outweigh what ``I`` frees),
+  and ``W`` frees ``w_act_bytes``. ``static_bytes`` (parameters, optimizer state) are always held.
 * A message of ``n`` bytes between two ranks arrives ``latency + n / bandwidth`` after it is sent.
   Messages between stages on the same rank are free. Links have no contention.
 * ``overhead`` is the runtime's own time per compute action (posting its sends and the next
@@ -71,7 +72,9 @@ class StageCost:
     """Bytes of the gradient of this stage's output, sent back by each consumer on another rank;
     ``None`` means ``send_bytes``."""
     w_act_bytes: float | None = None
-    """Of ``act_bytes``, the bytes still held between ``I`` end and ``W`` end; ``None`` means all."""
+    """Bytes still held between ``I`` end and ``W`` end (what ``W`` reads: the weight ops' inputs and
+    the gradients ``I`` computed at their outputs); ``None`` means ``act_bytes``. It can exceed
+    ``act_bytes``: then ``I`` adds memory rather than freeing it."""
     static_bytes: float = 0.0
     """Bytes the stage always holds (parameters, gradients, optimizer state); added to peak memory."""
     fused_b: float | None = None
@@ -101,7 +104,7 @@ class StageCost:
     @property
     def held_until_w(self) -> float:
         """Bytes freed at ``W`` end for split schedules (``w_act_bytes`` or ``act_bytes``)."""
-        return float(self.act_bytes if self.w_act_bytes is None else min(self.w_act_bytes, self.act_bytes))
+        return float(self.act_bytes if self.w_act_bytes is None else self.w_act_bytes)
 
     def scaled(self, factor: float) -> StageCost:
         """A copy with every per-micro-batch time and size multiplied by ``factor``.

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SavedBytes"]
+__all__ = ["SavedBytes", "held_bytes"]
 
 
 class SavedBytes:
@@ -61,6 +61,25 @@ class SavedBytes:
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
         self._hooks = None
+
+
+def held_bytes(tensors: Iterable[Any], skip: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (non-tensors ignored), ``skip``'s excluded.
+
+    What a stage holds between a micro-batch's ``I`` and ``W`` is counted this way, so the
+    runtime and the profiler agree on it as they do on :class:`SavedBytes`.
+
+        >>> x = torch.ones(2, 4)
+        >>> held_bytes([x, x[0], None, torch.ones(3)])  # x and its view share one storage
+        44
+    """
+    seen = {_storage_key(t) for t in skip}
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (key := _storage_key(t)) not in seen:
+            seen.add(key)
+            total += _storage_nbytes(t)
+    return total
 
 
 def _storage_key(t: torch.Tensor) -> int:

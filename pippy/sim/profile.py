@@ -51,6 +51,12 @@ __all__ = ["Profilable", "ProfiledStage", "measure_link", "median_costs", "profi
 class ProfiledStage(Protocol):
     """What the profiler calls on a stage: the runtime stage's per-micro-batch compute."""
 
+    measure_activations: bool
+    """Count the bytes each live micro-batch holds (read by :meth:`live_activation_bytes`)."""
+
+    def live_activation_bytes(self) -> int:
+        """Bytes the live micro-batches hold, as the runtime counts them."""
+
     def forward(self, mb: int, inputs: Sequence[Any], *, training: bool, split_backward: bool = False) -> tuple[Any, ...]:
         """Forward of one micro-batch."""
 
@@ -153,6 +159,17 @@ class _Bench:
         self.stage.clear()
         return float(counter.total)
 
+    def w_act_bytes(self) -> float:
+        """Bytes the stage holds between a split backward's I and its W, as the runtime counts them."""
+        was, self.stage.measure_activations = self.stage.measure_activations, True
+        try:
+            self.forward(True)
+            self.stage.backward_input(0, self.backward_grads())
+            return float(self.stage.live_activation_bytes())
+        finally:
+            self.stage.clear()
+            self.stage.measure_activations = was
+
 
 def _ignored_split_backward(value: bool | None) -> None:
     if value is not None:
@@ -192,7 +209,10 @@ def _measure(bench: _Bench, repeats: int, warmup: int, place: Sequence[int] | No
             grad += value_nbytes(o) if bench.grads[j] is not None else 0
     params = [p for p in bench.stage.parameters() if p.requires_grad]
     return StageCost(f=med(False, "F"), i=med(True, "I"), w=med(True, "W"), fused_b=med(False, "B"),
-                     split_f=med(True, "F"), act_bytes=bench.act_bytes(), send_bytes=float(sent),
+                     split_f=med(True, "F"), act_bytes=bench.act_bytes(),
+                     # a stage whose inputs need no gradient never splits its backward (a B at each W's place)
+                     w_act_bytes=bench.w_act_bytes() if any(m.requires_grad for m in info.input_meta) else None,
+                     send_bytes=float(sent),
                      grad_bytes=float(grad), static_bytes=float(2 * sum(value_nbytes(p) for p in params)))
 
 
