@@ -149,8 +149,10 @@ def test_pipelined_pointwise_recompute_is_transparent_and_keeps_less(arch: str, 
             torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
         peaks.append(max(max(s.last_peak_bytes.values()) for s in lp.schedules))
     # GPT-2's tanh GELU is one module's chain (4 saved tensors -> 1, and the next linear keeps a recipe, not the
-    # GELU's output); Llama's RMS norms, and SiLU (an activation module) with the gate product in its parent's graph
-    assert peaks[1] < (0.55 if arch == "gpt2" else 0.8) * peaks[0], peaks
+    # GELU's output); Llama's RMS norms, and SiLU (an activation module) with the gate product in its parent's graph.
+    # Under ZB-V the count also holds, from each I to its W, the weight ops' inputs and the gradients I computed
+    # for them, which recompute does not shrink (measured: GPT-2 0.44 / 0.54, Llama 0.66 / 0.82 for 1F1B / ZB-V)
+    assert peaks[1] < (0.6 if arch == "gpt2" else 0.85) * peaks[0], peaks
 
 
 def test_disable_restores_the_graphs_and_build_stage_takes_the_policy() -> None:
