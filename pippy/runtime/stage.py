@@ -34,7 +34,7 @@ from pippy.frontend.pointwise import recompute_pointwise
 from pippy.frontend.split import StageInfo
 from pippy.frontend.stagemodule import StageModule, materialize_module
 from pippy.frontend.trainmode import effective_modes, keep_following, set_modes
-from pippy.runtime.wgrad import WeightGradTaps, grad_leaves
+from pippy.runtime.wgrad import WeightGradTaps
 from pippy.sim.memory import SavedBytes, held_bytes
 
 __all__ = ["Stage", "StageError"]
@@ -395,7 +395,7 @@ class Stage(StageModule):
         st.roots = (outs, gs)
         want = [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         taps = self._taps if st.tapped else None
-        tap_leaves = grad_leaves(st.taps) if taps is not None and taps.exact else []
+        tap_leaves = [e for tap in st.taps for e in tap] if taps is not None and taps.exact else []
         targets = want + tap_leaves
         if outs and targets:
             # the graph is needed again in W only for weights without a closed-form gradient

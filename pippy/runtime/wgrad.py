@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.autograd.graph import get_gradient_edge
 
 from pippy.frontend.mutation import written_after
 from pippy.frontend.params import tensor_at
@@ -135,25 +136,32 @@ class WeightGradTaps:
         ]
         self.closed_form = self.exact and all(f is not None for f in self.forms)
 
-    def split(self, res: Sequence[Any], n_out: int) -> tuple[tuple[Any, ...], list[Any], list[Any]]:
-        """Cut the tapped module's results into (stage outputs, tap values, closed-form inputs)."""
+    def split(self, res: Sequence[Any], n_out: int) -> tuple[tuple[Any, ...], list[list[Any]], list[Any]]:
+        """Cut the tapped module's results into (stage outputs, tap edges, closed-form inputs).
+
+        A tap is kept as the gradient edges of its values (``get_gradient_edge``): I differentiates
+        to them and W starts from them, and neither needs the values themselves, which would
+        otherwise stay alive from F to I where autograd does not save them (a linear's output that
+        only a residual add reads).
+        """
         extra = list(res[n_out:])
-        return tuple(res[:n_out]), extra[: self.num_taps], extra[self.num_taps :]
+        edges = [[get_gradient_edge(t) for t in grad_leaves([tap])] for tap in extra[: self.num_taps]]
+        return tuple(res[:n_out]), edges, extra[self.num_taps :]
 
     def slim(self, taps: Sequence[Any], aux: Sequence[Any]) -> list[Any]:
         """After I: a closed-form tap's values are no longer read (its W needs only the op's input and
         the gradient I computed), so keep just how many gradients it has and free the tensors."""
         inputs = iter(aux)
-        return [len(grad_leaves([t])) if f is not None and isinstance(next(inputs), torch.Tensor) else t
+        return [len(t) if f is not None and isinstance(next(inputs), torch.Tensor) else t
                 for t, f in zip(taps, self.forms)]
 
     def weight_grads(self, taps: Sequence[Any], tap_grads: Sequence[torch.Tensor | None], aux: Sequence[Any]) -> None:
-        """Accumulate every parameter's gradient from the gradients I computed at the taps
-        (a tap may be its gradient count, see :meth:`slim`)."""
+        """Accumulate every parameter's gradient from the gradients I computed at the taps (each tap its
+        gradient edges from :meth:`split`, or their count after :meth:`slim`)."""
         grads = iter(tap_grads)
         inputs = iter(aux)
         for tap, params, form in zip(taps, self.params, self.forms):
-            leaves: list[Any] = [None] * tap if isinstance(tap, int) else grad_leaves([tap])
+            leaves: list[Any] = [None] * tap if isinstance(tap, int) else list(tap)
             pairs = [(t, g) for t, g in zip(leaves, [next(grads) for _ in leaves]) if g is not None]
             x = next(inputs) if form is not None else None
             if pairs and form is not None and isinstance(x, torch.Tensor):
