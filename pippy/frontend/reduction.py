@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 __all__ = ["MicroBatch", "count_divisors", "divides_by_count", "graph_reduction", "model_reduction", "output_reductions"]
 
@@ -318,12 +319,14 @@ def _flat(node: Any, rows: frozenset[int]) -> bool:
     for _ in range(64):
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
         if not rows or not isinstance(val, torch.Tensor) or val.dim() == 0 or any(
-                isinstance(s, int) and s in rows for s in val.shape):
+                (isinstance(s, int) and s in rows) or (isinstance(s, torch.SymInt) and not s.node.has_hint())
+                for s in val.shape):  # a data-dependent size (``h[mask]``'s rows) is taken as the batch's
             return False
         name, schema = _op(node)
         first = node.args[0] if node.args else None
         prev = first.meta.get("val") if isinstance(first, fx.Node) else None
-        keeps = isinstance(prev, torch.Tensor) and prev.dim() > 0 and prev.shape[0] == val.shape[0]
+        # a data-dependent size (``h[mask]``) compares as unknown, not as a guard on the data
+        keeps = isinstance(prev, torch.Tensor) and prev.dim() > 0 and guard_or_false(prev.shape[0] == val.shape[0])
         if schema is None or not (name in _SHAPE | _PASS or keeps):  # per-row ops (log_softmax, nll_loss) keep dim 0
             return True
         node = first

@@ -31,6 +31,7 @@ __all__ = [
     "export_module",
     "is_split_marker",
     "mark_split_points",
+    "model_line",
     "no_kv_cache",
     "pipe_split",
     "pipe_split_op",
@@ -200,10 +201,23 @@ def split_site(node: fx.Node) -> str:
             after = after.next
         point = "BEGINNING" if key in (after.meta.get("nn_module_stack") or {}) else "END"
         return f"SplitPoint.{point} of {str(fqn)!r} (split_spec / annotate_split_points)"
-    for fr in reversed(frames):
+    return model_line(node) or "a pipe_split() call (source line unknown)"
+
+
+def model_line(node: fx.Node) -> str:
+    """The model's own source line that made ``node`` (``file:line in func: code``), '' when the trace has none.
+
+        >>> class Twice(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 2
+        >>> gm = export_module(Twice(), (torch.ones(1, 2),)).module()
+        >>> model_line(next(n for n in gm.graph.nodes if n.op == "call_function")).endswith("return x * 2")
+        True
+    """
+    for fr in reversed(list(_FRAME.finditer(str(node.meta.get("stack_trace") or "")))):
         if not os.path.abspath(fr["file"]).startswith(_LIB_DIRS):
             return f"{fr['file']}:{fr['line']} in {fr['func']}: {fr['code'].strip()}"
-    return "a pipe_split() call (source line unknown)"
+    return ""
 
 
 _TRACES = [0]

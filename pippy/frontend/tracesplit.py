@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from pippy.frontend.assign import SplitPolicy, assign_stages
+from pippy.frontend.batchmix import mixed_rows
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.embedcheck import check_embeddings
 from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
@@ -162,6 +163,8 @@ def trace_and_split(
         merge_dims = _merge_dims_by_growth(_output_shapes(gm), merge_dims, twice)
     reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
     _warn_unknown(reductions, _output_shapes(gm))
+    if num_chunks > 1 and dynamic_shapes is None:
+        _warn_mixed_rows(mixed_rows(gm, mb.rows, twice))
     warn_lost_backward(dropped, model_backward_hooks(module))
     if num_chunks > 1:
         _warn_batch_statistics(gm)
@@ -231,6 +234,19 @@ def _warn_batch_statistics(gm: fx.GraphModule) -> None:
             "micro-batch, as under gradient accumulation (every pipeline library does so). Outputs and gradients "
             "therefore differ from one forward over the whole batch. For exact results use LayerNorm / GroupNorm, "
             "or keep those modules in eval mode",
+        )
+
+
+def _warn_mixed_rows(sites: list[str]) -> None:
+    """Warn where the model pairs the batch's rows with one another: each micro-batch sees only its own."""
+    if sites:
+        warn_user(
+            f"pipeline(): {'; '.join(sites[:3])}{' ...' if len(sites) > 3 else ''}: pairs the batch's rows with one "
+            "another (a result with two dims that grow with the batch, as in-batch negatives or a contrastive loss "
+            "over u @ v.T). Schedules run each micro-batch alone (every pipeline library does), so it sees only its "
+            "own micro-batch's rows: outputs, the loss and gradients differ from one forward over the whole batch. "
+            "Return the per-row values (the embeddings) and pair them on the merged outputs, or accept pairs within "
+            "each micro-batch",
         )
 
 
@@ -320,10 +336,12 @@ def _traced_inputs(gm: fx.GraphModule, in_spec: Any, example: Any) -> tuple[tupl
 
 
 def _output_shapes(gm: fx.GraphModule) -> list[tuple[Any, ...] | None]:
-    """The traced shape of each flattened output (None for a non-tensor)."""
+    """The traced shape of each flattened output (None for a non-tensor); a size that depends on the data
+    (``h[mask]``'s rows, no hint to compare) is None too: it tells nothing of the batch, and comparing it would guard."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     vals = [v.meta.get("val") if isinstance(v, fx.Node) else v for v in pytree.tree_leaves(out.args[0])]
-    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
+    return [tuple(None if isinstance(d, torch.SymInt) and not d.node.has_hint() else d for d in v.shape)
+            if isinstance(v, torch.Tensor) else None for v in vals]
 
 
 def _example_leaf(x: Any) -> Any:

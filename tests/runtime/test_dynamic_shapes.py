@@ -315,3 +315,43 @@ def test_a_size_that_depends_on_the_data_crosses_a_split(cls: type) -> None:
         model.zero_grad()
         ref = model(x, keep)
         mse(ref, y).backward()
+
+
+class KeptRows(nn.Module):
+    """The output is the rows a label mask keeps (ModernBERT's sparse prediction): its size depends on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h.reshape(-1, 8)[labels.reshape(-1) != -100])
+
+
+def _sum_sq(out: torch.Tensor, target: Any) -> torch.Tensor:
+    return out.pow(2).sum()
+
+
+_sum_sq.reduction = "sum"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("n_mb", [2, 4])  # 4: one-row micro-batches, where the merge dim is looked for by growth
+def test_an_output_whose_size_depends_on_the_data_is_concatenated(n_mb: int) -> None:
+    torch.manual_seed(0)
+    model = KeptRows().double()
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    labels = torch.randint(0, 5, (4, 6))
+    labels[0, :4] = -100
+    labels[2, 1] = -100
+    lp = LocalPipeline(pipeline(model, n_mb, (x,), {"labels": labels}, split_spec={"a": SplitPoint.END}),
+                       pippy.Schedule1F1B, num_ranks=2, n_microbatches=n_mb, loss_fn=_sum_sq)
+    ref = model(x, labels)
+    _sum_sq(ref, None).backward()
+    torch.testing.assert_close(lp.eval(x, labels=labels), ref.detach(), rtol=0, atol=0)
+    out = lp.step(x, labels=labels, target=torch.zeros(4))
+    assert out.shape == (19, 5)
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-14)
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13)
