@@ -219,7 +219,7 @@ class Stage(StageModule):
             raise StageError(f"{self.where(mb, 'F')}: forward ran twice for this micro-batch without a backward")
         if not training:
             with torch.no_grad():
-                outs = self._call(self.submod, inputs, kwargs)
+                outs = self._counted(mb, self._call(self.submod, inputs, kwargs), len(self.info.outputs))
             if readers > 0:
                 self._state[mb] = _MbState([], outs, training=False, readers=readers)
             return outs
@@ -244,11 +244,22 @@ class Stage(StageModule):
             outs, tapped, aux = taps.split(res, n_out)
             self._state[mb] = _MbState(leaves, outs, tapped=True, taps=tapped, aux=aux)
         else:
-            outs = res[:n_out]
+            outs = self._counted(mb, res, n_out)
             self._state[mb] = _MbState(leaves, outs)
         if self.measure_activations:
             self._state[mb].saved_bytes, self._state[mb].counter = counter.total, counter
         return outs
+
+    def _counted(self, mb: int, res: tuple[Any, ...], n_out: int) -> tuple[Any, ...]:
+        """``res`` if it has the ``n_out`` outputs this stage sends (a hand-cut module may return another count)."""
+        if len(res) != n_out:
+            raise StageError(
+                f"{self.where(mb, 'F')}: the stage's module returned {len(res)} output(s), expected {n_out} "
+                f"({', '.join(self.info.output_names)}), the outputs this stage's messages and the schedule were built "
+                "for (a hand-cut stage fixes them at its first step, or from output_args). Return the same outputs "
+                "every step, or build new stages and a new schedule for the new form"
+            )
+        return res
 
     def counting_loss(self, mb: int) -> AbstractContextManager[Any]:
         """With ``measure_activations``: count what the loss of ``mb`` saves with its forward's bytes

@@ -278,3 +278,32 @@ def autocast_steps(rank: int, world: int) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
     return max(float((p.grad - q.grad).abs().max()) for p, q in zip(mod.parameters(), ref[rank].parameters()))
+
+
+class _Gated(nn.Module):
+    """Returns ``h`` without a gate and ``(h, gate)`` with one: another output count than its first step's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> Any:
+        h = torch.tanh(self.lin(x))
+        return (h, gate) if gate is not None else h
+
+
+def changed_outputs(rank: int, world: int) -> list[str]:
+    """A hand-cut stage that returns more outputs than at its first step is refused, not cut back silently."""
+    mod = _Gated() if rank == 0 else nn.Linear(D, 2)
+    sched = pippy.Schedule1F1B(PipelineStage(mod, rank, world, "cpu"), M, loss_fn=nn.functional.mse_loss)
+    said = []
+    for gate in (None, torch.ones(B, D)):
+        try:
+            if rank == 0:
+                sched.step(torch.randn(B, D), **({} if gate is None else {"gate": gate}))
+            else:
+                sched.step(target=torch.randn(B, 2))
+            said.append("ok")
+        except Exception as exc:
+            said.append(f"{type(exc).__name__}: {exc}")
+    return said

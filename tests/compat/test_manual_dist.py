@@ -6,6 +6,7 @@ from harness import run_ranks
 from manual_cases import (
     SCHEDULES,
     autocast_steps,
+    changed_outputs,
     keyword_forms,
     lazy_form,
     lazy_mismatch,
@@ -79,3 +80,10 @@ def test_a_stage_failing_to_learn_its_shapes_stops_the_others_at_once(tmp_path) 
 
 def test_hand_cut_stages_step_under_autocast(tmp_path) -> None:
     assert max(run_ranks(tmp_path, 2, autocast_steps)) < 1e-6
+
+
+def test_a_hand_cut_stage_that_changes_its_output_count_is_refused(tmp_path) -> None:
+    (first0, then0), (first1, then1) = run_ranks(tmp_path, 2, changed_outputs)
+    assert first0 == first1 == "ok"
+    assert "StageError" in then0 and "returned 2 output(s), expected 1" in then0, then0
+    assert "returned 2 output(s), expected 1" in then1, then1  # the other rank is told why it stopped
