@@ -307,7 +307,7 @@ def target_spec(pipe: Any, target: Any, m: int, given: Any = None) -> Any:
     specs: list[Any] = []
     for k, t in enumerate(leaves):
         along = [d for d, batch, full in moved if isinstance(t, torch.Tensor) and t.dim() > d and (
-            t.shape[d] == batch if batch else t.dim() == len(full) and t.shape[d] % m == 0)]
+            t.shape[d] == batch if batch else t.dim() <= len(full) and t.shape[d] % m == 0)]
         like = [d for d, _, full in moved if d in along and _shaped_like(t, full)]
         if len(set(along)) == 1 and (t.shape[0] not in {batch for _, batch, _ in moved} or like):
             specs.append(TensorChunkSpec(along[0]))
@@ -329,7 +329,8 @@ def target_spec(pipe: Any, target: Any, m: int, given: Any = None) -> Any:
 def _moved_batch(pipe: Any, m: int) -> list[tuple[int, int | None, tuple[int | None, ...]]]:
     """``(dim, full batch size, full shape)`` for each output the pipe merges along a dim other than 0; sizes traced
     as varying are None (the rank holding the last stage does not see this step's batch), and then a target
-    with that output's dim count splits along that dim."""
+    with no more dims than that output (its leading dims: a ``[seq, batch]`` class target of ``[seq, batch, C]``
+    logits) splits along that dim."""
     dims = pipe.output_merge_dims or ()
     outs = pipe.stage_infos[-1].outputs
     if len(dims) != len(outs):

@@ -355,3 +355,41 @@ def test_an_output_whose_size_depends_on_the_data_is_concatenated(n_mb: int) -> 
     grads = lp.named_grads()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13)
+
+
+class SeqFirst(nn.Module):
+    """Token ids ``[T, B]`` in, logits ``[T, B, V]`` out: the batch is dim 1 throughout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.a, self.h = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(self.e(ids)))
+        pipe_split()
+        return self.h(h)
+
+
+def _token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+_token_ce.reduction = "mean"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("dynamic", [None, "auto"])
+def test_a_sequence_first_class_target_splits_along_the_batch(dynamic: str | None) -> None:
+    torch.manual_seed(0)
+    model = SeqFirst().double()
+    ids, y = torch.randint(0, 11, (6, 4)), torch.randint(0, 11, (6, 4))
+    pipe = pipeline(model, 2, (ids,), args_chunk_spec=(pippy.TensorChunkSpec(1),), dynamic_shapes=dynamic)
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=_token_ce)
+    losses: list[torch.Tensor] = []
+    lp.step(ids, target=y, losses=losses)
+    want = [_token_ce(model(ids[:, k * 2:(k + 1) * 2]), y[:, k * 2:(k + 1) * 2]) for k in range(2)]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(want).detach(), rtol=0, atol=1e-13)
+    model.zero_grad(set_to_none=True)
+    _token_ce(model(ids), y).backward()
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13)
