@@ -143,6 +143,7 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
     flat = bind_to_traced(pipe, args, kwargs, signature)
     n = _chunks_in(pipe, flat)
     if n is None:
+        _refuse_baked_count(pipe, flat)
         return _run_flat(pipe, flat)
     key = (n, tuple(tuple(x.shape) for x in flat if isinstance(x, torch.Tensor)))
     failed = pipe.local_whole_failed
@@ -165,6 +166,21 @@ def run_local(pipe: SplitPipe, args: tuple[Any, ...], kwargs: dict[str, Any],
 
 class _StageFailed(RuntimeError):
     pass
+
+
+def _refuse_baked_count(pipe: SplitPipe, flat: list[Any]) -> None:
+    """A batch other than the traced micro-batch (or a whole number of them) where the graph holds that micro-batch's
+    row count as a number (``loss.sum() / x.shape[0]``, a returned ``x.shape[0]``): it would run, with that count."""
+    if getattr(pipe, "input_dims", None) is not None or not (pipe.local_divides_by_count or _counts_rows(pipe)):
+        return
+    for got, ex in zip(flat, pipe.example_leaves):
+        if isinstance(got, torch.Tensor) and isinstance(ex, torch.Tensor) and tuple(got.shape) != tuple(ex.shape):
+            raise ValueError(
+                f"pipe(...): an input has shape {list(got.shape)}, which is neither the traced micro-batch's "
+                f"{list(ex.shape)} nor a whole number of them, and the graph holds the micro-batch's row count as a "
+                "number (it divides by x.shape[0] or returns it), so it would compute with the traced count. Call it "
+                "with a whole number of traced micro-batches, or trace with dynamic_shapes= to vary the batch"
+            )
 
 
 def _run_flat(pipe: SplitPipe, flat: list[Any]) -> tuple[Any, ...]:

@@ -348,6 +348,15 @@ def test_calling_the_pipe_with_a_loss_divided_by_the_batch_size_equals_the_model
     assert torch.allclose(pipe.get_stage_module(0).get_parameter("a.bias").grad, ref.a.bias.grad, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_a_batch_that_is_no_whole_number_of_micro_batches_is_refused_where_the_count_is_baked(batch: int) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    pipe = pipeline(_PerRow().double(), 4, (x, y), split_spec={"a": SplitPoint.END})
+    with pytest.raises(ValueError, match=rf"shape \[{batch}, 4\].*traced micro-batch's \[2, 4\].*x.shape\[0\]"):
+        pipe(x[:batch], y[:batch])
+
+
 def test_calling_the_pipe_with_an_argument_the_trace_did_not_see_is_refused() -> None:
     torch.manual_seed(0)
     model = _PerRow().double()
