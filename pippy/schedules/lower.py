@@ -134,7 +134,8 @@ def defer_gradless_backward(schedule: Schedule, stages: Iterable[int]) -> Schedu
 
     Such a stage's ``I`` feeds nobody (the first stage's token ids, say), so splitting its
     backward only costs a second pass; the whole backward at the ``W``'s place does the same
-    math once, no later than the weight gradients were due. Other stages are untouched. Memory:
+    math once, no later than the weight gradients were due. Other stages are untouched, and so is
+    one that other stages feed (its input was detached): their backwards wait for its ``I``. Memory:
     the stage holds its whole graph until that B, where a split one could free part of it at I.
 
         >>> from pippy.schedules.ir import Schedule, as_actions
@@ -142,7 +143,9 @@ def defer_gradless_backward(schedule: Schedule, stages: Iterable[int]) -> Schedu
         >>> [str(a) for a in defer_gradless_backward(s, [0]).actions[0]]
         ['0F0', '0F1', '0B0', '0B1']
     """
-    which = set(stages)
+    # a stage fed by another stage keeps its I: its producers' backwards wait there for its (empty) input
+    # gradients, and at the W's place a B would come after them (a stop-gradient mid-pipeline under ZB-V)
+    which = {s for s in stages if not schedule.deps.get(s)}
     has_w = {(a.stage, a.mb) for acts in schedule.actions for a in acts if a.kind is Kind.W and a.stage in which}
     rows = [
         [Action(a.stage, Kind.B, a.mb) if a.kind is Kind.W and a.stage in which else a

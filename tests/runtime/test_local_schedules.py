@@ -240,3 +240,38 @@ def test_an_own_loss_of_unknown_reduction_warns() -> None:
     x, labels = torch.randn(8, 8), torch.randint(0, 4, (8,))
     with pytest.warns(UserWarning, match="cannot tell whether the model's own loss sums or averages"):
         LocalPipeline(pipeline(_OwnLoss("norm"), 4, (x, labels)), pippy.Schedule1F1B, num_ranks=2, n_microbatches=4)
+
+
+class _StopGradient(torch.nn.Module):
+    """Stage 1's output is detached: stage 2's inputs need no gradient, though a stage feeds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ls = torch.nn.ModuleList([torch.nn.Linear(6, 6) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.ls[0](x))
+        pippy.pipe_split()
+        h = torch.tanh(self.ls[1](h)).detach()
+        pippy.pipe_split()
+        h = torch.tanh(self.ls[2](h))
+        pippy.pipe_split()
+        return self.ls[3](h)
+
+
+@pytest.mark.parametrize("cls", [pippy.ScheduleZBV, pippy.ScheduleDualPipeV, pippy.ScheduleZBH1])
+@pytest.mark.parametrize("fill", [True, False])
+def test_a_stop_gradient_between_stages_schedules_and_trains_exactly(cls: type, fill: bool) -> None:
+    torch.manual_seed(0)
+    model = _StopGradient().double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    lp = LocalPipeline(pipeline(model, 4, (x,)), cls, num_ranks=2, n_microbatches=4, loss_fn=mse,
+                       fill_bubbles=fill)
+    lp.step(x, target=y)
+    mse(model(x), y).backward()
+    grads = lp.named_grads()
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert grads[name] is None or not grads[name].any(), name
+        else:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-14, msg=name)
