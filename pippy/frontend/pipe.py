@@ -204,6 +204,13 @@ class SplitPipe:
                                          f"{ex.dtype}; pass the traced dtype")
                     check_dims(name, got, dims, bound)
                 elif tuple(got.shape) != tuple(ex.shape) or got.dtype != ex.dtype:
+                    if getattr(self, "learned", False):
+                        raise ValueError(
+                            f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but these hand-cut "
+                            f"stages learned {tuple(ex.shape)} {ex.dtype} at their first step (built without "
+                            "input_args), and their messages stay that size. Keep the batch size and micro-batch "
+                            "count of that step, or build new stages (and a new schedule) for the new size"
+                        )
                     if getattr(self, "manual", False):
                         raise ValueError(
                             f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but "

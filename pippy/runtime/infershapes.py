@@ -102,6 +102,8 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
         store.set(f"{prefix}/{st.index}", json.dumps([[_enc(m) for m in metas_in], [_enc(m) for m in metas_out]]))
     others = {str(s): wait(s) for s in range(num_stages)}
     link_stages(stages, others)
+    for st in stages:  # messages about the shapes then say where they came from
+        setattr(st.pipe, "learned", True)  # noqa: B010
 
 
 def _run_once(stage: Stage, ins: list[torch.Tensor], kwargs: dict[str, Any]) -> Any:

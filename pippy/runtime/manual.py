@@ -61,6 +61,7 @@ class _Chain(SplitPipe):
 
     manual = True
     pending = False  # True until stages built without input_args learn their shapes (runtime/infershapes.py)
+    learned = False  # the shapes were learned at a first step, not given as input_args
     shaped_under: tuple[str, str] | None = None  # the torch.autocast its dtypes were learned under (None: none)
 
 

@@ -307,3 +307,17 @@ def changed_outputs(rank: int, world: int) -> list[str]:
         except Exception as exc:
             said.append(f"{type(exc).__name__}: {exc}")
     return said
+
+
+def learned_then_smaller(rank: int, world: int) -> str:
+    """Shapes learned at the first step; a smaller batch later is refused, saying the shapes were learned."""
+    mod = nn.Linear(D, D) if rank == 0 else nn.Linear(D, 2)
+    sched = pippy.Schedule1F1B(PipelineStage(mod, rank, world, "cpu"), M, loss_fn=nn.functional.mse_loss)
+    sched.step(*((torch.randn(B, D),) if rank == 0 else ()), target=torch.randn(B, 2) if rank == 1 else None)
+    if rank == 1:
+        return "ok"
+    try:
+        sched.step(torch.randn(B // 2, D))
+    except ValueError as exc:
+        return str(exc)
+    return "ran"

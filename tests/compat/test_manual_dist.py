@@ -12,6 +12,7 @@ from manual_cases import (
     lazy_mismatch,
     lazy_side_effects,
     lazy_specs,
+    learned_then_smaller,
     manual_mismatch,
     manual_stages,
     stage_shapes,
@@ -87,3 +88,8 @@ def test_a_hand_cut_stage_that_changes_its_output_count_is_refused(tmp_path) -> 
     assert first0 == first1 == "ok"
     assert "StageError" in then0 and "returned 2 output(s), expected 1" in then0, then0
     assert "returned 2 output(s), expected 1" in then1, then1  # the other rank is told why it stopped
+
+
+def test_a_smaller_batch_after_shapes_were_learned_is_told_so(tmp_path) -> None:
+    said0, _ = run_ranks(tmp_path, 2, learned_then_smaller)
+    assert "learned" in said0 and "at their first step (built without input_args)" in said0, said0
