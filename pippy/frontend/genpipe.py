@@ -236,10 +236,13 @@ def _children(mod: nn.Module) -> list[tuple[str, Any]]:
 
 
 class _NoPositions(nn.Module):  # type: ignore[misc]
-    """Stands in for a learned position embedding on later stages: adds an exact zero."""
+    """Stands in for a position embedding on later stages: adds an exact zero, whatever the base forward passes it
+    (GPT-2 ``wpe(position_ids)``, BioGPT ``(attention_mask, past_length, position_ids=...)``, XGLM ``(position_ids,
+    past_length)``)."""
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((), device=position_ids.device)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return torch.zeros((), device=device)
 
 
 class StageModule(nn.Module):  # type: ignore[misc]
