@@ -91,6 +91,20 @@ def _block_list(base: nn.Module) -> tuple[str, nn.ModuleList]:
     return lists[0]
 
 
+def _base_of(model: nn.Module) -> nn.Module | None:
+    """The base module (embeddings, layer list, final norm) of a causal LM: ``model.base_model``, else, where
+    ``base_model_prefix`` names no child (Llama 4's text model: prefix ``language_model``, child ``model``), the child
+    ``model`` or the only child that holds a non-empty ``nn.ModuleList``; ``None`` when there is none."""
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        return base
+    holders = {n: m for n, m in model.named_children()
+               if any(isinstance(c, nn.ModuleList) and len(c) > 0 for c in m.children())}
+    if "model" in holders:
+        return holders["model"]
+    return next(iter(holders.values())) if len(holders) == 1 else None
+
+
 def _final_norm(base: nn.Module, layer_attr: str) -> str:
     """The base module's final norm (run on the last stage only): a known name, else the one norm-like child
     that is not an embedding norm; '' when it has none."""
@@ -167,9 +181,12 @@ def plan_generation(
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise _fail(f"expected a decoder-only causal LM, got the encoder-decoder {name}; only decoder-only models are supported.")
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, nn.Module) or base is model or model.get_output_embeddings() is None:
-        raise _fail(f"expected a causal LM with a base model and an LM head, got {name}. Use its *ForCausalLM class.")
+    base = _base_of(model)
+    if base is None or model.get_output_embeddings() is None:
+        raise _fail(
+            f"expected a causal LM with a base model (a child holding the decoder layer list) and an LM head, got "
+            f"{name}{'' if base else ', which has no such child'}. Use its *ForCausalLM class."
+        )
     layer_attr, blocks = _block_list(base)
     if not any(hasattr(m, a) for m in blocks[0].modules() for a in _LAYER_IDS):
         raise _fail(
@@ -316,7 +333,8 @@ def cut_stage(model: nn.Module, plan: GenPlan, i: int) -> StageModule:
         raise GenerationError(f"expected a stage index in 0..{plan.num_stages - 1}, got {i}. Pass the rank of this stage.")
     lo, hi = plan.layers[i]
     first, last = i == 0, i == plan.num_stages - 1
-    src = model.base_model
+    src = _base_of(model)
+    assert src is not None, "plan_generation checked the base model"
     base = _shallow(src)
     blocks = getattr(src, plan.layer_attr)
     base._modules[plan.layer_attr] = nn.ModuleList(_renumbered(blocks[j], j - lo) for j in range(lo, hi))
