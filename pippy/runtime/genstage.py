@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pippy.frontend.genpipe import GenerationError, GenPlan, StageModule, check_cut, cut_stage, plan_generation
+from pippy.frontend.gencheck import check_cut
+from pippy.frontend.genpipe import GenerationError, GenPlan, StageModule, cut_stage, plan_generation
 
 __all__ = ["GenerationPipe", "GenerationStage", "pipeline_for_generation"]
 

@@ -10,7 +10,8 @@ import transformers as T
 from gen_cases import NEW, PROMPT, hf, one_thread, prompts  # noqa: F401 - the fixture pytestmark uses
 
 from pippy import GenerationError, generate, pipeline_for_generation
-from pippy.frontend.genpipe import check_cut, plan_generation
+from pippy.frontend.gencheck import check_cut
+from pippy.frontend.genpipe import GenPlan, plan_generation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,3 +91,60 @@ def test_unsupported_layouts_say_where_the_layers_are() -> None:
                                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
     with pytest.raises(GenerationError, match=re.escape("its layer list sits deeper, at 'decoder.layers'")):
         pipeline_for_generation(opt, 2)
+
+
+SSM = dict(vocab_size=V, hidden_size=32, num_hidden_layers=4, max_position_embeddings=64)
+MAMBA = dict(vocab_size=V, hidden_size=32, state_size=4, num_hidden_layers=4, expand=2, conv_kernel=3, time_step_rank=4)
+RECURRENT = {  # layers with a recurrent state beside or instead of a KV cache
+    "mamba": lambda: T.MambaForCausalLM(T.MambaConfig(**MAMBA)),
+    "mamba2": lambda: T.Mamba2ForCausalLM(T.Mamba2Config(**MAMBA, num_heads=8, head_dim=8, n_groups=1, chunk_size=4)),
+    "falcon_mamba": lambda: T.FalconMambaForCausalLM(T.FalconMambaConfig(**MAMBA)),
+    "jamba": lambda: T.JambaForCausalLM(T.JambaConfig(
+        **SSM, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_experts=2, num_experts_per_tok=1,
+        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4,
+        mamba_d_conv=3, mamba_expand=2, mamba_dt_rank=4)),
+    "bamba": lambda: T.BambaForCausalLM(T.BambaConfig(
+        **SSM, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, mamba_n_heads=4, mamba_d_head=16,
+        mamba_n_groups=1, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2, mamba_chunk_size=4, attn_layer_indices=[1])),
+    "falcon_h1": lambda: T.FalconH1ForCausalLM(T.FalconH1Config(
+        **SSM, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=8, mamba_d_ssm=32,
+        mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2,
+        mamba_chunk_size=4)),
+    "minimax": lambda: T.MiniMaxForCausalLM(T.MiniMaxConfig(**LL, head_dim=8, num_local_experts=2,
+                                                            num_experts_per_tok=1, block_size=4)),
+    "rwkv": lambda: T.RwkvForCausalLM(T.RwkvConfig(vocab_size=V, hidden_size=32, num_hidden_layers=4,
+                                                   attention_hidden_size=32, intermediate_size=64, context_length=64)),
+}
+
+
+@pytest.mark.parametrize("arch", list(RECURRENT))
+def test_recurrent_layers_are_refused_up_front(arch: str) -> None:
+    torch.manual_seed(0)
+    model = RECURRENT[arch]().eval()
+    want = "keeps a recurrent state of its own" if arch == "rwkv" else "has recurrent layers (type: layer indices)"
+    with pytest.raises(GenerationError, match=re.escape(want)) as info:
+        pipeline_for_generation(model, 2, max_length=16)
+    assert "model.generate" in str(info.value)  # says what to do instead
+
+
+def _manual_plan(layer_attr: str, norm_attr: str) -> GenPlan:
+    """A plan made without plan_generation's refusal, to run check_cut on a model it would refuse."""
+    return GenPlan(num_stages=2, layers=((0, 2), (2, 4)), max_length=16, layer_attr=layer_attr, norm_attr=norm_attr,
+                   eos_token_ids=(), pad_token_id=None, sampling=(1.0, 50, 1.0))
+
+
+def test_check_cut_compares_a_left_padded_batch() -> None:
+    # Mamba's stages match the model on one unpadded row, but not once a row is left-padded (its mixer reads the mask
+    # its own way): the check must see a padded batch
+    torch.manual_seed(0)
+    model = T.MambaForCausalLM(T.MambaConfig(**MAMBA, initializer_range=1.0)).double().eval()
+    with pytest.raises(GenerationError, match=re.escape("on a decode step of a left-padded batch")):
+        check_cut(model, _manual_plan("layers", "norm_f"))
+
+
+def test_an_error_inside_the_check_becomes_a_generation_error() -> None:
+    torch.manual_seed(0)
+    model = RECURRENT["minimax"]().eval()  # its attention refuses a DynamicCache with a ValueError
+    with pytest.raises(GenerationError, match="expected the 2 cut stages of MiniMaxForCausalLM to run") as info:
+        check_cut(model, _manual_plan("layers", "norm"))
+    assert isinstance(info.value.__cause__, ValueError)
