@@ -2,7 +2,11 @@
 
 Works on any ``nn.Module``; nothing here imports transformers. The repeated blocks of a model are
 the elements of its ``nn.ModuleList`` containers whose elements all share one class (GPT-2's
-``transformer.h``, BERT's ``bert.encoder.layer``, T5's ``encoder.block`` and ``decoder.block``).
+``transformer.h``, BERT's ``bert.encoder.layer``, T5's ``encoder.block`` and ``decoder.block``);
+the modules inside a list of lists (Funnel's ``encoder.blocks``); lists that the parent's forward
+walks side by side, interleaved into one layer per index (XLM's ``attentions[i]``, ``ffns[i]``;
+PoolFormer's ``zip(self.patch_embeddings, self.block)``), in the order the forward's source names
+them; and the base model's only list even when it mixes classes (Jamba's Mamba and attention layers).
 
 With transformers (not needed here)::
 
@@ -31,6 +35,8 @@ Any model with a block list works the same way:
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Sequence
 
 from torch import nn
@@ -40,36 +46,137 @@ from pippy.frontend.trace import SplitPoint
 __all__ = ["layer_names", "split_spec_equal_layers"]
 
 
-def _is_block_list(mod: nn.Module) -> bool:
-    if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+def _has_params(mod: nn.Module) -> bool:
+    return next(iter(mod.parameters()), None) is not None
+
+
+def _is_block_list(mod: nn.Module, mixed: bool = False) -> bool:
+    """At least two distinct modules holding parameters, of one class (of any classes when ``mixed``)."""
+    if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len({id(m) for m in mod}) < len(mod):
         return False
-    kinds = {type(m) for m in mod}
-    distinct = {id(m) for m in mod}
-    return len(kinds) == 1 and len(distinct) == len(mod) and sum(1 for _ in mod[0].parameters()) > 0
+    return (mixed or len({type(m) for m in mod}) == 1) and all(_has_params(m) for m in mod)
+
+
+def _leaves(prefix: str, mod: nn.ModuleList) -> list[tuple[str, nn.Module]]:
+    """The modules inside nested ``ModuleList`` s, in order, with their FQNs."""
+    out: list[tuple[str, nn.Module]] = []
+    for i, child in enumerate(mod):
+        name = f"{prefix}.{i}" if prefix else str(i)
+        out.extend(_leaves(name, child) if isinstance(child, nn.ModuleList) else [(name, child)])
+    return out
+
+
+class _BlockList:
+    """One block list: per element its modules' FQNs (``groups``), and the layers a split may fall between."""
+
+    def __init__(self, name: str, groups: list[list[str]], units: list[list[str]]) -> None:
+        self.name, self.groups, self.units = name, groups, units
+
+
+def _block_list(prefix: str, mod: nn.Module, mixed: bool) -> _BlockList | None:
+    """``mod`` as a block list, or ``None``. A list of lists (Funnel's ``blocks``), never called itself, gives its inner
+    modules as layers when they share one class, else one layer per inner list (``for attn, ff in self.layers``)."""
+    if not isinstance(mod, nn.ModuleList):
+        return None
+    name = (prefix + ".") if prefix else ""
+    if len(mod) > 0 and all(isinstance(m, nn.ModuleList) for m in mod):
+        groups = [[n for n, _ in _leaves(f"{name}{i}", m)] for i, m in enumerate(mod)]
+        leaves = _leaves(prefix, mod)
+        if _is_block_list(nn.ModuleList(m for _, m in leaves)):
+            return _BlockList(prefix, groups, [[n] for n, _ in leaves])
+        distinct = len({id(m) for _, m in leaves}) == len(leaves)
+        ok = len(groups) >= 2 and all(groups) and distinct and all(_has_params(m) for m in mod)
+        return _BlockList(prefix, groups, groups) if ok else None
+    if not _is_block_list(mod, mixed):
+        return None
+    groups = [[f"{name}{i}"] for i in range(len(mod))]
+    return _BlockList(prefix, groups, groups)
+
+
+def _side_by_side(parent: nn.Module, names: list[str]) -> list[list[str]]:
+    """Groups of ``names`` (lists of ``parent``) that its forward walks side by side, each in the order it uses them:
+    the lists of one ``zip(self.patch_embeddings, self.block)``, and those it indexes (``self.ffns[i]``)."""
+    try:
+        src = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return []
+    groups: list[list[str]] = []
+    for args in re.findall(r"zip\(([^()]*)\)", src):
+        hits = {n: re.search(rf"self\.{n}\b(?!\.)", args) for n in names}
+        where = {n: m.start() for n, m in hits.items() if m}
+        if len(where) > 1:
+            groups.append(sorted(where, key=where.__getitem__))
+    zipped = {n for g in groups for n in g}
+    where = {n: src.find(f"self.{n}[") for n in names if n not in zipped and f"self.{n}[" in src}
+    return groups + ([sorted(where, key=where.__getitem__)] if len(where) > 1 else [])
+
+
+def _interleave(model: nn.Module, found: list[_BlockList]) -> list[list[str]]:
+    """Merge lists walked side by side (XLM's ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``: one parent,
+    one length) into one layer per index, its modules in the order the forward uses them; others stay as they are."""
+    units: list[list[str]] = []
+    done: set[str] = set()
+    for bl in found:
+        if bl.name in done:
+            continue
+        parent, _, short = bl.name.rpartition(".")
+        peers = {p.name.rpartition(".")[2]: p for p in found if p.name.rpartition(".")[0] == parent
+                 and len(p.groups) == len(bl.groups) and p.name not in done}
+        together = _side_by_side(model.get_submodule(parent), list(peers)) if len(peers) > 1 else []
+        order = next((g for g in together if short in g), None)
+        if order is None:
+            units.extend(bl.units)
+            done.add(bl.name)
+            continue
+        units.extend([n for key in order for n in peers[key].groups[k]] for k in range(len(bl.groups)))
+        done.update(peers[key].name for key in order)
+    return units
+
+
+def _layer_units(model: nn.Module) -> list[list[str]]:
+    """The model's layers in execution order, each the FQNs of the modules it is made of."""
+    base = getattr(model, "base_model", model)
+    base = base if isinstance(base, nn.Module) else model
+    own_lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) >= 2]
+    only = own_lists[0] if len(own_lists) == 1 else None  # may mix block classes (Jamba's mamba and attention layers)
+    found: list[_BlockList] = []
+    for name, mod in model.named_modules():
+        if any(name.startswith(bl.name + ".") for bl in found):
+            continue
+        bl = _block_list(name, mod, mixed=mod is only)
+        if bl is not None:
+            found.append(bl)
+    return _interleave(model, found)
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """FQNs of the model's repeated blocks, in registration (usually execution) order.
+    """FQNs of the model's repeated blocks, in execution order as far as it can be told without running it.
 
     A block list is an ``nn.ModuleList`` of at least two distinct modules of one class that hold
     parameters; nested lists inside a block (e.g. T5's ``layer`` inside each ``block``) are skipped.
-    Shared layers called several times (ALBERT) are not listed, since one module cannot sit in two
-    stages: split such models at other module names.
+    A list of lists (Funnel's ``blocks``) gives the modules inside; lists indexed side by side in
+    their parent's forward (XLM's ``attentions[i]``, ``ffns[i]``) are interleaved by layer; the base
+    model's only list may mix block classes (Jamba). Shared layers called several times (ALBERT)
+    are not listed, since one module cannot sit in two stages: split such models at other names.
 
         >>> import torch
         >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
         >>> layer_names(torch.nn.ModuleDict({"h": blocks}))
         ['h.0', 'h.1', 'h.2']
+        >>> class Parallel(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.attn = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(2))
+        ...         self.norm = torch.nn.ModuleList(torch.nn.LayerNorm(2) for _ in range(2))
+        ...     def forward(self, x):
+        ...         for i in range(2):
+        ...             x = self.attn[i](x)
+        ...             x = self.norm[i](x)
+        ...         return x
+        >>> layer_names(Parallel())
+        ['attn.0', 'norm.0', 'attn.1', 'norm.1']
     """
-    out: list[str] = []
-    taken: list[str] = []
-    for name, mod in model.named_modules():
-        if any(name.startswith(t + ".") for t in taken):
-            continue
-        if _is_block_list(mod):
-            taken.append(name)
-            out.extend(f"{name}.{i}" if name else str(i) for i in range(len(mod)))
-    return out
+    return [n for unit in _layer_units(model) for n in unit]
 
 
 def split_spec_equal_layers(
@@ -77,9 +184,10 @@ def split_spec_equal_layers(
 ) -> dict[str, SplitPoint]:
     """A ``split_spec`` giving ``n_stages`` stages of (nearly) equal layer count.
 
-    ``layers`` is the ordered list of module names to balance over (default: :func:`layer_names`),
-    or the name of one ``ModuleList``. Embeddings go with the first group and heads with the last;
-    when the count does not divide evenly the earlier stages get one layer more.
+    ``layers`` is the ordered list of module names to balance over (default: the layers of
+    :func:`layer_names`, a split falling after the last module of a layer made of side-by-side
+    lists), or the name of one ``ModuleList``. Embeddings go with the first group and heads with the
+    last; when the count does not divide evenly the earlier stages get one layer more.
 
         >>> import torch
         >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(4))
@@ -88,32 +196,37 @@ def split_spec_equal_layers(
     """
     if not isinstance(n_stages, int) or n_stages < 1:
         raise ValueError(f"n_stages must be a positive int, got {n_stages!r}")
+    units: list[list[str]]
     if isinstance(layers, str):
         try:
             container = model.get_submodule(layers)
         except AttributeError:
             raise ValueError(f"{layers!r} names no submodule of {type(model).__name__}") from None
-        names = [f"{layers}.{k}" for k, _ in container.named_children()]
+        given = _block_list(layers, container, mixed=True)
+        units = given.units if given else [[f"{layers}.{k}"] for k, _ in container.named_children()]
     elif layers is None:
-        names = layer_names(model)
+        units = _layer_units(model)
     else:
-        names = list(layers)
-        for n in names:
+        units = [[n] for n in layers]
+        for n in layers:
             try:
                 model.get_submodule(n)
             except AttributeError:
                 raise ValueError(f"{n!r} names no submodule of {type(model).__name__}") from None
-    if not names:
+    if not units:
         raise ValueError(
             f"found no repeated blocks in {type(model).__name__}; pass layers=[module names in forward order] "
             "(e.g. from model.named_modules())"
         )
-    if n_stages > len(names):
-        raise ValueError(f"cannot make {n_stages} stages from {len(names)} layers ({names[0]} .. {names[-1]})")
-    base, extra = divmod(len(names), n_stages)
+    if n_stages > len(units):
+        raise ValueError(
+            f"cannot make {n_stages} stages from {len(units)} layers ({units[0][0]} .. {units[-1][-1]}); "
+            f"use at most {len(units)} stages"
+        )
+    base, extra = divmod(len(units), n_stages)
     spec: dict[str, SplitPoint] = {}
     end = 0
     for s in range(n_stages - 1):
         end += base + (1 if s < extra else 0)
-        spec[names[end - 1]] = SplitPoint.END
+        spec[units[end - 1][-1]] = SplitPoint.END  # after the layer's last module
     return spec

@@ -1,0 +1,131 @@
+"""pippy.hf finds the layers of models whose block lists are nested, parallel or of mixed classes, and splits them evenly."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("transformers")
+
+import transformers as T
+from zoo_models import grad_err, max_err
+
+from pippy import Schedule1F1B, SplitPoint, pipeline
+from pippy.hf import layer_names, split_spec_equal_layers
+from pippy.runtime.local import LocalPipeline
+
+V, B, L = 64, 4, 8
+END = SplitPoint.END
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), target.reshape(-1))
+
+
+def _exact_on_two_stages(make: Callable[[], nn.Module], tol: float = 1e-10) -> list[set[str]]:
+    """Train one step through the default 2-stage split; outputs and grads equal the model's. Returns each stage's
+    top-level layer modules (names up to the list index)."""
+    torch.manual_seed(0)
+    model = make().double().eval()
+    ids, tgt = torch.randint(1, V, (B, L)), torch.randint(1, V, (B, L))
+    ref = copy.deepcopy(model)
+    out_ref = ref(ids)
+    _lm_loss(out_ref, tgt).backward()
+    pipe = pipeline(model, 2, (ids,), split_spec=split_spec_equal_layers(model, 2))
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=_lm_loss)
+    out = lp.step(ids, target=tgt)
+    assert max_err(out.logits, out_ref.logits) < tol
+    assert grad_err(ref, lp.named_grads()) < tol
+    names = layer_names(model)
+    return [{n for n in names if any(k.startswith(n + ".") for k in pipe.get_stage_module(s).state_dict())}
+            for s in range(2)]
+
+
+def _funnel() -> nn.Module:
+    return T.FunnelForMaskedLM(T.FunnelConfig(vocab_size=V, block_sizes=[2, 1, 1], num_decoder_layers=1, d_model=32,
+                                              n_head=4, d_head=8, d_inner=64, hidden_dropout=0.0,
+                                              attention_dropout=0.0, activation_dropout=0.0))
+
+
+def test_a_list_of_lists_gives_the_modules_inside() -> None:
+    # Funnel's encoder.blocks holds lists of layers; the lists themselves never run as modules
+    blocks = [f"funnel.encoder.blocks.{b}.{i}" for b, i in ((0, 0), (0, 1), (1, 0), (2, 0))]
+    assert layer_names(_funnel()) == blocks
+    assert split_spec_equal_layers(_funnel(), 2) == {blocks[1]: END}
+    assert _exact_on_two_stages(_funnel) == [set(blocks[:2]), set(blocks[2:])]
+
+
+def _xlm() -> nn.Module:
+    return T.XLMWithLMHeadModel(T.XLMConfig(vocab_size=V, emb_dim=32, n_layers=4, n_heads=4, dropout=0.0,
+                                            attention_dropout=0.0, max_position_embeddings=64))
+
+
+def test_parallel_lists_interleave_by_layer() -> None:
+    # XLM keeps attentions, layer_norm1, ffns, layer_norm2 as four lists its forward indexes with the layer number
+    parts = ("attentions", "layer_norm1", "ffns", "layer_norm2")
+    assert layer_names(_xlm()) == [f"transformer.{p}.{k}" for k in range(4) for p in parts]
+    assert split_spec_equal_layers(_xlm(), 2) == {"transformer.layer_norm2.1": END}
+    assert split_spec_equal_layers(_xlm(), 3) == {"transformer.layer_norm2.1": END, "transformer.layer_norm2.2": END}
+    stages = _exact_on_two_stages(_xlm)
+    assert stages == [{f"transformer.{p}.{k}" for p in parts for k in ks} for ks in ((0, 1), (2, 3))]
+
+
+class _Zipped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+        self.mix = nn.ModuleList(nn.ModuleList(nn.Linear(2, 2) for _ in range(2)) for _ in range(3))
+        self.enc = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))  # walked one after the other, not side by side
+        self.dec = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for down, mix in zip(self.down, self.mix):
+            x = down(x)
+            for m in mix:
+                x = m(x)
+        for block in self.enc:
+            x = block(x)
+        for block in self.dec:
+            x = block(x)
+        return x
+
+
+def test_lists_walked_with_zip_interleave_and_lists_walked_in_turn_do_not() -> None:
+    net = _Zipped()
+    assert layer_names(net) == ["down.0", "mix.0.0", "mix.0.1", "down.1", "mix.1.0", "mix.1.1", "down.2", "mix.2.0",
+                                "mix.2.1", "enc.0", "enc.1", "enc.2", "dec.0", "dec.1", "dec.2"]
+    # a layer of the zipped lists is down.k with mix.k: 9 layers, 3 per stage
+    assert split_spec_equal_layers(net, 3) == {"mix.2.1": END, "enc.2": END}
+    x = torch.randn(4, 2)
+    pipe = pipeline(net, 2, (x,), split_spec=split_spec_equal_layers(net, 3))
+    assert pipe.num_stages == 3
+
+
+def _jamba() -> nn.Module:
+    return T.JambaForCausalLM(T.JambaConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, num_experts=2, num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2, mamba_dt_rank=4,
+        experts_implementation="batched_mm"))  # the default grouped_mm has no float64 on CPU
+
+
+def test_the_base_models_only_list_may_mix_block_classes() -> None:
+    # Jamba's model.layers alternates Mamba and attention layers
+    layers = [f"model.layers.{k}" for k in range(4)]
+    assert layer_names(_jamba()) == layers
+    # its Mamba mixer computes in float32 inside the float64 model: micro-batches agree to float32 rounding
+    assert _exact_on_two_stages(_jamba, tol=1e-8) == [set(layers[:2]), set(layers[2:])]
