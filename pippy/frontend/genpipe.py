@@ -111,13 +111,16 @@ _NO_KV = ("Generate with the unpipelined model.generate, or run the forward pipe
 
 
 def _kv_type(layer_type: str) -> bool:
-    """Whether a ``config.layer_types`` entry is a layer with a key/value cache (or none at all), not a recurrent one."""
-    return layer_type in ("dummy", "moe", "mlp") or (layer_type.endswith("attention") and "linear" not in layer_type)
+    """Whether a ``config.layer_types`` entry is a layer pipelined generation may cut: one with a key/value cache (or
+    none at all), or linear attention, whose state lives in the cache object the stages pass along (Qwen3-Next;
+    :func:`pippy.frontend.gencheck.check_cut`, with its left-padded rows, then decides). Mamba, convolution and
+    hybrid layers are refused."""
+    return layer_type in ("dummy", "moe", "mlp") or layer_type.endswith("attention")
 
 
 def _refuse_recurrent(model: nn.Module, base: nn.Module) -> None:
-    """Refuse a model whose layers keep a recurrent state (Mamba, RWKV, linear attention, hybrids) beside or instead
-    of a key/value cache: their state is fed differently by each model's own generate."""
+    """Refuse a model whose layers keep a recurrent state outside the cache the stages pass along (RWKV, convolution
+    and hybrid layers): each model's own generate feeds it its own way. Linear attention goes to the check."""
     name, params = type(model).__name__, inspect.signature(base.forward).parameters
     if "cache" not in params and "past_key_values" not in params:
         raise _fail(
@@ -131,11 +134,11 @@ def _refuse_recurrent(model: nn.Module, base: nn.Module) -> None:
             bad.setdefault(str(kind), []).append(i)
     if bad:
         raise _fail(
-            f"expected decoder layers that keep a key/value cache (full, sliding or chunked attention), but "
-            f"config.layer_types of {name} has recurrent layers (type: layer indices) {bad}. A recurrent layer (Mamba, "
-            "linear attention, convolution) carries a state that each model's own generate feeds in its own way (e.g. "
-            "Mamba's drops the attention mask after the prompt), which the pipelined stages do not re-create, so tokens "
-            f"could differ from model.generate. {_NO_KV}"
+            f"expected decoder layers that keep their state in the cache the stages pass along (full, sliding, "
+            f"chunked or linear attention), but config.layer_types of {name} has recurrent layers (type: layer "
+            f"indices) {bad}. Such a layer (a convolution, a hybrid block) carries a state that each model's own "
+            "generate feeds in its own way, which the pipelined stages do not re-create, so tokens could differ from "
+            f"model.generate. {_NO_KV}"
         )
 
 

@@ -50,6 +50,10 @@ ARCHS = {
     "llama4_text": lambda: T.Llama4ForCausalLM(T.Llama4TextConfig(  # base_model_prefix names no child (see _base_of)
         **{**LL, "intermediate_size_mlp": 64}, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
         interleave_moe_layer_step=2, attention_chunk_size=4)),
+    "qwen3_next": lambda: T.Qwen3NextForCausalLM(T.Qwen3NextConfig(  # linear attention: its state rides in the cache
+        **LL, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=3, full_attention_interval=2, experts_implementation="batched_mm")),
 }
 FLOAT32 = {"xglm"}  # its attention clamps with float64's min in a float32 tensor: model.generate fails in float64
 
@@ -102,7 +106,7 @@ RECURRENT = {  # layers with a recurrent state beside or instead of a KV cache
     "jamba": lambda: T.JambaForCausalLM(T.JambaConfig(
         **SSM, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, num_experts=2, num_experts_per_tok=1,
         expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4,
-        mamba_d_conv=3, mamba_expand=2, mamba_dt_rank=4)),
+        mamba_d_conv=3, mamba_expand=2, mamba_dt_rank=4, experts_implementation="batched_mm")),
     "bamba": lambda: T.BambaForCausalLM(T.BambaConfig(
         **SSM, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, mamba_n_heads=4, mamba_d_head=16,
         mamba_n_groups=1, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2, mamba_chunk_size=4, attn_layer_indices=[1])),
@@ -117,7 +121,7 @@ RECURRENT = {  # layers with a recurrent state beside or instead of a KV cache
 }
 
 
-@pytest.mark.parametrize("arch", list(RECURRENT))
+@pytest.mark.parametrize("arch", ["rwkv", "falcon_h1"])
 def test_recurrent_layers_are_refused_up_front(arch: str) -> None:
     torch.manual_seed(0)
     model = RECURRENT[arch]().eval()
@@ -125,6 +129,27 @@ def test_recurrent_layers_are_refused_up_front(arch: str) -> None:
     with pytest.raises(GenerationError, match=re.escape(want)) as info:
         pipeline_for_generation(model, 2, max_length=16)
     assert "model.generate" in str(info.value)  # says what to do instead
+
+
+@pytest.mark.parametrize("arch", ["mamba", "falcon_mamba", "bamba", "minimax"])
+def test_linear_attention_layers_that_the_cut_gets_wrong_are_refused_by_the_check(arch: str) -> None:
+    # transformers calls these layers "linear_attention", as Qwen3-Next's; the padded check tells them apart
+    torch.manual_seed(0)
+    model = RECURRENT[arch]().double().eval()
+    with pytest.raises(GenerationError, match=r"pipeline_for_generation: .*the 2 cut stages of .* check=False skips"):
+        pipeline_for_generation(model, 2, max_length=16)
+
+
+@pytest.mark.parametrize("arch", ["jamba", "mamba2"])  # Jamba: Mamba and attention layers
+def test_state_space_layers_that_the_check_passes_generate_token_for_token(arch: str) -> None:
+    torch.manual_seed(0)
+    model = RECURRENT[arch]().double().eval()  # their state rides in the cache the stages pass along
+    ids = prompts(4)[0]
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left-padded rows too
+    pipe = pipeline_for_generation(model, 2, max_length=PROMPT + NEW)
+    stages = [pipe.build_stage(r, "cpu") for r in range(2)]
+    assert torch.equal(generate(stages, ids, attention_mask=mask, max_new_tokens=NEW, progress=0), hf(model, ids, mask))
 
 
 def _manual_plan(layer_attr: str, norm_attr: str) -> GenPlan:
@@ -148,3 +173,5 @@ def test_an_error_inside_the_check_becomes_a_generation_error() -> None:
     with pytest.raises(GenerationError, match="expected the 2 cut stages of MiniMaxForCausalLM to run") as info:
         check_cut(model, _manual_plan("layers", "norm"))
     assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(GenerationError, match="expected the 2 cut stages of MiniMaxForCausalLM to run"):
+        pipeline_for_generation(model, 2, max_length=16)  # linear attention passes the up-front check, not this one
