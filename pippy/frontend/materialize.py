@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import fx, nn
 
-from pippy.frontend.params import name_groups
+from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.frontend.pipe import SplitPipe
 
 __all__ = ["HoldsModule", "materialize_stage", "pending_tensors", "replace_meta"]
@@ -134,12 +134,20 @@ def materialize_stage(
     ``stage`` is a stage module such as ``pipe.get_stage_module(i)`` (moved off meta to
     ``device`` first) or anything that holds one (:class:`HoldsModule`, e.g. a runtime stage: its
     module is filled in place, on its device). Checkpoint keys are the
-    original model's FQNs; a tied tensor is found under any of its names. Tensors the checkpoint
-    lacks (e.g. non-persistent buffers such as rotary ``inv_freq``), or all of them when no
-    checkpoint is given, are initialized: ``init_fn(module)`` (e.g. Hugging Face's
-    ``model._init_weights``) or else ``module.reset_parameters()`` runs on each original module
-    of ``model`` (the meta model you traced) that owns such a tensor, writing into this stage's
-    copies only.
+    original model's FQNs; a tied tensor is found under any of its names. A checkpoint must hold
+    every parameter and persistent buffer of the stage (``KeyError`` naming those it lacks, and a
+    key prefix such as ``model.`` when that is why). Non-persistent buffers it lacks (such as
+    rotary ``inv_freq``), or all tensors when no checkpoint is given, are initialized:
+    ``init_fn(module)`` (e.g. Hugging Face's ``model._init_weights``) or else
+    ``module.reset_parameters()`` runs on each original module of ``model`` (the meta model you
+    traced) that owns such a tensor, writing into this stage's copies only.
+
+        >>> from pippy import SplitPoint, pipeline
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> stage = pipeline(net, 1, (torch.ones(1, 2),), split_spec={"0": SplitPoint.END}).build_stage(1, "cpu")
+        >>> materialize_stage(stage, checkpoint={"model." + k: v for k, v in net.state_dict().items()})
+        Traceback (most recent call last):
+        KeyError: "stage 1: the checkpoint lacks 2 of the stage's parameters and persistent buffers: ['1.weight', '1.bias'] ... under the prefix 'model.' ...
 
         >>> with torch.device("meta"):
         ...     lin = torch.nn.Linear(3, 2)
@@ -157,7 +165,14 @@ def materialize_stage(
     todo = set(pending) or ({n for n, _, _ in _named_tensors(module)} if init_fn is not None else set())
     if checkpoint is not None:
         names = pending or [n for n, _, _ in _named_tensors(module)]  # reload everything if nothing is pending
-        todo -= _load(module, checkpoint, names, _aliases(holder.pipe if holder is not None else None, model))
+        reader = _open(checkpoint)
+        done = _load(module, reader, names, _aliases(holder.pipe if holder is not None else None, model))
+        lacking = [n for n in names if n not in done and _is_state(module, n, model)]
+        if lacking:
+            index = getattr(holder, "index", None)
+            where = f"stage {index}" if isinstance(index, int) else "the stage"
+            raise KeyError(_lacking_message(where, lacking, reader.keys))
+        todo -= done
     if todo:
         _initialize(module, sorted(todo), init_fn, model)
     setattr(module, _PENDING, [])
@@ -172,9 +187,44 @@ def _aliases(pipe: SplitPipe | None, model: nn.Module | None) -> dict[str, list[
     return groups
 
 
-def _load(module: nn.Module, checkpoint: Checkpoint, names: Iterable[str], aliases: dict[str, list[str]]) -> set[str]:
+def _is_state(module: nn.Module, fqn: str, model: nn.Module | None) -> bool:
+    """Whether ``fqn`` belongs in a checkpoint: a parameter or a persistent buffer (not export's lifted constants)."""
+    if is_lifted_constant(fqn):
+        return False
+    owner, _, name = fqn.rpartition(".")
+    mods = [module.get_submodule(owner) if owner else module]
+    if model is not None:
+        try:
+            mods.append(model.get_submodule(owner) if owner else model)
+        except AttributeError:
+            pass
+    if name in mods[0]._parameters:
+        return True
+    return not any(name in m._non_persistent_buffers_set for m in mods)
+
+
+def _lacking_message(where: str, lacking: list[str], keys: set[str]) -> str:
+    shown = f"{lacking[:6]}{' ...' if len(lacking) > 6 else ''}"
+    hint = ""
+    first = lacking[0]
+    extra = sorted({k[: -len(first)] for k in keys if k.endswith("." + first)})
+    p = next((p for p in extra if all(p + n in keys for n in lacking)), None)
+    if p is not None:
+        hint = (f"; the checkpoint has them under the prefix {p!r} (e.g. {p + first!r}): strip it, e.g. "
+                f"{{k.removeprefix({p!r}): v for k, v in state_dict.items()}}")
+    else:
+        parts = first.split(".")
+        inner = next((".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in keys), None)
+        if inner is not None:
+            p = first[: len(first) - len(inner)]
+            hint = f"; the checkpoint's keys lack the prefix {p!r} (it has {inner!r} for {first!r}): add it"
+    return (f"{where}: the checkpoint lacks {len(lacking)} of the stage's parameters and persistent buffers: {shown} "
+            f"(it holds {len(keys)} keys, e.g. {sorted(keys)[:3]}){hint}. Expected the original model's FQNs; only "
+            "non-persistent buffers are initialized when a checkpoint lacks them")
+
+
+def _load(module: nn.Module, reader: _Reader, names: Iterable[str], aliases: dict[str, list[str]]) -> set[str]:
     """Copy checkpoint tensors into ``module`` by FQN (or a tied alias); return the names filled."""
-    reader = _open(checkpoint)
     tensors = {n: t for n, t, _ in _named_tensors(module)}
     done: set[str] = set()
     with torch.no_grad():

@@ -158,3 +158,49 @@ def test_placeholders_left_unfilled_are_refused_at_the_first_step() -> None:
     lp.step(x, target=y)
     grads = lp.named_grads()
     assert all(torch.allclose(grads[n], p.grad, atol=1e-12) for n, p in ref.named_parameters())
+
+
+class _Scaled(torch.nn.Module):
+    """A non-persistent buffer (not in state_dict) next to the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inp(x)) * self.scale)
+
+
+def test_a_checkpoint_lacking_stage_parameters_is_refused_naming_them_and_the_prefix(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    real = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(4)))
+    prefixed = {"model." + k: v for k, v in real.state_dict().items()}  # a wrapper's checkpoint
+    torch.save(prefixed, tmp_path / "full.pt")
+    with torch.device("meta"):
+        meta = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(4)))
+    pipe = pipeline(meta, 2, (torch.randn(4, 4, device="meta"),), split_spec={"1": SplitPoint.END})
+    with pytest.raises(KeyError, match=r"stage 1: the checkpoint lacks 4 of the stage's parameters and persistent "
+                                       r"buffers: \['2.weight', '2.bias', '3.weight', '3.bias'\].*under the prefix "
+                                       r"'model.' .*removeprefix\('model.'\)"):
+        pipe.build_stage(1, "cpu", checkpoint=tmp_path / "full.pt")
+    stage = pipeline(copy.deepcopy(real), 2, (torch.randn(4, 4),), split_spec={"1": SplitPoint.END}).build_stage(1, "cpu")
+    with pytest.raises(KeyError, match=r"lacks 4 .*under the prefix 'model.'"):
+        materialize_stage(stage, checkpoint=prefixed)
+    with pytest.raises(KeyError, match=r"lacks 1 .*\['3.bias'\](?!.*prefix)"):
+        materialize_stage(stage, checkpoint={k: v for k, v in real.state_dict().items() if k != "3.bias"})
+    inner = pipeline(torch.nn.Sequential(copy.deepcopy(real)), 2, (torch.randn(4, 4),), split_spec={"0.1": SplitPoint.END})
+    with pytest.raises(KeyError, match=r"keys lack the prefix '0.' \(it has '2.weight' for '0.2.weight'\): add it"):
+        materialize_stage(inner.build_stage(1, "cpu"), checkpoint=real.state_dict())
+
+
+def test_only_non_persistent_buffers_may_be_missing_from_a_checkpoint() -> None:
+    torch.manual_seed(0)
+    real = _Scaled()
+    stage = pipeline(copy.deepcopy(real), 2, (torch.randn(4, 4),), split_spec={"inp": SplitPoint.END}).build_stage(1, "cpu")
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.zero_()
+    materialize_stage(stage, checkpoint=real.state_dict())  # "scale" is not state: it keeps its value
+    assert torch.equal(stage.submod.get_parameter("out.weight"), real.out.weight)
+    assert torch.equal(stage.submod.get_buffer("scale"), real.scale)
