@@ -1,11 +1,13 @@
 """Pipeline checkpoints: each rank saves and loads its own stages by original FQN; ``merge`` rebuilds the model's.
 
 Two formats. ``"torch"`` writes ``stage_<i>.pt`` per stage (plain ``torch.save`` state_dicts), so a
-rank touches only its own files. ``"dcp"`` writes one torch.distributed.checkpoint under
-``<dir>/dcp`` keyed by FQN; it can be loaded into a different split. Either way every stage also
-writes ``stage_<i>.json`` (its keys and the tied-weight alias groups it knows about), which
-``merge`` uses to give every alias of a tied tensor its value, so the result loads with
-``strict=True`` into the unpipelined model.
+rank touches only its own files. ``"dcp"`` writes a torch.distributed.checkpoint keyed by FQN per
+save call (``<dir>/dcp`` when the call saves every stage; see :mod:`pippy.checkpoint_dcp`); it can
+be loaded into a different split. Either way every stage also writes ``stage_<i>.json`` (its
+format, keys, files and the tied-weight alias groups it knows about; :mod:`pippy.checkpoint_files`).
+``load`` and ``merge`` follow those records: the format, the files, and, when a stage needs a tied
+tensor under a name it was not saved under, its alias. ``merge`` gives every alias of a tied
+tensor its value, so the result loads with ``strict=True`` into the unpipelined model.
 
 In a real run each rank saves the stages it holds; here one process holds both stages:
 
@@ -21,11 +23,7 @@ In a real run each rank saves the stages it holds; here one process holds both s
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import re
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +31,16 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from pippy.checkpoint_dcp import (
+    call_dirs,
+    finish_save,
+    load_stage_optim,
+    load_stage_tensors,
+    read_dcp,
+    save_dcp,
+    saved_keys,
+)
+from pippy.checkpoint_files import StageRecord, encode_groups, read_record, read_records, resolve_format, write_record
 from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
@@ -67,14 +75,17 @@ def save(
     """Save this rank's ``stages`` under directory ``path`` (call on every rank).
 
     ``optimizer`` (the one optimizing this rank's stages) saves its state too, keyed by parameter
-    FQN (``optim_<i>.pt`` per stage, or ``ckpt/dcp_optim``); :func:`load` with the same
-    ``optimizer=`` restores it, so a resumed run continues exactly.
+    FQN (``optim_<i>.pt`` per stage, or ``ckpt/dcp_optim``), hyperparameters included (tensors and
+    tuples kept); :func:`load` with the same ``optimizer=`` restores it, so a resumed run continues
+    exactly. Nothing is written when a value cannot be stored.
 
     ``model`` (optional, may be on the meta device) adds alias names the pipe cannot see, such as
     a tied tensor no stage reads under that name (T5's ``shared.weight``).
 
     With ``format="dcp"`` (``save(stage, "ckpt", format="dcp")`` on every rank) the tensors go to
-    one torch.distributed.checkpoint under ``ckpt/dcp`` instead of ``stage_<i>.pt``.
+    a torch.distributed.checkpoint under ``ckpt/dcp`` instead of ``stage_<i>.pt``. Calls that save
+    some of the stages each (one optimizer per stage) write one sub-directory per call
+    (``ckpt/dcp_stages_0_1``), so the stages of every call are kept.
 
         >>> import os, tempfile, torch, pippy
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
@@ -88,92 +99,63 @@ def save(
     stages = _as_list(stages)
     if format == "torch":
         _refuse_sharded(stages, "save")
+    # everything is gathered and checked before the first file is written
+    sds = {st.index: st.state_dict() for st in stages}
+    optim = stage_optimizer_states(stages, optimizer) if optimizer is not None else {}
+    groups = {i: encode_groups(osd["param_groups"], f"checkpoint.save, stage {i}") for i, osd in optim.items()}
+    tensors_dir, optim_dir = call_dirs(stages) if format == "dcp" else ("", "")
     os.makedirs(path, exist_ok=True)
-    merged: dict[str, torch.Tensor] = {}
-    for st in stages:
-        sd = st.state_dict()
-        side = {"stage": st.index, "num_stages": st.num_stages, "format": format, "keys": sorted(sd),
-                "aliases": _alias_groups(st, model)}
-        with open(os.path.join(path, f"stage_{st.index}.json"), "w") as f:
-            json.dump(side, f, indent=1)
-        if format == "torch":
-            torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(path, f"stage_{st.index}.pt"))
-        else:
-            merged.update(sd)
-    if format == "dcp":
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(merged, checkpoint_id=os.path.join(path, "dcp"))
-    if optimizer is not None:
-        _save_optimizer(stages, optimizer, path, format)
-
-
-def _save_optimizer(stages: list[Stage], optimizer: torch.optim.Optimizer, path: str | os.PathLike[str],
-                    fmt: str) -> None:
-    per_stage = stage_optimizer_states(stages, optimizer)
-    if fmt == "torch":
-        for i, osd in per_stage.items():
-            torch.save(osd, os.path.join(path, f"optim_{i}.pt"))
-        return
-    import torch.distributed.checkpoint as dcp
-
-    payload: dict[str, Any] = {"state": {k: v for osd in per_stage.values() for k, v in osd["state"].items()}}
-    for i, osd in per_stage.items():  # hyperparameters per stage (lr, betas, ...), as JSON
-        payload[f"param_groups_stage{i}"] = json.dumps(osd["param_groups"])
-    dcp.save(payload, checkpoint_id=os.path.join(path, "dcp_optim"))
-
-
-def _load_optimizer(stages: list[Stage], optimizer: torch.optim.Optimizer, path: str | os.PathLike[str],
-                    fmt: str) -> None:
-    if fmt == "torch":
-        per_stage: dict[int, Any] = {}
+    if format == "torch":
         for st in stages:
-            fname = os.path.join(path, f"optim_{st.index}.pt")
-            if not os.path.exists(fname):
-                raise FileNotFoundError(f"{fname} is missing: was save(..., optimizer=...) called for stage {st.index}?")
-            per_stage[st.index] = torch.load(fname, map_location=st.device, weights_only=True)
-        load_stage_optimizer_states(stages, optimizer, per_stage)
-        return
-    import torch.distributed.checkpoint as dcp
+            torch.save({k: v.detach().cpu() for k, v in sds[st.index].items()}, os.path.join(path, f"stage_{st.index}.pt"))
+            if optimizer is not None:
+                torch.save(optim[st.index], os.path.join(path, f"optim_{st.index}.pt"))
+    else:
+        save_dcp({k: v for sd in sds.values() for k, v in sd.items()}, os.path.join(path, tensors_dir))
+        if optimizer is not None:
+            payload: dict[str, Any] = {"state": {k: v for osd in optim.values() for k, v in osd["state"].items()}}
+            payload.update({f"param_groups_stage{i}": g for i, g in groups.items()})  # hyperparameters per stage
+            save_dcp(payload, os.path.join(path, optim_dir))
+    for st in stages:  # the records last: they name what this save wrote
+        torch_fmt = format == "torch"
+        write_record(path, StageRecord(
+            index=st.index, num_stages=st.num_stages, format=format, keys=sorted(sds[st.index]),
+            aliases=_alias_groups(st, model), tensors=f"stage_{st.index}.pt" if torch_fmt else tensors_dir,
+            optim=None if optimizer is None else f"optim_{st.index}.pt" if torch_fmt else optim_dir))
+    if format == "dcp":
+        finish_save()  # a DCP load reads every stage's record: all written before any rank goes on
 
-    where = os.path.join(path, "dcp_optim")
-    if not os.path.isdir(where):
-        raise FileNotFoundError(f"{where} is missing: was save(..., format='dcp', optimizer=...) called?")
-    saved_keys = set(dcp.FileSystemReader(where).read_metadata().state_dict_metadata)
-    template = stage_optimizer_states(stages, optimizer, template=True)  # this split's parameters; tensors filled by DCP
-    saved_state = {k.removeprefix("state.") for k in saved_keys if k.startswith("state.")}
-    payload: dict[str, Any] = {"state": {k: v for osd in template.values() for k, v in osd["state"].items()
-                                         if any(s == k or s.startswith(k + ".") for s in saved_state)}}
-    if saved_state and not payload["state"] and any(osd["state"] for osd in template.values()):
-        raise KeyError(f"{where}: the checkpoint's optimizer state is for {sorted(saved_state)[:3]}, none of which are "
-                       f"this split's parameters {sorted(k for osd in template.values() for k in osd['state'])[:3]}; "
-                       "was it saved from the same model and optimizer?")
-    groups = sorted(k for k in saved_keys if k.startswith("param_groups_stage"))  # every saved stage's hyperparameters
-    payload.update({k: "" for k in groups})
-    dcp.load(payload, checkpoint_id=where)
-    for i, osd in template.items():
-        osd["state"] = {k: payload["state"][k] for k in osd["state"] if k in payload["state"]}
-        # a stage of another split takes the hyperparameters (lr, betas: one optimizer's groups) of any saved stage
-        key = f"param_groups_stage{i}" if payload.get(f"param_groups_stage{i}") else next(
-            (k for k in groups if payload.get(k)), None)
-        if key is not None:
-            saved = json.loads(payload[key])
-            osd["param_groups"] = [{**g, **{k: v for k, v in s.items() if k != "params"}}
-                                   for g, s in zip(osd["param_groups"], saved)]
-    load_stage_optimizer_states(stages, optimizer, template)
+
+def _load_torch_optimizer(stages: list[Stage], optimizer: torch.optim.Optimizer, path: str | os.PathLike[str],
+                          records: dict[int, StageRecord]) -> None:
+    per_stage: dict[int, Any] = {}
+    for st in stages:
+        rec = records[st.index]
+        if rec.optim is None:
+            raise FileNotFoundError(f"stage {st.index} of checkpoint {os.fspath(path)!r} was saved without an optimizer "
+                                    f"(stage_{st.index}.json); save(..., optimizer=opt) to resume one, or load "
+                                    "without optimizer=")
+        fname = os.path.join(path, rec.optim)
+        if not os.path.exists(fname):
+            raise FileNotFoundError(f"{fname} is missing: was save(..., optimizer=...) called for stage {st.index}?")
+        per_stage[st.index] = torch.load(fname, map_location=st.device, weights_only=True)
+    load_stage_optimizer_states(stages, optimizer, per_stage)
 
 
 def load(
     stages: Stage | Sequence[Stage],
     path: str | os.PathLike[str],
     *,
-    format: str = "torch",
+    format: str | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
     """Load this rank's ``stages`` in place from a checkpoint written by :func:`save` (and ``optimizer``'s state).
 
-    The ``"torch"`` format needs the same split; ``"dcp"`` loads by FQN into any split. To load a
-    merged (unpipelined) state_dict instead, use ``materialize_stage(stage, checkpoint=sd)``.
+    ``format`` defaults to the one the checkpoint was saved with (its ``stage_<i>.json``); a
+    different one is refused. The ``"torch"`` format needs the same split; ``"dcp"`` loads by FQN
+    (or a tied alias) into any split. To load a merged (unpipelined) state_dict instead, use
+    ``materialize_stage(stage, checkpoint=sd)``. Each param group of ``optimizer`` takes the
+    hyperparameters of the saved group that held its parameters (matched by FQN, not by position).
 
         >>> import tempfile, torch, pippy
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
@@ -187,29 +169,32 @@ def load(
         >>> torch.equal(stages[1].state_dict()["1.weight"], net[1].weight)
         True
     """
-    _check_format(format)
-    if format == "torch":
-        _refuse_sharded(_as_list(stages), "load")
-    for st in _as_list(stages):
-        if format == "dcp":
-            import torch.distributed.checkpoint as dcp
-
-            sd = st.state_dict()
-            dcp.load(sd, checkpoint_id=os.path.join(path, "dcp"))
-            continue
-        side = _read_side(path, st.index)
-        if side["num_stages"] != st.num_stages:
-            raise ValueError(
-                f"checkpoint {os.fspath(path)!r} was saved from {side['num_stages']} stages but this pipe has "
-                f"{st.num_stages}; load merge(path) with materialize_stage(stage, checkpoint=...) or use format='dcp'"
-            )
-        sd = torch.load(os.path.join(path, f"stage_{st.index}.pt"), map_location=st.device, weights_only=True)
-        missing, unexpected = st.unwrapped.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not is_lifted_constant(k)]
-        if missing or unexpected:
-            raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    stages = _as_list(stages)
+    fmt = resolve_format(read_records(path, complete=False), format, path)
+    records = read_records(path, complete=fmt == "dcp")  # DCP routes every FQN through every stage's record
+    by_index = {r.index: r for r in records}
+    if fmt == "dcp":
+        load_stage_tensors(stages, path, records)
+    else:
+        _refuse_sharded(stages, "load")
+        for st in stages:
+            if records[0].num_stages != st.num_stages:
+                raise ValueError(
+                    f"checkpoint {os.fspath(path)!r} was saved from {records[0].num_stages} stages but this pipe has "
+                    f"{st.num_stages}; load merge(path) with materialize_stage(stage, checkpoint=...), or save with "
+                    "format='dcp', which loads into any split"
+                )
+            rec = by_index[st.index] if st.index in by_index else read_record(path, st.index)  # the latter raises
+            sd = torch.load(os.path.join(path, rec.tensors), map_location=st.device, weights_only=True)
+            missing, unexpected = st.unwrapped.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not is_lifted_constant(k)]
+            if missing or unexpected:
+                raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
-        _load_optimizer(_as_list(stages), optimizer, path, format)
+        if fmt == "dcp":
+            load_stage_optim(stages, optimizer, path, records)
+        else:
+            _load_torch_optimizer(stages, optimizer, path, by_index)
 
 
 def _refuse_sharded(stages: list[Stage], what: str) -> None:
@@ -226,13 +211,28 @@ def _refuse_sharded(stages: list[Stage], what: str) -> None:
             )
 
 
-def _read_side(path: str | os.PathLike[str], i: int) -> dict[str, Any]:
-    fname = os.path.join(path, f"stage_{i}.json")
-    if not os.path.exists(fname):
-        raise FileNotFoundError(f"{fname} is missing: was save() called on the rank holding stage {i}?")
-    with open(fname) as f:
-        side: dict[str, Any] = json.load(f)
-    return side
+def _read_stage_files(path: str | os.PathLike[str], records: list[StageRecord]) -> dict[str, torch.Tensor]:
+    """Every recorded key of every stage, from the file or DCP sub-directory its record names."""
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for r in records:
+        where = os.path.join(path, r.tensors)
+        if r.tensors not in files:
+            if r.format == "dcp":
+                saved_keys(where, r)  # a clear error when it is missing
+                files[r.tensors] = read_dcp(where)
+            elif not os.path.exists(where):
+                raise FileNotFoundError(f"{where} is missing, but stage_{r.index}.json says stage {r.index} was saved there")
+            else:
+                files[r.tensors] = torch.load(where, map_location="cpu", weights_only=True)
+        lacking = [k for k in r.keys if k not in files[r.tensors]]
+        if lacking:
+            raise KeyError(f"checkpoint {os.fspath(path)!r} is incomplete: stage_{r.index}.json records {lacking[:5]} in "
+                           f"{r.tensors}, which lacks them (overwritten by a later save of other stages?); save every "
+                           "stage again")
+        for k in r.keys:
+            out.setdefault(k, files[r.tensors][k])
+    return out
 
 
 def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -240,7 +240,8 @@ def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> di
 
     With ``model``, aliases are also taken from it and the result is checked against
     ``model.state_dict()``'s keys (the error names any that are missing). Stages sharded with
-    FSDP2 are saved with ``format="dcp"``; ``merge`` then returns the full tensors.
+    FSDP2 are saved with ``format="dcp"``; ``merge`` then returns the full tensors. Every key a
+    stage's ``stage_<i>.json`` records must be in that stage's files, else the error names it.
 
         >>> import tempfile, torch, pippy
         >>> lin = torch.nn.Linear(4, 4)
@@ -252,20 +253,9 @@ def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> di
         >>> sorted(sd), torch.equal(sd["0.weight"], sd["2.weight"])
         (['0.bias', '0.weight', '2.bias', '2.weight'], True)
     """
-    indices = sorted(int(m.group(1)) for f in glob.glob(os.path.join(path, "stage_*.json"))
-                     if (m := re.search(r"stage_(\d+)\.json$", f)))
-    if not indices:
-        raise FileNotFoundError(f"no stage_<i>.json under {os.fspath(path)!r}; is it a pippy checkpoint?")
-    sides = [_read_side(path, i) for i in range(_read_side(path, indices[0])["num_stages"])]
-    out: dict[str, torch.Tensor] = {}
-    if sides[0]["format"] == "dcp":
-        out = _read_dcp(os.path.join(path, "dcp"))
-    else:
-        for side in sides:
-            sd = torch.load(os.path.join(path, f"stage_{side['stage']}.pt"), map_location="cpu", weights_only=True)
-            for k, v in sd.items():
-                out.setdefault(k, v)
-    groups = [g for side in sides for g in side["aliases"]]
+    records = read_records(path)
+    out = _read_stage_files(path, records)
+    groups = [g for r in records for g in r.aliases]
     if model is not None:
         by_id: dict[int, list[str]] = {}
         for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
@@ -285,13 +275,3 @@ def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> di
                 "them in the traced forward, so no stage holds them; take them from the original model"
             )
     return out
-
-
-def _read_dcp(dcp_dir: str) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        fname = os.path.join(tmp, "merged.pt")
-        dcp_to_torch_save(dcp_dir, fname)
-        sd: dict[str, torch.Tensor] = torch.load(fname, map_location="cpu", weights_only=True)
-    return sd

@@ -22,12 +22,14 @@ stage. So a stage's state is keyed exactly like its parameters, whatever optimiz
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from pippy.runtime.optim_groups import matched_groups
 from pippy.runtime.stage import Stage
 
 __all__ = ["load_stage_optimizer_states", "stage_optimizer_states"]
@@ -40,10 +42,10 @@ def _holder(stages: Sequence[Stage]) -> nn.Module:
     return holder
 
 
-def _options(full: bool) -> Any:
+def _options(full: bool, strict: bool = True) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=full, cpu_offload=full)
+    return StateDictOptions(full_state_dict=full, cpu_offload=full, strict=strict)
 
 
 def _ensure_state(optimizer: torch.optim.Optimizer) -> None:
@@ -103,38 +105,96 @@ def stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.Optim
     return out
 
 
+def _first_names(stage: Stage) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for n, p in stage.unwrapped.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return names
+
+
+def _saved_group(names: Sequence[str], where: Sequence[int],
+                 saved_groups: Mapping[int, Sequence[Mapping[str, Any]]]) -> Mapping[str, Any] | None:
+    for i in where:
+        for n in names:
+            for g in saved_groups.get(i, ()):
+                if n in g["params"]:
+                    return g
+    return None
+
+
 def load_stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.Optimizer,
-                                per_stage: Mapping[int, Mapping[str, Any]]) -> None:
+                                per_stage: Mapping[int, Mapping[str, Any]],
+                                saved_groups: Mapping[int, Sequence[Mapping[str, Any]]] | None = None, *,
+                                aliases: Mapping[str, Sequence[str]] | None = None) -> None:
     """Put ``per_stage`` (as :func:`stage_optimizer_states` returns it, e.g. read back) into ``optimizer``.
 
-    Raises ``KeyError`` naming the stage and parameters when a stage's saved state lacks some of
-    its parameters (a checkpoint of another model or split).
+    Each param group of ``optimizer`` takes the hyperparameters of the saved group that held its
+    parameters, by FQN (``saved_groups``: saved stage index to its param groups; by default
+    ``per_stage``'s own). A stage looks in the saved groups of its own index first, then in the
+    other saved stages' (a checkpoint of another split, a tied weight saved in another stage);
+    ``aliases`` gives more names to look for (tied FQNs). A parameter without saved state (it never had a gradient) gets
+    none, as with ``torch.optim.Optimizer.load_state_dict``. Raises ``KeyError`` naming the stage
+    and parameters when the optimizer and the checkpoint hold different parameters, and
+    ``ValueError`` when one group would take two sets of hyperparameters.
+
+        >>> import torch
+        >>> from pippy import SplitPoint, pipeline
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> st = pipeline(net, 1, (torch.ones(1, 2),), split_spec={"0": SplitPoint.END}).build_stage(1, "cpu")
+        >>> w, b = st.submod.get_parameter("1.weight"), st.submod.get_parameter("1.bias")
+        >>> saved = {1: {"state": {}, "param_groups": [{"lr": 0.1, "params": ["1.weight"]},
+        ...                                            {"lr": 0.2, "params": ["1.bias"]}]}}
+        >>> opt = torch.optim.SGD([{"params": [b]}, {"params": [w]}], lr=1.0)  # groups in another order
+        >>> load_stage_optimizer_states([st], opt, saved)
+        >>> [g["lr"] for g in opt.param_groups]
+        [0.2, 0.1]
     """
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    if saved_groups is None:
+        saved_groups = {i: s["param_groups"] for i, s in per_stage.items()}
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    outside = held - {id(p) for st in stages for p in st.unwrapped.parameters()}
+    if outside:
+        raise ValueError(f"the optimizer holds {len(outside)} parameters of no stage given to load(); pass every "
+                         "stage it optimizes (this rank's stages) in one call")
     state: dict[str, Any] = {}
-    groups: list[dict[str, Any]] = []
+    found: dict[int, tuple[str, Mapping[str, Any]]] = {}
+    fqn: dict[int, str] = {}
     for st in stages:
         if st.index not in per_stage:
             raise KeyError(f"stage {st.index}: the checkpoint holds no optimizer state for it")
         saved, pre = per_stage[st.index], f"stage{st.index}."
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        want = {n for n, p in st.unwrapped.named_parameters() if p.requires_grad and id(p) in held}
-        stray = sorted(set(saved["state"]) - {n for n, _ in st.unwrapped.named_parameters()})
-        if stray or (saved["state"] and want and not want & set(saved["state"])):
-            given = stray or sorted(saved["state"])
-            raise KeyError(f"stage {st.index}: the checkpoint's optimizer state is for {given[:5]}, which the stage's "
-                           f"parameters {sorted(want)[:5]} do not match; was it saved from the same model and optimizer?")
-        fqn = {id(p): n for n, p in st.unwrapped.named_parameters()}
-        for j, (g, now) in enumerate(zip(saved["param_groups"], optimizer.param_groups)):
-            mine = sorted(fqn[id(p)] for p in now["params"] if id(p) in fqn)
-            if sorted(g["params"]) != mine:
-                raise KeyError(f"stage {st.index}: the checkpoint's optimizer group {j} holds {sorted(g['params'])[:5]} "
-                               f"but this optimizer's holds {mine[:5]}; was it saved from the same model and optimizer?")
+        names = _first_names(st)
+        stray = sorted(set(saved["state"]) - {n for ns in names.values() for n in ns})
+        if stray:
+            raise KeyError(f"stage {st.index}: the checkpoint's optimizer state is for {stray[:5]}, which are not the "
+                           f"stage's parameters {sorted(ns[0] for ns in names.values())[:5]}; was it saved from the "
+                           "same model and optimizer?")
+        where = [st.index, *sorted(i for i in saved_groups if i != st.index)]
+        missing, extra = [], []
+        for pid, ns in names.items():
+            group = _saved_group([*ns, *(a for n in ns for a in (aliases or {}).get(n, ()))], where, saved_groups)
+            if pid in held and group is None:
+                missing.append(ns[0])
+            elif pid not in held and group is not None:
+                extra.append(ns[0])
+            elif group is not None:
+                found[pid] = (f"stage {st.index} {ns[0]!r}", group)
+                fqn[pid] = pre + ns[0]
+        if missing or extra:
+            raise KeyError(
+                f"stage {st.index}: the checkpoint's optimizer and this one hold different parameters"
+                + (f"; this optimizer holds {sorted(missing)[:5]}, which no param group of the checkpoint's holds"
+                   if missing else "")
+                + (f"; the checkpoint's optimizer held {sorted(extra)[:5]}, which this one does not" if extra else "")
+                + ". Was it saved from the same model and optimizer? Build the optimizer over the same parameters"
+            )
         state.update({pre + k: v for k, v in saved["state"].items()})
-        for j, g in enumerate(saved["param_groups"]):
-            if j == len(groups):
-                groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": []})
-            groups[j]["params"].extend(pre + p for p in g["params"])
-    set_optimizer_state_dict(_holder(stages), optimizer, {"state": state, "param_groups": groups},
-                             options=_options(False))
+    groups = [{**h, "params": [fqn[id(p)] for p in g["params"] if id(p) in fqn]}
+              for h, g in zip(matched_groups(optimizer, found), optimizer.param_groups)]
+    try:  # not strict: a parameter that never had a gradient has no state to load, as in plain torch
+        set_optimizer_state_dict(_holder(stages), optimizer, {"state": state, "param_groups": groups},
+                                 options=_options(False, strict=False))
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise type(err)(re.sub(r"'stage(\d+)\.", r"stage \1 '", str(err))) from err
