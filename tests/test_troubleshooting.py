@@ -605,3 +605,30 @@ def test_compute_dtype_without_fsdp_mixed_precision_says_what_casts_the_paramete
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "stage 0's parameters are ['torch.float32'] but its graph was traced computing in ['torch.bfloat16']" in notes
     assert "MixedPrecisionPolicy(param_dtype=...)" in notes and "torch.autocast" in notes
+
+
+def test_a_checkpoint_under_a_prefix_names_the_missing_keys_and_the_prefix(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(*(nn.Linear(4, 4) for _ in range(4)))
+    torch.save({"model." + k: v for k, v in net.state_dict().items()}, tmp_path / "full.pt")
+    with torch.device("meta"):
+        meta = nn.Sequential(*(nn.Linear(4, 4) for _ in range(4)))
+    pipe = pipeline(meta, 2, (torch.randn(4, 4, device="meta"),), split_spec={"1": SplitPoint.END})
+    with pytest.raises(KeyError, match=r"stage 1: the checkpoint lacks 4 of the stage's parameters and persistent "
+                                       r"buffers: \['2.weight', .* under the prefix 'model.'"):
+        pipe.build_stage(1, "cpu", checkpoint=tmp_path / "full.pt")
+
+
+def test_one_param_group_over_parameters_saved_with_different_learning_rates_is_named(tmp_path: Path) -> None:
+    from pippy import checkpoint
+
+    net = nn.Sequential(*(nn.Linear(4, 4) for _ in range(4)))
+    pipe = pipeline(net, 2, (torch.randn(4, 4),), split_spec={str(i): SplitPoint.END for i in range(3)})
+    stages = [pipe.build_stage(i, "cpu") for i in range(4)]
+    opt = torch.optim.SGD([{"params": st.parameters(), "lr": 0.01 * (st.index + 1)} for st in stages])
+    checkpoint.save(stages, tmp_path, optimizer=opt)
+    with pytest.raises(ValueError, match=r"optimizer group 0 holds parameters that the checkpoint's optimizer kept in "
+                                         r"groups with different hyperparameters: lr=0.02 for \[stage 1 '1.weight', "
+                                         r".*\]; lr=0.03 for \[stage 2 '2.weight'"):
+        checkpoint.load(stages[1:3], tmp_path, optimizer=torch.optim.SGD([*stages[1].parameters(),
+                                                                         *stages[2].parameters()], lr=0.1))
