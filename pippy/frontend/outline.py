@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 from torch.export.unflatten import InterpreterModule, _ModuleFrame
 
+from pippy.frontend.keepbuffers import KeepBuffersGraphModule
 from pippy.frontend.unread import ensure_path
 
 __all__ = ["Blocks", "OutlineError", "outline"]
@@ -236,7 +237,7 @@ def outline(flat: fx.GraphModule) -> fx.GraphModule:
     if not any(_stack(n) for n in graph.nodes):
         raise OutlineError("the graph records no nn_module_stack (was it traced by torch.export?)")
     _prepare(graph)
-    root = fx.GraphModule(nn.Module(), fx.Graph(), class_name=type(flat).__name__)
+    root = KeepBuffersGraphModule(nn.Module(), fx.Graph(), class_name=type(flat).__name__)
     try:
         _ModuleFrame(graph, tuple(graph.nodes), {}, defaultdict(list), defaultdict(set), {}, None,
                      [("", None, 0)], "", {}, module=root).run_outer()

@@ -29,6 +29,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from pippy.frontend.dynamic import sym_dims, sym_hint
+from pippy.frontend.keepbuffers import KeepBuffersGraphModule
 from pippy.frontend.params import tensor_at
 from pippy.frontend.remat import remat_plan, worth_recomputing
 from pippy.frontend.trace import is_split_marker
@@ -371,7 +372,7 @@ def split_graph(
             out_meta = [_meta_of(o, rg.get(o, False)) for o in outputs[s]]
             out_names = [o.name for o in outputs[s]]
         g.lint()
-        mod = fx.GraphModule(gm, g, class_name=f"submod_{s}")
+        mod = KeepBuffersGraphModule(gm, g, class_name=f"submod_{s}")
         infos.append(
             StageInfo(
                 index=s,

@@ -42,9 +42,7 @@ def materialize_module(module: fx.GraphModule, device: torch.device, index: int)
     original submodules under their original FQNs (see :mod:`pippy.frontend.outline`); a graph
     whose structure cannot be rebuilt runs flat, with a warning. Also returns the flat graph.
     """
-    mod = copy.deepcopy(module)
-    for name, sub in module.named_modules():  # GraphModule's deepcopy makes its own buffers persistent again
-        mod.get_submodule(name)._non_persistent_buffers_set = set(sub._non_persistent_buffers_set)
+    mod = copy.deepcopy(module)  # a KeepBuffersGraphModule (frontend/keepbuffers.py): non-persistent buffers stay so
     replace_meta(mod, device)
     mod = mod.to(device)
     try:
