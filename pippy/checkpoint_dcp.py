@@ -26,7 +26,7 @@ from pippy.checkpoint_files import StageRecord, decode_groups
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
 
-__all__ = ["SavedIndex", "call_dirs", "check_recorded", "dcp_dirs", "finish_save", "load_dcp", "load_stage_optim", "load_stage_tensors",
+__all__ = ["SavedIndex", "call_dirs", "dcp_dirs", "finish_save", "load_dcp", "load_stage_optim", "load_stage_tensors",
            "read_dcp", "save_dcp", "saved_keys"]
 
 
@@ -44,7 +44,14 @@ def dcp_dirs(indices: Iterable[int], num_stages: int) -> tuple[str, str]:
 
 
 def call_dirs(stages: Sequence[Stage]) -> tuple[str, str]:
-    """:func:`dcp_dirs` for this save call: the stages of every rank (gathered, as ``dcp.save`` is collective)."""
+    """:func:`dcp_dirs` for this save call: the stages of every rank (gathered, as ``dcp.save`` is collective).
+
+        >>> import torch, pippy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> pipe = pippy.pipeline(net, 1, (torch.ones(1, 2),), split_spec={"0": pippy.SplitPoint.END})
+        >>> call_dirs([pipe.build_stage(1, "cpu")])  # one process: this call's stages only
+        ('dcp_stages_1', 'dcp_optim_stages_1')
+    """
     mine = ([st.index for st in stages], stages[0].num_stages if stages else 0)
     everyone: list[Any] = [mine]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -54,20 +61,35 @@ def call_dirs(stages: Sequence[Stage]) -> tuple[str, str]:
 
 
 def save_dcp(state: dict[str, Any], where: str) -> None:
-    """``dcp.save`` (collective: every rank calls it with its part)."""
+    """``dcp.save`` (collective: every rank calls it with its part); :func:`load_dcp` and :func:`read_dcp` read it.
+
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as ckpt:
+        ...     save_dcp({"w": torch.ones(2)}, os.path.join(ckpt, "dcp"))
+        ...     back = {"w": torch.zeros(2)}
+        ...     load_dcp(back, os.path.join(ckpt, "dcp"))
+        ...     back["w"].tolist(), read_dcp(os.path.join(ckpt, "dcp"))["w"].tolist()
+        ([1.0, 1.0], [1.0, 1.0])
+    """
     import torch.distributed.checkpoint as dcp
 
     dcp.save(state, checkpoint_id=where)
 
 
 def finish_save() -> None:
-    """Wait for every rank (a barrier) when several run: ends a collective save once all have written their records."""
+    """Wait for every rank (a barrier) when several run: ends a collective save once all have written their records.
+
+        >>> finish_save()  # one process: nothing to wait for
+    """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
 def load_dcp(request: dict[str, Any], where: str) -> None:
-    """Fill ``request`` in place from the DCP checkpoint at ``where``, on this rank alone (no collective)."""
+    """Fill ``request`` in place from the DCP checkpoint at ``where``, on this rank alone (no collective).
+
+        >>> load_dcp({}, "/nonexistent")  # nothing asked: nothing read
+    """
     import torch.distributed.checkpoint as dcp
 
     if not request:
@@ -93,7 +115,7 @@ def saved_keys(where: str, record: StageRecord) -> set[str]:
     return set(dcp.FileSystemReader(where).read_metadata().state_dict_metadata)
 
 
-def check_recorded(path: str | os.PathLike[str], records: Sequence[StageRecord]) -> dict[str, set[str]]:
+def _check_recorded(path: str | os.PathLike[str], records: Sequence[StageRecord]) -> dict[str, set[str]]:
     """Every record's keys must be in its DCP sub-directory; return each sub-directory's keys."""
     held: dict[str, set[str]] = {}
     for r in records:
@@ -115,7 +137,10 @@ def _aliases(records: Sequence[StageRecord]) -> dict[str, list[str]]:
     for r in records:
         for g in r.aliases:
             for n in g:
-                out.setdefault(n, []).extend(a for a in g if a != n and a not in out.get(n, []))
+                names = out.setdefault(n, [])
+                for a in g:
+                    if a != n and a not in names:
+                        names.append(a)
     return out
 
 
@@ -148,8 +173,25 @@ class SavedIndex:
 
 
 def load_stage_tensors(stages: Sequence[Stage], path: str | os.PathLike[str], records: Sequence[StageRecord]) -> None:
-    """Load every state-dict tensor of ``stages`` from the DCP checkpoint at ``path``, by FQN or tied alias."""
-    check_recorded(path, records)
+    """Load every state-dict tensor of ``stages`` from the DCP checkpoint at ``path``, by FQN or tied alias.
+
+    ``records`` are the checkpoint's (:func:`pippy.checkpoint_files.read_records`); every key they
+    list must be in the sub-directory they name. Here a 2-stage checkpoint loads into 1 stage:
+
+        >>> import tempfile, torch, pippy
+        >>> from pippy.checkpoint_files import read_records
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> pipe = pippy.pipeline(net, 1, (torch.ones(1, 2),), split_spec={"0": pippy.SplitPoint.END})
+        >>> one = pippy.pipeline(net, 1, (torch.ones(1, 2),)).build_stage(0, "cpu")  # the whole model
+        >>> with tempfile.TemporaryDirectory() as ckpt:
+        ...     pippy.checkpoint.save([pipe.build_stage(i, "cpu") for i in range(2)], ckpt, format="dcp")
+        ...     with torch.no_grad():
+        ...         _ = one.submod.get_parameter("1.weight").zero_()
+        ...     load_stage_tensors([one], ckpt, read_records(ckpt))
+        >>> torch.equal(one.submod.get_parameter("1.weight"), net[1].weight)
+        True
+    """
+    _check_recorded(path, records)
     plan: dict[tuple[str, str], list[torch.Tensor]] = {}
     missing: dict[int, list[str]] = {}
     index = SavedIndex(records)
@@ -176,7 +218,7 @@ def load_stage_tensors(stages: Sequence[Stage], path: str | os.PathLike[str], re
 
 
 def read_dcp(dcp_dir: str) -> dict[str, torch.Tensor]:
-    """A whole DCP checkpoint as a plain state dict of CPU tensors (for ``merge``)."""
+    """A whole DCP checkpoint as a plain state dict of CPU tensors (for ``merge``; example at :func:`save_dcp`)."""
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -203,7 +245,23 @@ def load_stage_optim(stages: Sequence[Stage], optimizer: torch.optim.Optimizer, 
     """Load ``optimizer``'s state for ``stages`` from the DCP checkpoint at ``path``, by FQN into any split.
 
     Every stage's copy of a parameter (a tied weight, one FQN in two stages on this rank) gets its own
-    state tensors; a parameter the saved run had no state for (no gradient yet) gets none.
+    state tensors; a parameter the saved run had no state for (no gradient yet) gets none. Each
+    param group takes the hyperparameters of the saved group holding its parameters:
+
+        >>> import tempfile, torch, pippy
+        >>> from pippy.checkpoint_files import read_records
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> pipe = pippy.pipeline(net, 1, (torch.ones(1, 2),), split_spec={"0": pippy.SplitPoint.END})
+        >>> stages = [pipe.build_stage(i, "cpu") for i in range(2)]
+        >>> saved = torch.optim.SGD([{"params": st.parameters(), "lr": 0.1 * (st.index + 1)} for st in stages])
+        >>> one = pippy.pipeline(net, 1, (torch.ones(1, 2),)).build_stage(0, "cpu")  # the whole model
+        >>> layer = [one.submod.get_submodule(str(i)).parameters() for i in (1, 0)]
+        >>> opt = torch.optim.SGD([{"params": layer[0]}, {"params": layer[1]}], lr=1.0)
+        >>> with tempfile.TemporaryDirectory() as ckpt:
+        ...     pippy.checkpoint.save(stages, ckpt, format="dcp", optimizer=saved)
+        ...     load_stage_optim([one], opt, ckpt, read_records(ckpt))
+        >>> [g["lr"] for g in opt.param_groups]
+        [0.2, 0.1]
     """
     saved = [r for r in records if r.optim is not None]
     if not saved:

@@ -113,12 +113,13 @@ def _first_names(stage: Stage) -> dict[int, list[str]]:
 
 
 def _saved_group(names: Sequence[str], where: Sequence[int],
-                 saved_groups: Mapping[int, Sequence[Mapping[str, Any]]]) -> Mapping[str, Any] | None:
+                 by_name: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> Mapping[str, Any] | None:
+    """The first saved group holding one of ``names``, looking in the saved stages ``where`` in order."""
     for i in where:
+        held = by_name.get(i, {})
         for n in names:
-            for g in saved_groups.get(i, ()):
-                if n in g["params"]:
-                    return g
+            if n in held:
+                return held[n]
     return None
 
 
@@ -132,8 +133,8 @@ def load_stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.
     parameters, by FQN (``saved_groups``: saved stage index to its param groups; by default
     ``per_stage``'s own). A stage looks in the saved groups of its own index first, then in the
     other saved stages' (a checkpoint of another split, a tied weight saved in another stage);
-    ``aliases`` gives more names to look for (tied FQNs). A parameter without saved state (it never had a gradient) gets
-    none, as with ``torch.optim.Optimizer.load_state_dict``. Raises ``KeyError`` naming the stage
+    ``aliases`` gives more names to look for (tied FQNs). A parameter without saved state (it
+    never had a gradient) gets none, as with ``torch.optim.Optimizer.load_state_dict``. Raises ``KeyError`` naming the stage
     and parameters when the optimizer and the checkpoint hold different parameters, and
     ``ValueError`` when one group would take two sets of hyperparameters.
 
@@ -158,6 +159,7 @@ def load_stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.
     if outside:
         raise ValueError(f"the optimizer holds {len(outside)} parameters of no stage given to load(); pass every "
                          "stage it optimizes (this rank's stages) in one call")
+    by_name = {i: {n: g for g in gs for n in g["params"]} for i, gs in saved_groups.items()}
     state: dict[str, Any] = {}
     found: dict[int, tuple[str, Mapping[str, Any]]] = {}
     fqn: dict[int, str] = {}
@@ -174,7 +176,7 @@ def load_stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.
         where = [st.index, *sorted(i for i in saved_groups if i != st.index)]
         missing, extra = [], []
         for pid, ns in names.items():
-            group = _saved_group([*ns, *(a for n in ns for a in (aliases or {}).get(n, ()))], where, saved_groups)
+            group = _saved_group([*ns, *(a for n in ns for a in (aliases or {}).get(n, ()))], where, by_name)
             if pid in held and group is None:
                 missing.append(ns[0])
             elif pid not in held and group is not None:
