@@ -57,7 +57,7 @@ class _MbState:
     aux: list[Any] = field(default_factory=list)
     loss: torch.Tensor | None = None
     saved_bytes: int = 0
-    counter: SavedBytes | None = None  # measure_activations: the forward's counter, the loss is counted into it
+    counter: SavedBytes | None = None  # measure_activations, until I: the forward's counter (and the loss's)
     roots: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     tap_grads: list[torch.Tensor | None] | None = None
 
@@ -186,7 +186,7 @@ class Stage(StageModule):
         Counts each storage once per micro-batch and leaves parameters out, so it is the
         activation memory the schedule keeps alive, comparable with the simulator's memory model.
         """
-        return sum(st.saved_bytes for st in self._state.values())
+        return sum(_bytes(st) for st in self._state.values())
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -247,7 +247,7 @@ class Stage(StageModule):
             outs = self._counted(mb, res, n_out)
             self._state[mb] = _MbState(leaves, outs)
         if self.measure_activations:
-            self._state[mb].saved_bytes, self._state[mb].counter = counter.total, counter
+            self._state[mb].counter = counter
         return outs
 
     def _counted(self, mb: int, res: tuple[Any, ...], n_out: int) -> tuple[Any, ...]:
@@ -265,9 +265,7 @@ class Stage(StageModule):
         """With ``measure_activations``: count what the loss of ``mb`` saves with its forward's bytes
         (each storage once), as the profiler's ``act_bytes`` does."""
         st = self._state.get(mb)
-        if st is None or st.counter is None:
-            return nullcontext()
-        return _Counting(st)
+        return nullcontext() if st is None or st.counter is None else st.counter  # its total: see _bytes
 
     def _compiling(self) -> AbstractContextManager[Any]:
         return _keep_saved_buffers() if self._keep_buffers else nullcontext()
@@ -424,13 +422,13 @@ class Stage(StageModule):
     def _keep_for_w(self, st: _MbState, taps: WeightGradTaps) -> None:
         """After I with exact taps, W reads only the taps, their gradients and the closed forms' inputs:
         free the rest now (inputs and their gradients, outputs, the received gradients)."""
+        kept = _bytes(st)  # the graph was kept for taps without a closed form: its saved bytes stay too
         st.taps = taps.slim(st.taps, st.aux)
         st.inputs, st.outputs, st.loss, st.roots, st.counter = [], (), None, ([], []), None
         if self.measure_activations:
             grads = st.tap_grads or []
-            # the graph was kept for taps without a closed form: its saved bytes stay too
             st.saved_bytes = (held_bytes([*st.taps, *st.aux, *grads], skip=self.submod.parameters())
-                              if taps.closed_form else st.saved_bytes + held_bytes(grads))
+                              if taps.closed_form else kept + held_bytes(grads))
 
     def backward_weight(self, mb: int) -> None:
         """Weight-gradient backward (W) of ``mb``: accumulate parameter grads, free the micro-batch."""
@@ -459,20 +457,9 @@ class Stage(StageModule):
         return f"{type(self).__name__}(index={self.index}, of={self.num_stages}, device={self.device})"
 
 
-class _Counting:
-    """Re-enter a micro-batch's byte counter around its loss; its total then includes the loss's."""
-
-    def __init__(self, st: _MbState) -> None:
-        self.st = st
-
-    def __enter__(self) -> None:
-        assert self.st.counter is not None
-        self.st.counter.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.st.counter is not None
-        self.st.counter.__exit__(*exc)
-        self.st.saved_bytes = self.st.counter.total
+def _bytes(st: _MbState) -> int:
+    """The bytes ``measure_activations`` counts for one micro-batch: its counter's until I, then what I kept."""
+    return st.counter.total if st.counter is not None else st.saved_bytes
 
 
 def _keep_saved_buffers() -> AbstractContextManager[Any]:
