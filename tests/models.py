@@ -198,3 +198,24 @@ def schedule_cost_cases(name: str, ps: tuple[int, ...] = (2, 3, 4)) -> Any:
                     stages=[StageCost(f=rnd.uniform(0.5, 2), i=rnd.uniform(0.5, 2), w=rnd.uniform(0.2, 2),
                                       fused_b=rnd.uniform(0.8, 3), act_bytes=rnd.uniform(1, 3))
                             for _ in range(sch.num_stages)], latency=rnd.uniform(0, 0.3))
+
+
+class SharedEnds(nn.Module):
+    """One module called in the first and the last stage (four stages): one FQN in two stages, both on rank 0 under
+    ZB-V."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.mid = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from pippy import pipe_split
+
+        h = torch.tanh(self.shared(x))
+        pipe_split()
+        h = torch.tanh(self.mid[0](h))
+        pipe_split()
+        h = torch.tanh(self.mid[1](h))
+        pipe_split()
+        return self.shared(h)

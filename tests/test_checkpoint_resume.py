@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from models import mse
+from models import SharedEnds, mse
 from torch import nn
 
 import pippy
-from pippy import SplitPoint, checkpoint, pipe_split, pipeline
+from pippy import SplitPoint, checkpoint, pipeline
 from pippy.runtime.local import LocalPipeline
 
 X = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -101,28 +101,10 @@ def test_one_group_over_parameters_saved_with_different_hyperparameters_is_refus
         checkpoint.load(mine, tmp_path, optimizer=one)
 
 
-class Shared(nn.Module):
-    """One module called in the first and the last stage: one FQN in two stages, both on rank 0 under ZB-V."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Linear(4, 4)
-        self.mid = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.shared(x))
-        pipe_split()
-        h = torch.tanh(self.mid[0](h))
-        pipe_split()
-        h = torch.tanh(self.mid[1](h))
-        pipe_split()
-        return self.shared(h)
-
-
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
 def test_two_stage_copies_of_one_fqn_resume_with_their_own_optimizer_state(tmp_path: Path, fmt: str) -> None:
     torch.manual_seed(0)
-    base = Shared().double()
+    base = SharedEnds().double()
 
     def build(model: nn.Module) -> tuple[LocalPipeline, torch.optim.Adam]:
         lp = LocalPipeline(pipeline(copy.deepcopy(model), 4, (X,)), pippy.ScheduleZBV, num_ranks=2, n_microbatches=4,
@@ -136,7 +118,7 @@ def test_two_stage_copies_of_one_fqn_resume_with_their_own_optimizer_state(tmp_p
     _train(lp, {0: opt}, 2)
     checkpoint.save(lp.stages, tmp_path, format=fmt, optimizer=opt)
     torch.manual_seed(1)
-    lp, opt = build(Shared().double())
+    lp, opt = build(SharedEnds().double())
     checkpoint.load(lp.stages, tmp_path, optimizer=opt)
     first, last = (lp.stages[i].submod.get_parameter("shared.weight") for i in (0, 3))
     assert opt.state[first]["exp_avg"].data_ptr() != opt.state[last]["exp_avg"].data_ptr()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from models import mse
+from models import SharedEnds, mse
 from torch import nn
 
 import pippy
@@ -23,24 +23,6 @@ from pippy.runtime.local import LocalPipeline
 X = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 LR = {str(i): 0.01 * (i + 1) for i in range(4)}  # layer i trains with lr 0.01 * (i + 1)
-
-
-class Shared(nn.Module):
-    """One module called in the first and the last stage: under ZB-V both copies are on rank 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Linear(4, 4)
-        self.mid = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.shared(x))
-        pipe_split()
-        h = torch.tanh(self.mid[0](h))
-        pipe_split()
-        h = torch.tanh(self.mid[1](h))
-        pipe_split()
-        return self.shared(h)
 
 
 def _mlp(seed: int) -> nn.Module:
@@ -137,7 +119,7 @@ def _per_stage_calls(rank: int, where: str) -> dict[str, Any]:
 def _shared_fqn(rank: int, where: str) -> dict[str, Any]:
     """``shared`` in stages 0 and 3 (both on rank 0): after a DCP load each copy has its own Adam state."""
     torch.manual_seed(0)
-    base = Shared().double()
+    base = SharedEnds().double()
 
     def adam(sts: list[Any]) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam([p for st in sts for p in st.parameters()], lr=1e-2)]
@@ -148,7 +130,7 @@ def _shared_fqn(rank: int, where: str) -> dict[str, Any]:
     _train(sched, opts, 4, 2)
     checkpoint.save(mine, where, format="dcp", optimizer=opts[0])
     torch.manual_seed(1)
-    mine, sched = _rank_run(rank, Shared().double(), 4, pippy.ScheduleZBV)
+    mine, sched = _rank_run(rank, SharedEnds().double(), 4, pippy.ScheduleZBV)
     opts = adam(mine)
     checkpoint.load(mine, where, optimizer=opts[0])
     owned = [opts[0].state[st.submod.get_parameter("shared.weight")]["exp_avg"].data_ptr()
