@@ -219,3 +219,13 @@ class SharedEnds(nn.Module):
         h = torch.tanh(self.mid[1](h))
         pipe_split()
         return self.shared(h)
+
+
+def train_steps(lp: Any, opts: Any, steps: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``steps`` steps of ``lp`` (a ``LocalPipeline``) on ``x`` / ``y``, each zeroing and stepping every optimizer."""
+    for _ in range(steps):
+        for o in opts:
+            o.zero_grad()
+        lp.step(x, target=y)
+        for o in opts:
+            o.step()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import mse
+from models import mse, train_steps
 from torch import nn
 
 import pippy
@@ -29,12 +29,7 @@ def _lp(seed: int) -> tuple[LocalPipeline, list[torch.optim.Adam]]:
 
 
 def _train(lp: LocalPipeline, opts: list[torch.optim.Adam], steps: int) -> None:
-    for _ in range(steps):
-        for o in opts:
-            o.zero_grad()
-        lp.step(X, target=Y)
-        for o in opts:
-            o.step()
+    train_steps(lp, opts, steps, X, Y)
 
 
 def _params(lp: LocalPipeline) -> dict[str, torch.Tensor]:

@@ -8,12 +8,14 @@ one bit for bit (float64); pippy gives the same numbers for any split and schedu
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from models import SharedEnds, mse
+from models import SharedEnds, mse, train_steps
 from torch import nn
 
 import pippy
@@ -47,16 +49,30 @@ def _rank_opts(lp: LocalPipeline, place: dict[int, list[int]], lr: float | None 
 
 
 def _train(lp: LocalPipeline, opts: dict[int, torch.optim.SGD], steps: int) -> None:
-    for _ in range(steps):
-        for o in opts.values():
-            o.zero_grad()
-        lp.step(X, target=Y)
-        for o in opts.values():
-            o.step()
+    train_steps(lp, opts.values(), steps, X, Y)
 
 
 def _params(lp: LocalPipeline) -> dict[str, torch.Tensor]:
     return {k: v.clone() for st in lp.stages for k, v in st.state_dict().items()}
+
+
+def _resumes_exactly(tmp_path: Path, fmt: str, build: Callable[[], Any], fresh: Callable[[], Any], before: int,
+                     after: int, check: Callable[[LocalPipeline, Any], None]) -> None:
+    """``before`` steps, save, load into ``fresh()``'s stages and optimizer (``check`` them), ``after`` more steps:
+    the parameters equal ``before + after`` uninterrupted steps of ``build()``'s, bit for bit."""
+    lp, opt = build()
+    _train(lp, {0: opt}, before + after)
+    want = _params(lp)
+    lp, opt = build()
+    _train(lp, {0: opt}, before)
+    checkpoint.save(lp.stages, tmp_path, format=fmt, optimizer=opt)
+    lp, opt = fresh()
+    checkpoint.load(lp.stages, tmp_path, optimizer=opt)
+    check(lp, opt)
+    _train(lp, {0: opt}, after)
+    got = _params(lp)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 @pytest.mark.parametrize(("fmt", "saved_stages"), [("torch", 4), ("dcp", 4), ("dcp", 2)],
@@ -111,21 +127,15 @@ def test_two_stage_copies_of_one_fqn_resume_with_their_own_optimizer_state(tmp_p
                            loss_fn=mse)
         return lp, torch.optim.Adam([p for st in lp.stages for p in st.parameters()], lr=1e-2)
 
-    lp, opt = build(base)
-    _train(lp, {0: opt}, 5)
-    want = _params(lp)
-    lp, opt = build(base)
-    _train(lp, {0: opt}, 2)
-    checkpoint.save(lp.stages, tmp_path, format=fmt, optimizer=opt)
-    torch.manual_seed(1)
-    lp, opt = build(SharedEnds().double())
-    checkpoint.load(lp.stages, tmp_path, optimizer=opt)
-    first, last = (lp.stages[i].submod.get_parameter("shared.weight") for i in (0, 3))
-    assert opt.state[first]["exp_avg"].data_ptr() != opt.state[last]["exp_avg"].data_ptr()
-    _train(lp, {0: opt}, 3)
-    got = _params(lp)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    def fresh() -> tuple[LocalPipeline, torch.optim.Adam]:
+        torch.manual_seed(1)
+        return build(SharedEnds().double())
+
+    def check(lp: LocalPipeline, opt: torch.optim.Adam) -> None:
+        first, last = (lp.stages[i].submod.get_parameter("shared.weight") for i in (0, 3))
+        assert opt.state[first]["exp_avg"].data_ptr() != opt.state[last]["exp_avg"].data_ptr()
+
+    _resumes_exactly(tmp_path, fmt, lambda: build(base), fresh, 2, 3, check)
 
 
 class Unused(nn.Module):
@@ -155,20 +165,11 @@ def test_a_parameter_without_optimizer_state_resumes_exactly(tmp_path: Path, fmt
         lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=_first_output_mse)
         return lp, torch.optim.Adam([p for st in lp.stages for p in st.parameters()], lr=1e-2)
 
-    lp, opt = build(0)
-    _train(lp, {0: opt}, 3)
-    want = _params(lp)
-    lp, opt = build(0)
-    _train(lp, {0: opt}, 1)
-    checkpoint.save(lp.stages, tmp_path, format=fmt, optimizer=opt)
-    lp, opt = build(1)
-    checkpoint.load(lp.stages, tmp_path, optimizer=opt)
-    aux = lp.stages[1].submod.get_parameter("aux.weight")
-    assert not opt.state.get(aux) and len(opt.state) == 4  # a.* and b.* have state, aux.* none, as saved
-    _train(lp, {0: opt}, 2)
-    got = _params(lp)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    def check(lp: LocalPipeline, opt: torch.optim.Adam) -> None:
+        aux = lp.stages[1].submod.get_parameter("aux.weight")
+        assert not opt.state.get(aux) and len(opt.state) == 4  # a.* and b.* have state, aux.* none, as saved
+
+    _resumes_exactly(tmp_path, fmt, lambda: build(0), lambda: build(1), 1, 2, check)
 
 
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
@@ -179,20 +180,11 @@ def test_tensor_and_tuple_hyperparameters_round_trip(tmp_path: Path, fmt: str) -
                                else torch.tensor(0.5), betas=(0.8, 0.95) if seed == 0 else (0.5, 0.5))
         return lp, opt
 
-    lp, opt = build(0)
-    _train(lp, {0: opt}, 3)
-    want = _params(lp)
-    lp, opt = build(0)
-    _train(lp, {0: opt}, 1)
-    checkpoint.save(lp.stages, tmp_path, format=fmt, optimizer=opt)
-    lp, opt = build(1)
-    checkpoint.load(lp.stages, tmp_path, optimizer=opt)
-    lr, betas = opt.param_groups[0]["lr"], opt.param_groups[0]["betas"]
-    assert isinstance(lr, torch.Tensor) and torch.equal(lr, torch.tensor(0.01)) and betas == (0.8, 0.95), (lr, betas)
-    _train(lp, {0: opt}, 2)
-    got = _params(lp)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    def check(lp: LocalPipeline, opt: torch.optim.Adam) -> None:
+        lr, betas = opt.param_groups[0]["lr"], opt.param_groups[0]["betas"]
+        assert isinstance(lr, torch.Tensor) and torch.equal(lr, torch.tensor(0.01)) and betas == (0.8, 0.95), (lr, betas)
+
+    _resumes_exactly(tmp_path, fmt, lambda: build(0), lambda: build(1), 1, 2, check)
 
 
 class _Opaque:

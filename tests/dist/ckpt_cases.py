@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from models import SharedEnds, mse
+from models import SharedEnds, mse, train_steps
 from torch import nn
 
 import pippy
@@ -45,13 +45,7 @@ def _reference(model: nn.Module, make_opts: Callable[[list[Any]], list[torch.opt
                **pipe_kw: Any) -> dict[str, torch.Tensor]:
     lp = LocalPipeline(pipeline(copy.deepcopy(model), 2, (X,), **pipe_kw), pippy.ScheduleZBV, num_ranks=2,
                        n_microbatches=2, loss_fn=mse)
-    opts = make_opts(lp.stages)
-    for _ in range(steps):
-        for o in opts:
-            o.zero_grad()
-        lp.step(X, target=Y)
-        for o in opts:
-            o.step()
+    train_steps(lp, make_opts(lp.stages), steps, X, Y)
     return {f"{st.index}:{k}": v.clone() for st in lp.stages for k, v in st.state_dict().items()}
 
 
