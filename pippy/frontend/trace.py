@@ -14,8 +14,6 @@ import contextlib
 import difflib
 import os
 import re
-import sys
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from typing import Any
@@ -23,6 +21,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
+
+from pippy.frontend.tracefail import LIB_DIRS, explain_trace_failure
 
 __all__ = [
     "PipeTraceError",
@@ -215,7 +215,7 @@ def model_line(node: fx.Node) -> str:
         True
     """
     for fr in reversed(list(_FRAME.finditer(str(node.meta.get("stack_trace") or "")))):
-        if not os.path.abspath(fr["file"]).startswith(_LIB_DIRS):
+        if not os.path.abspath(fr["file"]).startswith(LIB_DIRS):
             return f"{fr['file']}:{fr['line']} in {fr['func']}: {fr['code'].strip()}"
     return ""
 
@@ -258,42 +258,11 @@ def export_module(
         # a model built on the meta device traces with meta inputs (no data is read, devices agree)
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     _TRACES[0] += 1
-    try:
-        with no_kv_cache(module):
+    with no_kv_cache(module):  # the failure's diagnosis runs forward as the trace did
+        try:
             return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # torch.export raises many types; we wrap them all
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = _user_frame(exc)
-        at = f"\n  at {where}" if where else ""
-        head = f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: {first}{at}\n"
-        devices = _device_mismatch(module, args, kwargs)
-        if devices:
-            raise PipeTraceError(f"{head}{devices} Full export error above (chained as __cause__).") from exc
-        unknown = re.search(r"Found (<class '[^']+'>) in (output|input)", str(exc))
-        unsupported = re.search(r"Unsupported (input) type (<class '[^']+'>)", str(exc))
-        found = (unknown.group(1), unknown.group(2)) if unknown and "pytree" in str(exc) else \
-            (unsupported.group(2), "input") if unsupported else None
-        if found is not None:
-            kind, side = found
-            raise PipeTraceError(
-                f"{head}The model's {side} holds a {kind}, a container torch's pytree does not know, so its tensors "
-                f"cannot be traced. How to fix: register the class before pipeline(): "
-                "torch.utils._pytree.register_dataclass(TheClass) for a dataclass, "
-                f"torch.utils._pytree.register_pytree_node(...) otherwise; or {'return' if side == 'output' else 'pass'} a "
-                "tuple or dict instead. "
-                "Full export error above (chained as __cause__)."
-            ) from exc
-        shapes = _shape_fix(exc)
-        if shapes:
-            raise PipeTraceError(f"{head}{shapes}Full export error above (chained as __cause__).") from exc
-        raise PipeTraceError(
-            f"{head}{_kind_hint(exc)}How to fix: make forward traceable (no data-dependent Python control flow on "
-            "tensor values, no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move "
-            "the data-dependent part outside the model, replace `if x.sum() > 0:` with torch.where or torch.cond, "
-            "pass configuration as Python values (module attributes, not tensors). The whole model is traced at "
-            "once, so every part of forward must be traceable, whichever stage it lands in. "
-            "Full export error above (chained as __cause__)."
-        ) from exc
+        except Exception as exc:  # torch.export raises many types; we wrap them all
+            raise PipeTraceError(explain_trace_failure(module, args, kwargs, exc)) from exc
 
 
 @contextlib.contextmanager
@@ -328,71 +297,3 @@ def no_kv_cache(module: nn.Module) -> Iterator[list[str]]:
     finally:
         for _, cfg in switched:
             cfg.use_cache = True
-
-
-def _device_mismatch(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """A how-to-fix text when an example input is on another device than the model's tensors, else ''."""
-    devices = {t.device for t in [*module.parameters(), *module.buffers()]}
-    if len(devices) != 1:
-        return ""
-    (model_dev,) = devices
-    for path, leaf in pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))[0]:
-        if isinstance(leaf, torch.Tensor) and leaf.device != model_dev:
-            name = ("args" if path[0] == pytree.SequenceKey(0) else "kwargs") + pytree.keystr(path[1:])
-            return (
-                f"The example input {name} is on {leaf.device} but {type(module).__name__}'s parameters and buffers "
-                f"are on {model_dev}: the model's forward runs during tracing, so they must agree. How to fix: pass "
-                f"example_args/example_kwargs on {model_dev} (x.to({str(model_dev)!r})), or, to trace a big model "
-                "without memory, build the model under torch.device('meta') (any example device then works). "
-                "Each stage is placed later by build_stage(i, device)."
-            )
-    return ""
-
-
-_LIB_DIRS = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (torch, sys.modules[__name__.split(".")[0]]))
-
-
-def _user_frame(exc: BaseException) -> str | None:
-    """``file:line in func: code`` of the innermost traceback frame outside torch and pippy, if any."""
-    found = None
-    for fr in traceback.extract_tb(exc.__traceback__):
-        fname = os.path.abspath(fr.filename)
-        if fname.startswith(_LIB_DIRS) or fr.filename.startswith("<") or os.sep + "functools.py" in fname:
-            continue
-        found = f"{fr.filename}:{fr.lineno} in {fr.name}: {(fr.line or '').strip()}"
-    return found
-
-
-def _kind_hint(exc: BaseException) -> str:
-    name = type(exc).__name__
-    if "Constraints violated" in str(exc):
-        return (
-            "A dimension declared dynamic (dynamic_shapes) is fixed by the model, or equals another declared one; "
-            "the full message says which and suggests a fix. Give equal dimensions one torch.export.Dim, leave the "
-            "inputs that follow another out of dynamic_shapes (pippy lets them follow), or pass dynamic_shapes='auto'.\n"
-        )
-    if "DataDependent" in name or "data-dependent" in str(exc):
-        return (
-            "The failing construct is data-dependent control flow: Python branched on a tensor's value "
-            "(`if tensor...`, bool(tensor), .item()), which a trace cannot record. A pipe_split() inside such a "
-            "branch cannot work either: split points are fixed when the model is traced, so every forward must "
-            "run the same pipe_split() calls; move it out of the branch.\n"
-        )
-    if "Unsupported" in name:
-        return "The failing construct is Python the tracer does not support.\n"
-    return ""
-
-
-_SHAPES = re.compile(r"broadcast|must match the size|size mismatch|is invalid for input of size|cannot be multiplied")
-
-
-def _shape_fix(exc: BaseException) -> str:
-    """For shapes that disagree inside forward: the likely cause, an unbatched input split like the batch."""
-    if not _SHAPES.search(str(exc)):
-        return ""
-    return (
-        "Shapes disagree inside forward. The trace runs one micro-batch (each input split along its batch dim), so "
-        "an input that is not batched (positions, a mask or table shared by every row) but has the batch's size "
-        "there by chance was split too. How to fix: give it Replicate() (pipeline(..., args_chunk_spec=..., "
-        "kwargs_chunk_spec=...)); if the model hard-codes the batch size, make it read x.shape[0] instead. "
-    )

@@ -264,3 +264,39 @@ def test_a_split_point_on_a_module_called_through_forward_is_refused() -> None:
 
     with pytest.raises(PipeTraceError, match=r"split points on \['b'\] never ran while tracing.*self\.sub\(\.\.\.\)"):
         pipeline(Direct(), 1, (torch.randn(2, 4),), split_spec={"b": SplitPoint.BEGINNING})
+
+
+class _NeedsMask(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bn(self.lin(x)) * mask[:, None]  # type: ignore[index]
+
+
+def test_inputs_the_model_cannot_run_on_are_told_apart_from_untraceable_code() -> None:
+    model = _NeedsMask().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(PipeTraceError, match=r"fails on these inputs when run eagerly too.*inputs are the problem.*"
+                                             r"leaves at None: mask;.*How to fix: pass what forward needs") as info:
+        pipeline(model, 2, (torch.ones(4, 3),))
+    assert "data-dependent" not in str(info.value)
+    # the eager try-out left the model's running statistics and the random stream as they were
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+class _MaskOnlyWhileTraced(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return x * mask[:, None]  # type: ignore[index]
+        return x
+
+
+def test_a_none_read_only_under_the_trace_names_the_inputs_left_at_none() -> None:
+    with pytest.raises(PipeTraceError, match=r"runs eagerly on these inputs, but not under the trace.*"
+                                             r"leaves at None: mask;.*pass those inputs"):
+        pipeline(_MaskOnlyWhileTraced(), 2, (torch.ones(4, 3),))
