@@ -161,6 +161,11 @@ class Executor:
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
                 self.started = True
                 st.prefetched[j] = self.receives.post(self.actions[j])
+            for j, end in self.plan.post_order.get(idx, ()):  # ordered (NCCL): where the order of messages says
+                self.started = True
+                posted = self.receives.post(self.actions[j], end)
+                st.prefetched.setdefault(j, []).extend(posted)
+                yield from self.receives.open(posted)
             if idx in self.filler.ran:
                 continue  # a W that already ran while this rank waited for a message
             if a.stage not in self.stages:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from pippy.frontend.split import StageInfo
 from pippy.runtime.comm import EDGE_TAGS
+from pippy.runtime.postorder import receive_posts
 from pippy.runtime.shapes import needs_incoming
 from pippy.schedules.ir import Kind, Schedule, stage_comm
 
@@ -89,7 +90,9 @@ class CommPlan:
     ``send_b[s]`` the gradients of its inputs it returns — each in edge order, the order the
     other end posts them. ``readers[s]`` counts who reads its forward-only outputs (its SEND_F
     once, plus each local consumer stage). ``prefetch_at[i]`` lists the RECV actions posted early,
-    at action ``i`` (none on ``ordered`` transports, which match in posting order): one compute
+    at action ``i`` (none on ``ordered`` transports (NCCL), whose ``post_order[i]`` lists instead every
+    receive posted there, as (RECV, sending stage), where one global order of the messages puts it:
+    :mod:`pippy.runtime.postorder`). On unordered ones (gloo): one compute
     action before their own, or earlier, when the RECV ``RECV_AHEAD`` places before them on the
     same channel (stage and kind) starts waiting, or at the step's start for a channel's first
     ``RECV_AHEAD``; a channel whose values vary in size keeps one compute action early (its
@@ -138,6 +141,8 @@ class CommPlan:
         comm = stage_comm(schedule)
         self.send_b_stages = frozenset(s for s in mine if Kind.SEND_B in comm[s])
         self.prefetch_at: dict[int, list[int]] = {}
+        # ordered: every receive is posted where the one global order of messages puts it
+        self.post_order = receive_posts(self, infos, schedule, rank) if ordered else {}
         last_compute = -1
         channel: dict[tuple[int, Kind], list[int]] = {}  # per (stage, RECV kind): its RECV actions so far
         for idx, act in enumerate([] if ordered else schedule.actions[rank]):

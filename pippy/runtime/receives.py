@@ -86,8 +86,9 @@ class Receives:
         """Forget the shapes of the last step (the next may have other sizes)."""
         self.known = {}
 
-    def post(self, a: Action) -> list[Posted]:
-        """Post the receives of RECV_F / RECV_B ``a``, in edge order (the order the peer sends them)."""
+    def post(self, a: Action, end: int | None = None) -> list[Posted]:
+        """Post the receives of RECV_F / RECV_B ``a``, in edge order (the order the peer sends them); with ``end``,
+        only those whose other end is that stage (a RECV fed by two ranks is posted in parts on NCCL)."""
         s, i, m = a.stage, a.mb, self.plan.n_microbatches
         info, dev = self.infos[s], self.stages[s].device
         out: list[Posted] = []
@@ -96,6 +97,8 @@ class Receives:
             lazy = self.transport.ordered and any(needs_incoming(info.input_meta[e.k]) for e in self.plan.recv_f[s])
             for e in self.plan.recv_f[s]:
                 meta = info.input_meta[e.k]
+                if end is not None and e.src != end and (meta.is_tensor or meta.varies):
+                    continue  # another part's (a constant, never sent, comes with every part)
                 ctx = self._ctx(a, e.peer, f"input {e.k} ({info.input_names[e.k]}) from stage {e.src}")
                 if not meta.is_tensor and not meta.varies:
                     out.append(Posted(None, ctx, e.k, meta.const))
@@ -108,6 +111,8 @@ class Receives:
                     out.append(self._irecv(e, meta, False, i, dev, ctx, e.k))
         else:
             for e in self.plan.recv_b[s]:
+                if end is not None and e.dst != end:
+                    continue
                 ctx = self._ctx(a, e.peer, f"grad of output {e.j} from stage {e.dst}")
                 meta = self.infos[s].outputs[e.j]
                 flag = self._irecv_flag(e, i, dev, ctx) if self.plan.grad_flags else None
@@ -117,6 +122,17 @@ class Receives:
                 else:
                     out.append(replace(self._irecv_grad(e, i, dev, ctx), flag=flag))
         return out
+
+    def open(self, posted: list[Posted]) -> Iterator[None]:
+        """Post every receive of ``posted`` now, in edge order: a varying value's tensor after its header came (a
+        generator: that wait yields). For ordered transports, whose receives go out where the order of messages
+        puts them (:mod:`pippy.runtime.postorder`), not inside their waits."""
+        for p in posted:
+            if isinstance(p.value, Incoming):
+                yield from p.value.open()
+            elif isinstance(p.value, partial):  # a gradient receive whose shape is known by now
+                late = p.value()
+                p.handle, p.value = late.handle, late.value
 
     def complete(self, posted: list[Posted], shapes: dict[int, tuple[int, ...]]) -> Iterator[None]:
         """Wait for every receive of ``posted``; each ``value`` is then the tensor (or number) received.

@@ -1,14 +1,13 @@
 """On transports that match in posting order (NCCL): post each send to a peer in the order that peer posts its receives.
 
 NCCL pairs the k-th send from rank a to rank b with the k-th receive b posts from a, whatever
-the tags. Each rank posts its receives in the order of its own lowered actions, and its sends in
-the order of its own; with several edges between two ranks (a V placement holds the first and
-the last stage on rank 0) the two orders can differ: in ZB-V for p = 2, rank 0 sends the third
-forward before stage 3's first gradient, while rank 1 needs that gradient first. A send feeds
-nothing on its own rank, so it may go out later than its action: :class:`SendOrder` holds a send
-until every message the peer will receive before it has been posted. That never waits on the
-peer (the held message was ready, and the peer takes the earlier ones first anyway), and it
-changes no result.
+the tags. Receives go out in one global order of the messages (:mod:`pippy.runtime.postorder`),
+which is also the order their senders run their SENDs in, so the two orders agree: in ZB-V for
+p = 2, rank 1 takes the third forward before stage 3's first gradient, as rank 0 sends them.
+:class:`SendOrder` still holds any send whose peer posts other messages from this rank before it
+(only a schedule that order cannot be taken from, which the executor would refuse anyway, could
+need that): a send feeds nothing on its own rank, so it may go out later than its action, and a
+send still held at the end of the step says the ranks run different schedules.
 
     >>> import torch
     >>> from pippy import SplitPoint, pipeline
@@ -18,8 +17,8 @@ changes no result.
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(4)])
     >>> pipe = pipeline(net, 4, (torch.ones(4, 2),), split_spec={str(i): SplitPoint.END for i in range(3)})
     >>> order = SendOrder(LocalTransport.world(2)[0], pipe.stage_infos, lower(zbv(2, 4)))
-    >>> order.expected[1][:4]   # rank 1 takes 2 forwards (tags 0, 4), stage 3's first gradient (80), the 3rd forward
-    [0, 4, 80, 8]
+    >>> order.expected[1][:4]   # rank 1 takes 3 forwards (tags 0, 4, 8), then stage 3's first gradient (80)
+    [0, 4, 8, 80]
 """
 
 from __future__ import annotations
@@ -100,21 +99,24 @@ class SendOrder:
 
 
 def _receive_order(infos: Sequence[StageInfo], schedule: Schedule, rank: int, sender: int) -> list[int]:
-    """The tags ``rank`` posts receives for from ``sender`` in one step, in posting order (its RECV actions; per
-    action its edges in edge order, a varying tensor's shape header before the tensor)."""
+    """The tags ``rank`` posts receives for from ``sender`` in one step, in posting order (its RECV actions' parts
+    where the plan posts them; per part its edges in edge order, a varying tensor's shape header before the tensor)."""
     plan = CommPlan(infos, schedule, rank, ordered=True)
     m = schedule.n_microbatches
     out: list[int] = []
-    for a in schedule.actions[rank]:
+    acts = schedule.actions[rank]
+    for j, end in [group for i in sorted(plan.post_order) for group in plan.post_order[i]]:  # where the plan posts
+        a = acts[j]
         if a.kind is Kind.RECV_F:
             for e in plan.recv_f[a.stage]:
                 meta = infos[a.stage].input_meta[e.k]
-                if e.peer != sender or (not meta.is_tensor and not meta.varies):
-                    continue  # another peer's, or a constant that is never sent
+                if e.src != end or e.peer != sender or (not meta.is_tensor and not meta.varies):
+                    continue  # another sender's, or a constant that is never sent
                 tag = e.tag(backward=False, mb=a.mb, n_microbatches=m)
                 if needs_incoming(meta) and meta.is_tensor and meta.dynamic:
                     out.append(HEADER_TAG + tag)
                 out.append(tag)
-        elif a.kind is Kind.RECV_B:
-            out.extend(e.tag(backward=True, mb=a.mb, n_microbatches=m) for e in plan.recv_b[a.stage] if e.peer == sender)
+        else:
+            out.extend(e.tag(backward=True, mb=a.mb, n_microbatches=m) for e in plan.recv_b[a.stage]
+                       if e.dst == end and e.peer == sender)
     return out

@@ -84,7 +84,8 @@ class Incoming:
                  device: torch.device, *, post: bool = True, expect: tuple[int, ...] | None = None) -> None:
         self.transport, self.meta, self.peer, self.tag, self.ctx, self.device = transport, meta, peer, tag, ctx, device
         self.expect = expect if meta.is_tensor and meta.dynamic and not meta.per_mb else None
-        self.payload: Any = None  # the tensor's receive, when posted beside the header (``expect``)
+        self.payload: Any = None  # the tensor's receive, when posted beside the header (``expect``) or after it
+        self.header_in = False  # the header (or the whole value when it has none) was waited for
         if meta.varies:
             self.first = torch.empty(1, dtype=_scalar_dtype(meta), device=device)
         elif meta.dynamic:
@@ -107,11 +108,22 @@ class Incoming:
         """The receives already posted (to poll whether the message is in)."""
         return [h for h in (self.handle, self.payload) if h is not None]
 
-    def wait(self) -> Iterator[None]:
-        """Wait for the whole value (header first); sets ``value`` and, for a tensor, ``shape``."""
+    def open(self) -> Iterator[None]:
+        """Post the receives; for a tensor whose size varies, also wait for its header and post the tensor's receive
+        (a generator, like :meth:`wait`). On an ordered transport this keeps both in the order they were opened."""
         if self.handle is None:
             self.handle = self._post_first()
-        yield from self.transport.wait(self.handle, self.ctx)
+        if self.payload is None and self.meta.is_tensor and self.meta.dynamic:
+            yield from self.transport.wait(self.handle, self.ctx)
+            self.header_in = True
+            self.value = torch.empty(self._announced(), dtype=self.meta.dtype, device=self.device)
+            self.payload = self.transport.irecv(self.value, self.peer, self.tag, self.ctx)
+
+    def wait(self) -> Iterator[None]:
+        """Wait for the whole value (header first); sets ``value`` and, for a tensor, ``shape``."""
+        yield from self.open()
+        if not self.header_in:
+            yield from self.transport.wait(self.handle, self.ctx)
         if self.meta.varies:
             x = self.first.item()
             self.value = int(x) if self.first.dtype == torch.int64 else float(x)
@@ -119,6 +131,19 @@ class Incoming:
         if not self.meta.dynamic:
             self.value = self.first
             return
+        shape = self._announced()
+        if self.expect is not None and shape != self.expect:  # the sender refuses this before sending
+            raise StageError(
+                f"{self.ctx.describe()}: rank {self.peer} announced shape {list(shape)}, but an earlier micro-batch "
+                f"of this step came with {list(self.expect)}; the micro-batches of one step must have equal "
+                "shapes. Split the batch into equal micro-batches"
+            )
+        yield from self.transport.wait(self.payload, self.ctx)
+
+    def _announced(self) -> tuple[int, ...]:
+        """The shape the header announced (read once), checked against the traced pipe's."""
+        if self.shape is not None:
+            return self.shape
         shape = tuple(int(d) for d in self.first.tolist())
         if not self.meta.fits(shape):
             raise StageError(
@@ -127,15 +152,4 @@ class Incoming:
                 "model, example and dynamic_shapes"
             )
         self.shape = shape
-        if self.payload is not None:
-            if shape != self.expect:  # the sender refuses this before sending (see send_value's caller)
-                raise StageError(
-                    f"{self.ctx.describe()}: rank {self.peer} announced shape {list(shape)}, but an earlier micro-batch "
-                    f"of this step came with {list(self.expect or ())}; the micro-batches of one step must have equal "
-                    "shapes. Split the batch into equal micro-batches"
-                )
-            yield from self.transport.wait(self.payload, self.ctx)
-            return
-        self.value = torch.empty(shape, dtype=self.meta.dtype, device=self.device)
-        handle = self.transport.irecv(self.value, self.peer, self.tag, self.ctx)
-        yield from self.transport.wait(handle, self.ctx)
+        return shape

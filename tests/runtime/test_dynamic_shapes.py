@@ -178,9 +178,10 @@ def test_every_schedule_steps_and_evaluates_other_shapes(cls_name: str, per_rank
 @pytest.mark.parametrize("cls_name", ["Schedule1F1B", "ScheduleDualPipeV", "ScheduleZBV"])
 def test_ordered_transports_receive_varying_shapes_in_edge_order(cls_name: str, monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
-    """NCCL matches messages by posting order: every receive of an action with a varying size is then posted
-    lazily, in edge order (the in-process transport is told it is ordered: it then also checks that between
-    two ranks the k-th receive posted is for the k-th message sent)."""
+    """NCCL matches messages by posting order: every receive of an action with a varying size is then posted where
+    the order of messages puts it, in edge order (the in-process transport is told it is ordered: it then also checks
+    that between two ranks the k-th receive posted is for the k-th message sent, and that no two ranks' orders
+    cross)."""
     from pippy.runtime import shapes
 
     lazy: list[bool] = []
@@ -201,8 +202,9 @@ def test_ordered_transports_receive_varying_shapes_in_edge_order(cls_name: str, 
         t.ordered = True
     for b, n in ((8, 5), (12, 7)):
         check_mse_step(lp, model, torch.randn(b, n, 8, dtype=torch.float64), torch.randn(b, n, 4, dtype=torch.float64))
-    assert all(not ex.plan.prefetch_at for sch in lp.schedules for ex in sch._executors.values())
-    assert lazy and all(lazy)  # every varying receive was posted inside its wait
+    # every receive goes out where the order of messages puts it (postorder), opened there: header, then tensor
+    assert all(ex.plan.post_order for sch in lp.schedules for ex in sch._executors.values())
+    assert lazy and all(lazy)  # and none at its making (Receives.open posts them, in edge order)
 
 
 def test_later_microbatches_post_their_tensor_beside_the_header(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from models import SkipNet
 
@@ -53,11 +54,21 @@ def test_same_rank_values_are_not_sent() -> None:
     assert plan.send_b_stages == {s for s in (0, 2) if Kind.SEND_B in stage_comm(sched)[s]}
 
 
-def test_no_prefetch_on_ordered_transports() -> None:
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_ordered_transports_post_every_receive_once_no_later_than_its_action(rank: int) -> None:
+    """On NCCL every RECV goes out where the one global order of messages puts it: never after its own action
+    (which waits for it), and after every send of this rank that comes before it in that order."""
     pipe = _skip_pipe(3)
     sched = lower(one_f_one_b(3, 4).with_deps(pipe.deps()))
-    assert CommPlan(pipe.stage_infos, sched, 1, ordered=False).prefetch_at
-    assert CommPlan(pipe.stage_infos, sched, 1, ordered=True).prefetch_at == {}
+    plan = CommPlan(pipe.stage_infos, sched, rank, ordered=True)
+    acts = sched.actions[rank]
+    assert plan.prefetch_at == {}
+    at = {(j, end): i for i, parts in plan.post_order.items() for j, end in parts}
+    assert sorted({j for j, _ in at}) == [j for j, a in enumerate(acts) if a.kind in (Kind.RECV_F, Kind.RECV_B)]
+    assert all(i <= j for (j, _), i in at.items())
+    assert any(i < j for (j, _), i in at.items()) or rank == 0  # ranks 1, 2 take activations before returning grads
+    if rank == 2:  # stage 2 takes stage 0's skip edge and stage 1's output: two parts, one per sender
+        assert {end for j, end in at if acts[j].kind is Kind.RECV_F} == {0, 1}
 
 
 def _posted_at(plan: CommPlan) -> dict[int, int]:
