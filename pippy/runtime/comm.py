@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -148,6 +150,9 @@ class Transport(Protocol):
     def agree(self, facts: dict[str, Any], where: str) -> None:
         """Check every rank starts the same run (``facts``: schedule, micro-batches, placement, edges)."""
 
+    def settle(self) -> None:
+        """At the end of a step: check that what ``wait`` left to the device (NCCL) finished in time."""
+
 
 def _aborted_message(ctx: WaitContext, notice: str) -> str:
     return (
@@ -213,6 +218,10 @@ class DistTransport:
                 stacklevel=2,
             )
         self.timeout = default_timeout() if timeout is None else float(timeout)
+        # NCCL: a wait only makes the compute stream wait (no host sync per message); its deadline is checked at the
+        # step's end (settle), where the host waits anyway for the step's results
+        self._stream_waits = backend == "nccl"
+        self._unsettled: deque[tuple[Any, WaitContext, float]] = deque()
         # gloo: a failure board on the group's store, checked while waiting (NCCL waits stay on the caller's stream)
         self._store = None if self.ordered else group_store(self.group)
         self.board: FailureBoard | None = None
@@ -362,6 +371,10 @@ class DistTransport:
                 ok = self._wait_watching(handle, ctx, board)
             elif isinstance(handle, Watched):
                 ok = handle.result(self.timeout)
+            elif self._stream_waits:  # (a wait with a timeout would hold the host until the message is in)
+                self._unsettled.append((handle, ctx, time.monotonic() + self.timeout))
+                ok = handle.wait()
+                self._check_oldest()
             else:
                 ok = handle.wait(timeout=timedelta(seconds=self.timeout))
         except PipeCommError:
@@ -380,6 +393,36 @@ class DistTransport:
         if ok is False:
             raise PipeTimeoutError(_timeout_message(ctx, self.timeout, "wait returned False"))
         return iter(())
+
+    def settle(self) -> None:
+        """Block until every message waited on the stream only (NCCL) is done, each within ``timeout`` seconds of its
+        wait; raise :class:`PipeTimeoutError` naming the first that is not."""
+        while self._unsettled:
+            self._check_oldest(block=True)
+
+    def _check_oldest(self, block: bool = False) -> None:
+        """Drop the finished messages at the front of those waited on the stream only; raise when the oldest one left
+        is past its deadline. With ``block``, wait (until its deadline) for the oldest to finish."""
+        while self._unsettled:
+            handle, ctx, deadline = self._unsettled[0]
+            try:
+                while not handle.is_completed():
+                    if time.monotonic() > deadline:
+                        raise PipeTimeoutError(_timeout_message(ctx, self.timeout, "not done on the device in time"))
+                    if not block:
+                        return
+                    time.sleep(POLL / 50)
+            except PipeCommError:
+                self._unsettled.clear()
+                raise
+            except RuntimeError as exc:  # the backend reports a failed message here
+                self._unsettled.clear()
+                cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise PipeCommError(
+                    f"pipeline communication failed at {ctx.describe()}: {cause}. The peer rank {ctx.peer} probably "
+                    "exited or crashed first; look for its own error above."
+                ) from exc
+            self._unsettled.popleft()
 
     def _posting_failed(self, exc: RuntimeError, peer: int, ctx: WaitContext | None) -> PipeCommError:
         where = ctx.describe() if ctx is not None else f"rank {self.rank}, peer rank {peer}"

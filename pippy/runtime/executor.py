@@ -192,6 +192,7 @@ class Executor:
             st.res.outputs = [st.outputs[i] for i in sorted(st.outputs)]
         if inp.training and self.pipe.shared:
             yield from self.tied.sync()
+        self.transport.settle()  # NCCL: the step's messages, waited for on the device, finished in time
         usergrad.flush(st.user_grads)
         dp.finish()
         return st.res

@@ -136,6 +136,9 @@ class LocalTransport:
     def agree(self, facts: dict[str, Any], where: str) -> None:
         """Nothing to compare: every in-process rank shares one pipe and one schedule class."""
 
+    def settle(self) -> None:
+        """Nothing left to check: in-process waits finish on the host."""
+
 
 class Rendezvous:
     """Checks that the ranks post their messages in orders that agree, as NCCL needs for large messages.
