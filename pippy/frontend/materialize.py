@@ -138,8 +138,9 @@ def materialize_stage(
     every parameter and persistent buffer of the stage (``KeyError`` naming those it lacks, and a
     key prefix such as ``model.`` when that is why). Non-persistent buffers it lacks (such as
     rotary ``inv_freq``), or all tensors when no checkpoint is given, are initialized:
-    ``init_fn(module)`` (e.g. Hugging Face's ``model._init_weights``) or else
-    ``module.reset_parameters()`` runs on each original module of ``model`` (the meta model you
+    ``init_fn(module)`` (e.g. Hugging Face's ``model._init_weights``), or else the module's own
+    ``reset_parameters()``, or else, for a Hugging Face model, ``model._init_weights`` (which
+    computes rotary ``inv_freq``), runs on each original module of ``model`` (the meta model you
     traced) that owns such a tensor, writing into this stage's copies only.
 
         >>> from pippy import SplitPoint, pipeline
@@ -305,10 +306,13 @@ def _initialize(
                     view._parameters[f] = t  # type: ignore[assignment]
                 else:
                     view._buffers[f] = t
+            own_init = getattr(model, "_init_weights", None)  # a Hugging Face model's initializer
             if init_fn is not None:
                 init_fn(view)
             elif hasattr(view, "reset_parameters"):
                 view.reset_parameters()
+            elif callable(own_init):
+                own_init(view)
             else:
                 raise ValueError(
                     f"{type(orig).__name__} at {owner!r} has no reset_parameters(); pass init_fn=... "

@@ -28,7 +28,8 @@ def _grads_equal(ref: torch.nn.Module, lp: LocalPipeline) -> float:
     return max(float((g - ref_params[n].grad).abs().max()) for n, g in lp.named_grads().items() if g is not None)
 
 
-def test_meta_llama_loads_from_full_state_dict_and_trains_transparently(tmp_path: Path) -> None:
+@pytest.mark.parametrize("init", ["given", "default"])
+def test_meta_llama_loads_from_full_state_dict_and_trains_transparently(tmp_path: Path, init: str) -> None:
     torch.manual_seed(0)
     real = T.LlamaForCausalLM(T.LlamaConfig(**LLAMA)).double()
     torch.save(real.state_dict(), tmp_path / "full.pt")
@@ -39,8 +40,10 @@ def test_meta_llama_loads_from_full_state_dict_and_trains_transparently(tmp_path
     lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2)
     assert all(pending_tensors(st.submod) for st in lp.stages)  # NaN placeholders until filled
     for st in lp.stages:
-        # rotary inv_freq is a non-persistent buffer (not in the state_dict): init_fn computes it
-        materialize_stage(st, checkpoint=tmp_path / "full.pt", init_fn=meta._init_weights, model=meta)
+        # rotary inv_freq is a non-persistent buffer (not in the state_dict): init_fn computes it, by default the
+        # Hugging Face model's own _init_weights (the rotary module has no reset_parameters)
+        init_fn = meta._init_weights if init == "given" else None
+        materialize_stage(st, checkpoint=tmp_path / "full.pt", init_fn=init_fn, model=meta)
         assert pending_tensors(st.submod) == []
     want = {**dict(real.named_parameters()), **dict(real.named_buffers())}
     held = [n for st in lp.stages for n in st.submod.state_dict()]
