@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,34 @@ def test_records_name_their_files_and_a_mix_of_splits_is_refused(tmp_path: Path)
     with pytest.raises(ValueError, match=r"mixes saves: stage_0.json is from a split of 2 stages but stage_1.json from "
                                          "one of 3"):
         checkpoint.merge(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_batch_norm_statistics_and_counts_round_trip(tmp_path: Path, fmt: str) -> None:
+    """Running mean / var and ``num_batches_tracked`` of a trained batch norm come back from save / load and merge."""
+    from models import mse, train_steps
+
+    from pippy import Schedule1F1B
+    from pippy.runtime.local import LocalPipeline
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+
+    def build(seed: int) -> tuple[torch.nn.Module, LocalPipeline]:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*batch norm in train mode")
+            pipe = pipeline(net, 2, (x,), split_spec={"1": SplitPoint.END})
+        return net, LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=mse)
+
+    net, lp = build(0)
+    train_steps(lp, [torch.optim.SGD([p for st in lp.stages for p in st.parameters()], lr=0.1)], 2, x, x)
+    want = {k: v.clone() for st in lp.stages for k, v in st.state_dict().items()}
+    assert want["1.num_batches_tracked"].item() == 4 and not torch.equal(want["1.running_var"], torch.ones(4))
+    checkpoint.save(lp.stages, tmp_path, format=fmt)
+    net, lp = build(1)
+    checkpoint.load(lp.stages, tmp_path)
+    got = {k: v for st in lp.stages for k, v in st.state_dict().items()}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    net.load_state_dict(checkpoint.merge(tmp_path), strict=True)
+    assert net[1].num_batches_tracked.item() == 4

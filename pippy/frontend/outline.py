@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 from torch.export.unflatten import InterpreterModule, _ModuleFrame
 
+from pippy.frontend.graphpickle import OutlinedModule
 from pippy.frontend.keepbuffers import KeepBuffersGraphModule
 from pippy.frontend.unread import ensure_path
 
@@ -226,7 +227,8 @@ def outline(flat: fx.GraphModule) -> fx.GraphModule:
     """A module with ``flat``'s inputs, outputs and tensors, structured like the traced model.
 
     The root is a ``GraphModule``; every original submodule the graph calls is an
-    ``InterpreterModule`` (run by generated code) at its original FQN, holding the very same
+    ``InterpreterModule`` (an :class:`~pippy.frontend.graphpickle.OutlinedModule`, which pickles; run
+    by generated code) at its original FQN, holding the very same
     parameter and buffer objects as ``flat``; a ``Linear`` whose traced graph is just
     ``linear(x, weight, bias)`` is a real ``nn.Linear``, so tensor-parallel plans accept it. A module called more than once per forward keeps
     one entry in the tree; its later calls run hidden copies that share its tensors (hooks
@@ -283,6 +285,8 @@ def outline(flat: fx.GraphModule) -> fx.GraphModule:
             if node.name == "self" or keyword.iskeyword(node.name):  # a submodule called ``self`` (BERT's attention)
                 node._rename(f"{node.name}_out")
         if isinstance(mod, InterpreterModule):
+            if type(mod) is InterpreterModule:
+                mod.__class__ = OutlinedModule  # the same module, that also pickles (torch.save of a stage)
             mod.finalize()
     root.__dict__["_pippy_hidden_calls"] = hidden  # off the tree: pippy.frontend.trainmode rewrites their graphs too
     for key, val in vars(flat).items():

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export.unflatten import InterpreterModule
 
 from pippy.frontend.regioncall import RegionCall, keep_recipes
 
@@ -251,7 +252,7 @@ def _rewrite(mod: nn.Module, path: str, graph: fx.Graph, min_bytes: int, skip_re
 
 
 def _set_graph(mod: nn.Module, graph: fx.Graph) -> None:
-    if type(mod).__name__ == "InterpreterModule":
+    if isinstance(mod, InterpreterModule):
         mod.graph = graph
         mod.finalize()  # type: ignore[operator]
     else:
