@@ -41,6 +41,7 @@ from pippy.checkpoint_dcp import (
     saved_keys,
 )
 from pippy.checkpoint_files import StageRecord, encode_groups, read_record, read_records, resolve_format, write_record
+from pippy.checkpoint_prune import prune_stale
 from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
@@ -85,7 +86,9 @@ def save(
     With ``format="dcp"`` (``save(stage, "ckpt", format="dcp")`` on every rank) the tensors go to
     a torch.distributed.checkpoint under ``ckpt/dcp`` instead of ``stage_<i>.pt``. Calls that save
     some of the stages each (one optimizer per stage) write one sub-directory per call
-    (``ckpt/dcp_stages_0_1``), so the stages of every call are kept.
+    (``ckpt/dcp_stages_0_1``), so the stages of every call are kept. Once every stage's record names
+    its new sub-directory, the DCP sub-directories an older save left that no record names are
+    removed (only those pippy wrote; see :mod:`pippy.checkpoint_prune`).
 
         >>> import os, tempfile, torch, pippy
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
@@ -123,7 +126,9 @@ def save(
             aliases=_alias_groups(st, model), tensors=f"stage_{st.index}.pt" if torch_fmt else tensors_dir,
             optim=None if optimizer is None else f"optim_{st.index}.pt" if torch_fmt else optim_dir))
     if format == "dcp":
-        finish_save()  # a DCP load reads every stage's record: all written before any rank goes on
+        finish_save(path)  # a DCP load reads every stage's record: all written before any rank goes on
+    else:
+        prune_stale(path)  # DCP sub-directories of an older save (no torch-format file is ever removed)
 
 
 def _load_torch_optimizer(stages: list[Stage], optimizer: torch.optim.Optimizer, path: str | os.PathLike[str],

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pippy.checkpoint_files import StageRecord, decode_groups
+from pippy.checkpoint_prune import mark, prune_stale, unmark
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
 
@@ -73,16 +74,29 @@ def save_dcp(state: dict[str, Any], where: str) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
+    if os.path.isdir(where):
+        unmark(where)  # half written: not pruned as stale meanwhile
     dcp.save(state, checkpoint_id=where)
+    mark(where)  # pippy's, whole (pippy.checkpoint_prune)
 
 
-def finish_save() -> None:
-    """Wait for every rank (a barrier) when several run: ends a collective save once all have written their records.
+def finish_save(path: str | os.PathLike[str]) -> None:
+    """End a collective save once every rank has written its records: then one rank prunes stale sub-directories.
 
-        >>> finish_save()  # one process: nothing to wait for
+    With several ranks: a barrier, rank 0 runs :func:`pippy.checkpoint_prune.prune_stale` on
+    ``path``, a barrier (no rank saves into a directory being removed).
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as ckpt:
+        ...     finish_save(ckpt)  # one process: no one to wait for; nothing stale
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+        if dist.get_rank() == 0:
+            prune_stale(path)
+        dist.barrier()
+    else:
+        prune_stale(path)
 
 
 def load_dcp(request: dict[str, Any], where: str) -> None:

@@ -101,3 +101,35 @@ def test_a_dcp_checkpoint_saved_with_transmitted_ties_loads_into_replicated_ones
     assert torch.equal(first, wte) and torch.equal(head, wte)
     assert torch.equal(opt.state[head]["exp_avg"], opt.state[first]["exp_avg"])
     assert opt.state[head]["exp_avg"].data_ptr() != opt.state[first]["exp_avg"].data_ptr()
+
+
+def _dcp_dirs(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("dcp"))
+
+
+def test_a_save_with_another_grouping_removes_the_older_sub_directories_pippy_wrote(tmp_path: Path) -> None:
+    lp, opts = _lp(0)
+    _train(lp, opts, 1)
+    joint = torch.optim.Adam([p for o in opts for g in o.param_groups for p in g["params"]], lr=1e-2)
+    checkpoint.save(lp.stages, tmp_path, format="dcp", optimizer=joint)  # every stage at once: dcp, dcp_optim
+    (tmp_path / "dcp_stages_9").mkdir()  # not pippy's (no mark): kept, as is any other file
+    (tmp_path / "dcp_stages_9" / ".metadata").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "dcp_optim" / "notes.txt").write_text("mine")
+    for st, o in zip(lp.stages[:3], opts):
+        checkpoint.save([st], tmp_path, format="dcp", optimizer=o)
+        assert {"dcp", "dcp_optim"} <= set(_dcp_dirs(tmp_path))  # stage 3's record still names them
+    with pytest.warns(UserWarning, match=r"stale DCP sub-directory .*dcp_optim .* also holds files pippy did not "
+                                         r"write \(\['notes.txt'\]\)"):
+        checkpoint.save(lp.stages[3], tmp_path, format="dcp", optimizer=opts[3])  # the last one: dcp goes
+    assert _dcp_dirs(tmp_path) == sorted(["dcp_optim", "dcp_stages_9"] + [f"dcp{k}_stages_{i}" for i in range(4)
+                                                                         for k in ("", "_optim")])
+    assert sorted(p.name for p in (tmp_path / "dcp_optim").iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / "dcp_stages_9" / ".metadata").exists()
+    saved = _params(lp)
+    checkpoint.save(lp.stages, tmp_path, format="dcp")  # at once again: the per-stage directories go
+    assert _dcp_dirs(tmp_path) == ["dcp", "dcp_optim", "dcp_stages_9"]
+    merged = checkpoint.merge(tmp_path)
+    assert all(torch.equal(merged[k], saved[k]) for k in saved)
+    checkpoint.save(lp.stages, tmp_path, format="torch")  # another format: no DCP directory is named any more
+    assert _dcp_dirs(tmp_path) == ["dcp_optim", "dcp_stages_9"]

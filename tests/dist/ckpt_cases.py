@@ -88,7 +88,8 @@ def _placement_or_split(rank: int, where: str, fmt: str, saved_stages: int) -> d
 
 
 def _per_stage_calls(rank: int, where: str) -> dict[str, Any]:
-    """One Adam per stage, one DCP save call per stage (rank 0: stages 0 then 3; rank 1: 1 then 2)."""
+    """One Adam per stage, one DCP save call per stage (rank 0: stages 0 then 3; rank 1: 1 then 2), over an older save
+    of every stage at once into the same directory, whose sub-directory the last call removes."""
     def adams(sts: list[Any]) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam(st.parameters(), lr=1e-2) for st in sts]
 
@@ -97,11 +98,14 @@ def _per_stage_calls(rank: int, where: str) -> dict[str, Any]:
     mine, sched = _rank_run(rank, _mlp(0), 4, pippy.ScheduleZBV, split_spec=_spec(4))
     opts = adams(mine)
     _train(sched, opts, 4, 2)
+    checkpoint.save(mine, where, format="dcp")  # every stage at once first: <where>/dcp, stale after the calls below
     for st, o in zip(mine, opts):
         checkpoint.save([st], where, format="dcp", optimizer=o)
     merged = checkpoint.merge(where)
     merged_ok = sorted(merged) == sorted(_mlp(0).state_dict()) and all(
         torch.equal(merged[k.split(":", 1)[1]], v) for k, v in at_save.items())
+    subdirs = sorted(d for d in os.listdir(where) if d.startswith("dcp"))
+    merged_ok &= subdirs == ["dcp_optim_stages_0_1", "dcp_optim_stages_2_3", "dcp_stages_0_1", "dcp_stages_2_3"]
     mine, sched = _rank_run(rank, _mlp(1), 4, pippy.ScheduleZBV, split_spec=_spec(4))
     opts = adams(mine)
     for st, o in zip(mine, opts):
