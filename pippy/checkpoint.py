@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from pippy.checkpoint_agree import settle
 from pippy.checkpoint_dcp import (
     call_dirs,
     finish_save,
@@ -162,6 +163,11 @@ def load(
     ``materialize_stage(stage, checkpoint=sd)``. Each param group of ``optimizer`` takes the
     hyperparameters of the saved group that held its parameters (matched by FQN, not by position).
 
+    A ``"dcp"`` load, like its save, is called by every rank as often (a rank holding no stage
+    passes ``[]``): when it fails on one rank (an FQN that rank's stages want and the checkpoint
+    lacks), every rank raises, naming the failed ranks and their errors (:mod:`pippy.checkpoint_agree`),
+    rather than the others running on into a collective that waits for the failed rank.
+
         >>> import tempfile, torch, pippy
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
         >>> pipe = pippy.pipeline(net, 2, (torch.randn(4, 4),), split_spec={"0": pippy.SplitPoint.END})
@@ -175,31 +181,45 @@ def load(
         True
     """
     stages = _as_list(stages)
-    fmt = resolve_format(read_records(path, complete=False), format, path)
-    records = read_records(path, complete=fmt == "dcp")  # DCP routes every FQN through every stage's record
-    by_index = {r.index: r for r in records}
+    try:
+        fmt = resolve_format(read_records(path, complete=False), format, path)
+    except Exception as unread:
+        if format == "dcp":
+            settle(path, unread)  # the other ranks wait for this rank's outcome: they raise with it
+        raise
     if fmt == "dcp":
-        load_stage_tensors(stages, path, records)
-    else:
-        _refuse_sharded(stages, "load")
-        for st in stages:
-            if records[0].num_stages != st.num_stages:
-                raise ValueError(
-                    f"checkpoint {os.fspath(path)!r} was saved from {records[0].num_stages} stages but this pipe has "
-                    f"{st.num_stages}; load merge(path) with materialize_stage(stage, checkpoint=...), or save with "
-                    "format='dcp', which loads into any split"
-                )
-            rec = by_index[st.index] if st.index in by_index else read_record(path, st.index)  # the latter raises
-            sd = torch.load(os.path.join(path, rec.tensors), map_location=st.device, weights_only=True)
-            missing, unexpected = st.unwrapped.load_state_dict(sd, strict=False)
-            missing = [k for k in missing if not is_lifted_constant(k)]
-            if missing or unexpected:
-                raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        failed: Exception | None = None
+        try:
+            _load_dcp(stages, path, optimizer)
+        except Exception as err:
+            failed = err
+        settle(path, failed)  # every rank raises if one failed (e.g. an FQN missing on one rank), none waits on
+        return
+    records = read_records(path, complete=False)
+    by_index = {r.index: r for r in records}
+    _refuse_sharded(stages, "load")
+    for st in stages:
+        if records[0].num_stages != st.num_stages:
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} was saved from {records[0].num_stages} stages but this pipe has "
+                f"{st.num_stages}; load merge(path) with materialize_stage(stage, checkpoint=...), or save with "
+                "format='dcp', which loads into any split"
+            )
+        rec = by_index[st.index] if st.index in by_index else read_record(path, st.index)  # the latter raises
+        sd = torch.load(os.path.join(path, rec.tensors), map_location=st.device, weights_only=True)
+        missing, unexpected = st.unwrapped.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not is_lifted_constant(k)]
+        if missing or unexpected:
+            raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
-        if fmt == "dcp":
-            load_stage_optim(stages, optimizer, path, records)
-        else:
-            _load_torch_optimizer(stages, optimizer, path, by_index)
+        _load_torch_optimizer(stages, optimizer, path, by_index)
+
+
+def _load_dcp(stages: list[Stage], path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None) -> None:
+    records = read_records(path)  # DCP routes every FQN through every stage's record
+    load_stage_tensors(stages, path, records)
+    if optimizer is not None:
+        load_stage_optim(stages, optimizer, path, records)
 
 
 def _refuse_sharded(stages: list[Stage], what: str) -> None:

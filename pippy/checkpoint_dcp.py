@@ -6,7 +6,8 @@ optimizer per stage, keeps every stage); the optimizer state goes to ``dcp_optim
 ``dcp_optim_stages_...``). Each stage's record (:mod:`pippy.checkpoint_files`) names its
 sub-directories. Loading routes every tensor a stage wants, by its FQN or a tied alias, to the
 sub-directory that holds it; each rank reads on its own (no collective), so ranks may hold
-different numbers of stages.
+different numbers of stages (:func:`pippy.checkpoint.load` then settles the outcome on every rank,
+:mod:`pippy.checkpoint_agree`).
 
     >>> dcp_dirs(range(4), 4), dcp_dirs([0, 3], 4)
     (('dcp', 'dcp_optim'), ('dcp_stages_0_3', 'dcp_optim_stages_0_3'))

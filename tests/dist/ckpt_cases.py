@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 import pippy
 from pippy import SplitPoint, checkpoint, pipe_split, pipeline
+from pippy.runtime.comm import PipeTimeoutError
 from pippy.runtime.local import LocalPipeline
 
 X = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -137,6 +139,30 @@ def _shared_fqn(rank: int, where: str) -> dict[str, Any]:
     return {"lrs_ok": len(set(owned)) == len(owned), "diff": _diff(mine, want)}
 
 
+def _missing_on_one_rank(rank: int, where: str) -> dict[str, Any]:
+    """Rank 1's stage wants an FQN the DCP checkpoint lacks: both ranks raise at once, naming rank 1 and the FQN; then
+    a load on rank 0 alone times out naming rank 1."""
+    mine, _sched = _rank_run(rank, _mlp(0), 4, pippy.ScheduleZBV, split_spec=_spec(4))
+    checkpoint.save(mine, where, format="dcp")
+    if rank == 1:
+        mine[0].submod.register_buffer("extra", torch.zeros(2))
+    start, error = time.monotonic(), None
+    try:
+        checkpoint.load(mine, where)
+    except KeyError as err:
+        error = str(err)
+    out = {"error": error, "secs": time.monotonic() - start, "alone": None}
+    if rank == 0:  # a load rank 1 never makes (the last of this group): rank 0 stops after pippy's timeout, saying so
+        os.environ["PIPPY_TIMEOUT"], was = "1", os.environ["PIPPY_TIMEOUT"]
+        try:
+            checkpoint.load(mine, where)
+        except PipeTimeoutError as err:
+            out["alone"] = str(err)
+        finally:
+            os.environ["PIPPY_TIMEOUT"] = was
+    return out
+
+
 def resume_cases(rank: int, world: int, root: str) -> dict[str, dict[str, Any]]:
     """Every case on both ranks; per case whether the learning rates (or merge, or own state) are right, and the diff."""
     out: dict[str, dict[str, Any]] = {}
@@ -145,5 +171,7 @@ def resume_cases(rank: int, world: int, root: str) -> dict[str, dict[str, Any]]:
     out["resplit/dcp"] = _placement_or_split(rank, os.path.join(root, "resplit"), "dcp", 2)
     out["per_stage_calls/dcp"] = _per_stage_calls(rank, os.path.join(root, "per_stage"))
     out["shared_fqn/dcp"] = _shared_fqn(rank, os.path.join(root, "shared"))
+    out["missing_on_one_rank"] = _missing_on_one_rank(rank, os.path.join(root, "missing"))
     dist.barrier()
     return out
+
