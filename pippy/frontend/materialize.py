@@ -27,10 +27,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.frontend.pipe import SplitPipe
+from pippy.frontend.retarget import retarget_devices
 
 __all__ = ["HoldsModule", "materialize_stage", "pending_tensors", "replace_meta"]
 
@@ -76,31 +77,10 @@ def replace_meta(module: nn.Module, device: torch.device | str) -> bool:
             made[id(t)] = nn.Parameter(real, requires_grad=t.requires_grad) if is_param else real
         _set(module, fqn, made[id(t)], is_param)
         pending.append(fqn)
-    graph_changed = _retarget_devices(module, device) if isinstance(module, fx.GraphModule) else False
+    graph_changed = retarget_devices(module, ["meta"], device)
     if pending:
         setattr(module, _PENDING, pending)
     return bool(pending) or graph_changed
-
-
-def _retarget_devices(gm: fx.GraphModule, device: torch.device) -> bool:
-    meta = torch.device("meta")
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, torch.device) and v == meta:
-            return device
-        if isinstance(v, tuple | list):
-            return type(v)(fix(x) for x in v)
-        return v
-
-    changed = False
-    for node in gm.graph.nodes:
-        new_args, new_kwargs = fix(node.args), {k: fix(v) for k, v in node.kwargs.items()}
-        if new_args != node.args or new_kwargs != node.kwargs:
-            node.args, node.kwargs = new_args, new_kwargs
-            changed = True
-    if changed:
-        gm.recompile()
-    return changed
 
 
 def pending_tensors(module: nn.Module) -> list[str]:

@@ -89,6 +89,7 @@ class SplitPipe:
         self._handed_out: set[int] = set()  # stages whose traced module the user took before building them
         self.traced_trainable: dict[str, bool] = {}  # requires_grad of every parameter when traced
         self.traced_autocast: tuple[str, str] | None = None  # the torch.autocast the pipe was traced under
+        self.traced_device: torch.device | None = None  # the one device the model was traced on (frontend.retarget)
         self.compute_dtype: torch.dtype | None = None  # pipeline(compute_dtype=): float inputs are cast to it
         self.aliases: list[list[str]] = []  # FQNs the traced model registers one tensor under (tied weights)
         self.split_sites: list[str] | None = []  # per traced pipe_split(), in order: where it came from

@@ -28,22 +28,28 @@ from torch.nn.parallel import DistributedDataParallel
 from pippy.frontend.materialize import replace_meta
 from pippy.frontend.outline import OutlineError, outline
 from pippy.frontend.params import is_lifted_constant
+from pippy.frontend.retarget import retarget_devices
 from pippy.frontend.split import StageInfo
 from pippy.frontend.trainmode import mode_signature, sync
 
 __all__ = ["StageModule", "materialize_module"]
 
 
-def materialize_module(module: fx.GraphModule, device: torch.device, index: int) -> tuple[fx.GraphModule, fx.Graph]:
+def materialize_module(module: fx.GraphModule, device: torch.device, index: int,
+                       traced: torch.device | None = None) -> tuple[fx.GraphModule, fx.Graph]:
     """A copy of ``module`` on ``device`` with its own parameters (aliasing inside it kept), structured like the model.
 
     Meta tensors (a model built under ``torch.device("meta")``) become NaN placeholders on
-    ``device``: fill them with ``pippy.frontend.materialize.materialize_stage``. The copy has the
+    ``device``: fill them with ``pippy.frontend.materialize.materialize_stage``. Device constants
+    of ``traced`` (the device the pipe was traced on, see :mod:`pippy.frontend.retarget`) and of
+    ``meta`` in the graphs become ``device``. The copy has the
     original submodules under their original FQNs (see :mod:`pippy.frontend.outline`); a graph
     whose structure cannot be rebuilt runs flat, with a warning. Also returns the flat graph.
     """
     mod = copy.deepcopy(module)  # a KeepBuffersGraphModule (frontend/keepbuffers.py): non-persistent buffers stay so
     replace_meta(mod, device)
+    if traced is not None:  # before outlining: the outlined graphs copy the flat graph's nodes
+        retarget_devices(mod, [traced], device)
     mod = mod.to(device)
     try:
         return outline(mod), mod.graph

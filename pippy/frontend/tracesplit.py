@@ -30,6 +30,7 @@ from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.pipe import SharedParam, SplitPipe
 from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
 from pippy.frontend.reduction import MicroBatch, divides_by_count, output_reductions
+from pippy.frontend.retarget import traced_device
 from pippy.frontend.split import StageInfo, split_graph
 from pippy.frontend.trace import (
     PipeTraceError,
@@ -215,6 +216,7 @@ def trace_and_split(
         set_modes(info.module, pipe.traced_modes)
         keep_following(info.module, pipe.traced_modes)
     pipe.traced_autocast = autocast_state()
+    pipe.traced_device = traced_device(traced, leaves)
     pipe.compute_dtype = compute_dtype
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]

@@ -85,7 +85,8 @@ class Stage(StageModule):
         self.submod: fx.GraphModule
         self._flat_graph: fx.Graph | None
         if module is None:
-            self.submod, self._flat_graph = materialize_module(self.info.module, self.device, stage_index)
+            self.submod, self._flat_graph = materialize_module(self.info.module, self.device, stage_index,
+                                                                 getattr(pipe, "traced_device", None))
             traced = getattr(pipe, "traced_modes", None)
             if traced is not None:  # the outlined tree starts in the modes of the pipe's stage module
                 set_modes(self.submod, effective_modes(self.info.module, traced))
