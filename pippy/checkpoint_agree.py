@@ -24,6 +24,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from pippy.frontend.cudadevice import on_collective_device
 from pippy.runtime.comm import PipeTimeoutError, default_timeout
 from pippy.runtime.storesync import poll_keys
 from pippy.runtime.watch import group_store
@@ -68,7 +69,8 @@ def _exchange(mine: Any, rank: int, world: int, what: str) -> list[Any]:
     store = group_store(dist.group.WORLD)
     if store is None:  # torch does not say which store: the group's own collective (bounded by its timeout)
         everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, mine)
+        with on_collective_device():  # NCCL gathers objects on the current CUDA device
+            dist.all_gather_object(everyone, mine)
         return everyone
     n = next(_LOADS)
     prefix = "pippy/checkpoint_load/"

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from pippy.checkpoint_files import StageRecord, decode_groups
 from pippy.checkpoint_prune import mark, prune_stale, unmark
+from pippy.frontend.cudadevice import barrier, on_collective_device
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
 
@@ -58,7 +59,8 @@ def call_dirs(stages: Sequence[Stage]) -> tuple[str, str]:
     everyone: list[Any] = [mine]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+        with on_collective_device():  # NCCL gathers objects on the current CUDA device
+            dist.all_gather_object(everyone, mine)
     return dcp_dirs([i for idx, _ in everyone for i in idx], max(n for _, n in everyone))
 
 
@@ -92,10 +94,10 @@ def finish_save(path: str | os.PathLike[str]) -> None:
         ...     finish_save(ckpt)  # one process: no one to wait for; nothing stale
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        barrier()  # under NCCL on this process's CUDA device
         if dist.get_rank() == 0:
             prune_stale(path)
-        dist.barrier()
+        barrier()
     else:
         prune_stale(path)
 

@@ -31,6 +31,7 @@ import numpy as np
 from torch import fx
 
 from pippy.frontend.costs import COMPUTE_OPS, COST_KINDS, COST_META, TAIL_META, GraphCosts, graph_costs
+from pippy.frontend.cudadevice import collective_device
 from pippy.frontend.partition import cut_positions
 
 __all__ = [
@@ -104,7 +105,7 @@ def _shared(compute: Any, deterministic: bool) -> _Result:
     if deterministic or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return compute()  # type: ignore[no-any-return]
     box: list[Any] = [compute() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=collective_device())  # NCCL: this process's CUDA device
     return box[0]  # type: ignore[no-any-return]
 
 

@@ -30,11 +30,13 @@ from torch import fx, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pippy.frontend.cudadevice import resolve_cuda
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.comm import backend_name
 from pippy.runtime.stage import Stage, StageError
 
-__all__ = ["check_device", "check_loss_fn", "check_placement", "check_stages", "rank_or_none", "watch_traced_parameters"]
+__all__ = ["check_device", "check_loss_fn", "check_placement", "check_stages", "rank_or_none", "use_cuda_device",
+           "watch_traced_parameters"]
 
 # parameter of a traced model whose stages were built -> (model name, FQN, stage or None)
 _TRACED: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -203,8 +205,9 @@ def check_loss_fn(
 def check_device(pipe: SplitPipe, index: int, device: torch.device | str, group: Any = None) -> torch.device:
     """The device stage ``index`` is built on, or a clear error when no pipeline can run there.
 
-    Refused: ``meta`` (no data), CUDA where none (or not that many) exists, and a non-CUDA device
-    under an NCCL group.
+    Refused: ``meta`` (no data), CUDA where none (or not that many) exists, a non-CUDA device
+    under an NCCL group, and a CUDA device under a group whose only backend is gloo. A CUDA stage
+    is resolved and made current by :func:`use_cuda_device`.
 
         >>> import torch
         >>> from pippy import pipeline
@@ -230,18 +233,6 @@ def check_device(pipe: SplitPipe, index: int, device: torch.device | str, group:
             "computes on: 'cpu' under gloo, torch.device('cuda', local_rank) under nccl. A model traced on meta is "
             "filled on the real device: build_stage(i, device, checkpoint=... or init_fn=...)"
         )
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise StageError(
-                f"{call}: this machine has no CUDA device (torch.cuda.is_available() is False). "
-                "Build the stage on 'cpu' (with a gloo process group), or run where CUDA is available"
-            )
-        if dev.index is not None and dev.index >= count:
-            raise StageError(
-                f"{call}: cuda:{dev.index} does not exist; this machine has {count} CUDA device(s) (0..{count - 1}). "
-                "Use torch.device('cuda', local_rank) with LOCAL_RANK from torchrun"
-            )
     if dist.is_available() and dist.is_initialized():
         backend = backend_name(group, dev)
         if "nccl" in backend and dev.type != "cuda":
@@ -249,7 +240,47 @@ def check_device(pipe: SplitPipe, index: int, device: torch.device | str, group:
                 f"{call}: the process group uses {backend}, which only moves CUDA tensors, but the stage is on "
                 f"{dev}. Build it on torch.device('cuda', local_rank), or use a gloo group for CPU stages"
             )
-    return dev
+    return use_cuda_device(dev, call, group) if dev.type == "cuda" else dev
+
+
+def use_cuda_device(device: torch.device, call: str, group: Any = None) -> torch.device:
+    """Check CUDA stage ``device`` (``call`` names the stage in errors), give a bare ``cuda`` this process's index
+    (:func:`~pippy.frontend.cudadevice.local_cuda_index`) and make it the current CUDA device.
+
+    ``torch.cuda.set_device`` is called when the current device differs: NCCL's barriers and object
+    collectives (torch's, and pippy's trace gathers and checkpoint saves) run on the current device, and a
+    process that never set it would meet every other rank of its host on ``cuda:0``. Refused: no CUDA, an
+    index past the device count, and a group that moves CUDA tensors with gloo (pippy's sends fail there).
+
+        >>> use_cuda_device(torch.device("cuda", 9999), "build_stage(0, 'cuda:9999')")
+        Traceback (most recent call last):
+        ...
+        pippy.runtime.stage.StageError: build_stage(0, 'cuda:9999'): ...
+    """
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise StageError(
+            f"{call}: this machine has no CUDA device (torch.cuda.is_available() is False). "
+            "Build the stage on 'cpu' (with a gloo process group), or run where CUDA is available"
+        )
+    if device.index is not None and device.index >= count:
+        raise StageError(
+            f"{call}: cuda:{device.index} does not exist; this machine has {count} CUDA device(s) (0..{count - 1}). "
+            "Use torch.device('cuda', local_rank) with LOCAL_RANK from torchrun"
+        )
+    if dist.is_available() and dist.is_initialized():
+        backend = backend_name(group, device)
+        if "gloo" in backend:
+            raise StageError(
+                f"{call}: the process group moves CUDA tensors with {backend}, which cannot send a CUDA stage's "
+                "activations the way pippy does (the first send fails with 'peer probably exited'). Expected an NCCL "
+                "group for CUDA stages: dist.init_process_group(backend='nccl'), or backend='cpu:gloo,cuda:nccl' "
+                "for CPU and CUDA tensors in one group; or build the stage on 'cpu'"
+            )
+    device = resolve_cuda(device)
+    if torch.cuda.current_device() != device.index:
+        torch.cuda.set_device(device)
+    return device
 
 
 # ---------------------------------------------------------------------------------------- optimizers

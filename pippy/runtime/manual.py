@@ -27,10 +27,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pippy.frontend.cudadevice import on_collective_device
 from pippy.frontend.pipe import SplitPipe
 from pippy.frontend.precision import autocast_state
 from pippy.frontend.split import USER, InputRef, StageInfo, ValueMeta
 from pippy.runtime.comm import PipeTimeoutError, default_timeout
+from pippy.runtime.guards import rank_or_none, use_cuda_device
 from pippy.runtime.stage import Stage
 from pippy.runtime.watch import group_store
 
@@ -101,6 +103,10 @@ class ManualStage(Stage):
         if not 0 <= stage_index < num_stages:
             raise ValueError(f"ManualPipelineStage: stage_index {stage_index} is not in 0..{num_stages - 1} (num_stages={num_stages})")
         dev = torch.device(device)
+        if dev.type == "cuda":  # checked, indexed, and made this process's current device (as build_stage does)
+            rank = rank_or_none(group)
+            where = f"ManualPipelineStage(stage {stage_index}, {str(device)!r}){'' if rank is None else f' on rank {rank}'}"
+            dev = use_cuda_device(dev, where, group)
         on_meta = any(t.is_meta for t in [*submodule.parameters(), *submodule.buffers()])
         if not on_meta:  # a module built on the meta device stays there until the user's to_empty() + init
             submodule.to(dev)
@@ -209,7 +215,8 @@ def exchange(stages: Sequence[Stage], group: Any, timeout: float | None = None) 
     store = group_store(group)
     if store is None:  # no store to read: a collective, bounded by the group's own timeout
         gathered: list[Any] = [None] * len(ranks)
-        dist.all_gather_object(gathered, mine, group=group)
+        with on_collective_device(group):  # NCCL gathers objects on the current CUDA device
+            dist.all_gather_object(gathered, mine, group=group)
         return {k: v for d in gathered for k, v in d.items()}
     n = _EXCHANGES[ranks] = _EXCHANGES.get(ranks, 0) + 1
     prefix = f"pippy/{'-'.join(map(str, ranks))}/manual/{n}"

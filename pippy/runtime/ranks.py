@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pippy.frontend.cudadevice import barrier, on_collective_device
 from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.storesync import StoreSync
 from pippy.sim.timeline import Event, Timeline
@@ -59,7 +60,7 @@ def trace_barrier(transport: Transport, where: str) -> None:
     if sync is not None:
         sync.barrier(where)
     else:
-        dist.barrier(group=transport.p2p_group)
+        barrier(transport.p2p_group)
 
 
 def order_hash(schedule: Any) -> str:
@@ -85,7 +86,8 @@ def gather_trace(transport: Transport, rank: int, events: list[Event], name: str
     else:
         group = transport.p2p_group
         gathered = [None] * world if rank == 0 else []
-        dist.gather_object(events, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
+        with on_collective_device(group):  # NCCL gathers objects on the current CUDA device
+            dist.gather_object(events, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
     if rank != 0:
         return None
     timeline = Timeline.from_events([e for evs in gathered for e in evs], world, name=name)
