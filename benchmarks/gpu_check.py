@@ -10,8 +10,10 @@ Subcommands (``--device cuda`` or ``cpu``; ``gpu_check.sh --cpu`` runs all three
 - ``bench`` (under torchrun): GPT-2 from config, pippy and ``torch.distributed.pipelining`` on the
   same stage modules, step in turn: step time, tokens/s and peak memory per rank
   (``torch.cuda.max_memory_allocated``; peak RSS on CPU), host synchronisations per step counted
-  with the profiler, and how much of the send/receive kernel time overlaps compute (CUDA, 2+
-  ranks). One rank (one GPU) runs 2 stages with interleaved 1F1B on both sides.
+  with the profiler (see :func:`count_syncs`), and how much of the send/receive kernel time overlaps
+  compute (CUDA, 2+ ranks). One rank (one GPU) runs 2 stages with interleaved 1F1B on both sides.
+  Micro-batches: at least 4 and at least the number of stages (torch's 1F1B needs as many), the
+  batch raised to a multiple of them if needed (see :func:`micro_batches`).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from vs_torch_pipelining import _PeerWrap, _rss_peak
 
 ONE_PER_RANK = ["ScheduleGPipe", "Schedule1F1B", "ScheduleZBH1", "ScheduleZBH2"]
 TWO_PER_RANK = ["ScheduleInterleaved1F1B", "ScheduleLoopedBFS", "ScheduleZBH1", "ScheduleZBV", "ScheduleDualPipeV"]
-SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::item",
-              "aten::_local_scalar_dense")
+# one host sync is one of these CUDA runtime calls (.item() on CUDA: aten::item -> aten::_local_scalar_dense ->
+# cudaStreamSynchronize, counted once, as the runtime call); on CPU, where nothing syncs, the op a sync runs on CUDA
+CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+CPU_SYNC = "aten::_local_scalar_dense"  # .item(), float(t), bool(t), int(t): one each
 
 
 def gpt2(layers: int, width: int, seq: int, tied: bool = True) -> nn.Module:
@@ -131,25 +135,57 @@ def _peak_bytes(dev: torch.device) -> float:
     return float(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else _rss_peak()  # CPU: whole process
 
 
+def count_syncs(names: list[str], cuda: bool, own: int = 0) -> Counter[str]:
+    """Host synchronisations among profiler event ``names``, each counted once, less ``own`` (the harness's).
+
+    On CUDA only the runtime's synchronize calls count (one per sync, whatever op made it; the
+    harness's own ``torch.cuda.synchronize`` is one ``cudaDeviceSynchronize``, taken off via
+    ``own``); on CPU the scalar reads that would sync on CUDA (``aten::_local_scalar_dense``).
+
+        >>> count_syncs(["aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize",
+        ...              "cudaDeviceSynchronize"], cuda=True, own=1)
+        Counter({'cudaStreamSynchronize': 1})
+        >>> count_syncs(["aten::item", "aten::_local_scalar_dense"], cuda=False)
+        Counter({'aten::_local_scalar_dense': 1})
+    """
+    counts: Counter[str] = Counter(n for n in names if (n in CUDA_SYNCS if cuda else n == CPU_SYNC))
+    counts["cudaDeviceSynchronize"] -= own
+    return +counts  # drops what the harness's own calls brought to zero
+
+
 def _syncs(dev: torch.device, fn: Any) -> tuple[Counter[str], float]:
-    """Host synchronisations of one ``fn()`` (profiler event counts) and the overlapped share of comm kernels."""
+    """Host synchronisations of one ``fn()`` (see :func:`count_syncs`) and the overlapped share of comm kernels.
+
+    ``fn`` must not synchronize itself; the one ``torch.cuda.synchronize`` here (so every kernel is
+    in the profile) is not counted.
+    """
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         fn()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-    counts: Counter[str] = Counter()
+    events = list(prof.events())
+    counts = count_syncs([ev.name for ev in events], dev.type == "cuda", own=1 if dev.type == "cuda" else 0)
     comm: list[tuple[float, float]] = []
     compute: list[tuple[float, float]] = []
-    for ev in prof.events():
-        if any(s in ev.name for s in SYNC_NAMES):
-            counts[ev.name] += 1
+    for ev in events:
         if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA:
             span = (ev.time_range.start, ev.time_range.end)
             (comm if "nccl" in ev.name.lower() else compute).append(span)
     total = sum(b - a for a, b in comm)
     covered = sum(max(0.0, min(b, d) - max(a, c)) for a, b in comm for c, d in compute)
     return counts, (covered / total if total else float("nan"))
+
+
+def micro_batches(n_stages: int, batch: int) -> tuple[int, int]:
+    """(micro-batches, batch): at least 4 and at least ``n_stages`` micro-batches (torch's 1F1B needs as many as
+    stages), and ``batch`` raised to the next multiple of them if it is not one.
+
+        >>> micro_batches(2, 8), micro_batches(8, 8), micro_batches(6, 8)
+        ((4, 8), (8, 8), (6, 12))
+    """
+    m = max(4, n_stages)
+    return m, -(-max(batch, m) // m) * m
 
 
 def bench(dev_kind: str, layers: int, width: int, seq: int, batch: int, steps: int) -> None:
@@ -160,7 +196,11 @@ def bench(dev_kind: str, layers: int, width: int, seq: int, batch: int, steps: i
     spr = 2 if world == 1 else 1
     ours_cls, peer_cls = ((pippy.ScheduleInterleaved1F1B, peer.ScheduleInterleaved1F1B) if spr == 2
                           else (pippy.Schedule1F1B, peer.Schedule1F1B))
-    n_stages, m = world * spr, 4
+    n_stages = world * spr
+    m, fitted = micro_batches(n_stages, batch)
+    if rank == 0 and fitted != batch:
+        print(f"bench: batch {batch} raised to {fitted} ({m} micro-batches for {n_stages} stages)", flush=True)
+    batch = fitted
     model = gpt2(layers, width, seq).to(dev)
     torch.manual_seed(1)
     x = torch.randint(0, 2048, (batch, seq), device=dev)
@@ -180,12 +220,12 @@ def bench(dev_kind: str, layers: int, width: int, seq: int, batch: int, steps: i
     first, last = placement[0] == rank, placement[-1] == rank
     sides = {"pippy": (ours, [st.submod for st in ours_stages]), "peer": (theirs, [st.submod for st in peer_stages])}
 
-    def step(side: str) -> None:
+    def step(side: str, sync: bool = True) -> None:
         sched, mods = sides[side]
         for mod in mods:
             mod.zero_grad(set_to_none=True)
         sched.step(*((x,) if first else ()), target=y if last else None)
-        if dev.type == "cuda":
+        if sync and dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
     report: dict[str, dict[str, Any]] = {}
@@ -200,7 +240,7 @@ def bench(dev_kind: str, layers: int, width: int, seq: int, batch: int, steps: i
             step(side)
             dist.barrier()
             times.append(time.perf_counter() - t0)
-        syncs, overlap = _syncs(dev, lambda s=side: step(s))  # type: ignore[misc]
+        syncs, overlap = _syncs(dev, lambda s=side: step(s, sync=False))  # type: ignore[misc]
         report[side] = {"step": statistics.median(times), "peak": _peak_bytes(dev), "syncs": dict(syncs),
                         "overlap": overlap}
     gathered: list[Any] = [None] * world
@@ -234,6 +274,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     a = ap.parse_args()
+    if a.device == "cuda" and torch.version.cuda is None:
+        print(f"{sys.executable} has a CPU-only torch ({torch.__version__}, torch.version.cuda is None): run with "
+              "PYTHON=<a Python whose torch is built with CUDA> benchmarks/gpu_check.sh, or gpu_check.sh --cpu",
+              file=sys.stderr)
+        return 2
     if a.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run gpu_check.sh --cpu for the CPU mode", file=sys.stderr)
         return 2
