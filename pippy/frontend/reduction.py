@@ -47,24 +47,29 @@ class MicroBatch:
     """One traced micro-batch as a scalar's reduction sees it: ``rows``, its size along each split dim; ``counts``,
     what a per-micro-batch mean may divide by (rows times any other dims of a split input: tokens, elements);
     ``inputs``, the graph's placeholders that carry the batch (None: any placeholder may); ``symbols``, the batch
-    sizes a dynamic trace keeps symbolic (sympy expressions).
+    sizes a dynamic trace keeps symbolic (sympy expressions); ``ones``, the counts of split inputs of one row,
+    kept apart: there ``x.shape[0]`` is 1 and ``x.shape[0] * x.shape[1]`` equals ``x.shape[1]``.
 
         >>> mb = MicroBatch.of([(torch.zeros(2, 5), 0), (torch.zeros(1, 3), 0)])
-        >>> sorted(mb.rows), sorted(mb.counts)
-        ([1, 2], [2, 10])
+        >>> sorted(mb.rows), sorted(mb.counts), sorted(mb.ones)
+        ([1, 2], [2, 10], [1, 3])
+        >>> sorted(mb.doubled().rows), sorted(mb.doubled().counts)
+        ([2, 4], [2, 4, 6, 20])
     """
 
     rows: frozenset[int] = frozenset()
     counts: frozenset[int] = frozenset()
     inputs: frozenset[str] | None = None
     symbols: frozenset[Any] = frozenset()
+    ones: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, split: Iterable[tuple[Any, int]], inputs: Iterable[str] | None = None) -> MicroBatch:
         """From ``(input, dim)`` of every split input of one micro-batch (:func:`pippy.microbatch.split_leaves`).
-        A micro-batch of one row gives no counts: ``x.sum() / x.shape[1]`` would look the same."""
+        A micro-batch of one row gives no counts, only ``ones``: ``x.sum() / x.shape[1]`` would look the same."""
         rows: set[int] = set()
         counts: set[int] = set()
+        ones: set[int] = set()
         symbols: set[Any] = set()
         for leaf, d in split:
             sizes = list(leaf.shape)
@@ -73,13 +78,17 @@ class MicroBatch:
                     symbols.add(sizes[d].node.expr)
                 continue  # a symbolic batch size is never baked in as a number
             rows.add(sizes[d])
-            if sizes[d] == 1:
-                continue
             rest = [s for k, s in enumerate(sizes) if k != d and isinstance(s, int)][:6]
             for r in range(len(rest) + 1):
                 for combo in itertools.combinations(rest, r):
-                    counts.add(sizes[d] * math.prod(combo))
-        return cls(frozenset(rows), frozenset(counts), None if inputs is None else frozenset(inputs), frozenset(symbols))
+                    (ones if sizes[d] == 1 else counts).add(sizes[d] * math.prod(combo))
+        return cls(frozenset(rows), frozenset(counts), None if inputs is None else frozenset(inputs), frozenset(symbols),
+                   frozenset(ones))
+
+    def doubled(self) -> MicroBatch:
+        """This micro-batch twice over, as the trace on a batch twice as large sees it: every row count doubles."""
+        return MicroBatch(frozenset(2 * r for r in self.rows), frozenset(2 * c for c in self.counts | self.ones),
+                          self.inputs, self.symbols)
 
 
 def graph_reduction(node: Any, mb: MicroBatch | None = None, literals: frozenset[int] = frozenset(),
@@ -175,6 +184,8 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
     batch is gone by ops micro-batch values cannot rebuild (``h.amax()``, ``h.var(0)``, ``h.norm()``): 0-dim, or
     with no dim of a micro-batch's size that grows in ``twice()``. A plain number that doubles in ``twice()``
     (the trace on the micro-batch twice over) is a count baked from the batch's size (``x.shape[0]``): "sum".
+    On micro-batches of one row, a sum divided by an int is read off ``twice()`` (``x.sum() / x.shape[0]`` divides
+    by 1 there); ``"ambiguous"`` when that cannot tell.
 
         >>> from pippy import pipeline
         >>> class Net(torch.nn.Module):
@@ -214,6 +225,10 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
             if (other := bigger(j)) is not None:
                 kept = {a for a, b in zip(divisors, count_divisors(other)) if a == b}
                 found = graph_reduction(v, mb, frozenset(kept), grows(j))
+        if found == "sum" and 1 in mb.rows and _int_divisors(v):
+            # one row: ``x.sum() / x.shape[0]`` (a mean) divides by 1 as ``/ 1`` would, and ``/ x.numel()`` by what a
+            # literal may be; the trace of two rows tells, where a count doubles and a literal stays
+            found = _settle_one_row(v, mb, bigger(j) if twice is not None else None)
         if _is_number(v) and v and any(v % r == 0 for r in mb.rows if r) and twice is not None:
             found = "sum" if bigger(j) == 2 * v else None  # a count baked as a number (x.shape[0]): it adds up
         if isinstance(val, torch.SymInt) and _scales_with_batch(val.node.expr, mb.symbols):
@@ -226,6 +241,25 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
             found = "unknown"  # the batch is gone, by ops that micro-batch values cannot rebuild (max, var, norm)
         out.append(found)
     return out
+
+
+def _settle_one_row(node: Any, mb: MicroBatch, other: Any) -> str:
+    """The reduction of a sum divided by ints (``node``, traced on micro-batches of one row), read off ``other``, the
+    same output traced on two rows: a divisor that stayed is a literal, one that doubled a count. "ambiguous"
+    when there is no such trace (it failed, or the trace is dynamic) or it says neither."""
+    if other is None:
+        return "ambiguous"
+    kept = {a for a, b in zip(_int_divisors(node), _int_divisors(other)) if a == b}
+    return graph_reduction(other, mb.doubled(), frozenset(kept), lambda _: True) or "ambiguous"
+
+
+def _int_divisors(node: Any) -> list[int]:
+    """The ints the scalar at ``node`` is divided by (:func:`count_divisors`), and those of the terms it adds."""
+    node, chain, divisors, found = _walk(node)
+    if not chain and found is None and _op(node)[0] in ("add", "sub"):
+        for term in node.args[:2]:
+            divisors += _int_divisors(term) if isinstance(term, fx.Node) else []
+    return divisors
 
 
 def _scales_with_batch(expr: Any, symbols: frozenset[Any]) -> bool:
@@ -249,8 +283,9 @@ def _is_number(v: Any) -> bool:
 
 
 def divides_by_count(gm: fx.GraphModule, mb: MicroBatch) -> bool:
-    """Whether ``gm`` divides by an int equal to one of the micro-batch's counts (``x / x.shape[0]`` traced): run on
-    a batch of several micro-batches at once, it would still divide by one micro-batch's count.
+    """Whether ``gm`` divides by an int equal to one of the micro-batch's counts (``x / x.shape[0]`` traced; on one
+    row, any count it may be): run on a batch of several micro-batches at once, it would still divide by one
+    micro-batch's count.
 
         >>> from pippy import pipeline
         >>> class Net(torch.nn.Module):
@@ -263,7 +298,7 @@ def divides_by_count(gm: fx.GraphModule, mb: MicroBatch) -> bool:
     for node in gm.graph.nodes:
         name, schema = _op(node)
         if schema is not None and name == "div" and len(node.args) > 1 and _is_int(node.args[1]) \
-                and node.args[1] in mb.counts:
+                and node.args[1] in mb.counts | mb.ones:  # one row: a count and a literal look alike, taken as a count
             return True
     return False
 

@@ -164,6 +164,7 @@ def trace_and_split(
         merge_dims = _merge_dims_by_growth(_output_shapes(gm), merge_dims, twice)
     reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
     _warn_unknown(reductions, _output_shapes(gm))
+    _warn_ambiguous(reductions)
     if num_chunks > 1 and dynamic_shapes is None:
         _warn_mixed_rows(mixed_rows(gm, mb.rows, twice))
     warn_lost_backward(dropped, model_backward_hooks(module))
@@ -324,6 +325,19 @@ def _warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | N
         "gradients differ too. Compute such values from the merged outputs after the step (return the per-row "
         "values instead), or pass output_merge_spec= to the schedule if the micro-batch values are what you want",
     )
+
+
+def _warn_ambiguous(reductions: list[str | None]) -> None:
+    """Warn about scalars divided by an int on one-row micro-batches that the trace on two rows could not settle."""
+    said = [j for j, r in enumerate(reductions) if r == "ambiguous"]
+    if said:
+        warn_user(
+            f"pipeline(): outputs {said} divide a sum by an int, traced on micro-batches of one row, where a count of "
+            "rows (x.shape[0], len(x)) is 1 and looks like a literal; tracing the model on two rows to tell failed. "
+            "Expected a mean (sum / x.shape[0]) or a sum (sum / a constant); pippy cannot tell which, so micro-batch "
+            "values are averaged. How to fix: pass loss_reduction='mean' or 'sum' to the schedule for the model's "
+            "own loss (output_merge_spec= for other outputs), or trace with micro-batches of two rows or more",
+        )
 
 
 def _traced_inputs(gm: fx.GraphModule, in_spec: Any, example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
