@@ -32,6 +32,8 @@ from torch import fx
 
 __all__ = ["written_after", "written_params_across_stages", "written_placeholders"]
 
+_DROPOUTS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")  # CompositeImplicit: may alias
+
 
 def _arg_slots(node: fx.Node) -> list[tuple[Any, Any]]:
     """(schema argument or None, value) for every argument of ``node``; list arguments are spread."""
@@ -58,6 +60,8 @@ def _effect(user: fx.Node, value: fx.Node) -> tuple[bool, bool]:
         return False, True  # an element of a tuple of views (split, unbind, ...) is one of them
     if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
         return True, False
+    if _passes_through(user) and user.args and user.args[0] is value:
+        return False, True
     writes = aliases = False
     returns_alias = any(r.alias_info is not None for r in user.target._schema.returns)
     for arg, v in _arg_slots(user):
@@ -65,6 +69,17 @@ def _effect(user: fx.Node, value: fx.Node) -> tuple[bool, bool]:
             writes |= bool(arg.alias_info.is_write)
             aliases |= returns_alias
     return writes, aliases
+
+
+def _passes_through(node: fx.Node) -> bool:
+    """Whether ``node`` is a dropout that returns its input itself, which its schema does not say: in eval mode (as
+    traced, or as :func:`pippy.frontend.trainmode.follow_modes` set it since) or with ``p`` 0."""
+    name = node.target._schema.name.split("::")[-1] if isinstance(node.target, torch._ops.OpOverload) else ""
+    if name not in _DROPOUTS:
+        return False
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else None)
+    train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
+    return train is not True or p == 0 or not isinstance(p, int | float)
 
 
 def written_after(node: fx.Node, after: fx.Node | None = None) -> bool:
@@ -87,9 +102,10 @@ def written_after(node: fx.Node, after: fx.Node | None = None) -> bool:
     return False
 
 
-def written_placeholders(gm: fx.GraphModule) -> list[int]:
-    """Positions of the graph inputs that some op writes in place (a stage must not hand those to
-    autograd as leaves, nor write into a tensor another stage still holds).
+def written_placeholders(gm: fx.GraphModule | fx.Graph) -> list[int]:
+    """Positions of the inputs of graph ``gm`` that some op writes in place (a stage must not hand those to
+    autograd as leaves, nor write into a tensor another stage still holds). Read again after the graph's modes
+    change: a dropout in eval mode returns its input, so a write into its result writes the input.
 
         >>> import torch
         >>> from pippy import pipeline
@@ -97,7 +113,8 @@ def written_placeholders(gm: fx.GraphModule) -> list[int]:
         >>> written_placeholders(pipeline(net, 1, (torch.ones(1, 2),)).get_stage_module(0))
         [0]
     """
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph = gm if isinstance(gm, fx.Graph) else gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
     return [i for i, n in enumerate(inputs) if written_after(n)]
 
 

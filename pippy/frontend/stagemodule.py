@@ -70,6 +70,7 @@ class StageModule:
     _state: dict[int, Any]
     _taps: Any
     _mode_sig: tuple[bool, ...] | None
+    _written: frozenset[int] | None  # the inputs the graph writes in place (see pippy.frontend.mutation)
 
     def flat_module(self) -> fx.GraphModule:
         """The stage as one flat graph over :attr:`submod`'s own tensors (what split backward taps).
@@ -111,8 +112,8 @@ class StageModule:
         self._mode_sig = sig
         flat = [] if self._flat_graph is root.graph else [SimpleNamespace(graph=self._flat_graph)]
         changed = sync(root, flat)  # the tree's graphs, and the flat graph that split backward copies
-        if changed:
-            self._taps = None
+        if changed:  # a dropout switched to eval returns its input: a write into its result writes the input
+            self._taps, self._written = None, None
         return changed
 
     @property

@@ -305,7 +305,8 @@ class Stage(StageModule):
         if self._written is None:  # the pipe's flat stage graph: also right under a DDP / FSDP wrapper
             gm = self.info.module
             traced = isinstance(gm, fx.GraphModule) and not getattr(self.pipe, "manual", False)
-            self._written = frozenset(written_placeholders(gm) if traced else ())  # a hand-cut stage: as given
+            graph = self._flat_graph if self._flat_graph is not None else gm  # the one that follows the modes
+            self._written = frozenset(written_placeholders(graph) if traced else ())  # a hand-cut stage: as given
         return self._written
 
     def _call(self, fn: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple[Any, ...]:
