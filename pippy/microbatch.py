@@ -273,18 +273,18 @@ def _moved_batch_dims(shape: Sequence[Any], pairs: list[tuple[int, Any]], symbol
 
 def ambiguous_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], args_spec: Any, kwargs_spec: Any,
                          output_shapes: Sequence[Sequence[Any] | None]) -> list[int]:
-    """The outputs whose merge dim :func:`output_merge_dims` had to guess from plain numbers: dim 0 and another split
-    dim both have a micro-batch's size (a ``[seq, batch]`` output whose sequence is as long as a micro-batch), or no
-    split dim has it but another dim does (``o.T``: the batch moved, or a width that happens to equal the
-    micro-batch size). Size 1 says nothing (a trace fixes it), and an output with the size at the split dim keeps
-    that dim (``[batch, 2]`` logits of 2-row micro-batches). Symbolic sizes (a dynamic trace) are never ambiguous:
-    the batch has its own symbol.
+    """The outputs whose merge dim :func:`output_merge_dims` had to guess from plain numbers: a split dim has a
+    micro-batch's size and another dim has one too (a ``[seq, batch]`` output whose sequence is as long as a
+    micro-batch, an LSTM's ``h_n`` ``[layers, batch, hidden]`` with as many layers as a micro-batch has rows,
+    ``[batch, 2]`` logits of 2-row micro-batches), or no split dim has it but another dim does (``o.T``: the batch
+    moved, or a width that happens to equal the micro-batch size). Size 1 says nothing (a trace fixes it). Symbolic
+    sizes (a dynamic trace) are never ambiguous: the batch has its own symbol.
 
         >>> x = torch.zeros(2, 2, 16)  # sequence first, as long as a micro-batch (2)
         >>> ambiguous_merge_dims((x,), {}, (TensorChunkSpec(1),), None, [(2, 2, 16), (5, 2)])
         [0]
-        >>> ambiguous_merge_dims((torch.zeros(4, 3),), {}, None, None, [(3, 4), (4, 3), (12, 5), (4, 4)])
-        [0]
+        >>> ambiguous_merge_dims((torch.zeros(4, 3),), {}, None, None, [(3, 4), (4, 3), (12, 5), (4, 4), (2, 4, 6)])
+        [0, 3, 4]
     """
     pairs = [(d, leaf.shape[d]) for leaf, d in split_leaves(mb_args, mb_kwargs, args_spec, kwargs_spec)
              if isinstance(leaf.shape[d], int) and leaf.shape[d] > 1]
@@ -294,7 +294,8 @@ def ambiguous_merge_dims(mb_args: tuple[Any, ...], mb_kwargs: dict[str, Any], ar
         if not shape:
             continue
         at_split = [d for d, size in pairs if d < len(shape) and shape[d] == size]
-        if (str(shape[0]) in sizes and any(at_split)) or (
+        hits = [d for d in range(len(shape)) if str(shape[d]) in sizes]
+        if (at_split and len(hits) > 1) or (
                 not at_split and str(shape[0]) not in sizes and _moved_batch_dims(shape, pairs, symbolic=False)):
             out.append(j)
     return out

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from pippy import pipe_split
 from pippy.microbatch import (
     Replicate,
     Sum,
@@ -252,3 +253,72 @@ def test_one_row_micro_batches_find_a_moved_batch_by_tracing_two_rows() -> None:
     torch.nn.functional.mse_loss(model(x), y).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(lp.named_grads()[n], p.grad, rtol=0, atol=1e-12, msg=n)
+
+
+def test_a_split_dim_and_another_dim_of_the_micro_batch_size_are_ambiguous() -> None:
+    """Dim 0 split, and another dim as large as a micro-batch (an LSTM's ``h_n`` ``[layers, batch, hidden]`` with 2
+    layers and 2-row micro-batches): the plain numbers cannot tell which is the batch."""
+    from pippy.microbatch import ambiguous_merge_dims
+
+    x = (torch.zeros(2, 5, 3),)
+    assert ambiguous_merge_dims(x, {}, None, None, [(2, 5, 6), (2, 2, 6), (2, 5, 2), (5, 2)]) == [1, 2, 3]
+
+
+class _LSTM(torch.nn.Module):
+    """A batch-first two-layer LSTM returning (logits, h_n): h_n is ``[layers, batch, hidden]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = torch.nn.Linear(3, 6), torch.nn.Linear(6, 2)
+        self.rnn = torch.nn.LSTM(6, 6, num_layers=2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.emb(x)
+        pipe_split()
+        o, (hn, _) = self.rnn(h)
+        return self.head(o), hn
+
+
+class _Stacked(torch.nn.Module):
+    """Two heads stacked in front of the batch: ``[2, batch, width]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.a(x))
+        pipe_split()
+        return self.b(h), torch.stack([self.b(h), self.c(h)])
+
+
+@pytest.mark.parametrize("cls", [_LSTM, _Stacked], ids=lambda c: c.__name__)
+def test_an_output_with_a_leading_dim_as_large_as_a_micro_batch_merges_along_the_batch(cls) -> None:
+    """Micro-batches of 2 rows and an output ``[2, batch, ...]``: it merges along dim 1, as the plain model gives it,
+    and grads of a loss on both outputs equal the plain model's (float64); before, it was concatenated along dim 0
+    (``[8, 2, 6]`` for ``[2, 8, 6]``), with no warning."""
+    import copy
+
+    from pippy import ScheduleGPipe, pipeline
+    from pippy.runtime.local import LocalPipeline
+
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(8, 5, 3, dtype=torch.float64) if cls is _LSTM else torch.randn(8, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LSTM's non-contiguous weights
+        pipe = pipeline(copy.deepcopy(model), 4, (x,))
+        assert pipe.output_merge_dims == [0, 1]
+
+        def loss_fn(out: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.mse_loss(out[0], target) + out[1].pow(2).mean()
+
+        lp = LocalPipeline(pipe, ScheduleGPipe, num_ranks=2, n_microbatches=4, loss_fn=loss_fn)
+        ref_out = model(x)
+        y = torch.randn_like(ref_out[0])
+        out = lp.step(x, target=y)
+        loss_fn(ref_out, y).backward()
+    for got, want in zip(out, ref_out):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12)
+    for n, p in model.named_parameters():
+        assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
