@@ -102,14 +102,18 @@ def _prepare(graph: fx.Graph) -> None:
 
 
 def _adopt_orphans(root: nn.Module) -> None:
-    """A module whose first call ran in an earlier stage appears as ``name@k``: give it its own name."""
-    for parent in list(root.modules()):
+    """A module whose first call ran in an earlier stage, or inside a no_grad / autocast region (a subgraph the
+    outliner does not enter), appears as ``name@k``: give it its own name."""
+    everything = list(root.modules())
+    for parent in everything:
         for name in [n for n in parent._modules if _CALL_SUFFIX.search(n)]:
             base = _CALL_SUFFIX.sub("", name)
             if base not in parent._modules:
                 mod = parent._modules.pop(name)
                 parent._modules[base] = mod
-                object.__setattr__(parent, name, mod)  # the parent's graph still calls it as ``name``
+                for holder in everything:  # every call of the parent shares its children: each graph calls ``name``
+                    if holder._modules is parent._modules:
+                        object.__setattr__(holder, name, mod)
 
 
 def _set_path(root: nn.Module, fqn: str, tensor: torch.Tensor, persistent: bool) -> None:

@@ -53,9 +53,10 @@ def materialize_module(module: fx.GraphModule, device: torch.device, index: int,
     mod = mod.to(device)
     try:
         return outline(mod), mod.graph
-    except OutlineError as err:
+    except Exception as err:  # an OutlineError, or a failure the outliner did not foresee: the flat graph still runs
+        why = str(err) if isinstance(err, OutlineError) else f"rebuilding its module tree failed ({type(err).__name__}: {err})"
         warnings.warn(f"stage {index} runs as one flat graph, so hooks on its blocks (fully_shard, parallelize_module, "
-                  f"checkpoint wrappers) will not fire: {err}", stacklevel=4)
+                      f"checkpoint wrappers) will not fire: {why}", stacklevel=4)
         return mod, mod.graph
 
 

@@ -11,7 +11,16 @@ import torch
 import transformers as T
 from torch import nn
 
-from pippy import Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBH1, ScheduleZBV, SplitPoint, pipe_split, pipeline
+from pippy import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBH1,
+    ScheduleZBV,
+    SplitPoint,
+    pipe_split,
+    pipeline,
+)
 from pippy.frontend.outline import Blocks, outline
 from pippy.recompute import enable_recompute
 from pippy.runtime.local import LocalPipeline
@@ -195,3 +204,66 @@ def test_higher_order_op_regions_outline_and_stay_transparent(sched: Any, ranks:
     stage.submod.get_submodule("g2.f").register_forward_hook(lambda *a: calls.append("g2.f"))
     stage.submod(torch.randn(2, 8, dtype=torch.float64))
     assert calls == ["g2.f"]
+
+
+class _TwiceInRegion(nn.Module):
+    """Block ``b`` called first inside a no_grad or autocast region, then again outside (a teacher signal)."""
+
+    def __init__(self, region: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.region = region
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        pipe_split()
+        with torch.no_grad() if self.region == "no_grad" else torch.autocast("cpu", dtype=torch.bfloat16):
+            e = self.b(x)  # float64 stays float64 under CPU autocast: the region is a subgraph, the numbers exact
+        return self.b(x) * e
+
+
+@pytest.mark.parametrize("sched", [ScheduleGPipe, Schedule1F1B, ScheduleZBH1], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("region", ["no_grad", "autocast"])
+def test_a_block_first_called_inside_a_region_outlines_and_trains_exactly(region: str, sched: Any) -> None:
+    """Before, the block's first call outside the region was ``b@1`` with children ``0@1``, ``1@1``; its adoption
+    as ``b`` lost the names the graph calls, and build_stage raised AttributeError: '0@1'."""
+    torch.manual_seed(0)
+    model = _TwiceInRegion(region).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    out = ref(x)
+    torch.nn.functional.mse_loss(out, y).backward()
+    pipe = pipeline(model, 4, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no stage falls back to its flat graph
+        lp = LocalPipeline(pipe, sched, num_ranks=2, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
+        got = lp.step(x, target=y)
+    assert torch.allclose(got, out, atol=1e-12, rtol=0)
+    grads = lp.named_grads()
+    for n, p in ref.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-12, rtol=0), n
+    calls: list[str] = []
+    stage = pipe.build_stage(1, "cpu")
+    stage.submod.get_submodule("b.0").register_forward_hook(lambda *a: calls.append("b.0"))
+    stage.submod(torch.randn(2, 6, dtype=torch.float64))
+    assert "b.0" in calls
+
+
+def test_an_unforeseen_outline_failure_falls_back_to_the_flat_graph_with_a_warning(monkeypatch) -> None:
+    import pippy.frontend.stagemodule as stagemodule
+
+    def broken(flat: Any) -> Any:
+        raise AttributeError("'InterpreterModule' object has no attribute '0@1'")
+
+    monkeypatch.setattr(stagemodule, "outline", broken)
+    torch.manual_seed(0)
+    model = _TwiceInRegion("no_grad").double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    with pytest.warns(UserWarning, match=r"runs as one flat graph.*AttributeError"):
+        lp = LocalPipeline(pipeline(model, 4, (x,)), Schedule1F1B, num_ranks=2, n_microbatches=4,
+                           loss_fn=torch.nn.functional.mse_loss)
+    lp.step(x, target=y)
+    for n, p in ref.named_parameters():
+        assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12, rtol=0), n
