@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     )
     from pippy.runtime.clip import clip_grad_norm_, grad_norm
     from pippy.runtime.comm import PipeCommError, PipeTimeoutError
+    from pippy.runtime.gradscaler import PipelineGradScaler
     from pippy.runtime.generate import GenerationPipe, GenerationStage, generate, pipeline_for_generation
     from pippy.runtime.schedule_names import ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, get_schedule_class
     from pippy.runtime.stage import StageError
@@ -63,6 +64,7 @@ __all__ = [
     "PipelineSchedule",
     "PipelineScheduleMulti",
     "PipelineScheduleSingle",
+    "PipelineGradScaler",
     "PipelineStage",
     "Replicate",
     "Schedule1F1B",
@@ -125,6 +127,7 @@ _WHERE = {
     "TensorChunkSpec": "pippy.microbatch",
     "clip_grad_norm_": "pippy.runtime.clip",
     "grad_norm": "pippy.runtime.clip",
+    "PipelineGradScaler": "pippy.runtime.gradscaler",
     "PipeCommError": "pippy.runtime.comm",
     "PipeTimeoutError": "pippy.runtime.comm",
     "PipelineStage": "pippy.runtime.userstage",

@@ -24,6 +24,7 @@ from torch import nn
 
 from pippy.frontend.gencheck import check_cut
 from pippy.frontend.genpipe import GenerationError, GenPlan, StageModule, cut_stage, plan_generation
+from pippy.runtime.guards import use_cuda_device
 
 __all__ = ["GenerationPipe", "GenerationStage", "pipeline_for_generation"]
 
@@ -81,6 +82,8 @@ class GenerationPipe:
         """
         module = cut_stage(self.model, self.plan, rank)
         dev = torch.device(device)
+        if dev.type == "cuda":  # a bare "cuda" gets this process's index, made current (NCCL collectives use it)
+            dev = use_cuda_device(dev, f"GenerationPipe.build_stage({rank}, {str(device)!r})", group)
         here = next(self.model.parameters()).device
         if dev != here:
             module = copy.deepcopy(module).to(dev)  # copies this stage's modules only

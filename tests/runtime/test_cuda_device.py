@@ -100,3 +100,16 @@ def test_gloo_collectives_stay_on_the_cpu(monkeypatch: pytest.MonkeyPatch, gloo:
     assert cudadevice.collective_device() is None
     cudadevice.barrier()  # a real gloo barrier, world of one
     assert fake.entered == []
+
+
+def test_generation_stages_check_and_resolve_their_cuda_device_too() -> None:
+    transformers = pytest.importorskip("transformers")
+    from pippy import pipeline_for_generation
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50,
+                                                                n_positions=32))
+    gen = pipeline_for_generation(gpt2, 2)
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    with pytest.raises(StageError, match=r"GenerationPipe.build_stage\(1, 'cuda'\): this machine has no CUDA device"):
+        gen.build_stage(1, "cuda")
