@@ -34,7 +34,7 @@ from pippy.frontend.pointwise import recompute_pointwise
 from pippy.frontend.split import StageInfo
 from pippy.frontend.stagemodule import StageModule, materialize_module
 from pippy.frontend.trainmode import effective_modes, keep_following, set_modes
-from pippy.runtime.wgrad import WeightGradTaps
+from pippy.runtime.wgrad import WeightGradTaps, one_pass_inputs
 from pippy.sim.memory import SavedBytes, held_bytes
 
 __all__ = ["Stage", "StageError"]
@@ -447,8 +447,11 @@ class Stage(StageModule):
                     mod.unshard()
             params = [p for p in self.submod.parameters() if p.requires_grad]
             if outs and params:
+                extra = one_pass_inputs(self.submod, st.inputs)  # a group norm's weights alone can crash torch
+                for x in extra:
+                    x.grad = None  # I's gradients went out already: W's copies go with the micro-batch
                 with self._compiling():
-                    torch.autograd.backward(outs, gs, inputs=params)
+                    torch.autograd.backward(outs, gs, inputs=params + extra)
         del self._state[mb]
 
     def clear(self) -> None:

@@ -7,6 +7,10 @@ one reader at a time. ``linear``, ``addmm`` and ``layer_norm`` get theirs in clo
 saved input (one matmul or reduction, no second autograd pass; ``group_norm`` too), unless the op's output or input
 is overwritten in place later (``pippy.frontend.mutation``); anything else runs a small backward
 from its tap to its own parameters (through the in-place ops that rewrote the tap, if any).
+``group_norm`` never takes that small backward: torch's backward to its weights alone crashes the
+process on a channels_last input. Its tap is the gradient edge recorded right after the op, which
+in-place writes later do not move, and a stage with a ``group_norm`` reader lacking a closed form
+takes one backward that asks for its inputs' gradients too (:func:`one_pass_inputs`).
 
     >>> import torch
     >>> from pippy import pipeline
@@ -31,24 +35,26 @@ from torch.autograd.graph import get_gradient_edge
 from pippy.frontend.mutation import written_after
 from pippy.frontend.params import tensor_at
 
-__all__ = ["ClosedForm", "WeightGradTaps"]
+__all__ = ["ClosedForm", "WeightGradTaps", "one_pass_inputs"]
 
 _LINEAR = "aten.linear.default"
 _ADDMM = "aten.addmm.default"
 _LAYER_NORM = "aten.layer_norm.default"
 _GROUP_NORM = "aten.group_norm.default"
+_GROUP_NORMS = (_GROUP_NORM, "aten.native_group_norm.default")
 
 
 @dataclass(frozen=True, slots=True)
 class ClosedForm:
     """A tap whose weight gradient has a closed form: ``kind`` is linear, addmm, layer_norm or group_norm.
+    ``weight`` is None only for a group_norm whose weight is frozen (its bias trains).
 
         >>> ClosedForm("linear", torch.nn.Parameter(torch.ones(2, 2)), None).kind
         'linear'
     """
 
     kind: str
-    weight: nn.Parameter
+    weight: nn.Parameter | None
     bias: nn.Parameter | None
     eps: float = 0.0
     groups: int = 1  # group_norm's
@@ -67,11 +73,13 @@ class ClosedForm:
         with torch.no_grad():
             if self.kind == "group_norm":  # per channel (dim 1): dW = sum(g * x_hat), db = sum(g)
                 dims = [d for d in range(g.dim()) if d != 1]
-                x_hat = torch.nn.functional.group_norm(x.detach(), self.groups, eps=self.eps)
-                _add_grad(self.weight, (g * x_hat).sum(dims))
+                if self.weight is not None:
+                    x_hat = torch.nn.functional.group_norm(x.detach(), self.groups, eps=self.eps)
+                    _add_grad(self.weight, (g * x_hat).sum(dims))
                 if self.bias is not None:
                     _add_grad(self.bias, g.sum(dims))
                 return
+            assert self.weight is not None, f"{self.kind}: only group_norm's closed form takes a frozen weight"
             g2 = g.reshape(-1, g.shape[-1])
             x2 = x.detach().reshape(-1, x.shape[-1])
             if self.kind == "layer_norm":
@@ -120,17 +128,24 @@ class WeightGradTaps:
     def __init__(self, gm: fx.GraphModule) -> None:
         taps, self.exact = _tap_nodes(gm)
         found = [_closed_form_of(n, gm) if self.exact else None for n, _ in taps]
-        # a closed form needs the op's own output gradient and input: neither may be overwritten in place
-        # later (``y = linear(x); y.relu_()`` makes I's gradient at y the one after the ReLU)
-        found = [None if f is None or written_after(n) or written_after(f[1], after=n) else f
-                 for f, (n, _) in zip(found, taps)]
+        # a closed form needs the op's own input and output gradient: the input may not be overwritten in place
+        # later, nor the output (``y = linear(x); y.relu_()`` makes I's gradient at y the one after the ReLU),
+        # except a group_norm's, whose tap is then the edge recorded right after it (the gradient before the write)
+        found = [None if f is None or written_after(f[1], after=n) or (written_after(n) and f[0] != "group_norm")
+                 else f for f, (n, _) in zip(found, taps)]
+        edge_now = [n for f, (n, _) in zip(found, taps) if f is not None and written_after(n)]
+        if any(f is None and str(n.target) in _GROUP_NORMS for f, (n, _) in zip(found, taps)):
+            # its small backward to the weights alone would crash torch on a channels_last input: one backward
+            # for the stage instead, which asks for the inputs' gradients too (``one_pass_inputs``)
+            self.exact, found = False, [None] * len(taps)
         aux = [f[1] for f in found if f is not None]  # inputs of the closed-form ops, already saved by autograd
-        self.module = _with_outputs(gm, [n for n, _ in taps] + aux)
+        self.module = _with_outputs(gm, [n for n, _ in taps], aux, edge_now)
         self.num_taps = len(taps)
         self.params: list[list[nn.Parameter]] = [[gm.get_parameter(f) for f in fqns] for _, fqns in taps]
         self.forms: list[ClosedForm | None] = [
             None if f is None else ClosedForm(
-                f[0], gm.get_parameter(f[2]), None if f[3] is None else gm.get_parameter(f[3]), f[4], f[5]
+                f[0], None if f[2] is None else gm.get_parameter(f[2]),
+                None if f[3] is None else gm.get_parameter(f[3]), f[4], f[5]
             )
             for f in found
         ]
@@ -145,7 +160,8 @@ class WeightGradTaps:
         only a residual add reads).
         """
         extra = list(res[n_out:])
-        edges = [[get_gradient_edge(t) for t in grad_leaves([tap])] for tap in extra[: self.num_taps]]
+        edges = [tap.edges if isinstance(tap, _Edges) else [get_gradient_edge(t) for t in grad_leaves([tap])]
+                 for tap in extra[: self.num_taps]]
         return tuple(res[:n_out]), edges, extra[self.num_taps :]
 
     def slim(self, taps: Sequence[Any], aux: Sequence[Any]) -> list[Any]:
@@ -188,7 +204,9 @@ def _tap_nodes(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, list[str]]], boo
     return list(reads.items()), exact
 
 
-def _closed_form_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node, str, str | None, float, int] | None:
+def _closed_form_of(
+    node: fx.Node, gm: fx.GraphModule
+) -> tuple[str, fx.Node, str | None, str | None, float, int] | None:
     """For ``linear(x, W, b)`` / ``addmm(b, x, W)`` / ``layer_norm(x, shape, W, b, eps)`` /
     ``group_norm(x, groups, W, b, eps)`` reading trainable W (and b): (kind, x, W fqn, b fqn, eps, groups);
     None for anything else. (group_norm's also avoids torch's crash in its backward to the weights alone
@@ -220,17 +238,54 @@ def _closed_form_of(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node, st
             eps = float(node.args[4]) if len(node.args) > 4 else 1e-5  # type: ignore[arg-type]
             return ("layer_norm", node.args[0], w, b, eps, 1)
     if target == _GROUP_NORM and len(node.args) >= 4 and isinstance(node.args[1], int):
-        w, b = param(node.args[2]), param(node.args[3])
-        if w is not None and (node.args[3] is None or b is not None):
+        w, b = param(node.args[2]), param(node.args[3])  # dW needs no b, db no W: either may be frozen
+        if w is not None or b is not None:
             eps = float(node.args[4]) if len(node.args) > 4 else 1e-5  # type: ignore[arg-type]
             return ("group_norm", node.args[0], w, b, eps, node.args[1])
     return None
 
 
-def _with_outputs(gm: fx.GraphModule, extra: list[fx.Node]) -> fx.GraphModule:
-    """A copy of ``gm`` that also returns the values of ``extra`` (after the normal outputs)."""
+class _Edges:
+    """The gradient edges of a value as it was when recorded (in-place writes later give the value new ones)."""
+
+    __slots__ = ("edges",)
+
+    def __init__(self, edges: list[Any]) -> None:
+        self.edges = edges
+
+
+def _edges_now(t: Any) -> _Edges:
+    return _Edges([get_gradient_edge(t)] if isinstance(t, torch.Tensor) and t.requires_grad else [])
+
+
+def _with_outputs(gm: fx.GraphModule, taps: list[fx.Node], aux: list[fx.Node], edge_now: list[fx.Node]) -> fx.GraphModule:
+    """A copy of ``gm`` that also returns the values of ``taps`` and ``aux`` (after the normal outputs); for a
+    tap in ``edge_now``, its gradient edges recorded right after it runs instead (an :class:`_Edges`)."""
     g = copy.deepcopy(gm.graph)
     by_name = {n.name: n for n in g.nodes}
     out = next(n for n in g.nodes if n.op == "output")
-    out.args = ((*out.args[0], *(by_name[t.name] for t in extra)),)
+    recorded = {}
+    for n in edge_now:
+        with g.inserting_after(by_name[n.name]):
+            recorded[n.name] = g.call_function(_edges_now, (by_name[n.name],))
+    new = [recorded.get(t.name, by_name[t.name]) for t in taps] + [by_name[t.name] for t in aux]
+    out.args = ((*out.args[0], *new),)
     return fx.GraphModule(gm, g)
+
+
+def one_pass_inputs(module: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
+    """The inputs needing a gradient that a stage's one-backward W pass asks for besides its parameters, when
+    ``module`` may run a group norm (none otherwise): torch's backward to a group norm's weights alone, its input's
+    gradient unasked, crashes the process on a channels_last input; with every leaf asked for, it is computed.
+
+        >>> x = torch.ones(1, 2, 3, 3, requires_grad=True)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1), torch.nn.GroupNorm(2, 4))
+        >>> [t is x for t in one_pass_inputs(net, [x, 3, torch.ones(1)])], one_pass_inputs(torch.nn.Linear(2, 2), [x])
+        ([True], [])
+    """
+    for m in module.modules():  # traced graphs (unflattened ones too: their modules hold graphs) and GroupNorm modules
+        graph = getattr(m, "graph", None)
+        if isinstance(m, nn.GroupNorm) or (isinstance(graph, fx.Graph) and any(
+                n.op == "call_function" and str(n.target) in _GROUP_NORMS for n in graph.nodes)):
+            return [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    return []
