@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from models import MarkedMLP, gpt2, lm_loss
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pippy import Schedule1F1B, SplitPoint, pipeline
 from pippy.recompute import disable_recompute, enable_recompute
@@ -95,3 +97,50 @@ def test_full_recompute_moves_running_statistics_once() -> None:
                 torch.testing.assert_close(state[name], want, rtol=0, atol=1e-15, msg=name)
         for n, p in ref.named_parameters():
             torch.testing.assert_close(lp.named_grads()[n], p.grad, rtol=0, atol=1e-12, msg=n)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (a stream sync on CUDA)."""
+
+    OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in self.OPS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_full_recompute_keeps_running_statistics_without_reading_them() -> None:
+    """The recompute puts a batch norm's statistics back without comparing values (a host sync per buffer and
+    micro-batch on CUDA): what to restore follows from the mode; every number equals the run without recompute."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+                                for _ in range(4)]).double()
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    runs = []
+    for recompute in (False, True):
+        pipe = pipeline(copy.deepcopy(net), 4, (x,), split_spec={"1": SplitPoint.END})
+        lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss,
+                           loss_reduction="mean")
+        for st in lp.stages if recompute else ():
+            enable_recompute(st)
+        outs = []
+        for train in (True, True, False):
+            for st in lp.stages:
+                st.submod.train(train)
+            with _HostSyncs() as syncs:
+                outs.append(lp.step(x, target=y))
+            assert syncs.calls == [], (recompute, train, syncs.calls)
+        runs.append((outs, lp.named_grads(), {k: v for st in lp.stages for k, v in st.state_dict().items()}))
+    (want, want_grads, want_state), (got, got_grads, got_state) = runs
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert want_grads.keys() == got_grads.keys() and want_state.keys() == got_state.keys()
+    for name, g in want_grads.items():
+        assert torch.equal(got_grads[name], g), name
+    for name, v in want_state.items():
+        assert torch.equal(got_state[name], v), name

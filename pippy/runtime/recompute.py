@@ -63,7 +63,7 @@ def enable_recompute(stage: HoldsModule | nn.Module, policy: Literal["full", "po
         return []
     inner = mod.forward
     mod.__dict__[_ORIG] = inner
-    stats = _norm_statistics(mod)  # what a norm updates in forward; its backward never reads them in train mode
+    stats = _norm_statistics(mod)  # where a norm may update buffers in forward
 
     def contexts() -> tuple[Any, Any]:
         return contextlib.nullcontext(), _KeepBuffers(mod, stats)
@@ -77,43 +77,74 @@ def enable_recompute(stage: HoldsModule | nn.Module, policy: Literal["full", "po
     return []
 
 
-def _norm_statistics(mod: nn.Module) -> set[str]:
-    """The buffers of ``mod`` that a norm in it may update: ``running_mean`` / ``running_var`` / the batch count of
-    norm modules, and the buffers a traced graph passes to a ``*_norm`` op."""
+# aten norms that write running statistics (args 3 and 4) when the flag at this index is true (True: always)
+_STAT_WRITERS: dict[str, int | bool] = {
+    "batch_norm": 5, "native_batch_norm": 5, "_native_batch_norm_legit": 5, "cudnn_batch_norm": 5,
+    "miopen_batch_norm": 5, "_batch_norm_impl_index": 5, "instance_norm": 5, "_batch_norm_with_update": True,
+}
+_FLAG_NAMES = ("training", "use_input_stats", "train")
+
+
+def _norm_statistics(mod: nn.Module) -> list[tuple[Any, list[str]]]:
+    """Where ``mod``'s norms may update buffers in forward: (norm module or traced node, buffer names) pairs, the
+    ``running_mean`` / ``running_var`` / batch count of norm modules and the statistics a traced norm op is passed
+    (its count: a traced ``num_batches_tracked += n``). :func:`_writes` says whether one writes in its current mode."""
     buffers = {n for n, _ in mod.named_buffers()}
-    names: set[str] = set()
+    out: list[tuple[Any, list[str]]] = []
     for prefix, sub in mod.named_modules():
         pre = f"{prefix}." if prefix else ""
         if isinstance(sub, nn.modules.batchnorm._NormBase):
-            names.update(pre + n for n in ("running_mean", "running_var", "num_batches_tracked"))
+            out.append((sub, [pre + n for n in ("running_mean", "running_var", "num_batches_tracked")]))
         graph = getattr(sub, "graph", None)  # a GraphModule, or export's InterpreterModule
         if isinstance(graph, fx.Graph):
             for node in graph.nodes:
-                if node.op == "call_function" and "norm" in str(node.target):
-                    names.update(pre + str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr")
-    names.update(b for b in buffers if b.rsplit(".", 1)[-1] == "num_batches_tracked")  # a traced norm's count
-    return names & buffers
+                op = str(node.target).split(".")[1] if str(node.target).startswith("aten.") else ""
+                args = node.args[3:5] if op in _STAT_WRITERS else node.args[:1] if op == "add_" else ()
+                names = [pre + str(a.target) for a in args if isinstance(a, fx.Node) and a.op == "get_attr"]
+                if op == "add_":
+                    names = [n for n in names if n.rsplit(".", 1)[-1] == "num_batches_tracked"]
+                if names:
+                    out.append((node, names))
+    return [(src, [n for n in names if n in buffers]) for src, names in out if any(n in buffers for n in names)]
+
+
+def _writes(src: Any) -> bool:
+    """Whether a norm module or traced op from :func:`_norm_statistics` writes its statistics now (its current mode;
+    a traced graph's mode constants follow the modules, ``pippy.frontend.trainmode``), known without reading values."""
+    if isinstance(src, nn.Module):
+        return bool(src.training and src.track_running_stats)  # type: ignore[attr-defined]
+    op = str(src.target).split(".")[1]
+    if op == "add_":  # a count: ``+= 0`` in eval mode
+        other = src.kwargs.get("other", src.args[1] if len(src.args) > 1 else 1)
+        return not (isinstance(other, int | float) and other == 0)
+    at = _STAT_WRITERS[op]
+    if at is True:
+        return True
+    flag = next((src.kwargs[k] for k in _FLAG_NAMES if k in src.kwargs), src.args[at] if len(src.args) > at else True)
+    return bool(flag)
 
 
 class _KeepBuffers:
     """Around the recompute in backward: put back the norms' running statistics, so that they move once per forward,
-    not again when backward runs it a second time. Only a value that changed is written back (in eval mode the
-    recompute saved the statistics themselves for backward, and a write would bump their version)."""
+    not again when backward runs it a second time. Only the statistics the norms write in their current mode are
+    saved and written back, decided from the modes, never from the values (reading a value would sync a GPU with its
+    host per buffer and micro-batch): in eval mode the recompute saved the statistics themselves for backward, and a
+    write would bump their version."""
 
-    def __init__(self, mod: nn.Module, written: set[str]) -> None:
-        self.mod, self.written = mod, written
+    def __init__(self, mod: nn.Module, sources: list[tuple[Any, list[str]]]) -> None:
+        self.mod, self.sources = mod, sources
         self.saved: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> None:
-        bufs = dict(self.mod.named_buffers())
-        self.saved = {n: bufs[n].detach().clone() for n in self.written if n in bufs}
+        written = {n for src, names in self.sources if _writes(src) for n in names}
+        bufs = dict(self.mod.named_buffers()) if written else {}
+        self.saved = {n: bufs[n].detach().clone() for n in written if n in bufs}
 
     def __exit__(self, *exc: object) -> None:
-        bufs = dict(self.mod.named_buffers())
+        bufs = dict(self.mod.named_buffers()) if self.saved else {}
         with torch.no_grad():
             for n, value in self.saved.items():
-                if not torch.equal(bufs[n], value):
-                    bufs[n].copy_(value)
+                bufs[n].copy_(value)
 
 
 def disable_recompute(stage: HoldsModule | nn.Module) -> None:
