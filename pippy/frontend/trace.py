@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from typing import Any
@@ -233,6 +234,13 @@ def trace_count() -> int:
     return _TRACES[0]
 
 
+# torch.export warns that an RNN's ``_flat_weights`` (its list of references to its own registered parameters,
+# rebuilt when they are swapped for the trace) were "assigned during export"; it restores them, and every traced RNN
+# says so. Only a warning that names nothing but such entries is dropped.
+_FLAT_WEIGHT = r"self[\w.]*\._flat_weights\[\d+\]"
+_RNN_FLAT_WEIGHTS = rf"The tensor attributes? {_FLAT_WEIGHT}(?:, {_FLAT_WEIGHT})* (?:was|were) assigned during export\."
+
+
 def export_module(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, dynamic_shapes: Any = None
 ) -> torch.export.ExportedProgram:
@@ -260,7 +268,9 @@ def export_module(
     _TRACES[0] += 1
     with no_kv_cache(module):  # the failure's diagnosis runs forward as the trace did
         try:
-            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_RNN_FLAT_WEIGHTS, category=UserWarning)
+                return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:  # torch.export raises many types; we wrap them all
             raise PipeTraceError(explain_trace_failure(module, args, kwargs, exc)) from exc
 
