@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     )
     from pippy.runtime.clip import clip_grad_norm_, grad_norm
     from pippy.runtime.comm import PipeCommError, PipeTimeoutError
-    from pippy.runtime.gradscaler import PipelineGradScaler
     from pippy.runtime.generate import GenerationPipe, GenerationStage, generate, pipeline_for_generation
+    from pippy.runtime.gradscaler import PipelineGradScaler
     from pippy.runtime.schedule_names import ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, get_schedule_class
     from pippy.runtime.stage import StageError
     from pippy.runtime.userstage import PipelineStage
@@ -61,10 +61,10 @@ __all__ = [
     "PipeCommError",
     "PipeTimeoutError",
     "PipeTraceError",
+    "PipelineGradScaler",
     "PipelineSchedule",
     "PipelineScheduleMulti",
     "PipelineScheduleSingle",
-    "PipelineGradScaler",
     "PipelineStage",
     "Replicate",
     "Schedule1F1B",
