@@ -132,8 +132,9 @@ class Transport(Protocol):
     def irecv(self, buffer: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
         """Start receiving into ``buffer`` from ``peer`` (``ctx`` names the receive if posting fails)."""
 
-    def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
-        """Wait for ``handle``; raises PipeTimeoutError naming ``ctx`` after ``timeout`` seconds."""
+    def wait(self, handle: Any, ctx: WaitContext, host: bool = False) -> Iterator[None]:
+        """Wait for ``handle``; raises PipeTimeoutError naming ``ctx`` after ``timeout`` seconds. ``host``: the
+        caller reads the message on the host next (a shape header), so it must be in there, not only on the device."""
 
     def done(self, handle: Any) -> bool:
         """True when ``handle`` has completed (non-blocking)."""
@@ -359,8 +360,11 @@ class DistTransport:
         handle.watch(self.timeout)
         return handle.finished.is_set()
 
-    def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
+    def wait(self, handle: Any, ctx: WaitContext, host: bool = False) -> Iterator[None]:
         """Block until done or ``timeout`` seconds pass (then raise PipeTimeoutError).
+
+        On NCCL only the compute stream waits (see :meth:`settle`), unless ``host``: a value read on the host next
+        (a shape header) is waited for there, within the timeout, with every message waited for before it.
 
         With a failure board, the wait runs on a watcher thread while this one checks the board
         every 50 ms: when another rank posted a failure, raise PipeAbortedError at once.
@@ -374,7 +378,7 @@ class DistTransport:
             elif self._stream_waits:  # (a wait with a timeout would hold the host until the message is in)
                 self._unsettled.append((handle, ctx, time.monotonic() + self.timeout))
                 ok = handle.wait()
-                self._check_oldest()
+                self._check_oldest(block=host)
             else:
                 ok = handle.wait(timeout=timedelta(seconds=self.timeout))
         except PipeCommError:

@@ -99,8 +99,9 @@ class _Link:
             handle, _, done_ctx = self.pending.popleft()
             yield from self.t.wait(handle, done_ctx)  # returns at once; raises if that send failed
 
-    def recv(self, buf: torch.Tensor, peer: int, tag: int, ctx: WaitContext) -> Generator[None, None, torch.Tensor]:
-        yield from self.t.wait(self.t.irecv(buf, peer, tag, ctx), ctx)
+    def recv(self, buf: torch.Tensor, peer: int, tag: int, ctx: WaitContext, host: bool = False
+             ) -> Generator[None, None, torch.Tensor]:
+        yield from self.t.wait(self.t.irecv(buf, peer, tag, ctx), ctx, host=host)
         self.moved += 1
         return buf
 
@@ -238,7 +239,7 @@ def run_rank(stage: GenerationStage, transport: Transport, req: Request) -> Gene
                 expected.append((g, t))
             eg, et = expected.popleft()
             what = f"group {eg}, token step {et}: next tokens from the last stage"
-            yield from link.recv(ring, last, _TAG_TOK, link.ctx("RECV_F", eg, last, what))
+            yield from link.recv(ring, last, _TAG_TOK, link.ctx("RECV_F", eg, last, what), host=True)
             g, t, done = ring[:3].tolist()
             if (g, t) != (eg, et):
                 raise PipeCommError(
@@ -256,7 +257,7 @@ def run_rank(stage: GenerationStage, transport: Transport, req: Request) -> Gene
         hdr = torch.empty(6, dtype=torch.int64, device=dev)
         what = "hidden states of group 0, token step 0 (the first message)"
         while True:
-            yield from link.recv(hdr, prev, _TAG_HDR, link.ctx("RECV_F", -1, prev, what))
+            yield from link.recv(hdr, prev, _TAG_HDR, link.ctx("RECV_F", -1, prev, what), host=True)
             kind, g, t, b, seq, h = hdr.tolist()
             if kind == _STOP:
                 if not stage.is_last:

@@ -110,8 +110,8 @@ class LocalTransport:
                 h.buffer.copy_(msg)
             h.done = True
 
-    def wait(self, handle: Any, ctx: WaitContext) -> Iterator[None]:
-        """Yield until the message is there; the driver detects a stall across all ranks."""
+    def wait(self, handle: Any, ctx: WaitContext, host: bool = False) -> Iterator[None]:
+        """Yield until the message is there (``host`` changes nothing in-process); the driver detects a stall."""
         while True:
             self._poll(handle)
             if handle.done:

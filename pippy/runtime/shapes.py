@@ -114,7 +114,7 @@ class Incoming:
         if self.handle is None:
             self.handle = self._post_first()
         if self.payload is None and self.meta.is_tensor and self.meta.dynamic:
-            yield from self.transport.wait(self.handle, self.ctx)
+            yield from self.transport.wait(self.handle, self.ctx, host=True)  # the header is read on the host
             self.header_in = True
             self.value = torch.empty(self._announced(), dtype=self.meta.dtype, device=self.device)
             self.payload = self.transport.irecv(self.value, self.peer, self.tag, self.ctx)
@@ -122,8 +122,8 @@ class Incoming:
     def wait(self) -> Iterator[None]:
         """Wait for the whole value (header first); sets ``value`` and, for a tensor, ``shape``."""
         yield from self.open()
-        if not self.header_in:
-            yield from self.transport.wait(self.handle, self.ctx)
+        if not self.header_in:  # a header or a number, read on the host (a static tensor only on the device)
+            yield from self.transport.wait(self.handle, self.ctx, host=bool(self.meta.varies or self.meta.dynamic))
         if self.meta.varies:
             x = self.first.item()
             self.value = int(x) if self.first.dtype == torch.int64 else float(x)

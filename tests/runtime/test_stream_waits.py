@@ -74,3 +74,16 @@ def test_a_failed_message_raises_a_comm_error_naming_the_peer() -> None:
                                             r"rank 0 probably exited"):
         list(t.wait(FakeWork(fails=True), CTX))  # reported by the backend as soon as it is asked
     assert not t._unsettled
+
+
+def test_a_value_read_on_the_host_is_waited_for_there_within_the_timeout() -> None:
+    """A shape header (or the generation ring's tokens) is read on the host next: its wait must hold the host, bounded
+    (reading it unwaited would block in the device sync with no deadline)."""
+    t = _nccl(timeout=0.2)
+    ready = FakeWork(done_after=0.1)
+    start = time.monotonic()
+    list(t.wait(ready, CTX, host=True))
+    assert 0.1 <= time.monotonic() - start < 0.5 and not t._unsettled
+    with pytest.raises(PipeTimeoutError, match="2RECV_F3"):
+        list(t.wait(FakeWork(done_after=None), CTX, host=True))
+    assert time.monotonic() - start < 1.0
