@@ -112,6 +112,12 @@ class SplitPipe:
         self.local_whole_failed: set[Any] = set()
         self._live: dict[int, weakref.ref[Any]] = {}  # stage index -> the built stage of this process
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickles: everything but the live model and this process's built stages (weak references)."""
+        state = dict(self.__dict__)
+        state["_source"], state["_live"] = None, {}
+        return state
+
     @property
     def num_stages(self) -> int:
         """Number of stages."""

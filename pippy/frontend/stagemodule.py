@@ -142,13 +142,17 @@ class StageModule:
         """This stage's parameters (for an optimizer)."""
         return self.submod.parameters()
 
-    def state_dict(self) -> dict[str, Any]:
-        """This stage's state, keyed by the original model's FQNs (export's lifted constants left out)."""
-        return {k: v for k, v in self.unwrapped.state_dict().items() if not is_lifted_constant(k)}
+    def state_dict(self, *, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        """This stage's state, keyed by the original model's FQNs (export's lifted constants left out); ``prefix`` and
+        ``keep_vars`` as for ``nn.Module.state_dict``."""
+        return {prefix + k: v for k, v in self.unwrapped.state_dict(keep_vars=keep_vars).items()
+                if not is_lifted_constant(k)}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load this stage's tensors by the original model's FQNs (what :meth:`state_dict` gives); returns
         ``nn.Module.load_state_dict``'s missing / unexpected keys (export's lifted constants never count missing).
+        ``assign=True`` makes the given tensors the stage's own (as ``nn.Module.load_state_dict``); an optimizer built
+        before then still holds the old ones.
 
             >>> import torch
             >>> from pippy import pipeline
@@ -157,7 +161,7 @@ class StageModule:
             >>> stage.load_state_dict({"weight": torch.eye(2), "bias": torch.zeros(2)})
             <All keys matched successfully>
         """
-        res = self.unwrapped.load_state_dict(state_dict, strict=False)
+        res = self.unwrapped.load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in res.missing_keys if not is_lifted_constant(k)]
         if strict and (missing or res.unexpected_keys):
             raise RuntimeError(

@@ -82,6 +82,7 @@ class LocalPipeline:
         """Forward only over all ranks; returns the merged output (``target=`` / ``losses=`` / ``loss_kwargs=`` as in
         :meth:`pippy.runtime.schedule_base.PipelineSchedule.eval`)."""
         opts = eval_options(self.pipe, kwargs)
+        self.schedules[0].note_unused_target(opts)
         with torch.no_grad():
             return self._drive(args, kwargs, opts.get("target"), opts.get("losses"), training=False,
                                loss_kwargs=opts.get("loss_kwargs"))
@@ -101,6 +102,9 @@ class LocalPipeline:
         except BaseException as exc:
             for t in self.transports:
                 t.reset()  # nothing stays in flight, so the schedules stay usable
+            low = min(sch._calls for sch in self.schedules)  # ranks refused before counting the step: count in step
+            for sch in self.schedules:  # again (their messages' tags follow the count)
+                sch._calls = low
             for r, run in enumerate(runs):  # a rank that had not begun holds nothing yet
                 run.abort(exc, in_flight=False, raised_here=r == self._advancing)
             raise

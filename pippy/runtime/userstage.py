@@ -7,7 +7,6 @@ Calling a traced pipe's stage runs a forward-only pipeline (``stage(x)`` on the 
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -33,14 +32,13 @@ class _StageCall(_ScheduleForwardOnly):
     stage_call = True  # its messages say "stage(x)", what the user called
 
 
-_CALL_SCHEDULES: weakref.WeakKeyDictionary[Stage, PipelineSchedule] = weakref.WeakKeyDictionary()
-
-
 def _stage_call_schedule(stage: Stage) -> PipelineSchedule:
-    """The forward-only schedule behind ``stage(x)``, built once per stage (the stage itself holds none)."""
-    sched = _CALL_SCHEDULES.get(stage)
+    """The forward-only schedule behind ``stage(x)``, built once per stage and held by it (a cycle the garbage
+    collector frees with the stage; a global table keyed by the stage would keep it, and its waiter thread, for good)."""
+    sched: PipelineSchedule | None = stage.__dict__.get("_pippy_call_schedule")
     if sched is None:
-        sched = _CALL_SCHEDULES[stage] = _StageCall(stage, stage.pipe.num_chunks)
+        sched = _StageCall(stage, stage.pipe.num_chunks)
+        stage.__dict__["_pippy_call_schedule"] = sched
     return sched
 
 

@@ -92,3 +92,19 @@ def test_graph_state_keeps_names_ops_and_the_metadata_pippy_reads() -> None:
     assert ny.meta["nn_module_stack"] == {"L__self__": ("", "M")} and ny.meta["pippy_traced_arg"] == (5, "training", True)
     assert ny.meta["val"].shape == (2, 3) and ny.meta["val"].is_meta and "from_node" not in ny.meta
     assert ny.target is torch.ops.aten.linear.default and list(back.nodes)[3].target is torch.ops.aten.add
+
+
+def test_a_pipe_pickles_without_its_live_model_and_trains_like_the_original() -> None:
+    """A pipe refers weakly to the model it traced and to this process's built stages; a pickled copy leaves them out
+    (they do not pickle) and builds and trains its own stages exactly as the original does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    pipe = pipeline(model, 2, (X,), split_spec={"1": SplitPoint.END})
+    pipe.build_stage(0, "cpu")  # a live stage: a weak reference in the pipe
+    copied = pickle.loads(pickle.dumps(pipe))
+    assert copied.source_model() is None and copied.num_stages == 2
+    runs = [LocalPipeline(p, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=mse) for p in (pipe, copied)]
+    for lp in runs:
+        lp.step(X, target=Y)
+    a, b = (lp.named_grads() for lp in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
