@@ -314,12 +314,6 @@ class PipelineSchedule(StepInputsMixin):
             raise StageError(f"{self.name} is a forward-only schedule; use eval(), or a training schedule for step()")
         self._refuse_if_stale()
         try:
-            if self.n_microbatches != plan.n_microbatches:
-                raise ValueError(
-                    f"{self.name}: rank {self.rank}, action step start: n_microbatches is {self.n_microbatches}, but "
-                    f"this schedule was built (and its order made) for {plan.n_microbatches}. Expected it unchanged "
-                    "after construction: build a new schedule with the new count on every rank"
-                )
             if self.pipe is not self.stages[0].pipe:  # hand-cut stages whose shapes another schedule learned
                 self.pipe = self.stages[0].pipe
                 self._set_loss_fn(self._loss)
@@ -333,7 +327,7 @@ class PipelineSchedule(StepInputsMixin):
                 self._set_loss_fn(self._loss)  # the model's own loss output, if any, is known now
                 self._executors.clear()  # their message plans were made for the shapes before
                 self._agreed = False
-            inp = self._inputs(args, kwargs, target, training, loss_kwargs)
+            inp = self._inputs(args, kwargs, target, training, loss_kwargs, built_for=plan.n_microbatches)
         except Exception as exc:  # bad input on this rank: the others would wait for it until their timeout
             self._tell_others(f"rank {self.rank}, before its step", exc)
             raise
@@ -457,13 +451,6 @@ class PipelineSchedule(StepInputsMixin):
         if losses is not None and not hasattr(losses, "extend"):
             raise TypeError(f"{self.name}: rank {self.rank}: step(losses=...) must be a list that gets each "
                             f"micro-batch's loss appended, got {type(losses).__name__}; pass losses=[]")
-
-    def note_unused_target(self, opts: dict[str, Any]) -> None:
-        """Warn (once) when ``eval()`` gets ``target=`` / ``losses=`` but nothing gives a loss to compute with them."""
-        if not self.trains and (opts.get("target") is not None or opts.get("losses") is not None):
-            self._warn_once("eval target", f"{type(self).__name__}.eval() got target= / losses=, but the schedule has "
-                            "no loss_fn and the model's output has no loss: the target is not used and losses stays "
-                            "empty. Pass loss_fn=... to the schedule to get each micro-batch's loss")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

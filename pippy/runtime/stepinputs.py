@@ -39,10 +39,17 @@ class StepInputsMixin:
     _probe_loss: bool
     holds: Callable[[int], bool]  # the schedule's: whether this rank holds a stage
     _warn_once: Callable[[str, str], None]
+    trains: bool  # the schedule's: whether something gives a loss
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool,
-                loss_kwargs: dict[str, Any] | None = None) -> StepInputs:
+                loss_kwargs: dict[str, Any] | None = None, built_for: int | None = None) -> StepInputs:
         m = self.n_microbatches
+        if built_for is not None and m != built_for:
+            raise ValueError(
+                f"{self.name}: rank {self.rank}, action step start: n_microbatches is {m}, but this schedule was "
+                f"built (and its order made) for {built_for}. Expected it unchanged after construction: build a new "
+                "schedule with the new count on every rank"
+            )
         now, traced = autocast_state(), getattr(self.pipe, "traced_autocast", None)
         if now != traced and not getattr(self.pipe, "manual", False):
             def say(state: tuple[str, str] | None) -> str:
@@ -104,6 +111,13 @@ class StepInputsMixin:
             probe = functools.partial(self._measured_scale, tspec, loss_fn)
         return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
                           counts=counts, stage_kwargs=stage_kwargs)
+
+    def note_unused_target(self, opts: dict[str, Any]) -> None:
+        """Warn (once) when ``eval()`` gets ``target=`` / ``losses=`` but nothing gives a loss to compute with them."""
+        if not self.trains and (opts.get("target") is not None or opts.get("losses") is not None):
+            self._warn_once("eval target", f"{type(self).__name__}.eval() got target= / losses=, but the schedule has "
+                            "no loss_fn and the model's output has no loss: the target is not used and losses stays "
+                            "empty. Pass loss_fn=... to the schedule to get each micro-batch's loss")
 
     def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor], out: Any, target: Any,
                         loss: torch.Tensor) -> float:
