@@ -179,12 +179,10 @@ class _Regions(nn.Module):
         return self.out(x)
 
 
-@pytest.mark.parametrize(("sched", "ranks"), [(Schedule1F1B, 4), (ScheduleZBH1, 4), (ScheduleZBV, 2)],
-                         ids=["1f1b", "zbh1", "zbv"])
-def test_higher_order_op_regions_outline_and_stay_transparent(sched: Any, ranks: int) -> None:
-    torch.manual_seed(0)
-    model = _Regions().double()
-    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+def _outlined_step_is_exact(model: nn.Module, d: int, sched: Any, ranks: int) -> Any:
+    """One step of ``model`` (inputs and targets of width ``d``) under ``sched``, with no stage falling back to its flat
+    graph: output and every gradient as the plain model's (1e-12); returns the pipe."""
+    x, y = torch.randn(8, d, dtype=torch.float64), torch.randn(8, d, dtype=torch.float64)
     ref = copy.deepcopy(model)
     out = ref(x)
     torch.nn.functional.mse_loss(out, y).backward()
@@ -193,12 +191,20 @@ def test_higher_order_op_regions_outline_and_stay_transparent(sched: Any, ranks:
         warnings.simplefilter("error")  # no stage falls back to its flat graph
         lp = LocalPipeline(pipe, sched, num_ranks=ranks, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
         got = lp.step(x, target=y)
-    assert torch.allclose(got, out, atol=1e-12)
+    assert torch.allclose(got, out, atol=1e-12, rtol=0)
     grads = lp.named_grads()
     for n, p in ref.named_parameters():
         assert (grads.get(n) is None) == (p.grad is None), n
         if p.grad is not None:
-            assert torch.allclose(grads[n], p.grad, atol=1e-12), n
+            assert torch.allclose(grads[n], p.grad, atol=1e-12, rtol=0), n
+    return pipe
+
+
+@pytest.mark.parametrize(("sched", "ranks"), [(Schedule1F1B, 4), (ScheduleZBH1, 4), (ScheduleZBV, 2)],
+                         ids=["1f1b", "zbh1", "zbv"])
+def test_higher_order_op_regions_outline_and_stay_transparent(sched: Any, ranks: int) -> None:
+    torch.manual_seed(0)
+    pipe = _outlined_step_is_exact(_Regions().double(), 8, sched, ranks)
     calls: list[str] = []
     stage = pipe.build_stage(2, "cpu")
     stage.submod.get_submodule("g2.f").register_forward_hook(lambda *a: calls.append("g2.f"))
@@ -228,20 +234,7 @@ def test_a_block_first_called_inside_a_region_outlines_and_trains_exactly(region
     """Before, the block's first call outside the region was ``b@1`` with children ``0@1``, ``1@1``; its adoption
     as ``b`` lost the names the graph calls, and build_stage raised AttributeError: '0@1'."""
     torch.manual_seed(0)
-    model = _TwiceInRegion(region).double()
-    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
-    ref = copy.deepcopy(model)
-    out = ref(x)
-    torch.nn.functional.mse_loss(out, y).backward()
-    pipe = pipeline(model, 4, (x,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no stage falls back to its flat graph
-        lp = LocalPipeline(pipe, sched, num_ranks=2, n_microbatches=4, loss_fn=torch.nn.functional.mse_loss)
-        got = lp.step(x, target=y)
-    assert torch.allclose(got, out, atol=1e-12, rtol=0)
-    grads = lp.named_grads()
-    for n, p in ref.named_parameters():
-        assert torch.allclose(grads[n], p.grad, atol=1e-12, rtol=0), n
+    pipe = _outlined_step_is_exact(_TwiceInRegion(region).double(), 6, sched, 2)
     calls: list[str] = []
     stage = pipe.build_stage(1, "cpu")
     stage.submod.get_submodule("b.0").register_forward_hook(lambda *a: calls.append("b.0"))

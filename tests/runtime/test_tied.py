@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import gpt2, lm_loss, mse
+from models import gpt2, lm_loss, mse, train_steps
 from torch import nn
 
 import pippy
@@ -34,12 +34,7 @@ class TiedEnds(nn.Module):
 
 def _train(lp: LocalPipeline, x, y, steps: int) -> None:
     opts = [torch.optim.SGD(list(st.parameters()), lr=0.1) for st in lp.stages if list(st.parameters())]
-    for _ in range(steps):
-        for o in opts:
-            o.zero_grad()
-        lp.step(x, target=y)
-        for o in opts:
-            o.step()
+    train_steps(lp, opts, steps, x, y)
 
 
 @pytest.mark.parametrize("mode", ["replicate", "transmit"])
