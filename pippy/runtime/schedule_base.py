@@ -43,30 +43,26 @@ from pippy.frontend.notice import warn_user
 from pippy.microbatch import Sum
 from pippy.runtime.comm import DistTransport, Transport
 from pippy.runtime.countedmean import counted_mean
-from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.executor import Executor
-from pippy.runtime.guards import check_loss_fn, check_placement
+from pippy.runtime.guards import check_loss_fn
 from pippy.runtime.infershapes import infer_stage_shapes, shapes_pending
 from pippy.runtime.loss import choose_reduction, loss_index
 from pippy.runtime.manual import exchange, link_stages, needs_link
-from pippy.runtime.ranks import gather_trace, order_hash, schedule_facts, trace_barrier
+from pippy.runtime.ranks import gather_trace
+from pippy.runtime.schedule_order import RunOrder
+from pippy.runtime.schedule_peers import PeerStanding
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.stepinputs import StepInputsMixin, eval_options, refuse_no_grad
 from pippy.runtime.steprun import StepRun
 from pippy.runtime.watch import drop_at_exit
-from pippy.schedules import generators as gen
-from pippy.schedules.ir import Schedule, loop_placement
-from pippy.schedules.lower import lower, runtime_form
-from pippy.schedules.validate import validate
-from pippy.sim.choose import fastest_form, fit_costs
-from pippy.sim.compact import compact_w
+from pippy.schedules.ir import Schedule
 from pippy.sim.cost import CostModel
 from pippy.sim.timeline import Event, Timeline
 
 __all__ = ["PipelineSchedule", "StepRun"]
 
 
-class PipelineSchedule(StepInputsMixin):
+class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
     """Base of all schedule classes: splits the batch, runs the executor, merges outputs.
 
     ``stages`` is this rank's stage (or list of stages for multi-stage schedules). Pass
@@ -169,36 +165,6 @@ class PipelineSchedule(StepInputsMixin):
             self._tell_others(f"rank {self.rank}, building {type(self).__name__}", exc)
             raise
 
-    def _install(self, compute: Schedule, generated: bool) -> None:
-        """Make ``compute`` (compute actions only) the order this schedule runs: fused, compacted, checked, lowered.
-
-        A given order (``schedule=``, a CSV) is validated as written first, so errors name its own actions.
-        Nothing changes when a check fails.
-        """
-        compute = compute.with_deps(self.pipe.deps())
-        trains = any(a.kind.is_compute and a.kind.value != "F" for acts in compute.actions for a in acts)
-        if trains and not generated:
-            validate(compute)
-        fuse_backward, fill = self._fuse_backward, generated and self.fill_bubbles
-        if fuse_backward == "auto":  # fuse I+W into B only where it simulates faster under the class's costs
-            compute, fused = fastest_form(compute, self.costs, gradless_stages=self.gradless_stages(),
-                                          compact=fill, mixed=fill)
-        else:
-            compute = runtime_form(compute, self.gradless_stages(), fuse=bool(fuse_backward))
-            fused = bool(fuse_backward)
-        if fill and fuse_backward != "auto":  # W's into the gaps the costs predict
-            compute = compact_w(compute, fit_costs(self.costs, compute.num_stages))
-        check_placement(self.name, self.rank, self.stages, self.pipe.num_stages, compute,
-                        getattr(self.transport, "group", None))
-        if trains:
-            validate(compute)
-        eval_order = gen.forward_only(compute.stage_to_rank, self.n_microbatches).with_deps(self.pipe.deps())
-        lowered, eval_lowered = lower(compute) if trains else None, lower(eval_order)
-        self.schedule, self._eval_schedule = lowered, eval_lowered
-        self.fused_backward = fused
-        self._executors.clear()
-        self._agreed = False
-
     def _set_loss_fn(self, loss_fn: Callable[..., torch.Tensor] | None) -> None:
         """Use ``loss_fn`` from the next step on: what it trains on, and how its micro-batch losses combine."""
         own = None if loss_fn is not None else loss_index(self.pipe.out_spec, self.pipe.stage_infos[-1].outputs)
@@ -227,26 +193,6 @@ class PipelineSchedule(StepInputsMixin):
 
     _loss_fn = loss_fn  # PyTorch pipelining's attribute name (frameworks assign it)
 
-    def _tell_others(self, where: str, exc: BaseException) -> None:
-        """Post this rank's failure for the group (their waits stop now); later schedules send on a fresh group."""
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        if self._post(f"{where}: {type(exc).__name__}: {first}"):
-            self._broken = f"{type(exc).__name__}: {first[:200]}"  # the other ranks may have posted receives
-
-    def _post(self, notice: str) -> bool:
-        """Post ``notice`` on the failure board and, once posted, mark the group as a failed step's (as the ranks
-        it stops do), so that every rank's next schedule sends on the same fresh group. Returns whether posted."""
-        if not self.transport.fail(notice):
-            return False
-        poison = getattr(self.transport, "poison", None)
-        if poison is not None:
-            poison(notice)
-        return True
-
-    def gradless_stages(self) -> list[int]:
-        """Stages whose inputs need no gradient (the first, reading token ids): their backward is never split."""
-        return [s for s, info in enumerate(self.pipe.stage_infos) if not any(m.requires_grad for m in info.input_meta)]
-
     # ------------------------------------------------------------------ subclass hooks
     def _num_ranks(self) -> int:
         return self.transport.world_size
@@ -258,31 +204,6 @@ class PipelineSchedule(StepInputsMixin):
     def holds(self, stage_index: int) -> bool:
         """True when this rank holds stage ``stage_index``."""
         return any(st.index == stage_index for st in self.stages)
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise StageError(
-                f"rank {self.rank}: an earlier step failed here ({self._broken}); messages of that step may still be "
-                "in flight, so this schedule refuses to run again. Fix the cause, then build a new schedule on every "
-                "rank (the same process group is fine: its messages stay apart from the old ones)."
-            )
-
-    def _refuse_if_stale(self) -> None:
-        """Refuse to run when another schedule failed on the group this one sends on, after this one was built."""
-        stale = getattr(self.transport, "stale", None)
-        why = stale() if stale is not None else None
-        if why is None:
-            return
-        mine = sorted(st.index for st in self.stages)
-        exc = StageError(
-            f"rank {self.rank}, stages {mine}, action step start: another schedule on this process group failed a "
-            f"step after {type(self).__name__} was built here ({why[:300]}). Its abandoned receives stay on the group "
-            "and could take this schedule's messages, so this schedule refuses to run. Build this schedule anew on "
-            "every rank too, as the failed one (a new schedule sends on a fresh group of the same ranks)."
-        )
-        self._tell_others(f"rank {self.rank}, stages {mine}, before its step", exc)
-        self._broken = self._broken or "another schedule on its process group failed"
-        raise exc
 
     def begin(
         self,
@@ -337,41 +258,11 @@ class PipelineSchedule(StepInputsMixin):
         if not self._agreed:
             self._agree()
         if self.trace and isinstance(self.transport, DistTransport):  # a common origin for every rank's clock
-            where = f"rank {self.rank}, stages {sorted(st.index for st in self.stages)}, action trace barrier " \
-                    f"(before step {self._calls}, micro-batch 0)"
-            try:
-                trace_barrier(self.transport, where)
-            except Exception as exc:
-                self._tell_others(where, exc)
-                raise
+            self._trace_barrier()
         ex = self._executor(plan)
         none = training and all(p.grad is None for st in self.stages for p in st.parameters())
         return StepRun(self, ex, ex.run(inp, time.perf_counter() if origin is None else origin), training=training,
                        grads_were_none=none)
-
-    def facts(self) -> dict[str, Any]:
-        """What every rank must agree on before the first step (see :func:`pippy.runtime.ranks.schedule_facts`)."""
-        return schedule_facts(self)
-
-    def _agree(self) -> None:
-        mine = sorted(st.index for st in self.stages)
-        where = f"rank {self.rank} (stages {mine}), before its {'first' if self._calls <= 1 else 'next'} step"
-        try:
-            self.transport.agree(self.facts(), where)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            self._post(first if first.startswith(where) else f"{where}: {first}")  # said once, not twice
-            raise StageError(str(exc)) from None
-        if isinstance(self.transport, DistTransport):  # and the stages' data-parallel peers, if they have any
-            facts: dict[str, Any] = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}
-            if self.schedule is not None:  # the order depends on costs= (W's placed, B's split): same everywhere
-                facts["action order (set by costs=, which must be the same on every rank)"] = order_hash(self.schedule)
-            try:
-                agree_stages_with_dp_peers([st.submod for st in self.stages], facts, self.name, self.transport.timeout)
-            except DataParallelMismatch as exc:
-                self._post(f"rank {self.rank} (stages {mine}): {str(exc).splitlines()[0]}")
-                raise StageError(str(exc)) from None
-        self._agreed = True
 
     def finish(self, run: StepRun, losses: list[Any] | None = None) -> Any:
         """End a step that ran to its end: keep its trace and counts, extend ``losses``, merge the outputs.
@@ -456,11 +347,6 @@ class PipelineSchedule(StepInputsMixin):
         if key not in self._warned:
             self._warned.add(key)
             warn_user(message)
-
-    @classmethod
-    def placement(cls, num_ranks: int, stages_per_rank: int = 1) -> tuple[int, ...]:
-        """Where this schedule puts stages: ``placement[s]`` is the rank of stage ``s``."""
-        return loop_placement(num_ranks, stages_per_rank)
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only, keeping no autograd graph; merged output on the last stage's rank, else None.
