@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,35 +33,15 @@ from pippy.frontend.pointwise import recompute_pointwise
 from pippy.frontend.split import StageInfo
 from pippy.frontend.stagemodule import StageModule, materialize_module
 from pippy.frontend.trainmode import effective_modes, keep_following, set_modes
-from pippy.runtime.wgrad import WeightGradTaps, one_pass_inputs
-from pippy.sim.memory import SavedBytes, held_bytes
+from pippy.runtime.stagebackward import StageBackward, _bytes, _MbState
+from pippy.runtime.stageerror import StageError
+from pippy.runtime.wgrad import WeightGradTaps
+from pippy.sim.memory import SavedBytes
 
 __all__ = ["Stage", "StageError"]
 
 
-class StageError(RuntimeError):
-    """A stage was used wrongly; the message names stage, rank, micro-batch and action."""
-
-
-@dataclass(slots=True)
-class _MbState:
-    """What one micro-batch leaves on the stage between its actions."""
-
-    inputs: list[Any]
-    outputs: tuple[Any, ...]
-    training: bool = True
-    readers: int = 0  # forward-only: readers of the outputs still to come
-    tapped: bool = False  # ran the forward with weight-grad taps (split backward)
-    taps: list[Any] = field(default_factory=list)
-    aux: list[Any] = field(default_factory=list)
-    loss: torch.Tensor | None = None
-    saved_bytes: int = 0
-    counter: SavedBytes | None = None  # measure_activations, until I: the forward's counter (and the loss's)
-    roots: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-    tap_grads: list[torch.Tensor | None] | None = None
-
-
-class Stage(StageModule):
+class Stage(StageBackward, StageModule):
     """Stage ``stage_index`` of ``pipe`` on ``device``: its module and per-micro-batch state.
 
         >>> import torch
@@ -367,104 +346,12 @@ class Stage(StageModule):
             raise StageError(f"{self.where(mb, action)}: no forward state for this micro-batch (was F run first?)")
         return st
 
-    # ----------------------------------------------------------------- backward
-    def _roots(self, mb: int, st: _MbState, grads: Sequence[torch.Tensor | None] | None) -> tuple[list, list]:
-        if st.loss is not None:
-            return [st.loss], [torch.ones_like(st.loss)]
-        outs, gs = [], []
-        for j, o in enumerate(st.outputs):
-            g = grads[j] if grads is not None and j < len(grads) else None
-            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None:
-                if g.shape != o.shape:
-                    raise StageError(
-                        f"{self.where(mb, 'B')}: gradient for output {j} ({self.info.output_names[j]}) has shape "
-                        f"{list(g.shape)}, expected {list(o.shape)}"
-                    )
-                outs.append(o)
-                gs.append(g)
-        return outs, gs
-
-    def _input_grads(self, st: _MbState) -> list[torch.Tensor | None]:
-        """Each input's gradient; None where it needs none or no path from the loss reached it."""
-        return [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in st.inputs]
-
-    def backward(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
-        """Full backward (B) of ``mb``: accumulate parameter grads, return the input grads."""
-        st = self._get(mb, "B")
-        outs, gs = self._roots(mb, st, grads)
-        if outs:
-            with self._compiling():
-                torch.autograd.backward(outs, gs)
-        res = self._input_grads(st)
-        del self._state[mb]
-        return res
-
-    def backward_input(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
-        """Input-gradient backward (I) of ``mb``; the weight part waits for :meth:`backward_weight`."""
-        st = self._get(mb, "I")
-        outs, gs = self._roots(mb, st, grads)
-        st.roots = (outs, gs)
-        want = [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-        taps = self._taps if st.tapped else None
-        tap_leaves = [e for tap in st.taps for e in tap] if taps is not None and taps.exact else []
-        targets = want + tap_leaves
-        if outs and targets:
-            # the graph is needed again in W only for weights without a closed-form gradient
-            keep = taps is None or not taps.closed_form
-            with self._compiling():
-                got = torch.autograd.grad(outs, targets, gs, retain_graph=keep, allow_unused=True)
-            for x, g in zip(want, got[: len(want)]):
-                x.grad = g
-            st.tap_grads = list(got[len(want) :])
-        res = self._input_grads(st)
-        if taps is not None and taps.exact and st.tap_grads is not None:
-            self._keep_for_w(st, taps)
-        return res
-
-    def _keep_for_w(self, st: _MbState, taps: WeightGradTaps) -> None:
-        """After I with exact taps, W reads only the taps, their gradients and the closed forms' inputs:
-        free the rest now (inputs and their gradients, outputs, the received gradients)."""
-        kept = _bytes(st)  # the graph was kept for taps without a closed form: its saved bytes stay too
-        st.taps = taps.slim(st.taps, st.aux)
-        st.inputs, st.outputs, st.loss, st.roots, st.counter = [], (), None, ([], []), None
-        if self.measure_activations:
-            grads = st.tap_grads or []
-            st.saved_bytes = (held_bytes([*st.taps, *st.aux, *grads], skip=self.submod.parameters())
-                              if taps.closed_form else kept + held_bytes(grads))
-
-    def backward_weight(self, mb: int) -> None:
-        """Weight-gradient backward (W) of ``mb``: accumulate parameter grads, free the micro-batch."""
-        st = self._get(mb, "W")
-        if st.roots is None:
-            raise StageError(f"{self.where(mb, 'W')}: W ran before I for this micro-batch")
-        taps = self._taps if st.tapped else None
-        if taps is not None and taps.exact and st.tap_grads is not None:
-            taps.weight_grads(st.taps, st.tap_grads, st.aux)
-        else:
-            outs, gs = st.roots
-            for mod in self.submod.modules() if self.through_hooks else ():  # FSDP2: gather what the forward saw
-                if callable(getattr(mod, "unshard", None)) and callable(getattr(mod, "set_requires_gradient_sync", None)):
-                    mod.unshard()
-            params = [p for p in self.submod.parameters() if p.requires_grad]
-            if outs and params:
-                extra = one_pass_inputs(self.submod, st.inputs)  # a group norm's weights alone can crash torch
-                for x in extra:
-                    x.grad = None  # I's gradients went out already: W's copies go with the micro-batch
-                with self._compiling():
-                    torch.autograd.backward(outs, gs, inputs=params + extra)
-        del self._state[mb]
-
     def clear(self) -> None:
         """Drop all per-micro-batch state (e.g. after an error)."""
         self._state.clear()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(index={self.index}, of={self.num_stages}, device={self.device})"
-
-
-def _bytes(st: _MbState) -> int:
-    """The bytes ``measure_activations`` counts for one micro-batch: its counter's until I, then what I kept."""
-    return st.counter.total if st.counter is not None else st.saved_bytes
 
 
 def _keep_saved_buffers() -> AbstractContextManager[Any]:

@@ -1,0 +1,147 @@
+"""A stage's backward per micro-batch: whole (B), input-gradient (I) and weight-gradient (W), and what each keeps.
+
+A mixin of :class:`pippy.runtime.stage.Stage`, which runs the forward that leaves a
+micro-batch's :class:`_MbState` here. I returns the input gradients at once; W, later, accumulates
+the parameters' gradients, from the weight-gradient taps (:mod:`pippy.runtime.wgrad`) where the
+forward ran through them, else by a second autograd pass over the graph I kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pippy.frontend.split import StageInfo
+from pippy.runtime.stageerror import StageError
+from pippy.runtime.wgrad import WeightGradTaps, one_pass_inputs
+from pippy.sim.memory import SavedBytes, held_bytes
+
+__all__ = ["StageBackward"]
+
+
+@dataclass(slots=True)
+class _MbState:
+    """What one micro-batch leaves on the stage between its actions."""
+
+    inputs: list[Any]
+    outputs: tuple[Any, ...]
+    training: bool = True
+    readers: int = 0  # forward-only: readers of the outputs still to come
+    tapped: bool = False  # ran the forward with weight-grad taps (split backward)
+    taps: list[Any] = field(default_factory=list)
+    aux: list[Any] = field(default_factory=list)
+    loss: torch.Tensor | None = None
+    saved_bytes: int = 0
+    counter: SavedBytes | None = None  # measure_activations, until I: the forward's counter (and the loss's)
+    roots: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    tap_grads: list[torch.Tensor | None] | None = None
+
+
+class StageBackward:
+    """B, I and W of one micro-batch (mixed into :class:`pippy.runtime.stage.Stage`, which sets these)."""
+
+    info: StageInfo
+    submod: nn.Module
+    through_hooks: bool
+    measure_activations: bool
+    _taps: WeightGradTaps | None
+    _state: dict[int, _MbState]
+    _compiling: Callable[[], AbstractContextManager[Any]]
+    where: Callable[[int, str], str]
+    _get: Callable[[int, str], _MbState]
+
+    def _roots(self, mb: int, st: _MbState, grads: Sequence[torch.Tensor | None] | None) -> tuple[list, list]:
+        if st.loss is not None:
+            return [st.loss], [torch.ones_like(st.loss)]
+        outs, gs = [], []
+        for j, o in enumerate(st.outputs):
+            g = grads[j] if grads is not None and j < len(grads) else None
+            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None:
+                if g.shape != o.shape:
+                    raise StageError(
+                        f"{self.where(mb, 'B')}: gradient for output {j} ({self.info.output_names[j]}) has shape "
+                        f"{list(g.shape)}, expected {list(o.shape)}"
+                    )
+                outs.append(o)
+                gs.append(g)
+        return outs, gs
+
+    def _input_grads(self, st: _MbState) -> list[torch.Tensor | None]:
+        """Each input's gradient; None where it needs none or no path from the loss reached it."""
+        return [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None for x in st.inputs]
+
+    def backward(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+        """Full backward (B) of ``mb``: accumulate parameter grads, return the input grads."""
+        st = self._get(mb, "B")
+        outs, gs = self._roots(mb, st, grads)
+        if outs:
+            with self._compiling():
+                torch.autograd.backward(outs, gs)
+        res = self._input_grads(st)
+        del self._state[mb]
+        return res
+
+    def backward_input(self, mb: int, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+        """Input-gradient backward (I) of ``mb``; the weight part waits for :meth:`backward_weight`."""
+        st = self._get(mb, "I")
+        outs, gs = self._roots(mb, st, grads)
+        st.roots = (outs, gs)
+        want = [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        taps = self._taps if st.tapped else None
+        tap_leaves = [e for tap in st.taps for e in tap] if taps is not None and taps.exact else []
+        targets = want + tap_leaves
+        if outs and targets:
+            # the graph is needed again in W only for weights without a closed-form gradient
+            keep = taps is None or not taps.closed_form
+            with self._compiling():
+                got = torch.autograd.grad(outs, targets, gs, retain_graph=keep, allow_unused=True)
+            for x, g in zip(want, got[: len(want)]):
+                x.grad = g
+            st.tap_grads = list(got[len(want) :])
+        res = self._input_grads(st)
+        if taps is not None and taps.exact and st.tap_grads is not None:
+            self._keep_for_w(st, taps)
+        return res
+
+    def _keep_for_w(self, st: _MbState, taps: WeightGradTaps) -> None:
+        """After I with exact taps, W reads only the taps, their gradients and the closed forms' inputs:
+        free the rest now (inputs and their gradients, outputs, the received gradients)."""
+        kept = _bytes(st)  # the graph was kept for taps without a closed form: its saved bytes stay too
+        st.taps = taps.slim(st.taps, st.aux)
+        st.inputs, st.outputs, st.loss, st.roots, st.counter = [], (), None, ([], []), None
+        if self.measure_activations:
+            grads = st.tap_grads or []
+            st.saved_bytes = (held_bytes([*st.taps, *st.aux, *grads], skip=self.submod.parameters())
+                              if taps.closed_form else kept + held_bytes(grads))
+
+    def backward_weight(self, mb: int) -> None:
+        """Weight-gradient backward (W) of ``mb``: accumulate parameter grads, free the micro-batch."""
+        st = self._get(mb, "W")
+        if st.roots is None:
+            raise StageError(f"{self.where(mb, 'W')}: W ran before I for this micro-batch")
+        taps = self._taps if st.tapped else None
+        if taps is not None and taps.exact and st.tap_grads is not None:
+            taps.weight_grads(st.taps, st.tap_grads, st.aux)
+        else:
+            outs, gs = st.roots
+            for mod in self.submod.modules() if self.through_hooks else ():  # FSDP2: gather what the forward saw
+                if callable(getattr(mod, "unshard", None)) and callable(getattr(mod, "set_requires_gradient_sync", None)):
+                    mod.unshard()
+            params = [p for p in self.submod.parameters() if p.requires_grad]
+            if outs and params:
+                extra = one_pass_inputs(self.submod, st.inputs)  # a group norm's weights alone can crash torch
+                for x in extra:
+                    x.grad = None  # I's gradients went out already: W's copies go with the micro-batch
+                with self._compiling():
+                    torch.autograd.backward(outs, gs, inputs=params + extra)
+        del self._state[mb]
+
+
+def _bytes(st: _MbState) -> int:
+    """The bytes ``measure_activations`` counts for one micro-batch: its counter's until I, then what I kept."""
+    return st.counter.total if st.counter is not None else st.saved_bytes
