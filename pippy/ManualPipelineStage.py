@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pippy.runtime.comm import PipeTimeoutError, default_timeout
+from pippy.runtime.comm import PipeTimeoutError
 from pippy.runtime.manual import ManualStage, exchange, link_stages
+from pippy.runtime.transport import default_timeout
 
 __all__ = [
     "ManualPipelineStage",

@@ -25,8 +25,9 @@ from typing import Any
 import torch.distributed as dist
 
 from pippy.frontend.cudadevice import on_collective_device
-from pippy.runtime.comm import PipeTimeoutError, default_timeout
+from pippy.runtime.comm import PipeTimeoutError
 from pippy.runtime.storesync import poll_keys
+from pippy.runtime.transport import default_timeout
 from pippy.runtime.watch import group_store
 
 __all__ = ["CheckpointKeyError", "CheckpointLoadError", "settle"]

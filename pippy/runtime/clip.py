@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pippy.runtime.comm import sending_group
+from pippy.runtime.failedgroups import sending_group
 from pippy.runtime.stage import Stage
 
 __all__ = ["clip_grad_norm_", "grad_norm"]

@@ -1,30 +1,26 @@
-"""Point-to-point transport between ranks over torch.distributed (gloo/NCCL), every wait bounded; the Transport protocol.
+"""Point-to-point transport between ranks over torch.distributed (gloo/NCCL), every wait bounded.
 
 Waits are generators so that one executor serves every transport: over torch.distributed a
 wait blocks (with a timeout) and never yields; in-process (:mod:`pippy.runtime.localcomm`), a
 wait yields until the message is there, which lets one process drive every rank cooperatively
-(tests, profiling).
-
-    >>> WaitContext(0, 1, "RECV_F", 2, 1).describe()
-    'rank 0, stage 1, action 1RECV_F2 (micro-batch 2), peer rank 1'
+(tests, profiling). The protocol both implement is :class:`pippy.runtime.transport.Transport`.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
 import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pippy.runtime.failedgroups import fresh_of, keep_fresh, poison_group, poisoned, sending_group, stale_reason
 from pippy.runtime.faults import FailureBoard, agree
+from pippy.runtime.transport import DEFAULT_TIMEOUT, Transport, WaitContext, default_timeout
 from pippy.runtime.watch import POLL, Waiter, Watched, drop_at_exit, group_alive, group_store
 
 __all__ = [
@@ -39,28 +35,6 @@ __all__ = [
     "sending_group",
 ]
 
-DEFAULT_TIMEOUT = 300.0
-
-
-def default_timeout() -> float:
-    """Seconds a blocking wait may take: ``PIPPY_TIMEOUT`` from the environment, else 300."""
-    return float(os.environ.get("PIPPY_TIMEOUT", DEFAULT_TIMEOUT))
-
-
-def sending_group(group: Any) -> Any:
-    """The group pippy's schedules send on for ``group``: the fresh one made after a failed step there, else ``group``.
-
-    Collectives of the pipeline's ranks outside a step (gradient clipping) belong there too: after a step timed
-    out, the old group's connections may be closed.
-
-        >>> sending_group(None) is None
-        True
-    """
-    if group is None or id(group) not in _POISONED:
-        return group
-    fresh = _FRESH.get(id(group))
-    return fresh if fresh is not None and group_alive(fresh) else group
-
 
 class PipeCommError(RuntimeError):
     """A pipeline send/receive failed; the message says who waited for what."""
@@ -74,85 +48,7 @@ class PipeAbortedError(PipeCommError):
     """Another rank of the pipeline failed; the message says who waited for what, and which rank failed where."""
 
 
-# gloo groups where a step failed with messages in flight: their stale receives (held, see pippy.runtime.watch)
-# and timed-out waits (which close connections) stay there, so later schedules on those ranks send on a fresh group
-_POISONED: dict[int, Any] = {}  # id(group) -> group (held, so that the id is not reused)
-_FRESH: dict[int, Any] = {}  # id(poisoned group) -> the fresh group later schedules use until it fails too
-_WHY: dict[int, str] = {}  # id(group pippy sends on) -> the failure that poisoned it, for schedules built before it
 EDGE_TAGS = 1 << 28  # message tags of one schedule: edges below, then headers, tied grads, generation (plan.Edge.tag)
-
-
-@atexit.register  # runs before watch's exit hook (registered earlier), which collects what this lets go
-def _forget_failed_groups() -> None:
-    """At exit, let go of the groups kept for failed steps."""
-    _POISONED.clear()
-    _FRESH.clear()
-    _WHY.clear()
-
-
-@dataclass(frozen=True, slots=True)
-class WaitContext:
-    """Who waits for what, for error messages.
-
-        >>> WaitContext(1, 2, "RECV_B", 3, 0, "grad of output 0").describe()
-        'rank 1, stage 2, action 2RECV_B3 (micro-batch 3), peer rank 0: grad of output 0'
-    """
-
-    rank: int
-    stage: int
-    action: str
-    mb: int
-    peer: int
-    what: str = ""
-
-    def describe(self) -> str:
-        """One line naming rank, stage, action, micro-batch and peer."""
-        tail = f": {self.what}" if self.what else ""
-        return (
-            f"rank {self.rank}, stage {self.stage}, action {self.stage}{self.action}{self.mb} "
-            f"(micro-batch {self.mb}), peer rank {self.peer}{tail}"
-        )
-
-
-class Transport(Protocol):
-    """What the executor needs from a transport: this rank, the group size, and bounded point-to-point messages.
-
-    ``ordered`` is True when the backend matches messages between two ranks in posting order
-    rather than by tag (NCCL): receives are then never posted early.
-    """
-
-    rank: int
-    world_size: int
-    timeout: float
-    ordered: bool
-
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
-        """Start sending ``tensor`` to ``peer``; never blocks (``ctx`` names the send if posting fails)."""
-
-    def irecv(self, buffer: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
-        """Start receiving into ``buffer`` from ``peer`` (``ctx`` names the receive if posting fails)."""
-
-    def wait(self, handle: Any, ctx: WaitContext, host: bool = False) -> Iterator[None]:
-        """Wait for ``handle``; raises PipeTimeoutError naming ``ctx`` after ``timeout`` seconds. ``host``: the
-        caller reads the message on the host next (a shape header), so it must be in there, not only on the device."""
-
-    def done(self, handle: Any) -> bool:
-        """True when ``handle`` has completed (non-blocking)."""
-
-    def arrived(self, handle: Any) -> bool:
-        """True when the receive ``handle`` has its message (non-blocking; a later ``wait`` is still due)."""
-
-    def fail(self, notice: str) -> bool:
-        """Tell the other ranks this one failed (``notice`` says where and why), so their waits stop now.
-
-        Returns whether they were told: the schedule then counts as failed for every rank.
-        """
-
-    def agree(self, facts: dict[str, Any], where: str) -> None:
-        """Check every rank starts the same run (``facts``: schedule, micro-batches, placement, edges)."""
-
-    def settle(self) -> None:
-        """At the end of a step: check that what ``wait`` left to the device (NCCL) finished in time."""
 
 
 def _aborted_message(ctx: WaitContext, notice: str) -> str:
@@ -233,7 +129,7 @@ class DistTransport:
             self._ranks = ranks
             self._p2p_rank: list[int] | None = None  # caller's group rank -> rank in p2p_group (None: the same)
             self.p2p_group = self.group
-            if id(self.group) in _POISONED:
+            if poisoned(self.group):
                 self.p2p_group, self._p2p_rank = self._fresh_group(ranks)
         else:
             self._ranks = ()
@@ -249,7 +145,7 @@ class DistTransport:
 
     def _fresh_group(self, ranks: tuple[int, ...]) -> tuple[Any, list[int]]:
         """The group this schedule sends on after a failed step on ``ranks`` (made here, by every member at once)."""
-        fresh = _FRESH.get(id(self.group))
+        fresh = fresh_of(self.group)
         if fresh is None or not group_alive(fresh):
             try:
                 fresh = dist.new_group(ranks=list(ranks), backend="gloo", use_local_synchronization=True,
@@ -261,7 +157,7 @@ class DistTransport:
                     f"making it failed within {self.timeout:g}s ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
                     "Expected every rank to build a new schedule after the failure; build it on every rank"
                 ) from exc
-            _FRESH[id(self.group)] = fresh
+            keep_fresh(self.group, fresh)
         order = dist.get_process_group_ranks(fresh)
         return fresh, [order.index(g) for g in ranks]
 
@@ -272,10 +168,7 @@ class DistTransport:
         (:meth:`stale`).
         """
         if self._ranks:
-            _POISONED[id(self.group)] = self.group
-            _WHY.setdefault(id(self.p2p_group), why or "a step failed")
-            if _FRESH.get(id(self.group)) is self.p2p_group:
-                del _FRESH[id(self.group)]
+            poison_group(self.group, self.p2p_group, why)
 
     def stale(self) -> str | None:
         """Why this schedule must not run: another schedule on the group it sends on failed after it was built (its
@@ -285,9 +178,7 @@ class DistTransport:
             True
         """
         ranks = getattr(self, "_ranks", ())
-        if not ranks or id(self.group) not in _POISONED or _FRESH.get(id(self.group)) is self.p2p_group:
-            return None
-        return _WHY.get(id(self.p2p_group), "a step failed")
+        return stale_reason(self.group, self.p2p_group) if ranks else None
 
     def board_store(self) -> tuple[Any, str, FailureBoard] | None:
         """The store, key prefix and failure board this schedule's ranks share (gloo), else None."""

@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from pippy.runtime.comm import EDGE_TAGS, PipeCommError, Transport, WaitContext
+from pippy.runtime.comm import EDGE_TAGS, PipeCommError
 from pippy.runtime.genpick import Picker
 from pippy.runtime.genstage import GenerationStage
+from pippy.runtime.transport import Transport, WaitContext
 
 __all__ = ["Request", "run_rank"]
 

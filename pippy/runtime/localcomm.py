@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pippy.runtime.comm import WaitContext, default_timeout
+from pippy.runtime.transport import WaitContext, default_timeout
 
 __all__ = ["LocalTransport"]
 

@@ -31,9 +31,10 @@ from pippy.frontend.cudadevice import on_collective_device
 from pippy.frontend.pipe import SplitPipe
 from pippy.frontend.precision import autocast_state
 from pippy.frontend.split import USER, InputRef, StageInfo, ValueMeta
-from pippy.runtime.comm import PipeTimeoutError, default_timeout
+from pippy.runtime.comm import PipeTimeoutError
 from pippy.runtime.guards import rank_or_none, use_cuda_device
 from pippy.runtime.stage import Stage
+from pippy.runtime.transport import default_timeout
 from pippy.runtime.watch import group_store
 
 __all__ = ["ManualStage", "link_stages", "module_stage", "needs_link", "stage_metas"]

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from pippy.frontend.cudadevice import barrier, on_collective_device
-from pippy.runtime.comm import DistTransport, Transport
+from pippy.runtime.comm import DistTransport
 from pippy.runtime.storesync import StoreSync
+from pippy.runtime.transport import Transport
 from pippy.sim.timeline import Event, Timeline
 
 __all__ = ["gather_trace", "schedule_facts", "store_sync", "trace_barrier"]

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from pippy.frontend.split import StageInfo, ValueMeta
-from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.plan import CommPlan, Edge
 from pippy.runtime.shapes import HEADER_TAG, Incoming, needs_incoming
 from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.transport import Transport, WaitContext
 from pippy.schedules.ir import Action, Kind
 
 __all__ = ["Posted", "Receives", "action_ctx"]

@@ -41,7 +41,7 @@ import torch
 from pippy.frontend.lostgrad import TRAIN_REFUSAL
 from pippy.frontend.notice import warn_user
 from pippy.microbatch import Sum
-from pippy.runtime.comm import DistTransport, Transport
+from pippy.runtime.comm import DistTransport
 from pippy.runtime.countedmean import counted_mean
 from pippy.runtime.executor import Executor
 from pippy.runtime.guards import check_loss_fn
@@ -54,6 +54,7 @@ from pippy.runtime.schedule_peers import PeerStanding
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.stepinputs import StepInputsMixin, eval_options, refuse_no_grad
 from pippy.runtime.steprun import StepRun
+from pippy.runtime.transport import Transport
 from pippy.runtime.watch import drop_at_exit
 from pippy.schedules.ir import Schedule
 from pippy.sim.cost import CostModel

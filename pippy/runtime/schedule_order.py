@@ -8,10 +8,10 @@ construction (a generated or given order) and again for an order loaded later
 from __future__ import annotations
 
 from pippy.frontend.pipe import SplitPipe
-from pippy.runtime.comm import Transport
 from pippy.runtime.executor import Executor
 from pippy.runtime.guards import check_placement
 from pippy.runtime.stage import Stage
+from pippy.runtime.transport import Transport
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement
 from pippy.schedules.lower import lower, runtime_form

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pippy.runtime.comm import DistTransport, Transport
+from pippy.runtime.comm import DistTransport
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
 from pippy.runtime.ranks import order_hash, schedule_facts, trace_barrier
 from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.transport import Transport
 from pippy.schedules.ir import Schedule
 
 __all__ = ["PeerStanding"]

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from pippy.frontend.split import StageInfo
-from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.plan import CommPlan
 from pippy.runtime.shapes import HEADER_TAG, needs_incoming
 from pippy.runtime.stage import StageError
+from pippy.runtime.transport import Transport, WaitContext
 from pippy.schedules.ir import Kind, Schedule
 
 __all__ = ["SendOrder"]

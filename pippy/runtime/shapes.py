@@ -13,7 +13,7 @@ stages as a plain number (a SymInt the consumer cannot read off a tensor) travel
 one-element tensor. Static edges never send a header: a static pipe pays nothing.
 
     >>> from pippy.frontend.split import ValueMeta
-    >>> from pippy.runtime.comm import WaitContext
+    >>> from pippy.runtime.transport import WaitContext
     >>> from pippy.runtime.localcomm import LocalTransport
     >>> t = LocalTransport.world(2)
     >>> meta = ValueMeta((2, 8), torch.float32, dynamic=(1,))
@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from pippy.frontend.split import ValueMeta
-from pippy.runtime.comm import EDGE_TAGS, Transport, WaitContext
+from pippy.runtime.comm import EDGE_TAGS
 from pippy.runtime.stage import StageError
+from pippy.runtime.transport import Transport, WaitContext
 
 __all__ = ["HEADER_TAG", "Incoming", "needs_incoming", "send_value"]
 

@@ -44,8 +44,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from pippy.frontend.pipe import SplitPipe
-from pippy.runtime.comm import EDGE_TAGS, Transport, WaitContext
+from pippy.runtime.comm import EDGE_TAGS
 from pippy.runtime.stage import Stage
+from pippy.runtime.transport import Transport, WaitContext
 
 __all__ = ["TiedGrads"]
 
