@@ -24,77 +24,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from pippy.frontend.split import USER, ValueMeta
 from pippy.runtime import usergrad
-from pippy.runtime.comm import Transport, WaitContext
 from pippy.runtime.dpstep import DataParallelStep
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan
-from pippy.runtime.receives import Posted, Receives, action_ctx
+from pippy.runtime.receives import Receives, action_ctx
 from pippy.runtime.sendorder import SendOrder
 from pippy.runtime.shapes import HEADER_TAG, needs_incoming, send_value
 from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.stepstate import StepInputs, StepResult, _Step, add_grad
 from pippy.runtime.tied import TiedGrads
+from pippy.runtime.transport import Transport, WaitContext
 from pippy.runtime.wfill import BubbleFiller
 from pippy.schedules.ir import Action, Kind, Schedule
 from pippy.sim.timeline import Event
 
 __all__ = ["Executor", "StepInputs", "StepResult"]
-
-
-@dataclass(slots=True)
-class StepInputs:
-    """What one step needs on this rank (only the ranks holding the first/last stage get data)."""
-
-    microbatches: list[list[Any]] | None
-    targets: list[Any] | None
-    loss_fn: Callable[..., torch.Tensor] | None
-    training: bool
-    loss_scale: float = 1.0
-    keep_outputs: bool = True
-    check_finite: bool = False  # raise where a loss is NaN or infinite (one host sync per micro-batch)
-    # called once with the first micro-batch's (output, target, loss): returns the loss scale of this and later ones
-    probe: Callable[[Any, Any, torch.Tensor], float] | None = None
-    # a loss averaged over counted targets (runtime/countedmean.py): each micro-batch's count and the step's; the
-    # loss_fn is then its sum form, divided by the step's count (backward) and by its own (the loss reported)
-    counts: tuple[list[torch.Tensor], torch.Tensor] | None = None
-    phase: int = 0  # the message tags' phase (plan.Edge.tag): the schedule's call count mod 2, twice, + training
-    # hand-cut stages: per micro-batch, the keyword inputs this rank's step() got for its own stages
-    stage_kwargs: list[dict[str, Any]] | None = None
-
-
-@dataclass(slots=True)
-class StepResult:
-    """Per-micro-batch outputs (last stage only), unscaled losses, and the trace if recorded."""
-
-    outputs: list[Any] = field(default_factory=list)
-    losses: list[torch.Tensor] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    peak_live: dict[int, int] = field(default_factory=dict)
-    peak_bytes: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Step:
-    """Everything one step keeps between actions; thrown away at its end."""
-
-    inp: StepInputs
-    res: StepResult = field(default_factory=StepResult)
-    received: dict[tuple[int, int], dict[int, Any]] = field(default_factory=dict)  # (stage, mb) -> input k -> value
-    out_grads: dict[tuple[int, int], list[torch.Tensor | None]] = field(default_factory=dict)  # summed per output
-    in_grads: dict[tuple[int, int], list[torch.Tensor | None]] = field(default_factory=dict)  # waiting for SEND_B
-    in_shapes: dict[tuple[int, int, int], tuple[int, ...]] = field(default_factory=dict)  # received varying shapes
-    sends: list[tuple[Any, WaitContext]] = field(default_factory=list)
-    outputs: dict[int, Any] = field(default_factory=dict)
-    prefetched: dict[int, list[Posted]] = field(default_factory=dict)
-    i_done: set[tuple[int, int]] = field(default_factory=set)
-    fill: bool = False
-    user_grads: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (user's micro-batch, grad)
 
 
 class Executor:
@@ -319,7 +269,7 @@ class Executor:
                 out = self.stages[ref.src_stage].output(i, ref.index)  # as a message from another rank carries them
                 g = torch.zeros_like(out) if isinstance(out, torch.Tensor) and out.requires_grad else None
             if g is not None and ref.src_stage != USER and ref.src_stage in self.stages:
-                _add_at(st.out_grads, (ref.src_stage, i), len(self.infos[ref.src_stage].outputs), ref.index, g)
+                add_grad(st.out_grads, (ref.src_stage, i), len(self.infos[ref.src_stage].outputs), ref.index, g)
         usergrad.collect(st.user_grads, self.infos[s].inputs, gin, None if st.inp.microbatches is None else
                          st.inp.microbatches[i])
         if s in self.plan.send_b_stages:
@@ -379,7 +329,7 @@ class Executor:
             for p in posted:  # no gradient reached the peer's input: no backward from here either (but
                 if p.none and not reduces:  # DDP / FSDP2 stages keep the zeros: their reduction must run)
                     continue
-                _add_at(st.out_grads, (a.stage, a.mb), n_out, p.slot, p.value)
+                add_grad(st.out_grads, (a.stage, a.mb), n_out, p.slot, p.value)
         if st.fill:
             self.filler.note_wait(idx, time.perf_counter() - t_wait, filled, slack)
 
@@ -408,14 +358,6 @@ class Executor:
     # ------------------------------------------------------------------ details
     def _ctx(self, a: Action, peer: int, what: str) -> WaitContext:
         return action_ctx(self.rank, a, peer, what)
-
-
-def _add_at(acc: dict[tuple[int, int], list[torch.Tensor | None]], key: tuple[int, int], n: int, j: int,
-            g: torch.Tensor) -> None:
-    """Sum gradient ``g`` into slot ``j`` of ``acc[key]`` (a list of ``n`` slots, created empty)."""
-    slots = acc.setdefault(key, [None] * n)
-    prev = slots[j]
-    slots[j] = g if prev is None else prev + g
 
 
 def _check_meta(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: str) -> None:

@@ -17,9 +17,9 @@ import torch
 from pippy.frontend.precision import autocast_state
 from pippy.microbatch import split_batch, split_value
 from pippy.runtime.countedmean import CountedMean, counted_mean
-from pippy.runtime.executor import StepInputs
 from pippy.runtime.loss import measure_reduction, target_spec
 from pippy.runtime.stage import StageError
+from pippy.runtime.stepstate import StepInputs
 
 __all__ = ["StepInputsMixin", "eval_options", "refuse_no_grad"]
 

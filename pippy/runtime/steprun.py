@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from pippy.runtime.comm import PipeAbortedError, PipeCommError
 from pippy.runtime.ddp import DdpSync
-from pippy.runtime.executor import Executor, StepResult
+from pippy.runtime.executor import Executor
 from pippy.runtime.guards import drop_unreduced_grads, is_fsdp
 from pippy.runtime.stage import StageError
+from pippy.runtime.stepstate import StepResult
 
 if TYPE_CHECKING:
     from pippy.runtime.schedule_base import PipelineSchedule
