@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -21,10 +21,19 @@ from torch.utils import _pytree as pytree
 
 from pippy.frontend.assign import SplitPolicy, assign_stages
 from pippy.frontend.batchmix import mixed_rows
+from pippy.frontend.batchwarnings import (
+    warn_ambiguous,
+    warn_batch_statistics,
+    warn_buffer_updates,
+    warn_mixed_rows,
+    warn_uneven,
+    warn_unknown,
+    written_buffers,
+)
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.embedcheck import check_embeddings
 from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
-from pippy.frontend.mutation import written_after, written_params_across_stages
+from pippy.frontend.mutation import written_params_across_stages
 from pippy.frontend.notice import warn_user
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.pipe import SharedParam, SplitPipe
@@ -41,7 +50,7 @@ from pippy.frontend.trace import (
     split_site,
     unfired_split_points,
 )
-from pippy.frontend.trainmode import keep_following, mode_args, module_modes, node_owner, set_modes
+from pippy.frontend.trainmode import keep_following, module_modes, set_modes
 from pippy.frontend.unread import match_persistence
 from pippy.microbatch import (
     ambiguous_merge_dims,
@@ -119,7 +128,7 @@ def trace_and_split(
         example_args = (example_args,)
     kwargs = dict(example_kwargs or {})
     if num_chunks > 1:
-        _warn_uneven(uneven_split_inputs(example_args, kwargs, args_chunk_spec, kwargs_chunk_spec), num_chunks)
+        warn_uneven(uneven_split_inputs(example_args, kwargs, args_chunk_spec, kwargs_chunk_spec), num_chunks)
     mb_args, mb_kwargs = split_batch(example_args, kwargs, num_chunks, args_chunk_spec, kwargs_chunk_spec)[0]
     traced = module
     if compute_dtype is not None:
@@ -163,14 +172,14 @@ def trace_and_split(
     if dynamic_shapes is None and _one_row(ph_args, ph_kwargs, (args_chunk_spec, kwargs_chunk_spec)):
         merge_dims = _merge_dims_by_growth(_output_shapes(gm), merge_dims, twice)
     reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
-    _warn_unknown(reductions, _output_shapes(gm))
-    _warn_ambiguous(reductions)
+    warn_unknown(reductions, _output_shapes(gm))
+    warn_ambiguous(reductions)
     if num_chunks > 1 and dynamic_shapes is None:
-        _warn_mixed_rows(mixed_rows(gm, mb.rows, twice))
+        warn_mixed_rows(mixed_rows(gm, mb.rows, twice))
     warn_lost_backward(dropped, model_backward_hooks(module))
     if num_chunks > 1:
-        _warn_batch_statistics(gm)
-        _warn_buffer_updates(_written_buffers(gm))
+        warn_batch_statistics(gm)
+        warn_buffer_updates(written_buffers(gm))
     baked = divides_by_count(gm, mb)
     input_dims = describe_input_dims(gm, ep.range_constraints) if dynamic_shapes is not None else None
     _drop_guards(gm)
@@ -226,55 +235,6 @@ def trace_and_split(
     return pipe
 
 
-def _warn_batch_statistics(gm: fx.GraphModule) -> None:
-    """Warn when batch norm runs in train mode: each micro-batch is normalized by its own statistics."""
-    owners = sorted({node_owner(a.node) or "the model" for a in mode_args(gm.graph)
-                     if "batch_norm" in str(a.node.target) and a.traced is True})
-    if owners:
-        warn_user(
-            f"pipeline(): batch norm in train mode ({', '.join(owners[:3])}{', ...' if len(owners) > 3 else ''}) "
-            "normalizes each micro-batch by its own mean and variance and updates its running statistics once per "
-            "micro-batch, as under gradient accumulation (every pipeline library does so). Outputs and gradients "
-            "therefore differ from one forward over the whole batch. For exact results use LayerNorm / GroupNorm, "
-            "or keep those modules in eval mode",
-        )
-
-
-def _warn_mixed_rows(sites: list[str]) -> None:
-    """Warn where the model pairs the batch's rows with one another: each micro-batch sees only its own."""
-    if sites:
-        warn_user(
-            f"pipeline(): {'; '.join(sites[:3])}{' ...' if len(sites) > 3 else ''}: pairs the batch's rows with one "
-            "another (a result with two dims that grow with the batch, as in-batch negatives or a contrastive loss "
-            "over u @ v.T). Schedules run each micro-batch alone (every pipeline library does), so it sees only its "
-            "own micro-batch's rows: outputs, the loss and gradients differ from one forward over the whole batch. "
-            "Return the per-row values (the embeddings) and pair them on the merged outputs, or accept pairs within "
-            "each micro-batch",
-        )
-
-
-_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")  # batch norm's own warning covers these
-
-
-def _written_buffers(gm: fx.GraphModule) -> list[str]:
-    """The buffers that the traced forward writes in place (``self.count.add_(1)``, ``self.ema.mul_(0.9)``)."""
-    buffers = dict(gm.named_buffers())
-    return [str(n.target) for n in gm.graph.nodes
-            if n.op == "get_attr" and str(n.target) in buffers and written_after(n)]
-
-
-def _warn_buffer_updates(buffers: Iterable[str]) -> None:
-    """Warn when forward writes buffers (a step counter, an EMA, a cache): each micro-batch's forward writes them."""
-    names = sorted({b for b in buffers if not b.endswith(_BN_STATS)})
-    if names:
-        warn_user(
-            f"pipeline(): forward updates the buffers {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}. "
-            "Each micro-batch's forward updates them in turn, as under gradient accumulation: a step counter "
-            "advances num_chunks times per step and an average takes num_chunks updates, each from one micro-batch. "
-            "If that is not what you want, update them outside forward (after the step)",
-        )
-
-
 def _refuse_nested_splits(gm: fx.GraphModule, dropped: list[str]) -> None:
     """Refuse ``pipe_split()`` calls that the trace put inside a region it keeps as one op (a ``torch.autocast`` or
     ``torch.no_grad`` block, a ``torch.cond`` branch): a stage boundary cannot fall inside one op."""
@@ -296,47 +256,6 @@ def _refuse_nested_splits(gm: fx.GraphModule, dropped: list[str]) -> None:
             "so this split point would be lost (fewer stages than split points). Expected split points outside such "
             "blocks: end the `with` block before the split point and open another after it (for split_spec, a "
             "module called inside the block cannot be a split point)"
-        )
-
-
-def _warn_uneven(said: str, n: int) -> None:
-    """Warn about inputs split by default whose size differs from the batch's (see uneven_split_inputs)."""
-    if said:
-        warn_user(
-            f"pipeline(): the inputs split into micro-batches differ in size: {said}. Each micro-batch gets 1/{n} of "
-            "each. If such an input is not batched (positions, a mask or table shared by every row), it is cut into "
-            "pieces and broadcasting may hide it: give it Replicate() (pipeline(..., args_chunk_spec=(TensorChunkSpec"
-            "(0), Replicate())) or kwargs_chunk_spec={name: Replicate(), ...}, one entry per keyword argument). If it "
-            "is batched along another dim (an RNN's h0 of shape [layers, batch, hidden]: TensorChunkSpec(1)) or at "
-            "another rate, pass its TensorChunkSpec explicitly and this warning goes",
-        )
-
-
-def _warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | None]) -> None:
-    """Warn about outputs whose batch is gone by ops that micro-batch values cannot rebuild (see output_reductions)."""
-    unknown = [j for j, r in enumerate(reductions) if r == "unknown"]
-    if not unknown:
-        return
-    said = ", ".join(f"{j} (shape {list(shapes[j] or ())})" for j in unknown)
-    warn_user(
-        f"pipeline(): outputs {said} combine the batch's rows by ops pippy cannot rebuild from micro-batches (max, "
-        "var, norm, a product of means, ...). Schedules run each micro-batch alone, so these come back as the mean "
-        "of the micro-batches' values (0-dim) or their concatenation, not the model's value; used as a loss, the "
-        "gradients differ too. Compute such values from the merged outputs after the step (return the per-row "
-        "values instead), or pass output_merge_spec= to the schedule if the micro-batch values are what you want",
-    )
-
-
-def _warn_ambiguous(reductions: list[str | None]) -> None:
-    """Warn about scalars divided by an int on one-row micro-batches that the trace on two rows could not settle."""
-    said = [j for j, r in enumerate(reductions) if r == "ambiguous"]
-    if said:
-        warn_user(
-            f"pipeline(): outputs {said} divide a sum by an int, traced on micro-batches of one row, where a count of "
-            "rows (x.shape[0], len(x)) is 1 and looks like a literal; tracing the model on two rows to tell failed. "
-            "Expected a mean (sum / x.shape[0]) or a sum (sum / a constant); pippy cannot tell which, so micro-batch "
-            "values are averaged. How to fix: pass loss_reduction='mean' or 'sum' to the schedule for the model's "
-            "own loss (output_merge_spec= for other outputs), or trace with micro-batches of two rows or more",
         )
 
 

@@ -1,0 +1,118 @@
+"""What splitting the batch into micro-batches changes in a model's results, warned about at ``pipeline()``.
+
+Batch norm's per-micro-batch statistics, rows paired across the batch (in-batch negatives),
+buffers written once per micro-batch, inputs split by default whose size is not the batch's, and
+outputs whose reduction over the batch micro-batch values cannot rebuild: each warns once, naming
+what to change. :func:`pippy.frontend.tracesplit.trace_and_split` calls them on the traced graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import fx
+
+from pippy.frontend.mutation import written_after
+from pippy.frontend.notice import warn_user
+from pippy.frontend.trainmode import mode_args, node_owner
+
+__all__ = [
+    "warn_ambiguous",
+    "warn_batch_statistics",
+    "warn_buffer_updates",
+    "warn_mixed_rows",
+    "warn_uneven",
+    "warn_unknown",
+    "written_buffers",
+]
+
+
+def warn_batch_statistics(gm: fx.GraphModule) -> None:
+    """Warn when batch norm runs in train mode: each micro-batch is normalized by its own statistics."""
+    owners = sorted({node_owner(a.node) or "the model" for a in mode_args(gm.graph)
+                     if "batch_norm" in str(a.node.target) and a.traced is True})
+    if owners:
+        warn_user(
+            f"pipeline(): batch norm in train mode ({', '.join(owners[:3])}{', ...' if len(owners) > 3 else ''}) "
+            "normalizes each micro-batch by its own mean and variance and updates its running statistics once per "
+            "micro-batch, as under gradient accumulation (every pipeline library does so). Outputs and gradients "
+            "therefore differ from one forward over the whole batch. For exact results use LayerNorm / GroupNorm, "
+            "or keep those modules in eval mode",
+        )
+
+
+def warn_mixed_rows(sites: list[str]) -> None:
+    """Warn where the model pairs the batch's rows with one another: each micro-batch sees only its own."""
+    if sites:
+        warn_user(
+            f"pipeline(): {'; '.join(sites[:3])}{' ...' if len(sites) > 3 else ''}: pairs the batch's rows with one "
+            "another (a result with two dims that grow with the batch, as in-batch negatives or a contrastive loss "
+            "over u @ v.T). Schedules run each micro-batch alone (every pipeline library does), so it sees only its "
+            "own micro-batch's rows: outputs, the loss and gradients differ from one forward over the whole batch. "
+            "Return the per-row values (the embeddings) and pair them on the merged outputs, or accept pairs within "
+            "each micro-batch",
+        )
+
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")  # batch norm's own warning covers these
+
+
+def written_buffers(gm: fx.GraphModule) -> list[str]:
+    """The buffers that the traced forward writes in place (``self.count.add_(1)``, ``self.ema.mul_(0.9)``)."""
+    buffers = dict(gm.named_buffers())
+    return [str(n.target) for n in gm.graph.nodes
+            if n.op == "get_attr" and str(n.target) in buffers and written_after(n)]
+
+
+def warn_buffer_updates(buffers: Iterable[str]) -> None:
+    """Warn when forward writes buffers (a step counter, an EMA, a cache): each micro-batch's forward writes them."""
+    names = sorted({b for b in buffers if not b.endswith(_BN_STATS)})
+    if names:
+        warn_user(
+            f"pipeline(): forward updates the buffers {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}. "
+            "Each micro-batch's forward updates them in turn, as under gradient accumulation: a step counter "
+            "advances num_chunks times per step and an average takes num_chunks updates, each from one micro-batch. "
+            "If that is not what you want, update them outside forward (after the step)",
+        )
+
+
+def warn_uneven(said: str, n: int) -> None:
+    """Warn about inputs split by default whose size differs from the batch's (see uneven_split_inputs)."""
+    if said:
+        warn_user(
+            f"pipeline(): the inputs split into micro-batches differ in size: {said}. Each micro-batch gets 1/{n} of "
+            "each. If such an input is not batched (positions, a mask or table shared by every row), it is cut into "
+            "pieces and broadcasting may hide it: give it Replicate() (pipeline(..., args_chunk_spec=(TensorChunkSpec"
+            "(0), Replicate())) or kwargs_chunk_spec={name: Replicate(), ...}, one entry per keyword argument). If it "
+            "is batched along another dim (an RNN's h0 of shape [layers, batch, hidden]: TensorChunkSpec(1)) or at "
+            "another rate, pass its TensorChunkSpec explicitly and this warning goes",
+        )
+
+
+def warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | None]) -> None:
+    """Warn about outputs whose batch is gone by ops that micro-batch values cannot rebuild (see output_reductions)."""
+    unknown = [j for j, r in enumerate(reductions) if r == "unknown"]
+    if not unknown:
+        return
+    said = ", ".join(f"{j} (shape {list(shapes[j] or ())})" for j in unknown)
+    warn_user(
+        f"pipeline(): outputs {said} combine the batch's rows by ops pippy cannot rebuild from micro-batches (max, "
+        "var, norm, a product of means, ...). Schedules run each micro-batch alone, so these come back as the mean "
+        "of the micro-batches' values (0-dim) or their concatenation, not the model's value; used as a loss, the "
+        "gradients differ too. Compute such values from the merged outputs after the step (return the per-row "
+        "values instead), or pass output_merge_spec= to the schedule if the micro-batch values are what you want",
+    )
+
+
+def warn_ambiguous(reductions: list[str | None]) -> None:
+    """Warn about scalars divided by an int on one-row micro-batches that the trace on two rows could not settle."""
+    said = [j for j, r in enumerate(reductions) if r == "ambiguous"]
+    if said:
+        warn_user(
+            f"pipeline(): outputs {said} divide a sum by an int, traced on micro-batches of one row, where a count of "
+            "rows (x.shape[0], len(x)) is 1 and looks like a literal; tracing the model on two rows to tell failed. "
+            "Expected a mean (sum / x.shape[0]) or a sum (sum / a constant); pippy cannot tell which, so micro-batch "
+            "values are averaged. How to fix: pass loss_reduction='mean' or 'sum' to the schedule for the model's "
+            "own loss (output_merge_spec= for other outputs), or trace with micro-batches of two rows or more",
+        )
