@@ -1,4 +1,4 @@
-"""What a schedule settles with the other ranks: facts agreed before its first step, a failure told to all, no step after one.
+"""What a schedule settles with the other ranks: facts agreed before its first step, failures told to all.
 
 A mixin of :class:`pippy.runtime.schedule_base.PipelineSchedule`. A rank that fails posts the
 failure on the group's board (see :mod:`pippy.runtime.faults`), so the others' waits stop at
