@@ -204,7 +204,11 @@ def _run_dist(stage: GenerationStage, req: Request, timeout: float | None) -> to
 
 
 def _run_local(stages: list[GenerationStage], req: Request, timeout: float | None) -> torch.Tensor:
-    """Drive every stage in this process, in turn, over an in-process transport; a round where nothing moves is a stall."""
+    """Drive every stage in this process, in turn, over an in-process transport; a round where nothing moves is a stall.
+
+    The transport is ordered (for 2+ stages): it checks every message against what NCCL needs (the k-th receive
+    between two ranks is the k-th send, and no two ranks' posting orders cross) and raises where one would not hold.
+    """
     n = stages[0].num_stages
     if sorted(s.index for s in stages) != list(range(n)) or any(s.plan != stages[0].plan for s in stages):
         raise GenerationError(
@@ -214,6 +218,8 @@ def _run_local(stages: list[GenerationStage], req: Request, timeout: float | Non
         )
     stages = sorted(stages, key=lambda s: s.index)
     transports = LocalTransport.world(n, timeout)
+    for t in transports:
+        t.ordered = n > 1  # (one stage sends its tokens to itself: no order between ranks to check)
     runs = [run_rank(st, t, req) for st, t in zip(stages, transports)]
     results: dict[int, torch.Tensor] = {}
     while len(results) < n:

@@ -15,6 +15,11 @@ decides it and the verdict travels in-band, so no rank needs to guess. Each rank
 the KV cache of its own layers, the attention mask and the position ids (computed alike on every
 rank from the prompt's mask, as ``model.generate`` computes them); only hidden states and token ids
 travel. With ``groups >= stages`` every stage has a group to work on in steady state.
+
+Every rank posts its messages in one global order, as NCCL needs (it runs a rank's messages on one
+stream in posting order, and a large send finishes only when its receive runs): the stages after
+the first relay in arrival order, and stage 0 posts each token receive early enough for that order
+(:class:`_TokenReceives`). The in-process transport checks this when it is ordered.
 """
 
 from __future__ import annotations
@@ -198,6 +203,46 @@ def _compute(stage: GenerationStage, st: _Group, g: int, t: int, x: torch.Tensor
         return stage.module(x, st.mask, st.pos, st.cache)
 
 
+class _TokenReceives:
+    """Stage 0's receives of the last stage's token messages, one per item (group, token step) in the ring, in order.
+
+    Every stage after the first relays in arrival order: it receives item i, sends it on, then
+    receives item i + 1. Round the ring of n stages, the last stage sends item i's tokens before it
+    receives item i + 1, stage n - 2 sends item i + 1 before it receives item i + 2, ..., stage 1
+    sends item i + n - 2 before it receives item i + n - 1; so stage 0 posts the receive of item
+    i's tokens before it sends item i + n - 1, and every rank's posting order is then part of one
+    global order, as NCCL needs (a large send finishes only when its receive runs). With ``m``
+    items in the ring, :meth:`post_before_send` posts the oldest ``m - n + 2`` token receives
+    before the next item goes out: none early with fewer than n items in flight. Token messages
+    have a fixed size, so their buffers are made when the receive is posted.
+    """
+
+    def __init__(self, link: _Link, last: int, rows: int) -> None:
+        self.link, self.last, self.rows = link, last, rows
+        self.posted: deque[tuple[Any, torch.Tensor, WaitContext]] = deque()  # for the oldest items in the ring
+
+    def _post(self, g: int, t: int) -> None:
+        link = self.link
+        buf = torch.empty(3 + self.rows, dtype=torch.int64, device=link.stage.device)
+        ctx = link.ctx("RECV_F", g, self.last, f"group {g}, token step {t}: next tokens from the last stage")
+        self.posted.append((link.t.irecv(buf, self.last, _TAG_TOK, ctx), buf, ctx))
+
+    def post_before_send(self, ring: deque[tuple[int, int]]) -> None:
+        """Before the next item goes out: post the receives due for the oldest items in ``ring`` (see the class)."""
+        n = self.link.stage.num_stages
+        while n > 1 and len(self.posted) < len(ring) - n + 2:
+            self._post(*ring[len(self.posted)])
+
+    def take(self, g: int, t: int) -> Generator[None, None, torch.Tensor]:
+        """Wait (on the host) for the tokens of the oldest item in the ring, group ``g`` step ``t``."""
+        if not self.posted:
+            self._post(g, t)
+        handle, buf, ctx = self.posted.popleft()
+        yield from self.link.t.wait(handle, ctx, host=True)
+        self.link.moved += 1
+        return buf
+
+
 def run_rank(stage: GenerationStage, transport: Transport, req: Request) -> Generator[None, None, torch.Tensor]:
     """This rank's whole part of one generate call; returns the output ``[B, L + new]`` (the same on every rank)."""
     link = _Link(transport, stage)
@@ -232,16 +277,17 @@ def run_rank(stage: GenerationStage, transport: Transport, req: Request) -> Gene
         todo: deque[tuple[int, int, torch.Tensor]] = deque((g, 0, req.input_ids[g * rows : (g + 1) * rows])
                                                            for g in range(req.groups))
         expected: deque[tuple[int, int]] = deque()  # (group, step) in the ring, in the order they went out
-        ring = torch.empty(3 + rows, dtype=torch.int64, device=dev)
+        tokens = _TokenReceives(link, last, rows)  # their token messages' receives, posted early where NCCL needs
         while todo or expected:
             while todo and len(expected) < req.in_flight:  # start groups until in_flight are in the ring
                 g, t, x = todo.popleft()
-                yield from emit(g, t, _compute(stage, state(g), g, t, x))
+                out = _compute(stage, state(g), g, t, x)
+                tokens.post_before_send(expected)
+                yield from emit(g, t, out)
                 expected.append((g, t))
             eg, et = expected.popleft()
-            what = f"group {eg}, token step {et}: next tokens from the last stage"
-            yield from link.recv(ring, last, _TAG_TOK, link.ctx("RECV_F", eg, last, what), host=True)
-            g, t, done = ring[:3].tolist()
+            answer = yield from tokens.take(eg, et)
+            g, t, done = answer[:3].tolist()
             if (g, t) != (eg, et):
                 raise PipeCommError(
                     f"rank {s}, stage {s}: the last stage answered group {g} step {t}, expected group {eg} step {et}. "
@@ -250,7 +296,7 @@ def run_rank(stage: GenerationStage, transport: Transport, req: Request) -> Gene
             if done:
                 groups[g] = None  # its caches are not needed any more
             else:
-                todo.append((g, t + 1, ring[3:].clone()[:, None]))  # next tokens [rows, 1]
+                todo.append((g, t + 1, answer[3:, None]))  # next tokens [rows, 1] (a fresh buffer per answer)
         if n > 1:
             stop = torch.tensor([_STOP, 0, 0, 0, 0, 0], dtype=torch.int64, device=dev)
             yield from link.send(stop, nxt, _TAG_HDR, link.ctx("SEND_F", -1, nxt, "end of generation"))

@@ -33,7 +33,8 @@ class LocalTransport:
     """In-process transport: every rank lives in this process and is driven cooperatively.
 
     ``LocalTransport.world(n)`` returns one transport per rank sharing one mailbox. Messages match
-    by tag. With ``ordered = True`` (set on every rank) it also checks what NCCL relies on: between
+    by tag; receives with the same peer and tag take their messages in the order they were posted
+    (as gloo and NCCL match them), however they are polled. With ``ordered = True`` (set on every rank) it also checks what NCCL relies on: between
     two ranks, the k-th receive posted is for the k-th message sent (same tag); and every rank posts
     its messages in an order that agrees with every other rank's (:class:`Rendezvous`), else it raises.
     """
@@ -49,6 +50,7 @@ class LocalTransport:
         self._mailbox = mailbox
         self._posted = {} if posted is None else posted  # (src, dst) -> (tags sent, tags received), in order
         self._rendezvous = rendezvous if rendezvous is not None else Rendezvous()
+        self._receives: dict[tuple[int, int, int], deque[_LocalHandle]] = {}  # open receives per key, oldest first
         self.waiting: WaitContext | None = None
 
     @classmethod
@@ -65,6 +67,7 @@ class LocalTransport:
         self._mailbox.clear()
         self._posted.clear()
         self._rendezvous.clear()
+        self._receives.clear()
         self.waiting = None
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext | None = None) -> Any:
@@ -79,6 +82,7 @@ class LocalTransport:
         if self.ordered:
             self._in_order(peer, self.rank, tag, 1, ctx)
         h = _LocalHandle((peer, self.rank, tag), buffer, False)
+        self._receives.setdefault(h.key, deque()).append(h)
         self._poll(h)
         return h
 
@@ -98,17 +102,18 @@ class LocalTransport:
             )
 
     def _poll(self, h: _LocalHandle) -> None:
-        q = self._mailbox.get(h.key)
-        if not h.done and q:
-            msg = q.popleft()
-            if h.buffer is not None:
-                if msg.shape != h.buffer.shape or msg.dtype != h.buffer.dtype:
+        """Complete ``h`` if its message is in: the messages go to the open receives of its key in posting order."""
+        q, waiting = self._mailbox.get(h.key), self._receives.get(h.key)
+        while not h.done and q and waiting:
+            msg, first = q.popleft(), waiting.popleft()
+            if first.buffer is not None:
+                if msg.shape != first.buffer.shape or msg.dtype != first.buffer.dtype:
                     raise RuntimeError(
                         f"rank {self.rank}: message from rank {h.key[0]} (tag {h.key[2]}) is {msg.dtype}{list(msg.shape)}, "
-                        f"receive buffer is {h.buffer.dtype}{list(h.buffer.shape)}"
+                        f"receive buffer is {first.buffer.dtype}{list(first.buffer.shape)}"
                     )
-                h.buffer.copy_(msg)
-            h.done = True
+                first.buffer.copy_(msg)
+            first.done = True
 
     def wait(self, handle: Any, ctx: WaitContext, host: bool = False) -> Iterator[None]:
         """Yield until the message is there (``host`` changes nothing in-process); the driver detects a stall."""

@@ -110,3 +110,14 @@ def test_skip_edges_and_tied_weights_post_in_one_global_order(model_name: str, c
         t.ordered = True
     for _ in range(2):
         check_mse_step(lp, model, torch.randn(8, d_in, dtype=torch.float64), torch.randn(8, d_out, dtype=torch.float64))
+
+
+def test_receives_with_the_same_peer_and_tag_take_messages_in_posting_order() -> None:
+    """Two receives posted ahead for one peer and tag get the first and second message, whichever is polled first."""
+    a, b = LocalTransport.world(2)
+    first, second = torch.empty(1), torch.empty(1)
+    h1, h2 = b.irecv(first, 0, tag=5), b.irecv(second, 0, tag=5)
+    a.isend(torch.full((1,), 1.0), 1, tag=5)
+    assert not b.done(h2) and b.done(h1)  # polling the later receive fills the earlier one first
+    a.isend(torch.full((1,), 2.0), 1, tag=5)
+    assert b.done(h2) and (first.item(), second.item()) == (1.0, 2.0)
