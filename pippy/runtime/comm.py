@@ -110,8 +110,9 @@ class DistTransport:
             DistTransport._warned = True
             warnings.warn(
                 f"pippy on backend {backend!r}: messages between two ranks are matched in posting order, not by tag. "
-                "Receive prefetch is off and sends are posted in each peer's receive order (checked in-process for "
-                "every schedule); this backend itself is untested with pippy.",
+                "Every rank posts its messages in one global order taken from the schedule, receives early where "
+                "that order puts them (checked in-process for every schedule); this backend itself is untested with "
+                "pippy.",
                 stacklevel=2,
             )
         self.timeout = default_timeout() if timeout is None else float(timeout)

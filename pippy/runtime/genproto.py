@@ -86,13 +86,12 @@ class _Wait(WaitContext):
 
 
 class _Link:
-    """This rank's bounded messages; counts what moved, so an in-process driver can tell a stall."""
+    """This rank's bounded messages: sends kept until done (a failed one raises), receives waited for."""
 
     def __init__(self, transport: Transport, stage: GenerationStage) -> None:
         self.t, self.stage = transport, stage
         self.rank = transport.rank
         self.pending: deque[tuple[Any, torch.Tensor, WaitContext]] = deque()
-        self.moved = 0
 
     def ctx(self, action: str, group: int, peer: int, what: str) -> WaitContext:
         tail = " (pippy.generate must run on every rank of the pipeline, with the same inputs)"
@@ -100,7 +99,6 @@ class _Link:
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int, ctx: WaitContext) -> Iterator[None]:
         self.pending.append((self.t.isend(tensor, peer, tag, ctx), tensor, ctx))
-        self.moved += 1
         while len(self.pending) > 1 and self.t.done(self.pending[0][0]):
             handle, _, done_ctx = self.pending.popleft()
             yield from self.t.wait(handle, done_ctx)  # returns at once; raises if that send failed
@@ -108,7 +106,6 @@ class _Link:
     def recv(self, buf: torch.Tensor, peer: int, tag: int, ctx: WaitContext, host: bool = False
              ) -> Generator[None, None, torch.Tensor]:
         yield from self.t.wait(self.t.irecv(buf, peer, tag, ctx), ctx, host=host)
-        self.moved += 1
         return buf
 
     def flush(self) -> Iterator[None]:
@@ -239,7 +236,6 @@ class _TokenReceives:
             self._post(g, t)
         handle, buf, ctx = self.posted.popleft()
         yield from self.link.t.wait(handle, ctx, host=True)
-        self.link.moved += 1
         return buf
 
 

@@ -54,7 +54,8 @@ class Transport(Protocol):
     """What the executor needs from a transport: this rank, the group size, and bounded point-to-point messages.
 
     ``ordered`` is True when the backend matches messages between two ranks in posting order
-    rather than by tag (NCCL): receives are then never posted early.
+    rather than by tag (NCCL): every rank then posts its messages in one global order, receives
+    early where that order puts them (:mod:`pippy.runtime.postorder`).
     """
 
     rank: int
