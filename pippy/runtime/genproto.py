@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pippy.runtime.comm import EDGE_TAGS, PipeCommError
 from pippy.runtime.genpick import Picker
@@ -134,6 +135,9 @@ class _Collector:
         self.cursor = (0, 0)  # next (token step, group) whose draw model.generate would make
         self.next_report = req.progress
         self.start = time.perf_counter()
+        self.live: list[torch.Tensor] = []  # rows still generating at each pick (a progress line's rate counts only those)
+        where = f"global rank {dist.get_rank()}, " if dist.is_available() and dist.is_initialized() else ""
+        self.label = f"pippy.generate [{where}stage {stage.index}, the last]"
 
     def record(self, g: int, t: int, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Next tokens ``[rows]`` of group ``g`` at step ``t``, and whether the group is done."""
@@ -146,6 +150,8 @@ class _Collector:
         tok = req.picker.pick(logits)
         self.cursor = (t + 1, 0) if g + 1 == req.groups else (t, g + 1)
         unf = self.unfinished[g]
+        if req.progress:
+            self.live.append(unf.sum())
         if req.eos.numel():
             tok = torch.where(unf, tok, torch.full_like(tok, req.pad_token_id))
             unf &= ~torch.isin(tok, req.eos)
@@ -164,11 +170,11 @@ class _Collector:
             return
         while self.next_report <= low:
             self.next_report += req.progress
-        made = sum(len(ts) for ts in self.tokens) * req.rows
-        rate = made / max(time.perf_counter() - self.start, 1e-9)
+        made = int(torch.stack(self.live).sum()) if self.live else 0  # padding after a row's EOS left out
+        secs = max(time.perf_counter() - self.start, 1e-9)
         print(
-            f"pippy.generate [rank {self.stage.index}, last stage]: {low}/{req.max_new_tokens} new tokens per row, "
-            f"{sum(self.finished)}/{req.groups} groups done, {rate:.1f} tokens/s",
+            f"{self.label}: {low}/{req.max_new_tokens} new tokens per row, "
+            f"{sum(self.finished)}/{req.groups} groups done, {made} tokens in {secs:.1f}s ({made / secs:.1f} tokens/s)",
             file=sys.stderr, flush=True,
         )
 

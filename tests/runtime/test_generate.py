@@ -99,9 +99,23 @@ def test_progress_line_per_chunk_of_tokens(capsys: pytest.CaptureFixture[str]) -
     generate(_stages(build("gpt2"), 2), ids, attention_mask=mask, max_new_tokens=NEW, groups=2, progress=4)
     lines = capsys.readouterr().err.strip().splitlines()
     assert [re.search(r": (\d+)/10 new tokens", x).group(1) for x in lines] == ["4", "8", "10"], lines  # type: ignore[union-attr]
-    assert lines[-1].startswith("pippy.generate [rank 1, last stage]") and "2/2 groups done" in lines[-1]
+    assert lines[-1].startswith("pippy.generate [stage 1, the last]") and "2/2 groups done" in lines[-1]
+    assert f" {ids.shape[0] * NEW} tokens in " in lines[-1]  # no EOS: every row's every token
     generate(_stages(build("gpt2"), 2), ids, attention_mask=mask, max_new_tokens=NEW, progress=0)
     assert capsys.readouterr().err == ""
+
+
+def test_progress_rate_leaves_out_padding_after_eos(capsys: pytest.CaptureFixture[str]) -> None:
+    ids, mask = prompts()
+    eos = early_eos("gpt2", 2)
+    model = build("gpt2", list(eos))
+    out = generate(_stages(model, 2), ids, attention_mask=mask, max_new_tokens=NEW, groups=2, progress=NEW)
+    new = out[:, PROMPT:]
+    ended = torch.isin(new, torch.tensor(eos)).int().cumsum(1)
+    real = int(((ended == 0) | ((ended == 1) & torch.isin(new, torch.tensor(eos)))).sum())  # up to and with each EOS
+    assert real < new.numel()  # EOS ended rows early: padding follows
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f" {real} tokens in " in line, (real, line)
 
 
 def test_the_model_is_left_unchanged_and_stages_hold_their_own_layers() -> None:
