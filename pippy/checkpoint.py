@@ -1,6 +1,6 @@
 """Pipeline checkpoints: each rank saves and loads its own stages by original FQN; ``merge`` rebuilds the model's.
 
-Two formats. ``"torch"`` writes ``stage_<i>.pt`` per stage (plain ``torch.save`` state_dicts), so a
+Two formats. ``"torch"`` writes ``stage_<i>.step<k>.pt`` per stage (plain ``torch.save`` state_dicts), so a
 rank touches only its own files. ``"dcp"`` writes a torch.distributed.checkpoint keyed by FQN per
 save call (``<dir>/dcp`` when the call saves every stage; see :mod:`pippy.checkpoint_dcp`); it can
 be loaded into a different split. Either way every stage also writes ``stage_<i>.json`` (its
@@ -23,6 +23,7 @@ In a real run each rank saves the stages it holds; here one process holds both s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -43,6 +44,7 @@ from pippy.checkpoint_dcp import (
 )
 from pippy.checkpoint_files import StageRecord, encode_groups, read_record, read_records, resolve_format, write_record
 from pippy.checkpoint_prune import prune_stale
+from pippy.checkpoint_steps import atomic_save, file_names, newest_complete, previous_files, prune_older
 from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
@@ -77,7 +79,7 @@ def save(
     """Save this rank's ``stages`` under directory ``path`` (call on every rank).
 
     ``optimizer`` (the one optimizing this rank's stages) saves its state too, keyed by parameter
-    FQN (``optim_<i>.pt`` per stage, or ``ckpt/dcp_optim``), hyperparameters included (tensors and
+    FQN (``optim_<i>.step<k>.pt`` per stage, or ``ckpt/dcp_optim``), hyperparameters included (tensors and
     tuples kept); :func:`load` with the same ``optimizer=`` restores it, so a resumed run continues
     exactly. Nothing is written when a value cannot be stored.
 
@@ -85,7 +87,7 @@ def save(
     a tied tensor no stage reads under that name (T5's ``shared.weight``).
 
     With ``format="dcp"`` (``save(stage, "ckpt", format="dcp")`` on every rank) the tensors go to
-    a torch.distributed.checkpoint under ``ckpt/dcp`` instead of ``stage_<i>.pt``. Calls that save
+    a torch.distributed.checkpoint under ``ckpt/dcp`` instead of ``stage_<i>.step<k>.pt``. Calls that save
     some of the stages each (one optimizer per stage) write one sub-directory per call
     (``ckpt/dcp_stages_0_1``), so the stages of every call are kept. Once every stage's record names
     its new sub-directory, the DCP sub-directories an older save left that no record names are
@@ -97,7 +99,7 @@ def save(
         >>> with tempfile.TemporaryDirectory() as ckpt:
         ...     save([pipe.build_stage(i, "cpu") for i in range(2)], ckpt)
         ...     sorted(os.listdir(ckpt))
-        ['stage_0.json', 'stage_0.pt', 'stage_1.json', 'stage_1.pt']
+        ['stage_0.json', 'stage_0.step0.pt', 'stage_1.json', 'stage_1.step0.pt']
     """
     _check_format(format)
     stages = _as_list(stages)
@@ -109,11 +111,13 @@ def save(
     groups = {i: encode_groups(osd["param_groups"], f"checkpoint.save, stage {i}") for i, osd in optim.items()}
     tensors_dir, optim_dir = call_dirs(stages) if format == "dcp" else ("", "")
     os.makedirs(path, exist_ok=True)
+    files = {st.index: file_names(st.index, st.steps_trained, optimizer is not None) for st in stages}
     if format == "torch":
         for st in stages:
-            torch.save({k: v.detach().cpu() for k, v in sds[st.index].items()}, os.path.join(path, f"stage_{st.index}.pt"))
-            if optimizer is not None:
-                torch.save(optim[st.index], os.path.join(path, f"optim_{st.index}.pt"))
+            tensors, optim_file = files[st.index]
+            atomic_save({k: v.detach().cpu() for k, v in sds[st.index].items()}, os.path.join(path, tensors))
+            if optim_file is not None:
+                atomic_save(optim[st.index], os.path.join(path, optim_file))
     else:
         save_dcp({k: v for sd in sds.values() for k, v in sd.items()}, os.path.join(path, tensors_dir))
         if optimizer is not None:
@@ -121,11 +125,17 @@ def save(
             payload.update({f"param_groups_stage{i}": g for i, g in groups.items()})  # hyperparameters per stage
             save_dcp(payload, os.path.join(path, optim_dir))
     for st in stages:  # the records last: they name what this save wrote
-        torch_fmt = format == "torch"
-        write_record(path, StageRecord(
-            index=st.index, num_stages=st.num_stages, format=format, keys=sorted(sds[st.index]),
-            aliases=_alias_groups(st, model), tensors=f"stage_{st.index}.pt" if torch_fmt else tensors_dir,
-            optim=None if optimizer is None else f"optim_{st.index}.pt" if torch_fmt else optim_dir))
+        rec = StageRecord(index=st.index, num_stages=st.num_stages, format=format, keys=sorted(sds[st.index]),
+                          aliases=_alias_groups(st, model), tensors=tensors_dir,
+                          optim=None if optimizer is None else optim_dir)
+        prev = None
+        if format == "torch":  # the files of this step, and the save before them kept (see pippy.checkpoint_steps)
+            prev = previous_files(path, st.index, st.num_stages, st.steps_trained)
+            rec = dataclasses.replace(rec, tensors=files[st.index][0], optim=files[st.index][1],
+                                      previous=prev)
+        write_record(path, dataclasses.replace(rec, step=st.steps_trained))
+        if format == "torch":
+            prune_older(path, st.index, {f for f in (*files[st.index], *(prev or ())[:2]) if isinstance(f, str)})
     if format == "dcp":
         finish_save(path)  # a DCP load reads every stage's record: all written before any rank goes on
     else:
@@ -195,7 +205,7 @@ def load(
             failed = err
         settle(path, failed)  # every rank raises if one failed (e.g. an FQN missing on one rank), none waits on
         return
-    records = read_records(path, complete=False)
+    records = newest_complete(read_records(path, complete=False), path, "checkpoint.load")
     by_index = {r.index: r for r in records}
     _refuse_sharded(stages, "load")
     for st in stages:
@@ -213,6 +223,8 @@ def load(
             raise KeyError(f"stage {st.index}: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
         _load_torch_optimizer(stages, optimizer, path, by_index)
+    for st in stages:  # a resumed run counts on from the step loaded (its next save replaces a cut-off one)
+        st.steps_trained = by_index[st.index].step
 
 
 def _load_dcp(stages: list[Stage], path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None) -> None:
@@ -220,6 +232,8 @@ def _load_dcp(stages: list[Stage], path: str | os.PathLike[str], optimizer: torc
     load_stage_tensors(stages, path, records)
     if optimizer is not None:
         load_stage_optim(stages, optimizer, path, records)
+    for st in stages:  # one collective save: one step (any split)
+        st.steps_trained = min(r.step for r in records)
 
 
 def _refuse_sharded(stages: list[Stage], what: str) -> None:
@@ -278,7 +292,7 @@ def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> di
         >>> sorted(sd), torch.equal(sd["0.weight"], sd["2.weight"])
         (['0.bias', '0.weight', '2.bias', '2.weight'], True)
     """
-    records = read_records(path)
+    records = newest_complete(read_records(path), path, "checkpoint.merge")
     out = _read_stage_files(path, records)
     groups = [g for r in records for g in r.aliases]
     if model is not None:

@@ -2,7 +2,7 @@
 
 Every :func:`pippy.checkpoint.save` writes, per stage, the record last (after the tensors), so the
 records say what the newest save of each stage wrote: ``format``, the state-dict ``keys``, the tied
-``aliases`` and ``files`` (``tensors``: ``stage_<i>.pt`` or a DCP sub-directory; ``optim``: where
+``aliases`` and ``files`` (``tensors``: ``stage_<i>.step<k>.pt`` or a DCP sub-directory; ``optim``: where
 the optimizer state went, or ``None`` when the save had no optimizer). Loading and merging follow
 the records, so files that an older save left in the same directory are never read by mistake.
 
@@ -52,9 +52,13 @@ class StageRecord:
     aliases: list[list[str]]
     """Groups of FQNs that name one (tied) tensor."""
     tensors: str
-    """The file (``stage_<i>.pt``) or DCP sub-directory holding the tensors, relative to the checkpoint directory."""
+    """The file (``stage_<i>.step<k>.pt``) or DCP sub-directory holding the tensors, relative to the checkpoint directory."""
     optim: str | None
-    """Where the optimizer state went (``optim_<i>.pt`` or a DCP sub-directory); ``None``: saved without one."""
+    """Where the optimizer state went (``optim_<i>.step<k>.pt`` or a DCP sub-directory); ``None``: saved without one."""
+    step: int = 0
+    """The training steps the stage had run when saved (``Stage.steps_trained``; 0 in records of older pippy)."""
+    previous: tuple[str, str | None, int] | None = None
+    """torch format: the files (tensors, optimizer state) and step of this stage's save before, kept on disk."""
 
 
 def _name(path: str | os.PathLike[str], i: int) -> str:
@@ -72,7 +76,9 @@ def write_record(path: str | os.PathLike[str], record: StageRecord) -> None:
         ['stage_3.json']
     """
     side = {"stage": record.index, "num_stages": record.num_stages, "format": record.format, "keys": record.keys,
-            "aliases": record.aliases, "files": {"tensors": record.tensors, "optim": record.optim}}
+            "aliases": record.aliases, "files": {"tensors": record.tensors, "optim": record.optim},
+            "step": record.step,
+            "previous": None if record.previous is None else dict(zip(("tensors", "optim", "step"), record.previous))}
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f".stage_{record.index}.", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(side, f, indent=1)
@@ -98,8 +104,11 @@ def read_record(path: str | os.PathLike[str], i: int) -> StageRecord:
         tensors = f"stage_{i}.pt" if side["format"] == "torch" else "dcp"
         optim = f"optim_{i}.pt" if side["format"] == "torch" else "dcp_optim"
         files = {"tensors": tensors, "optim": optim if os.path.exists(os.path.join(path, optim)) else None}
+    prev = side.get("previous")
     return StageRecord(index=side["stage"], num_stages=side["num_stages"], format=side["format"], keys=side["keys"],
-                       aliases=side["aliases"], tensors=files["tensors"], optim=files["optim"])
+                       aliases=side["aliases"], tensors=files["tensors"], optim=files["optim"],
+                       step=int(side.get("step", 0)),
+                       previous=None if prev is None else (prev["tensors"], prev["optim"], int(prev["step"])))
 
 
 def read_records(path: str | os.PathLike[str], *, complete: bool = True) -> list[StageRecord]:
@@ -148,7 +157,7 @@ def resolve_format(records: list[StageRecord], asked: str | None, path: str | os
         raise ValueError(f"checkpoint {os.fspath(path)!r} mixes formats: stages {which} (from stage_<i>.json); "
                          "save every stage with the same format")
     if asked is not None and asked != found[0]:
-        stale = "; any stage_<i>.pt there is from an older save" if found[0] == "dcp" else ""
+        stale = "; any stage_<i>.step<k>.pt there is from an older save" if found[0] == "dcp" else ""
         raise ValueError(f"load(..., format={asked!r}) but checkpoint {os.fspath(path)!r} was saved with "
                          f"format={found[0]!r} (its stage_<i>.json{stale}): pass format={found[0]!r} or leave "
                          "format out")

@@ -42,7 +42,7 @@ def test_a_dcp_checkpoint_loads_without_naming_its_format_and_a_wrong_one_is_ref
 
 def test_a_newer_save_in_another_format_wins_over_the_older_files(tmp_path: Path) -> None:
     stages = _stages()
-    checkpoint.save(stages, tmp_path, format="torch")  # step 100: stage_<i>.pt
+    checkpoint.save(stages, tmp_path, format="torch")  # step 100: stage_<i>.step0.pt
     newer = _bump(stages)
     checkpoint.save(stages, tmp_path, format="dcp")  # step 200, same directory
     _bump(stages)
@@ -60,7 +60,7 @@ def test_records_name_their_files_and_a_mix_of_splits_is_refused(tmp_path: Path)
     checkpoint.save(stages, tmp_path, format="dcp", optimizer=opt)
     assert [(r.tensors, r.optim) for r in read_records(tmp_path)] == [("dcp", "dcp_optim")] * 2
     checkpoint.save(stages, tmp_path / "t")
-    assert [(r.tensors, r.optim) for r in read_records(tmp_path / "t")] == [("stage_0.pt", None), ("stage_1.pt", None)]
+    assert [(r.tensors, r.optim) for r in read_records(tmp_path / "t")] == [("stage_0.step0.pt", None), ("stage_1.step0.pt", None)]
     with pytest.raises(FileNotFoundError, match="saved without an optimizer"):
         checkpoint.load(stages, tmp_path / "t", optimizer=opt)
     side = json.loads((tmp_path / "stage_1.json").read_text())

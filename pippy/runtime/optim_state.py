@@ -72,6 +72,20 @@ def _ensure_state(optimizer: torch.optim.Optimizer) -> None:
             p.grad = grad
 
 
+def _refuse_foreign(stages: Sequence[Stage], optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer that also holds parameters of stages not passed (torch's helper fails with a bare KeyError)."""
+    held = {id(p) for st in stages for p in st.parameters()}
+    foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in held]
+    if foreign:
+        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
+        raise ValueError(
+            f"checkpoint: the optimizer also optimizes {len(foreign)} parameter(s) that none of the stages passed "
+            f"({sorted(st.index for st in stages)}) holds (shapes {shapes}{', ...' if len(foreign) > 3 else ''}). "
+            "Expected the optimizer of exactly these stages. Pass every stage it optimizes in one call, or give each "
+            "stage (or each rank's stages) its own optimizer"
+        )
+
+
 def stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.Optimizer, *,
                            full: bool = False, template: bool = False) -> dict[int, dict[str, Any]]:
     """``{stage index: {"state": {fqn: {...}}, "param_groups": [{..., "params": [fqn, ...]}]}}``.
@@ -83,6 +97,7 @@ def stage_optimizer_states(stages: Sequence[Stage], optimizer: torch.optim.Optim
     """
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    _refuse_foreign(stages, optimizer)
     if template:
         _ensure_state(optimizer)
     holder = _holder(stages)

@@ -273,6 +273,9 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
         if run.result is None:
             raise StageError(f"rank {self.rank}: finish() needs a step that ran to its end; drive the StepRun first")
         res = run.result
+        if run.training:
+            for st in self.stages:
+                st.steps_trained += 1
         self.last_events = res.events
         if res.peak_live or not self.last_peak_live:  # eval() keeps the last training step's counts
             self.last_peak_live = res.peak_live

@@ -86,6 +86,9 @@ class Stage(StageBackward, StageModule):
         self._state: dict[int, _MbState] = {}
         self.measure_activations = False  # count bytes autograd saves per micro-batch (small overhead)
         self.rank_hint: int | None = None  # set by the executor, for messages
+        self.steps_trained = 0
+        """Training steps this stage finished (a schedule's ``step``; ``eval`` does not count); the same on every
+        rank of a pipeline. ``pippy.checkpoint`` saves it and ``load`` restores it, so a resumed run knows its step."""
 
     # ----------------------------------------------------------------- properties
     @property
