@@ -194,3 +194,15 @@ def test_records_of_older_versions_without_steps_still_load(tmp_path: Path) -> N
     checkpoint.save(fresh, tmp_path)  # the old files are the save before (step 0), kept
     assert [(r.step, r.previous) for r in read_records(tmp_path)] == [(5, ("stage_0.pt", None, 0)),
                                                                        (5, ("stage_1.pt", None, 0))]
+
+
+def test_an_optimizer_of_more_stages_than_passed_is_refused_by_name(tmp_path: Path) -> None:
+    stages = _stages()
+    opt = torch.optim.SGD([p for st in stages for p in st.parameters()], lr=0.1)
+    with pytest.raises(ValueError, match=r"the optimizer also optimizes 2 parameter\(s\) that none of the stages "
+                                         r"passed \(\[0\]\) holds .*Pass every stage it optimizes in one call"):
+        checkpoint.save(stages[:1], tmp_path, optimizer=opt)
+    assert not os.listdir(tmp_path)  # nothing written
+    checkpoint.save(stages, tmp_path, optimizer=opt)
+    with pytest.raises(ValueError, match=r"parameters of no stage given to load\(\); pass every stage it optimizes"):
+        checkpoint.load(stages[1:], tmp_path, optimizer=opt)
