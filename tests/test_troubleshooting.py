@@ -16,6 +16,7 @@ import pippy
 from pippy import PipeTraceError, SplitPoint, StageError, pipe_split, pipeline
 from pippy.runtime.local import LocalPipeline
 from pippy.runtime.localcomm import LocalTransport
+from pippy.runtime.userstage import _StageCall
 from pippy.schedules import ScheduleError
 
 F64 = torch.float64
@@ -490,7 +491,9 @@ def test_split_spec_values_and_a_model_without_split_points() -> None:
     with pytest.raises(StageError) as info:
         pippy.Schedule1F1B(one.build_stage(0, "cpu"), 2, mse, transport=LocalTransport.world(2)[0])
     msg = str(info.value)
-    assert "world size is 2 but the pipe has 1 stages" in msg
+    assert msg.startswith("Schedule1F1B: world size is 2 but the pipe has 1 stages")
+    with pytest.raises(StageError, match=r"^stage\(x\): world size is 2 but"):  # what the user called, not a class
+        _StageCall(one.build_stage(0, "cpu"), 2, transport=LocalTransport.world(2)[0])
     assert "the model has no split point (no pipe_split() in forward, no split_spec, no split_policy)" in msg
 
 

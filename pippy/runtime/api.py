@@ -54,6 +54,11 @@ __all__ = [
 ]
 
 
+def _called(sched: Any) -> str:
+    """What the user called: ``stage(x)`` for the forward pipeline behind a stage call, else the schedule's class."""
+    return "stage(x)" if getattr(type(sched), "stage_call", False) else type(sched).__name__
+
+
 class _UserSchedule(MicrobatchSteps, OrderIO, PeerAttributes, PipelineSchedule):
     """The schedule classes users build: their arguments are checked before anything is generated."""
 
@@ -65,7 +70,7 @@ class _UserSchedule(MicrobatchSteps, OrderIO, PeerAttributes, PipelineSchedule):
         *more: Any,
         **kwargs: Any,
     ) -> None:
-        name = "stage(x)" if getattr(type(self), "stage_call", False) else type(self).__name__
+        name = _called(self)
         if more:  # PiPPy's 4th positional argument was output_merge_spec, PyTorch's is args_chunk_spec
             raise TypeError(
                 f"{name}() takes the stage(s), n_microbatches and loss_fn positionally, got {len(more)} more. Pass the "
@@ -144,14 +149,14 @@ class PipelineScheduleSingle(_UserSchedule):
     def _generate(self) -> Schedule | None:
         if len(self.stages) != 1:
             raise StageError(
-                f"{type(self).__name__} runs one stage per rank; got {len(self.stages)} stages "
+                f"{_called(self)} runs one stage per rank; got {len(self.stages)} stages "
                 f"{[st.index for st in self.stages]} on rank {self.rank}. Pass this rank's one stage, or use a "
                 "multi-stage schedule (ScheduleInterleaved1F1B, ScheduleLoopedBFS, ScheduleZBV, ScheduleDualPipeV)"
             )
         p = self._num_ranks()
         if p != self.pipe.num_stages:
             raise StageError(
-                f"{type(self).__name__}: world size is {p} but the pipe has {self.pipe.num_stages} stages; a "
+                f"{_called(self)}: world size is {p} but the pipe has {self.pipe.num_stages} stages; a "
                 f"one-stage-per-rank schedule needs exactly one rank per stage. Launch {self.pipe.num_stages} ranks "
                 f"(torchrun --nproc-per-node {self.pipe.num_stages}) or split the model into {p} stages "
                 f"({_split_hint(self.pipe)}); with more ranks than stages (data x pipeline parallel), pass each stage "
