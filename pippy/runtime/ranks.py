@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import torch
@@ -22,9 +23,10 @@ from pippy.frontend.cudadevice import barrier, on_collective_device
 from pippy.runtime.comm import DistTransport
 from pippy.runtime.storesync import StoreSync
 from pippy.runtime.transport import Transport
+from pippy.sim.clocks import make_causal
 from pippy.sim.timeline import Event, Timeline
 
-__all__ = ["gather_trace", "schedule_facts", "store_sync", "trace_barrier"]
+__all__ = ["gather_trace", "on_one_clock", "schedule_facts", "store_sync", "trace_barrier"]
 
 
 def schedule_facts(sched: Any) -> dict[str, Any]:
@@ -73,30 +75,51 @@ def order_hash(schedule: Any) -> str:
 
 
 def gather_trace(transport: Transport, rank: int, events: list[Event], name: str,
-                 path: str | None, where: str = "") -> Timeline | None:
-    """Collect every rank's events on rank 0; there, build the timeline and write it to ``path``.
+                 path: str | None, where: str = "", origin: float | None = None) -> Timeline | None:
+    """Collect every rank's events on rank 0; there, put them on one clock, build the timeline, write it to ``path``.
 
-    Only rank 0 waits (see :func:`trace_barrier` for how). Returns the timeline on rank 0, else None.
+    ``origin`` is the ``time.perf_counter()`` value the events count from. Each rank sends it as a
+    wall-clock time (shared by the ranks of one host), and rank 0 shifts every rank's events onto
+    the earliest origin; then :func:`pippy.sim.clocks.make_causal` moves ranks whose wall clocks
+    disagree (other hosts) until no receive ends before its send starts. Only rank 0 waits (see
+    :func:`trace_barrier` for how). Returns the timeline on rank 0, else None.
     """
+    now = time.perf_counter()
+    wall = time.time() - (now - (now if origin is None else origin))
+    payload: Any = (events, wall)
     assert isinstance(transport, DistTransport)
     sync = store_sync(transport)
     world = transport.world_size
     if sync is not None:
-        got = sync.gather(events, where or f"rank {rank}, action trace gather")
+        got = sync.gather(payload, where or f"rank {rank}, action trace gather")
         gathered: list[Any] = got if got is not None else []
     else:
         group = transport.p2p_group
         gathered = [None] * world if rank == 0 else []
         with on_collective_device(group):  # NCCL gathers objects on the current CUDA device
-            dist.gather_object(events, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
+            dist.gather_object(payload, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
     if rank != 0:
         return None
-    timeline = Timeline.from_events([e for evs in gathered for e in evs], world, name=name)
+    timeline = make_causal(on_one_clock(gathered, world, name))[0]
     if path:
         from pippy.sim.render import write_chrome_trace
 
         write_chrome_trace(timeline, path)
     return timeline
+
+
+def on_one_clock(gathered: list[tuple[list[Event], float]], world: int, name: str = "") -> Timeline:
+    """One timeline from each rank's ``(events, wall-clock origin)``: times from the earliest origin.
+
+        >>> from pippy.schedules.ir import Action
+        >>> tl = on_one_clock([([Event(0, Action.parse("0F0"), 0.0, 1.0)], 100.0),
+        ...                    ([Event(1, Action.parse("1F0"), 0.0, 1.0)], 101.0)], 2)
+        >>> [(e.rank, e.start) for e in tl.events]
+        [(0, 0.0), (1, 1.0)]
+    """
+    base = min((w for _, w in gathered), default=0.0)
+    return Timeline.from_events([Event(e.rank, e.action, e.start + w - base, e.end + w - base)
+                                 for evs, w in gathered for e in evs], world, name=name)
 
 
 def store_sync(transport: DistTransport) -> StoreSync | None:

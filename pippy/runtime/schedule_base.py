@@ -285,7 +285,7 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
                     f"(after step {self._calls}, every micro-batch)"
             try:
                 self.last_timeline = gather_trace(self.transport, self.rank, res.events, self.name, self.trace_path,
-                                                  where)
+                                                  where, origin=run.executor.t_origin)
             except Exception as exc:
                 self._tell_others(where, exc)
                 raise

@@ -30,12 +30,12 @@ import statistics
 from dataclasses import replace
 
 from pippy.schedules.ir import Kind
+from pippy.sim.clocks import PAIR as _PAIR
+from pippy.sim.clocks import message_pairs
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.timeline import Timeline
 
 __all__ = ["calibrate", "traced_latency", "traced_overhead"]
-
-_PAIR = {Kind.RECV_F: Kind.SEND_F, Kind.RECV_B: Kind.SEND_B}
 
 
 def traced_latency(costs: CostModel, timeline: Timeline) -> float | None:
@@ -44,7 +44,8 @@ def traced_latency(costs: CostModel, timeline: Timeline) -> float | None:
     A sample is a receive that was already waiting when its message was posted: from the SEND's
     start to the RECV's end, less the bytes' transfer time at ``costs.bandwidth``. The sender of a
     forward message is the nearest lower stage on another rank that sent that micro-batch (the
-    nearest higher one for gradients). Times of different ranks share the trace's origin.
+    nearest higher one for gradients, :func:`pippy.sim.clocks.message_pairs`). Times of different ranks
+    share the trace's origin (:func:`pippy.runtime.ranks.gather_trace` puts them on one clock).
 
         >>> from pippy.schedules.ir import Action
         >>> from pippy.sim.timeline import Event
@@ -52,22 +53,10 @@ def traced_latency(costs: CostModel, timeline: Timeline) -> float | None:
         >>> traced_latency(CostModel.uniform(2, f=1.0, i=1.0, w=1.0), Timeline(ev, 2))
         0.25
     """
-    sends: dict[tuple[Kind, int], list] = {}
-    for ev in timeline.events:
-        if ev.action.kind in (Kind.SEND_F, Kind.SEND_B):
-            sends.setdefault((ev.action.kind, ev.action.mb), []).append(ev)
     samples = []
-    for ev in timeline.events:
-        kind = _PAIR.get(ev.action.kind)
-        if kind is None:
-            continue
-        forward = kind is Kind.SEND_F
+    for snd, ev in message_pairs(timeline):
         s = ev.action.stage
-        cands = [e for e in sends.get((kind, ev.action.mb), ()) if e.rank != ev.rank
-                 and (e.action.stage < s if forward else e.action.stage > s)]
-        if not cands:
-            continue
-        snd = min(cands, key=lambda e: abs(e.action.stage - s))
+        forward = snd.action.kind is Kind.SEND_F
         if ev.start > snd.start:
             continue  # the message was posted before this rank began to wait: its wait says nothing of the latency
         src = snd.action.stage if forward else s  # the stage whose output (or output's gradient) it carries

@@ -58,3 +58,19 @@ def test_profile_ranks_gathers_every_stage_and_the_link(tmp_path: Path) -> None:
         assert s["f"] > 0 and s["fused_b"] > 0 and s["split_f"] > 0 and s["i"] > 0 and s["w"] >= 0
     assert c["stages"][0]["send_bytes"] == reports[0]["sent"] > 0 and c["stages"][1]["send_bytes"] == 0
     assert c["microbatches"] == 2
+
+
+def test_traced_ranks_share_one_clock(tmp_path: Path) -> None:
+    """Rank 0 leaves the trace barrier 50 ms late (and then rank 1's wall clock is 3 s ahead, as on
+    another host): still no receive ends before its send starts, and on one host the latency stays small."""
+    from trace_cases import skewed_clocks
+
+    for offset in (0.0, 3.0):
+        (tmp_path / str(offset)).mkdir()
+        rep = run_ranks(tmp_path / str(offset), 2, skewed_clocks, str(tmp_path), offset)[0]
+        assert len(rep["pairs"]) == 8, rep  # 1F1B, 4 micro-batches: 4 activations and 4 gradients, each matched
+        bad = [p for p in rep["pairs"] if p[3] < p[1]]
+        assert not bad, (offset, bad)  # (send, its start, receive, its end): receive ends after its send starts
+        assert rep["latency"] is None or rep["latency"] >= 0
+        if not offset:
+            assert rep["latency"] is not None and rep["latency"] < 0.03, rep  # not the 50 ms barrier skew

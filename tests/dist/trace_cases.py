@@ -58,3 +58,42 @@ def ranked_profile(rank: int, world: int) -> dict[str, Any]:
     costs = profile_ranks(pipe, args, placement, loss_fn=loss_fn, target=target, threads=1, repeats=1, warmup=0)
     sent = sum(m.nbytes for m in pipe.stage_infos[0].outputs)
     return {"costs": costs.to_dict(), "sent": float(sent)}
+
+
+def skewed_clocks(rank: int, world: int, out_dir: str, wall_offset: float) -> dict[str, Any]:
+    """Two traced 1F1B steps where rank 0 leaves the trace barrier 50 ms after rank 1, and rank 1's
+    wall clock runs ``wall_offset`` seconds ahead (as on another host): every message's (send start,
+    receive end) in rank 0's gathered timeline, and the latency calibration takes from it."""
+    import time
+    import types
+
+    import pippy.runtime.ranks as ranks_mod
+    import pippy.runtime.schedule_peers as peers
+    from pippy.sim.calibrate import traced_latency
+    from pippy.sim.cost import CostModel
+
+    barrier = peers.trace_barrier
+
+    def late_barrier(transport: Any, where: str) -> None:
+        barrier(transport, where)
+        if rank == 0:
+            time.sleep(0.05)
+
+    peers.trace_barrier = late_barrier  # type: ignore[assignment]
+    if rank == 1 and wall_offset:
+        ranks_mod.time = types.SimpleNamespace(  # type: ignore[assignment]
+            perf_counter=time.perf_counter, time=lambda: time.time() + wall_offset)
+    model, args, _, target, loss_fn, opts = build("mlp_spec", world)
+    pipe = pipeline(model, 4, example_args=args, **opts)
+    sched = SINGLE["1f1b"](pipe.build_stage(rank, "cpu"), 4, loss_fn=loss_fn, trace=True)
+    for _ in range(2):
+        sched.step(*(args if rank == 0 else ()), target=target if rank == world - 1 else None)
+    if rank != 0:
+        return {}
+    tl = sched.last_timeline
+    assert tl is not None
+    sends = {(e.action.kind.value[-1], e.action.mb): e for e in tl.events if e.action.kind.value.startswith("SEND")}
+    recvs = [e for e in tl.events if e.action.kind.value.startswith("RECV")]  # 2 ranks: one sender per message
+    pairs = [(str(s.action), s.start, str(r.action), r.end) for r in recvs
+             if (s := sends.get((r.action.kind.value[-1], r.action.mb))) is not None]
+    return {"pairs": pairs, "latency": traced_latency(CostModel.uniform(world), tl)}
