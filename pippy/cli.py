@@ -14,14 +14,14 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from pippy.cli_tune import cmd_tune, make_named, simulate_runtime
+from pippy.cli_sim import cmd_compare, cmd_simulate, cmd_trace_compare
+from pippy.cli_tune import cmd_tune, make_named
 from pippy.schedules.generators import SCHEDULES  # pure Python: --help stays free of torch
 
 if TYPE_CHECKING:
-    from pippy.schedules.ir import Schedule
-    from pippy.sim.cost import CostModel
+    pass
 
 __all__ = ["main", "parse_size"]
 
@@ -109,6 +109,9 @@ def _build_parser() -> _Parser:
     sp.add_argument("--png", help="also draw the timeline to this PNG file (needs matplotlib)")
     sp.add_argument("--trace", help="also write a Chrome/Perfetto trace JSON here")
     sp.add_argument("--save-timeline", help="also write the predicted timeline JSON here (for trace-compare)")
+    sp.add_argument("--fuse-backward", choices=["true", "false", "auto"], default="true",
+                    help="the schedule's fuse_backward= to simulate (default true, the runtime's default; auto: what "
+                         "compare shows)")
     sp.add_argument("--no-color", action="store_true", help="plain text without ANSI colours (also when not a terminal)")
     sp.add_argument("--width", type=_positive, default=None, help="timeline width in characters (default: fit, at most 160)")
 
@@ -147,24 +150,6 @@ def _build_parser() -> _Parser:
     return p
 
 
-def _costs_for(path: str | None, sch: Schedule, ranks: int) -> CostModel:
-    """Load (or default) costs, scale to the micro-batch count and fit the schedule's stage count."""
-    from pippy.sim.cost import CostModel
-
-    base = CostModel.from_json(path) if path else CostModel.uniform(ranks)
-    costs = base.for_microbatches(sch.n_microbatches) if path else base
-    if path and len(base.stages) != sch.num_stages:
-        print(f"note: {path} has {len(base.stages)} stage(s) and {sch.name} on {ranks} ranks has {sch.num_stages}: "
-              "the costs are spread over the schedule's stages in proportion (profile the split you will run for "
-              "per-stage costs)", file=sys.stderr)
-    return costs.rebin(sch.num_stages)
-
-
-def _fmt_list(xs: Sequence[float], fmt: str = "{:.1f}", limit: int = 16) -> str:
-    shown = [fmt.format(x) for x in xs[:limit]]
-    return "[" + ", ".join(shown) + (f", ... ({len(xs)} ranks)" if len(xs) > limit else "") + "]"
-
-
 def _cmd_show(a: argparse.Namespace) -> int:
     from pippy.schedules.render_grid import grid
 
@@ -174,106 +159,6 @@ def _cmd_show(a: argparse.Namespace) -> int:
 
         sch = lower(sch)
     print(grid(sch))
-    return 0
-
-
-def _cmd_simulate(a: argparse.Namespace) -> int:
-    from pippy.sim.render import format_bytes, format_time, render_png, render_text, write_chrome_trace
-
-    sch = make_named(a.schedule, a.ranks, a.microbatches, a.costs)
-    res = simulate_runtime(sch, _costs_for(a.costs, sch, a.ranks))
-    tl = res.timeline
-    color = not a.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    print(render_text(tl, width=a.width, color=color))
-    print(f"\n{sch.name}: {sch.num_ranks} ranks, {sch.num_stages} stages, {sch.n_microbatches} micro-batches")
-    print(f"step time: {format_time(res.step_time)}   mean bubble: {100 * res.mean_bubble:.1f}%")
-    if not a.costs:
-        print("costs: unit (F=I=W=1, B=2); a schedule class given no costs= assumes B=1.5, and where its W's go "
-              "depends on the costs: pass --costs (e.g. from `pippy profile`) for the order a class will run")
-    print(f"{'rank':>6} {'busy':>10} {'bubble %':>9} {'peak memory':>12}")
-    for r in range(sch.num_ranks):
-        print(f"{r:>6} {format_time(res.busy[r]):>10} {100 * res.bubble[r]:>9.1f} {format_bytes(res.peak_memory[r]):>12}")
-    if a.png:
-        render_png(tl, a.png)
-        print(f"wrote {a.png}")
-    if a.trace:
-        write_chrome_trace(tl, a.trace)
-        print(f"wrote {a.trace}")
-    if a.save_timeline:
-        tl.to_json(a.save_timeline)
-        print(f"wrote {a.save_timeline}")
-    return 0
-
-
-def _n_b(s: Schedule) -> int:
-    return sum(a.kind.value == "B" for acts in s.actions for a in acts)
-
-
-def _cmd_compare(a: argparse.Namespace) -> int:
-    from pippy.schedules.lower import runtime_form
-    from pippy.sim.bound import lower_bound
-    from pippy.sim.choose import fastest_form
-    from pippy.sim.render import format_bytes, format_time
-    from pippy.sim.simulate import simulate
-
-    rows, notes = [], []
-    for name in SCHEDULES:
-        try:
-            sch = make_named(name, a.ranks, a.microbatches, a.costs)
-        except ValueError as e:
-            notes.append(f"{name}: skipped ({e})")
-            continue
-        costs = _costs_for(a.costs, sch, a.ranks)
-        form, fused = fastest_form(sch, costs, mixed=True)  # as fuse_backward="auto" runs it (W's compacted)
-        kind = "-" if not sch.uses_split_backward() else ("split" if not fused else
-                                                          "mixed" if _n_b(form) < _n_b(runtime_form(sch)) else "fused")
-        rows.append((name, simulate(form, costs), lower_bound(form, costs), kind))
-    print(f"{a.ranks} ranks, {a.microbatches} micro-batches, costs: "
-          f"{a.costs or 'unit (F=I=W=1 per rank, B=2; a schedule class given no costs= assumes B=1.5)'}")
-    head = (f"{'schedule':<17} {'step time':>10} {'bound':>8} {'gap %':>6} {'bubble %':>9} {'I+W':>5} {'max peak':>9}  "
-            "peak memory per rank")
-    print(head)
-    print("-" * len(head))
-    best = min((r.step_time for _, r, _, _ in rows), default=0.0)
-    for name, res, bound, kind in rows:
-        star = " *" if res.step_time == best else ""
-        gap = 100 * (res.step_time / bound - 1) if bound > 0 else 0.0
-        print(f"{name:<17} {format_time(res.step_time):>10} {format_time(bound):>8} {gap:>6.1f} "
-              f"{100 * res.mean_bubble:>9.1f} {kind:>5} {format_bytes(max(res.peak_memory)):>9}  "
-              f"{_fmt_list([float(x) for x in res.peak_memory], '{:.4g}')}{star}")
-    print("(* fastest; bubble % is the mean over ranks; bound: no order of the same actions on the same ranks is "
-          "faster (pippy.sim.bound); I+W: a split backward runs as fuse_backward='auto' runs it, the faster of I "
-          "and W fused into one B where they are adjacent (fused; mixed: some B's kept split where that is faster, "
-          "pippy.sim.unfuse) or kept split (split), with W's moved into the idle gaps they fit (pippy.sim.compact) "
-          "and actions moved earlier on their rank where that is faster at no more memory (pippy.sim.reorder))")
-    for n in notes:
-        print(n)
-    return 0
-
-
-def _cmd_trace_compare(a: argparse.Namespace) -> int:
-    from pippy.sim.compare import kind_table, load_timeline
-    from pippy.sim.render import compare_table
-
-    pred, meas = load_timeline(a.predicted), load_timeline(a.measured)
-    if pred.num_ranks != meas.num_ranks:
-        print(f"trace-compare: {a.predicted} has {pred.num_ranks} ranks but {a.measured} has {meas.num_ranks}; "
-              "compare a prediction with a run of the same schedule and rank count", file=sys.stderr)
-        return 2
-
-    def shape(tl: Any) -> tuple[set[int], set[int]]:
-        acts = [e.action for e in tl.events if e.action.kind.is_compute]
-        return {x.stage for x in acts}, {x.mb for x in acts}
-
-    (ps, pm), (ms, mm) = shape(pred), shape(meas)
-    if (ps, pm) != (ms, mm):
-        print(f"trace-compare: warning: the timelines are of different runs ({a.predicted}: stages {sorted(ps)}, "
-              f"{len(pm)} micro-batches; {a.measured}: stages {sorted(ms)}, {len(mm)} micro-batches); compare a "
-              "prediction with a run of the same schedule", file=sys.stderr)
-    print(compare_table(pred, meas))
-    if a.per_action:
-        print()
-        print(kind_table(pred, meas))
     return 0
 
 
@@ -329,8 +214,8 @@ def _cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"show": _cmd_show, "simulate": _cmd_simulate, "compare": _cmd_compare, "tune": cmd_tune,
-             "trace-compare": _cmd_trace_compare, "profile": _cmd_profile}
+_COMMANDS = {"show": _cmd_show, "simulate": cmd_simulate, "compare": cmd_compare, "tune": cmd_tune,
+             "trace-compare": cmd_trace_compare, "profile": _cmd_profile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -348,8 +233,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        return _COMMANDS[args.command](args)
+        rc = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a broken pipe shows here, not at exit
+        return rc
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as CLI tools do
+        _quiet_stdout()
+        return 0
     except (ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"pippy {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing at exit after a broken pipe prints nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured): nothing to flush
+        pass

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pippy.sim.cost import CostModel
     from pippy.sim.simulate import SimResult
 
-__all__ = ["cmd_tune", "make_named", "simulate_runtime"]
+__all__ = ["check_outputs", "cmd_tune", "load_costs", "make_named", "simulate_runtime"]
 
 
 def make_named(name: str, p: int, m: int, costs_path: str | None = None) -> Schedule:
@@ -39,29 +39,75 @@ def make_named(name: str, p: int, m: int, costs_path: str | None = None) -> Sche
     return make_schedule_for(name, p, m, costs)
 
 
-def simulate_runtime(sch: Schedule, costs: CostModel, *, compact: bool = True) -> SimResult:
-    """Simulate ``sch`` as the runtime runs it (:func:`pippy.schedules.lower.runtime_form`; W's compacted
-    as for a generated schedule, or not, as for one given with ``schedule=`` or from a CSV)."""
+def simulate_runtime(sch: Schedule, costs: CostModel, *, compact: bool = True, fuse: bool | str = True) -> SimResult:
+    """Simulate ``sch`` as the runtime runs it with ``fuse_backward=fuse`` (W's compacted as for a generated
+    schedule, or not, as for one given with ``schedule=`` or from a CSV; ``"auto"`` always compacts).
+
+        >>> from pippy.schedules.zero_bubble import zbv
+        >>> from pippy.sim.cost import CostModel
+        >>> c = CostModel.uniform(4)
+        >>> [simulate_runtime(zbv(2, 4, "split"), c, fuse=f).step_time for f in (True, False, "auto")]
+        [28.0, 25.0, 25.0]
+    """
     from pippy.schedules.lower import runtime_form
+    from pippy.sim.choose import fastest_form
     from pippy.sim.compact import compact_w
     from pippy.sim.simulate import simulate
 
-    form = runtime_form(sch)
+    if fuse == "auto":
+        return simulate(fastest_form(sch, costs, mixed=True)[0], costs)
+    form = runtime_form(sch, fuse=bool(fuse))
     return simulate(compact_w(form, costs) if compact else form, costs)
 
 
-def cmd_tune(a: argparse.Namespace) -> int:
+def load_costs(path: str | None, cmd: str) -> CostModel | None:
+    """The cost model in ``path`` (None without one); ValueError naming the file when it is invalid or empty.
+
+        >>> load_costs(None, "simulate") is None
+        True
+    """
     from pippy.sim.cost import CostModel
+
+    if not path:
+        return None
+    base = CostModel.from_json(path)
+    if not base.num_stages:
+        raise ValueError(f"the cost file {path} has no stages; give one entry per stage (see pippy profile)")
+    return base
+
+
+def check_outputs(a: argparse.Namespace, cmd: str) -> None:
+    """Before any work: ValueError naming the flag when an output file (--png, --trace, --save-timeline,
+    --save-csv) cannot be written, or --png is given without matplotlib.
+
+        >>> check_outputs(argparse.Namespace(png=None, trace="/nonexistent-dir/t.json"), "simulate")
+        Traceback (most recent call last):
+        ...
+        ValueError: --trace /nonexistent-dir/t.json: its folder /nonexistent-dir does not exist; pass a writable path
+    """
+    from pippy.sim.render import path_problem
+
+    for flag in ("png", "trace", "save_timeline", "save_csv"):
+        path = getattr(a, flag, None)
+        problem = path_problem(path) if path else None
+        if problem:
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: {problem}; pass a writable path")
+    if getattr(a, "png", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--png needs matplotlib: pip install matplotlib (or pippy[viz])") from None
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
     from pippy.sim.render import format_bytes, format_time
 
     if a.save_csv and not a.synthesize:
         print("tune: --save-csv writes the synthesized schedule; add --synthesize", file=sys.stderr)
         return 2
-    base = CostModel.from_json(a.costs)
-    if not base.num_stages:
-        print(f"tune: the cost file {a.costs} has no stages; give one entry per stage (see pippy profile)",
-              file=sys.stderr)
-        return 2
+    check_outputs(a, "tune")
+    base = load_costs(a.costs, "tune")
+    assert base is not None  # --costs is required
     ranks = a.ranks or base.num_stages
     ok: list[tuple[float, str, int, float]] = []
     over: list[tuple[str, int, float, float]] = []

@@ -58,6 +58,7 @@ from pippy.runtime.transport import Transport
 from pippy.runtime.watch import drop_at_exit
 from pippy.schedules.ir import Schedule
 from pippy.sim.cost import CostModel
+from pippy.sim.render import path_problem
 from pippy.sim.timeline import Event, Timeline
 
 __all__ = ["PipelineSchedule", "StepRun"]
@@ -143,6 +144,11 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
         env_trace = os.environ.get("PIPPY_TRACE")
         self.trace_path: str | None = trace if isinstance(trace, str) else (env_trace or None)
         self.trace = bool(trace) or bool(env_trace)
+        problem = path_problem(self.trace_path) if self.trace_path else None
+        if problem:  # found now, not after the first step has run
+            given = f"trace={trace!r}" if isinstance(trace, str) else f"PIPPY_TRACE={env_trace!r}"
+            raise ValueError(f"{given}: cannot write the Chrome trace there: {problem}; pass a path in an existing, "
+                             "writable folder (or trace=True to keep the timeline in last_timeline only)")
         self.last_events: list[Event] = []
         self.last_timeline: Timeline | None = None
         self._executors: dict[int, Executor] = {}

@@ -61,7 +61,8 @@ def from_chrome_trace(data: dict[str, Any]) -> Timeline:
         start = float(e.get("ts", 0.0)) * 1e-6
         events.append(Event(int(e.get("tid", 0)), action, start, start + float(e.get("dur", 0.0)) * 1e-6))
     n = max(len(tracks), max((ev.rank for ev in events), default=-1) + 1)
-    return Timeline(events, n, "" if name == "pipeline" else name)
+    units = bool((data.get("otherData") or {}).get("unit_costs", False))
+    return Timeline(events, n, "" if name == "pipeline" else name, units)
 
 
 def load_timeline(path: str | Path) -> Timeline:
@@ -107,8 +108,9 @@ def kind_table(predicted: Timeline, measured: Timeline) -> str:
     for key in sorted(set(pd) | set(md), key=lambda k: (k[0], list(Kind).index(k[1]))):
         p = statistics.median(pd[key]) if key in pd else 0.0
         m = statistics.median(md[key]) if key in md else 0.0
-        err = f"{100.0 * (p - m) / m:+.1f}%" if m > 0 else "n/a"
-        lines.append(f"{f'stage {key[0]} {key[1].value}':<15} {format_time(p):<13} {format_time(m):<13} {err}")
+        err = f"{100.0 * (p - m) / m:+.1f}%" if m > 0 and predicted.unit_costs == measured.unit_costs else "n/a"
+        lines.append(f"{f'stage {key[0]} {key[1].value}':<15} {format_time(p, predicted.unit_costs):<13} "
+                     f"{format_time(m, measured.unit_costs):<13} {err}")
     return "\n".join(lines)
 
 

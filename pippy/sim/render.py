@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from pippy.schedules.ir import Kind
 from pippy.sim.timeline import Event, Timeline
 
-__all__ = ["compare_table", "format_bytes", "format_time", "render_png", "render_text", "to_chrome_trace", "write_chrome_trace"]
+__all__ = ["compare_table", "format_bytes", "format_time", "path_problem", "render_png", "render_text", "to_chrome_trace", "write_chrome_trace"]
 
 _ANSI = {Kind.F: "\x1b[30;46m", Kind.B: "\x1b[30;45m", Kind.I: "\x1b[30;43m", Kind.W: "\x1b[30;42m"}
 _RESET = "\x1b[0m"
@@ -27,12 +28,14 @@ _MPL_COLORS = {Kind.F: "#4db6d0", Kind.B: "#c77dcf", Kind.I: "#e8c547", Kind.W: 
 _LEGEND = "legend: F forward, B backward, I input-grad, W weight-grad, . idle; lower case = a later stage on the rank"
 
 
-def format_time(seconds: float) -> str:
-    """Short human form of a duration: ``1.5s``, ``12.3ms``, ``40us``.
+def format_time(seconds: float, units: bool = False) -> str:
+    """Short human form of a duration: ``1.5s``, ``12.3ms``, ``40us``; with ``units``, cost units (unit costs).
 
-        >>> format_time(0.0123), format_time(33.0)
-        ('12.3ms', '33s')
+        >>> format_time(0.0123), format_time(33.0), format_time(33.0, units=True), format_time(1.0, True)
+        ('12.3ms', '33s', '33 units', '1 unit')
     """
+    if units:
+        return f"{seconds:.4g} unit" + ("" if seconds == 1 else "s")
     a = abs(seconds)
     if a >= 1 or a == 0:
         return f"{seconds:.4g}s"
@@ -51,6 +54,25 @@ def format_bytes(n: float) -> str:
         if abs(n) >= k:
             return f"{n / k:.4g}{unit}"
     return f"{n:.4g}"
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why a file cannot be written at ``path`` (its folder is missing or read-only, or it is a folder), or None.
+
+        >>> path_problem("/nonexistent-dir/t.json")
+        'its folder /nonexistent-dir does not exist'
+        >>> import tempfile; path_problem(tempfile.gettempdir() + "/t.json") is None
+        True
+    """
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        return "it is a folder; give a file name"
+    if not folder.is_dir():
+        return f"its folder {folder} does not exist"
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return f"{p if p.exists() else folder} is not writable"
+    return None
 
 
 def _first_stage(tl: Timeline) -> dict[int, int]:
@@ -105,7 +127,7 @@ def render_text(tl: Timeline, *, width: int | None = None, color: bool = True, m
                 chars[lo + j] = cells[j]
                 kinds[lo + j] = e.action.kind
         rows.append(f"{f'rank {r}':<{label_w}} |{_paint(chars, kinds) if color else ''.join(chars)}|")
-    end_label = format_time(step)
+    end_label = format_time(step, tl.unit_costs)
     axis = " " * (label_w + 2) + "0" + " " * max(1, width - 1 - len(end_label)) + end_label
     return "\n".join([*rows, axis, _LEGEND])
 
@@ -163,7 +185,7 @@ def render_png(tl: Timeline, path: str | Path, *, title: str | None = None) -> N
     ax.set_yticks(range(tl.num_ranks), [f"rank {r}" for r in range(tl.num_ranks)])
     ax.invert_yaxis()
     ax.set_xlim(0, step)
-    ax.set_xlabel("time (s)")
+    ax.set_xlabel("time (cost units: unit costs, not seconds)" if tl.unit_costs else "time (s)")
     ax.set_title(title or tl.name or "pipeline timeline")
     from matplotlib.patches import Patch
 
@@ -183,7 +205,8 @@ def to_chrome_trace(tl: Timeline) -> dict[str, Any]:
         [1000.0]
     """
     o = tl.origin
-    ev: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": tl.name or "pipeline"}}]
+    name = (tl.name or "pipeline") + (" [unit costs: 1 s shown = 1 cost unit]" if tl.unit_costs else "")
+    ev: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": name}}]
     for r in range(tl.num_ranks):
         ev.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}})
         ev.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": r, "args": {"sort_index": r}})
@@ -194,7 +217,10 @@ def to_chrome_trace(tl: Timeline) -> dict[str, Any]:
             "ts": (e.start - o) * 1e6, "dur": max(0.0, e.end - e.start) * 1e6,
             "args": {"stage": a.stage, "microbatch": a.mb, "kind": a.kind.value},
         })
-    return {"traceEvents": ev, "displayTimeUnit": "ms"}
+    out: dict[str, Any] = {"traceEvents": ev, "displayTimeUnit": "ms"}
+    if tl.unit_costs:
+        out["otherData"] = {"unit_costs": True, "time_unit": "cost units shown as seconds (unit costs, not measured)"}
+    return out
 
 
 def write_chrome_trace(tl: Timeline, path: str | Path) -> None:
@@ -202,7 +228,9 @@ def write_chrome_trace(tl: Timeline, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_chrome_trace(tl)) + "\n")
 
 
-def _err(pred: float, meas: float) -> str:
+def _err(pred: float, meas: float, same_units: bool = True) -> str:
+    if not same_units:
+        return "n/a (units differ)"
     if meas == 0:
         return "n/a" if pred != 0 else "0.0%"
     return f"{100.0 * (pred - meas) / meas:+.1f}%"
@@ -221,11 +249,17 @@ def compare_table(predicted: Timeline, measured: Timeline) -> str:
     head = f"{'metric':<15} {'predicted':<13} {'measured':<13} error"
     lines = [head, "-" * len(head)]
     ps, ms = predicted.step_time, measured.step_time
-    lines.append(f"{'step time':<15} {format_time(ps):<13} {format_time(ms):<13} {_err(ps, ms)}")
+    same = predicted.unit_costs == measured.unit_costs
+    lines.append(f"{'step time':<15} {format_time(ps, predicted.unit_costs):<13} "
+                 f"{format_time(ms, measured.unit_costs):<13} {_err(ps, ms, same)}")
     pb = predicted.bubbles() + [0.0] * (n - predicted.num_ranks)
     mb = measured.bubbles() + [0.0] * (n - measured.num_ranks)
     for r in range(n):
         lines.append(f"{f'bubble rank {r}':<15} {100 * pb[r]:<13.1f} {100 * mb[r]:<13.1f} {_err(pb[r], mb[r])}")
     lines.append("(bubble in % of the step; error = (predicted - measured) / measured)")
+    if not same:
+        which = "predicted" if predicted.unit_costs else "measured"
+        lines.append(f"note: the {which} timeline has unit costs (simulated without --costs), the other is in "
+                     "seconds: step times do not compare; simulate with --costs from `pippy profile`")
     return "\n".join(lines)
 

@@ -47,7 +47,8 @@ class Timeline:
 
     ``bubble_fraction(r)`` is the idle share of rank ``r`` over the step: ``1 - busy / step``,
     where busy counts compute actions (F, B, I, W) only and the step runs from the earliest
-    event start to the latest event end over all ranks.
+    event start to the latest event end over all ranks. ``unit_costs`` marks a prediction made
+    with unit costs (F=1, ...): its times are cost units, not seconds.
 
         >>> Timeline([], 2).step_time
         0.0
@@ -56,6 +57,7 @@ class Timeline:
     events: list[Event]
     num_ranks: int
     name: str = ""
+    unit_costs: bool = False
 
     @property
     def origin(self) -> float:
@@ -96,17 +98,22 @@ class Timeline:
     def normalized(self) -> Timeline:
         """A copy shifted so that the earliest event starts at 0."""
         o = self.origin
-        return Timeline([Event(e.rank, e.action, e.start - o, e.end - o) for e in self.events], self.num_ranks, self.name)
+        return Timeline([Event(e.rank, e.action, e.start - o, e.end - o) for e in self.events], self.num_ranks, self.name,
+                        self.unit_costs)
 
     # ---- JSON -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"name", "num_ranks", "events": [[rank, "1F0", start, end], ...]}``."""
-        return {
+        """``{"name", "num_ranks", "events": [[rank, "1F0", start, end], ...]}``, and ``"unit_costs": true`` if so."""
+        out: dict[str, Any] = {
             "name": self.name,
             "num_ranks": self.num_ranks,
             "events": [[e.rank, str(e.action), e.start, e.end] for e in self.events],
         }
+        if self.unit_costs:
+            out["unit_costs"] = True
+            out["time_unit"] = "cost units (unit costs: F=I=W=1, B=2), not seconds"
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Timeline:
@@ -119,7 +126,7 @@ class Timeline:
             raise ValueError("timeline JSON must be an object with 'events' (and 'num_ranks')")
         events = [Event(int(r), Action.parse(str(a)), float(s), float(e)) for r, a, s, e in data["events"]]
         n = int(data.get("num_ranks") or (max((e.rank for e in events), default=-1) + 1))
-        return cls(events, n, str(data.get("name", "")))
+        return cls(events, n, str(data.get("name", "")), bool(data.get("unit_costs", False)))
 
     def to_json(self, path: str | Path) -> None:
         """Write the timeline to ``path``."""

@@ -35,7 +35,7 @@ def test_simulate_predicts_the_runtime_form(capsys: pytest.CaptureFixture[str]) 
     out = _out(capsys, "simulate", "zbv", "-p", "3", "-m", "6", "--no-color")
     costs = CostModel.uniform(3).rebin(6)
     want = simulate(compact_w(runtime_form(zbv_for_costs(3, 6)), costs), costs).step_time
-    assert f"step time: {format_time(want)} " in out
+    assert f"step time: {format_time(want, units=True)} " in out  # no --costs: unit costs, in units
     rank0 = out.splitlines()[0]
     assert rank0.startswith("rank 0 |") and "B0" in rank0
     assert "I" not in rank0 and "W" not in rank0  # stage 0 (upper case) runs whole B's, as the runtime does
