@@ -129,6 +129,7 @@ def _build_parser() -> _Parser:
     sp.add_argument("--synthesize", action="store_true",
                     help="also build a schedule for these costs and limit (list scheduling judged by the simulator)")
     sp.add_argument("--save-csv", help="with --synthesize: write the synthesized schedule here (ScheduleFromCSV runs it)")
+    sp.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr while synthesizing")
 
     sp = sub.add_parser("trace-compare", help="predicted vs measured timeline table",
                         description="Compare two timelines (predicted, measured): timeline JSON or Chrome trace JSON.")

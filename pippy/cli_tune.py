@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from pippy.schedules.generators import SCHEDULES
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from pippy.sim.cost import CostModel
     from pippy.sim.simulate import SimResult
 
-__all__ = ["check_outputs", "cmd_tune", "load_costs", "make_named", "simulate_runtime"]
+__all__ = ["check_outputs", "cmd_tune", "fit_width", "load_costs", "make_named", "progress_line", "simulate_runtime"]
 
 
 def make_named(name: str, p: int, m: int, costs_path: str | None = None) -> Schedule:
@@ -157,16 +159,20 @@ def _synthesized(a: argparse.Namespace, base: Any, ranks: int, pick: tuple[float
     from pippy.sim.synthesize import synthesize
 
     found = []
-    for m in a.microbatches_choices:
-        for n in (ranks, 2 * ranks):
-            costs = base.for_microbatches(m).rebin(n)
-            try:
-                syn = synthesize(ranks, m, costs, memory_limit=a.memory_limit)
-            except ValueError:
-                continue
-            found.append((syn.step_time, m, n, syn, costs))
+    todo = [(m, n) for m in a.microbatches_choices for n in (ranks, 2 * ranks)]
+    t0 = time.monotonic()
+    for k, (m, n) in enumerate(todo):
+        if not getattr(a, "quiet", False):  # a line per candidate on stderr: a search can take minutes
+            print(progress_line("synthesize", k, len(todo), time.monotonic() - t0, f"{m} micro-batches, {n} stages"),
+                  file=sys.stderr, flush=True)
+        costs = base.for_microbatches(m).rebin(n)
+        try:
+            syn = synthesize(ranks, m, costs, memory_limit=a.memory_limit)
+        except ValueError:
+            continue
+        found.append((syn.step_time, m, n, syn, costs))
     if not found:
-        print("synthesized: nothing fits the limit")
+        print("synthesized: nothing fits the limit" + (f"; {a.save_csv} not written" if a.save_csv else ""))
         return 1
     t, m, n, syn, costs = min(found, key=lambda x: x[:3])
     versus = "" if pick is None else f" ({100 * (t - pick[0]) / pick[0]:+.1f}% vs {pick[1]} with m={pick[2]})"
@@ -175,7 +181,8 @@ def _synthesized(a: argparse.Namespace, base: Any, ranks: int, pick: tuple[float
     print(f"  predicted step time {format_time(t)}{versus}, peak memory "
           f"{format_bytes(syn.peak_memory)} per rank; best fixed schedule for this m and stage count: "
           f"{syn.best_fixed} {format_time(syn.best_fixed_time)}")
-    print(grid(syn.schedule))
+    print(fit_width(grid(syn.schedule), shutil.get_terminal_size().columns,
+                    "(cut to the terminal width; --save-csv writes the whole schedule)"))
     if a.save_csv:
         to_csv(syn.schedule, a.save_csv)
         as_saved = simulate_runtime(syn.schedule, costs, compact=False)
@@ -184,6 +191,33 @@ def _synthesized(a: argparse.Namespace, base: Any, ranks: int, pick: tuple[float
               f"memory_limit=...) builds it in place with its W's moved into the gaps they fit "
               f"(predicted {format_time(t)})")
     return 0
+
+
+def progress_line(what: str, done: int, total: int, elapsed: float, now: str) -> str:
+    """One progress line: how far, how long so far and about how long is left (from the mean so far).
+
+        >>> progress_line("synthesize", 2, 8, 30.0, "4 micro-batches, 2 stages")
+        'synthesize: 3/8 (4 micro-batches, 2 stages), 30s so far, about 1.5 min left'
+        >>> progress_line("synthesize", 0, 8, 0.0, "1 micro-batch")
+        'synthesize: 1/8 (1 micro-batch), 0s so far'
+    """
+    left = elapsed / done * (total - done) if done else None
+    eta = "" if left is None else f", about {left:.0f}s left" if left < 90 else f", about {left / 60:.1f} min left"
+    return f"{what}: {done + 1}/{total} ({now}), {elapsed:.0f}s so far{eta}"
+
+
+def fit_width(text: str, width: int, note: str) -> str:
+    r"""``text`` with every line cut to ``width`` characters (``note`` added when any was cut).
+
+        >>> print(fit_width("abcdef\nab", 4, "(cut)"))
+        abc…
+        ab
+        (cut)
+    """
+    lines = text.splitlines()
+    if all(len(ln) <= width for ln in lines):
+        return text
+    return "\n".join(ln if len(ln) <= width else ln[: max(1, width - 1)] + "…" for ln in lines) + "\n" + note
 
 
 def _rel(t2: float, t: float) -> str:

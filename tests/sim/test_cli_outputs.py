@@ -120,3 +120,21 @@ def test_closed_pipe_is_quiet() -> None:
         err = p.stderr.read().decode()
         p.wait(60)
         assert "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_synthesize_reports_progress_and_fits_the_terminal(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """tune --synthesize ran for minutes in silence and printed ~490-character grid lines."""
+    from pippy.sim.cost import CostModel
+
+    p = tmp_path / "c.json"
+    CostModel.uniform(2).to_json(str(p))
+    monkeypatch.setenv("COLUMNS", "40")
+    argv = ["tune", "--costs", str(p), "--memory-limit", "1e9", "--microbatches-choices", "2,8", "--synthesize"]
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 0 and "synthesize: 1/4 (2 micro-batches, 2 stages), 0s so far" in err
+    assert "synthesize: 4/4 (8 micro-batches, 4 stages)" in err and "left" in err
+    assert max(len(ln) for ln in out.splitlines() if ln.startswith("rank ")) <= 40
+    assert "--save-csv writes the whole schedule" in out
+    rc, _, err = _run(capsys, *argv, "--quiet")
+    assert rc == 0 and err == ""
