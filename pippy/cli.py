@@ -113,7 +113,7 @@ def _build_parser() -> _Parser:
                     help="the schedule's fuse_backward= to simulate (default true, the runtime's default; auto: what "
                          "compare shows)")
     sp.add_argument("--no-color", action="store_true", help="plain text without ANSI colours (also when not a terminal)")
-    sp.add_argument("--width", type=_positive, default=None, help="timeline width in characters (default: fit, at most 160)")
+    sp.add_argument("--width", type=_positive, default=None, help="timeline width in characters (default: every label fits, in pages of the terminal width)")
 
     sp = sub.add_parser("compare", help="simulate every schedule side by side", description="Simulate every schedule.")
     shape(sp)

@@ -32,7 +32,7 @@ def _costs_for(path: str | None, sch: Schedule, ranks: int, cmd: str) -> CostMod
     """Load (or default) costs, scale to the micro-batch count and fit the schedule's stage count."""
     from pippy.sim.cost import CostModel
 
-    base = load_costs(path, cmd) if path else CostModel.uniform(ranks)
+    base = load_costs(path, cmd) or CostModel.uniform(ranks)
     costs = base.for_microbatches(sch.n_microbatches) if path else base
     if path and len(base.stages) != sch.num_stages:
         print(f"note: {path} has {len(base.stages)} stage(s) and {sch.name} on {ranks} ranks has {sch.num_stages}: "
@@ -47,7 +47,7 @@ def _fmt_list(xs: Sequence[float], fmt: str = "{:.1f}", limit: int = 16) -> str:
 
 
 def _fuse_arg(text: str) -> bool | str:
-    return {"true": True, "false": False, "auto": "auto"}[text]
+    return "auto" if text == "auto" else text == "true"
 
 
 _RUNS_AS = {

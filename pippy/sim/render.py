@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = ["compare_table", "format_bytes", "format_time", "path_problem", "rend
 _ANSI = {Kind.F: "\x1b[30;46m", Kind.B: "\x1b[30;45m", Kind.I: "\x1b[30;43m", Kind.W: "\x1b[30;42m"}
 _RESET = "\x1b[0m"
 _MPL_COLORS = {Kind.F: "#4db6d0", Kind.B: "#c77dcf", Kind.I: "#e8c547", Kind.W: "#6abf69"}
+_KIND_NAMES = {Kind.F: "F forward", Kind.B: "B backward", Kind.I: "I input-grad", Kind.W: "W weight-grad"}
 _LEGEND = "legend: F forward, B backward, I input-grad, W weight-grad, . idle; lower case = a later stage on the rank"
 
 
@@ -83,13 +86,15 @@ def _first_stage(tl: Timeline) -> dict[int, int]:
     return first
 
 
-def render_text(tl: Timeline, *, width: int | None = None, color: bool = True, max_width: int = 160) -> str:
+def render_text(tl: Timeline, *, width: int | None = None, color: bool = True, max_width: int | None = None) -> str:
     """One row per rank; compute actions as blocks labelled ``<kind><micro-batch>``, idle as dots.
 
-    ``width`` is the number of character cells for the whole step (default: about four cells per
-    action of the busiest rank, at most ``max_width``). With ``color`` the blocks get ANSI
-    backgrounds; without, the output is plain text. Kind letters are upper case for a rank's
-    first stage and lower case for its later stages (interleaved and V schedules).
+    ``width`` is the number of character cells for the whole step (default: enough that the
+    shortest action holds its label). A step wider than ``max_width`` (default: the terminal's
+    width) is split into pages of stacked time windows, each with its own axis. A label is dropped
+    to its kind letter only where a block truly has fewer cells than the label. With ``color`` the
+    blocks get ANSI backgrounds; without, the output is plain text. Kind letters are upper case
+    for a rank's first stage and lower case for its later stages (interleaved and V schedules).
 
         >>> render_text(Timeline([], 1), color=False)
         'rank 0 ||\\n(empty timeline)'
@@ -98,21 +103,22 @@ def render_text(tl: Timeline, *, width: int | None = None, color: bool = True, m
     step = tl.step_time
     if step <= 0:
         return "\n".join(f"rank {r} ||" for r in range(tl.num_ranks)) + "\n(empty timeline)"
-    per_rank = [0] * tl.num_ranks
-    for e in tl.events:
-        if e.action.kind.is_compute and 0 <= e.rank < tl.num_ranks:
-            per_rank[e.rank] += 1
-    if width is None:
-        width = min(max_width, max(20, 4 * max(per_rank, default=1)))
-    width = max(1, width)
-    scale = width / step
     first = _first_stage(tl)
     label_w = len(f"rank {tl.num_ranks - 1}")
+    page = max(20, (max_width or shutil.get_terminal_size().columns) - label_w - 3)
     by_rank: list[list[Event]] = [[] for _ in range(tl.num_ranks)]
     for e in tl.events:
         if e.action.kind.is_compute and 0 <= e.rank < tl.num_ranks:
             by_rank[e.rank].append(e)
-    rows = []
+    if width is None:
+        spans = [e for evs in by_rank for e in evs if e.duration > 0]
+        need = max((len(f"{e.action.kind.value}{e.action.mb}") / e.duration for e in spans), default=1.0)
+        width = min(8 * page, max(20, math.ceil(step * need - 1e-9)))
+    else:
+        page = max(page, width) if max_width is None else max_width
+    width = max(1, width)
+    scale = width / step
+    rows: list[tuple[list[str], list[Kind | None]]] = []
     for r in range(tl.num_ranks):
         chars = ["."] * width
         kinds: list[Kind | None] = [None] * width
@@ -126,10 +132,17 @@ def render_text(tl: Timeline, *, width: int | None = None, color: bool = True, m
             for j in range(n):
                 chars[lo + j] = cells[j]
                 kinds[lo + j] = e.action.kind
-        rows.append(f"{f'rank {r}':<{label_w}} |{_paint(chars, kinds) if color else ''.join(chars)}|")
-    end_label = format_time(step, tl.unit_costs)
-    axis = " " * (label_w + 2) + "0" + " " * max(1, width - 1 - len(end_label)) + end_label
-    return "\n".join([*rows, axis, _LEGEND])
+        rows.append((chars, kinds))
+    out: list[str] = []
+    for a in range(0, width, page):
+        b = min(width, a + page)
+        for r, (chars, kinds) in enumerate(rows):
+            body = _paint(chars[a:b], kinds[a:b]) if color else "".join(chars[a:b])
+            out.append(f"{f'rank {r}':<{label_w}} |{body}|")
+        lo_label = "0" if a == 0 else format_time(a / scale, tl.unit_costs)
+        end_label = format_time(b / scale, tl.unit_costs)
+        out.append(" " * (label_w + 2) + lo_label + " " * max(1, b - a - len(lo_label) - len(end_label)) + end_label)
+    return "\n".join([*out, _LEGEND])
 
 
 def _paint(chars: list[str], kinds: list[Kind | None]) -> str:
@@ -178,10 +191,10 @@ def render_png(tl: Timeline, path: str | Path, *, title: str | None = None) -> N
     for (rank, kind, later), spans in bars.items():
         ax.broken_barh(spans, (rank - 0.4, 0.8), facecolors=_MPL_COLORS.get(kind, "grey"),
                        edgecolors="black", linewidth=0.3, alpha=0.65 if later else 1.0)
-    if len(compute) <= 600:
-        for ev in compute:
-            if ev.duration / step > 0.012:
-                ax.text(ev.start + ev.duration / 2, ev.rank, str(ev.action.mb), ha="center", va="center", fontsize=6)
+    px_per_time = fig_w * 120 * 0.8 / step  # the plot's share of the figure, at 120 dpi
+    for ev in compute:  # a label wherever its bar is wide enough for it (about 5 pixels a character at size 6)
+        if ev.duration * px_per_time >= 5 * len(str(ev.action.mb)) + 2:
+            ax.text(ev.start + ev.duration / 2, ev.rank, str(ev.action.mb), ha="center", va="center", fontsize=6)
     ax.set_yticks(range(tl.num_ranks), [f"rank {r}" for r in range(tl.num_ranks)])
     ax.invert_yaxis()
     ax.set_xlim(0, step)
@@ -189,7 +202,10 @@ def render_png(tl: Timeline, path: str | Path, *, title: str | None = None) -> N
     ax.set_title(title or tl.name or "pipeline timeline")
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=c, label=k.value) for k, c in _MPL_COLORS.items()], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    handles = [Patch(color=c, label=_KIND_NAMES[k]) for k, c in _MPL_COLORS.items()]
+    if any(later for _, _, later in bars):
+        handles.append(Patch(facecolor="grey", alpha=0.65, label="lighter: a later stage\non the rank"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)
     plt.close(fig)

@@ -47,10 +47,20 @@ def test_text_one_row_per_rank_and_color_switch() -> None:
     assert "\x1b[" in render_text(_tl(), color=True)
 
 
-def test_text_width_is_capped() -> None:
-    t = simulate(one_f_one_b(2, 200), CostModel.uniform(2)).timeline
-    row = render_text(t, color=False).splitlines()[0]
-    assert len(row.split("|")[1]) == 160
+def test_text_fits_the_terminal_in_pages_and_keeps_every_label(monkeypatch) -> None:
+    """Rows were capped at 160 columns whatever the terminal (so they wrapped), and rounding to under two
+    cells dropped micro-batch numbers ("F2" shown as "F", read as "FB1" beside "B1")."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "80")
+    for sched, m in ((one_f_one_b(4, 8), 8), (one_f_one_b(2, 200), 200)):
+        text = render_text(simulate(sched, CostModel.uniform(sched.num_ranks)).timeline, color=False)
+        lines = text.splitlines()
+        assert max(len(ln) for ln in lines[:-1]) <= 80, sched.name  # (the legend is one line of text)
+        rank0 = "".join(ln.split("|")[1] for ln in lines if ln.startswith("rank 0 "))
+        if m == 8:
+            assert sorted(re.findall(r"[FB]\d+", rank0)) == sorted(f"{k}{i}" for k in "FB" for i in range(m))
+            assert re.search(r"[FB](?!\d)", rank0) is None  # no kind letter without its micro-batch
 
 
 def test_text_marks_later_stage_lower_case() -> None:
