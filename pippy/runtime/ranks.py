@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from typing import Any
 
@@ -100,12 +101,30 @@ def gather_trace(transport: Transport, rank: int, events: list[Event], name: str
             dist.gather_object(payload, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0), group=group)
     if rank != 0:
         return None
+    members = tuple(dist.get_process_group_ranks(transport.group)) if transport.group is not None else ()
+    whole = not members or members == tuple(range(dist.get_world_size()))
+    if not whole:  # one pipeline of several (data parallel): its own file, its ranks named by their global ranks
+        name = f"{name} (pipeline of global ranks {list(members)})" if name else f"global ranks {list(members)}"
     timeline = make_causal(on_one_clock(gathered, world, name))[0]
     if path:
         from pippy.sim.render import write_chrome_trace
 
-        write_chrome_trace(timeline, path)
+        write_chrome_trace(timeline, path if whole else pipeline_trace_path(path, members))
     return timeline
+
+
+def pipeline_trace_path(path: str, members: tuple[int, ...]) -> str:
+    """Where the trace of the pipeline made of global ranks ``members`` goes when the world holds several pipelines.
+
+    Each pipeline's rank 0 writes its own file, so data-parallel replicas do not overwrite each other.
+
+        >>> pipeline_trace_path("out/trace.json", (1, 3))
+        'out/trace.ranks1-3.json'
+        >>> pipeline_trace_path("trace", (0, 2))
+        'trace.ranks0-2'
+    """
+    root, ext = os.path.splitext(path)
+    return f"{root}.ranks{'-'.join(map(str, members))}{ext}"
 
 
 def on_one_clock(gathered: list[tuple[list[Event], float]], world: int, name: str = "") -> Timeline:

@@ -42,7 +42,7 @@ def _make_dp(stage: Any, mode: str, group: Any, calls: list[int]) -> None:
         stage.submod.register_comm_hook(group, counted)
 
 
-def dp_pp_ddp(rank: int, world: int) -> dict[str, Any]:
+def dp_pp_ddp(rank: int, world: int, out_dir: str = "") -> dict[str, Any]:
     """Each mode x schedule x m in (2, 4): gathered grads vs the plain model; all-reduces per step; 3 AdamW steps."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -90,8 +90,30 @@ def dp_pp_ddp(rank: int, world: int) -> dict[str, Any]:
                 report[f"{mode}/{name}/{m}"] = {"grad_err": grad_err, "param_err": param_err, "allreduces": per_step,
                                                 "stages": len(stages)}
     report["errors"] = _bad_input(mesh, pp, dp, group)
+    if out_dir:
+        report["traces"] = _trace_per_pipeline(mesh, pp, out_dir)
     dist.barrier()
     return report
+
+
+def _trace_per_pipeline(mesh: Any, pp: int, out_dir: str) -> dict[str, str]:
+    """trace="t.json" with two pipelines (dp 2): each pipeline's rank 0 writes its own file, named by its ranks."""
+    import json
+    import os
+
+    torch.manual_seed(0)
+    pipe = pipeline(_model(2), 2, (torch.zeros(8, 8, dtype=torch.float64),), split_spec={"1": SplitPoint.END})
+    sched = pippy.Schedule1F1B(pipe.build_stage(pp, "cpu", group=mesh["pp"].get_group()), 2, loss_fn=nn.MSELoss(),
+                               trace=os.path.join(out_dir, "t.json"))
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    sched.step(*((x,) if pp == 0 else ()), target=y if pp == 1 else None)
+    dist.barrier()
+    out = {}
+    for f in sorted(os.listdir(out_dir)):
+        if f.startswith("t."):
+            with open(os.path.join(out_dir, f)) as fh:
+                out[f] = json.dumps(json.load(fh))[:20000]
+    return out
 
 
 def _bad_input(mesh: Any, pp: int, dp: int, group: Any) -> dict[str, str]:
