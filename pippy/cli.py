@@ -233,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as e:
         return int(e.code or 0)
+    if _other_launched_rank(args.command):
+        return 0
     try:
         rc = _COMMANDS[args.command](args)
         sys.stdout.flush()  # a broken pipe shows here, not at exit
@@ -244,6 +246,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"pippy {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _other_launched_rank(command: str) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) only rank 0 runs a command (each is one process's work); True elsewhere.
+
+    Otherwise every rank would print the same output, time its profile against the others' and
+    write the same ``-o`` file at once. Rank 0 says so on stderr.
+    """
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return False
+    if world <= 1:
+        return False
+    if rank == 0:
+        print(f"pippy {command}: launched on {world} ranks, but this command runs in one process: rank 0 runs it, "
+              f"ranks 1..{world - 1} do nothing. Run it with plain python (python -m pippy {command} ...)",
+              file=sys.stderr)
+    return rank != 0
 
 
 def _quiet_stdout() -> None:

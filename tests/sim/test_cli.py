@@ -155,3 +155,15 @@ def test_python_entry_points_check_their_costs_and_counts() -> None:
             synthesize(p, m, CostModel.uniform(2))
     with pytest.raises(ValueError, match="memory_limit"):
         synthesize(2, 4, CostModel.uniform(2), memory_limit=float("nan"))
+
+
+def test_under_torchrun_only_rank_0_runs_a_command(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert main(["show", "1f1b", "-p", "2", "-m", "2"]) == 0
+    assert capsys.readouterr() == ("", "")  # not the output a fourth time
+    monkeypatch.setenv("RANK", "0")
+    assert main(["show", "1f1b", "-p", "2", "-m", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "rank 0" in out or "F0" in out
+    assert "launched on 4 ranks, but this command runs in one process: rank 0 runs it, ranks 1..3 do nothing" in err
