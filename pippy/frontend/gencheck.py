@@ -20,7 +20,8 @@ import inspect
 import torch
 from torch import nn
 
-from pippy.frontend.genpipe import GenerationError, GenPlan, cut_stage
+from pippy.frontend.gencut import cut_stage
+from pippy.frontend.genpipe import GenerationError, GenPlan
 
 __all__ = ["check_cut"]
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from pippy.frontend.gencheck import check_cut
-from pippy.frontend.genpipe import GenerationError, GenPlan, StageModule, cut_stage, plan_generation
+from pippy.frontend.gencut import StageModule, cut_stage
+from pippy.frontend.genpipe import GenerationError, GenPlan, plan_generation
 from pippy.runtime.guards import use_cuda_device
 
 __all__ = ["GenerationPipe", "GenerationStage", "pipeline_for_generation"]
