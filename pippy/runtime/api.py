@@ -5,6 +5,9 @@ Gradient rule: with ``loss_reduction="mean"`` (default) each micro-batch loss is
 every ``.grad`` equals ``loss_fn(model(full_batch), full_target).backward()``. With
 ``loss_reduction="sum"`` losses are not scaled and grads equal the full-batch sum. Left unset, the
 reduction is read off ``loss_fn`` or the model's loss graph, or measured (see ``schedule_base``).
+Under data parallelism (DDP, ``replicate``, FSDP2, HSDP) the seeds are scaled further so that the
+wrapper's average gives the global batch's gradients for mean, sum and counted-mean losses
+(``pippy.runtime.dploss``).
 
 Under torchrun each rank builds its stage(s) and calls the same schedule::
 

@@ -4,6 +4,8 @@ Also the checks of a step's call itself: ``eval()``'s own options, and no ``step
 
 A mixin of :class:`pippy.runtime.schedule_base.PipelineSchedule` (``_inputs``), which also
 measures a loss's reduction on the first micro-batch when it cannot be read off ``loss_fn``.
+Under data parallelism the loss seeds are scaled (``pippy.runtime.dploss``) so that the DP
+reduction gives the global batch's gradient for mean, sum and counted-mean losses alike.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from pippy.frontend.precision import autocast_state
 from pippy.microbatch import split_batch, split_value
 from pippy.runtime.countedmean import CountedMean, counted_mean
+from pippy.runtime.dpgroup import DataParallelWorld
+from pippy.runtime.dploss import global_count, loss_world, seed_factor
 from pippy.runtime.loss import measure_reduction, target_spec
 from pippy.runtime.stage import StageError
 from pippy.runtime.stepstate import StepInputs
@@ -40,6 +44,8 @@ class StepInputsMixin:
     holds: Callable[[int], bool]  # the schedule's: whether this rank holds a stage
     _warn_once: Callable[[str, str], None]
     trains: bool  # the schedule's: whether something gives a loss
+    stages: list[Any]  # the schedule's: this rank's stages
+    transport: Any  # the schedule's: its timeout bounds the DP count's all-reduce
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], target: Any, training: bool,
                 loss_kwargs: dict[str, Any] | None = None, built_for: int | None = None) -> StepInputs:
@@ -98,7 +104,12 @@ class StepInputsMixin:
                 except ValueError as exc:
                     raise ValueError(f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1}, splitting the "
                                      f"target (action: step target): {exc}") from None
-        scale = 1.0 / m if self.loss_reduction == "mean" else 1.0
+        last = self.pipe.num_stages - 1
+        world = None  # the loss's stage reduces over data-parallel ranks: its seeds are scaled (pippy.runtime.dploss)
+        if training and self.holds(last):
+            held = next(st for st in self.stages if st.index == last)
+            world = loss_world(held.submod, f"{self.name}: rank {self.rank}, stage {last}")
+        scale = (1.0 / m if self.loss_reduction == "mean" else 1.0) * seed_factor(world, self.loss_reduction)
         loss_fn, counts, counted = self.loss_fn, None, self._counted
         if loss_kwargs and loss_fn is not None:  # step(..., loss_kwargs=): each micro-batch's loss_fn call gets them
             loss_fn = functools.partial(loss_fn, **loss_kwargs)
@@ -106,9 +117,12 @@ class StepInputsMixin:
         if training and counted is not None and targets is not None and counted.applies(target):
             loss_fn = counted.sum_fn  # eval(target=) reports each micro-batch's own mean: loss_fn as given
             counts = ([counted.count(t) for t in targets], counted.count(target))
+            if world is not None:  # each seed: its sum * divide / the global batch's count
+                where = f"{self.name}: rank {self.rank}, stage {last}, action step target (every micro-batch)"
+                counts = (counts[0], global_count(world, counts[1], self.transport.timeout, where) / world.divide)
         probe = None
         if self._probe_loss and targets is not None and training and loss_fn is not None:
-            probe = functools.partial(self._measured_scale, tspec, loss_fn)
+            probe = functools.partial(self._measured_scale, tspec, loss_fn, world)
         return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
                           counts=counts, stage_kwargs=stage_kwargs)
 
@@ -119,13 +133,14 @@ class StepInputsMixin:
                             "no loss_fn and the model's output has no loss: the target is not used and losses stays "
                             "empty. Pass loss_fn=... to the schedule to get each micro-batch's loss")
 
-    def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor], out: Any, target: Any,
-                        loss: torch.Tensor) -> float:
+    def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor],
+                        world: DataParallelWorld | None, out: Any, target: Any, loss: torch.Tensor) -> float:
         """The first micro-batch's loss scale, once ``loss_fn``'s reduction is measured on it (``measure_reduction``)."""
         self._probe_loss = False
         self.loss_reduction = measure_reduction(type(self).__name__, loss_fn, self.pipe, target_spec, out, target,
                                                 loss)
-        return 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
+        return (1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0) * \
+            seed_factor(world, self.loss_reduction)
 
 
 def eval_options(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

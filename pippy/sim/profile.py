@@ -34,7 +34,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -44,6 +43,7 @@ from pippy.frontend.costs import value_nbytes
 from pippy.frontend.split import USER, StageInfo
 from pippy.sim.cost import CostModel, StageCost
 from pippy.sim.memory import SavedBytes
+from pippy.sim.profile_link import agree_costs, measure_link, median_costs, split_mesh
 
 __all__ = ["Profilable", "ProfiledStage", "measure_link", "median_costs", "profile", "profile_ranks"]
 
@@ -279,50 +279,6 @@ def profile(
     return CostModel(stages=[got[s] for s in range(n)], microbatches=max(1, pipe.num_chunks))
 
 
-def measure_link(group: Any = None, *, ranks: tuple[int, int] = (0, 1), nbytes: int = 4 << 20,
-                 repeats: int = 20) -> tuple[float, float]:
-    """``(latency s, bandwidth B/s)`` of one message between group ranks ``ranks``, by ping-pong.
-
-    Collective over ``group``: every rank calls it and gets the same answer. One-way time is half
-    a round trip (median of ``repeats``); latency is that of a 4-byte message, bandwidth comes from
-    the extra time an ``nbytes`` message takes. Tensors are float32 on the CPU (gloo).
-
-    Under torchrun, every rank calls ``latency, bandwidth = measure_link()``.
-    """
-    import torch.distributed as dist
-
-    me = dist.get_rank(group)
-    a, b = ranks
-    peer = {a: b, b: a}.get(me)
-
-    def glob(r: int) -> int:
-        return r if group is None else int(dist.get_global_rank(group, r))
-
-    def one_way(numel: int) -> float:
-        buf = torch.zeros(numel)
-        times = []
-        for k in range(repeats + 3):
-            t0 = time.perf_counter()
-            if me == a:
-                dist.send(buf, glob(b), group=group)
-                dist.recv(buf, glob(b), group=group)
-            else:
-                dist.recv(buf, glob(a), group=group)
-                dist.send(buf, glob(a), group=group)
-            if k >= 3:
-                times.append((time.perf_counter() - t0) / 2)
-        return float(statistics.median(times))
-
-    res: list[Any] = [None]
-    if peer is not None:
-        small, big = one_way(1), one_way(max(2, nbytes // 4))
-        bw = (nbytes - 4) / (big - small) if big > small else float("inf")
-        res = [(small, bw)]
-    dist.broadcast_object_list(res, src=glob(a), group=group)
-    lat, bw = res[0]
-    return float(lat), float(bw)
-
-
 def profile_ranks(
     pipe: Profilable,
     example_args: Sequence[Any],
@@ -330,6 +286,7 @@ def profile_ranks(
     example_kwargs: dict[str, Any] | None = None,
     *,
     group: Any = None,
+    dp_group: Any = None,
     loss_fn: Callable[..., Any] | None = None,
     target: Any = None,
     repeats: int = 5,
@@ -345,6 +302,11 @@ def profile_ranks(
     the ranks of stages 0 and 1 (when they differ). ``send_bytes`` count only outputs read on
     another rank.
 
+    Under data parallelism, ``group=mesh`` (a ``DeviceMesh`` with a ``"pp"`` dimension: the
+    pipeline; every other dimension: DP) or ``dp_group=`` (a process group or ``DeviceMesh``)
+    makes every DP replica return the same model: the median of the replicas' own profiles
+    (:func:`pippy.sim.profile_link.agree_costs`), as ``costs=`` must be the same on every DP rank.
+
     Under torchrun, on every rank::
 
         costs = profile_ranks(pipe, (x,), Schedule1F1B.placement(2), loss_fn=F.mse_loss, target=y, threads=1)
@@ -352,6 +314,7 @@ def profile_ranks(
     import torch.distributed as dist
 
     _ignored_split_backward(split_backward)
+    group, mesh_dp = split_mesh(group)
     me = dist.get_rank(group)
     mine = [s for s, r in enumerate(placement) if r == me]
     got = _profile_stages(pipe, example_args, example_kwargs, which=mine, loss_fn=loss_fn, target=target,
@@ -363,34 +326,6 @@ def profile_ranks(
     a, b = placement[0], next((r for r in placement if r != placement[0]), placement[0])
     lat, bw = measure_link(group, ranks=(a, b)) if a != b else (0.0, float("inf"))
     n = pipe.num_stages
-    return CostModel(stages=[merged[s] for s in range(n)], latency=lat, bandwidth=bw,
-                     microbatches=max(1, pipe.num_chunks))
-
-
-def median_costs(models: Sequence[CostModel]) -> CostModel:
-    """Field-wise median of profiles of the same pipe taken at different times.
-
-    On a shared or noisy machine, profiling in short rounds interleaved with the measured steps
-    (rather than once, before them) lets both see the same conditions; this merges the rounds.
-
-        >>> a, b, c = (CostModel.uniform(1, f=t) for t in (1.0, 5.0, 2.0))
-        >>> median_costs([a, b, c]).stages[0].f
-        2.0
-    """
-    if not models:
-        raise ValueError("median_costs needs at least one CostModel")
-    n = models[0].num_stages
-    if any(m.num_stages != n for m in models):
-        raise ValueError(f"median_costs: models disagree on the stage count: {[m.num_stages for m in models]}")
-
-    def med(xs: Iterable[float | None]) -> float | None:
-        vals = [x for x in xs if x is not None]
-        return float(statistics.median(vals)) if vals else None
-
-    stages = []
-    for s in range(n):
-        kw = {f.name: med(getattr(m.stages[s], f.name) for m in models) for f in fields(StageCost)}
-        stages.append(StageCost(**kw))  # type: ignore[arg-type]
-    bw = statistics.median(m.bandwidth for m in models)  # inf (unmeasured) sorts last
-    return CostModel(stages=stages, latency=float(statistics.median(m.latency for m in models)), bandwidth=float(bw),
-                     microbatches=models[0].microbatches)
+    costs = CostModel(stages=[merged[s] for s in range(n)], latency=lat, bandwidth=bw,
+                      microbatches=max(1, pipe.num_chunks))
+    return agree_costs(costs, dp_group if dp_group is not None else mesh_dp)
