@@ -28,7 +28,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["FailureBoard", "agree"]
+__all__ = ["NOTICE_LIMIT", "FailureBoard", "agree", "notice_text"]
+
+NOTICE_LIMIT = 1500  # characters of a failure notice the other ranks get (the failing rank raises the full text)
 
 
 class FailureBoard:
@@ -62,13 +64,56 @@ class FailureBoard:
         return self._seen
 
 
+def notice_text(text: str, rank: int | None = None, limit: int = NOTICE_LIMIT) -> str:
+    r"""``text`` as one line for the other ranks: its first paragraph, lines joined, cut at a word with "…".
+
+    A line ending in ``:`` or ``.`` is followed by a space, others by ``"; "``, so that the per-rank
+    lines of a disagreement stay readable. A cut text says where the whole one is: rank ``rank``'s error.
+    (A text from another rank, ``rank=None``: just "…").
+
+        >>> notice_text("ranks disagree on schedule:\n  rank 0: \"1f1b\"\n  rank 1: \"gpipe\"\nExpected ...", 1)
+        'ranks disagree on schedule: rank 0: "1f1b"; rank 1: "gpipe"; Expected ...'
+        >>> print(notice_text("How to fix: make step(target=...) match the output", 0, limit=30))
+        How to fix: make … (cut; the whole message is in rank 0's own error)
+    """
+    para = text.strip().split("\n\n", 1)[0]
+    out = ""
+    for line in (ln.strip() for ln in para.splitlines() if ln.strip()):
+        out += ("" if not out else " " if out.endswith((":", ".", ";", ",")) else "; ") + line
+    if len(out) <= limit and para == text.strip():
+        return out
+    if len(out) > limit:
+        cut = out[:limit + 1].rsplit(" ", 1)[0] if " " in out[:limit + 1] else out[:limit]
+        out = cut.rstrip(" ;,:")
+    return f"{out} …" if rank is None else f"{out} … (cut; the whole message is in rank {rank}'s own error)"
+
+
 def _describe_difference(mine: Mapping[str, Any], theirs: Mapping[int, Mapping[str, Any]], rank: int) -> str | None:
     for key in mine:
         values = {r: v.get(key) for r, v in theirs.items()}
         if any(v != mine[key] for v in values.values()):
-            lines = [f"  rank {r}: {json.dumps(v)}" for r, v in sorted({rank: mine[key], **values}.items())]
-            return f"ranks disagree on {key}:\n" + "\n".join(lines)
+            every = {rank: mine[key], **values}
+            lines = [f"  rank {r}: {json.dumps(v)}" for r, v in sorted(every.items())]
+            return f"ranks disagree on {key}{_first_item(every)}:\n" + "\n".join(lines)
     return None
+
+
+def _first_item(values: Mapping[int, Any]) -> str:
+    """Where lists of the same length first differ (``", first at stage 1"`` for ``"stage 1: ..."`` items).
+
+        >>> _first_item({0: ["stage 0: a", "stage 1: b"], 1: ["stage 0: a", "stage 1: c"]})
+        ', first at stage 1'
+        >>> _first_item({0: [1, 2], 1: [1, 3]}), _first_item({0: "x", 1: "y"})
+        (', first at item 1', '')
+    """
+    lists = list(values.values())
+    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1:
+        return ""
+    for i, items in enumerate(zip(*lists)):
+        if any(x != items[0] for x in items):
+            head = str(items[0]).split(":", 1)[0]
+            return f", first at {head}" if head.startswith("stage ") else f", first at item {i}"
+    return ""
 
 
 def agree(store: Any, prefix: str, rank: int, ranks: Sequence[int], facts: Mapping[str, Any], where: str) -> None:

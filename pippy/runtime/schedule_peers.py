@@ -12,6 +12,8 @@ from typing import Any
 
 from pippy.runtime.comm import DistTransport
 from pippy.runtime.dpgroup import DataParallelMismatch, agree_stages_with_dp_peers
+from pippy.runtime.faults import notice_text
+from pippy.runtime.fingerprint import CODE_FACT, stage_fingerprints
 from pippy.runtime.ranks import order_hash, schedule_facts, trace_barrier
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.transport import Transport
@@ -29,15 +31,16 @@ class PeerStanding:
     stages: list[Stage]
     transport: Transport
     schedule: Schedule | None
+    pipe: Any
     _broken: str | None  # why this schedule refuses to run again, once a step of it failed
     _agreed: bool  # whether the ranks agreed on the facts since the order last changed
     _calls: int
 
     def _tell_others(self, where: str, exc: BaseException) -> None:
         """Post this rank's failure for the group (their waits stop now); later schedules send on a fresh group."""
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        if self._post(f"{where}: {type(exc).__name__}: {first}"):
-            self._broken = f"{type(exc).__name__}: {first[:200]}"  # the other ranks may have posted receives
+        if self._post(f"{where}: {type(exc).__name__}: {notice_text(str(exc), self.rank)}"):
+            # the other ranks may have posted receives
+            self._broken = f"{type(exc).__name__}: {notice_text(str(exc), self.rank, 300)}"
 
     def _post(self, notice: str) -> bool:
         """Post ``notice`` on the failure board and, once posted, mark the group as a failed step's (as the ranks
@@ -66,7 +69,7 @@ class PeerStanding:
         mine = sorted(st.index for st in self.stages)
         exc = StageError(
             f"rank {self.rank}, stages {mine}, action step start: another schedule on this process group failed a "
-            f"step after {type(self).__name__} was built here ({why[:300]}). Its abandoned receives stay on the group "
+            f"step after {type(self).__name__} was built here ({notice_text(why, None, 300)}). Its abandoned receives stay on the group "
             "and could take this schedule's messages, so this schedule refuses to run. Build this schedule anew on "
             "every rank too, as the failed one (a new schedule sends on a fresh group of the same ranks)."
         )
@@ -75,8 +78,9 @@ class PeerStanding:
         raise exc
 
     def facts(self) -> dict[str, Any]:
-        """What every rank must agree on before the first step (see :func:`pippy.runtime.ranks.schedule_facts`)."""
-        return schedule_facts(self)
+        """What every rank must agree on before the first step: :func:`pippy.runtime.ranks.schedule_facts`, and
+        the stages' code (:func:`pippy.runtime.fingerprint.stage_fingerprints`: a model differing between ranks)."""
+        return {**schedule_facts(self), CODE_FACT: stage_fingerprints(self.pipe)}
 
     def _agree(self) -> None:
         mine = sorted(st.index for st in self.stages)
@@ -84,8 +88,8 @@ class PeerStanding:
         try:
             self.transport.agree(self.facts(), where)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            self._post(first if first.startswith(where) else f"{where}: {first}")  # said once, not twice
+            text = notice_text(str(exc), self.rank)
+            self._post(text if text.startswith(where) else f"{where}: {text}")  # said once, not twice
             raise StageError(str(exc)) from None
         if isinstance(self.transport, DistTransport):  # and the stages' data-parallel peers, if they have any
             facts: dict[str, Any] = {"schedule": self.name, "n_microbatches": self.n_microbatches, "stages": mine}
@@ -94,7 +98,7 @@ class PeerStanding:
             try:
                 agree_stages_with_dp_peers([st.submod for st in self.stages], facts, self.name, self.transport.timeout)
             except DataParallelMismatch as exc:
-                self._post(f"rank {self.rank} (stages {mine}): {str(exc).splitlines()[0]}")
+                self._post(f"rank {self.rank} (stages {mine}): {notice_text(str(exc), self.rank)}")
                 raise StageError(str(exc)) from None
         self._agreed = True
 
