@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pippy.runtime.comm import PipeAbortedError, PipeCommError
 from pippy.runtime.ddp import DdpSync
 from pippy.runtime.executor import Executor
+from pippy.runtime.faults import notice_text
 from pippy.runtime.guards import drop_unreduced_grads, is_fsdp
 from pippy.runtime.stage import StageError
 from pippy.runtime.stepstate import StepResult
@@ -93,7 +94,7 @@ class StepRun:
         sch = self.schedule
         for st in sch.stages:
             st.clear()
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        first = notice_text(str(exc), sch.rank)
         a = self.executor.current
         at = f"stage {a.stage}, action {a} (micro-batch {a.mb})" if a is not None else "between actions"
         told = sch.transport.fail(f"rank {sch.rank}, in its step {sch._calls}, {at}: {type(exc).__name__}: {first}")
@@ -126,7 +127,7 @@ class StepRun:
         if where and hasattr(exc, "add_note") and where not in notes:
             exc.add_note(where)
         if told or (self.executor.started if in_flight is None else in_flight):
-            sch._broken = f"{type(exc).__name__}: {first[:200]}"
+            sch._broken = f"{type(exc).__name__}: {notice_text(str(exc), sch.rank, 300)}"
             poison = getattr(sch.transport, "poison", None)
             if poison is not None:
                 poison(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
