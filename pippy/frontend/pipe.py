@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from pippy.frontend.assign import SplitPolicy
 from pippy.frontend.describe import describe_pipe, describe_split_sites
 from pippy.frontend.dynamic import SymDim, check_dims
+from pippy.frontend.mismatch import dtype_advice, input_mismatch
 from pippy.frontend.notice import called_by_user, warn_user
 from pippy.frontend.split import StageInfo, ValueMeta
 from pippy.microbatch import Replicate, Sum, TensorChunkSpec, merge_chunks, split_batch
@@ -166,8 +167,10 @@ class SplitPipe:
         """The model's keyword inputs as traced (``example_kwargs``' names)."""
         return _kwarg_keys(self.in_spec)
 
-    def flatten_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-        """Flatten one micro-batch's ``(args, kwargs)`` in the traced order, checking the structure."""
+    def flatten_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       n_microbatches: int | None = None) -> list[Any]:
+        """Flatten one micro-batch's ``(args, kwargs)`` in the traced order, checking the structure
+        (``n_microbatches``, the batch's count, only explains a micro-batch of another size)."""
         expected_kw = _kwarg_keys(self.in_spec)
         if set(kwargs) != set(expected_kw):
             raise ValueError(
@@ -208,7 +211,7 @@ class SplitPipe:
                 if dims is not None:
                     if got.dtype != ex.dtype:
                         raise ValueError(f"{name}: a micro-batch is {got.dtype}, but the pipeline was traced for "
-                                         f"{ex.dtype}; pass the traced dtype")
+                                         f"{ex.dtype}; {dtype_advice(got.dtype, ex.dtype)}")
                     check_dims(name, got, dims, bound)
                 elif tuple(got.shape) != tuple(ex.shape) or got.dtype != ex.dtype:
                     if getattr(self, "learned", False):
@@ -225,14 +228,8 @@ class SplitPipe:
                             "micro-batch (batch / n_microbatches rows, e.g. x[:len(x) // n]), not the whole batch: "
                             "pass one micro-batch there, or a batch of n_microbatches micro-batches of that shape"
                         )
-                    raise ValueError(
-                        f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but the pipeline was "
-                        f"traced for {tuple(ex.shape)} {ex.dtype} (full batch / num_chunks). Shapes are static: "
-                        "use the traced batch size and micro-batch count, or trace with pipeline(..., "
-                        "dynamic_shapes='auto' or {'<input>': {dim: (lo, hi)}}) so that sizes may vary. "
-                        "Every input split along the batch must have the traced batch size; an input that is not "
-                        "batched needs Replicate() in args_chunk_spec/kwargs_chunk_spec."
-                    )
+                    raise ValueError(input_mismatch(name, got, ex, self._split_dim(path), n_microbatches,
+                                                    self.num_chunks))
             elif isinstance(got, torch.Tensor):
                 raise ValueError(
                     f"{name} is a tensor {list(got.shape)} {got.dtype} but the pipeline was traced with {ex!r} there. "
@@ -272,7 +269,7 @@ class SplitPipe:
         args = self.fill_constants(tuple(args))
         mbs = split_batch(args, kwargs, n, self.args_chunk_spec, self.kwargs_chunk_spec if kwargs else None)
         if self.input_dims is None:
-            return [self.flatten_inputs(a, k) for a, k in mbs]
+            return [self.flatten_inputs(a, k, n) for a, k in mbs]
         out = []
         for i, (a, k) in enumerate(mbs):
             try:
@@ -280,6 +277,14 @@ class SplitPipe:
             except ValueError as exc:
                 raise ValueError(f"micro-batch {i} of {n}: {exc}") from None
         return out
+
+    def _split_dim(self, path: tuple[Any, ...]) -> int:
+        """The dim a positional input at ``path`` is split along (``args_chunk_spec``), else 0."""
+        spec = self.args_chunk_spec
+        if len(path) >= 2 and path[0] == pytree.SequenceKey(0) and isinstance(spec, (tuple, list)):
+            i = getattr(path[1], "idx", None)
+            return int(getattr(spec[i], "dim", 0)) if isinstance(i, int) and i < len(spec) else 0
+        return 0
 
     def unflatten_output(self, flat: tuple[Any, ...] | list[Any]) -> Any:
         """Turn the last stage's flat outputs into the model's output structure."""

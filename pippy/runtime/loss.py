@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from pippy.frontend.notice import warn_user
 from pippy.frontend.reduction import graph_reduction, model_reduction
 from pippy.microbatch import Replicate, TensorChunkSpec, merge_chunks, split_leaves, split_value
+from pippy.runtime.lossadvice import loss_fn_fix, loss_value_fix
 from pippy.runtime.stage import StageError
 
 __all__ = ["choose_reduction", "describe", "graph_reduction", "infer_reduction", "loss_index", "measure_reduction",
@@ -53,16 +54,8 @@ def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor
             arity = isinstance(exc, TypeError) and "positional argument" in first
             fit = re.search(r"size|shape|dimension|dtype|broadcast|match|expected|not subscriptable|has no attribute",
                             first, re.IGNORECASE)
-            fix = (
-                "loss_fn must accept two positional arguments, def loss_fn(output, target)"
-                if arity
-                else "make step(target=...) match the model's output (batch size along the split dim, dtype, "
-                "structure: a tensor where loss_fn expects one, not a list), or pass target_chunk_spec= to split it "
-                "like the output"
-                if fit
-                else "the error is raised inside loss_fn itself (its traceback is chained above); fix it there, "
-                "e.g. by calling loss_fn on these values alone"
-            )
+            fix = ("loss_fn must accept two positional arguments, def loss_fn(output, target)" if arity
+                   else loss_fn_fix(out, target, fits=bool(fit)))
             raise StageError(
                 f"{where}: loss_fn(output, target) raised {type(exc).__name__}: {first}. It got output "
                 f"{describe(out)}, target {describe(target)} (this micro-batch's slice of step(target=...)). "
@@ -77,7 +70,7 @@ def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor
             )
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise StageError(
-            f"{where}: loss_fn must return a scalar tensor, got {describe(loss)}; reduce it (reduction='mean' or 'sum')"
+            f"{where}: loss_fn must return a scalar tensor, got {describe(loss)}; {loss_value_fix(loss)}"
         )
     if backward and not loss.requires_grad and not torch.is_grad_enabled():
         raise StageError(
