@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch.utils._pytree as pytree
 
 from pippy.frontend.split import USER
 
 if TYPE_CHECKING:
     from pippy.frontend.pipe import SplitPipe
 
-__all__ = ["describe_pipe", "describe_split_sites"]
+__all__ = ["describe_pipe", "describe_split_sites", "none_output_notice", "returns_none"]
+
+
+def returns_none(pipe: Any) -> bool:
+    """Whether the model's forward returned None when traced (its last stage returns nothing)."""
+    module = pipe.stage_infos[-1].module
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return False
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    leaves = pytree.tree_leaves(out.args[0]) if out is not None else [0]
+    if any(x is not None for x in leaves):
+        return False
+    try:
+        return pytree.tree_unflatten([None] * pipe.out_spec.num_leaves, pipe.out_spec) is None
+    except Exception:  # an output spec of another kind: not a plain None
+        return False
+
+
+def none_output_notice(model_name: str) -> str:
+    """The warning of ``pipeline()`` for a model whose forward returns None.
+
+        >>> none_output_notice("Net")[:62]
+        "pipeline(Net): the model's forward returns None, so the pipe h"
+    """
+    return (f"pipeline({model_name}): the model's forward returns None, so the pipe has no output: step() has "
+            "nothing to train on (loss_fn would get None) and eval() returns None. How to fix: return the output "
+            "(or the loss) at the end of forward, e.g. `return self.head(h)`, and trace again")
 
 
 def describe_split_sites(sites: Sequence[str] | None, num_stages: int) -> str:
@@ -76,7 +105,11 @@ def describe_pipe(pipe: SplitPipe) -> str:
         target = ", ".join(outs) if outs else "_"
         lines.append(f"    ({target},) = self.submod_{info.index}({', '.join(args)})  # {n_params:,} params")
     last = pipe.stage_infos[-1]
-    lines.append(f"    return unflatten(({', '.join(names[(last.index, j)] for j in range(len(last.outputs)))},))")
+    if returns_none(pipe):  # the last stage computes for nothing: the model returns None
+        lines[-1] = lines[-1].replace(f"({names[(last.index, 0)]},) = ", "", 1) if last.outputs else lines[-1]
+        lines.append("    return None  # the model's forward returns None")
+    else:
+        lines.append(f"    return unflatten(({', '.join(names[(last.index, j)] for j in range(len(last.outputs)))},))")
     lines.append("edges:")
     for info in pipe.stage_infos:
         for j, cons in enumerate(info.consumers):

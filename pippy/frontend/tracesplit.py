@@ -30,6 +30,7 @@ from pippy.frontend.batchwarnings import (
     warn_unknown,
     written_buffers,
 )
+from pippy.frontend.describe import none_output_notice, returns_none
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.embedcheck import check_embeddings
 from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
@@ -215,6 +216,8 @@ def trace_and_split(
         kwargs_chunk_spec=kwargs_chunk_spec,
     )
     pipe._source = weakref.ref(module)
+    if returns_none(pipe):
+        warn_user(none_output_notice(type(module).__name__))
     if input_dims is not None and any(d is not None and any(isinstance(x, SymDim) for x in d) for d in input_dims):
         pipe.input_dims = input_dims
     pipe.output_merge_dims = merge_dims if any(merge_dims) else None
