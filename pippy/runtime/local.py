@@ -69,6 +69,20 @@ class LocalPipeline:
             mine = [self.stages[s] for s in range(pipe.num_stages) if placement[s] == r]
             self.schedules.append(schedule_cls(mine, n_microbatches, loss_fn, transport=self.transports[r], **options))
 
+    def __repr__(self) -> str:
+        """One line: the schedule class, ranks, stages, micro-batches and loss_fn.
+
+            >>> from pippy import ScheduleGPipe, pipeline
+            >>> pipe = pipeline(torch.nn.Linear(2, 1), 2, (torch.ones(4, 2),))
+            >>> LocalPipeline(pipe, ScheduleGPipe, num_ranks=1, n_microbatches=2)
+            LocalPipeline(ScheduleGPipe, 1 ranks, 1 stages, n_microbatches=2, loss_fn=None)
+        """
+        first = self.schedules[0]
+        fn = first.loss_fn
+        name = "None" if fn is None else getattr(fn, "__name__", type(fn).__name__)
+        return (f"LocalPipeline({type(first).__name__}, {len(self.schedules)} ranks, {self.pipe.num_stages} stages, "
+                f"n_microbatches={first.n_microbatches}, loss_fn={name})")
+
     def step(self, *args: Any, target: Any = None, losses: list[Any] | None = None,
              loss_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """A training step over all ranks; returns the merged output (forward only when nothing gives a loss)."""

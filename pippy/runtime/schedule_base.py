@@ -27,6 +27,8 @@ the trace, merge the outputs). A new schedule class only says what to generate:
     >>> sched = OneRankGPipe(Stage(pipe, 0), 2, torch.nn.functional.mse_loss, transport=LocalTransport.world(1)[0])
     >>> sched.step(torch.ones(4, 2), target=torch.zeros(4, 1)).shape
     torch.Size([4, 1])
+    >>> sched
+    OneRankGPipe(rank 0 of 1, stages [0], n_microbatches=2, loss_fn=mse_loss, steps=1)
 """
 
 from __future__ import annotations
@@ -199,6 +201,18 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
         self._set_loss_fn(fn)
 
     _loss_fn = loss_fn  # PyTorch pipelining's attribute name (frameworks assign it)
+
+    def __repr__(self) -> str:
+        """One line: class, rank, stages held, micro-batches, loss_fn and options (the module doc shows one)."""
+        opts = [f"fuse_backward={self._fuse_backward!r}"] if self._fuse_backward is not True else []
+        opts += [f"trace={self.trace_path or True!r}"] if self.trace else []
+        opts += ["check_finite=True"] if self.check_finite else []
+        opts += ["fill_bubbles=False"] if not self.fill_bubbles else []
+        fn = self._loss
+        name = "None" if fn is None else getattr(fn, "__name__", type(fn).__name__)
+        return (f"{type(self).__name__}(rank {self.rank} of {self.transport.world_size}, stages "
+                f"{sorted(st.index for st in self.stages)}, n_microbatches={self.n_microbatches}, loss_fn={name}"
+                f"{''.join(', ' + o for o in opts)}, steps={self._calls})")
 
     # ------------------------------------------------------------------ subclass hooks
     def _num_ranks(self) -> int:

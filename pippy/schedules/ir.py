@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
+from pippy.schedules.summary import schedule_repr
+
 __all__ = [
     "Action",
     "Done",
@@ -229,6 +231,8 @@ class Schedule:
     def uses_split_backward(self) -> bool:
         """True when the schedule uses I/W instead of B."""
         return any(a.kind in (Kind.I, Kind.W) for r in self.actions for a in r)
+
+    __repr__ = schedule_repr  # a short summary whatever the size; str() lists every action
 
     def __str__(self) -> str:
         width = max((len(str(a)) for r in self.actions for a in r), default=2)

@@ -151,6 +151,18 @@ class CostModel:
     """Runtime seconds per compute action besides the compute itself and its waits (posting sends and
     receives, bookkeeping); a profile cannot see it, :func:`pippy.sim.calibrate.calibrate` measures it."""
 
+    def __repr__(self) -> str:
+        """Up to 4 stages in full, else the first, the last and a count; link and overhead.
+
+            >>> r = repr(CostModel.uniform(64))
+            >>> r[:36], "… 62 more …" in r, r[-57:], len(r) < 500
+            ('CostModel(64 stages: StageCost(f=1.0', True, 'latency=0.0, bandwidth=inf, microbatches=1, overhead=0.0)', True)
+        """
+        st = self.stages if isinstance(self.stages, list) else []
+        shown = [repr(c) for c in st] if len(st) <= 4 else [repr(st[0]), f"… {len(st) - 2} more …", repr(st[-1])]
+        return (f"CostModel({len(st)} stages: {', '.join(shown)}; latency={self.latency!r}, bandwidth="
+                f"{self.bandwidth!r}, microbatches={self.microbatches!r}, overhead={self.overhead!r})")
+
     @property
     def num_stages(self) -> int:
         """Number of stages described."""

@@ -70,6 +70,16 @@ class SimResult:
     _ends: list[Any] = field(repr=False)
     _timeline: Timeline | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        """Step time, worst bubble and peak memory, and the schedule's short repr (the lists stay in the fields).
+
+            >>> from pippy.schedules.generators import one_f_one_b
+            >>> simulate(one_f_one_b(8, 32), CostModel.uniform(8))
+            SimResult(step_time=117, bubble max 17.9%, peak_memory max 8, 8 ranks, Schedule('1f1b': 8 ranks, ...))
+        """
+        return (f"SimResult(step_time={self.step_time:g}, bubble max {max(self.bubble, default=0):.1%}, peak_memory "
+                f"max {max(self.peak_memory, default=0):g}, {len(self.busy)} ranks, {self.schedule!r})")
+
     @property
     def timeline(self) -> Timeline:
         """Every action as an ``Event`` (built on first use; large schedules make many objects)."""

@@ -76,6 +76,17 @@ class Synthesis:
     best_fixed_time: float
     tried: list[tuple[str, float, float]] = field(default_factory=list)  # (candidate, step time, peak memory)
 
+    def __repr__(self) -> str:
+        """The winner, its time and memory, the best fixed schedule and how many were tried (not every action).
+
+            >>> from pippy.sim.cost import CostModel
+            >>> repr(synthesize(2, 4, CostModel.uniform(2)))[:10], len(repr(synthesize(8, 32, CostModel.uniform(8)))) < 400
+            ('Synthesis(', True)
+        """
+        return (f"Synthesis(rule={self.rule!r}, built={self.built}, step_time={self.step_time:g}, peak_memory="
+                f"{self.peak_memory:g}, best_fixed={self.best_fixed!r} at {self.best_fixed_time:g}, "
+                f"{len(self.tried)} tried, {self.schedule!r})")
+
 
 def list_schedule(p: int, m: int, placement: tuple[int, ...], costs: CostModel, rule: Rule,
                   memory_limit: float | None = None) -> Schedule:
