@@ -60,6 +60,18 @@ class GenerationPipe:
     def __init__(self, model: nn.Module, plan: GenPlan) -> None:
         self.model, self.plan = model, plan
 
+    def __repr__(self) -> str:
+        """One line: the model's class, the stages with their decoder layers, and the cache length.
+
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+            >>> pipeline_for_generation(gpt2, 2)
+            GenerationPipe(GPT2LMHeadModel, 2 stages, layers [0..1, 2..2], max_length=32)
+        """
+        layers = ", ".join(f"{lo}..{hi - 1}" for lo, hi in self.plan.layers)
+        return (f"GenerationPipe({type(self.model).__name__}, {self.num_stages} stages, layers [{layers}], "
+                f"max_length={self.max_length})")
+
     @property
     def num_stages(self) -> int:
         """Number of stages, one per rank."""
