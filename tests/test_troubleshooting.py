@@ -293,8 +293,13 @@ def test_inputs_on_the_wrong_rank() -> None:
     s = [pippy.ScheduleGPipe(pipe.build_stage(r, "cpu"), 2, mse, transport=ends[r]) for r in range(2)]
     with pytest.warns(UserWarning, match=r"rank 1 does not hold stage 0: the inputs given to step\(\)/eval\(\) here are ignored"):
         s[1].begin((x8(),), target=torch.randn(4, 4, dtype=F64)).abort(RuntimeError("test"), in_flight=False, raised_here=False)
-    with pytest.raises(StageError, match=r"rank 0 holds stage 0 but step\(\)/eval\(\) got no inputs; pass the batch"):
+    with pytest.raises(StageError, match=r"gpipe: rank 0 holds stage 0 but step\(\)/eval\(\) got no inputs; "
+                                         r"pass the batch here \(step\(x\) on this rank"):
         s[0].begin(())
+    call = _StageCall(pipe.build_stage(0, "cpu"), 2, transport=LocalTransport.world(2)[0])
+    with pytest.raises(StageError, match=r"stage\(x\): rank 0 holds stage 0 but stage\(\) got no inputs; pass the "
+                                         r"batch here \(stage\(x\) on this rank; the other ranks pass none\)"):
+        call.begin((), training=False)
 
 
 # ------------------------------------------------------------------ 5. micro-batches of different shapes

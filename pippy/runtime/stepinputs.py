@@ -75,8 +75,11 @@ class StepInputsMixin:
             kwargs = {}
         if self.holds(0):
             if not args and not kwargs and stage_kwargs is None:
+                call = getattr(type(self), "stage_call", False)  # the forward pipeline behind stage(x)
                 raise StageError(
-                    f"rank {self.rank} holds stage 0 but step()/eval() got no inputs; pass the batch here"
+                    f"{'stage(x)' if call else self.name}: rank {self.rank} holds stage 0 but "
+                    f"{'stage()' if call else 'step()/eval()'} got no inputs; pass the batch here "
+                    f"({'stage(x)' if call else 'step(x)'} on this rank; the other ranks pass none)"
                 )
             try:
                 mbs = self.pipe.split_inputs(args, kwargs, m)
