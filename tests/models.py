@@ -229,3 +229,21 @@ def train_steps(lp: Any, opts: Any, steps: int, x: torch.Tensor, y: torch.Tensor
         lp.step(x, target=y)
         for o in opts:
             o.step()
+
+
+class Returns(nn.Module):
+    """Two linears cut by pipe_split(); ``ret`` picks what forward returns: "tensor", "none", "pair" (out, None),
+    "dict" {"logits", "aux"} or "tuple" (out, hidden)."""
+
+    def __init__(self, ret: str = "tensor") -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.ret = ret
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.a(x)
+        pipe_split()
+        out = self.b(h)
+        return {"none": None, "pair": (out, None), "dict": {"logits": out, "aux": out.sum()},
+                "tuple": (out, h)}.get(self.ret, out)
+

@@ -6,30 +6,18 @@ from typing import Any
 
 import pytest
 import torch
+from models import Returns
 from torch import nn
 
 import pippy
-from pippy import StageError, pipe_split, pipeline
+from pippy import StageError, pipeline
 from pippy.runtime.local import LocalPipeline
 
 mse = nn.functional.mse_loss
 
 
-class Net(nn.Module):
-    def __init__(self, ret: str = "tensor") -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
-        self.ret = ret
-
-    def forward(self, x: torch.Tensor) -> Any:
-        h = self.a(x)
-        pipe_split()
-        out = self.b(h)
-        return {"logits": out, "aux": out.sum()} if self.ret == "dict" else (out, h) if self.ret == "tuple" else out
-
-
 def local(ret: str = "tensor", m: int = 4, loss_fn: Any = mse) -> LocalPipeline:
-    pipe = pipeline(Net(ret), 4, (torch.ones(8, 8),))
+    pipe = pipeline(Returns(ret), 4, (torch.ones(8, 8),))
     return LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=m, loss_fn=loss_fn,
                          loss_reduction="mean")
 
