@@ -54,7 +54,36 @@ def assign_stages(
         assignment = assign_by_markers(graph)
         _check_no_empty_stage(graph, assignment, new_sites if len(new_sites) != before else sites)
         return graph, assignment
-    return gm, dict(split_policy(gm, leaves))
+    if sites:
+        _refuse_markers_with_policy(sites, split_policy)
+    assignment = dict(split_policy(gm, leaves))
+    _check_policy_stages(assignment, split_policy)
+    return gm, assignment
+
+
+def _refuse_markers_with_policy(sites: list[str], policy: SplitPolicy) -> None:
+    """Refuse split points (``split_spec``, ``pipe_split()``) next to a policy that chooses every cut itself."""
+    where = list(dict.fromkeys(sites))
+    raise PipeTraceError(
+        f"pipeline(): both split points ({'; '.join(where[:3])}{' ...' if len(where) > 3 else ''}) and "
+        f"split_policy={policy!r} were given. The policy chooses every cut itself, so the split points would be "
+        "ignored. How to fix: pass one of them: drop split_policy to cut at the split points, or drop split_spec "
+        "(and remove the pipe_split() calls from forward) to let the policy choose"
+    )
+
+
+def _check_policy_stages(assignment: Mapping[fx.Node, int], policy: SplitPolicy) -> None:
+    """Refuse a policy's split that gives no node to some stage (that stage would only pass values on)."""
+    used = set(assignment.values())
+    n = max(used, default=0) + 1
+    empty = [s for s in range(n) if s not in used]
+    if empty:
+        raise PipeTraceError(
+            f"stage {empty[0]} of {n} would be empty: split_policy={policy!r} gives no operation to stage"
+            f"{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}. Expected at least one operation in every "
+            "stage (an empty stage only passes values on). How to fix: number the stages 0..n-1 without gaps (for "
+            "split_by_names: give each stage number at least one node), or ask the policy for fewer stages"
+        )
 
 
 def _takes_graph_only(policy: SplitPolicy) -> bool:
