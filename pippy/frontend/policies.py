@@ -173,7 +173,8 @@ def split_equal_params(num_stages: int) -> SplitPolicyBase:
     return _EqualParams(num_stages)
 
 
-_IDX = re.compile(r"^(.*)\.(\d+)$")
+_IDX = re.compile(r"^(?:(.*)\.)?(\d+)$")  # "h.3" in container "h"; "3" in the model itself (a top-level Sequential)
+_Layer = tuple[str, str]  # (container, child index)
 
 
 def _norm_path(path: str) -> str:
@@ -181,26 +182,36 @@ def _norm_path(path: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules", "").strip(".")
 
 
-def _layers_of(nodes: list[fx.Node]) -> tuple[str, dict[fx.Node, str]]:
-    """The container with the most repeated children (``h``, ``layers``, ...) and each node's child index."""
+def _child(container: str, idx: str) -> str:
+    return f"{container}.{idx}" if container else idx
+
+
+def _layers_of(nodes: list[fx.Node], param_bytes: Sequence[float]) -> tuple[list[str], dict[fx.Node, _Layer]]:
+    """Every outermost container of repeated children (``h``; ``encoder.block`` and ``decoder.block``; ``layer1`` ..
+    ``layer4``), and each node's layer in them: a container inside a layer of another one is part of that layer."""
     children: dict[str, set[str]] = {}
     types: dict[str, set[str]] = {}  # container -> class names of its numbered children
-    per_node: list[list[tuple[str, str]]] = []
-    for v in nodes:
-        found: list[tuple[str, str]] = []
+    reads: dict[_Layer, float] = {}  # parameter bytes each child's nodes read
+    per_node: list[list[_Layer]] = []
+    for v, pb in zip(nodes, param_bytes):
+        found: list[_Layer] = []
         for entry in (v.meta.get("nn_module_stack") or {}).values():
             m = _IDX.match(_norm_path(str(entry[0])))
             if m:
-                found.append((m.group(1), m.group(2)))
-                children.setdefault(m.group(1), set()).add(m.group(2))
-                types.setdefault(m.group(1), set()).add(str(entry[1]))
+                key = (m.group(1) or "", m.group(2))
+                found.append(key)
+                children.setdefault(key[0], set()).add(key[1])
+                types.setdefault(key[0], set()).add(str(entry[1]))
+                reads[key] = reads.get(key, 0.0) + float(pb)
         per_node.append(found)
-    stacks = [k for k, c in children.items() if len(c) >= 2 and len(types[k]) == 1]  # same class: layers
-    if not stacks:
-        return "", {}
-    best = max(stacks, key=lambda k: (len(children[k]), -len(k)))
-    member = {v: idx for v, found in zip(nodes, per_node) for cont, idx in found if cont == best}
-    return best, member
+    stacks = [k for k, c in children.items() if len(c) >= 2 and len(types[k]) == 1  # same class: layers
+              and all(reads[(k, i)] > 0 for i in c)]  # each holding parameters (not a list of activations)
+    inner = {k for k in stacks for o in stacks for i in children[o]
+             if k != o and (k == _child(o, i) or k.startswith(_child(o, i) + "."))}
+    outer = [k for k in stacks if k not in inner]
+    member = {v: next(key for key in found if key[0] in outer) for v, found in zip(nodes, per_node)
+              if any(key[0] in outer for key in found)}
+    return outer, member
 
 
 class _EqualLayers(SplitPolicyBase):
@@ -209,24 +220,25 @@ class _EqualLayers(SplitPolicyBase):
     def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
         n = self.num_stages
         gc = graph_costs(gm, inputs, "flops")
-        container, member = _layers_of(gc.nodes)
-        if not container:
+        containers, member = _layers_of(gc.nodes, gc.param_bytes)
+        if not containers:
             raise ValueError(
                 f"{self.label}({n}): no repeated layers found (no module path like 'layers.0', 'layers.1' in the "
                 "traced graph's nn_module_stack). Use autosplit(n) or split_equal_params(n) for this model."
             )
-        order = list(dict.fromkeys(member[v] for v in gc.nodes if v in member))
+        order = list(dict.fromkeys(member[v] for v in gc.nodes if v in member))  # all lists, in execution order
         layers = len(order)
         if layers < n:
+            where = ", ".join(repr(k) for k in containers)
             raise ValueError(
-                f"{self.label}({n}): found only {layers} repeated layers under {container!r}, so at most {layers} "
+                f"{self.label}({n}): found only {layers} repeated layers under {where}, so at most {layers} "
                 f"stages. Use num_stages <= {layers}, or autosplit({n}) which can cut inside layers."
             )
         counts = [layers // n] * n
         prefer = [*range(1, n - 1), 0, n - 1]  # extra layers go to middle stages, then the first
         for r in range(layers % n):
             counts[prefer[r % len(prefer)]] += 1
-        layer_stage: dict[str, int] = {}
+        layer_stage: dict[_Layer, int] = {}
         it = iter(order)
         for s, c in enumerate(counts):
             for _ in range(c):
@@ -242,6 +254,9 @@ class _EqualLayers(SplitPolicyBase):
 def split_equal_layers(num_stages: int) -> SplitPolicyBase:
     """Give each stage the same number of repeated layers (``h.0``, ``layers.3``, ...).
 
+    Every list of repeated layers counts, in the order forward runs them: an encoder's and a
+    decoder's blocks (``encoder.block``, ``decoder.block``), ResNet's ``layer1`` .. ``layer4``, or
+    the children of a model that is itself an ``nn.Sequential`` of blocks.
     Whatever runs before the first layer goes with the first stage, whatever runs after the last
     (final norm, head) with the last stage. Remainder layers go to the middle stages first.
 

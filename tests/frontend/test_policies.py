@@ -207,3 +207,56 @@ def test_equal_layers_errors() -> None:
     y = torch.randn(4, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"found only 2 repeated layers under 'blocks'.*num_stages <= 2"):
         pipeline(MLPStack(n=2).double(), 1, example_args=(y,), split_policy=split_equal_layers(3))
+
+
+class _Blk(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.b(torch.tanh(self.a(x)))
+        return h if mem is None else h + mem
+
+
+class _EncDec(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleList(_Blk() for _ in range(4))
+        self.dec = nn.ModuleList(_Blk() for _ in range(4))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x
+        for b in self.enc:
+            m = b(m)
+        h = x
+        for b in self.dec:
+            h = b(h, m)
+        return self.head(h)
+
+
+def _layers_per_stage(pipe: object, prefixes: tuple[str, ...]) -> list[list[str]]:
+    mods = [pipe.get_stage_module(s) for s in range(pipe.num_stages)]  # type: ignore[attr-defined]
+    return [sorted({".".join(k.split(".")[:2]) for k in m.state_dict() if k.startswith(prefixes)}) for m in mods]
+
+
+def test_equal_layers_balances_every_block_list() -> None:
+    torch.manual_seed(0)
+    pipe = pipeline(_EncDec().double(), 2, (torch.randn(4, 8, dtype=torch.float64),), split_policy=split_equal_layers(4))
+    assert _layers_per_stage(pipe, ("enc", "dec")) == [["enc.0", "enc.1"], ["enc.2", "enc.3"], ["dec.0", "dec.1"],
+                                                       ["dec.2", "dec.3"]]
+
+
+def test_equal_layers_takes_consecutive_sequentials_and_a_top_level_one() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    net = nn.Sequential()
+    net.add_module("layer1", nn.Sequential(_Blk(), _Blk()))
+    net.add_module("layer2", nn.Sequential(_Blk(), _Blk()))
+    pipe = pipeline(net.double(), 2, (x,), split_policy=split_equal_layers(2))
+    assert _layers_per_stage(pipe, ("layer",)) == [["layer1.0", "layer1.1"], ["layer2.0", "layer2.1"]]
+    top = nn.Sequential(*(_Blk() for _ in range(6))).double()
+    pipe = pipeline(top, 2, (x,), split_policy=split_equal_layers(3))
+    assert [sorted({k.split(".")[0] for k in pipe.get_stage_module(s).state_dict()}) for s in range(3)] == [
+        ["0", "1"], ["2", "3"], ["4", "5"]]
