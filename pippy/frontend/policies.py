@@ -220,7 +220,7 @@ class _EqualLayers(SplitPolicyBase):
     def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
         n = self.num_stages
         gc = graph_costs(gm, inputs, "flops")
-        containers, member = _layers_of(gc.nodes, gc.param_bytes)
+        containers, member = _layers_of(gc.nodes, gc.param_bytes.tolist())
         if not containers:
             raise ValueError(
                 f"{self.label}({n}): no repeated layers found (no module path like 'layers.0', 'layers.1' in the "
