@@ -52,7 +52,7 @@ def _has_params(mod: nn.Module) -> bool:
 
 def _is_block_list(mod: nn.Module, mixed: bool = False) -> bool:
     """At least two distinct modules holding parameters, of one class (of any classes when ``mixed``)."""
-    if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or len({id(m) for m in mod}) < len(mod):
+    if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2 or len({id(m) for m in mod}) < len(mod):
         return False
     return (mixed or len({type(m) for m in mod}) == 1) and all(_has_params(m) for m in mod)
 
@@ -76,7 +76,7 @@ class _BlockList:
 def _block_list(prefix: str, mod: nn.Module, mixed: bool) -> _BlockList | None:
     """``mod`` as a block list, or ``None``. A list of lists (Funnel's ``blocks``), never called itself, gives its inner
     modules as layers when they share one class, else one layer per inner list (``for attn, ff in self.layers``)."""
-    if not isinstance(mod, nn.ModuleList):
+    if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
         return None
     name = (prefix + ".") if prefix else ""
     if len(mod) > 0 and all(isinstance(m, nn.ModuleList) for m in mod):
@@ -141,7 +141,7 @@ def _layer_units(model: nn.Module) -> list[list[str]]:
     only = own_lists[0] if len(own_lists) == 1 else None  # may mix block classes (Jamba's mamba and attention layers)
     found: list[_BlockList] = []
     for name, mod in model.named_modules():
-        if any(name.startswith(bl.name + ".") for bl in found):
+        if any(name.startswith(bl.name + ".") or not bl.name for bl in found):
             continue
         bl = _block_list(name, mod, mixed=mod is only)
         if bl is not None:
@@ -152,8 +152,8 @@ def _layer_units(model: nn.Module) -> list[list[str]]:
 def layer_names(model: nn.Module) -> list[str]:
     """FQNs of the model's repeated blocks, in execution order as far as it can be told without running it.
 
-    A block list is an ``nn.ModuleList`` of at least two distinct modules of one class that hold
-    parameters; nested lists inside a block (e.g. T5's ``layer`` inside each ``block``) are skipped.
+    A block list is an ``nn.ModuleList`` or ``nn.Sequential`` (the model itself too) of at least two
+    distinct modules of one class that hold parameters; nested lists inside a block (e.g. T5's ``layer`` inside each ``block``) are skipped.
     A list of lists (Funnel's ``blocks``) gives the modules inside; lists indexed side by side in
     their parent's forward (XLM's ``attentions[i]``, ``ffns[i]``) are interleaved by layer; the base
     model's only list may mix block classes (Jamba). Shared layers called several times (ALBERT)
@@ -163,6 +163,8 @@ def layer_names(model: nn.Module) -> list[str]:
         >>> blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
         >>> layer_names(torch.nn.ModuleDict({"h": blocks}))
         ['h.0', 'h.1', 'h.2']
+        >>> layer_names(torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(3))))
+        ['0', '1', '2']
         >>> class Parallel(torch.nn.Module):
         ...     def __init__(self):
         ...         super().__init__()

@@ -129,3 +129,14 @@ def test_the_base_models_only_list_may_mix_block_classes() -> None:
     assert layer_names(_jamba()) == layers
     # its Mamba mixer computes in float32 inside the float64 model: micro-batches agree to float32 rounding
     assert _exact_on_two_stages(_jamba, tol=1e-8) == [set(layers[:2]), set(layers[2:])]
+
+
+def test_sequential_block_lists() -> None:
+    def blocks() -> nn.Sequential:
+        return nn.Sequential(*(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(4)))
+
+    assert layer_names(blocks()) == ["0", "1", "2", "3"]
+    wrap = nn.Module()
+    wrap.blocks, wrap.head = blocks(), nn.Linear(4, 2)
+    assert layer_names(wrap) == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert split_spec_equal_layers(wrap, 2) == {"blocks.1": END}
