@@ -1,11 +1,14 @@
 """A fingerprint of a pipe's stages (graph code, parameter names, shapes and dtypes) that ranks compare before a run.
 
 Ranks that traced different model code (``relu`` on one, ``tanh`` on another) with the same
-parameter names would otherwise train without an error. Each stage's hash covers its traced
-graph code and its parameters, with device literals (``cuda:0`` against ``cuda:1`` or ``cpu``) and
-comment lines left out, so ranks that traced on different devices agree. It is computed once per
-pipe (again only when a stage's module or code was replaced since). A hand-cut pipe (``ManualPipelineStage``, ``PipelineStage`` around the user's own module) has
-no graph to compare: its fingerprint is ``"hand-cut"``.
+parameter names would otherwise train without an error. Each stage's hash covers the sequence of
+operators its traced graph calls and its parameters' names, shapes and dtypes. Arguments are left
+out, and so are the operators that only copy or re-lay out a tensor (``contiguous``, ``clone``,
+``_to_copy``, ...) or check it, since those depend on the device traced on (a meta-device trace
+keeps a ``contiguous`` that a CPU trace drops); attention kernels count as one operator whatever
+the device picked. It is computed once per pipe (again only when a stage's module or code was
+replaced since). A hand-cut pipe (``ManualPipelineStage``, ``PipelineStage`` around the user's own
+module) has no graph to compare: its fingerprint is ``"hand-cut"``.
 
     >>> import torch
     >>> from pippy import pipeline
@@ -25,23 +28,32 @@ from typing import Any
 
 __all__ = ["CODE_FACT", "normalized_code", "stage_fingerprints"]
 
-CODE_FACT = ("stage code (a hash of each stage's traced graph code and its parameters' names, shapes and dtypes; "
+CODE_FACT = ("stage code (a hash of the operators each stage's traced graph calls and its parameters' names, shapes "
+             "and dtypes; "
              "ranks that traced different model code differ here: run the same model source, version and "
              "pipeline() options on every rank)")
 
-_DEVICE = re.compile(r"device\(type='[^']*'(?:, index=\d+)?\)|'(?:cuda|cpu|meta|xpu|mps|hpu|npu)(?::\d+)?'")
+_CALL = re.compile(r"torch\.ops\.(\w+)\.(\w+)|self\.([\w.]+)\(")
+_LAYOUT = {"contiguous", "clone", "_to_copy", "to", "alias", "detach", "lift_fresh_copy", "_assert_tensor_metadata",
+           "_assert_scalar", "sym_constrain_range_for_size", "empty_strided", "copy", "copy_", "as_strided"}
 
 
 def normalized_code(code: str) -> str:
-    r"""``code`` without comment lines, blank lines and device literals (so that placement does not count).
+    r"""The operators ``code`` calls, in order, without arguments, layout-only copies, checks and device choices.
 
-        >>> normalized_code("x = ones(2, device = device(type='cuda', index=1))\n    # File: a.py:3\n")
-        'x = ones(2, device = <device>)'
-        >>> normalized_code("y = x.to('cuda:0')") == normalized_code("y = x.to('cpu')")
+        >>> normalized_code("y = torch.ops.aten.relu.default(x)\nz = torch.ops.aten.contiguous.default(y)")
+        'aten.relu'
+        >>> a = "o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v)"
+        >>> normalized_code(a) == normalized_code(a.replace("flash_attention_for_cpu", "efficient_attention"))
         True
     """
-    lines = [ln.rstrip() for ln in code.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    return _DEVICE.sub("<device>", "\n".join(lines))
+    out = []
+    for ns, op, module in _CALL.findall(code):
+        if module:
+            out.append(f"self.{module}")
+        elif op not in _LAYOUT:
+            out.append("attention" if "dot_product" in op or op.endswith("_attention") else f"{ns}.{op}")
+    return " ".join(out)
 
 
 def stage_fingerprints(pipe: Any) -> list[str] | str:
