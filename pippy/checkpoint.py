@@ -44,7 +44,7 @@ from pippy.checkpoint_dcp import (
 )
 from pippy.checkpoint_files import StageRecord, encode_groups, read_record, read_records, resolve_format, write_record
 from pippy.checkpoint_prune import prune_stale
-from pippy.checkpoint_steps import atomic_save, file_names, newest_complete, previous_files, prune_older
+from pippy.checkpoint_steps import atomic_save, file_names, newest_complete, previous_files, prune_older, run_of
 from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
@@ -130,10 +130,10 @@ def save(
                           optim=None if optimizer is None else optim_dir)
         prev = None
         if format == "torch":  # the files of this step, and the save before them kept (see pippy.checkpoint_steps)
-            prev = previous_files(path, st.index, st.num_stages, st.steps_trained)
+            prev = previous_files(path, st.index, st.num_stages, st.steps_trained, run_of(st))
             rec = dataclasses.replace(rec, tensors=files[st.index][0], optim=files[st.index][1],
                                       previous=prev)
-        write_record(path, dataclasses.replace(rec, step=st.steps_trained))
+        write_record(path, dataclasses.replace(rec, step=st.steps_trained, run=run_of(st)))
         if format == "torch":
             prune_older(path, st.index, {f for f in (*files[st.index], *(prev or ())[:2]) if isinstance(f, str)})
     if format == "dcp":
@@ -225,6 +225,7 @@ def load(
         _load_torch_optimizer(stages, optimizer, path, by_index)
     for st in stages:  # a resumed run counts on from the step loaded (its next save replaces a cut-off one)
         st.steps_trained = by_index[st.index].step
+        st.checkpoint_run = by_index[st.index].run or run_of(st)  # and saves as the run it resumed
 
 
 def _load_dcp(stages: list[Stage], path: str | os.PathLike[str], optimizer: torch.optim.Optimizer | None) -> None:
@@ -232,8 +233,9 @@ def _load_dcp(stages: list[Stage], path: str | os.PathLike[str], optimizer: torc
     load_stage_tensors(stages, path, records)
     if optimizer is not None:
         load_stage_optim(stages, optimizer, path, records)
-    for st in stages:  # one collective save: one step (any split)
+    for st in stages:  # one collective save: one step and run (any split)
         st.steps_trained = min(r.step for r in records)
+        st.checkpoint_run = records[0].run or run_of(st)
 
 
 def _refuse_sharded(stages: list[Stage], what: str) -> None:

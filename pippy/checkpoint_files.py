@@ -59,6 +59,8 @@ class StageRecord:
     """The training steps the stage had run when saved (``Stage.steps_trained``; 0 in records of older pippy)."""
     previous: tuple[str, str | None, int] | None = None
     """torch format: the files (tensors, optimizer state) and step of this stage's save before, kept on disk."""
+    run: str = ""
+    """The training run that saved it (``TORCHELASTIC_RUN_ID``, or the run a ``load`` resumed); "" when unknown."""
 
 
 def _name(path: str | os.PathLike[str], i: int) -> str:
@@ -77,7 +79,7 @@ def write_record(path: str | os.PathLike[str], record: StageRecord) -> None:
     """
     side = {"stage": record.index, "num_stages": record.num_stages, "format": record.format, "keys": record.keys,
             "aliases": record.aliases, "files": {"tensors": record.tensors, "optim": record.optim},
-            "step": record.step,
+            "step": record.step, "run": record.run,
             "previous": None if record.previous is None else dict(zip(("tensors", "optim", "step"), record.previous))}
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f".stage_{record.index}.", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -107,7 +109,7 @@ def read_record(path: str | os.PathLike[str], i: int) -> StageRecord:
     prev = side.get("previous")
     return StageRecord(index=side["stage"], num_stages=side["num_stages"], format=side["format"], keys=side["keys"],
                        aliases=side["aliases"], tensors=files["tensors"], optim=files["optim"],
-                       step=int(side.get("step", 0)),
+                       step=int(side.get("step", 0)), run=str(side.get("run", "")),
                        previous=None if prev is None else (prev["tensors"], prev["optim"], int(prev["step"])))
 
 

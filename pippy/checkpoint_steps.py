@@ -40,7 +40,7 @@ import torch
 
 from pippy.checkpoint_files import StageRecord, read_record
 
-__all__ = ["atomic_save", "file_names", "newest_complete", "previous_files", "prune_older"]
+__all__ = ["atomic_save", "file_names", "newest_complete", "previous_files", "prune_older", "run_of"]
 
 
 def file_names(index: int, step: int, with_optim: bool) -> tuple[str, str | None]:
@@ -52,22 +52,35 @@ def file_names(index: int, step: int, with_optim: bool) -> tuple[str, str | None
     return f"stage_{index}.step{step}.pt", f"optim_{index}.step{step}.pt" if with_optim else None
 
 
-def previous_files(path: str | os.PathLike[str], index: int, num_stages: int,
-                   step: int) -> tuple[str, str | None, int] | None:
+def run_of(stage: Any) -> str:
+    """The training run a save of ``stage`` belongs to: the one its last ``load`` resumed, else this launch's.
+
+    A launch's run is torchrun's ``TORCHELASTIC_RUN_ID`` (the same on every rank and across its
+    restarts); without torchrun it is unknown (""), and saves of different runs are not told apart.
+
+        >>> run_of(object()) == os.environ.get("TORCHELASTIC_RUN_ID", "")
+        True
+    """
+    return getattr(stage, "checkpoint_run", None) or os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
+def previous_files(path: str | os.PathLike[str], index: int, num_stages: int, step: int,
+                   run: str = "") -> tuple[str, str | None, int] | None:
     """What a save of stage ``index`` at ``step`` keeps as the save before: the files and step its record names.
 
-    A save again at the step the record already holds (twice in one step, a data-parallel replica,
-    or one replacing a cut-off save) keeps that record's own save before.
+    Only an earlier step of the same run counts: a save again at the record's step (twice in one
+    step, a data-parallel replica, one replacing a cut-off save) keeps that record's own save before;
+    a record of another run, or of a later step (a fresh run reusing the directory), is not kept.
     """
     try:
         rec = read_record(path, index)
     except (OSError, ValueError, KeyError):
         return None
-    if rec.format != "torch" or rec.num_stages != num_stages:
+    if rec.format != "torch" or rec.num_stages != num_stages or (rec.run and run and rec.run != run):
         return None
     if rec.step == step:
-        return rec.previous
-    return rec.tensors, rec.optim, rec.step
+        return rec.previous if rec.previous is not None and rec.previous[2] < step else None
+    return (rec.tensors, rec.optim, rec.step) if rec.step < step else None
 
 
 def atomic_save(obj: Any, fname: str) -> None:
@@ -128,10 +141,19 @@ def newest_complete(records: list[StageRecord], path: str | os.PathLike[str], wh
         checkpoint.load: checkpoint 'ckpt' holds a save that was cut off: stage 0 was saved at training step 4 but ...
     """
     torch_recs = [r for r in records if r.format == "torch"]
+    runs = sorted({r.run for r in torch_recs if r.run})
+    if len(runs) > 1:
+        which = ", ".join(f"stage {r.index}: {r.run!r}" for r in torch_recs)
+        raise ValueError(
+            f"{what}: checkpoint {os.fspath(path)!r} mixes saves of different training runs ({which}): a run saved "
+            "into a directory an earlier run had used, and its save did not reach every stage. Expected every stage "
+            "saved by one run. Load an older copy of the directory, or give each run its own directory"
+        )
     steps = {r.index: r.step for r in torch_recs}
     if len(set(steps.values())) <= 1:
         return records
-    held = [{r.step} | ({r.previous[2]} if r.previous is not None else set()) for r in torch_recs]
+    held = [{r.step} | ({r.previous[2]} if r.previous is not None and r.previous[2] < r.step else set())
+            for r in torch_recs]
     common = set.intersection(*held)
     at = ", ".join(f"stage {i}: {s}" for i, s in sorted(steps.items()))
     if not common:
@@ -144,7 +166,7 @@ def newest_complete(records: list[StageRecord], path: str | os.PathLike[str], wh
     out = [r if r.format != "torch" or r.step == target else
            dataclasses.replace(r, step=target, tensors=r.previous[0], optim=r.previous[1], previous=None)  # type: ignore[index]
            for r in records]
-    ahead = sorted(i for i, s in steps.items() if s > target)
+    ahead = sorted(i for i, s in steps.items() if s != target)
     behind = min(steps, key=lambda i: steps[i])
     warnings.warn(
         f"{what}: checkpoint {os.fspath(path)!r} holds a save that was cut off: stage {ahead[0]} was saved at "

@@ -167,7 +167,9 @@ def test_a_schedule_counts_training_steps_not_eval_and_load_restores_the_count(t
     for _ in range(3):
         lp.step(x, target=y)
     lp.eval(x)
-    assert [st.steps_trained for st in lp.stages] == [3, 3]
+    with pytest.raises(TypeError, match="must be a list"):
+        lp.step(x, target=y, losses=5)  # type: ignore[arg-type]
+    assert [st.steps_trained for st in lp.stages] == [3, 3]  # a refused step counts on no rank
     checkpoint.save(lp.stages, tmp_path)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["stage_0.step3.pt", "stage_1.step3.pt"]
     fresh = [pipe.build_stage(i, "cpu") for i in range(2)]
@@ -206,3 +208,52 @@ def test_an_optimizer_of_more_stages_than_passed_is_refused_by_name(tmp_path: Pa
     checkpoint.save(stages, tmp_path, optimizer=opt)
     with pytest.raises(ValueError, match=r"parameters of no stage given to load\(\); pass every stage it optimizes"):
         checkpoint.load(stages[1:], tmp_path, optimizer=opt)
+
+
+def _set_steps(stages: list, step: int) -> None:
+    for st in stages:
+        st.steps_trained = step
+
+
+def test_a_fresh_run_reusing_the_directory_never_pairs_with_the_old_runs_files(tmp_path: Path) -> None:
+    """Steps go back (a new run from step 0): the old run's later save is not kept as the new one's save before."""
+    old = _stages()
+    for step in (100, 200):
+        _set_steps(old, step)
+        checkpoint.save(old, tmp_path)
+    new = _stages()
+    with torch.no_grad():
+        for p in new[0].parameters():
+            p.add_(1.0)
+    want = {k: v.clone() for k, v in _weights(new).items()}
+    _set_steps(new, 100)
+    checkpoint.save(new, tmp_path)
+    assert [r.previous for r in read_records(tmp_path)] == [None, None]  # old step 200 is not "the save before"
+    _set_steps(new, 200)
+    checkpoint.save(new[:1], tmp_path)  # cut off: only stage 0 saved step 200
+    fresh = _stages()
+    with pytest.warns(UserWarning, match="Loading step 100"):
+        checkpoint.load(fresh, tmp_path)
+    assert _equal(_weights(fresh), want)  # the new run's step 100 on both stages, none of the old run's files
+
+
+def test_saves_of_two_torchrun_launches_are_told_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
+    first = _stages()
+    _set_steps(first, 100)
+    checkpoint.save(first, tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-b")  # another job, not resuming: its save is cut off
+    second = _stages()
+    _set_steps(second, 100)
+    checkpoint.save(second[:1], tmp_path)
+    with pytest.raises(ValueError, match=r"mixes saves of different training runs \(stage 0: 'run-b', stage 1: "
+                                         r"'run-a'\)"):
+        checkpoint.load(_stages(), tmp_path)
+    checkpoint.save(second, tmp_path)  # the whole save: one run again
+    resumed = _stages()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-c")  # a third launch that resumes: it carries run-b on
+    checkpoint.load(resumed, tmp_path)
+    assert [st.checkpoint_run for st in resumed] == ["run-b", "run-b"]
+    _set_steps(resumed, 101)
+    checkpoint.save(resumed, tmp_path)
+    assert [(r.run, r.previous[2]) for r in read_records(tmp_path)] == [("run-b", 100)] * 2  # type: ignore[index]

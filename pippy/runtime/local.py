@@ -104,6 +104,7 @@ class LocalPipeline:
     def _drive(self, args: tuple, kwargs: dict, target: Any, losses: list[Any] | None, training: bool,
                loss_kwargs: dict[str, Any] | None = None) -> Any:
         n = self.pipe.num_stages
+        self.schedules[-1]._check_losses(losses)  # before any rank starts: every rank counts the step or none
         origin = time.perf_counter()
         runs: list[StepRun] = []
         self._advancing: int | None = None

@@ -293,7 +293,8 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
         if run.result is None:
             raise StageError(f"rank {self.rank}: finish() needs a step that ran to its end; drive the StepRun first")
         res = run.result
-        if run.training:
+        self._check_losses(losses)
+        if run.training:  # the step ran to its end here (its count is saved with checkpoints)
             for st in self.stages:
                 st.steps_trained += 1
         self.last_events = res.events
@@ -309,7 +310,6 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
             except Exception as exc:
                 self._tell_others(where, exc)
                 raise
-        self._check_losses(losses)
         if losses is not None and self.holds(self.pipe.num_stages - 1):
             losses.extend(res.losses)
         if not self.holds(self.pipe.num_stages - 1) or not res.outputs:

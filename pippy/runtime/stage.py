@@ -89,6 +89,7 @@ class Stage(StageBackward, StageModule):
         self.steps_trained = 0
         """Training steps this stage finished (a schedule's ``step``; ``eval`` does not count); the same on every
         rank of a pipeline. ``pippy.checkpoint`` saves it and ``load`` restores it, so a resumed run knows its step."""
+        self.checkpoint_run: str | None = None  # the run a checkpoint load resumed (pippy.checkpoint_steps.run_of)
 
     # ----------------------------------------------------------------- properties
     @property
