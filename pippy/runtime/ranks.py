@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from typing import Any
 
@@ -81,13 +82,14 @@ def gather_trace(transport: Transport, rank: int, events: list[Event], name: str
 
     ``origin`` is the ``time.perf_counter()`` value the events count from. Each rank sends it as a
     wall-clock time (shared by the ranks of one host), and rank 0 shifts every rank's events onto
-    the earliest origin; then :func:`pippy.sim.clocks.make_causal` moves ranks whose wall clocks
-    disagree (other hosts) until no receive ends before its send starts. Only rank 0 waits (see
+    the earliest origin; when the ranks are on several hosts (whose wall clocks may disagree),
+    :func:`pippy.sim.clocks.make_causal` then moves ranks until no receive ends before its send
+    starts (not on NCCL, whose host times of receives are not arrivals). Only rank 0 waits (see
     :func:`trace_barrier` for how). Returns the timeline on rank 0, else None.
     """
     now = time.perf_counter()
     wall = time.time() - (now - (now if origin is None else origin))
-    payload: Any = (events, wall)
+    payload: Any = (events, wall, _host())
     assert isinstance(transport, DistTransport)
     sync = store_sync(transport)
     world = transport.world_size
@@ -105,7 +107,11 @@ def gather_trace(transport: Transport, rank: int, events: list[Event], name: str
     whole = not members or members == tuple(range(dist.get_world_size()))
     if not whole:  # one pipeline of several (data parallel): its own file, its ranks named by their global ranks
         name = f"{name} (pipeline of global ranks {list(members)})" if name else f"global ranks {list(members)}"
-    timeline = make_causal(on_one_clock(gathered, world, name))[0]
+    timeline = on_one_clock([(evs, w) for evs, w, _ in gathered], world, name)
+    # ranks on other hosts may keep other wall clocks: make every message causal. Not on NCCL, where a RECV's
+    # host time ends when its wait is queued on the stream, not when the message is in (no message to check)
+    if len({h for _, _, h in gathered}) > 1 and not getattr(transport, "_stream_waits", False):
+        timeline = make_causal(timeline)[0]
     if path:
         from pippy.sim.render import write_chrome_trace
 
@@ -125,6 +131,11 @@ def pipeline_trace_path(path: str, members: tuple[int, ...]) -> str:
     """
     root, ext = os.path.splitext(path)
     return f"{root}.ranks{'-'.join(map(str, members))}{ext}"
+
+
+def _host() -> str:
+    """This process's host name (ranks on one host share its wall clock)."""
+    return socket.gethostname()
 
 
 def on_one_clock(gathered: list[tuple[list[Event], float]], world: int, name: str = "") -> Timeline:

@@ -80,9 +80,10 @@ def skewed_clocks(rank: int, world: int, out_dir: str, wall_offset: float) -> di
             time.sleep(0.05)
 
     peers.trace_barrier = late_barrier  # type: ignore[assignment]
-    if rank == 1 and wall_offset:
+    if rank == 1 and wall_offset:  # another host, whose wall clock disagrees
         ranks_mod.time = types.SimpleNamespace(  # type: ignore[assignment]
             perf_counter=time.perf_counter, time=lambda: time.time() + wall_offset)
+        ranks_mod._host = lambda: "another-host"  # type: ignore[assignment]
     model, args, _, target, loss_fn, opts = build("mlp_spec", world)
     pipe = pipeline(model, 4, example_args=args, **opts)
     sched = SINGLE["1f1b"](pipe.build_stage(rank, "cpu"), 4, loss_fn=loss_fn, trace=True)
