@@ -107,12 +107,15 @@ def measure_node_times(gm: fx.GraphModule, example_inputs: Sequence[Any], repeat
     """
     buffers = {k: b.detach().clone() for k, b in gm.named_buffers()}
     rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
         with torch.enable_grad():
             interp = _timed_passes(gm, example_inputs, repeats)
             bwd = _backward_times(gm, interp, repeats)
     finally:
-        torch.random.set_rng_state(rng)
+        torch.random.set_rng_state(rng)  # timing leaves the random streams as it found them (dropout draws)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         with torch.no_grad():
             for k, b in gm.named_buffers():
                 if k in buffers:
