@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pippy.frontend.params import name_groups
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.localcomm import LocalTransport
 from pippy.runtime.schedule_base import PipelineSchedule, StepRun
@@ -157,6 +158,11 @@ class LocalPipeline:
         for st in self.stages:
             for name, p in st.unwrapped.named_parameters(remove_duplicate=False):
                 out.setdefault(name, p.grad)
+        for group in name_groups(self.pipe):  # a tied tensor under every name, also those no stage reads it by
+            have = next((n for n in group if n in out), None)
+            if have is not None:
+                for n in group:
+                    out.setdefault(n, out[have])
         return out
 
     def zero_grad(self) -> None:

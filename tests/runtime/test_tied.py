@@ -151,3 +151,26 @@ def test_a_tied_weight_no_copy_of_which_reaches_the_loss_keeps_no_gradient() -> 
                        loss_fn=lambda out, t: torch.nn.functional.mse_loss(out[0], t))
     lp.step(x, target=y)
     assert lp.named_grads()["aux.weight"] is None and lp.named_grads()["a.weight"] is not None
+
+
+def test_named_grads_lists_a_tied_weight_under_every_name() -> None:
+    """T5's ``shared.weight`` is read only as ``encoder.embed_tokens.weight``: named_grads has both names."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = torch.nn.Embedding(10, 4)
+            self.encoder = torch.nn.Module()
+            self.encoder.embed_tokens = self.shared
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder.embed_tokens(ids)).sum(1)
+
+    model = Shared().double()
+    ids = torch.randint(0, 10, (4, 5))
+    pipe = pippy.pipeline(model, 2, (ids,), split_spec={"encoder.embed_tokens": pippy.SplitPoint.END})
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=torch.nn.functional.mse_loss)
+    lp.step(ids, target=torch.zeros(4, 3, dtype=torch.float64))
+    grads = lp.named_grads()
+    assert grads["shared.weight"] is grads["encoder.embed_tokens.weight"] is not None
