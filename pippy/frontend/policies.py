@@ -23,6 +23,7 @@ builds the same pipe (every rank must then call ``pipeline()``, as usual).
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -283,6 +284,17 @@ class _ByNames(SplitPolicyBase):
 
     def _compute(self, gm: fx.GraphModule, inputs: list[Any]) -> _Result:
         gc = graph_costs(gm, inputs, "flops")
+        names = [n.name for n in gc.nodes]
+        unknown = [k for k in self.stages if k not in set(names)]
+        if unknown:
+            near = {k: difflib.get_close_matches(k, names, n=1) for k in unknown[:3]}
+            hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in near.items() if m)
+            raise ValueError(
+                f"split_by_names: {len(unknown)} of its {len(self.stages)} names are not operations of this graph "
+                f"({unknown[:5]}{' ...' if len(unknown) > 5 else ''}){'; ' + hint if hint else ''}. Expected the "
+                "node names of this model's trace: the split was computed for another graph (another model, "
+                "config or input shapes). Compute it again for this one (e.g. autosplit(...).last_assignment)"
+            )
         return self.stages, _result(gc, [0] * len(gc.nodes))[1], gc.kind, 0.0
 
 

@@ -154,6 +154,10 @@ def test_split_by_names_replays_a_split() -> None:
     for s in range(3):
         assert p1.stage_infos[s].input_names == p2.stage_infos[s].input_names
         assert list(p1.get_stage_module(s).state_dict()) == list(p2.get_stage_module(s).state_dict())
+    stale = {**first.last_assignment, "linear_99": 2}  # a name from another graph (another depth)
+    with pytest.raises(ValueError, match=r"split_by_names: 1 of its \d+ names are not operations of this graph "
+                                         r"\(\['linear_99'\]\); 'linear_99': did you mean 'linear_\d'\?"):
+        pipeline(model, 2, example_args=(x,), split_policy=split_by_names(stale))
 
 
 def test_split_report_table() -> None:
