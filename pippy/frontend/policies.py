@@ -164,6 +164,9 @@ class _EqualParams(SplitPolicyBase):
 def split_equal_params(num_stages: int) -> SplitPolicyBase:
     """Cut so that each stage reads about ``1/num_stages`` of the parameter bytes (topological order).
 
+    Buffers count with the parameters (a batch norm's running statistics): the cost is the state
+    each stage holds, which is what the split report's cost column shows next to "params".
+
         >>> import torch, pippy
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
         >>> p = split_equal_params(2)
