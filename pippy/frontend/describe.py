@@ -12,7 +12,7 @@ from pippy.frontend.split import USER
 if TYPE_CHECKING:
     from pippy.frontend.pipe import SplitPipe
 
-__all__ = ["describe_pipe", "describe_split_sites", "none_output_notice", "returns_none"]
+__all__ = ["describe_pipe", "describe_split_sites", "none_output_notice", "repeated_site", "returns_none"]
 
 
 def returns_none(pipe: Any) -> bool:
@@ -42,6 +42,19 @@ def none_output_notice(model_name: str) -> str:
             "(or the loss) at the end of forward, e.g. `return self.head(h)`, and trace again")
 
 
+def repeated_site(site: str, n: int) -> str:
+    """Why one split point made ``n`` cuts: a module called ``n`` times, or a ``pipe_split()`` in a loop.
+
+        >>> repeated_site("SplitPoint.END of 'a' (split_spec / annotate_split_points)", 2)
+        'traced 2 times: forward calls the module 2 times and each call is cut; to cut once, name a module called once (or split with pipe_split() in forward)'
+    """
+    if "split_spec" in site:
+        return (f"traced {n} times: forward calls the module {n} times and each call is cut; to cut once, name a "
+                "module called once (or split with pipe_split() in forward)")
+    return (f"traced {n} times: it runs in a loop, one split point per pass; if fewer were meant, guard it with an if "
+            "or move it out of the loop")
+
+
 def describe_split_sites(sites: Sequence[str] | None, num_stages: int) -> str:
     """Where a pipe's stage boundaries came from, for messages about its stage count.
 
@@ -63,10 +76,7 @@ def describe_split_sites(sites: Sequence[str] | None, num_stages: int) -> str:
     counts: dict[str, int] = {}
     for site in sites:
         counts[site] = counts.get(site, 0) + 1
-    parts = [
-        site if n == 1 else f"{site} (traced {n} times: it runs in a loop, one split point per pass; if fewer were "
-        "meant, guard it with an if or move it out of the loop)" for site, n in counts.items()
-    ]
+    parts = [site if n == 1 else f"{site} ({repeated_site(site, n)})" for site, n in counts.items()]
     text = f"its {num_stages} stages come from the split points {'; '.join(parts)}"
     trailing = len(sites) - (num_stages - 1)
     if trailing > 0:

@@ -30,7 +30,7 @@ from pippy.frontend.batchwarnings import (
     warn_unknown,
     written_buffers,
 )
-from pippy.frontend.describe import none_output_notice, returns_none
+from pippy.frontend.describe import none_output_notice, repeated_site, returns_none
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.embedcheck import check_embeddings
 from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
@@ -234,6 +234,9 @@ def trace_and_split(
     pipe.traced_trainable = {n: p.requires_grad for n, p in gm.named_parameters(remove_duplicate=False)}
     pipe.aliases = [sorted(names) for names in alias_groups(gm).values()]
     pipe.split_sites = None if split_policy is not None else sites
+    for site in dict.fromkeys(s for s in sites or () if "split_spec" in s and sites.count(s) > 1):
+        warn_user(f"pipeline(): the split point {site} was {repeated_site(site, sites.count(site))}; the pipe has "
+                  f"{pipe.num_stages} stages")
     pipe.lost_backward = list(dict.fromkeys(dropped))
     return pipe
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pippy.frontend.describe import describe_split_sites
 from pippy.frontend.params import name_groups
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.localcomm import LocalTransport
@@ -59,7 +60,8 @@ class LocalPipeline:
         placement = sch.stage_to_rank if sch is not None else schedule_cls.placement(num_ranks, spr)
         if len(placement) != pipe.num_stages:
             raise ValueError(
-                f"{schedule_cls.__name__} on {num_ranks} ranks places {len(placement)} stages, pipe has {pipe.num_stages}"
+                f"{schedule_cls.__name__} on {num_ranks} ranks places {len(placement)} stages, pipe has "
+                f"{pipe.num_stages}; {describe_split_sites(getattr(pipe, 'split_sites', None), pipe.num_stages)}"
             )
         self.pipe = pipe
         self.stages = [PipelineStage(pipe, s, device) for s in range(pipe.num_stages)]

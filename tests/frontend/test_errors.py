@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import MarkedMLP, MLPStack, check_mse_step, mse
+from torch import nn
 
 import pippy
 from pippy import PipeTraceError, SplitPoint, StageError, pipe_split, pipeline
@@ -300,3 +301,20 @@ def test_a_none_read_only_under_the_trace_names_the_inputs_left_at_none() -> Non
     with pytest.raises(PipeTraceError, match=r"runs eagerly on these inputs, but not under the trace.*"
                                              r"leaves at None: mask;.*pass those inputs"):
         pipeline(_MaskOnlyWhileTraced(), 2, (torch.ones(4, 3),))
+
+
+def test_a_split_spec_module_called_twice_is_named_at_pipeline_and_at_the_stage_count() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.tanh(self.a(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"split point SplitPoint.END of 'a' .* was traced 2 times: forward calls the "
+                                         r"module 2 times and each call is cut.*the pipe has 3 stages"):
+        pipe = pipeline(Twice().double(), 2, (x,), split_spec={"a": SplitPoint.END})
+    with pytest.raises(ValueError, match=r"places 2 stages, pipe has 3; .*forward calls the module 2 times"):
+        LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=2, loss_fn=mse)
