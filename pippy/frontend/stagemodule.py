@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pippy.frontend.graphpickle import graph_from_state, graph_state
 from pippy.frontend.materialize import replace_meta
 from pippy.frontend.outline import OutlineError, outline
 from pippy.frontend.params import is_lifted_constant
@@ -60,6 +61,9 @@ def materialize_module(module: fx.GraphModule, device: torch.device, index: int,
         return mod, mod.graph
 
 
+_SUBMOD_GRAPH = "pippy: the flat graph is submod's own"
+
+
 class StageModule:
     """The module side of a stage (mixed into :class:`~pippy.runtime.stage.Stage`, which sets these attributes)."""
 
@@ -72,6 +76,25 @@ class StageModule:
     _taps: Any
     _mode_sig: tuple[bool, ...] | None
     _written: frozenset[int] | None  # the inputs the graph writes in place (see pippy.frontend.mutation)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The stage's state for pickling: its flat graph as data (an ``fx.Graph`` does not pickle), or a note that
+        it is :attr:`submod`'s own graph (kept one object on loading)."""
+        state = dict(self.__dict__)
+        flat = state.get("_flat_graph")
+        if isinstance(flat, fx.Graph):
+            same = getattr(state.get("_modules", {}).get("submod"), "graph", None) is flat
+            state["_flat_graph"] = _SUBMOD_GRAPH if same else graph_state(flat)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        flat = state.get("_flat_graph")
+        if flat is _SUBMOD_GRAPH or flat == _SUBMOD_GRAPH:
+            state["_flat_graph"] = state["_modules"]["submod"].graph
+        elif flat is not None and not isinstance(flat, fx.Graph):
+            state["_flat_graph"] = graph_from_state(flat)
+        nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
 
     def flat_module(self) -> fx.GraphModule:
         """The stage as one flat graph over :attr:`submod`'s own tensors (what split backward taps).

@@ -108,3 +108,29 @@ def test_a_pipe_pickles_without_its_live_model_and_trains_like_the_original() ->
         lp.step(X, target=Y)
     a, b = (lp.named_grads() for lp in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_runtime_stage_pickles_after_training_and_runs_the_same() -> None:
+    """A built stage (its outlined module and its flat graph, which split backward taps) through torch.save."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    pipe = pipeline(net.double(), 2, (x,), split_spec={"1": SplitPoint.END})
+    lp = LocalPipeline(pipe, pippy.ScheduleGPipe, num_ranks=2, n_microbatches=2, loss_fn=mse)
+    lp.step(x, target=y)
+
+    def first(out: object) -> torch.Tensor:
+        return out[0] if isinstance(out, tuple | list) else out  # type: ignore[index,return-value]
+
+    h = first(lp.stages[0].submod(x[:4]))
+    for st, inp in zip(lp.stages, (x[:4], h.detach())):
+        buf = io.BytesIO()
+        torch.save(st, buf)
+        _ = buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        assert back.steps_trained == st.steps_trained == 1
+        assert (back._flat_graph is back.submod.graph) == (st._flat_graph is st.submod.graph)
+        for mine, theirs in ((back.submod, st.submod), (back.flat_module(), st.flat_module())):
+            mine.eval()
+            theirs.eval()
+            assert torch.equal(first(mine(inp)), first(theirs(inp)))
