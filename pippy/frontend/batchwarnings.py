@@ -21,6 +21,7 @@ __all__ = [
     "warn_ambiguous",
     "warn_batch_statistics",
     "warn_buffer_updates",
+    "warn_derived",
     "warn_mixed_rows",
     "warn_uneven",
     "warn_unknown",
@@ -103,6 +104,19 @@ def warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | No
         "gradients differ too. Compute such values from the merged outputs after the step (return the per-row "
         "values instead), or pass output_merge_spec= to the schedule if the micro-batch values are what you want",
     )
+
+
+def warn_derived(reductions: list[str | None], values: list[Any]) -> None:
+    """Warn about plain numbers the trace computed from the batch size in a way micro-batches cannot add up."""
+    said = [f"{j} ({values[j]!r} on one micro-batch)" for j, r in enumerate(reductions) if r == "derived"]
+    if said:
+        warn_user(
+            f"pipeline(): outputs {', '.join(said)} are numbers the trace computed from the batch size (they change "
+            "when the batch does, and do not add up over micro-batches, as x.shape[0] or 3 * x.shape[0] would). "
+            "Each micro-batch computes its own from its own rows, so the pipeline returns one micro-batch's value, "
+            "not the whole batch's. How to fix: compute such numbers from the batch outside the model, or return "
+            "the row count itself (x.shape[0], which pippy adds up) and derive the number from it",
+        )
 
 
 def warn_ambiguous(reductions: list[str | None]) -> None:

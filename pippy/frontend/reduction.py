@@ -33,7 +33,7 @@ from torch import fx
 
 from pippy.frontend.reducechain import aten_op, decide_reduction, is_flat, is_int, mean_counts, walk_chain
 
-__all__ = ["MicroBatch", "count_divisors", "divides_by_count", "graph_reduction", "model_reduction", "output_reductions"]
+__all__ = ["MicroBatch", "count_divisors", "divides_by_count", "graph_outputs", "graph_reduction", "model_reduction", "output_reductions"]
 
 @dataclass(frozen=True, slots=True)
 class MicroBatch:
@@ -176,7 +176,8 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
     for the others (batched outputs, which concatenate). ``"unknown"`` for a tensor a batched input reaches whose
     batch is gone by ops micro-batch values cannot rebuild (``h.amax()``, ``h.var(0)``, ``h.norm()``): 0-dim, or
     with no dim of a micro-batch's size that grows in ``twice()``. A plain number that doubles in ``twice()``
-    (the trace on the micro-batch twice over) is a count baked from the batch's size (``x.shape[0]``): "sum".
+    (the trace on the micro-batch twice over) is a count baked from the batch's size (``x.shape[0]``): "sum";
+    one that changes there otherwise (``x.shape[0] * 2 + 1``) is "derived", which micro-batches cannot rebuild.
     On micro-batches of one row, a sum divided by an int is read off ``twice()`` (``x.sum() / x.shape[0]`` divides
     by 1 there); ``"ambiguous"`` when that cannot tell.
 
@@ -191,7 +192,7 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
         >>> output_reductions(gm, MicroBatch.of([(torch.ones(2, 3), 0)], ["x"]))
         [None, 'mean', 'same']
     """
-    values = _outputs(gm)
+    values = graph_outputs(gm)
     out: list[str | None] = []
     big: list[Any] | None = None
 
@@ -199,7 +200,7 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
         nonlocal big
         if big is None:
             other = twice() if twice is not None else None
-            big = _outputs(other) if other is not None else []
+            big = graph_outputs(other) if other is not None else []
         return big[j] if j < len(big) else None
 
     def grows(j: int) -> Callable[[Any], bool]:  # whether the reduced value of output j doubles in ``twice()``
@@ -222,8 +223,10 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
             # one row: ``x.sum() / x.shape[0]`` (a mean) divides by 1 as ``/ 1`` would, and ``/ x.numel()`` by what a
             # literal may be; the trace of two rows tells, where a count doubles and a literal stays
             found = _settle_one_row(v, mb, bigger(j) if twice is not None else None)
-        if _is_number(v) and v and any(v % r == 0 for r in mb.rows if r) and twice is not None:
-            found = "sum" if bigger(j) == 2 * v else None  # a count baked as a number (x.shape[0]): it adds up
+        if _is_number(v) and twice is not None and _is_number(other := bigger(j)) and other != v:
+            # a number the trace took from the batch's size: a count (x.shape[0], 3 * B) doubles with it and adds
+            # up over micro-batches; anything else (B * 2 + 1, B // 2 + 1) no micro-batch values can rebuild
+            found = "sum" if other == 2 * v else "derived"
         if isinstance(val, torch.SymInt) and _scales_with_batch(val.node.expr, mb.symbols):
             found = "sum"  # a dynamic trace's count (x.shape[0], x.numel()): twice the batch, twice the value
         if found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and not _reaches(v, mb.inputs) \
@@ -311,6 +314,15 @@ def _reaches(node: Any, inputs: frozenset[str] | None) -> bool:
     return False
 
 
-def _outputs(gm: fx.GraphModule) -> list[Any]:
+def graph_outputs(gm: fx.GraphModule) -> list[Any]:
+    """The flat outputs of ``gm``'s graph: nodes, or the plain values the trace baked in.
+
+        >>> from pippy.frontend.trace import export_module
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 2, x.shape[0] + 1
+        >>> [str(v) for v in graph_outputs(export_module(Net(), (torch.ones(4, 2),)).module())]
+        ['mul', '5']
+    """
     values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
     return list(values) if isinstance(values, tuple | list) else [values]

@@ -288,3 +288,26 @@ def test_counts_of_a_dynamic_batch_add_up_at_every_size() -> None:
     for xb in (x, torch.randn(12, 7, 4, dtype=torch.float64)):
         for got in (lp.eval(xb), lp.step(xb, target=torch.zeros(*xb.shape[:2], 2, dtype=torch.float64))):
             assert tuple(got[1:]) == (xb.shape[0], xb.numel(), xb.shape[1], 2, True)
+
+
+def test_numbers_derived_from_the_batch_size_are_named_and_counts_add_up() -> None:
+    """``B * 2 + 1`` cannot be rebuilt from micro-batches (warned); ``3 * B`` adds up; a literal stays."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+            h = self.a(x)
+            pipe_split()
+            rows = x.shape[0]
+            return self.b(h), rows * 2 + 1, 3 * rows, 7
+
+    x = torch.randn(8, 4)
+    with pytest.warns(UserWarning, match=r"outputs 1 \(5 on one micro-batch\) are numbers the trace computed from "
+                                         r"the batch size"):
+        pipe = pipeline(Net(), 4, (x,))
+    assert pipe.output_reductions == [None, "derived", "sum", None]
+    out = LocalPipeline(pipe, ScheduleGPipe, num_ranks=2, n_microbatches=4).eval(x)
+    assert out[2:] == (24, 7)
