@@ -108,7 +108,10 @@ def warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | No
 
 def warn_derived(reductions: list[str | None], values: list[Any]) -> None:
     """Warn about plain numbers the trace computed from the batch size in a way micro-batches cannot add up."""
-    said = [f"{j} ({values[j]!r} on one micro-batch)" for j, r in enumerate(reductions) if r == "derived"]
+    def shown(v: Any) -> str:
+        return repr(v[0] if len(v) == 1 else list(v)) if isinstance(v, tuple) else repr(v)
+
+    said = [f"{j} ({shown(values[j])} on one micro-batch)" for j, r in enumerate(reductions) if r == "derived"]
     if said:
         warn_user(
             f"pipeline(): outputs {', '.join(said)} are numbers the trace computed from the batch size (they change "

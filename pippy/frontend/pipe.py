@@ -334,8 +334,8 @@ class SplitPipe:
                 spec[j] = Sum()
             elif red is not None and red[j] == "mean":
                 spec[j] = Sum(mean=True)  # a [1]-shaped mean stays [1]
-            elif red is not None and red[j] == "same":
-                spec[j] = Replicate()  # alike in every micro-batch: given once
+            elif red is not None and red[j] in ("same", "derived"):
+                spec[j] = Replicate()  # alike in every micro-batch: given once (derived: one micro-batch's, warned)
         return spec
 
     def split_report(self) -> str:

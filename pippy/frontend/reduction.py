@@ -33,7 +33,7 @@ from torch import fx
 
 from pippy.frontend.reducechain import aten_op, decide_reduction, is_flat, is_int, mean_counts, walk_chain
 
-__all__ = ["MicroBatch", "count_divisors", "divides_by_count", "graph_outputs", "graph_reduction", "model_reduction", "output_reductions"]
+__all__ = ["MicroBatch", "constant_value", "count_divisors", "divides_by_count", "graph_outputs", "graph_reduction", "model_reduction", "output_reductions"]
 
 @dataclass(frozen=True, slots=True)
 class MicroBatch:
@@ -232,6 +232,10 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
         if found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and not _reaches(v, mb.inputs) \
                 and not any(isinstance(d, int) and d in mb.rows for d in val.shape):
             found = "same"  # no batched input reaches it, and no dim has a micro-batch's size (a baked ones(B, 1))
+            if twice is not None and (mine := constant_value(v)) is not None:  # torch.tensor(x.shape[0]): the size
+                other = constant_value(bigger(j))
+                if other is not None and other != mine:
+                    found = "sum" if other == tuple(2 * c for c in mine) else "derived"
         elif found is None and isinstance(val, torch.Tensor) and mb.inputs is not None and _reaches(v, mb.inputs) \
                 and (val.dim() == 0 or (is_flat(v, mb.rows) and not grows(j)(v))):
             found = "unknown"  # the batch is gone, by ops that micro-batch values cannot rebuild (max, var, norm)
@@ -312,6 +316,42 @@ def _reaches(node: Any, inputs: frozenset[str] | None) -> bool:
             return True
         todo.extend(n.all_input_nodes)
     return False
+
+
+_PASS = ("lift_fresh_copy", "detach", "detach_", "clone", "_to_copy", "alias")
+
+
+def constant_value(node: Any, limit: int = 16) -> tuple[float, ...] | None:
+    """The values of a small tensor the trace baked in as a constant (``torch.tensor(n)``, ``torch.full((), n)``),
+    or None when ``node`` is computed from anything else.
+
+        >>> from pippy.frontend.trace import export_module
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 2, torch.tensor(x.shape[0]), torch.full((), x.shape[0] * 2.0)
+        >>> [constant_value(v) for v in graph_outputs(export_module(Net(), (torch.ones(4, 2),)).module())]
+        [None, (4.0,), (8.0,)]
+    """
+    while isinstance(node, fx.Node) and node.op == "call_function" and aten_op(node)[0] in _PASS and node.args:
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        owner = node.graph.owning_module
+        try:
+            value = owner.get_buffer(str(node.target)) if owner is not None else None
+        except AttributeError:
+            value = getattr(owner, str(node.target), None)
+        if isinstance(value, torch.Tensor) and value.numel() <= limit:
+            return tuple(float(v) for v in value.detach().flatten().tolist())
+        return None
+    if node.op == "call_function" and aten_op(node)[0] in ("full", "scalar_tensor") and node.args:
+        fill = node.args[-1] if aten_op(node)[0] == "full" else node.args[0]
+        size = node.args[0] if aten_op(node)[0] == "full" else []
+        if isinstance(fill, int | float) and not isinstance(fill, bool) and isinstance(size, list | tuple) \
+                and math.prod(size) <= limit and all(isinstance(d, int) for d in size):
+            return (float(fill),) * math.prod(size)
+    return None
 
 
 def graph_outputs(gm: fx.GraphModule) -> list[Any]:

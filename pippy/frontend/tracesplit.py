@@ -40,7 +40,7 @@ from pippy.frontend.notice import warn_user
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
 from pippy.frontend.pipe import SharedParam, SplitPipe
 from pippy.frontend.precision import autocast_state, cast_example, compute_copy, restore_tensors
-from pippy.frontend.reduction import MicroBatch, divides_by_count, graph_outputs, output_reductions
+from pippy.frontend.reduction import MicroBatch, constant_value, divides_by_count, graph_outputs, output_reductions
 from pippy.frontend.retarget import traced_device
 from pippy.frontend.split import StageInfo, split_graph
 from pippy.frontend.trace import (
@@ -176,7 +176,7 @@ def trace_and_split(
     reductions = output_reductions(gm, mb, twice if dynamic_shapes is None else None)
     warn_unknown(reductions, _output_shapes(gm))
     warn_ambiguous(reductions)
-    warn_derived(reductions, graph_outputs(gm))
+    warn_derived(reductions, [v if not isinstance(v, fx.Node) else constant_value(v) for v in graph_outputs(gm)])
     if num_chunks > 1 and dynamic_shapes is None:
         warn_mixed_rows(mixed_rows(gm, mb.rows, twice))
     warn_lost_backward(dropped, model_backward_hooks(module))

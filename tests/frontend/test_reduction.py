@@ -298,16 +298,17 @@ def test_numbers_derived_from_the_batch_size_are_named_and_counts_add_up() -> No
             super().__init__()
             self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+        def forward(self, x: torch.Tensor) -> tuple[Any, ...]:
             h = self.a(x)
             pipe_split()
             rows = x.shape[0]
-            return self.b(h), rows * 2 + 1, 3 * rows, 7
+            return self.b(h), rows * 2 + 1, 3 * rows, 7, torch.tensor(rows), torch.tensor(rows * 2 + 1), torch.ones(3)
 
     x = torch.randn(8, 4)
-    with pytest.warns(UserWarning, match=r"outputs 1 \(5 on one micro-batch\) are numbers the trace computed from "
-                                         r"the batch size"):
+    with pytest.warns(UserWarning, match=r"outputs 1 \(5 on one micro-batch\), 5 \(5.0 on one micro-batch\) are "
+                                         r"numbers the trace computed from the batch size"):
         pipe = pipeline(Net(), 4, (x,))
-    assert pipe.output_reductions == [None, "derived", "sum", None]
+    assert pipe.output_reductions == [None, "derived", "sum", None, "sum", "derived", "same"]
     out = LocalPipeline(pipe, ScheduleGPipe, num_ranks=2, n_microbatches=4).eval(x)
-    assert out[2:] == (24, 7)
+    assert out[2:4] == (24, 7) and torch.equal(out[4], torch.tensor(8))  # counts add up: the whole batch's
+    assert torch.equal(out[6], torch.ones(3))
