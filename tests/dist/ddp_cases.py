@@ -19,9 +19,19 @@ SCHEDS = {"gpipe": (pippy.ScheduleGPipe, 1), "1f1b": (pippy.Schedule1F1B, 1),
 MODES = ("wrap", "replicate")
 
 
-def _model(n_stages: int) -> nn.Module:
+def _model(n_stages: int, out: int = 2) -> nn.Module:
     return nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2 * n_stages - 1)],
-                         nn.Linear(8, 2)).double()
+                         nn.Linear(8, out)).double()
+
+
+def reference_and_pipe(n: int, m: int, out: int = 2) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """The seeded model of ``n`` stages: its plain copy with AdamW (the reference), and the model's pipe."""
+    torch.manual_seed(0)
+    model = _model(n, out)
+    ref = copy.deepcopy(model)
+    pipe = pipeline(model, m, (torch.zeros(8, 8, dtype=torch.float64),),
+                    split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
+    return ref, torch.optim.AdamW(ref.parameters(), lr=0.05), pipe
 
 
 def _make_dp(stage: Any, mode: str, group: Any, calls: list[int]) -> None:
@@ -54,12 +64,7 @@ def dp_pp_ddp(rank: int, world: int, out_dir: str = "") -> dict[str, Any]:
         for name, (cls, v) in SCHEDS.items():
             for m in (2, 4):
                 n = 2 * v
-                torch.manual_seed(0)
-                model = _model(n)
-                ref = copy.deepcopy(model)
-                ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
-                pipe = pipeline(model, m, (torch.zeros(8, 8, dtype=torch.float64),),
-                                split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
+                ref, ref_opt, pipe = reference_and_pipe(n, m)
                 place = cls.placement(2, v)
                 where = mesh if mode == "replicate" else mesh["pp"].get_group()  # the mesh itself: its "pp" dimension
                 stages = [pipe.build_stage(s, "cpu", group=where) for s in range(n) if place[s] == pp]

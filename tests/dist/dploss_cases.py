@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from ddp_cases import _model as _dp_model
+from ddp_cases import reference_and_pipe
 from torch import nn
 
 import pippy
@@ -26,8 +27,7 @@ LOSSES: dict[str, tuple[Any, str | None]] = {  # name: (loss_fn, loss_reduction=
 
 
 def _model(n_stages: int) -> nn.Module:
-    return nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2 * n_stages - 1)],
-                         nn.Linear(8, 4)).double()
+    return _dp_model(n_stages, out=4)
 
 
 def _batch(loss: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +85,7 @@ def dp_losses(rank: int, world: int) -> dict[str, Any]:
         for sname, (cls, v) in SCHEDS.items():
             for lname, (loss_fn, given) in LOSSES.items():
                 n = 2 * v
-                torch.manual_seed(0)
-                model = _model(n)
-                ref = copy.deepcopy(model)
-                ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
-                pipe = pipeline(model, m, (torch.zeros(8, 8, dtype=torch.float64),),
-                                split_spec={str(2 * k + 1): SplitPoint.END for k in range(n - 1)})
+                ref, ref_opt, pipe = reference_and_pipe(n, m, out=4)
                 place = cls.placement(2, v)
                 stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
                 for st in stages:
