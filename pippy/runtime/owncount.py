@@ -1,0 +1,171 @@
+"""A model's own mean class-index loss (``ignore_index``) over micro-batches that count different targets: warned.
+
+``F.cross_entropy(logits, labels)`` inside ``forward`` (Hugging Face models given ``labels=``) averages over the
+targets that are not ``ignore_index``. A pipeline averages the micro-batches' means, each with weight ``1/m``, so
+when micro-batches hold different numbers of counted targets (padding, masked prompts, MLM masks), the loss it
+returns and the gradients it trains on differ from the full batch's. A ``loss_fn`` given to the schedule is exact
+(:mod:`pippy.runtime.countedmean`); inside the graph only the count is known, per micro-batch, at the loss stage.
+This module reads that count off the last stage's graph (the ops from its inputs to the loss's target, without
+parameters) and warns once, on the first micro-batch whose count differs from micro-batch 0's.
+
+    >>> import torch, warnings
+    >>> from pippy import pipeline
+    >>> from pippy.runtime.stage import Stage
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.Linear(3, 5)
+    ...     def forward(self, x, labels):
+    ...         return torch.nn.functional.cross_entropy(self.fc(x), labels)
+    >>> x, labels = torch.randn(4, 3), torch.tensor([1, 2, -100, -100])
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     stage = Stage(pipeline(Net(), 2, (x, labels)), 0)
+    >>> counter = OwnLossCounts.of(stage.submod)
+    >>> [int(c) for c in counter.counts([x[:2], labels[:2]])], [int(c) for c in counter.counts([x[2:], labels[2:]])]
+    ([2], [0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from pippy.frontend.notice import warn_user
+
+__all__ = ["OwnLossCounts"]
+
+_LOSSES = {"cross_entropy_loss", "nll_loss", "nll_loss_nd", "nll_loss2d"}
+_THROUGH = {"clone", "_to_copy", "to", "alias", "contiguous", "neg", "view", "reshape", "_unsafe_view", "squeeze",
+            "unsqueeze", "expand", "flatten", "mul", "div"}
+_CHECKS = 16  # micro-batch comparisons (each one host sync) before the check stops: a batch's padding shows early
+
+
+def _op(node: Any) -> tuple[str, Any]:
+    schema = getattr(getattr(node, "target", None), "_schema", None)
+    if getattr(node, "op", None) != "call_function" or schema is None:
+        return "", None
+    return schema.name.split("::")[-1], schema
+
+
+def _arg(node: fx.Node, schema: Any, name: str) -> Any:
+    pos = next(k for k, a in enumerate(schema.arguments) if a.name == name)
+    return node.kwargs.get(name, node.args[pos] if len(node.args) > pos else schema.arguments[pos].default_value)
+
+
+def _mean_losses(gm: fx.GraphModule) -> list[fx.Node]:
+    """The mean-reduced class-index loss ops each output of ``gm`` is (up to copies, reshapes and scaling)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    found: list[fx.Node] = []
+    for node in _leaves(out.args):
+        for _ in range(32):
+            name, schema = _op(node)
+            if name in _LOSSES:
+                if _arg(node, schema, "reduction") == 1 and node not in found:
+                    found.append(node)
+                break
+            if name not in _THROUGH or not node.args or not isinstance(node.args[0], fx.Node):
+                break
+            node = node.args[0]
+    return found
+
+
+def _leaves(args: Any) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    fx.node.map_arg(args, nodes.append)
+    return nodes
+
+
+class OwnLossCounts:
+    """Counts of the targets a stage module's own mean losses average over, per call on the stage's inputs.
+
+    ``of(module)`` is None when the module returns no such loss, or when a loss's target is computed with
+    parameters or submodules (then only the full graph could tell; nothing is checked).
+    """
+
+    def __init__(self, module: fx.GraphModule, names: list[str]) -> None:
+        self.module, self.names = module, names
+        self.checks = 0
+        self._first: list[torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, module: Any) -> OwnLossCounts | None:
+        """The counter for ``module`` (a traced stage's graph module), or None."""
+        if not isinstance(module, fx.GraphModule):
+            return None
+        losses = _mean_losses(module)
+        if not losses:
+            return None
+        graph, env, outs, names = fx.Graph(), {}, [], []
+        for node in module.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = graph.node_copy(node)
+        for loss in losses:
+            name, schema = _op(loss)
+            target, ignore = _arg(loss, schema, "target"), _arg(loss, schema, "ignore_index")
+            if _arg(loss, schema, "weight") is not None or not _copy_chain(target, graph, env):
+                continue
+            ne = graph.call_function(torch.ops.aten.ne.Scalar, (env[target], ignore))
+            outs.append(graph.call_function(torch.ops.aten.sum.default, (ne,)))
+            names.append(f"{name} (ignore_index={ignore})")
+        if not outs:
+            return None
+        graph.output(tuple(outs))
+        return cls(fx.GraphModule(module, graph), names)
+
+    def counts(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
+        """Each loss's count of targets on one micro-batch's stage inputs."""
+        with torch.no_grad():
+            return list(self.module(*inputs))
+
+    def check(self, mb: int, inputs: Sequence[Any], where: str) -> None:
+        """Remember micro-batch 0's counts; warn (and stop checking) when ``mb``'s differ. Bounded host syncs."""
+        first = self._first
+        if self.checks >= _CHECKS or (mb != 0 and first is None):
+            return
+        try:
+            counts = self.counts(inputs)
+        except Exception:  # a check must never stop a step: an op that does not run here (a device fixed in the trace)
+            self.checks = _CHECKS
+            return
+        if mb == 0 or first is None:
+            self._first = counts
+            return
+        self.checks += 1
+        for name, c0, c in zip(self.names, first, counts):
+            if int(c0) != int(c):
+                self.checks = _CHECKS
+                warn_user(
+                    f"{where}: the model's own loss, {name}, is a mean over the targets it counts, and micro-batch 0 "
+                    f"counts {int(c0)} of them, micro-batch {mb} {int(c)}. A pipeline averages micro-batch means "
+                    "with equal weights, so the loss it returns, and the gradients when trained on it, differ from "
+                    "the full batch's (where a micro-batch with fewer targets weighs less). How to fix: return the "
+                    "logits and pass loss_fn=torch.nn.CrossEntropyLoss(ignore_index=...) to the schedule (exact "
+                    "across micro-batches); or, for a Hugging Face model, pass num_items_in_batch= (the batch's "
+                    "count of targets; see the README's training section)"
+                )
+                return
+
+
+def _copy_chain(target: Any, graph: fx.Graph, env: dict[Any, Any]) -> bool:
+    """Copy the ops from the placeholders to ``target`` into ``graph``; False when one reads a parameter/submodule."""
+    if not isinstance(target, fx.Node):
+        return False
+    order: list[fx.Node] = []
+    stack, seen = [target], set()
+    while stack:
+        node = stack.pop()
+        if node in env or node in seen:
+            continue
+        if node.op != "call_function":
+            return False
+        seen.add(node)
+        order.append(node)
+        stack.extend(_leaves((node.args, node.kwargs)))
+    position = {n: k for k, n in enumerate(target.graph.nodes)}
+    for node in sorted(order, key=position.__getitem__):
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return True
