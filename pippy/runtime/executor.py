@@ -107,6 +107,8 @@ class Executor:
                                         n_microbatches=self.plan.n_microbatches, training=inp.training)
         self.filler.fixed = dp.fixed  # W's that gather FSDP2 shards run in the schedule's order, never early
         st = _Step(inp, fill=self.fill_bubbles and inp.training and self.filler.active)
+        if inp.training and inp.own is not None:  # the own counted loss: this step's grads are divided at its end
+            inp.own.snapshot([p for x in self.stages.values() for p in x.parameters()])
         for idx, a in enumerate(self.actions):
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
                 self.started = True
@@ -143,8 +145,18 @@ class Executor:
         if inp.training and self.pipe.shared:
             yield from self.tied.sync()
         self.transport.settle()  # NCCL: the step's messages, waited for on the device, finished in time
+        own = inp.own if inp.training else None
+        if own is not None:  # the own counted loss's count: from the loss stage's rank to all (runtime/ownscale)
+            first = min(self.stages)
+            yield from own.exchange(self.transport, self.rank, self.stage_to_rank[self.last], first,
+                                    self.stages[first].device, inp.own_trained)
+            own.scale_user_grads(st.user_grads, own.n)
         usergrad.flush(st.user_grads)
         dp.finish()
+        if own is not None:
+            own.rescale([p for x in self.stages.values() for p in x.parameters()], own.n)
+        if inp.own is not None and self.last in self.stages:
+            st.res.own_counts = inp.own.counts
         return st.res
 
     def run_blocking(self, inp: StepInputs) -> StepResult:
@@ -187,6 +199,9 @@ class Executor:
                 if inp.counts is not None:
                     stage.set_loss(i, loss / inp.counts[1])
                     st.res.losses.append(loss.detach() / inp.counts[0][i])
+                elif inp.own_trained and inp.own is not None:  # its sum's gradient; divided by the count at the end
+                    stage.set_loss(i, inp.own.seed(loss, ins))
+                    st.res.losses.append(loss.detach())
                 else:
                     stage.set_loss(i, loss * inp.loss_scale)
                     st.res.losses.append(loss.detach())
@@ -194,6 +209,8 @@ class Executor:
                 where = f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}"
                 st.res.losses.append(step_loss(where, i, out, inp.loss_fn, inp.targets[i], True, inp.check_finite,
                                                backward=False))
+            if inp.own is not None and not inp.own_trained:  # weights for the merged loss only
+                inp.own.counts.append(inp.own.counter.counts(ins)[0])
             if inp.keep_outputs:
                 st.outputs[i] = _detach(out)
         if inp.training:

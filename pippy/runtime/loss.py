@@ -21,7 +21,7 @@ from pippy.frontend.notice import warn_user
 from pippy.frontend.reduction import graph_reduction, model_reduction
 from pippy.microbatch import Replicate, TensorChunkSpec, merge_chunks, split_leaves, split_value
 from pippy.runtime.lossadvice import loss_fn_fix, loss_value_fix
-from pippy.runtime.stage import StageError
+from pippy.runtime.stageerror import StageError
 
 __all__ = ["choose_reduction", "describe", "graph_reduction", "infer_reduction", "loss_index", "measure_reduction",
            "model_reduction", "probe_reduction", "step_loss", "target_spec"]

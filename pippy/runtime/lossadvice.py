@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["loss_fn_fix", "loss_value_fix"]
+__all__ = ["loss_fn_fix", "loss_value_fix", "scalar_first_hint"]
 
 _GENERIC = ("make step(target=...) match the model's output (batch size along the split dim, dtype, structure: a "
             "tensor where loss_fn expects one, not a list), or pass target_chunk_spec= to split it like the output")
@@ -78,3 +78,18 @@ def loss_value_fix(loss: Any) -> str:
     if isinstance(loss, torch.Tensor):
         return "reduce it to a scalar (reduction='mean' or 'sum', or .mean() / .sum())"
     return f"return one scalar tensor, not a {type(loss).__name__} (e.g. sum the parts of a loss into one)"
+
+
+def scalar_first_hint(pipe: Any) -> str:
+    """A hint for an output whose first element is a scalar, as a ``(loss, logits)`` tuple is.
+
+        >>> from types import SimpleNamespace as M
+        >>> scalar_first_hint(M(stage_infos=[M(outputs=[M(shape=()), M(shape=(2, 5))])]))[:30]
+        ' Its first output is a scalar:'
+    """
+    outs = pipe.stage_infos[-1].outputs
+    if len(outs) < 2 or outs[0].shape != ():
+        return ""
+    return (" Its first output is a scalar: if that is the loss (a (loss, logits) tuple, as Hugging Face models give "
+            "with return_dict=False), return a dict with a 'loss' key (return_dict=True) or the loss alone, and "
+            "step() trains on it.")

@@ -35,6 +35,7 @@ import torch
 from torch import fx
 
 from pippy.frontend.notice import warn_user
+from pippy.runtime.loss import loss_index
 
 __all__ = ["OwnLossCounts"]
 
@@ -56,21 +57,22 @@ def _arg(node: fx.Node, schema: Any, name: str) -> Any:
     return node.kwargs.get(name, node.args[pos] if len(node.args) > pos else schema.arguments[pos].default_value)
 
 
-def _mean_losses(gm: fx.GraphModule) -> list[fx.Node]:
-    """The mean-reduced class-index loss ops each output of ``gm`` is (up to copies, reshapes and scaling)."""
+def _mean_losses(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
+    """The mean-reduced class-index loss ops the outputs of ``gm`` are (up to copies, reshapes and scaling), each
+    with the flat index of the first output that is it."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    found: list[fx.Node] = []
-    for node in _leaves(out.args):
+    found: dict[fx.Node, int] = {}
+    for k, node in enumerate(_leaves(out.args)):
         for _ in range(32):
             name, schema = _op(node)
             if name in _LOSSES:
-                if _arg(node, schema, "reduction") == 1 and node not in found:
-                    found.append(node)
+                if _arg(node, schema, "reduction") == 1:
+                    found.setdefault(node, k)
                 break
             if name not in _THROUGH or not node.args or not isinstance(node.args[0], fx.Node):
                 break
             node = node.args[0]
-    return found
+    return [(k, node) for node, k in found.items()]
 
 
 def _leaves(args: Any) -> list[fx.Node]:
@@ -86,8 +88,8 @@ class OwnLossCounts:
     parameters or submodules (then only the full graph could tell; nothing is checked).
     """
 
-    def __init__(self, module: fx.GraphModule, names: list[str]) -> None:
-        self.module, self.names = module, names
+    def __init__(self, module: fx.GraphModule, names: list[str], positions: list[int]) -> None:
+        self.module, self.names, self.positions = module, names, positions
         self.checks = 0
         self._first: list[torch.Tensor] | None = None
 
@@ -99,11 +101,11 @@ class OwnLossCounts:
         losses = _mean_losses(module)
         if not losses:
             return None
-        graph, env, outs, names = fx.Graph(), {}, [], []
+        graph, env, outs, names, positions = fx.Graph(), {}, [], [], []
         for node in module.graph.nodes:
             if node.op == "placeholder":
                 env[node] = graph.node_copy(node)
-        for loss in losses:
+        for k, loss in losses:
             name, schema = _op(loss)
             target, ignore = _arg(loss, schema, "target"), _arg(loss, schema, "ignore_index")
             if _arg(loss, schema, "weight") is not None or not _copy_chain(target, graph, env):
@@ -111,10 +113,28 @@ class OwnLossCounts:
             ne = graph.call_function(torch.ops.aten.ne.Scalar, (env[target], ignore))
             outs.append(graph.call_function(torch.ops.aten.sum.default, (ne,)))
             names.append(f"{name} (ignore_index={ignore})")
+            positions.append(k)
         if not outs:
             return None
         graph.output(tuple(outs))
-        return cls(fx.GraphModule(module, graph), names)
+        return cls(fx.GraphModule(module, graph), names, positions)
+
+    @classmethod
+    def warned(cls, pipe: Any) -> OwnLossCounts | None:
+        """The counter whose uneven counts the loss stage warns about: a pipe's own counted-mean losses that
+        :meth:`trained` does not make exact (several of them, or one that is not the model's loss output)."""
+        counter = cls.of(pipe.stage_infos[-1].module)
+        own = loss_index(pipe.out_spec, pipe.stage_infos[-1].outputs)
+        return counter if counter is not None and cls.trained(pipe, own) is None else None
+
+    @classmethod
+    def trained(cls, pipe: Any, own: int | None) -> OwnLossCounts | None:
+        """The counter of a traced pipe whose model returns one such loss, as its own loss output ``own`` (flat index):
+        then training on it is made exact (:mod:`pippy.runtime.ownscale`). The same answer on every rank."""
+        if own is None or getattr(pipe, "manual", False):
+            return None
+        counter = cls.of(pipe.stage_infos[-1].module)
+        return counter if counter is not None and counter.positions == [own] else None
 
     def counts(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
         """Each loss's count of targets on one micro-batch's stage inputs."""

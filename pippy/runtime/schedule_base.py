@@ -49,7 +49,10 @@ from pippy.runtime.executor import Executor
 from pippy.runtime.guards import check_loss_fn
 from pippy.runtime.infershapes import infer_stage_shapes, shapes_pending
 from pippy.runtime.loss import choose_reduction, loss_index
+from pippy.runtime.lossadvice import scalar_first_hint
 from pippy.runtime.manual import exchange, link_stages, needs_link
+from pippy.runtime.owncount import OwnLossCounts
+from pippy.runtime.ownscale import own_weighted
 from pippy.runtime.ranks import gather_trace
 from pippy.runtime.schedule_order import RunOrder
 from pippy.runtime.schedule_peers import PeerStanding
@@ -186,6 +189,9 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
             )
         reduction, probe = choose_reduction(type(self).__name__, loss_fn, self.pipe, own, self._given_reduction, trains)
         self._loss, self._own_loss, self.trains = loss_fn, own, trains  # _own_loss: the model's own loss output
+        # the model's own mean over counted targets, trained (or merged) exactly: the same on every rank
+        self._own_counter = OwnLossCounts.trained(
+            self.pipe, loss_index(self.pipe.out_spec, self.pipe.stage_infos[-1].outputs))
         # a mean over counted targets (ignore_index, class weights) stays exact across micro-batches
         self._counted = counted_mean(loss_fn) if self._given_reduction is None else None
         self.loss_reduction, self._probe_loss = reduction, probe
@@ -314,18 +320,19 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
             losses.extend(res.losses)
         if not self.holds(self.pipe.num_stages - 1) or not res.outputs:
             return None
+        outputs = own_weighted(self._own_counter, self.pipe, res.outputs, res.own_counts)  # runtime/ownscale
         spec = self.output_merge_spec
         if spec is None and self._own_loss is not None:  # the step's loss merges as the step reduced it
             n = len(self.pipe.stage_infos[-1].outputs)
             spec = self.pipe.default_merge_spec(n) or [None] * n
             spec[self._own_loss] = Sum(mean=self.loss_reduction == "mean")
-        return self.pipe.merge_outputs(res.outputs, spec)
+        return self.pipe.merge_outputs(outputs, spec)
 
     def forward_only_notice(self) -> str:
         """What ``step()`` says when nothing gives a loss, so that it runs forward only."""
         return (f"{type(self).__name__} has no loss_fn and the model's output has no loss, so step() ran forward "
                 "only (no gradients), as in PiPPy and PyTorch's pipelining package. Pass loss_fn=... to train, or "
-                "call .eval() for a forward-only step." + _scalar_first_hint(self.pipe))
+                "call .eval() for a forward-only step." + scalar_first_hint(self.pipe))
 
     def _executor(self, sched: Schedule) -> Executor:
         ex = self._executors.get(id(sched))
@@ -388,12 +395,3 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
             run.run_blocking()
         return self.finish(run, opts.get("losses"))
 
-
-def _scalar_first_hint(pipe: Any) -> str:
-    """A hint for an output whose first element is a scalar, as a ``(loss, logits)`` tuple is."""
-    outs = pipe.stage_infos[-1].outputs
-    if len(outs) < 2 or outs[0].shape != ():
-        return ""
-    return (" Its first output is a scalar: if that is the loss (a (loss, logits) tuple, as Hugging Face models give "
-            "with return_dict=False), return a dict with a 'loss' key (return_dict=True) or the loss alone, and "
-            "step() trains on it.")

@@ -92,7 +92,7 @@ class Stage(StageBackward, StageModule):
         rank of a pipeline. ``pippy.checkpoint`` saves it and ``load`` restores it, so a resumed run knows its step."""
         self.checkpoint_run: str | None = None  # the run a checkpoint load resumed (pippy.checkpoint_steps.run_of)
         # the model's own mean loss over counted targets: warned when micro-batches count differently
-        self._own_counts = OwnLossCounts.of(self.info.module) if module is None and self.is_last else None
+        self._own_counts = OwnLossCounts.warned(pipe) if module is None and self.is_last else None
 
     # ----------------------------------------------------------------- properties
     @property

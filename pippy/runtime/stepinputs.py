@@ -22,6 +22,8 @@ from pippy.runtime.countedmean import CountedMean, counted_mean
 from pippy.runtime.dpgroup import DataParallelWorld
 from pippy.runtime.dploss import global_count, loss_world, seed_factor
 from pippy.runtime.loss import measure_reduction, target_spec
+from pippy.runtime.owncount import OwnLossCounts
+from pippy.runtime.ownscale import OwnScale
 from pippy.runtime.stage import StageError
 from pippy.runtime.stepstate import StepInputs
 
@@ -40,6 +42,7 @@ class StepInputsMixin:
     target_chunk_spec: Any
     check_finite: bool
     _counted: CountedMean | None
+    _own_counter: OwnLossCounts | None  # the model's own counted-mean loss, when it has one (every rank alike)
     _probe_loss: bool
     holds: Callable[[int], bool]  # the schedule's: whether this rank holds a stage
     _warn_once: Callable[[str, str], None]
@@ -126,8 +129,13 @@ class StepInputsMixin:
         probe = None
         if self._probe_loss and targets is not None and training and loss_fn is not None:
             probe = functools.partial(self._measured_scale, tspec, loss_fn, world)
+        own, own_trained = None, False
+        if self._own_counter is not None:  # the model's own counted mean: exact (pippy.runtime.ownscale)
+            held = self.holds(self.pipe.num_stages - 1)
+            own_trained = training and loss_fn is None and self.loss_reduction == "mean"
+            own = OwnScale(self._own_counter if held else None, [], seed_factor(world, "sum"), world)
         return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
-                          counts=counts, stage_kwargs=stage_kwargs)
+                          counts=counts, stage_kwargs=stage_kwargs, own=own, own_trained=own_trained)
 
     def note_unused_target(self, opts: dict[str, Any]) -> None:
         """Warn (once) when ``eval()`` gets ``target=`` / ``losses=`` but nothing gives a loss to compute with them."""

@@ -34,6 +34,9 @@ class StepInputs:
     phase: int = 0  # the message tags' phase (plan.Edge.tag): the schedule's call count mod 2, twice, + training
     # hand-cut stages: per micro-batch, the keyword inputs this rank's step() got for its own stages
     stage_kwargs: list[dict[str, Any]] | None = None
+    # the model's own counted-mean loss (pippy.runtime.ownscale): its counts; own_trained: the step trains on it
+    own: Any = None
+    own_trained: bool = False
 
 
 @dataclass(slots=True)
@@ -45,6 +48,7 @@ class StepResult:
     events: list[Event] = field(default_factory=list)
     peak_live: dict[int, int] = field(default_factory=dict)
     peak_bytes: dict[int, int] = field(default_factory=dict)
+    own_counts: list[torch.Tensor] = field(default_factory=list)  # the own counted loss's, per micro-batch
 
 
 @dataclass(slots=True)

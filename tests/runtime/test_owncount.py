@@ -1,16 +1,19 @@
-"""pippy.runtime.owncount: a model's own mean loss over micro-batches counting different targets is warned about."""
+"""pippy.runtime.owncount / ownscale: a model's own mean loss over counted targets (``ignore_index``) is exact when
+micro-batches count different targets, and warned about where it cannot be made so."""
 
 from __future__ import annotations
 
+import copy
 import pickle
 import warnings
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pippy import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
+from pippy import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBH1, ScheduleZBV, SplitPoint, pipeline
 from pippy.runtime.local import LocalPipeline
 from pippy.runtime.stage import Stage
 
@@ -21,10 +24,10 @@ class OwnLoss(nn.Module):
     def __init__(self, kind: str = "ce") -> None:
         super().__init__()
         self.kind = kind
-        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 5)
+        self.a, self.b, self.c, self.d = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 5)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.b(torch.tanh(self.a(x)))[:, :-1].reshape(-1, 5)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> object:
+        logits = self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))[:, :-1].reshape(-1, 5)
         target = labels[:, 1:].reshape(-1)
         if self.kind == "nll":
             return F.nll_loss(F.log_softmax(logits, -1), target, ignore_index=0)
@@ -32,57 +35,85 @@ class OwnLoss(nn.Module):
             return F.cross_entropy(logits, target, weight=torch.ones(5, dtype=logits.dtype))
         if self.kind == "sum":
             return F.cross_entropy(logits, target, reduction="sum") / 7
+        if self.kind == "tuple":
+            return F.cross_entropy(logits, target), logits
+        if self.kind == "dict":
+            return {"loss": F.cross_entropy(logits, target), "logits": logits}
         return F.cross_entropy(logits, target) * 2.0
 
 
-def _messages(kind: str, labels: torch.Tensor, sched: type = Schedule1F1B, train: bool = True) -> list[str]:
+UNEVEN = torch.tensor([[1, 2, 3], [1, -100, -100], [4, 1, 2], [3, 3, -100]] * 2)
+SPLITS = {2: {"a": SplitPoint.END}, 4: {"a": SplitPoint.END, "b": SplitPoint.END, "c": SplitPoint.END}}
+
+
+def _run(kind: str, labels: torch.Tensor, sched: type = Schedule1F1B, stages: int = 2, steps: int = 1,
+         train: bool = True, x_grad: bool = False) -> tuple[list[str], float, float, LocalPipeline, nn.Module, Any]:
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
     model = OwnLoss(kind).double()
-    pipe = pipeline(model, 2, (x, labels), split_spec={"a": SplitPoint.END})
-    lp = LocalPipeline(pipe, sched, num_ranks=2, n_microbatches=2)
+    ref = copy.deepcopy(model)
+    pipe = pipeline(model, 4, (x, labels), split_spec=SPLITS[stages])
+    lp = LocalPipeline(pipe, sched, num_ranks=2, n_microbatches=4)
+    xr, xp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        for _ in range(2):  # warned once, not per step
-            lp.step(x, labels) if train else lp.eval(x, labels)
-    return [str(w.message) for w in seen if "counts" in str(w.message)]
+        for _ in range(steps):  # gradients accumulate over steps, as in the plain model
+            out = lp.step(xp, labels) if train else lp.eval(xp, labels)
+            want = ref(xr, labels)
+            if train:
+                (want if isinstance(want, torch.Tensor) else want["loss"]).backward()
+    msgs = [str(w.message) for w in seen if "counts" in str(w.message)]
+    got = out if isinstance(out, torch.Tensor) else out["loss"] if isinstance(out, dict) else out[0]
+    want_loss = want if isinstance(want, torch.Tensor) else want["loss"] if isinstance(want, dict) else want[0]
+    return msgs, float(got.detach()), float(want_loss.detach()), lp, ref, (xp, xr)
 
 
-UNEVEN = torch.tensor([[1, 2, 3], [1, -100, -100], [4, 1, 2], [3, 3, 3]])
+@pytest.mark.parametrize("stages,sched", [(2, Schedule1F1B), (2, ScheduleGPipe), (2, ScheduleZBH1),
+                                          (4, ScheduleInterleaved1F1B), (4, ScheduleZBV)])
+@pytest.mark.parametrize("kind", ["ce", "nll", "dict"])
+def test_own_counted_mean_is_exact(kind: str, stages: int, sched: type) -> None:
+    labels = UNEVEN.clamp(min=0) if kind == "nll" else UNEVEN  # nll: 0 is the ignored class
+    msgs, got, want, lp, ref, _ = _run(kind, labels, sched, stages)
+    assert msgs == []
+    assert got == pytest.approx(want, rel=1e-13)
+    grads = dict(lp.named_grads())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("sched", [Schedule1F1B, ScheduleGPipe])
-def test_uneven_counts_warn_once_naming_stage_and_fix(sched: type) -> None:
-    msgs = _messages("ce", UNEVEN, sched)
+def test_accumulated_steps_and_user_input_grad_are_exact() -> None:
+    *_, lp, ref, (xp, xr) = _run("ce", UNEVEN, Schedule1F1B, 2, steps=2, x_grad=True)
+    grads = dict(lp.named_grads())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(xp.grad, xr.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_eval_merges_the_counted_mean() -> None:
+    msgs, got, want, *_ = _run("ce", UNEVEN, train=False)
+    assert msgs == [] and got == pytest.approx(want, rel=1e-13)
+
+
+def test_tuple_output_warns_once_naming_stage_and_fix() -> None:
+    msgs = _run("tuple", UNEVEN, steps=2, train=False)[0]
     assert len(msgs) == 1
     assert "stage 1 (rank 1), micro-batch 1" in msgs[0]
-    assert "micro-batch 0 counts 2 of them, micro-batch 1 4" in msgs[0]
+    assert "micro-batch 0 counts 2 of them, micro-batch 1 3" in msgs[0]
     assert "loss_fn=torch.nn.CrossEntropyLoss(ignore_index=...)" in msgs[0] and "num_items_in_batch" in msgs[0]
+    assert _run("tuple", UNEVEN.clamp(min=0), train=False)[0] == []
 
 
-def test_eval_warns_too() -> None:
-    assert len(_messages("ce", UNEVEN, train=False)) == 1
-
-
-def test_nll_loss_with_its_own_ignore_index() -> None:
-    labels = torch.tensor([[1, 2, 3], [1, 0, 0], [4, 1, 2], [3, 3, 3]])  # 0 is the ignored class here
-    assert "ignore_index=0" in _messages("nll", labels)[0]
-    assert _messages("nll", labels.clamp(min=1)) == []
-
-
-@pytest.mark.parametrize("kind", ["ce", "sum", "weight"])
-def test_no_warning_when_even_or_not_a_counted_mean(kind: str) -> None:
-    even = torch.tensor([[1, 2, 3], [1, -100, 2], [4, 1, 2], [3, -100, 3]])
-    assert _messages(kind, even) == []
-    if kind != "ce":  # a sum divided by a constant is exact; class weights are not checked
-        assert _messages(kind, UNEVEN) == []
+@pytest.mark.parametrize("kind", ["sum", "weight"])
+def test_sum_and_weighted_losses_are_left_alone(kind: str) -> None:
+    msgs, got, want, *_ = _run(kind, UNEVEN.clamp(min=0))
+    assert msgs == [] and got == pytest.approx(want, rel=1e-13)
 
 
 def test_stage_with_counter_pickles() -> None:
     x = torch.randn(4, 3, 4, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stage = Stage(pipeline(OwnLoss().double(), 2, (x, UNEVEN), split_spec={"a": SplitPoint.END}), 1)
+        stage = Stage(pipeline(OwnLoss("tuple").double(), 2, (x, UNEVEN[:4]), split_spec={"a": SplitPoint.END}), 1)
     assert stage._own_counts is not None
     again = pickle.loads(pickle.dumps(stage))
     assert again._own_counts is not None and again._own_counts.names == stage._own_counts.names
