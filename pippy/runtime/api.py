@@ -23,17 +23,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from pippy.frontend.describe import describe_split_sites
-from pippy.frontend.pipe import SplitPipe
-from pippy.microbatch import TensorChunkSpec
-from pippy.runtime.guards import check_loss_fn, check_stages, rank_or_none
-from pippy.runtime.legacy import MicrobatchSteps
-from pippy.runtime.order_io import OrderIO
-from pippy.runtime.peer_attrs import PeerAttributes
 from pippy.runtime.schedule_base import PipelineSchedule
-from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.stage import Stage
+from pippy.runtime.userschedule import PipelineScheduleMulti, PipelineScheduleSingle, _generate_multi
 from pippy.schedules import generators as gen
 from pippy.schedules.ir import Schedule, loop_placement, v_placement
 from pippy.sim.choose import fit_costs, zbv_for_costs
@@ -57,157 +50,23 @@ __all__ = [
 ]
 
 
-def _called(sched: Any) -> str:
-    """What the user called: ``stage(x)`` for the forward pipeline behind a stage call, else the schedule's class."""
-    return "stage(x)" if getattr(type(sched), "stage_call", False) else type(sched).__name__
-
-
-class _UserSchedule(MicrobatchSteps, OrderIO, PeerAttributes, PipelineSchedule):
-    """The schedule classes users build: their arguments are checked before anything is generated."""
-
-    def __init__(
-        self,
-        stages: Stage | Sequence[Stage],
-        n_microbatches: int,
-        loss_fn: Callable[..., torch.Tensor] | None = None,
-        *more: Any,
-        **kwargs: Any,
-    ) -> None:
-        name = _called(self)
-        if more:  # PiPPy's 4th positional argument was output_merge_spec, PyTorch's is args_chunk_spec
-            raise TypeError(
-                f"{name}() takes the stage(s), n_microbatches and loss_fn positionally, got {len(more)} more. Pass the "
-                "rest by keyword: output_merge_spec=... (PiPPy's 4th argument), or args_chunk_spec=, "
-                "kwargs_chunk_spec=, output_merge_spec=, scale_grads= (PyTorch's 4th to 7th)"
-            )
-        transport = kwargs.get("transport")
-        rank = transport.rank if transport is not None else rank_or_none()
-        stages = check_stages(name, stages, rank)
-        if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
-            raise ValueError(
-                f"{name}: n_microbatches must be a positive int (how many micro-batches a step splits the batch "
-                f"into), got {n_microbatches!r}; e.g. {name}(stage, n_microbatches=4, loss_fn=...)"
-            )
-        if transport is None and not (dist.is_available() and dist.is_initialized()):
-            raise StageError(
-                f"{name}: no torch.distributed process group. Expected dist.init_process_group(...) on every rank "
-                "before stage(x) or building a schedule (under torchrun: dist.init_process_group('gloo'), or 'nccl' "
-                "for CUDA stages); to run every stage in one process, use pippy.runtime.local.LocalPipeline"
-            )
-        if transport is None:
-            rank = rank_or_none(stages[0].group)  # the rank in the pipeline's own group
-        check_loss_fn(name, loss_fn, stages[0].pipe.num_stages - 1, rank)
-        _torch_options(name, stages, kwargs)
-        super().__init__(stages, n_microbatches, loss_fn, **kwargs)
-
-
-def _torch_options(name: str, stages: Sequence[Stage], kwargs: dict[str, Any]) -> None:
-    """Take PyTorch's pipelining package's schedule options: ``scale_grads`` (True: grads of the micro-batches'
-    mean, ``loss_reduction="mean"``; False: of their sum), and chunk specs: those of hand-cut stages (which
-    have no ``pipeline()`` call to take them), or ones that repeat a traced pipe's."""
-    pipe = stages[0].pipe
-    if "scale_grads" in kwargs:
-        scale = kwargs.pop("scale_grads")
-        if kwargs.get("loss_reduction") is not None:
-            raise TypeError(f"{name}: pass loss_reduction= or torch's scale_grads=, not both")
-        kwargs["loss_reduction"] = "mean" if scale else "sum"
-    for key in ("args_chunk_spec", "kwargs_chunk_spec"):
-        if key in kwargs and getattr(pipe, "manual", False):  # each rank splits its own inputs by these
-            given = kwargs.pop(key)
-            for st in stages:
-                setattr(st.pipe, key, given)
-        elif key in kwargs:
-            given, traced = kwargs.pop(key), getattr(pipe, key, None)
-            if given is not None and given != traced and not (_default_spec(given) and _default_spec(traced)):
-                raise TypeError(
-                    f"{name}: {key}={given!r} differs from the one the pipe was traced with ({traced!r}). pippy splits "
-                    f"the batch as it traced it: pass {key}= to pipeline(...) instead of the schedule"
-                )
-
-
-def _default_spec(spec: Any) -> bool:
-    """Whether a chunk spec splits every leaf along dim 0, as none does (``(TensorChunkSpec(0),)``, ``{"x": None}``)."""
-    if spec is None or spec == TensorChunkSpec(0):
-        return True
-    if type(spec).__name__ == "TensorChunkSpec" and getattr(spec, "split_dim", None) == 0:  # PyTorch pipelining's
-        return True
-    if isinstance(spec, dict):
-        return all(_default_spec(v) for v in spec.values())
-    return isinstance(spec, tuple | list) and all(_default_spec(v) for v in spec)
-
-
-def _split_hint(pipe: SplitPipe) -> str:
-    return describe_split_sites(getattr(pipe, "split_sites", None), pipe.num_stages)
-
-
-class PipelineScheduleSingle(_UserSchedule):
-    """Base of the schedules that run one stage per rank (GPipe, 1F1B, ZB-H1/H2); ``issubclass`` tells them apart.
-
-    A subclass defines ``_make(p)``, returning a :class:`~pippy.schedules.ir.Schedule` for ``p``
-    ranks and ``self.n_microbatches``; it is checked, lowered and run like the built-in ones. Built
-    as it is, the class runs the order given to ``_load_csv`` / ``_load_actions``
-    (:mod:`pippy.runtime.order_io`).
-    """
-
-    def _generate(self) -> Schedule | None:
-        if len(self.stages) != 1:
-            raise StageError(
-                f"{_called(self)} runs one stage per rank; got {len(self.stages)} stages "
-                f"{[st.index for st in self.stages]} on rank {self.rank}. Pass this rank's one stage, or use a "
-                "multi-stage schedule (ScheduleInterleaved1F1B, ScheduleLoopedBFS, ScheduleZBV, ScheduleDualPipeV)"
-            )
-        p = self._num_ranks()
-        if p != self.pipe.num_stages:
-            raise StageError(
-                f"{_called(self)}: world size is {p} but the pipe has {self.pipe.num_stages} stages; a "
-                f"one-stage-per-rank schedule needs exactly one rank per stage. Launch {self.pipe.num_stages} ranks "
-                f"(torchrun --nproc-per-node {self.pipe.num_stages}) or split the model into {p} stages "
-                f"({_split_hint(self.pipe)}); with more ranks than stages (data x pipeline parallel), pass each stage "
-                "its pipeline group: build_stage(i, device, group=...) or a DeviceMesh's 'pp' dimension."
-            )
-        return self._make(p)
-
-    def _make(self, p: int) -> Schedule | None:
-        return None  # no order of its own: _load_csv / _load_actions give one
-
-
-class PipelineScheduleMulti(_UserSchedule):
-    """Base of the schedules that take a list of this rank's stages (interleaved, looped BFS, V-shaped, CSV).
-
-    A subclass defines ``_make(p)``, or loads an order, as for :class:`PipelineScheduleSingle`.
-    """
-
-    multi_stage = True
-
-    def _generate(self) -> Schedule | None:
-        return _generate_multi(self)
-
-    def _make(self, p: int) -> Schedule | None:
-        return None  # no order of its own: _load_csv / _load_actions give one
-
-
-def _generate_multi(sched: Any) -> Schedule | None:
-    """The schedule of a multi-stage class on this group, with the generator's errors naming class and rank."""
-    p = sched._num_ranks()
-    name = type(sched).__name__
-    try:
-        sch: Schedule | None = sched._make(p)
-    except ValueError as exc:  # the generator's own check (e.g. DualPipeV's m >= 2p-1): name the class and rank
-        raise ValueError(f"{name} on rank {sched.rank} of {p}: {exc}") from None
-    if sch is None:
-        return None
-    if sch.num_stages != sched.pipe.num_stages:
-        raise StageError(
-            f"{name}: with {p} ranks and {len(sched.stages)} stages per rank this schedule places "
-            f"{sch.num_stages} stages (placement {list(sch.stage_to_rank)}) but the pipe has "
-            f"{sched.pipe.num_stages}; split the model into {sch.num_stages} stages ({_split_hint(sched.pipe)}), "
-            f"or pass each rank the stages {name}.placement({p}, v) puts on it"
-        )
-    return sch
-
-
 class ScheduleGPipe(PipelineScheduleSingle):
-    """GPipe: all forwards, then all backwards. Memory: every micro-batch's activations at once."""
+    """GPipe: all forwards, then all backwards. Memory: every micro-batch's activations at once.
+
+    On a world of one rank (as ``torchrun --nproc-per-node 1`` gives) the output is the model's:
+
+        >>> import torch, torch.distributed as dist
+        >>> from pippy import pipeline
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = torch.nn.Linear(3, 1), torch.randn(8, 3), torch.randn(8, 1)
+        >>> sched = ScheduleGPipe(pipeline(net, 4, (x,)).build_stage(0, "cpu"), 4, torch.nn.functional.mse_loss)
+        >>> torch.allclose(sched.step(x, target=y), net(x), atol=1e-6)
+        True
+        >>> print(sched.schedule)  # what this rank ran
+        gpipe: 1 ranks, 1 stages, 4 microbatches
+        rank 0: 0F0 0F1 0F2 0F3 0B3 0B2 0B1 0B0
+        >>> dist.destroy_process_group()
+    """
 
     name = "gpipe"
 
@@ -216,7 +75,25 @@ class ScheduleGPipe(PipelineScheduleSingle):
 
 
 class Schedule1F1B(PipelineScheduleSingle):
-    """1F1B: warm-up forwards, then alternate; at most p micro-batches of activations per rank."""
+    """1F1B: warm-up forwards, then alternate; at most p micro-batches of activations per rank.
+
+    One loss per micro-batch; their mean and the gradients are the full batch's (one rank here):
+
+        >>> import torch, torch.distributed as dist
+        >>> from pippy import pipeline
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = torch.nn.Linear(3, 1), torch.randn(8, 3), torch.randn(8, 1)
+        >>> stage, losses = pipeline(net, 4, (x,)).build_stage(0, "cpu"), []
+        >>> sched = Schedule1F1B(stage, 4, loss_fn=torch.nn.functional.mse_loss)
+        >>> out = sched.step(x, target=y, losses=losses)
+        >>> loss = torch.nn.functional.mse_loss(net(x), y); loss.backward()
+        >>> torch.allclose(sum(losses) / 4, loss), torch.allclose(stage.submod.weight.grad, net.weight.grad, atol=1e-6)
+        (True, True)
+        >>> print(sched.schedule)
+        1f1b: 1 ranks, 1 stages, 4 microbatches
+        rank 0: 0F0 0B0 0F1 0B1 0F2 0B2 0F3 0B3
+        >>> dist.destroy_process_group()
+    """
 
     name = "1f1b"
 
@@ -229,7 +106,23 @@ class ScheduleZBH1(PipelineScheduleSingle):
 
     Given several stages per rank (``ScheduleZBH1.placement(p, v)`` puts stage ``s`` on rank
     ``s % p``), it runs interleaved zero bubble (:func:`pippy.schedules.generators.interleaved_zb`):
-    interleaved 1F1B's order with split backward and deferred W's.
+    interleaved 1F1B's order with split backward and deferred W's. With ``fuse_backward=False``
+    every backward stays split into I (input grads) and W (weight grads), as on one rank here:
+
+        >>> import torch, torch.distributed as dist
+        >>> from pippy import pipeline
+        >>> ScheduleZBH1.placement(2, 2)  # 2 ranks, 2 stages each
+        (0, 1, 0, 1)
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = torch.nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 1)
+        >>> stage = pipeline(net, 2, (x,)).build_stage(0, "cpu")
+        >>> sched = ScheduleZBH1(stage, 2, loss_fn=torch.nn.functional.mse_loss, fuse_backward=False)
+        >>> torch.allclose(sched.step(x, target=y), net(x), atol=1e-6)
+        True
+        >>> print(sched.schedule)
+        zb_h1: 1 ranks, 1 stages, 2 microbatches
+        rank 0: 0F0 0I0 0W0 0F1 0I1 0W1
+        >>> dist.destroy_process_group()
     """
 
     name = "zb_h1"
@@ -244,7 +137,21 @@ class ScheduleZBH1(PipelineScheduleSingle):
 
 
 class ScheduleZBH2(PipelineScheduleSingle):
-    """Zero Bubble H2: more warm-up to remove the start bubble, at higher memory."""
+    """Zero Bubble H2: more warm-up to remove the start bubble, at higher memory.
+
+    Gradients equal the full batch's, as for every schedule (one rank here):
+
+        >>> import torch, torch.distributed as dist
+        >>> from pippy import pipeline
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = torch.nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 1)
+        >>> stage = pipeline(net, 2, (x,)).build_stage(0, "cpu")
+        >>> out = ScheduleZBH2(stage, 2, loss_fn=torch.nn.functional.mse_loss).step(x, target=y)
+        >>> torch.nn.functional.mse_loss(net(x), y).backward()
+        >>> torch.allclose(out, net(x), atol=1e-6), torch.allclose(stage.submod.bias.grad, net.bias.grad, atol=1e-6)
+        (True, True)
+        >>> dist.destroy_process_group()
+    """
 
     name = "zb_h2"
 
@@ -253,7 +160,26 @@ class ScheduleZBH2(PipelineScheduleSingle):
 
 
 class ScheduleInterleaved1F1B(PipelineScheduleMulti):
-    """Interleaved 1F1B (Megatron): ``len(stages)`` stages per rank, looped placement."""
+    """Interleaved 1F1B (Megatron): ``len(stages)`` stages per rank, looped placement.
+
+    Each rank passes the list of its stages (here one rank holds both stages of a 2-stage pipe):
+
+        >>> import torch, torch.distributed as dist, torch.nn as nn
+        >>> from pippy import SplitPoint, pipeline
+        >>> ScheduleInterleaved1F1B.placement(2, 2)  # stage s on rank s % 2
+        (0, 1, 0, 1)
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), torch.randn(4, 3), torch.randn(4, 1)
+        >>> pipe = pipeline(net, 2, (x,), split_spec={"0": SplitPoint.END})
+        >>> stages = [pipe.build_stage(0, "cpu"), pipe.build_stage(1, "cpu")]  # this rank's stages
+        >>> sched = ScheduleInterleaved1F1B(stages, 2, loss_fn=torch.nn.functional.mse_loss)
+        >>> torch.allclose(sched.step(x, target=y), net(x), atol=1e-6)
+        True
+        >>> print(sched.schedule)
+        interleaved_1f1b: 1 ranks, 2 stages, 2 microbatches
+        rank 0: 0F0 1F0 1B0 0F1 0B0 1F1 1B1 0B1
+        >>> dist.destroy_process_group()
+    """
 
     name = "interleaved_1f1b"
 
@@ -267,7 +193,24 @@ class ScheduleInterleaved1F1B(PipelineScheduleMulti):
 
 
 class ScheduleLoopedBFS(PipelineScheduleMulti):
-    """Looped BFS: breadth-first over local stages, looped placement."""
+    """Looped BFS: breadth-first over local stages, looped placement.
+
+    Every micro-batch through a stage before the next stage starts (one rank, both stages here):
+
+        >>> import torch, torch.distributed as dist, torch.nn as nn
+        >>> from pippy import SplitPoint, pipeline
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), torch.randn(4, 3), torch.randn(4, 1)
+        >>> pipe = pipeline(net, 2, (x,), split_spec={"0": SplitPoint.END})
+        >>> stages = [pipe.build_stage(0, "cpu"), pipe.build_stage(1, "cpu")]  # this rank's stages
+        >>> sched = ScheduleLoopedBFS(stages, 2, loss_fn=torch.nn.functional.mse_loss)
+        >>> torch.allclose(sched.step(x, target=y), net(x), atol=1e-6)
+        True
+        >>> print(sched.schedule)
+        looped_bfs: 1 ranks, 2 stages, 2 microbatches
+        rank 0: 0F0 0F1 1F0 1F1 1B1 1B0 0B1 0B0
+        >>> dist.destroy_process_group()
+    """
 
     name = "looped_bfs"
 
@@ -292,6 +235,21 @@ class ScheduleZBV(_VShape):
     ``r`` passes its two stages, ``[stage_r, stage_(2p-1-r)]``::
 
         ScheduleZBV([stage_a, stage_b], 8, loss_fn=F.cross_entropy, costs=profiled).step(x, target=y)
+
+    On one rank, which holds both stages of a 2-stage pipe:
+
+        >>> import torch, torch.distributed as dist, torch.nn as nn
+        >>> from pippy import SplitPoint, pipeline
+        >>> ScheduleZBV.placement(2)  # rank 0: stages 0 and 3, rank 1: stages 1 and 2
+        (0, 1, 1, 0)
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), torch.randn(4, 3), torch.randn(4, 1)
+        >>> pipe = pipeline(net, 2, (x,), split_spec={"0": SplitPoint.END})
+        >>> stages = [pipe.build_stage(0, "cpu"), pipe.build_stage(1, "cpu")]  # this rank's stages
+        >>> sched = ScheduleZBV(stages, 2, loss_fn=torch.nn.functional.mse_loss)
+        >>> torch.allclose(sched.step(x, target=y), net(x), atol=1e-6)
+        True
+        >>> dist.destroy_process_group()
     """
 
     name = "zbv"
@@ -314,6 +272,21 @@ class ScheduleSynthesized(PipelineScheduleMulti):
     schedule::
 
         ScheduleSynthesized([stage_a, stage_b], 8, loss_fn=F.cross_entropy, costs=profiled).step(x, target=y)
+
+    On one rank, which holds both stages of a 2-stage pipe (default costs, no memory limit):
+
+        >>> import torch, torch.distributed as dist, torch.nn as nn
+        >>> from pippy import SplitPoint, pipeline
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), torch.randn(4, 3), torch.randn(4, 1)
+        >>> pipe = pipeline(net, 2, (x,), split_spec={"0": SplitPoint.END})
+        >>> stages = [pipe.build_stage(0, "cpu"), pipe.build_stage(1, "cpu")]  # this rank's stages
+        >>> sched = ScheduleSynthesized(stages, 2, loss_fn=torch.nn.functional.mse_loss)
+        >>> torch.allclose(sched.step(x, target=y), net(x), atol=1e-6)
+        True
+        >>> sched.synthesis.rule, sched.synthesis.built  # no built order beat the fixed one here
+        ('interleaved_1f1b', False)
+        >>> dist.destroy_process_group()
     """
 
     name = "synth"
@@ -354,7 +327,24 @@ class ScheduleSynthesized(PipelineScheduleMulti):
 
 
 class ScheduleDualPipeV(_VShape):
-    """DualPipeV: two stages per rank in a V, split backward."""
+    """DualPipeV: two stages per rank in a V, split backward.
+
+    Rank ``r`` passes stages ``r`` and ``2p-1-r`` (one rank holds both stages here):
+
+        >>> import torch, torch.distributed as dist, torch.nn as nn
+        >>> from pippy import SplitPoint, pipeline
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), torch.randn(4, 3), torch.randn(4, 1)
+        >>> pipe = pipeline(net, 2, (x,), split_spec={"0": SplitPoint.END})
+        >>> stages = [pipe.build_stage(0, "cpu"), pipe.build_stage(1, "cpu")]  # this rank's stages
+        >>> sched = ScheduleDualPipeV(stages, 2, loss_fn=torch.nn.functional.mse_loss)
+        >>> torch.allclose(sched.step(x, target=y), net(x), atol=1e-6)
+        True
+        >>> print(sched.schedule)
+        dualpipev: 1 ranks, 2 stages, 2 microbatches
+        rank 0: 0F0 1F0 0F1 1B0 1F1 0B0 1B1 0B1
+        >>> dist.destroy_process_group()
+    """
 
     name = "dualpipev"
 
@@ -369,6 +359,22 @@ class ScheduleFromCSV(PipelineScheduleMulti):
     format)::
 
         ScheduleFromCSV("my.csv", stages, loss_fn=F.mse_loss).step(x, target=y)
+
+    Here one rank runs both stages of a 2-stage pipe in the order its CSV row gives:
+
+        >>> import os, tempfile, torch, torch.distributed as dist, torch.nn as nn
+        >>> from pippy import SplitPoint, pipeline
+        >>> path = os.path.join(tempfile.mkdtemp(), "order.csv")
+        >>> with open(path, "w") as f:
+        ...     _ = f.write("0F0,0F1,1F0,1F1,1B0,1B1,0B0,0B1")  # one row per rank
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one-rank world
+        >>> net, x, y = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)), torch.randn(4, 3), torch.randn(4, 1)
+        >>> pipe = pipeline(net, 2, (x,), split_spec={"0": SplitPoint.END})
+        >>> stages = [pipe.build_stage(0, "cpu"), pipe.build_stage(1, "cpu")]  # this rank's stages
+        >>> sched = ScheduleFromCSV(path, stages, loss_fn=torch.nn.functional.mse_loss)
+        >>> torch.allclose(sched.step(x, target=y), net(x), atol=1e-6), sched.n_microbatches
+        (True, 2)
+        >>> dist.destroy_process_group()
     """
 
     name = "csv"

@@ -200,7 +200,7 @@ def link_stages(stages: Sequence[Stage], others: dict[str, Any] | None = None) -
                 "(one micro-batch each, same shapes and dtypes)."
             )
     chain = _chain(infos, stages[0].pipe.num_chunks, stages[0].pipe.model_name)
-    chain.args_chunk_spec = stages[0].pipe.args_chunk_spec  # a schedule's args_chunk_spec= (see api._torch_options)
+    chain.args_chunk_spec = stages[0].pipe.args_chunk_spec  # a schedule's args_chunk_spec= (see userschedule._torch_options)
     chain.kwargs_chunk_spec = stages[0].pipe.kwargs_chunk_spec
     for st in stages:
         st.pipe = chain
