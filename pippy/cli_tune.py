@@ -102,6 +102,9 @@ def check_outputs(a: argparse.Namespace, cmd: str) -> None:
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
+    """``pippy tune``: the fastest fixed schedule within ``--memory-limit`` (see the module), then, with
+    ``--synthesize``, the best built one. Returns 0 (a pick), 1 (nothing fits) or 2 (``--save-csv`` without
+    ``--synthesize``); a bad costs file or output path raises ValueError naming it."""
     from pippy.sim.render import format_bytes, format_time
 
     if a.save_csv and not a.synthesize:

@@ -30,7 +30,18 @@ __all__ = [
 
 
 def warn_batch_statistics(gm: fx.GraphModule) -> None:
-    """Warn when batch norm runs in train mode: each micro-batch is normalized by its own statistics."""
+    """Warn when batch norm runs in train mode: each micro-batch is normalized by its own statistics.
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+        >>> gm = torch.export.export(net, (torch.randn(4, 3),)).module()
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_batch_statistics(gm)
+        >>> str(seen[0].message)[:49]
+        'pipeline(): batch norm in train mode (1) normaliz'
+    """
     owners = sorted({node_owner(a.node) or "the model" for a in mode_args(gm.graph)
                      if "batch_norm" in str(a.node.target) and a.traced is True})
     if owners:
@@ -44,7 +55,15 @@ def warn_batch_statistics(gm: fx.GraphModule) -> None:
 
 
 def warn_mixed_rows(sites: list[str]) -> None:
-    """Warn where the model pairs the batch's rows with one another: each micro-batch sees only its own."""
+    """Warn where the model pairs the batch's rows with one another: each micro-batch sees only its own.
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_mixed_rows(["matmul at model.py:12"])
+        >>> str(seen[0].message)[:74]
+        "pipeline(): matmul at model.py:12: pairs the batch's rows with one another"
+    """
     if sites:
         warn_user(
             f"pipeline(): {'; '.join(sites[:3])}{' ...' if len(sites) > 3 else ''}: pairs the batch's rows with one "
@@ -60,14 +79,34 @@ _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")  # batch norm
 
 
 def written_buffers(gm: fx.GraphModule) -> list[str]:
-    """The buffers that the traced forward writes in place (``self.count.add_(1)``, ``self.ema.mul_(0.9)``)."""
+    """The buffers that the traced forward writes in place (``self.count.add_(1)``, ``self.ema.mul_(0.9)``).
+
+        >>> import torch
+        >>> class Counted(torch.nn.Linear):
+        ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         self.calls.add_(1)
+        ...         return super().forward(x)
+        >>> net = Counted(3, 1); net.register_buffer("calls", torch.zeros(()))
+        >>> written_buffers(torch.export.export(net, (torch.ones(2, 3),)).module())
+        ['calls']
+    """
     buffers = dict(gm.named_buffers())
     return [str(n.target) for n in gm.graph.nodes
             if n.op == "get_attr" and str(n.target) in buffers and written_after(n)]
 
 
 def warn_buffer_updates(buffers: Iterable[str]) -> None:
-    """Warn when forward writes buffers (a step counter, an EMA, a cache): each micro-batch's forward writes them."""
+    """Warn when forward writes buffers (a step counter, an EMA, a cache): each micro-batch's forward writes them.
+
+    Batch norm's statistics are left to :func:`warn_batch_statistics`:
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_buffer_updates(["bn.running_mean", "step"])
+        >>> str(seen[0].message)[:52]
+        'pipeline(): forward updates the buffers step. Each m'
+    """
     names = sorted({b for b in buffers if not b.endswith(_BN_STATS)})
     if names:
         warn_user(
@@ -79,7 +118,16 @@ def warn_buffer_updates(buffers: Iterable[str]) -> None:
 
 
 def warn_uneven(said: str, n: int) -> None:
-    """Warn about inputs split by default whose size differs from the batch's (see uneven_split_inputs)."""
+    """Warn about inputs split by default whose size differs from the batch's (see uneven_split_inputs).
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_uneven("x has 8 rows, mask 4", 2)
+        ...     warn_uneven("", 2)  # nothing uneven: no warning
+        >>> len(seen), "Replicate()" in str(seen[0].message)
+        (1, True)
+    """
     if said:
         warn_user(
             f"pipeline(): the inputs split into micro-batches differ in size: {said}. Each micro-batch gets 1/{n} of "
@@ -92,7 +140,15 @@ def warn_uneven(said: str, n: int) -> None:
 
 
 def warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | None]) -> None:
-    """Warn about outputs whose batch is gone by ops that micro-batch values cannot rebuild (see output_reductions)."""
+    """Warn about outputs whose batch is gone by ops that micro-batch values cannot rebuild (see output_reductions).
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_unknown(["mean", "unknown"], [(), (3,)])
+        >>> str(seen[0].message)[:42]
+        'pipeline(): outputs 1 (shape [3]) combine '
+    """
     unknown = [j for j, r in enumerate(reductions) if r == "unknown"]
     if not unknown:
         return
@@ -107,7 +163,15 @@ def warn_unknown(reductions: list[str | None], shapes: list[tuple[Any, ...] | No
 
 
 def warn_derived(reductions: list[str | None], values: list[Any]) -> None:
-    """Warn about plain numbers the trace computed from the batch size in a way micro-batches cannot add up."""
+    """Warn about plain numbers the trace computed from the batch size in a way micro-batches cannot add up.
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_derived([None, "derived"], [None, 5])
+        >>> str(seen[0].message)[:46]
+        'pipeline(): outputs 1 (5 on one micro-batch) a'
+    """
     def shown(v: Any) -> str:
         return repr(v[0] if len(v) == 1 else list(v)) if isinstance(v, tuple) else repr(v)
 
@@ -123,7 +187,15 @@ def warn_derived(reductions: list[str | None], values: list[Any]) -> None:
 
 
 def warn_ambiguous(reductions: list[str | None]) -> None:
-    """Warn about scalars divided by an int on one-row micro-batches that the trace on two rows could not settle."""
+    """Warn about scalars divided by an int on one-row micro-batches that the trace on two rows could not settle.
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_ambiguous(["ambiguous", "sum"])
+        >>> str(seen[0].message)[:51]
+        'pipeline(): outputs [0] divide a sum by an int, tra'
+    """
     said = [j for j, r in enumerate(reductions) if r == "ambiguous"]
     if said:
         warn_user(

@@ -16,7 +16,19 @@ __all__ = ["describe_pipe", "describe_split_sites", "none_output_notice", "repea
 
 
 def returns_none(pipe: Any) -> bool:
-    """Whether the model's forward returned None when traced (its last stage returns nothing)."""
+    """Whether the model's forward returned None when traced (its last stage returns nothing).
+
+        >>> import torch, warnings
+        >>> from pippy import pipeline
+        >>> class Silent(torch.nn.Linear):
+        ...     def forward(self, x: torch.Tensor) -> None:
+        ...         super().forward(x)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # pipeline() warns about it (none_output_notice)
+        ...     silent = pipeline(Silent(3, 1), 2, (torch.ones(4, 3),))
+        >>> returns_none(silent), returns_none(pipeline(torch.nn.Linear(3, 1), 2, (torch.ones(4, 3),)))
+        (True, False)
+    """
     module = pipe.stage_infos[-1].module
     graph = getattr(module, "graph", None)
     if graph is None:

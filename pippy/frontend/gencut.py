@@ -63,7 +63,17 @@ class StageModule(nn.Module):  # type: ignore[misc]
     ``forward(x, attention_mask, position_ids, cache)``: on the first stage ``x`` is ``[b, l]`` token
     ids, later ``[b, l, hidden]`` states; the last stage returns the float32 logits of the last
     position ``[b, vocab]`` (as ``model.generate`` takes them), the others hidden states
-    ``[b, l, hidden]``. See the module docstring for an example.
+    ``[b, l, hidden]``. Two stages in a row give the model's last logits:
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from pippy.frontend.genpipe import plan_generation
+        >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).eval()
+        >>> s0, s1 = (cut_stage(gpt2, plan_generation(gpt2, 2), i) for i in (0, 1))
+        >>> ids = torch.tensor([[5, 7, 9]]); pos = torch.arange(3)[None]
+        >>> hidden = s0(ids, None, pos, s0.new_cache())
+        >>> logits = s1(hidden, None, pos, s1.new_cache())
+        >>> hidden.shape, logits.shape, torch.allclose(logits, gpt2(ids).logits[:, -1], atol=1e-5)
+        (torch.Size([1, 3, 16]), torch.Size([1, 50]), True)
     """
 
     def __init__(self, base: nn.Module, head: nn.Module | None, config: Any, lo: int, hi: int, first: bool,

@@ -112,7 +112,12 @@ def retarget_aliases(gm: fx.GraphModule) -> None:
 
 
 def tensor_at(gm: torch.nn.Module, target: str) -> Any:
-    """The attribute at dotted path ``target``."""
+    """The attribute at dotted path ``target``.
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+        >>> tensor_at(net, "0.weight") is net[0].weight, tensor_at(net, "0.bias").shape
+        (True, torch.Size([3]))
+    """
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -2,7 +2,21 @@
 
 The walk passes copies, scaling and shape ops; it also says what a mean over the batch may
 divide by. This is the graph reading under :mod:`pippy.frontend.reduction`, which decides from it whether a scalar
-output sums or averages its batch.
+output sums or averages its batch. A loss traced on micro-batches of 4 rows: the walk passes the division by
+8 and the scaling, and stops at ``relu``, whose rows (dim 0) the ``sum`` on the way removes:
+
+    >>> class Loss(torch.nn.Module):
+    ...     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ...         return (x.relu() * 3).sum() / 8, x.sum(0)
+    >>> gm = torch.export.export(Loss(), (torch.randn(4, 3),)).module()
+    >>> loss, column_sums = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    >>> node, chain, divisors, found = walk_chain(loss)
+    >>> aten_op(node)[0], [aten_op(n)[0] for n in chain], divisors, found
+    ('relu', ['sum'], [8], None)
+    >>> decide_reduction(node, chain, frozenset({4}), found), mean_counts(node, 0)  # a mean would divide by 4 or 12
+    (('sum', 0), {4, 12})
+    >>> is_flat(column_sums, frozenset({4})), is_flat(node, frozenset({4}))  # rows gone / still there
+    (True, False)
 """
 
 from __future__ import annotations
@@ -125,6 +139,12 @@ def _reduced_dims(node: Any, ndim: int) -> tuple[set[int], bool]:
 
 
 def aten_op(node: Any) -> tuple[str, Any]:
+    """The ATen op a ``call_function`` node runs, by short name, and its schema; ``("", None)`` for any other node.
+
+        >>> g = torch.fx.Graph(); x = g.placeholder("x")
+        >>> aten_op(g.call_function(torch.ops.aten.relu.default, (x,)))[0], aten_op(x)
+        ('relu', ('', None))
+    """
     schema = getattr(getattr(node, "target", None), "_schema", None)
     if getattr(node, "op", None) != "call_function" or schema is None:
         return "", None
@@ -132,5 +152,9 @@ def aten_op(node: Any) -> tuple[str, Any]:
 
 
 def is_int(value: Any) -> bool:
-    """An int divisor, as a size baked in by the trace is (``x.shape[0]``, ``len(x)``, ``x.numel()``)."""
+    """An int divisor, as a size baked in by the trace is (``x.shape[0]``, ``len(x)``, ``x.numel()``).
+
+        >>> is_int(8), is_int(8.0), is_int(True)
+        (True, False, False)
+    """
     return isinstance(value, int) and not isinstance(value, bool)

@@ -43,23 +43,52 @@ def sending_group(group: Any) -> Any:
 
 
 def poisoned(group: Any) -> bool:
-    """Whether a step failed on ``group`` with messages in flight."""
+    """Whether a step failed on ``group`` with messages in flight.
+
+        >>> group = object()  # stands in for a process group
+        >>> poisoned(group)
+        False
+        >>> poison_group(group, group, "rank 1 timed out"); poisoned(group)
+        True
+    """
     return id(group) in _POISONED
 
 
 def fresh_of(group: Any) -> Any:
-    """The fresh group made for the poisoned ``group``, or None."""
+    """The fresh group made for the poisoned ``group``, or None.
+
+        >>> group, fresh = object(), object()  # stand in for process groups
+        >>> fresh_of(group) is None
+        True
+        >>> keep_fresh(group, fresh); fresh_of(group) is fresh
+        True
+    """
     return _FRESH.get(id(group))
 
 
 def keep_fresh(group: Any, fresh: Any) -> None:
-    """Make ``fresh`` the group that schedules on the poisoned ``group``'s ranks send on from now on."""
+    """Make ``fresh`` the group that schedules on the poisoned ``group``'s ranks send on from now on.
+
+        >>> group, fresh = object(), object()  # stand in for process groups
+        >>> poison_group(group, group, "rank 1 timed out"); keep_fresh(group, fresh)
+        >>> fresh_of(group) is fresh, stale_reason(group, fresh)  # schedules on fresh may run
+        (True, None)
+    """
     _FRESH[id(group)] = fresh
 
 
 def poison_group(group: Any, p2p_group: Any, why: str) -> None:
     """Mark ``group`` as holding a failed step's messages; ``why`` is quoted to the schedules that sent on
-    ``p2p_group`` (its fresh group, or itself) and were built before the failure."""
+    ``p2p_group`` (its fresh group, or itself) and were built before the failure.
+
+    When the fresh group fails too, it is dropped, so that the next schedules make another:
+
+        >>> group, fresh = object(), object()  # stand in for process groups
+        >>> poison_group(group, group, "rank 1 timed out"); keep_fresh(group, fresh)
+        >>> poison_group(group, fresh, "rank 0 raised ValueError")
+        >>> fresh_of(group), stale_reason(group, fresh)
+        (None, 'rank 0 raised ValueError')
+    """
     _POISONED[id(group)] = group
     _WHY.setdefault(id(p2p_group), why or "a step failed")
     if _FRESH.get(id(group)) is p2p_group:
@@ -67,7 +96,15 @@ def poison_group(group: Any, p2p_group: Any, why: str) -> None:
 
 
 def stale_reason(group: Any, p2p_group: Any) -> str | None:
-    """Why a schedule on ``group`` sending on ``p2p_group`` must not run (a later failure there), else None."""
+    """Why a schedule on ``group`` sending on ``p2p_group`` must not run (a later failure there), else None.
+
+        >>> group = object()  # stands in for a process group
+        >>> stale_reason(group, group) is None
+        True
+        >>> poison_group(group, group, "rank 1 timed out")
+        >>> stale_reason(group, group)  # a schedule built before the failure, still sending on the old group
+        'rank 1 timed out'
+    """
     if id(group) not in _POISONED or _FRESH.get(id(group)) is p2p_group:
         return None
     return _WHY.get(id(p2p_group), "a step failed")

@@ -39,7 +39,8 @@ from pippy.runtime.genpick import Picker
 from pippy.runtime.genstage import GenerationStage
 from pippy.runtime.transport import Transport, WaitContext
 
-__all__ = ["Request", "run_rank"]
+# nothing public: Request and run_rank are pippy.generate's own (pippy.runtime.generate, which has the examples)
+__all__: list[str] = []
 
 _STOP, _DATA = 0, 1
 _GEN = 4 * EDGE_TAGS  # generation's tag band (see pippy.runtime.plan: edges, shape headers and tied grads sit below)

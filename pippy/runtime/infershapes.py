@@ -34,7 +34,14 @@ _ROUNDS: dict[tuple[int, ...], int] = {}
 def shapes_pending(stages: Sequence[Stage]) -> bool:
     """True while these hand-cut stages have not learned their shapes (built without ``input_args``), or when
     they learned them under another ``torch.autocast`` than this step's (autocast changes the dtypes sent).
-    Every rank steps under the same autocast, so all of them learn again together."""
+    Every rank steps under the same autocast, so all of them learn again together.
+
+        >>> from pippy.runtime.manual import module_stage
+        >>> shapes_pending([module_stage(torch.nn.Linear(3, 5), 0, 1, "cpu")])  # no input_args
+        True
+        >>> shapes_pending([module_stage(torch.nn.Linear(3, 5), 0, 1, "cpu", input_args=torch.ones(2, 3))])
+        False
+    """
     pipe = stages[0].pipe
     if not getattr(pipe, "manual", False):
         return False
@@ -46,7 +53,16 @@ def infer_stage_shapes(stages: Sequence[Stage], group: Any, timeout: float, n_mi
                        failed: Callable[[], str | None] = lambda: None) -> None:
     """Learn every stage's input and output shapes from the first micro-batch, then link the chain (see module).
 
-    ``failed`` returns another rank's failure notice, if one was posted: the waits stop on it.
+    ``failed`` returns another rank's failure notice, if one was posted: the waits stop on it. Here one
+    rank holds both stages of a chain and learns their shapes from a batch of 4 rows in 2 micro-batches:
+
+        >>> from pippy.runtime.manual import module_stage
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> stages = [module_stage(torch.nn.Linear(3, 5), 0, 2, "cpu"), module_stage(torch.nn.Linear(5, 1), 1, 2, "cpu")]
+        >>> infer_stage_shapes(stages, None, 60.0, 2, (torch.ones(4, 3),), {})
+        >>> shapes_pending(stages), stages[1].describe_edges()
+        (False, 'stage 1: in [float32[2, 5]] -> out [float32[2, 1]]')
+        >>> dist.destroy_process_group()
     """
     group = group if group is not None else dist.group.WORLD
     store = group_store(group)

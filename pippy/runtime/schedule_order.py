@@ -24,7 +24,26 @@ __all__ = ["RunOrder"]
 
 
 class RunOrder:
-    """Installs the order a schedule runs (mixed into the schedule base, which sets these)."""
+    """Installs the order a schedule runs (mixed into the schedule base, which sets these).
+
+    Every schedule class says where it puts stages, and runs its order with backward fused or, as
+    asked here, split into I (input grads) and W (weight grads):
+
+        >>> import torch
+        >>> from pippy import Schedule1F1B, ScheduleZBH1, SplitPoint, pipeline
+        >>> from pippy.runtime.localcomm import LocalTransport
+        >>> Schedule1F1B.placement(2), ScheduleZBH1.placement(2, 2)  # stage s on rank placement[s]
+        ((0, 1), (0, 1, 0, 1))
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+        >>> pipe = pipeline(net, 2, (torch.ones(4, 3),), split_spec={"0": SplitPoint.END})
+        >>> stages = [pipe.build_stage(0, "cpu"), pipe.build_stage(1, "cpu")]
+        >>> sched = ScheduleZBH1(stages, 2, transport=LocalTransport.world(1)[0], fuse_backward=False)
+        >>> sched.gradless_stages()  # stage 0 reads the batch, which needs no gradient
+        [0]
+        >>> print(sched.schedule)
+        interleaved_zb: 1 ranks, 2 stages, 2 microbatches
+        rank 0: 0F0 1F0 1I0 1W0 0F1 0I0 0W0 1F1 1I1 1W1 0I1 0W1
+    """
 
     name: str
     rank: int

@@ -23,7 +23,18 @@ __all__ = ["PeerStanding"]
 
 
 class PeerStanding:
-    """Agreement with the other ranks and failures told to them (mixed into the schedule base, which sets these)."""
+    """Agreement with the other ranks and failures told to them (mixed into the schedule base, which sets these).
+
+    The facts every rank compares before its first step (a rank that differs fails, naming the difference):
+
+        >>> import torch
+        >>> from pippy import ScheduleGPipe, pipeline
+        >>> from pippy.runtime.localcomm import LocalTransport
+        >>> pipe = pipeline(torch.nn.Linear(3, 1), 2, (torch.ones(4, 3),))
+        >>> facts = ScheduleGPipe(pipe.build_stage(0, "cpu"), 2, transport=LocalTransport.world(1)[0]).facts()
+        >>> facts["schedule"], facts["n_microbatches"], facts["stage_to_rank"], facts["stage_edges"]
+        ('ScheduleGPipe', 2, [0], [[['float32[2, 3]'], ['float32[2, 1]']]])
+    """
 
     name: str
     rank: int

@@ -43,7 +43,23 @@ class _MbState:
 
 
 class StageBackward:
-    """B, I and W of one micro-batch (mixed into :class:`pippy.runtime.stage.Stage`, which sets these)."""
+    """B, I and W of one micro-batch (mixed into :class:`pippy.runtime.stage.Stage`, which sets these).
+
+    I returns the input's gradient at once; W, later, accumulates the weights' (together they are B):
+
+        >>> from pippy import SplitPoint, pipeline
+        >>> from pippy.runtime.stage import Stage
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+        >>> stage = Stage(pipeline(net, 1, (torch.ones(2, 3),), split_spec={"0": SplitPoint.END}), 1, "cpu")
+        >>> h, g = torch.randn(2, 3), torch.ones(2, 2)  # stage 1's input, and its output's gradient
+        >>> out = stage.forward(0, [h], training=True)
+        >>> grads = stage.backward_input(0, [g])  # I
+        >>> torch.allclose(grads[0], g @ net[1].weight, atol=1e-6), stage.submod.get_submodule("1").weight.grad is None
+        (True, True)
+        >>> stage.backward_weight(0)  # W
+        >>> torch.allclose(stage.submod.get_submodule("1").weight.grad, g.T @ h, atol=1e-6)
+        True
+    """
 
     info: StageInfo
     submod: nn.Module

@@ -31,7 +31,18 @@ __all__ = ["StepInputsMixin", "eval_options", "refuse_no_grad"]
 
 
 class StepInputsMixin:
-    """Splits a step's batch and targets and picks its loss (mixed into the schedule base, which sets these)."""
+    """Splits a step's batch and targets and picks its loss (mixed into the schedule base, which sets these).
+
+    A batch of 8 rows in 4 micro-batches; a mean loss scales each micro-batch's by 1/4:
+
+        >>> from pippy import Schedule1F1B, pipeline
+        >>> from pippy.runtime.localcomm import LocalTransport
+        >>> stage = pipeline(torch.nn.Linear(3, 1), 4, (torch.ones(8, 3),)).build_stage(0, "cpu")
+        >>> sched = Schedule1F1B(stage, 4, torch.nn.functional.mse_loss, transport=LocalTransport.world(1)[0])
+        >>> step = sched._inputs((torch.ones(8, 3),), {}, torch.zeros(8, 1), training=True)
+        >>> len(step.microbatches), step.microbatches[0][0].shape, len(step.targets), step.loss_scale
+        (4, torch.Size([2, 3]), 4, 0.25)
+    """
 
     n_microbatches: int
     name: str

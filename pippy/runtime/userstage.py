@@ -23,7 +23,20 @@ __all__ = ["PipelineStage", "run_forward_pipeline"]
 
 
 def run_forward_pipeline(stage: Stage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Forward-only pipeline of ``pipe.num_chunks`` micro-batches, one stage per rank (``stage(x)``)."""
+    """Forward-only pipeline of ``pipe.num_chunks`` micro-batches, one stage per rank (``stage(x)``).
+
+    It serves any stage, a :class:`~pippy.runtime.stage.Stage` too; one rank needs no other:
+
+        >>> import torch.distributed as dist
+        >>> from pippy import pipeline
+        >>> from pippy.runtime.stage import Stage
+        >>> _ = dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> net, x = torch.nn.Linear(3, 1), torch.randn(4, 3)
+        >>> out = run_forward_pipeline(Stage(pipeline(net, 2, (x,)), 0), (x,), {})
+        >>> torch.allclose(out, net(x), atol=1e-6), out.requires_grad  # forward only: no autograd graph
+        (True, False)
+        >>> dist.destroy_process_group()
+    """
     sched = _stage_call_schedule(stage)
     return sched.eval(*args, **kwargs)
 

@@ -17,7 +17,9 @@ from typing import Any, NamedTuple
 
 from pippy.schedules.ir import Done, Kind, Schedule
 
-__all__ = ["Misfit", "NeedsLowered", "Stuck", "Template", "run_numpy"]
+# Misfit, NeedsLowered, Stuck and run_numpy are simulate()'s own: it runs the engine and reports those as its
+# public errors (ValueError, DeadlockError). Template is what both engines read.
+__all__ = ["Template"]
 
 _KINDS = list(Kind)
 # Enum members carry their definition index as ``_sort_order_`` (CPython >= 3.11): a small int,
