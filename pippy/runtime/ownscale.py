@@ -142,6 +142,7 @@ def weigh_own_loss(outputs: list[Any], index: int, counts: Sequence[torch.Tensor
         leaves, spec = flatten(o)
         leaf = leaves[index]
         leaves = list(leaves)
-        leaves[index] = leaf * (m * c.to(leaf.dtype) / total.to(leaf.device, leaf.dtype))
+        w = m * c.to(leaf.device, leaf.dtype) / total.to(leaf.device, leaf.dtype)
+        leaves[index] = torch.where(c.to(leaf.device) > 0, leaf * w, torch.zeros_like(leaf))  # all padding: NaN * 0
         out.append(unflatten(leaves, spec))
     return out

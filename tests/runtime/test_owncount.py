@@ -81,6 +81,16 @@ def test_own_counted_mean_is_exact(kind: str, stages: int, sched: type) -> None:
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
 
 
+def test_a_micro_batch_of_padding_only_counts_zero() -> None:
+    labels = UNEVEN.clone()
+    labels[2:4] = -100  # micro-batch 1: no target (its own mean is NaN; the full batch's is not)
+    msgs, got, want, lp, ref, _ = _run("ce", labels)
+    assert msgs == [] and got == pytest.approx(want, rel=1e-13)
+    grads = dict(lp.named_grads())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+
+
 def test_accumulated_steps_and_user_input_grad_are_exact() -> None:
     *_, lp, ref, (xp, xr) = _run("ce", UNEVEN, Schedule1F1B, 2, steps=2, x_grad=True)
     grads = dict(lp.named_grads())
