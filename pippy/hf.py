@@ -6,7 +6,11 @@ the elements of its ``nn.ModuleList`` containers whose elements all share one cl
 the modules inside a list of lists (Funnel's ``encoder.blocks``); lists that the parent's forward
 walks side by side, interleaved into one layer per index (XLM's ``attentions[i]``, ``ffns[i]``;
 PoolFormer's ``zip(self.patch_embeddings, self.block)``), in the order the forward's source names
-them; and the base model's only list even when it mixes classes (Jamba's Mamba and attention layers).
+them; the base model's only list even when it mixes classes (Jamba's Mamba and attention layers); and
+any list of blocks of different classes (a diffusers UNet's ``down_blocks``: ``DownBlock2D``,
+``AttnDownBlock2D``), one layer per block, or the block's own layers where it holds block lists.
+Lists come in execution order: the order each parent's ``forward`` source first names its children
+(the UNet's ``down_blocks``, ``mid_block``, ``up_blocks``), not the order ``__init__`` registered them.
 
 With transformers (not needed here)::
 
@@ -35,8 +39,10 @@ Any model with a block list works the same way:
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+import textwrap
 from collections.abc import Sequence
 
 from torch import nn
@@ -133,20 +139,82 @@ def _interleave(model: nn.Module, found: list[_BlockList]) -> list[list[str]]:
     return units
 
 
+def _is_blocks(mod: nn.Module) -> bool:
+    """A list of at least two distinct blocks of different classes that hold parameters: each a module made of modules
+    (a UNet's ``DownBlock2D`` and ``AttnDownBlock2D``), not one ``Linear`` or norm, nor a list."""
+    return _is_block_list(mod, mixed=True) and all(
+        next(iter(m.children()), None) is not None and not isinstance(m, nn.ModuleList) for m in mod)
+
+
+def _uses(cls: type, fn: str, depth: int = 0) -> tuple[str, ...]:
+    """The ``self.<name>`` that method ``fn`` of ``cls`` reads, in source order; a method of ``cls`` it calls is read
+    where it is called (two levels deep)."""
+    try:
+        src = inspect.getsource(getattr(cls, fn))
+    except (OSError, TypeError, AttributeError):
+        return ()
+    try:
+        tree = ast.parse(textwrap.dedent(src))
+    except SyntaxError:
+        try:
+            tree = ast.parse("if 1:\n" + src)  # a docstring indented less than its method
+        except SyntaxError:
+            return ()
+    defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if not defs or not defs[0].args.args:
+        return ()
+    me = defs[0].args.args[0].arg  # "self", whatever it is called
+    reads = sorted((n.lineno, n.col_offset, n.attr) for n in ast.walk(tree)
+                   if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == me)
+    out: list[str] = []
+    for *_, attr in reads:
+        if depth < 2 and attr != fn and inspect.isfunction(inspect.getattr_static(cls, attr, None)):
+            out.extend(_uses(cls, attr, depth + 1))
+        out.append(attr)
+    return tuple(out)
+
+
+def _forward_order(mod: nn.Module, names: list[str]) -> list[str]:
+    """Children ``names`` of ``mod`` in the order its ``forward`` first reads them (``self.down_blocks`` before
+    ``self.mid_block`` before ``self.up_blocks``, whatever order ``__init__`` registered them in); registration order
+    when the forward's source does not name them all (a list, a ``Sequential``, no source)."""
+    if len(names) < 2 or isinstance(mod, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+        return names
+    first: dict[str, int] = {}
+    for i, attr in enumerate(_uses(type(mod), "forward")):
+        first.setdefault(attr, i)
+    return sorted(names, key=first.__getitem__) if all(n in first for n in names) else names
+
+
+def _collect(model: nn.Module, name: str, mod: nn.Module, only: nn.Module | None, seen: set[int]) -> list[_BlockList]:
+    """The outermost block lists in ``mod``, in execution order. A list of blocks of different classes gives one layer
+    per block, or a block's own layers where it holds block lists (a UNet's ``up_blocks.0.resnets``)."""
+    if id(mod) in seen:
+        return []
+    seen.add(id(mod))
+    bl = _block_list(name, mod, mixed=mod is only)
+    if bl is None and _is_blocks(mod):
+        groups, units = [], []
+        for i, child in enumerate(mod):
+            fqn = f"{name}.{i}" if name else str(i)
+            inner = _interleave(model, _collect(model, fqn, child, only, seen)) or [[fqn]]
+            groups.append([n for unit in inner for n in unit])
+            units.extend(inner)
+        bl = _BlockList(name, groups, units)
+    if bl is not None:
+        seen.update(id(m) for m in mod.modules())
+        return [bl]
+    found = {c: _collect(model, f"{name}.{c}" if name else c, child, only, seen) for c, child in mod.named_children()}
+    return [bl for c in _forward_order(mod, [c for c, f in found.items() if f]) for bl in found[c]]
+
+
 def _layer_units(model: nn.Module) -> list[list[str]]:
     """The model's layers in execution order, each the FQNs of the modules it is made of."""
     base = getattr(model, "base_model", model)
     base = base if isinstance(base, nn.Module) else model
     own_lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) >= 2]
     only = own_lists[0] if len(own_lists) == 1 else None  # may mix block classes (Jamba's mamba and attention layers)
-    found: list[_BlockList] = []
-    for name, mod in model.named_modules():
-        if any(name.startswith(bl.name + ".") or not bl.name for bl in found):
-            continue
-        bl = _block_list(name, mod, mixed=mod is only)
-        if bl is not None:
-            found.append(bl)
-    return _interleave(model, found)
+    return _interleave(model, _collect(model, "", model, only, set()))
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -156,7 +224,11 @@ def layer_names(model: nn.Module) -> list[str]:
     distinct modules of one class that hold parameters; nested lists inside a block (e.g. T5's ``layer`` inside each ``block``) are skipped.
     A list of lists (Funnel's ``blocks``) gives the modules inside; lists indexed side by side in
     their parent's forward (XLM's ``attentions[i]``, ``ffns[i]``) are interleaved by layer; the base
-    model's only list may mix block classes (Jamba). Shared layers called several times (ALBERT)
+    model's only list may mix block classes (Jamba). A list of blocks of different classes, each made
+    of modules (not one ``Linear``), gives one layer per block, or the block's own layers where it
+    holds block lists (a UNet's ``up_blocks.0.resnets``). A module's lists come in the order its
+    ``forward`` source first names them (``self.<name>``, also inside the methods of ``self`` it calls),
+    in registration order where the source does not name them all. Shared layers called several times (ALBERT)
     are not listed, since one module cannot sit in two stages: split such models at other names.
 
         >>> import torch
@@ -177,6 +249,17 @@ def layer_names(model: nn.Module) -> list[str]:
         ...         return x
         >>> layer_names(Parallel())
         ['attn.0', 'norm.0', 'attn.1', 'norm.1']
+        >>> class Unet(torch.nn.Module):  # registered up before down; blocks of two classes
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.up = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(2, 2)), Parallel()])
+        ...         self.down = torch.nn.ModuleList([Parallel(), torch.nn.Sequential(torch.nn.Linear(2, 2))])
+        ...     def forward(self, x):
+        ...         for block in [*self.down, *self.up]:
+        ...             x = block(x)
+        ...         return x
+        >>> layer_names(Unet())
+        ['down.0.attn.0', 'down.0.norm.0', 'down.0.attn.1', 'down.0.norm.1', 'down.1', 'up.0', 'up.1.attn.0', 'up.1.norm.0', 'up.1.attn.1', 'up.1.norm.1']
     """
     return [n for unit in _layer_units(model) for n in unit]
 

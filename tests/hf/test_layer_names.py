@@ -14,7 +14,7 @@ from torch import nn
 pytest.importorskip("transformers")
 
 import transformers as T
-from zoo_models import grad_err, max_err
+from zoo_models import first_calls, grad_err, max_err
 
 from pippy import Schedule1F1B, SplitPoint, pipeline
 from pippy.hf import layer_names, split_spec_equal_layers
@@ -140,3 +140,90 @@ def test_sequential_block_lists() -> None:
     wrap.blocks, wrap.head = blocks(), nn.Linear(4, 2)
     assert layer_names(wrap) == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
     assert split_spec_equal_layers(wrap, 2) == {"blocks.1": END}
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm = nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.norm(self.lin(x)))
+
+
+class _AttnBlock(_Block):  # another class of block in the same list
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.attn(x))
+
+
+class _Stacked(nn.Module):  # a block that holds a block list of its own
+    def __init__(self) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(_Block() for _ in range(2))
+        self.up = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for r in self.resnets:
+            x = r(x)
+        return self.up(x)
+
+
+class _OutOfOrder(nn.Module):
+    """Like a diffusers UNet: registered head, up, mid, down (``mid`` set after ``up``), run down, mid, up, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+        self.up = nn.ModuleList([_Stacked(), _AttnBlock(), _Stacked()])
+        self.mid = nn.ModuleList(_Block() for _ in range(2))
+        self.down = nn.ModuleList([_Block(), _AttnBlock(), _Block()])
+        self.proj = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))  # single layers of two classes: no block list
+
+    def _encode(me, x: torch.Tensor) -> torch.Tensor:  # read whatever self is called
+        for block in me.down:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._encode(self.proj(x))
+        for block in [*self.mid, *self.up]:
+            x = block(x)
+        return self.head(x)
+
+
+_IN_ORDER = ["down.0", "down.1", "down.2", "mid.0", "mid.1", "up.0.resnets.0", "up.0.resnets.1", "up.1",
+             "up.2.resnets.0", "up.2.resnets.1"]
+
+
+def test_blocks_registered_out_of_order_and_of_mixed_classes_come_in_execution_order() -> None:
+    torch.manual_seed(0)
+    net = _OutOfOrder().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    assert layer_names(net) == _IN_ORDER
+    assert first_calls(net, _IN_ORDER, x) == _IN_ORDER
+    # 10 layers in 4 stages: 3, 3, 2, 2
+    spec = split_spec_equal_layers(net, 4)
+    assert spec == {"down.2": END, "up.0.resnets.0": END, "up.1": END}
+    pipe = pipeline(net, 2, (x,), split_spec=spec)
+    assert pipe.num_stages == 4
+    held = [[n for n in [*_IN_ORDER, "proj", "head"] if any(k.startswith(n + ".") for k in pipe.get_stage_module(s).state_dict())]
+            for s in range(4)]
+    assert held == [["down.0", "down.1", "down.2", "proj"], ["mid.0", "mid.1", "up.0.resnets.0"],
+                    ["up.0.resnets.1", "up.1"], ["up.2.resnets.0", "up.2.resnets.1", "head"]]
+    assert max_err(pipe(x)[0], net(x)) == 0.0
+
+
+def test_a_list_of_blocks_of_mixed_classes_is_a_block_list() -> None:
+    # not only the base model's only list (Jamba): any list of blocks, each made of modules
+    mixed = nn.Sequential(_Block(), _AttnBlock(), _Block(), _AttnBlock())
+    assert layer_names(mixed) == ["0", "1", "2", "3"]
+    wrap = nn.Module()
+    wrap.a, wrap.b = nn.ModuleList([_Block(), _AttnBlock()]), nn.ModuleList([_AttnBlock(), _Block()])
+    assert layer_names(wrap) == ["a.0", "a.1", "b.0", "b.1"]  # no forward to read: registration order
+    assert split_spec_equal_layers(wrap, 2) == {"a.1": END}
+    # single layers of different classes (a projection, a stem) are not blocks
+    assert layer_names(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4))) == []

@@ -173,6 +173,23 @@ ZOO = ["bert", "roberta", "distilbert", "albert", "gpt2", "gpt_neo", "opt", "lla
        "falcon", "t5", "bart", "vit", "clip_vision", "resnet", "convnext", "whisper"]
 
 
+def first_calls(model: nn.Module, names: list[str], *args: Any, **kwargs: Any) -> list[str]:
+    """``names`` (modules of ``model``) in the order one forward of ``model`` first calls them."""
+    order: list[str] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        return lambda *_: None if name in order else order.append(name)
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
 def max_err(a: Any, b: Any) -> float:
     """Largest absolute difference over the tensor leaves of two pytrees (same structure)."""
     from torch.utils import _pytree as pytree
