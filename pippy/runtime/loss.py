@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn import _reduction as _Reduction
 from torch.utils import _pytree as pytree
 
 from pippy.frontend.notice import warn_user
@@ -24,7 +25,7 @@ from pippy.runtime.lossadvice import loss_fn_fix, loss_value_fix
 from pippy.runtime.stageerror import StageError
 
 __all__ = ["choose_reduction", "describe", "graph_reduction", "infer_reduction", "loss_index", "measure_reduction",
-           "model_reduction", "probe_reduction", "step_loss", "target_spec"]
+           "model_reduction", "named_reduction", "probe_reduction", "step_loss", "target_spec"]
 
 
 def step_loss(where: str, mb: int, out: Any, loss_fn: Callable[..., torch.Tensor] | None, target: Any, has_target: bool,
@@ -115,7 +116,8 @@ def infer_reduction(loss_fn: Callable[..., Any] | None) -> str | None:
     """How ``loss_fn`` reduces a batch, when it says so: ``"sum"``, ``"mean"``, or None when it cannot tell.
 
     Read from a ``reduction`` attribute (``nn.MSELoss(reduction="sum")``), a ``functools.partial``
-    keyword, or the default of a ``reduction=`` parameter (``torch.nn.functional.mse_loss``).
+    keyword (:func:`named_reduction`: ``reduction=``, or the legacy ``size_average=`` / ``reduce=``), or the
+    default of a ``reduction=`` parameter (``torch.nn.functional.mse_loss``).
 
         >>> infer_reduction(torch.nn.MSELoss(reduction="sum")), infer_reduction(torch.nn.functional.cross_entropy)
         ('sum', 'mean')
@@ -126,7 +128,7 @@ def infer_reduction(loss_fn: Callable[..., Any] | None) -> str | None:
         return None
     found: Any = getattr(loss_fn, "reduction", None)
     if found is None and isinstance(loss_fn, functools.partial):
-        found = loss_fn.keywords.get("reduction", infer_reduction(loss_fn.func))
+        found = named_reduction(loss_fn.keywords) or infer_reduction(loss_fn.func)
     if found is None:
         try:
             param = inspect.signature(loss_fn).parameters.get("reduction")
@@ -135,6 +137,18 @@ def infer_reduction(loss_fn: Callable[..., Any] | None) -> str | None:
         if param is not None and param.default is not inspect.Parameter.empty:
             found = param.default
     return found if found in ("sum", "mean") else None
+
+
+def named_reduction(kwargs: Mapping[str, Any]) -> Any:
+    """The reduction that keyword arguments of a torch loss name: ``reduction=``, or torch's legacy
+    ``size_average=`` / ``reduce=`` (which override it); None when they name none.
+
+        >>> named_reduction({"reduction": "sum"}), named_reduction({"size_average": False}), named_reduction({"reduce": False})
+        ('sum', 'sum', 'none')
+    """
+    if kwargs.get("size_average") is not None or kwargs.get("reduce") is not None:
+        return _Reduction.legacy_get_string(kwargs.get("size_average"), kwargs.get("reduce"), emit_warning=False)
+    return kwargs.get("reduction")
 
 
 def probe_reduction(loss_fn: Callable[..., torch.Tensor], out: Any, target: Any, loss: torch.Tensor,

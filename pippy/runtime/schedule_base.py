@@ -194,7 +194,7 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
             self.pipe, loss_index(self.pipe.out_spec, self.pipe.stage_infos[-1].outputs))
         # a mean over counted targets (ignore_index, class weights) stays exact across micro-batches
         self._counted = counted_mean(loss_fn) if self._given_reduction is None else None
-        self.loss_reduction, self._probe_loss = reduction, probe
+        self.loss_reduction, self._probe_loss, self._kwargs_measured = reduction, probe, {}
 
     @property
     def loss_fn(self) -> Callable[..., torch.Tensor] | None:

@@ -1,6 +1,8 @@
 """One step's inputs for the executor: the batch split into micro-batches, the targets, the loss and its scale.
 
 Also the checks of a step's call itself: ``eval()``'s own options, and no ``step()`` under ``no_grad``.
+``step(..., loss_kwargs=)`` wraps ``loss_fn`` in them, and its reduction (so the loss scale) is read
+again on that wrapped call at every step (``_kwargs_reduction``).
 
 A mixin of :class:`pippy.runtime.schedule_base.PipelineSchedule` (``_inputs``), which also
 measures a loss's reduction on the first micro-batch when it cannot be read off ``loss_fn``.
@@ -21,7 +23,7 @@ from pippy.microbatch import split_batch, split_value
 from pippy.runtime.countedmean import CountedMean, counted_mean
 from pippy.runtime.dpgroup import DataParallelWorld
 from pippy.runtime.dploss import global_count, loss_world, seed_factor
-from pippy.runtime.loss import measure_reduction, target_spec
+from pippy.runtime.loss import describe, infer_reduction, measure_reduction, named_reduction, target_spec
 from pippy.runtime.owncount import OwnLossCounts
 from pippy.runtime.ownscale import OwnScale
 from pippy.runtime.stage import StageError
@@ -55,6 +57,8 @@ class StepInputsMixin:
     _counted: CountedMean | None
     _own_counter: OwnLossCounts | None  # the model's own counted-mean loss, when it has one (every rank alike)
     _probe_loss: bool
+    _given_reduction: str | None  # loss_reduction= as given to the schedule (None: read off loss_fn)
+    _kwargs_measured: dict[tuple[Any, ...], str]  # reductions measured with step(loss_kwargs=), by their names/values
     holds: Callable[[int], bool]  # the schedule's: whether this rank holds a stage
     _warn_once: Callable[[str, str], None]
     trains: bool  # the schedule's: whether something gives a loss
@@ -126,11 +130,18 @@ class StepInputsMixin:
         if training and self.holds(last):
             held = next(st for st in self.stages if st.index == last)
             world = loss_world(held.submod, f"{self.name}: rank {self.rank}, stage {last}")
-        scale = (1.0 / m if self.loss_reduction == "mean" else 1.0) * seed_factor(world, self.loss_reduction)
         loss_fn, counts, counted = self.loss_fn, None, self._counted
+        reduction, measure = self.loss_reduction, (() if self._probe_loss else None)  # (): measure the schedule's
         if loss_kwargs and loss_fn is not None:  # step(..., loss_kwargs=): each micro-batch's loss_fn call gets them
             loss_fn = functools.partial(loss_fn, **loss_kwargs)
-            counted = counted_mean(loss_fn) if counted is not None else None
+            if scored and self.holds(last):  # what they make of the reduction (read again at every step)
+                reduction, counted, measure = self._kwargs_reduction(loss_fn, loss_kwargs)
+        elif loss_kwargs and scored and self.holds(last):
+            self._warn_once("loss_kwargs", f"{self.name}: rank {self.rank}: step()/eval() got loss_kwargs="
+                            f"{_kwargs_text(loss_kwargs)}, but the schedule has no loss_fn (the model's own loss is "
+                            "trained on), so they are not used. Pass loss_fn=... to use them, or give the model the "
+                            "keyword inputs it takes")
+        scale = (1.0 / m if reduction == "mean" else 1.0) * seed_factor(world, reduction)
         if training and counted is not None and targets is not None and counted.applies(target):
             loss_fn = counted.sum_fn  # eval(target=) reports each micro-batch's own mean: loss_fn as given
             counts = ([counted.count(t) for t in targets], counted.count(target))
@@ -138,8 +149,8 @@ class StepInputsMixin:
                 where = f"{self.name}: rank {self.rank}, stage {last}, action step target (every micro-batch)"
                 counts = (counts[0], global_count(world, counts[1], self.transport.timeout, where) / world.divide)
         probe = None
-        if self._probe_loss and targets is not None and training and loss_fn is not None:
-            probe = functools.partial(self._measured_scale, tspec, loss_fn, world)
+        if measure is not None and targets is not None and training and loss_fn is not None:
+            probe = functools.partial(self._measured_scale, tspec, loss_fn, world, measure)
         own, own_trained = None, False
         if self._own_counter is not None:  # the model's own counted mean: exact (pippy.runtime.ownscale)
             held = self.holds(self.pipe.num_stages - 1)
@@ -155,14 +166,54 @@ class StepInputsMixin:
                             "no loss_fn and the model's output has no loss: the target is not used and losses stays "
                             "empty. Pass loss_fn=... to the schedule to get each micro-batch's loss")
 
-    def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor],
-                        world: DataParallelWorld | None, out: Any, target: Any, loss: torch.Tensor) -> float:
-        """The first micro-batch's loss scale, once ``loss_fn``'s reduction is measured on it (``measure_reduction``)."""
-        self._probe_loss = False
-        self.loss_reduction = measure_reduction(type(self).__name__, loss_fn, self.pipe, target_spec, out, target,
-                                                loss)
-        return (1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0) * \
-            seed_factor(world, self.loss_reduction)
+    def _kwargs_reduction(self, loss_fn: functools.partial[torch.Tensor], loss_kwargs: dict[str, Any]
+                          ) -> tuple[str | None, CountedMean | None, tuple[Any, ...] | None]:
+        """This step's reduction of ``loss_fn`` (the schedule's, given ``loss_kwargs``), its counted form, and the key
+        its measure is kept under where it is measured on this step's first micro-batch (``_measured_scale``).
+
+        A reduction the schedule was given (``loss_reduction=``) stays, and ``loss_kwargs`` naming another is an
+        error; else it is read again off ``loss_fn`` (``reduction="sum"`` sums, whatever the bare ``loss_fn`` does),
+        or, where it cannot be read, measured once per set of keyword names and plain values.
+        """
+        said = named_reduction(loss_kwargs)
+        shown = f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1} (last), action step loss_kwargs"
+        if said == "none":
+            raise ValueError(
+                f"{shown}: loss_kwargs={_kwargs_text(loss_kwargs)} make loss_fn return one loss per element, but each "
+                "micro-batch needs a scalar loss (its backward seed, and its entry in losses=). How to fix: "
+                "reduction='sum' or 'mean' in loss_kwargs (or no reduction there: loss_fn's own), or reduce the "
+                "per-element losses inside loss_fn (e.g. a weighted sum)"
+            )
+        given = self._given_reduction
+        if given is not None:
+            if said in ("sum", "mean") and said != given:
+                raise ValueError(
+                    f"{shown}: loss_kwargs={_kwargs_text(loss_kwargs)} make loss_fn {said}-reduce, but the schedule was "
+                    f"built with loss_reduction={given!r}, so the micro-batch losses would be combined as "
+                    f"{'a mean' if given == 'mean' else 'a sum'} and every gradient would be off by a factor of "
+                    f"{self.n_microbatches}. Expected the two to agree: pass loss_reduction={said!r} (or leave it "
+                    "unset: pippy then reads the reduction off loss_kwargs at each step), or drop reduction= from "
+                    "loss_kwargs"
+                )
+            return given, None, None
+        found = infer_reduction(loss_fn)
+        if found is not None:
+            return found, counted_mean(loss_fn), None
+        key = tuple(sorted((k, v if isinstance(v, str | int | float | bool | None) else type(v).__name__)
+                           for k, v in loss_kwargs.items()))
+        known = self._kwargs_measured.get(key)
+        return known or self.loss_reduction, None, None if known else key
+
+    def _measured_scale(self, target_spec: Any, loss_fn: Callable[..., torch.Tensor], world: DataParallelWorld | None,
+                        key: tuple[Any, ...], out: Any, target: Any, loss: torch.Tensor) -> float:
+        """The first micro-batch's loss scale, once ``loss_fn``'s reduction is measured on it (``measure_reduction``):
+        kept as the schedule's (``key`` empty), or as that of ``loss_kwargs`` like this step's (``key``)."""
+        found = measure_reduction(type(self).__name__, loss_fn, self.pipe, target_spec, out, target, loss)
+        if not key:
+            self._probe_loss, self.loss_reduction = False, found
+        else:
+            self._kwargs_measured[key] = found
+        return (1.0 / self.n_microbatches if found == "mean" else 1.0) * seed_factor(world, found)
 
 
 def eval_options(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -191,3 +242,14 @@ def refuse_no_grad(where: str) -> None:
     if not torch.is_grad_enabled():
         raise StageError(f"{where}: step() runs under torch.no_grad() (or inference_mode), so no loss would have a "
                          "gradient. Expected step() outside it; use eval(...) for a forward-only pass")
+
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    """``loss_kwargs`` for a message, a tensor as its dtype and shape.
+
+        >>> _kwargs_text({"reduction": "none", "weight": torch.ones(3)})
+        "{'reduction': 'none', 'weight': float32[3]}"
+    """
+    return "{" + ", ".join(f"{k!r}: {describe(v) if isinstance(v, torch.Tensor) else repr(v)}"
+                           for k, v in kwargs.items()) + "}"

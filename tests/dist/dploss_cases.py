@@ -1,4 +1,4 @@
-"""Spawned-rank cases for pp 2 × dp 2: mean, sum and counted-mean losses give the global batch's gradients (DDP, FSDP2, HSDP)."""
+"""Spawned-rank cases for pp 2 × dp 2: mean, sum (also by step(loss_kwargs=)) and counted-mean losses give the global batch's gradients (DDP, FSDP2, HSDP)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ LOSSES: dict[str, tuple[Any, str | None]] = {  # name: (loss_fn, loss_reduction=
     "counted": (nn.CrossEntropyLoss(), None),  # ignore_index padding, all on DP rank 0's share
     "counted_weighted": (functools.partial(nn.functional.cross_entropy, weight=_WEIGHT), None),
     "own_counted": (None, None),  # the model's own F.cross_entropy(ignore_index padding): made exact by pippy
+    "sum_kwargs": (nn.functional.mse_loss, None),  # a mean loss_fn, summed by step(loss_kwargs=) (LOSS_KWARGS)
 }
+LOSS_KWARGS: dict[str, dict[str, Any]] = {"sum_kwargs": {"reduction": "sum"}}
 
 
 class _OwnLoss(nn.Module):
@@ -120,7 +122,8 @@ def dp_losses(rank: int, world: int) -> dict[str, Any]:
                     X, Y = _batch(lname, step)
                     x, y = X.chunk(2)[dp], Y.chunk(2)[dp]
                     ref_opt.zero_grad()
-                    ref_loss = ref(X, Y) if own else loss_fn(ref(X), Y)
+                    kw = LOSS_KWARGS.get(lname)
+                    ref_loss = ref(X, Y) if own else loss_fn(ref(X), Y, **(kw or {}))
                     ref_loss.backward()
                     opt.zero_grad()
                     losses: list[torch.Tensor] = []
@@ -128,7 +131,7 @@ def dp_losses(rank: int, world: int) -> dict[str, Any]:
                         sched.step(*((x, y) if sched.holds(0) else ()), losses=losses)
                     else:
                         sched.step(*((x,) if sched.holds(0) else ()), target=y if sched.holds(n - 1) else None,
-                                   losses=losses)
+                                   losses=losses, loss_kwargs=kw)
                     for st in stages:
                         for fqn, p in st.unwrapped.named_parameters():
                             grad_err = max(grad_err, float((_grad(p) - ref.get_parameter(fqn).grad).abs().max()))
