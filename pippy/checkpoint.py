@@ -45,6 +45,7 @@ from pippy.checkpoint_dcp import (
 from pippy.checkpoint_files import StageRecord, encode_groups, read_record, read_records, resolve_format, write_record
 from pippy.checkpoint_prune import prune_stale
 from pippy.checkpoint_steps import atomic_save, file_names, newest_complete, previous_files, prune_older, run_of
+from pippy.frontend.compiled import uncompiled
 from pippy.frontend.params import is_lifted_constant, name_groups
 from pippy.runtime.optim_state import load_stage_optimizer_states, stage_optimizer_states
 from pippy.runtime.stage import Stage
@@ -280,7 +281,8 @@ def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> di
     """One state_dict for the unpipelined model from every stage's files, each tied alias filled in.
 
     With ``model``, aliases are also taken from it and the result is checked against
-    ``model.state_dict()``'s keys (the error names any that are missing). Stages sharded with
+    ``model.state_dict()``'s keys (the error names any that are missing; a ``torch.compile``'d model's
+    without their ``_orig_mod.``, as stages name them). Stages sharded with
     FSDP2 are saved with ``format="dcp"``; ``merge`` then returns the full tensors. Every key a
     stage's ``stage_<i>.json`` records must be in that stage's files, else the error names it.
 
@@ -297,6 +299,7 @@ def merge(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> di
     records = newest_complete(read_records(path), path, "checkpoint.merge")
     out = _read_stage_files(path, records)
     groups = [g for r in records for g in r.aliases]
+    model = uncompiled(model) if model is not None else None  # torch.compile(model): the model's own keys
     if model is not None:
         by_id: dict[int, list[str]] = {}
         for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:

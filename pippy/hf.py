@@ -47,6 +47,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from pippy.frontend.compiled import uncompiled
 from pippy.frontend.trace import SplitPoint
 
 __all__ = ["layer_names", "split_spec_equal_layers"]
@@ -209,7 +210,9 @@ def _collect(model: nn.Module, name: str, mod: nn.Module, only: nn.Module | None
 
 
 def _layer_units(model: nn.Module) -> list[list[str]]:
-    """The model's layers in execution order, each the FQNs of the modules it is made of."""
+    """The model's layers in execution order, each the FQNs of the modules it is made of (a ``torch.compile``'d
+    model's as the model's own, the names pipeline() gives its stages)."""
+    model = uncompiled(model)
     base = getattr(model, "base_model", model)
     base = base if isinstance(base, nn.Module) else model
     own_lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) >= 2]

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
+from pippy.frontend.compiled import strip_prefix, uncompiled
 from pippy.frontend.materialize import Checkpoint
 from pippy.frontend.pipe import SplitPipe, SplitPolicy
 from pippy.frontend.root import root_module, run_local
@@ -308,6 +309,9 @@ def pipeline(
             "pipeline() needs num_chunks and the example batch: pipeline(model, num_chunks, example_args=(x,)), "
             "or one micro-batch as mb_args=(x_mb,)"
         )
+    inner = uncompiled(module, "pipeline()")  # torch.compile(model): traced as the model itself (see frontend/compiled)
+    if inner is not module:
+        module, split_spec = inner, strip_prefix(split_spec)
     if args_chunk_spec is None:
         args_chunk_spec = _DEFAULT_SPECS["args"].get()
     if kwargs_chunk_spec is None:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
+from pippy.frontend.compiled import uncompiled
+
 if TYPE_CHECKING:  # pipe.py imports this module
     from pippy.frontend.pipe import SplitPipe
 
@@ -48,8 +50,8 @@ def name_groups(pipe: SplitPipe | None, model: torch.nn.Module | None = None) ->
     for g in getattr(pipe, "aliases", []):  # tied in the model, also where a stage never reads one of the names
         if list(g) not in groups:
             groups.append(list(g))
-    if model is not None:
-        groups += [sorted(v) for v in alias_groups(model).values()]
+    if model is not None:  # (a torch.compile'd model's names without its "_orig_mod.", as stages name them)
+        groups += [sorted(v) for v in alias_groups(uncompiled(model)).values()]
     return groups
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pippy.frontend.compiled import compiled_inner
 from pippy.frontend.graphpickle import graph_from_state, graph_state
 from pippy.frontend.materialize import replace_meta
 from pippy.frontend.outline import OutlineError, outline
@@ -154,12 +155,10 @@ class StageModule:
         """
         sub = self.submod
         while True:
-            if isinstance(sub, DistributedDataParallel):
-                sub = sub.module
-            elif isinstance(getattr(sub, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-                sub = sub._orig_mod
-            else:
+            inner = sub.module if isinstance(sub, DistributedDataParallel) else compiled_inner(sub)
+            if inner is None:  # (by type: a model's own child named _orig_mod is no wrapper)
                 return sub
+            sub = inner
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This stage's parameters (for an optimizer)."""

@@ -31,6 +31,7 @@ from pippy.frontend.batchwarnings import (
     warn_unknown,
     written_buffers,
 )
+from pippy.frontend.compiled import strip_prefix, uncompiled
 from pippy.frontend.describe import none_output_notice, repeated_site, returns_none
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.embedcheck import check_embeddings
@@ -128,6 +129,9 @@ def trace_and_split(
         )
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
+    inner = uncompiled(module, "pipeline()")  # torch.compile(model): the model itself, under its own names
+    if inner is not module:
+        module, split_spec = inner, strip_prefix(split_spec)
     kwargs = dict(example_kwargs or {})
     if num_chunks > 1:
         warn_uneven(uneven_split_inputs(example_args, kwargs, args_chunk_spec, kwargs_chunk_spec), num_chunks)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pippy.frontend.compiled import uncompiled
 from pippy.frontend.gencheck import check_cut
 from pippy.frontend.gencut import StageModule, cut_stage
 from pippy.frontend.genpipe import GenerationError, GenPlan, plan_generation
@@ -124,6 +125,7 @@ def pipeline_for_generation(
     """
     if not isinstance(model, nn.Module):
         raise GenerationError(f"pipeline_for_generation: expected an nn.Module causal LM, got {type(model).__name__}.")
+    model = uncompiled(model, "pipeline_for_generation()", hint="")  # torch.compile(model): the model itself
     plan = plan_generation(model, num_stages, max_length=max_length, layers_per_stage=layers_per_stage)
     if check:
         check_cut(model, plan)
