@@ -92,7 +92,7 @@ def _aborted_message(ctx: WaitContext, notice: str) -> str:
 
 
 def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
-    kind = "activations" if ctx.action.endswith("F") else "gradients"
+    kind = "activations" if ctx.action.endswith("F") else "its step-end message" if ctx.action == "END" else "gradients"
     if ctx.action.startswith("SEND"):
         expect = f"Expected rank {ctx.peer} to receive {kind} sent from here; it never took them"
     else:

@@ -150,11 +150,11 @@ class Executor:
             first = min(self.stages)
             yield from own.exchange(self.transport, self.rank, self.stage_to_rank[self.last], first,
                                     self.stages[first].device, inp.own_trained)
-            own.scale_user_grads(st.user_grads, own.n)
+            own.scale_user_grads(st.user_grads, own.f)
         usergrad.flush(st.user_grads)
         dp.finish()
         if own is not None:
-            own.rescale([p for x in self.stages.values() for p in x.parameters()], own.n)
+            own.rescale([p for x in self.stages.values() for p in x.parameters()], own.f)
         if inp.own is not None and self.last in self.stages:
             st.res.own_counts = inp.own.counts
         return st.res
@@ -192,15 +192,17 @@ class Executor:
             if inp.training:
                 where = f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}"
                 target = None if inp.targets is None else inp.targets[i]
+                own = inp.own if inp.own_trained else None  # checked finite by its count (runtime/ownscale)
                 with stage.counting_loss(i):
-                    loss = step_loss(where, i, out, inp.loss_fn, target, inp.targets is not None, inp.check_finite)
+                    loss = step_loss(where, i, out, inp.loss_fn, target, inp.targets is not None,
+                                     inp.check_finite and own is None)
                 if inp.probe is not None:
                     inp.loss_scale, inp.probe = inp.probe(out, target, loss), None
                 if inp.counts is not None:
                     stage.set_loss(i, loss / inp.counts[1])
                     st.res.losses.append(loss.detach() / inp.counts[0][i])
-                elif inp.own_trained and inp.own is not None:  # its sum's gradient; divided by the count at the end
-                    stage.set_loss(i, inp.own.seed(loss, ins))
+                elif own is not None:  # weighted by its count; the step's factor comes at its end
+                    stage.set_loss(i, own.seed(loss, own.count(ins), inp.check_finite, where))
                     st.res.losses.append(loss.detach())
                 else:
                     stage.set_loss(i, loss * inp.loss_scale)
@@ -209,8 +211,8 @@ class Executor:
                 where = f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}"
                 st.res.losses.append(step_loss(where, i, out, inp.loss_fn, inp.targets[i], True, inp.check_finite,
                                                backward=False))
-            if inp.own is not None and not inp.own_trained:  # weights for the merged loss only
-                inp.own.counts.append(inp.own.counter.counts(ins)[0])
+            if inp.own is not None and not inp.own_trained:  # weights for the merged loss; a loss_fn is not exact
+                inp.own.note(i, ins, inp.training, f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}")
             if inp.keep_outputs:
                 st.outputs[i] = _detach(out)
         if inp.training:

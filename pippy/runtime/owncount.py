@@ -141,8 +141,9 @@ class OwnLossCounts:
         with torch.no_grad():
             return list(self.module(*inputs))
 
-    def check(self, mb: int, inputs: Sequence[Any], where: str) -> None:
-        """Remember micro-batch 0's counts; warn (and stop checking) when ``mb``'s differ. Bounded host syncs."""
+    def check(self, mb: int, inputs: Sequence[Any], where: str, loss_fn: bool = False) -> None:
+        """Remember micro-batch 0's counts; warn (and stop checking) when ``mb``'s differ. Bounded host syncs.
+        ``loss_fn``: the schedule has one, so the step may train on something else than the model's own loss."""
         first = self._first
         if self.checks >= _CHECKS or (mb != 0 and first is None):
             return
@@ -158,15 +159,22 @@ class OwnLossCounts:
         for name, c0, c in zip(self.names, first, counts):
             if int(c0) != int(c):
                 self.checks = _CHECKS
-                warn_user(
-                    f"{where}: the model's own loss, {name}, is a mean over the targets it counts, and micro-batch 0 "
-                    f"counts {int(c0)} of them, micro-batch {mb} {int(c)}. A pipeline averages micro-batch means "
-                    "with equal weights, so the loss it returns, and the gradients when trained on it, differ from "
-                    "the full batch's (where a micro-batch with fewer targets weighs less). How to fix: return the "
-                    "logits and pass loss_fn=torch.nn.CrossEntropyLoss(ignore_index=...) to the schedule (exact "
-                    "across micro-batches); or, for a Hugging Face model, pass num_items_in_batch= (the batch's "
-                    "count of targets; see the README's training section)"
-                )
+                head = (f"{where}: the model's own loss, {name}, is a mean over the targets it counts, and micro-batch "
+                        f"0 counts {int(c0)} of them, micro-batch {mb} {int(c)}. ")
+                if loss_fn:
+                    warn_user(head + "The schedule has a loss_fn, so pippy trains on what it returns with equal "
+                              "micro-batch weights; if that is this loss, the gradients differ from the full batch's "
+                              "(where a micro-batch with fewer targets weighs less). How to fix: pass no loss_fn "
+                              "(pippy then trains on the model's own loss exactly), or return the logits and pass "
+                              "loss_fn=torch.nn.CrossEntropyLoss(ignore_index=...); the loss the step returns is the "
+                              "full batch's either way")
+                else:
+                    warn_user(head + "A pipeline averages micro-batch means with equal weights, so the loss it "
+                              "returns, and the gradients when trained on it, differ from the full batch's (where a "
+                              "micro-batch with fewer targets weighs less). How to fix: return the logits and pass "
+                              "loss_fn=torch.nn.CrossEntropyLoss(ignore_index=...) to the schedule (exact across "
+                              "micro-batches); or, for a Hugging Face model, pass num_items_in_batch= (the batch's "
+                              "count of targets; see the README's training section)")
                 return
 
 

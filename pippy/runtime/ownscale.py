@@ -1,24 +1,24 @@
 """A model's own mean loss over counted targets (``ignore_index``), trained exactly across micro-batches.
 
 ``F.cross_entropy(logits, labels)`` in ``forward`` (a Hugging Face model given ``labels=``) averages over the
-targets it counts, so the full batch's loss is ``sum_i sum_loss_i / N``, with ``N`` the count over every
-micro-batch, not the mean of the micro-batch means. The loss stage counts each micro-batch's targets as its
-forward runs (:class:`~pippy.runtime.owncount.OwnLossCounts`) and seeds that micro-batch's backward with its count
-``c_i`` (``c_i * mean_i`` is its sum), so every rank accumulates the sum's gradients. ``N`` is known only after the
-last forward: at the end of the step the loss stage's rank sends it to every other rank of the pipeline (summed
-over the data-parallel ranks first), and each rank divides the gradients this step added by it. One tiny message
-per rank and step, after every action; no host sync. The merged loss is weighted by the counts too.
+targets it counts, so the full batch's loss is ``sum_i c_i * mean_i / N`` (``c_i`` a micro-batch's count, ``N``
+the batch's), not the mean of the micro-batch means. The loss stage counts each micro-batch's targets as its
+forward runs (:class:`~pippy.runtime.owncount.OwnLossCounts`) and seeds its backward with ``c_i / c_ref`` times
+the usual mean scale (``c_ref``: the step's first count; 1 under data parallelism, where replicas differ). ``N`` is
+known only after the last forward: at the step's end the loss stage's rank sends ``f = m * c_ref * dp / N`` (``N``
+summed over the data-parallel ranks) to every other rank of the pipeline, and each rank multiplies what the step
+added to its gradients by ``f``. With equal counts ``f`` is exactly 1 and the seeds are the usual ones, bit for
+bit. One 8-byte message per rank and step, after every action. The merged loss is weighted by the counts too.
 
     >>> import torch
-    >>> from types import SimpleNamespace
-    >>> scale = OwnScale(None, [], 1.0, None)
+    >>> scale = OwnScale(None, 0.5, None)
     >>> p = torch.nn.Parameter(torch.ones(2))
     >>> p.grad = torch.full((2,), 3.0)
     >>> scale.snapshot([p])
-    >>> p.grad += torch.tensor([10.0, 20.0])     # the step's sum-gradients
-    >>> scale.rescale([p], torch.tensor(5))
+    >>> p.grad += torch.tensor([10.0, 20.0])     # what the step added
+    >>> scale.rescale([p], torch.tensor([0.5], dtype=torch.float64))
     >>> p.grad
-    tensor([5., 7.])
+    tensor([ 8., 13.])
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pippy.runtime.comm import EDGE_TAGS
 from pippy.runtime.dpgroup import DataParallelWorld
 from pippy.runtime.dploss import global_count
 from pippy.runtime.owncount import OwnLossCounts
+from pippy.runtime.stageerror import StageError
 from pippy.runtime.transport import Transport, WaitContext
 
 __all__ = ["OWN_COUNT_TAG", "OwnScale", "own_weighted", "weigh_own_loss"]
@@ -41,76 +42,102 @@ OWN_COUNT_TAG = 5 * EDGE_TAGS  # above tied grads (2-3x) and generation (4x): se
 
 
 class OwnScale:
-    """One training step's counts for the model's own counted-mean loss on one rank.
+    """One step's counts of the model's own counted-mean loss on one rank, and the factor its gradients get.
 
-    ``counter`` (the loss stage's rank only; None elsewhere) counts a micro-batch's targets; ``factor`` is the
-    data-parallel seed factor of a sum (``seed_factor(world, "sum")``); ``world`` the loss stage's DP world.
+    ``counter`` (the loss stage's rank only; None elsewhere) counts a micro-batch's targets; ``scale`` is the
+    step's mean loss scale (``1/m`` times the data-parallel factor); ``world`` the loss stage's DP world.
     """
 
-    def __init__(self, counter: OwnLossCounts | None, counts: list[torch.Tensor], factor: float,
-                 world: DataParallelWorld | None) -> None:
-        self.counter, self.counts, self.factor, self.world = counter, counts, factor, world
+    def __init__(self, counter: OwnLossCounts | None, scale: float, world: DataParallelWorld | None) -> None:
+        self.counter, self.scale, self.world = counter, scale, world
+        self.counts: list[torch.Tensor] = []
+        self.ref: torch.Tensor | None = None  # c_ref: the first count of the step (1 under DP)
+        self.f = torch.ones(1, dtype=torch.float64)  # the step's factor, once exchanged
         self._before: dict[int, torch.Tensor] = {}
-        self.n = torch.zeros(1, dtype=torch.int64)  # the step's count, once exchanged
 
     def snapshot(self, params: Sequence[torch.Tensor]) -> None:
-        """Keep the gradients the step starts from (accumulated over earlier steps): only this step's are divided."""
+        """Keep the gradients the step starts from (accumulated over earlier steps): only the step's are scaled."""
         self._before = {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
 
-    def seed(self, loss: torch.Tensor, inputs: Sequence[Any]) -> torch.Tensor:
-        """Micro-batch ``i``'s backward seed: its mean times its count (its sum), times the DP factor."""
+    def count(self, inputs: Sequence[Any]) -> torch.Tensor:
+        """Count one micro-batch's targets on its stage inputs, and keep the count (for the merged loss too)."""
         assert self.counter is not None
-        count = self.counter.counts(inputs)[0]
-        self.counts.append(count)
-        return loss * (count.to(loss.dtype) * self.factor)
+        c = self.counter.counts(inputs)[0]
+        self.counts.append(c)
+        return c
 
-    def total(self, trained: bool, timeout: float, where: str) -> torch.Tensor:
-        """The step's count: this pipeline's, summed over the DP ranks; 0 when the step did not train on it."""
-        mine = torch.stack(self.counts).sum() if self.counts and trained else torch.zeros((), dtype=torch.int64)
-        if trained and self.world is not None:
-            mine = global_count(self.world, mine, timeout, where)
-        return mine.reshape(1).to(torch.int64)
+    def note(self, mb: int, inputs: Sequence[Any], training: bool, where: str) -> None:
+        """Count micro-batch ``mb`` of a step that does not train on this loss (a ``loss_fn``, or ``eval``): for the
+        merged loss; in training, warn when counts differ (the ``loss_fn`` may train on this loss, with equal weights)."""
+        self.count(inputs)
+        if training and self.counter is not None:
+            self.counter.check(mb, inputs, where, loss_fn=True)
+
+    def seed(self, loss: torch.Tensor, count: torch.Tensor, check_finite: bool, where: str) -> torch.Tensor:
+        """A micro-batch's backward seed: its mean loss times ``count / c_ref`` and the mean scale. With
+        ``check_finite``, a NaN loss is an error only where the micro-batch counts targets (else it adds nothing)."""
+        if self.ref is None:
+            self.ref = torch.ones_like(count) if self.world is not None else count.clamp(min=1)
+        if check_finite and not bool((torch.isfinite(loss) | (count == 0)).all()):
+            raise StageError(f"{where}: the model's own loss of this micro-batch is {loss.item()} over {int(count)} "
+                             "counted targets; expected a finite number (check_finite=True)")
+        ratio = count.to(loss.device, loss.dtype) / self.ref.to(loss.device, loss.dtype)
+        return loss * (ratio * self.scale)
+
+    def factor(self, trained: bool, timeout: float, where: str) -> torch.Tensor:
+        """``m * c_ref * dp / N`` for the step (``N`` summed over the DP ranks); 1 when it did not train on the
+        loss or counted no target (then every seed was 0, as the full batch's gradients are)."""
+        if not trained or not self.counts or self.ref is None:
+            return torch.ones(1, dtype=torch.float64)
+        n = torch.stack(self.counts).sum()
+        if self.world is not None:
+            n = global_count(self.world, n, timeout, where)
+        size = self.world.size if self.world is not None else 1
+        n = n.to(torch.float64)
+        f = len(self.counts) * self.ref.to(torch.float64) * size / torch.where(n > 0, n, torch.ones_like(n))
+        return torch.where(n > 0, f, torch.ones_like(f)).reshape(1)
 
     def exchange(self, transport: Transport, rank: int, loss_rank: int, stage: int, device: torch.device,
                  trained: bool) -> Iterator[None]:
-        """Send the step's count from ``loss_rank`` to every other rank (a generator: waits yield); sets ``self.n``."""
+        """Send the step's factor from ``loss_rank`` to every other rank (a generator: waits yield); sets ``f``."""
         peers = [r for r in range(transport.world_size) if r != loss_rank]
         on = device if transport.ordered else torch.device("cpu")  # NCCL sends device tensors; gloo host ones
         if rank == loss_rank:
             where = f"rank {rank}, stage {stage}, action step end (the own loss's target count, every micro-batch)"
-            self.n = self.total(trained, transport.timeout, where)
-            msg = self.n.to(on)
+            self.f = self.factor(trained, transport.timeout, where)
+            msg = self.f.to(on)
             handles = [(transport.isend(msg, r, OWN_COUNT_TAG), r) for r in peers]
             for h, r in handles:
-                yield from transport.wait(h, WaitContext(rank, stage, "W", 0, r, "send the step's target count"))
+                yield from transport.wait(h, WaitContext(rank, stage, "END", 0, r, "send the own loss's count factor"))
         else:
-            buf = torch.zeros(1, dtype=torch.int64, device=on)
-            ctx = WaitContext(rank, stage, "W", 0, loss_rank,
-                              "the step's target count of the model's own loss (sent after the loss stage's step)")
+            buf = torch.ones(1, dtype=torch.float64, device=on)
+            ctx = WaitContext(rank, stage, "END", 0, loss_rank,
+                              "the factor for the model's own counted-mean loss, sent at the loss stage's step end")
             yield from transport.wait(transport.irecv(buf, loss_rank, OWN_COUNT_TAG, ctx), ctx)
-            self.n = buf
+            self.f = buf
 
-    def rescale(self, params: Sequence[torch.Tensor], n: torch.Tensor) -> None:
-        """Divide what this step added to each ``.grad`` by ``n`` (nothing when ``n`` is 0: not trained on)."""
-        n = n.reshape(())
-        if n.device.type == "cpu" and int(n) == 0:
+    def rescale(self, params: Sequence[torch.Tensor], f: torch.Tensor) -> None:
+        """Multiply what this step added to each ``.grad`` by ``f`` (nothing at all where ``f`` is 1 on the host)."""
+        if f.device.type == "cpu" and float(f) == 1.0:
             return
+        cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         for p in params:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            d = n.to(p.grad.device)
+            k = (g.device, g.dtype)
+            if k not in cast:
+                cast[k] = f.reshape(()).to(g.device, g.dtype)
             before = self._before.get(id(p))
-            keep = torch.where(d == 0, torch.ones_like(d), d).to(p.grad.dtype)  # 0: the step trained on another loss
             if before is None:
-                p.grad.div_(keep)
-            else:
-                p.grad.sub_(before).div_(keep).add_(before)
+                g.mul_(cast[k])
+            else:  # where f is 1 the sum stays as it was, bit for bit
+                g.copy_(torch.where(cast[k] == 1, g, before + (g - before) * cast[k]))
 
-    def scale_user_grads(self, grads: list[tuple[torch.Tensor, torch.Tensor]], n: torch.Tensor) -> None:
-        """Divide the gradients kept for the user's own tensors (``x.requires_grad_()``) by ``n`` before they flow."""
+    def scale_user_grads(self, grads: list[tuple[torch.Tensor, torch.Tensor]], f: torch.Tensor) -> None:
+        """Scale the gradients kept for the user's own tensors (``x.requires_grad_()``) before they flow."""
         for k, (x, g) in enumerate(grads):
-            d = n.reshape(()).to(g.device)
-            grads[k] = (x, g / torch.where(d == 0, torch.ones_like(d), d).to(g.dtype))
+            grads[k] = (x, g * f.reshape(()).to(g.device, g.dtype))
 
 
 def own_weighted(counter: OwnLossCounts | None, pipe: Any, outputs: list[Any], counts: list[torch.Tensor]) -> list[Any]:

@@ -155,7 +155,7 @@ class StepInputsMixin:
         if self._own_counter is not None:  # the model's own counted mean: exact (pippy.runtime.ownscale)
             held = self.holds(self.pipe.num_stages - 1)
             own_trained = training and loss_fn is None and self.loss_reduction == "mean"
-            own = OwnScale(self._own_counter if held else None, [], seed_factor(world, "sum"), world)
+            own = OwnScale(self._own_counter if held else None, scale, world)
         return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
                           counts=counts, stage_kwargs=stage_kwargs, own=own, own_trained=own_trained)
 

@@ -44,10 +44,9 @@ class WaitContext:
     def describe(self) -> str:
         """One line naming rank, stage, action, micro-batch and peer."""
         tail = f": {self.what}" if self.what else ""
-        return (
-            f"rank {self.rank}, stage {self.stage}, action {self.stage}{self.action}{self.mb} "
-            f"(micro-batch {self.mb}), peer rank {self.peer}{tail}"
-        )
+        at = ("action step end (after every micro-batch)" if self.action == "END"
+              else f"action {self.stage}{self.action}{self.mb} (micro-batch {self.mb})")
+        return f"rank {self.rank}, stage {self.stage}, {at}, peer rank {self.peer}{tail}"
 
 
 class Transport(Protocol):

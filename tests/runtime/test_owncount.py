@@ -91,6 +91,34 @@ def test_a_micro_batch_of_padding_only_counts_zero() -> None:
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
 
 
+def test_check_finite_passes_a_micro_batch_of_padding_only() -> None:
+    labels = UNEVEN.clone()
+    labels[2:4] = -100
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    model = OwnLoss().double()
+    ref = copy.deepcopy(model)
+    lp = LocalPipeline(pipeline(model, 4, (x, labels), split_spec=SPLITS[2]), Schedule1F1B, num_ranks=2,
+                       n_microbatches=4, check_finite=True)
+    got = lp.step(x, labels)
+    want = ref(x, labels)
+    want.backward()
+    assert float(got) == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(dict(lp.named_grads())["a.weight"], ref.a.weight.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_a_loss_fn_beside_the_own_loss_warns_when_counts_differ() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    pipe = pipeline(OwnLoss("dict").double(), 4, (x, UNEVEN), split_spec=SPLITS[2])
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=lambda out, y: out["loss"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lp.step(x, UNEVEN, target=torch.zeros(8))
+    msgs = [str(w.message) for w in seen if "counts" in str(w.message)]
+    assert len(msgs) == 1 and "pass no loss_fn" in msgs[0] and "action 1F1" in msgs[0]
+
+
 def test_accumulated_steps_and_user_input_grad_are_exact() -> None:
     *_, lp, ref, (xp, xr) = _run("ce", UNEVEN, Schedule1F1B, 2, steps=2, x_grad=True)
     grads = dict(lp.named_grads())
