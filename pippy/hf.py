@@ -6,7 +6,8 @@ the elements of its ``nn.ModuleList`` containers whose elements all share one cl
 the modules inside a list of lists (Funnel's ``encoder.blocks``); lists that the parent's forward
 walks side by side, interleaved into one layer per index (XLM's ``attentions[i]``, ``ffns[i]``;
 PoolFormer's ``zip(self.patch_embeddings, self.block)``), in the order the forward's source names
-them; the base model's only list even when it mixes classes (Jamba's Mamba and attention layers); and
+them; the base model's only list even when it mixes classes (Jamba's Mamba and attention layers; Mllama's
+self- and cross-attention layers, under the child ``model`` where ``base_model_prefix`` names no child); and
 any list of blocks of different classes (a diffusers UNet's ``down_blocks``: ``DownBlock2D``,
 ``AttnDownBlock2D``), one layer per block, or the block's own layers where it holds block lists.
 Lists come in execution order: the order each parent's ``forward`` source first names its children
@@ -47,6 +48,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from pippy.frontend.basemodule import base_module
 from pippy.frontend.compiled import uncompiled
 from pippy.frontend.trace import SplitPoint
 
@@ -213,8 +215,7 @@ def _layer_units(model: nn.Module) -> list[list[str]]:
     """The model's layers in execution order, each the FQNs of the modules it is made of (a ``torch.compile``'d
     model's as the model's own, the names pipeline() gives its stages)."""
     model = uncompiled(model)
-    base = getattr(model, "base_model", model)
-    base = base if isinstance(base, nn.Module) else model
+    base = base_module(model) or model  # Mllama's text model: base_model_prefix names no child; `model` is the base
     own_lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) >= 2]
     only = own_lists[0] if len(own_lists) == 1 else None  # may mix block classes (Jamba's mamba and attention layers)
     return _interleave(model, _collect(model, "", model, only, set()))

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pippy.frontend.genpipe import _LAYER_IDS, _POSITIONS, GenerationError, GenPlan, _base_of
+from pippy.frontend.basemodule import base_module
+from pippy.frontend.genpipe import _LAYER_IDS, _POSITIONS, GenerationError, GenPlan
 
 __all__ = ["StageModule", "cut_stage"]
 
@@ -139,7 +140,7 @@ def cut_stage(model: nn.Module, plan: GenPlan, i: int) -> StageModule:
         raise GenerationError(f"expected a stage index in 0..{plan.num_stages - 1}, got {i}. Pass the rank of this stage.")
     lo, hi = plan.layers[i]
     first, last = i == 0, i == plan.num_stages - 1
-    src = _base_of(model)
+    src = base_module(model)
     assert src is not None, "plan_generation checked the base model"
     base = _shallow(src)
     blocks = getattr(src, plan.layer_attr)

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pippy.frontend.basemodule import base_module
+
 __all__ = ["GenPlan", "GenerationError", "plan_generation"]
 
 _NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
@@ -90,20 +92,6 @@ def _block_list(base: nn.Module) -> tuple[str, nn.ModuleList]:
             "pipeline (pippy.pipeline and a schedule's eval) without a KV cache."
         )
     return lists[0]
-
-
-def _base_of(model: nn.Module) -> nn.Module | None:
-    """The base module (embeddings, layer list, final norm) of a causal LM: ``model.base_model``, else, where
-    ``base_model_prefix`` names no child (Llama 4's text model: prefix ``language_model``, child ``model``), the child
-    ``model`` or the only child that holds a non-empty ``nn.ModuleList``; ``None`` when there is none."""
-    base = getattr(model, "base_model", None)
-    if isinstance(base, nn.Module) and base is not model:
-        return base
-    holders = {n: m for n, m in model.named_children()
-               if any(isinstance(c, nn.ModuleList) and len(c) > 0 for c in m.children())}
-    if "model" in holders:
-        return holders["model"]
-    return next(iter(holders.values())) if len(holders) == 1 else None
 
 
 _NO_KV = ("Generate with the unpipelined model.generate, or run the forward pipeline (pippy.pipeline and a schedule's "
@@ -218,7 +206,7 @@ def plan_generation(
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise _fail(f"expected a decoder-only causal LM, got the encoder-decoder {name}; only decoder-only models are supported.")
-    base = _base_of(model)
+    base = base_module(model)
     if base is None or model.get_output_embeddings() is None:
         raise _fail(
             f"expected a causal LM with a base model (a child holding the decoder layer list) and an LM head, got "

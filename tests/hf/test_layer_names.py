@@ -227,3 +227,46 @@ def test_a_list_of_blocks_of_mixed_classes_is_a_block_list() -> None:
     assert split_spec_equal_layers(wrap, 2) == {"a.1": END}
     # single layers of different classes (a projection, a stem) are not blocks
     assert layer_names(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4))) == []
+
+
+class _Moe(nn.Module):  # a layer whose feed-forward is a list of experts
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(x)
+        return sum((e(x) for e in self.experts), x)
+
+
+class _PrefixNamesNoChild(nn.Module):
+    """Like transformers' MllamaForCausalLM: base_model_prefix names no child, so ``base_model`` is the model itself;
+    the child ``model`` holds the one layer list, of mixed classes."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed, self.model.layers = nn.Linear(4, 4), nn.ModuleList(layers)
+        self.lm_head = nn.Linear(4, 2)
+
+    @property
+    def base_model(self) -> nn.Module:  # transformers: getattr(self, self.base_model_prefix, self)
+        return self
+
+
+def test_the_only_list_of_a_base_model_that_base_model_prefix_does_not_name_may_mix_classes() -> None:
+    # a layer holding its experts' list is one layer, as in Jamba (not its experts, one layer each)
+    moe = _PrefixNamesNoChild([_Block(), _Moe(), _Block()])
+    layers = ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert layer_names(moe) == layers
+    assert split_spec_equal_layers(moe, 3) == {"model.layers.0": END, "model.layers.1": END}
+    # single layers of different classes (were: no layers at all)
+    assert layer_names(_PrefixNamesNoChild([nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4)])) == layers
+    # the real thing: Mllama's text model mixes self- and cross-attention layers
+    mllama = T.MllamaForCausalLM(T.MllamaTextConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, cross_attention_layers=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    assert mllama.base_model is mllama
+    assert layer_names(mllama) == [f"model.layers.{k}" for k in range(4)]
+    assert split_spec_equal_layers(mllama, 2) == {"model.layers.1": END}

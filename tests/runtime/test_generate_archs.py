@@ -47,7 +47,7 @@ ARCHS = {
     "xglm": lambda: T.XGLMForCausalLM(T.XGLMConfig(  # sinusoidal positions called with (position_ids, past)
         vocab_size=V, d_model=32, num_layers=4, attention_heads=4, ffn_dim=64, max_position_embeddings=64,
         eos_token_id=None, bos_token_id=None, pad_token_id=None)),
-    "llama4_text": lambda: T.Llama4ForCausalLM(T.Llama4TextConfig(  # base_model_prefix names no child (see _base_of)
+    "llama4_text": lambda: T.Llama4ForCausalLM(T.Llama4TextConfig(  # base_model_prefix names no child (see basemodule)
         **{**LL, "intermediate_size_mlp": 64}, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
         interleave_moe_layer_step=2, attention_chunk_size=4)),
     "qwen3_next": lambda: T.Qwen3NextForCausalLM(T.Qwen3NextConfig(  # linear attention: its state rides in the cache
