@@ -266,13 +266,13 @@ def export_module(
         # a model built on the meta device traces with meta inputs (no data is read, devices agree)
         args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     _TRACES[0] += 1
-    with no_kv_cache(module):  # the failure's diagnosis runs forward as the trace did
+    with no_kv_cache(module) as cache_off:  # the failure's diagnosis runs forward as the trace did, then as called
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_RNN_FLAT_WEIGHTS, category=UserWarning)
                 return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:  # torch.export raises many types; we wrap them all
-            raise PipeTraceError(explain_trace_failure(module, args, kwargs, exc)) from exc
+            raise PipeTraceError(explain_trace_failure(module, args, kwargs, exc, cache_off)) from exc
 
 
 @contextlib.contextmanager

@@ -20,11 +20,13 @@ tells apart by running ``forward`` once eagerly, outside any trace.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
 import sys
 import traceback
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -36,9 +38,12 @@ __all__ = ["LIB_DIRS", "explain_trace_failure"]
 _TAIL = "Full export error above (chained as __cause__)."
 
 
-def explain_trace_failure(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException) -> str:
+def explain_trace_failure(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException,
+                          cache_off: Sequence[str] = ()) -> str:
     """The message for ``torch.export`` failing on ``module(*args, **kwargs)`` with ``exc``: what failed, where in
-    the user's code, the likely cause and how to fix it.
+    the user's code, the likely cause and how to fix it. ``cache_off`` names the submodules whose
+    ``config.use_cache`` the trace switched off (and that are still off): the eager try-out runs as traced, and
+    again as the user calls it where that fails, to tell a failing ``use_cache=False`` path from bad inputs.
 
         >>> msg = explain_trace_failure(torch.nn.Linear(2, 2), (torch.ones(1, 2),), {}, ValueError("boom"))
         >>> msg.splitlines()[0]
@@ -65,10 +70,23 @@ def explain_trace_failure(module: nn.Module, args: tuple[Any, ...], kwargs: dict
             f"tuple or dict instead. {_TAIL}"
         )
     nones = _none_hint(module, args, kwargs, exc, where or "")
-    eager = _eager_failure(module, args, kwargs)
-    if eager:
-        return f"{head}{eager}{nones} How to fix: pass what forward needs in example_args / example_kwargs (and at " \
-            f"every step). {_TAIL}"
+    traced = _eager_error(module, args, kwargs)  # forward as the trace ran it
+    if traced and cache_off:
+        with _cache_as_called(module, cache_off):
+            called = _eager_error(module, args, kwargs)
+        if not called:
+            return (f"{head}{type(module).__name__} runs eagerly on these inputs as you call it, but pippy traces it "
+                    "with config.use_cache=False (a pipeline step runs whole sequences and keeps no key/value cache), "
+                    "and its forward takes another path then, which fails eagerly too (it raised "
+                    f"{traced}): the model's use_cache=False path is the problem, not the inputs.{nones} "
+                    f"The trace failed on that path at the line above. {_kind_hint(exc)}How to fix: make forward run "
+                    "on these inputs with use_cache=False (check model(..., use_cache=False) eagerly), then "
+                    f"{_TRACEABLE}")
+        traced = called
+    if traced:
+        return (f"{head}{type(module).__name__} fails on these inputs when run eagerly too, outside any trace, so the "
+                f"inputs are the problem, not the trace (eagerly it raised {traced}).{nones} How to fix: pass what "
+                f"forward needs in example_args / example_kwargs (and at every step). {_TAIL}")
     shapes = _shape_fix(exc)
     if shapes:
         return f"{head}{shapes}{_TAIL}"
@@ -76,18 +94,33 @@ def explain_trace_failure(module: nn.Module, args: tuple[Any, ...], kwargs: dict
         return (f"{head}Forward runs eagerly on these inputs, but not under the trace, which may take another path "
                 f"(Hugging Face models build their masks differently while traced).{nones} How to fix: pass those "
                 f"inputs in example_args / example_kwargs (and at every step). {_TAIL}")
-    return (
-        f"{head}{_kind_hint(exc)}How to fix: make forward traceable (no data-dependent Python control flow on "
-        "tensor values, no .item()/.tolist() driving branches, no untraceable side effects). Common fixes: move "
-        "the data-dependent part outside the model, replace `if x.sum() > 0:` with torch.where or torch.cond, "
-        "pass configuration as Python values (module attributes, not tensors). The whole model is traced at "
-        f"once, so every part of forward must be traceable, whichever stage it lands in. {_TAIL}"
-    )
+    return f"{head}{_kind_hint(exc)}How to fix: {_TRACEABLE}"
 
 
-def _eager_failure(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """When ``forward`` also fails run eagerly on the same inputs (no grad; buffers and the RNG restored after):
-    a text saying so; '' when it runs (the trace is the problem) or when it cannot be tried (meta tensors)."""
+_TRACEABLE = (
+    "make forward traceable (no data-dependent Python control flow on tensor values, no .item()/.tolist() driving "
+    "branches, no untraceable side effects). Common fixes: move the data-dependent part outside the model, replace `if x.sum() > 0:` with "
+    "torch.where or torch.cond, pass configuration as Python values (module attributes, not tensors). The whole model "
+    f"is traced at once, so every part of forward must be traceable, whichever stage it lands in. {_TAIL}"
+)
+
+
+@contextlib.contextmanager
+def _cache_as_called(module: nn.Module, cache_off: Sequence[str]) -> Iterator[None]:
+    """Within the block, the ``config.use_cache`` the trace switched off (submodules ``cache_off``) is on again."""
+    configs = [module.get_submodule(name).config for name in cache_off]
+    for cfg in configs:
+        cfg.use_cache = True
+    try:
+        yield
+    finally:
+        for cfg in configs:
+            cfg.use_cache = False
+
+
+def _eager_error(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """What ``forward`` raises run eagerly on the same inputs (no grad; buffers and the RNG restored after), as
+    ``Type: first line``; '' when it runs (the trace is the problem) or when it cannot be tried (meta tensors)."""
     tensors = [*module.parameters(), *module.buffers()]
     if any(t.is_meta for t in tensors) or any(
             isinstance(t, torch.Tensor) and t.is_meta for t in pytree.tree_leaves((args, kwargs))):
@@ -105,8 +138,7 @@ def _eager_failure(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
-    return (f"{type(module).__name__} fails on these inputs when run eagerly too, outside any trace, so the inputs "
-            f"are the problem, not the trace (eagerly it raised {error}).")
+    return error
 
 
 def _none_hint(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException, line: str) -> str:
