@@ -81,7 +81,7 @@ def explain_trace_failure(module: nn.Module, args: tuple[Any, ...], kwargs: dict
                     f"{traced}): the model's use_cache=False path is the problem, not the inputs.{nones} "
                     f"The trace failed on that path at the line above. {_kind_hint(exc)}How to fix: make forward run "
                     "on these inputs with use_cache=False (check model(..., use_cache=False) eagerly), then "
-                    f"{_TRACEABLE}")
+                    f"{_TRACEABLE} {_TAIL}")
         traced = called
     if traced:
         return (f"{head}{type(module).__name__} fails on these inputs when run eagerly too, outside any trace, so the "
@@ -94,14 +94,52 @@ def explain_trace_failure(module: nn.Module, args: tuple[Any, ...], kwargs: dict
         return (f"{head}Forward runs eagerly on these inputs, but not under the trace, which may take another path "
                 f"(Hugging Face models build their masks differently while traced).{nones} How to fix: pass those "
                 f"inputs in example_args / example_kwargs (and at every step). {_TAIL}")
-    return f"{head}{_kind_hint(exc)}How to fix: {_TRACEABLE}"
+    known = _known_fix(module, exc, where or "")
+    if known:
+        return f"{head}{known} {_TAIL}"
+    return f"{head}{_kind_hint(exc)}How to fix: {_TRACEABLE} {_TAIL}"
+
+
+def _known_fix(module: nn.Module, exc: BaseException, where: str) -> str:
+    """Cause and fix of a failure whose construct is known: a module converted in forward (its parameters swapped),
+    or a Hugging Face mixture-of-experts loop over the experts hit; '' otherwise."""
+    if "Couldn't swap" in str(exc) and "_apply()" in str(exc):
+        routers = sorted({type(m).__name__ for m in module.modules() if type(m).__name__.endswith("Router")})
+        dtypes = (getattr(getattr(m, "config", None), "router_dtype", None) for m in module.modules())
+        router = next((d for d in dtypes if isinstance(d, str)), None)
+        return (
+            "forward changes a module's parameters: it converts a module (module.to(dtype) / .half() / .float() "
+            "inside forward, as in the line above), which swaps the module's parameters for new ones; torch.export "
+            "cannot swap the parameters it traces, even where the conversion changes nothing. This is not "
+            "data-dependent control flow. How to fix: convert the module once, before pipeline(), and take the "
+            "conversion out of forward."
+            + (f" Here the routers ({', '.join(routers)}) cast their classifier to config.router_dtype ({router!r}) "
+               "in every forward, whatever the dtypes, so no router_dtype helps: the router's forward itself must "
+               "change (the model cannot be traced as it is)." if router and routers else ""))
+    frame = re.match(r"(.+?):\d+ in ", where)
+    if not frame or not re.search(r"\bin expert_hit\b", where):
+        return ""
+    try:
+        with open(frame.group(1), encoding="utf-8") as src:
+            switchable = "use_experts_implementation" in src.read()  # its experts class takes experts_implementation
+    except OSError:
+        switchable = False
+    loop = ("The failing line is a Hugging Face mixture-of-experts loop over the experts its tokens were routed to "
+            "(`for expert_idx in expert_hit`): how many there are depends on the data, which a trace cannot record.")
+    if not switchable:
+        return (f"{loop} This model's experts take no experts_implementation (transformers' loop-free "
+                f"\"batched_mm\"), so its forward must change. How to fix: {_TRACEABLE}")
+    return (f"{loop} How to fix: run the experts as batched matrix products, with no such loop: "
+            "experts_implementation=\"batched_mm\" in the config (XConfig(..., experts_implementation=\"batched_mm\"), "
+            "from_pretrained(..., experts_implementation=\"batched_mm\")), or model.set_experts_implementation("
+            "\"batched_mm\") before pipeline(); it computes the same.")
 
 
 _TRACEABLE = (
     "make forward traceable (no data-dependent Python control flow on tensor values, no .item()/.tolist() driving "
     "branches, no untraceable side effects). Common fixes: move the data-dependent part outside the model, replace `if x.sum() > 0:` with "
     "torch.where or torch.cond, pass configuration as Python values (module attributes, not tensors). The whole model "
-    f"is traced at once, so every part of forward must be traceable, whichever stage it lands in. {_TAIL}"
+    "is traced at once, so every part of forward must be traceable, whichever stage it lands in."
 )
 
 
