@@ -74,8 +74,8 @@ class Stage(StageBackward, StageModule):
         else:  # a hand-cut stage (ManualPipelineStage)
             self.submod, self._flat_graph = module, None  # type: ignore[assignment]
         self._taps: WeightGradTaps | None = None
-        self._keep_buffers = False  # compile without donated buffers (a compiled module under split backward)
-        self._compiled_inside = False  # a torch.compile'd block inside submod (looked up before each training step)
+        # whether this step's backward graph runs torch.compile'd code (looked up at the step's first I; see I)
+        self._compiled_backward: bool | None = None
         self._taps_key: tuple[tuple[int, bool], ...] = ()  # the parameters (identity, requires_grad) they were built on
         self._filled = False  # checked at the first forward: no NaN placeholder of a meta-device model is left
         self._mode_sig: tuple[bool, ...] | None = None  # the module flags the graphs were last rewritten for
@@ -152,11 +152,11 @@ class Stage(StageBackward, StageModule):
 
     def refresh_taps(self) -> None:
         """Before a training step: drop the taps when a parameter was replaced (``load_state_dict(assign=True)``),
-        frozen or unfrozen since they were built (they hold the tensors and flags they saw), and see whether a block
-        inside was compiled in place (its saved buffers must stay for W)."""
+        frozen or unfrozen since they were built (they hold the tensors and flags they saw), and look again whether
+        the backward runs compiled code (``torch.compile`` may have been applied since)."""
         if self._taps is not None and not self._state and self._params_key() != self._taps_key:
             self._taps = None
-        self._compiled_inside = any(hasattr(m, "_orig_mod") for m in self.submod.modules())
+        self._compiled_backward = None
 
     def unfrozen_params(self) -> list[str]:
         """The stage's parameters that are trainable now but were frozen when the model was traced."""
@@ -219,15 +219,11 @@ class Stage(StageBackward, StageModule):
         use_taps = split_backward and not self.through_hooks and isinstance(self.submod, fx.GraphModule)
         taps = self.taps if use_taps else None
         fn = taps.module if taps is not None else self.submod
-        # split backward runs the graph twice (I, then W): a torch.compile'd module must keep its saved buffers, in
-        # its forward and backward compilations both (a backward compiles at its first run)
-        self._keep_buffers = split_backward and (self._compiled_inside or hasattr(self.submod, "_orig_mod"))
-        with self._compiling():
-            if self.measure_activations:
-                with SavedBytes(skip=self.submod.parameters()) as counter:
-                    res = self._call(fn, leaves, kwargs)
-            else:
+        if self.measure_activations:
+            with SavedBytes(skip=self.submod.parameters()) as counter:
                 res = self._call(fn, leaves, kwargs)
+        else:
+            res = self._call(fn, leaves, kwargs)
         n_out = len(self.info.outputs)
         if taps is not None:
             outs, tapped, aux = taps.split(res, n_out)
@@ -255,9 +251,6 @@ class Stage(StageBackward, StageModule):
         (each storage once), as the profiler's ``act_bytes`` does."""
         st = self._state.get(mb)
         return nullcontext() if st is None or st.counter is None else st.counter  # its total: see _bytes
-
-    def _compiling(self) -> AbstractContextManager[Any]:
-        return _keep_saved_buffers() if self._keep_buffers else nullcontext()
 
     def _swaps_params(self) -> bool:
         """Whether the stage's parameters are sharded (FSDP2, DTensor): their tensors change between passes. Asked
@@ -358,19 +351,10 @@ class Stage(StageBackward, StageModule):
     def clear(self) -> None:
         """Drop all per-micro-batch state (e.g. after an error)."""
         self._state.clear()
+        self._compiled_backward = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(index={self.index}, of={self.num_stages}, device={self.device})"
-
-
-def _keep_saved_buffers() -> AbstractContextManager[Any]:
-    """Compile with donated buffers off: a compiled backward that frees ("donates") what its forward saved cannot run
-    twice (``retain_graph``), which split backward's I then W needs. Compilation happens at the first call."""
-    try:
-        from torch._functorch import config
-    except ImportError:  # pragma: no cover - an older torch has no donation
-        return nullcontext()
-    return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else nullcontext()
 
 
 def _as_tuple(out: Any) -> tuple[Any, ...]:

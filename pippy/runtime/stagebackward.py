@@ -4,12 +4,17 @@ A mixin of :class:`pippy.runtime.stage.Stage`, which runs the forward that leave
 micro-batch's :class:`_MbState` here. I returns the input gradients at once; W, later, accumulates
 the parameters' gradients, from the weight-gradient taps (:mod:`pippy.runtime.wgrad`) where the
 forward ran through them, else by a second autograd pass over the graph I kept.
+
+A backward graph that runs ``torch.compile``'d code (a compiled stage module, a compiled block, a
+compiled loss) is never run twice: a compiled backward may write into the tensors its forward saved
+(inductor reuses them as buffers, and its compile cache can hand out such code even where donated
+buffers were turned off), so a second pass over a kept graph reads overwritten values. I then runs
+the whole backward once, accumulating the weight gradients too, and W has nothing left to do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +45,7 @@ class _MbState:
     counter: SavedBytes | None = None  # measure_activations, until I: the forward's counter (and the loss's)
     roots: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     tap_grads: list[torch.Tensor | None] | None = None
+    whole: bool = False  # I ran the whole backward (compiled code in the graph): W has nothing left to do
 
 
 class StageBackward:
@@ -67,7 +73,7 @@ class StageBackward:
     measure_activations: bool
     _taps: WeightGradTaps | None
     _state: dict[int, _MbState]
-    _compiling: Callable[[], AbstractContextManager[Any]]
+    _compiled_backward: bool | None
     where: Callable[[int, str], str]
     _get: Callable[[int, str], _MbState]
 
@@ -96,8 +102,7 @@ class StageBackward:
         st = self._get(mb, "B")
         outs, gs = self._roots(mb, st, grads)
         if outs:
-            with self._compiling():
-                torch.autograd.backward(outs, gs)
+            torch.autograd.backward(outs, gs)
         res = self._input_grads(st)
         del self._state[mb]
         return res
@@ -107,21 +112,39 @@ class StageBackward:
         st = self._get(mb, "I")
         outs, gs = self._roots(mb, st, grads)
         st.roots = (outs, gs)
-        want = [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         taps = self._taps if st.tapped else None
+        if (taps is None or not taps.exact) and self._runs_compiled(outs):  # W would run the graph from the roots again
+            return self._whole_at_input(st, outs, gs)
+        want = [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
         tap_leaves = [e for tap in st.taps for e in tap] if taps is not None and taps.exact else []
         targets = want + tap_leaves
         if outs and targets:
             # the graph is needed again in W only for weights without a closed-form gradient
             keep = taps is None or not taps.closed_form
-            with self._compiling():
-                got = torch.autograd.grad(outs, targets, gs, retain_graph=keep, allow_unused=True)
+            got = torch.autograd.grad(outs, targets, gs, retain_graph=keep, allow_unused=True)
             for x, g in zip(want, got[: len(want)]):
                 x.grad = g
             st.tap_grads = list(got[len(want) :])
         res = self._input_grads(st)
         if taps is not None and taps.exact and st.tap_grads is not None:
             self._keep_for_w(st, taps)
+        return res
+
+    def _runs_compiled(self, roots: list[torch.Tensor]) -> bool:
+        """Whether the backward from ``roots`` runs compiled code; looked up at the step's first I (same code for
+        every micro-batch), again after :meth:`refresh_taps`."""
+        if self._compiled_backward is None and roots:
+            self._compiled_backward = runs_compiled_code(roots)
+        return bool(self._compiled_backward)
+
+    def _whole_at_input(self, st: _MbState, outs: list[torch.Tensor], gs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """I of a graph with compiled code: the whole backward, once (weights accumulate now, in I's order); the
+        graph and the activations go now, W only drops the micro-batch."""
+        if outs:
+            torch.autograd.backward(outs, gs)
+        res = self._input_grads(st)
+        st.whole, st.inputs, st.outputs, st.loss, st.roots, st.counter = True, [], (), None, ([], []), None
+        st.saved_bytes = 0
         return res
 
     def _keep_for_w(self, st: _MbState, taps: WeightGradTaps) -> None:
@@ -140,6 +163,9 @@ class StageBackward:
         st = self._get(mb, "W")
         if st.roots is None:
             raise StageError(f"{self.where(mb, 'W')}: W ran before I for this micro-batch")
+        if st.whole:
+            del self._state[mb]
+            return
         taps = self._taps if st.tapped else None
         if taps is not None and taps.exact and st.tap_grads is not None:
             taps.weight_grads(st.taps, st.tap_grads, st.aux)
@@ -153,9 +179,30 @@ class StageBackward:
                 extra = one_pass_inputs(self.submod, st.inputs)  # a group norm's weights alone can crash torch
                 for x in extra:
                     x.grad = None  # I's gradients went out already: W's copies go with the micro-batch
-                with self._compiling():
-                    torch.autograd.backward(outs, gs, inputs=params + extra)
+                torch.autograd.backward(outs, gs, inputs=params + extra)
         del self._state[mb]
+
+
+def runs_compiled_code(roots: Sequence[torch.Tensor]) -> bool:
+    """Whether the autograd graph behind ``roots`` holds a ``torch.compile``'d region (AOTAutograd's
+    ``CompiledFunctionBackward``), walked back to the leaves (a stage's inputs are leaves).
+
+        >>> import torch
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> runs_compiled_code([torch.tanh(x).sum()])
+        False
+    """
+    stack = [r.grad_fn for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None]
+    seen: set[Any] = set()  # the nodes themselves (torch keeps one Python object per live node)
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        if fn.name().startswith("CompiledFunction"):
+            return True
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return False
 
 
 def _bytes(st: _MbState) -> int:

@@ -235,8 +235,9 @@ def test_closed_form_weight_grads_under_autocast_land_in_the_parameter_dtype(cls
 
 @pytest.mark.parametrize(("cls", "ranks"), [(pippy.Schedule1F1B, 4), (pippy.ScheduleZBV, 2)])
 def test_stages_wrapped_in_torch_compile_train_exactly_and_keep_their_names(cls, ranks) -> None:
-    """``stage.submod = torch.compile(stage.submod)``: split backward runs the compiled graph twice (I, then W), so it
-    is compiled without donated buffers; ``state_dict`` keeps the model's names (no ``_orig_mod.``)."""
+    """``stage.submod = torch.compile(stage.submod)``: split backward never runs the compiled backward twice (I runs it
+    whole, W has nothing left); ``state_dict`` keeps the model's names (no ``_orig_mod.``). Inductor:
+    ``test_compiled_split_backward.py``."""
     torch.manual_seed(0)
     model = _Chain(residual=True).double()
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
