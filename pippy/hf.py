@@ -78,8 +78,8 @@ def _leaves(prefix: str, mod: nn.ModuleList) -> list[tuple[str, nn.Module]]:
 class _BlockList:
     """One block list: per element its modules' FQNs (``groups``), and the layers a split may fall between."""
 
-    def __init__(self, name: str, groups: list[list[str]], units: list[list[str]]) -> None:
-        self.name, self.groups, self.units = name, groups, units
+    def __init__(self, name: str, groups: list[list[str]], units: list[list[str]], mixed: bool = False) -> None:
+        self.name, self.groups, self.units, self.mixed = name, groups, units, mixed
 
 
 def _block_list(prefix: str, mod: nn.Module, mixed: bool) -> _BlockList | None:
@@ -197,13 +197,19 @@ def _collect(model: nn.Module, name: str, mod: nn.Module, only: nn.Module | None
     seen.add(id(mod))
     bl = _block_list(name, mod, mixed=mod is only)
     if bl is None and _is_blocks(mod):
-        groups, units = [], []
+        groups, expanded = [], []
         for i, child in enumerate(mod):
             fqn = f"{name}.{i}" if name else str(i)
-            inner = _interleave(model, _collect(model, fqn, child, only, seen)) or [[fqn]]
-            groups.append([n for unit in inner for n in unit])
-            units.extend(inner)
-        bl = _BlockList(name, groups, units)
+            inner = _interleave(model, _collect(model, fqn, child, only, seen))
+            groups.append([n for unit in inner for n in unit] or [fqn])
+            expanded.append(inner)
+        # blocks holding layers of their own give those, the others one layer each; but blocks holding none before
+        # the first such block or after the last (an embedding or a head around a stack) go with their neighbours,
+        # as embeddings and heads do elsewhere
+        full = [k for k, inner in enumerate(expanded) if inner]
+        keep = range(full[0], full[-1] + 1) if full else range(len(groups))
+        units = [u for k in keep for u in (expanded[k] or [[groups[k][0]]])]
+        bl = _BlockList(name, groups, units, mixed=True)
     if bl is not None:
         seen.update(id(m) for m in mod.modules())
         return [bl]
@@ -218,7 +224,22 @@ def _layer_units(model: nn.Module) -> list[list[str]]:
     base = base_module(model) or model  # Mllama's text model: base_model_prefix names no child; `model` is the base
     own_lists = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) >= 2]
     only = own_lists[0] if len(own_lists) == 1 else None  # may mix block classes (Jamba's mamba and attention layers)
-    return _interleave(model, _collect(model, "", model, only, set()))
+    found = _collect(model, "", model, only, set())
+    # a list of mixed blocks counts unless its layers are small beside those of the lists of one class: a UNet's
+    # down_blocks count beside its mid_block.resnets, not wav2vec2's feature_extractor.conv_layers (about 0.6M
+    # parameters a layer) beside encoder.layers (7M): they would count as much as transformer layers
+    plain = [_unit_size(model, u) for bl in found if not bl.mixed for u in bl.units]
+    if plain:
+        typical = sum(plain) / len(plain)
+        found = [bl for bl in found if not bl.mixed or
+                 4 * sum(_unit_size(model, u) for u in bl.units) >= typical * len(bl.units)]
+    return _interleave(model, found)
+
+
+def _unit_size(model: nn.Module, unit: list[str]) -> int:
+    """The parameters of one layer (its modules' FQNs), each counted once."""
+    params = {id(p): p.numel() for n in unit for p in model.get_submodule(n).parameters()}
+    return sum(params.values())
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -230,7 +251,10 @@ def layer_names(model: nn.Module) -> list[str]:
     their parent's forward (XLM's ``attentions[i]``, ``ffns[i]``) are interleaved by layer; the base
     model's only list may mix block classes (Jamba). A list of blocks of different classes, each made
     of modules (not one ``Linear``), gives one layer per block, or the block's own layers where it
-    holds block lists (a UNet's ``up_blocks.0.resnets``). A module's lists come in the order its
+    holds block lists (a UNet's ``up_blocks.0.resnets``); blocks holding none before the first or after the
+    last that does (an embedding and a head around a stack: ``down.1`` and ``up.0`` below) go with their
+    neighbours, and such a list is left out where its layers are small beside those of the model's lists
+    of one class (wav2vec2's convolutions beside its transformer layers). A module's lists come in the order its
     ``forward`` source first names them (``self.<name>``, also inside the methods of ``self`` it calls),
     in registration order where the source does not name them all. Shared layers called several times (ALBERT)
     are not listed, since one module cannot sit in two stages: split such models at other names.
@@ -263,7 +287,7 @@ def layer_names(model: nn.Module) -> list[str]:
         ...             x = block(x)
         ...         return x
         >>> layer_names(Unet())
-        ['down.0.attn.0', 'down.0.norm.0', 'down.0.attn.1', 'down.0.norm.1', 'down.1', 'up.0', 'up.1.attn.0', 'up.1.norm.0', 'up.1.attn.1', 'up.1.norm.1']
+        ['down.0.attn.0', 'down.0.norm.0', 'down.0.attn.1', 'down.0.norm.1', 'up.1.attn.0', 'up.1.norm.0', 'up.1.attn.1', 'up.1.norm.1']
     """
     return [n for unit in _layer_units(model) for n in unit]
 

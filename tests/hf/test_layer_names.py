@@ -270,3 +270,30 @@ def test_the_only_list_of_a_base_model_that_base_model_prefix_does_not_name_may_
     assert mllama.base_model is mllama
     assert layer_names(mllama) == [f"model.layers.{k}" for k in range(4)]
     assert split_spec_equal_layers(mllama, 2) == {"model.layers.1": END}
+
+
+class _Wide(nn.Module):  # a transformer-sized layer beside small convolution blocks
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(x)))
+
+
+def test_small_mixed_blocks_beside_a_stack_of_one_class_are_not_layers() -> None:
+    # wav2vec2's group-norm feature extractor (conv layers of two classes) beside its transformer layers
+    net = nn.Module()
+    net.features = nn.Module()
+    net.features.conv = nn.ModuleList([_Block(), _AttnBlock(), _AttnBlock()])
+    net.encoder = nn.Module()
+    net.encoder.layers = nn.ModuleList(_Wide() for _ in range(4))
+    assert layer_names(net) == ["encoder.layers.0", "encoder.layers.1", "encoder.layers.2", "encoder.layers.3"]
+    assert split_spec_equal_layers(net, 2) == {"encoder.layers.1": END}
+
+
+def test_an_embedding_and_a_head_around_a_stack_go_with_its_ends() -> None:
+    # Sequential(embed, Sequential(blocks), head), the embed and head made of modules: 12 blocks, not 14 layers
+    net = nn.Sequential(_AttnBlock(), nn.Sequential(*(_Block() for _ in range(12))), _Wide())
+    assert layer_names(net) == [f"1.{k}" for k in range(12)]
+    assert split_spec_equal_layers(net, 3) == {"1.3": END, "1.7": END}
