@@ -35,6 +35,7 @@ import torch
 from torch import fx
 
 from pippy.frontend.notice import warn_user
+from pippy.frontend.retarget import retarget_devices
 from pippy.runtime.loss import loss_index
 
 __all__ = ["OwnLossCounts"]
@@ -91,6 +92,8 @@ class OwnLossCounts:
     def __init__(self, module: fx.GraphModule, names: list[str], positions: list[int]) -> None:
         self.module, self.names, self.positions = module, names, positions
         self.checks = 0
+        self.traced: torch.device | None = None  # the device the pipe was traced on (its constants name it)
+        self._on: torch.device | None = None  # the device the constants name now
         self._first: list[torch.Tensor] | None = None
 
     @classmethod
@@ -123,9 +126,14 @@ class OwnLossCounts:
     def warned(cls, pipe: Any) -> OwnLossCounts | None:
         """The counter whose uneven counts the loss stage warns about: a pipe's own counted-mean losses that
         :meth:`trained` does not make exact (several of them, or one that is not the model's loss output)."""
+        if getattr(pipe, "manual", False):
+            return None
         counter = cls.of(pipe.stage_infos[-1].module)
         own = loss_index(pipe.out_spec, pipe.stage_infos[-1].outputs)
-        return counter if counter is not None and cls.trained(pipe, own) is None else None
+        if counter is None or cls.trained(pipe, own) is not None:
+            return None
+        counter.traced = getattr(pipe, "traced_device", None)
+        return counter
 
     @classmethod
     def trained(cls, pipe: Any, own: int | None) -> OwnLossCounts | None:
@@ -134,10 +142,18 @@ class OwnLossCounts:
         if own is None or getattr(pipe, "manual", False):
             return None
         counter = cls.of(pipe.stage_infos[-1].module)
-        return counter if counter is not None and counter.positions == [own] else None
+        if counter is None or counter.positions != [own]:
+            return None
+        counter.traced = getattr(pipe, "traced_device", None)
+        return counter
 
     def counts(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
-        """Each loss's count of targets on one micro-batch's stage inputs."""
+        """Each loss's count of targets on one micro-batch's stage inputs. Device constants the trace baked in (a
+        model traced on ``meta``: ``labels.to(logits.device)``) follow the inputs' device, as the stages' do."""
+        device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
+        if device is not None and device != self._on:
+            retarget_devices(self.module, [d for d in (self.traced, torch.device("meta"), self._on) if d], device)
+            self._on = device
         with torch.no_grad():
             return list(self.module(*inputs))
 

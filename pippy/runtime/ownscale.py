@@ -48,8 +48,10 @@ class OwnScale:
     step's mean loss scale (``1/m`` times the data-parallel factor); ``world`` the loss stage's DP world.
     """
 
-    def __init__(self, counter: OwnLossCounts | None, scale: float, world: DataParallelWorld | None) -> None:
+    def __init__(self, counter: OwnLossCounts | None, scale: float, world: DataParallelWorld | None,
+                 warn_only: bool = False) -> None:
         self.counter, self.scale, self.world = counter, scale, world
+        self.warn_only = warn_only  # a loss pippy cannot make exact (a (loss, logits) tuple): counts are only checked
         self.counts: list[torch.Tensor] = []
         self.ref: torch.Tensor | None = None  # c_ref: the first count of the step (1 under DP)
         self.f = torch.ones(1, dtype=torch.float64)  # the step's factor, once exchanged
@@ -57,6 +59,8 @@ class OwnScale:
 
     def snapshot(self, params: Sequence[torch.Tensor]) -> None:
         """Keep the gradients the step starts from (accumulated over earlier steps): only the step's are scaled."""
+        if self.warn_only:
+            return
         self._before = {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
 
     def count(self, inputs: Sequence[Any]) -> torch.Tensor:
@@ -70,8 +74,8 @@ class OwnScale:
         """Count micro-batch ``mb`` of a step that does not train on this loss (a ``loss_fn``, or ``eval``): for the
         merged loss; in training, warn when counts differ (the ``loss_fn`` may train on this loss, with equal weights)."""
         self.count(inputs)
-        if training and self.counter is not None:
-            self.counter.check(mb, inputs, where, loss_fn=True)
+        if self.counter is not None and (training or self.warn_only):
+            self.counter.check(mb, inputs, where, loss_fn=not self.warn_only)
 
     def seed(self, loss: torch.Tensor, count: torch.Tensor, check_finite: bool, where: str) -> torch.Tensor:
         """A micro-batch's backward seed: its mean loss times ``count / c_ref`` and the mean scale. With
@@ -100,6 +104,8 @@ class OwnScale:
     def exchange(self, transport: Transport, rank: int, loss_rank: int, stage: int, device: torch.device,
                  trained: bool) -> Iterator[None]:
         """Send the step's factor from ``loss_rank`` to every other rank (a generator: waits yield); sets ``f``."""
+        if self.warn_only:  # every rank's pipe says so alike: no message
+            return
         peers = [r for r in range(transport.world_size) if r != loss_rank]
         on = device if transport.ordered else torch.device("cpu")  # NCCL sends device tensors; gloo host ones
         if rank == loss_rank:
@@ -136,6 +142,8 @@ class OwnScale:
 
     def scale_user_grads(self, grads: list[tuple[torch.Tensor, torch.Tensor]], f: torch.Tensor) -> None:
         """Scale the gradients kept for the user's own tensors (``x.requires_grad_()``) before they flow."""
+        if f.device.type == "cpu" and float(f) == 1.0:
+            return
         for k, (x, g) in enumerate(grads):
             grads[k] = (x, g * f.reshape(()).to(g.device, g.dtype))
 

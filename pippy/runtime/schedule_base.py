@@ -192,6 +192,7 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
         # the model's own mean over counted targets, trained (or merged) exactly: the same on every rank
         self._own_counter = OwnLossCounts.trained(
             self.pipe, loss_index(self.pipe.out_spec, self.pipe.stage_infos[-1].outputs))
+        self._own_warn = OwnLossCounts.warned(self.pipe) if self._own_counter is None else None
         # a mean over counted targets (ignore_index, class weights) stays exact across micro-batches
         self._counted = counted_mean(loss_fn) if self._given_reduction is None else None
         self.loss_reduction, self._probe_loss, self._kwargs_measured = reduction, probe, {}

@@ -33,7 +33,6 @@ from pippy.frontend.pointwise import recompute_pointwise
 from pippy.frontend.split import StageInfo
 from pippy.frontend.stagemodule import StageModule, materialize_module
 from pippy.frontend.trainmode import effective_modes, keep_following, set_modes
-from pippy.runtime.owncount import OwnLossCounts
 from pippy.runtime.stagebackward import StageBackward, _bytes, _MbState
 from pippy.runtime.stageerror import StageError
 from pippy.runtime.wgrad import WeightGradTaps
@@ -91,8 +90,6 @@ class Stage(StageBackward, StageModule):
         """Training steps this stage finished (a schedule's ``step``; ``eval`` does not count); the same on every
         rank of a pipeline. ``pippy.checkpoint`` saves it and ``load`` restores it, so a resumed run knows its step."""
         self.checkpoint_run: str | None = None  # the run a checkpoint load resumed (pippy.checkpoint_steps.run_of)
-        # the model's own mean loss over counted targets: warned when micro-batches count differently
-        self._own_counts = OwnLossCounts.warned(pipe) if module is None and self.is_last else None
 
     # ----------------------------------------------------------------- properties
     @property
@@ -202,8 +199,6 @@ class Stage(StageBackward, StageModule):
             torch.clear_autocast_cache()
         if not self._filled:
             self._check_filled(mb)
-        if self._own_counts is not None:
-            self._own_counts.check(mb, inputs, self.where(mb, "F"))
         if mb in self._state:
             raise StageError(f"{self.where(mb, 'F')}: forward ran twice for this micro-batch without a backward")
         if not training:

@@ -56,6 +56,7 @@ class StepInputsMixin:
     check_finite: bool
     _counted: CountedMean | None
     _own_counter: OwnLossCounts | None  # the model's own counted-mean loss, when it has one (every rank alike)
+    _own_warn: OwnLossCounts | None  # such a loss pippy cannot make exact (a (loss, logits) tuple): warned about
     _probe_loss: bool
     _given_reduction: str | None  # loss_reduction= as given to the schedule (None: read off loss_fn)
     _kwargs_measured: dict[tuple[Any, ...], str]  # reductions measured with step(loss_kwargs=), by their names/values
@@ -152,10 +153,12 @@ class StepInputsMixin:
         if measure is not None and targets is not None and training and loss_fn is not None:
             probe = functools.partial(self._measured_scale, tspec, loss_fn, world, measure)
         own, own_trained = None, False
-        if self._own_counter is not None:  # the model's own counted mean: exact (pippy.runtime.ownscale)
+        counter = self._own_counter or self._own_warn
+        if counter is not None:  # the model's own counted mean: exact, or warned about (pippy.runtime.ownscale)
             held = self.holds(self.pipe.num_stages - 1)
-            own_trained = training and loss_fn is None and self.loss_reduction == "mean"
-            own = OwnScale(self._own_counter if held else None, scale, world)
+            exact = self._own_counter is not None
+            own_trained = exact and training and loss_fn is None and self.loss_reduction == "mean"
+            own = OwnScale(counter if held else None, scale, world, warn_only=not exact)
         return StepInputs(mbs, targets, loss_fn, training, scale, check_finite=self.check_finite, probe=probe,
                           counts=counts, stage_kwargs=stage_kwargs, own=own, own_trained=own_trained)
 
