@@ -178,8 +178,11 @@ class StepInputsMixin:
         error; else it is read again off ``loss_fn`` (``reduction="sum"`` sums, whatever the bare ``loss_fn`` does),
         or, where it cannot be read, measured once per set of keyword names and plain values.
         """
-        said = named_reduction(loss_kwargs)
+        torch_loss = _is_torch_loss(loss_fn)  # a user's function may mean its own reduction= / reduce= otherwise
+        said = named_reduction(loss_kwargs) if torch_loss else loss_kwargs.get("reduction")
         shown = f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1} (last), action step loss_kwargs"
+        if said == "none" and not torch_loss:  # it reduces the per-element losses itself (a weighted sum)
+            return self.loss_reduction, None, None
         if said == "none":
             raise ValueError(
                 f"{shown}: loss_kwargs={_kwargs_text(loss_kwargs)} make loss_fn return one loss per element, but each "
@@ -188,6 +191,8 @@ class StepInputsMixin:
                 "per-element losses inside loss_fn (e.g. a weighted sum)"
             )
         given = self._given_reduction
+        if given is not None and getattr(self, "_reduction_option", None) == "scale_grads":
+            return given, None, None  # PyTorch's scale_grads= decides, as in its pipelining package
         if given is not None:
             if said in ("sum", "mean") and said != given:
                 raise ValueError(
@@ -256,3 +261,15 @@ def _kwargs_text(kwargs: dict[str, Any]) -> str:
     """
     return "{" + ", ".join(f"{k!r}: {describe(v) if isinstance(v, torch.Tensor) else repr(v)}"
                            for k, v in kwargs.items()) + "}"
+
+
+def _is_torch_loss(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` (through ``functools.partial``) is one of torch's losses, whose keywords mean what torch says.
+
+        >>> import torch.nn.functional as F
+        >>> _is_torch_loss(functools.partial(F.cross_entropy, ignore_index=0)), _is_torch_loss(lambda o, t: o.sum())
+        (True, False)
+    """
+    while isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    return isinstance(loss_fn, torch.nn.modules.loss._Loss) or getattr(loss_fn, "__module__", "") == "torch.nn.functional"

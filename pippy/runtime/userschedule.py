@@ -68,8 +68,10 @@ class _UserSchedule(MicrobatchSteps, OrderIO, PeerAttributes, PipelineSchedule):
         if transport is None:
             rank = rank_or_none(stages[0].group)  # the rank in the pipeline's own group
         check_loss_fn(name, loss_fn, stages[0].pipe.num_stages - 1, rank)
+        flag = "scale_grads" in kwargs
         _torch_options(name, stages, kwargs)
         super().__init__(stages, n_microbatches, loss_fn, **kwargs)
+        self._reduction_option = "scale_grads" if flag else "loss_reduction"  # which one the user gave
 
 
 def _torch_options(name: str, stages: Sequence[Stage], kwargs: dict[str, Any]) -> None:

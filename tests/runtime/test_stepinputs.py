@@ -156,3 +156,32 @@ def test_loss_kwargs_without_a_loss_fn_are_named_unused() -> None:
     with pytest.warns(UserWarning, match=r"got loss_kwargs=\{'reduction': 'sum'\}, but the schedule has no loss_fn "
                                          r"\(the model's own loss is trained on\), so they are not used"):
         lp.step(x, loss_kwargs={"reduction": "sum"})
+
+
+@pytest.mark.parametrize("scale,said,factor", [(True, "sum", 0.25), (False, "mean", 1.0)])
+def test_torch_scale_grads_decides_over_loss_kwargs_as_in_torch(scale: bool, said: str, factor: float) -> None:
+    # PyTorch's pipelining package scales by its flag whatever loss_kwargs say: 1/m for scale_grads=True
+    ref, lp = _pair(Schedule1F1B, 3, F.cross_entropy, scale_grads=scale)
+    x, y = _batches(1)[0]
+    want = sum(F.cross_entropy(ref(xm), ym, reduction=said) for xm, ym in zip(x.chunk(4), y.chunk(4))) * factor
+    want.backward()
+    lp.step(x, target=y, loss_kwargs={"reduction": said})
+    grads = lp.named_grads()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_a_loss_fn_of_its_own_may_take_reduction_none() -> None:
+    w = torch.arange(1.0, 9.0, dtype=torch.float64)
+
+    def weighted(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        per = F.cross_entropy(out, y, reduction=reduction)  # "none": per row, which it reduces itself
+        return (per * w[: per.numel()]).sum() if reduction == "none" else per
+
+    ref, lp = _pair(ScheduleGPipe, 3, weighted, loss_reduction="sum")
+    x, y = _batches(1)[0]
+    sum(weighted(ref(xm), ym, reduction="none") for xm, ym in zip(x.chunk(4), y.chunk(4))).backward()
+    lp.step(x, target=y, loss_kwargs={"reduction": "none"})
+    grads = lp.named_grads()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
