@@ -29,13 +29,14 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-__all__ = ["aten_op", "decide_reduction", "is_flat", "is_int", "mean_counts", "walk_chain"]
+__all__ = ["CHAIN_OPS", "aten_arg", "aten_op", "decide_reduction", "is_flat", "is_int", "mean_counts", "walk_chain"]
 
 # ops that keep a value's meaning: copies, dtype, sign (anywhere), and shape ops (only outside the reductions, where
 # they reshape their result, as ``loss.reshape(1)``: inside, they would move the dims the reductions name)
 _PASS = {"clone", "_to_copy", "to", "alias", "contiguous", "neg"}
 _SHAPE = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "expand", "flatten"}
 _SCALE = {"mul", "div"}
+CHAIN_OPS = _PASS | _SHAPE | _SCALE  # what a walk back from a loss passes (outside its reductions)
 _REDUCTIONS = {1: "mean", 2: "sum"}  # at::Reduction: None = 0, Mean = 1, Sum = 2
 
 
@@ -58,9 +59,7 @@ def walk_chain(node: Any) -> tuple[Any, list[Any], list[int], str | None]:
             chain.append(node)
             node = node.args[0]
         else:
-            pos = next((k for k, a in enumerate(schema.arguments) if a.name == "reduction"), None)
-            value = None if pos is None else node.kwargs.get(
-                "reduction", node.args[pos] if len(node.args) > pos else schema.arguments[pos].default_value)
+            value = aten_arg(node, schema, "reduction")
             if isinstance(value, int) and value in _REDUCTIONS:  # a loss op reducing every dim, the batch's too
                 return (node.args[0] if node.args else node), chain, divisors, _REDUCTIONS[value]
             break
@@ -149,6 +148,23 @@ def aten_op(node: Any) -> tuple[str, Any]:
     if getattr(node, "op", None) != "call_function" or schema is None:
         return "", None
     return schema.name.split("::")[-1], schema
+
+
+def aten_arg(node: Any, schema: Any, name: str) -> Any:
+    """Argument ``name`` of an aten op's ``node`` as called: given by keyword, by position, or its default; None when
+    the op (``schema``) has no such argument.
+
+        >>> g = torch.fx.Graph()
+        >>> x, y = g.placeholder("x"), g.placeholder("y")
+        >>> ce = g.call_function(torch.ops.aten.cross_entropy_loss.default, (x, y), {"ignore_index": 0})
+        >>> schema = aten_op(ce)[1]
+        >>> aten_arg(ce, schema, "target") is y, aten_arg(ce, schema, "ignore_index"), aten_arg(ce, schema, "reduction")
+        (True, 0, 1)
+    """
+    pos = next((k for k, a in enumerate(schema.arguments) if a.name == name), None)
+    if pos is None:
+        return None
+    return node.kwargs.get(name, node.args[pos] if len(node.args) > pos else schema.arguments[pos].default_value)
 
 
 def is_int(value: Any) -> bool:

@@ -107,8 +107,10 @@ class Executor:
                                         n_microbatches=self.plan.n_microbatches, training=inp.training)
         self.filler.fixed = dp.fixed  # W's that gather FSDP2 shards run in the schedule's order, never early
         st = _Step(inp, fill=self.fill_bubbles and inp.training and self.filler.active)
-        if inp.training and inp.own is not None:  # the own counted loss: this step's grads are divided at its end
-            inp.own.snapshot([p for x in self.stages.values() for p in x.parameters()])
+        own = inp.own if inp.training else None  # the own counted loss: the step's grads are scaled at its end
+        params = [p for x in self.stages.values() for p in x.parameters()] if own is not None else []
+        if own is not None:
+            own.snapshot(params)
         for idx, a in enumerate(self.actions):
             for j in self.plan.prefetch_at.get(idx, ()):  # post receives one compute action early: overlap
                 self.started = True
@@ -145,8 +147,7 @@ class Executor:
         if inp.training and self.pipe.shared:
             yield from self.tied.sync()
         self.transport.settle()  # NCCL: the step's messages, waited for on the device, finished in time
-        own = inp.own if inp.training else None
-        if own is not None:  # the own counted loss's count: from the loss stage's rank to all (runtime/ownscale)
+        if own is not None:  # the own counted loss's factor: from the loss stage's rank to all (runtime/ownscale)
             first = min(self.stages)
             yield from own.exchange(self.transport, self.rank, self.stage_to_rank[self.last], first,
                                     self.stages[first].device, inp.own_trained)
@@ -154,7 +155,7 @@ class Executor:
         usergrad.flush(st.user_grads)
         dp.finish()
         if own is not None:
-            own.rescale([p for x in self.stages.values() for p in x.parameters()], own.f)
+            own.rescale(params, own.f)
         if inp.own is not None and self.last in self.stages:
             st.res.own_counts = inp.own.counts
         return st.res

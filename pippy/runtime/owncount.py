@@ -35,27 +35,14 @@ import torch
 from torch import fx
 
 from pippy.frontend.notice import warn_user
+from pippy.frontend.reducechain import CHAIN_OPS, aten_arg, aten_op
 from pippy.frontend.retarget import retarget_devices
 from pippy.runtime.loss import loss_index
 
 __all__ = ["OwnLossCounts"]
 
 _LOSSES = {"cross_entropy_loss", "nll_loss", "nll_loss_nd", "nll_loss2d"}
-_THROUGH = {"clone", "_to_copy", "to", "alias", "contiguous", "neg", "view", "reshape", "_unsafe_view", "squeeze",
-            "unsqueeze", "expand", "flatten", "mul", "div"}
 _CHECKS = 16  # micro-batch comparisons (each one host sync) before the check stops: a batch's padding shows early
-
-
-def _op(node: Any) -> tuple[str, Any]:
-    schema = getattr(getattr(node, "target", None), "_schema", None)
-    if getattr(node, "op", None) != "call_function" or schema is None:
-        return "", None
-    return schema.name.split("::")[-1], schema
-
-
-def _arg(node: fx.Node, schema: Any, name: str) -> Any:
-    pos = next(k for k, a in enumerate(schema.arguments) if a.name == name)
-    return node.kwargs.get(name, node.args[pos] if len(node.args) > pos else schema.arguments[pos].default_value)
 
 
 def _mean_losses(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
@@ -65,12 +52,12 @@ def _mean_losses(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
     found: dict[fx.Node, int] = {}
     for k, node in enumerate(_leaves(out.args)):
         for _ in range(32):
-            name, schema = _op(node)
+            name, schema = aten_op(node)
             if name in _LOSSES:
-                if _arg(node, schema, "reduction") == 1:
+                if aten_arg(node, schema, "reduction") == 1:
                     found.setdefault(node, k)
                 break
-            if name not in _THROUGH or not node.args or not isinstance(node.args[0], fx.Node):
+            if name not in CHAIN_OPS or not node.args or not isinstance(node.args[0], fx.Node):
                 break
             node = node.args[0]
     return [(k, node) for node, k in found.items()]
@@ -109,9 +96,9 @@ class OwnLossCounts:
             if node.op == "placeholder":
                 env[node] = graph.node_copy(node)
         for k, loss in losses:
-            name, schema = _op(loss)
-            target, ignore = _arg(loss, schema, "target"), _arg(loss, schema, "ignore_index")
-            if _arg(loss, schema, "weight") is not None or not _copy_chain(target, graph, env):
+            name, schema = aten_op(loss)
+            target, ignore = aten_arg(loss, schema, "target"), aten_arg(loss, schema, "ignore_index")
+            if aten_arg(loss, schema, "weight") is not None or not _copy_chain(target, graph, env):
                 continue
             ne = graph.call_function(torch.ops.aten.ne.Scalar, (env[target], ignore))
             outs.append(graph.call_function(torch.ops.aten.sum.default, (ne,)))
@@ -123,29 +110,15 @@ class OwnLossCounts:
         return cls(fx.GraphModule(module, graph), names, positions)
 
     @classmethod
-    def warned(cls, pipe: Any) -> OwnLossCounts | None:
-        """The counter whose uneven counts the loss stage warns about: a pipe's own counted-mean losses that
-        :meth:`trained` does not make exact (several of them, or one that is not the model's loss output)."""
-        if getattr(pipe, "manual", False):
-            return None
-        counter = cls.of(pipe.stage_infos[-1].module)
-        own = loss_index(pipe.out_spec, pipe.stage_infos[-1].outputs)
-        if counter is None or cls.trained(pipe, own) is not None:
-            return None
+    def of_pipe(cls, pipe: Any) -> tuple[OwnLossCounts | None, bool]:
+        """The counter of a traced pipe's last stage, and whether training on it is made exact
+        (:mod:`pippy.runtime.ownscale`): the model returns one such loss, as its own loss output. Otherwise (several
+        such losses, a ``(loss, logits)`` tuple) uneven counts are only warned about. The same on every rank."""
+        counter = None if getattr(pipe, "manual", False) else cls.of(pipe.stage_infos[-1].module)
+        if counter is None:
+            return None, False
         counter.traced = getattr(pipe, "traced_device", None)
-        return counter
-
-    @classmethod
-    def trained(cls, pipe: Any, own: int | None) -> OwnLossCounts | None:
-        """The counter of a traced pipe whose model returns one such loss, as its own loss output ``own`` (flat index):
-        then training on it is made exact (:mod:`pippy.runtime.ownscale`). The same answer on every rank."""
-        if own is None or getattr(pipe, "manual", False):
-            return None
-        counter = cls.of(pipe.stage_infos[-1].module)
-        if counter is None or counter.positions != [own]:
-            return None
-        counter.traced = getattr(pipe, "traced_device", None)
-        return counter
+        return counter, counter.positions == [loss_index(pipe.out_spec, pipe.stage_infos[-1].outputs)]
 
     def counts(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
         """Each loss's count of targets on one micro-batch's stage inputs. Device constants the trace baked in (a

@@ -124,7 +124,7 @@ class OwnScale:
 
     def rescale(self, params: Sequence[torch.Tensor], f: torch.Tensor) -> None:
         """Multiply what this step added to each ``.grad`` by ``f`` (nothing at all where ``f`` is 1 on the host)."""
-        if f.device.type == "cpu" and float(f) == 1.0:
+        if _is_one(f):
             return
         cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         for p in params:
@@ -142,10 +142,15 @@ class OwnScale:
 
     def scale_user_grads(self, grads: list[tuple[torch.Tensor, torch.Tensor]], f: torch.Tensor) -> None:
         """Scale the gradients kept for the user's own tensors (``x.requires_grad_()``) before they flow."""
-        if f.device.type == "cpu" and float(f) == 1.0:
+        if _is_one(f):
             return
         for k, (x, g) in enumerate(grads):
             grads[k] = (x, g * f.reshape(()).to(g.device, g.dtype))
+
+
+def _is_one(f: torch.Tensor) -> bool:
+    """Whether the factor is 1, known on the host without a sync (a device tensor is never read: it may be 1)."""
+    return f.device.type == "cpu" and float(f) == 1.0
 
 
 def own_weighted(counter: OwnLossCounts | None, pipe: Any, outputs: list[Any], counts: list[torch.Tensor]) -> list[Any]:

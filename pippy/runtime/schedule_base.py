@@ -190,9 +190,8 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
         reduction, probe = choose_reduction(type(self).__name__, loss_fn, self.pipe, own, self._given_reduction, trains)
         self._loss, self._own_loss, self.trains = loss_fn, own, trains  # _own_loss: the model's own loss output
         # the model's own mean over counted targets, trained (or merged) exactly: the same on every rank
-        self._own_counter = OwnLossCounts.trained(
-            self.pipe, loss_index(self.pipe.out_spec, self.pipe.stage_infos[-1].outputs))
-        self._own_warn = OwnLossCounts.warned(self.pipe) if self._own_counter is None else None
+        counter, exact = OwnLossCounts.of_pipe(self.pipe)
+        self._own_counter, self._own_warn = (counter, None) if exact else (None, counter)
         # a mean over counted targets (ignore_index, class weights) stays exact across micro-batches
         self._counted = counted_mean(loss_fn) if self._given_reduction is None else None
         self.loss_reduction, self._probe_loss, self._kwargs_measured = reduction, probe, {}

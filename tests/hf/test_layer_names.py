@@ -24,12 +24,7 @@ V, B, L = 64, 4, 8
 END = SplitPoint.END
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:

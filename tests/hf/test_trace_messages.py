@@ -16,12 +16,7 @@ from pippy import PipeTraceError, pipeline
 V, B, L = 64, 4, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trace_error(model: torch.nn.Module, **kwargs: Any) -> str:
