@@ -203,7 +203,7 @@ class Executor:
                     stage.set_loss(i, loss / inp.counts[1])
                     st.res.losses.append(loss.detach() / inp.counts[0][i])
                 elif own is not None:  # weighted by its count; the step's factor comes at its end
-                    stage.set_loss(i, own.seed(loss, own.count(ins), inp.check_finite, where))
+                    stage.set_loss(i, own.seed(loss, own.count(ins, stage.submod), inp.check_finite, where))
                     st.res.losses.append(loss.detach())
                 else:
                     stage.set_loss(i, loss * inp.loss_scale)
@@ -213,7 +213,8 @@ class Executor:
                 st.res.losses.append(step_loss(where, i, out, inp.loss_fn, inp.targets[i], True, inp.check_finite,
                                                backward=False))
             if inp.own is not None and not inp.own_trained:  # weights for the merged loss; a loss_fn is not exact
-                inp.own.note(i, ins, inp.training, f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}")
+                inp.own.note(i, ins, inp.training, f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}",
+                             stage.submod)
             if inp.keep_outputs:
                 st.outputs[i] = _detach(out)
         if inp.training:

@@ -1,12 +1,13 @@
-"""A model's own mean class-index loss (``ignore_index``) over micro-batches that count different targets: warned.
+"""A model's own mean class-index loss (``ignore_index``, class ``weight=``): what each micro-batch counts.
 
 ``F.cross_entropy(logits, labels)`` inside ``forward`` (Hugging Face models given ``labels=``) averages over the
-targets that are not ``ignore_index``. A pipeline averages the micro-batches' means, each with weight ``1/m``, so
-when micro-batches hold different numbers of counted targets (padding, masked prompts, MLM masks), the loss it
-returns and the gradients it trains on differ from the full batch's. A ``loss_fn`` given to the schedule is exact
-(:mod:`pippy.runtime.countedmean`); inside the graph only the count is known, per micro-batch, at the loss stage.
-This module reads that count off the last stage's graph (the ops from its inputs to the loss's target, without
-parameters) and warns once, on the first micro-batch whose count differs from micro-batch 0's.
+targets that are not ``ignore_index``, each weighing its class's weight when the loss has ``weight=``. A pipeline
+averages the micro-batches' means, each with weight ``1/m``, so when micro-batches count different totals (padding,
+masked prompts, MLM masks, classes of other weights), the loss it returns and the gradients it trains on differ
+from the full batch's. This module reads a micro-batch's count off the last stage's graph: the ops from its inputs
+to the loss's target (and to the weight, read from the running stage at each count), copied into a small graph.
+:mod:`pippy.runtime.ownscale` weighs the micro-batches by it; where that cannot be exact, the counter warns once,
+on the first micro-batch whose count differs from micro-batch 0's.
 
     >>> import torch, warnings
     >>> from pippy import pipeline
@@ -39,7 +40,7 @@ from pippy.frontend.reducechain import CHAIN_OPS, aten_arg, aten_op
 from pippy.frontend.retarget import retarget_devices
 from pippy.runtime.loss import loss_index
 
-__all__ = ["OwnLossCounts"]
+__all__ = ["OwnLossCounts", "show_count"]
 
 _LOSSES = {"cross_entropy_loss", "nll_loss", "nll_loss_nd", "nll_loss2d"}
 _CHECKS = 16  # micro-batch comparisons (each one host sync) before the check stops: a batch's padding shows early
@@ -72,12 +73,13 @@ def _leaves(args: Any) -> list[fx.Node]:
 class OwnLossCounts:
     """Counts of the targets a stage module's own mean losses average over, per call on the stage's inputs.
 
-    ``of(module)`` is None when the module returns no such loss, or when a loss's target is computed with
-    parameters or submodules (then only the full graph could tell; nothing is checked).
+    ``of(module)`` is None when the module returns no such loss, or when a loss's target (or weight) is computed
+    by a submodule call (then only the full graph could tell; nothing is checked).
     """
 
     def __init__(self, module: fx.GraphModule, names: list[str], positions: list[int]) -> None:
         self.module, self.names, self.positions = module, names, positions
+        self.attrs: list[tuple[str, Any]] = []  # the stage's tensors the counts read (class weights): name, traced
         self.checks = 0
         self.traced: torch.device | None = None  # the device the pipe was traced on (its constants name it)
         self._on: torch.device | None = None  # the device the constants name now
@@ -91,23 +93,43 @@ class OwnLossCounts:
         losses = _mean_losses(module)
         if not losses:
             return None
-        graph, env, outs, names, positions = fx.Graph(), {}, [], [], []
-        for node in module.graph.nodes:
-            if node.op == "placeholder":
-                env[node] = graph.node_copy(node)
+        chains: list[tuple[list[fx.Node], fx.Node, Any, fx.Node | None]] = []
+        names: list[str] = []
+        positions: list[int] = []
+        attrs: dict[fx.Node, None] = {}  # the stage's tensors the counts read, in order
         for k, loss in losses:
             name, schema = aten_op(loss)
             target, ignore = aten_arg(loss, schema, "target"), aten_arg(loss, schema, "ignore_index")
-            if aten_arg(loss, schema, "weight") is not None or not _copy_chain(target, graph, env):
+            weight = aten_arg(loss, schema, "weight")
+            if not _class_index(target):
+                weight = None  # class probabilities: the mean is over samples, weights or not
+            read: dict[fx.Node, None] = {}
+            chain = _chain([target] if weight is None else [target, weight], read)
+            if chain is None:
                 continue
-            ne = graph.call_function(torch.ops.aten.ne.Scalar, (env[target], ignore))
-            outs.append(graph.call_function(torch.ops.aten.sum.default, (ne,)))
-            names.append(f"{name} (ignore_index={ignore})")
+            attrs.update(read)
+            chains.append((chain, target, ignore, weight))
+            names.append(f"{name} (ignore_index={ignore}" + (", class weights)" if weight is not None else ")"))
             positions.append(k)
-        if not outs:
+        if not chains:
             return None
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for node in module.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = graph.node_copy(node)
+        for node in attrs:  # read from the running stage at each count (its device, its loaded values)
+            env[node] = graph.placeholder(f"attr_{len(env)}")
+        outs = []
+        for chain, target, ignore, weight in chains:
+            for node in chain:
+                if node not in env:
+                    env[node] = graph.node_copy(node, lambda n: env[n])
+            outs.append(_count(graph, env[target], ignore, None if weight is None else env[weight]))
         graph.output(tuple(outs))
-        return cls(fx.GraphModule(module, graph), names, positions)
+        counter = cls(fx.GraphModule(module, graph), names, positions)
+        counter.attrs = [(str(node.target), _attr(module, str(node.target))) for node in attrs]
+        return counter
 
     @classmethod
     def of_pipe(cls, pipe: Any) -> tuple[OwnLossCounts | None, bool]:
@@ -120,24 +142,31 @@ class OwnLossCounts:
         counter.traced = getattr(pipe, "traced_device", None)
         return counter, counter.positions == [loss_index(pipe.out_spec, pipe.stage_infos[-1].outputs)]
 
-    def counts(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
-        """Each loss's count of targets on one micro-batch's stage inputs. Device constants the trace baked in (a
+    def counts(self, inputs: Sequence[Any], source: Any = None) -> list[torch.Tensor]:
+        """Each loss's count of targets on one micro-batch's stage inputs (a float sum of class weights for a loss
+        with ``weight=``, read from ``source``: the stage's running module). Device constants the trace baked in (a
         model traced on ``meta``: ``labels.to(logits.device)``) follow the inputs' device, as the stages' do."""
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
         if device is not None and device != self._on:
             retarget_devices(self.module, [d for d in (self.traced, torch.device("meta"), self._on) if d], device)
             self._on = device
+        tensors = []
+        for name, traced in self.attrs:
+            t = _attr(source, name) if source is not None else None
+            t = traced if not isinstance(t, torch.Tensor) else t
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor (sharded parameter)
+            tensors.append(t.detach() if device is None else t.detach().to(device))
         with torch.no_grad():
-            return list(self.module(*inputs))
+            return list(self.module(*inputs, *tensors))
 
-    def check(self, mb: int, inputs: Sequence[Any], where: str, loss_fn: bool = False) -> None:
+    def check(self, mb: int, inputs: Sequence[Any], where: str, loss_fn: bool = False, source: Any = None) -> None:
         """Remember micro-batch 0's counts; warn (and stop checking) when ``mb``'s differ. Bounded host syncs.
         ``loss_fn``: the schedule has one, so the step may train on something else than the model's own loss."""
         first = self._first
         if self.checks >= _CHECKS or (mb != 0 and first is None):
             return
         try:
-            counts = self.counts(inputs)
+            counts = self.counts(inputs, source)
         except Exception:  # a check must never stop a step: an op that does not run here (a device fixed in the trace)
             self.checks = _CHECKS
             return
@@ -146,10 +175,10 @@ class OwnLossCounts:
             return
         self.checks += 1
         for name, c0, c in zip(self.names, first, counts):
-            if int(c0) != int(c):
+            if bool(c0 != c):
                 self.checks = _CHECKS
                 head = (f"{where}: the model's own loss, {name}, is a mean over the targets it counts, and micro-batch "
-                        f"0 counts {int(c0)} of them, micro-batch {mb} {int(c)}. ")
+                        f"0 counts {show_count(c0)} of them, micro-batch {mb} {show_count(c)}. ")
                 if loss_fn:
                     warn_user(head + "The schedule has a loss_fn, so pippy trains on what it returns with equal "
                               "micro-batch weights; if that is this loss, the gradients differ from the full batch's "
@@ -167,22 +196,61 @@ class OwnLossCounts:
                 return
 
 
-def _copy_chain(target: Any, graph: fx.Graph, env: dict[Any, Any]) -> bool:
-    """Copy the ops from the placeholders to ``target`` into ``graph``; False when one reads a parameter/submodule."""
-    if not isinstance(target, fx.Node):
-        return False
+def show_count(count: torch.Tensor) -> str:
+    """A count as a user reads it: whole for targets, to 6 digits for a sum of class weights.
+
+        >>> show_count(torch.tensor(3)), show_count(torch.tensor(2.5, dtype=torch.float64))
+        ('3', '2.5')
+    """
+    return f"{count.item():.6g}" if count.is_floating_point() else str(int(count))
+
+
+def _class_index(target: Any) -> bool:
+    """Whether a loss's target holds class indices (its traced value is an integer tensor), not probabilities."""
+    val = target.meta.get("val") if isinstance(target, fx.Node) else None
+    return not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point
+
+
+def _chain(roots: list[Any], attrs: dict[fx.Node, None]) -> list[fx.Node] | None:
+    """The ops from the placeholders (and the stage's own tensors: a class weight buffer) to ``roots``, in graph
+    order; the tensors read are added to ``attrs``. None when a root is no node, or a submodule is called."""
+    if not all(isinstance(r, fx.Node) for r in roots):
+        return None
     order: list[fx.Node] = []
-    stack, seen = [target], set()
+    stack, seen = list(roots), set()
     while stack:
         node = stack.pop()
-        if node in env or node in seen:
+        if node in seen or node.op == "placeholder":
+            continue
+        seen.add(node)
+        if node.op == "get_attr":
+            attrs.setdefault(node)
             continue
         if node.op != "call_function":
-            return False
-        seen.add(node)
+            return None
         order.append(node)
         stack.extend(_leaves((node.args, node.kwargs)))
-    position = {n: k for k, n in enumerate(target.graph.nodes)}
-    for node in sorted(order, key=position.__getitem__):
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    return True
+    position = {n: k for k, n in enumerate(roots[0].graph.nodes)}
+    return sorted(order, key=position.__getitem__)
+
+
+def _count(graph: fx.Graph, target: fx.Node, ignore: Any, weight: fx.Node | None) -> fx.Node:
+    """The graph's ops for a loss's count: its targets that are not ``ignore``, each weighing its class's weight."""
+    ops = torch.ops.aten
+    ne = graph.call_function(ops.ne.Scalar, (target, ignore))
+    if weight is None:
+        return graph.call_function(ops.sum.default, (ne,))
+    safe = graph.call_function(ops.where.ScalarOther, (ne, target, 0))  # an ignored target may index nothing
+    picked = graph.call_function(ops.index.Tensor, (weight, [safe]))
+    return graph.call_function(ops.sum.default, (graph.call_function(ops.mul.Tensor, (picked, ne)),))
+
+
+def _attr(root: Any, target: str) -> Any:
+    """The tensor a ``get_attr`` target names in ``root`` (or in the module a DDP wrapper holds), or None."""
+    for base in (root, getattr(root, "module", None)):
+        obj = base
+        for part in target.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.Tensor):
+            return obj
+    return None

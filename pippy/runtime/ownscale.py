@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from pippy.runtime.comm import EDGE_TAGS
 from pippy.runtime.dpgroup import DataParallelWorld
 from pippy.runtime.dploss import global_count
-from pippy.runtime.owncount import OwnLossCounts
+from pippy.runtime.owncount import OwnLossCounts, show_count
 from pippy.runtime.stageerror import StageError
 from pippy.runtime.transport import Transport, WaitContext
 
@@ -63,27 +63,28 @@ class OwnScale:
             return
         self._before = {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
 
-    def count(self, inputs: Sequence[Any]) -> torch.Tensor:
-        """Count one micro-batch's targets on its stage inputs, and keep the count (for the merged loss too)."""
+    def count(self, inputs: Sequence[Any], source: Any = None) -> torch.Tensor:
+        """Count one micro-batch's targets on its stage inputs (``source``: the stage's running module, whose class
+        weights a count reads), and keep the count (for the merged loss too)."""
         assert self.counter is not None
-        c = self.counter.counts(inputs)[0]
+        c = self.counter.counts(inputs, source)[0]
         self.counts.append(c)
         return c
 
-    def note(self, mb: int, inputs: Sequence[Any], training: bool, where: str) -> None:
+    def note(self, mb: int, inputs: Sequence[Any], training: bool, where: str, source: Any = None) -> None:
         """Count micro-batch ``mb`` of a step that does not train on this loss (a ``loss_fn``, or ``eval``): for the
         merged loss; in training, warn when counts differ (the ``loss_fn`` may train on this loss, with equal weights)."""
-        self.count(inputs)
+        self.count(inputs, source)
         if self.counter is not None and (training or self.warn_only):
-            self.counter.check(mb, inputs, where, loss_fn=not self.warn_only)
+            self.counter.check(mb, inputs, where, loss_fn=not self.warn_only, source=source)
 
     def seed(self, loss: torch.Tensor, count: torch.Tensor, check_finite: bool, where: str) -> torch.Tensor:
         """A micro-batch's backward seed: its mean loss times ``count / c_ref`` and the mean scale. With
         ``check_finite``, a NaN loss is an error only where the micro-batch counts targets (else it adds nothing)."""
         if self.ref is None:
-            self.ref = torch.ones_like(count) if self.world is not None else count.clamp(min=1)
+            self.ref = torch.ones_like(count) if self.world is not None else torch.where(count > 0, count, 1)
         if check_finite and not bool((torch.isfinite(loss) | (count == 0)).all()):
-            raise StageError(f"{where}: the model's own loss of this micro-batch is {loss.item()} over {int(count)} "
+            raise StageError(f"{where}: the model's own loss of this micro-batch is {loss.item()} over {show_count(count)} "
                              "counted targets; expected a finite number (check_finite=True)")
         ratio = count.to(loss.device, loss.dtype) / self.ref.to(loss.device, loss.dtype)
         return loss * (ratio * self.scale)

@@ -25,6 +25,7 @@ LOSSES: dict[str, tuple[Any, str | None]] = {  # name: (loss_fn, loss_reduction=
     "counted": (nn.CrossEntropyLoss(), None),  # ignore_index padding, all on DP rank 0's share
     "counted_weighted": (functools.partial(nn.functional.cross_entropy, weight=_WEIGHT), None),
     "own_counted": (None, None),  # the model's own F.cross_entropy(ignore_index padding): made exact by pippy
+    "own_weighted": (None, None),  # the same with class weights (a buffer): the mean divides by summed weights
     "sum_kwargs": (nn.functional.mse_loss, None),  # a mean loss_fn, summed by step(loss_kwargs=) (LOSS_KWARGS)
 }
 LOSS_KWARGS: dict[str, dict[str, Any]] = {"sum_kwargs": {"reduction": "sum"}}
@@ -33,17 +34,18 @@ LOSS_KWARGS: dict[str, dict[str, Any]] = {"sum_kwargs": {"reduction": "sum"}}
 class _OwnLoss(nn.Module):
     """The model returning its own mean loss over counted targets, as a Hugging Face model given ``labels=``."""
 
-    def __init__(self, body: nn.Module) -> None:
+    def __init__(self, body: nn.Module, weight: torch.Tensor | None) -> None:
         super().__init__()
         self.body = body
+        self.register_buffer("cw", weight)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.body(x), labels)
+        return nn.functional.cross_entropy(self.body(x), labels, weight=self.cw)
 
 
-def _own_reference_and_pipe(n: int, m: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+def _own_reference_and_pipe(n: int, m: int, weighted: bool) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     torch.manual_seed(0)
-    model = _OwnLoss(_model(n))
+    model = _OwnLoss(_model(n), _WEIGHT.clone() if weighted else None)
     ref = copy.deepcopy(model)
     example = (torch.zeros(8, 8, dtype=torch.float64), torch.zeros(8, dtype=torch.int64))
     pipe = pipeline(model, m, example, split_spec={f"body.{2 * k + 1}": SplitPoint.END for k in range(n - 1)})
@@ -58,7 +60,7 @@ def _batch(loss: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch (16 rows): DP rank r takes rows 8r..8r+7. Class targets: 6 of rank 0's 8 rows are padding."""
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randn(16, 8, generator=g, dtype=torch.float64)
-    if not loss.startswith("counted") and loss != "own_counted":
+    if not loss.startswith(("counted", "own_")):
         return x, torch.randn(16, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (16,), generator=g)
     y[1:7] = -100  # uneven padding across DP ranks and micro-batches
@@ -85,7 +87,7 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
 
 def _global_loss(name: str, losses: list[torch.Tensor], counts: list[torch.Tensor], group: Any) -> float:
     """The global batch's loss from this DP rank's ``losses`` (as the README says to combine them)."""
-    if name.startswith("counted") or name == "own_counted":
+    if name.startswith(("counted", "own_")):
         part = torch.stack([(loss * c).nan_to_num() for loss, c in zip(losses, counts)]).sum()
         both = torch.stack([part, torch.stack(counts).sum().to(part.dtype)])
         dist.all_reduce(both, group=group)
@@ -109,8 +111,9 @@ def dp_losses(rank: int, world: int) -> dict[str, Any]:
         for sname, (cls, v) in SCHEDS.items():
             for lname, (loss_fn, given) in LOSSES.items():
                 n = 2 * v
-                own = lname == "own_counted"
-                ref, ref_opt, pipe = _own_reference_and_pipe(n, m) if own else reference_and_pipe(n, m, out=4)
+                own = lname.startswith("own_")
+                ref, ref_opt, pipe = (_own_reference_and_pipe(n, m, lname == "own_weighted") if own
+                                      else reference_and_pipe(n, m, out=4))
                 place = cls.placement(2, v)
                 stages = [pipe.build_stage(s, "cpu", group=mesh["pp"].get_group()) for s in range(n) if place[s] == pp]
                 for st in stages:
@@ -136,7 +139,7 @@ def dp_losses(rank: int, world: int) -> dict[str, Any]:
                         for fqn, p in st.unwrapped.named_parameters():
                             grad_err = max(grad_err, float((_grad(p) - ref.get_parameter(fqn).grad).abs().max()))
                     if sched.holds(n - 1):
-                        cm = counted_mean(nn.CrossEntropyLoss() if own else loss_fn)
+                        cm = counted_mean(nn.CrossEntropyLoss(weight=ref.cw) if own else loss_fn)
                         counted = lname.startswith("counted") or own
                         counts = [cm.count(t) for t in y.chunk(m)] if counted and cm else []
                         got = _global_loss(lname, losses, counts, mesh["shard"].get_group())

@@ -23,6 +23,7 @@ class OwnLoss(nn.Module):
         super().__init__()
         self.kind = kind
         self.a, self.b, self.c, self.d = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+        self.register_buffer("cw", torch.tensor([0.5, 1.0, 2.0, 3.0, 0.25]))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> object:
         logits = self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))[:, :-1].reshape(-1, 5)
@@ -31,6 +32,13 @@ class OwnLoss(nn.Module):
             return F.nll_loss(F.log_softmax(logits, -1), target, ignore_index=0)
         if self.kind == "weight":
             return F.cross_entropy(logits, target, weight=torch.ones(5, dtype=logits.dtype))
+        if self.kind == "wbuf":  # class weights: the mean divides by the counted targets' summed weights
+            return F.cross_entropy(logits, target, weight=self.cw)
+        if self.kind == "wconst":
+            return F.cross_entropy(logits, target, weight=torch.tensor([2.0, 1.0, 0.5, 4.0, 1.0], dtype=logits.dtype),
+                                   label_smoothing=0.1)
+        if self.kind == "wnll":
+            return F.nll_loss(F.log_softmax(logits, -1), target, weight=self.cw * 2, ignore_index=0)
         if self.kind == "sum":
             return F.cross_entropy(logits, target, reduction="sum") / 7
         if self.kind == "tuple":
@@ -68,9 +76,9 @@ def _run(kind: str, labels: torch.Tensor, sched: type = Schedule1F1B, stages: in
 
 @pytest.mark.parametrize("stages,sched", [(2, Schedule1F1B), (2, ScheduleGPipe), (2, ScheduleZBH1),
                                           (4, ScheduleInterleaved1F1B), (4, ScheduleZBV)])
-@pytest.mark.parametrize("kind", ["ce", "nll", "dict"])
+@pytest.mark.parametrize("kind", ["ce", "nll", "dict", "wbuf", "wconst", "wnll"])
 def test_own_counted_mean_is_exact(kind: str, stages: int, sched: type) -> None:
-    labels = UNEVEN.clamp(min=0) if kind == "nll" else UNEVEN  # nll: 0 is the ignored class
+    labels = UNEVEN.clamp(min=0) if kind in ("nll", "wnll") else UNEVEN  # nll: 0 is the ignored class
     msgs, got, want, lp, ref, _ = _run(kind, labels, sched, stages)
     assert msgs == []
     assert got == pytest.approx(want, rel=1e-13)
@@ -143,3 +151,46 @@ def test_tuple_output_warns_once_naming_stage_and_fix() -> None:
 def test_sum_and_weighted_losses_are_left_alone(kind: str) -> None:
     msgs, got, want, *_ = _run(kind, UNEVEN.clamp(min=0))
     assert msgs == [] and got == pytest.approx(want, rel=1e-13)
+
+
+def test_class_weights_are_read_from_the_running_stage() -> None:
+    """Weights loaded into the stage after tracing (a checkpoint, a meta-device pipe) are the ones counted."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    model = OwnLoss("wbuf").double()
+    pipe = pipeline(model, 4, (x, UNEVEN), split_spec=SPLITS[2])
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4)
+    new = torch.tensor([4.0, 0.1, 1.0, 7.0, 2.0], dtype=torch.float64)
+    lp.stages[-1].submod.get_buffer("cw").copy_(new)
+    ref = copy.deepcopy(model)
+    ref.cw.copy_(new)
+    got = lp.step(x, UNEVEN)
+    want = ref(x, UNEVEN)
+    want.backward()
+    assert float(got) == pytest.approx(float(want.detach()), rel=1e-13)
+    grads = dict(lp.named_grads())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+
+
+class ProbTarget(OwnLoss):
+    """Class probabilities as the target: the mean is over samples, whatever the class weights."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> object:
+        logits = self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+        probs = F.softmax(labels.to(logits.dtype) * torch.linspace(-1, 1, 5, dtype=logits.dtype), -1)
+        return F.cross_entropy(logits.reshape(-1, 5), probs.reshape(-1, 5), weight=self.cw.to(logits.dtype))
+
+
+def test_class_weights_with_probability_targets_stay_a_mean_over_samples() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 4, dtype=torch.float64), torch.randn(8, 3, 5, dtype=torch.float64)
+    model = ProbTarget().double()
+    ref = copy.deepcopy(model)
+    lp = LocalPipeline(pipeline(model, 4, (x, y), split_spec=SPLITS[2]), Schedule1F1B, num_ranks=2,
+                       n_microbatches=4)
+    got = lp.step(x, y)
+    want = ref(x, y)
+    want.backward()
+    assert float(got) == pytest.approx(float(want.detach()), rel=1e-13)
+    torch.testing.assert_close(dict(lp.named_grads())["a.weight"], ref.a.weight.grad, rtol=1e-12, atol=1e-14)
