@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from pippy.frontend.inline import region_call
+
 __all__ = ["written_after", "written_params_across_stages", "written_placeholders"]
 
 _DROPOUTS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")  # CompositeImplicit: may alias
@@ -58,6 +60,12 @@ def _effect(user: fx.Node, value: fx.Node) -> tuple[bool, bool]:
         return False, False
     if user.op == "call_function" and user.target is operator.getitem:
         return False, True  # an element of a tuple of views (split, unbind, ...) is one of them
+    region = region_call(user) if user.op == "call_function" else None
+    if region is not None:  # an autocast / no_grad block of forward: what its ops do to the operand
+        sub, operands = region
+        inner = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        slots = [inner[k] for k, v in enumerate(operands) if v is value and k < len(inner)]
+        return any(written_after(n) for n in slots), any(_reaches_output(n) for n in slots)
     if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
         return True, False
     if _passes_through(user) and user.args and user.args[0] is value:
@@ -69,6 +77,21 @@ def _effect(user: fx.Node, value: fx.Node) -> tuple[bool, bool]:
             writes |= bool(arg.alias_info.is_write)
             aliases |= returns_alias
     return writes, aliases
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """Whether the graph returns ``node``'s value or a view of it (then the caller's result aliases it)."""
+    seen, todo = {node}, [node]
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            if u.op == "output":
+                return True
+            writes, aliases = _effect(u, v)
+            if (aliases or writes) and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
 
 
 def _passes_through(node: fx.Node) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from pippy.frontend.inline import inline_regions
 from pippy.frontend.reducechain import aten_op, decide_reduction, is_flat, is_int, mean_counts, walk_chain
 
 __all__ = ["MicroBatch", "constant_value", "count_divisors", "divides_by_count", "graph_outputs", "graph_reduction", "model_reduction", "output_reductions"]
@@ -163,7 +164,7 @@ def model_reduction(gm: Any, index: int | None, mb: MicroBatch | None = None) ->
     """
     if index is None or not isinstance(gm, fx.GraphModule):
         return None
-    values = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+    values = next(iter(inline_regions(gm).graph.find_nodes(op="output"))).args[0]
     if not isinstance(values, tuple | list) or index >= len(values):
         return None
     return graph_reduction(values[index], mb)
@@ -192,7 +193,7 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
         >>> output_reductions(gm, MicroBatch.of([(torch.ones(2, 3), 0)], ["x"]))
         [None, 'mean', 'same']
     """
-    values = graph_outputs(gm)
+    values = graph_outputs(inline_regions(gm))  # a loss under torch.autocast in forward reads like any other
     out: list[str | None] = []
     big: list[Any] | None = None
 
@@ -200,7 +201,7 @@ def output_reductions(gm: fx.GraphModule, mb: MicroBatch, twice: Callable[[], fx
         nonlocal big
         if big is None:
             other = twice() if twice is not None else None
-            big = graph_outputs(other) if other is not None else []
+            big = graph_outputs(inline_regions(other)) if other is not None else []
         return big[j] if j < len(big) else None
 
     def grows(j: int) -> Callable[[Any], bool]:  # whether the reduced value of output j doubles in ``twice()``
@@ -295,7 +296,7 @@ def divides_by_count(gm: fx.GraphModule, mb: MicroBatch) -> bool:
         >>> divides_by_count(pipe.get_stage_module(0), MicroBatch.of([(torch.ones(2, 3), 0)]))
         True
     """
-    for node in gm.graph.nodes:
+    for node in inline_regions(gm).graph.nodes:
         name, schema = aten_op(node)
         if schema is not None and name == "div" and len(node.args) > 1 and is_int(node.args[1]) \
                 and node.args[1] in mb.counts | mb.ones:  # one row: a count and a literal look alike, taken as a count

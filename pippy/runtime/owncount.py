@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from pippy.frontend.inline import inline_regions
 from pippy.frontend.notice import warn_user
 from pippy.frontend.reducechain import CHAIN_OPS, aten_arg, aten_op
 from pippy.frontend.retarget import retarget_devices
@@ -90,6 +91,7 @@ class OwnLossCounts:
         """The counter for ``module`` (a traced stage's graph module), or None."""
         if not isinstance(module, fx.GraphModule):
             return None
+        module = inline_regions(module)  # a loss computed under torch.autocast in forward
         losses = _mean_losses(module)
         if not losses:
             return None
