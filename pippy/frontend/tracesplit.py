@@ -35,6 +35,7 @@ from pippy.frontend.compiled import strip_prefix, uncompiled
 from pippy.frontend.describe import none_output_notice, repeated_site, returns_none
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.embedcheck import check_embeddings
+from pippy.frontend.inline import inline_regions
 from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
 from pippy.frontend.mutation import written_params_across_stages
 from pippy.frontend.notice import warn_user
@@ -182,7 +183,7 @@ def trace_and_split(
     warn_ambiguous(reductions)
     warn_derived(reductions, [v if not isinstance(v, fx.Node) else constant_value(v) for v in graph_outputs(gm)])
     if num_chunks > 1 and dynamic_shapes is None:
-        warn_mixed_rows(mixed_rows(gm, mb.rows, twice))
+        warn_mixed_rows(mixed_rows(inline_regions(gm), mb.rows, lambda: _inlined(twice())))
     warn_lost_backward(dropped, model_backward_hooks(module))
     if num_chunks > 1:
         warn_batch_statistics(gm)
@@ -373,3 +374,8 @@ def _merge_dims_by_symbols(module: nn.Module, example: tuple[tuple[Any, ...], di
         "model's other sizes",
     )
     return guess
+
+
+def _inlined(gm: fx.GraphModule | None) -> fx.GraphModule | None:
+    """``gm`` with its autocast / no_grad blocks inlined, for reading (None stays None)."""
+    return None if gm is None else inline_regions(gm)

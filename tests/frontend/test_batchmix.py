@@ -39,6 +39,16 @@ class Pairwise(nn.Module):
         return (h[:, None, :] - h[None, :, :]).pow(2).sum(-1)
 
 
+class InBatchAutocast(InBatch):
+    """The same, computed inside an autocast block of forward (a region torch.export keeps as a subgraph)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        u, v = self.a(x), self.b(y)
+        with torch.autocast("cpu", enabled=False):
+            logits = u @ v.T
+            return F.cross_entropy(logits, torch.arange(x.shape[0]))
+
+
 def _warnings(model: nn.Module, args: tuple, chunks: int, spec: dict) -> list[str]:
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
@@ -51,6 +61,12 @@ def test_in_batch_negatives_are_named_by_their_line(chunks: int) -> None:
     x = torch.randn(4, 8)
     said = _warnings(InBatch(), (x, x), chunks, {"a": SplitPoint.END})
     assert len(said) == 1 and "logits = u @ v.T" in said[0] and "test_batchmix.py" in said[0], said
+
+
+def test_in_batch_negatives_inside_an_autocast_block_are_named() -> None:
+    x = torch.randn(4, 8)
+    said = _warnings(InBatchAutocast(), (x, x), 2, {"a": SplitPoint.END})
+    assert len(said) == 1 and "logits = u @ v.T" in said[0], said
 
 
 def test_pairwise_differences_are_named() -> None:
