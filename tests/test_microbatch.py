@@ -322,3 +322,37 @@ def test_an_output_with_a_leading_dim_as_large_as_a_micro_batch_merges_along_the
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12)
     for n, p in model.named_parameters():
         assert torch.allclose(lp.named_grads()[n], p.grad, atol=1e-12), n
+
+
+def _doc_mask(batch: int) -> tuple[object, object]:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = torch.tensor([16, 32, 48, 64, 8, 24][:batch])
+
+    def same_doc(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (q // lengths[b] == kv // lengths[b]) & (q >= kv)
+
+    return same_doc, create_block_mask(same_doc, batch, 1, 64, 64, device="cpu", BLOCK_SIZE=16)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_flex_attention_block_mask_splits_by_rows(n: int) -> None:
+    """Each micro-batch's attention under its part of the mask equals the full batch's rows (a per-row mask)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _, mask = _doc_mask(4)
+    q = torch.randn(4, 1, 64, 8)
+    chunks = split_batch((q,), {"block_mask": mask}, n)
+    kwargs = [k for _, k in chunks]
+    parts = [flex_attention(a[0], a[0], a[0], block_mask=k["block_mask"]) for a, k in chunks]
+    assert [tuple(k["block_mask"].kv_num_blocks.shape) for k in kwargs] == [(4 // n, 1, 4)] * n
+    torch.testing.assert_close(torch.cat(parts), flex_attention(q, q, q, block_mask=mask), rtol=0, atol=0)
+
+
+def test_a_block_mask_for_one_row_broadcasts_and_an_uneven_one_is_refused() -> None:
+    _, one = _doc_mask(1)
+    assert all(m is one for m in split_value(one, 3))
+    _, six = _doc_mask(6)
+    with pytest.raises(ValueError, match="BlockMask for a batch of 6 rows, which does not split into 4"):
+        split_value({"block_mask": six}, 4, what="keyword argument")

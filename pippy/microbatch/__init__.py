@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from pippy.microbatch.blockmask import is_block_mask, split_block_mask
 from pippy.microbatch.specs import (
     _SPEC_TYPES,
     ChunkSpec,  # noqa: F401  (re-exported: its home before specs.py)
@@ -304,6 +305,8 @@ def _leaf_specs(spec: Any, value: Any, n_leaves: int, what: str) -> list[Any]:
 
 
 def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
+    if is_block_mask(leaf) and not isinstance(spec, Replicate) and not _mask_on():
+        return split_block_mask(leaf, n, where)  # flex attention's mask: its rows, its mask_mod shifted
     if not isinstance(leaf, torch.Tensor) or isinstance(spec, Replicate) or (spec is None and leaf.dim() == 0):
         return [leaf] * n
     dim = spec.dim if isinstance(spec, TensorChunkSpec) else 0

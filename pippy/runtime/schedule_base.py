@@ -292,7 +292,7 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
                        grads_were_none=none)
 
     def finish(self, run: StepRun, losses: list[Any] | None = None) -> Any:
-        """End a step that ran to its end: keep its trace and counts, extend ``losses``, merge the outputs.
+        """End a step that ran to its end: keep its trace and counts, fill ``losses``, merge the outputs.
 
         Returns the merged output on the rank holding the last stage, else None.
         """
@@ -317,6 +317,8 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
                 self._tell_others(where, exc)
                 raise
         if losses is not None and self.holds(self.pipe.num_stages - 1):
+            if hasattr(losses, "clear"):  # this step's losses only, as in PyTorch's pipelining (a list reused)
+                losses.clear()
             losses.extend(res.losses)
         if not self.holds(self.pipe.num_stages - 1) or not res.outputs:
             return None
@@ -372,7 +374,7 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
     def _check_losses(self, losses: Any) -> None:
         if losses is not None and not hasattr(losses, "extend"):
             raise TypeError(f"{self.name}: rank {self.rank}: step(losses=...) must be a list that gets each "
-                            f"micro-batch's loss appended, got {type(losses).__name__}; pass losses=[]")
+                            f"micro-batch's loss (its contents are replaced), got {type(losses).__name__}; pass losses=[]")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -382,8 +384,8 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only, keeping no autograd graph; merged output on the last stage's rank, else None.
 
-        As in PyTorch's pipelining package, ``eval(x, target=y, losses=losses)`` also appends each
-        micro-batch's ``loss_fn`` value to ``losses`` on the last stage's rank (``loss_kwargs=`` as in
+        As in PyTorch's pipelining package, ``eval(x, target=y, losses=losses)`` also fills ``losses`` with each
+        micro-batch's ``loss_fn`` value on the last stage's rank (replacing what it held) (``loss_kwargs=`` as in
         :meth:`step`). A model whose own keyword inputs carry one of those names keeps them.
         """
         opts = eval_options(self.pipe, kwargs)

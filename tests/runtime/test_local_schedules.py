@@ -275,3 +275,17 @@ def test_a_stop_gradient_between_stages_schedules_and_trains_exactly(cls: type, 
             assert grads[name] is None or not grads[name].any(), name
         else:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("cls,spr", [(pippy.Schedule1F1B, 1), (pippy.ScheduleZBV, 2)])
+def test_a_losses_list_reused_holds_only_the_last_steps(cls, spr) -> None:
+    """As in PyTorch's pipelining: each step empties ``losses`` first (eval(target=) too)."""
+    model = MarkedMLP(4, per_stage=1 if spr == 2 else 2).double()
+    _, x, tgt, _, loss, pipe = _setup(model, 4)
+    lp = LocalPipeline(pipe, cls, num_ranks=2, n_microbatches=4, loss_fn=mse)
+    losses: list[torch.Tensor] = [torch.tensor(99.0)]
+    for _ in range(2):
+        lp.step(x, target=tgt, losses=losses)
+        assert len(losses) == 4
+    lp.eval(x, target=tgt, losses=losses)
+    assert len(losses) == 4 and abs(float(torch.stack(losses).mean() - loss)) < 1e-12  # no optimizer: same model
