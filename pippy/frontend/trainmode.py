@@ -8,10 +8,13 @@ was traced in, its ops keep their traced constants exactly (so a model traced wi
 in eval mode keeps them so); when its mode differs, the ops take that mode's value (eval: no
 dropout, running statistics, no count; train: the reverse).
 
-Two switches are beyond the graph, and are left as traced: a batch norm traced in eval mode has
+Some switches are beyond the graph, and are left as traced: a batch norm traced in eval mode has
 no ``num_batches_tracked`` count to resume in train mode (it matters only with ``momentum=None``),
-and attention traced in eval mode was given ``dropout_p=0`` by the model, so it stays without
-dropout in train mode. Trace the pipe from the model in the mode it mostly runs in.
+attention traced in eval mode was given ``dropout_p=0`` by the model, so it stays without
+dropout in train mode, and a Python branch on ``self.training`` (timm's ``DropPath``, torchvision's
+``StochasticDepth``, an MoE router's jitter) was taken once, at the trace. A random op such a branch
+left in the graph (``bernoulli_``, ``rand``, ``uniform_``) of a module switched out of its traced
+mode is warned about, once per module. Trace the pipe from the model in the mode it mostly runs in.
 
     >>> import torch
     >>> from torch import nn
@@ -28,19 +31,29 @@ dropout in train mode. Trace the pipe from the model in the mode it mostly runs 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 
+from pippy.frontend.notice import warn_user
+from pippy.frontend.trace import model_line
+
 __all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature",
-           "module_modes", "node_owner", "set_modes", "sync"]
+           "module_modes", "node_owner", "set_modes", "sync", "unswitched_random"]
 
 _SUFFIX = re.compile(r"@\d+$")
 _DROPOUTS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout")
 _SDPA = "scaled_dot_product_attention"
+_RANDOM = frozenset({"bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
+                     "uniform_", "normal_", "normal", "exponential_", "geometric_", "log_normal_", "cauchy_",
+                     "multinomial", "randperm", "poisson"})  # drawn by the model's own code, not a dropout op
+_WARNED: set[str] = set()  # modules already warned about (FQN and op), once per process
 _KEY = "pippy_traced_arg"  # node.meta: (index, kwarg name, traced value) of the rewritten argument
 
 
@@ -178,6 +191,8 @@ def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[s
     """
     now = effective_modes(root, traced_modes)
     any_changed = False
+    owners = list(owners)
+    _warn_unswitched(owners, now, traced_modes)
     for holder in owners:
         changed = False
         for arg in mode_args(holder.graph):
@@ -201,6 +216,89 @@ def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[s
             _recompile(holder)
             any_changed = True
     return any_changed
+
+
+def unswitched_random(graph: fx.Graph, now: Mapping[str, bool], traced_modes: Mapping[str, bool]) -> dict[str, str]:
+    """The random ops of ``graph`` whose module is no longer in its traced mode, by module FQN: the op and the
+    model's line. A Python ``if self.training`` branch chose them at the trace, and no constant switches them.
+
+        >>> import torch
+        >>> from pippy import pipeline
+        >>> class DropPath(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         if not self.training:
+        ...             return x
+        ...         return x * x.new_empty(x.shape[0], 1).bernoulli_(0.9) / 0.9
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), DropPath())
+        >>> pipe = pipeline(net, 1, (torch.ones(2, 2),))
+        >>> found = unswitched_random(pipe.get_stage_module(0).graph, {"": False}, pipe.traced_modes)
+        >>> list(found), found["1"].split(" at ")[0]
+        (['1'], 'bernoulli_')
+    """
+    out: dict[str, str] = {}
+    for node in graph.nodes:
+        op = _op_name(node)
+        if op not in _RANDOM:
+            continue
+        fqn = node_owner(node)
+        training, was = _lookup(now, fqn), _lookup(traced_modes, fqn)
+        if training is not None and was is not None and training != was and _branches_on_mode(node):
+            out.setdefault(fqn, f"{op} at {model_line(node) or node.name}")
+    return out
+
+
+@functools.cache
+def _forward_reads_mode(cls: type) -> bool:
+    try:
+        return "training" in inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+    except (OSError, TypeError, AttributeError):
+        return True  # no source to read: it may branch
+
+
+def _branches_on_mode(node: fx.Node) -> bool:
+    """Whether the module that ran ``node`` reads its mode in ``forward`` (a random op of a module that never does,
+    a VAE's sampling, draws in both modes alike)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    cls = _class(list(stack.values())[-1][1]) if stack else None
+    return not isinstance(cls, type) or _forward_reads_mode(cls)
+
+
+@functools.cache
+def _class(name: Any) -> Any:
+    """The class an ``nn_module_stack`` entry names (``'pkg.mod.Cls'``, or the class itself), or None."""
+    if not isinstance(name, str):
+        return name
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        obj = sys.modules.get(".".join(parts[:cut]))
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, type):
+            return obj
+    return None
+
+
+def _warn_unswitched(owners: list[Any], now: Mapping[str, bool], traced_modes: Mapping[str, bool]) -> None:
+    """Warn once per module about :func:`unswitched_random`'s ops in ``owners``' graphs."""
+    found: dict[str, str] = {}
+    for holder in owners:
+        for fqn, what in unswitched_random(holder.graph, now, traced_modes).items():
+            if f"{fqn}:{what}" not in _WARNED:
+                _WARNED.add(f"{fqn}:{what}")
+                found.setdefault(fqn, what)
+    if not found:
+        return
+    mode = "eval" if not _lookup(now, next(iter(found))) else "train"
+    where = "; ".join(f"{fqn or 'the model'}: {what}" for fqn, what in list(found.items())[:3])
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    warn_user(
+        f"pipeline: modules switched to {mode} mode draw random numbers their traced mode drew: {where}{more}. A "
+        "Python branch on self.training (drop path / stochastic depth, noise) was taken once, when the pipe was "
+        "traced, and pippy can switch only dropout, batch norm and attention dropout in the graph, so these ops "
+        f"still run in {mode} mode and outputs differ from the model's. How to fix: for {mode}, use a pipe traced "
+        f"with the model in {mode} mode (pipeline(model.{mode}(), ...); load this stage's state_dict() into its "
+        "stage), or set the model's rate to 0 (drop_path_rate=0) before tracing if it is not needed"
+    )
 
 
 def _recompile(holder: Any) -> None:

@@ -205,3 +205,41 @@ def test_buffers_written_in_forward_warn_that_each_micro_batch_updates_them() ->
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipeline(Stateful(), 1, (torch.randn(8, 4),), split_spec={"a": SplitPoint.END})  # one micro-batch: exact
+
+
+class DropPath(nn.Module):
+    """timm's drop path: a Python branch on ``self.training``, which the trace takes once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], 1).bernoulli_(0.8)
+        return x * keep / 0.8
+
+
+class Sampling(nn.Module):
+    """Draws noise in both modes alike (a VAE's sampling): nothing to switch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn_like(x)
+
+
+@pytest.mark.parametrize("noise", [DropPath, Sampling])
+def test_random_ops_a_mode_branch_left_are_warned_about_once(noise: type) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(W, W), nn.Sequential(nn.Linear(W, W), noise()), nn.Linear(W, W)).double()
+    x = torch.randn(8, W, dtype=torch.float64)
+    pipe = pipeline(net, 4, (x,), split_spec={"0": SplitPoint.END})
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=mse)
+    _set_stages(lp, "eval")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lp.eval(x)
+        lp.eval(x)
+    said = [str(w.message) for w in seen if "draw random numbers" in str(w.message)]
+    if noise is Sampling:
+        assert said == []
+        return
+    assert len(said) == 1, said
+    assert "1.1: bernoulli_ at" in said[0] and "keep = x.new_empty" in said[0]
+    assert "pipeline(model.eval(), ...)" in said[0] and "drop_path_rate=0" in said[0]
