@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from pippy.microbatch import Replicate, Sum, TensorChunkSpec
     from pippy.ModelSplit import split_by_graph, split_into_equal_size, split_on_size_threshold
     from pippy.pipe import ArgsChunkSpec, KwargsChunkSpec, Pipe, pipeline
+    from pippy.pipeinfo import PipeInfo, build_stage
     from pippy.runtime.api import (
         PipelineSchedule,
         PipelineScheduleMulti,
@@ -41,8 +42,13 @@ if TYPE_CHECKING:
     from pippy.runtime.comm import PipeCommError, PipeTimeoutError
     from pippy.runtime.generate import GenerationPipe, GenerationStage, generate, pipeline_for_generation
     from pippy.runtime.gradscaler import PipelineGradScaler
-    from pippy.runtime.schedule_names import ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, get_schedule_class
-    from pippy.runtime.stage import StageError
+    from pippy.runtime.schedule_names import (
+        ScheduleInterleavedZeroBubble,
+        ScheduleZBVZeroBubble,
+        _ScheduleForwardOnly,
+        get_schedule_class,
+    )
+    from pippy.runtime.stage import PipeliningShapeError, StageError
     from pippy.runtime.userstage import PipelineStage
     from pippy.sim.cost import CostModel, StageCost
     from pippy.sim.profile import profile, profile_ranks
@@ -59,6 +65,7 @@ __all__ = [
     "ManualPipelineStage",
     "Pipe",
     "PipeCommError",
+    "PipeInfo",
     "PipeTimeoutError",
     "PipeTraceError",
     "PipelineGradScaler",
@@ -66,6 +73,7 @@ __all__ = [
     "PipelineScheduleMulti",
     "PipelineScheduleSingle",
     "PipelineStage",
+    "PipeliningShapeError",
     "Replicate",
     "Schedule1F1B",
     "ScheduleDualPipeV",
@@ -84,8 +92,10 @@ __all__ = [
     "StageError",
     "Sum",
     "TensorChunkSpec",
+    "_ScheduleForwardOnly",
     "annotate_split_points",
     "autosplit",
+    "build_stage",
     "clip_grad_norm_",
     "generate",
     "get_schedule_class",
@@ -112,6 +122,8 @@ _WHERE = {
     "pipeline": "pippy.pipe",
     "ArgsChunkSpec": "pippy.pipe",
     "KwargsChunkSpec": "pippy.pipe",
+    "PipeInfo": "pippy.pipeinfo",
+    "build_stage": "pippy.pipeinfo",
     "ManualPipelineStage": "pippy.ManualPipelineStage",
     **{n: "pippy.ModelSplit" for n in ("split_by_graph", "split_into_equal_size", "split_on_size_threshold")},
     **{n: "pippy.frontend.costsplit" for n in ("autosplit", "graphsplit")},
@@ -132,6 +144,7 @@ _WHERE = {
     "PipeTimeoutError": "pippy.runtime.comm",
     "PipelineStage": "pippy.runtime.userstage",
     "StageError": "pippy.runtime.stage",
+    "PipeliningShapeError": "pippy.runtime.stage",
     "CostModel": "pippy.sim.cost",
     "StageCost": "pippy.sim.cost",
     "profile": "pippy.sim.profile",
@@ -140,13 +153,14 @@ _WHERE = {
     "synthesize": "pippy.sim.synthesize",
     **{n: "pippy.runtime.api" for n in __all__ if n.startswith(("Schedule", "PipelineSchedule"))},
     **{n: "pippy.runtime.schedule_names" for n in ("ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble",
-                                                   "get_schedule_class")},
+                                                   "_ScheduleForwardOnly", "get_schedule_class")},
 }
 
 
 _SUBMODULES = frozenset({
     "ManualPipelineStage", "ModelSplit", "PipelineSchedule", "PipelineStage", "_IR", "_PipelineStage", "_backward",
-    "checkpoint", "cli", "frontend", "hf", "microbatch", "pipe", "recompute", "runtime", "schedules", "sim",
+    "checkpoint", "cli", "frontend", "hf", "microbatch", "pipe", "pipeinfo", "recompute", "runtime", "schedules",
+    "sim",
 })
 
 

@@ -25,6 +25,7 @@ from pippy.frontend.root import root_module, run_local
 from pippy.frontend.trace import SplitPoint
 from pippy.frontend.tracesplit import trace_and_split
 from pippy.microbatch import TensorChunkSpec
+from pippy.pipeinfo import PipeInfo, pipe_info
 from pippy.runtime.build import build_stage
 from pippy.runtime.userstage import PipelineStage
 
@@ -71,6 +72,39 @@ class Pipe(SplitPipe):
         """
         return build_stage(self, i, device, group, checkpoint=checkpoint, init_fn=init_fn, recompute=recompute,
                            pp_dim=pp_dim)
+
+    def info(self) -> PipeInfo:
+        """The pipe's graph, stage count and loss flag, for ``build_stage(stage_module, i, pipe.info(), device)``
+        (PyTorch pipelining's ``Pipe.info``).
+
+            >>> pipe = pipeline(torch.nn.Linear(2, 2), 2, (torch.ones(4, 2),))
+            >>> pipe.info().num_stages
+            1
+        """
+        return pipe_info(self)
+
+    def to(self, *args: Any, **kwargs: Any) -> Pipe:
+        """Move the pipe's stage modules to a device; returns the pipe (PyTorch pipelining's ``Pipe`` is a module).
+
+        As ``nn.Module.to``, for devices: stages built afterwards start from the moved modules and
+        go to the ``device`` given to ``build_stage``; a stage built before keeps its own copy where
+        it is. The dtypes stay those traced (the messages between stages carry them): cast the
+        model before ``pipeline()``.
+
+            >>> pipe = pipeline(torch.nn.Linear(2, 2), 1, (torch.ones(1, 2),))
+            >>> pipe.to("cpu") is pipe, pipe.build_stage(0, torch.device("cpu")).device
+            (True, device(type='cpu'))
+        """
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            raise TypeError(
+                f"Pipe.to({', '.join(map(repr, args))}): expected a device only, got the dtype {dtype}. The pipe's "
+                "stages send the dtypes they were traced in; cast the model (model.to(dtype)) before pipeline(), or "
+                "pass torch.autocast / compute_dtype= to pipeline()"
+            )
+        for info in self.stage_infos:
+            info.module.to(device, non_blocking=non_blocking)
+        return self
 
     # ------------------------------------------------------------------ PiPPy's Pipe surface
     has_loss_and_backward = False  # PiPPy's flag: pippy never folds a loss and backward into the pipe

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from pippy import pipe_split
+from pippy import PipeliningShapeError, pipe_split
 from pippy.microbatch import (
     Replicate,
     Sum,
@@ -43,7 +43,7 @@ def test_scalar_outputs_merge_as_mean_or_sum() -> None:
 
 @pytest.mark.parametrize(("size", "n", "msg"), [(2, 4, "smaller than the 4"), (10, 4, "multiple of 4")])
 def test_bad_batch_sizes(size: int, n: int, msg: str) -> None:
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(PipeliningShapeError, match=msg):  # a ValueError too, as before
         split_value(torch.zeros(size, 2), n)
 
 
@@ -356,3 +356,22 @@ def test_a_block_mask_for_one_row_broadcasts_and_an_uneven_one_is_refused() -> N
     _, six = _doc_mask(6)
     with pytest.raises(ValueError, match="BlockMask for a batch of 6 rows, which does not split into 4"):
         split_value({"block_mask": six}, 4, what="keyword argument")
+
+
+def test_chunk_specs_from_a_tuple_or_a_dict_of_dims() -> None:
+    """PyTorch pipelining's helpers: one TensorChunkSpec per int, nested containers kept, specs passed through."""
+    args = TensorChunkSpec.from_tuple((0, 1, [0, Replicate()]))
+    kwargs = TensorChunkSpec.from_dict({"mask": 1, "ids": 0})
+    assert args == (TensorChunkSpec(0), TensorChunkSpec(1), [TensorChunkSpec(0), Replicate()])
+    assert kwargs == {"mask": TensorChunkSpec(1), "ids": TensorChunkSpec(0)}
+    x, m = torch.arange(12.0).view(2, 6), torch.arange(8.0).view(2, 4)
+    mbs = split_batch((x, x), {"mask": m, "ids": m}, 2, args_spec=TensorChunkSpec.from_tuple((0, 1)),
+                      kwargs_spec=kwargs)
+    assert mbs[0][0][0].shape == (1, 6) and mbs[0][0][1].shape == (2, 3) and mbs[1][1]["mask"].shape == (2, 2)
+    assert torch.equal(mbs[1][1]["mask"], m[:, 2:]) and torch.equal(mbs[1][1]["ids"], m[1:])
+    with pytest.raises(TypeError, match=r"from_tuple: expected a tuple of ints .* got int"):
+        TensorChunkSpec.from_tuple(0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"from_dict: expected a dict of ints .* got tuple"):
+        TensorChunkSpec.from_dict((0,))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected an int dim, got True"):
+        TensorChunkSpec.from_dict({"x": True})

@@ -13,7 +13,7 @@ from models import MarkedMLP, mse
 from torch import nn
 
 import pippy
-from pippy import PipeTraceError, SplitPoint, StageError, pipe_split, pipeline
+from pippy import PipeliningShapeError, PipeTraceError, SplitPoint, StageError, pipe_split, pipeline
 from pippy.runtime.local import LocalPipeline
 from pippy.runtime.localcomm import LocalTransport
 from pippy.runtime.userstage import _StageCall
@@ -325,8 +325,8 @@ def test_batches_whose_microbatches_differ() -> None:
     assert "traced for (2, 8)" in msg and "Replicate()" in msg
     with pytest.raises(ValueError, match=r"leaf 1 \(args\[0\]\[1\]\) has size 5 .* multiple of 2"):
         lp.step([x8(), x8(5)], target=y)
-    with pytest.raises(ValueError, match=r"leaf 0 \(args\[0\]\[0\]\): a micro-batch has shape \(2, 8\) torch\.float32, "
-                                         r"but the pipeline was traced for \(2, 8\) torch\.float64"):
+    with pytest.raises(PipeliningShapeError, match=r"dtype mismatch at input leaf 0 \(args\[0\]\[0\]\): a micro-batch "
+                       r"is torch\.float32 \(shape \(2, 8\) as traced\), but the pipeline was traced for torch\.float64"):
         lp.step([x8().float(), x8()], target=y)  # float32 where float64 was traced
 
 
@@ -396,8 +396,9 @@ def test_microbatch_count_a_multi_stage_schedule_cannot_take() -> None:
     pippy.ScheduleDualPipeV(mine, 3, mse, transport=ends[0])
     pippy.ScheduleInterleaved1F1B([mine[0], pipe.build_stage(2, "cpu")], 1, mse, transport=ends[0])  # m < p is fine
     three = pipeline(MarkedMLP(3, 1).double(), 2, (x8(),))
-    with pytest.raises(StageError, match=r"with 2 ranks and 2 stages per rank this schedule places 4 stages "
-                                         r".* but the pipe has 3; split the model into 4 stages "
+    with pytest.raises(StageError, match=r"on 2 rank\(s\) this schedule runs 4 stages, 2 per rank "
+                                         r".* but the pipe has 3 stages, 2 of them passed on this rank\. Expected 4 "
+                                         r"stages: split the model into 4 stages "
                                          r"\(its 3 stages come from the split points .*models\.py"):
         pippy.ScheduleLoopedBFS([three.build_stage(0, "cpu"), three.build_stage(2, "cpu")], 2, mse,
                                 transport=LocalTransport.world(2)[0])

@@ -28,6 +28,8 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from pippy.microbatch.errors import PipeliningShapeError
+
 __all__ = ["SymDim", "check_dims", "describe_input_dims", "export_dynamic_shapes", "sym_dims", "sym_hint"]
 
 
@@ -199,21 +201,21 @@ def _bound(x: Any) -> int | None:
 
 
 def check_dims(name: str, got: torch.Tensor, want: tuple[int | SymDim, ...], bound: dict[str, tuple[int, str]]) -> None:
-    """Raise ``ValueError`` unless tensor ``got`` fits ``want``; ``bound`` keeps each symbol's size so far.
+    """Raise ``PipeliningShapeError`` (a ``ValueError``) unless tensor ``got`` fits ``want``; ``bound`` keeps each symbol's size so far.
 
     Sizes of one symbol must agree across inputs (e.g. ``input_ids`` and ``attention_mask`` lengths).
 
         >>> check_dims("x", torch.ones(2, 300), (2, SymDim("s0", 2, 256)), {})
         Traceback (most recent call last):
         ...
-        ValueError: x: dimension 1 is 300, outside the range 2..256 it was traced for ...
+        pippy.runtime.stage.PipeliningShapeError: x: dimension 1 is 300, outside the range 2..256 it was traced for ...
     """
     if got.dim() != len(want):
-        raise ValueError(f"{name}: has {got.dim()} dimensions (shape {tuple(got.shape)}), traced with {len(want)}")
+        raise PipeliningShapeError(f"{name}: has {got.dim()} dimensions (shape {tuple(got.shape)}), traced with {len(want)}")
     for i, (size, w) in enumerate(zip(got.shape, want)):
         if isinstance(w, int):
             if size != w:
-                raise ValueError(
+                raise PipeliningShapeError(
                     f"{name}: dimension {i} is {size}, but it was traced as static {w} (shape "
                     f"{tuple(got.shape)} vs {_show(want)}). How to fix: declare it dynamic, e.g. "
                     f"pipeline(..., dynamic_shapes={{'<input>': {{{i}: (lo, hi)}}}}) or dynamic_shapes='auto'; or, if "
@@ -221,7 +223,7 @@ def check_dims(name: str, got: torch.Tensor, want: tuple[int | SymDim, ...], bou
                 )
             continue
         if size < w.lo or (w.hi is not None and size > w.hi):
-            raise ValueError(
+            raise PipeliningShapeError(
                 f"{name}: dimension {i} is {size}, outside the range {w.describe()} it was traced for "
                 f"(shape {tuple(got.shape)} vs {_show(want)}; per micro-batch). How to fix: keep it in range, or trace with a wider "
                 f"range in dynamic_shapes.{_SMALL if size < 2 else ''}"
@@ -230,7 +232,7 @@ def check_dims(name: str, got: torch.Tensor, want: tuple[int | SymDim, ...], bou
         if seen is None:
             bound[w.name] = (int(size), f"{name} dimension {i}")
         elif seen[0] != size and not _depends(w.name):
-            raise ValueError(
+            raise PipeliningShapeError(
                 f"{name}: dimension {i} is {size}, but {seen[1]} is {seen[0]}; the trace found them equal "
                 f"(both are {w.name}). Pass inputs whose sizes agree"
             )

@@ -6,7 +6,7 @@ another dim (a feature or sequence size), the number of dims, or the dtype.
 
     >>> import torch
     >>> print(input_mismatch("input leaf 0 (args[0])", torch.ones(2, 9), torch.ones(2, 8)))
-    input leaf 0 (args[0]): a micro-batch has shape (2, 9) torch.float32, but the pipeline was traced for (2, 8) \
+    shape mismatch at input leaf 0 (args[0]): a micro-batch has shape (2, 9) torch.float32, but the pipeline was traced for (2, 8) \
 torch.float32 (full batch / num_chunks). Dim 1 is 9, traced as 8: not the batch dim, so this is a feature or \
 sequence size of the input, and a static pipe runs the traced one. Pass inputs of the traced size (check the \
 data pipeline), or trace again with an example of this size (dynamic_shapes={'<input>': {1: (lo, hi)}} if it varies).
@@ -16,7 +16,26 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dtype_advice", "input_mismatch"]
+__all__ = ["dtype_advice", "handcut_mismatch", "input_mismatch", "mismatch_kind"]
+
+
+def mismatch_kind(got: torch.Tensor, ex: torch.Tensor) -> str:
+    """What differs between ``got`` and ``ex``, in the words PyTorch pipelining's shape errors use.
+
+        >>> mismatch_kind(torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.int64))
+        'dtype mismatch'
+        >>> mismatch_kind(torch.ones(3), torch.ones(2, dtype=torch.int64))
+        'shape mismatch and dtype mismatch'
+    """
+    kinds = [k for k, differs in (("shape", tuple(got.shape) != tuple(ex.shape)), ("dtype", got.dtype != ex.dtype))
+             if differs]
+    return " and ".join(f"{k} mismatch" for k in kinds) or "no mismatch"
+
+
+def _cast(dtype: torch.dtype) -> str:
+    """The tensor method that casts to ``dtype``: ``x.float()``, ``x.long()``, else ``x.to(dtype)``."""
+    return {torch.float32: "x.float()", torch.float64: "x.double()", torch.int64: "x.long()", torch.int32: "x.int()",
+            torch.bfloat16: "x.bfloat16()", torch.float16: "x.half()", torch.bool: "x.bool()"}.get(dtype, f"x.to({dtype})")
 
 
 def dtype_advice(got: torch.dtype, traced: torch.dtype) -> str:
@@ -25,21 +44,53 @@ def dtype_advice(got: torch.dtype, traced: torch.dtype) -> str:
         >>> dtype_advice(torch.int64, torch.float32)
         'cast it to torch.float32 (x.float()), or trace again with an example of torch.int64'
     """
-    cast = {torch.float32: "x.float()", torch.float64: "x.double()", torch.int64: "x.long()", torch.int32: "x.int()",
-            torch.bfloat16: "x.bfloat16()", torch.float16: "x.half()", torch.bool: "x.bool()"}.get(traced,
-                                                                                                 f"x.to({traced})")
-    return f"cast it to {traced} ({cast}), or trace again with an example of {got}"
+    return f"cast it to {traced} ({_cast(traced)}), or trace again with an example of {got}"
+
+
+def handcut_mismatch(name: str, got: torch.Tensor, ex: torch.Tensor, learned: bool) -> str:
+    """The message for micro-batch input ``got`` unlike ``ex``, the input of hand-cut stages.
+
+    ``learned``: the stages learned ``ex`` at their first step (built without ``input_args``);
+    else ``input_args`` gave it. Only what differs is named: a dtype alone gets a cast, not sizes.
+
+        >>> print(handcut_mismatch("input leaf 0 (args[0])", torch.ones(2, 3, dtype=torch.int32),
+        ...                        torch.ones(2, 3, dtype=torch.int64), learned=True))
+        dtype mismatch at input leaf 0 (args[0]): a micro-batch is torch.int32, but these hand-cut stages learned \
+torch.int64 at their first step (built without input_args); the stages send and receive that dtype. Cast it to \
+torch.int64 (x.long()), or build new stages (and a new schedule) for torch.int32
+    """
+    where = ("these hand-cut stages learned {} at their first step (built without input_args)" if learned else
+             "ManualPipelineStage's input_args gave {}")
+    head = f"{mismatch_kind(got, ex)} at {name}: a micro-batch"
+    if tuple(got.shape) == tuple(ex.shape):
+        return (f"{head} is {got.dtype}, but {where.format(ex.dtype)}; the stages send and receive that dtype. Cast it to "
+                f"{ex.dtype} ({_cast(ex.dtype)}), or build new stages (and a new schedule) for {got.dtype}")
+    dtype = (f" (its dtype too: cast it to {ex.dtype} with {_cast(ex.dtype)})" if got.dtype != ex.dtype else "")
+    if learned:
+        return (f"{head} has shape {tuple(got.shape)} {got.dtype}, but {where.format(f'{tuple(ex.shape)} {ex.dtype}')}, "
+                "and their messages stay that size. Keep the batch size and micro-batch count of that step"
+                f"{dtype}, or build new stages (and a new schedule) for the new size")
+    return (f"{head} has shape {tuple(got.shape)} {got.dtype}, but {where.format(f'{tuple(ex.shape)} {ex.dtype}')}. "
+            "input_args is one micro-batch (batch / n_microbatches rows, e.g. x[:len(x) // n]), not the whole batch: "
+            f"pass one micro-batch there, or a batch of n_microbatches micro-batches of that shape{dtype}")
 
 
 def input_mismatch(name: str, got: torch.Tensor, ex: torch.Tensor, batch_dim: int = 0,
                    n_microbatches: int | None = None, num_chunks: int | None = None) -> str:
     """The message for micro-batch input ``got`` that differs from the traced ``ex`` in shape and/or dtype.
 
+        >>> print(input_mismatch("input leaf 0 (args[0])", torch.ones(2, 3, dtype=torch.int32),
+        ...                      torch.ones(2, 3, dtype=torch.int64)))
+        dtype mismatch at input leaf 0 (args[0]): a micro-batch is torch.int32 (shape (2, 3) as traced), but the pipeline was traced for torch.int64: cast it to torch.int64 (x.long()), or trace again with an example of torch.int32.
+
     ``batch_dim`` is the dim the batch is split along; ``n_microbatches`` (the schedule's) and
     ``num_chunks`` (the pipe's), when both are known and differ, explain a micro-batch of another size.
     """
     gs, es = tuple(got.shape), tuple(ex.shape)
-    head = (f"{name}: a micro-batch has shape {gs} {got.dtype}, but the pipeline was traced for {es} {ex.dtype} "
+    if gs == es:  # the dtype alone: nothing about sizes
+        return (f"dtype mismatch at {name}: a micro-batch is {got.dtype} (shape {gs} as traced), but the pipeline was "
+                f"traced for {ex.dtype}: {dtype_advice(got.dtype, ex.dtype)}.")
+    head = (f"{mismatch_kind(got, ex)} at {name}: a micro-batch has shape {gs} {got.dtype}, but the pipeline was traced for {es} {ex.dtype} "
             "(full batch / num_chunks).")
     fixes = []
     if got.dtype != ex.dtype:

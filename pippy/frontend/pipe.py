@@ -27,10 +27,11 @@ from torch.utils import _pytree as pytree
 from pippy.frontend.assign import SplitPolicy
 from pippy.frontend.describe import describe_pipe, describe_split_sites
 from pippy.frontend.dynamic import SymDim, check_dims
-from pippy.frontend.mismatch import dtype_advice, input_mismatch
+from pippy.frontend.mismatch import dtype_advice, handcut_mismatch, input_mismatch
 from pippy.frontend.notice import called_by_user, warn_user
 from pippy.frontend.split import StageInfo, ValueMeta
 from pippy.microbatch import Replicate, Sum, TensorChunkSpec, merge_chunks, split_batch
+from pippy.microbatch.errors import PipeliningShapeError, value_error_like
 
 __all__ = ["SharedParam", "SplitPipe", "SplitPolicy", "ValueMeta", "describe_split_sites"]
 
@@ -210,26 +211,15 @@ class SplitPipe:
                 dims = self.input_dims[k] if self.input_dims is not None else None
                 if dims is not None:
                     if got.dtype != ex.dtype:
-                        raise ValueError(f"{name}: a micro-batch is {got.dtype}, but the pipeline was traced for "
-                                         f"{ex.dtype}; {dtype_advice(got.dtype, ex.dtype)}")
+                        raise PipeliningShapeError(f"dtype mismatch at {name}: a micro-batch is {got.dtype}, but "
+                                                   f"the pipeline was traced for {ex.dtype}; "
+                                                   f"{dtype_advice(got.dtype, ex.dtype)}")
                     check_dims(name, got, dims, bound)
                 elif tuple(got.shape) != tuple(ex.shape) or got.dtype != ex.dtype:
-                    if getattr(self, "learned", False):
-                        raise ValueError(
-                            f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but these hand-cut "
-                            f"stages learned {tuple(ex.shape)} {ex.dtype} at their first step (built without "
-                            "input_args), and their messages stay that size. Keep the batch size and micro-batch "
-                            "count of that step, or build new stages (and a new schedule) for the new size"
-                        )
-                    if getattr(self, "manual", False):
-                        raise ValueError(
-                            f"{name}: a micro-batch has shape {tuple(got.shape)} {got.dtype}, but "
-                            f"ManualPipelineStage's input_args gave {tuple(ex.shape)} {ex.dtype}. input_args is one "
-                            "micro-batch (batch / n_microbatches rows, e.g. x[:len(x) // n]), not the whole batch: "
-                            "pass one micro-batch there, or a batch of n_microbatches micro-batches of that shape"
-                        )
-                    raise ValueError(input_mismatch(name, got, ex, self._split_dim(path), n_microbatches,
-                                                    self.num_chunks))
+                    if getattr(self, "manual", False) or getattr(self, "learned", False):
+                        raise PipeliningShapeError(handcut_mismatch(name, got, ex, getattr(self, "learned", False)))
+                    raise PipeliningShapeError(input_mismatch(name, got, ex, self._split_dim(path), n_microbatches,
+                                                              self.num_chunks))
             elif isinstance(got, torch.Tensor):
                 raise ValueError(
                     f"{name} is a tensor {list(got.shape)} {got.dtype} but the pipeline was traced with {ex!r} there. "
@@ -274,8 +264,8 @@ class SplitPipe:
         for i, (a, k) in enumerate(mbs):
             try:
                 out.append(self.flatten_inputs(a, k))
-            except ValueError as exc:
-                raise ValueError(f"micro-batch {i} of {n}: {exc}") from None
+            except ValueError as exc:  # a shape error stays one (PipeliningShapeError)
+                raise value_error_like(exc)(f"micro-batch {i} of {n}: {exc}") from None
         return out
 
     def _split_dim(self, path: tuple[Any, ...]) -> int:

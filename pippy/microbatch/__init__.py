@@ -18,6 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pippy.microbatch.blockmask import is_block_mask, split_block_mask
+from pippy.microbatch.errors import PipeliningShapeError
 from pippy.microbatch.specs import (
     _SPEC_TYPES,
     ChunkSpec,  # noqa: F401  (re-exported: its home before specs.py)
@@ -314,13 +315,13 @@ def _split_leaf(leaf: Any, n: int, spec: Any, where: str) -> list[Any]:
         raise ValueError(f"{where} is a 0-dim tensor and cannot be split along dim {dim}; use Replicate()")
     size = leaf.shape[dim]
     if size < n:
-        raise ValueError(
+        raise PipeliningShapeError(
             f"{where} has size {size} along dim {dim}, smaller than the {n} micro-batches asked for. "
             f"Use a batch of at least {n} (a multiple of {n}), or fewer micro-batches; if this input is not batched "
             "(positions, a mask shared by every row), give it Replicate() in its chunk spec."
         )
     if size % n:
-        raise ValueError(
+        raise PipeliningShapeError(
             f"{where} has size {size} along dim {dim}, which does not split into {n} equal micro-batches. "
             f"Use a batch size that is a multiple of {n} (e.g. {size - size % n} or {size + n - size % n}), "
             "or a micro-batch count that divides it (pippy never lowers the count silently); if this input is not "

@@ -29,6 +29,47 @@ class TensorChunkSpec:
         """PiPPy's name for ``dim``."""
         return self.dim
 
+    @staticmethod
+    def from_tuple(chunk_dims: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A tuple of specs from a tuple of dims, one per positional input (PyTorch pipelining's helper).
+
+            >>> TensorChunkSpec.from_tuple((0, 1))
+            (TensorChunkSpec(dim=0), TensorChunkSpec(dim=1))
+        """
+        if not isinstance(chunk_dims, tuple | list):
+            raise TypeError(f"TensorChunkSpec.from_tuple: expected a tuple of ints (one dim per positional input), got "
+                            f"{type(chunk_dims).__name__}; write e.g. TensorChunkSpec.from_tuple((0,))")
+        return tuple(_specs_of(d, "from_tuple") for d in chunk_dims)
+
+    @staticmethod
+    def from_dict(chunk_dims: dict[str, Any]) -> dict[str, Any]:
+        """A dict of specs from a dict of dims, one per keyword input (PyTorch pipelining's helper).
+
+            >>> TensorChunkSpec.from_dict({"mask": 1})
+            {'mask': TensorChunkSpec(dim=1)}
+        """
+        if not isinstance(chunk_dims, dict):
+            raise TypeError(f"TensorChunkSpec.from_dict: expected a dict of ints (one dim per keyword input), got "
+                            f"{type(chunk_dims).__name__}; write e.g. TensorChunkSpec.from_dict({{'mask': 0}})")
+        return {k: _specs_of(d, "from_dict") for k, d in chunk_dims.items()}
+
+
+def _specs_of(dims: Any, where: str) -> Any:
+    """``TensorChunkSpec(d)`` for each int ``d`` in a nest of tuples, lists and dicts; other leaves kept (a spec).
+
+        >>> _specs_of([0, {"a": 1}], "x")
+        [TensorChunkSpec(dim=0), {'a': TensorChunkSpec(dim=1)}]
+    """
+    if isinstance(dims, bool):
+        raise TypeError(f"TensorChunkSpec.{where}: expected an int dim, got {dims!r}; write the dim to split along")
+    if isinstance(dims, int):
+        return TensorChunkSpec(dims)
+    if isinstance(dims, dict):
+        return {k: _specs_of(v, where) for k, v in dims.items()}
+    if isinstance(dims, tuple | list):
+        return type(dims)(_specs_of(v, where) for v in dims)
+    return dims
+
 
 @dataclass(frozen=True, slots=True)
 class Replicate:

@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from pippy.frontend.split import USER, ValueMeta
+from pippy.frontend.split import USER
 from pippy.runtime import usergrad
 from pippy.runtime.dpstep import DataParallelStep
 from pippy.runtime.loss import step_loss
 from pippy.runtime.plan import CommPlan
 from pippy.runtime.receives import Receives, action_ctx
 from pippy.runtime.sendorder import SendOrder
-from pippy.runtime.shapes import HEADER_TAG, needs_incoming, send_value
+from pippy.runtime.shapes import HEADER_TAG, check_output, needs_incoming, send_value
 from pippy.runtime.stage import Stage, StageError
 from pippy.runtime.stepstate import StepInputs, StepResult, _Step, add_grad
 from pippy.runtime.tied import TiedGrads
@@ -184,7 +184,7 @@ class Executor:
                                   outs, False, stage.unfrozen_params)
         for j, (o, meta) in enumerate(zip(outs, info.outputs)):
             if isinstance(o, torch.Tensor):
-                _check_meta(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})")
+                check_output(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})")
                 if meta.dynamic:
                     self.receives.note_output(f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}", s, j, meta,
                                               tuple(o.shape))
@@ -379,18 +379,6 @@ class Executor:
     # ------------------------------------------------------------------ details
     def _ctx(self, a: Action, peer: int, what: str) -> WaitContext:
         return action_ctx(self.rank, a, peer, what)
-
-
-def _check_meta(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: str) -> None:
-    if t.dtype != meta.dtype or not meta.fits(tuple(t.shape)):
-        fixed = ("Dtypes and the dimensions not marked '?' are fixed at trace time" if meta.dynamic else
-                 "Shapes and dtypes are fixed at trace time: use the traced micro-batch size (or trace with "
-                 "dynamic_shapes)")
-        raise StageError(
-            f"rank {rank}, stage {a.stage}, action {a} (micro-batch {a.mb}): {what} is {t.dtype}{list(t.shape)} but the traced "
-            f"pipe expects {meta.describe()}. {fixed}; keep the stage's computation as traced (no dtype or shape "
-            "that depends on the data)"
-        )
 
 
 def _detach(x: Any) -> Any:

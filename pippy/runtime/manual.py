@@ -33,7 +33,7 @@ from pippy.frontend.precision import autocast_state
 from pippy.frontend.split import USER, InputRef, StageInfo, ValueMeta
 from pippy.runtime.comm import PipeTimeoutError
 from pippy.runtime.guards import rank_or_none, use_cuda_device
-from pippy.runtime.stage import Stage
+from pippy.runtime.stage import PipeliningShapeError, Stage
 from pippy.runtime.transport import default_timeout
 from pippy.runtime.watch import group_store
 
@@ -167,6 +167,17 @@ def _enc(m: ValueMeta) -> list[Any]:
     return [list(m.shape or ()), str(m.dtype), m.requires_grad]
 
 
+def _mismatch_of(got: list[tuple[Any, Any]], want: list[tuple[Any, Any]]) -> str:
+    """What differs between two lists of ``(shape, dtype)``, in PyTorch pipelining's words.
+
+        >>> _mismatch_of([((2, 8), torch.float32)], [((2, 8), torch.int64)])
+        'dtype mismatch'
+    """
+    shapes = len(got) != len(want) or any(g[0] != w[0] for g, w in zip(got, want))
+    dtypes = any(g[1] != w[1] for g, w in zip(got, want))
+    return " and ".join(k for k, bad in (("shape mismatch", shapes), ("dtype mismatch", dtypes)) if bad) or "mismatch"
+
+
 def _dec(x: list[Any]) -> ValueMeta:
     return ValueMeta(tuple(x[0]), _DTYPES[x[1]], bool(x[2]))
 
@@ -193,9 +204,10 @@ def link_stages(stages: Sequence[Stage], others: dict[str, Any] | None = None) -
         got = [(m.shape, m.dtype) for m in infos[s].outputs]
         want = [(m.shape, m.dtype) for m in infos[s + 1].input_meta]
         if got != want:
-            raise ValueError(
+            raise PipeliningShapeError(
                 f"ManualPipelineStage: stage {s} outputs [{', '.join(m.describe() for m in infos[s].outputs)}] but "
-                f"stage {s + 1} expects inputs [{', '.join(m.describe() for m in infos[s + 1].input_meta)}]. Each stage "
+                f"stage {s + 1} expects inputs [{', '.join(m.describe() for m in infos[s + 1].input_meta)}] "
+                f"({_mismatch_of(got, want)}). Each stage "
                 f"reads all outputs of the one before, in order: fix stage {s}'s module or stage {s + 1}'s input_args "
                 "(one micro-batch each, same shapes and dtypes)."
             )

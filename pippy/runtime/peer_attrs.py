@@ -11,10 +11,14 @@ state. ``_loss_fn`` (assignable) lives with ``loss_fn`` on the schedule base.
     ...                      transport=LocalTransport.world(1)[0])
     >>> sched._n_microbatches, sched._has_backward, [str(a) for a in sched.pipeline_order[0]]
     (2, True, ['0F0', '0B0', '0F1', '0B1'])
+    >>> sched.pipeline_order = {0: ["0F0", None, "0F1", "0B0", "0B1"]}  # a custom order, as _load_actions
+    >>> [str(a) for a in sched.pipeline_order[0]]
+    ['0F0', '0F1', '0B0', '0B1']
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pippy.schedules.ir import Schedule
@@ -29,6 +33,7 @@ class PeerAttributes:
 
     stages: list[Any]
     n_microbatches: int
+    _load_actions: Callable[..., None]  # OrderIO's: check the order and run it from the next step
     trains: bool
     schedule: Schedule | None
     _eval_schedule: Schedule | None
@@ -47,9 +52,35 @@ class PeerAttributes:
 
     @property
     def pipeline_order(self) -> dict[int, list[Any]]:
-        """``{rank: [action, ...]}``: every rank's compute actions in the order this schedule runs them."""
+        """``{rank: [action, ...]}``: every rank's compute actions in the order this schedule runs them.
+
+        Assigning ``{rank: [action or None, ...]}`` (after ``super().__init__``, as PyTorch pipelining's
+        custom schedules do) runs that order from the next step: the same as ``_load_actions``.
+        """
         sch = self.schedule if self.schedule is not None else self._eval_schedule
         return {} if sch is None else {r: list(row) for r, row in enumerate(sch.compute_only().actions)}
+
+    @pipeline_order.setter
+    def pipeline_order(self, actions: Mapping[int, Sequence[Any]]) -> None:
+        self._load_actions(actions)
+
+    @property
+    def pipeline_order_with_comms(self) -> dict[int, list[Any]]:
+        """``{rank: [action, ...]}`` with the SEND/RECV actions pippy added; assigning one loads its compute order
+        (pippy orders the messages itself)."""
+        return {} if self.schedule is None else {r: list(row) for r, row in enumerate(self.schedule.actions)}
+
+    @pipeline_order_with_comms.setter
+    def pipeline_order_with_comms(self, actions: Mapping[int, Sequence[Any]]) -> None:
+        self._load_actions(actions, format="compute_comms")
+
+    def _validate_and_set_stage_mapping(self, actions: Mapping[int, Sequence[Any]]) -> None:
+        """Check ``actions`` (``{rank: [action or None, ...]}``) and run them, unless they are the order this schedule
+        already runs (PyTorch pipelining's custom schedules call it after assigning ``pipeline_order``)."""
+        given = {r: [str(a) for a in row if a is not None] for r, row in actions.items()}
+        running = {r: [str(a) for a in row] for r, row in self.pipeline_order.items()}
+        if {r: row for r, row in given.items() if row} != {r: row for r, row in running.items() if row}:
+            self._load_actions(actions)
 
     def register_custom_function(self, computation_type: Any, custom_function: Any) -> None:
         """Refused: pippy runs every action itself (PyTorch pipelining lets a framework run OVERLAP_F_B cells)."""

@@ -37,7 +37,7 @@ import torch
 from pippy.frontend.split import StageInfo, ValueMeta
 from pippy.runtime.plan import CommPlan, Edge
 from pippy.runtime.shapes import HEADER_TAG, Incoming, needs_incoming
-from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.stage import PipeliningShapeError, Stage
 from pippy.runtime.transport import Transport, WaitContext
 from pippy.schedules.ir import Action, Kind
 
@@ -180,9 +180,9 @@ class Receives:
             return
         first = self.known.setdefault(("out", stage, j), shape)
         if first != shape:
-            raise StageError(
+            raise PipeliningShapeError(
                 f"{where}: output {j} has shape {list(shape)}, but an earlier micro-batch of this step gave "
-                f"{list(first)}; the micro-batches of one step must have equal shapes (their receivers post buffers "
+                f"{list(first)} (shape mismatch); the micro-batches of one step must have equal shapes (their receivers post buffers "
                 "of that shape). Split the batch into equal micro-batches, or keep sizes that vary between them out "
                 "of the values that cross stages"
             )

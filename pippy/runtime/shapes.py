@@ -33,10 +33,11 @@ import torch
 
 from pippy.frontend.split import ValueMeta
 from pippy.runtime.comm import EDGE_TAGS
-from pippy.runtime.stage import StageError
+from pippy.runtime.stage import PipeliningShapeError
 from pippy.runtime.transport import Transport, WaitContext
+from pippy.schedules.ir import Action
 
-__all__ = ["HEADER_TAG", "Incoming", "needs_incoming", "send_value"]
+__all__ = ["HEADER_TAG", "Incoming", "check_output", "needs_incoming", "send_value"]
 
 HEADER_TAG = EDGE_TAGS  # added to an edge's tag for its shape header: above edge tags, below tied-grad tags
 
@@ -52,6 +53,30 @@ def needs_incoming(meta: ValueMeta) -> bool:
 
 def _scalar_dtype(meta: ValueMeta) -> torch.dtype:
     return torch.float64 if isinstance(meta.const, float) else torch.int64
+
+
+def check_output(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: str) -> None:
+    """Raise ``PipeliningShapeError`` unless a stage's output ``t`` (of action ``a``) fits the traced ``meta``.
+
+        >>> from pippy.schedules.ir import Action
+        >>> check_output(0, Action.parse("0F1"), torch.ones(2, 8), ValueMeta((2, 8), torch.float32), "output 0")
+        >>> check_output(0, Action.parse("0F1"), torch.ones(2, 8).bfloat16(), ValueMeta((2, 8), torch.float32), "output 0")
+        Traceback (most recent call last):
+        ...
+        pippy.runtime.stage.PipeliningShapeError: rank 0, stage 0, action 0F1 (micro-batch 1): dtype mismatch: output 0 ...
+    """
+    shape_ok = meta.fits(tuple(t.shape))
+    if t.dtype == meta.dtype and shape_ok:
+        return
+    fixed = ("Dtypes and the dimensions not marked '?' are fixed at trace time" if meta.dynamic else
+             "Shapes and dtypes are fixed at trace time: use the traced micro-batch size (or trace with "
+             "dynamic_shapes)")
+    kind = " and ".join(f"{k} mismatch" for k, bad in (("shape", not shape_ok), ("dtype", t.dtype != meta.dtype)) if bad)
+    raise PipeliningShapeError(
+        f"rank {rank}, stage {a.stage}, action {a} (micro-batch {a.mb}): {kind}: {what} is {t.dtype}{list(t.shape)} "
+        f"but the traced pipe expects {meta.describe()}. {fixed}; keep the stage's computation as traced (no dtype "
+        "or shape that depends on the data)"
+    )
 
 
 def send_value(transport: Transport, value: Any, meta: ValueMeta, peer: int, tag: int,
@@ -134,9 +159,9 @@ class Incoming:
             return
         shape = self._announced()
         if self.expect is not None and shape != self.expect:  # the sender refuses this before sending
-            raise StageError(
+            raise PipeliningShapeError(
                 f"{self.ctx.describe()}: rank {self.peer} announced shape {list(shape)}, but an earlier micro-batch "
-                f"of this step came with {list(self.expect)}; the micro-batches of one step must have equal "
+                f"of this step came with {list(self.expect)} (shape mismatch); the micro-batches of one step must have equal "
                 "shapes. Split the batch into equal micro-batches"
             )
         yield from self.transport.wait(self.payload, self.ctx)
@@ -147,9 +172,9 @@ class Incoming:
             return self.shape
         shape = tuple(int(d) for d in self.first.tolist())
         if not self.meta.fits(shape):
-            raise StageError(
+            raise PipeliningShapeError(
                 f"{self.ctx.describe()}: rank {self.peer} announced shape {list(shape)}, but the traced pipe expects "
-                f"{self.meta.describe()} ('?' varies). The two ranks run different pipes: trace both from the same "
+                f"{self.meta.describe()} ('?' varies; shape mismatch). The two ranks run different pipes: trace both from the same "
                 "model, example and dynamic_shapes"
             )
         self.shape = shape

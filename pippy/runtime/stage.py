@@ -34,11 +34,11 @@ from pippy.frontend.split import StageInfo
 from pippy.frontend.stagemodule import StageModule, materialize_module
 from pippy.frontend.trainmode import effective_modes, keep_following, set_modes
 from pippy.runtime.stagebackward import StageBackward, _bytes, _MbState
-from pippy.runtime.stageerror import StageError
+from pippy.runtime.stageerror import PipeliningShapeError, StageCountError, StageError
 from pippy.runtime.wgrad import WeightGradTaps
 from pippy.sim.memory import SavedBytes
 
-__all__ = ["Stage", "StageError"]
+__all__ = ["PipeliningShapeError", "Stage", "StageCountError", "StageError"]
 
 
 class Stage(StageBackward, StageModule):

@@ -1,14 +1,24 @@
-"""The error of a stage used wrongly, raised by the stage and everything that drives it."""
+"""The error of a stage used wrongly, raised by the stage and everything that drives it (defined in the lowest layer).
+
+    >>> issubclass(PipeliningShapeError, StageError), issubclass(StageCountError, ValueError)
+    (True, True)
+"""
 
 from __future__ import annotations
 
-__all__ = ["StageError"]
+from pippy.microbatch.errors import PipeliningShapeError, StageError
+
+__all__ = ["PipeliningShapeError", "StageCountError", "StageError"]
 
 
-class StageError(RuntimeError):
-    """A stage was used wrongly; the message names stage, rank, micro-batch and action."""
+class StageCountError(StageError, ValueError):
+    """A schedule was given a pipe of another stage count than it runs (e.g. ZB-V, two stages per rank, given one).
+
+    A ``ValueError``, as PyTorch pipelining raises there, and a ``StageError``, as pippy raised before.
+
+        >>> issubclass(StageCountError, ValueError), issubclass(StageCountError, StageError)
+        (True, True)
+    """
 
 
-# where users import it from, and how tracebacks name it: defined here only so that the stage's own
-# modules (pippy.runtime.stagebackward) can raise it without importing the stage
-StageError.__module__ = "pippy.runtime.stage"
+StageCountError.__module__ = "pippy.runtime.stage"  # where the stage errors are imported from

@@ -20,6 +20,7 @@ import torch
 
 from pippy.frontend.precision import autocast_state
 from pippy.microbatch import split_batch, split_value
+from pippy.microbatch.errors import value_error_like
 from pippy.runtime.countedmean import CountedMean, counted_mean
 from pippy.runtime.dpgroup import DataParallelWorld
 from pippy.runtime.dploss import global_count, loss_world, seed_factor
@@ -89,8 +90,8 @@ class StepInputsMixin:
             try:
                 stage_kwargs = [k for _, k in split_batch((), kwargs, m, None, self.pipe.kwargs_chunk_spec)]
             except ValueError as exc:
-                raise ValueError(f"{self.name}: rank {self.rank}, splitting the keyword inputs of its stages "
-                                 f"(action: step input): {exc}") from None
+                raise value_error_like(exc)(f"{self.name}: rank {self.rank}, splitting the keyword inputs of its "
+                                            f"stages (action: step input): {exc}") from None
             kwargs = {}
         if self.holds(0):
             if not args and not kwargs and stage_kwargs is None:
@@ -103,8 +104,8 @@ class StepInputsMixin:
             try:
                 mbs = self.pipe.split_inputs(args, kwargs, m)
             except ValueError as exc:
-                raise ValueError(f"{self.name}: rank {self.rank}, stage 0, splitting the batch (action: step input): "
-                                 f"{exc}") from None
+                raise value_error_like(exc)(f"{self.name}: rank {self.rank}, stage 0, splitting the batch (action: "
+                                            f"step input): {exc}") from None
         elif args or (kwargs and stage_kwargs is None):
             self._warn_once(
                 "inputs",
@@ -124,8 +125,8 @@ class StepInputsMixin:
                     tspec = target_spec(self.pipe, target, m, self.target_chunk_spec)
                     targets = split_value(target, m, tspec, what="target")
                 except ValueError as exc:
-                    raise ValueError(f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1}, splitting the "
-                                     f"target (action: step target): {exc}") from None
+                    raise value_error_like(exc)(f"{self.name}: rank {self.rank}, stage {self.pipe.num_stages - 1}, "
+                                                f"splitting the target (action: step target): {exc}") from None
         last = self.pipe.num_stages - 1
         world = None  # the loss's stage reduces over data-parallel ranks: its seeds are scaled (pippy.runtime.dploss)
         if training and self.holds(last):

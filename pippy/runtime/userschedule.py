@@ -23,6 +23,7 @@ from pippy.runtime.order_io import OrderIO
 from pippy.runtime.peer_attrs import PeerAttributes
 from pippy.runtime.schedule_base import PipelineSchedule
 from pippy.runtime.stage import Stage, StageError
+from pippy.runtime.stageerror import StageCountError
 from pippy.schedules.ir import Schedule
 
 __all__ = ["PipelineScheduleMulti", "PipelineScheduleSingle"]
@@ -109,8 +110,13 @@ def _default_spec(spec: Any) -> bool:
     return isinstance(spec, tuple | list) and all(_default_spec(v) for v in spec)
 
 
-def _split_hint(pipe: SplitPipe) -> str:
-    return describe_split_sites(getattr(pipe, "split_sites", None), pipe.num_stages)
+def _stage_fix(pipe: SplitPipe, n: int) -> str:
+    """How to get ``n`` stages: split the traced model into ``n`` (saying where its stages came from), or build
+    ``n`` hand-cut stages (a pipe of ``PipelineStage(module, i, num_stages, device)``, which no split made)."""
+    if getattr(pipe, "manual", False):
+        return (f"build {n} hand-cut stages (PipelineStage(module, i, {n}, device) for i in 0..{n - 1}; these were "
+                f"built with num_stages={pipe.num_stages})")
+    return f"split the model into {n} stages ({describe_split_sites(getattr(pipe, 'split_sites', None), pipe.num_stages)})"
 
 
 class PipelineScheduleSingle(_UserSchedule):
@@ -152,8 +158,7 @@ class PipelineScheduleSingle(_UserSchedule):
             raise StageError(
                 f"{_called(self)}: world size is {p} but the pipe has {self.pipe.num_stages} stages; a "
                 f"one-stage-per-rank schedule needs exactly one rank per stage. Launch {self.pipe.num_stages} ranks "
-                f"(torchrun --nproc-per-node {self.pipe.num_stages}) or split the model into {p} stages "
-                f"({_split_hint(self.pipe)}); with more ranks than stages (data x pipeline parallel), pass each stage "
+                f"(torchrun --nproc-per-node {self.pipe.num_stages}) or {_stage_fix(self.pipe, p)}; with more ranks than stages (data x pipeline parallel), pass each stage "
                 "its pipeline group: build_stage(i, device, group=...) or a DeviceMesh's 'pp' dimension."
             )
         return self._make(p)
@@ -204,10 +209,12 @@ def _generate_multi(sched: Any) -> Schedule | None:
     if sch is None:
         return None
     if sch.num_stages != sched.pipe.num_stages:
-        raise StageError(
-            f"{name}: with {p} ranks and {len(sched.stages)} stages per rank this schedule places "
-            f"{sch.num_stages} stages (placement {list(sch.stage_to_rank)}) but the pipe has "
-            f"{sched.pipe.num_stages}; split the model into {sch.num_stages} stages ({_split_hint(sched.pipe)}), "
-            f"or pass each rank the stages {name}.placement({p}, v) puts on it"
+        per = sch.num_stages // p
+        raise StageCountError(
+            f"{name}: on {p} rank(s) this schedule runs {sch.num_stages} stages, {per} per rank (placement "
+            f"{list(sch.stage_to_rank)}: stage s runs on rank placement[s]), but the pipe has {sched.pipe.num_stages} "
+            f"stages, {len(sched.stages)} of them passed on this rank. Expected {sch.num_stages} stages: "
+            f"{_stage_fix(sched.pipe, sch.num_stages)}, and pass each rank the stages {name}.placement({p}, {per}) "
+            "puts on it"
         )
     return sch

@@ -546,3 +546,27 @@ def test_a_stage_module_taken_before_its_stage_is_built_is_named() -> None:
         warnings.simplefilter("error")
         pipe.build_stage(1, "cpu")
         pipe.build_stage(0, "cpu")  # said once
+
+
+def test_pipe_to_moves_the_stage_modules_and_stages_build_after_it() -> None:
+    """PyTorch pipelining's ``pipeline(...).to(device)`` (its Pipe is a module): device moves, dtypes refused."""
+    torch.manual_seed(0)
+    model = MLPStack(n=2, d=8).double()
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 8, dtype=torch.float64)
+    pipe = pipeline(model, 2, (x,), split_spec={"blocks.0": SplitPoint.END})
+    assert pipe.to("cpu") is pipe and pipe.to(torch.device("cpu"), non_blocking=True) is pipe
+    torch.testing.assert_close(pipe(x)[0], model(x), rtol=0, atol=TOL)
+    stage = pipe.build_stage(1, "cpu")
+    assert pipe.to("meta") is pipe  # a real move of the traced stage modules; the built stage 1 keeps its copy
+    assert pipe.split_gm.get_submodule("submod_0").get_parameter("blocks.0.0.weight").is_meta
+    assert pipe.stage_infos[1].module.get_parameter("head.weight").is_meta
+    assert stage.submod.get_parameter("head.weight").device == torch.device("cpu")
+    rebuilt = pipe.build_stage(0, "cpu", checkpoint=state)  # a stage built afterwards, on another device
+    assert rebuilt.device == torch.device("cpu")
+    torch.testing.assert_close(rebuilt.state_dict()["blocks.0.0.weight"], state["blocks.0.0.weight"], rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"Pipe.to\(torch.float32\): expected a device only, got the dtype "
+                                        r"torch.float32.*cast the model \(model.to\(dtype\)\) before pipeline\(\)"):
+        pipe.to(torch.float32)
+    with pytest.raises(TypeError, match=r"got the dtype torch\.float16"):
+        pipe.to("cpu", dtype=torch.float16)
