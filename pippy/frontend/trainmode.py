@@ -14,7 +14,9 @@ attention traced in eval mode was given ``dropout_p=0`` by the model, so it stay
 dropout in train mode, and a Python branch on ``self.training`` (timm's ``DropPath``, torchvision's
 ``StochasticDepth``, an MoE router's jitter) was taken once, at the trace. A random op such a branch
 left in the graph (``bernoulli_``, ``rand``, ``uniform_``) of a module switched out of its traced
-mode is warned about, once per module. Trace the pipe from the model in the mode it mostly runs in.
+mode is warned about, once per module (a branch that left nothing, drop path traced in eval mode, is not seen;
+nor is a module that draws in both modes told apart from one that branches, when its ``forward`` reads
+``self.training`` for a dropout too). Trace the pipe from the model in the mode it mostly runs in.
 
     >>> import torch
     >>> from torch import nn
@@ -44,8 +46,8 @@ from torch import fx, nn
 from pippy.frontend.notice import warn_user
 from pippy.frontend.trace import model_line
 
-__all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature",
-           "module_modes", "node_owner", "set_modes", "sync", "unswitched_random"]
+__all__ = ["ModeArg", "effective_modes", "follow_modes", "is_random", "keep_following", "mode_args",
+           "mode_signature", "module_modes", "node_owner", "set_modes", "sync", "unswitched_random"]
 
 _SUFFIX = re.compile(r"@\d+$")
 _DROPOUTS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout")
@@ -84,6 +86,21 @@ def _op_name(node: fx.Node) -> str:
     """``dropout`` for ``aten.dropout.default``; '' for anything but an aten call."""
     parts = str(node.target).split(".")
     return parts[1] if node.op == "call_function" and len(parts) >= 2 and parts[0] == "aten" else ""
+
+
+def is_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers by the model's own code (``bernoulli_``, ``rand``; not a dropout op).
+
+        >>> import torch
+        >>> from pippy.frontend.trace import export_module
+        >>> class Noise(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x + torch.randn_like(x)
+        >>> [is_random(n) for n in export_module(Noise(), (torch.ones(2),)).module().graph.nodes
+        ...  if n.op == "call_function" and n.target is not torch.ops.aten.add.Tensor]
+        [True]
+    """
+    return _op_name(node) in _RANDOM
 
 
 def _current(node: fx.Node, index: int, name: str, default: Any) -> Any:
@@ -192,7 +209,7 @@ def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[s
     now = effective_modes(root, traced_modes)
     any_changed = False
     owners = list(owners)
-    _warn_unswitched(owners, now, traced_modes)
+    _warn_unswitched(root, owners, now, traced_modes)
     for holder in owners:
         changed = False
         for arg in mode_args(holder.graph):
@@ -218,9 +235,12 @@ def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[s
     return any_changed
 
 
-def unswitched_random(graph: fx.Graph, now: Mapping[str, bool], traced_modes: Mapping[str, bool]) -> dict[str, str]:
+def unswitched_random(graph: fx.Graph, now: Mapping[str, bool], traced_modes: Mapping[str, bool],
+                      root: nn.Module | None = None) -> dict[str, str]:
     """The random ops of ``graph`` whose module is no longer in its traced mode, by module FQN: the op and the
     model's line. A Python ``if self.training`` branch chose them at the trace, and no constant switches them.
+    Only modules whose ``forward`` reads their mode count (their class is read from ``root``, else from the name
+    the trace recorded).
 
         >>> import torch
         >>> from pippy import pipeline
@@ -242,25 +262,39 @@ def unswitched_random(graph: fx.Graph, now: Mapping[str, bool], traced_modes: Ma
             continue
         fqn = node_owner(node)
         training, was = _lookup(now, fqn), _lookup(traced_modes, fqn)
-        if training is not None and was is not None and training != was and _branches_on_mode(node):
+        if training is not None and was is not None and training != was and _branches_on_mode(node, fqn, root):
             out.setdefault(fqn, f"{op} at {model_line(node) or node.name}")
     return out
 
 
 @functools.cache
-def _forward_reads_mode(cls: type) -> bool:
+def _forward_reads_mode(cls: Any) -> bool:
     try:
-        return "training" in inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+        return "training" in inspect.getsource(cls.forward)
     except (OSError, TypeError, AttributeError):
         return True  # no source to read: it may branch
 
 
-def _branches_on_mode(node: fx.Node) -> bool:
+def _branches_on_mode(node: fx.Node, fqn: str, root: nn.Module | None) -> bool:
     """Whether the module that ran ``node`` reads its mode in ``forward`` (a random op of a module that never does,
     a VAE's sampling, draws in both modes alike)."""
     stack = node.meta.get("nn_module_stack") or {}
-    cls = _class(list(stack.values())[-1][1]) if stack else None
+    name = list(stack.values())[-1][1] if stack else None
+    held: Any = type(_held(root, fqn))  # the model's own class, unless the stage holds a stand-in (outlined graph)
+    if isinstance(name, str) and name.rsplit(".", 1)[-1] == held.__qualname__.rsplit(".", 1)[-1]:
+        return _forward_reads_mode(held)
+    cls = _class(name)
     return not isinstance(cls, type) or _forward_reads_mode(cls)
+
+
+def _held(root: nn.Module | None, fqn: str) -> nn.Module | None:
+    """The module ``root`` holds at ``fqn`` (a stage holds those that own tensors), or None."""
+    if root is None:
+        return None
+    try:
+        return root.get_submodule(fqn)
+    except AttributeError:
+        return None
 
 
 @functools.cache
@@ -278,11 +312,12 @@ def _class(name: Any) -> Any:
     return None
 
 
-def _warn_unswitched(owners: list[Any], now: Mapping[str, bool], traced_modes: Mapping[str, bool]) -> None:
+def _warn_unswitched(root: nn.Module, owners: list[Any], now: Mapping[str, bool],
+                     traced_modes: Mapping[str, bool]) -> None:
     """Warn once per module about :func:`unswitched_random`'s ops in ``owners``' graphs."""
     found: dict[str, str] = {}
     for holder in owners:
-        for fqn, what in unswitched_random(holder.graph, now, traced_modes).items():
+        for fqn, what in unswitched_random(holder.graph, now, traced_modes, root).items():
             if f"{fqn}:{what}" not in _WARNED:
                 _WARNED.add(f"{fqn}:{what}")
                 found.setdefault(fqn, what)

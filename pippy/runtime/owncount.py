@@ -39,7 +39,9 @@ from pippy.frontend.inline import inline_regions
 from pippy.frontend.notice import warn_user
 from pippy.frontend.reducechain import CHAIN_OPS, aten_arg, aten_op
 from pippy.frontend.retarget import retarget_devices
+from pippy.frontend.trainmode import is_random
 from pippy.runtime.loss import loss_index
+from pippy.runtime.stageerror import StageError
 
 __all__ = ["OwnLossCounts", "show_count"]
 
@@ -81,6 +83,8 @@ class OwnLossCounts:
     def __init__(self, module: fx.GraphModule, names: list[str], positions: list[int]) -> None:
         self.module, self.names, self.positions = module, names, positions
         self.attrs: list[tuple[str, Any]] = []  # the stage's tensors the counts read (class weights): name, traced
+        self.weighted: list[bool] = [False] * len(names)  # per loss: a count of class weights
+        self.plain: list[torch.Tensor] = []  # the last call's plain target counts of the weighted losses
         self.checks = 0
         self.traced: torch.device | None = None  # the device the pipe was traced on (its constants name it)
         self._on: torch.device | None = None  # the device the constants name now
@@ -106,9 +110,12 @@ class OwnLossCounts:
             if not _class_index(target):
                 weight = None  # class probabilities: the mean is over samples, weights or not
             read: dict[fx.Node, None] = {}
-            chain = _chain([target] if weight is None else [target, weight], read)
-            if chain is None:
-                continue
+            chain = _chain([target], read)  # a target computed by the model itself (pseudo-labels): not counted
+            if chain is not None and weight is not None:
+                extra = _chain([weight], read, tensors=True)
+                chain = None if extra is None else sorted({*chain, *extra}, key=_position(target))
+            if chain is None or not all(isinstance(_attr(module, str(n.target)), torch.Tensor) for n in read):
+                continue  # (a torch.cond's branch is a get_attr of a graph, not a tensor)
             attrs.update(read)
             chains.append((chain, target, ignore, weight))
             names.append(f"{name} (ignore_index={ignore}" + (", class weights)" if weight is not None else ")"))
@@ -128,9 +135,12 @@ class OwnLossCounts:
                 if node not in env:
                     env[node] = graph.node_copy(node, lambda n: env[n])
             outs.append(_count(graph, env[target], ignore, None if weight is None else env[weight]))
-        graph.output(tuple(outs))
+        weighted = [w is not None for _, _, _, w in chains]
+        plain = [_count(graph, env[t], ignore, None) for _, t, ignore, w in chains if w is not None]
+        graph.output(tuple(outs + plain))  # then, for the weighted losses, their plain counts of targets
         counter = cls(fx.GraphModule(module, graph), names, positions)
         counter.attrs = [(str(node.target), _attr(module, str(node.target))) for node in attrs]
+        counter.weighted = weighted
         return counter
 
     @classmethod
@@ -159,7 +169,25 @@ class OwnLossCounts:
             t = t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor (sharded parameter)
             tensors.append(t.detach() if device is None else t.detach().to(device))
         with torch.no_grad():
-            return list(self.module(*inputs, *tensors))
+            out = list(self.module(*inputs, *tensors))
+        self.plain = out[len(self.names):]
+        return out[:len(self.names)]
+
+    def check_weights(self, count: torch.Tensor, where: str) -> None:
+        """Refuse a micro-batch (the last counted) whose targets of the first loss all weigh 0: the loss op's
+        backward divides by their summed weight, so its gradients would be NaN (the full batch's are not). One
+        host read per micro-batch, for a loss with class weights only."""
+        if not self.weighted or not self.weighted[0] or not self.plain:
+            return
+        targets = int(self.plain[0])
+        if targets > 0 and not bool(count > 0):
+            raise StageError(
+                f"{where}: the model's own loss, {self.names[0]}, weighs each target by its class's weight, and this "
+                f"micro-batch's {targets} counted targets all weigh 0; expected a positive summed weight. The loss "
+                "op's backward divides by that sum, so this micro-batch's gradients would be NaN where the full "
+                "batch's are finite. How to fix: mark such targets with ignore_index (skipped exactly) instead of a "
+                "class weight of 0, or use fewer micro-batches so that each holds a target of positive weight"
+            )
 
     def check(self, mb: int, inputs: Sequence[Any], where: str, loss_fn: bool = False, source: Any = None) -> None:
         """Remember micro-batch 0's counts; warn (and stop checking) when ``mb``'s differ. Bounded host syncs.
@@ -213,9 +241,15 @@ def _class_index(target: Any) -> bool:
     return not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point
 
 
-def _chain(roots: list[Any], attrs: dict[fx.Node, None]) -> list[fx.Node] | None:
-    """The ops from the placeholders (and the stage's own tensors: a class weight buffer) to ``roots``, in graph
-    order; the tensors read are added to ``attrs``. None when a root is no node, or a submodule is called."""
+def _position(node: fx.Node) -> Any:
+    order = {n: k for k, n in enumerate(node.graph.nodes)}
+    return order.__getitem__
+
+
+def _chain(roots: list[Any], attrs: dict[fx.Node, None], tensors: bool = False) -> list[fx.Node] | None:
+    """The ops from the placeholders to ``roots``, in graph order. With ``tensors``, the stage's own tensors (a
+    class weight buffer) may be read too, and are added to ``attrs``; without, a chain that reads one (a target
+    the model computes from its parameters) or that calls a submodule gives None, as does a root that is no node."""
     if not all(isinstance(r, fx.Node) for r in roots):
         return None
     order: list[fx.Node] = []
@@ -225,15 +259,14 @@ def _chain(roots: list[Any], attrs: dict[fx.Node, None]) -> list[fx.Node] | None
         if node in seen or node.op == "placeholder":
             continue
         seen.add(node)
-        if node.op == "get_attr":
+        if node.op == "get_attr" and tensors:
             attrs.setdefault(node)
             continue
-        if node.op != "call_function":
+        if node.op != "call_function" or is_random(node):
             return None
         order.append(node)
         stack.extend(_leaves((node.args, node.kwargs)))
-    position = {n: k for k, n in enumerate(roots[0].graph.nodes)}
-    return sorted(order, key=position.__getitem__)
+    return sorted(order, key=_position(roots[0]))
 
 
 def _count(graph: fx.Graph, target: fx.Node, ignore: Any, weight: fx.Node | None) -> fx.Node:
@@ -244,7 +277,8 @@ def _count(graph: fx.Graph, target: fx.Node, ignore: Any, weight: fx.Node | None
         return graph.call_function(ops.sum.default, (ne,))
     safe = graph.call_function(ops.where.ScalarOther, (ne, target, 0))  # an ignored target may index nothing
     picked = graph.call_function(ops.index.Tensor, (weight, [safe]))
-    return graph.call_function(ops.sum.default, (graph.call_function(ops.mul.Tensor, (picked, ne)),))
+    wide = graph.call_function(ops._to_copy.default, (picked,), {"dtype": torch.float64})  # fp16 sums overflow
+    return graph.call_function(ops.sum.default, (graph.call_function(ops.mul.Tensor, (wide, ne)),))
 
 
 def _attr(root: Any, target: str) -> Any:

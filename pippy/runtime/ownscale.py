@@ -81,6 +81,8 @@ class OwnScale:
     def seed(self, loss: torch.Tensor, count: torch.Tensor, check_finite: bool, where: str) -> torch.Tensor:
         """A micro-batch's backward seed: its mean loss times ``count / c_ref`` and the mean scale. With
         ``check_finite``, a NaN loss is an error only where the micro-batch counts targets (else it adds nothing)."""
+        if self.counter is not None:
+            self.counter.check_weights(count, where)
         if self.ref is None:
             self.ref = torch.ones_like(count) if self.world is not None else torch.where(count > 0, count, 1)
         if check_finite and not bool((torch.isfinite(loss) | (count == 0)).all()):

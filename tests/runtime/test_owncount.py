@@ -14,6 +14,7 @@ from torch import nn
 
 from pippy import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBH1, ScheduleZBV, SplitPoint, pipeline
 from pippy.runtime.local import LocalPipeline
+from pippy.runtime.owncount import OwnLossCounts
 
 
 class OwnLoss(nn.Module):
@@ -199,3 +200,53 @@ def test_class_weights_with_probability_targets_stay_a_mean_over_samples() -> No
     want.backward()
     assert float(got) == pytest.approx(float(want.detach()), rel=1e-13)
     torch.testing.assert_close(dict(lp.named_grads())["a.weight"], ref.a.weight.grad, rtol=1e-12, atol=1e-14)
+
+
+class Chosen(OwnLoss):
+    """Targets picked by a ``torch.cond`` (its branches are graphs, not tensors) or by the model's own logits."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> object:
+        logits = self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))[:, :-1].reshape(-1, 5)
+        target = labels[:, 1:].reshape(-1)
+        if self.kind == "cond":
+            target = torch.cond(target.sum() > 0, lambda t: t.clone(), lambda t: t.clone(), (target,))
+        elif self.kind == "pseudo":
+            target = logits.detach().argmax(-1)
+        return F.cross_entropy(logits, target, weight=self.cw)
+
+
+@pytest.mark.parametrize("kind", ["cond", "pseudo"])
+def test_targets_not_read_from_the_inputs_alone_are_not_counted(kind: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    pipe = pipeline(Chosen(kind).double(), 4, (x, UNEVEN.clamp(min=0)), split_spec=SPLITS[2])
+    assert OwnLossCounts.of(pipe.stage_infos[-1].module) is None
+    lp = LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=4)
+    assert torch.isfinite(lp.step(x, UNEVEN.clamp(min=0)))  # trained (was: a crash on the cond's branch graphs)
+
+
+def test_class_weight_counts_are_summed_in_float64() -> None:
+    """bfloat16 weights: 1001 targets of weight 1 sum to 1000 in bfloat16; the count is exact."""
+    torch.manual_seed(0)
+    model = OwnLoss("wbuf").to(torch.bfloat16)
+    model.cw.fill_(1.0)
+    x, labels = torch.randn(2, 1002, 4, dtype=torch.bfloat16), torch.randint(0, 5, (2, 1002))
+    pipe = pipeline(model, 2, (x, labels), split_spec=SPLITS[2])
+    counter = OwnLossCounts.of(pipe.stage_infos[-1].module)
+    assert counter is not None and counter.weighted == [True]
+    hidden, _ = pipe.stage_infos[0].module(x[:1], labels[:1])  # the last stage's inputs: (linear, labels)
+    (count,) = counter.counts([hidden, labels[:1]])
+    assert count.dtype == torch.float64 and float(count) == 1001.0
+
+
+def test_a_micro_batch_whose_targets_all_weigh_zero_is_refused() -> None:
+    """The loss op's backward divides by the summed weight: 0/0 would make every gradient NaN."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    model = OwnLoss("wbuf").double()
+    model.cw.copy_(torch.tensor([0.0, 1.0, 2.0, 0.0, 0.0]))
+    labels = torch.tensor([[1, 0, 3], [1, 3, 0], [2, 1, 2], [4, 4, 1]] * 2)  # micro-batch 0: classes 0 and 3 only
+    lp = LocalPipeline(pipeline(model, 4, (x, labels), split_spec=SPLITS[2]), Schedule1F1B, num_ranks=2,
+                       n_microbatches=4)
+    with pytest.raises(RuntimeError, match=r"counted targets all weigh 0.*ignore_index"):
+        lp.step(x, labels)
