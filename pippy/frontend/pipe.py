@@ -107,6 +107,7 @@ class SplitPipe:
         self.output_reductions: list[str | None] | None = None
         self.traced_training: bool | None = None  # the model's .training when traced
         self.traced_modes: dict[str, bool] | None = None  # every module's .training when traced (frontend.trainmode)
+        self.idle_branches: dict[str, str] | None = None  # eval-traced modules whose mode branch ran no op
         # pipe(x) (pippy.frontend.root.run_local): whether a stage writes state or an input in place (None: not
         # yet looked), and the (micro-batch count, input shapes) whose whole-batch attempt was dropped
         self.local_writes_state: bool | None = None

@@ -28,11 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 from pippy.frontend.compiled import compiled_inner
 from pippy.frontend.graphpickle import graph_from_state, graph_state
 from pippy.frontend.materialize import replace_meta
+from pippy.frontend.modebranch import warn_idle
 from pippy.frontend.outline import OutlineError, outline
 from pippy.frontend.params import is_lifted_constant
 from pippy.frontend.retarget import retarget_devices
 from pippy.frontend.split import StageInfo
-from pippy.frontend.trainmode import mode_signature, sync
+from pippy.frontend.trainmode import effective_modes, mode_signature, sync
 
 __all__ = ["StageModule", "materialize_module"]
 
@@ -137,6 +138,10 @@ class StageModule:
         self._mode_sig = sig
         flat = [] if self._flat_graph is root.graph else [SimpleNamespace(graph=self._flat_graph)]
         changed = sync(root, flat)  # the tree's graphs, and the flat graph that split backward copies
+        pipe = getattr(self, "pipe", None)
+        idle, traced = getattr(pipe, "idle_branches", None), getattr(pipe, "traced_modes", None)
+        if idle and traced is not None:  # drop path traced in eval mode, now in train mode: warned once per pipe
+            warn_idle(effective_modes(root, traced), idle, pipe.__dict__.setdefault("_warned_idle", set()))
         if changed:  # a dropout switched to eval returns its input: a write into its result writes the input
             self._taps, self._written = None, None
         return changed

@@ -37,6 +37,7 @@ from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_s
 from pippy.frontend.embedcheck import check_embeddings
 from pippy.frontend.inline import inline_regions
 from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
+from pippy.frontend.modebranch import idle_branches
 from pippy.frontend.mutation import written_params_across_stages
 from pippy.frontend.notice import warn_user
 from pippy.frontend.params import alias_groups, retarget_aliases, tensor_at
@@ -232,6 +233,7 @@ def trace_and_split(
     pipe.local_divides_by_count = baked
     pipe.traced_training = module.training
     pipe.traced_modes = module_modes(module)
+    pipe.idle_branches = idle_branches(module, gm.graph)  # drop path traced in eval mode: warned in train mode
     for info in stages:  # a stage module starts in the modes its graph was traced in
         set_modes(info.module, pipe.traced_modes)
         keep_following(info.module, pipe.traced_modes)

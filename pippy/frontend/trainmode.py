@@ -33,29 +33,19 @@ nor is a module that draws in both modes told apart from one that branches, when
 
 from __future__ import annotations
 
-import functools
-import inspect
-import re
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 
-from pippy.frontend.notice import warn_user
-from pippy.frontend.trace import model_line
+from pippy.frontend.modebranch import lookup_mode, node_owner, op_name, strip_suffix, warn_unswitched
 
-__all__ = ["ModeArg", "effective_modes", "follow_modes", "is_random", "keep_following", "mode_args",
-           "mode_signature", "module_modes", "node_owner", "set_modes", "sync", "unswitched_random"]
+__all__ = ["ModeArg", "effective_modes", "follow_modes", "keep_following", "mode_args", "mode_signature",
+           "module_modes", "node_owner", "set_modes", "sync"]  # node_owner: its home before modebranch
 
-_SUFFIX = re.compile(r"@\d+$")
 _DROPOUTS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout")
 _SDPA = "scaled_dot_product_attention"
-_RANDOM = frozenset({"bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
-                     "uniform_", "normal_", "normal", "exponential_", "geometric_", "log_normal_", "cauchy_",
-                     "multinomial", "randperm", "poisson"})  # drawn by the model's own code, not a dropout op
-_WARNED: set[str] = set()  # modules already warned about (FQN and op), once per process
 _KEY = "pippy_traced_arg"  # node.meta: (index, kwarg name, traced value) of the rewritten argument
 
 
@@ -82,27 +72,6 @@ class ModeArg:
     on_train: Any
 
 
-def _op_name(node: fx.Node) -> str:
-    """``dropout`` for ``aten.dropout.default``; '' for anything but an aten call."""
-    parts = str(node.target).split(".")
-    return parts[1] if node.op == "call_function" and len(parts) >= 2 and parts[0] == "aten" else ""
-
-
-def is_random(node: fx.Node) -> bool:
-    """Whether ``node`` draws random numbers by the model's own code (``bernoulli_``, ``rand``; not a dropout op).
-
-        >>> import torch
-        >>> from pippy.frontend.trace import export_module
-        >>> class Noise(torch.nn.Module):
-        ...     def forward(self, x):
-        ...         return x + torch.randn_like(x)
-        >>> [is_random(n) for n in export_module(Noise(), (torch.ones(2),)).module().graph.nodes
-        ...  if n.op == "call_function" and n.target is not torch.ops.aten.add.Tensor]
-        [True]
-    """
-    return _op_name(node) in _RANDOM
-
-
 def _current(node: fx.Node, index: int, name: str, default: Any) -> Any:
     if name in node.kwargs:
         return node.kwargs[name]
@@ -126,7 +95,7 @@ def mode_args(graph: fx.Graph) -> list[ModeArg]:
     """
     out: list[ModeArg] = []
     for node in graph.nodes:
-        op = _op_name(node)
+        op = op_name(node)
         if op in _DROPOUTS:
             out.append(ModeArg(node, 2, "train", _traced(node, 2, "train", None), False, True))
         elif op in ("batch_norm", "instance_norm") and _current(node, 3, "running_mean", None) is not None:
@@ -143,25 +112,9 @@ def mode_args(graph: fx.Graph) -> list[ModeArg]:
     return out
 
 
-def node_owner(node: fx.Node) -> str:
-    """The FQN of the innermost model module that ran ``node`` ('' for the model itself).
-
-        >>> import torch
-        >>> from pippy import pipeline
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-        >>> gm = pipeline(net, 1, (torch.ones(4, 2),)).get_stage_module(0)
-        >>> sorted({node_owner(a.node) for a in mode_args(gm.graph)})
-        ['1']
-    """
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    return _SUFFIX.sub("", str(list(stack.values())[-1][0]))
-
-
 def module_modes(root: nn.Module) -> dict[str, bool]:
     """Each submodule's ``training`` flag by FQN ('' for ``root``), as :func:`follow_modes` reads them."""
-    return {_SUFFIX.sub("", name): mod.training for name, mod in root.named_modules(remove_duplicate=False)}
+    return {strip_suffix(name): mod.training for name, mod in root.named_modules(remove_duplicate=False)}
 
 
 def effective_modes(root: nn.Module, traced_modes: Mapping[str, bool]) -> dict[str, bool]:
@@ -189,15 +142,6 @@ def effective_modes(root: nn.Module, traced_modes: Mapping[str, bool]) -> dict[s
     return out
 
 
-def _lookup(modes: Mapping[str, bool], fqn: str) -> bool | None:
-    while True:
-        if fqn in modes:
-            return modes[fqn]
-        if not fqn:
-            return None
-        fqn = fqn.rpartition(".")[0]
-
-
 def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[str, bool]) -> bool:
     """Rewrite the mode constants of the graphs held by ``owners`` to follow the modules of ``root``.
 
@@ -209,13 +153,13 @@ def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[s
     now = effective_modes(root, traced_modes)
     any_changed = False
     owners = list(owners)
-    _warn_unswitched(root, owners, now, traced_modes)
+    warn_unswitched(root, owners, now, traced_modes)
     for holder in owners:
         changed = False
         for arg in mode_args(holder.graph):
             fqn = node_owner(arg.node)
-            training = _lookup(now, fqn)
-            was = _lookup(traced_modes, fqn)
+            training = lookup_mode(now, fqn)
+            was = lookup_mode(traced_modes, fqn)
             if training is None or was is None:
                 continue
             want = arg.traced if training == was else (arg.on_train if training else arg.on_eval)
@@ -233,107 +177,6 @@ def follow_modes(root: nn.Module, owners: Iterable[Any], traced_modes: Mapping[s
             _recompile(holder)
             any_changed = True
     return any_changed
-
-
-def unswitched_random(graph: fx.Graph, now: Mapping[str, bool], traced_modes: Mapping[str, bool],
-                      root: nn.Module | None = None) -> dict[str, str]:
-    """The random ops of ``graph`` whose module is no longer in its traced mode, by module FQN: the op and the
-    model's line. A Python ``if self.training`` branch chose them at the trace, and no constant switches them.
-    Only modules whose ``forward`` reads their mode count (their class is read from ``root``, else from the name
-    the trace recorded).
-
-        >>> import torch
-        >>> from pippy import pipeline
-        >>> class DropPath(torch.nn.Module):
-        ...     def forward(self, x):
-        ...         if not self.training:
-        ...             return x
-        ...         return x * x.new_empty(x.shape[0], 1).bernoulli_(0.9) / 0.9
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), DropPath())
-        >>> pipe = pipeline(net, 1, (torch.ones(2, 2),))
-        >>> found = unswitched_random(pipe.get_stage_module(0).graph, {"": False}, pipe.traced_modes)
-        >>> list(found), found["1"].split(" at ")[0]
-        (['1'], 'bernoulli_')
-    """
-    out: dict[str, str] = {}
-    for node in graph.nodes:
-        op = _op_name(node)
-        if op not in _RANDOM:
-            continue
-        fqn = node_owner(node)
-        training, was = _lookup(now, fqn), _lookup(traced_modes, fqn)
-        if training is not None and was is not None and training != was and _branches_on_mode(node, fqn, root):
-            out.setdefault(fqn, f"{op} at {model_line(node) or node.name}")
-    return out
-
-
-@functools.cache
-def _forward_reads_mode(cls: Any) -> bool:
-    try:
-        return "training" in inspect.getsource(cls.forward)
-    except (OSError, TypeError, AttributeError):
-        return True  # no source to read: it may branch
-
-
-def _branches_on_mode(node: fx.Node, fqn: str, root: nn.Module | None) -> bool:
-    """Whether the module that ran ``node`` reads its mode in ``forward`` (a random op of a module that never does,
-    a VAE's sampling, draws in both modes alike)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    name = list(stack.values())[-1][1] if stack else None
-    held: Any = type(_held(root, fqn))  # the model's own class, unless the stage holds a stand-in (outlined graph)
-    if isinstance(name, str) and name.rsplit(".", 1)[-1] == held.__qualname__.rsplit(".", 1)[-1]:
-        return _forward_reads_mode(held)
-    cls = _class(name)
-    return not isinstance(cls, type) or _forward_reads_mode(cls)
-
-
-def _held(root: nn.Module | None, fqn: str) -> nn.Module | None:
-    """The module ``root`` holds at ``fqn`` (a stage holds those that own tensors), or None."""
-    if root is None:
-        return None
-    try:
-        return root.get_submodule(fqn)
-    except AttributeError:
-        return None
-
-
-@functools.cache
-def _class(name: Any) -> Any:
-    """The class an ``nn_module_stack`` entry names (``'pkg.mod.Cls'``, or the class itself), or None."""
-    if not isinstance(name, str):
-        return name
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        obj = sys.modules.get(".".join(parts[:cut]))
-        for attr in parts[cut:]:
-            obj = getattr(obj, attr, None)
-        if isinstance(obj, type):
-            return obj
-    return None
-
-
-def _warn_unswitched(root: nn.Module, owners: list[Any], now: Mapping[str, bool],
-                     traced_modes: Mapping[str, bool]) -> None:
-    """Warn once per module about :func:`unswitched_random`'s ops in ``owners``' graphs."""
-    found: dict[str, str] = {}
-    for holder in owners:
-        for fqn, what in unswitched_random(holder.graph, now, traced_modes, root).items():
-            if f"{fqn}:{what}" not in _WARNED:
-                _WARNED.add(f"{fqn}:{what}")
-                found.setdefault(fqn, what)
-    if not found:
-        return
-    mode = "eval" if not _lookup(now, next(iter(found))) else "train"
-    where = "; ".join(f"{fqn or 'the model'}: {what}" for fqn, what in list(found.items())[:3])
-    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
-    warn_user(
-        f"pipeline: modules switched to {mode} mode draw random numbers their traced mode drew: {where}{more}. A "
-        "Python branch on self.training (drop path / stochastic depth, noise) was taken once, when the pipe was "
-        "traced, and pippy can switch only dropout, batch norm and attention dropout in the graph, so these ops "
-        f"still run in {mode} mode and outputs differ from the model's. How to fix: for {mode}, use a pipe traced "
-        f"with the model in {mode} mode (pipeline(model.{mode}(), ...); load this stage's state_dict() into its "
-        "stage), or set the model's rate to 0 (drop_path_rate=0) before tracing if it is not needed"
-    )
 
 
 def _recompile(holder: Any) -> None:
@@ -361,7 +204,7 @@ def set_modes(root: nn.Module, modes: Mapping[str, bool]) -> None:
         [True, True, False, False]
     """
     for name, mod in root.named_modules(remove_duplicate=False):
-        flag = _lookup(modes, _SUFFIX.sub("", name))
+        flag = lookup_mode(modes, strip_suffix(name))
         if flag is not None:
             mod.training = flag
 

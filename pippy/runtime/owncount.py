@@ -36,10 +36,10 @@ import torch
 from torch import fx
 
 from pippy.frontend.inline import inline_regions
+from pippy.frontend.modebranch import is_random
 from pippy.frontend.notice import warn_user
 from pippy.frontend.reducechain import CHAIN_OPS, aten_arg, aten_op
 from pippy.frontend.retarget import retarget_devices
-from pippy.frontend.trainmode import is_random
 from pippy.runtime.loss import loss_index
 from pippy.runtime.stageerror import StageError
 

@@ -243,3 +243,21 @@ def test_random_ops_a_mode_branch_left_are_warned_about_once(noise: type) -> Non
     assert len(said) == 1, said
     assert "1.1: bernoulli_ at" in said[0] and "keep = x.new_empty" in said[0]
     assert "pipeline(model.eval(), ...)" in said[0] and "drop_path_rate=0" in said[0]
+
+
+def test_a_drop_path_traced_in_eval_mode_is_warned_about_in_train_mode() -> None:
+    """Traced in eval mode it ran no op (it returned its input), so in train mode it still does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(W, W), nn.Sequential(nn.Linear(W, W), DropPath()), nn.Linear(W, W)).double()
+    x, y = torch.randn(8, W, dtype=torch.float64), torch.randn(8, W, dtype=torch.float64)
+    pipe = pipeline(net.eval(), 4, (x,), split_spec={"0": SplitPoint.END})
+    assert pipe.idle_branches == {"1.1": "DropPath"}
+    lp = LocalPipeline(pipe, pippy.Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=mse)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lp.eval(x)  # still in eval mode: nothing to say
+        _set_stages(lp, "train")
+        lp.step(x, target=y)
+        lp.step(x, target=y)
+    said = [str(w.message) for w in seen if "ran no op" in str(w.message)]
+    assert len(said) == 1 and "1.1 (DropPath)" in said[0] and "pipeline(model.train(), ...)" in said[0], said
