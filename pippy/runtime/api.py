@@ -184,12 +184,7 @@ class ScheduleInterleaved1F1B(PipelineScheduleMulti):
     name = "interleaved_1f1b"
 
     def _make(self, p: int) -> Schedule:
-        if len(self.stages) < 2:
-            raise ValueError(
-                f"interleaving needs at least 2 stages per rank, got {len(self.stages)}; use Schedule1F1B for one "
-                "stage per rank, or split the model into 2+ stages per rank and pass them all"
-            )
-        return gen.interleaved_1f1b(p, self.n_microbatches, v=len(self.stages))
+        return gen.interleaved_1f1b(p, self.n_microbatches, v=len(self.stages))  # one stage per rank: 1F1B
 
 
 class ScheduleLoopedBFS(PipelineScheduleMulti):

@@ -140,11 +140,18 @@ def test_inputs_on_a_rank_without_stage_zero_are_ignored_with_a_warning() -> Non
         later._inputs((x,), {}, y, True)
 
 
-def test_interleaved_needs_two_stages_per_rank() -> None:
-    _, pipe, _, _ = _case()
-    with pytest.raises(ValueError, match="interleaving needs at least 2 stages per rank, got 1"):
-        ScheduleInterleaved1F1B([pipe.build_stage(0, "cpu")], M, loss_fn=torch.nn.MSELoss(),
-                                transport=LocalTransport.world(2)[0])
+def test_interleaved_with_one_stage_per_rank_runs_as_1f1b() -> None:
+    """As in PyTorch's pipelining, one stage per rank is accepted: interleaving over one chunk is 1F1B."""
+    model, pipe, x, y = _case()
+    lp = LocalPipeline(pipe, ScheduleInterleaved1F1B, num_ranks=2, n_microbatches=M, loss_fn=torch.nn.MSELoss())
+    assert [a.split() for a in str(lp.schedules[0].schedule).splitlines()[1:]] == \
+        [a.split() for a in str(LocalPipeline(pipe, Schedule1F1B, num_ranks=2, n_microbatches=M,
+                                              loss_fn=torch.nn.MSELoss()).schedules[0].schedule).splitlines()[1:]]
+    out = lp.step(x, target=y)
+    want = _grads_after(model, F.mse_loss(model(x), y))
+    torch.testing.assert_close(out, model(x), rtol=0, atol=TOL)
+    for name, g in want.items():
+        torch.testing.assert_close(lp.named_grads()[name], g, rtol=0, atol=TOL)
 
 
 def test_step_microbatches_and_its_input_checks() -> None:
