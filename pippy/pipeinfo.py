@@ -130,4 +130,15 @@ def _from_module(stage_module: nn.Module, stage_index: int, pipe_info: PipeInfo,
         )
     with torch.no_grad():
         stage.load_state_dict(given)
+        for name, buf in stage_module.named_buffers():  # non-persistent ones (RoPE's inv_freq) are no state_dict's
+            mine = _buffer(stage.unwrapped, name)
+            if name not in given and mine is not None and mine.shape == buf.shape and not is_lifted_constant(name):
+                mine.copy_(buf)
     return stage
+
+
+def _buffer(module: nn.Module, name: str) -> torch.Tensor | None:
+    try:
+        return module.get_buffer(name)
+    except AttributeError:
+        return None

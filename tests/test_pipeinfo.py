@@ -114,3 +114,27 @@ def test_peer_names_at_the_top_level() -> None:
     assert _ScheduleForwardOnly is same and pippy.build_stage is build_stage
     assert issubclass(PipeliningShapeError, pippy.StageError) and issubclass(PipeliningShapeError, ValueError)
     assert {"build_stage", "PipeInfo", "PipeliningShapeError", "_ScheduleForwardOnly"} <= set(pippy.__all__)
+
+
+def test_the_peer_form_takes_the_modules_non_persistent_buffers() -> None:
+    """A buffer kept out of the state_dict (RoPE's inv_freq) comes from the module given, as in PyTorch's package."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x) * self.scale)
+
+    pipe = pipeline(Scaled(), 2, (torch.randn(4, 4),), split_spec={"a": SplitPoint.END})
+    other = copy.deepcopy(pipe.get_stage_module(1))
+    other.get_buffer("scale").fill_(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stage = build_stage(other, 1, pipe.info(), "cpu")
+    h = torch.randn(2, 4)
+    assert stage.submod.get_buffer("scale").tolist() == [3.0] * 4
+    got, want = stage.submod(h), other(h)
+    torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple) else want)

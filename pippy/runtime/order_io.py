@@ -57,6 +57,12 @@ class OrderIO:
                             f"{type(actions).__name__}")
         ranks = max(actions, default=-1) + 1
         rows = [[str(a) for a in actions.get(r, ()) if a is not None] for r in range(ranks)]
+        if not any(rows):
+            raise ValueError(
+                f"{type(self).__name__}._load_actions: expected an action list for every rank, got no action at all "
+                f"({dict(actions)!r}). Fill it first: order[rank] = [actions], for each rank, then load it (assign "
+                "pipeline_order, or call _validate_and_set_stage_mapping(order))"
+            )
         for r, row in enumerate(rows):
             for cell in row:
                 try:

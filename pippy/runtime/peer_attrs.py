@@ -55,14 +55,35 @@ class PeerAttributes:
         """``{rank: [action, ...]}``: every rank's compute actions in the order this schedule runs them.
 
         Assigning ``{rank: [action or None, ...]}`` (after ``super().__init__``, as PyTorch pipelining's
-        custom schedules do) runs that order from the next step: the same as ``_load_actions``.
+        custom schedules do) runs that order from the next step: the same as ``_load_actions``. As there,
+        an empty mapping may be assigned and filled rank by rank (``self.pipeline_order[r] = [...]``,
+        also on the mapping read here): the filled order runs once ``_validate_and_set_stage_mapping``
+        is called with it, or at the next step.
         """
-        sch = self.schedule if self.schedule is not None else self._eval_schedule
-        return {} if sch is None else {r: list(row) for r, row in enumerate(sch.compute_only().actions)}
+        mine = self.__dict__.get("_peer_order")
+        if isinstance(mine, _Order) and mine.changed:
+            return mine  # being filled: item assignments land here
+        mine = _Order(self._running_order())
+        self.__dict__["_peer_order"] = mine
+        return mine
 
     @pipeline_order.setter
     def pipeline_order(self, actions: Mapping[int, Sequence[Any]]) -> None:
+        if not actions:  # PyTorch pipelining's custom schedules start from {} and fill it rank by rank
+            self.__dict__["_peer_order"] = _Order(changed=True)
+            return
         self._load_actions(actions)
+        self.__dict__.pop("_peer_order", None)
+
+    def _running_order(self) -> dict[int, list[Any]]:
+        sch = self.schedule if self.schedule is not None else self._eval_schedule
+        return {} if sch is None else {r: list(row) for r, row in enumerate(sch.compute_only().actions)}
+
+    def _load_changed_order(self) -> None:
+        """Run an order filled in through ``pipeline_order[r] = ...`` and not loaded yet (at the next step)."""
+        mine = self.__dict__.get("_peer_order")
+        if isinstance(mine, _Order) and mine.changed:
+            self._validate_and_set_stage_mapping(mine)
 
     @property
     def pipeline_order_with_comms(self) -> dict[int, list[Any]]:
@@ -78,9 +99,10 @@ class PeerAttributes:
         """Check ``actions`` (``{rank: [action or None, ...]}``) and run them, unless they are the order this schedule
         already runs (PyTorch pipelining's custom schedules call it after assigning ``pipeline_order``)."""
         given = {r: [str(a) for a in row if a is not None] for r, row in actions.items()}
-        running = {r: [str(a) for a in row] for r, row in self.pipeline_order.items()}
+        running = {r: [str(a) for a in row] for r, row in self._running_order().items()}
         if {r: row for r, row in given.items() if row} != {r: row for r, row in running.items() if row}:
             self._load_actions(actions)
+        self.__dict__.pop("_peer_order", None)
 
     def register_custom_function(self, computation_type: Any, custom_function: Any) -> None:
         """Refused: pippy runs every action itself (PyTorch pipelining lets a framework run OVERLAP_F_B cells)."""
@@ -89,3 +111,24 @@ class PeerAttributes:
             "itself and has no hook to replace one (such as an overlapped F/B with expert-parallel communication). "
             "Leave it out: the schedule runs the same actions one after another, with the same results"
         )
+
+
+class _Order(dict):  # type: ignore[type-arg]
+    """``pipeline_order``'s mapping: writing a rank's row marks it changed (to be loaded, see ``pipeline_order``).
+
+        >>> order = _Order({0: ["0F0"]})
+        >>> order.changed, (order.__setitem__(1, ["1F0"]), order.changed)[1]
+        (False, True)
+    """
+
+    def __init__(self, *args: Any, changed: bool = False) -> None:
+        super().__init__(*args)
+        self.changed = changed
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.changed = True
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self.changed = True

@@ -252,6 +252,7 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
         """
         kwargs = dict(kwargs or {})
         self._check_usable()
+        self._load_changed_order()  # pipeline_order[r] = [...] written and not loaded yet (runtime/peer_attrs)
         plan = self.schedule if training else self._eval_schedule
         if self._eval_schedule is None:
             raise StageError(

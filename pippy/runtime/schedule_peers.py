@@ -71,6 +71,9 @@ class PeerStanding:
                 "rank (the same process group is fine: its messages stay apart from the old ones)."
             )
 
+    def _load_changed_order(self) -> None:
+        """Run a ``pipeline_order`` filled in rank by rank and not loaded yet (see ``runtime/peer_attrs``); here none."""
+
     def _refuse_if_stale(self) -> None:
         """Refuse to run when another schedule failed on the group this one sends on, after this one was built."""
         stale = getattr(self.transport, "stale", None)

@@ -9,7 +9,7 @@ import torch
 from models import check_mse_step, mlp_pipe
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
 
-from pippy import PipelineScheduleMulti
+from pippy import PipelineScheduleMulti, ScheduleInterleaved1F1B
 from pippy.PipelineSchedule import _PipelineScheduleRuntime
 from pippy.runtime.local import LocalPipeline
 
@@ -70,3 +70,36 @@ def test_an_assigned_order_is_checked_and_the_comms_form_loads_its_compute_order
     check_mse_step(lp, model, x, y, atol=1e-12)
     assert [str(a) for a in lp.schedules[1].pipeline_order[1]] == ["1F0", "1F1", "1B0", "1B1"]
     assert any("SEND" in str(a) for a in lp.schedules[0].pipeline_order_with_comms[0])
+
+
+class ScheduleFilled(PipelineScheduleMulti):
+    """The peer's own pattern: assign {}, fill it rank by rank, then validate (its _load_csv does the same)."""
+
+    def __init__(self, stages: Any, n_microbatches: int, loss_fn: Any = None, **kwargs: Any) -> None:
+        super().__init__(stages, n_microbatches, loss_fn, **kwargs)
+        self.pipeline_order = {}
+        for rank, row in {0: ["0F0", "0F1", "2F0", "2F1", "2B0", "2B1", "0B0", "0B1"],
+                          1: ["1F0", "1F1", "3F0", "3F1", "3B0", "3B1", "1B0", "1B1"]}.items():
+            self.pipeline_order[rank] = [_Action.from_str(a) for a in row]
+        self._validate_and_set_stage_mapping(self.pipeline_order)
+
+
+def test_an_order_filled_rank_by_rank_runs() -> None:
+    model, pipe, x, y = mlp_pipe(4, 2)
+    lp = LocalPipeline(pipe, ScheduleFilled, num_ranks=2, n_microbatches=2, loss_fn=torch.nn.functional.mse_loss)
+    check_mse_step(lp, model, x, y, atol=1e-12)
+    assert [str(a) for a in lp.schedules[0].pipeline_order[0]][:4] == ["0F0", "0F1", "2F0", "2F1"]
+
+
+def test_a_row_written_on_the_order_read_runs_from_the_next_step() -> None:
+    """``sched.pipeline_order[r] = [...]`` changes the mapping read, not a copy that is thrown away."""
+    model, pipe, x, y = mlp_pipe(4, 2)
+    lp = LocalPipeline(pipe, ScheduleInterleaved1F1B, num_ranks=2, n_microbatches=2,
+                       loss_fn=torch.nn.functional.mse_loss)
+    row = ["0F0", "0F1", "2F0", "2F1", "2B0", "0B0", "2B1", "0B1"]
+    assert [str(a) for a in lp.schedules[0].pipeline_order[0]] != row
+    lp.schedules[0].pipeline_order[0] = row
+    check_mse_step(lp, model, x, y, atol=1e-12)
+    assert [str(a) for a in lp.schedules[0].pipeline_order[0]] == row
+    with pytest.raises(ValueError, match="no action at all"):
+        lp.schedules[0]._validate_and_set_stage_mapping({})
