@@ -31,7 +31,8 @@ def step_error(lp: LocalPipeline, x: torch.Tensor, y: Any = None) -> str:
 @pytest.mark.parametrize(("dtype", "cast"), [(torch.float64, "x.float()"), (torch.int64, "x.float()")])
 def test_another_dtype_gets_a_cast_not_batch_size_advice(dtype: torch.dtype, cast: str) -> None:
     msg = step_error(local(), torch.ones(8, 8, dtype=dtype))
-    assert f"Its dtype is {dtype}, traced as torch.float32: cast it to torch.float32 ({cast})" in msg, msg
+    assert f"dtype mismatch at input leaf 0 (args[0]): a micro-batch is {dtype} (shape (2, 8) as traced), but the " \
+        f"pipeline was traced for torch.float32: cast it to torch.float32 ({cast})" in msg, msg
     assert "batch size" not in msg and "dynamic_shapes" not in msg, msg
 
 
