@@ -83,7 +83,7 @@ def node_owner(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    return _SUFFIX.sub("", str(list(stack.values())[-1][0]))
+    return strip_suffix(str(list(stack.values())[-1][0]))
 
 
 def lookup_mode(modes: Mapping[str, bool], fqn: str) -> bool | None:
@@ -122,13 +122,12 @@ def unswitched_random(graph: fx.Graph, now: Mapping[str, bool], traced_modes: Ma
     """
     out: dict[str, str] = {}
     for node in graph.nodes:
-        op = op_name(node)
-        if op not in _RANDOM:
+        if not is_random(node):
             continue
         fqn = node_owner(node)
         training, was = lookup_mode(now, fqn), lookup_mode(traced_modes, fqn)
         if training is not None and was is not None and training != was and _branches_on_mode(node, fqn, root):
-            out.setdefault(fqn, f"{op} at {model_line(node) or node.name}")
+            out.setdefault(fqn, f"{op_name(node)} at {model_line(node) or node.name}")
     return out
 
 
@@ -192,7 +191,7 @@ def idle_branches(model: nn.Module, graph: fx.Graph) -> dict[str, str]:
         >>> idle_branches(net, export_module(net, (torch.ones(2, 2),)).module().graph)
         {'1': 'DropPath'}
     """
-    ran = {_SUFFIX.sub("", str(fqn)) for n in graph.nodes for fqn, _ in (n.meta.get("nn_module_stack") or {}).values()}
+    ran = {strip_suffix(str(fqn)) for n in graph.nodes for fqn, _ in (n.meta.get("nn_module_stack") or {}).values()}
     return {fqn: type(m).__name__ for fqn, m in model.named_modules()
             if fqn and not m.training and fqn not in ran and not type(m).__module__.startswith("torch.nn.")
             and _reads_mode_of(m)}
