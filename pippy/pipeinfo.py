@@ -42,8 +42,9 @@ class PipeInfo:
     """How many stages the pipe has."""
     has_loss_and_backward: bool
     """Always False: pippy never folds a loss and its backward into the pipe (schedules take ``loss_fn``)."""
-    pipe: SplitPipe = field(repr=False, compare=False)
-    """The pipe itself: :func:`build_stage` builds the stage from it."""
+    pipe: SplitPipe | None = field(default=None, repr=False, compare=False)
+    """The pipe itself: :func:`build_stage` builds the stage from it (None in one made by hand, as PyTorch's
+    ``PipeInfo(graph, num_stages, has_loss_and_backward)``, which cannot build a stage)."""
 
 
 def pipe_info(pipe: SplitPipe) -> PipeInfo:
@@ -110,6 +111,12 @@ def _from_module(stage_module: nn.Module, stage_index: int, pipe_info: PipeInfo,
             "device)"
         )
     pipe = pipe_info.pipe
+    if pipe is None:
+        raise TypeError(
+            f"build_stage(stage_module, {stage_index!r}, pipe_info, device): this PipeInfo was made by hand and holds "
+            "no pipe; expected pipe.info() of the pipe that stage_module comes from. Pass pipe.info(), or use pippy's "
+            "form build_stage(pipe, stage_index, device, group)"
+        )
     pipe._check_index(stage_index)
     stage = build_pipe_stage(pipe, stage_index, device, group)
     if stage_module is pipe.stage_infos[stage_index].module:  # the pipe's own: the stage is a copy of it already

@@ -138,3 +138,10 @@ def test_the_peer_form_takes_the_modules_non_persistent_buffers() -> None:
     assert stage.submod.get_buffer("scale").tolist() == [3.0] * 4
     got, want = stage.submod(h), other(h)
     torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, want[0] if isinstance(want, tuple) else want)
+
+
+def test_a_pipe_info_made_by_hand_is_refused_naming_pipe_info() -> None:
+    _, pipe, _, _ = _pipe()
+    info = PipeInfo(pipe.info().graph, 2, False)  # PyTorch's three fields
+    with pytest.raises(TypeError, match=r"made by hand and holds no pipe.*Pass pipe.info\(\)"):
+        build_stage(pipe.get_stage_module(0), 0, info, "cpu")

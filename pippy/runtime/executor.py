@@ -184,7 +184,8 @@ class Executor:
                                   outs, False, stage.unfrozen_params)
         for j, (o, meta) in enumerate(zip(outs, info.outputs)):
             if isinstance(o, torch.Tensor):
-                check_output(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})")
+                check_output(self.rank, a, o, meta, f"output {j} ({info.output_names[j]})",
+                             getattr(self.pipe, "manual", False))
                 if meta.dynamic:
                     self.receives.note_output(f"rank {self.rank}, stage {s}, micro-batch {i}, action {a}", s, j, meta,
                                               tuple(o.shape))

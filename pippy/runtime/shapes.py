@@ -55,8 +55,9 @@ def _scalar_dtype(meta: ValueMeta) -> torch.dtype:
     return torch.float64 if isinstance(meta.const, float) else torch.int64
 
 
-def check_output(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: str) -> None:
-    """Raise ``PipeliningShapeError`` unless a stage's output ``t`` (of action ``a``) fits the traced ``meta``.
+def check_output(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: str, hand_cut: bool = False) -> None:
+    """Raise ``PipeliningShapeError`` unless a stage's output ``t`` (of action ``a``) fits the traced ``meta`` (for a
+    ``hand_cut`` stage: the shapes its first step, or ``output_args``, fixed).
 
         >>> from pippy.schedules.ir import Action
         >>> check_output(0, Action.parse("0F1"), torch.ones(2, 8), ValueMeta((2, 8), torch.float32), "output 0")
@@ -68,14 +69,20 @@ def check_output(rank: int, a: Action, t: torch.Tensor, meta: ValueMeta, what: s
     shape_ok = meta.fits(tuple(t.shape))
     if t.dtype == meta.dtype and shape_ok:
         return
+    kind = " and ".join(f"{k} mismatch" for k, bad in (("shape", not shape_ok), ("dtype", t.dtype != meta.dtype)) if bad)
+    where = f"rank {rank}, stage {a.stage}, action {a} (micro-batch {a.mb}): {kind}: {what} is {t.dtype}{list(t.shape)}"
+    if hand_cut:
+        raise PipeliningShapeError(
+            f"{where} but the stage's messages were built for {meta.describe()} (fixed at its first step, or by "
+            "output_args). Return the same shapes and dtypes every step (no size that depends on the data), or build "
+            "new stages and a new schedule for the new form"
+        )
     fixed = ("Dtypes and the dimensions not marked '?' are fixed at trace time" if meta.dynamic else
              "Shapes and dtypes are fixed at trace time: use the traced micro-batch size (or trace with "
              "dynamic_shapes)")
-    kind = " and ".join(f"{k} mismatch" for k, bad in (("shape", not shape_ok), ("dtype", t.dtype != meta.dtype)) if bad)
     raise PipeliningShapeError(
-        f"rank {rank}, stage {a.stage}, action {a} (micro-batch {a.mb}): {kind}: {what} is {t.dtype}{list(t.shape)} "
-        f"but the traced pipe expects {meta.describe()}. {fixed}; keep the stage's computation as traced (no dtype "
-        "or shape that depends on the data)"
+        f"{where} but the traced pipe expects {meta.describe()}. {fixed}; keep the stage's computation as traced (no "
+        "dtype or shape that depends on the data)"
     )
 
 
