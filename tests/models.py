@@ -162,6 +162,13 @@ def check_mse_step(lp: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def assert_grads_equal(lp: Any, ref: nn.Module, rtol: float = 1e-12, atol: float = 1e-14) -> None:
+    """Every parameter gradient of the in-process pipeline ``lp`` equals the reference model's."""
+    grads = dict(lp.named_grads())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=rtol, atol=atol)
+
+
 def mlp_pipe(n_stages: int, n_microbatches: int, batch: int = 16) -> tuple[nn.Module, Any, torch.Tensor, torch.Tensor]:
     """A float64 ``MLPStack(n=4, d=8)`` cut after each of its first ``n_stages - 1`` blocks: (model, pipe, x, y)."""
     from pippy import SplitPoint, pipeline

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from models import assert_grads_equal
 from torch import nn
 
 from pippy import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleZBH1, ScheduleZBV, SplitPoint, pipeline
@@ -88,9 +89,7 @@ def test_own_counted_mean_is_exact(kind: str, stages: int, sched: type) -> None:
     msgs, got, want, lp, ref, _ = _run(kind, labels, sched, stages)
     assert msgs == []
     assert got == pytest.approx(want, rel=1e-13)
-    grads = dict(lp.named_grads())
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+    assert_grads_equal(lp, ref)
 
 
 def test_a_micro_batch_of_padding_only_counts_zero() -> None:
@@ -98,9 +97,7 @@ def test_a_micro_batch_of_padding_only_counts_zero() -> None:
     labels[2:4] = -100  # micro-batch 1: no target (its own mean is NaN; the full batch's is not)
     msgs, got, want, lp, ref, _ = _run("ce", labels)
     assert msgs == [] and got == pytest.approx(want, rel=1e-13)
-    grads = dict(lp.named_grads())
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+    assert_grads_equal(lp, ref)
 
 
 def test_check_finite_passes_a_micro_batch_of_padding_only() -> None:
@@ -133,9 +130,7 @@ def test_a_loss_fn_beside_the_own_loss_warns_when_counts_differ() -> None:
 
 def test_accumulated_steps_and_user_input_grad_are_exact() -> None:
     *_, lp, ref, (xp, xr) = _run("ce", UNEVEN, Schedule1F1B, 2, steps=2, x_grad=True)
-    grads = dict(lp.named_grads())
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+    assert_grads_equal(lp, ref)
     torch.testing.assert_close(xp.grad, xr.grad, rtol=1e-12, atol=1e-14)
 
 
@@ -174,9 +169,7 @@ def test_class_weights_are_read_from_the_running_stage() -> None:
     want = ref(x, UNEVEN)
     want.backward()
     assert float(got) == pytest.approx(float(want.detach()), rel=1e-13)
-    grads = dict(lp.named_grads())
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+    assert_grads_equal(lp, ref)
 
 
 class ProbTarget(OwnLoss):
