@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from torch import nn
 
 from pippy.frontend.notice import warn_user
 
-__all__ = ["TRAIN_REFUSAL", "model_backward_hooks", "warn_lost_backward", "watch_backward"]
+__all__ = ["TRAIN_REFUSAL", "model_backward_hooks", "model_forward_hooks", "warn_lost_backward", "watch_backward"]
 
 _SKIP = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
          os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
@@ -140,8 +140,35 @@ def model_backward_hooks(module: nn.Module) -> list[str]:
     return found
 
 
-def warn_lost_backward(lost: list[str], hooks: list[str]) -> None:
-    """``pipeline()``'s warnings about what :func:`watch_backward` recorded and the model's backward hooks."""
+def model_forward_hooks(module: nn.Module) -> list[str]:
+    """The modules of ``module`` with forward (pre-)hooks of the user's own (not torch's or pippy's): a trace runs them
+    once, keeping what they compute, but a pipelined step runs the stages' graphs, not the hooks.
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> seen = []
+        >>> _ = net[0].register_forward_hook(lambda m, i, o: seen.append(o))
+        >>> model_forward_hooks(net)
+        ['0 (<lambda>)']
+    """
+    found = []
+    for name, sub in module.named_modules():
+        own = [h for h in (*sub._forward_pre_hooks.values(), *sub._forward_hooks.values())
+               if not getattr(h, "pippy_split_point", False)
+               and not str(getattr(h, "__module__", None) or type(h).__module__).startswith("torch.")]
+        if own:
+            found.append(f"{name or '(the model itself)'} ({', '.join(getattr(h, '__name__', type(h).__name__) for h in own)})")
+    return found
+
+
+def warn_lost_backward(lost: list[str], hooks: list[str], forward_hooks: Sequence[str] = ()) -> None:
+    """``pipeline()``'s warnings about what :func:`watch_backward` recorded and the model's backward and forward hooks."""
+    if forward_hooks:
+        warn_user(
+            f"pipeline(): forward hooks on {', '.join(forward_hooks[:4])}{', ...' if len(forward_hooks) > 4 else ''} "
+            "ran once while tracing: what they return is part of the stages' graphs, but they do not run in a "
+            "pipelined step (what they store or count, e.g. captured activations, stays empty). Register them after "
+            "build_stage on the stage's blocks (stage.submod.get_submodule(name), same names as the model's) instead"
+        )
     if lost:
         warn_user(
             f"pipeline(): forward uses {'; '.join(dict.fromkeys(lost))}. A pipe's backward is autograd's over the "

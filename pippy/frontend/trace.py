@@ -161,6 +161,9 @@ def _split_at_end(module: nn.Module, args: Any, output: Any) -> None:
     torch.ops.pippy.pipe_split()
 
 
+_split_at_beginning.pippy_split_point = _split_at_end.pippy_split_point = True  # type: ignore[attr-defined]
+
+
 def unfired_split_points(module: nn.Module, trace: Callable[[], Any]) -> tuple[Any, list[str]]:
     """Run ``trace()``; return its result and the submodules of ``module`` marked with a split point whose hook never
     ran (called as ``sub.forward(...)``, which skips hooks, or not at all).

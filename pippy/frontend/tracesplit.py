@@ -36,7 +36,7 @@ from pippy.frontend.describe import none_output_notice, repeated_site, returns_n
 from pippy.frontend.dynamic import SymDim, describe_input_dims, export_dynamic_shapes
 from pippy.frontend.embedcheck import check_embeddings
 from pippy.frontend.inline import inline_regions
-from pippy.frontend.lostgrad import model_backward_hooks, warn_lost_backward, watch_backward
+from pippy.frontend.lostgrad import model_backward_hooks, model_forward_hooks, warn_lost_backward, watch_backward
 from pippy.frontend.modebranch import idle_branches
 from pippy.frontend.mutation import written_params_across_stages
 from pippy.frontend.notice import warn_user
@@ -185,7 +185,7 @@ def trace_and_split(
     warn_derived(reductions, [v if not isinstance(v, fx.Node) else constant_value(v) for v in graph_outputs(gm)])
     if num_chunks > 1 and dynamic_shapes is None:
         warn_mixed_rows(mixed_rows(inline_regions(gm), mb.rows, lambda: _inlined(twice())))
-    warn_lost_backward(dropped, model_backward_hooks(module))
+    warn_lost_backward(dropped, model_backward_hooks(module), model_forward_hooks(module))
     if num_chunks > 1:
         warn_batch_statistics(gm)
         warn_buffer_updates(written_buffers(gm))

@@ -24,17 +24,24 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _module_hooks
+from torch.nn.utils import parametrize
 
 from pippy.runtime.ddp import DdpSync
 from pippy.runtime.stage import Stage
 
 __all__ = ["HookedSplit", "fsdp_sync", "has_block_hooks"]
 
+_RECOMPUTED = "_pippy_forward_without_recompute"  # pippy.runtime.recompute's mark
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
 
 def has_block_hooks(module: torch.nn.Module) -> bool:
-    """Whether ``module`` carries hooks that a flat graph would skip: forward hooks or recompute on a submodule,
-    backward hooks on any module, or gradient hooks on a parameter (``p.register_hook``,
-    ``register_post_accumulate_grad_hook``).
+    """Whether ``module`` carries what a flat tapped copy would skip: forward hooks (on any module, the stage's own
+    included, or torch's global ones from ``register_module_forward_hook``), recompute on a submodule, backward
+    hooks on any module or global, gradient hooks on a parameter (``p.register_hook``,
+    ``register_post_accumulate_grad_hook``), or a parametrized weight (``weight_norm``, ``spectral_norm``).
 
         >>> lin = torch.nn.Sequential(torch.nn.Linear(1, 1))
         >>> has_block_hooks(lin), lin[0].register_forward_hook(lambda *a: None) is not None, has_block_hooks(lin)
@@ -42,11 +49,16 @@ def has_block_hooks(module: torch.nn.Module) -> bool:
         >>> lin = torch.nn.Linear(1, 1)
         >>> lin.weight.register_hook(lambda g: g * 2) is not None, has_block_hooks(lin)
         (True, True)
+        >>> lin = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(1, 1))
+        >>> has_block_hooks(lin)
+        True
     """
+    if any(getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS):
+        return True
     for name, mod in module.named_modules():
-        if name and (mod._forward_hooks or mod._forward_pre_hooks or "_pippy_forward_without_recompute" in vars(mod)):
-            return True
-        if mod._backward_hooks or getattr(mod, "_backward_pre_hooks", None):
+        if mod._forward_hooks or mod._forward_pre_hooks or (name and _RECOMPUTED in vars(mod)):
+            return True  # the stage's own recompute (on the root) runs in the tapped copy too
+        if mod._backward_hooks or getattr(mod, "_backward_pre_hooks", None) or parametrize.is_parametrized(mod):
             return True
     return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in module.parameters())
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from pippy.frontend.notice import warn_user
 from pippy.runtime.comm import EDGE_TAGS
 from pippy.runtime.dpgroup import DataParallelWorld
 from pippy.runtime.dploss import global_count
@@ -38,6 +39,7 @@ from pippy.runtime.transport import Transport, WaitContext
 
 __all__ = ["OWN_COUNT_TAG", "OwnScale", "own_weighted", "weigh_own_loss"]
 
+_WARNED: set[int] = set()  # parameters whose gradient hooks were warned about
 OWN_COUNT_TAG = 5 * EDGE_TAGS  # above tied grads (2-3x) and generation (4x): see pippy.runtime.plan
 
 
@@ -62,6 +64,18 @@ class OwnScale:
         if self.warn_only:
             return
         self._before = {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
+        hooked = [p for p in params if (p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None))
+                  and id(p) not in _WARNED]
+        if hooked:
+            _WARNED.update(id(p) for p in hooked)
+            warn_user(
+                f"{len(hooked)} parameter(s) of this rank have gradient hooks, and the model computes its own mean "
+                "loss over counted targets (ignore_index): each micro-batch's gradient is seeded with its count "
+                "relative to the step's first, and scaled by the batch's total count only at the end of the step, so "
+                "the hooks see gradients on another scale than the model's. A hook linear in the gradient (scaling) "
+                "still gives the same result; one that is not (clamping, clipping, moving .grad elsewhere) does not. "
+                "Act on the gradients after step() instead"
+            )
 
     def count(self, inputs: Sequence[Any], source: Any = None) -> torch.Tensor:
         """Count one micro-batch's targets on its stage inputs (``source``: the stage's running module, whose class

@@ -214,11 +214,15 @@ class Stage(StageBackward, StageModule):
         use_taps = split_backward and not self.through_hooks and isinstance(self.submod, fx.GraphModule)
         taps = self.taps if use_taps else None
         fn = taps.module if taps is not None else self.submod
+        # a hooked module gets a non-leaf alias of each input: torch's multi-grad hooks on module inputs (ModuleTracker,
+        # FlopCounterMode) refuse a leaf under the I pass's autograd.grad
+        fed = [x.view_as(x) if taps is None and self.through_hooks and isinstance(x, torch.Tensor) and x.requires_grad
+               else x for x in leaves]
         if self.measure_activations:
             with SavedBytes(skip=self.submod.parameters()) as counter:
-                res = self._call(fn, leaves, kwargs)
+                res = self._call(fn, fed, kwargs)
         else:
-            res = self._call(fn, leaves, kwargs)
+            res = self._call(fn, fed, kwargs)
         n_out = len(self.info.outputs)
         if taps is not None:
             outs, tapped, aux = taps.split(res, n_out)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Generator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pippy.runtime.comm import PipeAbortedError, PipeCommError
 from pippy.runtime.ddp import DdpSync
@@ -116,6 +116,9 @@ class StepRun:
             exc.add_note(f"pippy: raised at rank {sch.rank}, {at}")  # a user's own error: say where it happened
         if hasattr(exc, "add_note") and any(p.requires_grad for p in params) and note not in notes:
             exc.add_note(note)
+        if "modified by an inplace operation" in str(exc) and hasattr(exc, "add_note") and \
+                (inplace := _inplace_note(params)) not in notes:
+            exc.add_note(inplace)
         behind = _behind(str(exc), sch._calls) if isinstance(exc, PipeAbortedError) else None
         if behind is not None and hasattr(exc, "add_note"):
             exc.add_note(
@@ -131,6 +134,20 @@ class StepRun:
             poison = getattr(sch.transport, "poison", None)
             if poison is not None:
                 poison(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
+
+
+def _inplace_note(params: list[Any]) -> str:
+    """Why a pipelined backward may find a tensor changed in place that the model's one backward did not."""
+    hooked = sum(1 for p in params if getattr(p, "_post_accumulate_grad_hooks", None))
+    if hooked:
+        return (f"pippy: {hooked} parameter(s) of this rank have post-accumulate-grad hooks. If one steps an "
+                "optimizer (optimizer in backward), it changes the weights after a micro-batch's backward, while later "
+                "micro-batches' backwards still need the values their forwards saw: a pipelined step runs one backward "
+                "per micro-batch. Step the optimizer after schedule.step() instead; the weights may already hold "
+                "updates, so restore them (e.g. from a checkpoint) before training on")
+    return ("pippy: a tensor a micro-batch's backward needs was changed in place after its forward (a parameter "
+            "updated, or a buffer or input written, during the step): a pipelined step runs one forward and backward "
+            "per micro-batch, so change parameters only between step() calls")
 
 
 def _behind(message: str, calls: int) -> tuple[int, int] | None:

@@ -9,9 +9,7 @@ are not counted twice) and every copy ends with the same sum, as in the unpipeli
 The executor calls ``snapshot()`` before a training step and drives ``sync()`` (a generator:
 waits yield on the in-process transport) after the step's last action.
 
-    >>> from typing import Any
-
-import torch
+    >>> import torch
     >>> from pippy import SplitPoint, pipeline
     >>> from pippy.runtime.localcomm import LocalTransport
     >>> from pippy.runtime.stage import Stage
@@ -43,6 +41,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from pippy.frontend.notice import warn_user
 from pippy.frontend.pipe import SplitPipe
 from pippy.runtime.comm import EDGE_TAGS
 from pippy.runtime.stage import Stage
@@ -50,6 +49,7 @@ from pippy.runtime.transport import Transport, WaitContext
 
 __all__ = ["TiedGrads"]
 
+_WARNED: set[int] = set()  # tied copies whose gradient hook was warned about
 _TAG_BASE = 2 * EDGE_TAGS  # above every activation / gradient tag of a step and their shape headers
 
 
@@ -65,6 +65,7 @@ class TiedGrads:
     def snapshot(self) -> None:
         """Remember the grads tied copies hold before this step (equal on every copy after a sync)."""
         self._before = {}
+        hooked: list[str] = []
         for sp in self.pipe.shared:
             if not sp.requires_grad:
                 continue  # buffers and frozen tensors are not synchronized
@@ -73,6 +74,17 @@ class TiedGrads:
                     p = self.stages[s].unwrapped.get_parameter(f)
                     if p.grad is not None:
                         self._before[id(p)] = p.grad.detach().clone()
+                    if (p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)) and id(p) not in _WARNED:
+                        _WARNED.add(id(p))
+                        hooked.append(f"stage {s}'s {f} (copies in stages {list(sp.stages)})")
+        if hooked:
+            warn_user(
+                f"{', '.join(hooked)}: a copy of a tied weight (tied_weights='replicate') has a gradient hook. Each "
+                "copy's hook sees only its stage's share of the gradient, before pippy sums the copies at the end of "
+                "the step (the model's hook sees the sum). A hook linear in the gradient (scaling) still gives the "
+                "same result; one that is not (clamping, clipping, moving .grad elsewhere) does not. Use "
+                "pipeline(..., tied_weights='transmit'), or act on the gradients after step()"
+            )
 
     def sync(self) -> Iterator[None]:
         """Sum this step's gradient shares of every tied tensor across its copies (a generator: waits yield).
