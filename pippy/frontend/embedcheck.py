@@ -22,11 +22,21 @@ from pippy.frontend.trace import PipeTraceError
 __all__ = ["check_embeddings"]
 
 
+# each lookup op: the argument index of its scale_grad_by_freq and of its sparse flag (the weight is argument 0)
+_LOOKUPS = {
+    torch.ops.aten.embedding.default: (3, 4),
+    torch.ops.aten.embedding_bag.default: (3, 5),  # nn.EmbeddingBag
+    torch.ops.aten.embedding_bag.padding_idx: (3, 5),
+    torch.ops.aten._embedding_bag.default: (3, 5),
+}
+
+
 def _embeddings(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default]
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _LOOKUPS]
 
 
-def _flag(node: fx.Node, index: int, name: str) -> bool:
+def _flag(node: fx.Node, which: int, name: str) -> bool:
+    index = _LOOKUPS[node.target][which]  # type: ignore[index]
     return bool(node.args[index] if len(node.args) > index else node.kwargs.get(name, False))
 
 
@@ -34,16 +44,16 @@ def check_embeddings(gm: fx.GraphModule, assignment: dict[fx.Node, int], num_chu
     """Refuse a sparse-gradient embedding weight read by several stages; warn about ``scale_grad_by_freq``."""
     for node in _embeddings(gm):
         weight = node.args[0]
-        if _flag(node, 4, "sparse") and isinstance(weight, fx.Node) and weight.op == "get_attr":
+        if _flag(node, 1, "sparse") and isinstance(weight, fx.Node) and weight.op == "get_attr":
             stages = sorted({assignment[u] for u in weight.users if u in assignment})
             if len(stages) > 1:
                 raise PipeTraceError(
-                    f"the embedding weight {weight.target} has sparse gradients (nn.Embedding(sparse=True)) and stages "
-                    f"{stages} read it (a tied output layer, or a second lookup). The copies' gradients are summed "
-                    "across stages, which needs dense gradients. How to fix: nn.Embedding(..., sparse=False), or keep "
-                    "every use of the weight in one stage (move the split points)"
+                    f"the embedding weight {weight.target} has sparse gradients (nn.Embedding or nn.EmbeddingBag "
+                    f"with sparse=True) and stages {stages} read it (a tied output layer, or a second lookup). The "
+                    "copies' gradients are summed across stages, which needs dense gradients. How to fix: "
+                    "sparse=False, or keep every use of the weight in one stage (move the split points)"
                 )
-    freq = sorted({str(n.args[0].target) for n in _embeddings(gm) if _flag(n, 3, "scale_grad_by_freq")
+    freq = sorted({str(n.args[0].target) for n in _embeddings(gm) if _flag(n, 0, "scale_grad_by_freq")
                    and isinstance(n.args[0], fx.Node)})
     if freq and num_chunks > 1:
         warn_user(

@@ -24,6 +24,7 @@ such a pipe. Backward hooks registered on the model's modules and parameters bef
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -84,6 +85,37 @@ def _apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
     return _SAVED[0].__func__(cls, *args, **kwargs)
 
 
+def _user_functions() -> list[type]:
+    """Every ``torch.autograd.Function`` subclass defined outside torch that defines its own ``forward``."""
+    out, stack, seen = [], list(torch.autograd.Function.__subclasses__()), set()
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack += cls.__subclasses__()
+        if not cls.__module__.startswith("torch.") and isinstance(cls.__dict__.get("forward"), staticmethod):
+            out.append(cls)
+    return out
+
+
+def _watched_forward(cls: type, forward: Any) -> Any:
+    """``forward`` that records its Function like :func:`_apply` does: it catches an ``apply`` bound before the trace
+    (``ste = STE.apply`` at import, ``self.fn = Fn.apply``), which the patched ``Function.apply`` never sees."""
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        lost = _ACTIVE.get(threading.get_ident())
+        ctx_cls = getattr(args[0], "_forward_cls", None) if args else None  # the class applied (forward's own or a subclass)
+        called = ctx_cls if isinstance(ctx_cls, type) else cls
+        if lost is not None and not getattr(called, "pippy_traced_backward_ok", False):
+            lost.append(f"custom torch.autograd.Function {called.__qualname__} (its backward is replaced by the "
+                        f"autograd of its forward): {called.__qualname__}.apply at {_caller()}")
+        return forward(*args, **kwargs)
+
+    return run
+
+
 def _register_hook(self: torch.Tensor, hook: Any) -> Any:
     handle = _SAVED[1](self, hook)
     lost = _ACTIVE.get(threading.get_ident())
@@ -105,9 +137,12 @@ def watch_backward() -> Iterator[list[str]]:
         else:
             nested = False
             if not _ACTIVE:
-                _SAVED[:] = [torch.autograd.Function.__dict__["apply"], torch.Tensor.register_hook]
+                forwards = [(cls, cls.__dict__["forward"]) for cls in _user_functions()]
+                _SAVED[:] = [torch.autograd.Function.__dict__["apply"], torch.Tensor.register_hook, forwards]
                 torch.autograd.Function.apply = classmethod(_apply)  # type: ignore[assignment,method-assign]
                 torch.Tensor.register_hook = _register_hook  # type: ignore[method-assign]
+                for cls, fwd in forwards:
+                    cls.forward = staticmethod(_watched_forward(cls, fwd.__func__))  # type: ignore[attr-defined]
             _ACTIVE[me] = lost
     try:
         yield lost
@@ -118,6 +153,8 @@ def watch_backward() -> Iterator[list[str]]:
                 if not _ACTIVE:
                     torch.autograd.Function.apply = _SAVED[0]  # type: ignore[method-assign]
                     torch.Tensor.register_hook = _SAVED[1]  # type: ignore[method-assign]
+                    for cls, fwd in _SAVED[2]:
+                        cls.forward = fwd  # type: ignore[attr-defined]
                     _SAVED.clear()
 
 

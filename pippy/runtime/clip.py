@@ -120,7 +120,9 @@ def grad_norm(stages: Any, norm_type: float = 2.0, *, group: Any = None) -> torc
         if dist.get_world_size(pg) > 1:
             dist.all_reduce(total, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=pg)
     total = total if math.isinf(norm_type) else total ** (1.0 / norm_type)
-    return total.to(count[0].dtype) if count else total
+    if not count:
+        return total
+    return total.to(count[0].real.dtype if count[0].is_complex() else count[0].dtype)  # a norm is real
 
 
 def clip_grad_norm_(

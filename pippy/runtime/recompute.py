@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch.utils.checkpoint
 from torch import fx, nn
 
+from pippy.frontend.batchwarnings import written_buffers
 from pippy.frontend.materialize import HoldsModule
 from pippy.frontend.pointwise import Region, is_pointwise, recompute_pointwise, restore_pointwise
 from pippy.runtime.stage import Stage
@@ -64,13 +65,17 @@ def enable_recompute(stage: HoldsModule | nn.Module, policy: Literal["full", "po
     inner = mod.forward
     mod.__dict__[_ORIG] = inner
     stats = _norm_statistics(mod)  # where a norm may update buffers in forward
-
-    def contexts() -> tuple[Any, Any]:
-        return contextlib.nullcontext(), _KeepBuffers(mod, stats)
+    others = _read_and_written(mod, stats)
 
     def forward(*args: Any) -> Any:
         if not torch.is_grad_enabled():
             return inner(*args)
+        bufs = dict(mod.named_buffers()) if others else {}
+        seen = {n: bufs[n].detach().clone() for n in others if n in bufs}  # what this forward reads
+
+        def contexts() -> tuple[Any, Any]:
+            return contextlib.nullcontext(), _KeepBuffers(mod, stats, seen)
+
         return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, context_fn=contexts)
 
     mod.forward = forward  # type: ignore[method-assign]
@@ -124,21 +129,39 @@ def _writes(src: Any) -> bool:
     return bool(flag)
 
 
+def _read_and_written(mod: nn.Module, stats: list[tuple[Any, list[str]]]) -> list[str]:
+    """The buffers the traced graphs in ``mod`` write in forward besides norm statistics (spectral norm's power
+    iteration vectors, an EMA the forward then reads): a recompute must read them as its forward did, not as later
+    micro-batches' forwards left them."""
+    norms = {n for _, names in stats for n in names}
+    out: list[str] = []
+    for prefix, sub in mod.named_modules():
+        if isinstance(getattr(sub, "graph", None), fx.Graph):  # a GraphModule, or export's InterpreterModule
+            pre = f"{prefix}." if prefix else ""
+            out += [pre + n for n in written_buffers(cast(fx.GraphModule, sub)) if pre + n not in norms]
+    return sorted(set(out))
+
+
 class _KeepBuffers:
     """Around the recompute in backward: put back the norms' running statistics, so that they move once per forward,
     not again when backward runs it a second time. Only the statistics the norms write in their current mode are
     saved and written back, decided from the modes, never from the values (reading a value would sync a GPU with its
     host per buffer and micro-batch): in eval mode the recompute saved the statistics themselves for backward, and a
-    write would bump their version."""
+    write would bump their version. Other buffers the forward writes (``seen``: their values when the micro-batch's
+    forward ran) are set to those values for the recompute, and put back after it."""
 
-    def __init__(self, mod: nn.Module, sources: list[tuple[Any, list[str]]]) -> None:
-        self.mod, self.sources = mod, sources
+    def __init__(self, mod: nn.Module, sources: list[tuple[Any, list[str]]],
+                 seen: dict[str, torch.Tensor] | None = None) -> None:
+        self.mod, self.sources, self.seen = mod, sources, seen or {}
         self.saved: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> None:
-        written = {n for src, names in self.sources if _writes(src) for n in names}
+        written = {n for src, names in self.sources if _writes(src) for n in names} | set(self.seen)
         bufs = dict(self.mod.named_buffers()) if written else {}
         self.saved = {n: bufs[n].detach().clone() for n in written if n in bufs}
+        with torch.no_grad():
+            for n, value in self.seen.items():
+                bufs[n].copy_(value)
 
     def __exit__(self, *exc: object) -> None:
         bufs = dict(self.mod.named_buffers()) if self.saved else {}

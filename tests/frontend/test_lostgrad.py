@@ -27,6 +27,9 @@ class Reverse(torch.autograd.Function):
         return -0.5 * g
 
 
+reverse = Reverse.apply  # bound before any trace (flash-attn, apex and gradient-reversal layers write it so)
+
+
 @torch.library.custom_op("pippytest::reverse", mutates_args=())
 def reverse_op(x: torch.Tensor) -> torch.Tensor:
     return x.clone()
@@ -45,12 +48,17 @@ class Net(nn.Module):
         super().__init__()
         self.kind = kind
         self.l1, self.l2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.fn = Reverse.apply
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.l1(x))
         pipe_split()
         if self.kind == "function":
             h = Reverse.apply(h)
+        elif self.kind == "alias":
+            h = reverse(h)
+        elif self.kind == "attribute":
+            h = self.fn(h)
         elif self.kind == "custom_op":
             h = reverse_op(h)
         elif self.kind == "hook" and h.requires_grad:
@@ -67,6 +75,8 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("kind,named", [
     ("function", r"custom torch.autograd.Function Reverse .*Reverse.apply at .*test_lostgrad.py:\d+"),
+    ("alias", r"custom torch.autograd.Function Reverse .*Reverse.apply at .*test_lostgrad.py:\d+"),  # trained silently
+    ("attribute", r"custom torch.autograd.Function Reverse .*Reverse.apply at .*test_lostgrad.py:\d+"),  # wrong before
     ("hook", r"a tensor hook registered in forward \(.*\) at .*test_lostgrad.py:\d+"),
     ("reentrant", r"torch.utils.checkpoint\(use_reentrant=True\) at .*test_lostgrad.py:\d+"),
 ])

@@ -62,3 +62,40 @@ def test_nonfinite_and_bad_input() -> None:
         pippy.clip_grad_norm_([torch.nn.Linear(2, 2)], 1.0)
     with pytest.raises(ValueError, match="no stage given"):
         pippy.clip_grad_norm_([], 1.0)
+
+
+class _Complex(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w0 = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.complex128) * 0.3)
+        self.w1 = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.complex128) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w0
+        pippy.pipe_split()
+        return h @ self.w1
+
+
+def _abs_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).abs().pow(2).mean()
+
+
+_abs_mse.reduction = "mean"  # type: ignore[attr-defined]
+
+
+def test_complex_gradients_clip_like_torch() -> None:
+    """A complex gradient's norm is real (pippy returned a complex norm and clipping crashed in clamp)."""
+    torch.manual_seed(0)
+    model = _Complex()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(8, 8, dtype=torch.complex128), torch.randn(8, 8, dtype=torch.complex128)
+    _abs_mse(ref(x), y).backward()
+    lp = LocalPipeline(pipeline(model, 4, (x,)), pippy.Schedule1F1B, num_ranks=2, n_microbatches=4, loss_fn=_abs_mse)
+    lp.step(x, target=y)
+    want = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm=0.01)
+    got = pippy.clip_grad_norm_(lp.stages, max_norm=0.01)
+    assert got.dtype == torch.float64 and float(want) > 0.01
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    grads = lp.named_grads()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=TOL, msg=name)
