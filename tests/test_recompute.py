@@ -138,6 +138,38 @@ def test_full_recompute_reads_written_buffers_as_its_forward_did(cls: type, lega
         torch.testing.assert_close(state_r[name], v, rtol=0, atol=0, msg=name)
 
 
+class _Queue(torch.nn.Module):
+    """A MoCo-style queue the forward writes but never reads, and a step counter nothing reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("queue", torch.zeros(64, 4, dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        self.queue[: h.shape[0]] = h.detach()
+        self.steps.add_(1)
+        return torch.tanh(h)
+
+
+def test_full_recompute_keeps_no_copy_of_buffers_only_written() -> None:
+    """Only buffers the forward computes from are copied per micro-batch (a queue was copied at every forward)."""
+    from pippy.runtime.recompute import _read_and_written
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = pipeline(torch.nn.Sequential(_Queue(), torch.nn.Linear(4, 2)).double(), 2,
+                        (torch.randn(4, 4, dtype=torch.float64),), split_spec={"0": SplitPoint.END})
+    stage = pipe.build_stage(0, "cpu")
+    assert sorted(dict(stage.submod.named_buffers())) == ["0.queue", "0.steps"]
+    assert _read_and_written(stage.submod, []) == []
+    net = _SpectralNet(legacy=False)
+    assert _read_and_written(net, []) == ["a.parametrizations.weight.0._u", "a.parametrizations.weight.0._v"]
+    assert _read_and_written(_SpectralNet(legacy=True), []) == ["a.weight_u", "a.weight_v"]
+
+
 class _HostSyncs(TorchDispatchMode):
     """Counts the ops that read a tensor's value on the host (a stream sync on CUDA)."""
 

@@ -72,21 +72,33 @@ _ACTIVE: dict[int, list[str]] = {}  # thread id -> what that thread's trace lost
 _SAVED: list[Any] = []  # the original Function.apply and Tensor.register_hook while any trace watches
 
 
-def _apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+def _needs_grad(args: Any) -> bool:
+    """Whether a tensor among ``args`` (nested in lists and tuples too) needs a gradient: else no backward runs."""
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in torch.utils._pytree.tree_leaves(args))
+
+
+def _record(cls: Any, args: Any) -> None:
+    """Note that this thread's traced forward applies Function ``cls`` to ``args``, if it has a backward to lose."""
     lost = _ACTIVE.get(threading.get_ident())
-    if lost is not None and not getattr(cls, "pippy_traced_backward_ok", False):
-        name = f"{cls.__module__}.{cls.__qualname__}"
-        if name == _REENTRANT:
-            lost.append(f"torch.utils.checkpoint(use_reentrant=True) at {_caller()} (torch.export makes what "
-                        "follows it a no-grad region)")
-        elif not name.startswith("torch."):
-            lost.append(f"custom torch.autograd.Function {cls.__qualname__} (its backward is replaced by the "
-                        f"autograd of its forward): {cls.__qualname__}.apply at {_caller()}")
+    if lost is None or getattr(cls, "pippy_traced_backward_ok", False):
+        return
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if name == _REENTRANT:  # its parameters are not among its arguments
+        lost.append(f"torch.utils.checkpoint(use_reentrant=True) at {_caller()} (torch.export makes what "
+                    "follows it a no-grad region)")
+    elif not name.startswith("torch.") and _needs_grad(args):
+        lost.append(f"custom torch.autograd.Function {cls.__qualname__} (its backward is replaced by the "
+                    f"autograd of its forward): {cls.__qualname__}.apply at {_caller()}")
+
+
+def _apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+    _record(cls, (args, kwargs))
     return _SAVED[0].__func__(cls, *args, **kwargs)
 
 
-def _user_functions() -> list[type]:
-    """Every ``torch.autograd.Function`` subclass defined outside torch that defines its own ``forward``."""
+def _user_functions() -> list[tuple[type, str]]:
+    """Every ``torch.autograd.Function`` subclass defined outside torch, with the method its ``apply`` alone calls and
+    that it defines itself: ``setup_context`` where it has one, else ``forward`` (then given a ctx by ``apply``)."""
     out, stack, seen = [], list(torch.autograd.Function.__subclasses__()), set()
     while stack:
         cls = stack.pop()
@@ -94,24 +106,27 @@ def _user_functions() -> list[type]:
             continue
         seen.add(cls)
         stack += cls.__subclasses__()
-        if not cls.__module__.startswith("torch.") and isinstance(cls.__dict__.get("forward"), staticmethod):
-            out.append(cls)
+        if cls.__module__.startswith("torch."):
+            continue
+        for method in ("setup_context", "forward"):
+            if isinstance(cls.__dict__.get(method), staticmethod):
+                out.append((cls, method))
+                break
     return out
 
 
-def _watched_forward(cls: type, forward: Any) -> Any:
-    """``forward`` that records its Function like :func:`_apply` does: it catches an ``apply`` bound before the trace
-    (``ste = STE.apply`` at import, ``self.fn = Fn.apply``), which the patched ``Function.apply`` never sees."""
+def _watched(cls: type, method: str, fn: Any) -> Any:
+    """``fn`` (``cls``'s own ``forward`` or ``setup_context``) recording its Function as :func:`_apply` does, when
+    ``apply`` calls it: this catches an ``apply`` bound before the trace (``ste = STE.apply`` at import, ``self.fn =
+    Fn.apply``), which the patched ``Function.apply`` never sees. A direct ``forward(None, x)`` call is not an apply."""
 
-    @functools.wraps(forward)
+    @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        lost = _ACTIVE.get(threading.get_ident())
-        ctx_cls = getattr(args[0], "_forward_cls", None) if args else None  # the class applied (forward's own or a subclass)
-        called = ctx_cls if isinstance(ctx_cls, type) else cls
-        if lost is not None and not getattr(called, "pippy_traced_backward_ok", False):
-            lost.append(f"custom torch.autograd.Function {called.__qualname__} (its backward is replaced by the "
-                        f"autograd of its forward): {called.__qualname__}.apply at {_caller()}")
-        return forward(*args, **kwargs)
+        if _ACTIVE:
+            ctx_cls = getattr(args[0], "_forward_cls", None) if args else None  # the Function applied
+            if isinstance(ctx_cls, type):
+                _record(ctx_cls, (args[1] if method == "setup_context" and len(args) > 1 else args[1:], kwargs))
+        return fn(*args, **kwargs)
 
     return run
 
@@ -137,12 +152,12 @@ def watch_backward() -> Iterator[list[str]]:
         else:
             nested = False
             if not _ACTIVE:
-                forwards = [(cls, cls.__dict__["forward"]) for cls in _user_functions()]
-                _SAVED[:] = [torch.autograd.Function.__dict__["apply"], torch.Tensor.register_hook, forwards]
+                methods = [(cls, name, cls.__dict__[name]) for cls, name in _user_functions()]
+                _SAVED[:] = [torch.autograd.Function.__dict__["apply"], torch.Tensor.register_hook, methods]
                 torch.autograd.Function.apply = classmethod(_apply)  # type: ignore[assignment,method-assign]
                 torch.Tensor.register_hook = _register_hook  # type: ignore[method-assign]
-                for cls, fwd in forwards:
-                    cls.forward = staticmethod(_watched_forward(cls, fwd.__func__))  # type: ignore[attr-defined]
+                for cls, name, fn in methods:
+                    setattr(cls, name, staticmethod(_watched(cls, name, fn.__func__)))
             _ACTIVE[me] = lost
     try:
         yield lost
@@ -153,8 +168,8 @@ def watch_backward() -> Iterator[list[str]]:
                 if not _ACTIVE:
                     torch.autograd.Function.apply = _SAVED[0]  # type: ignore[method-assign]
                     torch.Tensor.register_hook = _SAVED[1]  # type: ignore[method-assign]
-                    for cls, fwd in _SAVED[2]:
-                        cls.forward = fwd  # type: ignore[attr-defined]
+                    for cls, name, fn in _SAVED[2]:
+                        setattr(cls, name, fn)
                     _SAVED.clear()
 
 
@@ -178,8 +193,9 @@ def model_backward_hooks(module: nn.Module) -> list[str]:
 
 
 def model_forward_hooks(module: nn.Module) -> list[str]:
-    """The modules of ``module`` with forward (pre-)hooks of the user's own (not torch's or pippy's): a trace runs them
-    once, keeping what they compute, but a pipelined step runs the stages' graphs, not the hooks.
+    """The modules of ``module`` with forward (pre-)hooks of the user's own (not torch's, pippy's or an installed
+    library's, such as transformers' output capturing): a trace runs them once, keeping what they compute, but a
+    pipelined step runs the stages' graphs, not the hooks.
 
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
         >>> seen = []
@@ -189,12 +205,23 @@ def model_forward_hooks(module: nn.Module) -> list[str]:
     """
     found = []
     for name, sub in module.named_modules():
-        own = [h for h in (*sub._forward_pre_hooks.values(), *sub._forward_hooks.values())
-               if not getattr(h, "pippy_split_point", False)
-               and not str(getattr(h, "__module__", None) or type(h).__module__).startswith("torch.")]
+        own = [h for h in (*sub._forward_pre_hooks.values(), *sub._forward_hooks.values()) if not _library_code(h)]
         if own:
-            found.append(f"{name or '(the model itself)'} ({', '.join(getattr(h, '__name__', type(h).__name__) for h in own)})")
+            names = dict.fromkeys(getattr(h, "__name__", type(h).__name__) for h in own)
+            found.append(f"{name or '(the model itself)'} ({', '.join(names)})")
     return found
+
+
+def _library_code(fn: Any) -> bool:
+    """Whether a hook is defined in torch, pippy or an installed package (site-packages), not in the user's code."""
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    fn = getattr(fn, "func", fn)  # functools.partial
+    call = next((c.__dict__["__call__"] for c in type(fn).__mro__ if "__call__" in c.__dict__), None)  # an object
+    code = getattr(fn, "__code__", None) or getattr(call, "__code__", None)
+    if code is None:
+        return True  # a builtin
+    path = os.path.abspath(code.co_filename) if not code.co_filename.startswith("<") else code.co_filename
+    return path.startswith(_SKIP) or f"{os.sep}site-packages{os.sep}" in path or f"{os.sep}dist-packages{os.sep}" in path
 
 
 def warn_lost_backward(lost: list[str], hooks: list[str], forward_hooks: Sequence[str] = ()) -> None:
@@ -203,8 +230,10 @@ def warn_lost_backward(lost: list[str], hooks: list[str], forward_hooks: Sequenc
         warn_user(
             f"pipeline(): forward hooks on {', '.join(forward_hooks[:4])}{', ...' if len(forward_hooks) > 4 else ''} "
             "ran once while tracing: what they return is part of the stages' graphs, but they do not run in a "
-            "pipelined step (what they store or count, e.g. captured activations, stays empty). Register them after "
-            "build_stage on the stage's blocks (stage.submod.get_submodule(name), same names as the model's) instead"
+            "pipelined step (what they store or count, e.g. captured activations, stays empty). A hook for its side "
+            "effects: remove it from the model before pipeline() and register it after build_stage on the stage's "
+            "block (stage.submod.get_submodule(name), the model's names). A hook that changes values is in the graph "
+            "already: registering it again would apply it twice"
         )
     if lost:
         warn_user(

@@ -32,7 +32,7 @@ from torch import fx
 
 from pippy.frontend.inline import region_call
 
-__all__ = ["written_after", "written_params_across_stages", "written_placeholders"]
+__all__ = ["value_read", "written_after", "written_params_across_stages", "written_placeholders"]
 
 _DROPOUTS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")  # CompositeImplicit: may alias
 
@@ -120,6 +120,35 @@ def written_after(node: fx.Node, after: fx.Node | None = None) -> bool:
             if writes and order[u] > start:
                 return True
             if (aliases or writes) and u not in seen:  # an in-place op returns its (now written) input
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
+def value_read(node: fx.Node) -> bool:
+    """Whether some op computes from ``node``'s value (or a view of it, or what an in-place op left in it), or the
+    graph returns it; writes alone (``buf.copy_(new)``, ``count.add_(1)`` that nothing reads) are not reads. An op
+    without a schema counts as a read.
+
+        >>> import torch
+        >>> g = torch.fx.Graph()
+        >>> count, ema, x = g.placeholder("count"), g.placeholder("ema"), g.placeholder("x")
+        >>> _ = g.call_function(torch.ops.aten.add_.Tensor, (count, 1))
+        >>> decayed = g.call_function(torch.ops.aten.mul_.Tensor, (ema, 0.9))
+        >>> _ = g.output(g.call_function(torch.ops.aten.mul.Tensor, (x, decayed)))
+        >>> value_read(count), value_read(ema)
+        (False, True)
+    """
+    seen, todo = {node}, [node]
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            if u.op == "output":
+                return True
+            _, aliases = _effect(u, v)
+            if not aliases:
+                return True  # computes from it (or writes without returning it: an op we cannot follow)
+            if u not in seen:
                 seen.add(u)
                 todo.append(u)
     return False

@@ -23,6 +23,7 @@ bit. One 8-byte message per rank and step, after every action. The merged loss i
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ from pippy.runtime.transport import Transport, WaitContext
 
 __all__ = ["OWN_COUNT_TAG", "OwnScale", "own_weighted", "weigh_own_loss"]
 
-_WARNED: set[int] = set()  # parameters whose gradient hooks were warned about
+_WARNED: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()  # parameters whose gradient hooks were warned about
 OWN_COUNT_TAG = 5 * EDGE_TAGS  # above tied grads (2-3x) and generation (4x): see pippy.runtime.plan
 
 
@@ -65,9 +66,9 @@ class OwnScale:
             return
         self._before = {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
         hooked = [p for p in params if (p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None))
-                  and id(p) not in _WARNED]
+                  and p not in _WARNED]
         if hooked:
-            _WARNED.update(id(p) for p in hooked)
+            _WARNED.update(hooked)
             warn_user(
                 f"{len(hooked)} parameter(s) of this rank have gradient hooks, and the model computes its own mean "
                 "loss over counted targets (ignore_index): each micro-batch's gradient is seeded with its count "

@@ -19,9 +19,12 @@ from typing import Any, Literal, cast
 
 import torch.utils.checkpoint
 from torch import fx, nn
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from pippy.frontend.batchwarnings import written_buffers
 from pippy.frontend.materialize import HoldsModule
+from pippy.frontend.mutation import value_read
 from pippy.frontend.pointwise import Region, is_pointwise, recompute_pointwise, restore_pointwise
 from pippy.runtime.stage import Stage
 
@@ -130,16 +133,26 @@ def _writes(src: Any) -> bool:
 
 
 def _read_and_written(mod: nn.Module, stats: list[tuple[Any, list[str]]]) -> list[str]:
-    """The buffers the traced graphs in ``mod`` write in forward besides norm statistics (spectral norm's power
+    """The buffers that ``mod``'s forward writes and computes from, besides norm statistics (spectral norm's power
     iteration vectors, an EMA the forward then reads): a recompute must read them as its forward did, not as later
-    micro-batches' forwards left them."""
+    micro-batches' forwards left them. Found in traced graphs (a buffer only written, like a queue or a counter
+    nothing reads, is left out: no copy is kept) and, in eager modules, spectral norm's vectors."""
     norms = {n for _, names in stats for n in names}
     out: list[str] = []
     for prefix, sub in mod.named_modules():
-        if isinstance(getattr(sub, "graph", None), fx.Graph):  # a GraphModule, or export's InterpreterModule
-            pre = f"{prefix}." if prefix else ""
-            out += [pre + n for n in written_buffers(cast(fx.GraphModule, sub)) if pre + n not in norms]
-    return sorted(set(out))
+        pre = f"{prefix}." if prefix else ""
+        graph = getattr(sub, "graph", None)
+        if isinstance(graph, fx.Graph):  # a GraphModule, or export's InterpreterModule
+            written = set(written_buffers(cast(fx.GraphModule, sub)))
+            out += [pre + str(n.target) for n in graph.nodes
+                    if n.op == "get_attr" and n.target in written and value_read(n)]
+        elif isinstance(sub, _SpectralNorm):
+            out += [pre + "_u", pre + "_v"]
+        else:
+            out += [f"{pre}{h.name}_{v}" for h in sub._forward_pre_hooks.values() if isinstance(h, SpectralNorm)
+                    for v in ("u", "v")]  # torch.nn.utils.spectral_norm (legacy)
+    buffers = {n for n, _ in mod.named_buffers()}
+    return sorted({n for n in out if n in buffers and n not in norms})
 
 
 class _KeepBuffers:

@@ -19,6 +19,9 @@ import re
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from torch import fx
+
+from pippy.frontend.batchwarnings import written_buffers
 from pippy.runtime.comm import PipeAbortedError, PipeCommError
 from pippy.runtime.ddp import DdpSync
 from pippy.runtime.executor import Executor
@@ -116,8 +119,8 @@ class StepRun:
             exc.add_note(f"pippy: raised at rank {sch.rank}, {at}")  # a user's own error: say where it happened
         if hasattr(exc, "add_note") and any(p.requires_grad for p in params) and note not in notes:
             exc.add_note(note)
-        if "modified by an inplace operation" in str(exc) and hasattr(exc, "add_note") and \
-                (inplace := _inplace_note(params)) not in notes:
+        if raised_here and "modified by an inplace operation" in str(exc) and hasattr(exc, "add_note") and \
+                (inplace := _inplace_note(params, [st.submod for st in sch.stages])) not in notes:
             exc.add_note(inplace)
         behind = _behind(str(exc), sch._calls) if isinstance(exc, PipeAbortedError) else None
         if behind is not None and hasattr(exc, "add_note"):
@@ -136,7 +139,7 @@ class StepRun:
                 poison(f"rank {sch.rank}, {at}: {type(exc).__name__}: {first}")
 
 
-def _inplace_note(params: list[Any]) -> str:
+def _inplace_note(params: list[Any], modules: list[Any]) -> str:
     """Why a pipelined backward may find a tensor changed in place that the model's one backward did not."""
     hooked = sum(1 for p in params if getattr(p, "_post_accumulate_grad_hooks", None))
     if hooked:
@@ -145,9 +148,15 @@ def _inplace_note(params: list[Any]) -> str:
                 "micro-batches' backwards still need the values their forwards saw: a pipelined step runs one backward "
                 "per micro-batch. Step the optimizer after schedule.step() instead; the weights may already hold "
                 "updates, so restore them (e.g. from a checkpoint) before training on")
-    return ("pippy: a tensor a micro-batch's backward needs was changed in place after its forward (a parameter "
-            "updated, or a buffer or input written, during the step): a pipelined step runs one forward and backward "
-            "per micro-batch, so change parameters only between step() calls")
+    buffers = sorted({f"{prefix}.{b}" if prefix else b for mod in modules for prefix, sub in mod.named_modules()
+                      if isinstance(getattr(sub, "graph", None), fx.Graph) for b in written_buffers(sub)})
+    told = (f"the model's forward writes the buffers {', '.join(buffers[:4])}{' ...' if len(buffers) > 4 else ''} in "
+            "place, and a later micro-batch's forward overwrites what an earlier one's backward still needs (one "
+            "forward over the batch wrote them once): read a copy where forward computes with them after writing "
+            "(e.g. h * self.ema.clone()), or update them after the step; or " if buffers else "")
+    return (f"pippy: a tensor a micro-batch's backward needs was changed in place after its forward: {told}a parameter "
+            "or input was written during the step. A pipelined step runs one forward and backward per micro-batch, so "
+            "change parameters only between step() calls")
 
 
 def _behind(message: str, calls: int) -> tuple[int, int] | None:

@@ -35,6 +35,7 @@ waits yield on the in-process transport) after the step's last action.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ from pippy.runtime.transport import Transport, WaitContext
 
 __all__ = ["TiedGrads"]
 
-_WARNED: set[int] = set()  # tied copies whose gradient hook was warned about
+_WARNED: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()  # tied copies whose gradient hook was warned about
 _TAG_BASE = 2 * EDGE_TAGS  # above every activation / gradient tag of a step and their shape headers
 
 
@@ -74,8 +75,8 @@ class TiedGrads:
                     p = self.stages[s].unwrapped.get_parameter(f)
                     if p.grad is not None:
                         self._before[id(p)] = p.grad.detach().clone()
-                    if (p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)) and id(p) not in _WARNED:
-                        _WARNED.add(id(p))
+                    if (p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)) and p not in _WARNED:
+                        _WARNED.add(p)
                         hooked.append(f"stage {s}'s {f} (copies in stages {list(sp.stages)})")
         if hooked:
             warn_user(

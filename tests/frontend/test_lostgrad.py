@@ -161,3 +161,21 @@ def test_a_function_may_say_its_backward_is_autograds() -> None:
     torch.manual_seed(0)
     _trains_exactly(OptedOut("plain").double(), Schedule1F1B)
     assert torch.autograd.Function.__dict__["apply"].__func__.__name__ == "apply"  # unpatched after the trace
+
+
+class NoGradUses(Net):
+    """A library's inference path calls forward itself, and a Function applied to what needs no grad has no backward
+    to lose: neither is refused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.l1(x))
+        pipe_split()
+        with torch.no_grad():
+            h = h + Reverse.forward(None, h.detach()) * 0  # type: ignore[arg-type]
+        h = h + Reverse.apply(torch.ones_like(h) * 0.5)
+        return self.head(torch.tanh(self.l2(h)))
+
+
+def test_functions_without_a_backward_to_lose_are_not_refused() -> None:
+    torch.manual_seed(0)
+    _trains_exactly(NoGradUses("plain").double(), Schedule1F1B)

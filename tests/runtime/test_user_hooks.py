@@ -213,3 +213,44 @@ def test_gradient_hooks_beside_the_model_s_own_counted_loss_are_warned_about() -
     lp.stages[1].unwrapped.get_parameter("b.weight").register_hook(lambda g: g.clamp(-1e-3, 1e-3))
     with pytest.warns(UserWarning, match=r"1 parameter\(s\) of this rank have gradient hooks, and the model computes"):
         lp.step(x, labels)
+
+
+def test_library_hooks_are_not_named() -> None:
+    """transformers' own hooks (gradient checkpointing's make_inputs_require_grads, as pippy's advice for reentrant
+    checkpoints asks) are not the user's: no warning, and pipeline() under warnings-as-errors works."""
+    from models import gpt2
+
+    model = gpt2()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    assert any(m._forward_hooks for m in model.modules())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline(model, 2, (torch.randint(0, 96, (2, 16)),), split_spec={"transformer.h.0": SplitPoint.END})
+    assert not [w for w in caught if "forward hooks on" in str(w.message)]
+
+
+class _Ema(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.register_buffer("ema", torch.ones(6, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        self.ema.mul_(0.9).add_(h.detach().mean(0) * 0.1)
+        return torch.tanh(h * self.ema)
+
+
+def test_a_buffer_written_then_saved_for_backward_is_named_in_the_error() -> None:
+    """Plain PyTorch trains this (one forward); each micro-batch's forward overwrites what an earlier backward needs."""
+    model = nn.Sequential(_Ema(), _Ema(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = pipeline(model, 4, (x,), split_spec={"0": SplitPoint.END})
+    lp = _local(pipe, "Schedule1F1B")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+        lp.step(x, target=y)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "writes the buffers 0.ema in place" in notes and "self.ema.clone()" in notes
