@@ -100,7 +100,8 @@ def _timeout_message(ctx: WaitContext, timeout: float, cause: str) -> str:
     return (
         f"pipeline wait timed out after {timeout:g}s at {ctx.describe()}. {expect}. Likely causes: rank {ctx.peer} failed or is still in an earlier step (see its own error), "
         "ranks run different schedules or micro-batch counts, or step() was not called on every rank (or one rank "
-        "called eval() where the others called step()). "
+        "called eval() where the others called step(), or ranks stepped two pipelines over the same ranks in "
+        "different orders). "
         f"Raise the limit with timeout=... or PIPPY_TIMEOUT if a stage is just slow. [{cause}]"
     )
 
@@ -226,6 +227,12 @@ class DistTransport:
         """The store, key prefix and failure board this schedule's ranks share (gloo), else None."""
         board = self._claim()
         return None if board is None else (self._store, self._prefix, board)
+
+    def parity(self) -> int:
+        """This schedule's number among those over its group, mod 2 (claimed at its first step; 0 without a store):
+        two pipelines over the same ranks tag their messages apart, so ranks that step them in different orders
+        wait and time out instead of taking each other's activations."""
+        return int(self._prefix.rsplit("/", 1)[-1]) % 2 if self._claim() is not None else 0
 
     def _claim(self) -> FailureBoard | None:
         """This transport's failure board, keyed the first time a step uses it by how many transports of the group

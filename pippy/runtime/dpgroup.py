@@ -112,7 +112,11 @@ def dp_group_of(module: nn.Module) -> Any:
     if ddp is not None:
         if ddp.wrapped:
             return module.process_group
-        kwargs = getattr(_replicate_state(module), "_init_kwargs", {}) or {}
+        state = _replicate_state(module)
+        built = getattr(state, "_ddp", None)  # the DDP that replicate builds at its first forward (its kwargs go)
+        if built is not None and getattr(built, "process_group", None) is not None:
+            return built.process_group
+        kwargs = getattr(state, "_init_kwargs", {}) or {}
         mesh = kwargs.get("device_mesh")
         return kwargs.get("process_group") or (mesh.get_group() if mesh is not None else dist.group.WORLD)
     found = _fsdp_mesh(module)

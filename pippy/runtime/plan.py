@@ -51,7 +51,7 @@ class Edge:
     """Output ``j`` of stage ``src`` read as input ``k`` of stage ``dst``; ``peer`` is the rank at the other end.
 
         >>> Edge(3, 0, 1, 2, 0, peer=1).tag(backward=True, mb=2, n_microbatches=4)
-        120
+        240
     """
 
     id: int
@@ -63,20 +63,21 @@ class Edge:
 
     def tag(self, *, backward: bool, mb: int, n_microbatches: int, phase: int = 0) -> int:
         """The message tag of this edge's activation (or, ``backward``, gradient) for micro-batch ``mb`` in a call of
-        ``phase`` (0-3: the schedule's call count mod 2, twice, plus 1 for a training step; see
-        :attr:`CommPlan.phase`), so that ranks making different calls (one ``eval()`` where another runs ``step()``,
-        or one call more) wait and time out instead of taking each other's messages.
+        ``phase`` (0-7: the schedule's call count mod 2, twice, plus 1 for a training step, plus 4 for an odd
+        number among the schedules sharing its group; see :attr:`CommPlan.phase`), so that ranks making different
+        calls (one ``eval()`` where another runs ``step()``, one call more, or a step of another pipeline over the
+        same ranks) wait and time out instead of taking each other's messages.
 
         Tag bands between two ranks: edge messages below ``EDGE_TAGS`` (``1 << 28``); their shape
         headers at ``EDGE_TAGS`` + edge tag (:mod:`pippy.runtime.shapes`); tied-gradient sums from
         ``2 * EDGE_TAGS`` (:mod:`pippy.runtime.tied`); generation from ``4 * EDGE_TAGS``
         (:mod:`pippy.runtime.genproto`).
         """
-        tag = ((self.id * 2 + int(backward)) * n_microbatches + mb) * 4 + phase
+        tag = ((self.id * 2 + int(backward)) * n_microbatches + mb) * 8 + phase
         if tag >= EDGE_TAGS:
             raise ValueError(
                 f"edge {self.id} (stage {self.src} -> {self.dst}), micro-batch {mb}: message tag {tag} is past the "
-                f"{EDGE_TAGS} the tag space holds ({n_microbatches} micro-batches x 2 x 4 x edges). Expected fewer "
+                f"{EDGE_TAGS} the tag space holds ({n_microbatches} micro-batches x 2 x 8 x edges). Expected fewer "
                 "micro-batches per step or fewer values crossing stages; use fewer micro-batches"
             )
         return tag

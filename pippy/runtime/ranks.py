@@ -28,7 +28,7 @@ from pippy.runtime.transport import Transport
 from pippy.sim.clocks import make_causal
 from pippy.sim.timeline import Event, Timeline
 
-__all__ = ["gather_trace", "on_one_clock", "schedule_facts", "store_sync", "trace_barrier"]
+__all__ = ["check_one_group", "gather_trace", "on_one_clock", "schedule_facts", "store_sync", "trace_barrier"]
 
 
 def schedule_facts(sched: Any) -> dict[str, Any]:
@@ -52,6 +52,26 @@ def schedule_facts(sched: Any) -> dict[str, Any]:
         "stage_tensors": "hand-cut" if getattr(pipe, "manual", False)
         else [_tensor_names(info.module) for info in pipe.stage_infos],
     }
+
+
+def check_one_group(stages: list[Any]) -> None:
+    """Refuse no stages, or this rank's stages built over different process groups (a schedule sends over one).
+
+        >>> check_one_group([])
+        Traceback (most recent call last):
+        ...
+        ValueError: a schedule needs at least one stage
+    """
+    if not stages:
+        raise ValueError("a schedule needs at least one stage")
+    world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    groups = [None if st.group is world else st.group for st in stages]
+    if any(g is not groups[0] for g in groups[1:]):
+        named = ", ".join(f"stage {st.index}: {'default (WORLD)' if st.group is None else st.group}" for st in stages)
+        raise ValueError(
+            f"this rank's stages were built over different process groups ({named}); a schedule sends over one. "
+            "Expected the same group= in every build_stage (or PipelineStage) call of the pipeline, on every rank"
+        )
 
 
 def trace_barrier(transport: Transport, where: str) -> None:

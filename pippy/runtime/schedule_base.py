@@ -53,7 +53,7 @@ from pippy.runtime.lossadvice import scalar_first_hint
 from pippy.runtime.manual import exchange, link_stages, needs_link
 from pippy.runtime.owncount import OwnLossCounts
 from pippy.runtime.ownscale import own_weighted
-from pippy.runtime.ranks import gather_trace
+from pippy.runtime.ranks import check_one_group, gather_trace
 from pippy.runtime.schedule_order import RunOrder
 from pippy.runtime.schedule_peers import PeerStanding
 from pippy.runtime.stage import Stage, StageError
@@ -115,8 +115,7 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
         costs: CostModel | None = None,
     ) -> None:
         self.stages = [stages] if isinstance(stages, Stage) else list(stages)
-        if not self.stages:
-            raise ValueError("a schedule needs at least one stage")
+        check_one_group(self.stages)  # at least one stage, all over one process group
         if not isinstance(n_microbatches, int) or n_microbatches < 1:
             raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
         if loss_reduction not in ("mean", "sum", None):
@@ -281,7 +280,7 @@ class PipelineSchedule(StepInputsMixin, RunOrder, PeerStanding):
             self._tell_others(f"rank {self.rank}, before its step", exc)
             raise
         inp.keep_outputs = return_outputs
-        inp.phase = (self._calls % 2) * 2 + int(training)
+        inp.phase = (self._calls % 2) * 2 + int(training) + 4 * getattr(self.transport, "parity", lambda: 0)()
         self._calls += 1
         if not self._agreed:
             self._agree()

@@ -53,7 +53,7 @@ class StepInputs:
     # a loss averaged over counted targets (runtime/countedmean.py): each micro-batch's count and the step's; the
     # loss_fn is then its sum form, divided by the step's count (backward) and by its own (the loss reported)
     counts: tuple[list[torch.Tensor], torch.Tensor] | None = None
-    phase: int = 0  # the message tags' phase (plan.Edge.tag): the schedule's call count mod 2, twice, + training
+    phase: int = 0  # the message tags' phase (plan.Edge.tag): call count mod 2, twice, + training, + 4 x schedule parity
     # hand-cut stages: per micro-batch, the keyword inputs this rank's step() got for its own stages
     stage_kwargs: list[dict[str, Any]] | None = None
     # the model's own counted-mean loss (pippy.runtime.ownscale): its counts; own_trained: the step trains on it

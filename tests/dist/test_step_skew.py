@@ -76,3 +76,31 @@ def test_ranks_that_disagreed_rebuild_together(tmp_path) -> None:
     (said0, err0), (said1, err1) = run_ranks(tmp_path, 2, _disagree_then_rebuild)
     assert said0 == "PipeAbortedError" and said1 == "StageError", (said0, said1)
     assert max(err0, err1) < 1e-12, (err0, err1)
+
+
+def _two_pipes_swapped(rank: int, world: int) -> list[str]:
+    """Two pipelines of one architecture over the same ranks: one step each in the same order, then rank 1 swaps."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    inputs, target = ((x,) if rank == 0 else ()), (y if rank == 1 else None)
+    scheds = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        pipe = pipeline(MLPStack(4).double(), M, (x,), split_spec={"blocks.1": SplitPoint.END})
+        scheds.append(pippy.Schedule1F1B(pipe.build_stage(rank, "cpu"), M, loss_fn=mse, timeout=5))
+    said = []
+    for sched in scheds + (scheds if rank == 0 else scheds[::-1]):
+        try:
+            sched.step(*inputs, target=target)
+            said.append("ok")
+        except Exception as exc:
+            said.append(f"{type(exc).__name__}: {exc}")
+            break
+    return said
+
+
+def test_two_pipelines_stepped_in_different_orders_time_out(tmp_path) -> None:
+    """Their messages shared tags: each took the other's activations and trained silently wrong (grads off 0.06)."""
+    for said in run_ranks(tmp_path, 2, _two_pipes_swapped):
+        assert said[:2] == ["ok", "ok"] and said[2].startswith("PipeTimeoutError"), said
+        assert "stepped two pipelines over the same ranks in different orders" in said[2], said
