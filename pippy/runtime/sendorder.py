@@ -17,8 +17,8 @@ send still held at the end of the step says the ranks run different schedules.
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(4)])
     >>> pipe = pipeline(net, 4, (torch.ones(4, 2),), split_spec={str(i): SplitPoint.END for i in range(3)})
     >>> order = SendOrder(LocalTransport.world(2)[0], pipe.stage_infos, lower(zbv(2, 4)))
-    >>> order.expected[1][:4]   # rank 1 takes 3 forwards (tags 0, 4, 8), then stage 3's first gradient (80)
-    [0, 4, 8, 80]
+    >>> order.expected[1][:4]   # rank 1 takes 3 forwards (tags 0, 8, 16), then stage 3's first gradient (160)
+    [0, 8, 16, 160]
 """
 
 from __future__ import annotations
