@@ -25,6 +25,7 @@ backward) or hands it to autograd as a leaf (a stage's received input) must know
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -79,19 +80,23 @@ def _effect(user: fx.Node, value: fx.Node) -> tuple[bool, bool]:
     return writes, aliases
 
 
-def _reaches_output(node: fx.Node) -> bool:
-    """Whether the graph returns ``node``'s value or a view of it (then the caller's result aliases it)."""
+def _uses(node: fx.Node, follow_writes: bool = True) -> Iterator[tuple[fx.Node, bool, bool]]:
+    """``(user, writes, aliases)`` for every op using ``node``'s value, then the users of the views it makes (and, with
+    ``follow_writes``, of what an in-place op returns: its now written input), each user once per value it reads."""
     seen, todo = {node}, [node]
     while todo:
         v = todo.pop()
         for u in v.users:
-            if u.op == "output":
-                return True
             writes, aliases = _effect(u, v)
-            if (aliases or writes) and u not in seen:
+            yield u, writes, aliases
+            if (aliases or (follow_writes and writes)) and u not in seen:
                 seen.add(u)
                 todo.append(u)
-    return False
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """Whether the graph returns ``node``'s value or a view of it (then the caller's result aliases it)."""
+    return any(u.op == "output" for u, _, _ in _uses(node))
 
 
 def _passes_through(node: fx.Node) -> bool:
@@ -112,17 +117,7 @@ def written_after(node: fx.Node, after: fx.Node | None = None) -> bool:
     """
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     start = order[after if after is not None else node]
-    seen, todo = {node}, [node]
-    while todo:
-        v = todo.pop()
-        for u in v.users:
-            writes, aliases = _effect(u, v)
-            if writes and order[u] > start:
-                return True
-            if (aliases or writes) and u not in seen:  # an in-place op returns its (now written) input
-                seen.add(u)
-                todo.append(u)
-    return False
+    return any(writes and order[u] > start for u, writes, _ in _uses(node))
 
 
 def value_read(node: fx.Node) -> bool:
@@ -139,19 +134,8 @@ def value_read(node: fx.Node) -> bool:
         >>> value_read(count), value_read(ema)
         (False, True)
     """
-    seen, todo = {node}, [node]
-    while todo:
-        v = todo.pop()
-        for u in v.users:
-            if u.op == "output":
-                return True
-            _, aliases = _effect(u, v)
-            if not aliases:
-                return True  # computes from it (or writes without returning it: an op we cannot follow)
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return False
+    # a user that does not return an alias computes from it (or writes without returning it: an op we cannot follow)
+    return any(u.op == "output" or not aliases for u, _, aliases in _uses(node, follow_writes=False))
 
 
 def written_placeholders(gm: fx.GraphModule | fx.Graph) -> list[int]:

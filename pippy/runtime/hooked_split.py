@@ -28,11 +28,11 @@ import torch.nn.modules.module as _module_hooks
 from torch.nn.utils import parametrize
 
 from pippy.runtime.ddp import DdpSync
+from pippy.runtime.recompute import RECOMPUTED_MARK
 from pippy.runtime.stage import Stage
 
 __all__ = ["HookedSplit", "fsdp_sync", "has_block_hooks"]
 
-_RECOMPUTED = "_pippy_forward_without_recompute"  # pippy.runtime.recompute's mark
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
 
@@ -56,7 +56,7 @@ def has_block_hooks(module: torch.nn.Module) -> bool:
     if any(getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS):
         return True
     for name, mod in module.named_modules():
-        if mod._forward_hooks or mod._forward_pre_hooks or (name and _RECOMPUTED in vars(mod)):
+        if mod._forward_hooks or mod._forward_pre_hooks or (name and RECOMPUTED_MARK in vars(mod)):
             return True  # the stage's own recompute (on the root) runs in the tapped copy too
         if mod._backward_hooks or getattr(mod, "_backward_pre_hooks", None) or parametrize.is_parametrized(mod):
             return True

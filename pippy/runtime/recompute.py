@@ -30,7 +30,7 @@ from pippy.runtime.stage import Stage
 
 __all__ = ["disable_recompute", "enable_recompute", "is_recomputing"]
 
-_ORIG = "_pippy_forward_without_recompute"
+RECOMPUTED_MARK = "_pippy_forward_without_recompute"  # a module whose forward recomputes keeps its own here
 
 
 def _module(stage: HoldsModule | nn.Module) -> nn.Module:
@@ -63,10 +63,10 @@ def enable_recompute(stage: HoldsModule | nn.Module, policy: Literal["full", "po
         return recompute_pointwise(mod)
     if policy != "full":
         raise ValueError(f"enable_recompute: policy must be 'full' or 'pointwise', got {policy!r}")
-    if _ORIG in mod.__dict__:
+    if RECOMPUTED_MARK in mod.__dict__:
         return []
     inner = mod.forward
-    mod.__dict__[_ORIG] = inner
+    mod.__dict__[RECOMPUTED_MARK] = inner
     stats = _norm_statistics(mod)  # where a norm may update buffers in forward
     others = _read_and_written(mod, stats)
 
@@ -194,8 +194,8 @@ def disable_recompute(stage: HoldsModule | nn.Module) -> None:
     if isinstance(stage, Stage):
         stage.pointwise_recompute = False
     restore_pointwise(mod)
-    if _ORIG in mod.__dict__:
-        mod.__dict__.pop(_ORIG)
+    if RECOMPUTED_MARK in mod.__dict__:
+        mod.__dict__.pop(RECOMPUTED_MARK)
         mod.__dict__.pop("forward", None)
 
 
@@ -205,4 +205,4 @@ def is_recomputing(stage: HoldsModule | nn.Module) -> bool:
         >>> is_recomputing(torch.nn.Linear(1, 1))
         False
     """
-    return any(_ORIG in m.__dict__ or is_pointwise(m) for m in _module(stage).modules())
+    return any(RECOMPUTED_MARK in m.__dict__ or is_pointwise(m) for m in _module(stage).modules())

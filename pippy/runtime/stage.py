@@ -216,8 +216,8 @@ class Stage(StageBackward, StageModule):
         fn = taps.module if taps is not None else self.submod
         # a hooked module gets a non-leaf alias of each input: torch's multi-grad hooks on module inputs (ModuleTracker,
         # FlopCounterMode) refuse a leaf under the I pass's autograd.grad
-        fed = [x.view_as(x) if taps is None and self.through_hooks and isinstance(x, torch.Tensor) and x.requires_grad
-               else x for x in leaves]
+        fed = leaves if taps is not None or not self.through_hooks else [
+            x.view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in leaves]
         if self.measure_activations:
             with SavedBytes(skip=self.submod.parameters()) as counter:
                 res = self._call(fn, fed, kwargs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,13 +10,6 @@ from torch.distributed._composable.replicate import replicate
 import pippy
 from pippy import SplitPoint, pipeline
 from pippy.runtime.dpgroup import dp_group_of
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_replicate_s_group_is_read_after_its_first_forward(world_of_one: None) -> None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 from models import MLPStack, mse
 
 import pippy
@@ -49,13 +47,6 @@ def test_a_step_refused_on_one_rank_leaves_the_local_pipeline_usable() -> None:
     lp.step(x, target=y)
     ref = dict(model.named_parameters())
     assert max(float((g - ref[k].grad).abs().max()) for k, g in lp.named_grads().items()) < 1e-13
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_a_stage_called_forward_only_is_freed_with_its_schedule(world_of_one: None) -> None:

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pippy import PipelineStage, PipeliningShapeError, ScheduleGPipe, ScheduleLoopedBFS, StageError, pipeline
 from pippy.runtime.localcomm import LocalTransport
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _flatten(m: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from pippy import PipelineStage, ScheduleDualPipeV, ScheduleZBV, ScheduleZBVZeroBubble, StageError
 from pippy.runtime.stage import StageCountError
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("cls", [ScheduleZBV, ScheduleZBVZeroBubble, ScheduleDualPipeV])

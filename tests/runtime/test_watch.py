@@ -5,20 +5,10 @@ from __future__ import annotations
 import gc
 import weakref
 
-import pytest
 import torch.distributed as dist
 
 from pippy.runtime import watch
 from pippy.runtime.comm import DistTransport
-
-
-@pytest.fixture
-def world_of_one():
-    """A one-rank gloo group, destroyed by the test (as a user's script does before it exits)."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _entries(holder: object) -> list:
